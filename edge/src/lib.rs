@@ -1,0 +1,3 @@
+//! ems-edge (skeleton; being written)
+pub mod meters;
+pub mod tools;

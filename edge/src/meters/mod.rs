@@ -1,0 +1,101 @@
+//! Meters: the [`Meter`] abstraction and one module per kind.
+//!
+//! A meter yields [`Measurement`]s in the wire protocol's units (V, A, W, Wh,
+//! Hz, var). The sampler stamps them with epoch/seq/time and puts them in
+//! the outbox. Drivers for real chips are generic over embedded-hal 1.0 and
+//! never name rppal; `crate::hw` opens the Pi's buses.
+//!
+//! (Interface owned jointly by the edge link and the driver work: change
+//! the trait only in agreement.)
+
+use serde::Deserialize;
+use thiserror::Error;
+
+pub mod simulated;
+
+/// One meter's values at one instant, in wire units. `meter` is the id the
+/// reading carries (`[a-z0-9_-]{1,32}`); a multi-channel meter (e.g. one
+/// per phase) yields several.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Measurement {
+    /// Meter id as sent on the wire.
+    pub meter: String,
+    /// Volts.
+    pub voltage_v: Option<f64>,
+    /// Amperes.
+    pub current_a: Option<f64>,
+    /// Watts.
+    pub power_w: Option<f64>,
+    /// Watt-hours, monotonically increasing.
+    pub energy_wh: Option<f64>,
+    /// Hertz.
+    pub frequency_hz: Option<f64>,
+    /// −1 … 1.
+    pub power_factor: Option<f64>,
+    /// var.
+    pub reactive_power_var: Option<f64>,
+}
+
+/// Why a meter could not be opened or read. `hint` tells an installer what
+/// to check.
+#[derive(Debug, Error)]
+#[error("meter {meter}: {message}")]
+pub struct MeterError {
+    /// The configured meter id.
+    pub meter: String,
+    /// What went wrong.
+    pub message: String,
+    /// What to check, e.g. "add the user to the i2c group".
+    pub hint: Option<String>,
+}
+
+impl MeterError {
+    /// An error without a hint.
+    pub fn new(meter: &str, message: impl Into<String>) -> Self {
+        MeterError {
+            meter: meter.to_string(),
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    /// Adds a hint.
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+/// A source of measurements. `read` is called once per sample interval from
+/// the sampler thread; it must not block for long (drivers use timeouts).
+pub trait Meter: Send {
+    /// The configured id.
+    fn id(&self) -> &str;
+    /// Reads the meter now.
+    fn read(&mut self) -> Result<Vec<Measurement>, MeterError>;
+}
+
+/// One `[[meter]]` table of the edge config, tagged by `kind`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MeterConfig {
+    /// `kind = "simulated"`.
+    Simulated(simulated::SimulatedConfig),
+}
+
+impl MeterConfig {
+    /// The configured meter id.
+    pub fn id(&self) -> &str {
+        match self {
+            MeterConfig::Simulated(c) => &c.id,
+        }
+    }
+}
+
+/// Opens the meter a config table describes. `state_dir` is where a meter
+/// may persist state (e.g. a pulse counter).
+pub fn open(cfg: &MeterConfig, _state_dir: &std::path::Path) -> Result<Box<dyn Meter>, MeterError> {
+    match cfg {
+        MeterConfig::Simulated(c) => Ok(Box::new(simulated::Simulated::new(c.clone()))),
+    }
+}

@@ -1,0 +1,2 @@
+//! ems-hub (skeleton; being written)
+pub mod store;

@@ -1,0 +1,120 @@
+//! The store: one interface ([`Store`]), one module per backend.
+//!
+//! A `Store` is a synchronous handle to the database. The hub uses one for
+//! the background writer thread (batched inserts), one for authentication
+//! look-ups (called through `spawn_blocking`), and the admin CLI uses one.
+//! Backends: `sqlite:PATH` (embedded, default) and `postgres://…`.
+//!
+//! Contract kept by every backend:
+//! - `insert_batch` commits all rows in one transaction or none; a row whose
+//!   `(device_id, epoch, seq)` is already stored is skipped (dedup), not an
+//!   error. When it returns `Ok`, the rows are durable.
+//! - Only SHA-256 hashes of tokens are stored.
+
+use std::sync::Arc;
+
+use ems_shared::Reading;
+use thiserror::Error;
+
+/// A token hash: SHA-256 of the token's UTF-8 bytes.
+pub type TokenHash = [u8; 32];
+
+/// One reading to store.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// Device that sent it (shared between all rows of one connection).
+    pub device_id: Arc<str>,
+    /// Hub receive time, Unix ms (`received_at`).
+    pub received_at_ms: i64,
+    /// The validated reading.
+    pub reading: Reading,
+}
+
+/// Which devices a viewer may watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ViewerScope {
+    /// Every device, including ones added later.
+    AllDevices,
+    /// Just these.
+    Devices(Vec<String>),
+}
+
+impl ViewerScope {
+    /// Whether the scope includes `device_id`.
+    pub fn allows(&self, device_id: &str) -> bool {
+        match self {
+            ViewerScope::AllDevices => true,
+            ViewerScope::Devices(ids) => ids.iter().any(|d| d == device_id),
+        }
+    }
+}
+
+/// A device as `device list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Device id.
+    pub device_id: String,
+    /// Creation time, Unix ms.
+    pub created_ms: i64,
+    /// Revocation time, Unix ms, if revoked.
+    pub revoked_ms: Option<i64>,
+}
+
+/// Store failures.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The database URL is not understood.
+    #[error("unsupported database URL (expected sqlite:PATH or postgres://…): {0}")]
+    BadUrl(String),
+    /// Opening or migrating the database failed.
+    #[error("cannot open database {url}: {reason}")]
+    Open {
+        /// The URL, with any password removed.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// An id that must be new already exists.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// An id that must exist does not.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The database failed (connection lost, disk full, …).
+    #[error("database error: {0}")]
+    Db(String),
+}
+
+/// A synchronous database handle. See the module docs for the contract.
+pub trait Store: Send {
+    /// Stores `rows` in one transaction, skipping duplicates.
+    fn insert_batch(&mut self, rows: &[Row]) -> Result<(), StoreError>;
+
+    /// Whether `hash` is the current, unrevoked token of `device_id`.
+    fn device_token_valid(&mut self, device_id: &str, hash: &TokenHash) -> Result<bool, StoreError>;
+
+    /// The scope of the unrevoked viewer token with this hash, if any.
+    fn viewer_scope(&mut self, hash: &TokenHash) -> Result<Option<ViewerScope>, StoreError>;
+
+    /// Adds a device with its token hash. `AlreadyExists` if the id exists
+    /// (revoked or not).
+    fn add_device(&mut self, device_id: &str, hash: &TokenHash, now_ms: i64) -> Result<(), StoreError>;
+
+    /// All devices, ordered by id.
+    fn list_devices(&mut self) -> Result<Vec<DeviceInfo>, StoreError>;
+
+    /// Revokes a device's token: it can no longer connect. `NotFound` if
+    /// unknown.
+    fn revoke_device(&mut self, device_id: &str, now_ms: i64) -> Result<(), StoreError>;
+
+    /// Replaces a device's token hash (and un-revokes it). `NotFound` if
+    /// unknown.
+    fn rotate_device(&mut self, device_id: &str, hash: &TokenHash) -> Result<(), StoreError>;
+
+    /// Adds a viewer token. `AlreadyExists` if the name exists.
+    fn add_viewer(&mut self, name: &str, hash: &TokenHash, scope: &ViewerScope, now_ms: i64) -> Result<(), StoreError>;
+
+    /// Stored readings of a device with `from_ms <= ts < to_ms`, oldest
+    /// first, at most `limit`.
+    fn readings(&mut self, device_id: &str, from_ms: i64, to_ms: i64, limit: usize) -> Result<Vec<Reading>, StoreError>;
+}

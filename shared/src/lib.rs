@@ -1,0 +1,43 @@
+//! # ems-shared — the EMS wire protocol
+//!
+//! The types the edge, the hub and dashboards speak, and their validation.
+//! Nothing else lives here: no I/O, no async runtime, no WebSocket library.
+//!
+//! ## Layout
+//! - [`ids`]: device ids and meter ids (syntax only).
+//! - [`reading`]: the `reading` frame (edge → hub), its strict decoder and
+//!   range validation (the "gatekeeper").
+//! - [`frames`]: hub → edge frames (`ack`, `rejected`) and the hub → dashboard
+//!   frame (a reading plus `device_id` and `rx_ms`).
+//!
+//! ## Ack semantics
+//! `{"type":"ack","epoch":E,"seq":S}` is cumulative per connection and epoch:
+//! the reading `(E, S)` and every reading of epoch `E` the hub received
+//! *before it on the same connection* is durably committed (or was rejected).
+//! An edge that sends each epoch in increasing `seq` order may read it simply as
+//! "everything of epoch `E` up to `S`".
+
+#![warn(missing_docs)]
+
+pub mod frames;
+pub mod ids;
+pub mod reading;
+
+pub use frames::{dashboard_frame, DashboardReading, HubFrame};
+pub use ids::{validate_device_id, validate_meter_id, IdError};
+pub use reading::{decode_reading, FrameError, Reading, RejectReason};
+
+/// Largest message (text or binary) a hub accepts; larger ones close the
+/// connection with 1009.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
+
+/// Largest integer exactly representable in an IEEE-754 double
+/// (`Number.MAX_SAFE_INTEGER` in JavaScript); `epoch` and `seq` stay ≤ this.
+pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
+
+/// How far ahead of the hub's clock a reading's `ts_ms` may be.
+pub const MAX_FUTURE_SKEW_MS: i64 = 5 * 60 * 1000;
+
+/// WebSocket close code sent to a connection replaced by a newer one of the
+/// same device.
+pub const CLOSE_REPLACED: u16 = 4000;
