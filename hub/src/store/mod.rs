@@ -10,6 +10,12 @@
 //!   `(device_id, epoch, seq)` is already stored is skipped (dedup), not an
 //!   error. When it returns `Ok`, the rows are durable.
 //! - Only SHA-256 hashes of tokens are stored.
+//!
+//! [`open`] picks the backend from the URL: `sqlite:PATH` ([`sqlite`]) or
+//! `postgres://…` / `postgresql://…` ([`postgres`]).
+
+pub mod postgres;
+pub mod sqlite;
 
 use std::sync::Arc;
 
@@ -91,14 +97,20 @@ pub trait Store: Send {
     fn insert_batch(&mut self, rows: &[Row]) -> Result<(), StoreError>;
 
     /// Whether `hash` is the current, unrevoked token of `device_id`.
-    fn device_token_valid(&mut self, device_id: &str, hash: &TokenHash) -> Result<bool, StoreError>;
+    fn device_token_valid(&mut self, device_id: &str, hash: &TokenHash)
+        -> Result<bool, StoreError>;
 
     /// The scope of the unrevoked viewer token with this hash, if any.
     fn viewer_scope(&mut self, hash: &TokenHash) -> Result<Option<ViewerScope>, StoreError>;
 
     /// Adds a device with its token hash. `AlreadyExists` if the id exists
     /// (revoked or not).
-    fn add_device(&mut self, device_id: &str, hash: &TokenHash, now_ms: i64) -> Result<(), StoreError>;
+    fn add_device(
+        &mut self,
+        device_id: &str,
+        hash: &TokenHash,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
 
     /// All devices, ordered by id.
     fn list_devices(&mut self) -> Result<Vec<DeviceInfo>, StoreError>;
@@ -112,9 +124,69 @@ pub trait Store: Send {
     fn rotate_device(&mut self, device_id: &str, hash: &TokenHash) -> Result<(), StoreError>;
 
     /// Adds a viewer token. `AlreadyExists` if the name exists.
-    fn add_viewer(&mut self, name: &str, hash: &TokenHash, scope: &ViewerScope, now_ms: i64) -> Result<(), StoreError>;
+    fn add_viewer(
+        &mut self,
+        name: &str,
+        hash: &TokenHash,
+        scope: &ViewerScope,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
 
     /// Stored readings of a device with `from_ms <= ts < to_ms`, oldest
     /// first, at most `limit`.
-    fn readings(&mut self, device_id: &str, from_ms: i64, to_ms: i64, limit: usize) -> Result<Vec<Reading>, StoreError>;
+    fn readings(
+        &mut self,
+        device_id: &str,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Reading>, StoreError>;
+
+    /// Adds an admin token (issue 6). `AlreadyExists` if the name exists.
+    fn add_admin(&mut self, name: &str, hash: &TokenHash, now_ms: i64) -> Result<(), StoreError> {
+        let _ = (name, hash, now_ms);
+        Err(StoreError::Db(
+            "admin tokens are not supported by this store".into(),
+        ))
+    }
+
+    /// The name of the unrevoked admin whose token has this hash, if any.
+    fn admin_name(&mut self, hash: &TokenHash) -> Result<Option<String>, StoreError> {
+        let _ = hash;
+        Err(StoreError::Db(
+            "admin tokens are not supported by this store".into(),
+        ))
+    }
+
+    /// Revokes a viewer token by name. `NotFound` if unknown.
+    fn revoke_viewer(&mut self, name: &str, now_ms: i64) -> Result<(), StoreError> {
+        let _ = (name, now_ms);
+        Err(StoreError::Db(
+            "viewer revocation is not supported by this store".into(),
+        ))
+    }
+}
+
+/// Opens the store named by `url`: `sqlite:PATH` (also `sqlite://PATH`) or
+/// `postgres://…` / `postgresql://…` (PostgreSQL with default
+/// [`postgres::PgOptions`]). Creates or migrates the schema.
+pub fn open(url: &str) -> Result<Box<dyn Store>, StoreError> {
+    if let Some(path) = url.strip_prefix("sqlite:") {
+        return Ok(Box::new(sqlite::SqliteStore::open(path)?));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Box::new(postgres::PgStore::open(
+            url,
+            &postgres::PgOptions::default(),
+        )?));
+    }
+    Err(StoreError::BadUrl(postgres::redact(url)))
+}
+
+/// Current time, Unix milliseconds (0 if the clock is before 1970).
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
