@@ -13,6 +13,15 @@ use thiserror::Error;
 
 pub mod simulated;
 
+pub mod atm90e32;
+pub mod dc;
+pub mod ina219;
+pub mod ina226;
+pub mod modbus;
+pub mod persist;
+pub mod plausible;
+pub mod pulse;
+
 /// One meter's values at one instant, in wire units. `meter` is the id the
 /// reading carries (`[a-z0-9_-]{1,32}`); a multi-channel meter (e.g. one
 /// per phase) yields several.
@@ -81,6 +90,16 @@ pub trait Meter: Send {
 pub enum MeterConfig {
     /// `kind = "simulated"`.
     Simulated(simulated::SimulatedConfig),
+    /// `kind = "ina219"`: TI INA219 DC power monitor on I2C.
+    Ina219(dc::InaConfig),
+    /// `kind = "ina226"`: TI INA226 DC power monitor on I2C.
+    Ina226(dc::InaConfig),
+    /// `kind = "atm90e32"`: three-phase metering IC on SPI (ids `<id>-a` …).
+    Atm90e32(atm90e32::Atm90e32Config),
+    /// `kind = "pulse"`: S0 pulse output on a GPIO.
+    Pulse(pulse::PulseConfig),
+    /// `kind = "modbus"`: Modbus RTU meter (SDM120, SDM630, PZEM-004T).
+    Modbus(modbus::ModbusConfig),
 }
 
 impl MeterConfig {
@@ -88,14 +107,26 @@ impl MeterConfig {
     pub fn id(&self) -> &str {
         match self {
             MeterConfig::Simulated(c) => &c.id,
+            MeterConfig::Ina219(c) | MeterConfig::Ina226(c) => &c.id,
+            MeterConfig::Atm90e32(c) => &c.id,
+            MeterConfig::Pulse(c) => &c.id,
+            MeterConfig::Modbus(c) => &c.id,
         }
     }
 }
 
 /// Opens the meter a config table describes. `state_dir` is where a meter
 /// may persist state (e.g. a pulse counter).
-pub fn open(cfg: &MeterConfig, _state_dir: &std::path::Path) -> Result<Box<dyn Meter>, MeterError> {
+/// Real meters open their bus through `crate::hw`; on a host without the
+/// bus (not a Pi, bus not enabled) this fails with a [`MeterError`] whose
+/// hint says what to enable, never with a panic.
+pub fn open(cfg: &MeterConfig, state_dir: &std::path::Path) -> Result<Box<dyn Meter>, MeterError> {
     match cfg {
         MeterConfig::Simulated(c) => Ok(Box::new(simulated::Simulated::new(c.clone()))),
+        MeterConfig::Ina219(c) => crate::hw::open_ina219(c, state_dir),
+        MeterConfig::Ina226(c) => crate::hw::open_ina226(c, state_dir),
+        MeterConfig::Atm90e32(c) => crate::hw::open_atm90e32(c, state_dir),
+        MeterConfig::Pulse(c) => crate::hw::open_pulse(c, state_dir),
+        MeterConfig::Modbus(c) => crate::hw::open_modbus(c),
     }
 }

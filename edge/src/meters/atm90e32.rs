@@ -1,0 +1,612 @@
+//! Microchip (Atmel) ATM90E32AS poly-phase energy metering IC over SPI.
+//!
+//! One `[[meter]]` table describes one chip; it yields one measurement per
+//! configured phase with the ids `<id>-a`, `<id>-b`, `<id>-c` (so the meter
+//! id may be at most 30 characters). A split-phase board that uses only the
+//! A and C channels (e.g. CircuitSetup's split-phase meter) sets
+//! `phases = ["a", "c"]`.
+//!
+//! # Wiring (Raspberry Pi, SPI0)
+//! | ATM90E32 board | Pi header                      |
+//! |----------------|--------------------------------|
+//! | MOSI (SDI)     | pin 19 (GPIO10, SPI0 MOSI)     |
+//! | MISO (SDO)     | pin 21 (GPIO9, SPI0 MISO)      |
+//! | SCLK           | pin 23 (GPIO11, SPI0 SCLK)     |
+//! | CS             | pin 24 (GPIO8, CE0) → `chip_select = 0`; pin 26 (GPIO7, CE1) → `1` |
+//! | GND            | pin 25                         |
+//! | 3.3 V          | pin 17 (only if the board is not self-powered) |
+//!
+//! Enable SPI with `dtparam=spi=on` in `/boot/firmware/config.txt`; the
+//! service user needs the `spi` group (`/dev/spidev0.0`). The mains side of
+//! a metering board is at line potential: connect the Pi only to the
+//! isolated low-voltage header, never probe it while powered from the mains.
+//!
+//! # SPI protocol (datasheet §6.6)
+//! Mode 3 (CPOL = 1, CPHA = 1), MSB first, up to 200 kHz used here. A frame
+//! is a 16-bit address word (bit 15 = 1 for read, bits 9:0 the register)
+//! followed by a 16-bit data word; the driver leaves 4 µs between address and
+//! data, as the reference implementation does, so the chip can fetch the
+//! register.
+//!
+//! # Initialisation
+//! 1. `SoftReset` (0x70) ← 0x789A
+//! 2. `CfgRegAccEn` (0x7F) ← 0x55AA (unlock configuration registers)
+//! 3. `MeterEn` (0x00) ← 0x0001
+//! 4. `SagPeakDetCfg` (0x05) ← 0x143F, `SagTh` (0x08) from `ugain`,
+//!    `FreqHiTh`/`FreqLoTh` (0x0D/0x0C) = line frequency ± 1 Hz
+//! 5. `PLconstH`/`PLconstL` (0x31/0x32) ← 0x0861/0xC468 (PL constant
+//!    140 625 000: 3200 imp/kWh, energy LSB 0.003125 Wh)
+//! 6. `MMode0` (0x33) ← 0x0087 (three-phase four-wire), bit 12 set for 60 Hz;
+//!    `MMode1` (0x34) ← PGA gain code per current channel (1×: 00, 2×: 01,
+//!    4×: 10; IA bits 1:0, IB 3:2, IC 5:4)
+//! 7. start-up thresholds `PStartTh`/`QStartTh`/`SStartTh` (0x35–0x37) ←
+//!    0x1D4C, `PPhaseTh`/`QPhaseTh`/`SPhaseTh` (0x38–0x3A) ← 0x02EE
+//! 8. `UgainX`/`IgainX` (0x61/0x62, 0x65/0x66, 0x69/0x6A) ← the configured
+//!    calibration gains; `UoffsetX`/`IoffsetX` ← 0
+//! 9. `CfgRegAccEn` ← 0x0000 (lock); then `MMode0` and `UgainA` are read
+//!    back: a mismatch means no chip, a wrong chip select or broken MISO.
+//!
+//! On every sample `MMode0` is read first: `0xFFFF` is a floating MISO (bus
+//! glitch, error), any other unexpected value means the chip was reset
+//! (brown-out) and the driver runs the initialisation again.
+//!
+//! # Measurements
+//! | quantity     | register(s)                         | scale                         |
+//! |--------------|-------------------------------------|-------------------------------|
+//! | voltage      | `UrmsX` 0xD9–0xDB                   | 0.01 V                        |
+//! | current      | `IrmsX` 0xDD–0xDF                   | 0.001 A                       |
+//! | active power | `PmeanX` 0xB1–0xB3 + `PmeanXLSB` 0xC1–0xC3 | (hi·2¹⁶ + lo) · 0.00032 W, signed |
+//! | power factor | `PFmeanX` 0xBD–0xBF                 | signed, 0.001                 |
+//! | frequency    | `Freq` 0xF8                         | 0.01 Hz                       |
+//! | energy       | `APenergyX` 0x81–0x83 (forward active, cleared on read) | 0.003125 Wh |
+//!
+//! Because the energy registers clear on read, the driver accumulates them
+//! into per-phase totals persisted in `<state_dir>/<id>.energy_wh`.
+//! Voltage and current scales depend on the gains: calibrate `ugain`/`igain`
+//! for your transformers and CTs against a reference meter (the values of the
+//! board vendor's examples are a starting point).
+
+use std::path::Path;
+use std::time::Instant;
+
+use embedded_hal::spi::{Operation, SpiDevice};
+use serde::Deserialize;
+use thiserror::Error;
+
+use super::persist::StateFile;
+use super::{plausible, Measurement, Meter, MeterError};
+
+/// Register addresses.
+pub mod reg {
+    /// Metering enable.
+    pub const METER_EN: u16 = 0x00;
+    /// Sag and peak detector period.
+    pub const SAG_PEAK_DET_CFG: u16 = 0x05;
+    /// Voltage sag threshold.
+    pub const SAG_TH: u16 = 0x08;
+    /// Low frequency threshold.
+    pub const FREQ_LO_TH: u16 = 0x0C;
+    /// High frequency threshold.
+    pub const FREQ_HI_TH: u16 = 0x0D;
+    /// PL constant, high word.
+    pub const PL_CONST_H: u16 = 0x31;
+    /// PL constant, low word.
+    pub const PL_CONST_L: u16 = 0x32;
+    /// Metering mode.
+    pub const MMODE0: u16 = 0x33;
+    /// PGA gains.
+    pub const MMODE1: u16 = 0x34;
+    /// Active start-up power threshold (0x35); Q and S follow.
+    pub const P_START_TH: u16 = 0x35;
+    /// Active phase threshold (0x38); Q and S follow.
+    pub const P_PHASE_TH: u16 = 0x38;
+    /// Phase A voltage gain; phase B/C at +4/+8.
+    pub const UGAIN_A: u16 = 0x61;
+    /// Phase A current gain; phase B/C at +4/+8.
+    pub const IGAIN_A: u16 = 0x62;
+    /// Phase A voltage offset; phase B/C at +4/+8.
+    pub const UOFFSET_A: u16 = 0x63;
+    /// Phase A current offset; phase B/C at +4/+8.
+    pub const IOFFSET_A: u16 = 0x64;
+    /// Software reset.
+    pub const SOFT_RESET: u16 = 0x70;
+    /// Configuration register access enable.
+    pub const CFG_REG_ACC_EN: u16 = 0x7F;
+    /// Phase A forward active energy; B/C follow.
+    pub const AP_ENERGY_A: u16 = 0x81;
+    /// Phase A mean active power (high word); B/C follow.
+    pub const PMEAN_A: u16 = 0xB1;
+    /// Phase A power factor; B/C follow.
+    pub const PF_MEAN_A: u16 = 0xBD;
+    /// Phase A mean active power (low word); B/C follow.
+    pub const PMEAN_A_LSB: u16 = 0xC1;
+    /// Phase A RMS voltage; B/C follow.
+    pub const URMS_A: u16 = 0xD9;
+    /// Phase A RMS current; B/C follow.
+    pub const IRMS_A: u16 = 0xDD;
+    /// Line frequency.
+    pub const FREQ: u16 = 0xF8;
+}
+
+/// `SoftReset` magic value.
+pub const SOFT_RESET_VALUE: u16 = 0x789A;
+/// `CfgRegAccEn` unlock value.
+pub const CFG_UNLOCK: u16 = 0x55AA;
+/// `MMode0` for three-phase four-wire at 50 Hz.
+pub const MMODE0_3P4W: u16 = 0x0087;
+/// `MMode0` bit selecting 60 Hz.
+pub const MMODE0_60HZ: u16 = 1 << 12;
+
+/// A phase channel.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Channel A (L1).
+    A,
+    /// Channel B (L2).
+    B,
+    /// Channel C (L3).
+    C,
+}
+
+impl Phase {
+    /// 0, 1, 2.
+    pub fn index(self) -> u16 {
+        match self {
+            Phase::A => 0,
+            Phase::B => 1,
+            Phase::C => 2,
+        }
+    }
+    /// `a`, `b`, `c`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Phase::A => "a",
+            Phase::B => "b",
+            Phase::C => "c",
+        }
+    }
+}
+
+/// `kind = "atm90e32"` config table.
+///
+/// ```toml
+/// [[meter]]
+/// id = "mains"
+/// kind = "atm90e32"
+/// bus = 0                 # SPI0
+/// chip_select = 0         # CE0, pin 24
+/// line_freq_hz = 50
+/// pga_gain = 1
+/// phases = ["a", "b", "c"]
+/// ugain = [7305, 7305, 7305]
+/// igain = [27961, 27961, 27961]
+/// ```
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Atm90e32Config {
+    /// Meter id (≤ 30 characters; phases append `-a` …).
+    pub id: String,
+    /// SPI bus (`/dev/spidev<bus>.<cs>`), default 0.
+    #[serde(default)]
+    pub bus: u8,
+    /// Chip select, default 0 (CE0).
+    #[serde(default)]
+    pub chip_select: u8,
+    /// SPI clock in Hz, default 200 000.
+    #[serde(default = "default_clock_hz")]
+    pub clock_hz: u32,
+    /// Phases to report, default all three.
+    #[serde(default = "default_phases")]
+    pub phases: Vec<Phase>,
+    /// Mains frequency, 50 or 60 (default 50).
+    #[serde(default = "default_line_freq")]
+    pub line_freq_hz: u32,
+    /// Current channel PGA gain, 1, 2 or 4 (default 1).
+    #[serde(default = "default_pga_gain")]
+    pub pga_gain: u8,
+    /// Voltage RMS gains `UgainA/B/C`.
+    pub ugain: [u16; 3],
+    /// Current RMS gains `IgainA/B/C`.
+    pub igain: [u16; 3],
+}
+
+fn default_clock_hz() -> u32 {
+    200_000
+}
+fn default_phases() -> Vec<Phase> {
+    vec![Phase::A, Phase::B, Phase::C]
+}
+fn default_line_freq() -> u32 {
+    50
+}
+fn default_pga_gain() -> u8 {
+    1
+}
+
+/// Register values derived from the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// `MMode0`.
+    pub mmode0: u16,
+    /// `MMode1`.
+    pub mmode1: u16,
+    /// `SagTh`.
+    pub sag_th: u16,
+    /// `FreqHiTh` (0.01 Hz).
+    pub freq_hi: u16,
+    /// `FreqLoTh` (0.01 Hz).
+    pub freq_lo: u16,
+    /// `UgainA/B/C`.
+    pub ugain: [u16; 3],
+    /// `IgainA/B/C`.
+    pub igain: [u16; 3],
+}
+
+/// Derives the register values; errors name the offending setting.
+pub fn settings(
+    line_freq_hz: u32,
+    pga_gain: u8,
+    ugain: [u16; 3],
+    igain: [u16; 3],
+) -> Result<Settings, String> {
+    let (mmode0, sag_v, freq_hi, freq_lo) = match line_freq_hz {
+        50 => (MMODE0_3P4W, 190.0, 5100, 4900),
+        60 => (MMODE0_3P4W | MMODE0_60HZ, 90.0, 6100, 5900),
+        f => return Err(format!("line_freq_hz {f} is not 50 or 60")),
+    };
+    let code = match pga_gain {
+        1 => 0b00,
+        2 => 0b01,
+        4 => 0b10,
+        g => return Err(format!("pga_gain {g} is not 1, 2 or 4")),
+    };
+    if ugain.contains(&0) || igain.contains(&0) {
+        return Err("ugain and igain must be non-zero".into());
+    }
+    // SagTh = Vsag · 100 · √2 / (2 · Ugain / 32768), as in the application note.
+    let sag = sag_v * 100.0 * std::f64::consts::SQRT_2 / (2.0 * f64::from(ugain[0]) / 32768.0);
+    Ok(Settings {
+        mmode0,
+        mmode1: code | (code << 2) | (code << 4),
+        sag_th: sag.clamp(0.0, f64::from(u16::MAX)) as u16,
+        freq_hi,
+        freq_lo,
+        ugain,
+        igain,
+    })
+}
+
+/// RMS voltage register → V.
+pub fn voltage_v(raw: u16) -> f64 {
+    f64::from(raw) * 0.01
+}
+/// RMS current register → A.
+pub fn current_a(raw: u16) -> f64 {
+    f64::from(raw) * 0.001
+}
+/// `PmeanX` (high, signed) and `PmeanXLSB` (low) → W.
+pub fn active_power_w(hi: u16, lo: u16) -> f64 {
+    let v = ((u32::from(hi) << 16) | u32::from(lo)) as i32;
+    f64::from(v) * 0.00032
+}
+/// `PFmeanX` → power factor.
+pub fn power_factor(raw: u16) -> f64 {
+    f64::from(raw as i16) / 1000.0
+}
+/// `Freq` → Hz.
+pub fn frequency_hz(raw: u16) -> f64 {
+    f64::from(raw) / 100.0
+}
+/// `APenergyX` → Wh.
+pub fn energy_wh(raw: u16) -> f64 {
+    f64::from(raw) * 0.003125
+}
+
+/// Driver errors, generic over the SPI error.
+#[derive(Debug, Error)]
+pub enum Error<E> {
+    /// The SPI transfer failed.
+    #[error("SPI error: {0:?}")]
+    Spi(E),
+    /// Invalid configuration.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A register did not read back what was written.
+    #[error("register {register:#04x} reads {found:#06x} instead of {expected:#06x}")]
+    Verify {
+        /// Register.
+        register: u16,
+        /// Written value.
+        expected: u16,
+        /// Read value.
+        found: u16,
+    },
+    /// All ones: MISO floating.
+    #[error("registers read all ones (MISO floating: bus glitch or no chip)")]
+    AllOnes,
+    /// The chip lost its configuration and was initialised again.
+    #[error("MMode0 reads {found:#06x}: chip was reset, re-initialised")]
+    Reinitialised {
+        /// The value read.
+        found: u16,
+    },
+}
+
+/// One phase's values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PhaseReading {
+    /// V.
+    pub voltage_v: f64,
+    /// A.
+    pub current_a: f64,
+    /// W.
+    pub power_w: f64,
+    /// −1 … 1.
+    pub power_factor: f64,
+    /// Energy drained from the read-to-clear register, Wh.
+    pub energy_delta_wh: f64,
+}
+
+/// ATM90E32 driver owning its SPI device.
+#[derive(Debug)]
+pub struct Atm90e32<SPI> {
+    /// The device.
+    spi: SPI,
+    /// Register values.
+    settings: Settings,
+}
+
+impl<SPI: SpiDevice> Atm90e32<SPI> {
+    /// Takes the device (no traffic; call [`Atm90e32::init`]).
+    pub fn new(spi: SPI, settings: Settings) -> Self {
+        Atm90e32 { spi, settings }
+    }
+
+    /// Reads a register: address word with bit 15 set, 4 µs, data word.
+    pub fn read_register(&mut self, register: u16) -> Result<u16, Error<SPI::Error>> {
+        let addr = (0x8000 | (register & 0x03FF)).to_be_bytes();
+        let mut data = [0u8; 2];
+        self.spi
+            .transaction(&mut [
+                Operation::Write(&addr),
+                Operation::DelayNs(4_000),
+                Operation::Read(&mut data),
+            ])
+            .map_err(Error::Spi)?;
+        Ok(u16::from_be_bytes(data))
+    }
+
+    /// Writes a register: address word with bit 15 clear, 4 µs, data word.
+    pub fn write_register(&mut self, register: u16, value: u16) -> Result<(), Error<SPI::Error>> {
+        let addr = (register & 0x03FF).to_be_bytes();
+        let data = value.to_be_bytes();
+        self.spi
+            .transaction(&mut [
+                Operation::Write(&addr),
+                Operation::DelayNs(4_000),
+                Operation::Write(&data),
+            ])
+            .map_err(Error::Spi)
+    }
+
+    /// Runs the initialisation sequence in the module docs and verifies it.
+    pub fn init(&mut self) -> Result<(), Error<SPI::Error>> {
+        let s = self.settings;
+        let mut seq: Vec<(u16, u16)> = vec![
+            (reg::SOFT_RESET, SOFT_RESET_VALUE),
+            (reg::CFG_REG_ACC_EN, CFG_UNLOCK),
+            (reg::METER_EN, 0x0001),
+            (reg::SAG_PEAK_DET_CFG, 0x143F),
+            (reg::SAG_TH, s.sag_th),
+            (reg::FREQ_HI_TH, s.freq_hi),
+            (reg::FREQ_LO_TH, s.freq_lo),
+            (reg::PL_CONST_H, 0x0861),
+            (reg::PL_CONST_L, 0xC468),
+            (reg::MMODE0, s.mmode0),
+            (reg::MMODE1, s.mmode1),
+        ];
+        for i in 0..3 {
+            seq.push((reg::P_START_TH + i, 0x1D4C));
+        }
+        for i in 0..3 {
+            seq.push((reg::P_PHASE_TH + i, 0x02EE));
+        }
+        for p in 0..3u16 {
+            seq.push((reg::UGAIN_A + 4 * p, s.ugain[usize::from(p)]));
+            seq.push((reg::IGAIN_A + 4 * p, s.igain[usize::from(p)]));
+            seq.push((reg::UOFFSET_A + 4 * p, 0));
+            seq.push((reg::IOFFSET_A + 4 * p, 0));
+        }
+        seq.push((reg::CFG_REG_ACC_EN, 0x0000));
+        for (r, v) in seq {
+            self.write_register(r, v)?;
+        }
+        for (register, expected) in [(reg::MMODE0, s.mmode0), (reg::UGAIN_A, s.ugain[0])] {
+            let found = self.read_register(register)?;
+            if found == 0xFFFF {
+                return Err(Error::AllOnes);
+            }
+            if found != expected {
+                return Err(Error::Verify {
+                    register,
+                    expected,
+                    found,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks `MMode0` (re-initialising after a chip reset), then reads the
+    /// frequency and each phase in `phases`.
+    pub fn measure(
+        &mut self,
+        phases: &[Phase],
+    ) -> Result<(f64, Vec<PhaseReading>), Error<SPI::Error>> {
+        let mmode0 = self.read_register(reg::MMODE0)?;
+        if mmode0 != self.settings.mmode0 {
+            if mmode0 == 0xFFFF {
+                return Err(Error::AllOnes);
+            }
+            self.init()?;
+            return Err(Error::Reinitialised { found: mmode0 });
+        }
+        let freq = self.read_register(reg::FREQ)?;
+        let mut out = Vec::with_capacity(phases.len());
+        for ph in phases {
+            let i = ph.index();
+            let u = self.read_register(reg::URMS_A + i)?;
+            let irms = self.read_register(reg::IRMS_A + i)?;
+            let p_hi = self.read_register(reg::PMEAN_A + i)?;
+            let p_lo = self.read_register(reg::PMEAN_A_LSB + i)?;
+            let pf = self.read_register(reg::PF_MEAN_A + i)?;
+            let e = self.read_register(reg::AP_ENERGY_A + i)?;
+            if plausible::all_ones(&[u, irms, p_hi, pf]) {
+                return Err(Error::AllOnes);
+            }
+            out.push(PhaseReading {
+                voltage_v: voltage_v(u),
+                current_a: current_a(irms),
+                power_w: active_power_w(p_hi, p_lo),
+                power_factor: power_factor(pf),
+                energy_delta_wh: energy_wh(e),
+            });
+        }
+        Ok((frequency_hz(freq), out))
+    }
+
+    /// Gives the device back.
+    pub fn destroy(self) -> SPI {
+        self.spi
+    }
+}
+
+/// Explains a driver error to an installer.
+pub fn meter_error<E: core::fmt::Debug>(meter: &str, e: Error<E>) -> MeterError {
+    let hint = match &e {
+        Error::Spi(_) => "check the SPI wiring and that SPI is enabled (dtparam=spi=on)",
+        Error::Config(_) => "check line_freq_hz, pga_gain, ugain and igain",
+        Error::Verify { found: 0, .. } => {
+            "reads return 0: no chip answers on this chip select (check CS, MISO, power)"
+        }
+        Error::Verify { .. } => "a different chip or a wrong chip_select answered",
+        Error::AllOnes => "MISO reads high: check MISO wiring and the board's power",
+        Error::Reinitialised { .. } => "the board lost power briefly (brown-out?)",
+    };
+    MeterError::new(meter, e.to_string()).with_hint(hint)
+}
+
+/// The ATM90E32 as a [`Meter`]: per-phase measurements and energy totals.
+pub struct Atm90e32Meter<SPI> {
+    /// Configured id.
+    id: String,
+    /// The driver.
+    chip: Atm90e32<SPI>,
+    /// Reported phases.
+    phases: Vec<Phase>,
+    /// Per-phase energy totals (A, B, C), Wh.
+    totals: [f64; 3],
+    /// Where the totals survive restarts.
+    state: StateFile,
+}
+
+impl<SPI: SpiDevice + Send> Atm90e32Meter<SPI> {
+    /// Initialises the chip and loads the persisted energy totals.
+    pub fn new(cfg: &Atm90e32Config, spi: SPI, state_dir: &Path) -> Result<Self, MeterError> {
+        if cfg.id.len() > 30 {
+            return Err(MeterError::new(&cfg.id, "id longer than 30 characters"));
+        }
+        if cfg.phases.is_empty() {
+            return Err(MeterError::new(&cfg.id, "phases is empty"));
+        }
+        let s = settings(cfg.line_freq_hz, cfg.pga_gain, cfg.ugain, cfg.igain)
+            .map_err(|e| meter_error::<SPI::Error>(&cfg.id, Error::Config(e)))?;
+        let mut state = StateFile::new(state_dir, &cfg.id, "energy_wh");
+        let totals = state
+            .load::<String>()
+            .map_err(|e| MeterError::new(&cfg.id, format!("cannot read energy state: {e}")))?
+            .map(|s| parse_totals(&s))
+            .transpose()
+            .map_err(|e| MeterError::new(&cfg.id, e))?
+            .unwrap_or([0.0; 3]);
+        let mut chip = Atm90e32::new(spi, s);
+        chip.init().map_err(|e| meter_error(&cfg.id, e))?;
+        Ok(Atm90e32Meter {
+            id: cfg.id.clone(),
+            chip,
+            phases: cfg.phases.clone(),
+            totals,
+            state,
+        })
+    }
+
+    /// Reads at an explicit instant (for the persistence rate limit).
+    pub fn read_at(&mut self, now: Instant) -> Result<Vec<Measurement>, MeterError> {
+        let (freq, readings) = self
+            .chip
+            .measure(&self.phases)
+            .map_err(|e| meter_error(&self.id, e))?;
+        let mut out = Vec::with_capacity(readings.len());
+        for (ph, r) in self.phases.iter().zip(readings.iter()) {
+            out.push(Measurement {
+                meter: format!("{}-{}", self.id, ph.suffix()),
+                voltage_v: Some(r.voltage_v),
+                current_a: Some(r.current_a),
+                power_w: Some(r.power_w),
+                power_factor: Some(r.power_factor),
+                frequency_hz: Some(freq),
+                energy_wh: None,
+                reactive_power_var: None,
+            });
+        }
+        plausible::check_all(&out)?;
+        // Only now, with a plausible sample, add the drained energy.
+        for ((ph, r), m) in self.phases.iter().zip(readings.iter()).zip(out.iter_mut()) {
+            let t = &mut self.totals[usize::from(ph.index())];
+            *t += r.energy_delta_wh;
+            m.energy_wh = Some(*t);
+        }
+        if let Err(e) = self.state.store(&format_totals(&self.totals), now) {
+            log::warn!("meter {}: cannot persist energy: {e}", self.id);
+        }
+        Ok(out)
+    }
+}
+
+/// `"a b c"` → totals.
+pub fn parse_totals(s: &str) -> Result<[f64; 3], String> {
+    let v: Vec<f64> = s
+        .split_whitespace()
+        .map(|x| x.parse::<f64>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("energy state {s:?}: {e}"))?;
+    match v.as_slice() {
+        [a, b, c] if v.iter().all(|x| x.is_finite() && *x >= 0.0) => Ok([*a, *b, *c]),
+        _ => Err(format!(
+            "energy state {s:?}: expected three non-negative numbers"
+        )),
+    }
+}
+
+/// Totals → `"a b c"`.
+pub fn format_totals(t: &[f64; 3]) -> String {
+    format!("{} {} {}", t[0], t[1], t[2])
+}
+
+impl<SPI: SpiDevice + Send> Meter for Atm90e32Meter<SPI> {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn read(&mut self) -> Result<Vec<Measurement>, MeterError> {
+        self.read_at(Instant::now())
+    }
+}
+
+impl<SPI> Drop for Atm90e32Meter<SPI> {
+    fn drop(&mut self) {
+        if let Err(e) = self.state.flush(&format_totals(&self.totals)) {
+            log::warn!("meter {}: cannot persist energy: {e}", self.id);
+        }
+    }
+}

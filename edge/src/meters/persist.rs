@@ -1,0 +1,158 @@
+//! Small per-meter state files in the edge's state directory.
+//!
+//! Some meters keep a counter that must survive a restart: the pulse count of
+//! an S0 meter, the energy integrated for an INA219/INA226, the energy drained
+//! from the ATM90E32's read-to-clear energy registers. Each such counter lives
+//! in one small text file `<state_dir>/<meter id>.<name>`.
+//!
+//! SD cards wear out and tear writes on power loss, so:
+//! - a write is atomic: the new content goes to `<file>.tmp`, is fsynced, and
+//!   is renamed over the old file (readers see the old or the new value,
+//!   never half of one); the directory is fsynced best-effort;
+//! - writes are rate-limited to one per `min_interval` (60 s by default), plus
+//!   one final write when the meter is dropped (SIGTERM). On a power cut the
+//!   counter therefore loses at most the last `min_interval` of increments.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+/// Default bound on how often a state file is rewritten.
+pub const DEFAULT_MIN_INTERVAL: Duration = Duration::from_secs(60);
+
+/// One persisted text value with atomic, rate-limited writes.
+#[derive(Debug)]
+pub struct StateFile {
+    /// Final path, `<state_dir>/<meter>.<name>`.
+    path: PathBuf,
+    /// Minimum time between two writes (bounds SD-card wear).
+    min_interval: Duration,
+    /// When the file was last written by this process.
+    last_write: Option<Instant>,
+    /// The last content written, so unchanged values are not rewritten.
+    last_content: Option<String>,
+}
+
+impl StateFile {
+    /// A state file for `meter` named `name` in `state_dir`.
+    pub fn new(state_dir: &Path, meter: &str, name: &str) -> Self {
+        StateFile {
+            path: state_dir.join(format!("{meter}.{name}")),
+            min_interval: DEFAULT_MIN_INTERVAL,
+            last_write: None,
+            last_content: None,
+        }
+    }
+
+    /// Changes the write-rate bound.
+    pub fn with_min_interval(mut self, d: Duration) -> Self {
+        self.min_interval = d;
+        self
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Loads and parses the stored value; `Ok(None)` when the file does not
+    /// exist yet. A file that does not parse is an error (never silently 0).
+    pub fn load<T: FromStr>(&mut self) -> io::Result<Option<T>> {
+        match fs::read_to_string(&self.path) {
+            Ok(s) => {
+                let v = s.trim().parse::<T>().map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{}: cannot parse {:?}", self.path.display(), s.trim()),
+                    )
+                })?;
+                self.last_content = Some(s.trim().to_string());
+                Ok(Some(v))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Stores `content` if at least `min_interval` passed since the last
+    /// write (or there was none). Returns whether it wrote.
+    pub fn store(&mut self, content: &str, now: Instant) -> io::Result<bool> {
+        if let Some(t) = self.last_write {
+            if now.saturating_duration_since(t) < self.min_interval {
+                return Ok(false);
+            }
+        }
+        self.write_now(content, now)?;
+        Ok(true)
+    }
+
+    /// Stores `content` now, regardless of the rate limit (used on drop).
+    pub fn flush(&mut self, content: &str) -> io::Result<()> {
+        self.write_now(content, Instant::now())
+    }
+
+    fn write_now(&mut self, content: &str, now: Instant) -> io::Result<()> {
+        if self.last_content.as_deref() == Some(content) {
+            self.last_write = Some(now);
+            return Ok(());
+        }
+        write_atomic(&self.path, content)?;
+        self.last_write = Some(now);
+        self.last_content = Some(content.to_string());
+        Ok(())
+    }
+}
+
+/// Writes `content` to `path` atomically (tmp file + fsync + rename).
+pub fn write_atomic(path: &Path, content: &str) -> io::Result<()> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    fs::create_dir_all(dir)?;
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(content.as_bytes())?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    // Best effort: make the rename itself durable.
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_rate_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = StateFile::new(dir.path(), "s0", "pulses");
+        assert_eq!(f.load::<u64>().unwrap(), None);
+        let t0 = Instant::now();
+        assert!(f.store("41", t0).unwrap());
+        // Within the interval: not written.
+        assert!(!f.store("42", t0 + Duration::from_secs(1)).unwrap());
+        let mut g = StateFile::new(dir.path(), "s0", "pulses");
+        assert_eq!(g.load::<u64>().unwrap(), Some(41));
+        assert!(f.store("43", t0 + Duration::from_secs(61)).unwrap());
+        assert_eq!(g.load::<u64>().unwrap(), Some(43));
+        f.flush("44").unwrap();
+        assert_eq!(g.load::<u64>().unwrap(), Some(44));
+        assert!(!dir.path().join("s0.pulses.tmp").exists());
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("m.pulses"), "not a number").unwrap();
+        let mut f = StateFile::new(dir.path(), "m", "pulses");
+        assert!(f.load::<u64>().is_err());
+    }
+}
