@@ -5,8 +5,11 @@
 //! `backend_suite!` macro turns every case into a `#[test]` per backend, so
 //! a backend cannot silently skip one.
 
+mod common;
+
 use std::sync::Arc;
 
+use common::pg;
 use ems_hub::store::{self, Row, Store};
 use ems_shared::Reading;
 
@@ -271,15 +274,13 @@ pub mod contract {
                 return;
             };
             assert!(raw.len() > 1000, "scanned too little ({when})");
-            for t in &tokens {
-                // The whole token and its random body alone.
-                for needle in [t.as_bytes(), &t.as_bytes()[5..48]] {
-                    assert!(
-                        !raw.windows(needle.len()).any(|w| w == needle),
-                        "a plaintext token is in the database files ({when})"
-                    );
-                }
-            }
+            // Each whole token, and its random body alone.
+            let mut needles: Vec<&[u8]> = tokens.iter().map(|t| t.as_bytes()).collect();
+            needles.extend(tokens.iter().map(|t| &t.as_bytes()[5..48]));
+            assert!(
+                !contains_any(&raw, &needles),
+                "a plaintext token is in the database files ({when})"
+            );
         };
         check("while open");
         let mut s = admin.into_store();
@@ -289,6 +290,36 @@ pub mod contract {
         drop(s);
         check("after close");
     }
+}
+
+/// Whether any needle occurs in `hay`: one pass with a first-byte table,
+/// fast enough for the WAL of a PostgreSQL cluster in a debug build.
+pub fn contains_any(hay: &[u8], needles: &[&[u8]]) -> bool {
+    let mut first = [false; 256];
+    for n in needles {
+        if let Some(&b) = n.first() {
+            first[usize::from(b)] = true;
+        }
+    }
+    let mut i = 0;
+    while i < hay.len() {
+        if first[usize::from(hay[i])] {
+            for n in needles {
+                if hay[i..].starts_with(n) {
+                    return true;
+                }
+            }
+        }
+        i += 1;
+    }
+    false
+}
+
+#[test]
+fn contains_any_finds_needles() {
+    assert!(contains_any(b"xxabcxx", &[b"zz", b"abc"]));
+    assert!(!contains_any(b"xxabxx", &[b"abc"]));
+    assert!(contains_any(b"abc", &[b"abc"]));
 }
 
 /// One `#[test]` per contract case for a backend whose fixture comes from
@@ -344,6 +375,309 @@ fn sqlite_fixture() -> Option<Fixture> {
 }
 
 backend_suite!(sqlite, sqlite_fixture());
+
+/// A fresh PostgreSQL database (see `common::pg`), or `None` to skip.
+fn pg_fixture() -> Option<Fixture> {
+    let db = pg::fresh_db()?;
+    let store = store::open(&db.url).unwrap();
+    let cluster = pg::local_cluster();
+    let name = db.name.clone();
+    Some(Fixture {
+        url: db.url.clone(),
+        store,
+        raw_bytes: Box::new(move || cluster.and_then(|c| c.raw_bytes_of(&name))),
+        _guard: Box::new(db),
+    })
+}
+
+backend_suite!(postgres, pg_fixture());
+
+mod postgres_only {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::{pg, row};
+    use ems_hub::store::postgres::{PgMode, PgOptions, PgStore, TimescaleMode};
+    use ems_hub::store::{self, Store, StoreError};
+
+    /// The example Grafana query of docs/storage.md, with `$__timeFilter`
+    /// expanded as Grafana does.
+    const GRAFANA_QUERY: &str =
+        "SELECT time_bucket_gapfill_or_trunc AS time, device_id AS metric, \
+         avg(power_w) AS value FROM ( \
+           SELECT date_trunc('minute', ts) AS time_bucket_gapfill_or_trunc, device_id, power_w \
+           FROM readings \
+           WHERE ts BETWEEN '2023-11-14T22:00:00Z' AND '2023-11-14T23:00:00Z' \
+             AND device_id IN ('d1') \
+         ) AS r GROUP BY 1, 2 ORDER BY 1";
+
+    fn admin(url: &str) -> postgres::Client {
+        postgres::Client::connect(url, postgres::NoTls).unwrap()
+    }
+
+    #[test]
+    fn schema_contract_and_plain_mode() {
+        let Some(db) = pg::fresh_db() else { return };
+        let mut s = PgStore::open(&db.url, &PgOptions::default()).unwrap();
+        assert_eq!(s.mode(), PgMode::Plain);
+        s.insert_batch(&[row("d1", 1, 1, 1_700_000_000_123)])
+            .unwrap();
+        let mut c = admin(&db.url);
+        let types: Vec<(String, String)> = c
+            .query(
+                "SELECT column_name::text, data_type::text FROM information_schema.columns \
+                 WHERE table_name = 'readings' ORDER BY ordinal_position",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let want = [
+            ("device_id", "text"),
+            ("meter", "text"),
+            ("ts", "timestamp with time zone"),
+            ("received_at", "timestamp with time zone"),
+            ("epoch", "bigint"),
+            ("seq", "bigint"),
+            ("voltage_v", "double precision"),
+            ("current_a", "double precision"),
+            ("power_w", "double precision"),
+            ("energy_wh", "double precision"),
+            ("frequency_hz", "double precision"),
+            ("power_factor", "double precision"),
+            ("reactive_power_var", "double precision"),
+        ];
+        let got: Vec<(&str, &str)> = types
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        assert_eq!(got, want);
+        // ts is the sample time, exact to the millisecond.
+        let exact: bool = c
+            .query_one(
+                "SELECT ts = to_timestamp(1700000000.123) AND \
+                 received_at = to_timestamp(1700000000.128) FROM readings",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert!(exact);
+        let v: i32 = c
+            .query_one("SELECT max(version) FROM schema_version", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(v, 1);
+        // The docs' Grafana query runs on the contract table.
+        let rows = c.query(GRAFANA_QUERY, &[]).unwrap();
+        assert_eq!(rows.len(), 1);
+        // Requiring TimescaleDB where it is missing is a clear open error.
+        let e = PgStore::open(
+            &db.url,
+            &PgOptions {
+                timescale: TimescaleMode::Require,
+                ..PgOptions::default()
+            },
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("TimescaleDB is required"), "{e}");
+    }
+
+    #[test]
+    fn hubs_starting_together_on_an_empty_database() {
+        let Some(db) = pg::fresh_db() else { return };
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let url = db.url.clone();
+                std::thread::spawn(move || store::open(&url).map(|_| ()))
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap().unwrap();
+        }
+        let n: i64 = admin(&db.url)
+            .query_one("SELECT count(*) FROM schema_version", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn multi_row_insert_keeps_the_contract() {
+        let Some(db) = pg::fresh_db() else { return };
+        let opts = PgOptions {
+            write_method: ems_hub::store::postgres::WriteMethod::MultiRowInsert,
+            ..PgOptions::default()
+        };
+        let mut s = PgStore::open(&db.url, &opts).unwrap();
+        let rows: Vec<_> = (0..4500).map(|i| row("d1", 1, i, i as i64)).collect();
+        s.insert_batch(&rows).unwrap();
+        s.insert_batch(&rows[4000..]).unwrap();
+        let got = s.readings("d1", 0, i64::MAX, usize::MAX).unwrap();
+        assert_eq!(got.len(), 4500);
+        assert_eq!(got[4499], rows[4499].reading);
+    }
+
+    #[test]
+    fn a_dropped_connection_is_replaced_on_the_next_call() {
+        let Some(db) = pg::fresh_db() else { return };
+        let mut s = PgStore::open(&db.url, &PgOptions::default()).unwrap();
+        s.insert_batch(&[row("d1", 1, 0, 0)]).unwrap();
+        let mut c = admin(&db.url);
+        c.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&db.name],
+        )
+        .unwrap();
+        // The first call may fail (StoreError::Db) or notice the closed
+        // connection first; the one after a failure must work.
+        let batch = [row("d1", 1, 1, 1)];
+        match s.insert_batch(&batch) {
+            Ok(()) => {}
+            Err(StoreError::Db(msg)) => {
+                assert!(!msg.contains('\n'));
+                s.insert_batch(&batch).unwrap();
+            }
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+        assert_eq!(s.connects(), 2);
+        // Resending after an uncertain commit stores nothing twice.
+        s.insert_batch(&batch).unwrap();
+        assert_eq!(s.readings("d1", 0, 10, 10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn tls_is_verified() {
+        let Some(cluster) = pg::local_cluster() else {
+            return;
+        };
+        let Some(ca) = &cluster.tls_ca else {
+            eprintln!("SKIP tls_is_verified: the test cluster runs without TLS (no openssl)");
+            return;
+        };
+        let db = pg::create_db(&cluster.admin_url);
+        let tls_url = format!(
+            "{}?sslmode=verify-full&sslrootcert={}",
+            db.url,
+            ca.display()
+        );
+        let mut s = store::open(&tls_url).unwrap();
+        s.insert_batch(&[row("d1", 1, 0, 0)]).unwrap();
+        let ssl_sessions: i64 = admin(&cluster.admin_url)
+            .query_one(
+                "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+                 WHERE ssl AND datname = $1",
+                &[&db.name],
+            )
+            .unwrap()
+            .get(0);
+        assert!(ssl_sessions >= 1);
+        // Without the CA the self-made certificate is refused.
+        let e = store::open(&format!("{}?sslmode=require", db.url))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.to_lowercase().contains("certificate"), "{e}");
+        drop(s);
+    }
+
+    /// Stops and restarts PostgreSQL (twice) while a writer commits
+    /// batches the way the hub's writer does: retry the same batch with
+    /// backoff until it commits, sometimes resending one that already
+    /// committed. Afterwards every row is there exactly once.
+    #[test]
+    fn restart_under_load_loses_and_duplicates_nothing() {
+        if pg::bin_dir().is_none() {
+            pg::unavailable::<()>("the restart test needs the PostgreSQL server binaries");
+            return;
+        }
+        let cluster = pg::Cluster::start(pg::ClusterOptions {
+            fsync: true,
+            tls: false,
+        })
+        .unwrap();
+        let db = pg::create_db(&cluster.admin_url);
+        let mut s = PgStore::open(&db.url, &PgOptions::default()).unwrap();
+        const ROWS: u64 = 200;
+        let committed = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer =
+            std::thread::spawn({
+                let (committed, stop) = (committed.clone(), stop.clone());
+                move || {
+                    let deadline = Instant::now() + Duration::from_secs(300);
+                    let mut failures = 0u64;
+                    let mut b = 0u64;
+                    while !stop.load(Ordering::SeqCst) {
+                        let mut rows: Vec<_> = (0..ROWS)
+                            .map(|i| row("dev-r", 1 + b % 3, b * ROWS + i, (b * ROWS + i) as i64))
+                            .collect();
+                        if b % 7 == 6 {
+                            // A resend of the previous batch rides along.
+                            let p = b - 1;
+                            rows.extend((0..ROWS).map(|i| {
+                                row("dev-r", 1 + p % 3, p * ROWS + i, (p * ROWS + i) as i64)
+                            }));
+                        }
+                        let mut backoff = Duration::from_millis(10);
+                        while let Err(e) = s.insert_batch(&rows) {
+                            assert!(Instant::now() < deadline, "no commit for too long: {e}");
+                            failures += 1;
+                            std::thread::sleep(backoff);
+                            backoff = (backoff * 2).min(Duration::from_millis(500));
+                        }
+                        b += 1;
+                        committed.store(b, Ordering::SeqCst);
+                    }
+                    (s, b, failures)
+                }
+            });
+        let wait_for = |n: u64| {
+            let deadline = Instant::now() + Duration::from_secs(240);
+            while committed.load(Ordering::SeqCst) < n {
+                assert!(Instant::now() < deadline, "writer stuck below {n} batches");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        wait_for(15);
+        cluster.restart().unwrap();
+        let after_first = committed.load(Ordering::SeqCst);
+        wait_for(after_first + 15);
+        cluster.restart().unwrap();
+        let after_second = committed.load(Ordering::SeqCst);
+        wait_for(after_second + 15);
+        stop.store(true, Ordering::SeqCst);
+        let (mut s, batches, failures) = writer.join().unwrap();
+        eprintln!(
+            "restart test: {batches} batches, {failures} failed attempts, {} connections",
+            s.connects()
+        );
+        assert!(
+            s.connects() >= 3,
+            "both restarts must have forced a reconnect"
+        );
+        let mut c = admin(&db.url);
+        let r = c
+            .query_one(
+                "SELECT count(*), count(DISTINCT (epoch, seq)), min(seq), max(seq) \
+                 FROM readings WHERE device_id = 'dev-r'",
+                &[],
+            )
+            .unwrap();
+        let (n, distinct, min, max): (i64, i64, i64, i64) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        let want = (batches * ROWS) as i64;
+        assert_eq!((n, distinct, min, max), (want, want, 0, want - 1));
+        assert_eq!(
+            s.readings("dev-r", 0, i64::MAX, usize::MAX).unwrap().len() as i64,
+            want
+        );
+    }
+}
 
 mod sqlite_only {
     use ems_hub::store::{self, StoreError};

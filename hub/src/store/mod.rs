@@ -183,10 +183,43 @@ pub fn open(url: &str) -> Result<Box<dyn Store>, StoreError> {
     Err(StoreError::BadUrl(postgres::redact(url)))
 }
 
+/// Compares a stored hash with a candidate without an early exit.
+pub(crate) fn ct_eq(stored: &[u8], hash: &TokenHash) -> bool {
+    stored.len() == hash.len()
+        && stored
+            .iter()
+            .zip(hash.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
 /// Current time, Unix milliseconds (0 if the clock is before 1970).
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_compare() {
+        let h = [7u8; 32];
+        assert!(ct_eq(&h, &h));
+        let mut o = h;
+        o[31] = 8;
+        assert!(!ct_eq(&o, &h));
+        assert!(!ct_eq(&h[..31], &h));
+    }
+
+    #[test]
+    fn unknown_urls_are_refused_without_secrets() {
+        let e = open("mysql://u:pw@h/db").err().map(|e| e.to_string());
+        let e = e.unwrap_or_default();
+        assert!(e.contains("unsupported database URL"), "{e}");
+        assert!(!e.contains("pw@"), "{e}");
+    }
 }

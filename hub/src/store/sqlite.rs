@@ -15,7 +15,7 @@ use std::time::Duration;
 use ems_shared::Reading;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
-use super::{DeviceInfo, Row, Store, StoreError, TokenHash, ViewerScope};
+use super::{ct_eq, DeviceInfo, Row, Store, StoreError, TokenHash, ViewerScope};
 
 /// Schema version this code writes and expects.
 pub const SCHEMA_VERSION: i64 = 1;
@@ -489,16 +489,6 @@ impl Store for SqliteStore {
     }
 }
 
-/// Compares a stored hash with a candidate without an early exit.
-pub(crate) fn ct_eq(stored: &[u8], hash: &TokenHash) -> bool {
-    stored.len() == hash.len()
-        && stored
-            .iter()
-            .zip(hash.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -548,15 +538,5 @@ mod tests {
         drop(s);
         let e = SqliteStore::open(p).unwrap_err().to_string();
         assert!(e.contains("upgrade ems-hub"), "{e}");
-    }
-
-    #[test]
-    fn constant_time_compare() {
-        let h = [7u8; 32];
-        assert!(ct_eq(&h, &h));
-        let mut o = h;
-        o[31] = 8;
-        assert!(!ct_eq(&o, &h));
-        assert!(!ct_eq(&h[..31], &h));
     }
 }
