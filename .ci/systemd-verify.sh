@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Verify systemd/ems-edge.service and systemd/ems-hub.service with
-# `systemd-analyze verify` (and print `systemd-analyze security` scores).
+# Verify systemd/ems-edge.service, systemd/ems-hub.service and the image's
+# first-boot unit (deploy/pi-gen) with `systemd-analyze verify`, and print the
+# `systemd-analyze security` exposure scores of the two services.
 #
 # verify needs the ExecStart binaries to exist. Rather than touching the
 # machine's /usr/bin, the units are checked inside a scratch root (--root=)
@@ -14,7 +15,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 command -v systemd-analyze >/dev/null || ensure_apt systemd
 
-units=(ems-edge.service ems-hub.service)
+units=(ems-edge.service ems-hub.service ems-edge-firstboot.service)
+FIRSTBOOT_DIR="$EMS_ROOT/deploy/pi-gen/stage-ems/00-install-ems-edge/files"
 root="$(mktemp -d /tmp/ems-systemd-verify.XXXXXX)"
 trap 'rm -rf "$root"' EXIT
 
@@ -35,9 +37,10 @@ install_bin() { # install_bin NAME [PATH]
 install_bin ems-edge "${EMS_EDGE_BIN:-}"
 install_bin ems-hub "${EMS_HUB_BIN:-}"
 
-for u in "${units[@]}"; do
-    install -m 0644 "$EMS_ROOT/systemd/$u" "$root/etc/systemd/system/$u"
-done
+install -m 0644 "$EMS_ROOT/systemd/ems-edge.service" "$EMS_ROOT/systemd/ems-hub.service" "$root/etc/systemd/system/"
+# The image's first-boot provisioning unit and its script (deploy/pi-gen).
+install -m 0644 "$FIRSTBOOT_DIR/ems-edge-firstboot.service" "$root/etc/systemd/system/"
+install -D -m 0755 "$FIRSTBOOT_DIR/ems-edge-firstboot" "$root/usr/lib/ems-edge/ems-edge-firstboot"
 
 log "systemd-analyze verify ${units[*]} ($(systemd-analyze --version | head -n1))"
 out="$(cd "$root" && timeout 120 systemd-analyze --root="$root" verify "${units[@]}" 2>&1)" || {
@@ -50,6 +53,6 @@ if [[ -n "$out" ]]; then
 fi
 log "verify: OK, no warnings"
 
-for u in "${units[@]}"; do
+for u in ems-edge.service ems-hub.service; do
     (cd "$root" && timeout 120 systemd-analyze security --offline=yes --root="$root" "$u" 2>&1 | tail -n 1) || true
 done

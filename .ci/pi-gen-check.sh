@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Checks of deploy/pi-gen without building an image (pi-gen needs a full
+# Raspberry Pi OS bootstrap): shellcheck of the stage and first-boot scripts,
+# the stage layout pi-gen expects, and the first-boot script run against
+# scratch directories (moves files, modes, owners, CRLF, deletes the sources,
+# never prints the token, ignores a malformed token).
+set -euo pipefail
+# shellcheck source=.ci/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+ensure_apt shellcheck
+STAGE="$EMS_ROOT/deploy/pi-gen/stage-ems"
+FB="$STAGE/00-install-ems-edge/files/ems-edge-firstboot"
+
+log "shellcheck"
+shellcheck -s bash "$STAGE/prerun.sh" "$STAGE"/*/00-run.sh
+shellcheck "$FB" "$EMS_ROOT"/deploy/debian/*/postinst
+shellcheck -x "$EMS_ROOT"/.ci/common.sh "$EMS_ROOT"/.ci/cross.sh "$EMS_ROOT"/.ci/systemd-verify.sh \
+    "$EMS_ROOT"/.ci/nginx-e2e.sh "$EMS_ROOT"/.ci/packages.sh "$EMS_ROOT"/.ci/pi-gen-check.sh
+
+log "stage layout"
+for f in prerun.sh 00-install-ems-edge/00-run.sh 01-hardware/00-run.sh; do
+    [[ -x "$STAGE/$f" ]] || die "$f missing or not executable"
+done
+[[ -f "$STAGE/EXPORT_IMAGE" ]] || die "EXPORT_IMAGE missing"
+for f in ems-edge-firstboot.service README-ems.txt; do
+    [[ -f "$STAGE/00-install-ems-edge/files/$f" ]] || die "files/$f missing"
+done
+
+log "first-boot script against scratch directories"
+T="$(mktemp -d /tmp/ems-firstboot.XXXXXX)"
+trap 'rm -rf "$T"' EXIT
+mkdir -p "$T/boot/ems" "$T/etc"
+token="emsd_$(head -c 32 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')"
+printf 'device_id = "pi-1"\r\nhub_url = "wss://hub.example.org"\r\n' >"$T/boot/ems/edge.toml"
+printf '%s\r\n' "$token" >"$T/boot/ems/device-token"
+printf 'EMS_LOG_LEVEL=debug\r\nEMS_DEVICE_TOKEN=old\r\n' >"$T/boot/ems/edge.env"
+run_fb() {
+    EMS_FIRSTBOOT_SRC="$T/boot/ems" EMS_FIRSTBOOT_DST="$T/etc/ems-edge" \
+        EMS_FIRSTBOOT_USER=nobody EMS_FIRSTBOOT_GROUP=nogroup sh "$FB"
+}
+out="$(run_fb 2>&1)"
+printf '%s\n' "$out" | sed 's/^/    /' >&2
+grep -qF -- "$token" <<<"$out" && die "first-boot printed the token"
+[[ -z "$(ls -A "$T/boot/ems")" ]] || die "sources not deleted: $(ls -A "$T/boot/ems")"
+[[ "$(stat -c '%a %U:%G' "$T/etc/ems-edge/edge.toml")" == "600 nobody:nogroup" ]] || die "edge.toml mode/owner"
+[[ "$(stat -c '%a %U' "$T/etc/ems-edge/edge.env")" == "600 root" ]] || die "edge.env mode/owner"
+[[ "$(stat -c '%a %U' "$T/etc/ems-edge/device-token")" == "600 root" ]] || die "device-token mode/owner"
+grep -q $'\r' "$T/etc/ems-edge/edge.toml" "$T/etc/ems-edge/edge.env" && die "CR left in a file"
+[[ "$(grep -c '^EMS_DEVICE_TOKEN=' "$T/etc/ems-edge/edge.env")" == 1 ]] || die "edge.env must hold one token line"
+grep -qx "EMS_DEVICE_TOKEN=$token" "$T/etc/ems-edge/edge.env" || die "token not in edge.env"
+grep -qx "EMS_LOG_LEVEL=debug" "$T/etc/ems-edge/edge.env" || die "edge.env settings lost"
+[[ "$(cat "$T/etc/ems-edge/device-token")" == "$token" ]] || die "device-token content"
+# Nothing to do: exits 0 quietly. Malformed token: ignored, left in place.
+run_fb >/dev/null
+printf 'not a token!\n' >"$T/boot/ems/device-token"
+run_fb >/dev/null
+[[ -f "$T/boot/ems/device-token" ]] || die "malformed token should stay for the operator"
+grep -qx "EMS_DEVICE_TOKEN=$token" "$T/etc/ems-edge/edge.env" || die "malformed token replaced the good one"
+log "pi-gen-check: OK"
