@@ -1,4 +1,319 @@
-//! ems-edge (skeleton; being written)
+//! # ems-edge — the EMS edge client
+//!
+//! Reads energy meters on a Raspberry Pi and streams the readings to the hub
+//! over an authenticated WebSocket, losing none across network outages,
+//! hub restarts, SIGTERM and SIGKILL.
+//!
+//! ## Layout
+//! - [`config`]: the TOML file, validated once; the device token (redacted).
+//! - [`sampler`]: the sampling thread (drift-free schedule, never waits on
+//!   the network).
+//! - [`clock`]: whether the wall clock can be trusted; holds readings until it
+//!   can; the epoch.
+//! - [`outbox`]: pure outbox state (what is done, what to send next, ack
+//!   handling) and the [`outbox::Outbox`] the threads share.
+//! - [`spool`]: the on-disk spool (segment files, batched appends, bounded
+//!   fsync interval, size bound).
+//! - [`link`]: the blocking tungstenite/rustls client and its
+//!   CONNECTED/RETRYING loop.
+//! - [`backoff`]: full-jitter exponential backoff, pure.
+//! - [`notify`]: systemd READY/WATCHDOG/STATUS.
+//! - [`shutdown`]: the stop signal shared by the threads.
+//! - [`check`]: `ems-edge check` (config, resolve, one authenticated handshake).
+//! - [`meters`]: the `Meter` trait and one module per kind; [`tools`]:
+//!   `probe` and `scan`.
+//!
+//! [`run`] wires them: the sampler thread appends to the outbox, the link
+//! thread sends from it, and the calling thread writes and fsyncs the spool
+//! every `spool_sync_interval_ms`, feeds the watchdog and the status line,
+//! and shuts everything down within 5 s of the signal.
+
+pub mod backoff;
+pub mod check;
+pub mod clock;
+pub mod config;
 pub mod hw;
+pub mod link;
 pub mod meters;
+pub mod notify;
+pub mod outbox;
+pub mod sampler;
+pub mod shutdown;
+pub mod spool;
 pub mod tools;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use thiserror::Error;
+
+pub use config::{Config, ConfigError, DeviceToken};
+pub use shutdown::Shutdown;
+
+use clock::{ClockGate, SystemSync};
+use link::{Link, LinkState, Target};
+use outbox::{sync_files, Outbox};
+use sampler::{MeterSlot, Sampler};
+
+/// Readings held in memory while the clock is unsynchronized: a day at 1 Hz.
+const MAX_HELD: usize = 86_400;
+/// How often the ack watermark is saved.
+const WATERMARK_EVERY: Duration = Duration::from_secs(10);
+/// Budget for the whole shutdown (the issue asks for 5 s).
+const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
+/// File in the spool dir holding the last epoch used.
+const EPOCH_FILE: &str = "epoch";
+
+/// Why the edge could not start. Once running, it never stops on a network
+/// or meter error.
+#[derive(Debug, Error)]
+pub enum EdgeError {
+    /// Bad configuration or token.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Bad TLS setup (`ca_file`).
+    #[error(transparent)]
+    Tls(#[from] link::TlsError),
+    /// The spool directory is unusable.
+    #[error("spool {dir}: {source} (check spool_dir and its permissions)")]
+    Spool {
+        /// The directory.
+        dir: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// A thread could not be started.
+    #[error("cannot start thread: {0}")]
+    Thread(io::Error),
+}
+
+fn spool_err(dir: &Path) -> impl FnOnce(io::Error) -> EdgeError + '_ {
+    move |source| EdgeError::Spool {
+        dir: dir.to_path_buf(),
+        source,
+    }
+}
+
+/// Picks this process's epoch and records it in the spool directory.
+fn new_epoch(dir: &Path) -> io::Result<u64> {
+    let path = dir.join(EPOCH_FILE);
+    let previous = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let mut random = [0u8; 8];
+    if getrandom::fill(&mut random).is_err() {
+        random = fastrand::u64(..).to_le_bytes();
+    }
+    let epoch = clock::draw_epoch(SystemTime::now(), u64::from_le_bytes(random), previous);
+    let tmp = dir.join(format!("{EPOCH_FILE}.tmp"));
+    std::fs::write(&tmp, format!("{epoch}\n"))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(epoch)
+}
+
+fn lock(outbox: &Mutex<Outbox>) -> std::sync::MutexGuard<'_, Outbox> {
+    outbox.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Writes buffered readings and fsyncs them outside the lock.
+fn flush_outbox(outbox: &Mutex<Outbox>) {
+    let started = Instant::now();
+    let files = match lock(outbox).flush() {
+        Ok(f) => f,
+        Err(e) => {
+            log::error!("spool: write failed: {e}");
+            return;
+        }
+    };
+    if let Err(e) = sync_files(files) {
+        log::error!("spool: fsync failed: {e}");
+    }
+    log::trace!(
+        "spool: synced in {:.1} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+}
+
+fn status_line(state: &LinkState, outbox: &Mutex<Outbox>, held: u64) -> String {
+    let st = lock(outbox).stats();
+    let link = match state {
+        LinkState::Starting => "STARTING".to_string(),
+        LinkState::Connected => "CONNECTED".to_string(),
+        LinkState::Retrying(why) => format!("RETRYING ({why})"),
+    };
+    let mut s = format!("{link}; outbox {} readings", st.depth);
+    if held > 0 {
+        s.push_str(&format!(", {held} held for clock sync"));
+    }
+    if st.dropped_full > 0 {
+        s.push_str(&format!(", {} dropped (spool full)", st.dropped_full));
+    }
+    s
+}
+
+/// Runs the edge until `shutdown` is triggered: opens the spool and the
+/// meters, starts the sampler and the link, then flushes the spool on a
+/// fixed cadence. Returns `Ok` after an orderly shutdown.
+pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(), EdgeError> {
+    let origin = Instant::now();
+    let tls = link::tls_config(config.ca_file.as_deref())?;
+    if !config.hub.tls {
+        log::warn!(
+            "hub_url uses ws:// (allow_insecure = true): readings and the device token travel unencrypted"
+        );
+    }
+    let dir = config.spool_dir.clone();
+    std::fs::create_dir_all(&dir).map_err(spool_err(&dir))?;
+    let outbox = Outbox::open(&dir, config.spool_max_bytes, config.link.max_in_flight)
+        .map_err(spool_err(&dir))?;
+    let recovered = outbox.stats().depth;
+    let outbox = Arc::new(Mutex::new(outbox));
+    let epoch = new_epoch(&dir).map_err(spool_err(&dir))?;
+    log::info!(
+        "ems-edge {} device {} epoch {epoch}; spool {} ({recovered} unacknowledged readings recovered)",
+        env!("CARGO_PKG_VERSION"),
+        config.device_id,
+        dir.display()
+    );
+
+    let meters: Vec<MeterSlot> = config
+        .meters
+        .iter()
+        .map(|m| MeterSlot::new(m.clone(), dir.clone()))
+        .collect();
+    let opened = meters.iter().filter(|m| m.is_open()).count();
+
+    let sampler_beat = Arc::new(AtomicU64::new(0));
+    let link_beat = Arc::new(AtomicU64::new(0));
+    let link_state = Arc::new(Mutex::new(LinkState::Starting));
+    let gate = ClockGate::new(MAX_HELD);
+    let held = Arc::new(AtomicU64::new(0));
+
+    let sampler = Sampler {
+        meters,
+        interval: config.sample_interval,
+        gate,
+        probe: Box::new(SystemSync::new(config.trust_clock)),
+        epoch,
+        next_seq: 0,
+        outbox: outbox.clone(),
+        shutdown: shutdown.clone(),
+        heartbeat: sampler_beat.clone(),
+        origin,
+        held: held.clone(),
+    };
+    let sampler = std::thread::Builder::new()
+        .name("sampler".into())
+        .spawn(move || sampler.run())
+        .map_err(EdgeError::Thread)?;
+
+    let link = Link {
+        target: Target {
+            hub: config.hub.clone(),
+            token,
+            tls,
+            connect_timeout: config.link.connect_timeout,
+        },
+        cfg: config.link.clone(),
+        outbox: outbox.clone(),
+        shutdown: shutdown.clone(),
+        state: link_state.clone(),
+        heartbeat: link_beat.clone(),
+        origin,
+    };
+    let link = std::thread::Builder::new()
+        .name("link".into())
+        .spawn(move || link.run())
+        .map_err(EdgeError::Thread)?;
+
+    notify::ready(&format!(
+        "started: {opened}/{} meters open; connecting to {}",
+        config.meters.len(),
+        config.hub.url
+    ));
+    let watchdog = notify::watchdog_interval();
+    let tick = config
+        .spool_sync_interval
+        .min(Duration::from_secs(1))
+        .min(watchdog.map_or(Duration::MAX, |w| w / 2));
+    let mut next_sync = Instant::now() + config.spool_sync_interval;
+    let mut next_watermark = Instant::now() + WATERMARK_EVERY;
+    let mut last_status = String::new();
+    // Loops count as alive if they beat within these windows.
+    let sampler_window = (config.sample_interval * 3).max(Duration::from_secs(10));
+    let link_window = config.link.connect_timeout + Duration::from_secs(15);
+
+    while !shutdown.wait(tick) {
+        let now = Instant::now();
+        if now >= next_sync {
+            flush_outbox(&outbox);
+            next_sync = now + config.spool_sync_interval;
+        }
+        if now >= next_watermark {
+            if let Err(e) = lock(&outbox).persist_watermark() {
+                log::warn!("spool: cannot save the ack watermark: {e}");
+            }
+            next_watermark = now + WATERMARK_EVERY;
+        }
+        let since = |beat: &AtomicU64| {
+            let at = Duration::from_millis(beat.load(Ordering::Relaxed));
+            origin.elapsed().saturating_sub(at)
+        };
+        if since(&sampler_beat) < sampler_window && since(&link_beat) < link_window {
+            notify::watchdog();
+        }
+        let state = link_state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let line = status_line(&state, &outbox, held.load(Ordering::Relaxed));
+        if line != last_status {
+            notify::status(&line);
+            last_status = line;
+        }
+    }
+
+    // Orderly shutdown: stop sampling, persist, close the link.
+    let stop_started = Instant::now();
+    notify::stopping();
+    log::info!("shutting down: stopping sampling, persisting the outbox, closing the link");
+    join_until(
+        sampler,
+        stop_started + Duration::from_millis(1500),
+        "sampler",
+    );
+    flush_outbox(&outbox);
+    join_until(
+        link,
+        stop_started + SHUTDOWN_BUDGET - Duration::from_millis(500),
+        "link",
+    );
+    flush_outbox(&outbox);
+    let mut ob = lock(&outbox);
+    if let Err(e) = ob.persist_watermark() {
+        log::warn!("spool: cannot save the ack watermark: {e}");
+    }
+    log::info!(
+        "stopped after {:.0} ms; {} readings kept in the spool for the next start",
+        stop_started.elapsed().as_secs_f64() * 1e3,
+        ob.stats().depth
+    );
+    Ok(())
+}
+
+/// Joins `handle` if it finishes before `deadline`; otherwise leaves it
+/// (the process is exiting anyway).
+fn join_until(handle: JoinHandle<()>, deadline: Instant, name: &str) {
+    while !handle.is_finished() {
+        if Instant::now() >= deadline {
+            log::warn!("{name} thread did not stop in time; exiting without it");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if handle.join().is_err() {
+        log::error!("{name} thread panicked");
+    }
+}

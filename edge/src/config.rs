@@ -1,0 +1,576 @@
+//! Edge configuration: the TOML file, parsed strictly and validated once.
+//!
+//! [`RawConfig`] mirrors the file (every table `deny_unknown_fields`, so a
+//! typo is an error that names the key and its line). [`Config::from_toml`]
+//! turns it into a validated [`Config`]; nothing after that sees raw input.
+//! The device token is never part of the file: [`DeviceToken::from_env`]
+//! reads it from `EMS_DEVICE_TOKEN` or `$CREDENTIALS_DIRECTORY/ems-device-token`,
+//! and its `Debug`/`Display` never print it.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::meters::MeterConfig;
+
+/// Default config path.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/ems-edge/edge.toml";
+/// Default spool directory.
+pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/ems-edge";
+/// Default spool bound: 256 MiB, about 11 days of one meter at 1 Hz
+/// (a spooled reading is ~240 bytes), comfortably over the 7 days asked for.
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 256 * 1024 * 1024;
+/// Environment variable holding the device token.
+pub const TOKEN_ENV: &str = "EMS_DEVICE_TOKEN";
+/// File name of the token inside `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential`).
+pub const TOKEN_CREDENTIAL: &str = "ems-device-token";
+
+/// Why the configuration could not be loaded. Messages never contain the token.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The config path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// TOML syntax error, unknown key, wrong type (the message names key and line).
+    #[error("invalid config {path}: {message}")]
+    Parse {
+        /// The config path.
+        path: PathBuf,
+        /// toml's message, with line and column.
+        message: String,
+    },
+    /// A value that parses but makes no sense.
+    #[error("invalid config {path}: {message}")]
+    Invalid {
+        /// The config path.
+        path: PathBuf,
+        /// What to fix.
+        message: String,
+    },
+    /// No token in the environment or the credentials directory.
+    #[error("no device token: set {TOKEN_ENV} (systemd EnvironmentFile=, mode 0600) or provide the credential {TOKEN_CREDENTIAL} (systemd LoadCredential=)")]
+    MissingToken,
+    /// The token is present but unusable (the token itself is not shown).
+    #[error("device token from {source_name} is unusable: {why}")]
+    BadToken {
+        /// Where it came from.
+        source_name: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+}
+
+/// The device token. Sent only in the `Authorization` header; `Debug` and
+/// `Display` print `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DeviceToken(String);
+
+impl DeviceToken {
+    /// Wraps a token, checking that it can travel in an HTTP header.
+    pub fn new(token: &str, source_name: &str) -> Result<Self, ConfigError> {
+        let t = token.trim();
+        let bad = |why| ConfigError::BadToken {
+            source_name: source_name.to_string(),
+            why,
+        };
+        if t.is_empty() {
+            return Err(bad("it is empty"));
+        }
+        if t.len() > 1024 {
+            return Err(bad("it is longer than 1024 bytes"));
+        }
+        if !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(bad("it contains whitespace or non-ASCII characters"));
+        }
+        Ok(DeviceToken(t.to_string()))
+    }
+
+    /// Reads the token from `EMS_DEVICE_TOKEN`, else from
+    /// `$CREDENTIALS_DIRECTORY/ems-device-token`.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_sources(
+            std::env::var(TOKEN_ENV).ok(),
+            std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+        )
+    }
+
+    /// [`DeviceToken::from_env`] with the environment passed in (testable).
+    pub fn from_sources(
+        env_value: Option<String>,
+        credentials_dir: Option<PathBuf>,
+    ) -> Result<Self, ConfigError> {
+        if let Some(v) = env_value.filter(|v| !v.trim().is_empty()) {
+            return Self::new(&v, TOKEN_ENV);
+        }
+        if let Some(dir) = credentials_dir {
+            let path = dir.join(TOKEN_CREDENTIAL);
+            match std::fs::read_to_string(&path) {
+                Ok(v) => return Self::new(&v, &path.display().to_string()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(_) => {
+                    return Err(ConfigError::BadToken {
+                        source_name: path.display().to_string(),
+                        why: "the file cannot be read",
+                    })
+                }
+            }
+        }
+        Err(ConfigError::MissingToken)
+    }
+
+    /// The secret, for the `Authorization` header only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for DeviceToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DeviceToken([redacted])")
+    }
+}
+
+impl fmt::Display for DeviceToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// The file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Device id, the source of truth for identity.
+    pub device_id: String,
+    /// `wss://host[:port]` (or `ws://` with `allow_insecure`).
+    pub hub_url: String,
+    /// Permit `ws://`.
+    #[serde(default)]
+    pub allow_insecure: bool,
+    /// Sample period.
+    #[serde(default = "default_sample_interval_ms")]
+    pub sample_interval_ms: u64,
+    /// Extra PEM trust roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Spool directory.
+    #[serde(default = "default_spool_dir")]
+    pub spool_dir: PathBuf,
+    /// Spool bound in bytes.
+    #[serde(default = "default_spool_max_bytes")]
+    pub spool_max_bytes: u64,
+    /// How often buffered readings are written and fsynced.
+    #[serde(default = "default_spool_sync_ms")]
+    pub spool_sync_interval_ms: u64,
+    /// The system clock is right from boot (RTC): do not wait for time sync.
+    #[serde(default)]
+    pub trust_clock: bool,
+    /// Link tuning (rarely needed; tests shorten it).
+    #[serde(default)]
+    pub link: RawLink,
+    /// The meters.
+    #[serde(default, rename = "meter")]
+    pub meters: Vec<MeterConfig>,
+}
+
+/// `[link]`: tuning of the stream client. Defaults suit production.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLink {
+    /// First backoff ceiling.
+    pub backoff_base_ms: u64,
+    /// Backoff cap (also the delay class after 401/403/4000).
+    pub backoff_cap_ms: u64,
+    /// A connection that stayed up this long resets the backoff.
+    pub stable_after_ms: u64,
+    /// TCP connect + TLS + WebSocket handshake timeout.
+    pub connect_timeout_ms: u64,
+    /// Socket read timeout in the stream loop (latency of live sends and pongs).
+    pub poll_ms: u64,
+    /// The edge pings the hub after this much silence.
+    pub ping_after_ms: u64,
+    /// The link is declared dead after this much silence from the hub.
+    pub dead_after_ms: u64,
+    /// Most readings sent and not yet acknowledged.
+    pub max_in_flight: usize,
+}
+
+impl Default for RawLink {
+    fn default() -> Self {
+        RawLink {
+            backoff_base_ms: 1_000,
+            backoff_cap_ms: 60_000,
+            stable_after_ms: 30_000,
+            connect_timeout_ms: 10_000,
+            poll_ms: 50,
+            ping_after_ms: 30_000,
+            dead_after_ms: 75_000,
+            max_in_flight: 512,
+        }
+    }
+}
+
+fn default_sample_interval_ms() -> u64 {
+    1000
+}
+fn default_spool_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_SPOOL_DIR)
+}
+fn default_spool_max_bytes() -> u64 {
+    DEFAULT_SPOOL_MAX_BYTES
+}
+fn default_spool_sync_ms() -> u64 {
+    1000
+}
+
+/// Where the hub is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubEndpoint {
+    /// TLS (`wss`) or not (`ws`, only with `allow_insecure`).
+    pub tls: bool,
+    /// Host name or IP literal (brackets stripped).
+    pub host: String,
+    /// Port (default 443 / 80).
+    pub port: u16,
+    /// The full URL including `/ws/device/{device_id}`.
+    pub url: String,
+}
+
+/// Link tuning, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkConfig {
+    /// First backoff ceiling.
+    pub backoff_base: Duration,
+    /// Backoff cap.
+    pub backoff_cap: Duration,
+    /// Uptime that resets the backoff.
+    pub stable_after: Duration,
+    /// Handshake timeout.
+    pub connect_timeout: Duration,
+    /// Read timeout in the stream loop.
+    pub poll: Duration,
+    /// Silence before the edge pings.
+    pub ping_after: Duration,
+    /// Silence before the link is declared dead.
+    pub dead_after: Duration,
+    /// In-flight window.
+    pub max_in_flight: usize,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it was loaded from (for messages).
+    pub path: PathBuf,
+    /// Device id.
+    pub device_id: String,
+    /// Hub endpoint.
+    pub hub: HubEndpoint,
+    /// `ws://` was permitted explicitly.
+    pub allow_insecure: bool,
+    /// Sample period.
+    pub sample_interval: Duration,
+    /// Extra trust roots.
+    pub ca_file: Option<PathBuf>,
+    /// Spool directory.
+    pub spool_dir: PathBuf,
+    /// Spool bound.
+    pub spool_max_bytes: u64,
+    /// Write + fsync period of the spool.
+    pub spool_sync_interval: Duration,
+    /// Trust the wall clock from the start.
+    pub trust_clock: bool,
+    /// Link tuning.
+    pub link: LinkConfig,
+    /// Meters (at least one, unique ids).
+    pub meters: Vec<MeterConfig>,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is only used in messages.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        Self::validate(raw, path)
+    }
+
+    fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        ems_shared::validate_device_id(&raw.device_id)
+            .map_err(|e| invalid(format!("device_id: {e}")))?;
+        let hub = parse_hub_url(&raw.hub_url, &raw.device_id, raw.allow_insecure)
+            .map_err(|m| invalid(format!("hub_url: {m}")))?;
+        if !(10..=3_600_000).contains(&raw.sample_interval_ms) {
+            return Err(invalid(
+                "sample_interval_ms must be between 10 and 3600000".into(),
+            ));
+        }
+        if raw.spool_max_bytes < 64 * 1024 {
+            return Err(invalid("spool_max_bytes must be at least 65536".into()));
+        }
+        if !(10..=60_000).contains(&raw.spool_sync_interval_ms) {
+            return Err(invalid(
+                "spool_sync_interval_ms must be between 10 and 60000".into(),
+            ));
+        }
+        if raw.spool_dir.as_os_str().is_empty() {
+            return Err(invalid("spool_dir must not be empty".into()));
+        }
+        let l = &raw.link;
+        if l.backoff_base_ms == 0 || l.backoff_cap_ms < l.backoff_base_ms {
+            return Err(invalid(
+                "link.backoff_base_ms must be > 0 and <= link.backoff_cap_ms".into(),
+            ));
+        }
+        if l.poll_ms == 0 || l.poll_ms > 1000 {
+            return Err(invalid("link.poll_ms must be between 1 and 1000".into()));
+        }
+        if l.connect_timeout_ms == 0 || l.ping_after_ms == 0 || l.dead_after_ms <= l.ping_after_ms {
+            return Err(invalid(
+                "link timeouts must be > 0 and link.dead_after_ms > link.ping_after_ms".into(),
+            ));
+        }
+        if l.max_in_flight == 0 {
+            return Err(invalid("link.max_in_flight must be at least 1".into()));
+        }
+        if raw.meters.is_empty() {
+            return Err(invalid(
+                "at least one [[meter]] table is required (e.g. kind = \"simulated\")".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for m in &raw.meters {
+            ems_shared::validate_meter_id(m.id())
+                .map_err(|e| invalid(format!("meter id {:?}: {e}", m.id())))?;
+            if !seen.insert(m.id().to_string()) {
+                return Err(invalid(format!("meter id {:?} is used twice", m.id())));
+            }
+        }
+        let ms = Duration::from_millis;
+        Ok(Config {
+            path: path.to_path_buf(),
+            device_id: raw.device_id,
+            hub,
+            allow_insecure: raw.allow_insecure,
+            sample_interval: ms(raw.sample_interval_ms),
+            ca_file: raw.ca_file,
+            spool_dir: raw.spool_dir,
+            spool_max_bytes: raw.spool_max_bytes,
+            spool_sync_interval: ms(raw.spool_sync_interval_ms),
+            trust_clock: raw.trust_clock,
+            link: LinkConfig {
+                backoff_base: ms(l.backoff_base_ms),
+                backoff_cap: ms(l.backoff_cap_ms),
+                stable_after: ms(l.stable_after_ms),
+                connect_timeout: ms(l.connect_timeout_ms),
+                poll: ms(l.poll_ms),
+                ping_after: ms(l.ping_after_ms),
+                dead_after: ms(l.dead_after_ms),
+                max_in_flight: l.max_in_flight,
+            },
+            meters: raw.meters,
+        })
+    }
+}
+
+/// Parses `wss://host[:port]` (a trailing `/` is allowed, nothing else after
+/// the authority) and appends `/ws/device/{device_id}`.
+pub fn parse_hub_url(
+    url: &str,
+    device_id: &str,
+    allow_insecure: bool,
+) -> Result<HubEndpoint, String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("wss://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("ws://") {
+        if !allow_insecure {
+            return Err(
+                "ws:// sends readings unencrypted; use wss:// or set allow_insecure = true".into(),
+            );
+        }
+        (false, r)
+    } else {
+        return Err("must start with wss:// (or ws:// with allow_insecure = true)".into());
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty() {
+        return Err("no host".into());
+    }
+    if authority.contains(['/', '?', '#', '@']) || authority.contains(char::is_whitespace) {
+        return Err(
+            "give only scheme, host and port (the edge adds /ws/device/{device_id}; no query, no credentials)"
+                .into(),
+        );
+    }
+    let default_port = if tls { 443 } else { 80 };
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, after) = v6.split_once(']').ok_or("unterminated [ in host")?;
+        let port = match after {
+            "" => default_port,
+            p => p
+                .strip_prefix(':')
+                .and_then(|p| p.parse().ok())
+                .ok_or("bad port")?,
+        };
+        (h.to_string(), port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p.parse::<u16>().map_err(|_| "bad port")?),
+            None => (authority.to_string(), default_port),
+        }
+    };
+    if host.is_empty() || port == 0 {
+        return Err("no host or port 0".into());
+    }
+    let scheme = if tls { "wss" } else { "ws" };
+    let host_part = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.clone()
+    };
+    Ok(HubEndpoint {
+        tls,
+        url: format!("{scheme}://{host_part}:{port}/ws/device/{device_id}"),
+        host,
+        port,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+device_id = "ems_001"
+hub_url = "wss://hub.example.org"
+
+[[meter]]
+id = "main"
+kind = "simulated"
+"#;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(s, Path::new("edge.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.device_id, "ems_001");
+        assert_eq!(c.hub.url, "wss://hub.example.org:443/ws/device/ems_001");
+        assert_eq!(c.sample_interval, Duration::from_secs(1));
+        assert_eq!(c.spool_dir, PathBuf::from("/var/lib/ems-edge"));
+        assert!(c.spool_max_bytes >= 7 * 86_400 * 240);
+        assert!(!c.trust_clock);
+        assert_eq!(c.link.backoff_base, Duration::from_secs(1));
+        assert_eq!(c.link.backoff_cap, Duration::from_secs(60));
+        assert_eq!(c.meters.len(), 1);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = format!("{MIN}\n[link]\nbackof_cap_ms = 5\n");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("backof_cap_ms"), "{e}");
+        assert!(e.contains("line 10"), "{e}");
+        let e = parse(&MIN.replace("hub_url", "hub_ulr"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hub_ulr") && e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_in_meter_is_an_error() {
+        let e = parse(&format!("{MIN}colour = \"red\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("colour"), "{e}");
+        assert!(e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn token_is_never_a_config_key() {
+        let e = parse(&format!("token = \"secret\"\n{MIN}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `token`"), "{e}");
+    }
+
+    #[test]
+    fn insecure_needs_opt_in() {
+        let ws = MIN.replace("wss://hub.example.org", "ws://127.0.0.1:8080");
+        assert!(parse(&ws)
+            .unwrap_err()
+            .to_string()
+            .contains("allow_insecure"));
+        let ok = parse(&format!("allow_insecure = true\n{ws}")).unwrap();
+        assert_eq!(ok.hub.url, "ws://127.0.0.1:8080/ws/device/ems_001");
+        assert!(!ok.hub.tls);
+    }
+
+    #[test]
+    fn hub_url_forms() {
+        let p = |u| parse_hub_url(u, "d", true);
+        assert_eq!(p("wss://h:8443/").unwrap().port, 8443);
+        assert_eq!(
+            p("wss://[::1]:9000").unwrap().url,
+            "wss://[::1]:9000/ws/device/d"
+        );
+        assert_eq!(p("wss://[::1]").unwrap().host, "::1");
+        assert!(p("wss://h/ws/device/d").is_err());
+        assert!(p("wss://h?token=x").is_err());
+        assert!(p("wss://user:pw@h").is_err());
+        assert!(p("https://h").is_err());
+        assert!(p("wss://h:notaport").is_err());
+        assert!(p("wss://").is_err());
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        assert!(parse(&MIN.replace("ems_001", "bad id")).is_err());
+        assert!(parse(&format!("sample_interval_ms = 0\n{MIN}")).is_err());
+        let two = format!("{MIN}\n[[meter]]\nid = \"main\"\nkind = \"simulated\"\n");
+        assert!(parse(&two).unwrap_err().to_string().contains("twice"));
+        let none = "device_id = \"d\"\nhub_url = \"wss://h\"\n";
+        assert!(parse(none).unwrap_err().to_string().contains("[[meter]]"));
+    }
+
+    #[test]
+    fn token_sources_and_redaction() {
+        let t = DeviceToken::from_sources(Some("emsd_abc\n".into()), None).unwrap();
+        assert_eq!(t.expose(), "emsd_abc");
+        assert_eq!(format!("{t} {t:?}"), "[redacted] DeviceToken([redacted])");
+        assert!(matches!(
+            DeviceToken::from_sources(None, None),
+            Err(ConfigError::MissingToken)
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(TOKEN_CREDENTIAL), "emsd_fromfile\n").unwrap();
+        let t = DeviceToken::from_sources(Some(" ".into()), Some(dir.path().into())).unwrap();
+        assert_eq!(t.expose(), "emsd_fromfile");
+        let e = DeviceToken::from_sources(Some("has space inside".into()), None).unwrap_err();
+        assert!(!e.to_string().contains("space inside"));
+    }
+}

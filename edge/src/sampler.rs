@@ -1,0 +1,272 @@
+//! The sampling thread: reads every meter on a drift-free schedule, stamps
+//! the readings (through the [`ClockGate`]) and appends them to the outbox.
+//!
+//! - Tick `k` is due at `start + k·interval`, computed from the start, so
+//!   errors never accumulate; ticks missed because a read overran are skipped
+//!   (and counted in a log line), never bunched.
+//! - The thread never touches the network: it only takes the outbox mutex,
+//!   which the link holds briefly and never across socket I/O.
+//! - A meter that fails to open or read is retried on the next tick; other
+//!   meters keep going; log lines about a failing meter are rate-limited.
+//!   A panicking driver is caught and treated like a read error.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use ems_shared::Reading;
+
+use crate::clock::{ClockGate, Stamped, SyncProbe};
+use crate::meters::{self, Measurement, Meter, MeterConfig, MeterError};
+use crate::outbox::Outbox;
+use crate::shutdown::Shutdown;
+
+/// Minimum time between two log lines about the same failing meter.
+const METER_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// One configured meter, opened lazily and reopened after failures.
+pub struct MeterSlot {
+    /// Its config.
+    cfg: MeterConfig,
+    /// The open meter, if any.
+    meter: Option<Box<dyn Meter>>,
+    /// Directory where a meter may keep state.
+    state_dir: PathBuf,
+    /// Last time a failure was logged.
+    last_log: Option<Instant>,
+    /// Failures not logged since then.
+    suppressed: u64,
+    /// Currently failing (to log the recovery).
+    failing: bool,
+}
+
+impl MeterSlot {
+    /// A slot for `cfg`; opens it now if possible (failures are retried).
+    pub fn new(cfg: MeterConfig, state_dir: PathBuf) -> Self {
+        let mut slot = MeterSlot {
+            cfg,
+            meter: None,
+            state_dir,
+            last_log: None,
+            suppressed: 0,
+            failing: false,
+        };
+        if let Err(e) = slot.ensure_open() {
+            slot.failed(&e);
+        }
+        slot
+    }
+
+    /// The meter id.
+    pub fn id(&self) -> &str {
+        self.cfg.id()
+    }
+
+    /// Is the meter open?
+    pub fn is_open(&self) -> bool {
+        self.meter.is_some()
+    }
+
+    fn ensure_open(&mut self) -> Result<(), MeterError> {
+        if self.meter.is_none() {
+            let cfg = &self.cfg;
+            let dir = &self.state_dir;
+            let opened =
+                catch_unwind(AssertUnwindSafe(|| meters::open(cfg, dir))).unwrap_or_else(|_| {
+                    Err(MeterError::new(cfg.id(), "driver panicked while opening"))
+                });
+            self.meter = Some(opened?);
+        }
+        Ok(())
+    }
+
+    fn failed(&mut self, e: &MeterError) {
+        let now = Instant::now();
+        let due = self
+            .last_log
+            .map_or(true, |t| now.duration_since(t) >= METER_LOG_EVERY);
+        if due {
+            let hint = e
+                .hint
+                .as_deref()
+                .map(|h| format!(" (hint: {h})"))
+                .unwrap_or_default();
+            let more = if self.suppressed > 0 {
+                format!(
+                    " [{} more failures since the last message]",
+                    self.suppressed
+                )
+            } else {
+                String::new()
+            };
+            log::warn!("{e}{hint}; retrying every sample{more}");
+            self.last_log = Some(now);
+            self.suppressed = 0;
+        } else {
+            self.suppressed += 1;
+        }
+        self.failing = true;
+    }
+
+    /// Reads the meter; errors are logged (rate-limited) and yield nothing.
+    pub fn read(&mut self) -> Vec<Measurement> {
+        let result = self.ensure_open().and_then(|()| match self.meter.as_mut() {
+            Some(m) => catch_unwind(AssertUnwindSafe(|| m.read())).unwrap_or_else(|_| {
+                Err(MeterError::new(
+                    self.cfg.id(),
+                    "driver panicked while reading",
+                ))
+            }),
+            None => Err(MeterError::new(self.cfg.id(), "not open")),
+        });
+        match result {
+            Ok(ms) => {
+                if self.failing {
+                    log::info!("meter {}: reading again", self.cfg.id());
+                    self.failing = false;
+                    self.last_log = None;
+                    self.suppressed = 0;
+                }
+                ms.into_iter().filter(plausible).collect()
+            }
+            Err(e) => {
+                // Drop the handle so the next tick reopens it (device replugged).
+                if e.message.contains("panicked") {
+                    self.meter = None;
+                }
+                self.failed(&e);
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// Measurements the hub would reject as out of range are not sent.
+fn plausible(m: &Measurement) -> bool {
+    let r = to_reading(0, 0, 0, m.clone());
+    match r.validate(i64::MAX - ems_shared::MAX_FUTURE_SKEW_MS) {
+        Ok(()) => true,
+        Err(e) => {
+            log::warn!("meter {}: implausible values not sent ({e})", m.meter);
+            false
+        }
+    }
+}
+
+/// A wire reading from a stamped measurement.
+pub fn to_reading(epoch: u64, seq: u64, ts_ms: i64, m: Measurement) -> Reading {
+    Reading {
+        epoch,
+        seq,
+        ts_ms,
+        meter: m.meter,
+        voltage_v: m.voltage_v,
+        current_a: m.current_a,
+        power_w: m.power_w,
+        energy_wh: m.energy_wh,
+        frequency_hz: m.frequency_hz,
+        power_factor: m.power_factor,
+        reactive_power_var: m.reactive_power_var,
+        ..Default::default()
+    }
+}
+
+/// Everything the sampling thread needs.
+pub struct Sampler {
+    /// The meters.
+    pub meters: Vec<MeterSlot>,
+    /// Sample period.
+    pub interval: Duration,
+    /// Holds readings until the clock is right.
+    pub gate: ClockGate,
+    /// Tells whether the clock is right.
+    pub probe: Box<dyn SyncProbe>,
+    /// This process's epoch.
+    pub epoch: u64,
+    /// Next seq.
+    pub next_seq: u64,
+    /// Where readings go.
+    pub outbox: Arc<Mutex<Outbox>>,
+    /// Stop signal.
+    pub shutdown: Shutdown,
+    /// Milliseconds since `origin` of the last completed tick (watchdog).
+    pub heartbeat: Arc<AtomicU64>,
+    /// Reference instant for `heartbeat`.
+    pub origin: Instant,
+    /// Readings currently held for clock sync (status line).
+    pub held: Arc<AtomicU64>,
+}
+
+impl Sampler {
+    /// Runs until shutdown.
+    pub fn run(mut self) {
+        let start = Instant::now();
+        let mut tick: u64 = 0;
+        let mut last_hold_log: Option<Instant> = None;
+        loop {
+            let offset = self.interval.as_nanos().saturating_mul(u128::from(tick));
+            let due = start + Duration::from_nanos(u64::try_from(offset).unwrap_or(u64::MAX));
+            if self.shutdown.wait_until(due) {
+                break;
+            }
+            let sampled_at = Instant::now();
+            let mut ms = Vec::new();
+            for slot in &mut self.meters {
+                ms.extend(slot.read());
+            }
+            let synced = self.probe.is_synchronized();
+            let was_synced = self.gate.is_synced();
+            let stamped =
+                self.gate
+                    .offer(sampled_at, ms, synced, (Instant::now(), SystemTime::now()));
+            if !self.gate.is_synced() {
+                let now = Instant::now();
+                if last_hold_log.map_or(true, |t| now.duration_since(t) >= Duration::from_secs(60))
+                {
+                    log::warn!(
+                        "system clock not synchronized yet: holding {} readings until it is (set trust_clock = true on a system with an RTC)",
+                        self.gate.held()
+                    );
+                    last_hold_log = Some(now);
+                }
+            } else if !was_synced && stamped.len() > 1 {
+                log::info!(
+                    "system clock synchronized: releasing {} held readings",
+                    stamped.len()
+                );
+            }
+            self.append(stamped);
+            self.held.store(self.gate.held() as u64, Ordering::Relaxed);
+            self.heartbeat
+                .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+            // Next tick strictly in the future; skip (not bunch) missed ones.
+            let elapsed = start.elapsed().as_nanos();
+            let next = (elapsed / self.interval.as_nanos().max(1)) as u64 + 1;
+            if next > tick + 1 {
+                log::warn!("sampling overran: skipped {} ticks", next - tick - 1);
+            }
+            tick = next;
+        }
+        log::debug!("sampler stopped");
+    }
+
+    fn append(&mut self, stamped: Vec<Stamped>) {
+        if stamped.is_empty() {
+            return;
+        }
+        let mut ob = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        for s in stamped {
+            let seq = self.next_seq;
+            let r = to_reading(self.epoch, seq, s.ts_ms, s.measurement);
+            match ob.append(&r) {
+                Ok(_) => {
+                    self.next_seq += 1;
+                    log::trace!("sampled epoch {} seq {seq}", self.epoch);
+                }
+                Err(e) => log::error!("spool: cannot append a reading: {e}"),
+            }
+        }
+    }
+}
