@@ -20,8 +20,8 @@
 //! - [`notify`]: systemd READY/WATCHDOG/STATUS.
 //! - [`shutdown`]: the stop signal shared by the threads.
 //! - [`check`]: `ems-edge check` (config, resolve, one authenticated handshake).
-//! - [`meters`]: the `Meter` trait and one module per kind; [`tools`]:
-//!   `probe` and `scan`.
+//! - [`meters`]: the `Meter` trait and one module per kind; [`hw`]: the
+//!   Raspberry Pi buses; [`tools`]: `probe` and `scan`.
 //!
 //! [`run`] wires them: the sampler thread appends to the outbox, the link
 //! thread sends from it, and the calling thread writes and fsyncs the spool
@@ -212,6 +212,7 @@ pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(),
         .spawn(move || sampler.run())
         .map_err(EdgeError::Thread)?;
 
+    let link_stop = Shutdown::new();
     let link = Link {
         target: Target {
             hub: config.hub.clone(),
@@ -221,7 +222,7 @@ pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(),
         },
         cfg: config.link.clone(),
         outbox: outbox.clone(),
-        shutdown: shutdown.clone(),
+        shutdown: link_stop.clone(),
         state: link_state.clone(),
         heartbeat: link_beat.clone(),
         origin,
@@ -285,6 +286,7 @@ pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(),
         "sampler",
     );
     flush_outbox(&outbox);
+    link_stop.trigger();
     join_until(
         link,
         stop_started + SHUTDOWN_BUDGET - Duration::from_millis(500),

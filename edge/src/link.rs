@@ -289,7 +289,8 @@ pub struct Link {
     pub cfg: LinkConfig,
     /// Shared outbox.
     pub outbox: Arc<Mutex<Outbox>>,
-    /// Stop signal.
+    /// Stop signal: triggered after the sampler has stopped, so the last
+    /// readings go out before the close.
     pub shutdown: Shutdown,
     /// Current state, for the status line.
     pub state: Arc<Mutex<LinkState>>,
@@ -410,6 +411,8 @@ impl Link {
         loop {
             self.beat();
             if self.shutdown.is_triggered() {
+                // The sampler has stopped: send what the window allows, then close.
+                self.send_remaining(ws);
                 self.close_gracefully(ws);
                 return SessionEnd::Shutdown;
             }
@@ -508,6 +511,21 @@ impl Link {
             }
             Err(e) => log::warn!("unexpected frame from the hub ignored: {e}"),
         }
+    }
+
+    fn send_remaining(&self, ws: &mut Socket) {
+        loop {
+            let batch = self.outbox().next_batch(SEND_BATCH);
+            if batch.is_empty() {
+                break;
+            }
+            for o in &batch {
+                if ws.write(Message::text(o.json.to_string())).is_err() {
+                    return;
+                }
+            }
+        }
+        let _ = ws.flush();
     }
 
     fn close_gracefully(&self, ws: &mut Socket) {

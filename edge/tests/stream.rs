@@ -1,0 +1,628 @@
+//! End-to-end tests of the edge stream client against the real hub crate,
+//! started in-process on a loopback port, with the real `ems-edge` binary as
+//! a child process (so SIGTERM and SIGKILL are real).
+//!
+//! Deadlines are generous and everything is polled: these tests must pass
+//! on a loaded 2-core machine. Every test checks at the end that the device
+//! token never appears in the edge's stderr (captured at trace level).
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::Write as _;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Bound for anything that should happen "soon".
+const SOON: Duration = Duration::from_secs(30);
+
+fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A hub running on its own tokio runtime in a background thread.
+struct Hub {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Hub {
+    fn start(db_url: &str, port: u16, tweak: impl FnOnce(&mut ems_hub::Config)) -> Hub {
+        let mut config = ems_hub::Config::new(db_url.to_string());
+        // Work around the hub writer building a tokio timer outside its
+        // runtime when it lingers for a batch (hub/src/writer.rs): no linger.
+        config.batch_linger = Duration::ZERO;
+        tweak(&mut config);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                // The port was just used by a previous hub: retry briefly.
+                let deadline = Instant::now() + SOON;
+                let listener = loop {
+                    match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+                        Ok(l) => break l,
+                        Err(e) if Instant::now() < deadline => {
+                            let _ = e;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(e) => panic!("bind 127.0.0.1:{port}: {e}"),
+                    }
+                };
+                ready_tx.send(()).unwrap();
+                ems_hub::run(listener, config, async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        ready_rx.recv_timeout(SOON).expect("hub did not start");
+        Hub {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().expect("hub thread panicked");
+        }
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// One test's world: a temp dir with the hub database, a provisioned
+/// device, a port, and the edge config.
+struct World {
+    dir: tempfile::TempDir,
+    db_url: String,
+    port: u16,
+    token: String,
+}
+
+const DEVICE: &str = "dev-1";
+
+impl World {
+    fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let db_url = format!("sqlite:{}", dir.path().join("hub.db").display());
+        let token = ems_hub::admin::Admin::open(&db_url)
+            .unwrap()
+            .add_device(DEVICE)
+            .unwrap();
+        World {
+            dir,
+            db_url,
+            port: free_port(),
+            token,
+        }
+    }
+
+    fn hub(&self) -> Hub {
+        Hub::start(&self.db_url, self.port, |_| {})
+    }
+
+    fn spool_dir(&self) -> PathBuf {
+        self.dir.path().join("spool")
+    }
+
+    /// Writes an edge config; `extra` is appended to the top level,
+    /// `link` to the `[link]` table.
+    fn config(&self, name: &str, extra: &str, link: &str) -> PathBuf {
+        let text = format!(
+            r#"device_id = "{DEVICE}"
+hub_url = "ws://127.0.0.1:{port}"
+allow_insecure = true
+trust_clock = true
+sample_interval_ms = 50
+spool_dir = "{spool}"
+spool_sync_interval_ms = 100
+{extra}
+
+[link]
+backoff_base_ms = 50
+backoff_cap_ms = 500
+stable_after_ms = 1000
+connect_timeout_ms = 3000
+poll_ms = 20
+{link}
+
+[[meter]]
+id = "main"
+kind = "simulated"
+seed = 1
+"#,
+            port = self.port,
+            spool = self.spool_dir().display(),
+        );
+        let path = self.dir.path().join(name);
+        fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn edge(&self, config: &Path) -> Edge {
+        Edge::spawn(config, &self.token, self.dir.path())
+    }
+
+    /// (epoch, seq) of every stored reading of the device.
+    fn stored(&self) -> Vec<(u64, u64)> {
+        let path = self.db_url.trim_start_matches("sqlite:");
+        let Ok(conn) =
+            rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        else {
+            return vec![];
+        };
+        let _ = conn.busy_timeout(Duration::from_secs(5));
+        let Ok(mut stmt) = conn
+            .prepare("SELECT epoch, seq FROM readings WHERE device_id = ?1 ORDER BY epoch, seq")
+        else {
+            return vec![];
+        };
+        let rows = stmt
+            .query_map([DEVICE], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })
+            .unwrap();
+        rows.map(|r| r.unwrap()).collect()
+    }
+
+    fn seqs_of(&self, epoch: u64) -> Vec<u64> {
+        self.stored()
+            .into_iter()
+            .filter(|(e, _)| *e == epoch)
+            .map(|(_, s)| s)
+            .collect()
+    }
+
+    fn count(&self) -> usize {
+        self.stored().len()
+    }
+}
+
+/// Asserts `seqs` (sorted) is exactly 0..=max.
+fn assert_contiguous(seqs: &[u64], what: &str) {
+    let max = *seqs.last().expect("no readings");
+    assert_eq!(
+        seqs.len() as u64,
+        max + 1,
+        "{what}: gaps or duplicates in 0..={max}"
+    );
+    let set: BTreeSet<_> = seqs.iter().collect();
+    assert_eq!(set.len(), seqs.len(), "{what}: duplicates");
+}
+
+/// The `ems-edge` binary as a child process, stderr captured to a file.
+struct Edge {
+    child: Child,
+    log: PathBuf,
+    token: String,
+}
+
+static LOG_COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl Edge {
+    fn spawn(config: &Path, token: &str, dir: &Path) -> Edge {
+        let n = LOG_COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let log = dir.join(format!("edge-{n}.log"));
+        let stderr = fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ems-edge"))
+            .args(["--log-level", "trace", "run", "--config"])
+            .arg(config)
+            .env("EMS_DEVICE_TOKEN", token)
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        Edge {
+            child,
+            log,
+            token: token.to_string(),
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn count_in_log(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    /// The epoch this process logged at start.
+    fn epoch(&self) -> u64 {
+        let mut epoch = None;
+        wait_for("the epoch log line", SOON, || {
+            epoch = self.log().split(" epoch ").nth(1).and_then(|rest| {
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            });
+            epoch.is_some()
+        });
+        epoch.unwrap()
+    }
+
+    /// The highest seq the sampler logged so far.
+    fn last_sampled(&self) -> Option<u64> {
+        self.log()
+            .lines()
+            .filter_map(|l| l.split(" seq ").nth(1)?.trim().parse::<u64>().ok())
+            .max()
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// SIGTERM and wait; returns the status and how long the exit took.
+    fn terminate(&mut self) -> (ExitStatus, Duration) {
+        let t = Instant::now();
+        self.signal(libc::SIGTERM);
+        let deadline = t + SOON;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, t.elapsed());
+            }
+            assert!(Instant::now() < deadline, "edge ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn sigkill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// The token must never appear in the logs.
+    fn assert_token_not_logged(&self) {
+        let log = self.log();
+        assert!(!log.is_empty(), "no log captured");
+        assert!(
+            !log.contains(&self.token),
+            "the device token appears in the edge's stderr"
+        );
+        // Not even a recognisable part of it.
+        let tail = &self.token[self.token.len() - 16..];
+        assert!(!log.contains(tail), "part of the token appears in stderr");
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn streams_readings_and_stops_cleanly_on_sigterm() {
+    let w = World::new();
+    let _hub = w.hub();
+    let mut edge = w.edge(&w.config("edge.toml", "", ""));
+    let epoch = edge.epoch();
+    wait_for("40 stored readings", SOON, || w.count() >= 40);
+    assert!(edge.log().contains("CONNECTED to ws://127.0.0.1:"));
+    let (status, took) = edge.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(took < Duration::from_secs(5), "SIGTERM exit took {took:?}");
+    let log = edge.log();
+    assert!(log.contains("link closed (1001 going away)"), "{log}");
+    // Everything sampled before SIGTERM reaches the store (acks in flight
+    // at the close are resent later, so check the store, not the spool).
+    let last = edge.last_sampled().unwrap();
+    wait_for("all readings stored", SOON, || {
+        w.seqs_of(epoch).last().is_some_and(|m| *m >= last)
+    });
+    assert_contiguous(&w.seqs_of(epoch), "epoch");
+    edge.assert_token_not_logged();
+}
+
+#[test]
+fn stored_values_are_a_plausible_household_supply() {
+    let w = World::new();
+    let _hub = w.hub();
+    let mut edge = w.edge(&w.config("edge.toml", "", ""));
+    wait_for("readings", SOON, || w.count() >= 10);
+    let path = w.db_url.trim_start_matches("sqlite:").to_string();
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let (ts, v, hz, e, pf): (i64, f64, f64, f64, f64) = conn
+        .query_row(
+            "SELECT ts, voltage_v, frequency_hz, energy_wh, power_factor FROM readings ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert!((now_ms - ts).abs() < 120_000, "ts {ts} vs now {now_ms}");
+    assert!(
+        (200.0..260.0).contains(&v) && (49.0..51.0).contains(&hz),
+        "{v} {hz}"
+    );
+    assert!(e > 0.0 && (0.0..=1.0).contains(&pf));
+    edge.terminate();
+    edge.assert_token_not_logged();
+}
+
+#[test]
+fn hub_restart_readings_are_resent_and_stored_once() {
+    let w = World::new();
+    let mut hub = w.hub();
+    let mut edge = w.edge(&w.config("edge.toml", "", ""));
+    let epoch = edge.epoch();
+    wait_for("first readings", SOON, || w.count() >= 20);
+    hub.stop();
+    let before_outage = w.count();
+    // Readings pile up in the outbox while the hub is down.
+    let sampled_at_stop = edge.last_sampled().unwrap();
+    wait_for("readings sampled during the outage", SOON, || {
+        edge.last_sampled().unwrap() >= sampled_at_stop + 30
+    });
+    let during = edge.last_sampled().unwrap();
+    assert_eq!(w.count(), before_outage, "hub is down: nothing stored");
+    assert!(edge.alive());
+    let _hub = w.hub();
+    wait_for("the outage backlog stored", SOON, || {
+        w.seqs_of(epoch).last().is_some_and(|m| *m >= during + 10)
+    });
+    assert_contiguous(&w.seqs_of(epoch), "after hub restart");
+    assert!(edge.count_in_log("CONNECTED to") >= 2);
+    edge.terminate();
+    edge.assert_token_not_logged();
+}
+
+#[test]
+fn sigkill_during_outage_then_restart_loses_nothing() {
+    let w = World::new();
+    let config = w.config("edge.toml", "", "");
+    // Hub down: the first edge only spools.
+    let mut first = w.edge(&config);
+    let epoch1 = first.epoch();
+    wait_for("60 readings sampled", SOON, || {
+        first.last_sampled().is_some_and(|s| s >= 60)
+    });
+    first.sigkill();
+    let killed_at = first.last_sampled().unwrap();
+    // The second edge starts while the hub is still down, then the hub comes.
+    let mut second = w.edge(&config);
+    let epoch2 = second.epoch();
+    assert_ne!(epoch1, epoch2);
+    wait_for("second edge sampling", SOON, || {
+        second.last_sampled().is_some_and(|s| s >= 20)
+    });
+    let _hub = w.hub();
+    wait_for("both epochs stored", SOON, || {
+        let s1 = w.seqs_of(epoch1);
+        let s2 = w.seqs_of(epoch2);
+        // The documented loss bound on a crash: the readings of the last
+        // sync interval (100 ms here = 2 samples) plus the one in progress.
+        s1.last().is_some_and(|m| *m + 3 >= killed_at) && s2.len() > 40
+    });
+    let s1 = w.seqs_of(epoch1);
+    assert_contiguous(&s1, "epoch before SIGKILL");
+    let s2 = w.seqs_of(epoch2);
+    assert_contiguous(&s2, "epoch after restart");
+    eprintln!(
+        "killed after seq {killed_at}; stored 0..={} of that epoch",
+        s1.last().unwrap()
+    );
+    let (status, _) = second.terminate();
+    assert!(status.success());
+    first.assert_token_not_logged();
+    second.assert_token_not_logged();
+}
+
+#[test]
+fn sigterm_persists_the_outbox_while_the_hub_is_down() {
+    let w = World::new();
+    let config = w.config("edge.toml", "", "");
+    let mut edge = w.edge(&config);
+    let epoch = edge.epoch();
+    wait_for("readings sampled", SOON, || {
+        edge.last_sampled().is_some_and(|s| s >= 20)
+    });
+    let (status, took) = edge.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let last = edge.last_sampled().unwrap();
+    // Every sampled reading is in the spool: bring the hub up with a new
+    // edge process and find them all stored.
+    let _hub = w.hub();
+    let mut again = w.edge(&config);
+    wait_for("the persisted outbox stored", SOON, || {
+        w.seqs_of(epoch).len() as u64 == last + 1
+    });
+    assert_contiguous(&w.seqs_of(epoch), "persisted epoch");
+    again.terminate();
+    edge.assert_token_not_logged();
+    again.assert_token_not_logged();
+}
+
+#[test]
+fn forbidden_token_keeps_retrying_without_crashing() {
+    let w = World::new();
+    let _hub = w.hub();
+    let config = w.config("edge.toml", "", "");
+    let wrong = format!("{}x", &w.token[..w.token.len() - 1]);
+    let mut edge = Edge::spawn(&config, &wrong, w.dir.path());
+    wait_for("three refused attempts", SOON, || {
+        edge.count_in_log("hub refused the device token (403)") >= 3
+    });
+    assert!(edge.alive(), "the edge must keep retrying");
+    assert_eq!(w.count(), 0);
+    let (status, _) = edge.terminate();
+    assert!(status.success());
+    edge.assert_token_not_logged();
+}
+
+#[test]
+fn takeover_close_4000_is_reported_and_retried() {
+    let w = World::new();
+    let _hub = w.hub();
+    // Slow backoff at the cap so the test client keeps the slot a moment.
+    let mut edge = w.edge(&w.config("edge.toml", "", ""));
+    wait_for("edge connected", SOON, || w.count() >= 5);
+    // A "cloned SD card": same device id and token.
+    let mut req = tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "ws://127.0.0.1:{}/ws/device/{DEVICE}",
+        w.port
+    ))
+    .unwrap();
+    req.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {}", w.token).parse().unwrap(),
+    );
+    let tcp = TcpStream::connect(("127.0.0.1", w.port)).unwrap();
+    let (mut clone, _) = tungstenite::client(req, tcp).unwrap();
+    wait_for("the 4000 log line", SOON, || {
+        edge.log()
+            .contains("replaced by another connection with the same device id (cloned SD card?)")
+    });
+    assert!(edge.alive());
+    // The edge comes back (and in turn replaces the clone).
+    let n = w.count();
+    wait_for("streaming again", SOON, || w.count() > n + 10);
+    let _ = clone.close(None);
+    edge.terminate();
+    edge.assert_token_not_logged();
+}
+
+#[test]
+fn answers_hub_pings_while_idle() {
+    let w = World::new();
+    let _hub = Hub::start(&w.db_url, w.port, |c| {
+        c.ping_interval = Duration::from_millis(100);
+        c.max_missed_pongs = 2;
+    });
+    // One reading at start, then nothing for an hour; the edge itself
+    // does not ping, so only its pongs keep the link alive.
+    let config = w.config(
+        "edge.toml",
+        "",
+        "ping_after_ms = 600000\ndead_after_ms = 700000",
+    );
+    let text = fs::read_to_string(&config)
+        .unwrap()
+        .replace("sample_interval_ms = 50", "sample_interval_ms = 3600000");
+    fs::write(&config, text).unwrap();
+    let mut edge = w.edge(&config);
+    wait_for("the first reading", SOON, || w.count() == 1);
+    // 3 s idle = 30 hub pings; 2 missed would kill the link.
+    std::thread::sleep(Duration::from_secs(3));
+    let log = edge.log();
+    assert_eq!(edge.count_in_log("CONNECTED to"), 1, "{log}");
+    assert!(!log.contains("link lost"), "{log}");
+    edge.terminate();
+    edge.assert_token_not_logged();
+}
+
+#[test]
+fn check_reports_the_handshake_outcome() {
+    let w = World::new();
+    let _hub = w.hub();
+    let config = w.config("edge.toml", "", "");
+    let check = |token: &str| {
+        Command::new(env!("CARGO_BIN_EXE_ems-edge"))
+            .args(["check", "--config"])
+            .arg(&config)
+            .env("EMS_DEVICE_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    let ok = check(&w.token);
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{out}");
+    assert!(out.contains("accepted (101)"), "{out}");
+    assert!(!out.contains(&w.token));
+    let bad = check("emsd_wrong");
+    let out = String::from_utf8_lossy(&bad.stdout);
+    assert!(!bad.status.success());
+    assert!(out.contains("403"), "{out}");
+}
+
+#[test]
+fn startup_errors_are_one_line_and_non_zero() {
+    let w = World::new();
+    let run = |config: &Path, token: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ems-edge"));
+        cmd.args(["run", "--config"]).arg(config);
+        cmd.env_remove("EMS_DEVICE_TOKEN")
+            .env_remove("CREDENTIALS_DIRECTORY");
+        if let Some(t) = token {
+            cmd.env("EMS_DEVICE_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    // Unknown key: named, with its line.
+    let config = w.config("typo.toml", "sample_intervall_ms = 5", "");
+    let out = run(&config, Some(&w.token));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("sample_intervall_ms") && err.contains("line 8"),
+        "{err}"
+    );
+    // Missing token.
+    let config = w.config("edge.toml", "", "");
+    let out = run(&config, None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("EMS_DEVICE_TOKEN"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // Token from the credentials directory works (systemd LoadCredential).
+    let creds = w.dir.path().join("creds");
+    fs::create_dir_all(&creds).unwrap();
+    let mut f = fs::File::create(creds.join("ems-device-token")).unwrap();
+    writeln!(f, "{}", w.token).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ems-edge"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .env_remove("EMS_DEVICE_TOKEN")
+        .env("CREDENTIALS_DIRECTORY", &creds)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("device token present"), "{text}");
+}
