@@ -120,7 +120,7 @@ pub struct Calibration {
 pub fn pga_bits(vshunt_max_v: f64) -> Option<u16> {
     [(0.04, 0b00), (0.08, 0b01), (0.16, 0b10), (0.32, 0b11)]
         .into_iter()
-        .find(|(range, _)| vshunt_max_v <= *range)
+        .find(|(range, _)| vshunt_max_v <= *range * (1.0 + 1e-9))
         .map(|(_, bits)| bits)
 }
 

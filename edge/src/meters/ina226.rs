@@ -113,7 +113,7 @@ pub struct Calibration {
 /// Computes the calibration from the shunt and maximum current.
 pub fn calibration(shunt_ohms: f64, max_current_a: f64) -> Result<Calibration, String> {
     let vmax = shunt_ohms * max_current_a;
-    if vmax > 0.08192 {
+    if vmax > 0.08192 * (1.0 + 1e-9) {
         return Err(format!(
             "shunt_ohms × max_current_a = {:.1} mV exceeds the INA226's 81.92 mV range",
             vmax * 1000.0
