@@ -79,12 +79,12 @@ pub enum EdgeError {
     #[error(transparent)]
     Tls(#[from] link::TlsError),
     /// The spool directory is unusable.
-    #[error("spool {dir}: {source} (check spool_dir and its permissions)")]
+    #[error("spool {dir}: {error} (check spool_dir and its permissions)")]
     Spool {
         /// The directory.
         dir: PathBuf,
         /// The error.
-        source: io::Error,
+        error: io::Error,
     },
     /// A thread could not be started.
     #[error("cannot start thread: {0}")]
@@ -92,9 +92,9 @@ pub enum EdgeError {
 }
 
 fn spool_err(dir: &Path) -> impl FnOnce(io::Error) -> EdgeError + '_ {
-    move |source| EdgeError::Spool {
+    move |error| EdgeError::Spool {
         dir: dir.to_path_buf(),
-        source,
+        error,
     }
 }
 

@@ -73,20 +73,20 @@ pub enum TlsError {
 #[derive(Debug, Error)]
 pub enum ConnectError {
     /// DNS resolution failed.
-    #[error("cannot resolve {host}: {source}")]
+    #[error("cannot resolve {host}: {error}")]
     Resolve {
         /// Host name.
         host: String,
         /// Error.
-        source: io::Error,
+        error: io::Error,
     },
     /// TCP connect failed on every address.
-    #[error("cannot connect to {addr}: {source}")]
+    #[error("cannot connect to {addr}: {error}")]
     Connect {
         /// Last address tried.
         addr: String,
         /// Error.
-        source: io::Error,
+        error: io::Error,
     },
     /// The hub answered 401 or 403: the token is missing, wrong or revoked.
     #[error("hub refused the device token ({0}); check EMS_DEVICE_TOKEN and that the device is provisioned on the hub")]
@@ -155,15 +155,15 @@ pub struct Target {
 pub fn resolve(hub: &HubEndpoint) -> Result<Vec<SocketAddr>, ConnectError> {
     let addrs: Vec<SocketAddr> = (hub.host.as_str(), hub.port)
         .to_socket_addrs()
-        .map_err(|source| ConnectError::Resolve {
+        .map_err(|error| ConnectError::Resolve {
             host: hub.host.clone(),
-            source,
+            error,
         })?
         .collect();
     if addrs.is_empty() {
         return Err(ConnectError::Resolve {
             host: hub.host.clone(),
-            source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
+            error: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
         });
     }
     Ok(addrs)
@@ -186,22 +186,22 @@ pub fn connect(target: &Target) -> Result<(Socket, TcpStream), ConnectError> {
     }
     let tcp = match (tcp, last) {
         (Some(t), _) => t,
-        (None, Some((addr, source))) => {
+        (None, Some((addr, error))) => {
             return Err(ConnectError::Connect {
                 addr: addr.to_string(),
-                source,
+                error,
             })
         }
         (None, None) => {
             return Err(ConnectError::Connect {
                 addr: target.hub.host.clone(),
-                source: io::Error::new(io::ErrorKind::NotFound, "no address"),
+                error: io::Error::new(io::ErrorKind::NotFound, "no address"),
             })
         }
     };
-    let io_err = |source: io::Error| ConnectError::Connect {
+    let io_err = |error: io::Error| ConnectError::Connect {
         addr: target.hub.host.clone(),
-        source,
+        error,
     };
     tcp.set_nodelay(true).map_err(io_err)?;
     tcp.set_read_timeout(Some(target.connect_timeout))

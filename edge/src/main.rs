@@ -17,6 +17,9 @@ struct Cli {
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, global = true, env = "EMS_LOG_LEVEL", default_value = "info")]
     log_level: LevelFilter,
+    /// Config file [default: /etc/ems-edge/edge.toml].
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -24,22 +27,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Stream readings to the hub (the default).
-    Run {
-        /// Config file.
-        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-    },
+    Run,
     /// Validate the config, resolve the hub and try the authenticated handshake once.
-    Check {
-        /// Config file.
-        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-    },
+    Check,
     /// Read each configured meter N times and print a table.
     Probe {
-        /// Config file.
-        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
         /// Reads per meter.
         #[arg(long, default_value_t = 3)]
         count: u32,
@@ -87,11 +79,11 @@ fn init_logging(level: LevelFilter) {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let command = cli.command.unwrap_or(Command::Run {
-        config: PathBuf::from(DEFAULT_CONFIG_PATH),
-    });
-    match command {
-        Command::Run { config } => {
+    let config = cli
+        .config
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
             let config = Config::load(&config)?;
             let token = DeviceToken::from_env()?;
             let shutdown = Shutdown::new();
@@ -99,7 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ems_edge::run(config, token, shutdown)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { config } => {
+        Command::Check => {
             let ok = ems_edge::check::check(&config, &mut std::io::stdout().lock())
                 .context("writing the report")?;
             Ok(if ok {
@@ -108,7 +100,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Probe { config, count } => ems_edge::tools::probe(&config, count),
+        Command::Probe { count } => ems_edge::tools::probe(&config, count),
         Command::Scan {
             bus: ScanBus::I2c { bus },
         } => ems_edge::tools::scan_i2c(bus),

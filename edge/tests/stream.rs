@@ -626,3 +626,195 @@ fn startup_errors_are_one_line_and_non_zero() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("device token present"), "{text}");
 }
+
+/// A TLS terminator in front of the hub: rustls server with the fixture
+/// certificate (`localhost`, signed by `fixtures/ca.pem`), bytes pumped
+/// to the hub's plain port. Serves connections until the test ends.
+fn tls_proxy(backend_port: u16) -> u16 {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::io::{ErrorKind, Read, Write};
+
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(fixtures.join("hub.pem"))
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect();
+    let key = PrivateKeyDer::from_pem_file(fixtures.join("hub.key")).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap(),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(front) = conn else { continue };
+            let config = config.clone();
+            std::thread::spawn(move || {
+                let Ok(back) = TcpStream::connect(("127.0.0.1", backend_port)) else {
+                    return;
+                };
+                let t = Some(Duration::from_millis(5));
+                front.set_read_timeout(t).unwrap();
+                back.set_read_timeout(t).unwrap();
+                let mut back = back;
+                let Ok(conn) = rustls::ServerConnection::new(config) else {
+                    return;
+                };
+                let mut tls = rustls::StreamOwned::new(conn, front);
+                let mut buf = [0u8; 16 * 1024];
+                loop {
+                    match tls.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => {
+                            if back.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e)
+                            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                        Err(_) => return,
+                    }
+                    match back.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => {
+                            if tls.write_all(&buf[..n]).and_then(|()| tls.flush()).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e)
+                            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn streams_over_tls_with_a_private_ca() {
+    let w = World::new();
+    let _hub = w.hub();
+    let proxy = tls_proxy(w.port);
+    let ca = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ca.pem");
+    let config = w.config("edge.toml", "", "");
+    let text = fs::read_to_string(&config).unwrap().replace(
+        &format!(
+            "hub_url = \"ws://127.0.0.1:{}\"\nallow_insecure = true",
+            w.port
+        ),
+        &format!(
+            "hub_url = \"wss://localhost:{proxy}\"\nca_file = \"{}\"",
+            ca.display()
+        ),
+    );
+    fs::write(&config, text).unwrap();
+    let mut edge = w.edge(&config);
+    wait_for("readings over wss", SOON, || w.count() >= 10);
+    let log = edge.log();
+    assert!(
+        log.contains(&format!(
+            "CONNECTED to wss://localhost:{proxy}/ws/device/{DEVICE}"
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("unencrypted"));
+    let (status, _) = edge.terminate();
+    assert!(status.success());
+    edge.assert_token_not_logged();
+
+    // Without the private CA the hub's certificate is refused, and the
+    // edge keeps retrying.
+    let text = fs::read_to_string(&config).unwrap();
+    let no_ca: String = text
+        .lines()
+        .filter(|l| !l.starts_with("ca_file"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    fs::write(&config, no_ca).unwrap();
+    let mut edge = w.edge(&config);
+    wait_for("certificate refusals", SOON, || {
+        edge.count_in_log("handshake failed") >= 2
+    });
+    assert!(edge.log().contains("UnknownIssuer"), "{}", edge.log());
+    assert!(edge.alive());
+    edge.terminate();
+    edge.assert_token_not_logged();
+}
+
+#[test]
+fn live_readings_flow_while_a_large_backlog_drains() {
+    use ems_edge::outbox::{sync_files, Outbox};
+    const BACKLOG: u64 = 20_000;
+    const OLD_EPOCH: u64 = 42;
+    let w = World::new();
+    // A backlog left by an earlier process (hub down for ~5.5 h at 1 Hz).
+    let mut ob = Outbox::open(&w.spool_dir(), 256 << 20, 512).unwrap();
+    for seq in 0..BACKLOG {
+        let r = ems_shared::Reading {
+            epoch: OLD_EPOCH,
+            seq,
+            ts_ms: 1_764_000_000_000 + seq as i64 * 1000,
+            meter: "main".into(),
+            power_w: Some(500.0 + (seq % 100) as f64),
+            energy_wh: Some(1000.0 + seq as f64),
+            ..Default::default()
+        };
+        ob.append(&r).unwrap();
+    }
+    sync_files(ob.flush().unwrap()).unwrap();
+    drop(ob);
+
+    let _hub = w.hub();
+    let started = Instant::now();
+    let mut edge = w.edge(&w.config("edge.toml", "", ""));
+    let epoch = edge.epoch();
+    let mut live_during_drain = false;
+    let mut drained_after = None;
+    wait_for("the backlog stored", Duration::from_secs(120), || {
+        let stored = w.stored();
+        let old = stored.iter().filter(|(e, _)| *e == OLD_EPOCH).count() as u64;
+        let live = stored.iter().filter(|(e, _)| *e == epoch).count();
+        if live > 0 && old < BACKLOG {
+            live_during_drain = true;
+        }
+        if old == BACKLOG && drained_after.is_none() {
+            drained_after = Some(started.elapsed());
+        }
+        old == BACKLOG
+    });
+    let took = drained_after.unwrap();
+    eprintln!(
+        "backlog of {BACKLOG} drained in {:.2} s ({:.0} readings/s, debug build, incl. process start)",
+        took.as_secs_f64(),
+        BACKLOG as f64 / took.as_secs_f64()
+    );
+    assert!(
+        live_during_drain,
+        "live readings waited for the whole backlog"
+    );
+    assert_contiguous(&w.seqs_of(OLD_EPOCH), "backlog");
+    // Fully acked: the spool shrinks to its open tail segment.
+    let spool_bytes = || -> u64 {
+        fs::read_dir(w.spool_dir())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+            .map(|e| e.metadata().unwrap().len())
+            .sum()
+    };
+    wait_for("acked segments deleted", SOON, || {
+        spool_bytes() < 1024 * 1024
+    });
+    edge.terminate();
+    edge.assert_token_not_logged();
+}
