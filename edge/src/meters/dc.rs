@@ -261,32 +261,6 @@ impl<S: DcSensor> Drop for DcMeter<S> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn trapezoid() {
-        // 1000 W → 2000 W over 36 s: 1500 W · 0.01 h = 15 Wh.
-        assert!((trapezoid_wh(1000.0, 2000.0, Duration::from_secs(36)) - 15.0).abs() < 1e-9);
-    }
-
-    #[test]
-    fn integrator_monotonic_and_gap() {
-        let t0 = Instant::now();
-        let mut e = EnergyIntegrator::new(10.0, MAX_GAP);
-        assert_eq!(e.add(t0, 3600.0), 10.0);
-        let v = e.add(t0 + Duration::from_secs(1), 3600.0);
-        assert!((v - 11.0).abs() < 1e-9);
-        // Negative power adds nothing and never decreases the total.
-        let v2 = e.add(t0 + Duration::from_secs(2), -3600.0);
-        assert!(v2 >= v);
-        // A gap longer than MAX_GAP is not bridged.
-        let v3 = e.add(t0 + Duration::from_secs(1000), 3600.0);
-        assert_eq!(v3, v2);
-    }
-}
-
 /// Chooses the current LSB and calibration value for a TI current monitor.
 ///
 /// The datasheets (INA219 §8.5.1, INA226 §7.5) bound the current LSB between
@@ -330,4 +304,30 @@ pub fn current_lsb_and_cal(
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trapezoid() {
+        // 1000 W → 2000 W over 36 s: 1500 W · 0.01 h = 15 Wh.
+        assert!((trapezoid_wh(1000.0, 2000.0, Duration::from_secs(36)) - 15.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn integrator_monotonic_and_gap() {
+        let t0 = Instant::now();
+        let mut e = EnergyIntegrator::new(10.0, MAX_GAP);
+        assert_eq!(e.add(t0, 3600.0), 10.0);
+        let v = e.add(t0 + Duration::from_secs(1), 3600.0);
+        assert!((v - 11.0).abs() < 1e-9);
+        // Negative power adds nothing and never decreases the total.
+        let v2 = e.add(t0 + Duration::from_secs(2), -3600.0);
+        assert!(v2 >= v);
+        // A gap longer than MAX_GAP is not bridged.
+        let v3 = e.add(t0 + Duration::from_secs(1000), 3600.0);
+        assert_eq!(v3, v2);
+    }
 }

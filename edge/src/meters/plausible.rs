@@ -51,7 +51,7 @@ pub fn check(m: &Measurement) -> Result<(), MeterError> {
         in_range("power factor", m.power_factor, -1.01, 1.01),
         in_range("reactive power", m.reactive_power_var, -1.0e7, 1.0e7),
         match m.frequency_hz {
-            Some(f) if f == 0.0 => Ok(()),
+            Some(0.0) => Ok(()),
             f => in_range("frequency", f, 40.0, 70.0),
         },
     ];
