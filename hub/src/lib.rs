@@ -1,2 +1,122 @@
-//! ems-hub (skeleton; being written)
+//! # ems-hub
+//!
+//! The hub of the EMS: devices stream readings over authenticated
+//! WebSockets, the hub validates every frame, fans valid readings out to
+//! dashboard subscribers (hot path) and writes every reading to the store in
+//! batches (cold path), acknowledging each only once it is committed.
+//!
+//! ## Layout
+//! - [`config`]: the validated configuration of a running hub.
+//! - `server`: accept loop, HTTP routing, handshake checks, upgrade.
+//! - [`handshake`]: pure handshake rules (path, bearer token, upgrade headers).
+//! - [`registry`]: the connection manager (one device, one connection) and
+//!   the per-device live topics.
+//! - `session`: one upgraded connection (device ingest or dashboard feed),
+//!   heartbeat included.
+//! - [`writer`]: the background store writer (batches, commit, then acks).
+//! - [`store`]: the storage interface and its backends.
+//! - [`token`]: token generation, format and hashing.
+//! - [`admin`]: the admin operations behind `ems-hub device …`/`viewer …`.
+//!
+//! [`run`] is the whole server: the binary passes a listener and a shutdown
+//! future (SIGTERM/SIGINT); tests pass a listener on port 0 and their own.
+
+pub mod admin;
+pub mod config;
+pub mod handshake;
+pub mod registry;
+mod server;
+mod session;
 pub mod store;
+pub mod token;
+pub mod writer;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+pub use config::Config;
+use server::{ConnGuard, Shared};
+use store::StoreError;
+use writer::{Writer, WriterConfig};
+
+/// Why the hub could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An OS-level failure (thread spawn, …).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Completes once `flag` is `true` (or its sender is gone).
+pub(crate) async fn shutting_down(flag: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not `Send`; drop it right here.
+    let _ = flag.wait_for(|s| *s).await.map(|_| ());
+}
+
+async fn open_store(url: &str) -> Result<Box<dyn store::Store>, HubError> {
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || store::open(&url))
+        .await
+        .map_err(|e| HubError::Io(std::io::Error::other(e)))?
+        .map_err(HubError::from)
+}
+
+/// Runs the hub on `listener` until `shutdown` completes, then shuts down
+/// gracefully: stops accepting, closes sockets with 1001 (after sending the
+/// acks of what each device already sent), flushes every queued reading to
+/// the store and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), HubError> {
+    let writer_store = open_store(&config.database).await?;
+    let auth_store = open_store(&config.database).await?;
+
+    let (queue_tx, queue_rx) = mpsc::channel(config.queue_capacity.max(1));
+    let (stop_writer, writer_stop) = watch::channel(false);
+    let writer = Writer::spawn(
+        writer_store,
+        queue_rx,
+        WriterConfig {
+            batch_max_rows: config.batch_max_rows,
+            batch_linger: config.batch_linger,
+        },
+        writer_stop,
+        tokio::runtime::Handle::current(),
+    )?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown_timeout = config.shutdown_timeout;
+    let shared = Arc::new(Shared {
+        registry: registry::Registry::new(config.subscriber_buffer),
+        config,
+        auth: Arc::new(Mutex::new(auth_store)),
+        queue: queue_tx,
+        shutdown: shutdown_rx,
+    });
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    if let Ok(addr) = listener.local_addr() {
+        log::info!("ems-hub listening on {addr}");
+    }
+    server::accept_loop(listener, shared.clone(), ConnGuard::new(done_tx), shutdown).await;
+
+    log::info!("shutting down: closing connections");
+    let _ = shutdown_tx.send(true);
+    drop(shared);
+    if tokio::time::timeout(shutdown_timeout, done_rx.recv()).await.is_err() {
+        log::warn!("some connections did not close within {shutdown_timeout:?}");
+    }
+    let _ = stop_writer.send(true);
+    tokio::task::spawn_blocking(move || writer.join())
+        .await
+        .map_err(|e| HubError::Io(std::io::Error::other(e)))?;
+    log::info!("store flushed; bye");
+    Ok(())
+}

@@ -1,0 +1,55 @@
+//! Hub configuration: every knob of a running hub, already validated.
+//! `main.rs` turns CLI flags into a [`Config`]; tests build one with
+//! [`Config::new`] and shorten the intervals they care about.
+
+use std::time::Duration;
+
+/// Configuration of [`crate::run`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Database URL: `sqlite:PATH` or `postgres://…`.
+    pub database: String,
+    /// Interval between heartbeat pings on every socket.
+    pub ping_interval: Duration,
+    /// Consecutive unanswered pings after which a connection is dead.
+    pub max_missed_pongs: u32,
+    /// Largest number of readings committed in one transaction.
+    pub batch_max_rows: usize,
+    /// How long the writer waits for more readings before committing a
+    /// batch that is not full (bounds the added ack latency).
+    pub batch_linger: Duration,
+    /// Readings queued for the writer; when full, device sockets are not
+    /// read until it drains (backpressure instead of loss).
+    pub queue_capacity: usize,
+    /// Frames buffered per dashboard subscriber before it counts as slow
+    /// and is dropped.
+    pub subscriber_buffer: usize,
+    /// A send to one socket that takes longer than this drops the socket.
+    pub write_timeout: Duration,
+    /// How long a graceful shutdown may take before the hub gives up on
+    /// stragglers (sockets); the store is always flushed.
+    pub shutdown_timeout: Duration,
+    /// Limit on concurrent connections (HTTP and WebSocket).
+    pub max_connections: usize,
+    /// Timeout for a client to send its complete HTTP request head.
+    pub handshake_timeout: Duration,
+}
+
+impl Config {
+    /// Defaults for a hub on `database`.
+    pub fn new(database: impl Into<String>) -> Self {
+        Config {
+            database: database.into(),
+            ping_interval: Duration::from_secs(20),
+            max_missed_pongs: 3,
+            batch_max_rows: 2000,
+            batch_linger: Duration::from_millis(5),
+            queue_capacity: 100_000,
+            subscriber_buffer: 1024,
+            write_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(9),
+            max_connections: 50_000,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! The accept loop and the HTTP side of every connection: routing, the
+//! handshake checks (query string, path, upgrade headers, bearer token)
+//! and the hand-over of upgraded sockets to a device or dashboard session.
+//!
+//! Nothing here logs a query string, an `Authorization` value or a token:
+//! log lines name the path's device id and the peer address only.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, SEC_WEBSOCKET_ACCEPT, UPGRADE, WWW_AUTHENTICATE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::handshake::{self, Credentials, Route};
+use crate::registry::Registry;
+use crate::store::{Store, StoreError};
+use crate::token::{self, TokenKind};
+use crate::writer::Item;
+use crate::{session, Config};
+
+/// State shared by every connection.
+pub(crate) struct Shared {
+    /// The validated configuration.
+    pub config: Config,
+    /// Device connections and live topics.
+    pub registry: Registry,
+    /// Store handle for token look-ups (used from `spawn_blocking`).
+    pub auth: Arc<Mutex<Box<dyn Store>>>,
+    /// Queue to the store writer.
+    pub queue: mpsc::Sender<Item>,
+    /// Flips to `true` when the hub shuts down.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Keeps the "all connections finished" channel open while alive
+/// (mini-redis's shutdown-complete pattern).
+#[derive(Clone)]
+pub(crate) struct ConnGuard(#[allow(dead_code)] mpsc::Sender<()>);
+
+impl ConnGuard {
+    pub(crate) fn new(tx: mpsc::Sender<()>) -> Self {
+        ConnGuard(tx)
+    }
+}
+
+/// Accepts connections until `shutdown` completes.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    guard: ConnGuard,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let limit = Arc::new(Semaphore::new(shared.config.max_connections.max(1)));
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => return,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = &mut shutdown => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(10);
+                let shared = shared.clone();
+                let guard = guard.clone();
+                tokio::spawn(async move {
+                    serve_connection(stream, peer, shared, guard).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                log::warn!("accept failed: {e}; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, guard: ConnGuard) {
+    let _ = stream.set_nodelay(true);
+    let mut shutdown = shared.shutdown.clone();
+    let svc_shared = shared.clone();
+    let svc_guard = guard.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let shared = svc_shared.clone();
+        let guard = svc_guard.clone();
+        async move { Ok::<_, Infallible>(handle(req, peer, shared, guard).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.config.handshake_timeout)
+        .max_buf_size(16 * 1024)
+        .keep_alive(true);
+    let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                log::debug!("http connection from {peer} ended: {e}");
+            }
+        }
+        _ = crate::shutting_down(&mut shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+        }
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn text(status: StatusCode, body: &'static str) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+fn unauthorized() -> Resp {
+    let mut r = text(StatusCode::UNAUTHORIZED, "missing bearer token\n");
+    r.headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
+}
+
+fn forbidden() -> Resp {
+    text(StatusCode::FORBIDDEN, "forbidden\n")
+}
+
+/// WebSocket settings for every socket: messages and frames up to 16 KiB
+/// (larger ones close with 1009), small buffers.
+pub(crate) fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(ems_shared::MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(ems_shared::MAX_MESSAGE_BYTES))
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(256 * 1024)
+}
+
+async fn handle(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>, guard: ConnGuard) -> Resp {
+    if req.uri().query().is_some() {
+        log::info!("refused {} from {peer}: query string present", req.uri().path());
+        return text(
+            StatusCode::BAD_REQUEST,
+            "query strings are refused: credentials belong in the Authorization header\n",
+        );
+    }
+    let path = req.uri().path().to_owned();
+    let (device_id, is_device) = match handshake::route(&path) {
+        Route::Health => {
+            return if req.method() == Method::GET || req.method() == Method::HEAD {
+                text(StatusCode::OK, "ok\n")
+            } else {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            };
+        }
+        Route::NotFound => return text(StatusCode::NOT_FOUND, "not found\n"),
+        Route::BadDeviceId => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "device id must be 1-64 characters of [A-Za-z0-9_.-]\n",
+            )
+        }
+        Route::Device(id) => (Arc::<str>::from(id), true),
+        Route::Dashboard(id) => (Arc::<str>::from(id), false),
+    };
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
+    let Some(key) = handshake::websocket_key(req.headers()) else {
+        let mut r = text(StatusCode::UPGRADE_REQUIRED, "a WebSocket upgrade is required\n");
+        r.headers_mut().insert(UPGRADE, HeaderValue::from_static("websocket"));
+        r.headers_mut().insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        return r;
+    };
+    let accept = derive_accept_key(key);
+    let role = if is_device { "device" } else { "dashboard" };
+    let token = match handshake::bearer(req.headers()) {
+        Credentials::Missing => {
+            log::info!("refused {role} {device_id} from {peer}: no bearer token (401)");
+            return unauthorized();
+        }
+        Credentials::Malformed => {
+            log::info!("refused {role} {device_id} from {peer}: malformed Authorization (400)");
+            return text(StatusCode::BAD_REQUEST, "malformed Authorization header\n");
+        }
+        Credentials::Bearer(t) => t,
+    };
+    let wanted = if is_device { TokenKind::Device } else { TokenKind::Viewer };
+    if token::kind_of(token) != Some(wanted) {
+        log::info!("refused {role} {device_id} from {peer}: not a {role} token (403)");
+        return forbidden();
+    }
+    let hash = token::hash(token);
+    let auth = shared.auth.clone();
+    let id = device_id.clone();
+    let allowed = tokio::task::spawn_blocking(move || -> Result<bool, StoreError> {
+        let mut store = auth.lock().unwrap_or_else(|p| p.into_inner());
+        if is_device {
+            store.device_token_valid(&id, &hash)
+        } else {
+            Ok(store.viewer_scope(&hash)?.is_some_and(|s| s.allows(&id)))
+        }
+    })
+    .await;
+    match allowed {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => {
+            log::info!("refused {role} {device_id} from {peer}: token not valid for this device (403)");
+            return forbidden();
+        }
+        Ok(Err(e)) => {
+            log::error!("token look-up failed: {e}");
+            return text(StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n");
+        }
+        Err(e) => {
+            log::error!("token look-up task failed: {e}");
+            return text(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n");
+        }
+    }
+
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                log::debug!("upgrade of {role} {device_id} from {peer} failed: {e}");
+                return;
+            }
+        };
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config())).await;
+        if is_device {
+            session::device(ws, device_id, peer, shared).await;
+        } else {
+            session::dashboard(ws, device_id, peer, shared).await;
+        }
+        drop(guard);
+    });
+
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(SEC_WEBSOCKET_ACCEPT, v);
+    }
+    r
+}

@@ -1,0 +1,319 @@
+//! One upgraded connection: a device session (ingest) or a dashboard
+//! session (live feed).
+//!
+//! Device session, per frame: the gatekeeper (`ems_shared::decode_reading`);
+//! a valid reading goes to the hot path (serialized once, only if somebody
+//! watches) and to the cold path (the writer queue — awaiting a free slot is
+//! the backpressure); an invalid one is dropped with a rate-limited warning
+//! and, when it had a readable epoch/seq, a `rejected` frame. Acks come back
+//! from the writer after commit and are written here.
+//!
+//! Both sessions run the heartbeat: a ping every `ping_interval`; after
+//! `max_missed_pongs` unanswered pings the peer is dead and dropped.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::{interval_at, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::error::CapacityError;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+
+use ems_shared::{dashboard_frame, decode_reading, FrameError, HubFrame, RejectReason};
+
+use crate::registry::Kick;
+use crate::server::Shared;
+use crate::store::Row;
+use crate::writer::{AckSink, Item};
+
+type Ws = WebSocketStream<TokioIo<Upgraded>>;
+
+/// Unix time in milliseconds.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// At most one warning per `every`, with a count of the suppressed ones, so
+/// a flood of bad frames costs bounded log volume.
+struct RateLimitedWarn {
+    every: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedWarn {
+    fn new(every: Duration) -> Self {
+        RateLimitedWarn {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether to log now; returns the number suppressed since the last one.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if now.duration_since(t) < self.every => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+fn close_frame(code: CloseCode, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }))
+}
+
+/// Sends a close frame and waits briefly for the peer's reply.
+async fn close(ws: &mut Ws, code: CloseCode, reason: &'static str) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        if ws.send(close_frame(code, reason)).await.is_err() {
+            return;
+        }
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+enum End {
+    /// Peer closed or the socket failed.
+    Gone,
+    /// Close with this code and reason.
+    Close(CloseCode, &'static str),
+}
+
+/// Serves one device connection until it ends.
+pub(crate) async fn device(mut ws: Ws, device_id: Arc<str>, peer: SocketAddr, shared: Arc<Shared>) {
+    let cfg = &shared.config;
+    let (lease, replaced) = shared.registry.connect_device(&device_id, peer.to_string());
+    match replaced {
+        Some(old) => log::warn!("device {device_id} connected from {peer}; closing its previous connection from {old} (4000 replaced)"),
+        None => log::info!("device {device_id} connected from {peer}"),
+    }
+    let mut kick = lease.kick;
+    let topic = lease.topic;
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+    let sink = Arc::new(AckSink {
+        conn_id: lease.conn_id,
+        tx: ack_tx,
+    });
+    let mut shutdown = shared.shutdown.clone();
+    let start = tokio::time::Instant::now() + cfg.ping_interval;
+    let mut ping = interval_at(start, cfg.ping_interval);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut missed = 0u32;
+    let mut warn = RateLimitedWarn::new(Duration::from_secs(10));
+    // The last reading queued for the store, to wait for its ack on shutdown.
+    let mut last_queued: Option<(u64, u64)> = None;
+
+    let end = loop {
+        tokio::select! {
+            biased;
+            k = &mut kick => {
+                if let Ok(Kick::Replaced) = k {
+                    break End::Close(CloseCode::from(ems_shared::CLOSE_REPLACED), "replaced");
+                }
+            }
+            _ = crate::shutting_down(&mut shutdown) => {
+                // Flush the acks of what is already queued, then close.
+                if let Some(last) = last_queued {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        while let Some(ack) = ack_rx.recv().await {
+                            if send_ack(&mut ws, ack).await.is_err() || ack == last {
+                                break;
+                            }
+                        }
+                    }).await;
+                }
+                break End::Close(CloseCode::Away, "hub shutting down");
+            }
+            Some(ack) = ack_rx.recv() => {
+                if send_ack(&mut ws, ack).await.is_err() {
+                    break End::Gone;
+                }
+            }
+            _ = ping.tick() => {
+                if missed >= cfg.max_missed_pongs {
+                    log::warn!("device {device_id} from {peer}: {missed} pings unanswered, dropping dead connection");
+                    break End::Gone;
+                }
+                missed += 1;
+                if ws.send(Message::Ping(Bytes::new())).await.is_err() {
+                    break End::Gone;
+                }
+            }
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Text(text))) => {
+                    match handle_text(&text, &device_id, &topic, &sink, &shared).await {
+                        Ok(Some(id)) => last_queued = Some(id),
+                        Ok(None) => break End::Close(CloseCode::Away, "hub shutting down"),
+                        Err(e) => {
+                            if let Some(n) = warn.allow(Instant::now()) {
+                                log::warn!("device {device_id}: discarded frame ({e}){}", suppressed(n));
+                            }
+                            if let (Some(epoch), Some(seq)) = (e.epoch, e.seq) {
+                                let reason = format!("{}: {}", e.reason.code(), e.detail);
+                                let frame = HubFrame::Rejected { epoch, seq, reason }.to_json();
+                                if ws.send(Message::Text(frame.into())).await.is_err() {
+                                    break End::Gone;
+                                }
+                            }
+                        }
+                    }
+                }
+                Some(Ok(Message::Binary(_))) => {
+                    if let Some(n) = warn.allow(Instant::now()) {
+                        log::warn!("device {device_id}: discarded frame ({}: readings are text frames){}", RejectReason::BinaryFrame.code(), suppressed(n));
+                    }
+                }
+                Some(Ok(Message::Pong(_))) => missed = 0,
+                Some(Ok(Message::Ping(_))) | Some(Ok(Message::Frame(_))) => {}
+                Some(Ok(Message::Close(_))) | None => break End::Gone,
+                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
+                    log::warn!("device {device_id}: message of {size} bytes exceeds {max_size}, closing (1009)");
+                    break End::Close(CloseCode::Size, "message too big");
+                }
+                Some(Err(e)) => {
+                    log::info!("device {device_id} from {peer}: connection error: {e}");
+                    break End::Gone;
+                }
+            }
+        }
+    };
+    shared.registry.disconnect_device(&device_id, lease.conn_id);
+    if let End::Close(code, reason) = end {
+        close(&mut ws, code, reason).await;
+    }
+    log::info!("device {device_id} from {peer} disconnected");
+}
+
+fn suppressed(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!("; {n} similar warnings suppressed")
+    }
+}
+
+async fn send_ack(ws: &mut Ws, (epoch, seq): (u64, u64)) -> Result<(), WsError> {
+    let frame = HubFrame::Ack { epoch, seq }.to_json();
+    ws.send(Message::Text(frame.into())).await
+}
+
+/// Validates one text frame, fans it out and queues it for the store.
+/// `Ok(None)`: the writer is gone (shutdown).
+async fn handle_text(
+    text: &str,
+    device_id: &Arc<str>,
+    topic: &broadcast::Sender<Utf8Bytes>,
+    sink: &Arc<AckSink>,
+    shared: &Shared,
+) -> Result<Option<(u64, u64)>, FrameError> {
+    let rx_ms = now_ms();
+    let reading = decode_reading(text, rx_ms)?;
+    // Hot path: serialize only when somebody watches; one buffer shared by
+    // every subscriber.
+    if topic.receiver_count() > 0 {
+        let _ = topic.send(Utf8Bytes::from(dashboard_frame(text, device_id, rx_ms)));
+    }
+    let id = (reading.epoch, reading.seq);
+    let item = Item {
+        row: Row {
+            device_id: device_id.clone(),
+            received_at_ms: rx_ms,
+            reading,
+        },
+        ack: sink.clone(),
+    };
+    // Cold path: waits only when the queue is full (backpressure).
+    Ok(shared.queue.send(item).await.ok().map(|_| id))
+}
+
+/// Serves one dashboard subscriber until it ends.
+pub(crate) async fn dashboard(mut ws: Ws, device_id: Arc<str>, peer: SocketAddr, shared: Arc<Shared>) {
+    let cfg = &shared.config;
+    let mut feed = shared.registry.topic(&device_id).subscribe();
+    log::info!("dashboard for {device_id} connected from {peer}");
+    let mut shutdown = shared.shutdown.clone();
+    let start = tokio::time::Instant::now() + cfg.ping_interval;
+    let mut ping = interval_at(start, cfg.ping_interval);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut missed = 0u32;
+    let end = loop {
+        tokio::select! {
+            biased;
+            _ = crate::shutting_down(&mut shutdown) => break End::Close(CloseCode::Away, "hub shutting down"),
+            frame = feed.recv() => match frame {
+                Ok(bytes) => {
+                    match tokio::time::timeout(cfg.write_timeout, ws.send(Message::Text(bytes))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break End::Gone,
+                        Err(_) => {
+                            log::warn!("dashboard for {device_id} from {peer}: write timed out, dropping slow subscriber");
+                            break End::Gone;
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    log::warn!("dashboard for {device_id} from {peer}: {n} readings behind, dropping slow subscriber");
+                    break End::Close(CloseCode::Again, "too slow");
+                }
+                Err(broadcast::error::RecvError::Closed) => break End::Close(CloseCode::Away, "feed closed"),
+            },
+            _ = ping.tick() => {
+                if missed >= cfg.max_missed_pongs {
+                    log::warn!("dashboard for {device_id} from {peer}: {missed} pings unanswered, dropping dead connection");
+                    break End::Gone;
+                }
+                missed += 1;
+                if ws.send(Message::Ping(Bytes::new())).await.is_err() {
+                    break End::Gone;
+                }
+            }
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Pong(_))) => missed = 0,
+                Some(Ok(Message::Close(_))) | None => break End::Gone,
+                Some(Ok(_)) => {}
+                Some(Err(WsError::Capacity(_))) => break End::Close(CloseCode::Size, "message too big"),
+                Some(Err(_)) => break End::Gone,
+            }
+        }
+    };
+    if let End::Close(code, reason) = end {
+        close(&mut ws, code, reason).await;
+    }
+    log::info!("dashboard for {device_id} from {peer} disconnected");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_are_rate_limited() {
+        let mut w = RateLimitedWarn::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(w.allow(t0), Some(0));
+        assert_eq!(w.allow(t0 + Duration::from_secs(1)), None);
+        assert_eq!(w.allow(t0 + Duration::from_secs(2)), None);
+        assert_eq!(w.allow(t0 + Duration::from_secs(11)), Some(2));
+    }
+}

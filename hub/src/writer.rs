@@ -1,0 +1,278 @@
+//! The cold path: a background thread that owns a store handle, takes
+//! readings from a bounded queue, commits them in batches and then sends
+//! the acks.
+//!
+//! - Batches close when `batch_max_rows` are queued or `batch_linger` has
+//!   passed since the first reading of the batch.
+//! - A failed commit is retried with backoff until it succeeds; acks are
+//!   withheld meanwhile, the queue fills, and device sessions stop reading
+//!   their sockets (backpressure) — nothing is dropped.
+//! - Acks are sent only after the commit returned: per connection and
+//!   epoch, the seq of the last reading of that epoch in the batch, in
+//!   arrival order (see the ack semantics in `ems-shared`).
+//! - The thread exits once every queue sender is dropped and the queue is
+//!   drained, so a graceful shutdown flushes everything it received.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, watch};
+
+use crate::store::{Row, Store};
+
+/// Where a committed reading's ack goes: one per device connection.
+#[derive(Debug)]
+pub struct AckSink {
+    /// Connection id, to group a batch's acks by connection.
+    pub conn_id: u64,
+    /// The connection's ack channel: `(epoch, seq)`. Unbounded, but
+    /// bounded in practice by the writer queue (one entry per batch and
+    /// epoch at most).
+    pub tx: mpsc::UnboundedSender<(u64, u64)>,
+}
+
+/// One queued reading.
+#[derive(Debug)]
+pub struct Item {
+    /// What to store.
+    pub row: Row,
+    /// Who to ack.
+    pub ack: Arc<AckSink>,
+}
+
+/// Batching parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterConfig {
+    /// Most rows per transaction.
+    pub batch_max_rows: usize,
+    /// Longest wait for a batch to fill.
+    pub batch_linger: Duration,
+}
+
+/// Handle to the writer thread.
+pub struct Writer {
+    join: JoinHandle<()>,
+}
+
+impl Writer {
+    /// Starts the writer on its own thread. It stops once `stop` is set (or
+    /// every sender is dropped) and the queue is drained.
+    pub fn spawn(
+        store: Box<dyn Store>,
+        rx: mpsc::Receiver<Item>,
+        cfg: WriterConfig,
+        stop: watch::Receiver<bool>,
+        rt: Handle,
+    ) -> std::io::Result<Writer> {
+        let join = std::thread::Builder::new()
+            .name("ems-writer".into())
+            .spawn(move || run(store, rx, cfg, stop, rt))?;
+        Ok(Writer { join })
+    }
+
+    /// Waits for the thread to finish (blocking).
+    pub fn join(self) {
+        if self.join.join().is_err() {
+            log::error!("store writer thread panicked");
+        }
+    }
+}
+
+fn run(
+    mut store: Box<dyn Store>,
+    mut rx: mpsc::Receiver<Item>,
+    cfg: WriterConfig,
+    mut stop: watch::Receiver<bool>,
+    rt: Handle,
+) {
+    let max = cfg.batch_max_rows.max(1);
+    let mut batch: Vec<Item> = Vec::with_capacity(max);
+    let mut rows: Vec<Row> = Vec::with_capacity(max);
+    loop {
+        // Wait for the first reading of the next batch.
+        let first = rt.block_on(async {
+            tokio::select! {
+                biased;
+                item = rx.recv() => item,
+                _ = crate::shutting_down(&mut stop) => {
+                    // No new readings from now on; drain what is queued.
+                    rx.close();
+                    rx.recv().await
+                }
+            }
+        });
+        let Some(first) = first else {
+            log::debug!("store writer: queue closed and drained");
+            return;
+        };
+        batch.push(first);
+        let deadline = Instant::now() + cfg.batch_linger;
+        while batch.len() < max {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    match rt.block_on(async { tokio::time::timeout(deadline - now, rx.recv()).await }) {
+                        Ok(Some(item)) => batch.push(item),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
+        }
+        rows.clear();
+        rows.extend(batch.iter().map(|i| i.row.clone()));
+        commit(store.as_mut(), &rows);
+        send_acks(&batch);
+        batch.clear();
+    }
+}
+
+/// Commits `rows`, retrying with capped exponential backoff until the
+/// store accepts them. Dedup on (device_id, epoch, seq) makes a retry after
+/// an ambiguous failure safe.
+fn commit(store: &mut dyn Store, rows: &[Row]) {
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 0u32;
+    loop {
+        match store.insert_batch(rows) {
+            Ok(()) => {
+                if attempt > 0 {
+                    log::info!("store writer: batch of {} committed after {attempt} retries", rows.len());
+                }
+                return;
+            }
+            Err(e) => {
+                attempt += 1;
+                if attempt == 1 || attempt.is_power_of_two() {
+                    log::error!(
+                        "store writer: commit of {} readings failed (attempt {attempt}), retrying: {e}",
+                        rows.len()
+                    );
+                }
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn send_acks(batch: &[Item]) {
+    // (conn_id, epoch) -> (sink, last seq in arrival order)
+    let mut acks: HashMap<(u64, u64), (&Arc<AckSink>, u64)> = HashMap::new();
+    for item in batch {
+        let key = (item.ack.conn_id, item.row.reading.epoch);
+        acks.insert(key, (&item.ack, item.row.reading.seq));
+    }
+    for ((_, epoch), (sink, seq)) in acks {
+        // The connection may have closed meanwhile; its readings are stored.
+        let _ = sink.tx.send((epoch, seq));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{DeviceInfo, StoreError, TokenHash, ViewerScope};
+    use ems_shared::Reading;
+    use std::sync::Mutex;
+
+    /// A store that records committed seqs and fails the first `fail` commits.
+    struct Recording {
+        committed: Arc<Mutex<Vec<Vec<u64>>>>,
+        fail: u32,
+    }
+
+    impl Store for Recording {
+        fn insert_batch(&mut self, rows: &[Row]) -> Result<(), StoreError> {
+            if self.fail > 0 {
+                self.fail -= 1;
+                return Err(StoreError::Db("injected".into()));
+            }
+            self.committed
+                .lock()
+                .unwrap()
+                .push(rows.iter().map(|r| r.reading.seq).collect());
+            Ok(())
+        }
+        fn device_token_valid(&mut self, _: &str, _: &TokenHash) -> Result<bool, StoreError> {
+            Ok(false)
+        }
+        fn viewer_scope(&mut self, _: &TokenHash) -> Result<Option<ViewerScope>, StoreError> {
+            Ok(None)
+        }
+        fn add_device(&mut self, _: &str, _: &TokenHash, _: i64) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn list_devices(&mut self) -> Result<Vec<DeviceInfo>, StoreError> {
+            Ok(vec![])
+        }
+        fn revoke_device(&mut self, _: &str, _: i64) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn rotate_device(&mut self, _: &str, _: &TokenHash) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn add_viewer(&mut self, _: &str, _: &TokenHash, _: &ViewerScope, _: i64) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn readings(&mut self, _: &str, _: i64, _: i64, _: usize) -> Result<Vec<Reading>, StoreError> {
+            Ok(vec![])
+        }
+    }
+
+    fn item(sink: &Arc<AckSink>, epoch: u64, seq: u64) -> Item {
+        Item {
+            row: Row {
+                device_id: Arc::from("d"),
+                received_at_ms: 0,
+                reading: Reading {
+                    epoch,
+                    seq,
+                    meter: "m".into(),
+                    power_w: Some(1.0),
+                    ..Default::default()
+                },
+            },
+            ack: sink.clone(),
+        }
+    }
+
+    #[test]
+    fn batches_commit_before_acks_and_retry_failures() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let committed = Arc::new(Mutex::new(Vec::new()));
+        let store = Recording {
+            committed: committed.clone(),
+            fail: 2,
+        };
+        let (tx, rx) = mpsc::channel(100);
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let sink = Arc::new(AckSink { conn_id: 1, tx: ack_tx });
+        // Queue everything first so it forms one batch of 3 (max 3).
+        for seq in 0..5 {
+            tx.try_send(item(&sink, 7, seq)).unwrap();
+        }
+        drop(tx);
+        let cfg = WriterConfig {
+            batch_max_rows: 3,
+            batch_linger: Duration::from_millis(1),
+        };
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let w = Writer::spawn(Box::new(store), rx, cfg, stop_rx, rt.handle().clone()).unwrap();
+        w.join();
+        assert_eq!(*committed.lock().unwrap(), vec![vec![0, 1, 2], vec![3, 4]]);
+        assert_eq!(ack_rx.try_recv().unwrap(), (7, 2));
+        assert_eq!(ack_rx.try_recv().unwrap(), (7, 4));
+        assert!(ack_rx.try_recv().is_err());
+    }
+}

@@ -1,0 +1,115 @@
+//! Connection lifecycle: takeover, heartbeat, graceful shutdown.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_connection_replaces_the_first_with_4000() {
+    let hub = TestHub::start().await;
+    let token = hub.add_device("dev");
+    let mut old = hub.device("dev", &token).await;
+    let mut new = hub.device("dev", &token).await;
+    assert_eq!(expect_close(&mut old, 4000).await, "replaced");
+    send_text(&mut new, reading(1, 0)).await;
+    wait_ack(&mut new, 1, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_answers_pings_is_dropped() {
+    let hub = TestHub::start_with(|c| {
+        c.ping_interval = Duration::from_millis(100);
+        c.max_missed_pongs = 2;
+    })
+    .await;
+    let token = hub.add_device("dev");
+    let viewer = hub.add_viewer("v", &["dev"]);
+    // `silent` is never polled, so it never answers pings.
+    let mut silent = hub.device("dev", &token).await;
+    let mut silent_dash = hub.dashboard("dev", &viewer).await;
+    // `lively` keeps reading (tungstenite answers pings while reading).
+    let mut lively = hub.dashboard("dev", &viewer).await;
+    let lively_task = tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while tokio::time::Instant::now() < deadline {
+            match tokio::time::timeout_at(deadline, lively.next()).await {
+                Ok(Some(Ok(_))) => continue,
+                Ok(_) => return false,
+                Err(_) => break,
+            }
+        }
+        true
+    });
+    assert!(lively_task.await.unwrap(), "a pong-answering subscriber was dropped");
+    // By now the silent ones missed well over 2 pings: the hub has closed
+    // them; draining shows the end of the stream.
+    for ws in [&mut silent, &mut silent_dash] {
+        let ended = tokio::time::timeout(SOON, async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(_)) => continue,
+                    _ => return,
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "dead connection not dropped");
+    }
+    // The registry slot was freed: a new connection is not a takeover, so
+    // it is served normally.
+    let mut again = hub.device("dev", &token).await;
+    send_text(&mut again, reading(1, 0)).await;
+    wait_ack(&mut again, 1, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_loses_nothing() {
+    // A long linger: the readings are received and queued, but not yet
+    // committed, when the shutdown starts.
+    let mut hub = TestHub::start_with(|c| c.batch_linger = Duration::from_millis(1000)).await;
+    let token = hub.add_device("dev");
+    let mut ws = hub.device("dev", &token).await;
+    let n = 500u64;
+    for seq in 0..n {
+        send_text(&mut ws, reading(2, seq)).await;
+    }
+    // The hub answers our ping only after reading every frame before it.
+    ws.send(Message::Ping(b"sync"[..].into())).await.unwrap();
+    loop {
+        match tokio::time::timeout(SOON, ws.next()).await.unwrap().unwrap().unwrap() {
+            Message::Pong(p) if &p[..] == b"sync" => break,
+            Message::Pong(_) | Message::Ping(_) => continue,
+            m => panic!("unexpected {m:?} before the pong"),
+        }
+    }
+    let started = std::time::Instant::now();
+    let stopping = tokio::spawn(async move {
+        let r = hub.stop().await;
+        (r, hub)
+    });
+    // The device gets its acks, then a 1001 close.
+    let mut acked = None;
+    loop {
+        match next_msg(&mut ws).await {
+            Message::Text(t) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                assert_eq!(v["type"], "ack", "{v}");
+                acked = v["seq"].as_u64();
+            }
+            Message::Close(Some(f)) => {
+                assert_eq!(u16::from(f.code), 1001);
+                break;
+            }
+            m => panic!("unexpected {m:?}"),
+        }
+    }
+    let (r, hub) = stopping.await.unwrap();
+    r.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10), "shutdown took {:?}", started.elapsed());
+    let stored = hub.stored("dev");
+    assert_eq!(stored.len() as u64, n, "readings lost in shutdown");
+    assert_eq!(acked, Some(n - 1), "not every stored reading was acked");
+}

@@ -1,0 +1,9 @@
+//! Integration tests: the real hub in-process on port 0 with a temporary
+//! SQLite store, driven by real WebSocket clients. One test binary, one
+//! module per area.
+
+mod cli;
+mod frames;
+mod handshake;
+mod harness;
+mod lifecycle;
