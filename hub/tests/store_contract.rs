@@ -522,6 +522,40 @@ mod postgres_only {
     }
 
     #[test]
+    fn every_write_method_dedups_inside_and_across_batches() {
+        use ems_hub::store::postgres::WriteMethod;
+        for method in [
+            WriteMethod::Copy,
+            WriteMethod::StagedCopy,
+            WriteMethod::MultiRowInsert,
+        ] {
+            let Some(db) = pg::fresh_db() else { return };
+            let opts = PgOptions {
+                write_method: method,
+                ..PgOptions::default()
+            };
+            let mut s = PgStore::open(&db.url, &opts).unwrap();
+            let a = row("d1", 1, 1, 10);
+            let mut a2 = a.clone();
+            a2.reading.power_w = Some(-7.0);
+            // In-batch duplicate, nothing stored yet: the first one wins.
+            s.insert_batch(&[a.clone(), a2.clone(), row("d1", 1, 2, 20)])
+                .unwrap();
+            // Stored rows resent with new ones, several times in a row
+            // (the fast path falls back, then comes back).
+            for k in 0..20u64 {
+                s.insert_batch(&[a2.clone(), row("d1", 1, 3 + k, 30 + k as i64)])
+                    .unwrap();
+            }
+            s.insert_batch(&[row("d1", 2, 1, 100)]).unwrap();
+            let got = s.readings("d1", 0, 1000, 1000).unwrap();
+            assert_eq!(got.len(), 2 + 20 + 1, "{method:?}");
+            assert_eq!(got[0], a.reading, "{method:?}");
+            assert_eq!(s.connects(), 1, "a conflict must not cost a reconnect");
+        }
+    }
+
+    #[test]
     fn a_dropped_connection_is_replaced_on_the_next_call() {
         let Some(db) = pg::fresh_db() else { return };
         let mut s = PgStore::open(&db.url, &PgOptions::default()).unwrap();

@@ -17,10 +17,16 @@
 //!   partitioning column in every unique index), with optional retention
 //!   and compression policies from [`PgOptions`]. Otherwise `readings` is a
 //!   plain table, unique on `(device_id, epoch, seq)`. The mode is logged.
-//! - **Writes.** A batch is one transaction: binary `COPY` into a
-//!   session-local staging table (`ON COMMIT DELETE ROWS`), then
-//!   `INSERT … SELECT … ON CONFLICT DO NOTHING` into `readings`. A retry
-//!   after a commit whose outcome was lost therefore cannot duplicate.
+//! - **Writes.** A batch is one transaction. Normally it is a binary
+//!   `COPY` straight into `readings` (duplicates inside the batch are
+//!   dropped first). If a row is already stored — an edge resending after
+//!   a lost ack, or a retry after a commit whose outcome was lost — the
+//!   unique index refuses the COPY, the transaction rolls back, and the
+//!   batch goes again as binary `COPY` into a session-local staging table
+//!   (`ON COMMIT DELETE ROWS`) followed by `INSERT … SELECT … ON CONFLICT
+//!   DO NOTHING`; so do the next few batches. Either way nothing is stored
+//!   twice and a resend is not an error. See [`WriteMethod`] and
+//!   docs/benchmarks-storage.md for why.
 //! - **Reconnect.** Any database failure drops the connection; the call
 //!   returns [`StoreError::Db`] and the next call connects afresh. The
 //!   caller (the writer) retries the same batch with backoff.
@@ -30,7 +36,7 @@
 //!   PEM certificates of `sslrootcert=PATH`, host name included.
 //! - **Secrets.** The URL is only ever shown through [`redact`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::error::Error as StdError;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -67,13 +73,21 @@ pub enum TimescaleMode {
     Require,
 }
 
-/// How batches are written.
+/// How batches are written. Every method keeps the dedup on
+/// `(device_id, epoch, seq)` and writes a batch in one transaction.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum WriteMethod {
-    /// Binary `COPY` into a staging table, then `INSERT … SELECT … ON
-    /// CONFLICT DO NOTHING` (the default; fastest).
+    /// The default and fastest. Binary `COPY` straight into `readings`;
+    /// if that hits an already-stored row (unique violation: an edge is
+    /// resending), the transaction is rolled back and the batch, and the
+    /// next few, go the [`WriteMethod::StagedCopy`] way. Plain inserts skip
+    /// the speculative-insertion cost of `ON CONFLICT`, which dominates
+    /// otherwise.
     #[default]
     Copy,
+    /// Binary `COPY` into a session-local staging table, then `INSERT …
+    /// SELECT … ON CONFLICT DO NOTHING`.
+    StagedCopy,
     /// Prepared multi-row `INSERT … VALUES (…),(…) ON CONFLICT DO NOTHING`
     /// (for comparison in the benchmark).
     MultiRowInsert,
@@ -192,6 +206,14 @@ const COLUMNS: &str = "device_id, meter, ts, received_at, epoch, seq, voltage_v,
 const COPY_STAGE: &str = "COPY readings_stage (device_id, meter, ts, received_at, epoch, seq, \
      voltage_v, current_a, power_w, energy_wh, frequency_hz, power_factor, reactive_power_var) \
      FROM STDIN (FORMAT binary)";
+
+const COPY_READINGS: &str = "COPY readings (device_id, meter, ts, received_at, epoch, seq, \
+     voltage_v, current_a, power_w, energy_wh, frequency_hz, power_factor, reactive_power_var) \
+     FROM STDIN (FORMAT binary)";
+
+/// Batches merged through the staging table after a conflict, before the
+/// direct path is tried again.
+const STAGED_AFTER_CONFLICT: u32 = 16;
 
 const MERGE_STAGE: &str = "INSERT INTO readings (device_id, meter, ts, received_at, epoch, seq, \
      voltage_v, current_a, power_w, energy_wh, frequency_hz, power_factor, reactive_power_var) \
@@ -426,6 +448,9 @@ pub struct PgStore {
     mode: PgMode,
     /// Connections made so far (1 after open), for tests and metrics.
     connects: u64,
+    /// Batches still to write through the staging table after a batch hit
+    /// already-stored rows (see [`WriteMethod::Copy`]).
+    staged_batches_left: u32,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -469,6 +494,7 @@ impl PgStore {
             opts: opts.clone(),
             mode,
             connects: 1,
+            staged_batches_left: 0,
         };
         store.conn = Some(
             store
@@ -539,16 +565,25 @@ impl PgStore {
         r
     }
 
-    fn insert_copy(conn: &mut Conn, rows: &[Row]) -> Result<(), StoreError> {
-        let keys = rows
-            .iter()
-            .map(|r| Ok((to_i64(r.reading.epoch)?, to_i64(r.reading.seq)?)))
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        let mut tx = conn.client.transaction().map_err(db)?;
-        let sink = tx.copy_in(COPY_STAGE).map_err(db)?;
+    /// Streams `rows` with binary COPY into `readings` directly
+    /// (`direct`) or into the staging table, inside `tx`. Rows repeating an
+    /// earlier row's `(device_id, epoch, seq)` in the same batch are left
+    /// out (the first one wins, as with a resend).
+    fn copy_rows(
+        tx: &mut postgres::Transaction<'_>,
+        rows: &[Row],
+        direct: bool,
+    ) -> Result<(), postgres::Error> {
+        let sink = tx.copy_in(if direct { COPY_READINGS } else { COPY_STAGE })?;
         let mut w = BinaryCopyInWriter::new(sink, &ROW_TYPES);
-        for (row, (epoch, seq)) in rows.iter().zip(keys) {
+        let mut seen = HashSet::with_capacity(rows.len());
+        for row in rows {
             let r = &row.reading;
+            // Checked by `checked_keys` before.
+            let (epoch, seq) = (r.epoch as i64, r.seq as i64);
+            if !seen.insert((&*row.device_id, epoch, seq)) {
+                continue;
+            }
             w.write(&[
                 &&*row.device_id,
                 &r.meter,
@@ -563,10 +598,33 @@ impl PgStore {
                 &r.frequency_hz,
                 &r.power_factor,
                 &r.reactive_power_var,
-            ])
-            .map_err(db)?;
+            ])?;
         }
-        w.finish().map_err(db)?;
+        w.finish().map(|_| ())
+    }
+
+    /// The optimistic path: binary COPY straight into `readings` in one
+    /// transaction. `Ok(false)` when a row was already stored (unique
+    /// violation): the transaction was rolled back, nothing was written,
+    /// and the batch must go through [`PgStore::insert_staged`].
+    fn insert_direct(conn: &mut Conn, rows: &[Row]) -> Result<bool, StoreError> {
+        checked_keys(rows)?;
+        let mut tx = conn.client.transaction().map_err(db)?;
+        match PgStore::copy_rows(&mut tx, rows, true) {
+            Ok(()) => {}
+            Err(e) if is_unique_violation(&e) => return Ok(false),
+            Err(e) => return Err(db(e)),
+        }
+        tx.commit().map_err(db)?;
+        Ok(true)
+    }
+
+    /// The merging path: binary COPY into the staging table, then
+    /// `INSERT … SELECT … ON CONFLICT DO NOTHING`, one transaction.
+    fn insert_staged(conn: &mut Conn, rows: &[Row]) -> Result<(), StoreError> {
+        checked_keys(rows)?;
+        let mut tx = conn.client.transaction().map_err(db)?;
+        PgStore::copy_rows(&mut tx, rows, false).map_err(db)?;
         tx.execute(MERGE_STAGE, &[]).map_err(db)?;
         tx.commit().map_err(db)
     }
@@ -828,6 +886,15 @@ fn is_unique_violation(e: &postgres::Error) -> bool {
     e.code() == Some(&SqlState::UNIQUE_VIOLATION)
 }
 
+/// Checks that every epoch/seq fits a BIGINT (so `as i64` is exact).
+fn checked_keys(rows: &[Row]) -> Result<(), StoreError> {
+    for r in rows {
+        to_i64(r.reading.epoch)?;
+        to_i64(r.reading.seq)?;
+    }
+    Ok(())
+}
+
 /// `u64` epoch/seq (≤ 2^53 − 1 by protocol) as a BIGINT.
 fn to_i64(v: u64) -> Result<i64, StoreError> {
     i64::try_from(v).map_err(|_| StoreError::Db(format!("epoch/seq {v} does not fit a BIGINT")))
@@ -899,11 +966,23 @@ impl Store for PgStore {
         if rows.is_empty() {
             return Ok(());
         }
-        let method = self.opts.write_method;
-        self.with(|c| match method {
-            WriteMethod::Copy => PgStore::insert_copy(c, rows),
-            WriteMethod::MultiRowInsert => PgStore::insert_values(c, rows),
-        })
+        match self.opts.write_method {
+            WriteMethod::Copy if self.staged_batches_left == 0 => {
+                if self.with(|c| PgStore::insert_direct(c, rows))? {
+                    return Ok(());
+                }
+                // Some rows were stored before: an edge is replaying. Merge
+                // this batch and the next few, then try the fast path again.
+                self.staged_batches_left = STAGED_AFTER_CONFLICT;
+                self.with(|c| PgStore::insert_staged(c, rows))
+            }
+            WriteMethod::Copy => {
+                self.staged_batches_left -= 1;
+                self.with(|c| PgStore::insert_staged(c, rows))
+            }
+            WriteMethod::StagedCopy => self.with(|c| PgStore::insert_staged(c, rows)),
+            WriteMethod::MultiRowInsert => self.with(|c| PgStore::insert_values(c, rows)),
+        }
     }
 
     fn device_token_valid(
