@@ -171,14 +171,17 @@ pub trait Store: Send {
 /// `postgres://…` / `postgresql://…` (PostgreSQL with default
 /// [`postgres::PgOptions`]). Creates or migrates the schema.
 pub fn open(url: &str) -> Result<Box<dyn Store>, StoreError> {
+    open_with(url, &postgres::PgOptions::default())
+}
+
+/// Like [`open`], with options for the PostgreSQL backend (TimescaleDB
+/// mode, retention and compression policies, …); ignored for SQLite.
+pub fn open_with(url: &str, pg: &postgres::PgOptions) -> Result<Box<dyn Store>, StoreError> {
     if let Some(path) = url.strip_prefix("sqlite:") {
         return Ok(Box::new(sqlite::SqliteStore::open(path)?));
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Ok(Box::new(postgres::PgStore::open(
-            url,
-            &postgres::PgOptions::default(),
-        )?));
+        return Ok(Box::new(postgres::PgStore::open(url, pg)?));
     }
     Err(StoreError::BadUrl(postgres::redact(url)))
 }
