@@ -31,8 +31,20 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Limit on concurrent connections (HTTP and WebSocket).
     pub max_connections: usize,
-    /// Timeout for a client to send its complete HTTP request head.
+    /// Timeout for a client to send its complete HTTP request head (and
+    /// to finish the TLS handshake).
     pub handshake_timeout: Duration,
+    /// Terminate TLS in the hub itself (instead of nginx).
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for the hub's own TLS termination.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert: std::path::PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: std::path::PathBuf,
 }
 
 impl Config {
@@ -50,6 +62,7 @@ impl Config {
             shutdown_timeout: Duration::from_secs(9),
             max_connections: 50_000,
             handshake_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }

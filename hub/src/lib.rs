@@ -51,6 +51,31 @@ pub enum HubError {
     /// An OS-level failure (thread spawn, …).
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The TLS certificate or key could not be used.
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// Builds the TLS acceptor from PEM files (ring provider, TLS 1.2 and 1.3).
+fn tls_acceptor(files: &config::TlsFiles) -> Result<tokio_rustls::TlsAcceptor, HubError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| HubError::Tls(format!("cannot read certificate {}: {e}", files.cert.display())))?;
+    if certs.is_empty() {
+        return Err(HubError::Tls(format!("no certificate in {}", files.cert.display())));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| HubError::Tls(format!("cannot read private key {}: {e}", files.key.display())))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| HubError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| HubError::Tls(format!("certificate/key rejected: {e}")))?;
+    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
 }
 
 /// Completes once `flag` is `true` (or its sender is gone).
@@ -76,6 +101,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HubError> {
+    let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
     let writer_store = open_store(&config.database).await?;
     let auth_store = open_store(&config.database).await?;
 
@@ -100,6 +126,7 @@ pub async fn run(
         auth: Arc::new(Mutex::new(auth_store)),
         queue: queue_tx,
         shutdown: shutdown_rx,
+        tls,
     });
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     if let Ok(addr) = listener.local_addr() {

@@ -51,6 +51,12 @@ struct ServeArgs {
     /// Unanswered pings after which a connection is declared dead.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     max_missed_pongs: u32,
+    /// Terminate TLS in the hub: certificate chain (PEM). Needs --tls-key.
+    #[arg(long, env = "EMS_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Terminate TLS in the hub: private key (PEM). Needs --tls-cert.
+    #[arg(long, env = "EMS_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -149,6 +155,9 @@ fn serve(args: ServeArgs, database: String) -> anyhow::Result<()> {
     let mut config = Config::new(database);
     config.ping_interval = Duration::from_millis(args.ping_interval_ms);
     config.max_missed_pongs = args.max_missed_pongs;
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        config.tls = Some(ems_hub::config::TlsFiles { cert, key });
+    }
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -41,6 +41,8 @@ pub(crate) struct Shared {
     pub queue: mpsc::Sender<Item>,
     /// Flips to `true` when the hub shuts down.
     pub shutdown: watch::Receiver<bool>,
+    /// TLS acceptor when the hub terminates TLS itself.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Keeps the "all connections finished" channel open while alive
@@ -98,6 +100,22 @@ pub(crate) async fn accept_loop(
 
 async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, guard: ConnGuard) {
     let _ = stream.set_nodelay(true);
+    match shared.tls.clone() {
+        None => serve_io(TokioIo::new(stream), peer, shared, guard).await,
+        Some(acceptor) => {
+            match tokio::time::timeout(shared.config.handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => serve_io(TokioIo::new(tls), peer, shared, guard).await,
+                Ok(Err(e)) => log::debug!("TLS handshake with {peer} failed: {e}"),
+                Err(_) => log::debug!("TLS handshake with {peer} timed out"),
+            }
+        }
+    }
+}
+
+async fn serve_io<I>(io: TokioIo<I>, peer: SocketAddr, shared: Arc<Shared>, guard: ConnGuard)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let mut shutdown = shared.shutdown.clone();
     let svc_shared = shared.clone();
     let svc_guard = guard.clone();
@@ -112,7 +130,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
         .header_read_timeout(shared.config.handshake_timeout)
         .max_buf_size(16 * 1024)
         .keep_alive(true);
-    let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    let conn = builder.serve_connection(io, service).with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {

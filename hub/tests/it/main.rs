@@ -7,3 +7,4 @@ mod frames;
 mod handshake;
 mod harness;
 mod lifecycle;
+mod tls;
