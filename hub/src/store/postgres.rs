@@ -53,7 +53,9 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::{ct_eq, DeviceInfo, Row, Store, StoreError, TokenHash, ViewerScope};
+use super::{
+    ct_eq, DeviceInfo, Row, Store, StoreError, StoredReading, TokenHash, ViewerInfo, ViewerScope,
+};
 
 /// Schema version this code writes and expects.
 pub const SCHEMA_VERSION: i32 = 1;
@@ -245,31 +247,39 @@ const _: () = assert!(INSERT_CHUNK * 13 <= 65535);
 /// Makes the `timescaledb` extension available in this database.
 pub const CREATE_TIMESCALE_EXTENSION: &str = "CREATE EXTENSION IF NOT EXISTS timescaledb";
 
-/// The statements that turn the plain `readings` table into a
-/// TimescaleDB 2.x hypertable on `ts` (idempotent, keeps existing rows),
-/// then apply the policies configured in `opts`.
+/// What the database already has, for [`timescale_sql`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TimescaleState {
+    /// `readings` is already a hypertable.
+    pub is_hypertable: bool,
+    /// Compression is already enabled on it (its settings cannot be
+    /// changed once chunks are compressed, so they are set only once).
+    pub compression_enabled: bool,
+}
+
+/// The statements that make `readings` a TimescaleDB 2.x hypertable on
+/// `ts` (keeping existing rows) and apply the policies configured in
+/// `opts`, given what the database already has. Running them again is
+/// harmless.
 ///
 /// The unique index gains `ts` because TimescaleDB requires the
 /// partitioning column in every unique index; a resent reading carries the
 /// same `ts` as the original, so the dedup still holds.
-pub fn timescale_sql(opts: &PgOptions) -> Vec<String> {
-    let mut sql = vec![
-        "CREATE UNIQUE INDEX IF NOT EXISTS readings_dedup_ts \
-         ON readings (device_id, epoch, seq, ts)"
-            .to_string(),
-        "DROP INDEX IF EXISTS readings_dedup".to_string(),
-        "SELECT create_hypertable('readings', 'ts', if_not_exists => TRUE, \
-         migrate_data => TRUE)"
-            .to_string(),
-    ];
-    sql.extend(timescale_policy_sql(opts));
-    sql
-}
-
-/// Retention and compression policy statements for `opts` (replacing
-/// earlier policies of the same kind).
-pub fn timescale_policy_sql(opts: &PgOptions) -> Vec<String> {
+pub fn timescale_sql(opts: &PgOptions, state: TimescaleState) -> Vec<String> {
     let mut sql = Vec::new();
+    if !state.is_hypertable {
+        sql.push(
+            "CREATE UNIQUE INDEX IF NOT EXISTS readings_dedup_ts \
+             ON readings (device_id, epoch, seq, ts)"
+                .to_string(),
+        );
+        sql.push("DROP INDEX IF EXISTS readings_dedup".to_string());
+        sql.push(
+            "SELECT create_hypertable('readings', 'ts', if_not_exists => TRUE, \
+             migrate_data => TRUE)"
+                .to_string(),
+        );
+    }
     if let Some(days) = opts.retention_days {
         sql.push("SELECT remove_retention_policy('readings', if_exists => TRUE)".to_string());
         sql.push(format!(
@@ -278,12 +288,15 @@ pub fn timescale_policy_sql(opts: &PgOptions) -> Vec<String> {
         ));
     }
     if let Some(days) = opts.compress_after_days {
-        sql.push(
-            "ALTER TABLE readings SET (timescaledb.compress, \
-             timescaledb.compress_segmentby = 'device_id', \
-             timescaledb.compress_orderby = 'ts DESC, epoch, seq')"
-                .to_string(),
-        );
+        if !state.compression_enabled {
+            // segmentby + orderby cover every column of the unique index.
+            sql.push(
+                "ALTER TABLE readings SET (timescaledb.compress, \
+                 timescaledb.compress_segmentby = 'device_id', \
+                 timescaledb.compress_orderby = 'ts DESC, epoch, seq')"
+                    .to_string(),
+            );
+        }
         sql.push("SELECT remove_compression_policy('readings', if_exists => TRUE)".to_string());
         sql.push(format!(
             "SELECT add_compression_policy('readings', INTERVAL '{days} days', \
@@ -769,20 +782,24 @@ fn migrate(client: &mut Client, opts: &PgOptions) -> Result<PgMode, String> {
         let installed = extension_installed(&mut tx).map_err(|e| step("checking extensions", e))?
             || try_create_extension(&mut tx)?;
         if installed {
-            let hyper: bool = tx
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM timescaledb_information.hypertables \
+            let state = tx
+                .query_opt(
+                    "SELECT compression_enabled FROM timescaledb_information.hypertables \
                      WHERE hypertable_name = 'readings' \
-                     AND hypertable_schema = current_schema())",
+                     AND hypertable_schema = current_schema()",
                     &[],
                 )
-                .and_then(|r| r.try_get(0))
+                .and_then(|r| {
+                    Ok(match r {
+                        None => TimescaleState::default(),
+                        Some(r) => TimescaleState {
+                            is_hypertable: true,
+                            compression_enabled: r.try_get(0)?,
+                        },
+                    })
+                })
                 .map_err(|e| step("checking the hypertable", e))?;
-            let sql = if hyper {
-                timescale_policy_sql(opts)
-            } else {
-                timescale_sql(opts)
-            };
+            let sql = timescale_sql(opts, state);
             for s in sql {
                 tx.batch_execute(&s)
                     .map_err(|e| step("setting up TimescaleDB", e))?;
@@ -1236,6 +1253,106 @@ impl Store for PgStore {
             Ok(())
         })
     }
+
+    fn history(
+        &mut self,
+        device_id: &str,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+        newest: bool,
+    ) -> Result<Vec<StoredReading>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let (from, to) = (clamp_ms(from_ms), clamp_ms(to_ms));
+        let order = if newest { "DESC" } else { "ASC" };
+        let sql = format!(
+            "SELECT epoch, seq, ts, meter, voltage_v, current_a, power_w, energy_wh, \
+             frequency_hz, power_factor, reactive_power_var, received_at FROM readings \
+             WHERE device_id = $1 AND ts >= $2 AND ts < $3 \
+             ORDER BY ts {order}, epoch {order}, seq {order} LIMIT $4"
+        );
+        let mut out: Vec<StoredReading> = self.with(|c| {
+            let rows = c
+                .client
+                .query(sql.as_str(), &[&device_id, &from, &to, &limit])
+                .map_err(db)?;
+            rows.iter()
+                .map(|r| {
+                    let epoch: i64 = r.try_get(0).map_err(db)?;
+                    let seq: i64 = r.try_get(1).map_err(db)?;
+                    let ts: PgTime = r.try_get(2).map_err(db)?;
+                    let rx: PgTime = r.try_get(11).map_err(db)?;
+                    Ok(StoredReading {
+                        reading: Reading {
+                            epoch: u64::try_from(epoch).unwrap_or_default(),
+                            seq: u64::try_from(seq).unwrap_or_default(),
+                            ts_ms: ts.0,
+                            meter: r.try_get(3).map_err(db)?,
+                            voltage_v: r.try_get(4).map_err(db)?,
+                            current_a: r.try_get(5).map_err(db)?,
+                            power_w: r.try_get(6).map_err(db)?,
+                            energy_wh: r.try_get(7).map_err(db)?,
+                            frequency_hz: r.try_get(8).map_err(db)?,
+                            power_factor: r.try_get(9).map_err(db)?,
+                            reactive_power_var: r.try_get(10).map_err(db)?,
+                            ..Default::default()
+                        },
+                        received_at_ms: rx.0,
+                    })
+                })
+                .collect()
+        })?;
+        if newest {
+            out.reverse();
+        }
+        Ok(out)
+    }
+
+    fn last_seen(&mut self, device_id: &str) -> Result<Option<i64>, StoreError> {
+        self.with(|c| {
+            c.client
+                .query_opt(
+                    "SELECT received_at FROM readings WHERE device_id = $1 \
+                     ORDER BY ts DESC LIMIT 1",
+                    &[&device_id],
+                )
+                .map_err(db)?
+                .map(|r| r.try_get::<_, PgTime>(0).map(|t| t.0).map_err(db))
+                .transpose()
+        })
+    }
+
+    fn list_viewers(&mut self) -> Result<Vec<ViewerInfo>, StoreError> {
+        self.with(|c| {
+            let rows = c
+                .client
+                .query(
+                    "SELECT v.name, v.all_devices, v.created_ms, v.revoked_ms, \
+                     COALESCE(array_agg(d.device_id ORDER BY d.device_id) \
+                       FILTER (WHERE d.device_id IS NOT NULL), '{}') \
+                     FROM viewers v LEFT JOIN viewer_devices d ON d.viewer_id = v.viewer_id \
+                     GROUP BY v.viewer_id ORDER BY v.name",
+                    &[],
+                )
+                .map_err(db)?;
+            rows.iter()
+                .map(|r| {
+                    let all: bool = r.try_get(1).map_err(db)?;
+                    let ids: Vec<String> = r.try_get(4).map_err(db)?;
+                    Ok(ViewerInfo {
+                        name: r.try_get(0).map_err(db)?,
+                        scope: if all {
+                            ViewerScope::AllDevices
+                        } else {
+                            ViewerScope::Devices(ids)
+                        },
+                        created_ms: r.try_get(2).map_err(db)?,
+                        revoked_ms: r.try_get(3).map_err(db)?,
+                    })
+                })
+                .collect()
+        })
+    }
 }
 
 /// `url` with any password replaced by `***`, safe to log. Handles
@@ -1451,7 +1568,8 @@ mod tests {
             CREATE_TIMESCALE_EXTENSION,
             "CREATE EXTENSION IF NOT EXISTS timescaledb"
         );
-        let plain = timescale_sql(&PgOptions::default());
+        let fresh = TimescaleState::default();
+        let plain = timescale_sql(&PgOptions::default(), fresh);
         assert_eq!(
             plain,
             vec![
@@ -1462,11 +1580,12 @@ mod tests {
                  migrate_data => TRUE)",
             ]
         );
-        let with_policies = timescale_sql(&PgOptions {
+        let opts = PgOptions {
             retention_days: Some(365),
             compress_after_days: Some(7),
             ..PgOptions::default()
-        });
+        };
+        let with_policies = timescale_sql(&opts, fresh);
         assert_eq!(with_policies.len(), 3 + 2 + 3);
         assert_eq!(
             &with_policies[3..],
@@ -1482,6 +1601,21 @@ mod tests {
                  if_not_exists => TRUE)",
             ]
         );
+        // Already a hypertable: nothing to convert; policies only.
+        let hyper = TimescaleState {
+            is_hypertable: true,
+            compression_enabled: false,
+        };
+        assert!(timescale_sql(&PgOptions::default(), hyper).is_empty());
+        assert_eq!(timescale_sql(&opts, hyper), &with_policies[3..]);
+        // Compression settings are never changed once enabled.
+        let compressed = TimescaleState {
+            is_hypertable: true,
+            compression_enabled: true,
+        };
+        let again = timescale_sql(&opts, compressed);
+        assert_eq!(again.len(), 4);
+        assert!(again.iter().all(|s| !s.starts_with("ALTER TABLE")));
         // Every unique index on a hypertable must include the time column.
         for s in &with_policies {
             if s.contains("UNIQUE") {
