@@ -41,13 +41,38 @@ use crate::meters::modbus::{ModbusConfig, ModbusMeter, Parity, SerialPort};
 use crate::meters::pulse::{self, Pull, PulseConfig, PulseMeter};
 use crate::meters::{Meter, MeterError};
 
+/// Whether this machine identifies itself as a Raspberry Pi (device tree
+/// model string).
+pub fn is_raspberry_pi() -> bool {
+    std::fs::read_to_string("/proc/device-tree/model")
+        .map(|m| m.contains("Raspberry Pi"))
+        .unwrap_or(false)
+}
+
 /// Hint for an `io::Error` while opening `node`.
-fn open_error(meter: &str, node: &str, e: &io::Error, group: &str, enable: &str) -> MeterError {
+///
+/// `pi_only`: the node only exists on a Pi (I2C/SPI), so on another host the
+/// hint says so; a USB serial adapter works on any Linux host.
+fn open_error(
+    meter: &str,
+    node: &str,
+    e: &io::Error,
+    group: &str,
+    enable: &str,
+    pi_only: bool,
+) -> MeterError {
     let msg = format!("cannot open {node}: {e}");
     match e.kind() {
-        io::ErrorKind::NotFound => MeterError::new(meter, msg).with_hint(format!(
-            "{node} missing: {enable}, then reboot (on a non-Pi host real meters cannot be opened)"
-        )),
+        io::ErrorKind::NotFound => {
+            let host = if !pi_only || is_raspberry_pi() {
+                String::new()
+            } else {
+                " (this host is not a Raspberry Pi: real meters need the Pi's buses; \
+                 use kind = \"simulated\" here)"
+                    .to_string()
+            };
+            MeterError::new(meter, msg).with_hint(format!("{node} missing: {enable}{host}"))
+        }
         io::ErrorKind::PermissionDenied => MeterError::new(meter, msg).with_hint(format!(
             "permission denied: add the service user to the {group} group \
              (`sudo usermod -aG {group} <user>`, then log in again / restart the service)"
@@ -65,7 +90,8 @@ pub fn open_i2c(meter: &str, bus: u8) -> Result<I2c, MeterError> {
             &node,
             &io,
             "i2c",
-            "add `dtparam=i2c_arm=on` to /boot/firmware/config.txt (or `raspi-config nonint do_i2c 0`)",
+            "add `dtparam=i2c_arm=on` to /boot/firmware/config.txt (or `raspi-config nonint do_i2c 0`) and reboot",
+            true,
         ),
         other => MeterError::new(meter, format!("cannot open {node}: {other}")),
     })
@@ -134,7 +160,8 @@ pub fn open_spi(
             &node,
             &io,
             "spi",
-            "add `dtparam=spi=on` to /boot/firmware/config.txt (SPI1: `dtoverlay=spi1-1cs`)",
+            "add `dtparam=spi=on` to /boot/firmware/config.txt (SPI1: `dtoverlay=spi1-1cs`) and reboot",
+            true,
         ),
         other => MeterError::new(meter, format!("cannot configure {node}: {other}")),
     })?;
@@ -247,7 +274,8 @@ pub fn open_modbus(cfg: &ModbusConfig) -> Result<Box<dyn Meter>, MeterError> {
                 &io,
                 "dialout",
                 "plug in the USB-RS485 adapter (check `dmesg`), or for the header UART add \
-                 `enable_uart=1` and `dtoverlay=disable-bt` to /boot/firmware/config.txt",
+                 `enable_uart=1` and `dtoverlay=disable-bt` to /boot/firmware/config.txt and reboot",
+                false,
             ),
             other => MeterError::new(&cfg.id, format!("cannot configure {}: {other}", cfg.port))
                 .with_hint("check baud, parity and stop_bits"),

@@ -68,7 +68,7 @@ pub fn header() -> String {
 }
 
 fn print_failure(e: &MeterError) {
-    println!("FAIL {}: {}", e.meter, e);
+    println!("FAIL {}: {}", e.meter, e.message);
     if let Some(h) = &e.hint {
         println!("     hint: {h}");
     }
@@ -123,6 +123,14 @@ pub fn probe(config: &Path, count: u32) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
     let ok = probe_meters(&configs, count, &state_dir);
+    println!(
+        "{}",
+        if ok {
+            "all meters read successfully"
+        } else {
+            "some meters FAILED (see the hints above)"
+        }
+    );
     let _ = std::fs::remove_dir_all(&state_dir);
     Ok(if ok {
         ExitCode::SUCCESS
