@@ -7,6 +7,10 @@
 //! - [`ids`]: device ids and meter ids (syntax only).
 //! - [`reading`]: the `reading` frame (edge → hub), its strict decoder and
 //!   range validation (the "gatekeeper").
+//! - [`status`]: the `status` frame (edge → hub: outbox depth and age) and
+//!   [`decode_edge_frame`], the dispatch on `type` for edge frames.
+//! - [`dashboard`]: hub → dashboard control frames (`status`, `replay_end`,
+//!   `backfill`) and the dashboard subprotocol entries.
 //! - [`frames`]: hub → edge frames (`ack`, `rejected`) and the hub → dashboard
 //!   frame (a reading plus `device_id` and `rx_ms`).
 //!
@@ -19,13 +23,17 @@
 
 #![warn(missing_docs)]
 
+pub mod dashboard;
 pub mod frames;
 pub mod ids;
 pub mod reading;
+pub mod status;
 
+pub use dashboard::DashboardFrame;
 pub use frames::{dashboard_frame, DashboardReading, HubFrame};
 pub use ids::{validate_device_id, validate_meter_id, IdError};
 pub use reading::{decode_reading, FrameError, Reading, RejectReason};
+pub use status::{decode_edge_frame, EdgeFrame, EdgeStatus};
 
 /// Largest message (text or binary) a hub accepts; larger ones close the
 /// connection with 1009.
@@ -41,3 +49,13 @@ pub const MAX_FUTURE_SKEW_MS: i64 = 5 * 60 * 1000;
 /// WebSocket close code sent to a connection replaced by a newer one of the
 /// same device.
 pub const CLOSE_REPLACED: u16 = 4000;
+
+/// WebSocket close code sent when the device's token was revoked or
+/// rotated while connected (the edge must not retry quickly: an operator
+/// has to provision a new token).
+pub const CLOSE_REVOKED: u16 = 4001;
+
+/// WebSocket close code sent to a device id that keeps replacing its own
+/// connections (two live devices sharing one identity); the hub refuses
+/// it for a cool-down.
+pub const CLOSE_CONFLICT: u16 = 4002;

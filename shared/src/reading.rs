@@ -87,11 +87,14 @@ pub enum RejectReason {
     BadMeterId,
     /// `ts_ms` is more than 5 minutes ahead of the hub's clock.
     FutureTimestamp,
+    /// The device sent faster than its rate limit allows (the hub's
+    /// per-device token bucket was empty); resend later.
+    RateLimited,
 }
 
 impl RejectReason {
     /// Every reason, for metrics that want a zero for each.
-    pub const ALL: [RejectReason; 11] = [
+    pub const ALL: [RejectReason; 12] = [
         RejectReason::InvalidJson,
         RejectReason::BinaryFrame,
         RejectReason::UnknownType,
@@ -103,6 +106,7 @@ impl RejectReason {
         RejectReason::NoMeasurement,
         RejectReason::BadMeterId,
         RejectReason::FutureTimestamp,
+        RejectReason::RateLimited,
     ];
 
     /// The stable code.
@@ -119,6 +123,7 @@ impl RejectReason {
             RejectReason::NoMeasurement => "no_measurement",
             RejectReason::BadMeterId => "bad_meter_id",
             RejectReason::FutureTimestamp => "future_timestamp",
+            RejectReason::RateLimited => "rate_limited",
         }
     }
 }
@@ -140,7 +145,7 @@ pub struct FrameError {
 }
 
 impl FrameError {
-    fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
+    pub(crate) fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
         let mut detail = detail.into();
         if detail.len() > 160 {
             let mut cut = 160;
@@ -250,7 +255,7 @@ fn probe_ids(text: &str) -> (Option<u64>, Option<u64>) {
     (id(p.epoch), id(p.seq))
 }
 
-fn classify(e: &serde_json::Error) -> RejectReason {
+pub(crate) fn classify(e: &serde_json::Error) -> RejectReason {
     use serde_json::error::Category;
     match e.classify() {
         Category::Syntax | Category::Eof | Category::Io => RejectReason::InvalidJson,

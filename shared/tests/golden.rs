@@ -52,3 +52,50 @@ fn dashboard_frame_matches_fixture() {
     let d: DashboardReading = serde_json::from_str(&frame).unwrap();
     assert_eq!((d.device_id.as_str(), d.rx_ms), ("ems_001", 1_764_000_000_456));
 }
+
+#[test]
+fn status_frame_matches_fixture() {
+    use ems_shared::{decode_edge_frame, EdgeFrame, EdgeStatus};
+    let text = fixture("status.json");
+    let built = EdgeStatus {
+        outbox_depth: 10_800,
+        oldest_ts_ms: Some(NOW - 10_800_000),
+        dropped: 0,
+        ..Default::default()
+    };
+    assert_eq!(built.to_json(), text);
+    assert_eq!(decode_edge_frame(&text, NOW).unwrap(), EdgeFrame::Status(built.clone()));
+    assert_eq!(built.behind_ms(NOW), 3 * 3_600_000);
+    // A reading still goes through the same entry point unchanged.
+    let reading = fixture("reading_full.json");
+    assert!(matches!(decode_edge_frame(&reading, NOW), Ok(EdgeFrame::Reading(_))));
+}
+
+#[test]
+fn dashboard_control_frames_match_fixtures() {
+    use ems_shared::DashboardFrame;
+    let status = DashboardFrame::Status {
+        device_id: "ems_001".into(),
+        online: true,
+        last_seen_ms: Some(NOW),
+        outbox_depth: None,
+    };
+    assert_eq!(status.to_json(), fixture("dashboard_status.json"));
+    let replay_end = DashboardFrame::ReplayEnd {
+        device_id: "ems_001".into(),
+        since_ms: NOW - 3_600_000,
+        count: 3600,
+        truncated: false,
+    };
+    assert_eq!(replay_end.to_json(), fixture("replay_end.json"));
+    let backfill = DashboardFrame::Backfill {
+        device_id: "ems_001".into(),
+        count: 1200,
+        from_ts_ms: NOW - 10_800_000,
+        to_ts_ms: NOW - 9_600_000,
+    };
+    assert_eq!(backfill.to_json(), fixture("backfill.json"));
+    for (name, f) in [("dashboard_status.json", status), ("replay_end.json", replay_end), ("backfill.json", backfill)] {
+        assert_eq!(serde_json::from_str::<DashboardFrame>(&fixture(name)).unwrap(), f, "{name}");
+    }
+}
