@@ -818,6 +818,22 @@ mod modbus {
     }
 
     #[test]
+    fn line_turnaround_noise_before_the_frame_is_skipped() {
+        let mut answer = vec![0x00, 0xFF];
+        answer.extend([0x01, 0x04, 0x04, 0x43, 0x66, 0x00, 0x00, 0x0E, 0x1F]);
+        let mut m = master(
+            vec![
+                Step::Expect(vec![0x01, 0x04, 0x00, 0x00, 0x00, 0x02, 0x71, 0xCB]),
+                Step::Answer(answer),
+            ],
+            0,
+        );
+        let r = m.read_input_registers(1, 0, 2).unwrap();
+        assert_eq!(r, vec![0x4366, 0x0000]);
+        m.destroy().done();
+    }
+
+    #[test]
     fn answer_from_another_unit_is_retried() {
         let mut m = master(
             vec![

@@ -32,6 +32,8 @@
 //!   frame before it sends. The end of a response is found from its length
 //!   (byte count), not from t1.5 silence, which Linux userspace cannot time
 //!   reliably (termios `VTIME` has 100 ms resolution).
+//! - Leading 0x00/0xFF bytes before the unit id (line turn-around noise of
+//!   many RS-485 adapters) are dropped.
 //! - A response that does not arrive within `timeout_ms`, fails its CRC, or
 //!   is malformed is retried up to `retries` times (stale input is discarded
 //!   before each attempt). An exception response is the device's answer and
@@ -323,6 +325,13 @@ impl<P: SerialPort> RtuMaster<P> {
             }
             let got = self.port.read(&mut chunk, deadline - now)?;
             frame.extend_from_slice(&chunk[..got]);
+            // RS-485 adapters often emit a 0x00 or 0xFF while the line turns
+            // around; such bytes before the unit id are noise, not a frame.
+            let noise = frame
+                .iter()
+                .take_while(|&&b| (b == 0x00 || b == 0xFF) && b != unit)
+                .count();
+            frame.drain(..noise);
         }
         self.last_activity = Some(Instant::now());
         parse_read_response(&frame, unit, FN_READ_INPUT_REGISTERS, count)
