@@ -245,11 +245,24 @@ pub mod contract {
         assert!(all.iter().all(|r| r.received_at_ms == r.reading.ts_ms + 5));
         assert_eq!(all[0].reading, rows[1].reading);
         // Oldest `limit`, or newest `limit` — both oldest first.
-        assert_eq!(ts(&f.store.history("d1", 0, 100, 2, false).unwrap()), [10, 20]);
-        assert_eq!(ts(&f.store.history("d1", 0, 100, 2, true).unwrap()), [40, 50]);
-        assert_eq!(ts(&f.store.history("d1", 20, 40, 10, true).unwrap()), [20, 30]);
+        assert_eq!(
+            ts(&f.store.history("d1", 0, 100, 2, false).unwrap()),
+            [10, 20]
+        );
+        assert_eq!(
+            ts(&f.store.history("d1", 0, 100, 2, true).unwrap()),
+            [40, 50]
+        );
+        assert_eq!(
+            ts(&f.store.history("d1", 20, 40, 10, true).unwrap()),
+            [20, 30]
+        );
         assert!(f.store.history("d1", 0, 100, 0, true).unwrap().is_empty());
-        assert!(f.store.history("nobody", 0, 100, 5, false).unwrap().is_empty());
+        assert!(f
+            .store
+            .history("nobody", 0, 100, 5, false)
+            .unwrap()
+            .is_empty());
         // Last seen: receive time of the newest reading by sample time.
         assert_eq!(f.store.last_seen("d1").unwrap(), Some(55));
         assert_eq!(f.store.last_seen("d2").unwrap(), Some(30));
@@ -259,12 +272,22 @@ pub mod contract {
     pub fn viewers_are_listed(mut f: Fixture) {
         let s = &mut *f.store;
         assert!(s.list_viewers().unwrap().is_empty());
-        s.add_viewer("wall", &token::hash("a"), &ViewerScope::Devices(vec!["d2".into(), "d1".into()]), 10)
-            .unwrap();
+        s.add_viewer(
+            "wall",
+            &token::hash("a"),
+            &ViewerScope::Devices(vec!["d2".into(), "d1".into()]),
+            10,
+        )
+        .unwrap();
         s.add_viewer("all", &token::hash("b"), &ViewerScope::AllDevices, 20)
             .unwrap();
-        s.add_viewer("one", &token::hash("c"), &ViewerScope::Devices(vec!["d3".into()]), 30)
-            .unwrap();
+        s.add_viewer(
+            "one",
+            &token::hash("c"),
+            &ViewerScope::Devices(vec!["d3".into()]),
+            30,
+        )
+        .unwrap();
         s.revoke_viewer("one", 40).unwrap();
         let got = s.list_viewers().unwrap();
         let want = vec![
@@ -689,6 +712,22 @@ mod postgres_only {
             &[&db.name],
         )
         .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let others: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    &[&db.name],
+                )
+                .unwrap()
+                .get(0);
+            if others == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "backend did not terminate");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         // The first call may fail (StoreError::Db) or notice the closed
         // connection first; the one after a failure must work.
         let batch = [row("d1", 1, 1, 1)];
@@ -739,6 +778,93 @@ mod postgres_only {
             .to_string();
         assert!(e.to_lowercase().contains("certificate"), "{e}");
         drop(s);
+    }
+
+    /// The whole hub on PostgreSQL: admin command, authenticated device
+    /// stream, acks after commit, graceful shutdown, rows in `readings`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hub_streams_into_postgres_end_to_end() {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::Message;
+
+        let Some(db) = tokio::task::spawn_blocking(pg::fresh_db).await.unwrap() else {
+            return;
+        };
+        let url = db.url.clone();
+        let token = tokio::task::spawn_blocking(move || {
+            ems_hub::admin::Admin::open(&url)
+                .unwrap()
+                .add_device("ems_pg")
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let hub = tokio::spawn(ems_hub::run(
+            listener,
+            ems_hub::Config::new(db.url.clone()),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let mut req = format!("ws://{addr}/ws/device/ems_pg")
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        const N: u64 = 500;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        for seq in 0..N {
+            let frame = format!(
+                "{{\"type\":\"reading\",\"epoch\":7,\"seq\":{seq},\"ts_ms\":{},\
+                 \"meter\":\"main\",\"power_w\":{seq}.5}}",
+                now - 60_000 + seq as i64
+            );
+            ws.send(Message::text(frame)).await.unwrap();
+        }
+        let acked = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(m) = ws.next().await {
+                if let Ok(Message::Text(t)) = m {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    if v["type"] == "ack" && v["seq"] == N - 1 {
+                        return true;
+                    }
+                }
+            }
+            false
+        })
+        .await
+        .unwrap();
+        assert!(acked, "no ack for the last reading");
+        // Acked means committed: visible before the hub even stops.
+        let url = db.url.clone();
+        let n: i64 = tokio::task::spawn_blocking(move || {
+            admin(&url)
+                .query_one(
+                    "SELECT count(*) FROM readings WHERE device_id = 'ems_pg' AND epoch = 7",
+                    &[],
+                )
+                .unwrap()
+                .get(0)
+        })
+        .await
+        .unwrap();
+        assert_eq!(n, N as i64);
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(30), hub)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        drop(ws);
+        tokio::task::spawn_blocking(move || drop(db)).await.unwrap();
     }
 
     /// Stops and restarts PostgreSQL (twice) while a writer commits

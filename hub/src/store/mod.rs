@@ -66,6 +66,29 @@ pub struct DeviceInfo {
     pub revoked_ms: Option<i64>,
 }
 
+/// A stored reading with the hub's receive time (issue 6: history and
+/// resume replays).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredReading {
+    /// The reading as stored.
+    pub reading: Reading,
+    /// Hub receive time, Unix ms (`received_at`).
+    pub received_at_ms: i64,
+}
+
+/// A viewer token as the admin panel lists it (never the token itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewerInfo {
+    /// Viewer name.
+    pub name: String,
+    /// What it may watch.
+    pub scope: ViewerScope,
+    /// Creation time, Unix ms.
+    pub created_ms: i64,
+    /// Revocation time, Unix ms, if revoked.
+    pub revoked_ms: Option<i64>,
+}
+
 /// Store failures.
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -164,6 +187,33 @@ pub trait Store: Send {
         Err(StoreError::Db(
             "viewer revocation is not supported by this store".into(),
         ))
+    }
+
+    /// Stored readings of a device with `from_ms <= ts < to_ms` and their
+    /// receive times, oldest first, at most `limit`: the oldest `limit`
+    /// when `newest` is false, else the newest `limit` (issue 6).
+    fn history(
+        &mut self,
+        device_id: &str,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+        newest: bool,
+    ) -> Result<Vec<StoredReading>, StoreError> {
+        let _ = (device_id, from_ms, to_ms, limit, newest);
+        Err(StoreError::Db("history is not supported by this store".into()))
+    }
+
+    /// Receive time (`received_at`) of the device's newest reading by
+    /// sample time, if it has any (issue 6: "last seen").
+    fn last_seen(&mut self, device_id: &str) -> Result<Option<i64>, StoreError> {
+        let _ = device_id;
+        Err(StoreError::Db("last_seen is not supported by this store".into()))
+    }
+
+    /// All viewer tokens (names, scopes, times), ordered by name (issue 6).
+    fn list_viewers(&mut self) -> Result<Vec<ViewerInfo>, StoreError> {
+        Err(StoreError::Db("listing viewers is not supported by this store".into()))
     }
 }
 

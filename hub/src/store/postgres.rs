@@ -476,6 +476,22 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
+impl Drop for PgStore {
+    /// The sync client owns a small tokio runtime, which must not be
+    /// dropped on an async worker thread (tokio panics). When dropped
+    /// inside a runtime — e.g. the hub's last `Arc` going away in a task —
+    /// the connection is closed on a short-lived thread instead.
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                let _ = std::thread::Builder::new()
+                    .name("ems-pg-close".into())
+                    .spawn(move || drop(conn));
+            }
+        }
+    }
+}
+
 impl PgStore {
     /// Connects to `url`, creates or migrates the schema and picks the
     /// mode (logged).

@@ -15,7 +15,9 @@ use std::time::Duration;
 use ems_shared::Reading;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
-use super::{ct_eq, DeviceInfo, Row, Store, StoreError, TokenHash, ViewerScope};
+use super::{
+    ct_eq, DeviceInfo, Row, Store, StoreError, StoredReading, TokenHash, ViewerInfo, ViewerScope,
+};
 
 /// Schema version this code writes and expects.
 pub const SCHEMA_VERSION: i64 = 1;
@@ -486,6 +488,110 @@ impl Store for SqliteStore {
             return Err(StoreError::NotFound(format!("viewer {name}")));
         }
         Ok(())
+    }
+
+    fn history(
+        &mut self,
+        device_id: &str,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+        newest: bool,
+    ) -> Result<Vec<StoredReading>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let sql = if newest {
+            "SELECT epoch, seq, ts, meter, voltage_v, current_a, power_w, energy_wh, \
+             frequency_hz, power_factor, reactive_power_var, received_at FROM readings \
+             WHERE device_id = ?1 AND ts >= ?2 AND ts < ?3 \
+             ORDER BY ts DESC, epoch DESC, seq DESC LIMIT ?4"
+        } else {
+            "SELECT epoch, seq, ts, meter, voltage_v, current_a, power_w, energy_wh, \
+             frequency_hz, power_factor, reactive_power_var, received_at FROM readings \
+             WHERE device_id = ?1 AND ts >= ?2 AND ts < ?3 \
+             ORDER BY ts, epoch, seq LIMIT ?4"
+        };
+        let mut stmt = self.conn.prepare_cached(sql).map_err(db)?;
+        let rows = stmt
+            .query_map(params![device_id, from_ms, to_ms, limit], |r| {
+                Ok(StoredReading {
+                    reading: Reading {
+                        epoch: r.get::<_, i64>(0)? as u64,
+                        seq: r.get::<_, i64>(1)? as u64,
+                        ts_ms: r.get(2)?,
+                        meter: r.get(3)?,
+                        voltage_v: r.get(4)?,
+                        current_a: r.get(5)?,
+                        power_w: r.get(6)?,
+                        energy_wh: r.get(7)?,
+                        frequency_hz: r.get(8)?,
+                        power_factor: r.get(9)?,
+                        reactive_power_var: r.get(10)?,
+                        ..Default::default()
+                    },
+                    received_at_ms: r.get(11)?,
+                })
+            })
+            .map_err(db)?;
+        let mut out = rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)?;
+        if newest {
+            out.reverse();
+        }
+        Ok(out)
+    }
+
+    fn last_seen(&mut self, device_id: &str) -> Result<Option<i64>, StoreError> {
+        self.conn
+            .prepare_cached(
+                "SELECT received_at FROM readings WHERE device_id = ?1 ORDER BY ts DESC LIMIT 1",
+            )
+            .map_err(db)?
+            .query_row([device_id], |r| r.get(0))
+            .optional()
+            .map_err(db)
+    }
+
+    fn list_viewers(&mut self) -> Result<Vec<ViewerInfo>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT v.name, v.all_devices, v.created_ms, v.revoked_ms, d.device_id \
+                 FROM viewers v LEFT JOIN viewer_devices d ON d.viewer_id = v.viewer_id \
+                 ORDER BY v.name, d.device_id",
+            )
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, bool>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                ))
+            })
+            .map_err(db)?;
+        let mut out: Vec<ViewerInfo> = Vec::new();
+        for row in rows {
+            let (name, all, created_ms, revoked_ms, device) = row.map_err(db)?;
+            if out.last().map(|v| v.name != name).unwrap_or(true) {
+                out.push(ViewerInfo {
+                    name,
+                    scope: if all {
+                        ViewerScope::AllDevices
+                    } else {
+                        ViewerScope::Devices(Vec::new())
+                    },
+                    created_ms,
+                    revoked_ms,
+                });
+            }
+            if let (Some(v), Some(d)) = (out.last_mut(), device) {
+                if let ViewerScope::Devices(ids) = &mut v.scope {
+                    ids.push(d);
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
