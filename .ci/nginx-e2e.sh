@@ -32,7 +32,8 @@
 # Environment: CARGO_TARGET_DIR (default <repo>/target-cross),
 #   EMS_E2E_TIMEOUT (default 60 s per wait), EMS_E2E_READINGS (default 10),
 #   EMS_E2E_REQUIRE_HUB_TLS=1 to fail (not skip) when the hub lacks --tls-cert,
-#   EMS_E2E_SKIP_BUILTIN=1 to only run EMS_E2E_TEST_CMD, EMS_KEEP_TMP=1.
+#   EMS_E2E_SKIP_BUILTIN=1 to only run EMS_E2E_TEST_CMD, EMS_KEEP_TMP=1,
+#   EMS_E2E_NO_BUILD=1 to use already built binaries in $CARGO_TARGET_DIR/release.
 set -euo pipefail
 # shellcheck source=.ci/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -160,10 +161,14 @@ cmd_config_test() {
 HUB=""; EDGE=""
 build_native() {
     cd "$EMS_ROOT"
-    log "cargo build --release -p ems-hub -p ems-edge (native)"
-    timeout 3600 cargo build --locked --release -p ems-hub -p ems-edge
     HUB="$CARGO_TARGET_DIR/release/ems-hub"
     EDGE="$CARGO_TARGET_DIR/release/ems-edge"
+    if [[ "${EMS_E2E_NO_BUILD:-0}" == 1 && -x "$HUB" && -x "$EDGE" ]]; then
+        log "EMS_E2E_NO_BUILD=1: using the existing $HUB and $EDGE"
+        return
+    fi
+    log "cargo build --release -p ems-hub -p ems-edge (native)"
+    timeout 3600 cargo build --locked --release -p ems-hub -p ems-edge
 }
 
 # start_hub NAME LISTEN DB [extra serve args...] -> prints nothing, appends PIDS

@@ -10,6 +10,7 @@
 #                                  # this machine: meant for a throwaway CI box)
 #
 # Output: $CARGO_TARGET_DIR/debian/*.deb (CARGO_TARGET_DIR default <repo>/target-cross)
+# EMS_PKG_NO_BUILD=1: package already built binaries (no cargo build).
 set -euo pipefail
 # shellcheck source=.ci/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -26,7 +27,13 @@ if ! cargo deb --version 2>/dev/null | grep -qF "$CARGO_DEB_VERSION"; then
 fi
 
 # Edge: cross build first (toolchains, targets), then package without rebuilding.
-"$EMS_ROOT/.ci/cross.sh" build
+# EMS_PKG_NO_BUILD=1 packages the binaries already in $CARGO_TARGET_DIR.
+hub_build=(-- --locked)
+if [[ "${EMS_PKG_NO_BUILD:-0}" == 1 ]]; then
+    hub_build=(--no-build)
+else
+    "$EMS_ROOT/.ci/cross.sh" build
+fi
 cd "$EMS_ROOT"
 mkdir -p "$OUT"
 rm -f "$OUT"/ems-edge_*.deb "$OUT"/ems-hub_*.deb
@@ -35,7 +42,7 @@ for t in "${EDGE_TARGETS[@]}"; do
     timeout 600 cargo deb -p ems-edge --target "$t" --no-build --output "$OUT/"
 done
 log "cargo deb -p ems-hub (host)"
-timeout 3600 cargo deb -p ems-hub --output "$OUT/" -- --locked
+timeout 3600 cargo deb -p ems-hub --output "$OUT/" "${hub_build[@]}"
 
 fail=0
 check() { # check DEB DESCRIPTION GREP_PATTERN < listing
@@ -53,12 +60,12 @@ inspect() { # inspect DEB NAME ARCH
     printf '\n### %s\n%s\n%s\n' "$(basename "$deb")" "$info" "$list"
     check "$deb" "Architecture: $arch" "^ *Architecture: $arch\$" <<<"$info"
     check "$deb" "depends on adduser" "^ *Depends:.*adduser" <<<"$info"
-    check "$deb" "/usr/bin/$name 0755" "^-rwxr-xr-x root/root .* \./usr/bin/$name\$" <<<"$list"
+    check "$deb" "/usr/bin/$name 0755" "^-rwxr-xr-x (root/root|0/0) .* \./usr/bin/$name\$" <<<"$list"
     check "$deb" "systemd unit" "\./(usr/)?lib/systemd/system/$name\.service\$" <<<"$list"
     check "$deb" "postinst creates the user" "adduser .*--system" <"$ctl/postinst"
     check "$deb" "postinst enables the unit" "deb-systemd-helper enable $name\.service" <"$ctl/postinst"
     if [[ $name == ems-edge ]]; then
-        check "$deb" "edge.env is 0600" "^-rw------- root/root .* \./etc/ems-edge/edge\.env\$" <<<"$list"
+        check "$deb" "edge.env is 0600" "^-rw------- (root/root|0/0) .* \./etc/ems-edge/edge\.env\$" <<<"$list"
         check "$deb" "edge.toml conffile" "^/etc/ems-edge/edge\.toml\$" <"$ctl/conffiles"
         check "$deb" "edge.env conffile" "^/etc/ems-edge/edge\.env\$" <"$ctl/conffiles"
         local bin
@@ -68,7 +75,7 @@ inspect() { # inspect DEB NAME ARCH
             "$([[ $arch == arm64 ]] && echo 'ARM aarch64' || echo 'ARM, EABI5')"
         rm -rf "$bin"
     else
-        check "$deb" "hub.env is 0600" "^-rw------- root/root .* \./etc/ems-hub/hub\.env\$" <<<"$list"
+        check "$deb" "hub.env is 0600" "^-rw------- (root/root|0/0) .* \./etc/ems-hub/hub\.env\$" <<<"$list"
         check "$deb" "hub.env conffile" "^/etc/ems-hub/hub\.env\$" <"$ctl/conffiles"
     fi
     rm -rf "$ctl"
@@ -93,7 +100,24 @@ if [[ "${1:-}" == install-test ]]; then
     DEBIAN_FRONTEND=noninteractive timeout 300 dpkg --purge ems-hub
     rm -f /var/lib/ems-hub/ems-hub.db*
     rmdir /var/lib/ems-hub 2>/dev/null || true
-    log "install-test: OK (installed, user/dirs/unit checked, purged)"
+    # The edge package's maintainer scripts, in a host-architecture build of
+    # the same package (kept apart from the release artifacts).
+    log "cargo deb -p ems-edge (host architecture, for the install test)"
+    timeout 3600 cargo deb -p ems-edge --output "$OUT/host-test/" "${hub_build[@]}"
+    edge_deb="$(ls "$OUT"/host-test/ems-edge_*_"$host_arch".deb)"
+    log "dpkg -i $(basename "$edge_deb")"
+    DEBIAN_FRONTEND=noninteractive timeout 300 dpkg -i "$edge_deb"
+    getent passwd ems-edge | grep -q ':/var/lib/ems-edge:' || die "user ems-edge missing"
+    for g in gpio i2c spi dialout; do
+        id -nG ems-edge | tr ' ' '\n' | grep -qx "$g" || die "ems-edge not in group $g"
+    done
+    [[ "$(stat -c '%U %a' /var/lib/ems-edge)" == "ems-edge 700" ]] || die "/var/lib/ems-edge owner/mode"
+    [[ "$(stat -c '%U %a' /etc/ems-edge/edge.env)" == "root 600" ]] || die "/etc/ems-edge/edge.env owner/mode"
+    [[ -L /etc/systemd/system/multi-user.target.wants/ems-edge.service ]] || die "ems-edge.service not enabled"
+    DEBIAN_FRONTEND=noninteractive timeout 300 dpkg --purge ems-edge
+    rmdir /var/lib/ems-edge 2>/dev/null || true
+    rm -rf "$OUT/host-test"
+    log "install-test: OK (both packages installed, user/groups/dirs/unit checked, purged)"
 fi
 log "packages in $OUT:"
 ls -l "$OUT"/*.deb >&2
