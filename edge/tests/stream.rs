@@ -818,3 +818,64 @@ fn live_readings_flow_while_a_large_backlog_drains() {
     edge.terminate();
     edge.assert_token_not_logged();
 }
+
+/// Measurement, not a check: `cargo test --release -p ems-edge --test stream
+/// -- --ignored --nocapture measure_spool`.
+#[test]
+#[ignore]
+fn measure_spool() {
+    use ems_edge::outbox::{sync_files, Outbox};
+    let dir = tempfile::tempdir().unwrap();
+    let mut ob = Outbox::open(dir.path(), 256 << 20, 512).unwrap();
+    let reading = |seq: u64| ems_shared::Reading {
+        epoch: 3_700_000_000_000_000,
+        seq,
+        ts_ms: 1_764_000_000_000 + seq as i64 * 1000,
+        meter: "main".into(),
+        voltage_v: Some(229.87),
+        current_a: Some(4.123),
+        power_w: Some(912.3),
+        energy_wh: Some(12_345_678.123),
+        frequency_hz: Some(50.012),
+        power_factor: Some(0.912),
+        reactive_power_var: Some(412.3),
+        ..Default::default()
+    };
+    println!(
+        "record size: {} bytes",
+        reading(123_456).to_json().len() + 1
+    );
+    let n = 200_000u64;
+    let t = Instant::now();
+    for seq in 0..n {
+        ob.append(&reading(seq)).unwrap();
+    }
+    let append = t.elapsed();
+    let t = Instant::now();
+    let files = ob.flush().unwrap();
+    let write = t.elapsed();
+    let t = Instant::now();
+    sync_files(files).unwrap();
+    let sync = t.elapsed();
+    println!(
+        "append: {:.0} readings/s; write: {:.1} ms; fsync: {:.1} ms",
+        n as f64 / append.as_secs_f64(),
+        write.as_secs_f64() * 1e3,
+        sync.as_secs_f64() * 1e3
+    );
+    // Steady state: one reading, then a flush + fsync, as every second.
+    let mut worst = Duration::ZERO;
+    let mut total = Duration::ZERO;
+    for seq in n..n + 50 {
+        ob.append(&reading(seq)).unwrap();
+        let t = Instant::now();
+        sync_files(ob.flush().unwrap()).unwrap();
+        worst = worst.max(t.elapsed());
+        total += t.elapsed();
+    }
+    println!(
+        "steady flush+fsync of one reading: mean {:.2} ms, worst {:.2} ms",
+        total.as_secs_f64() * 1e3 / 50.0,
+        worst.as_secs_f64() * 1e3
+    );
+}
