@@ -36,6 +36,15 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Terminate TLS in the hub itself (instead of nginx).
     pub tls: Option<TlsFiles>,
+    /// Per-device token bucket (issue 9): rate, burst, and how long
+    /// sustained excess may last before the hub closes with 1008.
+    pub rate_limit: crate::limits::RateLimit,
+    /// Takeover-loop rule (issue 9): more than K replacements within T
+    /// refuse the device id for a cool-down (close 4002).
+    pub takeover: crate::registry::TakeoverPolicy,
+    /// How often the hub polls the store for revoked or rotated device
+    /// tokens of live connections (issue 9); they close with 4001.
+    pub revocation_poll: Duration,
 }
 
 /// PEM files for the hub's own TLS termination.
@@ -63,6 +72,9 @@ impl Config {
             max_connections: 50_000,
             handshake_timeout: Duration::from_secs(10),
             tls: None,
+            rate_limit: crate::limits::RateLimit::default(),
+            takeover: crate::registry::TakeoverPolicy::default(),
+            revocation_poll: Duration::from_secs(1),
         }
     }
 }

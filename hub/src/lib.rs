@@ -9,6 +9,11 @@
 //! - [`config`]: the validated configuration of a running hub.
 //! - `server`: accept loop, HTTP routing, handshake checks, upgrade.
 //! - [`handshake`]: pure handshake rules (path, bearer token, upgrade headers).
+//! - [`metrics`]: Prometheus counters, gauges and histograms (`/metrics`,
+//!   `/readyz`).
+//! - [`limits`]: per-device token bucket and abuse rule.
+//! - `revocation`: polls the store and closes connections whose token was
+//!   revoked or rotated (4001).
 //! - [`registry`]: the connection manager (one device, one connection) and
 //!   the per-device live topics.
 //! - `session`: one upgraded connection (device ingest or dashboard feed),
@@ -17,6 +22,7 @@
 //! - [`store`]: the storage interface and its backends.
 //! - [`token`]: token generation, format and hashing.
 //! - [`admin`]: the admin operations behind `ems-hub device …`/`viewer …`.
+//! - [`watcher`]: `ems-hub watch`, a terminal dashboard subscriber.
 //!
 //! [`run`] is the whole server: the binary passes a listener and a shutdown
 //! future (SIGTERM/SIGINT); tests pass a listener on port 0 and their own.
@@ -24,11 +30,15 @@
 pub mod admin;
 pub mod config;
 pub mod handshake;
+pub mod limits;
+pub mod metrics;
 pub mod registry;
+mod revocation;
 mod server;
 mod session;
 pub mod store;
 pub mod token;
+pub mod watcher;
 pub mod writer;
 
 use std::future::Future;
@@ -106,8 +116,12 @@ pub async fn run(
     let auth_store = open_store(&config.database).await?;
 
     let (queue_tx, queue_rx) = mpsc::channel(config.queue_capacity.max(1));
+    let metrics = Arc::new(metrics::Metrics::new());
+    metrics
+        .queue_capacity
+        .store(config.queue_capacity.max(1) as i64, std::sync::atomic::Ordering::Relaxed);
     let (stop_writer, writer_stop) = watch::channel(false);
-    let writer = Writer::spawn(
+    let writer = Writer::spawn_with_metrics(
         writer_store,
         queue_rx,
         WriterConfig {
@@ -116,12 +130,14 @@ pub async fn run(
         },
         writer_stop,
         tokio::runtime::Handle::current(),
+        metrics.clone(),
     )?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shutdown_timeout = config.shutdown_timeout;
     let shared = Arc::new(Shared {
-        registry: registry::Registry::new(config.subscriber_buffer),
+        registry: registry::Registry::with_policy(config.subscriber_buffer, config.takeover),
+        metrics,
         config,
         auth: Arc::new(Mutex::new(auth_store)),
         queue: queue_tx,
@@ -132,6 +148,7 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         log::info!("ems-hub listening on {addr}");
     }
+    tokio::spawn(revocation::run(shared.clone()));
     server::accept_loop(listener, shared.clone(), ConnGuard::new(done_tx), shutdown).await;
 
     log::info!("shutting down: closing connections");

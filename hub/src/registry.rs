@@ -11,28 +11,67 @@
 //! Locks are std mutexes held for a map operation only, never across an
 //! `.await`.
 
-use std::collections::HashMap;
+//! - Takeover loops: two live devices sharing one identity (a cloned SD
+//!   card) would replace each other forever. When a device id is replaced
+//!   more than `max_replacements` times within `window`, the registry
+//!   refuses it for `cooldown` ([`Conflict`]): the session closes both the
+//!   current and the new connection with 4002 ("conflict").
+//! - Kicks: [`Registry::kick`] closes a device's live connection from
+//!   anywhere in the process (revocation poller, admin API).
+//! - Edge status: the last `status` frame of every connected device
+//!   ([`Registry::edge_status`], [`Registry::edge_statuses`]) for metrics,
+//!   dashboards and the admin API.
+//! - Rate-limit buckets outlive a connection ([`Registry::take_bucket`] /
+//!   [`Registry::put_bucket`]), so reconnecting does not refill them.
+//!
+//! Locks are std mutexes held for a map operation only, never across an
+//! `.await`.
+
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
+use ems_shared::EdgeStatus;
 use tokio::sync::{broadcast, oneshot};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::limits::TokenBucket;
+use crate::store::TokenHash;
 
 /// Why the hub asks a device connection to close.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kick {
     /// A newer connection of the same device took over (close code 4000).
     Replaced,
+    /// The device's token was revoked or rotated (close code 4001).
+    Revoked,
+    /// The device id is in a takeover loop (close code 4002).
+    Conflict,
+}
+
+impl Kick {
+    /// The WebSocket close code and reason for this kick.
+    pub fn close(self) -> (u16, &'static str) {
+        match self {
+            Kick::Replaced => (ems_shared::CLOSE_REPLACED, "replaced"),
+            Kick::Revoked => (ems_shared::CLOSE_REVOKED, "token revoked"),
+            Kick::Conflict => (ems_shared::CLOSE_CONFLICT, "conflict"),
+        }
+    }
 }
 
 struct DeviceSlot {
     /// Identifies the connection, so a late disconnect of a replaced
     /// connection does not remove its successor.
     conn_id: u64,
-    /// Tells the connection to close.
-    kick: oneshot::Sender<Kick>,
+    /// Tells the connection to close; taken by the first kick.
+    kick: Option<oneshot::Sender<Kick>>,
     /// Peer address, for the takeover log line.
     peer: String,
+    /// Hash of the token the connection authenticated with, so the
+    /// revocation poller can tell a rotated token from the current one.
+    token: Option<TokenHash>,
 }
 
 /// A registered device connection.
@@ -45,6 +84,58 @@ pub struct DeviceLease {
     pub topic: broadcast::Sender<Utf8Bytes>,
 }
 
+/// When a device id counts as being in a takeover loop.
+#[derive(Debug, Clone, Copy)]
+pub struct TakeoverPolicy {
+    /// Replacements allowed within `window` (K); one more is a loop.
+    pub max_replacements: usize,
+    /// The sliding window (T).
+    pub window: Duration,
+    /// How long a looping device id is refused.
+    pub cooldown: Duration,
+}
+
+impl Default for TakeoverPolicy {
+    fn default() -> Self {
+        TakeoverPolicy {
+            max_replacements: 5,
+            window: Duration::from_secs(60),
+            cooldown: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A refused connection: the device id is in a takeover loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    /// The peer whose connection was live when the loop was detected (also
+    /// closed with 4002), if any.
+    pub other_peer: Option<String>,
+    /// Remaining cool-down.
+    pub remaining: Duration,
+}
+
+/// Takeover history of one device id.
+#[derive(Default)]
+struct TakeoverHistory {
+    /// Times of recent replacements, oldest first, within the window.
+    recent: VecDeque<Instant>,
+    /// Refused until then.
+    cooldown_until: Option<Instant>,
+}
+
+/// The last outbox status an edge reported, with the hub's receive time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusEntry {
+    /// The frame as received.
+    pub status: EdgeStatus,
+    /// Hub receive time, Unix ms.
+    pub rx_ms: i64,
+    /// `rx_ms − oldest_ts_ms` (0 when the outbox is empty): how far behind
+    /// the edge was when it reported.
+    pub behind_ms: i64,
+}
+
 /// Shared connection state of the hub.
 pub struct Registry {
     /// Live device connections by device id.
@@ -52,6 +143,14 @@ pub struct Registry {
     /// Live topics by device id. Created on first use by a device or a
     /// subscriber; devices are provisioned, so this stays bounded.
     topics: Mutex<HashMap<Arc<str>, broadcast::Sender<Utf8Bytes>>>,
+    /// Takeover histories by device id (entries expire with the window).
+    takeovers: Mutex<HashMap<Arc<str>, TakeoverHistory>>,
+    /// Takeover-loop rule.
+    policy: TakeoverPolicy,
+    /// Last edge status by device id; removed when the device disconnects.
+    statuses: Mutex<HashMap<Arc<str>, StatusEntry>>,
+    /// Rate-limit buckets of devices, kept between connections.
+    buckets: Mutex<HashMap<Arc<str>, TokenBucket>>,
     /// Source of connection ids.
     next_conn: AtomicU64,
     /// Capacity of each topic.
@@ -65,11 +164,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Registry {
-    /// An empty registry whose topics buffer `topic_capacity` frames.
+    /// An empty registry whose topics buffer `topic_capacity` frames, with
+    /// the default [`TakeoverPolicy`].
     pub fn new(topic_capacity: usize) -> Self {
+        Self::with_policy(topic_capacity, TakeoverPolicy::default())
+    }
+
+    /// An empty registry with an explicit takeover-loop rule.
+    pub fn with_policy(topic_capacity: usize, policy: TakeoverPolicy) -> Self {
         Registry {
             devices: Mutex::new(HashMap::new()),
             topics: Mutex::new(HashMap::new()),
+            takeovers: Mutex::new(HashMap::new()),
+            policy,
+            statuses: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             topic_capacity: topic_capacity.max(1),
         }
@@ -84,22 +193,75 @@ impl Registry {
             .clone()
     }
 
-    /// Registers a new connection of `device_id`, kicking the previous one.
-    /// Returns the lease and the previous connection's peer address.
-    pub fn connect_device(&self, device_id: &Arc<str>, peer: String) -> (DeviceLease, Option<String>) {
+    /// Registers a new connection of `device_id`, kicking the previous one
+    /// (4000). Returns the lease and the previous connection's peer
+    /// address — or [`Conflict`] when the device id is in a takeover loop
+    /// or cooling down; then the previous connection (if any) is kicked with
+    /// [`Kick::Conflict`] too.
+    pub fn connect_device(
+        &self,
+        device_id: &Arc<str>,
+        peer: String,
+        token: Option<TokenHash>,
+    ) -> Result<(DeviceLease, Option<String>), Conflict> {
+        let now = Instant::now();
+        // Lock order: devices, then takeovers (the only place both are held).
+        let mut devices = lock(&self.devices);
+        let mut takeovers = lock(&self.takeovers);
+        let hist = takeovers.entry(device_id.clone()).or_default();
+        while hist
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.policy.window)
+        {
+            hist.recent.pop_front();
+        }
+        if let Some(until) = hist.cooldown_until {
+            if now < until {
+                return Err(Conflict {
+                    other_peer: None,
+                    remaining: until - now,
+                });
+            }
+            hist.cooldown_until = None;
+        }
+        if devices.contains_key(device_id) {
+            hist.recent.push_back(now);
+            if hist.recent.len() > self.policy.max_replacements {
+                hist.recent.clear();
+                hist.cooldown_until = Some(now + self.policy.cooldown);
+                let other = devices.remove(device_id).map(|mut slot| {
+                    if let Some(k) = slot.kick.take() {
+                        let _ = k.send(Kick::Conflict);
+                    }
+                    slot.peer
+                });
+                return Err(Conflict {
+                    other_peer: other,
+                    remaining: self.policy.cooldown,
+                });
+            }
+        } else if hist.recent.is_empty() {
+            takeovers.remove(device_id);
+        }
+        drop(takeovers);
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        let old = lock(&self.devices).insert(
+        let old = devices.insert(
             device_id.clone(),
             DeviceSlot {
                 conn_id,
-                kick: tx,
+                kick: Some(tx),
                 peer,
+                token,
             },
         );
-        let old_peer = old.map(|slot| {
+        drop(devices);
+        let old_peer = old.map(|mut slot| {
             // The old connection may already be gone; nothing to do then.
-            let _ = slot.kick.send(Kick::Replaced);
+            if let Some(k) = slot.kick.take() {
+                let _ = k.send(Kick::Replaced);
+            }
             slot.peer
         });
         let lease = DeviceLease {
@@ -107,16 +269,43 @@ impl Registry {
             kick: rx,
             topic: self.topic(device_id),
         };
-        (lease, old_peer)
+        Ok((lease, old_peer))
     }
 
     /// Removes the connection `conn_id` of `device_id` if it is still the
-    /// registered one.
+    /// registered one (and forgets its edge status).
     pub fn disconnect_device(&self, device_id: &str, conn_id: u64) {
         let mut devices = lock(&self.devices);
         if devices.get(device_id).is_some_and(|s| s.conn_id == conn_id) {
             devices.remove(device_id);
+            drop(devices);
+            lock(&self.statuses).remove(device_id);
         }
+    }
+
+    /// Closes the live connection of `device_id`, if any, for `reason`
+    /// (close code from [`Kick::close`]). Returns whether a connection was
+    /// told to close. Safe to call from any thread; the socket closes
+    /// within a scheduler tick.
+    ///
+    /// For the admin API (issue 6): after revoking or rotating a device's
+    /// token through the API, call `registry.kick(id, Kick::Revoked)` so the
+    /// socket closes at once instead of at the next revocation poll (~1 s).
+    pub fn kick(&self, device_id: &str, reason: Kick) -> bool {
+        let mut devices = lock(&self.devices);
+        match devices.get_mut(device_id).and_then(|s| s.kick.take()) {
+            Some(k) => k.send(reason).is_ok(),
+            None => false,
+        }
+    }
+
+    /// The connected devices and the token hash each authenticated with
+    /// (for the revocation poller).
+    pub fn device_tokens(&self) -> Vec<(Arc<str>, Option<TokenHash>)> {
+        lock(&self.devices)
+            .iter()
+            .map(|(id, s)| (id.clone(), s.token))
+            .collect()
     }
 
     /// Whether `device_id` has a live connection.
@@ -128,6 +317,50 @@ impl Registry {
     pub fn online_count(&self) -> usize {
         lock(&self.devices).len()
     }
+
+    /// Records the `status` frame a connected device sent at `rx_ms`.
+    pub fn set_edge_status(&self, device_id: &Arc<str>, status: EdgeStatus, rx_ms: i64) {
+        let behind_ms = status.behind_ms(rx_ms);
+        lock(&self.statuses).insert(
+            device_id.clone(),
+            StatusEntry {
+                status,
+                rx_ms,
+                behind_ms,
+            },
+        );
+    }
+
+    /// The last outbox status of a connected device: how many readings it
+    /// still has to deliver and how far behind it is.
+    ///
+    /// For dashboards and the admin API (issue 6): show e.g. "catching up,
+    /// 3 h behind" when `behind_ms` is large, using
+    /// `entry.behind_ms + (now_ms − entry.rx_ms)` for a live figure (the
+    /// edge reports every ~10 s). `None`: not connected, or an edge that
+    /// does not send `status` frames.
+    pub fn edge_status(&self, device_id: &str) -> Option<StatusEntry> {
+        lock(&self.statuses).get(device_id).cloned()
+    }
+
+    /// Every connected device's last outbox status.
+    pub fn edge_statuses(&self) -> Vec<(Arc<str>, StatusEntry)> {
+        lock(&self.statuses)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// The rate-limit bucket of `device_id` (a fresh one from `make` if it
+    /// has none); give it back with [`Registry::put_bucket`].
+    pub fn take_bucket(&self, device_id: &str, make: impl FnOnce() -> TokenBucket) -> TokenBucket {
+        lock(&self.buckets).remove(device_id).unwrap_or_else(make)
+    }
+
+    /// Returns a bucket taken with [`Registry::take_bucket`].
+    pub fn put_bucket(&self, device_id: &Arc<str>, bucket: TokenBucket) {
+        lock(&self.buckets).insert(device_id.clone(), bucket);
+    }
 }
 
 #[cfg(test)]
@@ -138,10 +371,10 @@ mod tests {
     fn second_connection_kicks_the_first() {
         let r = Registry::new(4);
         let id: Arc<str> = Arc::from("dev");
-        let (mut a, prev) = r.connect_device(&id, "1.1.1.1:1".into());
+        let (mut a, prev) = r.connect_device(&id, "1.1.1.1:1".into(), None).unwrap();
         assert!(prev.is_none());
         assert!(a.kick.try_recv().is_err());
-        let (b, prev) = r.connect_device(&id, "2.2.2.2:2".into());
+        let (b, prev) = r.connect_device(&id, "2.2.2.2:2".into(), None).unwrap();
         assert_eq!(prev.as_deref(), Some("1.1.1.1:1"));
         assert_eq!(a.kick.try_recv().ok(), Some(Kick::Replaced));
         // The old connection's late disconnect leaves the new one alone.
@@ -156,7 +389,7 @@ mod tests {
         let r = Registry::new(2);
         let id: Arc<str> = Arc::from("dev");
         let mut sub = r.topic(&id).subscribe();
-        let (lease, _) = r.connect_device(&id, "p".into());
+        let (lease, _) = r.connect_device(&id, "p".into(), None).unwrap();
         for i in 0..3 {
             lease.topic.send(Utf8Bytes::from(format!("{i}"))).unwrap();
         }
@@ -164,5 +397,49 @@ mod tests {
             sub.try_recv(),
             Err(broadcast::error::TryRecvError::Lagged(1))
         ));
+    }
+
+    #[test]
+    fn takeover_loops_are_refused_for_a_cooldown() {
+        let policy = TakeoverPolicy {
+            max_replacements: 2,
+            window: Duration::from_secs(60),
+            cooldown: Duration::from_millis(300),
+        };
+        let r = Registry::with_policy(4, policy);
+        let id: Arc<str> = Arc::from("dev");
+        let (_a, _) = r.connect_device(&id, "a".into(), None).unwrap();
+        let (_b, _) = r.connect_device(&id, "b".into(), None).unwrap();
+        let (mut c, _) = r.connect_device(&id, "c".into(), None).unwrap();
+        // The third replacement within the window is a loop.
+        let e = r.connect_device(&id, "d".into(), None).err().unwrap();
+        assert_eq!(e.other_peer.as_deref(), Some("c"));
+        assert_eq!(c.kick.try_recv().ok(), Some(Kick::Conflict));
+        assert!(!r.is_online("dev"));
+        // Refused during the cool-down, accepted after it.
+        assert!(r.connect_device(&id, "e".into(), None).is_err());
+        std::thread::sleep(Duration::from_millis(350));
+        assert!(r.connect_device(&id, "f".into(), None).is_ok());
+    }
+
+    #[test]
+    fn kick_and_status() {
+        let r = Registry::new(4);
+        let id: Arc<str> = Arc::from("dev");
+        assert!(!r.kick("dev", Kick::Revoked));
+        let (mut a, _) = r.connect_device(&id, "a".into(), Some([1; 32])).unwrap();
+        assert_eq!(r.device_tokens(), vec![(id.clone(), Some([1; 32]))]);
+        assert!(r.kick("dev", Kick::Revoked));
+        assert!(!r.kick("dev", Kick::Revoked), "a connection is kicked once");
+        assert_eq!(a.kick.try_recv().ok(), Some(Kick::Revoked));
+        let st = EdgeStatus {
+            outbox_depth: 5,
+            oldest_ts_ms: Some(1_000),
+            ..Default::default()
+        };
+        r.set_edge_status(&id, st, 11_000);
+        assert_eq!(r.edge_status("dev").map(|e| e.behind_ms), Some(10_000));
+        r.disconnect_device(&id, a.conn_id);
+        assert!(r.edge_status("dev").is_none());
     }
 }

@@ -43,6 +43,8 @@ pub(crate) struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// TLS acceptor when the hub terminates TLS itself.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Counters behind `/metrics` and `/readyz` (issue 9).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Keeps the "all connections finished" channel open while alive
@@ -122,7 +124,7 @@ where
     let service = hyper::service::service_fn(move |req| {
         let shared = svc_shared.clone();
         let guard = svc_guard.clone();
-        async move { Ok::<_, Infallible>(handle(req, peer, shared, guard).await) }
+        async move { Ok::<_, Infallible>(observe(req, peer, shared, guard).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -175,6 +177,77 @@ pub(crate) fn ws_config() -> WebSocketConfig {
         .read_buffer_size(4096)
         .write_buffer_size(0)
         .max_write_buffer_size(256 * 1024)
+}
+
+/// `/metrics` and `/readyz` (issue 9), then [`handle`]; counts the outcome
+/// of every request on a `/ws/` route by its status.
+async fn observe(req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>, guard: ConnGuard) -> Resp {
+    use crate::metrics::Handshake;
+    if req.uri().query().is_none() && (req.method() == Method::GET || req.method() == Method::HEAD) {
+        match req.uri().path() {
+            "/metrics" => return metrics_response(&shared),
+            "/readyz" => return readyz_response(&shared),
+            _ => {}
+        }
+    }
+    let ws_route = req.uri().path().starts_with("/ws/");
+    let resp = handle(req, peer, shared.clone(), guard).await;
+    if ws_route {
+        let outcome = match resp.status() {
+            StatusCode::SWITCHING_PROTOCOLS => Handshake::Upgraded,
+            StatusCode::UNAUTHORIZED => Handshake::Unauthorized,
+            StatusCode::FORBIDDEN => Handshake::Forbidden,
+            StatusCode::UPGRADE_REQUIRED | StatusCode::METHOD_NOT_ALLOWED => Handshake::NotUpgrade,
+            s if s.is_server_error() => Handshake::Unavailable,
+            _ => Handshake::BadRequest,
+        };
+        shared.metrics.handshake(outcome);
+    }
+    resp
+}
+
+/// Refreshes the gauges that are read at scrape time.
+fn refresh_gauges(shared: &Shared) {
+    let depth = shared.queue.max_capacity().saturating_sub(shared.queue.capacity());
+    shared
+        .metrics
+        .queue_depth
+        .store(depth as i64, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `GET /metrics`: the Prometheus text format. Only closed label sets; no
+/// device id, address or token.
+fn metrics_response(shared: &Shared) -> Resp {
+    refresh_gauges(shared);
+    let mut edge = crate::metrics::EdgeSummary::default();
+    for (_, e) in shared.registry.edge_statuses() {
+        edge.reporting += 1;
+        edge.sum_depth = edge.sum_depth.saturating_add(e.status.outbox_depth);
+        edge.max_depth = edge.max_depth.max(e.status.outbox_depth);
+        edge.max_behind_ms = edge.max_behind_ms.max(e.behind_ms);
+        if e.behind_ms > 60_000 {
+            edge.behind += 1;
+        }
+    }
+    let body = shared.metrics.render(&edge);
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}
+
+/// `GET /readyz`: 200 when the store is reachable and the writer queue has
+/// room, else 503 with the reason.
+fn readyz_response(shared: &Shared) -> Resp {
+    refresh_gauges(shared);
+    match shared.metrics.ready() {
+        Ok(()) => text(StatusCode::OK, "ready\n"),
+        Err("writer queue full") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: writer queue full\n"),
+        Err("store unreachable") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: store unreachable\n"),
+        Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: store writer failing\n"),
+    }
 }
 
 async fn handle(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>, guard: ConnGuard) -> Resp {
@@ -270,9 +343,12 @@ async fn handle(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared
         };
         let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config())).await;
         if is_device {
-            session::device(ws, device_id, peer, shared).await;
+            session::device(ws, device_id, peer, shared, Some(hash)).await;
         } else {
+            shared.metrics.connection(crate::metrics::Role::Dashboard, 1);
+            let m = shared.metrics.clone();
             session::dashboard(ws, device_id, peer, shared).await;
+            m.connection(crate::metrics::Role::Dashboard, -1);
         }
         drop(guard);
     });

@@ -12,13 +12,14 @@
 //! `max_missed_pongs` unanswered pings the peer is dead and dropped.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::{interval_at, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -26,11 +27,13 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-use ems_shared::{dashboard_frame, decode_reading, FrameError, HubFrame, RejectReason};
+use ems_shared::{dashboard_frame, decode_edge_frame, EdgeFrame, FrameError, HubFrame, RejectReason};
 
+use crate::limits::{Excess, TokenBucket};
+use crate::metrics::Role;
 use crate::registry::Kick;
 use crate::server::Shared;
-use crate::store::Row;
+use crate::store::{Row, TokenHash};
 use crate::writer::{AckSink, Item};
 
 type Ws = WebSocketStream<TokioIo<Upgraded>>;
@@ -101,13 +104,45 @@ enum End {
 }
 
 /// Serves one device connection until it ends.
-pub(crate) async fn device(mut ws: Ws, device_id: Arc<str>, peer: SocketAddr, shared: Arc<Shared>) {
+///
+/// `token` is the hash of the token the connection authenticated with; the
+/// revocation poller compares it with the store's current one.
+pub(crate) async fn device(
+    mut ws: Ws,
+    device_id: Arc<str>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    token: Option<TokenHash>,
+) {
     let cfg = &shared.config;
-    let (lease, replaced) = shared.registry.connect_device(&device_id, peer.to_string());
+    let metrics = &shared.metrics;
+    let (lease, replaced) = match shared.registry.connect_device(&device_id, peer.to_string(), token) {
+        Ok(l) => l,
+        Err(conflict) => {
+            metrics.takeover_conflicts.fetch_add(1, Ordering::Relaxed);
+            match &conflict.other_peer {
+                Some(other) => log::error!(
+                    "device {device_id}: takeover loop between {other} and {peer} (two devices share this id?); \
+                     closing both with 4002 and refusing the id for {:?}",
+                    conflict.remaining
+                ),
+                None => log::warn!(
+                    "device {device_id} from {peer} refused (4002 conflict): takeover cool-down, {:?} left",
+                    conflict.remaining
+                ),
+            }
+            close(&mut ws, CloseCode::from(ems_shared::CLOSE_CONFLICT), "conflict").await;
+            return;
+        }
+    };
     match replaced {
-        Some(old) => log::warn!("device {device_id} connected from {peer}; closing its previous connection from {old} (4000 replaced)"),
+        Some(old) => {
+            metrics.takeovers.fetch_add(1, Ordering::Relaxed);
+            log::warn!("device {device_id} connected from {peer}; closing its previous connection from {old} (4000 replaced)")
+        }
         None => log::info!("device {device_id} connected from {peer}"),
     }
+    metrics.connection(Role::Device, 1);
     let mut kick = lease.kick;
     let topic = lease.topic;
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
@@ -121,6 +156,10 @@ pub(crate) async fn device(mut ws: Ws, device_id: Arc<str>, peer: SocketAddr, sh
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut missed = 0u32;
     let mut warn = RateLimitedWarn::new(Duration::from_secs(10));
+    let mut bucket = shared
+        .registry
+        .take_bucket(&device_id, || TokenBucket::new(&cfg.rate_limit, Instant::now()));
+    let mut excess = Excess::default();
     // The last reading queued for the store, to wait for its ack on shutdown.
     let mut last_queued: Option<(u64, u64)> = None;
 
@@ -128,8 +167,19 @@ pub(crate) async fn device(mut ws: Ws, device_id: Arc<str>, peer: SocketAddr, sh
         tokio::select! {
             biased;
             k = &mut kick => {
-                if let Ok(Kick::Replaced) = k {
-                    break End::Close(CloseCode::from(ems_shared::CLOSE_REPLACED), "replaced");
+                match k {
+                    Ok(Kick::Replaced) => break End::Close(CloseCode::from(ems_shared::CLOSE_REPLACED), "replaced"),
+                    Ok(Kick::Revoked) => {
+                        metrics.revoked_closes.fetch_add(1, Ordering::Relaxed);
+                        log::warn!("device {device_id} from {peer}: token revoked or rotated, closing (4001)");
+                        break End::Close(CloseCode::from(ems_shared::CLOSE_REVOKED), "token revoked");
+                    }
+                    Ok(Kick::Conflict) => {
+                        metrics.takeover_conflicts.fetch_add(1, Ordering::Relaxed);
+                        break End::Close(CloseCode::from(ems_shared::CLOSE_CONFLICT), "conflict");
+                    }
+                    // The slot was dropped without a kick: keep serving.
+                    Err(_) => kick = oneshot::channel().1,
                 }
             }
             _ = crate::shutting_down(&mut shutdown) => {
@@ -140,6 +190,7 @@ pub(crate) async fn device(mut ws: Ws, device_id: Arc<str>, peer: SocketAddr, sh
                             if send_ack(&mut ws, ack).await.is_err() || ack == last {
                                 break;
                             }
+                            metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
                         }
                     }).await;
                 }
@@ -149,9 +200,11 @@ pub(crate) async fn device(mut ws: Ws, device_id: Arc<str>, peer: SocketAddr, sh
                 if send_ack(&mut ws, ack).await.is_err() {
                     break End::Gone;
                 }
+                metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
             }
             _ = ping.tick() => {
                 if missed >= cfg.max_missed_pongs {
+                    metrics.heartbeat_death(Role::Device);
                     log::warn!("device {device_id} from {peer}: {missed} pings unanswered, dropping dead connection");
                     break End::Gone;
                 }
@@ -160,49 +213,93 @@ pub(crate) async fn device(mut ws: Ws, device_id: Arc<str>, peer: SocketAddr, sh
                     break End::Gone;
                 }
             }
-            msg = ws.next() => match msg {
-                Some(Ok(Message::Text(text))) => {
-                    match handle_text(&text, &device_id, &topic, &sink, &shared).await {
-                        Ok(Some(id)) => last_queued = Some(id),
-                        Ok(None) => break End::Close(CloseCode::Away, "hub shutting down"),
-                        Err(e) => {
-                            if let Some(n) = warn.allow(Instant::now()) {
-                                log::warn!("device {device_id}: discarded frame ({e}){}", suppressed(n));
-                            }
-                            if let (Some(epoch), Some(seq)) = (e.epoch, e.seq) {
-                                let reason = format!("{}: {}", e.reason.code(), e.detail);
-                                let frame = HubFrame::Rejected { epoch, seq, reason }.to_json();
-                                if ws.send(Message::Text(frame.into())).await.is_err() {
-                                    break End::Gone;
-                                }
+            msg = ws.next() => {
+                let frame_text = match msg {
+                    Some(Ok(Message::Text(text))) => Some(text),
+                    Some(Ok(Message::Binary(_))) => None,
+                    Some(Ok(Message::Pong(_))) => {
+                        missed = 0;
+                        continue;
+                    }
+                    Some(Ok(Message::Ping(_))) | Some(Ok(Message::Frame(_))) => continue,
+                    Some(Ok(Message::Close(_))) | None => break End::Gone,
+                    Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
+                        log::warn!("device {device_id}: message of {size} bytes exceeds {max_size}, closing (1009)");
+                        break End::Close(CloseCode::Size, "message too big");
+                    }
+                    Some(Err(e)) => {
+                        log::info!("device {device_id} from {peer}: connection error: {e}");
+                        break End::Gone;
+                    }
+                };
+                metrics.frames_received.fetch_add(1, Ordering::Relaxed);
+                let now = Instant::now();
+                let outcome = if !bucket.try_take(now) {
+                    Err(rate_limited(frame_text.as_deref()))
+                } else if let Some(text) = &frame_text {
+                    handle_text(text, &device_id, &topic, &sink, &shared).await
+                } else {
+                    Err(FrameError {
+                        reason: RejectReason::BinaryFrame,
+                        detail: "readings are text frames".into(),
+                        epoch: None,
+                        seq: None,
+                    })
+                };
+                match outcome {
+                    Ok(Handled::Queued(id)) => last_queued = Some(id),
+                    Ok(Handled::Status) => {}
+                    Ok(Handled::WriterGone) => break End::Close(CloseCode::Away, "hub shutting down"),
+                    Err(e) => {
+                        metrics.rejected(e.reason);
+                        if e.reason == RejectReason::RateLimited && excess.refused(now, cfg.rate_limit.abuse_after) {
+                            metrics.abuse_closes.fetch_add(1, Ordering::Relaxed);
+                            log::warn!("device {device_id} from {peer}: rate limit exceeded for {:?}, closing (1008)", cfg.rate_limit.abuse_after);
+                            break End::Close(CloseCode::Policy, "rate limit exceeded");
+                        }
+                        if let Some(n) = warn.allow(now) {
+                            log::warn!("device {device_id}: discarded frame ({e}){}", suppressed(n));
+                        }
+                        if let (Some(epoch), Some(seq)) = (e.epoch, e.seq) {
+                            let reason = format!("{}: {}", e.reason.code(), e.detail);
+                            let frame = HubFrame::Rejected { epoch, seq, reason }.to_json();
+                            if ws.send(Message::Text(frame.into())).await.is_err() {
+                                break End::Gone;
                             }
                         }
                     }
-                }
-                Some(Ok(Message::Binary(_))) => {
-                    if let Some(n) = warn.allow(Instant::now()) {
-                        log::warn!("device {device_id}: discarded frame ({}: readings are text frames){}", RejectReason::BinaryFrame.code(), suppressed(n));
-                    }
-                }
-                Some(Ok(Message::Pong(_))) => missed = 0,
-                Some(Ok(Message::Ping(_))) | Some(Ok(Message::Frame(_))) => {}
-                Some(Ok(Message::Close(_))) | None => break End::Gone,
-                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
-                    log::warn!("device {device_id}: message of {size} bytes exceeds {max_size}, closing (1009)");
-                    break End::Close(CloseCode::Size, "message too big");
-                }
-                Some(Err(e)) => {
-                    log::info!("device {device_id} from {peer}: connection error: {e}");
-                    break End::Gone;
                 }
             }
         }
     };
     shared.registry.disconnect_device(&device_id, lease.conn_id);
+    shared.registry.put_bucket(&device_id, bucket);
+    metrics.connection(Role::Device, -1);
     if let End::Close(code, reason) = end {
         close(&mut ws, code, reason).await;
     }
     log::info!("device {device_id} from {peer} disconnected");
+}
+
+/// The refusal of a frame that found the bucket empty; keeps the frame's
+/// epoch/seq (when readable, without full validation) so the edge learns
+/// which reading was not taken.
+fn rate_limited(text: Option<&str>) -> FrameError {
+    #[derive(serde::Deserialize)]
+    struct Ids {
+        epoch: Option<u64>,
+        seq: Option<u64>,
+    }
+    let (epoch, seq) = text
+        .and_then(|t| serde_json::from_str::<Ids>(t).ok())
+        .map(|i| (i.epoch, i.seq))
+        .unwrap_or((None, None));
+    FrameError {
+        reason: RejectReason::RateLimited,
+        detail: "per-device rate limit exceeded; resend later".into(),
+        epoch,
+        seq,
+    }
 }
 
 fn suppressed(n: u64) -> String {
@@ -218,17 +315,35 @@ async fn send_ack(ws: &mut Ws, (epoch, seq): (u64, u64)) -> Result<(), WsError> 
     ws.send(Message::Text(frame.into())).await
 }
 
-/// Validates one text frame, fans it out and queues it for the store.
-/// `Ok(None)`: the writer is gone (shutdown).
+/// What became of a valid frame.
+enum Handled {
+    /// A reading, queued for the store as `(epoch, seq)`.
+    Queued((u64, u64)),
+    /// A status frame, recorded in the registry.
+    Status,
+    /// The writer is gone (shutdown).
+    WriterGone,
+}
+
+/// Validates one text frame; a reading is fanned out and queued for the
+/// store, a status frame is recorded in the registry.
 async fn handle_text(
     text: &str,
     device_id: &Arc<str>,
     topic: &broadcast::Sender<Utf8Bytes>,
     sink: &Arc<AckSink>,
     shared: &Shared,
-) -> Result<Option<(u64, u64)>, FrameError> {
+) -> Result<Handled, FrameError> {
     let rx_ms = now_ms();
-    let reading = decode_reading(text, rx_ms)?;
+    let reading = match decode_edge_frame(text, rx_ms)? {
+        EdgeFrame::Reading(r) => r,
+        EdgeFrame::Status(status) => {
+            shared.metrics.status_frames.fetch_add(1, Ordering::Relaxed);
+            shared.registry.set_edge_status(device_id, status, rx_ms);
+            return Ok(Handled::Status);
+        }
+    };
+    shared.metrics.readings_valid.fetch_add(1, Ordering::Relaxed);
     // Hot path: serialize only when somebody watches; one buffer shared by
     // every subscriber.
     if topic.receiver_count() > 0 {
@@ -244,7 +359,10 @@ async fn handle_text(
         ack: sink.clone(),
     };
     // Cold path: waits only when the queue is full (backpressure).
-    Ok(shared.queue.send(item).await.ok().map(|_| id))
+    Ok(match shared.queue.send(item).await {
+        Ok(()) => Handled::Queued(id),
+        Err(_) => Handled::WriterGone,
+    })
 }
 
 /// Serves one dashboard subscriber until it ends.
@@ -264,15 +382,19 @@ pub(crate) async fn dashboard(mut ws: Ws, device_id: Arc<str>, peer: SocketAddr,
             frame = feed.recv() => match frame {
                 Ok(bytes) => {
                     match tokio::time::timeout(cfg.write_timeout, ws.send(Message::Text(bytes))).await {
-                        Ok(Ok(())) => {}
+                        Ok(Ok(())) => {
+                            shared.metrics.broadcast_deliveries.fetch_add(1, Ordering::Relaxed);
+                        }
                         Ok(Err(_)) => break End::Gone,
                         Err(_) => {
+                            shared.metrics.subscribers_dropped_slow.fetch_add(1, Ordering::Relaxed);
                             log::warn!("dashboard for {device_id} from {peer}: write timed out, dropping slow subscriber");
                             break End::Gone;
                         }
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
+                    shared.metrics.subscribers_dropped_slow.fetch_add(1, Ordering::Relaxed);
                     log::warn!("dashboard for {device_id} from {peer}: {n} readings behind, dropping slow subscriber");
                     break End::Close(CloseCode::Again, "too slow");
                 }
@@ -280,6 +402,7 @@ pub(crate) async fn dashboard(mut ws: Ws, device_id: Arc<str>, peer: SocketAddr,
             },
             _ = ping.tick() => {
                 if missed >= cfg.max_missed_pongs {
+                    shared.metrics.heartbeat_death(Role::Dashboard);
                     log::warn!("dashboard for {device_id} from {peer}: {missed} pings unanswered, dropping dead connection");
                     break End::Gone;
                 }

@@ -14,6 +14,7 @@
 //!   drained, so a graceful shutdown flushes everything it received.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 
+use crate::metrics::Metrics;
 use crate::store::{Row, Store};
 
 /// Where a committed reading's ack goes: one per device connection.
@@ -67,9 +69,22 @@ impl Writer {
         stop: watch::Receiver<bool>,
         rt: Handle,
     ) -> std::io::Result<Writer> {
+        Self::spawn_with_metrics(store, rx, cfg, stop, rt, Arc::new(Metrics::new()))
+    }
+
+    /// Like [`Writer::spawn`], recording batch sizes, commit latency,
+    /// failures, store health and the queue depth in `metrics`.
+    pub fn spawn_with_metrics(
+        store: Box<dyn Store>,
+        rx: mpsc::Receiver<Item>,
+        cfg: WriterConfig,
+        stop: watch::Receiver<bool>,
+        rt: Handle,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Writer> {
         let join = std::thread::Builder::new()
             .name("ems-writer".into())
-            .spawn(move || run(store, rx, cfg, stop, rt))?;
+            .spawn(move || run(store, rx, cfg, stop, rt, &metrics))?;
         Ok(Writer { join })
     }
 
@@ -87,6 +102,7 @@ fn run(
     cfg: WriterConfig,
     mut stop: watch::Receiver<bool>,
     rt: Handle,
+    metrics: &Metrics,
 ) {
     let max = cfg.batch_max_rows.max(1);
     let mut batch: Vec<Item> = Vec::with_capacity(max);
@@ -128,7 +144,7 @@ fn run(
         }
         rows.clear();
         rows.extend(batch.iter().map(|i| i.row.clone()));
-        commit(store.as_mut(), &rows);
+        commit(store.as_mut(), &rows, metrics);
         send_acks(&batch);
         batch.clear();
     }
@@ -137,12 +153,14 @@ fn run(
 /// Commits `rows`, retrying with capped exponential backoff until the
 /// store accepts them. Dedup on (device_id, epoch, seq) makes a retry after
 /// an ambiguous failure safe.
-fn commit(store: &mut dyn Store, rows: &[Row]) {
+fn commit(store: &mut dyn Store, rows: &[Row], metrics: &Metrics) {
     let mut delay = Duration::from_millis(100);
     let mut attempt = 0u32;
+    let started = Instant::now();
     loop {
         match store.insert_batch(rows) {
             Ok(()) => {
+                metrics.committed(rows.len(), started.elapsed());
                 if attempt > 0 {
                     log::info!("store writer: batch of {} committed after {attempt} retries", rows.len());
                 }
@@ -150,6 +168,8 @@ fn commit(store: &mut dyn Store, rows: &[Row]) {
             }
             Err(e) => {
                 attempt += 1;
+                metrics.commit_failures.fetch_add(1, Ordering::Relaxed);
+                metrics.store_writer_ok.store(0, Ordering::Relaxed);
                 if attempt == 1 || attempt.is_power_of_two() {
                     log::error!(
                         "store writer: commit of {} readings failed (attempt {attempt}), retrying: {e}",
@@ -206,6 +226,9 @@ mod tests {
         }
         fn viewer_scope(&mut self, _: &TokenHash) -> Result<Option<ViewerScope>, StoreError> {
             Ok(None)
+        }
+        fn active_device_tokens(&mut self) -> Result<Vec<(String, TokenHash)>, StoreError> {
+            Ok(vec![])
         }
         fn add_device(&mut self, _: &str, _: &TokenHash, _: i64) -> Result<(), StoreError> {
             Ok(())

@@ -126,6 +126,13 @@ pub trait Store: Send {
     /// The scope of the unrevoked viewer token with this hash, if any.
     fn viewer_scope(&mut self, hash: &TokenHash) -> Result<Option<ViewerScope>, StoreError>;
 
+    /// Every unrevoked device with its current token hash (issue 9: the
+    /// hub polls this about once a second and closes, with 4001, every live
+    /// connection whose device is missing here — revoked or deleted — or
+    /// whose token hash differs — rotated). One indexed scan of `devices`;
+    /// fine for fleets of tens of thousands of devices.
+    fn active_device_tokens(&mut self) -> Result<Vec<(String, TokenHash)>, StoreError>;
+
     /// Adds a device with its token hash. `AlreadyExists` if the id exists
     /// (revoked or not).
     fn add_device(

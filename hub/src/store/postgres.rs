@@ -544,6 +544,18 @@ impl PgStore {
         self.connects
     }
 
+    /// Process id of the server backend serving this handle (connecting
+    /// first if needed), for diagnostics and the benchmark's CPU
+    /// accounting.
+    pub fn backend_pid(&mut self) -> Result<i32, StoreError> {
+        self.with(|c| {
+            c.client
+                .query_one("SELECT pg_backend_pid()", &[])
+                .and_then(|r| r.try_get(0))
+                .map_err(db)
+        })
+    }
+
     /// The URL without its password.
     pub fn redacted_url(&self) -> &str {
         &self.target.redacted
@@ -1038,6 +1050,28 @@ impl Store for PgStore {
                     Ok(ct_eq(&stored, hash))
                 }
             }
+        })
+    }
+
+    fn active_device_tokens(&mut self) -> Result<Vec<(String, TokenHash)>, StoreError> {
+        self.with(|c| {
+            let rows = c
+                .client
+                .query(
+                    "SELECT device_id, token_hash FROM devices WHERE revoked_ms IS NULL",
+                    &[],
+                )
+                .map_err(db)?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let id: String = r.try_get(0).map_err(db)?;
+                let hash: Vec<u8> = r.try_get(1).map_err(db)?;
+                // A malformed stored hash matches no token (see sqlite.rs).
+                if let Ok(h) = TokenHash::try_from(hash.as_slice()) {
+                    out.push((id, h));
+                }
+            }
+            Ok(out)
         })
     }
 

@@ -282,6 +282,26 @@ impl Store for SqliteStore {
         Ok(stored.is_some_and(|s| ct_eq(&s, hash)))
     }
 
+    fn active_device_tokens(&mut self) -> Result<Vec<(String, TokenHash)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT device_id, token_hash FROM devices WHERE revoked_ms IS NULL")
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))
+            .map_err(db)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, hash) = row.map_err(db)?;
+            // A malformed stored hash matches no token: leave it out, so a
+            // connection of that device is closed rather than trusted.
+            if let Ok(h) = TokenHash::try_from(hash.as_slice()) {
+                out.push((id, h));
+            }
+        }
+        Ok(out)
+    }
+
     fn viewer_scope(&mut self, hash: &TokenHash) -> Result<Option<ViewerScope>, StoreError> {
         let found: Option<(i64, bool)> = self
             .conn

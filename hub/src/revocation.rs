@@ -1,0 +1,80 @@
+//! Live revocation and rotation: a background task that polls the store
+//! every `revocation_poll` (default 1 s) for the current token of every
+//! device and closes, with 4001, each live connection whose token was
+//! revoked, rotated or whose device was deleted — also when the admin
+//! command ran in another process (`ems-hub device revoke` against the same
+//! database), which the hub has no other way to learn about.
+//!
+//! Worst case from the admin command's commit to the close frame: one poll
+//! interval plus one store query plus a scheduler tick (≈ 1.1 s with the
+//! defaults). In-process changes (the admin API) call
+//! [`crate::registry::Registry::kick`] and close at once.
+//!
+//! The poll doubles as the store health check behind `/readyz`: its outcome
+//! sets `Metrics::store_poll_ok`, so an idle hub notices a lost database.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::time::MissedTickBehavior;
+
+use crate::registry::Kick;
+use crate::server::Shared;
+use crate::store::TokenHash;
+
+/// Polls until the hub shuts down.
+pub(crate) async fn run(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    let mut tick = tokio::time::interval(
+        shared
+            .config
+            .revocation_poll
+            .max(std::time::Duration::from_millis(10)),
+    );
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = crate::shutting_down(&mut shutdown) => return,
+            _ = tick.tick() => {}
+        }
+        let auth = shared.auth.clone();
+        let current = tokio::task::spawn_blocking(move || {
+            let mut store = auth.lock().unwrap_or_else(|p| p.into_inner());
+            store.active_device_tokens()
+        })
+        .await;
+        let current: HashMap<String, TokenHash> = match current {
+            Ok(Ok(list)) => {
+                if failing {
+                    log::info!("revocation poll: store reachable again");
+                    failing = false;
+                }
+                shared.metrics.store_poll_ok.store(1, Ordering::Relaxed);
+                list.into_iter().collect()
+            }
+            Ok(Err(e)) => {
+                if !failing {
+                    log::error!("revocation poll: store unreachable: {e}");
+                    failing = true;
+                }
+                shared.metrics.store_poll_ok.store(0, Ordering::Relaxed);
+                continue;
+            }
+            Err(e) => {
+                log::error!("revocation poll task failed: {e}");
+                continue;
+            }
+        };
+        for (device_id, token) in shared.registry.device_tokens() {
+            let Some(token) = token else { continue };
+            let valid = current
+                .get(&*device_id)
+                .is_some_and(|h| crate::store::ct_eq(h, &token));
+            if !valid && shared.registry.kick(&device_id, Kick::Revoked) {
+                log::info!("device {device_id}: token no longer valid in the store; closing its connection (4001)");
+            }
+        }
+    }
+}
