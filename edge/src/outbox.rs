@@ -632,4 +632,104 @@ mod tests {
         assert_eq!(send_all(&mut s), [1, 2]);
         assert_eq!(s.low(), 1);
     }
+
+    fn reading(seq: u64) -> Reading {
+        Reading {
+            epoch: 7,
+            seq,
+            ts_ms: 1_764_000_000_000 + seq as i64,
+            meter: "main".into(),
+            power_w: Some(seq as f64),
+            ..Default::default()
+        }
+    }
+
+    fn drain(ob: &mut Outbox) -> Vec<u64> {
+        let mut seqs = vec![];
+        loop {
+            let batch = ob.next_batch(1000);
+            if batch.is_empty() {
+                return seqs;
+            }
+            for o in batch {
+                seqs.push(serde_json::from_str::<Reading>(&o.json).unwrap().seq);
+            }
+        }
+    }
+
+    #[test]
+    fn outbox_reopens_with_only_unacked_readings() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
+        for seq in 0..100 {
+            ob.append(&reading(seq)).unwrap();
+        }
+        ob.connected();
+        assert_eq!(drain(&mut ob), (0..100).collect::<Vec<_>>());
+        assert_eq!(ob.ack(7, 49).done, 50);
+        assert_eq!(ob.rejected(7, 60).done, 1);
+        sync_files(ob.flush().unwrap()).unwrap();
+        ob.persist_watermark().unwrap();
+        drop(ob);
+        let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
+        // The rejection was not persisted (only the contiguous watermark
+        // is): resending it is harmless, the hub refuses it again.
+        assert_eq!(ob.stats().depth, 50);
+        ob.connected();
+        assert_eq!(drain(&mut ob), (50..100).collect::<Vec<_>>());
+        assert_eq!(ob.ack(7, 99).done, 50);
+        assert_eq!(ob.stats().depth, 0);
+    }
+
+    #[test]
+    fn a_full_spool_drops_the_oldest_and_counts_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ob = Outbox::open(dir.path(), 64 * 1024, 100).unwrap();
+        let mut lost = 0;
+        for seq in 0..3000 {
+            lost += ob.append(&reading(seq)).unwrap();
+            if seq % 50 == 0 {
+                sync_files(ob.flush().unwrap()).unwrap();
+            }
+        }
+        let st = ob.stats();
+        assert!(lost > 1000, "{lost}");
+        assert_eq!(st.dropped_full, lost);
+        assert_eq!(st.depth + lost, 3000);
+        assert!(st.spool_bytes <= 64 * 1024);
+        ob.connected();
+        let seqs = drain(&mut ob);
+        // What is left is the newest readings, in order, none missing.
+        assert_eq!(seqs.len() as u64, st.depth.min(100));
+        assert_eq!(seqs[0], lost);
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
+    }
+
+    #[test]
+    fn acked_segments_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let count = || {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .ends_with(".seg")
+                })
+                .count()
+        };
+        let mut ob = Outbox::open(dir.path(), 64 * 1024, 10_000).unwrap();
+        for seq in 0..500 {
+            ob.append(&reading(seq)).unwrap();
+        }
+        sync_files(ob.flush().unwrap()).unwrap();
+        assert!(count() > 2, "{}", count());
+        ob.connected();
+        drain(&mut ob);
+        ob.ack(7, 499);
+        sync_files(ob.flush().unwrap()).unwrap();
+        assert_eq!(count(), 1);
+    }
 }
