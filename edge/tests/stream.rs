@@ -905,7 +905,7 @@ fn tells_systemd_ready_status_watchdog_and_stopping() {
         .env("WATCHDOG_USEC", "2000000");
     let mut edge = Edge::spawn_cmd(cmd, &w.config("edge.toml", "", ""), &w.token, w.dir.path());
     let mut messages = Vec::<String>::new();
-    let mut recv = |messages: &mut Vec<String>| {
+    let recv = |messages: &mut Vec<String>| {
         let mut buf = [0u8; 4096];
         if let Ok(n) = sock.recv(&mut buf) {
             messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
