@@ -54,13 +54,46 @@ fn rows(n: u64, first_seq: u64) -> Vec<Row> {
         .collect()
 }
 
-/// Writes `data` in batches of `batch`, returning rows/s.
-fn run(store: &mut PgStore, data: &[Row], batch: usize) -> Result<f64, String> {
+/// CPU seconds (user + system) used so far by process `pid`, from
+/// `/proc/PID/stat` (Linux; `None` elsewhere or without access).
+fn cpu_secs(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are
+    // fields 14 and 15 of the whole line.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0) // USER_HZ is 100 on Linux
+}
+
+/// Result of one run.
+struct Rate {
+    /// Wall-clock rows/s.
+    rows_per_s: f64,
+    /// Rows per CPU-second of the writing server backend (what one
+    /// otherwise idle core could sustain for it), if measurable.
+    rows_per_backend_cpu_s: Option<f64>,
+}
+
+/// Writes `data` in batches of `batch`.
+fn run(store: &mut PgStore, data: &[Row], batch: usize) -> Result<Rate, String> {
+    let pid = store.backend_pid().map_err(|e| e.to_string())?.to_string();
+    let cpu0 = cpu_secs(&pid);
     let start = Instant::now();
     for chunk in data.chunks(batch) {
         store.insert_batch(chunk).map_err(|e| e.to_string())?;
     }
-    Ok(data.len() as f64 / start.elapsed().as_secs_f64())
+    let wall = start.elapsed().as_secs_f64();
+    // A fallback reconnect would change the backend; then no CPU figure.
+    let same = store.backend_pid().ok().map(|p| p.to_string()) == Some(pid.clone());
+    let cpu = match (cpu0, cpu_secs(&pid)) {
+        (Some(a), Some(b)) if same && b > a => Some(b - a),
+        _ => None,
+    };
+    Ok(Rate {
+        rows_per_s: data.len() as f64 / wall,
+        rows_per_backend_cpu_s: cpu.map(|c| data.len() as f64 / c),
+    })
 }
 
 fn count(url: &str) -> i64 {
@@ -98,9 +131,20 @@ fn main() {
         }
     };
 
+    let loadavg = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|_| "?".into())
+    };
+    println!(
+        "load average at start: {} ({} CPUs)",
+        loadavg(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     println!(
         "rows per run: {per_run}; {DEVICES} devices; dedup on; fsync + synchronous_commit on\n"
     );
+    println!("rows/s wall clock (in brackets: rows per CPU-second of the PostgreSQL backend)\n");
     println!("| method | batch rows | new rows/s | 10% resent rows/s | all resent rows/s |");
     println!("|---|---:|---:|---:|---:|");
     let data = rows(per_run, 0);
@@ -139,8 +183,12 @@ fn main() {
             let again = run(&mut s, &data[..half], batch);
             let stored = count(&db.url);
             let expect = half as i64 + (half - half.div_ceil(10)) as i64;
-            let fmt = |r: Result<f64, String>| match r {
-                Ok(v) => format!("{:.0}", v),
+            let fmt = |r: Result<Rate, String>| match r {
+                Ok(Rate {
+                    rows_per_s,
+                    rows_per_backend_cpu_s: Some(c),
+                }) => format!("{rows_per_s:.0} ({c:.0})"),
+                Ok(r) => format!("{:.0}", r.rows_per_s),
                 Err(e) => format!("error: {e}"),
             };
             println!(
@@ -173,9 +221,13 @@ fn main() {
         let quarter = data.len() / 4;
         let start = Instant::now();
         let mut quarters = Vec::new();
+        let mut cpu_rates = Vec::new();
         for q in data.chunks(quarter.max(1)) {
             match run(&mut s, q, batch) {
-                Ok(r) => quarters.push(r),
+                Ok(r) => {
+                    quarters.push(r.rows_per_s);
+                    cpu_rates.extend(r.rows_per_backend_cpu_s);
+                }
                 Err(e) => {
                     eprintln!("{e}");
                     std::process::exit(1);
@@ -183,19 +235,23 @@ fn main() {
             }
         }
         let total = start.elapsed();
-        println!(
-            "\nsustained: {sustained} rows in batches of {batch} (binary COPY): {:.0} rows/s overall \
-             ({:.1} s); by quarter: {}; stored {}",
-            sustained as f64 / total.as_secs_f64(),
-            total.as_secs_f64(),
-            quarters
-                .iter()
+        let list = |v: &[f64]| {
+            v.iter()
                 .map(|r| format!("{r:.0}"))
                 .collect::<Vec<_>>()
-                .join(", "),
+                .join(", ")
+        };
+        println!(
+            "\nsustained: {sustained} rows in batches of {batch} (binary COPY): {:.0} rows/s overall \
+             ({:.1} s); by quarter: {}; rows per backend CPU-second by quarter: {}; stored {}",
+            sustained as f64 / total.as_secs_f64(),
+            total.as_secs_f64(),
+            list(&quarters),
+            list(&cpu_rates),
             count(&db.url)
         );
     }
+    println!("load average at end: {}", loadavg());
     // Let the watcher see nothing still connected.
     std::thread::sleep(Duration::from_millis(100));
 }
