@@ -52,7 +52,7 @@ cmd_build() {
     cd "$EMS_ROOT"
     local t bin prefix size stripped sizes_file="$CARGO_TARGET_DIR/ems-edge-sizes.txt"
     mkdir -p "$CARGO_TARGET_DIR"
-    : >"$sizes_file"
+    touch "$sizes_file"
     for t in "${TARGETS[@]}"; do
         log "cargo build --release -p ems-edge --target $t"
         timeout 3600 cargo build --locked --release -p ems-edge --target "$t"
@@ -62,7 +62,9 @@ cmd_build() {
         size="$(stat -c %s "$bin")"
         stripped="$(stat -c %s "$bin.stripped")"
         file -b "$bin" >&2
-        printf '%s ems-edge %s bytes (stripped: %s bytes)\n' "$t" "$size" "$stripped" | tee -a "$sizes_file"
+        { grep -v "^$t " "$sizes_file" || true; } >"$sizes_file.new"
+        printf '%s ems-edge %s bytes (stripped: %s bytes)\n' "$t" "$size" "$stripped" | tee -a "$sizes_file.new"
+        mv "$sizes_file.new" "$sizes_file"
         log "smoke: $(qemu_for "$t") ems-edge --help"
         # shellcheck disable=SC2046 # the runner is a command plus its arguments
         timeout 60 $(qemu_for "$t") "$bin" --help >/dev/null || die "ems-edge --help failed under qemu for $t"
