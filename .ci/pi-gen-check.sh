@@ -57,4 +57,33 @@ printf 'not a token!\n' >"$T/boot/ems/device-token"
 run_fb >/dev/null
 [[ -f "$T/boot/ems/device-token" ]] || die "malformed token should stay for the operator"
 grep -qx "EMS_DEVICE_TOKEN=$token" "$T/etc/ems-edge/edge.env" || die "malformed token replaced the good one"
+
+log "stage scripts against a scratch rootfs (on_chroot recorded, not run)"
+R="$T/rootfs"
+mkdir -p "$R/tmp" "$R/boot/firmware" "$R/etc" "$T/debs"
+printf 'dtparam=audio=on\n' >"$R/boot/firmware/config.txt"
+printf 'console=serial0,115200 console=tty1 root=PARTUUID=x rootwait\n' >"$R/boot/firmware/cmdline.txt"
+: >"$R/etc/modules"
+: >"$T/debs/ems-edge_0.1.0-1_arm64.deb"
+: >"$T/debs/ems-edge_0.1.0-1_armhf.deb"
+export EMS_TEST_CHROOT_LOG="$T/chroot.log"
+on_chroot() { cat >>"$EMS_TEST_CHROOT_LOG"; }
+export -f on_chroot
+export ROOTFS_DIR="$R" ARCH=arm64 EMS_DEB_DIR="$T/debs" EMS_SERIAL_METER=1
+(cd "$STAGE/00-install-ems-edge" && bash -e ./00-run.sh) >"$T/stage.log" 2>&1 || { cat "$T/stage.log" >&2; die "00-run.sh failed"; }
+(cd "$STAGE/01-hardware" && bash -e ./00-run.sh && bash -e ./00-run.sh) >>"$T/stage.log" 2>&1 || { cat "$T/stage.log" >&2; die "01-hardware failed"; }
+grep -q 'ems-edge_0.1.0-1_arm64.deb' "$T/stage.log" || die "stage did not pick the arm64 package"
+[[ -f "$R/tmp/ems-edge.deb" ]] || die "package not copied into the rootfs"
+[[ -x "$R/usr/lib/ems-edge/ems-edge-firstboot" ]] || die "first-boot script not installed"
+[[ -f "$R/etc/systemd/system/ems-edge-firstboot.service" ]] || die "first-boot unit not installed"
+[[ -f "$R/boot/firmware/ems/README.txt" ]] || die "boot partition README missing"
+grep -q 'apt-get install -y --no-install-recommends /tmp/ems-edge.deb' "$T/chroot.log" || die "no apt-get install in chroot"
+grep -q 'systemctl enable ems-edge-firstboot.service' "$T/chroot.log" || die "first-boot unit not enabled"
+[[ "$(grep -c '^dtparam=i2c_arm=on$' "$R/boot/firmware/config.txt")" == 1 ]] || die "i2c not enabled exactly once"
+grep -qx 'dtparam=spi=on' "$R/boot/firmware/config.txt" || die "spi not enabled"
+grep -qx 'enable_uart=1' "$R/boot/firmware/config.txt" || die "uart not enabled"
+grep -qx 'i2c-dev' "$R/etc/modules" || die "i2c-dev not loaded"
+grep -q 'console=serial0' "$R/boot/firmware/cmdline.txt" && die "serial console still on"
+ARCH=armhf EMS_DEB_DIR="$T/nodebs" bash -c 'cd "$1" && bash -e ./00-run.sh' _ "$STAGE/00-install-ems-edge" >/dev/null 2>&1 &&
+    die "stage must fail without a package for the architecture"
 log "pi-gen-check: OK"
