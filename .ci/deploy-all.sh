@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# All issue-7 checks in a sensible order (fast static ones first). For .ci/run:
+#   .ci/deploy-all.sh            # everything
+#   .ci/deploy-all.sh static     # no Rust builds: units, nginx -t, pi-gen scripts
+# Each step is its own script and can be run alone; see deploy/README.md#ci.
+set -euo pipefail
+# shellcheck source=.ci/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+cd "$EMS_ROOT"
+
+step() { log "### $*"; local t0=$SECONDS; "$@"; log "### $1 done in $((SECONDS - t0))s"; }
+
+step .ci/systemd-verify.sh
+step .ci/pi-gen-check.sh
+step .ci/nginx-e2e.sh config-test
+[[ "${1:-all}" == static ]] && exit 0
+step .ci/cross.sh qemu-e2e        # aarch64 + armv7 builds come from packages.sh below
+step .ci/nginx-e2e.sh e2e
+step .ci/packages.sh install-test
+log "all issue-7 checks passed"
