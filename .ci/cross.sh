@@ -4,7 +4,8 @@
 # the aarch64 edge under qemu-user against a native hub on loopback.
 #
 #   .ci/cross.sh build      # toolchains + targets, release builds, sizes, qemu --help smoke
-#   .ci/cross.sh qemu-e2e   # build, then aarch64 edge under qemu -> native hub -> readings stored
+#   .ci/cross.sh qemu-e2e   # build (both targets), then the aarch64 edge under qemu ->
+#                           # native hub on loopback -> readings stored
 #   .ci/cross.sh all        # both (same as qemu-e2e, which builds first)
 #
 # Environment:
@@ -91,7 +92,8 @@ e2e_cleanup() {
 
 cmd_qemu_e2e() {
     local target=aarch64-unknown-linux-gnu
-    TARGETS=("$target")
+    # Build every target (both by default: CI's one cross step), run aarch64.
+    [[ " ${TARGETS[*]} " == *" $target "* ]] || TARGETS+=("$target")
     cmd_build
     ensure_apt sqlite3 curl python3
     cd "$EMS_ROOT"

@@ -14,7 +14,7 @@ step .ci/systemd-verify.sh
 step .ci/pi-gen-check.sh
 step .ci/nginx-e2e.sh config-test
 [[ "${1:-all}" == static ]] && exit 0
-step .ci/cross.sh qemu-e2e        # aarch64 + armv7 builds come from packages.sh below
+step .ci/cross.sh qemu-e2e        # builds aarch64 + armv7, runs aarch64 under qemu
 step .ci/nginx-e2e.sh e2e
 step .ci/packages.sh install-test
 log "all issue-7 checks passed"
