@@ -154,6 +154,16 @@ cmd_config_test() {
     make_certs
     render_nginx "$(free_port)" "$(free_port)" 127.0.0.1:18080 127.0.0.1:18081
     nginx_test
+    # The file as shipped, only the certificate paths changed, as a drop-in in
+    # a copy of Debian's stock /etc/nginx (nginx.conf, sites-enabled/default).
+    cp -a /etc/nginx "$T/etc-nginx"
+    sed -i "s#/etc/nginx/#$T/etc-nginx/#g" "$T/etc-nginx/nginx.conf"
+    sed -e "s#/etc/letsencrypt/live/hub.example.org/fullchain.pem#$CERT#" \
+        -e "s#/etc/letsencrypt/live/hub.example.org/privkey.pem#$KEY#" \
+        "$EMS_ROOT/deploy/nginx/ems-hub.conf" >"$T/etc-nginx/conf.d/ems-hub.conf"
+    log "nginx -t with the shipped file in a copy of Debian's /etc/nginx"
+    nginx -t -q -e "$T/nginx/error.log" -c "$T/etc-nginx/nginx.conf" ||
+        die "deploy/nginx/ems-hub.conf does not load as a conf.d drop-in"
     log "config-test: OK"
 }
 
