@@ -1,4 +1,6 @@
-//! Reconnect backoff: exponential ceiling with full jitter, no I/O.
+//! Reconnect backoff and send pacing, both pure (no I/O, time passed in).
+//!
+//! ## Backoff
 //!
 //! The n-th consecutive failure waits a uniformly random time in
 //! `[0, min(cap, base·2ⁿ)]` ("full jitter", so a fleet that lost its hub
@@ -6,8 +8,15 @@
 //! answer that will not change soon (401/403, close code 4000): the wait is
 //! drawn from `[cap/2, cap]`. [`Backoff::reset`] is called after a connection
 //! that stayed up. The random source is passed in so tests are deterministic.
+//!
+//! ## Pacing
+//! [`Pacer`] is a token bucket that keeps the edge under the hub's
+//! per-device rate limit while a backlog drains (live readings at 1 Hz never
+//! come near it). When the hub still answers `rate_limited`, the pacer
+//! halves its rate and pauses for longer than the hub's excess gap, then
+//! grows the rate again additively (AIMD) up to the configured maximum.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Backoff state.
 #[derive(Debug, Clone)]
@@ -58,6 +67,97 @@ impl Backoff {
     /// Consecutive failures counted.
     pub fn failures(&self) -> u32 {
         self.failures
+    }
+}
+
+/// Token-bucket send pacing with AIMD adaptation (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Pacer {
+    /// Configured ceiling, readings per second.
+    max_rate: f64,
+    /// Current rate, readings per second.
+    rate: f64,
+    /// Tokens available.
+    tokens: f64,
+    /// Last refill.
+    at: Instant,
+    /// No sending before this (after a `rate_limited` answer).
+    paused_until: Option<Instant>,
+    /// Last rate increase.
+    grown_at: Instant,
+}
+
+/// Slowest the pacer goes.
+const MIN_RATE: f64 = 5.0;
+/// Pause after a `rate_limited` answer: longer than the hub's 2 s excess gap.
+pub const RATE_LIMIT_PAUSE: Duration = Duration::from_secs(3);
+
+impl Pacer {
+    /// A full-speed pacer at `max_rate` readings per second.
+    pub fn new(max_rate: f64, now: Instant) -> Self {
+        let max_rate = max_rate.max(MIN_RATE);
+        Pacer {
+            max_rate,
+            rate: max_rate,
+            tokens: Self::capacity(max_rate),
+            at: now,
+            paused_until: None,
+            grown_at: now,
+        }
+    }
+
+    fn capacity(rate: f64) -> f64 {
+        (rate / 4.0).max(16.0)
+    }
+
+    /// Paused after a `rate_limited` answer?
+    pub fn is_paused(&self, now: Instant) -> bool {
+        self.paused_until.is_some_and(|u| now < u)
+    }
+
+    /// Current rate.
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
+    /// How many readings may be sent now (at most `want`); takes them.
+    pub fn take(&mut self, want: usize, now: Instant) -> usize {
+        if let Some(until) = self.paused_until {
+            if now < until {
+                return 0;
+            }
+            self.paused_until = None;
+            self.at = now;
+        }
+        // Additive increase: +5 % of the ceiling per second without trouble.
+        let since = now.saturating_duration_since(self.grown_at).as_secs_f64();
+        if since >= 1.0 {
+            self.rate = (self.rate + self.max_rate * 0.05 * since.floor()).min(self.max_rate);
+            self.grown_at = now;
+        }
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = self.at.max(now);
+        self.tokens = (self.tokens + dt * self.rate).min(Self::capacity(self.rate));
+        let n = (self.tokens.floor().max(0.0) as usize).min(want);
+        self.tokens -= n as f64;
+        n
+    }
+
+    /// Returns `n` tokens taken by [`Pacer::take`] but not used.
+    pub fn refund(&mut self, n: usize) {
+        self.tokens = (self.tokens + n as f64).min(Self::capacity(self.rate));
+    }
+
+    /// The hub refused a reading with `rate_limited`: halve, pause.
+    pub fn rate_limited(&mut self, now: Instant) {
+        if self.paused_until.is_some_and(|u| now < u) {
+            // One episode (a whole window refused) halves once.
+            return;
+        }
+        self.rate = (self.rate / 2.0).max(MIN_RATE);
+        self.tokens = 0.0;
+        self.paused_until = Some(now + RATE_LIMIT_PAUSE);
+        self.grown_at = now + RATE_LIMIT_PAUSE;
     }
 }
 
@@ -137,6 +237,42 @@ mod tests {
         assert_eq!(b.ceiling(), secs(60));
         b.reset();
         assert_eq!(b.ceiling(), secs(1));
+    }
+
+    #[test]
+    fn pacer_holds_its_rate() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(100.0, t0);
+        let mut sent = p.take(usize::MAX, t0);
+        assert_eq!(sent, 25, "initial bucket: a quarter second");
+        for ms in (10..=10_000).step_by(10) {
+            sent += p.take(usize::MAX, t0 + Duration::from_millis(ms));
+        }
+        assert!((1000..=1030).contains(&sent), "{sent} in 10 s at 100/s");
+        assert_eq!(p.take(0, t0 + Duration::from_secs(11)), 0);
+    }
+
+    #[test]
+    fn pacer_backs_off_on_rate_limited_and_recovers() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(800.0, t0);
+        p.take(usize::MAX, t0);
+        p.rate_limited(t0);
+        p.rate_limited(t0 + Duration::from_millis(5)); // same episode
+        assert_eq!(p.rate(), 400.0);
+        assert_eq!(p.take(10, t0 + Duration::from_secs(2)), 0, "paused");
+        let after = t0 + RATE_LIMIT_PAUSE + Duration::from_millis(100);
+        assert!(p.take(10, after) <= 10);
+        let mut t = after;
+        for _ in 0..30 {
+            t += Duration::from_secs(1);
+            p.take(usize::MAX, t);
+        }
+        assert_eq!(p.rate(), 800.0, "recovers to the ceiling");
+        for i in 0..20 {
+            p.rate_limited(t + RATE_LIMIT_PAUSE * (i + 1));
+        }
+        assert_eq!(p.rate(), 5.0, "never below the floor");
     }
 
     #[test]

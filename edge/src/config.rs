@@ -201,6 +201,11 @@ pub struct RawLink {
     pub dead_after_ms: u64,
     /// Most readings sent and not yet acknowledged.
     pub max_in_flight: usize,
+    /// Ceiling of the send rate, readings per second (stays under the
+    /// hub's per-device rate limit while a backlog drains).
+    pub max_send_rate: f64,
+    /// How often a `status` frame (outbox depth and age) is sent.
+    pub status_every_ms: u64,
 }
 
 impl Default for RawLink {
@@ -214,6 +219,8 @@ impl Default for RawLink {
             ping_after_ms: 30_000,
             dead_after_ms: 75_000,
             max_in_flight: 512,
+            max_send_rate: 800.0,
+            status_every_ms: 10_000,
         }
     }
 }
@@ -245,7 +252,7 @@ pub struct HubEndpoint {
 }
 
 /// Link tuning, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LinkConfig {
     /// First backoff ceiling.
     pub backoff_base: Duration,
@@ -263,6 +270,10 @@ pub struct LinkConfig {
     pub dead_after: Duration,
     /// In-flight window.
     pub max_in_flight: usize,
+    /// Send-rate ceiling, readings per second.
+    pub max_send_rate: f64,
+    /// Status frame period.
+    pub status_every: Duration,
 }
 
 /// The validated configuration.
@@ -355,6 +366,12 @@ impl Config {
         if l.max_in_flight == 0 {
             return Err(invalid("link.max_in_flight must be at least 1".into()));
         }
+        if !(l.max_send_rate.is_finite() && l.max_send_rate >= 5.0) {
+            return Err(invalid("link.max_send_rate must be at least 5".into()));
+        }
+        if l.status_every_ms < 100 {
+            return Err(invalid("link.status_every_ms must be at least 100".into()));
+        }
         if raw.meters.is_empty() {
             return Err(invalid(
                 "at least one [[meter]] table is required (e.g. kind = \"simulated\")".into(),
@@ -389,6 +406,8 @@ impl Config {
                 ping_after: ms(l.ping_after_ms),
                 dead_after: ms(l.dead_after_ms),
                 max_in_flight: l.max_in_flight,
+                max_send_rate: l.max_send_rate,
+                status_every: ms(l.status_every_ms),
             },
             meters: raw.meters,
         })

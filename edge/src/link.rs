@@ -27,7 +27,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ems_shared::{HubFrame, CLOSE_REPLACED, MAX_MESSAGE_BYTES};
+use ems_shared::{
+    HubFrame, RejectReason, CLOSE_CONFLICT, CLOSE_REPLACED, CLOSE_REVOKED, MAX_MESSAGE_BYTES,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use thiserror::Error;
@@ -38,7 +40,7 @@ use tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Connector, HandshakeError, Message, WebSocket};
 
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, Pacer};
 use crate::config::{DeviceToken, HubEndpoint, LinkConfig};
 use crate::outbox::Outbox;
 use crate::shutdown::Shutdown;
@@ -266,6 +268,11 @@ pub enum SessionEnd {
     Shutdown,
     /// Close code 4000: another connection with our device id took over.
     Replaced,
+    /// Close code 4001: the token was revoked or rotated.
+    Revoked,
+    /// Close code 4002: the hub refuses this device id for a cool-down
+    /// (it kept replacing its own connections).
+    Conflict,
     /// The hub closed (code, if any) or the socket failed.
     Lost(String),
 }
@@ -319,6 +326,7 @@ impl Link {
         let mut backoff = Backoff::new(self.cfg.backoff_base, self.cfg.backoff_cap);
         let mut rng = fastrand::Rng::new();
         let mut attempts: u64 = 0;
+        let mut pacer = Pacer::new(self.cfg.max_send_rate, Instant::now());
         while !self.shutdown.is_triggered() {
             self.beat();
             attempts += 1;
@@ -332,7 +340,7 @@ impl Link {
                     attempts = 0;
                     self.set_state(LinkState::Connected);
                     let since = Instant::now();
-                    let end = self.session(&mut ws, &control);
+                    let end = self.session(&mut ws, &control, &mut pacer);
                     self.outbox().disconnected();
                     let up = since.elapsed();
                     if up >= self.cfg.stable_after {
@@ -349,6 +357,22 @@ impl Link {
                                 "replaced by another connection with the same device id".into(),
                             ));
                             d
+                        }
+                        SessionEnd::Revoked => {
+                            log::error!(
+                                "the hub closed this link with code 4001: the device token was revoked or rotated; install the new token (EMS_DEVICE_TOKEN); backing off"
+                            );
+                            self.set_state(LinkState::Retrying("token revoked (4001)".into()));
+                            backoff.penalize(&mut rng)
+                        }
+                        SessionEnd::Conflict => {
+                            log::error!(
+                                "the hub refuses this device id for a while (code 4002): two devices share it and keep replacing each other (cloned SD card?); give each board its own device_id; backing off"
+                            );
+                            self.set_state(LinkState::Retrying(
+                                "device id in conflict (4002)".into(),
+                            ));
+                            backoff.penalize(&mut rng)
                         }
                         SessionEnd::Lost(why) => {
                             let d = backoff.next_delay(&mut rng);
@@ -397,7 +421,7 @@ impl Link {
     }
 
     /// The CONNECTED stream loop.
-    pub fn session(&self, ws: &mut Socket, control: &TcpStream) -> SessionEnd {
+    pub fn session(&self, ws: &mut Socket, control: &TcpStream, pacer: &mut Pacer) -> SessionEnd {
         if let Err(e) = control
             .set_read_timeout(Some(self.cfg.poll))
             .and_then(|()| control.set_write_timeout(Some(WRITE_TIMEOUT)))
@@ -408,16 +432,29 @@ impl Link {
         let mut last_rx = Instant::now();
         let mut pinged = false;
         let mut close_code: Option<u16> = None;
+        // A status frame right away, then every `status_every`.
+        let mut next_status = Instant::now();
         loop {
             self.beat();
             if self.shutdown.is_triggered() {
                 // The sampler has stopped: send what the window allows, then close.
                 self.send_remaining(ws);
-                self.close_gracefully(ws);
+                self.close_gracefully(ws, pacer);
                 return SessionEnd::Shutdown;
             }
-            // Send what the window allows.
-            let batch = self.outbox().next_batch(SEND_BATCH);
+            if Instant::now() >= next_status {
+                let status = self.outbox().status();
+                if let Err(e) = ws.write(Message::text(status.to_json())) {
+                    if !matches!(&e, tungstenite::Error::Io(io) if is_timeout(io)) {
+                        return SessionEnd::Lost(format!("send failed: {e}"));
+                    }
+                }
+                next_status = Instant::now() + self.cfg.status_every;
+            }
+            // Send what the window and the pacer allow.
+            let allowed = pacer.take(SEND_BATCH, Instant::now());
+            let batch = self.outbox().next_batch(allowed);
+            pacer.refund(allowed - batch.len());
             if !batch.is_empty() {
                 for o in &batch {
                     if let Err(e) = ws.write(Message::text(o.json.to_string())) {
@@ -438,7 +475,7 @@ impl Link {
                     last_rx = Instant::now();
                     pinged = false;
                     match msg {
-                        Message::Text(t) => self.handle_text(t.as_str()),
+                        Message::Text(t) => self.handle_text(t.as_str(), pacer),
                         Message::Ping(_) => {
                             // tungstenite queued the pong; write it now.
                             let _ = ws.flush();
@@ -449,6 +486,10 @@ impl Link {
                                 // Finish the closing handshake, then report.
                                 let _ = ws.flush();
                                 return SessionEnd::Replaced;
+                            }
+                            if close_code == Some(u16::from(CloseCode::Policy)) {
+                                // 1008: the hub saw sustained excess.
+                                pacer.rate_limited(Instant::now());
                             }
                         }
                         Message::Pong(_) | Message::Binary(_) | Message::Frame(_) => {}
@@ -466,6 +507,8 @@ impl Link {
                 | Err(tungstenite::Error::AlreadyClosed) => {
                     return match close_code {
                         Some(CLOSE_REPLACED) => SessionEnd::Replaced,
+                        Some(CLOSE_REVOKED) => SessionEnd::Revoked,
+                        Some(CLOSE_CONFLICT) => SessionEnd::Conflict,
                         Some(c) => {
                             SessionEnd::Lost(format!("hub closed the connection (code {c})"))
                         }
@@ -492,7 +535,15 @@ impl Link {
         }
     }
 
-    fn handle_text(&self, text: &str) {
+    /// Handles a hub frame.
+    ///
+    /// A `rate_limited` rejection means "not taken, send again later": the
+    /// reading leaves the in-flight list but stays in the outbox, and the
+    /// pacer halves the send rate and pauses. A later cumulative ack cannot
+    /// cover it by mistake, since acks match by position in the in-flight
+    /// list and the refused reading is no longer in it (when it is resent,
+    /// it goes to the end, after every ack already on its way).
+    fn handle_text(&self, text: &str, pacer: &mut Pacer) {
         match serde_json::from_str::<HubFrame>(text) {
             Ok(HubFrame::Ack { epoch, seq }) => {
                 let out = self.outbox().ack(epoch, seq);
@@ -500,6 +551,20 @@ impl Link {
                     log::debug!("ack for {epoch}/{seq} matches nothing in flight");
                 } else {
                     log::trace!("ack {epoch}/{seq}: {} readings done", out.done);
+                }
+            }
+            Ok(HubFrame::Rejected { epoch, seq, reason })
+                if reason.starts_with(RejectReason::RateLimited.code()) =>
+            {
+                // Not delivered, not refused: keep it, slow down, resend.
+                let first = !pacer.is_paused(Instant::now());
+                pacer.rate_limited(Instant::now());
+                self.outbox().requeue(epoch, seq);
+                if first {
+                    log::warn!(
+                        "hub rate limit reached: readings kept for resending; pacing at {:.0} readings/s",
+                        pacer.rate()
+                    );
                 }
             }
             Ok(HubFrame::Rejected { epoch, seq, reason }) => {
@@ -528,7 +593,7 @@ impl Link {
         let _ = ws.flush();
     }
 
-    fn close_gracefully(&self, ws: &mut Socket) {
+    fn close_gracefully(&self, ws: &mut Socket, pacer: &mut Pacer) {
         let frame = CloseFrame {
             code: CloseCode::Away,
             reason: "edge shutting down".into(),
@@ -539,7 +604,7 @@ impl Link {
         let deadline = Instant::now() + CLOSE_WAIT;
         while Instant::now() < deadline {
             match ws.read() {
-                Ok(Message::Text(t)) => self.handle_text(t.as_str()),
+                Ok(Message::Text(t)) => self.handle_text(t.as_str(), pacer),
                 Ok(_) => {}
                 Err(tungstenite::Error::Io(e)) if is_timeout(&e) => {
                     let _ = ws.flush();

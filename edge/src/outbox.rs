@@ -26,7 +26,7 @@ use std::fs::File;
 use std::io;
 use std::sync::Arc;
 
-use ems_shared::Reading;
+use ems_shared::{EdgeStatus, Reading};
 
 use crate::spool::Spool;
 
@@ -255,6 +255,27 @@ impl OutboxState {
         out
     }
 
+    /// The hub did not take `(epoch, seq)` for now (`rate_limited`): it
+    /// stays in the outbox and is sent again later on this connection.
+    pub fn requeue(&mut self, epoch: u64, seq: u64) -> AckOutcome {
+        let Some(pos) = self
+            .in_flight
+            .iter()
+            .position(|f| f.epoch == epoch && f.seq == seq)
+        else {
+            return AckOutcome {
+                done: 0,
+                unknown: true,
+            };
+        };
+        if let Some(f) = self.in_flight.remove(pos) {
+            self.in_flight_recs.remove(&f.rec);
+            // Keep the invariant: everything below the cursor is done or in flight.
+            self.cursor = self.cursor.min(f.rec);
+        }
+        AckOutcome::default()
+    }
+
     /// The spool dropped every record below `end` (full, or unreadable):
     /// returns how many of them were not done yet (lost readings).
     pub fn dropped_below(&mut self, end: u64) -> u64 {
@@ -315,6 +336,8 @@ pub struct Outbox {
     spool: Spool,
     /// Counters.
     stats: OutboxStats,
+    /// `(low, ts_ms)` of the last lookup of the oldest reading's time.
+    oldest: Option<(u64, Option<i64>)>,
 }
 
 impl Outbox {
@@ -326,6 +349,7 @@ impl Outbox {
             state,
             spool,
             stats: OutboxStats::default(),
+            oldest: None,
         };
         ob.refresh_stats();
         Ok(ob)
@@ -411,6 +435,43 @@ impl Outbox {
         self.stats.rejected += out.done as u64;
         self.refresh_stats();
         out
+    }
+
+    /// Handles a `rate_limited` rejection: the reading stays and is resent.
+    pub fn requeue(&mut self, epoch: u64, seq: u64) -> AckOutcome {
+        let out = self.state.requeue(epoch, seq);
+        self.refresh_stats();
+        out
+    }
+
+    /// The `status` frame for the hub: depth, sample time of the oldest
+    /// unacknowledged reading, readings dropped since start.
+    pub fn status(&mut self) -> EdgeStatus {
+        let low = self.state.low();
+        let oldest_ts_ms = if self.state.depth() == 0 {
+            None
+        } else {
+            match self.oldest {
+                Some((rec, ts)) if rec == low => ts,
+                _ => {
+                    let ts = match self.spool.peek(low) {
+                        Ok(Some(json)) => serde_json::from_str::<Reading>(&json)
+                            .ok()
+                            .map(|r| r.ts_ms)
+                            .filter(|t| *t >= 0),
+                        _ => None,
+                    };
+                    self.oldest = Some((low, ts));
+                    ts
+                }
+            }
+        };
+        EdgeStatus {
+            outbox_depth: self.state.depth(),
+            oldest_ts_ms,
+            dropped: self.stats.dropped_full,
+            ..Default::default()
+        }
     }
 
     /// Writes buffered readings to the spool files (`write(2)`, fast) and
@@ -609,6 +670,22 @@ mod tests {
     }
 
     #[test]
+    fn requeued_readings_are_sent_again_and_not_lost() {
+        let mut s = with_backlog(6, 10);
+        s.connected();
+        assert_eq!(send_all(&mut s), [0, 1, 2, 3, 4, 5]);
+        // The hub's bucket ran dry at seq 3: 3, 4 and 5 were not taken.
+        for q in 3..6 {
+            assert_eq!(s.requeue(1, q), AckOutcome::default());
+        }
+        assert!(s.requeue(1, 9).unknown);
+        assert_eq!(s.ack(1, 2).done, 3);
+        assert_eq!(send_all(&mut s), [3, 4, 5]);
+        assert_eq!(s.ack(1, 5).done, 3);
+        assert_eq!(s.depth(), 0);
+    }
+
+    #[test]
     fn drops_count_only_unsent_readings() {
         let mut s = with_backlog(10, 10);
         s.connected();
@@ -679,6 +756,30 @@ mod tests {
         assert_eq!(drain(&mut ob), (50..100).collect::<Vec<_>>());
         assert_eq!(ob.ack(7, 99).done, 50);
         assert_eq!(ob.stats().depth, 0);
+    }
+
+    #[test]
+    fn status_reports_depth_and_the_oldest_sample_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
+        let st = ob.status();
+        assert_eq!((st.outbox_depth, st.oldest_ts_ms), (0, None));
+        for seq in 0..10 {
+            ob.append(&reading(seq)).unwrap();
+        }
+        sync_files(ob.flush().unwrap()).unwrap();
+        assert_eq!(ob.status().oldest_ts_ms, Some(1_764_000_000_000));
+        ob.connected();
+        drain(&mut ob);
+        ob.ack(7, 3);
+        let st = ob.status();
+        assert_eq!(st.outbox_depth, 6);
+        assert_eq!(st.oldest_ts_ms, Some(1_764_000_000_004));
+        st.validate(1_764_000_000_000).unwrap();
+        drop(ob);
+        // From the files after a restart (not from the memory cache).
+        let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
+        assert_eq!(ob.status().oldest_ts_ms, Some(1_764_000_000_000));
     }
 
     #[test]

@@ -366,6 +366,17 @@ impl Spool {
     }
 }
 
+impl Spool {
+    /// Like [`Spool::read`] but without moving the sequential backlog
+    /// reader (used for the occasional status lookup).
+    pub fn peek(&mut self, rec: u64) -> io::Result<Option<Arc<str>>> {
+        let saved = self.cursor.take();
+        let out = self.read(rec);
+        self.cursor = saved;
+        out
+    }
+}
+
 fn read_watermark(dir: &Path) -> u64 {
     fs::read_to_string(dir.join(WATERMARK_FILE))
         .ok()

@@ -782,7 +782,9 @@ fn live_readings_flow_while_a_large_backlog_drains() {
 
     let _hub = w.hub();
     let started = Instant::now();
-    let mut edge = w.edge(&w.config("edge.toml", "", ""));
+    // Pacing ceiling above the backlog: the hub's default burst (20 000)
+    // takes it at link speed.
+    let mut edge = w.edge(&w.config("edge.toml", "", "max_send_rate = 50000"));
     let epoch = edge.epoch();
     let mut live_during_drain = false;
     let mut drained_after = None;
@@ -937,5 +939,53 @@ fn tells_systemd_ready_status_watchdog_and_stopping() {
     assert!(ready <= first_watchdog, "{messages:?}");
     let (status, _) = edge.terminate();
     assert!(status.success());
+    edge.assert_token_not_logged();
+}
+
+#[test]
+fn hub_rate_limit_slows_the_drain_and_loses_nothing() {
+    use ems_edge::outbox::{sync_files, Outbox};
+    const BACKLOG: u64 = 5_000;
+    const OLD_EPOCH: u64 = 43;
+    let w = World::new();
+    let mut ob = Outbox::open(&w.spool_dir(), 256 << 20, 512).unwrap();
+    for seq in 0..BACKLOG {
+        let r = ems_shared::Reading {
+            epoch: OLD_EPOCH,
+            seq,
+            ts_ms: 1_764_000_000_000 + seq as i64 * 1000,
+            meter: "main".into(),
+            power_w: Some(500.0),
+            ..Default::default()
+        };
+        ob.append(&r).unwrap();
+    }
+    sync_files(ob.flush().unwrap()).unwrap();
+    drop(ob);
+    // A hub that takes 1000 frames/s with a burst of 1000; an edge that
+    // would send 4000/s.
+    let _hub = Hub::start(&w.db_url, w.port, |c| {
+        c.rate_limit.rate = 1000.0;
+        c.rate_limit.burst = 1000.0;
+    });
+    let mut edge = w.edge(&w.config("edge.toml", "", "max_send_rate = 4000"));
+    let epoch = edge.epoch();
+    wait_for("the backlog stored", Duration::from_secs(120), || {
+        w.seqs_of(OLD_EPOCH).len() as u64 == BACKLOG
+    });
+    let log = edge.log();
+    assert!(
+        log.contains("hub rate limit reached"),
+        "the limit was never hit"
+    );
+    assert!(!log.contains("code 1008"), "the hub saw sustained abuse");
+    assert_eq!(edge.count_in_log("CONNECTED to"), 1, "no reconnect needed");
+    assert_contiguous(&w.seqs_of(OLD_EPOCH), "backlog");
+    let last = edge.last_sampled().unwrap();
+    wait_for("live readings stored too", SOON, || {
+        w.seqs_of(epoch).last().is_some_and(|m| *m >= last)
+    });
+    assert_contiguous(&w.seqs_of(epoch), "live");
+    edge.terminate();
     edge.assert_token_not_logged();
 }
