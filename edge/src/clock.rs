@@ -11,7 +11,8 @@
 //! "Synchronized" ([`SystemSync`]) means: `trust_clock = true` in the config
 //! (a system with an RTC), or systemd-timesyncd's flag file
 //! `/run/systemd/timesync/synchronized` exists, or the kernel's NTP status
-//! (`adjtimex`) has `STA_UNSYNC` cleared (chrony, ntpd, timesyncd). Once seen
+//! (`adjtimex`) has `STA_UNSYNC` cleared (chrony, ntpd, timesyncd). With
+//! `clock_sync_file` set, only that file's existence counts. Once seen
 //! synchronized, the edge stays so for the rest of the process.
 //!
 //! Holding is bounded (`max_held`, a day at 1 Hz by default); beyond it the
@@ -37,23 +38,27 @@ pub trait SyncProbe: Send {
 pub struct SystemSync {
     /// `trust_clock` from the config.
     trust: bool,
-    /// The timesyncd flag file.
+    /// The flag file.
     flag_file: PathBuf,
+    /// Only the flag file counts (no kernel NTP status).
+    only_file: bool,
 }
 
 impl SystemSync {
-    /// A probe; `trust` short-circuits to "synchronized".
-    pub fn new(trust: bool) -> Self {
+    /// A probe; `trust` short-circuits to "synchronized"; `only_file`
+    /// replaces the default checks by that file's existence.
+    pub fn new(trust: bool, only_file: Option<PathBuf>) -> Self {
         SystemSync {
             trust,
-            flag_file: PathBuf::from(TIMESYNC_FLAG),
+            only_file: only_file.is_some(),
+            flag_file: only_file.unwrap_or_else(|| PathBuf::from(TIMESYNC_FLAG)),
         }
     }
 }
 
 impl SyncProbe for SystemSync {
     fn is_synchronized(&mut self) -> bool {
-        self.trust || self.flag_file.exists() || kernel_ntp_synchronized()
+        self.trust || self.flag_file.exists() || (!self.only_file && kernel_ntp_synchronized())
     }
 }
 
@@ -246,7 +251,13 @@ mod tests {
 
     #[test]
     fn trusted_clock_is_synchronized() {
-        assert!(SystemSync::new(true).is_synchronized());
+        assert!(SystemSync::new(true, None).is_synchronized());
+        let dir = tempfile::tempdir().unwrap();
+        let flag = dir.path().join("synced");
+        let mut probe = SystemSync::new(false, Some(flag.clone()));
+        assert!(!probe.is_synchronized());
+        std::fs::write(&flag, "").unwrap();
+        assert!(probe.is_synchronized());
     }
 
     #[test]

@@ -173,6 +173,11 @@ pub struct RawConfig {
     /// The system clock is right from boot (RTC): do not wait for time sync.
     #[serde(default)]
     pub trust_clock: bool,
+    /// Only this file's existence means "synchronized" (instead of the
+    /// timesyncd flag file or the kernel NTP status); for tests and exotic
+    /// time daemons.
+    #[serde(default)]
+    pub clock_sync_file: Option<PathBuf>,
     /// Link tuning (rarely needed; tests shorten it).
     #[serde(default)]
     pub link: RawLink,
@@ -299,6 +304,8 @@ pub struct Config {
     pub spool_sync_interval: Duration,
     /// Trust the wall clock from the start.
     pub trust_clock: bool,
+    /// Override of the synchronization check.
+    pub clock_sync_file: Option<PathBuf>,
     /// Link tuning.
     pub link: LinkConfig,
     /// Meters (at least one, unique ids).
@@ -397,6 +404,7 @@ impl Config {
             spool_max_bytes: raw.spool_max_bytes,
             spool_sync_interval: ms(raw.spool_sync_interval_ms),
             trust_clock: raw.trust_clock,
+            clock_sync_file: raw.clock_sync_file,
             link: LinkConfig {
                 backoff_base: ms(l.backoff_base_ms),
                 backoff_cap: ms(l.backoff_cap_ms),

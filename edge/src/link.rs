@@ -615,3 +615,29 @@ impl Link {
         log::info!("link closed (1001 going away)");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_file_problems_are_explained() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        assert!(tls_config(Some(&fixtures.join("ca.pem"))).is_ok());
+        assert!(tls_config(None).is_ok());
+        let e = tls_config(Some(Path::new("/nonexistent/ca.pem"))).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = tls_config(Some(&empty)).unwrap_err();
+        assert!(e.to_string().contains("no PEM certificate"), "{e}");
+    }
+
+    #[test]
+    fn auth_errors_are_told_apart() {
+        assert!(ConnectError::Unauthorized(403).is_auth());
+        assert!(!ConnectError::HttpStatus(502).is_auth());
+        assert!(!ConnectError::Timeout.is_auth());
+    }
+}

@@ -989,3 +989,55 @@ fn hub_rate_limit_slows_the_drain_and_loses_nothing() {
     edge.terminate();
     edge.assert_token_not_logged();
 }
+
+#[test]
+fn readings_wait_for_clock_sync_and_get_monotonic_stamps() {
+    let w = World::new();
+    let _hub = w.hub();
+    let flag = w.dir.path().join("clock-synchronized");
+    let config = w.config(
+        "edge.toml",
+        &format!("clock_sync_file = \"{}\"", flag.display()),
+        "",
+    );
+    let text = fs::read_to_string(&config)
+        .unwrap()
+        .replace("trust_clock = true", "trust_clock = false");
+    fs::write(&config, text).unwrap();
+    let mut edge = w.edge(&config);
+    let epoch = edge.epoch();
+    wait_for("the holding warning", SOON, || {
+        edge.log().contains("system clock not synchronized yet")
+    });
+    // Hold for a while: the edge is connected but sends nothing.
+    wait_for("connected", SOON, || edge.log().contains("CONNECTED to"));
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(w.count(), 0, "a reading with an unknown time was sent");
+    let synced_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    fs::write(&flag, "").unwrap();
+    wait_for("held readings released", SOON, || w.count() >= 30);
+    assert!(edge.log().contains("system clock synchronized: releasing"));
+    let path = w.db_url.trim_start_matches("sqlite:").to_string();
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT seq, ts FROM readings WHERE epoch = ?1 ORDER BY seq")
+        .unwrap();
+    let rows: Vec<(i64, i64)> = stmt
+        .query_map([epoch as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(rows[0].0, 0);
+    // The first held reading was sampled > 1 s before the sync.
+    assert!(rows[0].1 < synced_at - 900, "{} vs {synced_at}", rows[0].1);
+    for pair in rows.windows(2) {
+        assert_eq!(pair[1].0, pair[0].0 + 1, "seq gap");
+        let dt = pair[1].1 - pair[0].1;
+        assert!((0..=2_000).contains(&dt), "stamps not 50 ms apart: {dt}");
+    }
+    edge.terminate();
+    edge.assert_token_not_logged();
+}
