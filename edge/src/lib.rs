@@ -120,18 +120,23 @@ fn lock(outbox: &Mutex<Outbox>) -> std::sync::MutexGuard<'_, Outbox> {
     outbox.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Writes buffered readings and fsyncs them outside the lock.
-fn flush_outbox(outbox: &Mutex<Outbox>) {
+/// Writes buffered readings and fsyncs them outside the lock. Failures
+/// (disk full, card errors) are retried on the next call and logged at
+/// most once a minute (`last_error`).
+fn flush_outbox(outbox: &Mutex<Outbox>, last_error: &mut Option<Instant>) {
     let started = Instant::now();
-    let files = match lock(outbox).flush() {
-        Ok(f) => f,
-        Err(e) => {
-            log::error!("spool: write failed: {e}");
-            return;
+    let mut report = |what: &str, e: io::Error| {
+        if last_error.map_or(true, |t| t.elapsed() >= Duration::from_secs(60)) {
+            log::error!("spool: {what} failed: {e} (readings stay in memory and are retried)");
+            *last_error = Some(Instant::now());
         }
     };
+    let files = match lock(outbox).flush() {
+        Ok(f) => f,
+        Err(e) => return report("write", e),
+    };
     if let Err(e) = sync_files(files) {
-        log::error!("spool: fsync failed: {e}");
+        report("fsync", e);
     }
     log::trace!(
         "spool: synced in {:.1} ms",
@@ -248,6 +253,7 @@ pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(),
     let mut next_sync = Instant::now() + config.spool_sync_interval;
     let mut next_watermark = Instant::now() + WATERMARK_EVERY;
     let mut last_status = String::new();
+    let mut last_spool_error = None;
     // Loops count as alive if they beat within these windows.
     let sampler_window = (config.sample_interval * 3).max(Duration::from_secs(10));
     let link_window = config.link.connect_timeout + Duration::from_secs(15);
@@ -255,7 +261,7 @@ pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(),
     while !shutdown.wait(tick) {
         let now = Instant::now();
         if now >= next_sync {
-            flush_outbox(&outbox);
+            flush_outbox(&outbox, &mut last_spool_error);
             next_sync = now + config.spool_sync_interval;
         }
         if now >= next_watermark {
@@ -288,14 +294,14 @@ pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(),
         stop_started + Duration::from_millis(1500),
         "sampler",
     );
-    flush_outbox(&outbox);
+    flush_outbox(&outbox, &mut last_spool_error);
     link_stop.trigger();
     join_until(
         link,
         stop_started + SHUTDOWN_BUDGET - Duration::from_millis(500),
         "link",
     );
-    flush_outbox(&outbox);
+    flush_outbox(&outbox, &mut last_spool_error);
     let mut ob = lock(&outbox);
     if let Err(e) = ob.persist_watermark() {
         log::warn!("spool: cannot save the ack watermark: {e}");

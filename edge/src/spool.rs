@@ -256,6 +256,7 @@ impl Spool {
         let Some(seg) = self.segments.back() else {
             return Ok(());
         };
+        let written_len = seg.bytes - self.buffer.len() as u64;
         if self.tail.is_none() {
             let path = segment_path(&self.dir, seg.base);
             let created = !path.exists();
@@ -269,7 +270,12 @@ impl Spool {
             self.tail = Some(f);
         }
         if let Some(f) = self.tail.as_mut() {
-            f.write_all(&self.buffer)?;
+            if let Err(e) = f.write_all(&self.buffer) {
+                // Undo a partial write (disk full…) so that lines and record
+                // numbers stay aligned; the buffer is retried next time.
+                let _ = f.set_len(written_len);
+                return Err(e);
+            }
         }
         self.buffer.clear();
         self.written_end = self.next_rec;
