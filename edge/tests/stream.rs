@@ -43,9 +43,6 @@ struct Hub {
 impl Hub {
     fn start(db_url: &str, port: u16, tweak: impl FnOnce(&mut ems_hub::Config)) -> Hub {
         let mut config = ems_hub::Config::new(db_url.to_string());
-        // Work around the hub writer building a tokio timer outside its
-        // runtime when it lingers for a batch (hub/src/writer.rs): no linger.
-        config.batch_linger = Duration::ZERO;
         tweak(&mut config);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
