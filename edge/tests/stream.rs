@@ -347,6 +347,7 @@ fn streams_readings_and_stops_cleanly_on_sigterm() {
     let (status, took) = edge.terminate();
     assert!(status.success(), "exit status {status:?}");
     assert!(took < Duration::from_secs(5), "SIGTERM exit took {took:?}");
+    eprintln!("SIGTERM while connected: exit 0 after {took:?}");
     let log = edge.log();
     assert!(log.contains("link closed (1001 going away)"), "{log}");
     // Everything sampled before SIGTERM reaches the store (acks in flight
@@ -469,6 +470,7 @@ fn sigterm_persists_the_outbox_while_the_hub_is_down() {
     let (status, took) = edge.terminate();
     assert!(status.success(), "{status:?}");
     assert!(took < Duration::from_secs(5), "{took:?}");
+    eprintln!("SIGTERM while the hub is down: exit 0 after {took:?}");
     let last = edge.last_sampled().unwrap();
     // Every sampled reading is in the spool: bring the hub up with a new
     // edge process and find them all stored.
