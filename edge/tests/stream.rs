@@ -344,6 +344,7 @@ fn streams_readings_and_stops_cleanly_on_sigterm() {
     let epoch = edge.epoch();
     wait_for("40 stored readings", SOON, || w.count() >= 40);
     assert!(edge.log().contains("CONNECTED to ws://127.0.0.1:"));
+    assert!(edge.log().contains("travel unencrypted"), "ws:// must warn");
     let (status, took) = edge.terminate();
     assert!(status.success(), "exit status {status:?}");
     assert!(took < Duration::from_secs(5), "SIGTERM exit took {took:?}");
@@ -616,6 +617,20 @@ fn startup_errors_are_one_line_and_non_zero() {
     assert!(!out.status.success());
     assert!(err.contains("EMS_DEVICE_TOKEN"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // An unusable spool directory.
+    let text = fs::read_to_string(&config).unwrap();
+    let bad = w.dir.path().join("bad.toml");
+    let spool_line = format!("spool_dir = \"{}\"", w.spool_dir().display());
+    fs::write(
+        &bad,
+        text.replace(&spool_line, "spool_dir = \"/proc/ems-no-such-dir\""),
+    )
+    .unwrap();
+    let out = run(&bad, Some(&w.token));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("spool /proc/ems-no-such-dir"), "{err}");
+    assert!(!err.contains(&w.token));
     // Token from the credentials directory works (systemd LoadCredential).
     let creds = w.dir.path().join("creds");
     fs::create_dir_all(&creds).unwrap();
