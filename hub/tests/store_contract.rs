@@ -30,7 +30,7 @@ pub struct Fixture {
 pub fn row(device: &str, epoch: u64, seq: u64, ts_ms: i64) -> Row {
     Row {
         device_id: Arc::from(device),
-        received_at_ms: ts_ms + 5,
+        received_at_ms: ts_ms.saturating_add(5),
         reading: Reading {
             epoch,
             seq,
@@ -629,6 +629,23 @@ mod postgres_only {
         s.insert_batch(&[row("d1", 1, 1, 10), row("d1", 1, 2, 20)])
             .unwrap();
         assert_eq!(s.readings("d1", 0, 100, 10).unwrap().len(), 2);
+    }
+
+    /// A timestamp PostgreSQL cannot store must not make a batch fail on
+    /// every retry (the writer would stall): that row alone is left out.
+    #[test]
+    fn unrepresentable_timestamps_do_not_stall_the_writer() {
+        let Some(db) = pg::fresh_db() else { return };
+        let mut s = PgStore::open(&db.url, &PgOptions::default()).unwrap();
+        let mut bad = row("d1", 1, 2, i64::MIN);
+        bad.received_at_ms = 5;
+        s.insert_batch(&[row("d1", 1, 1, 10), bad, row("d1", 1, 3, 30)])
+            .unwrap();
+        let got = s.readings("d1", i64::MIN, i64::MAX, 10).unwrap();
+        let seqs: Vec<u64> = got.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [1, 3]);
+        s.insert_batch(&[row("d1", 1, 4, i64::MAX)]).unwrap();
+        assert_eq!(s.connects(), 1);
     }
 
     #[test]

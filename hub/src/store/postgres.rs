@@ -1008,6 +1008,25 @@ fn clamp_ms(ms: i64) -> PgTime {
 
 impl Store for PgStore {
     fn insert_batch(&mut self, rows: &[Row]) -> Result<(), StoreError> {
+        // A timestamp PostgreSQL cannot hold would fail this batch on every
+        // retry and stall the writer for good: such rows are left out.
+        let in_range = |r: &Row| {
+            (PG_MIN_MS..PG_END_MS).contains(&r.reading.ts_ms)
+                && (PG_MIN_MS..PG_END_MS).contains(&r.received_at_ms)
+        };
+        let kept: Vec<Row>;
+        let rows = if rows.iter().all(in_range) {
+            rows
+        } else {
+            kept = rows.iter().filter(|r| in_range(r)).cloned().collect();
+            log::warn!(
+                "store {}: {} reading(s) with a timestamp outside PostgreSQL's range \
+                 not stored",
+                self.target.redacted,
+                rows.len() - kept.len()
+            );
+            &kept
+        };
         if rows.is_empty() {
             return Ok(());
         }
