@@ -117,6 +117,11 @@ impl Admin {
         Ok(self.store.revoke_viewer(name, store::now_ms())?)
     }
 
+    /// All viewers (names, scopes, times; never tokens).
+    pub fn list_viewers(&mut self) -> Result<Vec<store::ViewerInfo>, AdminError> {
+        Ok(self.store.list_viewers()?)
+    }
+
     /// Creates an admin token (issue 6). Returns the token.
     pub fn add_admin(&mut self, name: &str) -> Result<String, AdminError> {
         check_id("admin name", name)?;

@@ -45,6 +45,26 @@ pub struct Config {
     /// How often the hub polls the store for revoked or rotated device
     /// tokens of live connections (issue 9); they close with 4001.
     pub revocation_poll: Duration,
+    /// Browser origins, besides the hub's own, that may open dashboards
+    /// and call the API (`--allowed-origin`, exact match; issue 6).
+    pub allowed_origins: Vec<String>,
+    /// The hub's public URL (`--public-url`, e.g. `https://ems.example.com`):
+    /// when set, its origin is the hub's own origin instead of the one
+    /// derived from the `Host` header.
+    pub public_url: Option<String>,
+    /// A reading older than this when it arrives is backlog: dashboards get
+    /// a `backfill` summary instead of the reading itself.
+    pub backfill_after: Duration,
+    /// At most one `backfill` summary per subscriber per this interval.
+    pub backfill_interval: Duration,
+    /// How often a dashboard socket re-checks its viewer token (revoked:
+    /// closed with 4001).
+    pub viewer_recheck: Duration,
+    /// Resume seam: how long the writer queue must have been seen empty
+    /// before a silent device's history is queried (more than one commit).
+    pub resume_settle: Duration,
+    /// Most readings one resume replays (the newest are kept).
+    pub replay_limit: usize,
 }
 
 /// PEM files for the hub's own TLS termination.
@@ -75,6 +95,13 @@ impl Config {
             rate_limit: crate::limits::RateLimit::default(),
             takeover: crate::registry::TakeoverPolicy::default(),
             revocation_poll: Duration::from_secs(1),
+            allowed_origins: Vec::new(),
+            public_url: None,
+            backfill_after: Duration::from_secs(60),
+            backfill_interval: Duration::from_secs(1),
+            viewer_recheck: Duration::from_secs(2),
+            resume_settle: Duration::from_millis(300),
+            replay_limit: 20_000,
         }
     }
 }

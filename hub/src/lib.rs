@@ -21,6 +21,11 @@
 //! - [`writer`]: the background store writer (batches, commit, then acks).
 //! - [`store`]: the storage interface and its backends.
 //! - [`token`]: token generation, format and hashing.
+//! - `api`: the HTTP API (`/api/devices…` for viewers, `/api/admin/…`
+//!   for admins; issue 6).
+//! - `dashboard`: one dashboard subscriber: presence, resume replay,
+//!   backfill summaries, live feed (issue 6).
+//! - `web`: the embedded dashboard page and its assets, with a strict CSP.
 //! - [`admin`]: the admin operations behind `ems-hub device …`/`viewer …`.
 //! - [`watcher`]: `ems-hub watch`, a terminal dashboard subscriber.
 //!
@@ -34,8 +39,11 @@ pub mod limits;
 pub mod metrics;
 pub mod registry;
 mod revocation;
+mod api;
+mod dashboard;
 mod server;
 mod session;
+mod web;
 pub mod store;
 pub mod token;
 pub mod watcher;

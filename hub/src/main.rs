@@ -38,6 +38,18 @@ enum Command {
     /// Manage viewer tokens for dashboards.
     #[command(subcommand)]
     Viewer(ViewerCmd),
+    /// Manage admin tokens for the admin panel and /api/admin/.
+    #[command(subcommand)]
+    Admin(AdminCmd),
+    /// Print a device's live readings (a terminal dashboard). The viewer
+    /// token comes from EMS_VIEWER_TOKEN, never from the command line.
+    Watch {
+        /// Device to watch.
+        device_id: String,
+        /// Hub to connect to.
+        #[arg(long, env = "EMS_HUB_URL", default_value = "ws://127.0.0.1:8080")]
+        hub: String,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -57,6 +69,26 @@ struct ServeArgs {
     /// Terminate TLS in the hub: private key (PEM). Needs --tls-cert.
     #[arg(long, env = "EMS_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
+    /// A browser origin, besides the hub's own, allowed to open dashboards
+    /// and call the API (exact match, e.g. https://grafana.example.com;
+    /// repeatable).
+    #[arg(long = "allowed-origin", env = "EMS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
+    /// The hub's public URL as browsers see it (e.g.
+    /// https://ems.example.com); pins the hub's own origin instead of
+    /// deriving it from the Host header.
+    #[arg(long, env = "EMS_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// Readings older than this many seconds on arrival are backlog:
+    /// dashboards get a "backfill" summary instead of each reading.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    backfill_after_s: u64,
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Add an admin; prints its token (shown once).
+    Add { name: String },
 }
 
 #[derive(Subcommand)]
@@ -83,6 +115,10 @@ enum ViewerCmd {
         #[arg(long, conflicts_with = "devices")]
         all_devices: bool,
     },
+    /// List viewers (names, state, scope; never tokens).
+    List,
+    /// Revoke a viewer token; its open dashboards close within seconds.
+    Revoke { name: String },
 }
 
 fn main() -> ExitCode {
@@ -127,6 +163,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Some(Command::Watch { device_id, hub }) => {
+            let token = std::env::var("EMS_VIEWER_TOKEN")
+                .context("set EMS_VIEWER_TOKEN to a viewer token (ems-hub viewer add NAME --device ID)")?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            rt.block_on(async {
+                tokio::select! {
+                    r = ems_hub::watcher::watch(&hub, &device_id, token.trim()) => r.map_err(anyhow::Error::from),
+                    _ = tokio::signal::ctrl_c() => Ok(()),
+                }
+            })
+        }
+        Some(Command::Admin(AdminCmd::Add { name })) => {
+            println!("{}", Admin::open(&db)?.add_admin(&name)?);
+            Ok(())
+        }
+        Some(Command::Viewer(ViewerCmd::Revoke { name })) => Ok(Admin::open(&db)?.revoke_viewer(&name)?),
+        Some(Command::Viewer(ViewerCmd::List)) => {
+            for v in Admin::open(&db)?.list_viewers()? {
+                let scope = match v.scope {
+                    ViewerScope::AllDevices => "*".to_string(),
+                    ViewerScope::Devices(ids) => ids.join(","),
+                };
+                let state = if v.revoked_ms.is_some() { "revoked" } else { "active" };
+                println!("{}\t{state}\t{scope}", v.name);
+            }
+            Ok(())
+        }
         Some(Command::Viewer(ViewerCmd::Add {
             name,
             devices,
@@ -155,6 +221,19 @@ fn serve(args: ServeArgs, database: String) -> anyhow::Result<()> {
     let mut config = Config::new(database);
     config.ping_interval = Duration::from_millis(args.ping_interval_ms);
     config.max_missed_pongs = args.max_missed_pongs;
+    for o in &args.allowed_origins {
+        if o.ends_with('/') || !(o.starts_with("http://") || o.starts_with("https://")) {
+            bail!("--allowed-origin {o:?} must be an origin like https://example.com (scheme, host, optional port; no path)");
+        }
+    }
+    config.allowed_origins = args.allowed_origins;
+    if let Some(u) = &args.public_url {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            bail!("--public-url {u:?} must start with http:// or https://");
+        }
+    }
+    config.public_url = args.public_url;
+    config.backfill_after = Duration::from_secs(args.backfill_after_s);
     if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
         config.tls = Some(ems_hub::config::TlsFiles { cert, key });
     }

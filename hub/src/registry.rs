@@ -151,6 +151,9 @@ pub struct Registry {
     statuses: Mutex<HashMap<Arc<str>, StatusEntry>>,
     /// Rate-limit buckets of devices, kept between connections.
     buckets: Mutex<HashMap<Arc<str>, TokenBucket>>,
+    /// When each device last connected or disconnected, Unix ms (issue 6:
+    /// `last_seen_ms` of dashboard `status` frames).
+    presence: Mutex<HashMap<Arc<str>, i64>>,
     /// Source of connection ids.
     next_conn: AtomicU64,
     /// Capacity of each topic.
@@ -179,6 +182,7 @@ impl Registry {
             policy,
             statuses: Mutex::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
+            presence: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             topic_capacity: topic_capacity.max(1),
         }
@@ -257,6 +261,7 @@ impl Registry {
             },
         );
         drop(devices);
+        self.publish_presence(device_id, true);
         let old_peer = old.map(|mut slot| {
             // The old connection may already be gone; nothing to do then.
             if let Some(k) = slot.kick.take() {
@@ -280,6 +285,7 @@ impl Registry {
             devices.remove(device_id);
             drop(devices);
             lock(&self.statuses).remove(device_id);
+            self.publish_presence(device_id, false);
         }
     }
 
@@ -361,6 +367,34 @@ impl Registry {
     pub fn put_bucket(&self, device_id: &Arc<str>, bucket: TokenBucket) {
         lock(&self.buckets).insert(device_id.clone(), bucket);
     }
+
+    /// When `device_id` last connected or disconnected (this process),
+    /// Unix ms.
+    pub fn presence_ms(&self, device_id: &str) -> Option<i64> {
+        lock(&self.presence).get(device_id).copied()
+    }
+
+    /// Records a connect/disconnect and tells the device's subscribers
+    /// with a `status` frame through its topic, so presence and readings
+    /// reach them in order (issue 6).
+    fn publish_presence(&self, device_id: &str, online: bool) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        let key: Arc<str> = Arc::from(device_id);
+        lock(&self.presence).insert(key.clone(), now);
+        let topic = lock(&self.topics).get(device_id).cloned();
+        if let Some(topic) = topic.filter(|t| t.receiver_count() > 0) {
+            let frame = ems_shared::DashboardFrame::Status {
+                device_id: device_id.to_owned(),
+                online,
+                last_seen_ms: Some(now),
+                outbox_depth: None,
+            };
+            let _ = topic.send(Utf8Bytes::from(frame.to_json()));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -385,11 +419,30 @@ mod tests {
     }
 
     #[test]
+    fn presence_is_published_to_subscribers() {
+        let r = Registry::new(8);
+        let id: Arc<str> = Arc::from("dev");
+        assert_eq!(r.presence_ms("dev"), None);
+        let mut sub = r.topic(&id).subscribe();
+        let (lease, _) = r.connect_device(&id, "p".into(), None).unwrap();
+        r.disconnect_device(&id, lease.conn_id);
+        let frame = |t: Utf8Bytes| serde_json::from_str::<ems_shared::DashboardFrame>(&t).unwrap();
+        for online in [true, false] {
+            match frame(sub.try_recv().unwrap()) {
+                ems_shared::DashboardFrame::Status { online: o, last_seen_ms: Some(_), .. } => assert_eq!(o, online),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(r.presence_ms("dev").is_some());
+    }
+
+    #[test]
     fn topics_are_shared_and_bounded() {
         let r = Registry::new(2);
         let id: Arc<str> = Arc::from("dev");
-        let mut sub = r.topic(&id).subscribe();
         let (lease, _) = r.connect_device(&id, "p".into(), None).unwrap();
+        // Subscribed after the connect, so its presence frame is not counted.
+        let mut sub = r.topic(&id).subscribe();
         for i in 0..3 {
             lease.topic.send(Utf8Bytes::from(format!("{i}"))).unwrap();
         }

@@ -251,12 +251,24 @@ fn readyz_response(shared: &Shared) -> Resp {
 }
 
 async fn handle(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>, guard: ConnGuard) -> Resp {
-    if req.uri().query().is_some() {
-        log::info!("refused {} from {peer}: query string present", req.uri().path());
-        return text(
-            StatusCode::BAD_REQUEST,
-            "query strings are refused: credentials belong in the Authorization header\n",
-        );
+    if let Some(q) = req.uri().query() {
+        // Only the HTTP API takes query parameters, and never one named
+        // like a credential (issue 6); the WebSocket endpoints and every
+        // other route take no query at all.
+        if !req.uri().path().starts_with("/api/") || handshake::query_has_credential(q) {
+            log::info!("refused {} from {peer}: query string present", req.uri().path());
+            return text(
+                StatusCode::BAD_REQUEST,
+                "query strings are refused: credentials belong in the Authorization header\n",
+            );
+        }
+    }
+    // Issue 6: the embedded page and the HTTP API.
+    if let Some(resp) = crate::web::serve(&req) {
+        return resp;
+    }
+    if req.uri().path().starts_with("/api/") {
+        return crate::api::handle(req, peer, shared).await;
     }
     let path = req.uri().path().to_owned();
     let (device_id, is_device) = match handshake::route(&path) {
@@ -280,6 +292,18 @@ async fn handle(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
+    // Cross-site WebSocket hijacking: a browser's Origin must be ours or
+    // an allowed one (issue 6). Devices are not browsers.
+    if !is_device
+        && !handshake::origin_allowed(
+            req.headers(),
+            shared.config.public_url.as_deref(),
+            &shared.config.allowed_origins,
+        )
+    {
+        log::info!("refused dashboard {device_id} from {peer}: Origin not allowed (403)");
+        return forbidden();
+    }
     let Some(key) = handshake::websocket_key(req.headers()) else {
         let mut r = text(StatusCode::UPGRADE_REQUIRED, "a WebSocket upgrade is required\n");
         r.headers_mut().insert(UPGRADE, HeaderValue::from_static("websocket"));
@@ -288,16 +312,40 @@ async fn handle(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared
     };
     let accept = derive_accept_key(key);
     let role = if is_device { "device" } else { "dashboard" };
-    let token = match handshake::bearer(req.headers()) {
-        Credentials::Missing => {
+    // Dashboards may carry the viewer token in Sec-WebSocket-Protocol
+    // (`ems.v1, ems.bearer.<token>`; issue 6); devices use the header only.
+    let offer = if is_device {
+        handshake::Offer::default()
+    } else {
+        match handshake::subprotocols(req.headers()) {
+            handshake::Subprotocols::Offered(o) => o,
+            handshake::Subprotocols::Malformed => {
+                log::info!("refused {role} {device_id} from {peer}: malformed Sec-WebSocket-Protocol (400)");
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "malformed Sec-WebSocket-Protocol: offer ems.v1 together with ems.bearer.<token>\n",
+                );
+            }
+        }
+    };
+    let (answer_v1, resume_since) = (offer.v1, offer.resume_since);
+    let token = match (handshake::bearer(req.headers()), offer.bearer) {
+        (Credentials::Missing, None) => {
             log::info!("refused {role} {device_id} from {peer}: no bearer token (401)");
             return unauthorized();
         }
-        Credentials::Malformed => {
+        (Credentials::Malformed, _) => {
             log::info!("refused {role} {device_id} from {peer}: malformed Authorization (400)");
             return text(StatusCode::BAD_REQUEST, "malformed Authorization header\n");
         }
-        Credentials::Bearer(t) => t,
+        (Credentials::Bearer(_), Some(_)) => {
+            log::info!("refused {role} {device_id} from {peer}: two credentials (400)");
+            return text(
+                StatusCode::BAD_REQUEST,
+                "send the token either in Authorization or in Sec-WebSocket-Protocol, not both\n",
+            );
+        }
+        (Credentials::Bearer(t), None) | (Credentials::Missing, Some(t)) => t,
     };
     let wanted = if is_device { TokenKind::Device } else { TokenKind::Viewer };
     if token::kind_of(token) != Some(wanted) {
@@ -347,7 +395,11 @@ async fn handle(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared
         } else {
             shared.metrics.connection(crate::metrics::Role::Dashboard, 1);
             let m = shared.metrics.clone();
-            session::dashboard(ws, device_id, peer, shared).await;
+            let opts = crate::dashboard::FeedOptions {
+                resume_since,
+                viewer: hash,
+            };
+            session::dashboard(ws, device_id, peer, shared, opts).await;
             m.connection(crate::metrics::Role::Dashboard, -1);
         }
         drop(guard);
@@ -360,6 +412,13 @@ async fn handle(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared
     h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
     if let Ok(v) = HeaderValue::from_str(&accept) {
         h.insert(SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if answer_v1 {
+        // Only the protocol name: the token entry is never echoed.
+        h.insert(
+            hyper::header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(ems_shared::dashboard::SUBPROTOCOL),
+        );
     }
     r
 }

@@ -227,6 +227,12 @@ pub(crate) async fn device(
                         log::warn!("device {device_id}: message of {size} bytes exceeds {max_size}, closing (1009)");
                         break End::Close(CloseCode::Size, "message too big");
                     }
+                    Some(Err(WsError::Utf8(_))) => {
+                        if let Some(n) = warn.allow(Instant::now()) {
+                            log::warn!("device {device_id} from {peer}: text frame is not UTF-8, closing (1007){}", suppressed(n));
+                        }
+                        break End::Close(CloseCode::Invalid, "invalid UTF-8");
+                    }
                     Some(Err(e)) => {
                         log::info!("device {device_id} from {peer}: connection error: {e}");
                         break End::Gone;
@@ -365,65 +371,16 @@ async fn handle_text(
     })
 }
 
-/// Serves one dashboard subscriber until it ends.
-pub(crate) async fn dashboard(mut ws: Ws, device_id: Arc<str>, peer: SocketAddr, shared: Arc<Shared>) {
-    let cfg = &shared.config;
-    let mut feed = shared.registry.topic(&device_id).subscribe();
-    log::info!("dashboard for {device_id} connected from {peer}");
-    let mut shutdown = shared.shutdown.clone();
-    let start = tokio::time::Instant::now() + cfg.ping_interval;
-    let mut ping = interval_at(start, cfg.ping_interval);
-    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut missed = 0u32;
-    let end = loop {
-        tokio::select! {
-            biased;
-            _ = crate::shutting_down(&mut shutdown) => break End::Close(CloseCode::Away, "hub shutting down"),
-            frame = feed.recv() => match frame {
-                Ok(bytes) => {
-                    match tokio::time::timeout(cfg.write_timeout, ws.send(Message::Text(bytes))).await {
-                        Ok(Ok(())) => {
-                            shared.metrics.broadcast_deliveries.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(Err(_)) => break End::Gone,
-                        Err(_) => {
-                            shared.metrics.subscribers_dropped_slow.fetch_add(1, Ordering::Relaxed);
-                            log::warn!("dashboard for {device_id} from {peer}: write timed out, dropping slow subscriber");
-                            break End::Gone;
-                        }
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    shared.metrics.subscribers_dropped_slow.fetch_add(1, Ordering::Relaxed);
-                    log::warn!("dashboard for {device_id} from {peer}: {n} readings behind, dropping slow subscriber");
-                    break End::Close(CloseCode::Again, "too slow");
-                }
-                Err(broadcast::error::RecvError::Closed) => break End::Close(CloseCode::Away, "feed closed"),
-            },
-            _ = ping.tick() => {
-                if missed >= cfg.max_missed_pongs {
-                    shared.metrics.heartbeat_death(Role::Dashboard);
-                    log::warn!("dashboard for {device_id} from {peer}: {missed} pings unanswered, dropping dead connection");
-                    break End::Gone;
-                }
-                missed += 1;
-                if ws.send(Message::Ping(Bytes::new())).await.is_err() {
-                    break End::Gone;
-                }
-            }
-            msg = ws.next() => match msg {
-                Some(Ok(Message::Pong(_))) => missed = 0,
-                Some(Ok(Message::Close(_))) | None => break End::Gone,
-                Some(Ok(_)) => {}
-                Some(Err(WsError::Capacity(_))) => break End::Close(CloseCode::Size, "message too big"),
-                Some(Err(_)) => break End::Gone,
-            }
-        }
-    };
-    if let End::Close(code, reason) = end {
-        close(&mut ws, code, reason).await;
-    }
-    log::info!("dashboard for {device_id} from {peer} disconnected");
+/// Serves one dashboard subscriber until it ends: presence, the resume
+/// replay, backfill summaries and the live feed (see [`crate::dashboard`]).
+pub(crate) async fn dashboard(
+    ws: Ws,
+    device_id: Arc<str>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    opts: crate::dashboard::FeedOptions,
+) {
+    crate::dashboard::run(ws, device_id, peer, shared, opts).await;
 }
 
 #[cfg(test)]

@@ -53,7 +53,8 @@ async fn readings_fan_out_to_every_subscriber() {
     send_text(&mut ws, sent.clone()).await;
     let sent: serde_json::Value = serde_json::from_str(&sent).unwrap();
     for s in [&mut s1, &mut s2] {
-        let got = next_json(s).await;
+        // Presence frames (status) come first since issue 6.
+        let got = next_reading(s).await;
         assert_eq!(got["device_id"], "dev");
         assert!(got["rx_ms"].as_i64().unwrap() > 0);
         for (k, v) in sent.as_object().unwrap() {

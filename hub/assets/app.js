@@ -1,0 +1,608 @@
+// EMS dashboard page: hand-written, no dependencies, no build step.
+// Tokens travel only in the Authorization header (fetch) and in the
+// WebSocket subprotocol list (ems.v1, ems.bearer.<token>) — never in a URL.
+// All data reaches the DOM through textContent, never innerHTML.
+'use strict';
+
+(function () {
+  var HOUR = 3600 * 1000;
+  var STALE_MS = 30 * 1000;
+  var VIEWER_KEY = 'ems.viewer';
+  var ADMIN_KEY = 'ems.admin';
+
+  function $(id) { return document.getElementById(id); }
+  function show(el, on) { el.classList.toggle('hidden', !on); }
+  function el(tag, text, cls) {
+    var e = document.createElement(tag);
+    if (text !== undefined && text !== null) { e.textContent = String(text); }
+    if (cls) { e.className = cls; }
+    return e;
+  }
+  function fmtTime(ms) {
+    if (ms === null || ms === undefined) { return 'never'; }
+    var d = new Date(ms);
+    var today = new Date();
+    if (d.toDateString() === today.toDateString()) { return d.toLocaleTimeString(); }
+    return d.toLocaleString();
+  }
+  function fmtNum(x, digits, unit) {
+    if (x === null || x === undefined || !isFinite(x)) { return '–'; }
+    return x.toFixed(digits) + ' ' + unit;
+  }
+  function wsBase() {
+    return (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host;
+  }
+  function api(path, token, opts) {
+    opts = opts || {};
+    var headers = { 'Authorization': 'Bearer ' + token };
+    if (opts.body !== undefined) { headers['Content-Type'] = 'application/json'; }
+    return fetch(path, {
+      method: opts.method || 'GET',
+      headers: headers,
+      body: opts.body === undefined ? undefined : JSON.stringify(opts.body),
+      cache: 'no-store',
+      credentials: 'omit',
+      referrerPolicy: 'no-referrer'
+    }).then(function (r) {
+      return r.text().then(function (t) {
+        var body = null;
+        try { body = t ? JSON.parse(t) : null; } catch (e) { body = null; }
+        if (!r.ok) {
+          var err = new Error((body && body.error) || ('HTTP ' + r.status));
+          err.status = r.status;
+          throw err;
+        }
+        return body;
+      });
+    });
+  }
+
+  // ---------------------------------------------------------------- tabs
+  function selectTab(name) {
+    $('tab-live').classList.toggle('active', name === 'live');
+    $('tab-admin').classList.toggle('active', name === 'admin');
+    show($('view-live'), name === 'live');
+    show($('view-admin'), name === 'admin');
+    if (name === 'admin') { admin.start(); } else { admin.stop(); }
+  }
+
+  // ---------------------------------------------------------------- live
+  var live = {
+    token: null,
+    devices: {},      // id -> state from /api/devices (+ status frames)
+    selected: null,
+    ws: null,
+    retry: 0,
+    retryTimer: null,
+    points: [],       // {key, ts, p, v, i, e}
+    keys: {},
+    latest: null,
+    lastRxMs: 0,
+    dayStartEnergy: null,
+    listTimer: null,
+    tickTimer: null,
+    fillTimer: null,
+    fillRange: null
+  };
+
+  function viewerToken() { return localStorage.getItem(VIEWER_KEY); }
+
+  function showLogin(msg) {
+    show($('login'), true);
+    show($('live'), false);
+    setError(msg || null);
+  }
+
+  function setError(msg) {
+    $('error').textContent = msg || '';
+    show($('error'), !!msg);
+  }
+
+  function startLive() {
+    live.token = viewerToken();
+    if (!live.token) { showLogin(); return; }
+    show($('login'), false);
+    show($('live'), true);
+    loadDevices();
+    clearInterval(live.listTimer);
+    live.listTimer = setInterval(loadDevices, 10000);
+    clearInterval(live.tickTimer);
+    live.tickTimer = setInterval(renderDetail, 1000);
+  }
+
+  function loadDevices() {
+    api('/api/devices', live.token).then(function (body) {
+      setError(null);
+      var seen = {};
+      body.devices.forEach(function (d) {
+        seen[d.device_id] = true;
+        var cur = live.devices[d.device_id];
+        // The socket's status frames are fresher for the selected device.
+        if (!(cur && d.device_id === live.selected && live.ws)) { live.devices[d.device_id] = d; }
+      });
+      Object.keys(live.devices).forEach(function (id) { if (!seen[id]) { delete live.devices[id]; } });
+      renderDevices();
+      if (!live.selected && body.devices.length === 1) { selectDevice(body.devices[0].device_id); }
+    }).catch(function (e) {
+      if (e.status === 401 || e.status === 403) {
+        localStorage.removeItem(VIEWER_KEY);
+        stopLive();
+        showLogin('That viewer token was not accepted (revoked or mistyped).');
+      } else {
+        setError('Cannot reach the hub: ' + e.message);
+      }
+    });
+  }
+
+  function stateOf(d) {
+    if (!d) { return 'unknown'; }
+    if (!d.online) { return 'offline'; }
+    if (d.device_id === live.selected && live.lastRxMs && Date.now() - live.lastRxMs > STALE_MS) { return 'stale'; }
+    return 'online';
+  }
+
+  function renderDevices() {
+    var ul = $('devices');
+    ul.textContent = '';
+    var ids = Object.keys(live.devices).sort();
+    if (ids.length === 0) { ul.appendChild(el('li', 'No devices in this token\u2019s scope yet.', 'muted')); }
+    ids.forEach(function (id) {
+      var d = live.devices[id];
+      var li = el('li');
+      li.dataset.device = id;
+      if (id === live.selected) { li.classList.add('selected'); }
+      var st = stateOf(d);
+      var name = el('span', null, 'name');
+      name.appendChild(el('span', null, 'dot ' + st));
+      name.appendChild(document.createTextNode(id));
+      li.appendChild(name);
+      li.appendChild(el('span', st === 'offline' ? 'offline since ' + fmtTime(d.last_seen_ms) : st, 'muted'));
+      li.addEventListener('click', function () { selectDevice(id); });
+      ul.appendChild(li);
+    });
+  }
+
+  function resetSeries() {
+    live.points = [];
+    live.keys = {};
+    live.latest = null;
+    live.lastRxMs = 0;
+    live.dayStartEnergy = null;
+  }
+
+  function selectDevice(id) {
+    if (live.selected === id && live.ws) { return; }
+    closeSocket();
+    resetSeries();
+    live.selected = id;
+    live.retry = 0;
+    show($('detail'), true);
+    $('dev-name').textContent = id;
+    renderDevices();
+    loadDayStart(id);
+    openSocket();
+    renderDetail();
+  }
+
+  function loadDayStart(id) {
+    var midnight = new Date();
+    midnight.setHours(0, 0, 0, 0);
+    var q = '?from_ms=' + midnight.getTime() + '&limit=1';
+    api('/api/devices/' + encodeURIComponent(id) + '/readings' + q, live.token).then(function (body) {
+      if (live.selected !== id) { return; }
+      var r = body.readings[0];
+      if (r && typeof r.energy_wh === 'number') { live.dayStartEnergy = r.energy_wh; }
+      renderDetail();
+    }).catch(function () { /* energy today stays unknown */ });
+  }
+
+  function closeSocket() {
+    clearTimeout(live.retryTimer);
+    if (live.ws) {
+      var ws = live.ws;
+      live.ws = null;
+      ws.onclose = null;
+      ws.close(1000);
+    }
+  }
+
+  function openSocket() {
+    var id = live.selected;
+    if (!id || !live.token) { return; }
+    // Resume: everything since the newest point we hold (duplicates at
+    // that instant are dropped by key), else the last hour.
+    var since = live.points.length ? live.points[live.points.length - 1].ts : Date.now() - HOUR;
+    var ws;
+    try {
+      ws = new WebSocket(wsBase() + '/ws/dashboard/' + encodeURIComponent(id),
+        ['ems.v1', 'ems.bearer.' + live.token, 'ems.resume.' + Math.floor(since)]);
+    } catch (e) {
+      setError('Cannot open the live feed: ' + e.message);
+      return;
+    }
+    live.ws = ws;
+    ws.onopen = function () { live.retry = 0; setError(null); };
+    ws.onmessage = function (ev) {
+      var m;
+      try { m = JSON.parse(ev.data); } catch (e) { return; }
+      onFrame(id, m);
+    };
+    ws.onclose = function (ev) {
+      if (live.ws !== ws) { return; }
+      live.ws = null;
+      if (ev.code === 4001) {
+        localStorage.removeItem(VIEWER_KEY);
+        stopLive();
+        showLogin('The viewer token was revoked.');
+        return;
+      }
+      var delay = Math.min(30000, 1000 * Math.pow(2, live.retry++));
+      live.retryTimer = setTimeout(function () {
+        if (live.selected === id) { openSocket(); }
+      }, delay);
+    };
+  }
+
+  function onFrame(id, m) {
+    if (m.device_id !== id || id !== live.selected) { return; }
+    if (m.type === 'reading') {
+      addReading(m);
+      live.lastRxMs = Date.now();
+      var d = live.devices[id];
+      if (d) { d.last_seen_ms = m.rx_ms; }
+      scheduleRender();
+    } else if (m.type === 'status') {
+      var cur = live.devices[id] || { device_id: id };
+      cur.online = m.online;
+      cur.last_seen_ms = m.last_seen_ms;
+      if (m.outbox_depth !== undefined) { cur.outbox_depth = m.outbox_depth; }
+      live.devices[id] = cur;
+      if (m.online && !live.lastRxMs) { live.lastRxMs = Date.now(); }
+      renderDevices();
+      scheduleRender();
+    } else if (m.type === 'replay_end') {
+      scheduleRender();
+    } else if (m.type === 'backfill') {
+      // A backlog is draining: fetch the part inside the chart window.
+      var from = Math.max(m.from_ts_ms, Date.now() - HOUR);
+      if (m.to_ts_ms >= from) { queueFill(id, from, m.to_ts_ms + 1); }
+      $('dev-note').textContent = 'catching up: ' + m.count + ' older readings received';
+    }
+  }
+
+  function queueFill(id, from, to) {
+    var r = live.fillRange;
+    live.fillRange = r ? [Math.min(r[0], from), Math.max(r[1], to)] : [from, to];
+    if (live.fillTimer) { return; }
+    live.fillTimer = setTimeout(function () {
+      var range = live.fillRange;
+      live.fillTimer = null;
+      live.fillRange = null;
+      var q = '?from_ms=' + range[0] + '&to_ms=' + range[1] + '&limit=10000';
+      api('/api/devices/' + encodeURIComponent(id) + '/readings' + q, live.token).then(function (body) {
+        if (live.selected !== id) { return; }
+        body.readings.forEach(addReading);
+        scheduleRender();
+      }).catch(function () { /* the next summary retries */ });
+    }, 1500);
+  }
+
+  function addReading(r) {
+    var key = r.epoch + ':' + r.seq;
+    if (live.keys[key]) { return; }
+    live.keys[key] = true;
+    var pt = { key: key, ts: r.ts_ms, p: r.power_w, v: r.voltage_v, i: r.current_a, e: r.energy_wh };
+    var pts = live.points;
+    if (!pts.length || pts[pts.length - 1].ts <= pt.ts) {
+      pts.push(pt);
+    } else {
+      var lo = 0, hi = pts.length;
+      while (lo < hi) { var mid = (lo + hi) >> 1; if (pts[mid].ts <= pt.ts) { lo = mid + 1; } else { hi = mid; } }
+      pts.splice(lo, 0, pt);
+    }
+    if (!live.latest || pt.ts >= live.latest.ts) { live.latest = pt; }
+    var cut = Date.now() - HOUR;
+    while (pts.length && pts[0].ts < cut) { delete live.keys[pts[0].key]; pts.shift(); }
+  }
+
+  var renderQueued = false;
+  function scheduleRender() {
+    if (renderQueued) { return; }
+    renderQueued = true;
+    requestAnimationFrame(function () { renderQueued = false; renderDetail(); });
+  }
+
+  function renderDetail() {
+    var id = live.selected;
+    if (!id) { return; }
+    var d = live.devices[id];
+    var st = stateOf(d);
+    var badge = $('dev-state');
+    badge.className = 'badge ' + st;
+    badge.textContent = st;
+    var note = '';
+    if (st === 'offline') {
+      note = 'offline since ' + fmtTime(d && d.last_seen_ms);
+    } else if (st === 'stale') {
+      note = 'connected, but no reading since ' + fmtTime(live.lastRxMs);
+    } else if (d && d.outbox_depth) {
+      note = 'catching up: ' + d.outbox_depth + ' readings still queued on the device';
+    } else if (live.latest) {
+      note = 'last reading ' + fmtTime(live.latest.ts);
+    }
+    if (note) { $('dev-note').textContent = note; }
+    var x = live.latest || {};
+    $('v-power').textContent = fmtNum(x.p, 1, 'W');
+    $('v-voltage').textContent = fmtNum(x.v, 1, 'V');
+    $('v-current').textContent = fmtNum(x.i, 2, 'A');
+    var today = (typeof x.e === 'number' && live.dayStartEnergy !== null) ? (x.e - live.dayStartEnergy) / 1000 : null;
+    $('v-energy').textContent = fmtNum(today, 2, 'kWh');
+    drawChart();
+  }
+
+  // ---------------------------------------------------------------- chart
+  function drawChart() {
+    var c = $('chart');
+    var dpr = window.devicePixelRatio || 1;
+    var w = c.clientWidth || 800, h = c.clientHeight || 300;
+    if (c.width !== Math.round(w * dpr) || c.height !== Math.round(h * dpr)) {
+      c.width = Math.round(w * dpr);
+      c.height = Math.round(h * dpr);
+    }
+    var g = c.getContext('2d');
+    g.setTransform(dpr, 0, 0, dpr, 0, 0);
+    g.clearRect(0, 0, w, h);
+    var css = getComputedStyle(document.documentElement);
+    var padL = 52, padR = 44, padT = 10, padB = 24;
+    var now = Date.now(), t0 = now - HOUR;
+    var pts = live.points;
+    function xOf(ts) { return padL + (ts - t0) / HOUR * (w - padL - padR); }
+    function range(field) {
+      var lo = Infinity, hi = -Infinity;
+      pts.forEach(function (p) { var v = p[field]; if (typeof v === 'number') { lo = Math.min(lo, v); hi = Math.max(hi, v); } });
+      if (lo === Infinity) { return null; }
+      if (hi - lo < 1e-9) { lo -= 1; hi += 1; }
+      var pad = (hi - lo) * 0.08;
+      return [lo - pad, hi + pad];
+    }
+    // Grid and time axis (every 10 minutes).
+    g.strokeStyle = '#eceff3';
+    g.fillStyle = '#6b7485';
+    g.font = '11px system-ui, sans-serif';
+    g.lineWidth = 1;
+    for (var m = 0; m <= 60; m += 10) {
+      var tx = xOf(t0 + m * 60000);
+      g.beginPath(); g.moveTo(tx, padT); g.lineTo(tx, h - padB); g.stroke();
+      var label = m === 60 ? 'now' : '-' + (60 - m) + 'm';
+      g.fillText(label, tx - 10, h - 7);
+    }
+    if (!pts.length) {
+      g.fillText('waiting for readings…', padL + 10, padT + 20);
+      return;
+    }
+    function series(field, color, width, axis) {
+      var r = range(field);
+      if (!r) { return; }
+      function yOf(v) { return padT + (1 - (v - r[0]) / (r[1] - r[0])) * (h - padT - padB); }
+      g.strokeStyle = color;
+      g.lineWidth = width;
+      g.beginPath();
+      var started = false, lastTs = null;
+      pts.forEach(function (p) {
+        var v = p[field];
+        if (typeof v !== 'number') { return; }
+        var px = xOf(p.ts), py = yOf(v);
+        // Break the line over gaps longer than 2 minutes.
+        if (!started || (lastTs !== null && p.ts - lastTs > 120000)) { g.moveTo(px, py); started = true; } else { g.lineTo(px, py); }
+        lastTs = p.ts;
+      });
+      g.stroke();
+      g.fillStyle = color;
+      var digits = (r[1] - r[0]) < 10 ? 1 : 0;
+      if (axis === 'left') {
+        for (var k = 0; k <= 4; k++) {
+          var val = r[0] + (r[1] - r[0]) * k / 4;
+          g.fillText(val.toFixed(digits), 4, yOf(val) + 4);
+        }
+      } else {
+        g.fillText(r[1].toFixed(digits), w - padR + 4, yOf(r[1]) + (axis === 'right1' ? 10 : 22));
+        g.fillText(r[0].toFixed(digits), w - padR + 4, yOf(r[0]) - (axis === 'right1' ? 4 : 16));
+      }
+    }
+    series('v', css.getPropertyValue('--v').trim() || '#8e24aa', 1, 'right1');
+    series('i', css.getPropertyValue('--i').trim() || '#ef6c00', 1, 'right2');
+    series('p', css.getPropertyValue('--p').trim() || '#1565c0', 2, 'left');
+  }
+
+  function stopLive() {
+    closeSocket();
+    clearInterval(live.listTimer);
+    clearInterval(live.tickTimer);
+    live.selected = null;
+    live.devices = {};
+    resetSeries();
+    show($('detail'), false);
+  }
+
+  // ---------------------------------------------------------------- admin
+  var admin = {
+    timer: null,
+    start: function () {
+      var t = sessionStorage.getItem(ADMIN_KEY);
+      show($('admin-login'), !t);
+      show($('admin'), !!t);
+      if (!t) { return; }
+      admin.refresh();
+      clearInterval(admin.timer);
+      admin.timer = setInterval(admin.refresh, 5000);
+    },
+    stop: function () { clearInterval(admin.timer); admin.timer = null; },
+    token: function () { return sessionStorage.getItem(ADMIN_KEY); },
+    error: function (msg) { $('admin-error').textContent = msg || ''; show($('admin-error'), !!msg); },
+    fail: function (e) {
+      if (e.status === 401 || e.status === 403) {
+        sessionStorage.removeItem(ADMIN_KEY);
+        admin.stop();
+        admin.start();
+        admin.error('That admin token was not accepted.');
+      } else {
+        admin.error(e.message);
+      }
+    },
+    refresh: function () {
+      var t = admin.token();
+      if (!t) { return; }
+      Promise.all([api('/api/admin/devices', t), api('/api/admin/viewers', t)]).then(function (r) {
+        admin.error(null);
+        admin.renderDevices(r[0].devices);
+        admin.renderViewers(r[1].viewers);
+      }).catch(admin.fail);
+    },
+    action: function (path, body, then) {
+      api(path, admin.token(), { method: 'POST', body: body || {} }).then(function (r) {
+        if (then) { then(r); }
+        admin.refresh();
+      }).catch(admin.fail);
+    },
+    secret: function (title, text) {
+      $('secret-title').textContent = title;
+      $('secret-text').textContent = text;
+      show($('secret'), true);
+    },
+    renderDevices: function (list) {
+      var tb = $('admin-devices').querySelector('tbody');
+      tb.textContent = '';
+      list.forEach(function (d) {
+        var tr = el('tr');
+        tr.appendChild(el('td', d.device_id));
+        var st = d.revoked_ms ? 'revoked' : (d.online ? 'online' : 'offline');
+        var td = el('td');
+        td.appendChild(el('span', null, 'dot ' + (st === 'online' ? 'online' : 'offline')));
+        td.appendChild(document.createTextNode(st));
+        tr.appendChild(td);
+        tr.appendChild(el('td', fmtTime(d.last_seen_ms)));
+        tr.appendChild(el('td', d.outbox_depth === null || d.outbox_depth === undefined ? '–' : d.outbox_depth));
+        var acts = el('td');
+        var rot = el('button', 'Rotate', 'small');
+        rot.type = 'button';
+        rot.addEventListener('click', function () {
+          if (!confirm('Give ' + d.device_id + ' a new token? The old one stops working at once.')) { return; }
+          admin.action('/api/admin/devices/' + encodeURIComponent(d.device_id) + '/rotate', {}, function (r) {
+            admin.secret('New token for ' + r.device_id, r.env);
+          });
+        });
+        acts.appendChild(rot);
+        if (!d.revoked_ms) {
+          var rev = el('button', 'Revoke', 'small danger');
+          rev.type = 'button';
+          rev.addEventListener('click', function () {
+            if (!confirm('Revoke ' + d.device_id + '? It is disconnected at once.')) { return; }
+            admin.action('/api/admin/devices/' + encodeURIComponent(d.device_id) + '/revoke');
+          });
+          acts.appendChild(rev);
+        }
+        tr.appendChild(acts);
+        tb.appendChild(tr);
+      });
+    },
+    renderViewers: function (list) {
+      var tb = $('admin-viewers').querySelector('tbody');
+      tb.textContent = '';
+      list.forEach(function (v) {
+        var tr = el('tr');
+        tr.appendChild(el('td', v.name));
+        tr.appendChild(el('td', v.all_devices ? 'all devices' : v.devices.join(', ')));
+        tr.appendChild(el('td', v.revoked_ms ? 'revoked' : 'active'));
+        var acts = el('td');
+        if (!v.revoked_ms) {
+          var rev = el('button', 'Revoke', 'small danger');
+          rev.type = 'button';
+          rev.addEventListener('click', function () {
+            if (!confirm('Revoke viewer ' + v.name + '? Its dashboards close.')) { return; }
+            admin.action('/api/admin/viewers/' + encodeURIComponent(v.name) + '/revoke');
+          });
+          acts.appendChild(rev);
+        }
+        tr.appendChild(acts);
+        tb.appendChild(tr);
+      });
+    }
+  };
+
+  // ---------------------------------------------------------------- wiring
+  document.addEventListener('DOMContentLoaded', function () {
+    $('tab-live').addEventListener('click', function () { selectTab('live'); });
+    $('tab-admin').addEventListener('click', function () { selectTab('admin'); });
+    $('login').addEventListener('submit', function (ev) {
+      ev.preventDefault();
+      var t = $('token').value.trim();
+      if (!t) { return; }
+      localStorage.setItem(VIEWER_KEY, t);
+      $('token').value = '';
+      startLive();
+    });
+    $('forget').addEventListener('click', function () {
+      localStorage.removeItem(VIEWER_KEY);
+      stopLive();
+      showLogin();
+    });
+    $('admin-login').addEventListener('submit', function (ev) {
+      ev.preventDefault();
+      var t = $('admin-token').value.trim();
+      if (!t) { return; }
+      sessionStorage.setItem(ADMIN_KEY, t);
+      $('admin-token').value = '';
+      admin.error(null);
+      admin.start();
+    });
+    $('admin-forget').addEventListener('click', function () {
+      sessionStorage.removeItem(ADMIN_KEY);
+      admin.stop();
+      admin.start();
+    });
+    $('add-device').addEventListener('submit', function (ev) {
+      ev.preventDefault();
+      var id = $('new-device').value.trim();
+      if (!id) { return; }
+      admin.action('/api/admin/devices', { device_id: id }, function (r) {
+        $('new-device').value = '';
+        admin.secret('Token for ' + r.device_id + ' (put this line in the device\u2019s env file)', r.env);
+      });
+    });
+    $('add-viewer').addEventListener('submit', function (ev) {
+      ev.preventDefault();
+      var name = $('new-viewer').value.trim();
+      var devs = $('new-viewer-devices').value.trim();
+      if (!name || !devs) { return; }
+      var body = devs === '*' ? { name: name, all_devices: true }
+        : { name: name, devices: devs.split(',').map(function (s) { return s.trim(); }).filter(Boolean) };
+      admin.action('/api/admin/viewers', body, function (r) {
+        $('new-viewer').value = '';
+        $('new-viewer-devices').value = '';
+        admin.secret('Viewer token for ' + r.name, r.token);
+      });
+    });
+    $('secret-copy').addEventListener('click', function () {
+      var text = $('secret-text').textContent;
+      if (navigator.clipboard && navigator.clipboard.writeText) {
+        navigator.clipboard.writeText(text).then(function () { $('secret-copy').textContent = 'Copied'; });
+      } else {
+        var r = document.createRange();
+        r.selectNodeContents($('secret-text'));
+        var s = window.getSelection();
+        s.removeAllRanges();
+        s.addRange(r);
+        document.execCommand('copy');
+        $('secret-copy').textContent = 'Copied';
+      }
+    });
+    $('secret-close').addEventListener('click', function () {
+      $('secret-text').textContent = '';
+      $('secret-copy').textContent = 'Copy';
+      show($('secret'), false);
+    });
+    window.addEventListener('resize', scheduleRender);
+    selectTab('live');
+    startLive();
+  });
+}());

@@ -1,0 +1,588 @@
+//! The dashboard feed (issue 6): one subscriber of one device's live topic.
+//!
+//! What a subscriber receives, in order (see `docs/dashboard.md`):
+//! 1. `{"type":"status",…}`: the device's presence, right after the
+//!    upgrade; again whenever the device connects or disconnects (the
+//!    registry publishes those through the same topic as the readings, so
+//!    presence and readings stay in order).
+//! 2. With `ems.resume.<since_ms>` offered at the handshake: the stored
+//!    readings with `ts_ms >= since_ms`, oldest first, then
+//!    `{"type":"replay_end",…}`.
+//! 3. The live feed: every reading as the device sent it (plus `device_id`
+//!    and `rx_ms`), except backlog readings (see below).
+//!
+//! ## The resume seam (no gap, no duplicate)
+//! The topic is subscribed *before* anything else; live frames that arrive
+//! during the replay are buffered. A reading is broadcast before it is
+//! committed, so the store may lag the topic: before querying, the session
+//! waits until every reading the hub received before the subscription is
+//! committed. The writer commits a device's readings in arrival order, so
+//! it is enough that the first buffered live reading is in the store; when
+//! the device is silent, the writer queue must have been seen empty and
+//! then `resume_settle` must pass (longer than one commit). Then the store
+//! is queried, the history sent, and the buffered frames follow minus every
+//! `(epoch, seq)` the history already contained.
+//!
+//! ## Backfill
+//! A device draining an offline backlog sends old readings as fast as the
+//! hub acks them. A reading whose `rx_ms − ts_ms` exceeds
+//! `backfill_after` is not forwarded one by one: the session counts them
+//! and sends at most one `{"type":"backfill","count":…,"from_ts_ms":…,
+//! "to_ts_ms":…}` per `backfill_interval` (and before the next fresh
+//! reading), so dashboards are never flooded and never dropped as slow
+//! because of a backlog. They fetch the range from the history API if they
+//! want the points.
+//!
+//! ## Revocation
+//! Every `viewer_recheck` the session re-checks its viewer token; a revoked
+//! token (or one whose scope no longer includes the device) closes the
+//! socket with 4001.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use tokio::sync::broadcast;
+use tokio::time::{interval, interval_at, Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+
+use ems_shared::{dashboard_frame, DashboardFrame};
+
+use crate::server::Shared;
+use crate::store::{StoredReading, TokenHash};
+
+type Ws = WebSocketStream<TokioIo<Upgraded>>;
+
+/// How a dashboard connection was opened.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FeedOptions {
+    /// `ems.resume.<since_ms>`: replay stored readings from then.
+    pub resume_since: Option<i64>,
+    /// Hash of the viewer token, re-checked periodically.
+    pub viewer: TokenHash,
+}
+
+/// Longest the resume seam waits for the store to catch up with the topic
+/// before it queries anyway.
+const RESUME_MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// Most frames buffered during a replay before the subscriber is dropped.
+const MAX_SEAM_BUFFER: usize = 100_000;
+
+/// The fields of a topic frame the session looks at. Lenient: any frame
+/// that is not a reading has no `epoch`/`seq`.
+#[derive(Deserialize)]
+struct Meta {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    epoch: Option<u64>,
+    seq: Option<u64>,
+    ts_ms: Option<i64>,
+    rx_ms: Option<i64>,
+}
+
+/// A topic frame, classified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Class {
+    /// A reading: its key, sample time and whether it is backlog.
+    Reading {
+        /// `(epoch, seq)`.
+        key: (u64, u64),
+        /// Sample time.
+        ts_ms: i64,
+        /// Older than `backfill_after` when the hub received it.
+        backfill: bool,
+    },
+    /// Anything else (status, …): forwarded as is.
+    Other,
+}
+
+/// Classifies a topic frame; `backfill_after_ms` is the age at receive
+/// time above which a reading counts as backlog.
+pub(crate) fn classify(frame: &str, backfill_after_ms: i64) -> Class {
+    let Ok(m) = serde_json::from_str::<Meta>(frame) else {
+        return Class::Other;
+    };
+    match (m.kind.as_deref(), m.epoch, m.seq, m.ts_ms) {
+        (Some("reading"), Some(epoch), Some(seq), Some(ts_ms)) => Class::Reading {
+            key: (epoch, seq),
+            ts_ms,
+            backfill: m
+                .rx_ms
+                .is_some_and(|rx| rx.saturating_sub(ts_ms) > backfill_after_ms),
+        },
+        _ => Class::Other,
+    }
+}
+
+/// Backlog readings seen since the last `backfill` frame.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Summary {
+    count: u64,
+    from_ts_ms: i64,
+    to_ts_ms: i64,
+}
+
+impl Summary {
+    /// Counts one backlog reading.
+    pub(crate) fn add(&mut self, ts_ms: i64) {
+        if self.count == 0 {
+            self.from_ts_ms = ts_ms;
+            self.to_ts_ms = ts_ms;
+        } else {
+            self.from_ts_ms = self.from_ts_ms.min(ts_ms);
+            self.to_ts_ms = self.to_ts_ms.max(ts_ms);
+        }
+        self.count += 1;
+    }
+
+    /// The `backfill` frame for what was counted (and a reset), if any.
+    pub(crate) fn take(&mut self, device_id: &str) -> Option<DashboardFrame> {
+        if self.count == 0 {
+            return None;
+        }
+        let s = std::mem::take(self);
+        Some(DashboardFrame::Backfill {
+            device_id: device_id.to_owned(),
+            count: s.count,
+            from_ts_ms: s.from_ts_ms,
+            to_ts_ms: s.to_ts_ms,
+        })
+    }
+}
+
+/// Why the session ends.
+enum End {
+    /// Peer closed or the socket failed.
+    Gone,
+    /// Close with this code and reason.
+    Close(CloseCode, &'static str),
+}
+
+/// One subscriber's state.
+struct Feed {
+    ws: Ws,
+    device_id: Arc<str>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    topic: broadcast::Receiver<Utf8Bytes>,
+    summary: Summary,
+    backfill_after_ms: i64,
+    missed_pongs: u32,
+}
+
+/// Serves one dashboard subscriber until it ends.
+pub(crate) async fn run(ws: Ws, device_id: Arc<str>, peer: SocketAddr, shared: Arc<Shared>, opts: FeedOptions) {
+    // Subscribe first: no presence change or reading after this point can
+    // be missed.
+    let topic = shared.registry.topic(&device_id).subscribe();
+    log::info!("dashboard for {device_id} connected from {peer}");
+    let backfill_after_ms = i64::try_from(shared.config.backfill_after.as_millis()).unwrap_or(i64::MAX);
+    let mut feed = Feed {
+        ws,
+        device_id,
+        peer,
+        shared,
+        topic,
+        summary: Summary::default(),
+        backfill_after_ms,
+        missed_pongs: 0,
+    };
+    let end = match feed.start(opts).await {
+        Ok(()) => feed.live(opts).await,
+        Err(e) => e,
+    };
+    if let End::Close(code, reason) = end {
+        close(&mut feed.ws, code, reason).await;
+    }
+    log::info!("dashboard for {} from {} disconnected", feed.device_id, feed.peer);
+}
+
+/// Runs a store query on the blocking pool.
+async fn query<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    f: impl FnOnce(&mut dyn crate::store::Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Option<T> {
+    let auth = shared.auth.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        let mut store = auth.lock().unwrap_or_else(|p| p.into_inner());
+        f(store.as_mut())
+    })
+    .await;
+    match r {
+        Ok(Ok(v)) => Some(v),
+        Ok(Err(e)) => {
+            log::warn!("dashboard store query failed: {e}");
+            None
+        }
+        Err(e) => {
+            log::warn!("dashboard store query task failed: {e}");
+            None
+        }
+    }
+}
+
+/// The presence of `device_id` now, as a `status` frame.
+pub(crate) async fn status_of(shared: &Arc<Shared>, device_id: &Arc<str>) -> DashboardFrame {
+    let id = device_id.clone();
+    let stored = query(shared, move |s| s.last_seen(&id)).await.flatten();
+    let online = shared.registry.is_online(device_id);
+    let last_seen_ms = match (stored, shared.registry.presence_ms(device_id)) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    DashboardFrame::Status {
+        device_id: device_id.to_string(),
+        online,
+        last_seen_ms,
+        outbox_depth: shared
+            .registry
+            .edge_status(device_id)
+            .map(|e| e.status.outbox_depth),
+    }
+}
+
+/// Whether the viewer token still opens `device_id`. A store failure
+/// counts as yes: revocation is re-checked at the next interval.
+async fn viewer_still_allowed(shared: Arc<Shared>, device_id: Arc<str>, viewer: TokenHash) -> bool {
+    query(&shared, move |s| Ok(s.viewer_scope(&viewer)?.map(|sc| sc.allows(&device_id))))
+        .await
+        .map(|v| v.unwrap_or(false))
+        .unwrap_or(true)
+}
+
+/// A reading from the store as a dashboard frame.
+pub(crate) fn stored_frame(device_id: &str, r: &StoredReading) -> String {
+    dashboard_frame(&r.reading.to_json(), device_id, r.received_at_ms)
+}
+
+impl Feed {
+    /// Sends one frame, bounded by the write timeout.
+    async fn send(&mut self, text: Utf8Bytes) -> Result<(), End> {
+        match tokio::time::timeout(self.shared.config.write_timeout, self.ws.send(Message::Text(text))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Gone),
+            Err(_) => {
+                self.shared
+                    .metrics
+                    .subscribers_dropped_slow
+                    .fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "dashboard for {} from {}: write timed out, dropping slow subscriber",
+                    self.device_id,
+                    self.peer
+                );
+                Err(End::Gone)
+            }
+        }
+    }
+
+    /// Initial status, then the replay when asked for.
+    async fn start(&mut self, opts: FeedOptions) -> Result<(), End> {
+        let status = status_of(&self.shared, &self.device_id).await;
+        self.send(status.to_json().into()).await?;
+        if let Some(since) = opts.resume_since {
+            self.replay(since).await?;
+        }
+        Ok(())
+    }
+
+    /// Handles a message from the client while not in the live loop.
+    fn client_message(&mut self, msg: Option<Result<Message, WsError>>) -> Result<(), End> {
+        match msg {
+            Some(Ok(Message::Pong(_))) => {
+                self.missed_pongs = 0;
+                Ok(())
+            }
+            Some(Ok(Message::Close(_))) | None => Err(End::Gone),
+            Some(Ok(_)) => Ok(()),
+            Some(Err(WsError::Capacity(_))) => Err(End::Close(CloseCode::Size, "message too big")),
+            Some(Err(_)) => Err(End::Gone),
+        }
+    }
+
+    /// Takes one frame from the topic into `buf`.
+    fn buffer(
+        &mut self,
+        frame: Result<Utf8Bytes, broadcast::error::RecvError>,
+        buf: &mut Vec<Utf8Bytes>,
+    ) -> Result<(), End> {
+        match frame {
+            Ok(b) => {
+                buf.push(b);
+                if buf.len() > MAX_SEAM_BUFFER {
+                    return Err(End::Close(CloseCode::Again, "too slow"));
+                }
+                Ok(())
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => Err(End::Close(CloseCode::Again, "too slow")),
+            Err(broadcast::error::RecvError::Closed) => Err(End::Close(CloseCode::Away, "feed closed")),
+        }
+    }
+
+    /// The resume seam (see the module docs).
+    async fn replay(&mut self, since_ms: i64) -> Result<(), End> {
+        let mut buf: Vec<Utf8Bytes> = Vec::new();
+        let mut shutdown = self.shared.shutdown.clone();
+        let settle = self.shared.config.resume_settle;
+        let started = Instant::now();
+        let mut queue_empty_at: Option<Instant> = None;
+        let mut poll = interval(Duration::from_millis(25));
+        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // 1. Wait until the store holds everything received before the
+        //    subscription.
+        loop {
+            tokio::select! {
+                biased;
+                _ = crate::shutting_down(&mut shutdown) => return Err(End::Close(CloseCode::Away, "hub shutting down")),
+                frame = self.topic.recv() => self.buffer(frame, &mut buf)?,
+                msg = self.ws.next() => self.client_message(msg)?,
+                _ = poll.tick() => {
+                    if started.elapsed() > RESUME_MAX_WAIT {
+                        log::warn!("dashboard for {}: store did not catch up within {RESUME_MAX_WAIT:?}; replaying anyway", self.device_id);
+                        break;
+                    }
+                    let first = buf.iter().find_map(|b| match classify(b, i64::MAX) {
+                        Class::Reading { key, ts_ms, .. } => Some((key, ts_ms)),
+                        Class::Other => None,
+                    });
+                    if let Some((key, ts_ms)) = first {
+                        let id = self.device_id.clone();
+                        let committed = query(&self.shared, move |s| {
+                            Ok(s.readings(&id, ts_ms, ts_ms.saturating_add(1), 100_000)?
+                                .iter()
+                                .any(|r| (r.epoch, r.seq) == key))
+                        })
+                        .await
+                        .unwrap_or(false);
+                        if committed {
+                            break;
+                        }
+                    } else {
+                        let q = &self.shared.queue;
+                        let now = Instant::now();
+                        if q.capacity() == q.max_capacity() {
+                            let at = *queue_empty_at.get_or_insert(now);
+                            if now.duration_since(at) >= settle {
+                                break;
+                            }
+                        } else {
+                            queue_empty_at = None;
+                        }
+                    }
+                }
+            }
+        }
+        // 2. Query, still buffering live frames.
+        let limit = self.shared.config.replay_limit.max(1);
+        let id = self.device_id.clone();
+        let auth = self.shared.auth.clone();
+        let mut task = tokio::task::spawn_blocking(move || {
+            let mut store = auth.lock().unwrap_or_else(|p| p.into_inner());
+            store.history(&id, since_ms, i64::MAX, limit.saturating_add(1), true)
+        });
+        let history = loop {
+            tokio::select! {
+                biased;
+                r = &mut task => break r,
+                frame = self.topic.recv() => self.buffer(frame, &mut buf)?,
+                msg = self.ws.next() => self.client_message(msg)?,
+            }
+        };
+        let mut history = match history {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                log::warn!("dashboard for {}: history query failed: {e}", self.device_id);
+                return Err(End::Close(CloseCode::Again, "store unavailable"));
+            }
+            Err(e) => {
+                log::warn!("dashboard for {}: history task failed: {e}", self.device_id);
+                return Err(End::Close(CloseCode::Error, "internal error"));
+            }
+        };
+        let truncated = history.len() > limit;
+        if truncated {
+            let cut = history.len() - limit;
+            history.drain(..cut);
+        }
+        // 3. History, oldest first, then the end marker.
+        let mut replayed: HashSet<(u64, u64)> = HashSet::with_capacity(history.len());
+        for r in &history {
+            replayed.insert((r.reading.epoch, r.reading.seq));
+            self.send(stored_frame(&self.device_id, r).into()).await?;
+        }
+        let end = DashboardFrame::ReplayEnd {
+            device_id: self.device_id.to_string(),
+            since_ms,
+            count: history.len() as u64,
+            truncated,
+        };
+        self.send(end.to_json().into()).await?;
+        // 4. The buffered live frames, minus what the history held.
+        for frame in buf {
+            if let Class::Reading { key, .. } = classify(&frame, i64::MAX) {
+                if replayed.contains(&key) {
+                    continue;
+                }
+            }
+            self.forward(frame).await?;
+        }
+        Ok(())
+    }
+
+    /// Live handling of one topic frame: fresh readings and other frames
+    /// go out at once (after any pending backfill summary), backlog
+    /// readings are counted.
+    async fn forward(&mut self, frame: Utf8Bytes) -> Result<(), End> {
+        match classify(&frame, self.backfill_after_ms) {
+            Class::Reading {
+                backfill: true,
+                ts_ms,
+                ..
+            } => {
+                self.summary.add(ts_ms);
+                Ok(())
+            }
+            class => {
+                self.flush_summary().await?;
+                self.send(frame).await?;
+                if matches!(class, Class::Reading { .. }) {
+                    self.shared
+                        .metrics
+                        .broadcast_deliveries
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn flush_summary(&mut self) -> Result<(), End> {
+        if let Some(f) = self.summary.take(&self.device_id) {
+            self.send(f.to_json().into()).await?;
+        }
+        Ok(())
+    }
+
+
+    /// The live loop.
+    async fn live(&mut self, opts: FeedOptions) -> End {
+        let cfg = self.shared.config.clone();
+        let mut shutdown = self.shared.shutdown.clone();
+        let mut ping = interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut summary_tick = interval(cfg.backfill_interval.max(Duration::from_millis(10)));
+        summary_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let recheck_every = cfg.viewer_recheck.max(Duration::from_millis(50));
+        let mut recheck = interval_at(Instant::now() + recheck_every, recheck_every);
+        recheck.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let step: Result<(), End> = tokio::select! {
+                biased;
+                _ = crate::shutting_down(&mut shutdown) => Err(End::Close(CloseCode::Away, "hub shutting down")),
+                frame = self.topic.recv() => match frame {
+                    Ok(bytes) => self.forward(bytes).await,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        self.shared.metrics.subscribers_dropped_slow.fetch_add(1, Ordering::Relaxed);
+                        log::warn!("dashboard for {} from {}: {n} frames behind, dropping slow subscriber", self.device_id, self.peer);
+                        Err(End::Close(CloseCode::Again, "too slow"))
+                    }
+                    Err(broadcast::error::RecvError::Closed) => Err(End::Close(CloseCode::Away, "feed closed")),
+                },
+                _ = summary_tick.tick() => self.flush_summary().await,
+                _ = recheck.tick() => {
+                    if viewer_still_allowed(self.shared.clone(), self.device_id.clone(), opts.viewer).await {
+                        Ok(())
+                    } else {
+                        log::info!("dashboard for {} from {}: viewer token revoked, closing (4001)", self.device_id, self.peer);
+                        Err(End::Close(CloseCode::from(ems_shared::CLOSE_REVOKED), "revoked"))
+                    }
+                }
+                _ = ping.tick() => {
+                    if self.missed_pongs >= cfg.max_missed_pongs {
+                        self.shared.metrics.heartbeat_death(crate::metrics::Role::Dashboard);
+                        log::warn!("dashboard for {} from {}: {} pings unanswered, dropping dead connection", self.device_id, self.peer, self.missed_pongs);
+                        Err(End::Gone)
+                    } else {
+                        self.missed_pongs += 1;
+                        self.ws.send(Message::Ping(Bytes::new())).await.map_err(|_| End::Gone)
+                    }
+                }
+                msg = self.ws.next() => self.client_message(msg),
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+}
+
+/// Sends a close frame and waits briefly for the peer's reply.
+async fn close(ws: &mut Ws, code: CloseCode, reason: &'static str) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let frame = Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        }));
+        if ws.send(frame).await.is_err() {
+            return;
+        }
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_classified() {
+        let live = r#"{"type":"reading","epoch":1,"seq":2,"ts_ms":1000,"meter":"m","power_w":1.0,"device_id":"d","rx_ms":1500}"#;
+        assert_eq!(
+            classify(live, 30_000),
+            Class::Reading {
+                key: (1, 2),
+                ts_ms: 1000,
+                backfill: false
+            }
+        );
+        let old = r#"{"type":"reading","epoch":1,"seq":3,"ts_ms":1000,"meter":"m","power_w":1.0,"device_id":"d","rx_ms":100000}"#;
+        assert!(matches!(classify(old, 30_000), Class::Reading { backfill: true, .. }));
+        assert!(matches!(classify(old, i64::MAX), Class::Reading { backfill: false, .. }));
+        assert_eq!(
+            classify(r#"{"type":"status","device_id":"d","online":true,"last_seen_ms":1}"#, 0),
+            Class::Other
+        );
+        assert_eq!(classify("not json", 0), Class::Other);
+        assert_eq!(classify(r#"{"type":"reading","epoch":"x"}"#, 0), Class::Other);
+    }
+
+    #[test]
+    fn summary_counts_and_resets() {
+        let mut s = Summary::default();
+        assert_eq!(s.take("d"), None);
+        for ts in [50, 10, 30] {
+            s.add(ts);
+        }
+        assert_eq!(
+            s.take("d"),
+            Some(DashboardFrame::Backfill {
+                device_id: "d".into(),
+                count: 3,
+                from_ts_ms: 10,
+                to_ts_ms: 50
+            })
+        );
+        assert_eq!(s.take("d"), None);
+    }
+}
