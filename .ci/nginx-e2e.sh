@@ -102,7 +102,9 @@ render_nginx() {
 import re, sys
 src, dst, https_port, http_port, tmp, cert, key, *ups = sys.argv[1:]
 s = open(src).read()
-servers = "".join(f"    server {u} max_fails=3 fail_timeout=10s;\n" for u in ups)
+# max_fails=0: the routing probes below hit hubs that are not started yet;
+# they must not mark them down.
+servers = "".join(f"    server {u} max_fails=0;\n" for u in ups)
 subs = [
     (r"^\s*listen 80;\n", f"    listen 127.0.0.1:{http_port};\n"),
     (r"^\s*listen \[::\]:80;\n", ""),
@@ -198,7 +200,9 @@ routed_hub() {
     line="$(grep -F " device=$id upstream=" "$T/nginx/ems-hub.access.log" | tail -n 1)"
     [[ -n "$line" ]] || die "no access log line for the probe of $id"
     # upstream=ADDR or upstream=ADDR1, ADDR2 (next_upstream): the first is the hash choice
-    sed -E 's/.* upstream=([^ ,]+).*/\1/' <<<"$line"
+    line="$(sed -E 's/.* upstream=([^ ,]+).*/\1/' <<<"$line")"
+    [[ "$line" == 127.0.0.1:* ]] || die "probe of $id was not proxied (upstream=$line; rate limited?)"
+    printf '%s\n' "$line"
 }
 
 # start_edge NAME HUB_URL DEVICE TOKEN: native edge with ca_file, simulated meter
@@ -264,19 +268,24 @@ cmd_e2e() {
     nginx -p "$T/nginx" -e "$T/nginx/error.log" -c "$T/nginx/nginx.conf" -g 'daemon off;' &
     NGINX_PID=$!
     wait_for 20 "nginx" test -s "$T/nginx/nginx.pid" || die "nginx did not start"
-    wait_for 20 "nginx port" curl -s -o /dev/null --cacert "$CA" "$NGINX_HTTPS/" || die "nginx not answering"
+    # /metrics is answered by nginx itself (404): probing a proxied path while
+    # the hubs are down would count as upstream failures (max_fails).
+    wait_for 20 "nginx port" curl -s -o /dev/null --cacert "$CA" "$NGINX_HTTPS/metrics" || die "nginx not answering"
 
     # Route, then provision only on the routed hub (hubs are not running yet:
     # nginx tries the hash choice first, the access log names it first).
-    local dev=pi-nginx-e2e dev2=pi-nginx-e2e-test k k2 i tok viewer tok2 viewer2
-    local route route2
-    route="$(routed_hub "$dev")"; route2="$(routed_hub "$dev2")"
-    k=-1; k2=-1
-    for i in 0 1; do
-        [[ "${addrs[$i]}" == "$route" ]] && k=$i
-        [[ "${addrs[$i]}" == "$route2" ]] && k2=$i
+    local dev=pi-nginx-e2e dev2="" k=-1 k2=-1 i n tok viewer tok2 viewer2 route route2=""
+    route="$(routed_hub "$dev")"
+    for i in 0 1; do [[ "${addrs[$i]}" == "$route" ]] && k=$i; done
+    ((k >= 0)) || die "routed to unknown upstream ($route)"
+    # The second device: one that nginx sends to the OTHER hub, so both hubs
+    # carry traffic and EMS_E2E_TEST_CMD can check both.
+    for n in $(seq 1 24); do
+        route2="$(routed_hub "pi-nginx-e2e-test-$n")"
+        if [[ "$route2" != "$route" ]]; then dev2="pi-nginx-e2e-test-$n"; break; fi
     done
-    ((k >= 0 && k2 >= 0)) || die "routed to unknown upstream ($route, $route2)"
+    [[ -n "$dev2" ]] || die "24 device ids all hashed to $route: is 'hash \$device_id consistent' in effect?"
+    k2=$((1 - k))
     log "nginx routes $dev -> hub$k ($route), $dev2 -> hub$k2 ($route2)"
 
     for i in 0 1; do
@@ -324,6 +333,26 @@ cmd_e2e() {
         local other=$((1 - k)) n_other
         n_other="$(count_readings "${dbfiles[$other]}" "$dev")"
         ((n_other == 0)) || die "hub$other also stored $n_other readings of $dev"
+
+        # HTTP through nginx: the page, the API routed by device id, private
+        # metrics, and URLs with credentials refused before anything logs them.
+        local base="https://localhost:$https_port" marker="QUERYMARKER$RANDOM$RANDOM" code
+        http_code() { curl -s -o /dev/null -w '%{http_code}' --cacert "$CA" "$@"; }
+        code="$(http_code "$base/")"
+        [[ "$code" == 200 ]] || die "GET / through nginx: $code (want 200, the hub's page)"
+        code="$(http_code "$base/metrics")"
+        [[ "$code" == 404 ]] || die "GET /metrics through nginx: $code (want 404: metrics stay private)"
+        code="$(http_code "$base/ws/device/$dev?token=$marker")"
+        [[ "$code" == 400 ]] || die "query on /ws/: $code (want 400)"
+        code="$(http_code "$base/api/devices?access_token=$marker")"
+        [[ "$code" == 400 ]] || die "credential query on /api/: $code (want 400)"
+        code="$(http_code "$base/api/devices?%74oken=$marker")"
+        [[ "$code" == 400 ]] || die "percent-encoded credential query on /api/: $code (want 400)"
+        code="$(EMS_E2E_BEARER="$viewer" bash -c 'curl -s -o /dev/null -w "%{http_code}" --cacert "$1" \
+            -H "Authorization: Bearer $EMS_E2E_BEARER" "$2"' _ "$CA" "$base/api/devices/$dev/readings?limit=5")"
+        [[ "$code" == 200 ]] || die "GET /api/devices/$dev/readings through nginx: $code (want 200 from hub$k)"
+        if grep -rqF -- "$marker" "$T"/nginx/*.log "$T"/hub*.log; then die "a query string reached a log"; fi
+        log "nginx: page 200, API by device id 200, /metrics 404, credential queries 400 and not logged"
 
         if [[ -n "$tls_url" ]]; then
             start_edge edge-tls "$tls_url" pi-hub-tls-e2e "$tls_tok"
