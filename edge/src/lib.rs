@@ -67,6 +67,8 @@ const WATERMARK_EVERY: Duration = Duration::from_secs(10);
 const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
 /// File in the spool dir holding the last epoch used.
 const EPOCH_FILE: &str = "epoch";
+/// File in the spool dir naming the device whose readings it holds.
+const DEVICE_FILE: &str = "device_id";
 
 /// Why the edge could not start. Once running, it never stops on a network
 /// or meter error.
@@ -96,6 +98,45 @@ fn spool_err(dir: &Path) -> impl FnOnce(io::Error) -> EdgeError + '_ {
         dir: dir.to_path_buf(),
         error,
     }
+}
+
+/// Makes sure the spool holds this device's readings only. If `device_id`
+/// changed (the board was re-provisioned), the old identity's spool is moved
+/// aside to `orphaned-<old id>-<unix s>/` with a warning, instead of being
+/// sent under the new identity.
+fn claim_spool(dir: &Path, device_id: &str) -> io::Result<()> {
+    let owner_file = dir.join(DEVICE_FILE);
+    let owner = std::fs::read_to_string(&owner_file).ok();
+    let owner = owner.as_deref().map(str::trim);
+    if owner == Some(device_id) {
+        return Ok(());
+    }
+    if let Some(old) = owner.filter(|o| ems_shared::validate_device_id(o).is_ok()) {
+        let secs = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let aside = dir.join(format!("orphaned-{old}-{secs}"));
+        std::fs::create_dir_all(&aside)?;
+        let mut moved = 0;
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with(".seg") || name == "acked" || name == EPOCH_FILE {
+                std::fs::rename(entry.path(), aside.join(&*name))?;
+                moved += 1;
+            }
+        }
+        log::warn!(
+            "spool {} belonged to device {old:?}, not {device_id:?}: moved its {moved} files to {} (they are not sent under the new identity)",
+            dir.display(),
+            aside.display()
+        );
+    }
+    let tmp = dir.join(format!("{DEVICE_FILE}.tmp"));
+    std::fs::write(&tmp, format!("{device_id}\n"))?;
+    std::fs::rename(&tmp, &owner_file)?;
+    Ok(())
 }
 
 /// Picks this process's epoch and records it in the spool directory.
@@ -174,6 +215,7 @@ pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(),
     }
     let dir = config.spool_dir.clone();
     std::fs::create_dir_all(&dir).map_err(spool_err(&dir))?;
+    claim_spool(&dir, &config.device_id).map_err(spool_err(&dir))?;
     let outbox = Outbox::open(&dir, config.spool_max_bytes, config.link.max_in_flight)
         .map_err(spool_err(&dir))?;
     let recovered = outbox.stats().depth;
@@ -326,5 +368,37 @@ fn join_until(handle: JoinHandle<()>, deadline: Instant, name: &str) {
     }
     if handle.join().is_err() {
         log::error!("{name} thread panicked");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spool_of_another_device_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        claim_spool(dir.path(), "dev-a").unwrap();
+        std::fs::write(dir.path().join("00000000000000000000.seg"), "{}\n").unwrap();
+        std::fs::write(dir.path().join(EPOCH_FILE), "5\n").unwrap();
+        // Same device: untouched.
+        claim_spool(dir.path(), "dev-a").unwrap();
+        assert!(dir.path().join("00000000000000000000.seg").exists());
+        // Re-provisioned as another device: moved aside, not sent.
+        claim_spool(dir.path(), "dev-b").unwrap();
+        assert!(!dir.path().join("00000000000000000000.seg").exists());
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("orphaned-dev-a-"))
+            .collect();
+        assert_eq!(aside.len(), 1);
+        let moved = dir.path().join(&aside[0]);
+        assert!(moved.join("00000000000000000000.seg").exists());
+        assert!(moved.join(EPOCH_FILE).exists());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(DEVICE_FILE)).unwrap(),
+            "dev-b\n"
+        );
     }
 }
