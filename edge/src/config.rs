@@ -362,6 +362,20 @@ impl Config {
                 "link.backoff_base_ms must be > 0 and <= link.backoff_cap_ms".into(),
             ));
         }
+        const DAY_MS: u64 = 86_400_000;
+        let durations = [
+            ("backoff_cap_ms", l.backoff_cap_ms),
+            ("stable_after_ms", l.stable_after_ms),
+            ("connect_timeout_ms", l.connect_timeout_ms),
+            ("ping_after_ms", l.ping_after_ms),
+            ("dead_after_ms", l.dead_after_ms),
+            ("status_every_ms", l.status_every_ms),
+        ];
+        if let Some((name, _)) = durations.iter().find(|(_, v)| *v > DAY_MS) {
+            return Err(invalid(format!(
+                "link.{name} must be at most 86400000 (a day)"
+            )));
+        }
         if l.poll_ms == 0 || l.poll_ms > 1000 {
             return Err(invalid("link.poll_ms must be between 1 and 1000".into()));
         }
@@ -578,6 +592,11 @@ kind = "simulated"
     fn bad_values_are_explained() {
         assert!(parse(&MIN.replace("ems_001", "bad id")).is_err());
         assert!(parse(&format!("sample_interval_ms = 0\n{MIN}")).is_err());
+        let huge = format!("{MIN}\n[link]\nbackoff_cap_ms = 18446744073709551615\n");
+        assert!(parse(&huge)
+            .unwrap_err()
+            .to_string()
+            .contains("backoff_cap_ms"));
         let two = format!("{MIN}\n[[meter]]\nid = \"main\"\nkind = \"simulated\"\n");
         assert!(parse(&two).unwrap_err().to_string().contains("twice"));
         let none = "device_id = \"d\"\nhub_url = \"wss://h\"\n";
