@@ -354,6 +354,22 @@ impl Target {
         if config.get_application_name().is_none() {
             config.application_name("ems-hub");
         }
+        // A dead link without a reset (NAT timeout, pulled cable) must fail
+        // a write within about a minute, not after the kernel's ~15 min of
+        // retransmissions, so that the writer reconnects.
+        let has = |key: &str| rest.iter().any(|kv| kv.split('=').next() == Some(key));
+        if !has("keepalives_idle") {
+            config.keepalives_idle(Duration::from_secs(30));
+        }
+        if !has("keepalives_interval") {
+            config.keepalives_interval(Duration::from_secs(10));
+        }
+        if !has("keepalives_retries") {
+            config.keepalives_retries(3);
+        }
+        if !has("tcp_user_timeout") {
+            config.tcp_user_timeout(Duration::from_secs(60));
+        }
         let ssl = match sslmode.as_deref() {
             None | Some("disable") | Some("allow") => None,
             Some("prefer") => Some(SslMode::Prefer),
