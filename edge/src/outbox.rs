@@ -338,6 +338,10 @@ pub struct Outbox {
     stats: OutboxStats,
     /// `(low, ts_ms)` of the last lookup of the oldest reading's time.
     oldest: Option<(u64, Option<i64>)>,
+    /// Last time a spool read error was logged (rate limit).
+    last_read_error: Option<std::time::Instant>,
+    /// Last time an unreadable record was logged (rate limit).
+    last_corrupt_log: Option<std::time::Instant>,
 }
 
 impl Outbox {
@@ -350,6 +354,8 @@ impl Outbox {
             spool,
             stats: OutboxStats::default(),
             oldest: None,
+            last_read_error: None,
+            last_corrupt_log: None,
         };
         ob.refresh_stats();
         Ok(ob)
@@ -406,8 +412,17 @@ impl Outbox {
                     Err(_) => self.corrupt(rec),
                 },
                 Ok(None) => self.corrupt(rec),
+                // The segment file vanished (deleted by hand?): skip it.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => self.corrupt(rec),
                 Err(e) => {
-                    log::warn!("spool: cannot read record {rec}: {e}; will retry");
+                    let now = std::time::Instant::now();
+                    if self
+                        .last_read_error
+                        .map_or(true, |t| now.duration_since(t).as_secs() >= 60)
+                    {
+                        log::warn!("spool: cannot read record {rec}: {e}; will retry");
+                        self.last_read_error = Some(now);
+                    }
                     break;
                 }
             }
@@ -418,7 +433,17 @@ impl Outbox {
 
     fn corrupt(&mut self, rec: u64) {
         self.stats.dropped_corrupt += 1;
-        log::warn!("spool: record {rec} is unreadable (torn write?); skipping it");
+        let now = std::time::Instant::now();
+        if self
+            .last_corrupt_log
+            .map_or(true, |t| now.duration_since(t).as_secs() >= 60)
+        {
+            log::warn!(
+                "spool: record {rec} is unreadable (torn write or damaged file); skipping it ({} skipped since start)",
+                self.stats.dropped_corrupt
+            );
+            self.last_corrupt_log = Some(now);
+        }
         self.state.discard(rec);
     }
 
