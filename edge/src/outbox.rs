@@ -832,6 +832,30 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_record_is_skipped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
+        for seq in 0..5 {
+            ob.append(&reading(seq)).unwrap();
+        }
+        sync_files(ob.flush().unwrap()).unwrap();
+        drop(ob);
+        // Zero the middle record in place (a damaged block).
+        let seg = dir.path().join(format!("{:020}.seg", 0));
+        let text = std::fs::read_to_string(&seg).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let zeros = "\0".repeat(lines[2].len());
+        let damaged = [lines[0], lines[1], zeros.as_str(), lines[3], lines[4]].join("\n") + "\n";
+        std::fs::write(&seg, damaged).unwrap();
+        let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
+        ob.connected();
+        assert_eq!(drain(&mut ob), [0, 1, 3, 4]);
+        assert_eq!(ob.stats().dropped_corrupt, 1);
+        ob.ack(7, 4);
+        assert_eq!(ob.stats().depth, 0);
+    }
+
+    #[test]
     fn acked_segments_are_deleted() {
         let dir = tempfile::tempdir().unwrap();
         let count = || {
