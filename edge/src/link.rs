@@ -568,11 +568,20 @@ impl Link {
                 }
             }
             Ok(HubFrame::Rejected { epoch, seq, reason }) => {
-                let out = self.outbox().rejected(epoch, seq);
-                log::warn!(
-                    "hub rejected reading epoch {epoch} seq {seq}: {reason}; removed from the outbox{}",
-                    if out.unknown { " (was not in flight)" } else { "" }
-                );
+                let (out, total) = {
+                    let mut ob = self.outbox();
+                    let out = ob.rejected(epoch, seq);
+                    (out, ob.stats().rejected)
+                };
+                // Every rejection is a reading lost for good, so it is
+                // logged, but a systematic cause (e.g. a clock far ahead)
+                // must not flood the journal: log the 1st, 2nd, 4th, 8th…
+                if total.is_power_of_two() || total % 1000 == 0 || out.unknown {
+                    log::warn!(
+                        "hub rejected reading epoch {epoch} seq {seq}: {reason}; removed from the outbox{} ({total} rejected since start)",
+                        if out.unknown { " (was not in flight)" } else { "" }
+                    );
+                }
             }
             Err(e) => log::warn!("unexpected frame from the hub ignored: {e}"),
         }

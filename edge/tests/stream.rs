@@ -1161,3 +1161,51 @@ fn a_half_open_link_is_detected_and_replaced() {
     edge.terminate();
     edge.assert_token_not_logged();
 }
+
+#[test]
+fn a_rejected_reading_leaves_the_outbox_without_blocking_it() {
+    use ems_edge::outbox::{sync_files, Outbox};
+    const OLD_EPOCH: u64 = 44;
+    let w = World::new();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut ob = Outbox::open(&w.spool_dir(), 256 << 20, 512).unwrap();
+    for (seq, ts) in [
+        (0, now_ms - 2000),
+        (1, now_ms + 3_600_000),
+        (2, now_ms - 1000),
+    ] {
+        let r = ems_shared::Reading {
+            epoch: OLD_EPOCH,
+            seq,
+            ts_ms: ts,
+            meter: "main".into(),
+            power_w: Some(100.0),
+            ..Default::default()
+        };
+        ob.append(&r).unwrap();
+    }
+    sync_files(ob.flush().unwrap()).unwrap();
+    drop(ob);
+    let _hub = w.hub();
+    let config = w.config("edge.toml", "", "");
+    let mut edge = w.edge(&config);
+    wait_for("the valid readings stored", SOON, || {
+        w.seqs_of(OLD_EPOCH) == [0, 2]
+    });
+    wait_for("the rejection logged", SOON, || {
+        edge.log()
+            .contains("hub rejected reading epoch 44 seq 1: future_timestamp")
+    });
+    edge.terminate();
+    // The next start does not send it again.
+    let mut again = w.edge(&config);
+    wait_for("connected", SOON, || again.log().contains("CONNECTED to"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!again.log().contains("hub rejected"), "{}", again.log());
+    again.terminate();
+    edge.assert_token_not_logged();
+    again.assert_token_not_logged();
+}
