@@ -199,6 +199,14 @@ impl Reading {
                 "meter must be 1-32 characters of [a-z0-9_-]".into(),
             ));
         }
+        if self.ts_ms < 0 {
+            // Before 1970: a clock that was never set. Every store can hold
+            // anything from 0 to the future bound.
+            return Err(err(
+                RejectReason::OutOfRange,
+                "ts_ms is negative (before 1970)".into(),
+            ));
+        }
         if self.ts_ms > now_ms.saturating_add(MAX_FUTURE_SKEW_MS) {
             return Err(err(
                 RejectReason::FutureTimestamp,
@@ -353,6 +361,10 @@ mod tests {
         assert_eq!(
             reason(&format!(r#"{{"type":"reading","epoch":1,"seq":2,"ts_ms":{future},"meter":"m","power_w":1}}"#)),
             RejectReason::FutureTimestamp
+        );
+        assert_eq!(
+            reason(r#"{"type":"reading","epoch":1,"seq":2,"ts_ms":-1,"meter":"m","power_w":1}"#),
+            RejectReason::OutOfRange
         );
         let edge = NOW + MAX_FUTURE_SKEW_MS;
         ok(&format!(r#"{{"type":"reading","epoch":1,"seq":2,"ts_ms":{edge},"meter":"m","power_w":1}}"#));
