@@ -5,6 +5,7 @@
 mod cli;
 mod frames;
 mod handshake;
+mod hardening;
 mod harness;
 mod lifecycle;
 mod tls;
