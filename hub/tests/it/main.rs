@@ -2,7 +2,10 @@
 //! SQLite store, driven by real WebSocket clients. One test binary, one
 //! module per area.
 
+mod admin_api;
+mod browser;
 mod cli;
+mod dashboard;
 mod frames;
 mod handshake;
 mod hardening;
