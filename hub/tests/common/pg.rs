@@ -66,17 +66,27 @@ pub fn required() -> bool {
 }
 
 /// Reports that PostgreSQL tests cannot run: panics when it is required,
-/// else prints a loud SKIP and returns `None`.
+/// else prints a loud SKIP (once per reason and process, straight to the
+/// stderr stream so that the test harness's output capture does not hide
+/// it) and returns `None`.
 pub fn unavailable<T>(why: &str) -> Option<T> {
     if required() {
         panic!("PostgreSQL is required (EMS_REQUIRE_POSTGRES=1) but {why}");
     }
-    eprintln!(
-        "\n********************************************************************\n\
-         SKIP: PostgreSQL test skipped: {why}.\n\
-         Set EMS_TEST_DATABASE_URL or install postgresql-15 to run it.\n\
-         ********************************************************************\n"
-    );
+    static SHOWN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut shown = SHOWN.lock().unwrap_or_else(|p| p.into_inner());
+    if !shown.iter().any(|s| s == why) {
+        shown.push(why.to_string());
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n********************************************************************\n\
+             SKIP: PostgreSQL tests skipped: {why}.\n\
+             Set EMS_TEST_DATABASE_URL or install postgresql-15 to run them;\n\
+             EMS_REQUIRE_POSTGRES=1 turns this into a failure (CI).\n\
+             ********************************************************************\n"
+        );
+    }
     None
 }
 
@@ -114,8 +124,9 @@ pub fn local_cluster() -> Option<&'static Cluster> {
 /// (after a SKIP message) when it cannot run here.
 pub fn shared_cluster() -> Option<&'static Cluster> {
     if bin_dir().is_none() {
+        let dir = std::env::var("EMS_PG_BIN").unwrap_or_else(|_| DEFAULT_BIN.to_string());
         return unavailable(&format!(
-            "EMS_TEST_DATABASE_URL is not set and {DEFAULT_BIN}/initdb is missing"
+            "EMS_TEST_DATABASE_URL is not set and {dir}/initdb is missing"
         ));
     }
     let c = SHARED.get_or_init(|| {
