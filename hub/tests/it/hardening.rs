@@ -104,9 +104,17 @@ async fn bad_tokens_are_refused_before_any_store_work() {
     assert!(r.to_ascii_lowercase().contains("www-authenticate: bearer"), "{r}");
     // Malformed: not a bearer credential (401), not our token format (403),
     // a non-visible-ASCII value (400).
-    let r = raw(hub.addr, upgrade_request(path, "Authorization: Basic Zm9vOmJhcg==\r\n").as_bytes()).await;
+    let r = raw(
+        hub.addr,
+        upgrade_request(path, "Authorization: Basic Zm9vOmJhcg==\r\n").as_bytes(),
+    )
+    .await;
     assert!(status_line(&r).starts_with("HTTP/1.1 401"), "{r}");
-    let r = raw(hub.addr, upgrade_request(path, "Authorization: Bearer emsd_not-a-token\r\n").as_bytes()).await;
+    let r = raw(
+        hub.addr,
+        upgrade_request(path, "Authorization: Bearer emsd_not-a-token\r\n").as_bytes(),
+    )
+    .await;
     assert!(status_line(&r).starts_with("HTTP/1.1 403"), "{r}");
     let mut bin = upgrade_request(path, "").into_bytes();
     bin.truncate(bin.len() - 2);
@@ -125,14 +133,21 @@ async fn bad_tokens_are_refused_before_any_store_work() {
     let q = format!("{path}?token={token}");
     let r = raw(hub.addr, upgrade_request(&q, "").as_bytes()).await;
     assert!(status_line(&r).starts_with("HTTP/1.1 400"), "{r}");
-    let r = raw(hub.addr, upgrade_request(&q, &format!("Authorization: Bearer {token}\r\n")).as_bytes()).await;
+    let r = raw(
+        hub.addr,
+        upgrade_request(&q, &format!("Authorization: Bearer {token}\r\n")).as_bytes(),
+    )
+    .await;
     assert!(status_line(&r).starts_with("HTTP/1.1 400"), "{r}");
     // Every outcome was counted; nothing secret is in /metrics.
     let m = metrics(hub.addr).await;
     assert!(sample(&m, "ems_handshakes_total{outcome=\"bad_request\"}") >= 5.0);
     assert!(sample(&m, "ems_handshakes_total{outcome=\"unauthorized\"}") >= 2.0);
     assert!(sample(&m, "ems_handshakes_total{outcome=\"forbidden\"}") >= 1.0);
-    assert!(!m.contains(&token) && !m.contains("dev-a") && !m.contains("emsd_"), "{m}");
+    assert!(
+        !m.contains(&token) && !m.contains("dev-a") && !m.contains("emsd_"),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,7 +214,10 @@ async fn oversized_and_deeply_nested_json() {
     send_text(&mut ws, reading(1, 0)).await;
     wait_ack(&mut ws, 1, 0).await;
     let m = metrics(hub.addr).await;
-    assert!(sample(&m, "ems_readings_rejected_total{reason=\"invalid_json\"}") >= 1.0, "{m}");
+    assert!(
+        sample(&m, "ems_readings_rejected_total{reason=\"invalid_json\"}") >= 1.0,
+        "{m}"
+    );
     // Oversized: 1009.
     send_text(&mut ws, format!("{{\"pad\":\"{}\"}}", "x".repeat(17 * 1024))).await;
     assert_eq!(closed_with(&mut ws).await, Some(1009));
@@ -242,7 +260,9 @@ async fn binary_frames_are_discarded_and_counted() {
     let token = hub.add_device("dev-a");
     let mut ws = hub.device("dev-a", &token).await;
     for _ in 0..3 {
-        ws.send(Message::Binary(reading(1, 0).into_bytes().into())).await.unwrap();
+        ws.send(Message::Binary(reading(1, 0).into_bytes().into()))
+            .await
+            .unwrap();
     }
     send_text(&mut ws, reading(1, 1)).await;
     wait_ack(&mut ws, 1, 1).await;
@@ -269,7 +289,10 @@ async fn invalid_frame_flood_is_cheap_and_the_socket_survives() {
     println!("{n} invalid frames + 1 valid handled in {:?}", t.elapsed());
     let m = metrics(hub.addr).await;
     // serde reports the unknown key before the truncation.
-    assert_eq!(sample(&m, "ems_readings_rejected_total{reason=\"unknown_field\"}"), n as f64);
+    assert_eq!(
+        sample(&m, "ems_readings_rejected_total{reason=\"unknown_field\"}"),
+        n as f64
+    );
     assert_eq!(hub.stored("dev-a"), vec![(1, 0)]);
 }
 
@@ -332,9 +355,13 @@ async fn slow_subscriber_is_dropped_without_slowing_the_device() {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     let stream = sock.connect(hub.addr).await.unwrap();
-    let mut req = format!("ws://{}/ws/dashboard/dev-a", hub.addr).into_client_request().unwrap();
-    req.headers_mut()
-        .insert("authorization", HeaderValue::from_str(&format!("Bearer {viewer}")).unwrap());
+    let mut req = format!("ws://{}/ws/dashboard/dev-a", hub.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {viewer}")).unwrap(),
+    );
     let (_slow, _) = tokio_tungstenite::client_async(req, stream).await.unwrap();
     let mut ws = hub.device("dev-a", &token).await;
     let t = Instant::now();
@@ -476,7 +503,10 @@ async fn slowloris_and_oversized_headers_are_cut_off() {
     println!("slowloris cut off after {:?} (handshake_timeout 500 ms)", t.elapsed());
     assert!(t.elapsed() < Duration::from_secs(10));
     // Oversized head (> 16 KiB): refused with 431 or the connection closed.
-    let big = format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(64 * 1024));
+    let big = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
     let mut s = TcpStream::connect(hub.addr).await.unwrap();
     let _ = s.write_all(big.as_bytes()).await;
     let mut buf = vec![0u8; 1024];
