@@ -208,19 +208,25 @@ pub trait Store: Send {
         newest: bool,
     ) -> Result<Vec<StoredReading>, StoreError> {
         let _ = (device_id, from_ms, to_ms, limit, newest);
-        Err(StoreError::Db("history is not supported by this store".into()))
+        Err(StoreError::Db(
+            "history is not supported by this store".into(),
+        ))
     }
 
     /// Receive time (`received_at`) of the device's newest reading by
     /// sample time, if it has any (issue 6: "last seen").
     fn last_seen(&mut self, device_id: &str) -> Result<Option<i64>, StoreError> {
         let _ = device_id;
-        Err(StoreError::Db("last_seen is not supported by this store".into()))
+        Err(StoreError::Db(
+            "last_seen is not supported by this store".into(),
+        ))
     }
 
     /// All viewer tokens (names, scopes, times), ordered by name (issue 6).
     fn list_viewers(&mut self) -> Result<Vec<ViewerInfo>, StoreError> {
-        Err(StoreError::Db("listing viewers is not supported by this store".into()))
+        Err(StoreError::Db(
+            "listing viewers is not supported by this store".into(),
+        ))
     }
 }
 
