@@ -631,6 +631,78 @@ mod postgres_only {
         assert_eq!(s.readings("d1", 0, 100, 10).unwrap().len(), 2);
     }
 
+    /// Captures every log record of this test binary.
+    struct Capture(std::sync::Mutex<Vec<String>>);
+
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            let line = format!("{} {}", record.target(), record.args());
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+        }
+        fn flush(&self) {}
+    }
+
+    static CAPTURE: Capture = Capture(std::sync::Mutex::new(Vec::new()));
+
+    /// The URL's password appears in no log line and no error, through
+    /// open, mode logging, a lost connection and the reconnect.
+    #[test]
+    fn the_password_never_reaches_logs_or_errors() {
+        let Some(cluster) = pg::local_cluster() else {
+            return;
+        };
+        if log::set_logger(&CAPTURE).is_ok() {
+            log::set_max_level(log::LevelFilter::Trace);
+        }
+        let db = pg::create_db(&cluster.admin_url);
+        // Trust authentication accepts any password, so this one is only
+        // carried around, which is what we check.
+        let secret = "pw-Zq8xK3vN";
+        let url = db.url.replace(
+            "postgres://postgres@",
+            &format!("postgres://postgres:{secret}@"),
+        );
+        assert!(url.contains(secret));
+        let mut s = PgStore::open(&url, &PgOptions::default()).unwrap();
+        assert!(!format!("{s:?}").contains(secret));
+        assert!(!s.redacted_url().contains(secret));
+        s.insert_batch(&[row("d1", 1, 1, 1)]).unwrap();
+        admin(&cluster.admin_url)
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                &[&db.name],
+            )
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let mut errors = Vec::new();
+        for seq in 2..5 {
+            if let Err(e) = s.insert_batch(&[row("d1", 1, seq, seq as i64)]) {
+                errors.push(e.to_string());
+                s.insert_batch(&[row("d1", 1, seq, seq as i64)]).unwrap();
+            }
+        }
+        assert!(s.connects() >= 2);
+        // A refused connection's error names the URL, without the secret.
+        let bad = url.replace(&format!(":{}/", cluster.port), ":1/");
+        errors.push(
+            PgStore::open(&bad, &PgOptions::default())
+                .err()
+                .unwrap()
+                .to_string(),
+        );
+        let logs = CAPTURE.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert!(
+            logs.iter().any(|l| l.contains("postgres:***@")),
+            "the store logs its (redacted) URL: {logs:?}"
+        );
+        for line in logs.iter().chain(&errors) {
+            assert!(!line.contains(secret), "password leaked: {line}");
+        }
+    }
+
     /// A timestamp PostgreSQL cannot store must not make a batch fail on
     /// every retry (the writer would stall): that row alone is left out.
     #[test]
