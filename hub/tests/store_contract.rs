@@ -487,14 +487,14 @@ mod postgres_only {
 
     /// The example Grafana query of docs/storage.md, with `$__timeFilter`
     /// expanded as Grafana does.
-    const GRAFANA_QUERY: &str =
-        "SELECT time_bucket_gapfill_or_trunc AS time, device_id AS metric, \
-         avg(power_w) AS value FROM ( \
-           SELECT date_trunc('minute', ts) AS time_bucket_gapfill_or_trunc, device_id, power_w \
-           FROM readings \
-           WHERE ts BETWEEN '2023-11-14T22:00:00Z' AND '2023-11-14T23:00:00Z' \
-             AND device_id IN ('d1') \
-         ) AS r GROUP BY 1, 2 ORDER BY 1";
+    const GRAFANA_QUERY: &str = "SELECT date_trunc('minute', ts) AS time, \
+         device_id AS metric, \
+         avg(power_w) AS value \
+         FROM readings \
+         WHERE ts BETWEEN '2023-11-14T22:00:00Z' AND '2023-11-14T23:00:00Z' \
+           AND device_id IN ('d1') \
+         GROUP BY 1, 2 \
+         ORDER BY 1";
 
     fn admin(url: &str) -> postgres::Client {
         postgres::Client::connect(url, postgres::NoTls).unwrap()
