@@ -43,7 +43,10 @@ const DRAIN: Duration = Duration::from_secs(90);
 /// test re-executes this binary) it runs a hub until killed.
 #[test]
 fn hub_child_process() {
-    let (Ok(db), Ok(port)) = (std::env::var("EMS_CHAOS_HUB_DB"), std::env::var("EMS_CHAOS_HUB_PORT")) else {
+    let (Ok(db), Ok(port)) = (
+        std::env::var("EMS_CHAOS_HUB_DB"),
+        std::env::var("EMS_CHAOS_HUB_PORT"),
+    ) else {
         return;
     };
     let port: u16 = port.parse().unwrap();
@@ -68,12 +71,18 @@ fn hub_child_process() {
             }
         };
         eprintln!("chaos hub listening on {port}");
-        ems_hub::run(listener, config, std::future::pending()).await.unwrap();
+        ems_hub::run(listener, config, std::future::pending())
+            .await
+            .unwrap();
     });
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct HubProc {
@@ -89,7 +98,12 @@ impl HubProc {
         self.starts += 1;
         let log = fs::File::create(self.log_dir.join(format!("hub-{}.log", self.starts))).unwrap();
         let child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "hub_child_process", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "hub_child_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("EMS_CHAOS_HUB_DB", &self.db)
             .env("EMS_CHAOS_HUB_PORT", self.port.to_string())
             .stdin(Stdio::null())
@@ -133,7 +147,12 @@ impl Proxy {
             stop: Arc::new(AtomicBool::new(false)),
         };
         let listener = TcpListener::bind(("127.0.0.1", listen)).unwrap();
-        let (faults, cuts, conns, stop) = (p.faults.clone(), p.cuts.clone(), p.conns.clone(), p.stop.clone());
+        let (faults, cuts, conns, stop) = (
+            p.faults.clone(),
+            p.cuts.clone(),
+            p.conns.clone(),
+            p.stop.clone(),
+        );
         std::thread::spawn(move || {
             let mut seed = 1u64;
             for client in listener.incoming() {
@@ -160,10 +179,14 @@ impl Proxy {
                     (client.try_clone(), server.try_clone(), 1),
                     (server.try_clone(), client.try_clone(), 2),
                 ] {
-                    let (Ok(from), Ok(to)) = (from, to) else { continue };
+                    let (Ok(from), Ok(to)) = (from, to) else {
+                        continue;
+                    };
                     let (spent, cuts, faults) = (spent.clone(), cuts.clone(), faults.clone());
                     let mut rng = fastrand::Rng::with_seed(seed * 7 + s);
-                    std::thread::spawn(move || pump(from, to, budget, &spent, &cuts, &faults, &mut rng));
+                    std::thread::spawn(move || {
+                        pump(from, to, budget, &spent, &cuts, &faults, &mut rng)
+                    });
                 }
             }
         });
@@ -319,13 +342,15 @@ fn sampled(logs: &[PathBuf]) -> BTreeSet<(u64, u64)> {
 
 /// (device, epoch, seq) -> number of rows.
 fn stored(db_path: &Path) -> BTreeMap<(String, u64, u64), u64> {
-    let Ok(conn) = rusqlite::Connection::open_with_flags(db_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+    let Ok(conn) =
+        rusqlite::Connection::open_with_flags(db_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
         return BTreeMap::new();
     };
     let _ = conn.busy_timeout(Duration::from_secs(10));
-    let Ok(mut stmt) =
-        conn.prepare("SELECT device_id, epoch, seq, count(*) FROM readings GROUP BY device_id, epoch, seq")
-    else {
+    let Ok(mut stmt) = conn.prepare(
+        "SELECT device_id, epoch, seq, count(*) FROM readings GROUP BY device_id, epoch, seq",
+    ) else {
         return BTreeMap::new();
     };
     let rows = stmt

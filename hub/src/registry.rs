@@ -429,7 +429,11 @@ mod tests {
         let frame = |t: Utf8Bytes| serde_json::from_str::<ems_shared::DashboardFrame>(&t).unwrap();
         for online in [true, false] {
             match frame(sub.try_recv().unwrap()) {
-                ems_shared::DashboardFrame::Status { online: o, last_seen_ms: Some(_), .. } => assert_eq!(o, online),
+                ems_shared::DashboardFrame::Status {
+                    online: o,
+                    last_seen_ms: Some(_),
+                    ..
+                } => assert_eq!(o, online),
                 other => panic!("{other:?}"),
             }
         }

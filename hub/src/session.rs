@@ -27,7 +27,9 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-use ems_shared::{dashboard_frame, decode_edge_frame, EdgeFrame, FrameError, HubFrame, RejectReason};
+use ems_shared::{
+    dashboard_frame, decode_edge_frame, EdgeFrame, FrameError, HubFrame, RejectReason,
+};
 
 use crate::limits::{Excess, TokenBucket};
 use crate::metrics::Role;
@@ -116,7 +118,11 @@ pub(crate) async fn device(
 ) {
     let cfg = &shared.config;
     let metrics = &shared.metrics;
-    let (lease, replaced) = match shared.registry.connect_device(&device_id, peer.to_string(), token) {
+    let (lease, replaced) = match shared.registry.connect_device(
+        &device_id,
+        peer.to_string(),
+        token,
+    ) {
         Ok(l) => l,
         Err(conflict) => {
             metrics.takeover_conflicts.fetch_add(1, Ordering::Relaxed);
@@ -131,7 +137,12 @@ pub(crate) async fn device(
                     conflict.remaining
                 ),
             }
-            close(&mut ws, CloseCode::from(ems_shared::CLOSE_CONFLICT), "conflict").await;
+            close(
+                &mut ws,
+                CloseCode::from(ems_shared::CLOSE_CONFLICT),
+                "conflict",
+            )
+            .await;
             return;
         }
     };
@@ -156,9 +167,9 @@ pub(crate) async fn device(
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut missed = 0u32;
     let mut warn = RateLimitedWarn::new(Duration::from_secs(10));
-    let mut bucket = shared
-        .registry
-        .take_bucket(&device_id, || TokenBucket::new(&cfg.rate_limit, Instant::now()));
+    let mut bucket = shared.registry.take_bucket(&device_id, || {
+        TokenBucket::new(&cfg.rate_limit, Instant::now())
+    });
     let mut excess = Excess::default();
     // The last reading queued for the store, to wait for its ack on shutdown.
     let mut last_queued: Option<(u64, u64)> = None;
@@ -349,7 +360,10 @@ async fn handle_text(
             return Ok(Handled::Status);
         }
     };
-    shared.metrics.readings_valid.fetch_add(1, Ordering::Relaxed);
+    shared
+        .metrics
+        .readings_valid
+        .fetch_add(1, Ordering::Relaxed);
     // Hot path: serialize only when somebody watches; one buffer shared by
     // every subscriber.
     if topic.receiver_count() > 0 {

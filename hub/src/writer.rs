@@ -135,7 +135,9 @@ fn run(
                     if now >= deadline {
                         break;
                     }
-                    match rt.block_on(async { tokio::time::timeout(deadline - now, rx.recv()).await }) {
+                    match rt
+                        .block_on(async { tokio::time::timeout(deadline - now, rx.recv()).await })
+                    {
                         Ok(Some(item)) => batch.push(item),
                         Ok(None) | Err(_) => break,
                     }
@@ -162,7 +164,10 @@ fn commit(store: &mut dyn Store, rows: &[Row], metrics: &Metrics) {
             Ok(()) => {
                 metrics.committed(rows.len(), started.elapsed());
                 if attempt > 0 {
-                    log::info!("store writer: batch of {} committed after {attempt} retries", rows.len());
+                    log::info!(
+                        "store writer: batch of {} committed after {attempt} retries",
+                        rows.len()
+                    );
                 }
                 return;
             }
@@ -242,10 +247,22 @@ mod tests {
         fn rotate_device(&mut self, _: &str, _: &TokenHash) -> Result<(), StoreError> {
             Ok(())
         }
-        fn add_viewer(&mut self, _: &str, _: &TokenHash, _: &ViewerScope, _: i64) -> Result<(), StoreError> {
+        fn add_viewer(
+            &mut self,
+            _: &str,
+            _: &TokenHash,
+            _: &ViewerScope,
+            _: i64,
+        ) -> Result<(), StoreError> {
             Ok(())
         }
-        fn readings(&mut self, _: &str, _: i64, _: i64, _: usize) -> Result<Vec<Reading>, StoreError> {
+        fn readings(
+            &mut self,
+            _: &str,
+            _: i64,
+            _: i64,
+            _: usize,
+        ) -> Result<Vec<Reading>, StoreError> {
             Ok(vec![])
         }
     }
@@ -280,7 +297,10 @@ mod tests {
         };
         let (tx, rx) = mpsc::channel(100);
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
-        let sink = Arc::new(AckSink { conn_id: 1, tx: ack_tx });
+        let sink = Arc::new(AckSink {
+            conn_id: 1,
+            tx: ack_tx,
+        });
         // Queue everything first so it forms one batch of 3 (max 3).
         for seq in 0..5 {
             tx.try_send(item(&sink, 7, seq)).unwrap();

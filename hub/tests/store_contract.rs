@@ -190,6 +190,35 @@ pub mod contract {
         ));
     }
 
+    /// Issue 9: the revocation poller's view — every unrevoked device with
+    /// its current hash; revoked devices vanish, rotation changes the hash,
+    /// un-revocation by rotation brings the device back.
+    pub fn active_device_tokens_follow_revocation_and_rotation(mut f: Fixture) {
+        let s = &mut *f.store;
+        let sorted = |s: &mut dyn Store| {
+            let mut v = s.active_device_tokens().unwrap();
+            v.sort();
+            v
+        };
+        assert!(sorted(s).is_empty());
+        let (h1, h2, h3) = (token::hash("t1"), token::hash("t2"), token::hash("t3"));
+        s.add_device("d1", &h1, 1).unwrap();
+        s.add_device("d2", &h2, 1).unwrap();
+        assert_eq!(
+            sorted(s),
+            vec![("d1".to_string(), h1), ("d2".to_string(), h2)]
+        );
+        s.revoke_device("d1", 2).unwrap();
+        assert_eq!(sorted(s), vec![("d2".to_string(), h2)]);
+        s.rotate_device("d2", &h3).unwrap();
+        assert_eq!(sorted(s), vec![("d2".to_string(), h3)]);
+        s.rotate_device("d1", &h1).unwrap();
+        assert_eq!(
+            sorted(s),
+            vec![("d1".to_string(), h1), ("d2".to_string(), h3)]
+        );
+    }
+
     pub fn viewer_scopes_and_revocation(mut f: Fixture) {
         let s = &mut *f.store;
         let (ha, hb, hc) = (token::hash("va"), token::hash("vb"), token::hash("vc"));
@@ -416,6 +445,7 @@ macro_rules! backend_suite {
                 failed_batch_stores_nothing,
                 history_by_time_range,
                 device_admin,
+                active_device_tokens_follow_revocation_and_rotation,
                 viewer_scopes_and_revocation,
                 admin_tokens,
                 history_with_receive_times,

@@ -70,7 +70,10 @@ impl EdgeStatus {
         }
         if let Some(ts) = self.oldest_ts_ms {
             if ts < 0 {
-                return Err(FrameError::new(RejectReason::OutOfRange, "oldest_ts_ms is negative"));
+                return Err(FrameError::new(
+                    RejectReason::OutOfRange,
+                    "oldest_ts_ms is negative",
+                ));
             }
             if ts > now_ms.saturating_add(crate::MAX_FUTURE_SKEW_MS) {
                 return Err(FrameError::new(
@@ -154,11 +157,26 @@ mod tests {
             ..Default::default()
         };
         let json = s.to_json();
-        assert_eq!(decode_edge_frame(&json, NOW).unwrap(), EdgeFrame::Status(s.clone()));
+        assert_eq!(
+            decode_edge_frame(&json, NOW).unwrap(),
+            EdgeFrame::Status(s.clone())
+        );
         assert_eq!(s.behind_ms(NOW), 10_800_000);
         // Field order does not matter, `dropped` is optional.
-        let f = decode_edge_frame(r#"{"outbox_depth":0,"oldest_ts_ms":null,"type":"status"}"#, NOW).unwrap();
-        assert!(matches!(f, EdgeFrame::Status(EdgeStatus { outbox_depth: 0, oldest_ts_ms: None, dropped: 0, .. })));
+        let f = decode_edge_frame(
+            r#"{"outbox_depth":0,"oldest_ts_ms":null,"type":"status"}"#,
+            NOW,
+        )
+        .unwrap();
+        assert!(matches!(
+            f,
+            EdgeFrame::Status(EdgeStatus {
+                outbox_depth: 0,
+                oldest_ts_ms: None,
+                dropped: 0,
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -172,11 +190,24 @@ mod tests {
         let e = |s: &str| decode_edge_frame(s, NOW).unwrap_err();
         assert_eq!(e(r#"{"type":"nope"}"#).reason, RejectReason::UnknownType);
         assert_eq!(e("{").reason, RejectReason::InvalidJson);
-        assert_eq!(e(r#"{"type":"status","outbox_depth":"1","oldest_ts_ms":null}"#).reason, RejectReason::WrongType);
-        assert_eq!(e(r#"{"type":"status","outbox_depth":1,"oldest_ts_ms":null,"x":1}"#).reason, RejectReason::UnknownField);
-        assert_eq!(e(r#"{"type":"status","oldest_ts_ms":null}"#).reason, RejectReason::MissingField);
         assert_eq!(
-            e(&format!(r#"{{"type":"status","outbox_depth":1,"oldest_ts_ms":{}}}"#, NOW + 3_600_000)).reason,
+            e(r#"{"type":"status","outbox_depth":"1","oldest_ts_ms":null}"#).reason,
+            RejectReason::WrongType
+        );
+        assert_eq!(
+            e(r#"{"type":"status","outbox_depth":1,"oldest_ts_ms":null,"x":1}"#).reason,
+            RejectReason::UnknownField
+        );
+        assert_eq!(
+            e(r#"{"type":"status","oldest_ts_ms":null}"#).reason,
+            RejectReason::MissingField
+        );
+        assert_eq!(
+            e(&format!(
+                r#"{{"type":"status","outbox_depth":1,"oldest_ts_ms":{}}}"#,
+                NOW + 3_600_000
+            ))
+            .reason,
             RejectReason::FutureTimestamp
         );
         let err = e(r#"{"type":"status","epoch":1,"seq":2,"outbox_depth":1}"#);

@@ -37,7 +37,10 @@ fn minimal_reading_reencodes_byte_for_byte() {
 
 #[test]
 fn hub_frames_match_fixtures() {
-    let ack = HubFrame::Ack { epoch: 1_764_000_000_123, seq: 42 };
+    let ack = HubFrame::Ack {
+        epoch: 1_764_000_000_123,
+        seq: 42,
+    };
     assert_eq!(ack.to_json(), fixture("ack.json"));
     let rejected: HubFrame = serde_json::from_str(&fixture("rejected.json")).unwrap();
     assert!(matches!(rejected, HubFrame::Rejected { seq: 43, .. }));
@@ -50,7 +53,10 @@ fn dashboard_frame_matches_fixture() {
     let frame = dashboard_frame(&raw, "ems_001", 1_764_000_000_456);
     assert_eq!(frame, fixture("dashboard_reading.json"));
     let d: DashboardReading = serde_json::from_str(&frame).unwrap();
-    assert_eq!((d.device_id.as_str(), d.rx_ms), ("ems_001", 1_764_000_000_456));
+    assert_eq!(
+        (d.device_id.as_str(), d.rx_ms),
+        ("ems_001", 1_764_000_000_456)
+    );
 }
 
 #[test]
@@ -64,11 +70,17 @@ fn status_frame_matches_fixture() {
         ..Default::default()
     };
     assert_eq!(built.to_json(), text);
-    assert_eq!(decode_edge_frame(&text, NOW).unwrap(), EdgeFrame::Status(built.clone()));
+    assert_eq!(
+        decode_edge_frame(&text, NOW).unwrap(),
+        EdgeFrame::Status(built.clone())
+    );
     assert_eq!(built.behind_ms(NOW), 3 * 3_600_000);
     // A reading still goes through the same entry point unchanged.
     let reading = fixture("reading_full.json");
-    assert!(matches!(decode_edge_frame(&reading, NOW), Ok(EdgeFrame::Reading(_))));
+    assert!(matches!(
+        decode_edge_frame(&reading, NOW),
+        Ok(EdgeFrame::Reading(_))
+    ));
 }
 
 #[test]
@@ -95,7 +107,15 @@ fn dashboard_control_frames_match_fixtures() {
         to_ts_ms: NOW - 9_600_000,
     };
     assert_eq!(backfill.to_json(), fixture("backfill.json"));
-    for (name, f) in [("dashboard_status.json", status), ("replay_end.json", replay_end), ("backfill.json", backfill)] {
-        assert_eq!(serde_json::from_str::<DashboardFrame>(&fixture(name)).unwrap(), f, "{name}");
+    for (name, f) in [
+        ("dashboard_status.json", status),
+        ("replay_end.json", replay_end),
+        ("backfill.json", backfill),
+    ] {
+        assert_eq!(
+            serde_json::from_str::<DashboardFrame>(&fixture(name)).unwrap(),
+            f,
+            "{name}"
+        );
     }
 }

@@ -288,7 +288,9 @@ impl Store for SqliteStore {
             .prepare_cached("SELECT device_id, token_hash FROM devices WHERE revoked_ms IS NULL")
             .map_err(db)?;
         let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
             .map_err(db)?;
         let mut out = Vec::new();
         for row in rows {

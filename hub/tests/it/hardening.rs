@@ -29,7 +29,8 @@ async fn raw(addr: SocketAddr, request: &[u8]) -> String {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
             Ok(Ok(n)) => {
                 out.extend_from_slice(&buf[..n]);
-                if out.windows(4).any(|w| w == b"\r\n\r\n") && !request.starts_with(b"GET /metrics") {
+                if out.windows(4).any(|w| w == b"\r\n\r\n") && !request.starts_with(b"GET /metrics")
+                {
                     break;
                 }
             }
@@ -51,7 +52,11 @@ fn status_line(resp: &str) -> &str {
 
 /// Body of `GET /metrics`.
 async fn metrics(addr: SocketAddr) -> String {
-    let resp = raw(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let resp = raw(
+        addr,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(status_line(&resp).starts_with("HTTP/1.1 200"), "{resp}");
     resp
 }
@@ -74,7 +79,10 @@ async fn wait_metric(addr: SocketAddr, series: &str, min: f64) -> f64 {
         if v >= min {
             return v;
         }
-        assert!(Instant::now() < deadline, "{series} stayed at {v}, wanted >= {min}");
+        assert!(
+            Instant::now() < deadline,
+            "{series} stayed at {v}, wanted >= {min}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -101,7 +109,10 @@ async fn bad_tokens_are_refused_before_any_store_work() {
     // Missing: 401 with WWW-Authenticate.
     let r = raw(hub.addr, upgrade_request(path, "").as_bytes()).await;
     assert!(status_line(&r).starts_with("HTTP/1.1 401"), "{r}");
-    assert!(r.to_ascii_lowercase().contains("www-authenticate: bearer"), "{r}");
+    assert!(
+        r.to_ascii_lowercase().contains("www-authenticate: bearer"),
+        "{r}"
+    );
     // Malformed: not a bearer credential (401), not our token format (403),
     // a non-visible-ASCII value (400).
     let r = raw(
@@ -155,8 +166,14 @@ async fn another_devices_token_is_forbidden() {
     let hub = TestHub::start().await;
     hub.add_device("dev-a");
     let b = hub.add_device("dev-b");
-    assert_eq!(refused_status(hub.addr, "/ws/device/dev-a", Some(&b)).await, 403);
-    assert_eq!(refused_status(hub.addr, "/ws/dashboard/dev-a", Some(&b)).await, 403);
+    assert_eq!(
+        refused_status(hub.addr, "/ws/device/dev-a", Some(&b)).await,
+        403
+    );
+    assert_eq!(
+        refused_status(hub.addr, "/ws/dashboard/dev-a", Some(&b)).await,
+        403
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,11 +210,21 @@ async fn revocation_and_rotation_close_live_sockets_with_4001() {
         .env("EMS_DATABASE_URL", &hub.db_url)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(closed_with(&mut ws).await, Some(4001));
-    println!("CLI revoke (other process) -> close 4001 after {:?}", t.elapsed());
+    println!(
+        "CLI revoke (other process) -> close 4001 after {:?}",
+        t.elapsed()
+    );
     assert!(t.elapsed() < SOON);
-    assert_eq!(sample(&metrics(hub.addr).await, "ems_revoked_closes_total"), 3.0);
+    assert_eq!(
+        sample(&metrics(hub.addr).await, "ems_revoked_closes_total"),
+        3.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,7 +246,11 @@ async fn oversized_and_deeply_nested_json() {
         "{m}"
     );
     // Oversized: 1009.
-    send_text(&mut ws, format!("{{\"pad\":\"{}\"}}", "x".repeat(17 * 1024))).await;
+    send_text(
+        &mut ws,
+        format!("{{\"pad\":\"{}\"}}", "x".repeat(17 * 1024)),
+    )
+    .await;
     assert_eq!(closed_with(&mut ws).await, Some(1009));
 }
 
@@ -268,7 +299,10 @@ async fn binary_frames_are_discarded_and_counted() {
     wait_ack(&mut ws, 1, 1).await;
     assert_eq!(hub.stored("dev-a"), vec![(1, 1)]);
     let m = metrics(hub.addr).await;
-    assert_eq!(sample(&m, "ems_readings_rejected_total{reason=\"binary_frame\"}"), 3.0);
+    assert_eq!(
+        sample(&m, "ems_readings_rejected_total{reason=\"binary_frame\"}"),
+        3.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,7 +315,9 @@ async fn invalid_frame_flood_is_cheap_and_the_socket_survives() {
     for i in 0..n {
         // Without epoch/seq: no `rejected` answer, one counter, at most one
         // warning per 10 s (RateLimitedWarn).
-        ws.feed(Message::Text(format!("{{\"junk\":{i}").into())).await.unwrap();
+        ws.feed(Message::Text(format!("{{\"junk\":{i}").into()))
+            .await
+            .unwrap();
     }
     ws.flush().await.unwrap();
     send_text(&mut ws, reading(1, 0)).await;
@@ -316,7 +352,10 @@ async fn rate_limit_rejects_excess_and_persistent_abuse_closes_with_1008() {
         let v = next_json(&mut ws).await;
         match v["type"].as_str() {
             Some("rejected") => {
-                assert!(v["reason"].as_str().unwrap().starts_with("rate_limited"), "{v}");
+                assert!(
+                    v["reason"].as_str().unwrap().starts_with("rate_limited"),
+                    "{v}"
+                );
                 limited += 1;
             }
             Some("ack") => acked_to = v["seq"].as_u64(),
@@ -327,7 +366,11 @@ async fn rate_limit_rejects_excess_and_persistent_abuse_closes_with_1008() {
     // Keep hammering: after `abuse_after` of continuous excess, 1008.
     let t = Instant::now();
     let code = loop {
-        if ws.send(Message::Text(reading(1, 100).into())).await.is_err() {
+        if ws
+            .send(Message::Text(reading(1, 100).into()))
+            .await
+            .is_err()
+        {
             break None;
         }
         match tokio::time::timeout(Duration::from_millis(20), ws.next()).await {
@@ -339,7 +382,10 @@ async fn rate_limit_rejects_excess_and_persistent_abuse_closes_with_1008() {
     };
     assert_eq!(code, Some(1008));
     println!("abuse closed with 1008 after {:?}", t.elapsed());
-    assert_eq!(sample(&metrics(hub.addr).await, "ems_abuse_closes_total"), 1.0);
+    assert_eq!(
+        sample(&metrics(hub.addr).await, "ems_abuse_closes_total"),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,11 +412,16 @@ async fn slow_subscriber_is_dropped_without_slowing_the_device() {
     let mut ws = hub.device("dev-a", &token).await;
     let t = Instant::now();
     for seq in 0..3000u64 {
-        ws.feed(Message::Text(reading(1, seq).into())).await.unwrap();
+        ws.feed(Message::Text(reading(1, seq).into()))
+            .await
+            .unwrap();
     }
     ws.flush().await.unwrap();
     wait_ack(&mut ws, 1, 2999).await;
-    println!("3000 readings acked in {:?} with a stuck subscriber", t.elapsed());
+    println!(
+        "3000 readings acked in {:?} with a stuck subscriber",
+        t.elapsed()
+    );
     wait_metric(hub.addr, "ems_subscribers_dropped_slow_total", 1.0).await;
     assert_eq!(hub.stored("dev-a").len(), 3000);
 }
@@ -419,7 +470,10 @@ async fn takeover_race_becomes_a_conflict_with_cooldown() {
         codes.push(closed_with(&mut s).await);
     }
     println!("close codes of 8 racing connections: {codes:?}");
-    assert!(codes.iter().filter(|c| **c == Some(4000)).count() >= 3, "{codes:?}");
+    assert!(
+        codes.iter().filter(|c| **c == Some(4000)).count() >= 3,
+        "{codes:?}"
+    );
     assert!(codes.contains(&Some(4002)), "{codes:?}");
     // During the cool-down: accepted at HTTP level, then closed with 4002.
     let mut again = hub.device("dev-a", &token).await;
@@ -449,7 +503,9 @@ async fn reconnect_storm_leaves_one_connection_per_device() {
         for (id, token) in &devices {
             let (addr, id, token) = (hub.addr, id.clone(), token.clone());
             tasks.push(tokio::spawn(async move {
-                let mut ws = connect(addr, &format!("/ws/device/{id}"), Some(&token)).await.ok()?;
+                let mut ws = connect(addr, &format!("/ws/device/{id}"), Some(&token))
+                    .await
+                    .ok()?;
                 send_text(&mut ws, reading(round, 0)).await;
                 Some(ws)
             }));
@@ -461,7 +517,11 @@ async fn reconnect_storm_leaves_one_connection_per_device() {
             live.push(ws);
         }
     }
-    println!("{} of 100 storm connections upgraded in {:?}", live.len(), t.elapsed());
+    println!(
+        "{} of 100 storm connections upgraded in {:?}",
+        live.len(),
+        t.elapsed()
+    );
     assert_eq!(live.len(), 100);
     // Eventually exactly one connection per device is registered.
     let deadline = Instant::now() + SOON;
@@ -482,12 +542,17 @@ async fn slowloris_and_oversized_headers_are_cut_off() {
     let hub = TestHub::start_with(|c| c.handshake_timeout = Duration::from_millis(500)).await;
     // Slowloris: a header line every 200 ms never completes the head.
     let mut s = TcpStream::connect(hub.addr).await.unwrap();
-    s.write_all(b"GET /ws/device/dev-a HTTP/1.1\r\n").await.unwrap();
+    s.write_all(b"GET /ws/device/dev-a HTTP/1.1\r\n")
+        .await
+        .unwrap();
     let t = Instant::now();
     let mut cut = false;
     for i in 0..100 {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        if s.write_all(format!("X-Slow-{i}: y\r\n").as_bytes()).await.is_err() {
+        if s.write_all(format!("X-Slow-{i}: y\r\n").as_bytes())
+            .await
+            .is_err()
+        {
             cut = true;
             break;
         }
@@ -500,7 +565,10 @@ async fn slowloris_and_oversized_headers_are_cut_off() {
         }
     }
     assert!(cut, "slow header stream was never cut off");
-    println!("slowloris cut off after {:?} (handshake_timeout 500 ms)", t.elapsed());
+    println!(
+        "slowloris cut off after {:?} (handshake_timeout 500 ms)",
+        t.elapsed()
+    );
     assert!(t.elapsed() < Duration::from_secs(10));
     // Oversized head (> 16 KiB): refused with 431 or the connection closed.
     let big = format!(
@@ -510,7 +578,10 @@ async fn slowloris_and_oversized_headers_are_cut_off() {
     let mut s = TcpStream::connect(hub.addr).await.unwrap();
     let _ = s.write_all(big.as_bytes()).await;
     let mut buf = vec![0u8; 1024];
-    let n = tokio::time::timeout(SOON, s.read(&mut buf)).await.unwrap().unwrap_or(0);
+    let n = tokio::time::timeout(SOON, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
     let head = String::from_utf8_lossy(&buf[..n]);
     assert!(n == 0 || head.starts_with("HTTP/1.1 431"), "{head}");
     // Still serving.
@@ -550,6 +621,10 @@ async fn metrics_readyz_and_edge_status() {
     // A status frame is never acked nor stored.
     assert_eq!(hub.stored("dev-a"), vec![(1, 0)]);
     // /metrics with a query string is refused like every other route.
-    let r = raw(hub.addr, b"GET /metrics?token=x HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let r = raw(
+        hub.addr,
+        b"GET /metrics?token=x HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
     assert!(status_line(&r).starts_with("HTTP/1.1 400"), "{r}");
 }
