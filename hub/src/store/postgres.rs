@@ -578,6 +578,10 @@ impl PgStore {
     }
 
     fn prepare_session(&self, mut client: Client) -> Result<Conn, postgres::Error> {
+        // Acks mean "durable": a server or role tuned with
+        // `synchronous_commit = off` must not make COMMIT return before the
+        // WAL is flushed.
+        client.batch_execute("SET synchronous_commit = on")?;
         client.batch_execute(CREATE_STAGE)?;
         Ok(Conn {
             client,
