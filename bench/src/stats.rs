@@ -1,0 +1,269 @@
+//! Shared measurement state: HDR histograms, counters, per-device send-time
+//! rings, and the server process's CPU time and RSS from `/proc`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+/// A latency histogram in microseconds (1 µs .. 10 min, 3 significant
+/// digits), shared by every task behind a short lock.
+pub struct Latency {
+    hist: Mutex<Histogram<u64>>,
+}
+
+impl Latency {
+    pub fn new() -> Self {
+        let hist = Histogram::new_with_bounds(1, 600_000_000, 3)
+            .expect("static histogram bounds are valid");
+        Latency {
+            hist: Mutex::new(hist),
+        }
+    }
+
+    pub fn record(&self, d: Duration) {
+        let us = (d.as_micros() as u64).clamp(1, 600_000_000);
+        let mut h = self.hist.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = h.record(us);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.hist.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// `name: n=… p50=… p99=… p99.9=… max=…` in milliseconds.
+    pub fn line(&self, name: &str) -> String {
+        let h = self.hist.lock().unwrap_or_else(|p| p.into_inner());
+        if h.is_empty() {
+            return format!("{name:<22} n=0");
+        }
+        let ms = |v: u64| v as f64 / 1000.0;
+        format!(
+            "{name:<22} n={} p50={:.3}ms p99={:.3}ms p99.9={:.3}ms max={:.3}ms mean={:.3}ms",
+            h.len(),
+            ms(h.value_at_quantile(0.50)),
+            ms(h.value_at_quantile(0.99)),
+            ms(h.value_at_quantile(0.999)),
+            ms(h.max()),
+            h.mean() / 1000.0
+        )
+    }
+}
+
+/// Send times of one device's readings, indexed by `seq % len`, as
+/// nanoseconds since the run's base instant (+1; 0 = empty). The device
+/// task writes, subscribers read.
+pub struct SendRing {
+    slots: Box<[AtomicU64]>,
+    mask: u64,
+}
+
+impl SendRing {
+    pub fn new(len: usize) -> Self {
+        let len = len.next_power_of_two().max(8);
+        SendRing {
+            slots: (0..len).map(|_| AtomicU64::new(0)).collect(),
+            mask: len as u64 - 1,
+        }
+    }
+
+    pub fn put(&self, seq: u64, nanos: u64) {
+        self.slots[(seq & self.mask) as usize].store(nanos + 1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, seq: u64) -> Option<u64> {
+        match self.slots[(seq & self.mask) as usize].load(Ordering::Relaxed) {
+            0 => None,
+            v => Some(v - 1),
+        }
+    }
+}
+
+/// Per-device state shared between its sender and its subscribers.
+pub struct DeviceShared {
+    pub ring: SendRing,
+    /// Readings sent (the next seq to send, as seqs start at 0).
+    pub sent: AtomicU64,
+}
+
+/// Everything a run measures.
+pub struct Stats {
+    pub base: Instant,
+    pub ack: Latency,
+    pub live: Latency,
+    pub connect: Latency,
+    pub sent: AtomicU64,
+    pub acked: AtomicU64,
+    pub delivered: AtomicU64,
+    pub rejected: AtomicU64,
+    pub errors: AtomicU64,
+    pub connect_errors: AtomicU64,
+    pub closed_early: AtomicU64,
+    pub live_gaps: AtomicU64,
+    pub devices: Vec<DeviceShared>,
+}
+
+impl Stats {
+    pub fn new(devices: usize, ring: usize) -> Arc<Self> {
+        Arc::new(Stats {
+            base: Instant::now(),
+            ack: Latency::new(),
+            live: Latency::new(),
+            connect: Latency::new(),
+            sent: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            connect_errors: AtomicU64::new(0),
+            closed_early: AtomicU64::new(0),
+            live_gaps: AtomicU64::new(0),
+            devices: (0..devices)
+                .map(|_| DeviceShared {
+                    ring: SendRing::new(ring),
+                    sent: AtomicU64::new(0),
+                })
+                .collect(),
+        })
+    }
+
+    pub fn nanos(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+
+    /// Records a live delivery of `seq` of device `dev` received now.
+    pub fn delivered(&self, dev: usize, seq: u64) {
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        if let Some(t) = self.devices.get(dev).and_then(|d| d.ring.get(seq)) {
+            let now = self.nanos();
+            self.live
+                .record(Duration::from_nanos(now.saturating_sub(t)));
+        }
+    }
+}
+
+/// Finds `"seq":N` in a reading's JSON without a full parse.
+pub fn find_seq(text: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"seq\":";
+    let pos = text.windows(KEY.len()).position(|w| w == KEY)?;
+    let mut n: u64 = 0;
+    let mut any = false;
+    for &b in &text[pos + KEY.len()..] {
+        if b.is_ascii_digit() {
+            n = n.checked_mul(10)?.checked_add((b - b'0') as u64)?;
+            any = true;
+        } else if b == b' ' && !any {
+            continue;
+        } else {
+            break;
+        }
+    }
+    any.then_some(n)
+}
+
+/// CPU time and memory of a process, from `/proc/<pid>/stat` and
+/// `/proc/<pid>/status`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcSample {
+    /// utime + stime in seconds.
+    pub cpu_s: f64,
+    /// VmRSS in KiB.
+    pub rss_kib: u64,
+    /// VmHWM (peak RSS) in KiB.
+    pub hwm_kib: u64,
+    pub threads: u64,
+}
+
+pub fn proc_sample(pid: u32) -> Option<ProcSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the `(comm)`, which may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state); utime is field 14, stime 15.
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    let threads: u64 = f.get(17)?.parse().ok()?;
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = |key: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Some(ProcSample {
+        cpu_s: (utime + stime) / tck.max(1.0),
+        rss_kib: kib("VmRSS:"),
+        hwm_kib: kib("VmHWM:"),
+        threads,
+    })
+}
+
+/// Samples the server's RSS every 250 ms to report the peak within a window
+/// (VmHWM covers the whole process life).
+pub struct RssWatch {
+    pub peak_kib: Arc<AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RssWatch {
+    pub fn start(pid: Option<u32>) -> Self {
+        let peak = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if let Some(pid) = pid {
+            let (p, s) = (peak.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    if let Some(x) = proc_sample(pid) {
+                        p.fetch_max(x.rss_kib, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            });
+        }
+        RssWatch {
+            peak_kib: peak,
+            stop,
+        }
+    }
+
+    pub fn stop(&self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.peak_kib.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_seq() {
+        assert_eq!(
+            find_seq(br#"{"type":"reading","epoch":1,"seq":12345,"ts_ms":1}"#),
+            Some(12345)
+        );
+        assert_eq!(find_seq(br#"{"seq": 7}"#), Some(7));
+        assert_eq!(find_seq(br#"{"epoch":1}"#), None);
+    }
+
+    #[test]
+    fn ring_round_trip() {
+        let r = SendRing::new(10);
+        assert_eq!(r.get(3), None);
+        r.put(3, 0);
+        assert_eq!(r.get(3), Some(0));
+        r.put(19, 42);
+        assert_eq!(r.get(3), Some(42));
+    }
+
+    #[test]
+    fn proc_of_self() {
+        let s = proc_sample(std::process::id()).unwrap();
+        assert!(s.rss_kib > 0);
+        assert!(s.threads >= 1);
+    }
+}
