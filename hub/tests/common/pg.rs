@@ -291,12 +291,10 @@ impl Cluster {
                 "--no-sync",
             ],
         )?;
-        c.port = free_port()?;
         let mut conf = format!(
-            "\n# ems test cluster\nlisten_addresses = '127.0.0.1'\nport = {}\n\
+            "\n# ems test cluster\nlisten_addresses = '127.0.0.1'\n\
              unix_socket_directories = '{}'\nmax_connections = 200\n\
              fsync = {}\nfull_page_writes = {}\nlog_min_messages = warning\n",
-            c.port,
             path_str(&c.root)?,
             if opts.fsync { "on" } else { "off" },
             if opts.fsync { "on" } else { "off" },
@@ -310,22 +308,37 @@ impl Cluster {
         let conf_path = c.data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf_path).map_err(|e| e.to_string())?;
         text.push_str(&conf);
-        std::fs::write(&conf_path, text).map_err(|e| e.to_string())?;
+        // The free port may be taken by someone else before the server
+        // binds it: then try another (a later `port` line wins).
         let log = c.root.join("server.log");
-        c.run(
-            "pg_ctl",
-            &[
-                "-D",
-                path_str(&c.data)?,
-                "-l",
-                path_str(&log)?,
-                "-w",
-                "-t",
-                "120",
-                "start",
-            ],
-        )
-        .map_err(|e| format!("{e}; server log: {}", c.log_tail()))?;
+        let mut last_err = String::new();
+        for _attempt in 0..3 {
+            c.port = free_port()?;
+            text.push_str(&format!("port = {}\n", c.port));
+            std::fs::write(&conf_path, &text).map_err(|e| e.to_string())?;
+            match c.run(
+                "pg_ctl",
+                &[
+                    "-D",
+                    path_str(&c.data)?,
+                    "-l",
+                    path_str(&log)?,
+                    "-w",
+                    "-t",
+                    "120",
+                    "start",
+                ],
+            ) {
+                Ok(()) => {
+                    last_err.clear();
+                    break;
+                }
+                Err(e) => last_err = format!("{e}; server log: {}", c.log_tail()),
+            }
+        }
+        if !last_err.is_empty() {
+            return Err(last_err);
+        }
         c.admin_url = format!("postgres://postgres@127.0.0.1:{}/postgres", c.port);
         Ok(c)
     }
