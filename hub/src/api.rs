@@ -115,7 +115,10 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Resp {
     let h = r.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert("cache-control", HeaderValue::from_static("no-store"));
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     r
 }
 
@@ -142,7 +145,10 @@ pub(crate) async fn handle(req: Request<Incoming>, peer: SocketAddr, shared: Arc
     }
 }
 
-async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Result<(StatusCode, serde_json::Value), ApiError> {
+async fn route(
+    req: Request<Incoming>,
+    shared: &Arc<Shared>,
+) -> Result<(StatusCode, serde_json::Value), ApiError> {
     if !handshake::origin_allowed(
         req.headers(),
         shared.config.public_url.as_deref(),
@@ -230,7 +236,9 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Result<(StatusCo
             let name = name(&body.name)?;
             let scope = if body.all_devices {
                 if !body.devices.is_empty() {
-                    return Err(ApiError::BadRequest("give devices or all_devices, not both".into()));
+                    return Err(ApiError::BadRequest(
+                        "give devices or all_devices, not both".into(),
+                    ));
                 }
                 ViewerScope::AllDevices
             } else {
@@ -260,10 +268,12 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Result<(StatusCo
             log::info!("api: viewer {name} revoked");
             Ok((StatusCode::OK, json!({ "name": name, "revoked": true })))
         }
-        ["devices"] | ["devices", _, "readings"] | ["admin", "devices"] | ["admin", "viewers"]
-        | ["admin", "devices", _, "rotate" | "revoke"] | ["admin", "viewers", _, "revoke"] => {
-            Err(ApiError::MethodNotAllowed)
-        }
+        ["devices"]
+        | ["devices", _, "readings"]
+        | ["admin", "devices"]
+        | ["admin", "viewers"]
+        | ["admin", "devices", _, "rotate" | "revoke"]
+        | ["admin", "viewers", _, "revoke"] => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound("not found".into())),
     }
 }
@@ -318,7 +328,9 @@ fn new_token(kind: TokenKind) -> Result<String, ApiError> {
 fn device_id(id: &str) -> Result<String, ApiError> {
     ems_shared::validate_device_id(id)
         .map(|_| id.to_owned())
-        .map_err(|_| ApiError::BadRequest("device id must be 1-64 characters of [A-Za-z0-9_.-]".into()))
+        .map_err(|_| {
+            ApiError::BadRequest("device id must be 1-64 characters of [A-Za-z0-9_.-]".into())
+        })
 }
 
 fn name(n: &str) -> Result<String, ApiError> {
@@ -350,7 +362,9 @@ async fn store<T: Send + 'static>(
 fn token_of<B>(req: &Request<B>, kind: TokenKind) -> Result<TokenHash, ApiError> {
     match handshake::bearer(req.headers()) {
         Credentials::Missing => Err(ApiError::Unauthorized),
-        Credentials::Malformed => Err(ApiError::BadRequest("malformed Authorization header".into())),
+        Credentials::Malformed => Err(ApiError::BadRequest(
+            "malformed Authorization header".into(),
+        )),
         Credentials::Bearer(t) if token::kind_of(t) == Some(kind) => Ok(token::hash(t)),
         Credentials::Bearer(_) => Err(ApiError::Forbidden),
     }
@@ -380,7 +394,8 @@ async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<
         .await
         .map_err(|_| ApiError::BadRequest(format!("body missing or larger than {MAX_BODY} bytes")))?
         .to_bytes();
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
 /// Live state of the given devices (presence from the registry, last seen
@@ -408,7 +423,10 @@ async fn states(shared: &Arc<Shared>, ids: Vec<String>) -> Result<Vec<DeviceStat
                 online: shared.registry.is_online(&id),
                 last_seen_ms,
                 outbox_depth: edge.as_ref().map(|e| e.status.outbox_depth),
-                behind_ms: edge.map(|e| e.behind_ms.saturating_add(now.saturating_sub(e.rx_ms).max(0))),
+                behind_ms: edge.map(|e| {
+                    e.behind_ms
+                        .saturating_add(now.saturating_sub(e.rx_ms).max(0))
+                }),
                 device_id: id,
                 created_ms: None,
                 revoked_ms: None,
@@ -417,7 +435,10 @@ async fn states(shared: &Arc<Shared>, ids: Vec<String>) -> Result<Vec<DeviceStat
         .collect())
 }
 
-async fn list_for_viewer(shared: &Arc<Shared>, scope: ViewerScope) -> Result<(StatusCode, serde_json::Value), ApiError> {
+async fn list_for_viewer(
+    shared: &Arc<Shared>,
+    scope: ViewerScope,
+) -> Result<(StatusCode, serde_json::Value), ApiError> {
     let devices = store(shared, |s| s.list_devices()).await?;
     let ids: Vec<String> = devices
         .into_iter()
@@ -464,7 +485,9 @@ pub(crate) fn parse_range(query: &str, now_ms: i64) -> Result<RangeQuery, ApiErr
             "limit" => {
                 let l: usize = v.parse().map_err(|_| bad("limit"))?;
                 if l == 0 || l > MAX_LIMIT {
-                    return Err(ApiError::BadRequest(format!("limit must be 1..={MAX_LIMIT}")));
+                    return Err(ApiError::BadRequest(format!(
+                        "limit must be 1..={MAX_LIMIT}"
+                    )));
                 }
                 q.limit = l;
             }
@@ -476,7 +499,9 @@ pub(crate) fn parse_range(query: &str, now_ms: i64) -> Result<RangeQuery, ApiErr
         }
     }
     if q.from_ms > q.to_ms {
-        return Err(ApiError::BadRequest("from_ms must not be after to_ms".into()));
+        return Err(ApiError::BadRequest(
+            "from_ms must not be after to_ms".into(),
+        ));
     }
     Ok(q)
 }
@@ -501,7 +526,11 @@ fn dashboard_reading(device_id: &str, r: StoredReading) -> DashboardReading {
     }
 }
 
-async fn readings(shared: &Arc<Shared>, id: String, query: &str) -> Result<(StatusCode, serde_json::Value), ApiError> {
+async fn readings(
+    shared: &Arc<Shared>,
+    id: String,
+    query: &str,
+) -> Result<(StatusCode, serde_json::Value), ApiError> {
     let q = parse_range(query, crate::store::now_ms())?;
     let id2 = id.clone();
     let mut rows = store(shared, move |s| {
@@ -510,7 +539,10 @@ async fn readings(shared: &Arc<Shared>, id: String, query: &str) -> Result<(Stat
     .await?;
     let truncated = rows.len() > q.limit;
     rows.truncate(q.limit);
-    let list: Vec<DashboardReading> = rows.into_iter().map(|r| dashboard_reading(&id, r)).collect();
+    let list: Vec<DashboardReading> = rows
+        .into_iter()
+        .map(|r| dashboard_reading(&id, r))
+        .collect();
     Ok((
         StatusCode::OK,
         json!({ "device_id": id, "readings": list, "truncated": truncated }),
@@ -528,10 +560,27 @@ mod tests {
         assert_eq!((d.from_ms, d.limit), (now - 3_600_000, DEFAULT_LIMIT));
         assert!(d.to_ms > now);
         let q = parse_range("from_ms=5&to_ms=9&limit=2", now).unwrap();
-        assert_eq!(q, RangeQuery { from_ms: 5, to_ms: 9, limit: 2 });
+        assert_eq!(
+            q,
+            RangeQuery {
+                from_ms: 5,
+                to_ms: 9,
+                limit: 2
+            }
+        );
         assert_eq!(parse_range("from_ms=-5&to_ms=0", now).unwrap().from_ms, -5);
-        for bad in ["from_ms=x", "limit=0", "limit=10001", "from_ms=9&to_ms=5", "other=1", "limit=-1"] {
-            assert!(matches!(parse_range(bad, now), Err(ApiError::BadRequest(_))), "{bad}");
+        for bad in [
+            "from_ms=x",
+            "limit=0",
+            "limit=10001",
+            "from_ms=9&to_ms=5",
+            "other=1",
+            "limit=-1",
+        ] {
+            assert!(
+                matches!(parse_range(bad, now), Err(ApiError::BadRequest(_))),
+                "{bad}"
+            );
         }
     }
 }

@@ -181,12 +181,19 @@ struct Feed {
 }
 
 /// Serves one dashboard subscriber until it ends.
-pub(crate) async fn run(ws: Ws, device_id: Arc<str>, peer: SocketAddr, shared: Arc<Shared>, opts: FeedOptions) {
+pub(crate) async fn run(
+    ws: Ws,
+    device_id: Arc<str>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    opts: FeedOptions,
+) {
     // Subscribe first: no presence change or reading after this point can
     // be missed.
     let topic = shared.registry.topic(&device_id).subscribe();
     log::info!("dashboard for {device_id} connected from {peer}");
-    let backfill_after_ms = i64::try_from(shared.config.backfill_after.as_millis()).unwrap_or(i64::MAX);
+    let backfill_after_ms =
+        i64::try_from(shared.config.backfill_after.as_millis()).unwrap_or(i64::MAX);
     let mut feed = Feed {
         ws,
         device_id,
@@ -204,7 +211,11 @@ pub(crate) async fn run(ws: Ws, device_id: Arc<str>, peer: SocketAddr, shared: A
     if let End::Close(code, reason) = end {
         close(&mut feed.ws, code, reason).await;
     }
-    log::info!("dashboard for {} from {} disconnected", feed.device_id, feed.peer);
+    log::info!(
+        "dashboard for {} from {} disconnected",
+        feed.device_id,
+        feed.peer
+    );
 }
 
 /// Runs a store query on the blocking pool.
@@ -254,10 +265,12 @@ pub(crate) async fn status_of(shared: &Arc<Shared>, device_id: &Arc<str>) -> Das
 /// Whether the viewer token still opens `device_id`. A store failure
 /// counts as yes: revocation is re-checked at the next interval.
 async fn viewer_still_allowed(shared: Arc<Shared>, device_id: Arc<str>, viewer: TokenHash) -> bool {
-    query(&shared, move |s| Ok(s.viewer_scope(&viewer)?.map(|sc| sc.allows(&device_id))))
-        .await
-        .map(|v| v.unwrap_or(false))
-        .unwrap_or(true)
+    query(&shared, move |s| {
+        Ok(s.viewer_scope(&viewer)?.map(|sc| sc.allows(&device_id)))
+    })
+    .await
+    .map(|v| v.unwrap_or(false))
+    .unwrap_or(true)
 }
 
 /// A reading from the store as a dashboard frame.
@@ -268,7 +281,12 @@ pub(crate) fn stored_frame(device_id: &str, r: &StoredReading) -> String {
 impl Feed {
     /// Sends one frame, bounded by the write timeout.
     async fn send(&mut self, text: Utf8Bytes) -> Result<(), End> {
-        match tokio::time::timeout(self.shared.config.write_timeout, self.ws.send(Message::Text(text))).await {
+        match tokio::time::timeout(
+            self.shared.config.write_timeout,
+            self.ws.send(Message::Text(text)),
+        )
+        .await
+        {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(End::Gone),
             Err(_) => {
@@ -324,8 +342,12 @@ impl Feed {
                 }
                 Ok(())
             }
-            Err(broadcast::error::RecvError::Lagged(_)) => Err(End::Close(CloseCode::Again, "too slow")),
-            Err(broadcast::error::RecvError::Closed) => Err(End::Close(CloseCode::Away, "feed closed")),
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                Err(End::Close(CloseCode::Again, "too slow"))
+            }
+            Err(broadcast::error::RecvError::Closed) => {
+                Err(End::Close(CloseCode::Away, "feed closed"))
+            }
         }
     }
 
@@ -401,7 +423,10 @@ impl Feed {
         let mut history = match history {
             Ok(Ok(h)) => h,
             Ok(Err(e)) => {
-                log::warn!("dashboard for {}: history query failed: {e}", self.device_id);
+                log::warn!(
+                    "dashboard for {}: history query failed: {e}",
+                    self.device_id
+                );
                 return Err(End::Close(CloseCode::Again, "store unavailable"));
             }
             Err(e) => {
@@ -472,7 +497,6 @@ impl Feed {
         }
         Ok(())
     }
-
 
     /// The live loop.
     async fn live(&mut self, opts: FeedOptions) -> End {
@@ -557,14 +581,29 @@ mod tests {
             }
         );
         let old = r#"{"type":"reading","epoch":1,"seq":3,"ts_ms":1000,"meter":"m","power_w":1.0,"device_id":"d","rx_ms":100000}"#;
-        assert!(matches!(classify(old, 30_000), Class::Reading { backfill: true, .. }));
-        assert!(matches!(classify(old, i64::MAX), Class::Reading { backfill: false, .. }));
+        assert!(matches!(
+            classify(old, 30_000),
+            Class::Reading { backfill: true, .. }
+        ));
+        assert!(matches!(
+            classify(old, i64::MAX),
+            Class::Reading {
+                backfill: false,
+                ..
+            }
+        ));
         assert_eq!(
-            classify(r#"{"type":"status","device_id":"d","online":true,"last_seen_ms":1}"#, 0),
+            classify(
+                r#"{"type":"status","device_id":"d","online":true,"last_seen_ms":1}"#,
+                0
+            ),
             Class::Other
         );
         assert_eq!(classify("not json", 0), Class::Other);
-        assert_eq!(classify(r#"{"type":"reading","epoch":"x"}"#, 0), Class::Other);
+        assert_eq!(
+            classify(r#"{"type":"reading","epoch":"x"}"#, 0),
+            Class::Other
+        );
     }
 
     #[test]

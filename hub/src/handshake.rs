@@ -375,7 +375,7 @@ mod browser_tests {
             ]),
             Offer { v1: true, bearer: Some("t"), resume_since: Some(1_700_000_000_000) }
         );
-        assert_eq!(offered(&[("sec-websocket-protocol", "ems.v1")]).v1, true);
+        assert!(offered(&[("sec-websocket-protocol", "ems.v1")]).v1);
         // Token without ems.v1: refused.
         assert!(malformed(&[("sec-websocket-protocol", "ems.bearer.t")]));
         assert!(malformed(&[("sec-websocket-protocol", "ems.resume.5")]));

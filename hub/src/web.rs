@@ -39,11 +39,20 @@ pub(crate) fn asset(path: &str) -> Option<(&'static str, &'static str)> {
 pub(crate) fn secure_headers(r: &mut Response<Full<Bytes>>) {
     let h = r.headers_mut();
     h.insert("content-security-policy", HeaderValue::from_static(CSP));
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
-    h.insert("cross-origin-opener-policy", HeaderValue::from_static("same-origin"));
-    h.insert("cross-origin-resource-policy", HeaderValue::from_static("same-origin"));
+    h.insert(
+        "cross-origin-opener-policy",
+        HeaderValue::from_static("same-origin"),
+    );
+    h.insert(
+        "cross-origin-resource-policy",
+        HeaderValue::from_static("same-origin"),
+    );
 }
 
 /// The response for a page or asset request, or `None` when `req` is not
@@ -51,7 +60,11 @@ pub(crate) fn secure_headers(r: &mut Response<Full<Bytes>>) {
 pub(crate) fn serve<B>(req: &Request<B>) -> Option<Response<Full<Bytes>>> {
     let (content_type, body) = asset(req.uri().path())?;
     let mut r = if req.method() == Method::GET || req.method() == Method::HEAD {
-        let body = if req.method() == Method::HEAD { "" } else { body };
+        let body = if req.method() == Method::HEAD {
+            ""
+        } else {
+            body
+        };
         let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
         r.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -77,15 +90,23 @@ mod tests {
         assert!(!INDEX_HTML.contains("<style"), "inline style");
         assert!(!INDEX_HTML.contains(" style="), "inline style attribute");
         assert!(!INDEX_HTML.contains(" onclick="), "inline handler");
-        assert!(!INDEX_HTML.contains("http://") && !INDEX_HTML.contains("https://"), "external URL");
-        assert!(!APP_JS.contains("http://") && !APP_JS.contains("https://"), "external URL in JS");
+        assert!(
+            !INDEX_HTML.contains("http://") && !INDEX_HTML.contains("https://"),
+            "external URL"
+        );
+        assert!(
+            !APP_JS.contains("http://") && !APP_JS.contains("https://"),
+            "external URL in JS"
+        );
         assert!(!APP_JS.contains("eval("), "eval");
         assert!(!CSP.contains("unsafe"));
         let r = serve(&Request::get("/").body(()).unwrap()).unwrap();
         assert_eq!(r.headers()["content-security-policy"], CSP);
         assert!(serve(&Request::get("/api/devices").body(()).unwrap()).is_none());
         assert_eq!(
-            serve(&Request::post("/").body(()).unwrap()).unwrap().status(),
+            serve(&Request::post("/").body(()).unwrap())
+                .unwrap()
+                .status(),
             StatusCode::METHOD_NOT_ALLOWED
         );
     }

@@ -81,10 +81,15 @@ async fn wait_for_text(c: &fantoccini::Client, css: &str, want: &str) -> String 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn page_shows_a_live_reading_in_headless_chromium() {
-    let Some(chromium) = find(&["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"]) else {
+    let Some(chromium) = find(&[
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+        "/usr/bin/google-chrome",
+    ]) else {
         return skip("chromium is not installed");
     };
-    let Some(chromedriver) = find(&["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]) else {
+    let Some(chromedriver) = find(&["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"])
+    else {
         return skip("chromedriver (chromium-driver) is not installed");
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -186,7 +191,10 @@ async fn drive(
         if shown.contains("1234.5") {
             break;
         }
-        assert!(Instant::now() < deadline, "the live reading never appeared (power shows {shown:?})");
+        assert!(
+            Instant::now() < deadline,
+            "the live reading never appeared (power shows {shown:?})"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     wait_for_text(c, "#v-voltage", "231.4").await;

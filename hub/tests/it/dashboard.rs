@@ -29,7 +29,9 @@ impl HttpResp {
     pub fn header(&self, name: &str) -> Option<String> {
         self.head.lines().find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
         })
     }
 }
@@ -47,7 +49,10 @@ pub async fn http(
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     if let Some(b) = body {
-        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()));
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
     }
     req.push_str("\r\n");
     if let Some(b) = body {
@@ -68,7 +73,10 @@ pub async fn http(
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("bad response: {text}"));
     // Chunked bodies (hyper uses them when the length is unknown).
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         let mut out = String::new();
         let mut rest = body;
         while let Some((len, after)) = rest.split_once("\r\n") {
@@ -105,7 +113,8 @@ pub async fn connect_with(
 ) -> Result<(Client, Option<String>, Vec<String>), WsError> {
     let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
     for (k, v) in headers {
-        req.headers_mut().append(*k, HeaderValue::from_str(v).unwrap());
+        req.headers_mut()
+            .append(*k, HeaderValue::from_str(v).unwrap());
     }
     let (ws, resp) = tokio_tungstenite::connect_async(req).await?;
     let proto = resp
@@ -129,14 +138,23 @@ fn status_of(r: Result<(Client, Option<String>, Vec<String>), WsError>) -> u16 {
 }
 
 /// A dashboard through the browser path: token in the subprotocol list.
-pub async fn browser_dashboard(addr: SocketAddr, device: &str, viewer: &str, resume: Option<i64>) -> Client {
+pub async fn browser_dashboard(
+    addr: SocketAddr,
+    device: &str,
+    viewer: &str,
+    resume: Option<i64>,
+) -> Client {
     let mut offer = format!("ems.v1, ems.bearer.{viewer}");
     if let Some(since) = resume {
         offer.push_str(&format!(", ems.resume.{since}"));
     }
-    let (ws, proto, _) = connect_with(addr, &format!("/ws/dashboard/{device}"), &[("sec-websocket-protocol", offer)])
-        .await
-        .unwrap_or_else(|e| panic!("dashboard {device}: {e}"));
+    let (ws, proto, _) = connect_with(
+        addr,
+        &format!("/ws/dashboard/{device}"),
+        &[("sec-websocket-protocol", offer)],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("dashboard {device}: {e}"));
     assert_eq!(proto.as_deref(), Some("ems.v1"));
     ws
 }
@@ -157,30 +175,47 @@ async fn subprotocol_auth_answers_ems_v1_and_never_echoes_the_token() {
     let proto = |s: String| vec![("sec-websocket-protocol", s)];
 
     // Browser path: 101, the answer is exactly ems.v1, no header carries the token.
-    let (mut ws, answer, headers) = connect_with(hub.addr, path, &proto(format!("ems.v1, ems.bearer.{viewer}")))
-        .await
-        .unwrap();
+    let (mut ws, answer, headers) = connect_with(
+        hub.addr,
+        path,
+        &proto(format!("ems.v1, ems.bearer.{viewer}")),
+    )
+    .await
+    .unwrap();
     assert_eq!(answer.as_deref(), Some("ems.v1"));
     for h in &headers {
-        assert!(!h.contains(&viewer) && !h.contains("ems.bearer"), "echoed: {h}");
+        assert!(
+            !h.contains(&viewer) && !h.contains("ems.bearer"),
+            "echoed: {h}"
+        );
     }
     assert_eq!(next_json(&mut ws).await["type"], "status");
     // Order does not matter; unknown protocols are ignored.
-    let (_, answer, _) = connect_with(hub.addr, path, &proto(format!("chat, ems.bearer.{viewer}, ems.v1")))
-        .await
-        .unwrap();
+    let (_, answer, _) = connect_with(
+        hub.addr,
+        path,
+        &proto(format!("chat, ems.bearer.{viewer}, ems.v1")),
+    )
+    .await
+    .unwrap();
     assert_eq!(answer.as_deref(), Some("ems.v1"));
     // Authorization header plus ems.v1: also answered with ems.v1.
     let (_, answer, _) = connect_with(
         hub.addr,
         path,
-        &[("authorization", bearer(&viewer)), ("sec-websocket-protocol", "ems.v1".into())],
+        &[
+            ("authorization", bearer(&viewer)),
+            ("sec-websocket-protocol", "ems.v1".into()),
+        ],
     )
     .await
     .unwrap();
     assert_eq!(answer.as_deref(), Some("ems.v1"));
     // Only the token entry: 400.
-    assert_eq!(status_of(connect_with(hub.addr, path, &proto(format!("ems.bearer.{viewer}"))).await), 400);
+    assert_eq!(
+        status_of(connect_with(hub.addr, path, &proto(format!("ems.bearer.{viewer}"))).await),
+        400
+    );
     // Token in both places: 400.
     assert_eq!(
         status_of(
@@ -189,7 +224,10 @@ async fn subprotocol_auth_answers_ems_v1_and_never_echoes_the_token() {
                 path,
                 &[
                     ("authorization", bearer(&viewer)),
-                    ("sec-websocket-protocol", format!("ems.v1, ems.bearer.{viewer}")),
+                    (
+                        "sec-websocket-protocol",
+                        format!("ems.v1, ems.bearer.{viewer}")
+                    ),
                 ],
             )
             .await
@@ -198,21 +236,37 @@ async fn subprotocol_auth_answers_ems_v1_and_never_echoes_the_token() {
     );
     // Wrong kinds of token in the subprotocol: 403.
     for t in [&dev, &admin, &"emsv_nonsense".to_string()] {
-        assert_eq!(status_of(connect_with(hub.addr, path, &proto(format!("ems.v1, ems.bearer.{t}"))).await), 403);
+        assert_eq!(
+            status_of(
+                connect_with(hub.addr, path, &proto(format!("ems.v1, ems.bearer.{t}"))).await
+            ),
+            403
+        );
     }
     // Only ems.v1, no credential: 401.
-    assert_eq!(status_of(connect_with(hub.addr, path, &proto("ems.v1".into())).await), 401);
+    assert_eq!(
+        status_of(connect_with(hub.addr, path, &proto("ems.v1".into())).await),
+        401
+    );
     // Devices authenticate with the header only: the subprotocol is not a
     // credential there.
     assert_eq!(
-        status_of(connect_with(hub.addr, "/ws/device/dev", &proto(format!("ems.v1, ems.bearer.{dev}"))).await),
+        status_of(
+            connect_with(
+                hub.addr,
+                "/ws/device/dev",
+                &proto(format!("ems.v1, ems.bearer.{dev}"))
+            )
+            .await
+        ),
         401
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_is_checked_for_dashboards_and_the_api_only() {
-    let hub = TestHub::start_with(|c| c.allowed_origins = vec!["https://grafana.example".into()]).await;
+    let hub =
+        TestHub::start_with(|c| c.allowed_origins = vec!["https://grafana.example".into()]).await;
     let dev = hub.add_device("dev");
     let viewer = hub.add_viewer("v", &["dev"]);
     let own = format!("http://{}", hub.addr);
@@ -223,19 +277,54 @@ async fn origin_is_checked_for_dashboards_and_the_api_only() {
         ]
     };
     let path = "/ws/dashboard/dev";
-    assert_eq!(status_of(connect_with(hub.addr, path, &dash(&own)).await), 101);
-    assert_eq!(status_of(connect_with(hub.addr, path, &dash("https://grafana.example")).await), 101);
-    for bad in ["https://evil.example", "null", "https://grafana.example.evil", "http://127.0.0.1:1"] {
-        assert_eq!(status_of(connect_with(hub.addr, path, &dash(bad)).await), 403, "{bad}");
+    assert_eq!(
+        status_of(connect_with(hub.addr, path, &dash(&own)).await),
+        101
+    );
+    assert_eq!(
+        status_of(connect_with(hub.addr, path, &dash("https://grafana.example")).await),
+        101
+    );
+    for bad in [
+        "https://evil.example",
+        "null",
+        "https://grafana.example.evil",
+        "http://127.0.0.1:1",
+    ] {
+        assert_eq!(
+            status_of(connect_with(hub.addr, path, &dash(bad)).await),
+            403,
+            "{bad}"
+        );
     }
     // Devices are not browsers: Origin is ignored.
-    let d = vec![("authorization", bearer(&dev)), ("origin", "https://evil.example".to_string())];
-    assert_eq!(status_of(connect_with(hub.addr, "/ws/device/dev", &d).await), 101);
+    let d = vec![
+        ("authorization", bearer(&dev)),
+        ("origin", "https://evil.example".to_string()),
+    ];
+    assert_eq!(
+        status_of(connect_with(hub.addr, "/ws/device/dev", &d).await),
+        101
+    );
     // The API follows the same rule.
     let auth = bearer(&viewer);
-    let ok = http(hub.addr, "GET", "/api/devices", &[("Authorization", &auth), ("Origin", &own)], None).await;
+    let ok = http(
+        hub.addr,
+        "GET",
+        "/api/devices",
+        &[("Authorization", &auth), ("Origin", &own)],
+        None,
+    )
+    .await;
     assert_eq!(ok.status, 200, "{}", ok.body);
-    let bad = http(hub.addr, "GET", "/api/devices", &[("Authorization", &auth), ("Origin", "https://evil.example")], None).await;
+    let bad = http(
+        hub.addr,
+        "GET",
+        "/api/devices",
+        &[("Authorization", &auth), ("Origin", "https://evil.example")],
+        None,
+    )
+    .await;
     assert_eq!(bad.status, 403);
 }
 
@@ -245,13 +334,28 @@ async fn scope_is_enforced_on_sockets_and_api() {
     hub.add_device("dev-a");
     hub.add_device("dev-b");
     let viewer = hub.add_viewer("v", &["dev-a"]);
-    let offer = |d: &str| (format!("/ws/dashboard/{d}"), vec![("sec-websocket-protocol", format!("ems.v1, ems.bearer.{viewer}"))]);
+    let offer = |d: &str| {
+        (
+            format!("/ws/dashboard/{d}"),
+            vec![(
+                "sec-websocket-protocol",
+                format!("ems.v1, ems.bearer.{viewer}"),
+            )],
+        )
+    };
     let (p, h) = offer("dev-a");
     assert_eq!(status_of(connect_with(hub.addr, &p, &h).await), 101);
     let (p, h) = offer("dev-b");
     assert_eq!(status_of(connect_with(hub.addr, &p, &h).await), 403);
     let auth = bearer(&viewer);
-    let list = http(hub.addr, "GET", "/api/devices", &[("Authorization", &auth)], None).await;
+    let list = http(
+        hub.addr,
+        "GET",
+        "/api/devices",
+        &[("Authorization", &auth)],
+        None,
+    )
+    .await;
     assert_eq!(list.status, 200);
     let ids: Vec<String> = list.json()["devices"]
         .as_array()
@@ -260,9 +364,23 @@ async fn scope_is_enforced_on_sockets_and_api() {
         .map(|d| d["device_id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(ids, ["dev-a"]);
-    let other = http(hub.addr, "GET", "/api/devices/dev-b/readings", &[("Authorization", &auth)], None).await;
+    let other = http(
+        hub.addr,
+        "GET",
+        "/api/devices/dev-b/readings",
+        &[("Authorization", &auth)],
+        None,
+    )
+    .await;
     assert_eq!(other.status, 403);
-    let mine = http(hub.addr, "GET", "/api/devices/dev-a/readings", &[("Authorization", &auth)], None).await;
+    let mine = http(
+        hub.addr,
+        "GET",
+        "/api/devices/dev-a/readings",
+        &[("Authorization", &auth)],
+        None,
+    )
+    .await;
     assert_eq!(mine.status, 200);
 }
 
@@ -281,14 +399,22 @@ async fn status_on_subscribe_and_on_connect_and_disconnect() {
     let before = now_ms();
     let mut ws = hub.device("dev", &token).await;
     let s = next_json(&mut dash).await;
-    assert_eq!((s["type"].as_str(), s["online"].as_bool()), (Some("status"), Some(true)), "{s}");
+    assert_eq!(
+        (s["type"].as_str(), s["online"].as_bool()),
+        (Some("status"), Some(true)),
+        "{s}"
+    );
     assert!(s["last_seen_ms"].as_i64().unwrap() >= before);
     send_text(&mut ws, reading(1, 0)).await;
     assert_eq!(next_json(&mut dash).await["type"], "reading");
     wait_ack(&mut ws, 1, 0).await;
     ws.close(None).await.unwrap();
     let s = next_json(&mut dash).await;
-    assert_eq!((s["type"].as_str(), s["online"].as_bool()), (Some("status"), Some(false)), "{s}");
+    assert_eq!(
+        (s["type"].as_str(), s["online"].as_bool()),
+        (Some("status"), Some(false)),
+        "{s}"
+    );
     let gone = s["last_seen_ms"].as_i64().unwrap();
     assert!(gone >= before);
 
@@ -298,7 +424,14 @@ async fn status_on_subscribe_and_on_connect_and_disconnect() {
     assert_eq!(s["online"], false);
     assert!(s["last_seen_ms"].as_i64().unwrap() >= gone);
     // And the API agrees.
-    let list = http(hub.addr, "GET", "/api/devices", &[("Authorization", &bearer(&viewer))], None).await;
+    let list = http(
+        hub.addr,
+        "GET",
+        "/api/devices",
+        &[("Authorization", &bearer(&viewer))],
+        None,
+    )
+    .await;
     let d = &list.json()["devices"][0];
     assert_eq!(d["online"], false);
     assert!(d["last_seen_ms"].as_i64().unwrap() >= gone);
@@ -370,8 +503,18 @@ async fn resume_replays_history_then_live_without_gap_or_duplicate() {
     for (i, s) in subs.into_iter().enumerate() {
         let (replay, live) = s.await.unwrap();
         let all: Vec<u64> = replay.iter().chain(live.iter()).copied().collect();
-        assert_eq!(all, (0..N).collect::<Vec<_>>(), "subscriber {i}: replay {} + live {}", replay.len(), live.len());
-        println!("subscriber {i}: {} replayed, {} live", replay.len(), live.len());
+        assert_eq!(
+            all,
+            (0..N).collect::<Vec<_>>(),
+            "subscriber {i}: replay {} + live {}",
+            replay.len(),
+            live.len()
+        );
+        println!(
+            "subscriber {i}: {} replayed, {} live",
+            replay.len(),
+            live.len()
+        );
     }
     // A resume after the fact replays everything, then nothing more.
     let mut d = browser_dashboard(hub.addr, "dev", &viewer, Some(since)).await;
@@ -427,8 +570,18 @@ async fn backlog_is_summarized_as_backfill() {
     assert_eq!((from, to), (old, old + (N as i64 - 1) * 1000));
     // The readings are stored as usual and the API serves the range.
     assert_eq!(hub.stored("dev").len() as u64, N + 1);
-    let q = format!("/api/devices/dev/readings?from_ms={from}&to_ms={}&limit=1000", to + 1);
-    let r = http(hub.addr, "GET", &q, &[("Authorization", &bearer(&viewer))], None).await;
+    let q = format!(
+        "/api/devices/dev/readings?from_ms={from}&to_ms={}&limit=1000",
+        to + 1
+    );
+    let r = http(
+        hub.addr,
+        "GET",
+        &q,
+        &[("Authorization", &bearer(&viewer))],
+        None,
+    )
+    .await;
     assert_eq!(r.json()["readings"].as_array().unwrap().len() as u64, N);
 }
 
@@ -441,7 +594,13 @@ async fn revoked_viewer_is_closed_with_4001() {
     assert_eq!(next_json(&mut dash).await["type"], "status");
     hub.admin().revoke_viewer("v").unwrap();
     assert_eq!(expect_close(&mut dash, 4001).await, "revoked");
-    let (p, h) = ("/ws/dashboard/dev", vec![("sec-websocket-protocol", format!("ems.v1, ems.bearer.{viewer}"))]);
+    let (p, h) = (
+        "/ws/dashboard/dev",
+        vec![(
+            "sec-websocket-protocol",
+            format!("ems.v1, ems.bearer.{viewer}"),
+        )],
+    );
     assert_eq!(status_of(connect_with(hub.addr, p, &h).await), 403);
 }
 
@@ -454,7 +613,11 @@ async fn history_api() {
     let t0 = now_ms() - 10_000;
     for seq in 0..10u64 {
         // Sent newest first: the API still answers oldest first.
-        send_text(&mut ws, reading_at(3, seq, t0 + (9 - seq as i64) * 100, seq as f64)).await;
+        send_text(
+            &mut ws,
+            reading_at(3, seq, t0 + (9 - seq as i64) * 100, seq as f64),
+        )
+        .await;
     }
     wait_ack(&mut ws, 3, 9).await;
     let auth = bearer(&viewer);
@@ -464,36 +627,84 @@ async fn history_api() {
     };
     let r = get("/api/devices/dev/readings".into()).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.header("content-type").as_deref(), Some("application/json"));
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("application/json")
+    );
     let v = r.json();
-    let ts: Vec<i64> = v["readings"].as_array().unwrap().iter().map(|r| r["ts_ms"].as_i64().unwrap()).collect();
+    let ts: Vec<i64> = v["readings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["ts_ms"].as_i64().unwrap())
+        .collect();
     assert_eq!(ts, (0..10).map(|i| t0 + i * 100).collect::<Vec<_>>());
     assert_eq!(v["truncated"], false);
     let first = &v["readings"][0];
-    assert_eq!((first["device_id"].as_str(), first["type"].as_str()), (Some("dev"), Some("reading")));
+    assert_eq!(
+        (first["device_id"].as_str(), first["type"].as_str()),
+        (Some("dev"), Some("reading"))
+    );
     assert!(first["rx_ms"].as_i64().unwrap() >= t0);
-    let r = get(format!("/api/devices/dev/readings?from_ms={}&to_ms={}&limit=3", t0 + 100, t0 + 900)).await;
+    let r = get(format!(
+        "/api/devices/dev/readings?from_ms={}&to_ms={}&limit=3",
+        t0 + 100,
+        t0 + 900
+    ))
+    .await;
     let v = r.json();
-    let ts: Vec<i64> = v["readings"].as_array().unwrap().iter().map(|r| r["ts_ms"].as_i64().unwrap()).collect();
+    let ts: Vec<i64> = v["readings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["ts_ms"].as_i64().unwrap())
+        .collect();
     assert_eq!(ts, [t0 + 100, t0 + 200, t0 + 300]);
     assert_eq!(v["truncated"], true);
-    for bad in ["?from_ms=x", "?limit=0", "?limit=100000", "?from_ms=5&to_ms=1", "?what=1"] {
-        assert_eq!(get(format!("/api/devices/dev/readings{bad}")).await.status, 400, "{bad}");
+    for bad in [
+        "?from_ms=x",
+        "?limit=0",
+        "?limit=100000",
+        "?from_ms=5&to_ms=1",
+        "?what=1",
+    ] {
+        assert_eq!(
+            get(format!("/api/devices/dev/readings{bad}")).await.status,
+            400,
+            "{bad}"
+        );
     }
     // Credentials in a query are refused anywhere, even with a valid header.
     for q in ["?token=x", "?access_token=x", "?auth=1", "?api_key=1"] {
         assert_eq!(get(format!("/api/devices{q}")).await.status, 400, "{q}");
     }
     // Query strings on sockets stay refused.
-    assert_eq!(refused_status(hub.addr, "/ws/dashboard/dev?from_ms=1", Some(&viewer)).await, 400);
+    assert_eq!(
+        refused_status(hub.addr, "/ws/dashboard/dev?from_ms=1", Some(&viewer)).await,
+        400
+    );
     // Missing token 401 with WWW-Authenticate, wrong kind 403.
     let r = http(hub.addr, "GET", "/api/devices", &[], None).await;
     assert_eq!(r.status, 401);
     assert_eq!(r.header("www-authenticate").as_deref(), Some("Bearer"));
-    let r = http(hub.addr, "GET", "/api/devices", &[("Authorization", &bearer(&token))], None).await;
+    let r = http(
+        hub.addr,
+        "GET",
+        "/api/devices",
+        &[("Authorization", &bearer(&token))],
+        None,
+    )
+    .await;
     assert_eq!(r.status, 403);
     assert!(!r.body.contains(&token));
-    let r = http(hub.addr, "POST", "/api/devices", &[("Authorization", &auth)], Some("{}")).await;
+    let r = http(
+        hub.addr,
+        "POST",
+        "/api/devices",
+        &[("Authorization", &auth)],
+        Some("{}"),
+    )
+    .await;
     assert_eq!(r.status, 405);
     assert_eq!(get("/api/nope".into()).await.status, 404);
 }
@@ -505,15 +716,29 @@ async fn page_is_served_with_a_strict_csp() {
     assert_eq!(r.status, 200);
     assert!(r.body.contains("<title>EMS dashboard</title>"));
     let csp = r.header("content-security-policy").unwrap();
-    assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'") && !csp.contains("unsafe"), "{csp}");
-    for (path, ty) in [("/assets/app.js", "text/javascript"), ("/assets/app.css", "text/css"), ("/assets/icon.svg", "image/svg+xml")] {
+    assert!(
+        csp.contains("default-src 'none'")
+            && csp.contains("script-src 'self'")
+            && !csp.contains("unsafe"),
+        "{csp}"
+    );
+    for (path, ty) in [
+        ("/assets/app.js", "text/javascript"),
+        ("/assets/app.css", "text/css"),
+        ("/assets/icon.svg", "image/svg+xml"),
+    ] {
         let r = http(hub.addr, "GET", path, &[], None).await;
         assert_eq!(r.status, 200, "{path}");
         assert!(r.header("content-type").unwrap().starts_with(ty), "{path}");
-        assert_eq!(r.header("x-content-type-options").as_deref(), Some("nosniff"));
+        assert_eq!(
+            r.header("x-content-type-options").as_deref(),
+            Some("nosniff")
+        );
     }
     // The page never puts a token in a URL: no query on the socket.
-    let js = http(hub.addr, "GET", "/assets/app.js", &[], None).await.body;
+    let js = http(hub.addr, "GET", "/assets/app.js", &[], None)
+        .await
+        .body;
     assert!(js.contains("'ems.bearer.' + live.token"));
     assert!(!js.contains("?token"));
     // Unknown pages are still 404.
