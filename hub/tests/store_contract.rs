@@ -986,6 +986,150 @@ mod postgres_only {
         tokio::task::spawn_blocking(move || drop(db)).await.unwrap();
     }
 
+    /// The hub keeps a device streaming through a PostgreSQL restart: its
+    /// writer retries, the backlog drains, the last reading is acked and
+    /// every reading is stored exactly once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hub_rides_out_a_postgres_restart() {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::Message;
+
+        if pg::bin_dir().is_none() {
+            pg::unavailable::<()>("the hub restart test needs the PostgreSQL server binaries");
+            return;
+        }
+        let cluster = Arc::new(
+            tokio::task::spawn_blocking(|| {
+                pg::Cluster::start(pg::ClusterOptions {
+                    fsync: false,
+                    tls: false,
+                })
+            })
+            .await
+            .unwrap()
+            .unwrap(),
+        );
+        let c2 = cluster.clone();
+        let (db, token) = tokio::task::spawn_blocking(move || {
+            let db = pg::create_db(&c2.admin_url);
+            let t = ems_hub::admin::Admin::open(&db.url)
+                .unwrap()
+                .add_device("ems_r")
+                .unwrap();
+            (db, t)
+        })
+        .await
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let hub = tokio::spawn(ems_hub::run(
+            listener,
+            ems_hub::Config::new(db.url.clone()),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let mut req = format!("ws://{addr}/ws/device/ems_r")
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        let (mut tx, mut rx) = ws.split();
+        const N: u64 = 3000;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let last_ack = Arc::new(AtomicU64::new(0));
+        let acks = tokio::spawn({
+            let last_ack = last_ack.clone();
+            async move {
+                while let Some(Ok(m)) = rx.next().await {
+                    if let Message::Text(t) = m {
+                        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                        if v["type"] == "ack" {
+                            let seq = v["seq"].as_u64().unwrap();
+                            last_ack.store(seq + 1, Ordering::SeqCst);
+                            if seq == N - 1 {
+                                return true;
+                            }
+                        }
+                    }
+                }
+                false
+            }
+        });
+        let (restarted_tx, restarted) = tokio::sync::oneshot::channel::<()>();
+        let sender = tokio::spawn(async move {
+            let mut restarted = Some(restarted);
+            for seq in 0..N {
+                if seq == N / 2 {
+                    // The second half goes out only after the restart, so
+                    // the writer must reconnect to store it.
+                    if let Some(r) = restarted.take() {
+                        let _ = r.await;
+                    }
+                }
+                let frame = format!(
+                    "{{\"type\":\"reading\",\"epoch\":3,\"seq\":{seq},\"ts_ms\":{},\
+                     \"meter\":\"main\",\"energy_wh\":{seq}.0}}",
+                    now - 120_000 + seq as i64
+                );
+                tx.send(Message::text(frame)).await.unwrap();
+                if seq % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            tx
+        });
+        // Restart once some readings are acked, while the rest stream in.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while last_ack.load(Ordering::SeqCst) < 200 {
+            assert!(Instant::now() < deadline, "no acks before the restart");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let c3 = cluster.clone();
+        tokio::task::spawn_blocking(move || c3.restart().unwrap())
+            .await
+            .unwrap();
+        let _ = restarted_tx.send(());
+        let _tx = sender.await.unwrap();
+        let all_acked = tokio::time::timeout(Duration::from_secs(180), acks)
+            .await
+            .expect("the last reading was never acked")
+            .unwrap();
+        assert!(all_acked);
+        let url = db.url.clone();
+        let (n, distinct): (i64, i64) = tokio::task::spawn_blocking(move || {
+            let r = admin(&url)
+                .query_one(
+                    "SELECT count(*), count(DISTINCT seq) FROM readings \
+                     WHERE device_id = 'ems_r' AND epoch = 3",
+                    &[],
+                )
+                .unwrap();
+            (r.get(0), r.get(1))
+        })
+        .await
+        .unwrap();
+        assert_eq!((n, distinct), (N as i64, N as i64));
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(30), hub)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        tokio::task::spawn_blocking(move || {
+            drop(db);
+            drop(cluster);
+        })
+        .await
+        .unwrap();
+    }
+
     /// Stops and restarts PostgreSQL (twice) while a writer commits
     /// batches the way the hub's writer does: retry the same batch with
     /// backoff until it commits, sometimes resending one that already
