@@ -394,8 +394,15 @@ async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<
         .await
         .map_err(|_| ApiError::BadRequest(format!("body missing or larger than {MAX_BODY} bytes")))?
         .to_bytes();
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    // The message names the position only: serde's own text may quote
+    // values from the body, which could be a pasted secret.
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "invalid JSON body (line {}, column {}); see docs/dashboard.md for the fields",
+            e.line(),
+            e.column()
+        ))
+    })
 }
 
 /// Live state of the given devices (presence from the registry, last seen
