@@ -83,6 +83,28 @@ struct ServeArgs {
     /// dashboards get a "backfill" summary instead of each reading.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     backfill_after_s: u64,
+    /// Per-device rate limit: sustained frames per second (token bucket).
+    #[arg(long, env = "EMS_RATE_LIMIT", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    rate_limit: u32,
+    /// Per-device rate limit: bucket size (frames at once after a pause).
+    #[arg(long, env = "EMS_RATE_BURST", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
+    rate_burst: u32,
+    /// Seconds of continuous rate-limit excess that close a device with 1008.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    rate_abuse_after_s: u64,
+    /// Takeover loop: more than this many replacements of one device id …
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    takeover_max: u32,
+    /// … within this many seconds …
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    takeover_window_s: u64,
+    /// … refuse the id (close 4002) for this many seconds.
+    #[arg(long, default_value_t = 300)]
+    takeover_cooldown_s: u64,
+    /// How often to poll the store for revoked/rotated tokens of live
+    /// device connections (they close with 4001), in milliseconds.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    revocation_poll_ms: u64,
 }
 
 #[derive(Subcommand)]
@@ -127,8 +149,15 @@ fn main() -> ExitCode {
         None | Some(Command::Serve(_)) => log::LevelFilter::Info,
         _ => log::LevelFilter::Warn,
     };
+    let level = cli.log_level.unwrap_or(default_level);
+    // tungstenite logs whole handshake requests (Authorization included) at
+    // trace level: never let it go below debug, so no token reaches a log.
+    let quiet = level.min(log::LevelFilter::Debug);
     let _ = simple_logger::SimpleLogger::new()
-        .with_level(cli.log_level.unwrap_or(default_level))
+        .with_level(level)
+        .with_module_level("tungstenite", quiet)
+        .with_module_level("tokio_tungstenite", quiet)
+        .with_module_level("rustls", quiet)
         .with_utc_timestamps()
         .init();
     match run(cli) {
@@ -234,6 +263,17 @@ fn serve(args: ServeArgs, database: String) -> anyhow::Result<()> {
     }
     config.public_url = args.public_url;
     config.backfill_after = Duration::from_secs(args.backfill_after_s);
+    config.rate_limit = ems_hub::limits::RateLimit {
+        rate: f64::from(args.rate_limit),
+        burst: f64::from(args.rate_burst),
+        abuse_after: Duration::from_secs(args.rate_abuse_after_s),
+    };
+    config.takeover = ems_hub::registry::TakeoverPolicy {
+        max_replacements: args.takeover_max as usize,
+        window: Duration::from_secs(args.takeover_window_s),
+        cooldown: Duration::from_secs(args.takeover_cooldown_s),
+    };
+    config.revocation_poll = Duration::from_millis(args.revocation_poll_ms);
     if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
         config.tls = Some(ems_hub::config::TlsFiles { cert, key });
     }
