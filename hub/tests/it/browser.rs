@@ -155,7 +155,8 @@ async fn page_shows_a_live_reading_in_headless_chromium() {
             Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
         }
     };
-    let result = drive(&client, &hub, &mut dev, &viewer).await;
+    let admin = hub.admin().add_admin("ops").unwrap();
+    let result = drive(&client, &hub, &mut dev, &viewer, &admin).await;
     let _ = client.close().await;
     result.unwrap();
 }
@@ -165,6 +166,7 @@ async fn drive(
     hub: &TestHub,
     dev: &mut Client,
     viewer: &str,
+    admin: &str,
 ) -> Result<(), fantoccini::error::CmdError> {
     c.goto(&format!("http://{}/", hub.addr)).await?;
     // Paste the viewer token once.
@@ -214,5 +216,35 @@ async fn drive(
         let _ = std::fs::write(&docs, &png);
     }
     println!("screenshot: {}", shot.display());
+
+    // The admin view: create a device; its env-file line is shown once and
+    // the new token works at once.
+    c.find(Locator::Css("#tab-admin")).await?.click().await?;
+    let input = c.wait().for_element(Locator::Css("#admin-token")).await?;
+    input.send_keys(admin).await?;
+    c.find(Locator::Css("#admin-login button"))
+        .await?
+        .click()
+        .await?;
+    wait_for_text(c, "#admin-devices", "ems_001").await;
+    c.find(Locator::Css("#new-device"))
+        .await?
+        .send_keys("ems_002")
+        .await?;
+    c.find(Locator::Css("#add-device button"))
+        .await?
+        .click()
+        .await?;
+    let line = wait_for_text(c, "#secret-text", "EMS_DEVICE_TOKEN=emsd_").await;
+    let new_token = line
+        .trim()
+        .trim_start_matches("EMS_DEVICE_TOKEN=")
+        .to_string();
+    let mut d2 = hub.device("ems_002", &new_token).await;
+    send_text(&mut d2, crate::harness::reading(1, 0)).await;
+    wait_ack(&mut d2, 1, 0).await;
+    wait_for_text(c, "#admin-devices", "ems_002").await;
+    let png = c.screenshot().await?;
+    std::fs::write(dir.join("ems-admin.png"), &png).unwrap();
     Ok(())
 }
