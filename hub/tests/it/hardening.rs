@@ -628,3 +628,91 @@ async fn metrics_readyz_and_edge_status() {
     .await;
     assert!(status_line(&r).starts_with("HTTP/1.1 400"), "{r}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_origin_dashboard_is_forbidden() {
+    let hub = TestHub::start().await;
+    hub.add_device("dev-a");
+    let viewer = hub.add_viewer("v", &["dev-a"]);
+    let auth = format!("Authorization: Bearer {viewer}\r\n");
+    // A page on another site holding a valid viewer token: 403.
+    let evil = format!("{auth}Origin: https://evil.example\r\n");
+    let r = raw(
+        hub.addr,
+        upgrade_request("/ws/dashboard/dev-a", &evil).as_bytes(),
+    )
+    .await;
+    assert!(status_line(&r).starts_with("HTTP/1.1 403"), "{r}");
+    // `null` (sandboxed iframe, file://) and two Origin headers: 403.
+    let null = format!("{auth}Origin: null\r\n");
+    let r = raw(
+        hub.addr,
+        upgrade_request("/ws/dashboard/dev-a", &null).as_bytes(),
+    )
+    .await;
+    assert!(status_line(&r).starts_with("HTTP/1.1 403"), "{r}");
+    let two = format!("{auth}Origin: http://x\r\nOrigin: http://x\r\n");
+    let r = raw(
+        hub.addr,
+        upgrade_request("/ws/dashboard/dev-a", &two).as_bytes(),
+    )
+    .await;
+    assert!(status_line(&r).starts_with("HTTP/1.1 403"), "{r}");
+    // The hub's own origin (Host: x) and no Origin at all (not a browser): 101.
+    let same = format!("{auth}Origin: http://x\r\n");
+    let r = raw(
+        hub.addr,
+        upgrade_request("/ws/dashboard/dev-a", &same).as_bytes(),
+    )
+    .await;
+    assert!(status_line(&r).starts_with("HTTP/1.1 101"), "{r}");
+    let r = raw(
+        hub.addr,
+        upgrade_request("/ws/dashboard/dev-a", &auth).as_bytes(),
+    )
+    .await;
+    assert!(status_line(&r).starts_with("HTTP/1.1 101"), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_while_the_store_blocks_and_recovers_losing_nothing() {
+    let hub = TestHub::start_with(|c| {
+        c.queue_capacity = 4;
+        c.batch_max_rows = 1;
+    })
+    .await;
+    let token = hub.add_device("dev-a");
+    let ready = |addr| async move {
+        let r = raw(addr, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        status_line(&r).to_string()
+    };
+    assert!(ready(hub.addr).await.starts_with("HTTP/1.1 200"));
+    // Another process holds the SQLite write lock: commits stall.
+    let blocker = rusqlite::Connection::open(&hub.db_path).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let mut ws = hub.device("dev-a", &token).await;
+    for seq in 0..10 {
+        send_text(&mut ws, reading(1, seq)).await;
+    }
+    let deadline = Instant::now() + SOON;
+    let status = loop {
+        let s = ready(hub.addr).await;
+        if s.starts_with("HTTP/1.1 503") || Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.starts_with("HTTP/1.1 503"), "{status}");
+    let m = metrics(hub.addr).await;
+    assert_eq!(sample(&m, "ems_store_queue_depth"), 4.0, "{m}");
+    // Lock released: the backlog drains, everything is stored and acked.
+    blocker.execute_batch("COMMIT").unwrap();
+    drop(blocker);
+    wait_ack(&mut ws, 1, 9).await;
+    assert_eq!(hub.stored("dev-a").len(), 10);
+    let deadline = Instant::now() + SOON;
+    while !ready(hub.addr).await.starts_with("HTTP/1.1 200") {
+        assert!(Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
