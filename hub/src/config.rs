@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
-/// Configuration of [`crate::run`].
-#[derive(Debug, Clone)]
+/// Configuration of [`crate::run`]. Its `Debug` output redacts the
+/// database password.
+#[derive(Clone)]
 pub struct Config {
     /// Database URL: `sqlite:PATH` or `postgres://…`.
     pub database: String,
@@ -65,6 +66,22 @@ pub struct Config {
     pub resume_settle: Duration,
     /// Most readings one resume replays (the newest are kept).
     pub replay_limit: usize,
+    /// PostgreSQL/TimescaleDB options (ignored for SQLite).
+    pub pg: crate::store::postgres::PgOptions,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("database", &crate::store::postgres::redact(&self.database))
+            .field("ping_interval", &self.ping_interval)
+            .field("max_missed_pongs", &self.max_missed_pongs)
+            .field("batch_max_rows", &self.batch_max_rows)
+            .field("queue_capacity", &self.queue_capacity)
+            .field("tls", &self.tls)
+            .field("pg", &self.pg)
+            .finish_non_exhaustive()
+    }
 }
 
 /// PEM files for the hub's own TLS termination.
@@ -102,6 +119,7 @@ impl Config {
             viewer_recheck: Duration::from_secs(2),
             resume_settle: Duration::from_millis(300),
             replay_limit: 20_000,
+            pg: Default::default(),
         }
     }
 }

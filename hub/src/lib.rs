@@ -33,20 +33,20 @@
 //! future (SIGTERM/SIGINT); tests pass a listener on port 0 and their own.
 
 pub mod admin;
+mod api;
 pub mod config;
+mod dashboard;
 pub mod handshake;
 pub mod limits;
 pub mod metrics;
 pub mod registry;
 mod revocation;
-mod api;
-mod dashboard;
 mod server;
 mod session;
-mod web;
 pub mod store;
 pub mod token;
 pub mod watcher;
+mod web;
 pub mod writer;
 
 use std::future::Future;
@@ -102,9 +102,10 @@ pub(crate) async fn shutting_down(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|s| *s).await.map(|_| ());
 }
 
-async fn open_store(url: &str) -> Result<Box<dyn store::Store>, HubError> {
-    let url = url.to_owned();
-    tokio::task::spawn_blocking(move || store::open(&url))
+async fn open_store(config: &Config) -> Result<Box<dyn store::Store>, HubError> {
+    let url = config.database.clone();
+    let pg = config.pg.clone();
+    tokio::task::spawn_blocking(move || store::open_with(&url, &pg))
         .await
         .map_err(|e| HubError::Io(std::io::Error::other(e)))?
         .map_err(HubError::from)
@@ -120,8 +121,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HubError> {
     let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
-    let writer_store = open_store(&config.database).await?;
-    let auth_store = open_store(&config.database).await?;
+    let writer_store = open_store(&config).await?;
+    let auth_store = open_store(&config).await?;
 
     let (queue_tx, queue_rx) = mpsc::channel(config.queue_capacity.max(1));
     let metrics = Arc::new(metrics::Metrics::new());

@@ -105,6 +105,19 @@ struct ServeArgs {
     /// device connections (they close with 4001), in milliseconds.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
     revocation_poll_ms: u64,
+    /// PostgreSQL only: use TimescaleDB (auto: when available; off: plain
+    /// table; require: fail unless `readings` can be a hypertable).
+    #[arg(long, env = "EMS_TIMESCALE", default_value = "auto", value_parser = ["auto", "off", "require"])]
+    timescale: String,
+    /// TimescaleDB only: drop readings older than this many days.
+    #[arg(long, env = "EMS_RETENTION_DAYS", value_parser = clap::value_parser!(u32).range(1..))]
+    retention_days: Option<u32>,
+    /// TimescaleDB only: compress chunks older than this many days.
+    #[arg(long, env = "EMS_COMPRESS_AFTER_DAYS", value_parser = clap::value_parser!(u32).range(1..))]
+    compress_after_days: Option<u32>,
+    /// Most readings committed in one transaction (PostgreSQL likes 5000+).
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    batch_max_rows: u64,
 }
 
 #[derive(Subcommand)]
@@ -274,6 +287,17 @@ fn serve(args: ServeArgs, database: String) -> anyhow::Result<()> {
         cooldown: Duration::from_secs(args.takeover_cooldown_s),
     };
     config.revocation_poll = Duration::from_millis(args.revocation_poll_ms);
+    config.batch_max_rows = args.batch_max_rows as usize;
+    {
+        use ems_hub::store::postgres::TimescaleMode;
+        config.pg.timescale = match args.timescale.as_str() {
+            "off" => TimescaleMode::Off,
+            "require" => TimescaleMode::Require,
+            _ => TimescaleMode::Auto,
+        };
+        config.pg.retention_days = args.retention_days;
+        config.pg.compress_after_days = args.compress_after_days;
+    }
     if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
         config.tls = Some(ems_hub::config::TlsFiles { cert, key });
     }
