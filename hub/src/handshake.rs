@@ -3,8 +3,8 @@
 //! so every rule is unit-tested without sockets (and fuzzable).
 
 use hyper::header::{
-    HeaderMap, AUTHORIZATION, CONNECTION, HOST, ORIGIN, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION,
-    UPGRADE,
+    HeaderMap, AUTHORIZATION, CONNECTION, HOST, ORIGIN, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL,
+    SEC_WEBSOCKET_VERSION, UPGRADE,
 };
 
 /// What a request path asks for.
@@ -195,7 +195,8 @@ pub fn origin_allowed(headers: &HeaderMap, public_url: Option<&str>, allowed: &[
         return false;
     };
     if let Some(url) = public_url {
-        return split_origin(url).is_some_and(|(s, a)| s == scheme && same_authority(&scheme, &a, &authority));
+        return split_origin(url)
+            .is_some_and(|(s, a)| s == scheme && same_authority(&scheme, &a, &authority));
     }
     let mut hosts = headers.get_all(HOST).iter();
     let (Some(host), None) = (hosts.next(), hosts.next()) else {
@@ -204,7 +205,8 @@ pub fn origin_allowed(headers: &HeaderMap, public_url: Option<&str>, allowed: &[
     let Ok(host) = host.to_str() else {
         return false;
     };
-    (scheme == "http" || scheme == "https") && same_authority(&scheme, &host.to_ascii_lowercase(), &authority)
+    (scheme == "http" || scheme == "https")
+        && same_authority(&scheme, &host.to_ascii_lowercase(), &authority)
 }
 
 /// `scheme://authority` of an origin or URL, lower-cased; the path of a
@@ -365,7 +367,11 @@ mod browser_tests {
         assert_eq!(offered(&[]), Offer::default());
         assert_eq!(
             offered(&[("sec-websocket-protocol", "ems.v1, ems.bearer.emsv_abc")]),
-            Offer { v1: true, bearer: Some("emsv_abc"), resume_since: None }
+            Offer {
+                v1: true,
+                bearer: Some("emsv_abc"),
+                resume_since: None
+            }
         );
         // Several headers, any order, unknown protocols ignored.
         assert_eq!(
@@ -373,21 +379,43 @@ mod browser_tests {
                 ("sec-websocket-protocol", "ems.resume.1700000000000,chat"),
                 ("sec-websocket-protocol", "ems.bearer.t, ems.v1"),
             ]),
-            Offer { v1: true, bearer: Some("t"), resume_since: Some(1_700_000_000_000) }
+            Offer {
+                v1: true,
+                bearer: Some("t"),
+                resume_since: Some(1_700_000_000_000)
+            }
         );
         assert!(offered(&[("sec-websocket-protocol", "ems.v1")]).v1);
         // Token without ems.v1: refused.
         assert!(malformed(&[("sec-websocket-protocol", "ems.bearer.t")]));
         assert!(malformed(&[("sec-websocket-protocol", "ems.resume.5")]));
-        assert!(malformed(&[("sec-websocket-protocol", "ems.v1, ems.bearer.")]));
-        assert!(malformed(&[("sec-websocket-protocol", "ems.v1, ems.bearer.a, ems.bearer.b")]));
-        assert!(malformed(&[("sec-websocket-protocol", "ems.v1, ems.resume.12x")]));
-        assert!(malformed(&[("sec-websocket-protocol", "ems.v1, ems.resume.+5")]));
-        assert!(malformed(&[("sec-websocket-protocol", "ems.v1, ems.resume.99999999999999999999")]));
+        assert!(malformed(&[(
+            "sec-websocket-protocol",
+            "ems.v1, ems.bearer."
+        )]));
+        assert!(malformed(&[(
+            "sec-websocket-protocol",
+            "ems.v1, ems.bearer.a, ems.bearer.b"
+        )]));
+        assert!(malformed(&[(
+            "sec-websocket-protocol",
+            "ems.v1, ems.resume.12x"
+        )]));
+        assert!(malformed(&[(
+            "sec-websocket-protocol",
+            "ems.v1, ems.resume.+5"
+        )]));
+        assert!(malformed(&[(
+            "sec-websocket-protocol",
+            "ems.v1, ems.resume.99999999999999999999"
+        )]));
         let long = format!("ems.v1, ems.bearer.{}", "a".repeat(2000));
         assert!(malformed(&[("sec-websocket-protocol", &long)]));
         let mut h = HeaderMap::new();
-        h.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_bytes(b"ems.v1, ems.bearer.\xff").unwrap());
+        h.insert(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_bytes(b"ems.v1, ems.bearer.\xff").unwrap(),
+        );
         assert_eq!(subprotocols(&h), Subprotocols::Malformed);
     }
 
@@ -396,39 +424,115 @@ mod browser_tests {
         let none: &[String] = &[];
         let h = |o: &str, host: &str| headers(&[("origin", o), ("host", host)]);
         // No Origin: not a browser, passes.
-        assert!(origin_allowed(&headers(&[("host", "hub:8080")]), None, none));
+        assert!(origin_allowed(
+            &headers(&[("host", "hub:8080")]),
+            None,
+            none
+        ));
         // Same host, either scheme, default ports optional.
-        assert!(origin_allowed(&h("http://hub:8080", "hub:8080"), None, none));
-        assert!(origin_allowed(&h("https://Hub.example", "hub.example"), None, none));
-        assert!(origin_allowed(&h("https://hub.example", "hub.example:443"), None, none));
-        assert!(origin_allowed(&h("http://hub.example:80", "hub.example"), None, none));
+        assert!(origin_allowed(
+            &h("http://hub:8080", "hub:8080"),
+            None,
+            none
+        ));
+        assert!(origin_allowed(
+            &h("https://Hub.example", "hub.example"),
+            None,
+            none
+        ));
+        assert!(origin_allowed(
+            &h("https://hub.example", "hub.example:443"),
+            None,
+            none
+        ));
+        assert!(origin_allowed(
+            &h("http://hub.example:80", "hub.example"),
+            None,
+            none
+        ));
         // Other host or port, null, odd schemes, paths: refused.
-        assert!(!origin_allowed(&h("http://evil.example", "hub:8080"), None, none));
-        assert!(!origin_allowed(&h("http://hub:8081", "hub:8080"), None, none));
-        assert!(!origin_allowed(&h("null", "hub:8080"), None, none));
-        assert!(!origin_allowed(&h("file://hub:8080", "hub:8080"), None, none));
-        assert!(!origin_allowed(&h("http://user@hub:8080", "hub:8080"), None, none));
-        assert!(!origin_allowed(&headers(&[("origin", "http://hub")]), None, none));
         assert!(!origin_allowed(
-            &headers(&[("origin", "http://hub"), ("origin", "http://hub"), ("host", "hub")]),
+            &h("http://evil.example", "hub:8080"),
+            None,
+            none
+        ));
+        assert!(!origin_allowed(
+            &h("http://hub:8081", "hub:8080"),
+            None,
+            none
+        ));
+        assert!(!origin_allowed(&h("null", "hub:8080"), None, none));
+        assert!(!origin_allowed(
+            &h("file://hub:8080", "hub:8080"),
+            None,
+            none
+        ));
+        assert!(!origin_allowed(
+            &h("http://user@hub:8080", "hub:8080"),
+            None,
+            none
+        ));
+        assert!(!origin_allowed(
+            &headers(&[("origin", "http://hub")]),
+            None,
+            none
+        ));
+        assert!(!origin_allowed(
+            &headers(&[
+                ("origin", "http://hub"),
+                ("origin", "http://hub"),
+                ("host", "hub")
+            ]),
             None,
             none
         ));
         // --public-url pins the own origin; Host no longer counts.
         let public = Some("https://ems.example.com/");
-        assert!(origin_allowed(&h("https://ems.example.com", "127.0.0.1:8080"), public, none));
-        assert!(!origin_allowed(&h("http://ems.example.com", "ems.example.com"), public, none));
-        assert!(!origin_allowed(&h("http://127.0.0.1:8080", "127.0.0.1:8080"), public, none));
+        assert!(origin_allowed(
+            &h("https://ems.example.com", "127.0.0.1:8080"),
+            public,
+            none
+        ));
+        assert!(!origin_allowed(
+            &h("http://ems.example.com", "ems.example.com"),
+            public,
+            none
+        ));
+        assert!(!origin_allowed(
+            &h("http://127.0.0.1:8080", "127.0.0.1:8080"),
+            public,
+            none
+        ));
         // --allowed-origin: exact match only.
         let allowed = vec!["https://grafana.example.com".to_string()];
-        assert!(origin_allowed(&h("https://grafana.example.com", "hub"), None, &allowed));
-        assert!(!origin_allowed(&h("https://grafana.example.com.evil", "hub"), None, &allowed));
-        assert!(!origin_allowed(&h("https://GRAFANA.example.com:444", "hub"), None, &allowed));
+        assert!(origin_allowed(
+            &h("https://grafana.example.com", "hub"),
+            None,
+            &allowed
+        ));
+        assert!(!origin_allowed(
+            &h("https://grafana.example.com.evil", "hub"),
+            None,
+            &allowed
+        ));
+        assert!(!origin_allowed(
+            &h("https://GRAFANA.example.com:444", "hub"),
+            None,
+            &allowed
+        ));
     }
 
     #[test]
     fn credential_queries() {
-        for q in ["token=x", "a=1&access_token=x", "AUTH=1", "api%5Fkey=1", "Password", "x=1&my+secret=2", "bearer="] {
+        for q in [
+            "token=x",
+            "a=1&access_token=x",
+            "AUTH=1",
+            "api%5Fkey=1",
+            "Password",
+            "x=1&my+secret=2",
+            "bearer=",
+        ] {
             assert!(query_has_credential(q), "{q}");
         }
         for q in ["from_ms=1&to_ms=2&limit=5", "", "a=token"] {
