@@ -25,6 +25,12 @@
     if (d.toDateString() === today.toDateString()) { return d.toLocaleTimeString(); }
     return d.toLocaleString();
   }
+  function fmtDuration(ms) {
+    var s = Math.round(ms / 1000);
+    if (s < 120) { return s + ' s'; }
+    if (s < 7200) { return Math.round(s / 60) + ' min'; }
+    return (s / 3600).toFixed(1) + ' h';
+  }
   function fmtNum(x, digits, unit) {
     if (x === null || x === undefined || !isFinite(x)) { return '–'; }
     return x.toFixed(digits) + ' ' + unit;
@@ -255,7 +261,9 @@
       var cur = live.devices[id] || { device_id: id };
       cur.online = m.online;
       cur.last_seen_ms = m.last_seen_ms;
-      if (m.outbox_depth !== undefined) { cur.outbox_depth = m.outbox_depth; }
+      cur.outbox_depth = m.outbox_depth === undefined ? cur.outbox_depth : m.outbox_depth;
+      cur.behind_ms = m.behind_ms === undefined ? cur.behind_ms : m.behind_ms;
+      if (!m.online) { cur.outbox_depth = null; cur.behind_ms = null; }
       live.devices[id] = cur;
       if (m.online && !live.lastRxMs) { live.lastRxMs = Date.now(); }
       renderDevices();
@@ -326,7 +334,8 @@
     } else if (st === 'stale') {
       note = 'connected, but no reading since ' + fmtTime(live.lastRxMs);
     } else if (d && d.outbox_depth) {
-      note = 'catching up: ' + d.outbox_depth + ' readings still queued on the device';
+      note = 'catching up: ' + d.outbox_depth + ' readings still queued on the device' +
+        (d.behind_ms ? ', ' + fmtDuration(d.behind_ms) + ' behind' : '');
     } else if (live.latest) {
       note = 'last reading ' + fmtTime(live.latest.ts);
     }

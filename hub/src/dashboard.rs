@@ -251,14 +251,17 @@ pub(crate) async fn status_of(shared: &Arc<Shared>, device_id: &Arc<str>) -> Das
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
     };
+    let edge = shared.registry.edge_status(device_id);
+    let now = crate::session::now_ms();
     DashboardFrame::Status {
         device_id: device_id.to_string(),
         online,
         last_seen_ms,
-        outbox_depth: shared
-            .registry
-            .edge_status(device_id)
-            .map(|e| e.status.outbox_depth),
+        outbox_depth: edge.as_ref().map(|e| e.status.outbox_depth),
+        behind_ms: edge.map(|e| {
+            e.behind_ms
+                .saturating_add(now.saturating_sub(e.rx_ms).max(0))
+        }),
     }
 }
 

@@ -327,6 +327,8 @@ impl Registry {
     /// Records the `status` frame a connected device sent at `rx_ms`.
     pub fn set_edge_status(&self, device_id: &Arc<str>, status: EdgeStatus, rx_ms: i64) {
         let behind_ms = status.behind_ms(rx_ms);
+        // Dashboards see the outbox too ("catching up, 3 h behind"; issue 6).
+        self.publish_status(device_id, true, rx_ms, Some((status.outbox_depth, behind_ms)));
         lock(&self.statuses).insert(
             device_id.clone(),
             StatusEntry {
@@ -384,13 +386,19 @@ impl Registry {
             .unwrap_or(0);
         let key: Arc<str> = Arc::from(device_id);
         lock(&self.presence).insert(key.clone(), now);
+        self.publish_status(device_id, online, now, None);
+    }
+
+    /// Sends a `status` frame to the device's subscribers, if any.
+    fn publish_status(&self, device_id: &str, online: bool, seen_ms: i64, outbox: Option<(u64, i64)>) {
         let topic = lock(&self.topics).get(device_id).cloned();
         if let Some(topic) = topic.filter(|t| t.receiver_count() > 0) {
             let frame = ems_shared::DashboardFrame::Status {
                 device_id: device_id.to_owned(),
                 online,
-                last_seen_ms: Some(now),
-                outbox_depth: None,
+                last_seen_ms: Some(seen_ms),
+                outbox_depth: outbox.map(|o| o.0),
+                behind_ms: outbox.map(|o| o.1),
             };
             let _ = topic.send(Utf8Bytes::from(frame.to_json()));
         }

@@ -49,6 +49,11 @@ pub enum DashboardFrame {
         /// it; omitted otherwise.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         outbox_depth: Option<u64>,
+        /// How far behind the device's outbox is (hub time minus the sample
+        /// time of its oldest unsent reading), when the device reports it;
+        /// omitted otherwise.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        behind_ms: Option<i64>,
     },
     /// The replay asked for with `ems.resume.<since_ms>` is complete: the
     /// `count` readings before this frame came from the store (oldest
@@ -98,6 +103,7 @@ mod tests {
                 online: false,
                 last_seen_ms: None,
                 outbox_depth: Some(3),
+                behind_ms: Some(10_800_000),
             },
             DashboardFrame::ReplayEnd {
                 device_id: "d".into(),

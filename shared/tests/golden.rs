@@ -91,6 +91,7 @@ fn dashboard_control_frames_match_fixtures() {
         online: true,
         last_seen_ms: Some(NOW),
         outbox_depth: None,
+        behind_ms: None,
     };
     assert_eq!(status.to_json(), fixture("dashboard_status.json"));
     let replay_end = DashboardFrame::ReplayEnd {

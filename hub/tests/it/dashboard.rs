@@ -408,6 +408,21 @@ async fn status_on_subscribe_and_on_connect_and_disconnect() {
     send_text(&mut ws, reading(1, 0)).await;
     assert_eq!(next_json(&mut dash).await["type"], "reading");
     wait_ack(&mut ws, 1, 0).await;
+    // The edge's outbox report reaches dashboards as a status update.
+    let oldest = now_ms() - 3 * 3_600_000;
+    send_text(
+        &mut ws,
+        format!(r#"{{"type":"status","outbox_depth":10800,"oldest_ts_ms":{oldest},"dropped":0}}"#),
+    )
+    .await;
+    let s = next_json(&mut dash).await;
+    assert_eq!(
+        (s["type"].as_str(), s["online"].as_bool()),
+        (Some("status"), Some(true)),
+        "{s}"
+    );
+    assert_eq!(s["outbox_depth"], 10800);
+    assert!(s["behind_ms"].as_i64().unwrap() >= 3 * 3_600_000);
     ws.close(None).await.unwrap();
     let s = next_json(&mut dash).await;
     assert_eq!(
