@@ -97,8 +97,10 @@ cmd_qemu_e2e() {
     cmd_build
     ensure_apt sqlite3 curl python3
     cd "$EMS_ROOT"
-    log "cargo build --release -p ems-hub (native)"
-    timeout 3600 cargo build --locked --release -p ems-hub
+    # The same package set as nginx-e2e.sh and packages.sh, so that the three
+    # share one native build (features are unified per set).
+    log "cargo build --release -p ems-hub -p ems-edge (native)"
+    timeout 3600 cargo build --locked --release -p ems-hub -p ems-edge
     local hub="$CARGO_TARGET_DIR/release/ems-hub"
     local edge="$CARGO_TARGET_DIR/$target/release/ems-edge"
     local want="${EMS_E2E_READINGS:-20}" timeout_s="${EMS_E2E_TIMEOUT:-120}"

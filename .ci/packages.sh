@@ -28,11 +28,13 @@ fi
 
 # Edge: cross build first (toolchains, targets), then package without rebuilding.
 # EMS_PKG_NO_BUILD=1 packages the binaries already in $CARGO_TARGET_DIR.
-hub_build=(-- --locked)
-if [[ "${EMS_PKG_NO_BUILD:-0}" == 1 ]]; then
-    hub_build=(--no-build)
-else
+# Host packages are built from one native build of both crates (the set
+# cross.sh qemu-e2e and nginx-e2e.sh build too, so it is reused), then
+# packaged with --no-build.
+hub_build=(--no-build)
+if [[ "${EMS_PKG_NO_BUILD:-0}" != 1 ]]; then
     "$EMS_ROOT/.ci/cross.sh" build
+    (cd "$EMS_ROOT" && timeout 3600 cargo build --locked --release -p ems-hub -p ems-edge)
 fi
 cd "$EMS_ROOT"
 mkdir -p "$OUT"
