@@ -2,7 +2,8 @@
 //! WebDriver (chromedriver + fantoccini): a viewer pastes a token, picks
 //! up the device list, and a reading a test device sends shows up on the
 //! page. A screenshot is kept at `target/ems-dashboard.png` (and copied to
-//! `docs/dashboard.png` for the README).
+//! `docs/dashboard.png` for the README when that is missing or
+//! `EMS_UPDATE_SCREENSHOT=1`).
 //!
 //! Needs Debian's `chromium` and `chromium-driver`. When they are missing
 //! the test prints a loud SKIP and passes — unless `EMS_REQUIRE_BROWSER=1`
@@ -211,8 +212,11 @@ async fn drive(
     std::fs::create_dir_all(&dir).unwrap();
     let shot = dir.join("ems-dashboard.png");
     std::fs::write(&shot, &png).unwrap();
+    // The README's copy: written when missing, or refreshed on request
+    // (EMS_UPDATE_SCREENSHOT=1), so a test run does not dirty the tree.
     let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/dashboard.png");
-    if docs.parent().is_some_and(|p| p.is_dir()) {
+    let refresh = std::env::var("EMS_UPDATE_SCREENSHOT").is_ok_and(|v| v == "1");
+    if docs.parent().is_some_and(|p| p.is_dir()) && (refresh || !docs.exists()) {
         let _ = std::fs::write(&docs, &png);
     }
     println!("screenshot: {}", shot.display());
