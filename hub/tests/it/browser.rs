@@ -220,6 +220,11 @@ async fn drive(
         let _ = std::fs::write(&docs, &png);
     }
     println!("screenshot: {}", shot.display());
+    // Usable on a phone: the same view at a phone's width.
+    c.set_window_size(390, 844).await?;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    std::fs::write(dir.join("ems-dashboard-phone.png"), c.screenshot().await?).unwrap();
+    c.set_window_size(1100, 900).await?;
 
     // The admin view: create a device; its env-file line is shown once and
     // the new token works at once.
