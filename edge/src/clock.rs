@@ -16,10 +16,21 @@
 //! synchronized, the edge stays so for the rest of the process.
 //!
 //! Holding is bounded (`max_held`, a day at 1 Hz by default); beyond it the
-//! oldest held readings are dropped and counted.
+//! oldest held readings are dropped and counted (in `STATUS=` and at exit).
+//!
+//! Held readings survive a restart within the same boot (a SIGTERM from
+//! `systemctl restart`, an upgrade): at an orderly stop they are saved to
+//! `spool_dir/held` ([`save_held`]) with the kernel's boot id and their
+//! sample time on `CLOCK_BOOTTIME` (monotonic, shared by every process of a
+//! boot, counting suspend). The next start in the same boot
+//! ([`load_held`]) turns them back into held readings of known age; a file
+//! from another boot is discarded (and counted in a warning), because after
+//! a reboot their time cannot be reconstructed. A SIGKILL or power cut
+//! before the first sync still loses them.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::meters::Measurement;
@@ -135,6 +146,23 @@ impl ClockGate {
         self.dropped
     }
 
+    /// The held readings with their sample instants, oldest first.
+    pub fn held_readings(&self) -> impl Iterator<Item = &(Instant, Measurement)> {
+        self.held.iter()
+    }
+
+    /// Puts readings held by a previous process (oldest first) before the
+    /// ones held now, within the bound (the oldest are dropped and counted).
+    pub fn restore(&mut self, readings: Vec<(Instant, Measurement)>) {
+        for r in readings.into_iter().rev() {
+            if self.held.len() >= self.max_held {
+                self.dropped += 1;
+                continue;
+            }
+            self.held.push_front(r);
+        }
+    }
+
     /// Offers measurements sampled at `sampled_at`. `synced` is the probe's
     /// answer now; `now` is a (monotonic, wall) pair read together. Returns
     /// the readings that can be stamped, oldest first.
@@ -170,6 +198,136 @@ impl ClockGate {
                 }
             })
             .collect()
+    }
+}
+
+/// File in the spool directory holding the readings held for clock sync at
+/// the last orderly stop (see the module docs).
+pub const HELD_FILE: &str = "held";
+/// First word of [`HELD_FILE`].
+const HELD_MAGIC: &str = "ems-edge-held-v1";
+
+/// The kernel's id of this boot, if known.
+pub fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// `CLOCK_BOOTTIME` now: time since boot, counting suspend.
+pub fn boottime() -> Option<Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    if rc != 0 {
+        return None;
+    }
+    Some(Duration::new(
+        u64::try_from(ts.tv_sec).ok()?,
+        u32::try_from(ts.tv_nsec).ok()?,
+    ))
+}
+
+/// A (monotonic, boot-time) pair read together, with the boot's id.
+#[derive(Debug, Clone)]
+pub struct BootClock {
+    /// The kernel's boot id.
+    pub boot_id: String,
+    /// `Instant::now()`.
+    pub mono: Instant,
+    /// [`boottime`] at the same moment.
+    pub boottime: Duration,
+}
+
+impl BootClock {
+    /// Now, or `None` where the boot id or `CLOCK_BOOTTIME` is unavailable.
+    pub fn now() -> Option<BootClock> {
+        Some(BootClock {
+            boot_id: boot_id()?,
+            mono: Instant::now(),
+            boottime: boottime()?,
+        })
+    }
+}
+
+/// Saves `held` (oldest first) to `dir/`[`HELD_FILE`], durably.
+pub fn save_held<'a>(
+    dir: &Path,
+    now: &BootClock,
+    held: impl Iterator<Item = &'a (Instant, Measurement)>,
+) -> io::Result<usize> {
+    let mut text = format!("{HELD_MAGIC} {}\n", now.boot_id);
+    let mut n = 0;
+    for (at, m) in held {
+        let age = now.mono.saturating_duration_since(*at);
+        let sampled = now.boottime.saturating_sub(age).as_nanos();
+        let json = crate::sampler::to_reading(0, 0, 0, m.clone()).to_json();
+        text.push_str(&format!("{sampled} {json}\n"));
+        n += 1;
+    }
+    crate::spool::write_durably(dir, HELD_FILE, text.as_bytes())?;
+    Ok(n)
+}
+
+/// What [`load_held`] found.
+#[derive(Debug, Default)]
+pub struct LoadedHeld {
+    /// Readings of this boot, oldest first, with their sample instants.
+    pub restored: Vec<(Instant, Measurement)>,
+    /// Readings that could not be restored (another boot, unreadable).
+    pub discarded: usize,
+}
+
+/// Loads and removes `dir/`[`HELD_FILE`] (absent: nothing). Readings saved
+/// in another boot are discarded and counted.
+pub fn load_held(dir: &Path, now: &BootClock) -> io::Result<LoadedHeld> {
+    let path = dir.join(HELD_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(LoadedHeld::default()),
+        Err(e) => return Err(e),
+    };
+    let mut out = LoadedHeld::default();
+    let mut lines = text.lines();
+    let same_boot = lines
+        .next()
+        .and_then(|h| h.strip_prefix(HELD_MAGIC))
+        .is_some_and(|id| id.trim() == now.boot_id);
+    for line in lines {
+        let restored = same_boot
+            .then(|| {
+                let (ns, json) = line.split_once(' ')?;
+                let sampled = Duration::from_nanos(ns.parse().ok()?);
+                let r: ems_shared::Reading = serde_json::from_str(json).ok()?;
+                let age = now.boottime.checked_sub(sampled)?;
+                let at = now.mono.checked_sub(age)?;
+                Some((at, measurement_of(r)))
+            })
+            .flatten();
+        match restored {
+            Some(r) => out.restored.push(r),
+            None => out.discarded += 1,
+        }
+    }
+    std::fs::remove_file(&path)?;
+    crate::spool::sync_dir(dir)?;
+    Ok(out)
+}
+
+fn measurement_of(r: ems_shared::Reading) -> Measurement {
+    Measurement {
+        meter: r.meter,
+        voltage_v: r.voltage_v,
+        current_a: r.current_a,
+        power_w: r.power_w,
+        energy_wh: r.energy_wh,
+        frequency_hz: r.frequency_hz,
+        power_factor: r.power_factor,
+        reactive_power_var: r.reactive_power_var,
     }
 }
 
@@ -247,6 +405,79 @@ mod tests {
         assert_eq!((g.held(), g.dropped()), (3, 2));
         let out = g.offer(t, vec![], true, (t, SystemTime::now()));
         assert_eq!(out[0].measurement.power_w, Some(2.0));
+    }
+
+    #[test]
+    fn held_readings_survive_a_restart_in_the_same_boot_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = Instant::now();
+        let mut g = ClockGate::new(100);
+        let wrong = UNIX_EPOCH + Duration::from_secs(1_000);
+        g.offer(t0, vec![m(1.0)], false, (t0, wrong));
+        let t1 = t0 + Duration::from_secs(1);
+        g.offer(t1, vec![m(2.0)], false, (t1, wrong));
+        let saved_at = BootClock {
+            boot_id: "boot-a".into(),
+            mono: t1 + Duration::from_secs(1),
+            boottime: Duration::from_secs(100),
+        };
+        assert_eq!(
+            save_held(dir.path(), &saved_at, g.held_readings()).unwrap(),
+            2
+        );
+        assert_eq!(load_held(dir.path(), &saved_at).unwrap().restored.len(), 2);
+        // Consumed: a second load finds nothing.
+        let again = load_held(dir.path(), &saved_at).unwrap();
+        assert_eq!((again.restored.len(), again.discarded), (0, 0));
+
+        // Saved, then restored 10 s later by a new process (its own instants).
+        save_held(dir.path(), &saved_at, g.held_readings()).unwrap();
+        let later = BootClock {
+            boot_id: "boot-a".into(),
+            mono: Instant::now() + Duration::from_secs(3600),
+            boottime: Duration::from_secs(110),
+        };
+        let loaded = load_held(dir.path(), &later).unwrap();
+        assert_eq!(loaded.discarded, 0);
+        assert_eq!(loaded.restored.len(), 2);
+        let mut g2 = ClockGate::new(100);
+        g2.restore(loaded.restored);
+        // Synced at `later`: the readings were sampled 12 s and 11 s before.
+        let right = UNIX_EPOCH + Duration::from_secs(1_764_000_000);
+        let out = g2.offer(later.mono, vec![m(3.0)], true, (later.mono, right));
+        let r = 1_764_000_000_000i64;
+        let ts: Vec<i64> = out.iter().map(|s| s.ts_ms).collect();
+        assert_eq!(ts, [r - 12_000, r - 11_000, r]);
+        assert_eq!(out[0].measurement, m(1.0));
+
+        // Another boot: discarded and counted.
+        save_held(dir.path(), &saved_at, g.held_readings()).unwrap();
+        let rebooted = BootClock {
+            boot_id: "boot-b".into(),
+            ..later
+        };
+        let loaded = load_held(dir.path(), &rebooted).unwrap();
+        assert_eq!((loaded.restored.len(), loaded.discarded), (0, 2));
+        assert!(!dir.path().join(HELD_FILE).exists());
+    }
+
+    #[test]
+    fn restore_respects_the_bound() {
+        let t = Instant::now();
+        let mut g = ClockGate::new(3);
+        g.offer(t, vec![m(10.0), m(11.0)], false, (t, SystemTime::now()));
+        g.restore(vec![(t, m(1.0)), (t, m(2.0)), (t, m(3.0))]);
+        assert_eq!((g.held(), g.dropped()), (3, 2));
+        let out = g.offer(t, vec![], true, (t, SystemTime::now()));
+        let p: Vec<_> = out.iter().map(|s| s.measurement.power_w.unwrap()).collect();
+        assert_eq!(p, [3.0, 10.0, 11.0]);
+    }
+
+    #[test]
+    fn boot_clock_is_available_on_linux() {
+        let now = BootClock::now().expect("boot id and CLOCK_BOOTTIME");
+        assert!(!now.boot_id.is_empty());
+        assert!(now.boottime > Duration::ZERO);
     }
 
     #[test]

@@ -88,15 +88,33 @@ pub enum EdgeError {
         /// The error.
         error: io::Error,
     },
+    /// Another process (the service, or a manual `ems-edge run`) uses the
+    /// same spool directory.
+    #[error("spool_dir {dir} is {detail}: two processes must not share a spool (stop the other one, e.g. `systemctl stop ems-edge`, or give this one its own spool_dir)")]
+    SpoolBusy {
+        /// The directory.
+        dir: PathBuf,
+        /// Who holds it.
+        detail: String,
+    },
     /// A thread could not be started.
     #[error("cannot start thread: {0}")]
     Thread(io::Error),
 }
 
 fn spool_err(dir: &Path) -> impl FnOnce(io::Error) -> EdgeError + '_ {
-    move |error| EdgeError::Spool {
-        dir: dir.to_path_buf(),
-        error,
+    move |error| {
+        if error.kind() == io::ErrorKind::WouldBlock {
+            EdgeError::SpoolBusy {
+                dir: dir.to_path_buf(),
+                detail: error.to_string(),
+            }
+        } else {
+            EdgeError::Spool {
+                dir: dir.to_path_buf(),
+                error,
+            }
+        }
     }
 }
 
@@ -122,21 +140,23 @@ fn claim_spool(dir: &Path, device_id: &str) -> io::Result<()> {
             let entry = entry?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if name.ends_with(".seg") || name == "acked" || name == EPOCH_FILE {
+            if name.ends_with(".seg")
+                || name == "acked"
+                || name == EPOCH_FILE
+                || name == clock::HELD_FILE
+            {
                 std::fs::rename(entry.path(), aside.join(&*name))?;
                 moved += 1;
             }
         }
+        spool::sync_dir(&aside)?;
         log::warn!(
             "spool {} belonged to device {old:?}, not {device_id:?}: moved its {moved} files to {} (they are not sent under the new identity)",
             dir.display(),
             aside.display()
         );
     }
-    let tmp = dir.join(format!("{DEVICE_FILE}.tmp"));
-    std::fs::write(&tmp, format!("{device_id}\n"))?;
-    std::fs::rename(&tmp, &owner_file)?;
-    Ok(())
+    spool::write_durably(dir, DEVICE_FILE, format!("{device_id}\n").as_bytes())
 }
 
 /// Picks this process's epoch and records it in the spool directory.
@@ -150,10 +170,7 @@ fn new_epoch(dir: &Path) -> io::Result<u64> {
         random = fastrand::u64(..).to_le_bytes();
     }
     let epoch = clock::draw_epoch(SystemTime::now(), u64::from_le_bytes(random), previous);
-    let tmp = dir.join(format!("{EPOCH_FILE}.tmp"));
-    std::fs::write(&tmp, format!("{epoch}\n"))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
+    spool::write_durably(dir, EPOCH_FILE, format!("{epoch}\n").as_bytes())?;
     Ok(epoch)
 }
 
@@ -185,7 +202,7 @@ fn flush_outbox(outbox: &Mutex<Outbox>, last_error: &mut Option<Instant>) {
     );
 }
 
-fn status_line(state: &LinkState, outbox: &Mutex<Outbox>, held: u64) -> String {
+fn status_line(state: &LinkState, outbox: &Mutex<Outbox>, hold: HoldCounts) -> String {
     let st = lock(outbox).stats();
     let link = match state {
         LinkState::Starting => "STARTING".to_string(),
@@ -193,13 +210,37 @@ fn status_line(state: &LinkState, outbox: &Mutex<Outbox>, held: u64) -> String {
         LinkState::Retrying(why) => format!("RETRYING ({why})"),
     };
     let mut s = format!("{link}; outbox {} readings", st.depth);
-    if held > 0 {
-        s.push_str(&format!(", {held} held for clock sync"));
+    if hold.held > 0 {
+        s.push_str(&format!(", {} held for clock sync", hold.held));
+    }
+    if hold.dropped > 0 {
+        s.push_str(&format!(
+            ", {} dropped (clock-sync hold full)",
+            hold.dropped
+        ));
     }
     if st.dropped_full > 0 {
         s.push_str(&format!(", {} dropped (spool full)", st.dropped_full));
     }
     s
+}
+
+/// Readings held by the sampler's [`ClockGate`] (for the status line).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct HoldCounts {
+    /// Held now, waiting for clock sync.
+    held: u64,
+    /// Dropped because the hold was full.
+    dropped: u64,
+}
+
+impl HoldCounts {
+    fn load(held: &AtomicU64, dropped: &AtomicU64) -> HoldCounts {
+        HoldCounts {
+            held: held.load(Ordering::Relaxed),
+            dropped: dropped.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// Runs the edge until `shutdown` is triggered: opens the spool and the
@@ -208,15 +249,16 @@ fn status_line(state: &LinkState, outbox: &Mutex<Outbox>, held: u64) -> String {
 pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(), EdgeError> {
     let origin = Instant::now();
     let tls = link::tls_config(config.ca_file.as_deref())?;
+    let dir = config.spool_dir.clone();
+    // One process per spool: locked before anything in it is touched.
+    let dir_lock = spool::DirLock::acquire(&dir).map_err(spool_err(&dir))?;
+    claim_spool(&dir, &config.device_id).map_err(spool_err(&dir))?;
     if !config.hub.tls {
         log::warn!(
             "hub_url uses ws:// (allow_insecure = true): readings and the device token travel unencrypted"
         );
     }
-    let dir = config.spool_dir.clone();
-    std::fs::create_dir_all(&dir).map_err(spool_err(&dir))?;
-    claim_spool(&dir, &config.device_id).map_err(spool_err(&dir))?;
-    let outbox = Outbox::open(&dir, config.spool_max_bytes, config.link.max_in_flight)
+    let outbox = Outbox::open_locked(dir_lock, config.spool_max_bytes, config.link.max_in_flight)
         .map_err(spool_err(&dir))?;
     let recovered = outbox.stats().depth;
     let outbox = Arc::new(Mutex::new(outbox));
@@ -238,8 +280,10 @@ pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(),
     let sampler_beat = Arc::new(AtomicU64::new(0));
     let link_beat = Arc::new(AtomicU64::new(0));
     let link_state = Arc::new(Mutex::new(LinkState::Starting));
-    let gate = ClockGate::new(MAX_HELD);
+    let mut gate = ClockGate::new(MAX_HELD);
+    restore_held(&dir, &mut gate);
     let held = Arc::new(AtomicU64::new(0));
+    let held_dropped = Arc::new(AtomicU64::new(0));
 
     let sampler = Sampler {
         meters,
@@ -256,6 +300,7 @@ pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(),
         heartbeat: sampler_beat.clone(),
         origin,
         held: held.clone(),
+        held_dropped: held_dropped.clone(),
     };
     let sampler = std::thread::Builder::new()
         .name("sampler".into())
@@ -320,7 +365,7 @@ pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(),
             notify::watchdog();
         }
         let state = link_state.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let line = status_line(&state, &outbox, held.load(Ordering::Relaxed));
+        let line = status_line(&state, &outbox, HoldCounts::load(&held, &held_dropped));
         if line != last_status {
             notify::status(&line);
             last_status = line;
@@ -331,11 +376,12 @@ pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(),
     let stop_started = Instant::now();
     notify::stopping();
     log::info!("shutting down: stopping sampling, persisting the outbox, closing the link");
-    join_until(
+    let gate = join_until(
         sampler,
         stop_started + Duration::from_millis(1500),
         "sampler",
     );
+    let hold_report = gate.map(|g| stash_held(&dir, &g)).unwrap_or_default();
     flush_outbox(&outbox, &mut last_spool_error);
     link_stop.trigger();
     join_until(
@@ -348,26 +394,104 @@ pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(),
     if let Err(e) = ob.persist_watermark() {
         log::warn!("spool: cannot save the ack watermark: {e}");
     }
+    let depth = ob.stats().depth;
+    drop(ob);
+    notify::status(&format!(
+        "stopped; outbox {depth} readings kept{hold_report}"
+    ));
     log::info!(
-        "stopped after {:.0} ms; {} readings kept in the spool for the next start",
+        "stopped after {:.0} ms; {depth} readings kept in the spool for the next start{hold_report}",
         stop_started.elapsed().as_secs_f64() * 1e3,
-        ob.stats().depth
     );
     Ok(())
 }
 
 /// Joins `handle` if it finishes before `deadline`; otherwise leaves it
 /// (the process is exiting anyway).
-fn join_until(handle: JoinHandle<()>, deadline: Instant, name: &str) {
+fn join_until<T>(handle: JoinHandle<T>, deadline: Instant, name: &str) -> Option<T> {
     while !handle.is_finished() {
         if Instant::now() >= deadline {
             log::warn!("{name} thread did not stop in time; exiting without it");
-            return;
+            return None;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    if handle.join().is_err() {
-        log::error!("{name} thread panicked");
+    match handle.join() {
+        Ok(v) => Some(v),
+        Err(_) => {
+            log::error!("{name} thread panicked");
+            None
+        }
+    }
+}
+
+/// At start: takes back the readings a previous process of this boot held
+/// for clock sync (see [`clock`]).
+fn restore_held(dir: &Path, gate: &mut ClockGate) {
+    let file = dir.join(clock::HELD_FILE);
+    if !file.exists() {
+        return;
+    }
+    let Some(now) = clock::BootClock::now() else {
+        log::warn!(
+            "{}: cannot read the boot id or CLOCK_BOOTTIME; the readings held for clock sync by the previous run are not restored",
+            file.display()
+        );
+        return;
+    };
+    match clock::load_held(dir, &now) {
+        Ok(loaded) => {
+            if loaded.discarded > 0 {
+                log::warn!(
+                    "discarded {} readings held for clock sync by a previous run: saved in another boot (or unreadable), their time cannot be reconstructed",
+                    loaded.discarded
+                );
+            }
+            if !loaded.restored.is_empty() {
+                log::info!(
+                    "restored {} readings held for clock sync by the previous run (same boot); they are stamped once the clock is synchronized",
+                    loaded.restored.len()
+                );
+                gate.restore(loaded.restored);
+            }
+        }
+        Err(e) => log::warn!("{}: cannot restore held readings: {e}", file.display()),
+    }
+}
+
+/// At an orderly stop: saves the readings still held for clock sync for a
+/// restart in this boot. Returns the words for the final log and status line.
+fn stash_held(dir: &Path, gate: &ClockGate) -> String {
+    let (held, dropped) = (gate.held(), gate.dropped());
+    let dropped_note = if dropped > 0 {
+        format!(", {dropped} dropped earlier (hold full)")
+    } else {
+        String::new()
+    };
+    if held == 0 {
+        return if dropped > 0 {
+            format!("; readings held for clock sync: {dropped} dropped (hold full)")
+        } else {
+            String::new()
+        };
+    }
+    let saved = clock::BootClock::now()
+        .ok_or_else(|| io::Error::other("boot id or CLOCK_BOOTTIME unavailable"))
+        .and_then(|now| clock::save_held(dir, &now, gate.held_readings()));
+    match saved {
+        Ok(n) => {
+            log::warn!(
+                "stopping before the system clock was synchronized: saved {n} readings held for clock sync to {} (restored if ems-edge starts again in this boot; lost on a reboot)",
+                dir.join(clock::HELD_FILE).display()
+            );
+            format!("; {n} readings held for clock sync saved{dropped_note}")
+        }
+        Err(e) => {
+            log::warn!(
+                "stopping before the system clock was synchronized: discarding {held} readings held for clock sync (cannot save them: {e}){dropped_note}"
+            );
+            format!("; {held} readings held for clock sync discarded{dropped_note}")
+        }
     }
 }
 

@@ -17,8 +17,12 @@
 //! - Close code 4000 (another connection with this device id replaced us: a
 //!   cloned SD card) and 401/403 back off near the cap; other failures back
 //!   off exponentially; a connection that stayed up `stable_after` resets it.
-//! - On shutdown the loop sends close 1001 and waits briefly for the hub's
-//!   close reply, handling any last acks.
+//! - On shutdown the loop sends what the in-flight window allows, then waits
+//!   (at most [`ACK_WAIT`]) until every reading in flight is acknowledged,
+//!   and only then sends close 1001: the hub treats a close as the end of
+//!   the stream and sends no more acks after it, so closing first would
+//!   leave the last readings in the spool, resent (as duplicates the hub
+//!   ignores) on the next start. It then waits briefly for the close reply.
 
 use std::io;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -50,8 +54,11 @@ pub type Socket = WebSocket<MaybeTlsStream<TcpStream>>;
 
 /// Readings taken from the outbox per loop iteration.
 const SEND_BATCH: usize = 64;
+/// How long to wait on shutdown for the acks of readings in flight, before
+/// the close (part of the 5 s SIGTERM budget).
+pub const ACK_WAIT: Duration = Duration::from_millis(1000);
 /// How long to wait for the hub's close reply on shutdown.
-const CLOSE_WAIT: Duration = Duration::from_millis(1500);
+const CLOSE_WAIT: Duration = Duration::from_millis(1000);
 /// A blocked socket write gives up after this long.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -439,7 +446,9 @@ impl Link {
             if self.shutdown.is_triggered() {
                 // The sampler has stopped: send what the window allows, then close.
                 self.send_remaining(ws);
-                self.close_gracefully(ws, pacer);
+                if self.await_acks(ws, pacer) {
+                    self.close_gracefully(ws, pacer);
+                }
                 return SessionEnd::Shutdown;
             }
             if Instant::now() >= next_status {
@@ -600,6 +609,50 @@ impl Link {
             }
         }
         let _ = ws.flush();
+    }
+
+    /// On shutdown, before the close: reads until nothing is in flight (or
+    /// [`ACK_WAIT`] passed). Returns false if the link ended meanwhile.
+    fn await_acks(&self, ws: &mut Socket, pacer: &mut Pacer) -> bool {
+        let started = Instant::now();
+        let deadline = started + ACK_WAIT;
+        let at_stop = self.outbox().stats().in_flight;
+        loop {
+            let in_flight = self.outbox().stats().in_flight;
+            if in_flight == 0 {
+                if at_stop > 0 {
+                    log::info!(
+                        "{at_stop} readings in flight at the stop: all acknowledged after {:.0} ms",
+                        started.elapsed().as_secs_f64() * 1e3
+                    );
+                }
+                return true;
+            }
+            if Instant::now() >= deadline {
+                log::warn!(
+                    "{in_flight} readings still unacknowledged {:.1} s after the stop: they stay in the spool and are resent on the next start",
+                    ACK_WAIT.as_secs_f64()
+                );
+                return true;
+            }
+            self.beat();
+            match ws.read() {
+                Ok(Message::Text(t)) => self.handle_text(t.as_str(), pacer),
+                Ok(Message::Ping(_)) => {
+                    let _ = ws.flush();
+                }
+                Ok(Message::Close(_)) => {
+                    // The hub is closing: tungstenite queued the reply.
+                    let _ = ws.flush();
+                    return false;
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e)) if is_timeout(&e) => {
+                    let _ = ws.flush();
+                }
+                Err(_) => return false,
+            }
+        }
     }
 
     fn close_gracefully(&self, ws: &mut Socket, pacer: &mut Pacer) {

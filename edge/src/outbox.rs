@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use ems_shared::{EdgeStatus, Reading};
 
-use crate::spool::Spool;
+use crate::spool::{DirLock, Spool};
 
 /// A reading sent on the current connection and not yet acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -345,9 +345,14 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Opens the spool in `dir` and recovers its state.
+    /// Opens the spool in `dir` (taking its [`DirLock`]) and recovers its state.
     pub fn open(dir: &std::path::Path, max_bytes: u64, window: usize) -> io::Result<Outbox> {
-        let spool = Spool::open(dir, max_bytes)?;
+        Outbox::open_locked(DirLock::acquire(dir)?, max_bytes, window)
+    }
+
+    /// Like [`Outbox::open`], with the spool directory already locked.
+    pub fn open_locked(lock: DirLock, max_bytes: u64, window: usize) -> io::Result<Outbox> {
+        let spool = Spool::open_locked(lock, max_bytes)?;
         let state = OutboxState::new(spool.acked_below(), spool.next_rec(), window);
         let mut ob = Outbox {
             state,

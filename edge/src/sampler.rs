@@ -197,11 +197,14 @@ pub struct Sampler {
     pub origin: Instant,
     /// Readings currently held for clock sync (status line).
     pub held: Arc<AtomicU64>,
+    /// Held readings dropped because the hold was full (status line).
+    pub held_dropped: Arc<AtomicU64>,
 }
 
 impl Sampler {
-    /// Runs until shutdown.
-    pub fn run(mut self) {
+    /// Runs until shutdown; returns the clock gate with the readings still
+    /// held for clock sync (the caller saves them).
+    pub fn run(mut self) -> ClockGate {
         let start = Instant::now();
         let mut tick: u64 = 0;
         let mut last_hold_log: Option<Instant> = None;
@@ -226,8 +229,9 @@ impl Sampler {
                 if last_hold_log.map_or(true, |t| now.duration_since(t) >= Duration::from_secs(60))
                 {
                     log::warn!(
-                        "system clock not synchronized yet: holding {} readings until it is (set trust_clock = true on a system with an RTC)",
-                        self.gate.held()
+                        "system clock not synchronized yet: holding {} readings until it is ({} dropped: hold full; set trust_clock = true on a system with an RTC)",
+                        self.gate.held(),
+                        self.gate.dropped()
                     );
                     last_hold_log = Some(now);
                 }
@@ -238,7 +242,7 @@ impl Sampler {
                 );
             }
             self.append(stamped);
-            self.held.store(self.gate.held() as u64, Ordering::Relaxed);
+            self.publish_hold();
             self.heartbeat
                 .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
             // Next tick strictly in the future; skip (not bunch) missed ones.
@@ -249,7 +253,15 @@ impl Sampler {
             }
             tick = next;
         }
+        self.publish_hold();
         log::debug!("sampler stopped");
+        self.gate
+    }
+
+    fn publish_hold(&self) {
+        self.held.store(self.gate.held() as u64, Ordering::Relaxed);
+        self.held_dropped
+            .store(self.gate.dropped(), Ordering::Relaxed);
     }
 
     fn append(&mut self, stamped: Vec<Stamped>) {

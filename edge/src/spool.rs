@@ -20,10 +20,21 @@
 //!   unparseable line is skipped when read (and logged by the caller).
 //! - Recent records are also kept in memory, so sending live readings never
 //!   reads the card.
+//! - One process per spool: [`DirLock`] takes an exclusive `flock` on
+//!   `spool_dir/lock` for as long as the spool is open (the kernel releases
+//!   it when the process dies, even by SIGKILL). A second `ems-edge run` on
+//!   the same directory (the service plus a manual run) fails at start
+//!   instead of the two corrupting each other's segments.
+//! - Directory entries are made durable where it matters: a new segment's
+//!   directory is fsynced with its first data, and after segments are
+//!   deleted the directory is fsynced on the next flush (a deletion lost to
+//!   a power cut would only bring back acked readings, resent harmlessly,
+//!   but it is cheap: segments rotate every 1 MiB).
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -33,6 +44,82 @@ const WATERMARK_FILE: &str = "acked";
 const MAX_SEGMENT_BYTES: u64 = 1024 * 1024;
 /// Records kept in memory beyond the unwritten ones.
 const RECENT_RECORDS: usize = 4096;
+
+/// The lock file in the spool directory (see [`DirLock`]).
+pub const LOCK_FILE: &str = "lock";
+
+/// Exclusive use of a spool directory by this process: an `flock` on
+/// `dir/lock`, held until dropped (or the process exits). The file holds
+/// the owner's pid, for the error message of the next process.
+#[derive(Debug)]
+pub struct DirLock {
+    /// The locked directory.
+    dir: PathBuf,
+    /// The locked file (the lock lives as long as this descriptor).
+    _file: File,
+}
+
+impl DirLock {
+    /// Creates `dir` if needed and locks it. When another process (or
+    /// another open spool of this process) holds the lock, fails at once
+    /// with [`io::ErrorKind::WouldBlock`] and a message naming the holder.
+    pub fn acquire(dir: &Path) -> io::Result<DirLock> {
+        fs::create_dir_all(dir)?;
+        let path = dir.join(LOCK_FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        // SAFETY: flock on a descriptor we own and keep open.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(e);
+            }
+            let holder = fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .map(|pid| format!(" (pid {pid})"))
+                .unwrap_or_default();
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("in use by another ems-edge process{holder}"),
+            ));
+        }
+        // Best effort: the pid is only informational.
+        if file.set_len(0).is_ok() {
+            let _ = writeln!(file, "{}", std::process::id());
+        }
+        Ok(DirLock {
+            dir: dir.to_path_buf(),
+            _file: file,
+        })
+    }
+
+    /// The locked directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// fsyncs a directory, making renames, creations and deletions in it durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Replaces `dir/name` atomically and durably: writes a temporary file,
+/// fsyncs it, renames it over `name` and fsyncs the directory (without the
+/// last step a power cut can undo the rename).
+pub fn write_durably(dir: &Path, name: &str, contents: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    fs::write(&tmp, contents)?;
+    File::open(&tmp)?.sync_all()?;
+    fs::rename(&tmp, dir.join(name))?;
+    sync_dir(dir)
+}
 
 /// One segment file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +178,10 @@ pub struct Spool {
     acked_below: u64,
     /// Last watermark written to disk.
     saved_watermark: u64,
+    /// Segments were deleted since the directory was last fsynced.
+    dir_dirty: bool,
+    /// Exclusive use of `dir` (`None` only in tests simulating a crash).
+    _lock: Option<DirLock>,
 }
 
 fn segment_path(dir: &Path, base: u64) -> PathBuf {
@@ -99,8 +190,15 @@ fn segment_path(dir: &Path, base: u64) -> PathBuf {
 
 impl Spool {
     /// Opens (creating if needed) the spool in `dir`, recovering segments.
+    /// Takes the directory's [`DirLock`] first.
     pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Spool> {
-        fs::create_dir_all(dir)?;
+        Spool::open_locked(DirLock::acquire(dir)?, max_bytes)
+    }
+
+    /// Like [`Spool::open`], with the directory already locked by the caller.
+    pub fn open_locked(lock: DirLock, max_bytes: u64) -> io::Result<Spool> {
+        let dir = lock.dir().to_path_buf();
+        let dir = dir.as_path();
         let mut bases = vec![];
         for entry in fs::read_dir(dir)? {
             let entry = entry?;
@@ -145,6 +243,8 @@ impl Spool {
             to_sync: Vec::new(),
             acked_below: watermark.max(first),
             saved_watermark: watermark,
+            dir_dirty: false,
+            _lock: Some(lock),
         };
         if spool.segments.back().is_some_and(|s| s.end() != next_rec) {
             // The watermark is past the files (their end was lost): start a
@@ -243,7 +343,7 @@ impl Spool {
             self.cursor = None;
         }
         match fs::remove_file(segment_path(&self.dir, seg.base)) {
-            Ok(()) => {}
+            Ok(()) => self.dir_dirty = true,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => log::warn!("spool: cannot delete segment {}: {e}", seg.base),
         }
@@ -287,6 +387,16 @@ impl Spool {
     pub fn flush(&mut self) -> io::Result<Vec<File>> {
         self.write_buffer()?;
         let mut files = std::mem::take(&mut self.to_sync);
+        if std::mem::take(&mut self.dir_dirty) {
+            // Make the deletions durable (fsynced with the rest, outside the lock).
+            match File::open(&self.dir) {
+                Ok(d) => files.push(d),
+                Err(e) => {
+                    self.dir_dirty = true;
+                    return Err(e);
+                }
+            }
+        }
         if let Some(f) = self.tail.as_ref() {
             files.push(f.try_clone()?);
         }
@@ -448,6 +558,7 @@ mod tests {
         fill(&mut s, 0, 10);
         s.flush().unwrap();
         fill(&mut s, 10, 15);
+        s._lock = None; // the kernel drops a killed process's flock
         std::mem::forget(s); // "SIGKILL": the buffer is never written
         let s = Spool::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(s.next_rec(), 10);
@@ -480,8 +591,17 @@ mod tests {
         fill(&mut s, 0, 400);
         s.flush().unwrap();
         assert!(s.segment_count() >= 3, "{}", s.segment_count());
-        let files = fs::read_dir(dir.path()).unwrap().count();
+        let files = fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().ends_with(SEGMENT_SUFFIX)
+            })
+            .count();
         assert_eq!(files, s.segment_count());
+        // Besides the segments: only the lock file.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), files + 1);
+        assert!(dir.path().join(LOCK_FILE).exists());
         s.release_below(399).unwrap();
         assert_eq!(s.segment_count(), 1);
         s.persist_watermark(399).unwrap();
@@ -546,5 +666,44 @@ mod tests {
         for i in 0..6000 {
             assert_eq!(s.read(i).unwrap().as_deref(), Some(rec(i).as_str()));
         }
+    }
+
+    #[test]
+    fn a_spool_dir_is_used_by_one_process_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        // flock conflicts between open file descriptions, even in one process.
+        let e = Spool::open(dir.path(), 1 << 20).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        let pid = std::process::id();
+        assert!(
+            e.to_string()
+                .contains(&format!("in use by another ems-edge process (pid {pid})")),
+            "{e}"
+        );
+        assert!(DirLock::acquire(dir.path()).is_err());
+        drop(s);
+        let lock = DirLock::acquire(dir.path()).unwrap();
+        let s = Spool::open_locked(lock, 1 << 20).unwrap();
+        assert_eq!(s.next_rec(), 0);
+    }
+
+    #[test]
+    fn deleting_segments_fsyncs_the_directory_on_the_next_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 64 * 1024).unwrap();
+        fill(&mut s, 0, 400);
+        s.flush().unwrap();
+        assert!(s.segment_count() > 2);
+        let before = s.segment_count();
+        s.release_below(s.next_rec()).unwrap();
+        assert!(s.segment_count() < before);
+        // The tail's file plus the directory.
+        let files = s.flush().unwrap();
+        assert_eq!(files.len(), 2);
+        assert!(files.iter().any(|f| f.metadata().unwrap().is_dir()));
+        crate::outbox::sync_files(files).unwrap();
+        // Nothing deleted since: only the tail.
+        assert_eq!(s.flush().unwrap().len(), 1);
     }
 }

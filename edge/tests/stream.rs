@@ -1209,3 +1209,200 @@ fn a_rejected_reading_leaves_the_outbox_without_blocking_it() {
     edge.assert_token_not_logged();
     again.assert_token_not_logged();
 }
+
+#[test]
+fn sigterm_while_connected_waits_for_the_last_acks_before_closing() {
+    let w = World::new();
+    // A hub that commits (and acks) every 250 ms while readings come every
+    // 20 ms: at almost any moment some readings are in flight, as on a busy
+    // hub. Closing without waiting for their acks would leave them in the
+    // spool, to be resent on the next start.
+    let _hub = Hub::start(&w.db_url, w.port, |c| {
+        c.batch_linger = Duration::from_millis(250)
+    });
+    let config = w.config("edge.toml", "", "");
+    let text = fs::read_to_string(&config)
+        .unwrap()
+        .replace("sample_interval_ms = 50", "sample_interval_ms = 20");
+    fs::write(&config, text).unwrap();
+    // The edge waits up to 1 s for those acks before closing with 1001. A
+    // run is conclusive when readings were in flight at the stop and all
+    // were acknowledged; a heavily loaded machine can exceed the 1 s (the
+    // edge then says so) and the stop can fall between two commits (nothing
+    // in flight), so allow a few runs, but one must be conclusive.
+    let mut clean = false;
+    for attempt in 0..5 {
+        let mut edge = w.edge(&config);
+        let epoch = edge.epoch();
+        wait_for("stored readings of this run", SOON, || {
+            w.seqs_of(epoch).len() >= 20
+        });
+        let (status, took) = edge.terminate();
+        assert!(status.success(), "exit status {status:?}");
+        assert!(took < Duration::from_secs(5), "SIGTERM exit took {took:?}");
+        let log = edge.log();
+        assert!(log.contains("link closed (1001 going away)"), "{log}");
+        edge.assert_token_not_logged();
+        let waited = log.contains("readings in flight at the stop: all acknowledged after");
+        if waited {
+            assert!(log.contains("ms; 0 readings kept in the spool"), "{log}");
+            eprintln!("attempt {attempt}: every ack arrived before the close ({took:?})");
+            clean = true;
+            break;
+        }
+        eprintln!(
+            "attempt {attempt}: inconclusive ({}), retrying",
+            if log.contains("still unacknowledged") {
+                "acks later than 1 s: loaded machine?"
+            } else {
+                "nothing in flight at the stop"
+            }
+        );
+    }
+    assert!(
+        clean,
+        "no run saw its in-flight readings acknowledged before the close"
+    );
+    // The next start finds nothing to resend.
+    let mut again = w.edge(&config);
+    again.epoch();
+    let log = again.log();
+    assert!(
+        log.contains("(0 unacknowledged readings recovered)"),
+        "{log}"
+    );
+    again.terminate();
+    again.assert_token_not_logged();
+}
+
+#[test]
+fn a_second_process_on_the_same_spool_dir_is_refused() {
+    let w = World::new();
+    let config = w.config("edge.toml", "", "");
+    // No hub needed: the first edge holds the spool while retrying.
+    let mut first = w.edge(&config);
+    let epoch = first.epoch();
+    let epoch_file = w.spool_dir().join("epoch");
+    let before = fs::read_to_string(&epoch_file).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ems-edge"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("EMS_DEVICE_TOKEN", &w.token)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let expected = format!(
+        "spool_dir {} is in use by another ems-edge process (pid {})",
+        w.spool_dir().display(),
+        first.child.id()
+    );
+    assert!(err.contains(&expected), "{err}");
+    assert!(!err.contains(&w.token));
+    // It touched nothing: the first process's epoch is still the last one.
+    assert_eq!(fs::read_to_string(&epoch_file).unwrap(), before);
+    assert_eq!(before.trim(), epoch.to_string());
+    // `probe` reads the meters with a throwaway state dir: no lock.
+    let out = Command::new(env!("CARGO_BIN_EXE_ems-edge"))
+        .args(["probe", "--count", "1", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(first.alive(), "the first edge must keep running");
+    // Once the first one is gone, the directory is free again.
+    let (status, _) = first.terminate();
+    assert!(status.success());
+    let mut second = w.edge(&config);
+    assert!(second.epoch() > epoch);
+    let (status, _) = second.terminate();
+    assert!(status.success(), "{}", second.log());
+    first.assert_token_not_logged();
+    second.assert_token_not_logged();
+}
+
+#[test]
+fn readings_held_for_clock_sync_survive_a_restart_in_the_same_boot() {
+    let w = World::new();
+    let _hub = w.hub();
+    let flag = w.dir.path().join("clock-synchronized");
+    let config = w.config(
+        "edge.toml",
+        &format!("clock_sync_file = \"{}\"", flag.display()),
+        "",
+    );
+    let text = fs::read_to_string(&config)
+        .unwrap()
+        .replace("trust_clock = true", "trust_clock = false");
+    fs::write(&config, text).unwrap();
+    let mut edge = w.edge(&config);
+    wait_for("the holding warning", SOON, || {
+        edge.log().contains("system clock not synchronized yet")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, _) = edge.terminate();
+    assert!(status.success());
+    let log = edge.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("readings held for clock sync to"))
+        .unwrap_or_else(|| panic!("held readings not saved: {log}"));
+    let held: usize = line
+        .split("saved ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(held >= 2, "{line}");
+    assert!(
+        log.contains(&format!("; {held} readings held for clock sync saved")),
+        "{log}"
+    );
+    assert!(w.spool_dir().join("held").exists());
+    assert_eq!(w.count(), 0, "a reading with an unknown time was sent");
+    edge.assert_token_not_logged();
+
+    // Restart in the same boot, clock now synchronized: the held readings
+    // come back, stamped before this process even started.
+    fs::write(&flag, "").unwrap();
+    let restarted_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut again = w.edge(&config);
+    let epoch = again.epoch();
+    wait_for("the restored readings stored", SOON, || {
+        w.seqs_of(epoch).len() > held
+    });
+    let log = again.log();
+    assert!(
+        log.contains(&format!("restored {held} readings held for clock sync")),
+        "{log}"
+    );
+    assert!(!w.spool_dir().join("held").exists());
+    let path = w.db_url.trim_start_matches("sqlite:").to_string();
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT seq, ts FROM readings WHERE epoch = ?1 ORDER BY seq")
+        .unwrap();
+    let rows: Vec<(i64, i64)> = stmt
+        .query_map([epoch as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    let early = rows.iter().filter(|(_, ts)| *ts < restarted_at).count();
+    assert_eq!(early, held, "{rows:?} (restarted at {restarted_at})");
+    for (i, pair) in rows.windows(2).enumerate().take(held - 1) {
+        let dt = pair[1].1 - pair[0].1;
+        assert!((0..=2_000).contains(&dt), "row {i}: stamps {dt} ms apart");
+    }
+    again.terminate();
+    again.assert_token_not_logged();
+}
