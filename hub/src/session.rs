@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::{interval_at, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -155,6 +155,8 @@ pub(crate) async fn device(
     }
     metrics.connection(Role::Device, 1);
     let mut kick = lease.kick;
+    // False once the kick channel is gone without a kick (registry dropped).
+    let mut kick_live = true;
     let topic = lease.topic;
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
     let sink = Arc::new(AckSink {
@@ -177,7 +179,7 @@ pub(crate) async fn device(
     let end = loop {
         tokio::select! {
             biased;
-            k = &mut kick => {
+            k = &mut kick, if kick_live => {
                 match k {
                     Ok(Kick::Replaced) => break End::Close(CloseCode::from(ems_shared::CLOSE_REPLACED), "replaced"),
                     Ok(Kick::Revoked) => {
@@ -190,7 +192,7 @@ pub(crate) async fn device(
                         break End::Close(CloseCode::from(ems_shared::CLOSE_CONFLICT), "conflict");
                     }
                     // The slot was dropped without a kick: keep serving.
-                    Err(_) => kick = oneshot::channel().1,
+                    Err(_) => kick_live = false,
                 }
             }
             _ = crate::shutting_down(&mut shutdown) => {
@@ -347,7 +349,7 @@ enum Handled {
 async fn handle_text(
     text: &str,
     device_id: &Arc<str>,
-    topic: &broadcast::Sender<Utf8Bytes>,
+    topic: &crate::registry::Topic,
     sink: &Arc<AckSink>,
     shared: &Shared,
 ) -> Result<Handled, FrameError> {
