@@ -106,9 +106,63 @@ pub(crate) enum Class {
     Other,
 }
 
+/// Allocation-free fast path of [`classify`] (issue 8: it runs once per
+/// frame per subscriber, so a serde parse with a `String` per delivery was
+/// the fan-out's largest cost). Topic frames are built by the hub: a reading
+/// that passed the strict decoder (known keys only, each once, no string
+/// value that can contain a quote) plus `device_id`/`rx_ms`, or a serialized
+/// control frame. The keys are found by a scan; `None` (the serde path
+/// decides) for anything unusual, such as escaped keys.
+fn classify_fast(frame: &str, backfill_after_ms: i64) -> Option<Class> {
+    let b = frame.as_bytes();
+    if scan_str(b, b"\"type\"")? != b"reading" {
+        return Some(Class::Other);
+    }
+    let epoch = u64::try_from(scan_int(b, b"\"epoch\"")?).ok()?;
+    let seq = u64::try_from(scan_int(b, b"\"seq\"")?).ok()?;
+    let ts_ms = scan_int(b, b"\"ts_ms\"")?;
+    let rx_ms = scan_int(b, b"\"rx_ms\"")?;
+    Some(Class::Reading {
+        key: (epoch, seq),
+        ts_ms,
+        backfill: rx_ms.saturating_sub(ts_ms) > backfill_after_ms,
+    })
+}
+
+/// The bytes after `key` (a quoted JSON key), whitespace and the colon.
+fn scan_value<'a>(b: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let at = b.windows(key.len()).position(|w| w == key)?;
+    let rest = b[at + key.len()..].trim_ascii_start();
+    rest.strip_prefix(b":").map(|r| r.trim_ascii_start())
+}
+
+/// A string value without escapes.
+fn scan_str<'a>(b: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let v = scan_value(b, key)?.strip_prefix(b"\"")?;
+    let end = v.iter().position(|&c| c == b'"' || c == b'\\')?;
+    (v[end] == b'"').then(|| &v[..end])
+}
+
+/// An integer value (digits with an optional minus, ended by `,`, `}` or
+/// whitespace).
+fn scan_int(b: &[u8], key: &[u8]) -> Option<i64> {
+    let v = scan_value(b, key)?;
+    let end = v
+        .iter()
+        .position(|&c| !(c.is_ascii_digit() || c == b'-'))
+        .unwrap_or(v.len());
+    if !matches!(v.get(end), Some(b',' | b'}' | b' ' | b'\t' | b'\r' | b'\n')) {
+        return None;
+    }
+    std::str::from_utf8(&v[..end]).ok()?.parse().ok()
+}
+
 /// Classifies a topic frame; `backfill_after_ms` is the age at receive
 /// time above which a reading counts as backlog.
 pub(crate) fn classify(frame: &str, backfill_after_ms: i64) -> Class {
+    if let Some(c) = classify_fast(frame, backfill_after_ms) {
+        return c;
+    }
     let Ok(m) = serde_json::from_str::<Meta>(frame) else {
         return Class::Other;
     };
@@ -603,6 +657,23 @@ mod tests {
             Class::Other
         );
         assert_eq!(classify("not json", 0), Class::Other);
+        // The fast path agrees with the serde path, spacing included, and
+        // leaves what it cannot read to it.
+        let spaced = "{ \"type\" : \"reading\", \"epoch\" : 1 , \"seq\":2,\"ts_ms\": -5,\"meter\":\"m\",\"power_w\":1.0,\"device_id\":\"d\",\"rx_ms\":100000}";
+        assert_eq!(
+            classify_fast(spaced, 30_000),
+            Some(Class::Reading {
+                key: (1, 2),
+                ts_ms: -5,
+                backfill: true
+            })
+        );
+        assert_eq!(classify_fast(r#"{"\u0074ype":"reading"}"#, 0), None);
+        assert_eq!(classify_fast(r#"{"type":"reading","epoch":1.5}"#, 0), None);
+        assert_eq!(
+            classify_fast(r#"{"type":"status","online":true}"#, 0),
+            Some(Class::Other)
+        );
         assert_eq!(
             classify(r#"{"type":"reading","epoch":"x"}"#, 0),
             Class::Other
