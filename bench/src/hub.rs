@@ -179,7 +179,8 @@ async fn device(plan: Arc<Plan>, idx: usize, mut ws: Ws) {
     let mut pending: VecDeque<(u64, u64)> = VecDeque::new();
     let mut seq = 0u64;
     let mut buf = String::with_capacity(256);
-    let mut done_sending = !sending;
+    // With --rate 0 the connection is only held until the stop time.
+    let mut done_sending = false;
     loop {
         if done_sending && pending.is_empty() {
             break;
@@ -222,7 +223,7 @@ async fn device(plan: Arc<Plan>, idx: usize, mut ws: Ws) {
             },
             _ = sleep_until(plan.deadline) => break,
             _ = sleep_until(plan.stop), if !done_sending => done_sending = true,
-            _ = tick.tick(), if !done_sending => {
+            _ = tick.tick(), if sending && !done_sending => {
                 payload::reading(&mut buf, plan.epoch, seq, idx);
                 let t = stats.nanos();
                 shared.ring.put(seq, t);
