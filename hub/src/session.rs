@@ -175,6 +175,9 @@ pub(crate) async fn device(
     let mut excess = Excess::default();
     // The last reading queued for the store, to wait for its ack on shutdown.
     let mut last_queued: Option<(u64, u64)> = None;
+    // The last ack sent, so a shutdown does not wait for one already sent.
+    let mut last_acked: Option<(u64, u64)> = None;
+    let limit = cfg.write_timeout;
 
     let end = loop {
         tokio::select! {
@@ -197,22 +200,33 @@ pub(crate) async fn device(
             }
             _ = crate::shutting_down(&mut shutdown) => {
                 // Flush the acks of what is already queued, then close.
-                if let Some(last) = last_queued {
+                if let Some(last) = last_queued.filter(|l| last_acked != Some(*l)) {
                     let _ = tokio::time::timeout(Duration::from_secs(2), async {
                         while let Some(ack) = ack_rx.recv().await {
-                            if send_ack(&mut ws, ack).await.is_err() || ack == last {
+                            if send_ack(&mut ws, ack, limit).await.is_err() {
                                 break;
                             }
                             metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
+                            if ack == last {
+                                break;
+                            }
                         }
                     }).await;
+                }
+                // Acks of other epochs committed in the same batch.
+                while let Ok(ack) = ack_rx.try_recv() {
+                    if send_ack(&mut ws, ack, limit).await.is_err() {
+                        break;
+                    }
+                    metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
                 }
                 break End::Close(CloseCode::Away, "hub shutting down");
             }
             Some(ack) = ack_rx.recv() => {
-                if send_ack(&mut ws, ack).await.is_err() {
+                if send_ack(&mut ws, ack, limit).await.is_err() {
                     break End::Gone;
                 }
+                last_acked = Some(ack);
                 metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
             }
             _ = ping.tick() => {
@@ -222,11 +236,16 @@ pub(crate) async fn device(
                     break End::Gone;
                 }
                 missed += 1;
-                if ws.send(Message::Ping(Bytes::new())).await.is_err() {
+                if send_within(&mut ws, Message::Ping(Bytes::new()), limit).await.is_err() {
                     break End::Gone;
                 }
             }
             msg = ws.next() => {
+                // Any frame proves the peer alive: under backpressure its
+                // pong may sit behind readings the hub has not read yet.
+                if matches!(msg, Some(Ok(_))) {
+                    missed = 0;
+                }
                 let frame_text = match msg {
                     Some(Ok(Message::Text(text))) => Some(text),
                     Some(Ok(Message::Binary(_))) => None,
@@ -282,7 +301,7 @@ pub(crate) async fn device(
                         if let (Some(epoch), Some(seq)) = (e.epoch, e.seq) {
                             let reason = format!("{}: {}", e.reason.code(), e.detail);
                             let frame = HubFrame::Rejected { epoch, seq, reason }.to_json();
-                            if ws.send(Message::Text(frame.into())).await.is_err() {
+                            if send_within(&mut ws, Message::Text(frame.into()), limit).await.is_err() {
                                 break End::Gone;
                             }
                         }
@@ -329,9 +348,21 @@ fn suppressed(n: u64) -> String {
     }
 }
 
-async fn send_ack(ws: &mut Ws, (epoch, seq): (u64, u64)) -> Result<(), WsError> {
+/// Sends one message, giving up after `limit`: a peer that stops reading
+/// must not freeze its session (no heartbeat, no kick, no shutdown).
+async fn send_within(ws: &mut Ws, msg: Message, limit: Duration) -> Result<(), WsError> {
+    match tokio::time::timeout(limit, ws.send(msg)).await {
+        Ok(r) => r,
+        Err(_) => Err(WsError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "peer stopped reading",
+        ))),
+    }
+}
+
+async fn send_ack(ws: &mut Ws, (epoch, seq): (u64, u64), limit: Duration) -> Result<(), WsError> {
     let frame = HubFrame::Ack { epoch, seq }.to_json();
-    ws.send(Message::Text(frame.into())).await
+    send_within(ws, Message::Text(frame.into()), limit).await
 }
 
 /// What became of a valid frame.

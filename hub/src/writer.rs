@@ -107,6 +107,8 @@ fn run(
     let max = cfg.batch_max_rows.max(1);
     let mut batch: Vec<Item> = Vec::with_capacity(max);
     let mut rows: Vec<Row> = Vec::with_capacity(max);
+    // Set once the hub is stopping and the store keeps failing (see `commit`).
+    let mut give_up_at: Option<Instant> = None;
     loop {
         // Wait for the first reading of the next batch.
         let first = rt.block_on(async {
@@ -146,16 +148,29 @@ fn run(
         }
         rows.clear();
         rows.extend(batch.iter().map(|i| i.row.clone()));
-        commit(store.as_mut(), &rows, metrics);
-        send_acks(&batch);
+        if commit(store.as_mut(), &rows, metrics, &stop, &mut give_up_at) {
+            send_acks(&batch);
+        }
         batch.clear();
     }
 }
 
+/// How long a failing commit is retried once the hub is shutting down.
+const SHUTDOWN_RETRY: Duration = Duration::from_secs(5);
+
 /// Commits `rows`, retrying with capped exponential backoff until the
 /// store accepts them. Dedup on (device_id, epoch, seq) makes a retry after
-/// an ambiguous failure safe.
-fn commit(store: &mut dyn Store, rows: &[Row], metrics: &Metrics) {
+/// an ambiguous failure safe. Returns `false` only when the hub is shutting
+/// down and the store stayed unreachable for [`SHUTDOWN_RETRY`]: the rows
+/// are then not acked, so the edges still hold them and resend them to the
+/// next hub — the process can exit in bounded time without losing anything.
+fn commit(
+    store: &mut dyn Store,
+    rows: &[Row],
+    metrics: &Metrics,
+    stop: &watch::Receiver<bool>,
+    give_up_at: &mut Option<Instant>,
+) -> bool {
     let mut delay = Duration::from_millis(100);
     let mut attempt = 0u32;
     let started = Instant::now();
@@ -169,9 +184,21 @@ fn commit(store: &mut dyn Store, rows: &[Row], metrics: &Metrics) {
                         rows.len()
                     );
                 }
-                return;
+                return true;
             }
             Err(e) => {
+                if *stop.borrow() {
+                    // One deadline for the whole shutdown, not per batch.
+                    let deadline = *give_up_at.get_or_insert_with(|| Instant::now() + SHUTDOWN_RETRY);
+                    if Instant::now() >= deadline {
+                        log::error!(
+                            "store writer: giving up on {} unacknowledged readings at shutdown ({e}); \
+                             the devices keep them and resend them",
+                            rows.len()
+                        );
+                        return false;
+                    }
+                }
                 attempt += 1;
                 metrics.commit_failures.fetch_add(1, Ordering::Relaxed);
                 metrics.store_writer_ok.store(0, Ordering::Relaxed);
@@ -282,6 +309,39 @@ mod tests {
             },
             ack: sink.clone(),
         }
+    }
+
+    #[test]
+    fn a_dead_store_at_shutdown_is_given_up_without_acks() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let committed = Arc::new(Mutex::new(Vec::new()));
+        let store = Recording {
+            committed: committed.clone(),
+            fail: u32::MAX,
+        };
+        let (tx, rx) = mpsc::channel(100);
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let sink = Arc::new(AckSink { conn_id: 1, tx: ack_tx });
+        for seq in 0..3 {
+            tx.try_send(item(&sink, 1, seq)).unwrap();
+        }
+        let cfg = WriterConfig {
+            batch_max_rows: 1,
+            batch_linger: Duration::from_millis(1),
+        };
+        // Already stopping; `tx` stays alive, so only the stop ends it.
+        let (_stop_tx, stop_rx) = watch::channel(true);
+        let started = Instant::now();
+        let w = Writer::spawn(Box::new(store), rx, cfg, stop_rx, rt.handle().clone()).unwrap();
+        w.join();
+        // One shutdown deadline for all three batches, not one each.
+        assert!(started.elapsed() < SHUTDOWN_RETRY * 2, "{:?}", started.elapsed());
+        assert!(committed.lock().unwrap().is_empty());
+        assert!(ack_rx.try_recv().is_err(), "nothing may be acked");
+        drop(tx);
     }
 
     #[test]
