@@ -44,8 +44,9 @@ pub fn route(path: &str) -> Route<'_> {
     }
 }
 
-/// Outcome of reading the `Authorization` header.
-#[derive(Debug, PartialEq, Eq)]
+/// Outcome of reading the `Authorization` header. `Debug` never shows the
+/// token.
+#[derive(PartialEq, Eq)]
 pub enum Credentials<'a> {
     /// No `Authorization` header, or not a Bearer credential: 401.
     Missing,
@@ -53,6 +54,16 @@ pub enum Credentials<'a> {
     Malformed,
     /// `Bearer <token>`; the token still has to be checked.
     Bearer(&'a str),
+}
+
+impl std::fmt::Debug for Credentials<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Missing => f.write_str("Missing"),
+            Credentials::Malformed => f.write_str("Malformed"),
+            Credentials::Bearer(_) => f.write_str("Bearer([redacted])"),
+        }
+    }
 }
 
 /// Longest `Authorization` value considered; longer ones are refused
@@ -104,7 +115,8 @@ pub fn websocket_key(headers: &HeaderMap) -> Option<&[u8]> {
 }
 
 /// What a dashboard offered in `Sec-WebSocket-Protocol` (issue 6).
-#[derive(Debug, Default, PartialEq, Eq)]
+/// `Debug` never shows the token.
+#[derive(Default, PartialEq, Eq)]
 pub struct Offer<'a> {
     /// `ems.v1` was offered: the hub answers with it.
     pub v1: bool,
@@ -113,6 +125,16 @@ pub struct Offer<'a> {
     pub bearer: Option<&'a str>,
     /// `ems.resume.<since_ms>`: replay stored readings from then.
     pub resume_since: Option<i64>,
+}
+
+impl std::fmt::Debug for Offer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Offer")
+            .field("v1", &self.v1)
+            .field("bearer", &self.bearer.map(|_| "[redacted]"))
+            .field("resume_since", &self.resume_since)
+            .finish()
+    }
 }
 
 /// Outcome of reading `Sec-WebSocket-Protocol`.
@@ -280,6 +302,18 @@ pub fn percent_decode(s: &str) -> String {
 mod tests {
     use super::*;
     use hyper::header::HeaderValue;
+
+    #[test]
+    fn debug_output_never_shows_a_token() {
+        let c = Credentials::Bearer("emsd_secret");
+        assert!(!format!("{c:?}").contains("secret"));
+        let o = Offer {
+            v1: true,
+            bearer: Some("emsv_secret"),
+            resume_since: None,
+        };
+        assert!(!format!("{o:?}").contains("secret"));
+    }
 
     #[test]
     fn routes() {

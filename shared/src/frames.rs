@@ -14,7 +14,9 @@ pub enum HubFrame {
         /// Highest acknowledged seq of that epoch on this connection.
         seq: u64,
     },
-    /// The reading `(epoch, seq)` was refused and will never be stored.
+    /// The reading `(epoch, seq)` was refused. With reason
+    /// `rate_limited: …` it was not taken and must be resent later (slower);
+    /// with any other reason it is invalid and will never be stored.
     Rejected {
         /// Epoch of the refused reading.
         epoch: u64,

@@ -17,9 +17,13 @@
 //! ## Ack semantics
 //! `{"type":"ack","epoch":E,"seq":S}` is cumulative per connection and epoch:
 //! the reading `(E, S)` and every reading of epoch `E` the hub received
-//! *before it on the same connection* is durably committed (or was rejected).
+//! *before it on the same connection* is durably committed, or was refused
+//! for good (a `rejected` frame with any reason but `rate_limited`).
 //! An edge that sends each epoch in increasing `seq` order may read it simply as
-//! "everything of epoch `E` up to `S`".
+//! "everything of epoch `E` up to `S`" — except for readings it got
+//! `rejected … rate_limited` for: those were NOT taken and must be resent.
+//! (Our edge matches acks by send position and requeues rate-limited
+//! readings.)
 
 #![warn(missing_docs)]
 
