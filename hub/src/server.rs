@@ -362,7 +362,13 @@ async fn handle(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared
         if is_device {
             store.device_token_valid(&id, &hash)
         } else {
-            Ok(store.viewer_scope(&hash)?.is_some_and(|s| s.allows(&id)))
+            // An all-devices viewer may only open topics of real devices:
+            // made-up ids would each cost a topic buffer.
+            match store.viewer_scope(&hash)? {
+                Some(crate::store::ViewerScope::AllDevices) => store.device_exists(&id),
+                Some(scope) => Ok(scope.allows(&id)),
+                None => Ok(false),
+            }
         }
     })
     .await;

@@ -142,6 +142,16 @@ pub mod contract {
         assert_eq!(ts(f.store.readings("d2", 0, 100, 10).unwrap()), [25]);
     }
 
+    pub fn device_exists_for_added_devices_only(mut f: Fixture) {
+        let s = &mut *f.store;
+        assert!(!s.device_exists("dev").unwrap());
+        s.add_device("dev", &token::hash("t"), 1).unwrap();
+        assert!(s.device_exists("dev").unwrap());
+        s.revoke_device("dev", 2).unwrap();
+        assert!(s.device_exists("dev").unwrap(), "revoked devices still exist");
+        assert!(!s.device_exists("other").unwrap());
+    }
+
     pub fn device_admin(mut f: Fixture) {
         let s = &mut *f.store;
         let (h1, h2, h3) = (token::hash("one"), token::hash("two"), token::hash("three"));
@@ -445,6 +455,7 @@ macro_rules! backend_suite {
                 failed_batch_stores_nothing,
                 history_by_time_range,
                 device_admin,
+                device_exists_for_added_devices_only,
                 active_device_tokens_follow_revocation_and_rotation,
                 viewer_scopes_and_revocation,
                 admin_tokens,

@@ -213,6 +213,12 @@ pub trait Store: Send {
         ))
     }
 
+    /// Whether a device with this id was ever added (revoked or not).
+    /// Backends override the list-based default with a point query.
+    fn device_exists(&mut self, device_id: &str) -> Result<bool, StoreError> {
+        Ok(self.list_devices()?.iter().any(|d| d.device_id == device_id))
+    }
+
     /// Receive time (`received_at`) of the device's newest reading by
     /// sample time, if it has any (issue 6: "last seen").
     fn last_seen(&mut self, device_id: &str) -> Result<Option<i64>, StoreError> {

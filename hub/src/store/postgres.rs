@@ -1069,6 +1069,16 @@ impl Store for PgStore {
         }
     }
 
+    fn device_exists(&mut self, device_id: &str) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let row = c
+                .client
+                .query_opt("SELECT 1 FROM devices WHERE device_id = $1", &[&device_id])
+                .map_err(db)?;
+            Ok(row.is_some())
+        })
+    }
+
     fn device_token_valid(
         &mut self,
         device_id: &str,

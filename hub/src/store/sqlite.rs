@@ -264,6 +264,14 @@ impl Store for SqliteStore {
         tx.commit().map_err(db)
     }
 
+    fn device_exists(&mut self, device_id: &str) -> Result<bool, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT 1 FROM devices WHERE device_id = ?1")
+            .map_err(db)?;
+        stmt.exists([device_id]).map_err(db)
+    }
+
     fn device_token_valid(
         &mut self,
         device_id: &str,

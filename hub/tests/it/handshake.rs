@@ -62,6 +62,8 @@ async fn dashboard_handshake_outcomes() {
     assert_eq!(refused_status(hub.addr, "/ws/dashboard/dev-b", Some(&viewer)).await, 403);
     assert_eq!(refused_status(hub.addr, "/ws/dashboard/dev-a", Some(&dev)).await, 403);
     assert_eq!(refused_status(hub.addr, "/ws/dashboard/dev-a", None).await, 401);
+    // An all-devices viewer cannot open topics of devices that do not exist.
+    assert_eq!(refused_status(hub.addr, "/ws/dashboard/made-up", Some(&all)).await, 403);
 }
 
 async fn raw_status(addr: std::net::SocketAddr, request: &str) -> String {
