@@ -6,8 +6,8 @@
 //! that finds the bucket empty is refused with reason `rate_limited`
 //! (answered with a `rejected` frame when it has an epoch/seq, never
 //! stored, never acked). The ems-edge treats a `rate_limited` rejection as
-//! "not delivered": it keeps the reading and ends the connection, so its
-//! in-flight readings are resent after the reconnect back-off — nothing is
+//! "not delivered": it keeps the reading in its outbox, halves its send
+//! rate, pauses briefly and resends it on the same connection — nothing is
 //! lost, and a backlog drains at about `rate` readings per second.
 //!
 //! A client that keeps sending into an empty bucket for `abuse_after`
