@@ -103,7 +103,9 @@ impl Config {
             batch_max_rows: 2000,
             batch_linger: Duration::from_millis(5),
             queue_capacity: 100_000,
-            subscriber_buffer: 1024,
+            // Each watched device's ring costs ~64 bytes a slot (issue 8):
+            // 256 slots = 16 KB, 4 min of a 1 Hz device, 1 s of a 250 Hz one.
+            subscriber_buffer: 256,
             write_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(9),
             max_connections: 50_000,

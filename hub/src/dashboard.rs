@@ -322,13 +322,43 @@ pub(crate) async fn status_of(shared: &Arc<Shared>, device_id: &Arc<str>) -> Das
 /// Whether the viewer token still opens `device_id`. A store failure
 /// counts as yes: revocation is re-checked at the next interval.
 async fn viewer_still_allowed(shared: Arc<Shared>, device_id: Arc<str>, viewer: TokenHash) -> bool {
-    query(&shared, move |s| {
-        Ok(s.viewer_scope(&viewer)?.map(|sc| sc.allows(&device_id)))
-    })
-    .await
-    .map(|v| v.unwrap_or(false))
-    .unwrap_or(true)
+    // One store query per viewer token per `viewer_recheck`, shared by all
+    // its subscriptions (issue 8: 9,600 subscriptions each querying every
+    // 2 s made the periodic re-check the hub's largest cost). The key
+    // includes the hub's store handle, so hubs in one process never share.
+    let key = (Arc::as_ptr(&shared.auth) as *const () as usize, viewer);
+    let ttl = shared.config.viewer_recheck;
+    let cached = {
+        let c = VIEWER_CACHE.lock().unwrap_or_else(|p| p.into_inner());
+        c.get(&key)
+            .filter(|(at, _)| at.elapsed() < ttl)
+            .map(|(_, scope)| scope.clone())
+    };
+    let scope = match cached {
+        Some(scope) => scope,
+        None => match query(&shared, move |s| s.viewer_scope(&viewer)).await {
+            Some(scope) => {
+                let mut c = VIEWER_CACHE.lock().unwrap_or_else(|p| p.into_inner());
+                if c.len() > 4096 {
+                    c.retain(|_, (at, _)| at.elapsed() < ttl);
+                }
+                c.insert(key, (std::time::Instant::now(), scope.clone()));
+                scope
+            }
+            // Store trouble: keep the subscriber (as before).
+            None => return true,
+        },
+    };
+    scope.is_some_and(|sc| sc.allows(&device_id))
 }
+
+/// Recent viewer look-ups: (hub store handle, token hash) → (when, scope).
+type ViewerCache = std::collections::HashMap<
+    (usize, TokenHash),
+    (std::time::Instant, Option<crate::store::ViewerScope>),
+>;
+static VIEWER_CACHE: std::sync::LazyLock<std::sync::Mutex<ViewerCache>> =
+    std::sync::LazyLock::new(|| std::sync::Mutex::new(ViewerCache::new()));
 
 /// A reading from the store as a dashboard frame.
 pub(crate) fn stored_frame(device_id: &str, r: &StoredReading) -> String {
