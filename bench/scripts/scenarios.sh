@@ -30,7 +30,7 @@ DB="$WORK/hub.db"
 "$BIN/ems-bench" provision --database "sqlite:$DB" --count 15000 --out "$WORK/tokens.txt" | tee -a "$OUT/summary.txt"
 
 start_hub() {
-  (ulimit -n 20000; exec taskset -c "$HUB_CPU" "$BIN/ems-hub" serve --listen "127.0.0.1:$HPORT" --database "sqlite:$DB" --log-level error) \
+  (ulimit -n 20000; exec taskset -c "$HUB_CPU" "${HUB_BIN:-$BIN/ems-hub}" serve --listen "127.0.0.1:$HPORT" --database "sqlite:$DB" --log-level error) \
     >>"$OUT/hub.log" 2>&1 &
   hub_pid=$!
   wait_port "$HPORT"
