@@ -398,7 +398,7 @@ async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<
     // values from the body, which could be a pasted secret.
     serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::BadRequest(format!(
-            "invalid JSON body (line {}, column {}); see docs/dashboard.md for the fields",
+            "invalid JSON body (line {}, column {}); see README.md (Dashboards) for the fields",
             e.line(),
             e.column()
         ))

@@ -1,6 +1,6 @@
 //! The dashboard feed (issue 6): one subscriber of one device's live topic.
 //!
-//! What a subscriber receives, in order (see `docs/dashboard.md`):
+//! What a subscriber receives, in order (see the README's Dashboards section):
 //! 1. `{"type":"status",…}`: the device's presence, right after the
 //!    upgrade; again whenever the device connects or disconnects (the
 //!    registry publishes those through the same topic as the readings, so

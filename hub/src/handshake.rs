@@ -323,7 +323,10 @@ mod tests {
         assert_eq!(route("/ws/device/"), Route::BadDeviceId);
         assert_eq!(route("/ws/device/a/b"), Route::BadDeviceId);
         assert_eq!(route("/ws/device/a%20b"), Route::BadDeviceId);
-        assert_eq!(route(&format!("/ws/device/{}", "x".repeat(65))), Route::BadDeviceId);
+        assert_eq!(
+            route(&format!("/ws/device/{}", "x".repeat(65))),
+            Route::BadDeviceId
+        );
         assert_eq!(route("/ws/devices/x"), Route::NotFound);
         assert_eq!(route("/"), Route::NotFound);
     }
@@ -339,19 +342,43 @@ mod tests {
     #[test]
     fn bearer_tokens() {
         assert_eq!(bearer(&headers(&[])), Credentials::Missing);
-        assert_eq!(bearer(&headers(&[("authorization", "Bearer abc")])), Credentials::Bearer("abc"));
-        assert_eq!(bearer(&headers(&[("authorization", "bearer  abc ")])), Credentials::Bearer("abc"));
-        assert_eq!(bearer(&headers(&[("authorization", "Basic abc")])), Credentials::Missing);
-        assert_eq!(bearer(&headers(&[("authorization", "Bearer")])), Credentials::Missing);
-        assert_eq!(bearer(&headers(&[("authorization", "Bearer ")])), Credentials::Missing);
         assert_eq!(
-            bearer(&headers(&[("authorization", "Bearer a"), ("authorization", "Bearer b")])),
+            bearer(&headers(&[("authorization", "Bearer abc")])),
+            Credentials::Bearer("abc")
+        );
+        assert_eq!(
+            bearer(&headers(&[("authorization", "bearer  abc ")])),
+            Credentials::Bearer("abc")
+        );
+        assert_eq!(
+            bearer(&headers(&[("authorization", "Basic abc")])),
+            Credentials::Missing
+        );
+        assert_eq!(
+            bearer(&headers(&[("authorization", "Bearer")])),
+            Credentials::Missing
+        );
+        assert_eq!(
+            bearer(&headers(&[("authorization", "Bearer ")])),
+            Credentials::Missing
+        );
+        assert_eq!(
+            bearer(&headers(&[
+                ("authorization", "Bearer a"),
+                ("authorization", "Bearer b")
+            ])),
             Credentials::Malformed
         );
         let long = format!("Bearer {}", "a".repeat(10_000));
-        assert_eq!(bearer(&headers(&[("authorization", &long)])), Credentials::Malformed);
+        assert_eq!(
+            bearer(&headers(&[("authorization", &long)])),
+            Credentials::Malformed
+        );
         let mut h = HeaderMap::new();
-        h.insert(AUTHORIZATION, HeaderValue::from_bytes(b"Bearer \xff").unwrap());
+        h.insert(
+            AUTHORIZATION,
+            HeaderValue::from_bytes(b"Bearer \xff").unwrap(),
+        );
         assert_eq!(bearer(&h), Credentials::Malformed);
     }
 
@@ -363,9 +390,20 @@ mod tests {
             ("sec-websocket-version", "13"),
             ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
         ];
-        assert_eq!(websocket_key(&headers(&ok)), Some(&b"dGhlIHNhbXBsZSBub25jZQ=="[..]));
+        assert_eq!(
+            websocket_key(&headers(&ok)),
+            Some(&b"dGhlIHNhbXBsZSBub25jZQ=="[..])
+        );
         assert_eq!(websocket_key(&headers(&ok[1..])), None);
-        assert_eq!(websocket_key(&headers(&[ok[0], ok[1], ("sec-websocket-version", "8"), ok[3]])), None);
+        assert_eq!(
+            websocket_key(&headers(&[
+                ok[0],
+                ok[1],
+                ("sec-websocket-version", "8"),
+                ok[3]
+            ])),
+            None
+        );
         assert_eq!(websocket_key(&headers(&ok[..3])), None);
     }
 }

@@ -80,12 +80,24 @@ fn tls_acceptor(files: &config::TlsFiles) -> Result<tokio_rustls::TlsAcceptor, H
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs = CertificateDer::pem_file_iter(&files.cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| HubError::Tls(format!("cannot read certificate {}: {e}", files.cert.display())))?;
+        .map_err(|e| {
+            HubError::Tls(format!(
+                "cannot read certificate {}: {e}",
+                files.cert.display()
+            ))
+        })?;
     if certs.is_empty() {
-        return Err(HubError::Tls(format!("no certificate in {}", files.cert.display())));
+        return Err(HubError::Tls(format!(
+            "no certificate in {}",
+            files.cert.display()
+        )));
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| HubError::Tls(format!("cannot read private key {}: {e}", files.key.display())))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
+        HubError::Tls(format!(
+            "cannot read private key {}: {e}",
+            files.key.display()
+        ))
+    })?;
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -126,9 +138,10 @@ pub async fn run(
 
     let (queue_tx, queue_rx) = mpsc::channel(config.queue_capacity.max(1));
     let metrics = Arc::new(metrics::Metrics::new());
-    metrics
-        .queue_capacity
-        .store(config.queue_capacity.max(1) as i64, std::sync::atomic::Ordering::Relaxed);
+    metrics.queue_capacity.store(
+        config.queue_capacity.max(1) as i64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let (stop_writer, writer_stop) = watch::channel(false);
     let writer = Writer::spawn_with_metrics(
         writer_store,
@@ -163,7 +176,10 @@ pub async fn run(
     log::info!("shutting down: closing connections");
     let _ = shutdown_tx.send(true);
     drop(shared);
-    if tokio::time::timeout(shutdown_timeout, done_rx.recv()).await.is_err() {
+    if tokio::time::timeout(shutdown_timeout, done_rx.recv())
+        .await
+        .is_err()
+    {
         log::warn!("some connections did not close within {shutdown_timeout:?}");
     }
     let _ = stop_writer.send(true);

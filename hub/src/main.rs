@@ -17,7 +17,12 @@ use ems_hub::Config;
 #[command(name = "ems-hub", version, args_conflicts_with_subcommands = true)]
 struct Cli {
     /// Database URL: sqlite:PATH (embedded, default) or postgres://…
-    #[arg(long, env = "EMS_DATABASE_URL", default_value = "sqlite:ems-hub.db", global = true)]
+    #[arg(
+        long,
+        env = "EMS_DATABASE_URL",
+        default_value = "sqlite:ems-hub.db",
+        global = true
+    )]
     database: String,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, env = "EMS_LOG_LEVEL", global = true)]
@@ -72,7 +77,11 @@ struct ServeArgs {
     /// A browser origin, besides the hub's own, allowed to open dashboards
     /// and call the API (exact match, e.g. https://grafana.example.com;
     /// repeatable).
-    #[arg(long = "allowed-origin", env = "EMS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    #[arg(
+        long = "allowed-origin",
+        env = "EMS_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
     allowed_origins: Vec<String>,
     /// The hub's public URL as browsers see it (e.g.
     /// https://ems.example.com); pins the hub's own origin instead of
@@ -206,8 +215,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Watch { device_id, hub }) => {
-            let token = std::env::var("EMS_VIEWER_TOKEN")
-                .context("set EMS_VIEWER_TOKEN to a viewer token (ems-hub viewer add NAME --device ID)")?;
+            let token = std::env::var("EMS_VIEWER_TOKEN").context(
+                "set EMS_VIEWER_TOKEN to a viewer token (ems-hub viewer add NAME --device ID)",
+            )?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -223,14 +233,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", Admin::open(&db)?.add_admin(&name)?);
             Ok(())
         }
-        Some(Command::Viewer(ViewerCmd::Revoke { name })) => Ok(Admin::open(&db)?.revoke_viewer(&name)?),
+        Some(Command::Viewer(ViewerCmd::Revoke { name })) => {
+            Ok(Admin::open(&db)?.revoke_viewer(&name)?)
+        }
         Some(Command::Viewer(ViewerCmd::List)) => {
             for v in Admin::open(&db)?.list_viewers()? {
                 let scope = match v.scope {
                     ViewerScope::AllDevices => "*".to_string(),
                     ViewerScope::Devices(ids) => ids.join(","),
                 };
-                let state = if v.revoked_ms.is_some() { "revoked" } else { "active" };
+                let state = if v.revoked_ms.is_some() {
+                    "revoked"
+                } else {
+                    "active"
+                };
                 println!("{}\t{state}\t{scope}", v.name);
             }
             Ok(())
@@ -258,7 +274,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn serve(args: ServeArgs, database: String) -> anyhow::Result<()> {
     let addr: SocketAddr = match args.listen.parse() {
         Ok(a) => a,
-        Err(_) => bail!("--listen {:?} is not an address like 127.0.0.1:8080", args.listen),
+        Err(_) => bail!(
+            "--listen {:?} is not an address like 127.0.0.1:8080",
+            args.listen
+        ),
     };
     let mut config = Config::new(database);
     config.ping_interval = Duration::from_millis(args.ping_interval_ms);
@@ -307,9 +326,9 @@ fn serve(args: ServeArgs, database: String) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} (in use? choose another with --listen)"))?;
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} (in use? choose another with --listen)")
+        })?;
         ems_hub::run(listener, config, shutdown_signal()).await?;
         Ok(())
     })

@@ -369,7 +369,12 @@ impl Registry {
     pub fn set_edge_status(&self, device_id: &Arc<str>, status: EdgeStatus, rx_ms: i64) {
         let behind_ms = status.behind_ms(rx_ms);
         // Dashboards see the outbox too ("catching up, 3 h behind"; issue 6).
-        self.publish_status(device_id, true, rx_ms, Some((status.outbox_depth, behind_ms)));
+        self.publish_status(
+            device_id,
+            true,
+            rx_ms,
+            Some((status.outbox_depth, behind_ms)),
+        );
         lock(&self.statuses).insert(
             device_id.clone(),
             StatusEntry {
@@ -431,7 +436,13 @@ impl Registry {
     }
 
     /// Sends a `status` frame to the device's subscribers, if any.
-    fn publish_status(&self, device_id: &str, online: bool, seen_ms: i64, outbox: Option<(u64, i64)>) {
+    fn publish_status(
+        &self,
+        device_id: &str,
+        online: bool,
+        seen_ms: i64,
+        outbox: Option<(u64, i64)>,
+    ) {
         let topic = lock(&self.topics).get(device_id).cloned();
         if let Some(topic) = topic.filter(|t| t.receiver_count() > 0) {
             let frame = ems_shared::DashboardFrame::Status {

@@ -13,7 +13,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, SEC_WEBSOCKET_ACCEPT, UPGRADE, WWW_AUTHENTICATE};
+use hyper::header::{
+    HeaderValue, CONNECTION, CONTENT_TYPE, SEC_WEBSOCKET_ACCEPT, UPGRADE, WWW_AUTHENTICATE,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -100,12 +102,19 @@ pub(crate) async fn accept_loop(
     }
 }
 
-async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, guard: ConnGuard) {
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    guard: ConnGuard,
+) {
     let _ = stream.set_nodelay(true);
     match shared.tls.clone() {
         None => serve_io(TokioIo::new(stream), peer, shared, guard).await,
         Some(acceptor) => {
-            match tokio::time::timeout(shared.config.handshake_timeout, acceptor.accept(stream)).await {
+            match tokio::time::timeout(shared.config.handshake_timeout, acceptor.accept(stream))
+                .await
+            {
                 Ok(Ok(tls)) => serve_io(TokioIo::new(tls), peer, shared, guard).await,
                 Ok(Err(e)) => log::debug!("TLS handshake with {peer} failed: {e}"),
                 Err(_) => log::debug!("TLS handshake with {peer} timed out"),
@@ -152,8 +161,10 @@ type Resp = Response<Full<Bytes>>;
 fn text(status: StatusCode, body: &'static str) -> Resp {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
@@ -183,9 +194,15 @@ pub(crate) fn ws_config() -> WebSocketConfig {
 
 /// `/metrics` and `/readyz` (issue 9), then [`handle`]; counts the outcome
 /// of every request on a `/ws/` route by its status.
-async fn observe(req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>, guard: ConnGuard) -> Resp {
+async fn observe(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    guard: ConnGuard,
+) -> Resp {
     use crate::metrics::Handshake;
-    if req.uri().query().is_none() && (req.method() == Method::GET || req.method() == Method::HEAD) {
+    if req.uri().query().is_none() && (req.method() == Method::GET || req.method() == Method::HEAD)
+    {
         match req.uri().path() {
             "/metrics" => return metrics_response(&shared),
             "/readyz" => return readyz_response(&shared),
@@ -210,7 +227,10 @@ async fn observe(req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>, 
 
 /// Refreshes the gauges that are read at scrape time.
 fn refresh_gauges(shared: &Shared) {
-    let depth = shared.queue.max_capacity().saturating_sub(shared.queue.capacity());
+    let depth = shared
+        .queue
+        .max_capacity()
+        .saturating_sub(shared.queue.capacity());
     shared
         .metrics
         .queue_depth
@@ -246,19 +266,36 @@ fn readyz_response(shared: &Shared) -> Resp {
     refresh_gauges(shared);
     match shared.metrics.ready() {
         Ok(()) => text(StatusCode::OK, "ready\n"),
-        Err("writer queue full") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: writer queue full\n"),
-        Err("store unreachable") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: store unreachable\n"),
-        Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: store writer failing\n"),
+        Err("writer queue full") => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: writer queue full\n",
+        ),
+        Err("store unreachable") => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: store unreachable\n",
+        ),
+        Err(_) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: store writer failing\n",
+        ),
     }
 }
 
-async fn handle(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>, guard: ConnGuard) -> Resp {
+async fn handle(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    guard: ConnGuard,
+) -> Resp {
     if let Some(q) = req.uri().query() {
         // Only the HTTP API takes query parameters, and never one named
         // like a credential (issue 6); the WebSocket endpoints and every
         // other route take no query at all.
         if !req.uri().path().starts_with("/api/") || handshake::query_has_credential(q) {
-            log::info!("refused {} from {peer}: query string present", req.uri().path());
+            log::info!(
+                "refused {} from {peer}: query string present",
+                req.uri().path()
+            );
             return text(
                 StatusCode::BAD_REQUEST,
                 "query strings are refused: credentials belong in the Authorization header\n",
@@ -307,9 +344,14 @@ async fn handle(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared
         return forbidden();
     }
     let Some(key) = handshake::websocket_key(req.headers()) else {
-        let mut r = text(StatusCode::UPGRADE_REQUIRED, "a WebSocket upgrade is required\n");
-        r.headers_mut().insert(UPGRADE, HeaderValue::from_static("websocket"));
-        r.headers_mut().insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        let mut r = text(
+            StatusCode::UPGRADE_REQUIRED,
+            "a WebSocket upgrade is required\n",
+        );
+        r.headers_mut()
+            .insert(UPGRADE, HeaderValue::from_static("websocket"));
+        r.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("Upgrade"));
         return r;
     };
     let accept = derive_accept_key(key);
@@ -349,7 +391,11 @@ async fn handle(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared
         }
         (Credentials::Bearer(t), None) | (Credentials::Missing, Some(t)) => t,
     };
-    let wanted = if is_device { TokenKind::Device } else { TokenKind::Viewer };
+    let wanted = if is_device {
+        TokenKind::Device
+    } else {
+        TokenKind::Viewer
+    };
     if token::kind_of(token) != Some(wanted) {
         log::info!("refused {role} {device_id} from {peer}: not a {role} token (403)");
         return forbidden();
@@ -375,7 +421,9 @@ async fn handle(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared
     match allowed {
         Ok(Ok(true)) => {}
         Ok(Ok(false)) => {
-            log::info!("refused {role} {device_id} from {peer}: token not valid for this device (403)");
+            log::info!(
+                "refused {role} {device_id} from {peer}: token not valid for this device (403)"
+            );
             return forbidden();
         }
         Ok(Err(e)) => {
@@ -397,11 +445,18 @@ async fn handle(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared
                 return;
             }
         };
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config())).await;
+        let ws = WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            Some(ws_config()),
+        )
+        .await;
         if is_device {
             session::device(ws, device_id, peer, shared, Some(hash)).await;
         } else {
-            shared.metrics.connection(crate::metrics::Role::Dashboard, 1);
+            shared
+                .metrics
+                .connection(crate::metrics::Role::Dashboard, 1);
             let m = shared.metrics.clone();
             let opts = crate::dashboard::FeedOptions {
                 resume_since,

@@ -62,8 +62,8 @@ pub async fn watch(hub_url: &str, device_id: &str, token: &str) -> Result<(), Wa
         return Err(WatchError::BadUrl(hub_url.to_string()));
     }
     let url = format!("{base}/ws/dashboard/{device_id}");
-    let auth = HeaderValue::from_str(&format!("Bearer {token}"))
-        .map_err(|_| WatchError::Refused(403))?;
+    let auth =
+        HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| WatchError::Refused(403))?;
     loop {
         let mut req = url
             .as_str()
@@ -98,7 +98,10 @@ pub async fn watch(hub_url: &str, device_id: &str, token: &str) -> Result<(), Wa
             Err(WsError::Http(resp)) if resp.status().is_client_error() => {
                 return Err(WatchError::Refused(resp.status().as_u16()));
             }
-            Err(e) => eprintln!("cannot reach the hub yet: {}", WatchError::Network(e.to_string())),
+            Err(e) => eprintln!(
+                "cannot reach the hub yet: {}",
+                WatchError::Network(e.to_string())
+            ),
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }

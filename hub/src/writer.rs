@@ -187,7 +187,8 @@ fn commit(
             Err(e) => {
                 if *stop.borrow() {
                     // One deadline for the whole shutdown, not per batch.
-                    let deadline = *give_up_at.get_or_insert_with(|| Instant::now() + SHUTDOWN_RETRY);
+                    let deadline =
+                        *give_up_at.get_or_insert_with(|| Instant::now() + SHUTDOWN_RETRY);
                     if Instant::now() >= deadline {
                         log::error!(
                             "store writer: giving up on {} unacknowledged readings at shutdown ({e}); \
@@ -322,7 +323,10 @@ mod tests {
         };
         let (tx, rx) = mpsc::channel(100);
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
-        let sink = Arc::new(AckSink { conn_id: 1, tx: ack_tx });
+        let sink = Arc::new(AckSink {
+            conn_id: 1,
+            tx: ack_tx,
+        });
         for seq in 0..3 {
             tx.try_send(item(&sink, 1, seq)).unwrap();
         }
@@ -336,7 +340,11 @@ mod tests {
         let w = Writer::spawn(Box::new(store), rx, cfg, stop_rx, rt.handle().clone()).unwrap();
         w.join();
         // One shutdown deadline for all three batches, not one each.
-        assert!(started.elapsed() < SHUTDOWN_RETRY * 2, "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < SHUTDOWN_RETRY * 2,
+            "{:?}",
+            started.elapsed()
+        );
         assert!(committed.lock().unwrap().is_empty());
         assert!(ack_rx.try_recv().is_err(), "nothing may be acked");
         drop(tx);

@@ -148,7 +148,10 @@ pub mod contract {
         s.add_device("dev", &token::hash("t"), 1).unwrap();
         assert!(s.device_exists("dev").unwrap());
         s.revoke_device("dev", 2).unwrap();
-        assert!(s.device_exists("dev").unwrap(), "revoked devices still exist");
+        assert!(
+            s.device_exists("dev").unwrap(),
+            "revoked devices still exist"
+        );
         assert!(!s.device_exists("other").unwrap());
     }
 
@@ -526,7 +529,7 @@ mod postgres_only {
     use ems_hub::store::postgres::{PgMode, PgOptions, PgStore, TimescaleMode};
     use ems_hub::store::{self, Store, StoreError};
 
-    /// The example Grafana query of docs/storage.md, with `$__timeFilter`
+    /// The example Grafana query of README.md (Storage), with `$__timeFilter`
     /// expanded as Grafana does.
     const GRAFANA_QUERY: &str = "SELECT date_trunc('minute', ts) AS time, \
          device_id AS metric, \

@@ -4,7 +4,7 @@
 //!
 //! Readings themselves reach dashboards as [`crate::DashboardReading`];
 //! everything here is the rest of the dashboard protocol (see
-//! `docs/dashboard.md`):
+//! the README's Dashboards section):
 //!
 //! ```json
 //! {"type":"status","device_id":"ems_001","online":true,"last_seen_ms":1764000000000}

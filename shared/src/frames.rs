@@ -110,10 +110,7 @@ mod tests {
             seq: 2,
             reason: "out_of_range: x".into(),
         };
-        assert_eq!(
-            serde_json::from_str::<HubFrame>(&r.to_json()).unwrap(),
-            r
-        );
+        assert_eq!(serde_json::from_str::<HubFrame>(&r.to_json()).unwrap(), r);
     }
 
     #[test]

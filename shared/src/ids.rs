@@ -61,9 +61,15 @@ mod tests {
         assert!(validate_device_id("A.b-C_9").is_ok());
         assert!(validate_device_id(&"a".repeat(64)).is_ok());
         assert_eq!(validate_device_id(""), Err(IdError::Empty));
-        assert!(matches!(validate_device_id(&"a".repeat(65)), Err(IdError::TooLong { .. })));
+        assert!(matches!(
+            validate_device_id(&"a".repeat(65)),
+            Err(IdError::TooLong { .. })
+        ));
         for bad in ["a b", "a/b", "ä", "a?x", "a%20", "a\0"] {
-            assert!(matches!(validate_device_id(bad), Err(IdError::BadChar { .. })), "{bad}");
+            assert!(
+                matches!(validate_device_id(bad), Err(IdError::BadChar { .. })),
+                "{bad}"
+            );
         }
     }
 

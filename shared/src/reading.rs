@@ -323,7 +323,9 @@ mod tests {
 
     #[test]
     fn accepts_the_contract_example() {
-        let r = ok(r#"{"type":"reading","epoch":7,"seq":42,"ts_ms":1764000000000,"meter":"main","voltage_v":230.1,"current_a":4.2,"power_w":960.5,"energy_wh":1523400.0}"#);
+        let r = ok(
+            r#"{"type":"reading","epoch":7,"seq":42,"ts_ms":1764000000000,"meter":"main","voltage_v":230.1,"current_a":4.2,"power_w":960.5,"energy_wh":1523400.0}"#,
+        );
         assert_eq!((r.epoch, r.seq), (7, 42));
         assert_eq!(r.voltage_v, Some(230.1));
         assert_eq!(r.frequency_hz, None);
@@ -341,25 +343,74 @@ mod tests {
         assert_eq!(reason("not json"), RejectReason::InvalidJson);
         assert_eq!(reason("{\"type\":\"reading\""), RejectReason::InvalidJson);
         assert_eq!(reason("[]"), RejectReason::WrongType);
-        assert_eq!(reason(r#"{"epoch":1,"seq":2,"ts_ms":0,"meter":"m","power_w":1}"#), RejectReason::UnknownType);
-        assert_eq!(reason(r#"{"type":"status","epoch":1}"#), RejectReason::UnknownType);
-        assert_eq!(reason(&format!("{{{base},\"power_w\":1,\"x\":1}}")), RejectReason::UnknownField);
-        assert_eq!(reason(r#"{"type":"reading","seq":2,"ts_ms":0,"meter":"m","power_w":1}"#), RejectReason::MissingField);
-        assert_eq!(reason(&format!("{{{base},\"voltage_v\":\"230\"}}")), RejectReason::WrongType);
-        assert_eq!(reason(&format!("{{{base},\"voltage_v\":null}}")), RejectReason::NoMeasurement);
-        assert_eq!(reason(&format!("{{{base},\"voltage_v\":230,\"voltage_v\":231}}")), RejectReason::DuplicateField);
-        assert_eq!(reason(&format!("{{{base},\"voltage_v\":2000.5}}")), RejectReason::OutOfRange);
-        assert_eq!(reason(&format!("{{{base},\"energy_wh\":-1}}")), RejectReason::OutOfRange);
-        assert_eq!(reason(&format!("{{{base},\"power_factor\":1.01}}")), RejectReason::OutOfRange);
-        assert_eq!(reason(&format!("{{{base},\"power_w\":1e400}}")), RejectReason::InvalidJson);
+        assert_eq!(
+            reason(r#"{"epoch":1,"seq":2,"ts_ms":0,"meter":"m","power_w":1}"#),
+            RejectReason::UnknownType
+        );
+        assert_eq!(
+            reason(r#"{"type":"status","epoch":1}"#),
+            RejectReason::UnknownType
+        );
+        assert_eq!(
+            reason(&format!("{{{base},\"power_w\":1,\"x\":1}}")),
+            RejectReason::UnknownField
+        );
+        assert_eq!(
+            reason(r#"{"type":"reading","seq":2,"ts_ms":0,"meter":"m","power_w":1}"#),
+            RejectReason::MissingField
+        );
+        assert_eq!(
+            reason(&format!("{{{base},\"voltage_v\":\"230\"}}")),
+            RejectReason::WrongType
+        );
+        assert_eq!(
+            reason(&format!("{{{base},\"voltage_v\":null}}")),
+            RejectReason::NoMeasurement
+        );
+        assert_eq!(
+            reason(&format!("{{{base},\"voltage_v\":230,\"voltage_v\":231}}")),
+            RejectReason::DuplicateField
+        );
+        assert_eq!(
+            reason(&format!("{{{base},\"voltage_v\":2000.5}}")),
+            RejectReason::OutOfRange
+        );
+        assert_eq!(
+            reason(&format!("{{{base},\"energy_wh\":-1}}")),
+            RejectReason::OutOfRange
+        );
+        assert_eq!(
+            reason(&format!("{{{base},\"power_factor\":1.01}}")),
+            RejectReason::OutOfRange
+        );
+        assert_eq!(
+            reason(&format!("{{{base},\"power_w\":1e400}}")),
+            RejectReason::InvalidJson
+        );
         assert_eq!(reason(&format!("{{{base}}}")), RejectReason::NoMeasurement);
-        assert_eq!(reason(r#"{"type":"reading","epoch":1.5,"seq":2,"ts_ms":0,"meter":"m","power_w":1}"#), RejectReason::WrongType);
-        assert_eq!(reason(r#"{"type":"reading","epoch":-1,"seq":2,"ts_ms":0,"meter":"m","power_w":1}"#), RejectReason::WrongType);
-        assert_eq!(reason(r#"{"type":"reading","epoch":9007199254740992,"seq":2,"ts_ms":0,"meter":"m","power_w":1}"#), RejectReason::OutOfRange);
-        assert_eq!(reason(r#"{"type":"reading","epoch":1,"seq":2,"ts_ms":0,"meter":"Main","power_w":1}"#), RejectReason::BadMeterId);
+        assert_eq!(
+            reason(r#"{"type":"reading","epoch":1.5,"seq":2,"ts_ms":0,"meter":"m","power_w":1}"#),
+            RejectReason::WrongType
+        );
+        assert_eq!(
+            reason(r#"{"type":"reading","epoch":-1,"seq":2,"ts_ms":0,"meter":"m","power_w":1}"#),
+            RejectReason::WrongType
+        );
+        assert_eq!(
+            reason(
+                r#"{"type":"reading","epoch":9007199254740992,"seq":2,"ts_ms":0,"meter":"m","power_w":1}"#
+            ),
+            RejectReason::OutOfRange
+        );
+        assert_eq!(
+            reason(r#"{"type":"reading","epoch":1,"seq":2,"ts_ms":0,"meter":"Main","power_w":1}"#),
+            RejectReason::BadMeterId
+        );
         let future = NOW + MAX_FUTURE_SKEW_MS + 1;
         assert_eq!(
-            reason(&format!(r#"{{"type":"reading","epoch":1,"seq":2,"ts_ms":{future},"meter":"m","power_w":1}}"#)),
+            reason(&format!(
+                r#"{{"type":"reading","epoch":1,"seq":2,"ts_ms":{future},"meter":"m","power_w":1}}"#
+            )),
             RejectReason::FutureTimestamp
         );
         assert_eq!(
@@ -367,14 +418,24 @@ mod tests {
             RejectReason::OutOfRange
         );
         let edge = NOW + MAX_FUTURE_SKEW_MS;
-        ok(&format!(r#"{{"type":"reading","epoch":1,"seq":2,"ts_ms":{edge},"meter":"m","power_w":1}}"#));
+        ok(&format!(
+            r#"{{"type":"reading","epoch":1,"seq":2,"ts_ms":{edge},"meter":"m","power_w":1}}"#
+        ));
     }
 
     #[test]
     fn refused_frames_keep_readable_ids() {
-        let e = decode_reading(r#"{"type":"reading","epoch":3,"seq":9,"ts_ms":0,"meter":"m","voltage_v":"x"}"#, NOW).unwrap_err();
+        let e = decode_reading(
+            r#"{"type":"reading","epoch":3,"seq":9,"ts_ms":0,"meter":"m","voltage_v":"x"}"#,
+            NOW,
+        )
+        .unwrap_err();
         assert_eq!((e.epoch, e.seq), (Some(3), Some(9)));
-        let e = decode_reading(r#"{"type":"reading","epoch":3,"seq":9,"ts_ms":0,"meter":"m","voltage_v":-3}"#, NOW).unwrap_err();
+        let e = decode_reading(
+            r#"{"type":"reading","epoch":3,"seq":9,"ts_ms":0,"meter":"m","voltage_v":-3}"#,
+            NOW,
+        )
+        .unwrap_err();
         assert_eq!((e.epoch, e.seq), (Some(3), Some(9)));
         let e = decode_reading("garbage", NOW).unwrap_err();
         assert_eq!((e.epoch, e.seq), (None, None));

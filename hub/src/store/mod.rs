@@ -216,7 +216,10 @@ pub trait Store: Send {
     /// Whether a device with this id was ever added (revoked or not).
     /// Backends override the list-based default with a point query.
     fn device_exists(&mut self, device_id: &str) -> Result<bool, StoreError> {
-        Ok(self.list_devices()?.iter().any(|d| d.device_id == device_id))
+        Ok(self
+            .list_devices()?
+            .iter()
+            .any(|d| d.device_id == device_id))
     }
 
     /// Receive time (`received_at`) of the device's newest reading by

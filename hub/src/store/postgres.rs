@@ -26,7 +26,7 @@
 //!   (`ON COMMIT DELETE ROWS`) followed by `INSERT … SELECT … ON CONFLICT
 //!   DO NOTHING`; so do the next few batches. Either way nothing is stored
 //!   twice and a resend is not an error. See [`WriteMethod`] and
-//!   docs/benchmarks-storage.md for why.
+//!   BENCHMARKS.md for why.
 //! - **Reconnect.** Any database failure drops the connection; the call
 //!   returns [`StoreError::Db`] and the next call connects afresh. The
 //!   caller (the writer) retries the same batch with backoff.

@@ -27,7 +27,7 @@ pub const SCHEMA_VERSION: i64 = 1;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Version 1 of the schema. `readings` is the public contract (see
-/// docs/storage.md); the other tables are the hub's own.
+/// README.md (Storage)); the other tables are the hub's own.
 const SCHEMA_V1: &str = "
 CREATE TABLE devices (
     device_id  TEXT PRIMARY KEY NOT NULL,

@@ -27,11 +27,17 @@ fn device_and_viewer_admin_commands() {
     let add = hub(&["device", "add", "ems_001"], &db);
     assert!(add.status.success(), "{}", stderr(&add));
     let out = stdout(&add);
-    assert_eq!(out.lines().count(), 1, "token must be the only stdout line: {out:?}");
+    assert_eq!(
+        out.lines().count(),
+        1,
+        "token must be the only stdout line: {out:?}"
+    );
     let token = out.trim();
     assert!(token.starts_with("emsd_"), "{token}");
     assert!(token.len() >= 48);
-    assert!(token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
+    assert!(token
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
     assert!(!stderr(&add).contains(token));
 
     let dup = hub(&["device", "add", "ems_001"], &db);
@@ -59,7 +65,10 @@ fn device_and_viewer_admin_commands() {
     let rev = hub(&["device", "revoke", "ems_001"], &db);
     assert!(rev.status.success(), "{}", stderr(&rev));
     let list = stdout(&hub(&["device", "list"], &db));
-    assert!(list.contains("ems_001") && list.contains("revoked"), "{list}");
+    assert!(
+        list.contains("ems_001") && list.contains("revoked"),
+        "{list}"
+    );
     assert!(!list.contains("ems_002"));
 
     let missing = hub(&["device", "revoke", "nope"], &db);

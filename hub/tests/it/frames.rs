@@ -25,7 +25,9 @@ async fn each_class_of_invalid_frame_is_discarded_and_the_socket_stays_open() {
     for (frame, _) in &invalid {
         send_text(&mut ws, frame.clone()).await;
     }
-    ws.send(Message::Binary(vec![1, 2, 3].into())).await.unwrap();
+    ws.send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
     send_text(&mut ws, reading(1, 8)).await;
     let others = wait_ack(&mut ws, 1, 8).await;
     let rejected: Vec<u64> = others
@@ -88,7 +90,10 @@ async fn acks_come_only_after_commit() {
         send_text(&mut ws, reading(1, seq)).await;
         wait_ack(&mut ws, 1, seq).await;
         // The acked reading is in the database at the moment the ack arrives.
-        assert!(hub.stored("dev").contains(&(1, seq)), "ack for {seq} before commit");
+        assert!(
+            hub.stored("dev").contains(&(1, seq)),
+            "ack for {seq} before commit"
+        );
     }
 }
 
@@ -133,7 +138,10 @@ async fn the_database_never_holds_a_plaintext_token() {
         let bytes = std::fs::read(entry.unwrap().path()).unwrap();
         for t in [&token, &viewer, &rotated] {
             let needle = t.as_bytes();
-            assert!(!bytes.windows(needle.len()).any(|w| w == needle), "plaintext token in the database");
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "plaintext token in the database"
+            );
         }
     }
 }

@@ -1,9 +1,9 @@
 //! Adversarial cases (issue 9): one test per row of the table in
-//! docs/hardening.md. Each test asserts the outcome the table states.
+//! README.md (Operations and hardening). Each test asserts the outcome the table states.
 //!
 //! Timing: bounds are generous (SOON = 15 s) so the tests pass on a loaded
 //! 2-core machine; the real figures are printed (`--nocapture`) and
-//! recorded in docs/hardening.md.
+//! recorded in README.md (Operations and hardening).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -36,7 +36,9 @@ impl TestHub {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestHub {
-        let level = std::env::var("EMS_TEST_LOG").ok().and_then(|l| l.parse().ok());
+        let level = std::env::var("EMS_TEST_LOG")
+            .ok()
+            .and_then(|l| l.parse().ok());
         let _ = simple_logger::SimpleLogger::new()
             .with_level(level.unwrap_or(log::LevelFilter::Warn))
             .init();
@@ -93,7 +95,9 @@ impl TestHub {
             .prepare("SELECT epoch, seq FROM readings WHERE device_id = ?1 ORDER BY epoch, seq")
             .unwrap();
         let rows = stmt
-            .query_map([device], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)))
+            .query_map([device], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })
             .unwrap();
         rows.map(|r| r.unwrap()).collect()
     }
@@ -126,10 +130,14 @@ impl Drop for TestHub {
 pub async fn connect(addr: SocketAddr, path: &str, token: Option<&str>) -> Result<Client, WsError> {
     let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
     if let Some(t) = token {
-        req.headers_mut()
-            .insert("authorization", HeaderValue::from_str(&format!("Bearer {t}")).unwrap());
+        req.headers_mut().insert(
+            "authorization",
+            HeaderValue::from_str(&format!("Bearer {t}")).unwrap(),
+        );
     }
-    tokio_tungstenite::connect_async(req).await.map(|(ws, _)| ws)
+    tokio_tungstenite::connect_async(req)
+        .await
+        .map(|(ws, _)| ws)
 }
 
 /// HTTP status of a refused handshake (panics if it was accepted).

@@ -43,7 +43,10 @@ async fn a_peer_that_never_answers_pings_is_dropped() {
         }
         true
     });
-    assert!(lively_task.await.unwrap(), "a pong-answering subscriber was dropped");
+    assert!(
+        lively_task.await.unwrap(),
+        "a pong-answering subscriber was dropped"
+    );
     // By now the silent ones missed well over 2 pings: the hub has closed
     // them; draining shows the end of the stream.
     for ws in [&mut silent, &mut silent_dash] {
@@ -79,7 +82,12 @@ async fn graceful_shutdown_loses_nothing() {
     // The hub answers our ping only after reading every frame before it.
     ws.send(Message::Ping(b"sync"[..].into())).await.unwrap();
     loop {
-        match tokio::time::timeout(SOON, ws.next()).await.unwrap().unwrap().unwrap() {
+        match tokio::time::timeout(SOON, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
             Message::Pong(p) if &p[..] == b"sync" => break,
             Message::Pong(_) | Message::Ping(_) => continue,
             m => panic!("unexpected {m:?} before the pong"),
@@ -108,7 +116,11 @@ async fn graceful_shutdown_loses_nothing() {
     }
     let (r, hub) = stopping.await.unwrap();
     r.unwrap();
-    assert!(started.elapsed() < Duration::from_secs(10), "shutdown took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
     let stored = hub.stored("dev");
     assert_eq!(stored.len() as u64, n, "readings lost in shutdown");
     assert_eq!(acked, Some(n - 1), "not every stored reading was acked");

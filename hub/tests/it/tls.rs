@@ -12,7 +12,9 @@ use crate::harness::*;
 
 fn fixture(name: &str) -> PathBuf {
     // Test-only private CA and `localhost` certificate, shared with the edge tests.
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../edge/tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../edge/tests/fixtures")
+        .join(name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,13 +47,17 @@ async fn devices_connect_over_the_hubs_own_tls() {
     let mut req = format!("wss://localhost:{}/ws/device/dev", hub.addr.port())
         .into_client_request()
         .unwrap();
-    req.headers_mut()
-        .insert("authorization", HeaderValue::from_str(&format!("Bearer {token}")).unwrap());
+    req.headers_mut().insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
     let (mut ws, _) = tokio_tungstenite::client_async(req, tls).await.unwrap();
     ws_send_and_ack(&mut ws).await;
 
     // Plain text on the TLS port is not served.
-    assert!(connect(hub.addr, "/ws/device/dev", Some(&token)).await.is_err());
+    assert!(connect(hub.addr, "/ws/device/dev", Some(&token))
+        .await
+        .is_err());
 }
 
 async fn ws_send_and_ack<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>)
@@ -62,7 +68,11 @@ where
     use tokio_tungstenite::tungstenite::Message;
     ws.send(Message::Text(reading(1, 0).into())).await.unwrap();
     loop {
-        let m = tokio::time::timeout(SOON, ws.next()).await.unwrap().unwrap().unwrap();
+        let m = tokio::time::timeout(SOON, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         if let Message::Text(t) = m {
             let v: serde_json::Value = serde_json::from_str(&t).unwrap();
             assert_eq!(v["type"], "ack", "{v}");
