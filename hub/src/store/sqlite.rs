@@ -130,7 +130,25 @@ impl SqliteStore {
             | OpenFlags::SQLITE_OPEN_URI;
         let conn = Connection::open_with_flags(p, flags).map_err(|e| fail(explain(&e)))?;
         let mut store = SqliteStore { conn };
-        store.configure().map_err(|e| fail(explain(&e)))?;
+        // Switching a new file to WAL needs an exclusive lock, and SQLite
+        // answers BUSY at once (no busy handler) when another process is
+        // doing the same — e.g. the admin CLI and a hub opening a fresh file
+        // together. Retry within the usual busy timeout.
+        let started = std::time::Instant::now();
+        loop {
+            match store.configure() {
+                Ok(()) => break,
+                Err(e)
+                    if matches!(
+                        e.sqlite_error_code(),
+                        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked)
+                    ) && started.elapsed() < BUSY_TIMEOUT =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(fail(explain(&e))),
+            }
+        }
         store.migrate().map_err(|e| match e {
             StoreError::Db(reason) => fail(reason),
             other => other,
