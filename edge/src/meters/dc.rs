@@ -306,6 +306,31 @@ pub fn current_lsb_and_cal(
     None
 }
 
+/// Reads a 16-bit big-endian register of an INA2xx: `write([reg])`, then
+/// `read(2)` — two plain transfers, never a repeated-start transaction
+/// (rppal emulates those as separate calls anyway).
+pub fn read_register<I: embedded_hal::i2c::I2c>(
+    i2c: &mut I,
+    address: u8,
+    register: u8,
+) -> Result<u16, I::Error> {
+    let mut buf = [0u8; 2];
+    i2c.write(address, &[register])?;
+    i2c.read(address, &mut buf)?;
+    Ok(u16::from_be_bytes(buf))
+}
+
+/// Writes a 16-bit big-endian register of an INA2xx.
+pub fn write_register<I: embedded_hal::i2c::I2c>(
+    i2c: &mut I,
+    address: u8,
+    register: u8,
+    value: u16,
+) -> Result<(), I::Error> {
+    let [hi, lo] = value.to_be_bytes();
+    i2c.write(address, &[register, hi, lo])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

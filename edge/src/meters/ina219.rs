@@ -211,20 +211,12 @@ impl<I2C: I2c> Ina219<I2C> {
 
     /// Reads a 16-bit register: `write([reg])`, then `read(2)` (MSB first).
     pub fn read_register(&mut self, register: u8) -> Result<u16, Error<I2C::Error>> {
-        let mut buf = [0u8; 2];
-        self.i2c
-            .write(self.address, &[register])
-            .map_err(Error::I2c)?;
-        self.i2c.read(self.address, &mut buf).map_err(Error::I2c)?;
-        Ok(u16::from_be_bytes(buf))
+        dc::read_register(&mut self.i2c, self.address, register).map_err(Error::I2c)
     }
 
     /// Writes a 16-bit register (MSB first).
     pub fn write_register(&mut self, register: u8, value: u16) -> Result<(), Error<I2C::Error>> {
-        let [hi, lo] = value.to_be_bytes();
-        self.i2c
-            .write(self.address, &[register, hi, lo])
-            .map_err(Error::I2c)
+        dc::write_register(&mut self.i2c, self.address, register, value).map_err(Error::I2c)
     }
 
     /// Reads calibration (check), bus, shunt, current and power registers.
