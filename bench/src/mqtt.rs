@@ -290,7 +290,8 @@ async fn dashboard(plan: Arc<Plan>, devs: Vec<usize>, cl: Client, stalled: bool)
         })
     };
     let stats = &plan.stats;
-    let mut check = tokio::time::interval(Duration::from_millis(50));
+    // As in hub mode: completion is checked once sending has stopped.
+    let mut check = tokio::time::interval_at(plan.stop, Duration::from_millis(50));
     loop {
         check.tick().await;
         if poller.is_finished() || tokio::time::Instant::now() >= plan.deadline {

@@ -146,7 +146,14 @@ impl Stats {
 /// Finds `"seq":N` in a reading's JSON without a full parse.
 pub fn find_seq(text: &[u8]) -> Option<u64> {
     const KEY: &[u8] = b"\"seq\":";
-    let pos = text.windows(KEY.len()).position(|w| w == KEY)?;
+    // Compare only where a quote starts (`windows().position()` calls
+    // memcmp at every byte).
+    let pos = text
+        .iter()
+        .enumerate()
+        .filter(|&(_, &b)| b == b'"')
+        .map(|(i, _)| i)
+        .find(|&i| text[i..].starts_with(KEY))?;
     let mut n: u64 = 0;
     let mut any = false;
     for &b in &text[pos + KEY.len()..] {

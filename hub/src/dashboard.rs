@@ -49,7 +49,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::sync::broadcast;
-use tokio::time::{interval, interval_at, Instant, MissedTickBehavior};
+use tokio::time::{interval, Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes};
@@ -74,6 +74,9 @@ pub(crate) struct FeedOptions {
 /// Longest the resume seam waits for the store to catch up with the topic
 /// before it queries anyway.
 const RESUME_MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// Most topic frames written with one flush.
+const COALESCE: usize = 64;
 
 /// Most frames buffered during a replay before the subscriber is dropped.
 const MAX_SEAM_BUFFER: usize = 100_000;
@@ -196,6 +199,11 @@ pub(crate) struct Summary {
 }
 
 impl Summary {
+    /// Whether backlog readings wait for a `backfill` frame.
+    pub(crate) fn pending(&self) -> bool {
+        self.count > 0
+    }
+
     /// Counts one backlog reading.
     pub(crate) fn add(&mut self, ts_ms: i64) {
         if self.count == 0 {
@@ -377,27 +385,8 @@ pub(crate) fn stored_frame(device_id: &str, r: &StoredReading) -> String {
 impl Feed {
     /// Sends one frame, bounded by the write timeout.
     async fn send(&mut self, text: Utf8Bytes) -> Result<(), End> {
-        match tokio::time::timeout(
-            self.shared.config.write_timeout,
-            self.ws.send(Message::Text(text)),
-        )
-        .await
-        {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(End::Gone),
-            Err(_) => {
-                self.shared
-                    .metrics
-                    .subscribers_dropped_slow
-                    .fetch_add(1, Ordering::Relaxed);
-                log::warn!(
-                    "dashboard for {} from {}: write timed out, dropping slow subscriber",
-                    self.device_id,
-                    self.peer
-                );
-                Err(End::Gone)
-            }
-        }
+        self.feed(text).await?;
+        self.flush().await
     }
 
     /// Initial status, then the replay when asked for.
@@ -539,7 +528,7 @@ impl Feed {
         let mut replayed: HashSet<(u64, u64)> = HashSet::with_capacity(history.len());
         for r in &history {
             replayed.insert((r.reading.epoch, r.reading.seq));
-            self.send(stored_frame(&self.device_id, r).into()).await?;
+            self.feed(stored_frame(&self.device_id, r).into()).await?;
         }
         let end = DashboardFrame::ReplayEnd {
             device_id: self.device_id.to_string(),
@@ -557,7 +546,7 @@ impl Feed {
             }
             self.forward(frame).await?;
         }
-        Ok(())
+        self.flush().await
     }
 
     /// Live handling of one topic frame: fresh readings and other frames
@@ -574,8 +563,10 @@ impl Feed {
                 Ok(())
             }
             class => {
-                self.flush_summary().await?;
-                self.send(frame).await?;
+                if let Some(f) = self.summary.take(&self.device_id) {
+                    self.feed(f.to_json().into()).await?;
+                }
+                self.feed(frame).await?;
                 if matches!(class, Class::Reading { .. }) {
                     self.shared
                         .metrics
@@ -594,31 +585,101 @@ impl Feed {
         Ok(())
     }
 
+    /// Queues one frame for the next flush (written at once only when the
+    /// socket's write buffer is full), bounded by the write timeout.
+    async fn feed(&mut self, text: Utf8Bytes) -> Result<(), End> {
+        let limit = self.shared.config.write_timeout;
+        let r = tokio::time::timeout(limit, self.ws.feed(Message::Text(text))).await;
+        self.written(r)
+    }
+
+    /// Writes out what [`Feed::feed`] queued.
+    async fn flush(&mut self) -> Result<(), End> {
+        let limit = self.shared.config.write_timeout;
+        let r = tokio::time::timeout(limit, self.ws.flush()).await;
+        self.written(r)
+    }
+
+    fn written(
+        &self,
+        r: Result<Result<(), WsError>, tokio::time::error::Elapsed>,
+    ) -> Result<(), End> {
+        match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Gone),
+            Err(_) => {
+                self.shared
+                    .metrics
+                    .subscribers_dropped_slow
+                    .fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "dashboard for {} from {}: write timed out, dropping slow subscriber",
+                    self.device_id,
+                    self.peer
+                );
+                Err(End::Gone)
+            }
+        }
+    }
+
+    /// One topic frame and whatever else is already waiting in the topic
+    /// (at most [`COALESCE`]), written with one flush: under load a
+    /// subscriber takes several frames per wake-up and per `write` instead
+    /// of one each (issue 8, fan-out).
+    async fn forward_ready(&mut self, first: Utf8Bytes) -> Result<(), End> {
+        self.forward(first).await?;
+        for _ in 1..COALESCE {
+            match self.topic.try_recv() {
+                Ok(frame) => self.forward(frame).await?,
+                Err(broadcast::error::TryRecvError::Lagged(n)) => return Err(self.lagged(n)),
+                Err(broadcast::error::TryRecvError::Closed) => {
+                    self.flush().await?;
+                    return Err(End::Close(CloseCode::Away, "feed closed"));
+                }
+                Err(broadcast::error::TryRecvError::Empty) => break,
+            }
+        }
+        self.flush().await
+    }
+
+    fn lagged(&self, n: u64) -> End {
+        self.shared
+            .metrics
+            .subscribers_dropped_slow
+            .fetch_add(1, Ordering::Relaxed);
+        log::warn!(
+            "dashboard for {} from {}: {n} frames behind, dropping slow subscriber",
+            self.device_id,
+            self.peer
+        );
+        End::Close(CloseCode::Again, "too slow")
+    }
+
     /// The live loop.
     async fn live(&mut self, opts: FeedOptions) -> End {
         let cfg = self.shared.config.clone();
         let mut shutdown = self.shared.shutdown.clone();
-        let mut ping = interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
-        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Created once (see the device session).
+        let stopping = crate::shutting_down(&mut shutdown);
+        tokio::pin!(stopping);
+        let mut ping = crate::session::heartbeat(cfg.ping_interval);
         let mut summary_tick = interval(cfg.backfill_interval.max(Duration::from_millis(10)));
         summary_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let recheck_every = cfg.viewer_recheck.max(Duration::from_millis(50));
-        let mut recheck = interval_at(Instant::now() + recheck_every, recheck_every);
-        recheck.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut recheck = crate::session::heartbeat(recheck_every);
         loop {
+            let had_pending = self.summary.pending();
             let step: Result<(), End> = tokio::select! {
                 biased;
-                _ = crate::shutting_down(&mut shutdown) => Err(End::Close(CloseCode::Away, "hub shutting down")),
+                _ = &mut stopping => Err(End::Close(CloseCode::Away, "hub shutting down")),
                 frame = self.topic.recv() => match frame {
-                    Ok(bytes) => self.forward(bytes).await,
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        self.shared.metrics.subscribers_dropped_slow.fetch_add(1, Ordering::Relaxed);
-                        log::warn!("dashboard for {} from {}: {n} frames behind, dropping slow subscriber", self.device_id, self.peer);
-                        Err(End::Close(CloseCode::Again, "too slow"))
-                    }
+                    Ok(bytes) => self.forward_ready(bytes).await,
+                    Err(broadcast::error::RecvError::Lagged(n)) => Err(self.lagged(n)),
                     Err(broadcast::error::RecvError::Closed) => Err(End::Close(CloseCode::Away, "feed closed")),
                 },
-                _ = summary_tick.tick() => self.flush_summary().await,
+                // Only while backlog readings are counted: an idle timer per
+                // subscriber would wake every subscriber every second.
+                _ = summary_tick.tick(), if self.summary.pending() => self.flush_summary().await,
                 _ = recheck.tick() => {
                     if viewer_still_allowed(self.shared.clone(), self.device_id.clone(), opts.viewer).await {
                         Ok(())
@@ -641,6 +702,11 @@ impl Feed {
             };
             if let Err(end) = step {
                 return end;
+            }
+            if !had_pending && self.summary.pending() {
+                // The first backlog reading since the last summary: its
+                // summary goes out one interval from now.
+                summary_tick.reset();
             }
         }
     }

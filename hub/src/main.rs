@@ -323,15 +323,36 @@ fn serve(args: ServeArgs, database: String) -> anyhow::Result<()> {
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Blocking work is store look-ups, serialized on one store handle:
+        // more threads only wait on its lock. Tokio's default (512) let a
+        // storm of 10,000 handshakes start ~250 threads, each with its own
+        // stack and malloc arena (issue 8: RSS).
+        .max_blocking_threads(8)
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        let listener = listen(addr).with_context(|| {
             format!("cannot listen on {addr} (in use? choose another with --listen)")
         })?;
         ems_hub::run(listener, config, shutdown_signal()).await?;
         Ok(())
     })
+}
+
+/// Binds the listening socket with a deep accept queue. `TcpListener::bind`
+/// asks for 128 pending connections; when every device reconnects at once
+/// (a hub restart, 10,000 devices) the overflow is dropped and those clients
+/// retry their SYN only after a second (issue 8, connection storm). The
+/// kernel caps the value at `net.core.somaxconn`.
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -179,16 +179,43 @@ fn forbidden() -> Resp {
     text(StatusCode::FORBIDDEN, "forbidden\n")
 }
 
+/// Waits for hyper to hand over the upgraded connection.
+async fn upgrade(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    role: &str,
+    device_id: &str,
+    peer: SocketAddr,
+) -> Option<WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>> {
+    match on_upgrade.await {
+        Ok(u) => Some(
+            WebSocketStream::from_raw_socket(TokioIo::new(u), Role::Server, Some(ws_config()))
+                .await,
+        ),
+        Err(e) => {
+            log::debug!("upgrade of {role} {device_id} from {peer} failed: {e}");
+            None
+        }
+    }
+}
+
+/// Bytes queued by `feed` before they are written without a flush.
+const WRITE_BUFFER: usize = 16 * 1024;
+
 /// WebSocket settings for every socket: messages and frames up to 16 KiB
 /// (larger ones close with 1009), small buffers.
 pub(crate) fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(ems_shared::MAX_MESSAGE_BYTES))
         .max_frame_size(Some(ems_shared::MAX_MESSAGE_BYTES))
-        // Readings are ~200 bytes: a 1 KiB read chunk is plenty and keeps
-        // idle connections small (issue 8: 4 KiB -> 1 KiB saved ~3 KB each).
-        .read_buffer_size(1024)
-        .write_buffer_size(0)
+        // Readings are ~220 bytes: a 512-byte read buffer holds one with
+        // room to spare and keeps idle connections small (issue 8: 4 KiB ->
+        // 1 KiB saved ~3 KB each, 1 KiB -> 512 B another ~0.5 KB). Larger
+        // messages (up to the 16 KiB limit) grow it as they arrive.
+        .read_buffer_size(512)
+        // Frames are queued with `feed` and written together at `flush`
+        // (acks committed together, a subscriber's waiting frames; issue 8).
+        // The buffer grows only as far as it is used.
+        .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(256 * 1024)
 }
 
@@ -437,36 +464,33 @@ async fn handle(
     }
 
     let on_upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                log::debug!("upgrade of {role} {device_id} from {peer} failed: {e}");
-                return;
+    // One task per role, so an idle device connection's task is only as
+    // large as the device session (issue 8: a shared task was sized for
+    // the dashboard's replay states too).
+    if is_device {
+        tokio::spawn(async move {
+            if let Some(ws) = upgrade(on_upgrade, role, &device_id, peer).await {
+                session::device(ws, device_id, peer, shared, Some(hash)).await;
             }
-        };
-        let ws = WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
-            Role::Server,
-            Some(ws_config()),
-        )
-        .await;
-        if is_device {
-            session::device(ws, device_id, peer, shared, Some(hash)).await;
-        } else {
-            shared
-                .metrics
-                .connection(crate::metrics::Role::Dashboard, 1);
-            let m = shared.metrics.clone();
-            let opts = crate::dashboard::FeedOptions {
-                resume_since,
-                viewer: hash,
-            };
-            session::dashboard(ws, device_id, peer, shared, opts).await;
-            m.connection(crate::metrics::Role::Dashboard, -1);
-        }
-        drop(guard);
-    });
+            drop(guard);
+        });
+    } else {
+        tokio::spawn(async move {
+            if let Some(ws) = upgrade(on_upgrade, role, &device_id, peer).await {
+                shared
+                    .metrics
+                    .connection(crate::metrics::Role::Dashboard, 1);
+                let m = shared.metrics.clone();
+                let opts = crate::dashboard::FeedOptions {
+                    resume_since,
+                    viewer: hash,
+                };
+                session::dashboard(ws, device_id, peer, shared, opts).await;
+                m.connection(crate::metrics::Role::Dashboard, -1);
+            }
+            drop(guard);
+        });
+    }
 
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

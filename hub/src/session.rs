@@ -109,24 +109,28 @@ enum End {
 ///
 /// `token` is the hash of the token the connection authenticated with; the
 /// revocation poller compares it with the store's current one.
-pub(crate) async fn device(
+pub(crate) fn device(
     mut ws: Ws,
     device_id: Arc<str>,
     peer: SocketAddr,
     shared: Arc<Shared>,
     token: Option<TokenHash>,
-) {
-    let cfg = &shared.config;
-    let metrics = &shared.metrics;
-    let (lease, replaced) = match shared.registry.connect_device(
-        &device_id,
-        peer.to_string(),
-        token,
-    ) {
-        Ok(l) => l,
-        Err(conflict) => {
-            metrics.takeover_conflicts.fetch_add(1, Ordering::Relaxed);
-            match &conflict.other_peer {
+) -> impl std::future::Future<Output = ()> + Send {
+    // An `async move` block rather than an `async fn`: the latter keeps a
+    // second copy of its arguments (the 328-byte socket among them) in
+    // every session's task (issue 8, `-Zprint-type-sizes`).
+    async move {
+        let cfg = &shared.config;
+        let metrics = &shared.metrics;
+        let (lease, replaced) = match shared.registry.connect_device(
+            &device_id,
+            peer.to_string(),
+            token,
+        ) {
+            Ok(l) => l,
+            Err(conflict) => {
+                metrics.takeover_conflicts.fetch_add(1, Ordering::Relaxed);
+                match &conflict.other_peer {
                 Some(other) => log::error!(
                     "device {device_id}: takeover loop between {other} and {peer} (two devices share this id?); \
                      closing both with 4002 and refusing the id for {:?}",
@@ -137,186 +141,194 @@ pub(crate) async fn device(
                     conflict.remaining
                 ),
             }
-            close(
-                &mut ws,
-                CloseCode::from(ems_shared::CLOSE_CONFLICT),
-                "conflict",
-            )
-            .await;
-            return;
+                Box::pin(close(
+                    &mut ws,
+                    CloseCode::from(ems_shared::CLOSE_CONFLICT),
+                    "conflict",
+                ))
+                .await;
+                return;
+            }
+        };
+        match replaced {
+            Some(old) => {
+                metrics.takeovers.fetch_add(1, Ordering::Relaxed);
+                log::warn!("device {device_id} connected from {peer}; closing its previous connection from {old} (4000 replaced)")
+            }
+            None => log::info!("device {device_id} connected from {peer}"),
         }
-    };
-    match replaced {
-        Some(old) => {
-            metrics.takeovers.fetch_add(1, Ordering::Relaxed);
-            log::warn!("device {device_id} connected from {peer}; closing its previous connection from {old} (4000 replaced)")
-        }
-        None => log::info!("device {device_id} connected from {peer}"),
-    }
-    metrics.connection(Role::Device, 1);
-    let mut kick = lease.kick;
-    // False once the kick channel is gone without a kick (registry dropped).
-    let mut kick_live = true;
-    let topic = lease.topic;
-    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
-    let sink = Arc::new(AckSink {
-        conn_id: lease.conn_id,
-        tx: ack_tx,
-    });
-    let mut shutdown = shared.shutdown.clone();
-    let start = tokio::time::Instant::now() + cfg.ping_interval;
-    let mut ping = interval_at(start, cfg.ping_interval);
-    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut missed = 0u32;
-    let mut warn = RateLimitedWarn::new(Duration::from_secs(10));
-    let mut bucket = shared.registry.take_bucket(&device_id, || {
-        TokenBucket::new(&cfg.rate_limit, Instant::now())
-    });
-    let mut excess = Excess::default();
-    // The last reading queued for the store, to wait for its ack on shutdown.
-    let mut last_queued: Option<(u64, u64)> = None;
-    // The last ack sent, so a shutdown does not wait for one already sent.
-    let mut last_acked: Option<(u64, u64)> = None;
-    let limit = cfg.write_timeout;
+        metrics.connection(Role::Device, 1);
+        let mut kick = lease.kick;
+        // False once the kick channel is gone without a kick (registry dropped).
+        let mut kick_live = true;
+        let topic = lease.topic;
+        let sink = Arc::new(AckSink::new(lease.conn_id));
+        let mut shutdown = shared.shutdown.clone();
+        // Created once: a fresh `watch::changed` future per loop turn registers
+        // and removes a waiter on the one watch every session shares (issue 8).
+        let stopping = crate::shutting_down(&mut shutdown);
+        tokio::pin!(stopping);
+        let mut ping = heartbeat(cfg.ping_interval);
+        let mut missed = 0u32;
+        // Whether a frame arrived since the last heartbeat tick: a device that
+        // talks needs no ping (issue 8: 10,000 devices connected within a second
+        // were all pinged in the same second, every 20 s).
+        let mut heard = false;
+        let mut warn = RateLimitedWarn::new(Duration::from_secs(10));
+        let mut bucket = shared.registry.take_bucket(&device_id, || {
+            TokenBucket::new(&cfg.rate_limit, Instant::now())
+        });
+        let mut excess = Excess::default();
+        // The last reading queued for the store, to wait for its ack on shutdown.
+        let mut last_queued: Option<(u64, u64)> = None;
+        // The last ack sent, so a shutdown does not wait for one already sent.
+        let mut last_acked: Option<(u64, u64)> = None;
+        let limit = cfg.write_timeout;
 
-    let end = loop {
-        tokio::select! {
-            biased;
-            k = &mut kick, if kick_live => {
-                match k {
-                    Ok(Kick::Replaced) => break End::Close(CloseCode::from(ems_shared::CLOSE_REPLACED), "replaced"),
-                    Ok(Kick::Revoked) => {
-                        metrics.revoked_closes.fetch_add(1, Ordering::Relaxed);
-                        log::warn!("device {device_id} from {peer}: token revoked or rotated, closing (4001)");
-                        break End::Close(CloseCode::from(ems_shared::CLOSE_REVOKED), "token revoked");
-                    }
-                    Ok(Kick::Conflict) => {
-                        metrics.takeover_conflicts.fetch_add(1, Ordering::Relaxed);
-                        break End::Close(CloseCode::from(ems_shared::CLOSE_CONFLICT), "conflict");
-                    }
-                    // The slot was dropped without a kick: keep serving.
-                    Err(_) => kick_live = false,
-                }
-            }
-            _ = crate::shutting_down(&mut shutdown) => {
-                // Flush the acks of what is already queued, then close.
-                if let Some(last) = last_queued.filter(|l| last_acked != Some(*l)) {
-                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                        while let Some(ack) = ack_rx.recv().await {
-                            if send_ack(&mut ws, ack, limit).await.is_err() {
-                                break;
-                            }
-                            metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
-                            if ack == last {
-                                break;
-                            }
+        let end = loop {
+            tokio::select! {
+                biased;
+                k = &mut kick, if kick_live => {
+                    match k {
+                        Ok(Kick::Replaced) => break End::Close(CloseCode::from(ems_shared::CLOSE_REPLACED), "replaced"),
+                        Ok(Kick::Revoked) => {
+                            metrics.revoked_closes.fetch_add(1, Ordering::Relaxed);
+                            log::warn!("device {device_id} from {peer}: token revoked or rotated, closing (4001)");
+                            break End::Close(CloseCode::from(ems_shared::CLOSE_REVOKED), "token revoked");
                         }
-                    }).await;
-                }
-                // Acks of other epochs committed in the same batch.
-                while let Ok(ack) = ack_rx.try_recv() {
-                    if send_ack(&mut ws, ack, limit).await.is_err() {
-                        break;
+                        Ok(Kick::Conflict) => {
+                            metrics.takeover_conflicts.fetch_add(1, Ordering::Relaxed);
+                            break End::Close(CloseCode::from(ems_shared::CLOSE_CONFLICT), "conflict");
+                        }
+                        // The slot was dropped without a kick: keep serving.
+                        Err(_) => kick_live = false,
                     }
-                    metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
                 }
-                break End::Close(CloseCode::Away, "hub shutting down");
-            }
-            Some(ack) = ack_rx.recv() => {
-                if send_ack(&mut ws, ack, limit).await.is_err() {
-                    break End::Gone;
+                _ = &mut stopping => {
+                    // Boxed: the shutdown path is taken once, and inline it
+                    // would grow every idle session's future (issue 8).
+                    Box::pin(flush_acks_at_shutdown(&mut ws, &sink, last_queued.filter(|l| last_acked != Some(*l)), limit, metrics)).await;
+                    break End::Close(CloseCode::Away, "hub shutting down");
                 }
-                last_acked = Some(ack);
-                metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
-            }
-            _ = ping.tick() => {
-                if missed >= cfg.max_missed_pongs {
-                    metrics.heartbeat_death(Role::Device);
-                    log::warn!("device {device_id} from {peer}: {missed} pings unanswered, dropping dead connection");
-                    break End::Gone;
+                ack = sink.pop() => {
+                    // Acks queued together (several epochs, or a session that
+                    // was busy) go out in one write. The writes are boxed, here
+                    // and below: awaited inline, each would add its future to
+                    // every session's task (issue 8: idle memory); an
+                    // allocation per write is small beside its syscall.
+                    let mut last = ack;
+                    let mut n = 1;
+                    let mut r = Box::pin(feed_ack(&mut ws, ack, limit)).await;
+                    while r.is_ok() && n < 64 {
+                        match sink.try_pop() {
+                            Some(a) => {
+                                last = a;
+                                n += 1;
+                                r = Box::pin(feed_ack(&mut ws, a, limit)).await;
+                            }
+                            None => break,
+                        }
+                    }
+                    if r.is_err() || Box::pin(flush_within(&mut ws, limit)).await.is_err() {
+                        break End::Gone;
+                    }
+                    last_acked = Some(last);
+                    metrics.acks_sent.fetch_add(n, Ordering::Relaxed);
                 }
-                missed += 1;
-                if send_within(&mut ws, Message::Ping(Bytes::new()), limit).await.is_err() {
-                    break End::Gone;
-                }
-            }
-            msg = ws.next() => {
-                // Any frame proves the peer alive: under backpressure its
-                // pong may sit behind readings the hub has not read yet.
-                if matches!(msg, Some(Ok(_))) {
-                    missed = 0;
-                }
-                let frame_text = match msg {
-                    Some(Ok(Message::Text(text))) => Some(text),
-                    Some(Ok(Message::Binary(_))) => None,
-                    Some(Ok(Message::Pong(_))) => {
+                _ = ping.tick() => {
+                    if std::mem::take(&mut heard) {
                         missed = 0;
                         continue;
                     }
-                    Some(Ok(Message::Ping(_))) | Some(Ok(Message::Frame(_))) => continue,
-                    Some(Ok(Message::Close(_))) | None => break End::Gone,
-                    Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
-                        log::warn!("device {device_id}: message of {size} bytes exceeds {max_size}, closing (1009)");
-                        break End::Close(CloseCode::Size, "message too big");
-                    }
-                    Some(Err(WsError::Utf8(_))) => {
-                        if let Some(n) = warn.allow(Instant::now()) {
-                            log::warn!("device {device_id} from {peer}: text frame is not UTF-8, closing (1007){}", suppressed(n));
-                        }
-                        break End::Close(CloseCode::Invalid, "invalid UTF-8");
-                    }
-                    Some(Err(e)) => {
-                        log::info!("device {device_id} from {peer}: connection error: {e}");
+                    if missed >= cfg.max_missed_pongs {
+                        metrics.heartbeat_death(Role::Device);
+                        log::warn!("device {device_id} from {peer}: {missed} pings unanswered, dropping dead connection");
                         break End::Gone;
                     }
-                };
-                metrics.frames_received.fetch_add(1, Ordering::Relaxed);
-                let now = Instant::now();
-                let outcome = if !bucket.try_take(now) {
-                    Err(rate_limited(frame_text.as_deref()))
-                } else if let Some(text) = &frame_text {
-                    handle_text(text, &device_id, &topic, &sink, &shared).await
-                } else {
-                    Err(FrameError {
-                        reason: RejectReason::BinaryFrame,
-                        detail: "readings are text frames".into(),
-                        epoch: None,
-                        seq: None,
-                    })
-                };
-                match outcome {
-                    Ok(Handled::Queued(id)) => last_queued = Some(id),
-                    Ok(Handled::Status) => {}
-                    Ok(Handled::WriterGone) => break End::Close(CloseCode::Away, "hub shutting down"),
-                    Err(e) => {
-                        metrics.rejected(e.reason);
-                        if e.reason == RejectReason::RateLimited && excess.refused(now, cfg.rate_limit.abuse_after) {
-                            metrics.abuse_closes.fetch_add(1, Ordering::Relaxed);
-                            log::warn!("device {device_id} from {peer}: rate limit exceeded for {:?}, closing (1008)", cfg.rate_limit.abuse_after);
-                            break End::Close(CloseCode::Policy, "rate limit exceeded");
+                    missed += 1;
+                    if Box::pin(send_within(&mut ws, Message::Ping(Bytes::new()), limit)).await.is_err() {
+                        break End::Gone;
+                    }
+                }
+                msg = ws.next() => {
+                    // Any frame proves the peer alive: under backpressure its
+                    // pong may sit behind readings the hub has not read yet.
+                    if matches!(msg, Some(Ok(_))) {
+                        missed = 0;
+                        heard = true;
+                    }
+                    let frame_text = match msg {
+                        Some(Ok(Message::Text(text))) => Some(text),
+                        Some(Ok(Message::Binary(_))) => None,
+                        Some(Ok(Message::Pong(_))) => {
+                            missed = 0;
+                            continue;
                         }
-                        if let Some(n) = warn.allow(now) {
-                            log::warn!("device {device_id}: discarded frame ({e}){}", suppressed(n));
+                        Some(Ok(Message::Ping(_))) | Some(Ok(Message::Frame(_))) => continue,
+                        Some(Ok(Message::Close(_))) | None => break End::Gone,
+                        Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
+                            log::warn!("device {device_id}: message of {size} bytes exceeds {max_size}, closing (1009)");
+                            break End::Close(CloseCode::Size, "message too big");
                         }
-                        if let (Some(epoch), Some(seq)) = (e.epoch, e.seq) {
-                            let reason = format!("{}: {}", e.reason.code(), e.detail);
-                            let frame = HubFrame::Rejected { epoch, seq, reason }.to_json();
-                            if send_within(&mut ws, Message::Text(frame.into()), limit).await.is_err() {
-                                break End::Gone;
+                        Some(Err(WsError::Utf8(_))) => {
+                            if let Some(n) = warn.allow(Instant::now()) {
+                                log::warn!("device {device_id} from {peer}: text frame is not UTF-8, closing (1007){}", suppressed(n));
+                            }
+                            break End::Close(CloseCode::Invalid, "invalid UTF-8");
+                        }
+                        Some(Err(e)) => {
+                            log::info!("device {device_id} from {peer}: connection error: {e}");
+                            break End::Gone;
+                        }
+                    };
+                    metrics.frames_received.fetch_add(1, Ordering::Relaxed);
+                    let now = Instant::now();
+                    let outcome = if !bucket.try_take(now) {
+                        Err(rate_limited(frame_text.as_deref()))
+                    } else if let Some(text) = &frame_text {
+                        Box::pin(handle_text(text, &device_id, &topic, &sink, &shared)).await
+                    } else {
+                        Err(FrameError {
+                            reason: RejectReason::BinaryFrame,
+                            detail: "readings are text frames".into(),
+                            epoch: None,
+                            seq: None,
+                        })
+                    };
+                    match outcome {
+                        Ok(Handled::Queued(id)) => last_queued = Some(id),
+                        Ok(Handled::Status) => {}
+                        Ok(Handled::WriterGone) => break End::Close(CloseCode::Away, "hub shutting down"),
+                        Err(e) => {
+                            metrics.rejected(e.reason);
+                            if e.reason == RejectReason::RateLimited && excess.refused(now, cfg.rate_limit.abuse_after) {
+                                metrics.abuse_closes.fetch_add(1, Ordering::Relaxed);
+                                log::warn!("device {device_id} from {peer}: rate limit exceeded for {:?}, closing (1008)", cfg.rate_limit.abuse_after);
+                                break End::Close(CloseCode::Policy, "rate limit exceeded");
+                            }
+                            if let Some(n) = warn.allow(now) {
+                                log::warn!("device {device_id}: discarded frame ({e}){}", suppressed(n));
+                            }
+                            if let (Some(epoch), Some(seq)) = (e.epoch, e.seq) {
+                                let reason = format!("{}: {}", e.reason.code(), e.detail);
+                                let frame = HubFrame::Rejected { epoch, seq, reason }.to_json();
+                                if Box::pin(send_within(&mut ws, Message::Text(frame.into()), limit)).await.is_err() {
+                                    break End::Gone;
+                                }
                             }
                         }
                     }
                 }
             }
+        };
+        shared.registry.disconnect_device(&device_id, lease.conn_id);
+        shared.registry.put_bucket(&device_id, bucket);
+        metrics.connection(Role::Device, -1);
+        if let End::Close(code, reason) = end {
+            Box::pin(close(&mut ws, code, reason)).await;
         }
-    };
-    shared.registry.disconnect_device(&device_id, lease.conn_id);
-    shared.registry.put_bucket(&device_id, bucket);
-    metrics.connection(Role::Device, -1);
-    if let End::Close(code, reason) = end {
-        close(&mut ws, code, reason).await;
+        log::info!("device {device_id} from {peer} disconnected");
     }
-    log::info!("device {device_id} from {peer} disconnected");
 }
 
 /// The refusal of a frame that found the bucket empty; keeps the frame's
@@ -351,7 +363,31 @@ fn suppressed(n: u64) -> String {
 /// Sends one message, giving up after `limit`: a peer that stops reading
 /// must not freeze its session (no heartbeat, no kick, no shutdown).
 async fn send_within(ws: &mut Ws, msg: Message, limit: Duration) -> Result<(), WsError> {
-    match tokio::time::timeout(limit, ws.send(msg)).await {
+    within(limit, ws.send(msg)).await
+}
+
+async fn send_ack(ws: &mut Ws, ack: (u64, u64), limit: Duration) -> Result<(), WsError> {
+    feed_ack(ws, ack, limit).await?;
+    flush_within(ws, limit).await
+}
+
+/// Queues one ack frame (written at the next flush, or at once when the
+/// socket's write buffer is full).
+async fn feed_ack(ws: &mut Ws, (epoch, seq): (u64, u64), limit: Duration) -> Result<(), WsError> {
+    let frame = HubFrame::Ack { epoch, seq }.to_json();
+    within(limit, ws.feed(Message::Text(frame.into()))).await
+}
+
+/// Writes out what [`feed_ack`] queued, giving up after `limit`.
+async fn flush_within(ws: &mut Ws, limit: Duration) -> Result<(), WsError> {
+    within(limit, ws.flush()).await
+}
+
+async fn within(
+    limit: Duration,
+    f: impl std::future::Future<Output = Result<(), WsError>>,
+) -> Result<(), WsError> {
+    match tokio::time::timeout(limit, f).await {
         Ok(r) => r,
         Err(_) => Err(WsError::Io(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
@@ -360,9 +396,51 @@ async fn send_within(ws: &mut Ws, msg: Message, limit: Duration) -> Result<(), W
     }
 }
 
-async fn send_ack(ws: &mut Ws, (epoch, seq): (u64, u64), limit: Duration) -> Result<(), WsError> {
-    let frame = HubFrame::Ack { epoch, seq }.to_json();
-    send_within(ws, Message::Text(frame.into()), limit).await
+/// At shutdown: sends the acks of what this session queued (waiting up to
+/// 2 s for the last one), then those of other epochs committed with it.
+async fn flush_acks_at_shutdown(
+    ws: &mut Ws,
+    sink: &AckSink,
+    wait_for: Option<(u64, u64)>,
+    limit: Duration,
+    metrics: &crate::metrics::Metrics,
+) {
+    if let Some(last) = wait_for {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                let ack = sink.pop().await;
+                if send_ack(ws, ack, limit).await.is_err() {
+                    break;
+                }
+                metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
+                if ack == last {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    while let Some(ack) = sink.try_pop() {
+        if send_ack(ws, ack, limit).await.is_err() {
+            break;
+        }
+        metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The heartbeat timer of one connection: the first tick comes after half
+/// to one whole `every`, spread over the connections, so connections
+/// opened in the same second (a restart, a storm) are not all pinged in the
+/// same second ever after (issue 8).
+pub(crate) fn heartbeat(every: Duration) -> tokio::time::Interval {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    // Fibonacci hashing spreads consecutive numbers evenly over [0, 1).
+    let frac = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+    let first = every / 2 + every.mul_f64(frac / 2.0);
+    let mut ping = interval_at(tokio::time::Instant::now() + first, every);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ping
 }
 
 /// What became of a valid frame.
@@ -411,10 +489,18 @@ async fn handle_text(
         },
         ack: sink.clone(),
     };
-    // Cold path: waits only when the queue is full (backpressure).
-    Ok(match shared.queue.send(item).await {
+    // Cold path: waits only when the queue is full (backpressure). The
+    // wait is boxed: it is rare, and inline its future (with the reading)
+    // would be part of every idle session's task (issue 8).
+    Ok(match shared.queue.try_send(item) {
         Ok(()) => Handled::Queued(id),
-        Err(_) => Handled::WriterGone,
+        Err(mpsc::error::TrySendError::Full(item)) => {
+            match Box::pin(shared.queue.send(item)).await {
+                Ok(()) => Handled::Queued(id),
+                Err(_) => Handled::WriterGone,
+            }
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => Handled::WriterGone,
     })
 }
 
