@@ -478,6 +478,23 @@ fn report(
         "sent={sent} ({:.0}/s) acked={acked} ack_lost={ack_lost} rejected={rejected}",
         sent as f64 / dur
     );
+    // Sustained rate: deliveries over the time from the first send to the
+    // last delivery. A server that falls behind keeps delivering in the
+    // drain window; "over the sending window" alone would credit it with
+    // those deliveries as if they had been made in time.
+    let first_send_ns = plan
+        .start
+        .into_std()
+        .saturating_duration_since(s.base)
+        .as_nanos() as u64;
+    let last_ns = s.last_delivery_ns.load(Ordering::Relaxed);
+    let span = Duration::from_nanos(last_ns.saturating_sub(first_send_ns))
+        .as_secs_f64()
+        .max(dur);
+    println!(
+        "sustained deliveries={delivered} over {span:.1}s from the first send to the last delivery = {:.0}/s",
+        delivered as f64 / span
+    );
     println!(
         "deliveries={delivered} ({:.0}/s over the sending window) expected={expected} live_lost={live_lost} gaps={} stalled_subscriptions={stalled}",
         delivered as f64 / dur,

@@ -96,6 +96,8 @@ pub struct Stats {
     pub sent: AtomicU64,
     pub acked: AtomicU64,
     pub delivered: AtomicU64,
+    /// When the last live delivery arrived (`nanos()`).
+    pub last_delivery_ns: AtomicU64,
     pub rejected: AtomicU64,
     pub errors: AtomicU64,
     pub connect_errors: AtomicU64,
@@ -114,6 +116,7 @@ impl Stats {
             sent: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
+            last_delivery_ns: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             connect_errors: AtomicU64::new(0),
@@ -135,8 +138,9 @@ impl Stats {
     /// Records a live delivery of `seq` of device `dev` received now.
     pub fn delivered(&self, dev: usize, seq: u64) {
         self.delivered.fetch_add(1, Ordering::Relaxed);
+        let now = self.nanos();
+        self.last_delivery_ns.fetch_max(now, Ordering::Relaxed);
         if let Some(t) = self.devices.get(dev).and_then(|d| d.ring.get(seq)) {
-            let now = self.nanos();
             self.live
                 .record(Duration::from_nanos(now.saturating_sub(t)));
         }

@@ -343,37 +343,81 @@ async fn viewer_still_allowed(shared: Arc<Shared>, device_id: Arc<str>, viewer: 
     // its subscriptions (issue 8: 9,600 subscriptions each querying every
     // 2 s made the periodic re-check the hub's largest cost). The key
     // includes the hub's store handle, so hubs in one process never share.
+    //
+    // Single flight: when an entry expires, the first subscription to see
+    // it refreshes it and the others keep using the previous answer until
+    // then. Without that, every subscription whose tick fell between the
+    // expiry and the end of the query queued its own query behind the one
+    // store lock, which made the query slower still: S2 measured stalls of
+    // 0.3-0.5 s (issue 8).
     let key = (Arc::as_ptr(&shared.auth) as *const () as usize, viewer);
     let ttl = shared.config.viewer_recheck;
-    let cached = {
-        let c = VIEWER_CACHE.lock().unwrap_or_else(|p| p.into_inner());
-        c.get(&key)
-            .filter(|(at, _)| at.elapsed() < ttl)
-            .map(|(_, scope)| scope.clone())
-    };
-    let scope = match cached {
-        Some(scope) => scope,
-        None => match query(&shared, move |s| s.viewer_scope(&viewer)).await {
-            Some(scope) => {
-                let mut c = VIEWER_CACHE.lock().unwrap_or_else(|p| p.into_inner());
-                if c.len() > 4096 {
-                    c.retain(|_, (at, _)| at.elapsed() < ttl);
-                }
-                c.insert(key, (std::time::Instant::now(), scope.clone()));
-                scope
+    let known = {
+        let mut c = VIEWER_CACHE.lock().unwrap_or_else(|p| p.into_inner());
+        match c.get_mut(&key) {
+            Some(e) if e.at.elapsed() < ttl => Some(e.scope.clone()),
+            // Another subscription is fetching; a refresh that never ended
+            // (its task was dropped) is taken over after a while.
+            Some(e) if e.refreshing.is_some_and(|t| t.elapsed() < REFRESH_TAKEOVER) => {
+                Some(e.scope.clone())
             }
-            // Store trouble: keep the subscriber (as before).
-            None => return true,
-        },
+            Some(e) => {
+                e.refreshing = Some(std::time::Instant::now());
+                None
+            }
+            None => None,
+        }
+    };
+    let scope = match known {
+        Some(scope) => scope,
+        None => {
+            let fetched = query(&shared, move |s| s.viewer_scope(&viewer)).await;
+            let mut c = VIEWER_CACHE.lock().unwrap_or_else(|p| p.into_inner());
+            match fetched {
+                Some(scope) => {
+                    if c.len() > 4096 {
+                        c.retain(|_, e| e.at.elapsed() < ttl || e.refreshing.is_some());
+                    }
+                    c.insert(
+                        key,
+                        CachedViewer {
+                            at: std::time::Instant::now(),
+                            scope: scope.clone(),
+                            refreshing: None,
+                        },
+                    );
+                    scope
+                }
+                None => {
+                    // Store trouble: keep the subscriber (as before) and let
+                    // the next tick try again.
+                    if let Some(e) = c.get_mut(&key) {
+                        e.refreshing = None;
+                    }
+                    return true;
+                }
+            }
+        }
     };
     scope.is_some_and(|sc| sc.allows(&device_id))
 }
 
-/// Recent viewer look-ups: (hub store handle, token hash) → (when, scope).
-type ViewerCache = std::collections::HashMap<
-    (usize, TokenHash),
-    (std::time::Instant, Option<crate::store::ViewerScope>),
->;
+/// A viewer look-up shared by the subscriptions of one token.
+struct CachedViewer {
+    /// When it was fetched.
+    at: std::time::Instant,
+    /// What the store said.
+    scope: Option<crate::store::ViewerScope>,
+    /// Since when a subscription is fetching a fresh answer.
+    refreshing: Option<std::time::Instant>,
+}
+
+/// After this long, a viewer refresh still marked as running is presumed
+/// lost and another subscription runs it.
+const REFRESH_TAKEOVER: Duration = Duration::from_secs(10);
+
+/// Recent viewer look-ups: (hub store handle, token hash) → look-up.
+type ViewerCache = std::collections::HashMap<(usize, TokenHash), CachedViewer>;
 static VIEWER_CACHE: std::sync::LazyLock<std::sync::Mutex<ViewerCache>> =
     std::sync::LazyLock::new(|| std::sync::Mutex::new(ViewerCache::new()));
 

@@ -39,20 +39,39 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             _ = crate::shutting_down(&mut shutdown) => return,
             _ = tick.tick() => {}
         }
-        let auth = shared.auth.clone();
-        let current = tokio::task::spawn_blocking(move || {
-            let mut store = auth.lock().unwrap_or_else(|p| p.into_inner());
-            store.active_device_tokens()
+        // The query, the map of 10,000+ tokens and the comparison all run
+        // on the blocking pool: on a worker they stalled every live frame
+        // behind them once per poll (issue 8, live latency).
+        let sh = shared.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let list = {
+                let mut store = sh.auth.lock().unwrap_or_else(|p| p.into_inner());
+                store.active_device_tokens()
+            }?;
+            let current: HashMap<String, TokenHash> = list.into_iter().collect();
+            Ok::<_, crate::store::StoreError>(
+                sh.registry
+                    .device_tokens()
+                    .into_iter()
+                    .filter_map(|(device_id, token)| {
+                        let token = token?;
+                        let valid = current
+                            .get(&*device_id)
+                            .is_some_and(|h| crate::store::ct_eq(h, &token));
+                        (!valid).then_some(device_id)
+                    })
+                    .collect::<Vec<_>>(),
+            )
         })
         .await;
-        let current: HashMap<String, TokenHash> = match current {
-            Ok(Ok(list)) => {
+        let stale = match outcome {
+            Ok(Ok(stale)) => {
                 if failing {
                     log::info!("revocation poll: store reachable again");
                     failing = false;
                 }
                 shared.metrics.store_poll_ok.store(1, Ordering::Relaxed);
-                list.into_iter().collect()
+                stale
             }
             Ok(Err(e)) => {
                 if !failing {
@@ -67,12 +86,8 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 continue;
             }
         };
-        for (device_id, token) in shared.registry.device_tokens() {
-            let Some(token) = token else { continue };
-            let valid = current
-                .get(&*device_id)
-                .is_some_and(|h| crate::store::ct_eq(h, &token));
-            if !valid && shared.registry.kick(&device_id, Kick::Revoked) {
+        for device_id in stale {
+            if shared.registry.kick(&device_id, Kick::Revoked) {
                 log::info!("device {device_id}: token no longer valid in the store; closing its connection (4001)");
             }
         }
