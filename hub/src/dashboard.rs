@@ -672,13 +672,27 @@ impl Feed {
     /// of one each (issue 8, fan-out).
     async fn forward_ready(&mut self, first: Utf8Bytes) -> Result<(), End> {
         self.forward(first).await?;
-        for _ in 1..COALESCE {
+        let mut taken = 1;
+        let mut yielded = false;
+        while taken < COALESCE {
             match self.topic.try_recv() {
-                Ok(frame) => self.forward(frame).await?,
+                Ok(frame) => {
+                    taken += 1;
+                    self.forward(frame).await?
+                }
                 Err(broadcast::error::TryRecvError::Lagged(n)) => return Err(self.lagged(n)),
                 Err(broadcast::error::TryRecvError::Closed) => {
                     self.flush().await?;
                     return Err(End::Close(CloseCode::Away, "feed closed"));
+                }
+                // More than one frame was waiting: the topic is busier than
+                // this subscriber. Let the other subscribers run once and
+                // take what arrived meanwhile into the same write. A topic
+                // that is not behind (one frame per wake-up, every 1 Hz
+                // device) never waits here.
+                Err(broadcast::error::TryRecvError::Empty) if taken > 1 && !yielded => {
+                    yielded = true;
+                    tokio::task::yield_now().await;
                 }
                 Err(broadcast::error::TryRecvError::Empty) => break,
             }

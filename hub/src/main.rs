@@ -124,8 +124,9 @@ struct ServeArgs {
     /// TimescaleDB only: compress chunks older than this many days.
     #[arg(long, env = "EMS_COMPRESS_AFTER_DAYS", value_parser = clap::value_parser!(u32).range(1..))]
     compress_after_days: Option<u32>,
-    /// Most readings committed in one transaction (PostgreSQL likes 5000+).
-    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    /// Most readings committed in one transaction (a backlog drains in few
+    /// commits, each acking every device once).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     batch_max_rows: u64,
 }
 

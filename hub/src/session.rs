@@ -109,6 +109,8 @@ enum End {
 ///
 /// `token` is the hash of the token the connection authenticated with; the
 /// revocation poller compares it with the store's current one.
+// Not an `async fn` on purpose (see the comment in the body).
+#[allow(clippy::manual_async_fn)]
 pub(crate) fn device(
     mut ws: Ws,
     device_id: Arc<str>,

@@ -151,8 +151,9 @@ fn run(
     lower_priority();
     let max = cfg.batch_max_rows.max(1);
     // The rows and, side by side, who to ack for each (no copy of a row).
-    let mut rows: Vec<Row> = Vec::with_capacity(max);
-    let mut acks: Vec<Arc<AckSink>> = Vec::with_capacity(max);
+    // (They grow to the largest batch seen, not to `max` up front.)
+    let mut rows: Vec<Row> = Vec::with_capacity(max.min(1024));
+    let mut acks: Vec<Arc<AckSink>> = Vec::with_capacity(max.min(1024));
     // Set once the hub is stopping and the store keeps failing (see `commit`).
     let mut give_up_at: Option<Instant> = None;
     loop {
