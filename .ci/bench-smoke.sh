@@ -51,6 +51,7 @@ check_report() { # FILE
   grep -q '^latency send->dashboard .* p50=.* p99=.* p99.9=.* max=' "$f"
   grep -q '^latency send->ack .* p50=.* p99=.* p99.9=.* max=' "$f"
   grep -q '^connect latency .* p99=' "$f"
+  grep -q '^sustained deliveries=.* = [0-9]*/s' "$f"
   grep -q '^verdict: OK' "$f"
   grep -q ' ack_lost=0 ' "$f"
   grep -q ' live_lost=0 ' "$f"
