@@ -210,12 +210,16 @@ fn run(
 /// anyway; a niced writer still gets its share when the core is saturated.
 fn lower_priority() {
     // Linux: `setpriority(PRIO_PROCESS, tid)` sets one thread's nice value.
+    // Relative to the current one, so a hub started with `Nice=` in its
+    // unit keeps the writer below its other threads (raising the nice value
+    // needs no privilege; lowering it would).
     #[cfg(target_os = "linux")]
     {
         // SAFETY: plain syscalls on this thread's own id.
         let r = unsafe {
             let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-            libc::setpriority(libc::PRIO_PROCESS, tid, WRITER_NICE)
+            let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+            libc::setpriority(libc::PRIO_PROCESS, tid, (now + WRITER_NICE).min(19))
         };
         if r != 0 {
             log::debug!(
@@ -226,7 +230,7 @@ fn lower_priority() {
     }
 }
 
-/// The writer thread's nice value (Linux).
+/// How much nicer than the rest of the hub the writer thread runs (Linux).
 #[cfg(target_os = "linux")]
 const WRITER_NICE: libc::c_int = 5;
 
