@@ -594,9 +594,9 @@ impl Feed {
     }
 
     /// Live handling of one topic frame: fresh readings and other frames
-    /// go out at once (after any pending backfill summary), backlog
-    /// readings are counted.
-    async fn forward(&mut self, frame: Utf8Bytes) -> Result<(), End> {
+    /// are queued for the next flush (after any pending backfill summary),
+    /// backlog readings are counted. `true` when something was queued.
+    async fn forward(&mut self, frame: Utf8Bytes) -> Result<bool, End> {
         match classify(&frame, self.backfill_after_ms) {
             Class::Reading {
                 backfill: true,
@@ -604,12 +604,10 @@ impl Feed {
                 ..
             } => {
                 self.summary.add(ts_ms);
-                Ok(())
+                Ok(false)
             }
             class => {
-                if let Some(f) = self.summary.take(&self.device_id) {
-                    self.feed(f.to_json().into()).await?;
-                }
+                self.feed_summary().await?;
                 self.feed(frame).await?;
                 if matches!(class, Class::Reading { .. }) {
                     self.shared
@@ -617,16 +615,23 @@ impl Feed {
                         .broadcast_deliveries
                         .fetch_add(1, Ordering::Relaxed);
                 }
-                Ok(())
+                Ok(true)
             }
         }
     }
 
-    async fn flush_summary(&mut self) -> Result<(), End> {
-        if let Some(f) = self.summary.take(&self.device_id) {
-            self.send(f.to_json().into()).await?;
+    /// Queues the pending `backfill` summary, if any.
+    async fn feed_summary(&mut self) -> Result<(), End> {
+        match self.summary.take(&self.device_id) {
+            Some(f) => self.feed(f.to_json().into()).await,
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Sends the pending `backfill` summary, if any.
+    async fn flush_summary(&mut self) -> Result<(), End> {
+        self.feed_summary().await?;
+        self.flush().await
     }
 
     /// Queues one frame for the next flush (written at once only when the
@@ -671,26 +676,28 @@ impl Feed {
     /// subscriber takes several frames per wake-up and per `write` instead
     /// of one each (issue 8, fan-out).
     async fn forward_ready(&mut self, first: Utf8Bytes) -> Result<(), End> {
-        self.forward(first).await?;
+        let mut written = usize::from(self.forward(first).await?);
         let mut taken = 1;
         let mut yielded = false;
         while taken < COALESCE {
             match self.topic.try_recv() {
                 Ok(frame) => {
                     taken += 1;
-                    self.forward(frame).await?
+                    written += usize::from(self.forward(frame).await?);
                 }
                 Err(broadcast::error::TryRecvError::Lagged(n)) => return Err(self.lagged(n)),
                 Err(broadcast::error::TryRecvError::Closed) => {
                     self.flush().await?;
                     return Err(End::Close(CloseCode::Away, "feed closed"));
                 }
-                // More than one frame was waiting: the topic is busier than
-                // this subscriber. Let the other subscribers run once and
-                // take what arrived meanwhile into the same write. A topic
-                // that is not behind (one frame per wake-up, every 1 Hz
-                // device) never waits here.
-                Err(broadcast::error::TryRecvError::Empty) if taken > 1 && !yielded => {
+                // More than one frame to write was waiting: the topic is
+                // busier than this subscriber. Let the other subscribers run
+                // once and take what arrived meanwhile into the same write.
+                // A topic that is not behind (one frame per wake-up, every
+                // 1 Hz device) never waits here, nor does a backlog that is
+                // only counted (nothing to coalesce, and waiting would only
+                // bring it closer to the slow-subscriber limit).
+                Err(broadcast::error::TryRecvError::Empty) if written > 1 && !yielded => {
                     yielded = true;
                     tokio::task::yield_now().await;
                 }
