@@ -30,10 +30,11 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::meters::Measurement;
+use crate::state_dir::StateDir;
 
 /// systemd-timesyncd's "clock is synchronized" flag file.
 pub const TIMESYNC_FLAG: &str = "/run/systemd/timesync/synchronized";
@@ -201,10 +202,7 @@ impl ClockGate {
     }
 }
 
-/// File in the spool directory holding the readings held for clock sync at
-/// the last orderly stop (see the module docs).
-pub const HELD_FILE: &str = "held";
-/// First word of [`HELD_FILE`].
+/// First word of the held-readings file.
 const HELD_MAGIC: &str = "ems-edge-held-v1";
 
 /// The kernel's id of this boot, if known.
@@ -254,9 +252,10 @@ impl BootClock {
     }
 }
 
-/// Saves `held` (oldest first) to `dir/`[`HELD_FILE`], durably.
+/// Saves `held` (oldest first) to the directory's held-readings file,
+/// durably.
 pub fn save_held<'a>(
-    dir: &Path,
+    dir: &StateDir,
     now: &BootClock,
     held: impl Iterator<Item = &'a (Instant, Measurement)>,
 ) -> io::Result<usize> {
@@ -269,7 +268,7 @@ pub fn save_held<'a>(
         text.push_str(&format!("{sampled} {json}\n"));
         n += 1;
     }
-    crate::spool::write_durably(dir, HELD_FILE, text.as_bytes())?;
+    crate::state_dir::write_durably(&dir.held_file(), text.as_bytes())?;
     Ok(n)
 }
 
@@ -282,10 +281,10 @@ pub struct LoadedHeld {
     pub discarded: usize,
 }
 
-/// Loads and removes `dir/`[`HELD_FILE`] (absent: nothing). Readings saved
-/// in another boot are discarded and counted.
-pub fn load_held(dir: &Path, now: &BootClock) -> io::Result<LoadedHeld> {
-    let path = dir.join(HELD_FILE);
+/// Loads and removes the directory's held-readings file (absent: nothing).
+/// Readings saved in another boot are discarded and counted.
+pub fn load_held(dir: &StateDir, now: &BootClock) -> io::Result<LoadedHeld> {
+    let path = dir.held_file();
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(LoadedHeld::default()),
@@ -314,7 +313,7 @@ pub fn load_held(dir: &Path, now: &BootClock) -> io::Result<LoadedHeld> {
         }
     }
     std::fs::remove_file(&path)?;
-    crate::spool::sync_dir(dir)?;
+    dir.sync()?;
     Ok(out)
 }
 
@@ -409,7 +408,8 @@ mod tests {
 
     #[test]
     fn held_readings_survive_a_restart_in_the_same_boot_only() {
-        let dir = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
         let t0 = Instant::now();
         let mut g = ClockGate::new(100);
         let wrong = UNIX_EPOCH + Duration::from_secs(1_000);
@@ -422,22 +422,22 @@ mod tests {
             boottime: Duration::from_secs(100),
         };
         assert_eq!(
-            save_held(dir.path(), &saved_at, g.held_readings()).unwrap(),
+            save_held(&dir, &saved_at, g.held_readings()).unwrap(),
             2
         );
-        assert_eq!(load_held(dir.path(), &saved_at).unwrap().restored.len(), 2);
+        assert_eq!(load_held(&dir, &saved_at).unwrap().restored.len(), 2);
         // Consumed: a second load finds nothing.
-        let again = load_held(dir.path(), &saved_at).unwrap();
+        let again = load_held(&dir, &saved_at).unwrap();
         assert_eq!((again.restored.len(), again.discarded), (0, 0));
 
         // Saved, then restored 10 s later by a new process (its own instants).
-        save_held(dir.path(), &saved_at, g.held_readings()).unwrap();
+        save_held(&dir, &saved_at, g.held_readings()).unwrap();
         let later = BootClock {
             boot_id: "boot-a".into(),
             mono: Instant::now() + Duration::from_secs(3600),
             boottime: Duration::from_secs(110),
         };
-        let loaded = load_held(dir.path(), &later).unwrap();
+        let loaded = load_held(&dir, &later).unwrap();
         assert_eq!(loaded.discarded, 0);
         assert_eq!(loaded.restored.len(), 2);
         let mut g2 = ClockGate::new(100);
@@ -451,14 +451,14 @@ mod tests {
         assert_eq!(out[0].measurement, m(1.0));
 
         // Another boot: discarded and counted.
-        save_held(dir.path(), &saved_at, g.held_readings()).unwrap();
+        save_held(&dir, &saved_at, g.held_readings()).unwrap();
         let rebooted = BootClock {
             boot_id: "boot-b".into(),
             ..later
         };
-        let loaded = load_held(dir.path(), &rebooted).unwrap();
+        let loaded = load_held(&dir, &rebooted).unwrap();
         assert_eq!((loaded.restored.len(), loaded.discarded), (0, 2));
-        assert!(!dir.path().join(HELD_FILE).exists());
+        assert!(!tmp.path().join("held").exists());
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub mod outbox;
 pub mod sampler;
 pub mod shutdown;
 pub mod spool;
+pub mod state_dir;
 pub mod tools;
 
 use std::io;
@@ -58,6 +59,7 @@ use clock::{ClockGate, SystemSync};
 use link::{Link, LinkState, Target};
 use outbox::{sync_files, Outbox};
 use sampler::{MeterSlot, Sampler};
+use state_dir::StateDir;
 
 /// Readings held in memory while the clock is unsynchronized: a day at 1 Hz.
 const MAX_HELD: usize = 86_400;
@@ -65,10 +67,6 @@ const MAX_HELD: usize = 86_400;
 const WATERMARK_EVERY: Duration = Duration::from_secs(10);
 /// Budget for the whole shutdown (the issue asks for 5 s).
 const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
-/// File in the spool dir holding the last epoch used.
-const EPOCH_FILE: &str = "epoch";
-/// File in the spool dir naming the device whose readings it holds.
-const DEVICE_FILE: &str = "device_id";
 
 /// Why the edge could not start. Once running, it never stops on a network
 /// or meter error.
@@ -118,50 +116,9 @@ fn spool_err(dir: &Path) -> impl FnOnce(io::Error) -> EdgeError + '_ {
     }
 }
 
-/// Makes sure the spool holds this device's readings only. If `device_id`
-/// changed (the board was re-provisioned), the old identity's spool is moved
-/// aside to `orphaned-<old id>-<unix s>/` with a warning, instead of being
-/// sent under the new identity.
-fn claim_spool(dir: &Path, device_id: &str) -> io::Result<()> {
-    let owner_file = dir.join(DEVICE_FILE);
-    let owner = std::fs::read_to_string(&owner_file).ok();
-    let owner = owner.as_deref().map(str::trim);
-    if owner == Some(device_id) {
-        return Ok(());
-    }
-    if let Some(old) = owner.filter(|o| ems_shared::validate_device_id(o).is_ok()) {
-        let secs = SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let aside = dir.join(format!("orphaned-{old}-{secs}"));
-        std::fs::create_dir_all(&aside)?;
-        let mut moved = 0;
-        for entry in std::fs::read_dir(dir)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if name.ends_with(".seg")
-                || name == "acked"
-                || name == EPOCH_FILE
-                || name == clock::HELD_FILE
-            {
-                std::fs::rename(entry.path(), aside.join(&*name))?;
-                moved += 1;
-            }
-        }
-        spool::sync_dir(&aside)?;
-        log::warn!(
-            "spool {} belonged to device {old:?}, not {device_id:?}: moved its {moved} files to {} (they are not sent under the new identity)",
-            dir.display(),
-            aside.display()
-        );
-    }
-    spool::write_durably(dir, DEVICE_FILE, format!("{device_id}\n").as_bytes())
-}
-
 /// Picks this process's epoch and records it in the spool directory.
-fn new_epoch(dir: &Path) -> io::Result<u64> {
-    let path = dir.join(EPOCH_FILE);
+fn new_epoch(dir: &StateDir) -> io::Result<u64> {
+    let path = dir.epoch_file();
     let previous = std::fs::read_to_string(&path)
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok());
@@ -170,7 +127,7 @@ fn new_epoch(dir: &Path) -> io::Result<u64> {
         random = fastrand::u64(..).to_le_bytes();
     }
     let epoch = clock::draw_epoch(SystemTime::now(), u64::from_le_bytes(random), previous);
-    spool::write_durably(dir, EPOCH_FILE, format!("{epoch}\n").as_bytes())?;
+    state_dir::write_durably(&path, format!("{epoch}\n").as_bytes())?;
     Ok(epoch)
 }
 
@@ -251,8 +208,9 @@ pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(),
     let tls = link::tls_config(config.ca_file.as_deref())?;
     let dir = config.spool_dir.clone();
     // One process per spool: locked before anything in it is touched.
-    let dir_lock = spool::DirLock::acquire(&dir).map_err(spool_err(&dir))?;
-    claim_spool(&dir, &config.device_id).map_err(spool_err(&dir))?;
+    let dir_lock = state_dir::DirLock::acquire(&dir).map_err(spool_err(&dir))?;
+    let state = StateDir::new(&dir);
+    state.claim(&config.device_id).map_err(spool_err(&dir))?;
     if !config.hub.tls {
         log::warn!(
             "hub_url uses ws:// (allow_insecure = true): readings and the device token travel unencrypted"
@@ -262,7 +220,7 @@ pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(),
         .map_err(spool_err(&dir))?;
     let recovered = outbox.stats().depth;
     let outbox = Arc::new(Mutex::new(outbox));
-    let epoch = new_epoch(&dir).map_err(spool_err(&dir))?;
+    let epoch = new_epoch(&state).map_err(spool_err(&dir))?;
     log::info!(
         "ems-edge {} device {} epoch {epoch}; spool {} ({recovered} unacknowledged readings recovered)",
         env!("CARGO_PKG_VERSION"),
@@ -281,7 +239,7 @@ pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(),
     let link_beat = Arc::new(AtomicU64::new(0));
     let link_state = Arc::new(Mutex::new(LinkState::Starting));
     let mut gate = ClockGate::new(MAX_HELD);
-    restore_held(&dir, &mut gate);
+    restore_held(&state, &mut gate);
     let held = Arc::new(AtomicU64::new(0));
     let held_dropped = Arc::new(AtomicU64::new(0));
 
@@ -381,7 +339,7 @@ pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(),
         stop_started + Duration::from_millis(1500),
         "sampler",
     );
-    let hold_report = gate.map(|g| stash_held(&dir, &g)).unwrap_or_default();
+    let hold_report = gate.map(|g| stash_held(&state, &g)).unwrap_or_default();
     flush_outbox(&outbox, &mut last_spool_error);
     link_stop.trigger();
     join_until(
@@ -427,8 +385,8 @@ fn join_until<T>(handle: JoinHandle<T>, deadline: Instant, name: &str) -> Option
 
 /// At start: takes back the readings a previous process of this boot held
 /// for clock sync (see [`clock`]).
-fn restore_held(dir: &Path, gate: &mut ClockGate) {
-    let file = dir.join(clock::HELD_FILE);
+fn restore_held(dir: &StateDir, gate: &mut ClockGate) {
+    let file = dir.held_file();
     if !file.exists() {
         return;
     }
@@ -461,7 +419,7 @@ fn restore_held(dir: &Path, gate: &mut ClockGate) {
 
 /// At an orderly stop: saves the readings still held for clock sync for a
 /// restart in this boot. Returns the words for the final log and status line.
-fn stash_held(dir: &Path, gate: &ClockGate) -> String {
+fn stash_held(dir: &StateDir, gate: &ClockGate) -> String {
     let (held, dropped) = (gate.held(), gate.dropped());
     let dropped_note = if dropped > 0 {
         format!(", {dropped} dropped earlier (hold full)")
@@ -482,7 +440,7 @@ fn stash_held(dir: &Path, gate: &ClockGate) -> String {
         Ok(n) => {
             log::warn!(
                 "stopping before the system clock was synchronized: saved {n} readings held for clock sync to {} (restored if ems-edge starts again in this boot; lost on a reboot)",
-                dir.join(clock::HELD_FILE).display()
+                dir.held_file().display()
             );
             format!("; {n} readings held for clock sync saved{dropped_note}")
         }
@@ -492,37 +450,5 @@ fn stash_held(dir: &Path, gate: &ClockGate) -> String {
             );
             format!("; {held} readings held for clock sync discarded{dropped_note}")
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_spool_of_another_device_is_moved_aside() {
-        let dir = tempfile::tempdir().unwrap();
-        claim_spool(dir.path(), "dev-a").unwrap();
-        std::fs::write(dir.path().join("00000000000000000000.seg"), "{}\n").unwrap();
-        std::fs::write(dir.path().join(EPOCH_FILE), "5\n").unwrap();
-        // Same device: untouched.
-        claim_spool(dir.path(), "dev-a").unwrap();
-        assert!(dir.path().join("00000000000000000000.seg").exists());
-        // Re-provisioned as another device: moved aside, not sent.
-        claim_spool(dir.path(), "dev-b").unwrap();
-        assert!(!dir.path().join("00000000000000000000.seg").exists());
-        let aside: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("orphaned-dev-a-"))
-            .collect();
-        assert_eq!(aside.len(), 1);
-        let moved = dir.path().join(&aside[0]);
-        assert!(moved.join("00000000000000000000.seg").exists());
-        assert!(moved.join(EPOCH_FILE).exists());
-        assert_eq!(
-            std::fs::read_to_string(dir.path().join(DEVICE_FILE)).unwrap(),
-            "dev-b\n"
-        );
     }
 }

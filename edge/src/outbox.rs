@@ -28,7 +28,8 @@ use std::sync::Arc;
 
 use ems_shared::{EdgeStatus, Reading};
 
-use crate::spool::{DirLock, Spool};
+use crate::spool::Spool;
+use crate::state_dir::DirLock;
 
 /// A reading sent on the current connection and not yet acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
