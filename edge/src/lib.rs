@@ -48,7 +48,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
@@ -114,21 +114,6 @@ fn spool_err(dir: &Path) -> impl FnOnce(io::Error) -> EdgeError + '_ {
             }
         }
     }
-}
-
-/// Picks this process's epoch and records it in the spool directory.
-fn new_epoch(dir: &StateDir) -> io::Result<u64> {
-    let path = dir.epoch_file();
-    let previous = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok());
-    let mut random = [0u8; 8];
-    if getrandom::fill(&mut random).is_err() {
-        random = fastrand::u64(..).to_le_bytes();
-    }
-    let epoch = clock::draw_epoch(SystemTime::now(), u64::from_le_bytes(random), previous);
-    state_dir::write_durably(&path, format!("{epoch}\n").as_bytes())?;
-    Ok(epoch)
 }
 
 fn lock(outbox: &Mutex<Outbox>) -> std::sync::MutexGuard<'_, Outbox> {
@@ -220,7 +205,7 @@ pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(),
         .map_err(spool_err(&dir))?;
     let recovered = outbox.stats().depth;
     let outbox = Arc::new(Mutex::new(outbox));
-    let epoch = new_epoch(&state).map_err(spool_err(&dir))?;
+    let epoch = clock::epoch::next_epoch(&state).map_err(spool_err(&dir))?;
     log::info!(
         "ems-edge {} device {} epoch {epoch}; spool {} ({recovered} unacknowledged readings recovered)",
         env!("CARGO_PKG_VERSION"),
@@ -239,7 +224,7 @@ pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(),
     let link_beat = Arc::new(AtomicU64::new(0));
     let link_state = Arc::new(Mutex::new(LinkState::Starting));
     let mut gate = ClockGate::new(MAX_HELD);
-    restore_held(&state, &mut gate);
+    clock::held::restore(&state, &mut gate);
     let held = Arc::new(AtomicU64::new(0));
     let held_dropped = Arc::new(AtomicU64::new(0));
 
@@ -339,7 +324,9 @@ pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(),
         stop_started + Duration::from_millis(1500),
         "sampler",
     );
-    let hold_report = gate.map(|g| stash_held(&state, &g)).unwrap_or_default();
+    let hold_report = gate
+        .map(|g| clock::held::stash(&state, &g))
+        .unwrap_or_default();
     flush_outbox(&outbox, &mut last_spool_error);
     link_stop.trigger();
     join_until(
@@ -379,76 +366,6 @@ fn join_until<T>(handle: JoinHandle<T>, deadline: Instant, name: &str) -> Option
         Err(_) => {
             log::error!("{name} thread panicked");
             None
-        }
-    }
-}
-
-/// At start: takes back the readings a previous process of this boot held
-/// for clock sync (see [`clock`]).
-fn restore_held(dir: &StateDir, gate: &mut ClockGate) {
-    let file = dir.held_file();
-    if !file.exists() {
-        return;
-    }
-    let Some(now) = clock::BootClock::now() else {
-        log::warn!(
-            "{}: cannot read the boot id or CLOCK_BOOTTIME; the readings held for clock sync by the previous run are not restored",
-            file.display()
-        );
-        return;
-    };
-    match clock::load_held(dir, &now) {
-        Ok(loaded) => {
-            if loaded.discarded > 0 {
-                log::warn!(
-                    "discarded {} readings held for clock sync by a previous run: saved in another boot (or unreadable), their time cannot be reconstructed",
-                    loaded.discarded
-                );
-            }
-            if !loaded.restored.is_empty() {
-                log::info!(
-                    "restored {} readings held for clock sync by the previous run (same boot); they are stamped once the clock is synchronized",
-                    loaded.restored.len()
-                );
-                gate.restore(loaded.restored);
-            }
-        }
-        Err(e) => log::warn!("{}: cannot restore held readings: {e}", file.display()),
-    }
-}
-
-/// At an orderly stop: saves the readings still held for clock sync for a
-/// restart in this boot. Returns the words for the final log and status line.
-fn stash_held(dir: &StateDir, gate: &ClockGate) -> String {
-    let (held, dropped) = (gate.held(), gate.dropped());
-    let dropped_note = if dropped > 0 {
-        format!(", {dropped} dropped earlier (hold full)")
-    } else {
-        String::new()
-    };
-    if held == 0 {
-        return if dropped > 0 {
-            format!("; readings held for clock sync: {dropped} dropped (hold full)")
-        } else {
-            String::new()
-        };
-    }
-    let saved = clock::BootClock::now()
-        .ok_or_else(|| io::Error::other("boot id or CLOCK_BOOTTIME unavailable"))
-        .and_then(|now| clock::save_held(dir, &now, gate.held_readings()));
-    match saved {
-        Ok(n) => {
-            log::warn!(
-                "stopping before the system clock was synchronized: saved {n} readings held for clock sync to {} (restored if ems-edge starts again in this boot; lost on a reboot)",
-                dir.held_file().display()
-            );
-            format!("; {n} readings held for clock sync saved{dropped_note}")
-        }
-        Err(e) => {
-            log::warn!(
-                "stopping before the system clock was synchronized: discarding {held} readings held for clock sync (cannot save them: {e}){dropped_note}"
-            );
-            format!("; {held} readings held for clock sync discarded{dropped_note}")
         }
     }
 }

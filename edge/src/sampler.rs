@@ -16,8 +16,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use ems_shared::Reading;
-
 use crate::clock::{ClockGate, Stamped, SyncProbe};
 use crate::meters::{self, Measurement, Meter, MeterConfig, MeterError};
 use crate::outbox::Outbox;
@@ -145,31 +143,13 @@ impl MeterSlot {
 
 /// Measurements the hub would reject as out of range are not sent.
 fn plausible(m: &Measurement) -> bool {
-    let r = to_reading(0, 0, 0, m.clone());
+    let r = m.clone().into_reading(0, 0, 0);
     match r.validate(i64::MAX - ems_shared::MAX_FUTURE_SKEW_MS) {
         Ok(()) => true,
         Err(e) => {
             log::warn!("meter {}: implausible values not sent ({e})", m.meter);
             false
         }
-    }
-}
-
-/// A wire reading from a stamped measurement.
-pub fn to_reading(epoch: u64, seq: u64, ts_ms: i64, m: Measurement) -> Reading {
-    Reading {
-        epoch,
-        seq,
-        ts_ms,
-        meter: m.meter,
-        voltage_v: m.voltage_v,
-        current_a: m.current_a,
-        power_w: m.power_w,
-        energy_wh: m.energy_wh,
-        frequency_hz: m.frequency_hz,
-        power_factor: m.power_factor,
-        reactive_power_var: m.reactive_power_var,
-        ..Default::default()
     }
 }
 
@@ -271,7 +251,7 @@ impl Sampler {
         let mut ob = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
         for s in stamped {
             let seq = self.next_seq;
-            let r = to_reading(self.epoch, seq, s.ts_ms, s.measurement);
+            let r = s.measurement.into_reading(self.epoch, seq, s.ts_ms);
             match ob.append(&r) {
                 Ok(_) => {
                     self.next_seq += 1;

@@ -11,39 +11,19 @@
 use serde::Deserialize;
 use thiserror::Error;
 
+pub use measurement::Measurement;
+
 pub mod simulated;
 
 pub mod atm90e32;
 pub mod dc;
 pub mod ina219;
 pub mod ina226;
+pub mod measurement;
 pub mod modbus;
 pub mod persist;
 pub mod plausible;
 pub mod pulse;
-
-/// One meter's values at one instant, in wire units. `meter` is the id the
-/// reading carries (`[a-z0-9_-]{1,32}`); a multi-channel meter (e.g. one
-/// per phase) yields several.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Measurement {
-    /// Meter id as sent on the wire.
-    pub meter: String,
-    /// Volts.
-    pub voltage_v: Option<f64>,
-    /// Amperes.
-    pub current_a: Option<f64>,
-    /// Watts.
-    pub power_w: Option<f64>,
-    /// Watt-hours, monotonically increasing.
-    pub energy_wh: Option<f64>,
-    /// Hertz.
-    pub frequency_hz: Option<f64>,
-    /// −1 … 1.
-    pub power_factor: Option<f64>,
-    /// var.
-    pub reactive_power_var: Option<f64>,
-}
 
 /// Why a meter could not be opened or read. `hint` tells an installer what
 /// to check.
