@@ -29,19 +29,17 @@
 //! and shuts everything down within 5 s of the signal.
 
 pub mod backoff;
-pub mod check;
 pub mod clock;
 pub mod config;
-pub mod hw;
 pub mod link;
 pub mod meters;
 pub mod notify;
 pub mod outbox;
+pub mod platform;
 pub mod sampler;
 pub mod shutdown;
 pub mod spool;
 pub mod state_dir;
-pub mod tools;
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -17,8 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::clock::{ClockGate, Stamped, SyncProbe};
-use crate::meters::{self, Measurement, Meter, MeterConfig, MeterError};
+use crate::meters::{Measurement, Meter, MeterConfig, MeterError};
 use crate::outbox::Outbox;
+use crate::platform;
 use crate::shutdown::Shutdown;
 
 /// Minimum time between two log lines about the same failing meter.
@@ -71,8 +72,8 @@ impl MeterSlot {
         if self.meter.is_none() {
             let cfg = &self.cfg;
             let dir = &self.state_dir;
-            let opened =
-                catch_unwind(AssertUnwindSafe(|| meters::open(cfg, dir))).unwrap_or_else(|_| {
+            let opened = catch_unwind(AssertUnwindSafe(|| platform::open(cfg, dir)))
+                .unwrap_or_else(|_| {
                     Err(MeterError::new(cfg.id(), "driver panicked while opening"))
                 });
             self.meter = Some(opened?);

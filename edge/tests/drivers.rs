@@ -1140,8 +1140,7 @@ mod pulse {
 
 mod open_and_tools {
     use super::*;
-    use ems_edge::meters;
-    use ems_edge::tools;
+    use ems_edge::platform;
 
     fn parse(text: &str) -> MeterConfig {
         toml::from_str(text).unwrap()
@@ -1184,7 +1183,7 @@ mod open_and_tools {
             ),
         ];
         for (text, hint) in cases {
-            match meters::open(&parse(text), dir.path()) {
+            match platform::open(&parse(text), dir.path()) {
                 Ok(_) => panic!("opened {text}"),
                 Err(e) => {
                     let h = e.hint.clone().unwrap_or_default();
@@ -1193,45 +1192,12 @@ mod open_and_tools {
             }
         }
         // GPIO: not a Pi here (or a Pi: then it may open); never a panic.
-        let r = meters::open(
+        let r = platform::open(
             &parse("id = \"p\"\nkind = \"pulse\"\npin = 17\npulses_per_kwh = 1000\n"),
             dir.path(),
         );
         if let Err(e) = r {
             assert!(!e.message.is_empty());
         }
-    }
-
-    #[test]
-    fn probe_table_and_failure() {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = vec![parse("id = \"sim\"\nkind = \"simulated\"\nseed = 1\n")];
-        assert!(tools::probe_meters(&ok, 1, dir.path()));
-        let bad = vec![parse(
-            "id = \"i\"\nkind = \"ina219\"\nbus = 250\nshunt_ohms = 0.1\nmax_current_a = 3.2\n",
-        )];
-        assert!(!tools::probe_meters(&bad, 1, dir.path()));
-        let row = tools::format_row(
-            &Measurement {
-                meter: "bat".into(),
-                voltage_v: Some(12.0),
-                power_w: Some(60.0),
-                ..Default::default()
-            },
-            Duration::from_millis(41),
-        );
-        assert!(
-            row.contains("12.00 V") && row.contains("60.0 W") && row.contains("41 ms"),
-            "{row}"
-        );
-    }
-
-    #[test]
-    fn i2c_identification() {
-        assert_eq!(tools::identify_ti(0x5449, 0x2260), Some("INA226"));
-        assert_eq!(tools::identify_ti(0x0000, 0x2260), None);
-        assert!(tools::i2c_candidates(0x40).contains("INA219"));
-        assert!(tools::i2c_candidates(0x4F).contains("INA226"));
-        assert!(tools::i2c_candidates(0x76).contains("BME280"));
     }
 }

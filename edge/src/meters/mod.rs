@@ -3,7 +3,8 @@
 //! A meter yields [`Measurement`]s in the wire protocol's units (V, A, W, Wh,
 //! Hz, var). The sampler stamps them with epoch/seq/time and puts them in
 //! the outbox. Drivers for real chips are generic over embedded-hal 1.0 and
-//! never name rppal; `crate::hw` opens the Pi's buses.
+//! never name rppal; [`crate::platform`] opens the Pi's buses and builds
+//! the meter a config table describes.
 //!
 //! (Interface owned jointly by the edge link and the driver work: change
 //! the trait only in agreement.)
@@ -92,21 +93,5 @@ impl MeterConfig {
             MeterConfig::Pulse(c) => &c.id,
             MeterConfig::Modbus(c) => &c.id,
         }
-    }
-}
-
-/// Opens the meter a config table describes. `state_dir` is where a meter
-/// may persist state (e.g. a pulse counter).
-/// Real meters open their bus through `crate::hw`; on a host without the
-/// bus (not a Pi, bus not enabled) this fails with a [`MeterError`] whose
-/// hint says what to enable, never with a panic.
-pub fn open(cfg: &MeterConfig, state_dir: &std::path::Path) -> Result<Box<dyn Meter>, MeterError> {
-    match cfg {
-        MeterConfig::Simulated(c) => Ok(Box::new(simulated::Simulated::new(c.clone()))),
-        MeterConfig::Ina219(c) => crate::hw::open_ina219(c, state_dir),
-        MeterConfig::Ina226(c) => crate::hw::open_ina226(c, state_dir),
-        MeterConfig::Atm90e32(c) => crate::hw::open_atm90e32(c, state_dir),
-        MeterConfig::Pulse(c) => crate::hw::open_pulse(c, state_dir),
-        MeterConfig::Modbus(c) => crate::hw::open_modbus(c),
     }
 }
