@@ -27,8 +27,7 @@
 use std::io;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ems_shared::{
@@ -46,7 +45,8 @@ use tungstenite::{Connector, HandshakeError, Message, WebSocket};
 
 use crate::backoff::{Backoff, Pacer};
 use crate::config::{DeviceToken, HubEndpoint, LinkConfig};
-use crate::outbox::Outbox;
+use crate::health::{Health, LinkState};
+use crate::outbox::{Outbox, SharedOutbox};
 use crate::shutdown::Shutdown;
 
 /// The socket type of a connected link.
@@ -284,17 +284,6 @@ pub enum SessionEnd {
     Lost(String),
 }
 
-/// Link state for the status line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LinkState {
-    /// Before the first attempt.
-    Starting,
-    /// Streaming.
-    Connected,
-    /// Waiting to retry, with the reason.
-    Retrying(String),
-}
-
 /// The RETRYING/CONNECTED loop.
 pub struct Link {
     /// Where to connect.
@@ -302,30 +291,25 @@ pub struct Link {
     /// Tuning.
     pub cfg: LinkConfig,
     /// Shared outbox.
-    pub outbox: Arc<Mutex<Outbox>>,
+    pub outbox: SharedOutbox,
     /// Stop signal: triggered after the sampler has stopped, so the last
     /// readings go out before the close.
     pub shutdown: Shutdown,
-    /// Current state, for the status line.
-    pub state: Arc<Mutex<LinkState>>,
-    /// Milliseconds since `origin` of the last loop progress (watchdog).
-    pub heartbeat: Arc<AtomicU64>,
-    /// Reference instant for `heartbeat`.
-    pub origin: Instant,
+    /// Heartbeat (watchdog) and link state (status line).
+    pub health: Arc<Health>,
 }
 
 impl Link {
     fn beat(&self) {
-        self.heartbeat
-            .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.health.link_beat();
     }
 
     fn set_state(&self, s: LinkState) {
-        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = s;
+        self.health.set_link_state(s);
     }
 
     fn outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {
-        self.outbox.lock().unwrap_or_else(|p| p.into_inner())
+        self.outbox.lock()
     }
 
     /// Runs until shutdown. Never returns early on a network error.

@@ -24,9 +24,10 @@
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::fs::File;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use ems_shared::{EdgeStatus, Reading};
+use thiserror::Error;
 
 use crate::spool::Spool;
 use crate::state_dir::DirLock;
@@ -543,6 +544,47 @@ pub fn sync_files(files: Vec<File>) -> io::Result<()> {
         f.sync_data()?;
     }
     Ok(())
+}
+
+/// Why [`SharedOutbox::sync`] failed (disk full, card errors). The readings
+/// stay in memory and the next call retries.
+#[derive(Debug, Error)]
+pub enum SyncError {
+    /// Writing the buffered readings to the segment files failed.
+    #[error("write failed: {0}")]
+    Write(io::Error),
+    /// fsync of the written files failed.
+    #[error("fsync failed: {0}")]
+    Fsync(io::Error),
+}
+
+/// The [`Outbox`] as the sampler, the link and the supervisor share it.
+///
+/// A panic while the lock is held (a bug) must not stop the other threads:
+/// every method of [`Outbox`] leaves it consistent between calls, so a
+/// poisoned lock is taken over as it is.
+#[derive(Debug, Clone)]
+pub struct SharedOutbox(Arc<Mutex<Outbox>>);
+
+impl SharedOutbox {
+    /// Shares `outbox`.
+    pub fn new(outbox: Outbox) -> Self {
+        SharedOutbox(Arc::new(Mutex::new(outbox)))
+    }
+
+    /// Locks the outbox. Nobody holds the lock across network or disk
+    /// waits, so this never blocks for long.
+    pub fn lock(&self) -> MutexGuard<'_, Outbox> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the buffered readings under the lock (a fast `write`), then
+    /// fsyncs outside it, so the sampler and the link never wait for the
+    /// card.
+    pub fn sync(&self) -> Result<(), SyncError> {
+        let files = self.lock().flush().map_err(SyncError::Write)?;
+        sync_files(files).map_err(SyncError::Fsync)
+    }
 }
 
 #[cfg(test)]

@@ -12,13 +12,13 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::clock::{ClockGate, Stamped, SyncProbe};
+use crate::health::{Health, HoldCounts};
 use crate::meters::{Measurement, Meter, MeterConfig, MeterError};
-use crate::outbox::Outbox;
+use crate::outbox::SharedOutbox;
 use crate::platform;
 use crate::shutdown::Shutdown;
 
@@ -169,17 +169,11 @@ pub struct Sampler {
     /// Next seq.
     pub next_seq: u64,
     /// Where readings go.
-    pub outbox: Arc<Mutex<Outbox>>,
+    pub outbox: SharedOutbox,
     /// Stop signal.
     pub shutdown: Shutdown,
-    /// Milliseconds since `origin` of the last completed tick (watchdog).
-    pub heartbeat: Arc<AtomicU64>,
-    /// Reference instant for `heartbeat`.
-    pub origin: Instant,
-    /// Readings currently held for clock sync (status line).
-    pub held: Arc<AtomicU64>,
-    /// Held readings dropped because the hold was full (status line).
-    pub held_dropped: Arc<AtomicU64>,
+    /// Heartbeat (watchdog) and hold counts (status line).
+    pub health: Arc<Health>,
 }
 
 impl Sampler {
@@ -224,8 +218,7 @@ impl Sampler {
             }
             self.append(stamped);
             self.publish_hold();
-            self.heartbeat
-                .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+            self.health.sampler_beat();
             // Next tick strictly in the future; skip (not bunch) missed ones.
             let elapsed = start.elapsed().as_nanos();
             let next = (elapsed / self.interval.as_nanos().max(1)) as u64 + 1;
@@ -240,16 +233,17 @@ impl Sampler {
     }
 
     fn publish_hold(&self) {
-        self.held.store(self.gate.held() as u64, Ordering::Relaxed);
-        self.held_dropped
-            .store(self.gate.dropped(), Ordering::Relaxed);
+        self.health.set_hold(HoldCounts {
+            held: self.gate.held() as u64,
+            dropped: self.gate.dropped(),
+        });
     }
 
     fn append(&mut self, stamped: Vec<Stamped>) {
         if stamped.is_empty() {
             return;
         }
-        let mut ob = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ob = self.outbox.lock();
         for s in stamped {
             let seq = self.next_seq;
             let r = s.measurement.into_reading(self.epoch, seq, s.ts_ms);
