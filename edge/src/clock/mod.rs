@@ -6,7 +6,8 @@
 //! synchronized, readings are *held* in memory with their monotonic sample
 //! instant ([`ClockGate`]); once it is, each held reading is stamped
 //! `wall_now − (mono_now − mono_sampled)` and released in sample order. The
-//! monotonic clock is unaffected by the NTP step, so the stamps are right.
+//! monotonic clock is unaffected by the NTP step, so the stamps are right
+//! (why: `docs/decisions/edge-clock-gate.md`).
 //!
 //! - [`sync`]: whether the clock is synchronized ([`SystemSync`]).
 //! - [`gate`]: the [`ClockGate`] that holds readings until then and stamps

@@ -13,7 +13,7 @@ fn counter() -> PulseCounter {
 }
 
 #[test]
-fn issue_vector_2000_w() {
+fn pulses_1_8_s_apart_at_1000_imp_per_kwh_are_2000_w() {
     let mut c = counter();
     assert_eq!(c.on_edge(ms(10_000)), EdgeOutcome::Counted);
     assert_eq!(c.power_w(ms(10_500)), None);
