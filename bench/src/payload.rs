@@ -3,6 +3,8 @@
 
 use std::fmt::Write as _;
 
+use ems_shared::Measurement;
+
 /// Unix time in milliseconds.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -11,26 +13,39 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Writes reading `seq` of a device into `out` (cleared first).
+/// Writes reading `seq` of a device into `out` (cleared first): every
+/// measurement of the protocol's list, with plausible values that vary
+/// with `seq` and the device.
 pub fn reading(out: &mut String, epoch: u64, seq: u64, dev: usize) {
     out.clear();
     let t = seq as f64;
     let phase = (dev % 97) as f64;
-    let power = 900.0 + ((t + phase) * 0.37).sin() * 400.0;
+    let wave = |speed: f64| ((t + phase) * speed).sin();
+    let power = 900.0 + wave(0.37) * 400.0;
     let _ = write!(
         out,
-        "{{\"type\":\"reading\",\"epoch\":{epoch},\"seq\":{seq},\"ts_ms\":{},\"meter\":\"main\",\
-         \"voltage_v\":{:.2},\"current_a\":{:.3},\"power_w\":{:.2},\"energy_wh\":{:.2},\
-         \"frequency_hz\":{:.3},\"power_factor\":{:.3},\"reactive_power_var\":{:.2}}}",
-        now_ms(),
-        230.0 + ((t + phase) * 0.11).sin() * 3.0,
-        power / 230.0,
-        power,
-        1_523_400.0 + t * 0.25,
-        50.0 + ((t + phase) * 0.05).sin() * 0.02,
-        0.95 + ((t + phase) * 0.07).sin() * 0.04,
-        120.0 + ((t + phase) * 0.13).sin() * 30.0,
+        "{{\"type\":\"reading\",\"epoch\":{epoch},\"seq\":{seq},\"ts_ms\":{},\"meter\":\"main\"",
+        now_ms()
     );
+    for m in Measurement::ALL {
+        let (value, decimals) = match m {
+            Measurement::VoltageV => (230.0 + wave(0.11) * 3.0, 2),
+            Measurement::CurrentA => (power / 230.0, 3),
+            Measurement::PowerW => (power, 2),
+            Measurement::EnergyWh => (1_523_400.0 + t * 0.25, 2),
+            Measurement::FrequencyHz => (50.0 + wave(0.05) * 0.02, 3),
+            Measurement::PowerFactor => (0.95 + wave(0.07) * 0.04, 3),
+            Measurement::ReactivePowerVar => (120.0 + wave(0.13) * 30.0, 2),
+            // A measurement added to the protocol later: the middle of its
+            // valid range.
+            _ => {
+                let (lo, hi) = m.range();
+                (lo / 2.0 + hi / 2.0, 2)
+            }
+        };
+        let _ = write!(out, ",\"{}\":{value:.decimals$}", m.name());
+    }
+    out.push('}');
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::{Measured, Reading};
+
 /// Hub → edge frames.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -34,47 +36,48 @@ impl HubFrame {
     }
 }
 
-/// Hub → dashboard: a reading as the device sent it, plus where it came
-/// from and when the hub received it. Decoding is lenient (unknown fields
-/// are ignored) so that dashboards keep working when fields are added.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DashboardReading {
-    /// `"reading"`.
-    #[serde(rename = "type")]
-    pub frame_type: String,
-    /// The device that sent it.
-    pub device_id: String,
-    /// Hub receive time, Unix ms.
-    pub rx_ms: i64,
-    /// As in [`crate::Reading`].
-    pub epoch: u64,
-    /// As in [`crate::Reading`].
-    pub seq: u64,
-    /// As in [`crate::Reading`].
-    pub ts_ms: i64,
-    /// As in [`crate::Reading`].
-    pub meter: String,
-    /// As in [`crate::Reading`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub voltage_v: Option<f64>,
-    /// As in [`crate::Reading`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub current_a: Option<f64>,
-    /// As in [`crate::Reading`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub power_w: Option<f64>,
-    /// As in [`crate::Reading`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub energy_wh: Option<f64>,
-    /// As in [`crate::Reading`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frequency_hz: Option<f64>,
-    /// As in [`crate::Reading`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub power_factor: Option<f64>,
-    /// As in [`crate::Reading`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reactive_power_var: Option<f64>,
+crate::measurement_struct! {
+    serde:
+    /// Hub → dashboard: a reading as the device sent it, plus where it came
+    /// from and when the hub received it. Decoding is lenient (unknown fields
+    /// are ignored) so that dashboards keep working when fields are added.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    pub struct DashboardReading {
+        /// `"reading"`.
+        #[serde(rename = "type")]
+        pub frame_type: String,
+        /// The device that sent it.
+        pub device_id: String,
+        /// Hub receive time, Unix ms.
+        pub rx_ms: i64,
+        /// As in [`crate::Reading`].
+        pub epoch: u64,
+        /// As in [`crate::Reading`].
+        pub seq: u64,
+        /// As in [`crate::Reading`].
+        pub ts_ms: i64,
+        /// As in [`crate::Reading`].
+        pub meter: String,
+    }
+}
+
+impl DashboardReading {
+    /// The dashboard frame of a stored reading of `device_id`, received by
+    /// the hub at `rx_ms`.
+    pub fn new(device_id: &str, rx_ms: i64, reading: Reading) -> Self {
+        let mut d = DashboardReading {
+            frame_type: "reading".into(),
+            device_id: device_id.to_owned(),
+            rx_ms,
+            epoch: reading.epoch,
+            seq: reading.seq,
+            ts_ms: reading.ts_ms,
+            ..Default::default()
+        };
+        d.set_measurements_from(&reading);
+        d.meter = reading.meter;
+        d
+    }
 }
 
 /// Builds the dashboard frame from the reading's raw JSON text, which must

@@ -4,6 +4,8 @@
 //! Nothing else lives here: no I/O, no async runtime, no WebSocket library.
 //!
 //! ## Layout
+//! - [`measurement`]: the one list of measurements (name, unit, range) that
+//!   every struct carrying measurements and every store derives from.
 //! - [`ids`]: device ids and meter ids (syntax only).
 //! - [`reading`]: the `reading` frame (edge → hub), its strict decoder and
 //!   range validation (the "gatekeeper").
@@ -30,12 +32,14 @@
 pub mod dashboard;
 pub mod frames;
 pub mod ids;
+pub mod measurement;
 pub mod reading;
 pub mod status;
 
 pub use dashboard::DashboardFrame;
 pub use frames::{dashboard_frame, DashboardReading, HubFrame};
 pub use ids::{validate_device_id, validate_meter_id, IdError};
+pub use measurement::{Measured, Measurement};
 pub use reading::{decode_reading, FrameError, Reading, RejectReason};
 pub use status::{decode_edge_frame, EdgeFrame, EdgeStatus};
 

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::{validate_meter_id, MAX_FUTURE_SKEW_MS, MAX_SAFE_INTEGER};
+use crate::{validate_meter_id, Measured, MAX_FUTURE_SKEW_MS, MAX_SAFE_INTEGER};
 
 /// The constant `"type":"reading"` tag of a reading frame.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,45 +19,29 @@ pub enum ReadingTag {
     Reading,
 }
 
-/// One sample of one meter, as sent by the edge.
-///
-/// Build one with struct-update syntax:
-/// `Reading { epoch, seq, ts_ms, meter: "main".into(), power_w: Some(960.5), ..Default::default() }`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Reading {
-    /// Always `"reading"`.
-    #[serde(rename = "type")]
-    pub frame_type: ReadingTag,
-    /// Chosen by the edge at process start.
-    pub epoch: u64,
-    /// Counts readings within the epoch, from 0.
-    pub seq: u64,
-    /// Sample time, Unix milliseconds.
-    pub ts_ms: i64,
-    /// Meter id on the device (`[a-z0-9_-]{1,32}`).
-    pub meter: String,
-    /// RMS voltage, volts, [0, 2000].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub voltage_v: Option<f64>,
-    /// Current, amperes, [-10000, 10000] (negative: export).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub current_a: Option<f64>,
-    /// Active power, watts, [-1e7, 1e7] (negative: export).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub power_w: Option<f64>,
-    /// Energy counter, watt-hours, [0, 1e13].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub energy_wh: Option<f64>,
-    /// Line frequency, hertz, [0, 1000].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frequency_hz: Option<f64>,
-    /// Power factor, [-1, 1].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub power_factor: Option<f64>,
-    /// Reactive power, var, [-1e7, 1e7].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reactive_power_var: Option<f64>,
+crate::measurement_struct! {
+    serde:
+    /// One sample of one meter, as sent by the edge.
+    ///
+    /// Build one with struct-update syntax:
+    /// `Reading { epoch, seq, ts_ms, meter: "main".into(), power_w: Some(960.5), ..Default::default() }`.
+    /// The measurement fields come from the one list in
+    /// [`crate::measurement`]; at least one must be present.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Reading {
+        /// Always `"reading"`.
+        #[serde(rename = "type")]
+        pub frame_type: ReadingTag,
+        /// Chosen by the edge at process start.
+        pub epoch: u64,
+        /// Counts readings within the epoch, from 0.
+        pub seq: u64,
+        /// Sample time, Unix milliseconds.
+        pub ts_ms: i64,
+        /// Meter id on the device (`[a-z0-9_-]{1,32}`).
+        pub meter: String,
+    }
 }
 
 /// Why a frame was refused. [`RejectReason::code`] is a stable, short
@@ -164,21 +148,7 @@ impl FrameError {
     }
 }
 
-type Check = (&'static str, Option<f64>, f64, f64);
-
 impl Reading {
-    fn measurements(&self) -> [Check; 7] {
-        [
-            ("voltage_v", self.voltage_v, 0.0, 2000.0),
-            ("current_a", self.current_a, -10_000.0, 10_000.0),
-            ("power_w", self.power_w, -1e7, 1e7),
-            ("energy_wh", self.energy_wh, 0.0, 1e13),
-            ("frequency_hz", self.frequency_hz, 0.0, 1000.0),
-            ("power_factor", self.power_factor, -1.0, 1.0),
-            ("reactive_power_var", self.reactive_power_var, -1e7, 1e7),
-        ]
-    }
-
     /// Checks ranges and ids. `now_ms` is the validator's clock (Unix ms).
     pub fn validate(&self, now_ms: i64) -> Result<(), FrameError> {
         let err = |reason, detail: String| {
@@ -217,15 +187,14 @@ impl Reading {
             ));
         }
         let mut any = false;
-        for (name, value, lo, hi) in self.measurements() {
-            if let Some(v) = value {
-                any = true;
-                if !v.is_finite() || v < lo || v > hi {
-                    return Err(err(
-                        RejectReason::OutOfRange,
-                        format!("{name} = {v} is outside [{lo}, {hi}]"),
-                    ));
-                }
+        for (m, v) in self.present() {
+            any = true;
+            let (lo, hi) = m.range();
+            if !v.is_finite() || v < lo || v > hi {
+                return Err(err(
+                    RejectReason::OutOfRange,
+                    format!("{m} = {v} is outside [{lo}, {hi}]"),
+                ));
             }
         }
         if !any {
