@@ -1,63 +1,43 @@
 //! What a meter yields and its wire form: the only place that converts
 //! between a [`Measurement`] and an [`ems_shared::Reading`].
 
-use ems_shared::Reading;
+use ems_shared::{Measured, Reading};
 
-/// One meter's values at one instant, in wire units. `meter` is the id the
-/// reading carries (`[a-z0-9_-]{1,32}`); a multi-channel meter (e.g. one
-/// per phase) yields several.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Measurement {
-    /// Meter id as sent on the wire.
-    pub meter: String,
-    /// Volts.
-    pub voltage_v: Option<f64>,
-    /// Amperes.
-    pub current_a: Option<f64>,
-    /// Watts.
-    pub power_w: Option<f64>,
-    /// Watt-hours, monotonically increasing.
-    pub energy_wh: Option<f64>,
-    /// Hertz.
-    pub frequency_hz: Option<f64>,
-    /// −1 … 1.
-    pub power_factor: Option<f64>,
-    /// var.
-    pub reactive_power_var: Option<f64>,
+ems_shared::measurement_struct! {
+    /// One meter's values at one instant, in wire units: one optional
+    /// field per measurement of the protocol's list
+    /// ([`ems_shared::Measurement::ALL`]), so a measurement added there
+    /// appears here without a change to the edge. `meter` is the id the
+    /// reading carries (`[a-z0-9_-]{1,32}`); a multi-channel meter (e.g. one
+    /// per phase) yields several.
+    #[derive(Debug, Clone, Default, PartialEq)]
+    pub struct Measurement {
+        /// Meter id as sent on the wire.
+        pub meter: String,
+    }
 }
 
 impl Measurement {
     /// The wire reading of this measurement, stamped with its identity
     /// (`epoch`, `seq`) and sample time.
     pub fn into_reading(self, epoch: u64, seq: u64, ts_ms: i64) -> Reading {
-        Reading {
+        let mut r = Reading {
             epoch,
             seq,
             ts_ms,
-            meter: self.meter,
-            voltage_v: self.voltage_v,
-            current_a: self.current_a,
-            power_w: self.power_w,
-            energy_wh: self.energy_wh,
-            frequency_hz: self.frequency_hz,
-            power_factor: self.power_factor,
-            reactive_power_var: self.reactive_power_var,
             ..Default::default()
-        }
+        };
+        r.set_measurements_from(&self);
+        r.meter = self.meter;
+        r
     }
 
     /// The measurement a wire reading carries (its stamp is dropped).
     pub fn from_reading(r: Reading) -> Measurement {
-        Measurement {
-            meter: r.meter,
-            voltage_v: r.voltage_v,
-            current_a: r.current_a,
-            power_w: r.power_w,
-            energy_wh: r.energy_wh,
-            frequency_hz: r.frequency_hz,
-            power_factor: r.power_factor,
-            reactive_power_var: r.reactive_power_var,
-        }
+        let mut m = Measurement::default();
+        m.set_measurements_from(&r);
+        m.meter = r.meter;
+        m
     }
 }
 

@@ -1,13 +1,22 @@
 //! Meters: the [`Meter`] abstraction and one module per kind.
 //!
 //! A meter yields [`Measurement`]s in the wire protocol's units (V, A, W, Wh,
-//! Hz, var). The sampler stamps them with epoch/seq/time and puts them in
-//! the outbox. Drivers for real chips are generic over embedded-hal 1.0 and
-//! never name rppal; [`crate::platform`] opens the Pi's buses and builds
-//! the meter a config table describes.
+//! Hz, var); [`measurement`] converts them to and from wire readings. The
+//! sampler stamps them with epoch/seq/time and puts them in the outbox.
+//! Drivers for real chips are generic over embedded-hal 1.0 and never name
+//! rppal; [`crate::platform`] opens the Pi's buses and builds the meter a
+//! config table describes.
 //!
-//! (Interface owned jointly by the edge link and the driver work: change
-//! the trait only in agreement.)
+//! The [`Meter`] trait is the contract between the sampler and every driver:
+//! a change to it touches all of them.
+//!
+//! - [`simulated`]: a household supply for demos and tests.
+//! - [`ina219`], [`ina226`]: DC power monitors on I2C, made meters by [`dc`].
+//! - [`atm90e32`]: three-phase metering IC on SPI.
+//! - [`pulse`]: S0 pulse outputs on a GPIO.
+//! - [`modbus`]: Modbus RTU meters on a serial line.
+//! - [`persist`]: counters that survive a restart; [`plausible`]: the
+//!   sanity check every driver applies.
 
 use serde::Deserialize;
 use thiserror::Error;
