@@ -7,7 +7,8 @@
 //! the only thing it shares with the sampler, and it never holds it across
 //! socket I/O.
 //!
-//! - [`connect`]: TCP, TLS and the authenticated WebSocket handshake.
+//! - [`connect`](mod@connect): TCP, TLS and the authenticated WebSocket
+//!   handshake.
 //! - [`session`]: the CONNECTED loop (send, read acks, ping, close).
 //! - This module: the RETRYING/CONNECTED loop and how long to back off
 //!   after each way a connection can end. Close code 4000 (another
