@@ -8,6 +8,7 @@
 //! answer that will not change soon (401/403, close code 4000): the wait is
 //! drawn from `[cap/2, cap]`. [`Backoff::reset`] is called after a connection
 //! that stayed up. The random source is passed in so tests are deterministic.
+//! (Why full jitter: `docs/decisions/edge-full-jitter-backoff.md`.)
 //!
 //! ## Pacing
 //! [`Pacer`] is a token bucket that keeps the edge under the hub's

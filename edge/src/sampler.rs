@@ -12,15 +12,14 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use ems_shared::Reading;
-
 use crate::clock::{ClockGate, Stamped, SyncProbe};
-use crate::meters::{self, Measurement, Meter, MeterConfig, MeterError};
-use crate::outbox::Outbox;
+use crate::health::{Health, HoldCounts};
+use crate::meters::{Measurement, Meter, MeterConfig, MeterError};
+use crate::outbox::SharedOutbox;
+use crate::platform;
 use crate::shutdown::Shutdown;
 
 /// Minimum time between two log lines about the same failing meter.
@@ -73,8 +72,8 @@ impl MeterSlot {
         if self.meter.is_none() {
             let cfg = &self.cfg;
             let dir = &self.state_dir;
-            let opened =
-                catch_unwind(AssertUnwindSafe(|| meters::open(cfg, dir))).unwrap_or_else(|_| {
+            let opened = catch_unwind(AssertUnwindSafe(|| platform::open(cfg, dir)))
+                .unwrap_or_else(|_| {
                     Err(MeterError::new(cfg.id(), "driver panicked while opening"))
                 });
             self.meter = Some(opened?);
@@ -145,31 +144,13 @@ impl MeterSlot {
 
 /// Measurements the hub would reject as out of range are not sent.
 fn plausible(m: &Measurement) -> bool {
-    let r = to_reading(0, 0, 0, m.clone());
+    let r = m.clone().into_reading(0, 0, 0);
     match r.validate(i64::MAX - ems_shared::MAX_FUTURE_SKEW_MS) {
         Ok(()) => true,
         Err(e) => {
             log::warn!("meter {}: implausible values not sent ({e})", m.meter);
             false
         }
-    }
-}
-
-/// A wire reading from a stamped measurement.
-pub fn to_reading(epoch: u64, seq: u64, ts_ms: i64, m: Measurement) -> Reading {
-    Reading {
-        epoch,
-        seq,
-        ts_ms,
-        meter: m.meter,
-        voltage_v: m.voltage_v,
-        current_a: m.current_a,
-        power_w: m.power_w,
-        energy_wh: m.energy_wh,
-        frequency_hz: m.frequency_hz,
-        power_factor: m.power_factor,
-        reactive_power_var: m.reactive_power_var,
-        ..Default::default()
     }
 }
 
@@ -188,17 +169,11 @@ pub struct Sampler {
     /// Next seq.
     pub next_seq: u64,
     /// Where readings go.
-    pub outbox: Arc<Mutex<Outbox>>,
+    pub outbox: SharedOutbox,
     /// Stop signal.
     pub shutdown: Shutdown,
-    /// Milliseconds since `origin` of the last completed tick (watchdog).
-    pub heartbeat: Arc<AtomicU64>,
-    /// Reference instant for `heartbeat`.
-    pub origin: Instant,
-    /// Readings currently held for clock sync (status line).
-    pub held: Arc<AtomicU64>,
-    /// Held readings dropped because the hold was full (status line).
-    pub held_dropped: Arc<AtomicU64>,
+    /// Heartbeat (watchdog) and hold counts (status line).
+    pub health: Arc<Health>,
 }
 
 impl Sampler {
@@ -243,8 +218,7 @@ impl Sampler {
             }
             self.append(stamped);
             self.publish_hold();
-            self.heartbeat
-                .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+            self.health.sampler_beat();
             // Next tick strictly in the future; skip (not bunch) missed ones.
             let elapsed = start.elapsed().as_nanos();
             let next = (elapsed / self.interval.as_nanos().max(1)) as u64 + 1;
@@ -259,19 +233,20 @@ impl Sampler {
     }
 
     fn publish_hold(&self) {
-        self.held.store(self.gate.held() as u64, Ordering::Relaxed);
-        self.held_dropped
-            .store(self.gate.dropped(), Ordering::Relaxed);
+        self.health.set_hold(HoldCounts {
+            held: self.gate.held() as u64,
+            dropped: self.gate.dropped(),
+        });
     }
 
     fn append(&mut self, stamped: Vec<Stamped>) {
         if stamped.is_empty() {
             return;
         }
-        let mut ob = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ob = self.outbox.lock();
         for s in stamped {
             let seq = self.next_seq;
-            let r = to_reading(self.epoch, seq, s.ts_ms, s.measurement);
+            let r = s.measurement.into_reading(self.epoch, seq, s.ts_ms);
             match ob.append(&r) {
                 Ok(_) => {
                     self.next_seq += 1;

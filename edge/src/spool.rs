@@ -1,8 +1,9 @@
 //! The on-disk spool behind the outbox, designed for SD cards.
 //!
 //! - Readings are records: one line of wire JSON each, appended to segment
-//!   files `NNNNNNNNNNNNNNNNNNNN.seg` in `spool_dir`, where the number is the
-//!   record number of the segment's first line. Record numbers are dense and
+//!   files `NNNNNNNNNNNNNNNNNNNN.seg` in `spool_dir` (named by
+//!   [`StateDir::segment_file`]), where the number is the record number of
+//!   the segment's first line. Record numbers are dense and
 //!   keep increasing across restarts, so a record's number is its identity.
 //! - Appends go to a memory buffer; [`Spool::flush`] (every
 //!   `spool_sync_interval_ms`, 1 s by default) writes the buffer in one
@@ -20,11 +21,8 @@
 //!   unparseable line is skipped when read (and logged by the caller).
 //! - Recent records are also kept in memory, so sending live readings never
 //!   reads the card.
-//! - One process per spool: [`DirLock`] takes an exclusive `flock` on
-//!   `spool_dir/lock` for as long as the spool is open (the kernel releases
-//!   it when the process dies, even by SIGKILL). A second `ems-edge run` on
-//!   the same directory (the service plus a manual run) fails at start
-//!   instead of the two corrupting each other's segments.
+//! - One process per spool: the spool holds the directory's [`DirLock`]
+//!   for as long as it is open.
 //! - Directory entries are made durable where it matters: a new segment's
 //!   directory is fsynced with its first data, and after segments are
 //!   deleted the directory is fsynced on the next flush (a deletion lost to
@@ -34,92 +32,15 @@
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-const SEGMENT_SUFFIX: &str = ".seg";
-const WATERMARK_FILE: &str = "acked";
+use crate::state_dir::{write_replacing, DirLock, StateDir};
+
 /// Largest segment file.
 const MAX_SEGMENT_BYTES: u64 = 1024 * 1024;
 /// Records kept in memory beyond the unwritten ones.
 const RECENT_RECORDS: usize = 4096;
-
-/// The lock file in the spool directory (see [`DirLock`]).
-pub const LOCK_FILE: &str = "lock";
-
-/// Exclusive use of a spool directory by this process: an `flock` on
-/// `dir/lock`, held until dropped (or the process exits). The file holds
-/// the owner's pid, for the error message of the next process.
-#[derive(Debug)]
-pub struct DirLock {
-    /// The locked directory.
-    dir: PathBuf,
-    /// The locked file (the lock lives as long as this descriptor).
-    _file: File,
-}
-
-impl DirLock {
-    /// Creates `dir` if needed and locks it. When another process (or
-    /// another open spool of this process) holds the lock, fails at once
-    /// with [`io::ErrorKind::WouldBlock`] and a message naming the holder.
-    pub fn acquire(dir: &Path) -> io::Result<DirLock> {
-        fs::create_dir_all(dir)?;
-        let path = dir.join(LOCK_FILE);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
-        // SAFETY: flock on a descriptor we own and keep open.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Err(e);
-            }
-            let holder = fs::read_to_string(&path)
-                .ok()
-                .and_then(|s| s.trim().parse::<u32>().ok())
-                .map(|pid| format!(" (pid {pid})"))
-                .unwrap_or_default();
-            return Err(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                format!("in use by another ems-edge process{holder}"),
-            ));
-        }
-        // Best effort: the pid is only informational.
-        if file.set_len(0).is_ok() {
-            let _ = writeln!(file, "{}", std::process::id());
-        }
-        Ok(DirLock {
-            dir: dir.to_path_buf(),
-            _file: file,
-        })
-    }
-
-    /// The locked directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-}
-
-/// fsyncs a directory, making renames, creations and deletions in it durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Replaces `dir/name` atomically and durably: writes a temporary file,
-/// fsyncs it, renames it over `name` and fsyncs the directory (without the
-/// last step a power cut can undo the rename).
-pub fn write_durably(dir: &Path, name: &str, contents: &[u8]) -> io::Result<()> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    fs::write(&tmp, contents)?;
-    File::open(&tmp)?.sync_all()?;
-    fs::rename(&tmp, dir.join(name))?;
-    sync_dir(dir)
-}
 
 /// One segment file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,7 +74,7 @@ struct Cursor {
 #[derive(Debug)]
 pub struct Spool {
     /// Directory of segment files.
-    dir: PathBuf,
+    dir: StateDir,
     /// Bound on all segment bytes.
     max_bytes: u64,
     /// Rotation size.
@@ -184,10 +105,6 @@ pub struct Spool {
     _lock: Option<DirLock>,
 }
 
-fn segment_path(dir: &Path, base: u64) -> PathBuf {
-    dir.join(format!("{base:020}{SEGMENT_SUFFIX}"))
-}
-
 impl Spool {
     /// Opens (creating if needed) the spool in `dir`, recovering segments.
     /// Takes the directory's [`DirLock`] first.
@@ -197,25 +114,14 @@ impl Spool {
 
     /// Like [`Spool::open`], with the directory already locked by the caller.
     pub fn open_locked(lock: DirLock, max_bytes: u64) -> io::Result<Spool> {
-        let dir = lock.dir().to_path_buf();
-        let dir = dir.as_path();
-        let mut bases = vec![];
-        for entry in fs::read_dir(dir)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if let Some(num) = name.strip_suffix(SEGMENT_SUFFIX) {
-                if let Ok(base) = num.parse::<u64>() {
-                    bases.push(base);
-                }
-            }
-        }
+        let dir = lock.dir().clone();
+        let mut bases = dir.segment_bases()?;
         bases.sort_unstable();
-        let watermark = read_watermark(dir);
+        let watermark = read_watermark(&dir);
         let mut segments = VecDeque::new();
         let mut prev_end = 0u64;
         for base in bases {
-            let path = segment_path(dir, base);
+            let path = dir.segment_file(base);
             let (count, bytes) = recover_segment(&path)?;
             if count == 0 || base < prev_end {
                 // Empty, or overlapping an earlier one (should not happen).
@@ -230,7 +136,7 @@ impl Spool {
         let first = segments.front().map_or(next_rec, |s| s.base);
         let segment_bytes = (max_bytes / 8).clamp(4096, MAX_SEGMENT_BYTES);
         let mut spool = Spool {
-            dir: dir.to_path_buf(),
+            dir,
             max_bytes,
             segment_bytes,
             segments,
@@ -342,7 +248,7 @@ impl Spool {
         if self.cursor.as_ref().is_some_and(|c| c.base == seg.base) {
             self.cursor = None;
         }
-        match fs::remove_file(segment_path(&self.dir, seg.base)) {
+        match fs::remove_file(self.dir.segment_file(seg.base)) {
             Ok(()) => self.dir_dirty = true,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => log::warn!("spool: cannot delete segment {}: {e}", seg.base),
@@ -358,12 +264,12 @@ impl Spool {
         };
         let written_len = seg.bytes - self.buffer.len() as u64;
         if self.tail.is_none() {
-            let path = segment_path(&self.dir, seg.base);
+            let path = self.dir.segment_file(seg.base);
             let created = !path.exists();
             let f = OpenOptions::new().create(true).append(true).open(&path)?;
             if created {
                 // Make the new directory entry durable with the data.
-                if let Ok(d) = File::open(&self.dir) {
+                if let Ok(d) = File::open(self.dir.path()) {
                     self.to_sync.push(d);
                 }
             }
@@ -389,7 +295,7 @@ impl Spool {
         let mut files = std::mem::take(&mut self.to_sync);
         if std::mem::take(&mut self.dir_dirty) {
             // Make the deletions durable (fsynced with the rest, outside the lock).
-            match File::open(&self.dir) {
+            match File::open(self.dir.path()) {
                 Ok(d) => files.push(d),
                 Err(e) => {
                     self.dir_dirty = true;
@@ -421,9 +327,7 @@ impl Spool {
         if low == self.saved_watermark {
             return Ok(());
         }
-        let tmp = self.dir.join(format!("{WATERMARK_FILE}.tmp"));
-        fs::write(&tmp, format!("{low}\n"))?;
-        fs::rename(&tmp, self.dir.join(WATERMARK_FILE))?;
+        write_replacing(&self.dir.watermark_file(), format!("{low}\n").as_bytes())?;
         self.saved_watermark = low;
         Ok(())
     }
@@ -457,7 +361,7 @@ impl Spool {
             .as_ref()
             .is_some_and(|c| c.base == seg.base && c.rec <= rec);
         if !reusable {
-            let f = File::open(segment_path(&self.dir, seg.base))?;
+            let f = File::open(self.dir.segment_file(seg.base))?;
             self.cursor = Some(Cursor {
                 base: seg.base,
                 rec: seg.base,
@@ -493,8 +397,8 @@ impl Spool {
     }
 }
 
-fn read_watermark(dir: &Path) -> u64 {
-    fs::read_to_string(dir.join(WATERMARK_FILE))
+fn read_watermark(dir: &StateDir) -> u64 {
+    fs::read_to_string(dir.watermark_file())
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0)
@@ -571,7 +475,7 @@ mod tests {
         fill(&mut s, 0, 3);
         s.flush().unwrap();
         drop(s);
-        let path = segment_path(dir.path(), 0);
+        let path = StateDir::new(dir.path()).segment_file(0);
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"{\"n\":3,\"pa").unwrap();
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
@@ -595,13 +499,13 @@ mod tests {
             .unwrap()
             .filter(|e| {
                 let name = e.as_ref().unwrap().file_name();
-                name.to_string_lossy().ends_with(SEGMENT_SUFFIX)
+                name.to_string_lossy().ends_with(".seg")
             })
             .count();
         assert_eq!(files, s.segment_count());
         // Besides the segments: only the lock file.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), files + 1);
-        assert!(dir.path().join(LOCK_FILE).exists());
+        assert!(dir.path().join("lock").exists());
         s.release_below(399).unwrap();
         assert_eq!(s.segment_count(), 1);
         s.persist_watermark(399).unwrap();
@@ -620,7 +524,7 @@ mod tests {
         s.flush().unwrap();
         s.persist_watermark(5).unwrap();
         drop(s);
-        fs::remove_file(segment_path(dir.path(), 0)).unwrap();
+        fs::remove_file(StateDir::new(dir.path()).segment_file(0)).unwrap();
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
         assert_eq!((s.next_rec(), s.acked_below()), (5, 5));
         fill(&mut s, 5, 6);

@@ -234,14 +234,21 @@ macro_rules! __measured_impl {
     ($name:ident $($field:ident $variant:ident)*) => {
         impl $crate::Measured for $name {
             fn get(&self, m: $crate::Measurement) -> Option<f64> {
+                // The struct has a field for every variant of the same table;
+                // the wildcard arm only satisfies `#[non_exhaustive]` when
+                // the macro is used outside ems-shared.
+                #[allow(unreachable_patterns)]
                 match m {
                     $( $crate::Measurement::$variant => self.$field, )*
+                    _ => None,
                 }
             }
 
             fn set(&mut self, m: $crate::Measurement, value: Option<f64>) {
+                #[allow(unreachable_patterns)]
                 match m {
                     $( $crate::Measurement::$variant => self.$field = value, )*
+                    _ => {}
                 }
             }
         }

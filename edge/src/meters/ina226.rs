@@ -61,6 +61,22 @@ pub mod reg {
 pub const MANUFACTURER_TI: u16 = 0x5449;
 /// Expected die ID.
 pub const DIE_INA226: u16 = 0x2260;
+/// Names TI parts from their manufacturer (0xFE) and die (0xFF) ID
+/// registers, which the INA226 and its newer siblings share (`ems-edge scan
+/// i2c` asks every address in 0x40–0x4F).
+pub fn identify_ti(manufacturer: u16, die: u16) -> Option<&'static str> {
+    if manufacturer != MANUFACTURER_TI {
+        return None;
+    }
+    match die {
+        DIE_INA226 => Some("INA226"),
+        0x2270 => Some("INA260"),
+        0x2280 => Some("INA228"),
+        0x2290 => Some("INA229"),
+        _ => Some("TI device"),
+    }
+}
+
 /// Mask/Enable: math overflow flag (bit 2).
 pub const OVF: u16 = 1 << 2;
 

@@ -1,15 +1,27 @@
 //! Meters: the [`Meter`] abstraction and one module per kind.
 //!
 //! A meter yields [`Measurement`]s in the wire protocol's units (V, A, W, Wh,
-//! Hz, var). The sampler stamps them with epoch/seq/time and puts them in
-//! the outbox. Drivers for real chips are generic over embedded-hal 1.0 and
-//! never name rppal; `crate::hw` opens the Pi's buses.
+//! Hz, var); [`measurement`] converts them to and from wire readings. The
+//! sampler stamps them with epoch/seq/time and puts them in the outbox.
+//! Drivers for real chips are generic over embedded-hal 1.0 and never name
+//! rppal; [`crate::platform`] opens the Pi's buses and builds the meter a
+//! config table describes.
 //!
-//! (Interface owned jointly by the edge link and the driver work: change
-//! the trait only in agreement.)
+//! The [`Meter`] trait is the contract between the sampler and every driver:
+//! a change to it touches all of them.
+//!
+//! - [`simulated`]: a household supply for demos and tests.
+//! - [`ina219`], [`ina226`]: DC power monitors on I2C, made meters by [`dc`].
+//! - [`atm90e32`]: three-phase metering IC on SPI.
+//! - [`pulse`]: S0 pulse outputs on a GPIO.
+//! - [`modbus`]: Modbus RTU meters on a serial line.
+//! - [`persist`]: counters that survive a restart; [`plausible`]: the
+//!   sanity check every driver applies.
 
 use serde::Deserialize;
 use thiserror::Error;
+
+pub use measurement::Measurement;
 
 pub mod simulated;
 
@@ -17,33 +29,11 @@ pub mod atm90e32;
 pub mod dc;
 pub mod ina219;
 pub mod ina226;
+pub mod measurement;
 pub mod modbus;
 pub mod persist;
 pub mod plausible;
 pub mod pulse;
-
-/// One meter's values at one instant, in wire units. `meter` is the id the
-/// reading carries (`[a-z0-9_-]{1,32}`); a multi-channel meter (e.g. one
-/// per phase) yields several.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Measurement {
-    /// Meter id as sent on the wire.
-    pub meter: String,
-    /// Volts.
-    pub voltage_v: Option<f64>,
-    /// Amperes.
-    pub current_a: Option<f64>,
-    /// Watts.
-    pub power_w: Option<f64>,
-    /// Watt-hours, monotonically increasing.
-    pub energy_wh: Option<f64>,
-    /// Hertz.
-    pub frequency_hz: Option<f64>,
-    /// −1 … 1.
-    pub power_factor: Option<f64>,
-    /// var.
-    pub reactive_power_var: Option<f64>,
-}
 
 /// Why a meter could not be opened or read. `hint` tells an installer what
 /// to check.
@@ -112,21 +102,5 @@ impl MeterConfig {
             MeterConfig::Pulse(c) => &c.id,
             MeterConfig::Modbus(c) => &c.id,
         }
-    }
-}
-
-/// Opens the meter a config table describes. `state_dir` is where a meter
-/// may persist state (e.g. a pulse counter).
-/// Real meters open their bus through `crate::hw`; on a host without the
-/// bus (not a Pi, bus not enabled) this fails with a [`MeterError`] whose
-/// hint says what to enable, never with a panic.
-pub fn open(cfg: &MeterConfig, state_dir: &std::path::Path) -> Result<Box<dyn Meter>, MeterError> {
-    match cfg {
-        MeterConfig::Simulated(c) => Ok(Box::new(simulated::Simulated::new(c.clone()))),
-        MeterConfig::Ina219(c) => crate::hw::open_ina219(c, state_dir),
-        MeterConfig::Ina226(c) => crate::hw::open_ina226(c, state_dir),
-        MeterConfig::Atm90e32(c) => crate::hw::open_atm90e32(c, state_dir),
-        MeterConfig::Pulse(c) => crate::hw::open_pulse(c, state_dir),
-        MeterConfig::Modbus(c) => crate::hw::open_modbus(c),
     }
 }

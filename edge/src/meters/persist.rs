@@ -3,7 +3,8 @@
 //! Some meters keep a counter that must survive a restart: the pulse count of
 //! an S0 meter, the energy integrated for an INA219/INA226, the energy drained
 //! from the ATM90E32's read-to-clear energy registers. Each such counter lives
-//! in one small text file `<state_dir>/<meter id>.<name>`.
+//! in one small text file `<state_dir>/<meter id>.<name>` (named by
+//! [`StateDir::meter_file`]).
 //!
 //! SD cards wear out and tear writes on power loss, so:
 //! - a write is atomic: the new content goes to `<file>.tmp`, is fsynced, and
@@ -18,6 +19,8 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
+
+use crate::state_dir::{tmp_path, StateDir};
 
 /// Default bound on how often a state file is rewritten.
 pub const DEFAULT_MIN_INTERVAL: Duration = Duration::from_secs(60);
@@ -39,7 +42,7 @@ impl StateFile {
     /// A state file for `meter` named `name` in `state_dir`.
     pub fn new(state_dir: &Path, meter: &str, name: &str) -> Self {
         StateFile {
-            path: state_dir.join(format!("{meter}.{name}")),
+            path: StateDir::new(state_dir).meter_file(meter, name),
             min_interval: DEFAULT_MIN_INTERVAL,
             last_write: None,
             last_content: None,
@@ -109,9 +112,7 @@ impl StateFile {
 pub fn write_atomic(path: &Path, content: &str) -> io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     fs::create_dir_all(dir)?;
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
+    let tmp = tmp_path(path);
     {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(content.as_bytes())?;

@@ -17,8 +17,12 @@
 //! | energy        | 0 … 10¹² Wh                         |
 //! | frequency     | 0 (no signal) or 40 … 70 Hz         |
 //! | power factor  | −1 … 1 (±0.01 rounding tolerance)   |
+//! | reactive power| −10 MW … 10 MW (var)                |
+//! | (any other)   | its range on the wire               |
 //!
 //! Every value must also be finite (no NaN, no infinity).
+
+use ems_shared::{Measured, Measurement as Quantity};
 
 use super::{Measurement, MeterError};
 
@@ -41,22 +45,43 @@ fn in_range(name: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<(), String> 
     }
 }
 
+/// The name and the accepted range of a measurement (see the module docs).
+/// A measurement without a limit of its own is held to the wire range.
+fn limits(q: Quantity) -> (&'static str, f64, f64) {
+    match q {
+        Quantity::VoltageV => ("voltage", 0.0, 1000.0),
+        Quantity::CurrentA => ("current", -10_000.0, 10_000.0),
+        Quantity::PowerW => ("power", -1.0e7, 1.0e7),
+        Quantity::EnergyWh => ("energy", 0.0, 1.0e12),
+        Quantity::FrequencyHz => ("frequency", 40.0, 70.0),
+        Quantity::PowerFactor => ("power factor", -1.01, 1.01),
+        Quantity::ReactivePowerVar => ("reactive power", -1.0e7, 1.0e7),
+        other => {
+            let (lo, hi) = other.range();
+            (other.name(), lo, hi)
+        }
+    }
+}
+
+fn check_value(m: &Measurement, q: Quantity) -> Result<(), String> {
+    let (name, lo, hi) = limits(q);
+    match m.get(q) {
+        // 0 Hz: no signal on the voltage input, not a glitch.
+        Some(0.0) if q == Quantity::FrequencyHz => Ok(()),
+        v => in_range(name, v, lo, hi),
+    }
+}
+
 /// Checks one measurement against the limits in the module docs.
 pub fn check(m: &Measurement) -> Result<(), MeterError> {
-    let checks = [
-        in_range("voltage", m.voltage_v, 0.0, 1000.0),
-        in_range("current", m.current_a, -10_000.0, 10_000.0),
-        in_range("power", m.power_w, -1.0e7, 1.0e7),
-        in_range("energy", m.energy_wh, 0.0, 1.0e12),
-        in_range("power factor", m.power_factor, -1.01, 1.01),
-        in_range("reactive power", m.reactive_power_var, -1.0e7, 1.0e7),
-        match m.frequency_hz {
-            Some(0.0) => Ok(()),
-            f => in_range("frequency", f, 40.0, 70.0),
-        },
-    ];
-    for c in checks {
-        if let Err(why) = c {
+    // The first value out of range is the one the message names: the order
+    // is the table's above, frequency last.
+    let order = Quantity::ALL
+        .into_iter()
+        .filter(|q| *q != Quantity::FrequencyHz)
+        .chain([Quantity::FrequencyHz]);
+    for q in order {
+        if let Err(why) = check_value(m, q) {
             return Err(
                 MeterError::new(&m.meter, format!("implausible value: {why}"))
                     .with_hint("a bus glitch or a wrong register map; the sample is skipped"),

@@ -464,7 +464,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn issue_vector_1000_imp_1_8_s_is_2000_w() {
+    fn pulses_1_8_s_apart_at_1000_imp_per_kwh_are_2000_w() {
         let p = power_from_interval_w(1000.0, Duration::from_millis(1800));
         assert!((p - 2000.0).abs() < 1e-9);
     }

@@ -265,21 +265,7 @@ mod tests {
                 "S·PF {} vs P {p}",
                 s * pf
             );
-            let r = ems_shared::Reading {
-                epoch: 1,
-                seq: 1,
-                ts_ms: 0,
-                meter: m.meter.clone(),
-                voltage_v: m.voltage_v,
-                current_a: m.current_a,
-                power_w: m.power_w,
-                energy_wh: m.energy_wh,
-                frequency_hz: m.frequency_hz,
-                power_factor: m.power_factor,
-                reactive_power_var: m.reactive_power_var,
-                ..Default::default()
-            };
-            r.validate(0).unwrap();
+            m.clone().into_reading(1, 1, 0).validate(0).unwrap();
         }
     }
 

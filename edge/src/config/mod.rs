@@ -1,28 +1,29 @@
 //! Edge configuration: the TOML file, parsed strictly and validated once.
 //!
-//! [`RawConfig`] mirrors the file (every table `deny_unknown_fields`, so a
-//! typo is an error that names the key and its line). [`Config::from_toml`]
-//! turns it into a validated [`Config`]; nothing after that sees raw input.
-//! The device token is never part of the file: [`DeviceToken::from_env`]
-//! reads it from `EMS_DEVICE_TOKEN` or `$CREDENTIALS_DIRECTORY/ems-device-token`,
-//! and its `Debug`/`Display` never print it.
+//! [`RawConfig`] ([`raw`]) mirrors the file. [`Config::from_toml`] turns it
+//! into a validated [`Config`]; nothing after that sees raw input. The
+//! device token is never part of the file: [`DeviceToken::from_env`] reads
+//! it from `EMS_DEVICE_TOKEN` or `$CREDENTIALS_DIRECTORY/ems-device-token`,
+//! and its `Debug`/`Display` never print it. Each meter kind checks its own
+//! table when it is opened (`validate` in its module under
+//! [`crate::meters`]).
+
+pub mod hub_url;
+pub mod raw;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
 use thiserror::Error;
 
 use crate::meters::MeterConfig;
 
+pub use hub_url::{parse_hub_url, HubEndpoint};
+pub use raw::{RawConfig, RawLink, DEFAULT_SPOOL_DIR, DEFAULT_SPOOL_MAX_BYTES};
+
 /// Default config path.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/ems-edge/edge.toml";
-/// Default spool directory.
-pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/ems-edge";
-/// Default spool bound: 256 MiB, about 11 days of one meter at 1 Hz
-/// (a spooled reading is ~240 bytes), comfortably over the 7 days asked for.
-pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 256 * 1024 * 1024;
 /// Environment variable holding the device token.
 pub const TOKEN_ENV: &str = "EMS_DEVICE_TOKEN";
 /// File name of the token inside `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential`).
@@ -144,118 +145,6 @@ impl fmt::Display for DeviceToken {
     }
 }
 
-/// The file as written.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawConfig {
-    /// Device id, the source of truth for identity.
-    pub device_id: String,
-    /// `wss://host[:port]` (or `ws://` with `allow_insecure`).
-    pub hub_url: String,
-    /// Permit `ws://`.
-    #[serde(default)]
-    pub allow_insecure: bool,
-    /// Sample period.
-    #[serde(default = "default_sample_interval_ms")]
-    pub sample_interval_ms: u64,
-    /// Extra PEM trust roots.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    /// Spool directory.
-    #[serde(default = "default_spool_dir")]
-    pub spool_dir: PathBuf,
-    /// Spool bound in bytes.
-    #[serde(default = "default_spool_max_bytes")]
-    pub spool_max_bytes: u64,
-    /// How often buffered readings are written and fsynced.
-    #[serde(default = "default_spool_sync_ms")]
-    pub spool_sync_interval_ms: u64,
-    /// The system clock is right from boot (RTC): do not wait for time sync.
-    #[serde(default)]
-    pub trust_clock: bool,
-    /// Only this file's existence means "synchronized" (instead of the
-    /// timesyncd flag file or the kernel NTP status); for tests and exotic
-    /// time daemons.
-    #[serde(default)]
-    pub clock_sync_file: Option<PathBuf>,
-    /// Link tuning (rarely needed; tests shorten it).
-    #[serde(default)]
-    pub link: RawLink,
-    /// The meters.
-    #[serde(default, rename = "meter")]
-    pub meters: Vec<MeterConfig>,
-}
-
-/// `[link]`: tuning of the stream client. Defaults suit production.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawLink {
-    /// First backoff ceiling.
-    pub backoff_base_ms: u64,
-    /// Backoff cap (also the delay class after 401/403/4000).
-    pub backoff_cap_ms: u64,
-    /// A connection that stayed up this long resets the backoff.
-    pub stable_after_ms: u64,
-    /// TCP connect + TLS + WebSocket handshake timeout.
-    pub connect_timeout_ms: u64,
-    /// Socket read timeout in the stream loop (latency of live sends and pongs).
-    pub poll_ms: u64,
-    /// The edge pings the hub after this much silence.
-    pub ping_after_ms: u64,
-    /// The link is declared dead after this much silence from the hub.
-    pub dead_after_ms: u64,
-    /// Most readings sent and not yet acknowledged.
-    pub max_in_flight: usize,
-    /// Ceiling of the send rate, readings per second (stays under the
-    /// hub's per-device rate limit while a backlog drains).
-    pub max_send_rate: f64,
-    /// How often a `status` frame (outbox depth and age) is sent.
-    pub status_every_ms: u64,
-}
-
-impl Default for RawLink {
-    fn default() -> Self {
-        RawLink {
-            backoff_base_ms: 1_000,
-            backoff_cap_ms: 60_000,
-            stable_after_ms: 30_000,
-            connect_timeout_ms: 10_000,
-            poll_ms: 50,
-            ping_after_ms: 30_000,
-            dead_after_ms: 75_000,
-            max_in_flight: 512,
-            max_send_rate: 800.0,
-            status_every_ms: 10_000,
-        }
-    }
-}
-
-fn default_sample_interval_ms() -> u64 {
-    1000
-}
-fn default_spool_dir() -> PathBuf {
-    PathBuf::from(DEFAULT_SPOOL_DIR)
-}
-fn default_spool_max_bytes() -> u64 {
-    DEFAULT_SPOOL_MAX_BYTES
-}
-fn default_spool_sync_ms() -> u64 {
-    1000
-}
-
-/// Where the hub is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HubEndpoint {
-    /// TLS (`wss`) or not (`ws`, only with `allow_insecure`).
-    pub tls: bool,
-    /// Host name or IP literal (brackets stripped).
-    pub host: String,
-    /// Port (default 443 / 80).
-    pub port: u16,
-    /// The full URL including `/ws/device/{device_id}`.
-    pub url: String,
-}
-
 /// Link tuning, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LinkConfig {
@@ -340,72 +229,9 @@ impl Config {
             .map_err(|e| invalid(format!("device_id: {e}")))?;
         let hub = parse_hub_url(&raw.hub_url, &raw.device_id, raw.allow_insecure)
             .map_err(|m| invalid(format!("hub_url: {m}")))?;
-        if !(10..=3_600_000).contains(&raw.sample_interval_ms) {
-            return Err(invalid(
-                "sample_interval_ms must be between 10 and 3600000".into(),
-            ));
-        }
-        if raw.spool_max_bytes < 64 * 1024 {
-            return Err(invalid("spool_max_bytes must be at least 65536".into()));
-        }
-        if !(10..=60_000).contains(&raw.spool_sync_interval_ms) {
-            return Err(invalid(
-                "spool_sync_interval_ms must be between 10 and 60000".into(),
-            ));
-        }
-        if raw.spool_dir.as_os_str().is_empty() {
-            return Err(invalid("spool_dir must not be empty".into()));
-        }
-        let l = &raw.link;
-        if l.backoff_base_ms == 0 || l.backoff_cap_ms < l.backoff_base_ms {
-            return Err(invalid(
-                "link.backoff_base_ms must be > 0 and <= link.backoff_cap_ms".into(),
-            ));
-        }
-        const DAY_MS: u64 = 86_400_000;
-        let durations = [
-            ("backoff_cap_ms", l.backoff_cap_ms),
-            ("stable_after_ms", l.stable_after_ms),
-            ("connect_timeout_ms", l.connect_timeout_ms),
-            ("ping_after_ms", l.ping_after_ms),
-            ("dead_after_ms", l.dead_after_ms),
-            ("status_every_ms", l.status_every_ms),
-        ];
-        if let Some((name, _)) = durations.iter().find(|(_, v)| *v > DAY_MS) {
-            return Err(invalid(format!(
-                "link.{name} must be at most 86400000 (a day)"
-            )));
-        }
-        if l.poll_ms == 0 || l.poll_ms > 1000 {
-            return Err(invalid("link.poll_ms must be between 1 and 1000".into()));
-        }
-        if l.connect_timeout_ms == 0 || l.ping_after_ms == 0 || l.dead_after_ms <= l.ping_after_ms {
-            return Err(invalid(
-                "link timeouts must be > 0 and link.dead_after_ms > link.ping_after_ms".into(),
-            ));
-        }
-        if l.max_in_flight == 0 {
-            return Err(invalid("link.max_in_flight must be at least 1".into()));
-        }
-        if !(l.max_send_rate.is_finite() && l.max_send_rate >= 5.0) {
-            return Err(invalid("link.max_send_rate must be at least 5".into()));
-        }
-        if l.status_every_ms < 100 {
-            return Err(invalid("link.status_every_ms must be at least 100".into()));
-        }
-        if raw.meters.is_empty() {
-            return Err(invalid(
-                "at least one [[meter]] table is required (e.g. kind = \"simulated\")".into(),
-            ));
-        }
-        let mut seen = std::collections::HashSet::new();
-        for m in &raw.meters {
-            ems_shared::validate_meter_id(m.id())
-                .map_err(|e| invalid(format!("meter id {:?}: {e}", m.id())))?;
-            if !seen.insert(m.id().to_string()) {
-                return Err(invalid(format!("meter id {:?} is used twice", m.id())));
-            }
-        }
+        check_intervals_and_spool(&raw).map_err(invalid)?;
+        let link = validate_link(&raw.link).map_err(invalid)?;
+        check_meters(&raw.meters).map_err(invalid)?;
         let ms = Duration::from_millis;
         Ok(Config {
             path: path.to_path_buf(),
@@ -419,84 +245,89 @@ impl Config {
             spool_sync_interval: ms(raw.spool_sync_interval_ms),
             trust_clock: raw.trust_clock,
             clock_sync_file: raw.clock_sync_file,
-            link: LinkConfig {
-                backoff_base: ms(l.backoff_base_ms),
-                backoff_cap: ms(l.backoff_cap_ms),
-                stable_after: ms(l.stable_after_ms),
-                connect_timeout: ms(l.connect_timeout_ms),
-                poll: ms(l.poll_ms),
-                ping_after: ms(l.ping_after_ms),
-                dead_after: ms(l.dead_after_ms),
-                max_in_flight: l.max_in_flight,
-                max_send_rate: l.max_send_rate,
-                status_every: ms(l.status_every_ms),
-            },
+            link,
             meters: raw.meters,
         })
     }
 }
 
-/// Parses `wss://host[:port]` (a trailing `/` is allowed, nothing else after
-/// the authority) and appends `/ws/device/{device_id}`.
-pub fn parse_hub_url(
-    url: &str,
-    device_id: &str,
-    allow_insecure: bool,
-) -> Result<HubEndpoint, String> {
-    let (tls, rest) = if let Some(r) = url.strip_prefix("wss://") {
-        (true, r)
-    } else if let Some(r) = url.strip_prefix("ws://") {
-        if !allow_insecure {
-            return Err(
-                "ws:// sends readings unencrypted; use wss:// or set allow_insecure = true".into(),
-            );
-        }
-        (false, r)
-    } else {
-        return Err("must start with wss:// (or ws:// with allow_insecure = true)".into());
-    };
-    let authority = rest.strip_suffix('/').unwrap_or(rest);
-    if authority.is_empty() {
-        return Err("no host".into());
+/// The top-level intervals and the spool settings.
+fn check_intervals_and_spool(raw: &RawConfig) -> Result<(), String> {
+    if !(10..=3_600_000).contains(&raw.sample_interval_ms) {
+        return Err("sample_interval_ms must be between 10 and 3600000".into());
     }
-    if authority.contains(['/', '?', '#', '@']) || authority.contains(char::is_whitespace) {
-        return Err(
-            "give only scheme, host and port (the edge adds /ws/device/{device_id}; no query, no credentials)"
-                .into(),
-        );
+    if raw.spool_max_bytes < 64 * 1024 {
+        return Err("spool_max_bytes must be at least 65536".into());
     }
-    let default_port = if tls { 443 } else { 80 };
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, after) = v6.split_once(']').ok_or("unterminated [ in host")?;
-        let port = match after {
-            "" => default_port,
-            p => p
-                .strip_prefix(':')
-                .and_then(|p| p.parse().ok())
-                .ok_or("bad port")?,
-        };
-        (h.to_string(), port)
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), p.parse::<u16>().map_err(|_| "bad port")?),
-            None => (authority.to_string(), default_port),
-        }
-    };
-    if host.is_empty() || port == 0 {
-        return Err("no host or port 0".into());
+    if !(10..=60_000).contains(&raw.spool_sync_interval_ms) {
+        return Err("spool_sync_interval_ms must be between 10 and 60000".into());
     }
-    let scheme = if tls { "wss" } else { "ws" };
-    let host_part = if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.clone()
-    };
-    Ok(HubEndpoint {
-        tls,
-        url: format!("{scheme}://{host_part}:{port}/ws/device/{device_id}"),
-        host,
-        port,
+    if raw.spool_dir.as_os_str().is_empty() {
+        return Err("spool_dir must not be empty".into());
+    }
+    Ok(())
+}
+
+/// The `[link]` table.
+fn validate_link(l: &RawLink) -> Result<LinkConfig, String> {
+    if l.backoff_base_ms == 0 || l.backoff_cap_ms < l.backoff_base_ms {
+        return Err("link.backoff_base_ms must be > 0 and <= link.backoff_cap_ms".into());
+    }
+    const DAY_MS: u64 = 86_400_000;
+    let durations = [
+        ("backoff_cap_ms", l.backoff_cap_ms),
+        ("stable_after_ms", l.stable_after_ms),
+        ("connect_timeout_ms", l.connect_timeout_ms),
+        ("ping_after_ms", l.ping_after_ms),
+        ("dead_after_ms", l.dead_after_ms),
+        ("status_every_ms", l.status_every_ms),
+    ];
+    if let Some((name, _)) = durations.iter().find(|(_, v)| *v > DAY_MS) {
+        return Err(format!("link.{name} must be at most 86400000 (a day)"));
+    }
+    if l.poll_ms == 0 || l.poll_ms > 1000 {
+        return Err("link.poll_ms must be between 1 and 1000".into());
+    }
+    if l.connect_timeout_ms == 0 || l.ping_after_ms == 0 || l.dead_after_ms <= l.ping_after_ms {
+        return Err("link timeouts must be > 0 and link.dead_after_ms > link.ping_after_ms".into());
+    }
+    if l.max_in_flight == 0 {
+        return Err("link.max_in_flight must be at least 1".into());
+    }
+    if !(l.max_send_rate.is_finite() && l.max_send_rate >= 5.0) {
+        return Err("link.max_send_rate must be at least 5".into());
+    }
+    if l.status_every_ms < 100 {
+        return Err("link.status_every_ms must be at least 100".into());
+    }
+    let ms = Duration::from_millis;
+    Ok(LinkConfig {
+        backoff_base: ms(l.backoff_base_ms),
+        backoff_cap: ms(l.backoff_cap_ms),
+        stable_after: ms(l.stable_after_ms),
+        connect_timeout: ms(l.connect_timeout_ms),
+        poll: ms(l.poll_ms),
+        ping_after: ms(l.ping_after_ms),
+        dead_after: ms(l.dead_after_ms),
+        max_in_flight: l.max_in_flight,
+        max_send_rate: l.max_send_rate,
+        status_every: ms(l.status_every_ms),
     })
+}
+
+/// At least one meter, valid and unique ids.
+fn check_meters(meters: &[MeterConfig]) -> Result<(), String> {
+    if meters.is_empty() {
+        return Err("at least one [[meter]] table is required (e.g. kind = \"simulated\")".into());
+    }
+    let mut seen = std::collections::HashSet::new();
+    for m in meters {
+        ems_shared::validate_meter_id(m.id()).map_err(|e| format!("meter id {:?}: {e}", m.id()))?;
+        if !seen.insert(m.id().to_string()) {
+            return Err(format!("meter id {:?} is used twice", m.id()));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -569,23 +400,6 @@ kind = "simulated"
         let ok = parse(&format!("allow_insecure = true\n{ws}")).unwrap();
         assert_eq!(ok.hub.url, "ws://127.0.0.1:8080/ws/device/ems_001");
         assert!(!ok.hub.tls);
-    }
-
-    #[test]
-    fn hub_url_forms() {
-        let p = |u| parse_hub_url(u, "d", true);
-        assert_eq!(p("wss://h:8443/").unwrap().port, 8443);
-        assert_eq!(
-            p("wss://[::1]:9000").unwrap().url,
-            "wss://[::1]:9000/ws/device/d"
-        );
-        assert_eq!(p("wss://[::1]").unwrap().host, "::1");
-        assert!(p("wss://h/ws/device/d").is_err());
-        assert!(p("wss://h?token=x").is_err());
-        assert!(p("wss://user:pw@h").is_err());
-        assert!(p("https://h").is_err());
-        assert!(p("wss://h:notaport").is_err());
-        assert!(p("wss://").is_err());
     }
 
     #[test]

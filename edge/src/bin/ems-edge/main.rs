@@ -1,5 +1,10 @@
-//! `ems-edge`: thin binary. Parses the command line, sets up logging and
-//! signals, and hands over to the library (`main → run → anyhow`).
+//! `ems-edge`: the command line. Parses it, sets up logging and signals,
+//! and hands `run` over to the library (`main → run → anyhow`); the bench
+//! tools for installers live here: [`check`], [`probe`], [`scan`].
+
+mod check;
+mod probe;
+mod scan;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -92,7 +97,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check => {
-            let ok = ems_edge::check::check(&config, &mut std::io::stdout().lock())
+            let ok = check::check(&config, &mut std::io::stdout().lock())
                 .context("writing the report")?;
             Ok(if ok {
                 ExitCode::SUCCESS
@@ -100,10 +105,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Probe { count } => ems_edge::tools::probe(&config, count),
+        Command::Probe { count } => probe::probe(&config, count),
         Command::Scan {
             bus: ScanBus::I2c { bus },
-        } => ems_edge::tools::scan_i2c(bus),
+        } => scan::scan_i2c(bus),
     }
 }
 

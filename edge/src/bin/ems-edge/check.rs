@@ -9,8 +9,8 @@ use std::time::Instant;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 
-use crate::config::{Config, DeviceToken};
-use crate::link::{self, ConnectError, Target};
+use ems_edge::config::{Config, DeviceToken};
+use ems_edge::link::{self, ConnectError, Target};
 
 /// Runs the checks, writing a report to `out`. Returns whether all passed.
 pub fn check(config_path: &Path, out: &mut dyn Write) -> io::Result<bool> {

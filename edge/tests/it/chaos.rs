@@ -1,4 +1,4 @@
-//! Chaos test (issue 9), Jepsen total-queue style: several real `ems-edge`
+//! Chaos test, Jepsen total-queue style: several real `ems-edge`
 //! processes stream sequence-numbered readings through a fault-injecting
 //! TCP proxy to a hub that is SIGKILLed and restarted; afterwards every
 //! reading the edges sampled must be in the store exactly once — nothing
@@ -20,7 +20,7 @@
 //!   difference fails the test with the first offending ids.
 //!
 //! Two runs: SQLite, and PostgreSQL on a private throwaway cluster (the
-//! hub's test harness, hub/tests/common/pg.rs, reused through `#[path]`)
+//! hub's test harness, `hub/tests/common/pg.rs`, shared with this test)
 //! that is also restarted (`pg_ctl restart -m fast`) twice during the
 //! chaos. Without the PostgreSQL binaries the second run SKIPs loudly,
 //! unless `EMS_REQUIRE_POSTGRES=1` (CI).
@@ -35,7 +35,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-#[path = "../../hub/tests/common/pg.rs"]
+use crate::harness::free_port;
+
+#[path = "../../../hub/tests/common/pg.rs"]
 mod pg;
 
 const DEVICES: usize = 3;
@@ -88,14 +90,6 @@ fn hub_child_process() {
     });
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct HubProc {
     child: Option<Child>,
     db: String,
@@ -113,7 +107,7 @@ impl HubProc {
         let child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
-                "hub_child_process",
+                "chaos::hub_child_process",
                 "--nocapture",
                 "--test-threads=1",
             ])

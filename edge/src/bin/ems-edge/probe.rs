@@ -1,8 +1,6 @@
-//! Bench-testing tools for installers: `ems-edge probe` and
-//! `ems-edge scan i2c`.
-//!
-//! `probe` opens every configured meter, reads it N times (one second apart,
-//! so integrating meters show energy moving) and prints a table:
+//! `ems-edge probe`: opens every configured meter, reads it N times (one
+//! second apart, so integrating meters show energy moving) and prints a
+//! table:
 //!
 //! ```text
 //! meter           voltage     current       power        energy  freq     pf   read
@@ -16,22 +14,19 @@
 //! never touches the service's counters — energy therefore starts at 0 in
 //! the probe's output. Stop the service first when the meter sits on a
 //! serial port or GPIO (only one process can own those).
-//!
-//! `scan i2c [--bus N]` lists responding addresses with the chips they may
-//! be, like `i2cdetect -y N` with a legend.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-
-use crate::meters::{self, Measurement, MeterConfig, MeterError};
+use ems_edge::meters::{Measurement, Meter, MeterConfig, MeterError};
+use ems_edge::platform;
 
 /// Reads and validates the edge config at `path` (the same validation as
 /// `ems-edge run`: unknown keys, meter ids, …) and returns its meters.
 pub fn load_meter_configs(path: &Path) -> anyhow::Result<Vec<MeterConfig>> {
-    let cfg = crate::config::Config::load(path)?;
+    let cfg = ems_edge::config::Config::load(path)?;
     Ok(cfg.meters)
 }
 
@@ -67,7 +62,8 @@ pub fn header() -> String {
     )
 }
 
-fn print_failure(e: &MeterError) {
+/// Prints a meter failure and its hint.
+pub fn print_failure(e: &MeterError) {
     println!("FAIL {}: {}", e.meter, e.message);
     if let Some(h) = &e.hint {
         println!("     hint: {h}");
@@ -78,9 +74,9 @@ fn print_failure(e: &MeterError) {
 /// `state_dir`. Returns whether every meter opened and read `count` times.
 pub fn probe_meters(configs: &[MeterConfig], count: u32, state_dir: &Path) -> bool {
     let mut ok = true;
-    let mut open: Vec<Box<dyn meters::Meter>> = Vec::new();
+    let mut open: Vec<Box<dyn Meter>> = Vec::new();
     for cfg in configs {
-        match meters::open(cfg, state_dir) {
+        match platform::open(cfg, state_dir) {
             Ok(m) => open.push(m),
             Err(e) => {
                 ok = false;
@@ -139,61 +135,35 @@ pub fn probe(config: &Path, count: u32) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Names TI parts from their manufacturer (0xFE) and die (0xFF) ID registers.
-pub fn identify_ti(manufacturer: u16, die: u16) -> Option<&'static str> {
-    if manufacturer != 0x5449 {
-        return None;
-    }
-    match die {
-        0x2260 => Some("INA226"),
-        0x2270 => Some("INA260"),
-        0x2280 => Some("INA228"),
-        0x2290 => Some("INA229"),
-        _ => Some("TI device"),
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Chips commonly found at a 7-bit I2C address.
-pub fn i2c_candidates(address: u8) -> &'static str {
-    match address {
-        0x40 => "INA219/INA226 (A1=GND,A0=GND), HTU21D/SHT21, PCA9685, Si7021",
-        0x41..=0x43 | 0x46 | 0x47 | 0x4C..=0x4F => "INA219/INA226 (address straps)",
-        0x44 | 0x45 => "INA219/INA226 (address straps), SHT3x",
-        0x48..=0x4B => "INA219/INA226 (address straps), ADS1115/ADS1015, TMP102/LM75",
-        0x20..=0x27 => "PCF8574 / MCP23017 I/O expander",
-        0x29 => "VL53L0X, TSL2591",
-        0x38..=0x3F => "PCF8574A I/O expander, SSD1306 OLED (0x3C/0x3D), AHT20 (0x38)",
-        0x50..=0x57 => "AT24C EEPROM (e.g. HAT ID EEPROM at 0x50 on bus 0)",
-        0x68 => "DS3231/DS1307 RTC, MPU-6050",
-        0x76 | 0x77 => "BME280/BMP280",
-        _ => "unknown",
+    fn parse(text: &str) -> MeterConfig {
+        toml::from_str(text).unwrap()
     }
-}
 
-/// `ems-edge scan i2c`: lists responding I2C addresses on `bus`.
-pub fn scan_i2c(bus: u8) -> anyhow::Result<ExitCode> {
-    let found = match crate::hw::scan_i2c(bus) {
-        Ok(f) => f,
-        Err(e) => {
-            print_failure(&e);
-            return Ok(ExitCode::FAILURE);
-        }
-    };
-    if found.is_empty() {
-        println!("no device answered on /dev/i2c-{bus}");
-        println!("     hint: check 3.3 V/GND, SDA (pin 3) and SCL (pin 5), and the pull-ups");
-        return Ok(ExitCode::FAILURE);
+    #[test]
+    fn probe_table_and_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = vec![parse("id = \"sim\"\nkind = \"simulated\"\nseed = 1\n")];
+        assert!(probe_meters(&ok, 1, dir.path()));
+        let bad = vec![parse(
+            "id = \"i\"\nkind = \"ina219\"\nbus = 250\nshunt_ohms = 0.1\nmax_current_a = 3.2\n",
+        )];
+        assert!(!probe_meters(&bad, 1, dir.path()));
+        let row = format_row(
+            &Measurement {
+                meter: "bat".into(),
+                voltage_v: Some(12.0),
+                power_w: Some(60.0),
+                ..Default::default()
+            },
+            Duration::from_millis(41),
+        );
+        assert!(
+            row.contains("12.00 V") && row.contains("60.0 W") && row.contains("41 ms"),
+            "{row}"
+        );
     }
-    println!("address  chip");
-    for d in found {
-        let what = if d.busy {
-            "claimed by a kernel driver (UU)".to_string()
-        } else if let Some(id) = d.identified {
-            format!("{id} (ID registers)")
-        } else {
-            i2c_candidates(d.address).to_string()
-        };
-        println!("{:#04x}     {what}", d.address);
-    }
-    Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,416 @@
+//! The main thread: [`run`] starts the edge, supervises it, and stops it.
+//!
+//! - **Start**: lock and claim the state directory, recover the outbox from
+//!   the spool, pick the epoch, open the meters, restore readings held for
+//!   clock sync, start the sampler and the link threads, tell systemd
+//!   READY.
+//! - **Supervise**, until the shutdown signal: write and fsync the spool
+//!   every `spool_sync_interval_ms` (the power-loss window, see
+//!   `docs/decisions/edge-fsync-cadence.md`), save the ack watermark every
+//!   10 s, feed the systemd watchdog while both threads beat, and keep the
+//!   `STATUS=` line current. The threads report through one shared
+//!   [`Health`].
+//! - **Stop**, within 5 s of SIGTERM, well inside the unit's
+//!   `TimeoutStopSec=15s` after which systemd would SIGKILL and lose the
+//!   unwritten buffer: stop sampling, save what the clock gate still holds,
+//!   flush, let the link send what it can and wait for the last acks, flush
+//!   again and save the watermark.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::clock::{self, ClockGate, SystemSync};
+use crate::config::{Config, ConfigError, DeviceToken};
+use crate::health::{Health, HoldCounts, LinkState};
+use crate::link::{self, Link, Target};
+use crate::notify;
+use crate::outbox::{Outbox, OutboxStats, SharedOutbox};
+use crate::sampler::{MeterSlot, Sampler};
+use crate::shutdown::Shutdown;
+use crate::state_dir::{DirLock, StateDir};
+
+/// Readings held in memory while the clock is unsynchronized: a day at 1 Hz.
+const MAX_HELD: usize = 86_400;
+/// How often the ack watermark is saved.
+const WATERMARK_EVERY: Duration = Duration::from_secs(10);
+/// Budget for the whole shutdown, half a second under the 5 s promised.
+const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
+/// Part of the budget the sampler gets to finish its tick.
+const SAMPLER_STOP: Duration = Duration::from_millis(1500);
+/// Part of the budget kept for the final flush after the link stopped.
+const FINAL_FLUSH: Duration = Duration::from_millis(500);
+/// Spool write errors are logged at most this often.
+const SPOOL_ERROR_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Why the edge could not start. Once running, it never stops on a network
+/// or meter error.
+#[derive(Debug, Error)]
+pub enum EdgeError {
+    /// Bad configuration or token.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Bad TLS setup (`ca_file`).
+    #[error(transparent)]
+    Tls(#[from] link::TlsError),
+    /// The spool directory is unusable.
+    #[error("spool {dir}: {error} (check spool_dir and its permissions)")]
+    Spool {
+        /// The directory.
+        dir: PathBuf,
+        /// The error.
+        error: io::Error,
+    },
+    /// Another process (the service, or a manual `ems-edge run`) uses the
+    /// same spool directory.
+    #[error("spool_dir {dir} is {detail}: two processes must not share a spool (stop the other one, e.g. `systemctl stop ems-edge`, or give this one its own spool_dir)")]
+    SpoolBusy {
+        /// The directory.
+        dir: PathBuf,
+        /// Who holds it.
+        detail: String,
+    },
+    /// A thread could not be started.
+    #[error("cannot start thread: {0}")]
+    Thread(io::Error),
+}
+
+fn spool_err(dir: &Path) -> impl FnOnce(io::Error) -> EdgeError + '_ {
+    move |error| {
+        if error.kind() == io::ErrorKind::WouldBlock {
+            EdgeError::SpoolBusy {
+                dir: dir.to_path_buf(),
+                detail: error.to_string(),
+            }
+        } else {
+            EdgeError::Spool {
+                dir: dir.to_path_buf(),
+                error,
+            }
+        }
+    }
+}
+
+/// Runs the edge until `shutdown` is triggered: opens the spool and the
+/// meters, starts the sampler and the link, then flushes the spool on a
+/// fixed cadence. Returns `Ok` after an orderly shutdown.
+pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(), EdgeError> {
+    let (mut edge, threads) = Running::start(config, token, &shutdown)?;
+    edge.supervise(&shutdown);
+    edge.stop(threads);
+    Ok(())
+}
+
+/// The running edge, as the main thread holds it.
+struct Running {
+    /// The configuration it runs with.
+    config: Config,
+    /// The state directory (locked by the outbox's spool).
+    state: StateDir,
+    /// Where the sampler puts readings and the link takes them.
+    outbox: SharedOutbox,
+    /// What the threads report.
+    health: Arc<Health>,
+    /// Last time a spool write error was logged.
+    last_spool_error: Option<Instant>,
+}
+
+/// The two threads the supervisor starts and stops.
+struct Threads {
+    /// The sampler; it returns the clock gate with what it still holds.
+    sampler: JoinHandle<ClockGate>,
+    /// The link.
+    link: JoinHandle<()>,
+    /// Stops the link: triggered only after the sampler has stopped, so
+    /// the last readings go out before the close.
+    link_stop: Shutdown,
+}
+
+impl Running {
+    /// Opens the state directory and the meters and starts both threads.
+    fn start(
+        config: Config,
+        token: DeviceToken,
+        shutdown: &Shutdown,
+    ) -> Result<(Self, Threads), EdgeError> {
+        let health = Arc::new(Health::new());
+        let tls = link::tls_config(config.ca_file.as_deref())?;
+        let (state, outbox, epoch) = open_state(&config)?;
+        let (sampler, opened) = start_sampler(&config, &state, epoch, &outbox, shutdown, &health)?;
+        let link_stop = Shutdown::new();
+        let link = Link {
+            target: Target {
+                hub: config.hub.clone(),
+                token,
+                tls,
+                connect_timeout: config.link.connect_timeout,
+            },
+            cfg: config.link.clone(),
+            outbox: outbox.clone(),
+            shutdown: link_stop.clone(),
+            health: health.clone(),
+        };
+        let link = spawn("link", move || link.run())?;
+        notify::ready(&format!(
+            "started: {opened}/{} meters open; connecting to {}",
+            config.meters.len(),
+            config.hub.url
+        ));
+        let running = Running {
+            config,
+            state,
+            outbox,
+            health,
+            last_spool_error: None,
+        };
+        let threads = Threads {
+            sampler,
+            link,
+            link_stop,
+        };
+        Ok((running, threads))
+    }
+
+    /// The main loop, until `shutdown`: spool sync, watermark, watchdog,
+    /// status line.
+    fn supervise(&mut self, shutdown: &Shutdown) {
+        let sync_every = self.config.spool_sync_interval;
+        let watchdog = notify::watchdog_interval();
+        let tick = sync_every
+            .min(Duration::from_secs(1))
+            .min(watchdog.map_or(Duration::MAX, |w| w / 2));
+        let mut next_sync = Instant::now() + sync_every;
+        let mut next_watermark = Instant::now() + WATERMARK_EVERY;
+        let mut last_status = String::new();
+        // The threads count as alive if they beat within these windows.
+        let sampler_window = (self.config.sample_interval * 3).max(Duration::from_secs(10));
+        let link_window = self.config.link.connect_timeout + Duration::from_secs(15);
+
+        while !shutdown.wait(tick) {
+            let now = Instant::now();
+            if now >= next_sync {
+                self.sync_spool();
+                next_sync = now + sync_every;
+            }
+            if now >= next_watermark {
+                self.save_watermark();
+                next_watermark = now + WATERMARK_EVERY;
+            }
+            if self.health.alive(sampler_window, link_window) {
+                notify::watchdog();
+            }
+            let stats = self.outbox.lock().stats();
+            let line = status_line(&self.health.link_state(), stats, self.health.hold());
+            if line != last_status {
+                notify::status(&line);
+                last_status = line;
+            }
+        }
+    }
+
+    /// Orderly shutdown: stop sampling, persist, close the link.
+    fn stop(mut self, threads: Threads) {
+        let started = Instant::now();
+        notify::stopping();
+        log::info!("shutting down: stopping sampling, persisting the outbox, closing the link");
+        let gate = join_until(threads.sampler, started + SAMPLER_STOP, "sampler");
+        let hold_report = gate
+            .map(|g| clock::held::stash(&self.state, &g))
+            .unwrap_or_default();
+        self.sync_spool();
+        threads.link_stop.trigger();
+        join_until(
+            threads.link,
+            started + SHUTDOWN_BUDGET - FINAL_FLUSH,
+            "link",
+        );
+        self.sync_spool();
+        self.save_watermark();
+        let depth = self.outbox.lock().stats().depth;
+        notify::status(&format!(
+            "stopped; outbox {depth} readings kept{hold_report}"
+        ));
+        log::info!(
+            "stopped after {:.0} ms; {depth} readings kept in the spool for the next start{hold_report}",
+            started.elapsed().as_secs_f64() * 1e3,
+        );
+    }
+
+    /// Writes buffered readings and fsyncs them. Failures (disk full, card
+    /// errors) are retried on the next call and logged at most once a
+    /// minute.
+    fn sync_spool(&mut self) {
+        let started = Instant::now();
+        if let Err(e) = self.outbox.sync() {
+            let due = self
+                .last_spool_error
+                .map_or(true, |t| t.elapsed() >= SPOOL_ERROR_LOG_EVERY);
+            if due {
+                log::error!("spool: {e} (readings stay in memory and are retried)");
+                self.last_spool_error = Some(Instant::now());
+            }
+            if matches!(e, crate::outbox::SyncError::Write(_)) {
+                return;
+            }
+        }
+        log::trace!(
+            "spool: synced in {:.1} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+    }
+
+    fn save_watermark(&self) {
+        if let Err(e) = self.outbox.lock().persist_watermark() {
+            log::warn!("spool: cannot save the ack watermark: {e}");
+        }
+    }
+}
+
+/// Locks and claims the state directory, recovers the outbox from the
+/// spool and picks this process's epoch.
+fn open_state(config: &Config) -> Result<(StateDir, SharedOutbox, u64), EdgeError> {
+    let dir = &config.spool_dir;
+    // One process per spool: locked before anything in it is touched.
+    let lock = DirLock::acquire(dir).map_err(spool_err(dir))?;
+    let state = lock.dir().clone();
+    state.claim(&config.device_id).map_err(spool_err(dir))?;
+    if !config.hub.tls {
+        log::warn!(
+            "hub_url uses ws:// (allow_insecure = true): readings and the device token travel unencrypted"
+        );
+    }
+    let outbox = Outbox::open_locked(lock, config.spool_max_bytes, config.link.max_in_flight)
+        .map_err(spool_err(dir))?;
+    let recovered = outbox.stats().depth;
+    let epoch = clock::epoch::next_epoch(&state).map_err(spool_err(dir))?;
+    log::info!(
+        "ems-edge {} device {} epoch {epoch}; spool {} ({recovered} unacknowledged readings recovered)",
+        env!("CARGO_PKG_VERSION"),
+        config.device_id,
+        dir.display()
+    );
+    Ok((state, SharedOutbox::new(outbox), epoch))
+}
+
+/// Opens the meters, restores the readings a previous process held for
+/// clock sync and starts the sampler. Returns it and how many meters
+/// opened.
+fn start_sampler(
+    config: &Config,
+    state: &StateDir,
+    epoch: u64,
+    outbox: &SharedOutbox,
+    shutdown: &Shutdown,
+    health: &Arc<Health>,
+) -> Result<(JoinHandle<ClockGate>, usize), EdgeError> {
+    let meters: Vec<MeterSlot> = config
+        .meters
+        .iter()
+        .map(|m| MeterSlot::new(m.clone(), config.spool_dir.clone()))
+        .collect();
+    let opened = meters.iter().filter(|m| m.is_open()).count();
+    let mut gate = ClockGate::new(MAX_HELD);
+    clock::held::restore(state, &mut gate);
+    let sampler = Sampler {
+        meters,
+        interval: config.sample_interval,
+        gate,
+        probe: Box::new(SystemSync::new(
+            config.trust_clock,
+            config.clock_sync_file.clone(),
+        )),
+        epoch,
+        next_seq: 0,
+        outbox: outbox.clone(),
+        shutdown: shutdown.clone(),
+        health: health.clone(),
+    };
+    Ok((spawn("sampler", move || sampler.run())?, opened))
+}
+
+/// Starts a named thread.
+fn spawn<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<JoinHandle<T>, EdgeError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(EdgeError::Thread)
+}
+
+/// The `STATUS=` line `systemctl status` shows.
+fn status_line(state: &LinkState, st: OutboxStats, hold: HoldCounts) -> String {
+    let link = match state {
+        LinkState::Starting => "STARTING".to_string(),
+        LinkState::Connected => "CONNECTED".to_string(),
+        LinkState::Retrying(why) => format!("RETRYING ({why})"),
+    };
+    let mut s = format!("{link}; outbox {} readings", st.depth);
+    if hold.held > 0 {
+        s.push_str(&format!(", {} held for clock sync", hold.held));
+    }
+    if hold.dropped > 0 {
+        s.push_str(&format!(
+            ", {} dropped (clock-sync hold full)",
+            hold.dropped
+        ));
+    }
+    if st.dropped_full > 0 {
+        s.push_str(&format!(", {} dropped (spool full)", st.dropped_full));
+    }
+    s
+}
+
+/// Joins `handle` if it finishes before `deadline`; otherwise leaves it
+/// (the process is exiting anyway).
+fn join_until<T>(handle: JoinHandle<T>, deadline: Instant, name: &str) -> Option<T> {
+    while !handle.is_finished() {
+        if Instant::now() >= deadline {
+            log::warn!("{name} thread did not stop in time; exiting without it");
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    match handle.join() {
+        Ok(v) => Some(v),
+        Err(_) => {
+            log::error!("{name} thread panicked");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_line_names_the_link_state_and_every_loss() {
+        let stats = OutboxStats {
+            depth: 12,
+            ..Default::default()
+        };
+        let none = HoldCounts::default();
+        assert_eq!(
+            status_line(&LinkState::Connected, stats, none),
+            "CONNECTED; outbox 12 readings"
+        );
+        let lossy = OutboxStats {
+            dropped_full: 4,
+            ..stats
+        };
+        let hold = HoldCounts {
+            held: 3,
+            dropped: 2,
+        };
+        assert_eq!(
+            status_line(&LinkState::Retrying("hub down".into()), lossy, hold),
+            "RETRYING (hub down); outbox 12 readings, 3 held for clock sync, 2 dropped (clock-sync hold full), 4 dropped (spool full)"
+        );
+    }
+}

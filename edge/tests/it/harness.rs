@@ -1,0 +1,336 @@
+//! What every edge integration test uses: a hub on its own tokio runtime
+//! (in-process, a loopback port), a temporary world with a provisioned
+//! device and an edge config, and the real `ems-edge` binary as a child
+//! process (so SIGTERM and SIGKILL are real).
+//!
+//! Deadlines are generous and everything is polled: these tests must pass
+//! on a loaded 2-core machine. Every test checks at the end that the device
+//! token never appears in the edge's stderr (captured at trace level).
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Bound for anything that should happen "soon".
+pub const SOON: Duration = Duration::from_secs(30);
+
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A hub running on its own tokio runtime in a background thread.
+pub struct Hub {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Hub {
+    pub fn start(db_url: &str, port: u16, tweak: impl FnOnce(&mut ems_hub::Config)) -> Hub {
+        let mut config = ems_hub::Config::new(db_url.to_string());
+        tweak(&mut config);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                // The port was just used by a previous hub: retry briefly.
+                let deadline = Instant::now() + SOON;
+                let listener = loop {
+                    match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+                        Ok(l) => break l,
+                        Err(e) if Instant::now() < deadline => {
+                            let _ = e;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(e) => panic!("bind 127.0.0.1:{port}: {e}"),
+                    }
+                };
+                ready_tx.send(()).unwrap();
+                ems_hub::run(listener, config, async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        ready_rx.recv_timeout(SOON).expect("hub did not start");
+        Hub {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().expect("hub thread panicked");
+        }
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// One test's world: a temp dir with the hub database, a provisioned
+/// device, a port, and the edge config.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub db_url: String,
+    pub port: u16,
+    pub token: String,
+}
+
+pub const DEVICE: &str = "dev-1";
+
+impl World {
+    pub fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let db_url = format!("sqlite:{}", dir.path().join("hub.db").display());
+        let token = ems_hub::admin::Admin::open(&db_url)
+            .unwrap()
+            .add_device(DEVICE)
+            .unwrap();
+        World {
+            dir,
+            db_url,
+            port: free_port(),
+            token,
+        }
+    }
+
+    pub fn hub(&self) -> Hub {
+        Hub::start(&self.db_url, self.port, |_| {})
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.dir.path().join("spool")
+    }
+
+    /// Writes an edge config; `extra` is appended to the top level,
+    /// `link` to the `[link]` table.
+    pub fn config(&self, name: &str, extra: &str, link: &str) -> PathBuf {
+        let text = format!(
+            r#"device_id = "{DEVICE}"
+hub_url = "ws://127.0.0.1:{port}"
+allow_insecure = true
+trust_clock = true
+sample_interval_ms = 50
+spool_dir = "{spool}"
+spool_sync_interval_ms = 100
+{extra}
+
+[link]
+backoff_base_ms = 50
+backoff_cap_ms = 500
+stable_after_ms = 1000
+connect_timeout_ms = 3000
+poll_ms = 20
+{link}
+
+[[meter]]
+id = "main"
+kind = "simulated"
+seed = 1
+"#,
+            port = self.port,
+            spool = self.spool_dir().display(),
+        );
+        let path = self.dir.path().join(name);
+        fs::write(&path, text).unwrap();
+        path
+    }
+
+    pub fn edge(&self, config: &Path) -> Edge {
+        Edge::spawn(config, &self.token, self.dir.path())
+    }
+
+    /// (epoch, seq) of every stored reading of the device.
+    pub fn stored(&self) -> Vec<(u64, u64)> {
+        let path = self.db_url.trim_start_matches("sqlite:");
+        let Ok(conn) =
+            rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        else {
+            return vec![];
+        };
+        let _ = conn.busy_timeout(Duration::from_secs(5));
+        let Ok(mut stmt) = conn
+            .prepare("SELECT epoch, seq FROM readings WHERE device_id = ?1 ORDER BY epoch, seq")
+        else {
+            return vec![];
+        };
+        let rows = stmt
+            .query_map([DEVICE], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })
+            .unwrap();
+        rows.map(|r| r.unwrap()).collect()
+    }
+
+    pub fn seqs_of(&self, epoch: u64) -> Vec<u64> {
+        self.stored()
+            .into_iter()
+            .filter(|(e, _)| *e == epoch)
+            .map(|(_, s)| s)
+            .collect()
+    }
+
+    pub fn count(&self) -> usize {
+        self.stored().len()
+    }
+}
+
+/// Asserts `seqs` (sorted) is exactly 0..=max.
+pub fn assert_contiguous(seqs: &[u64], what: &str) {
+    let max = *seqs.last().expect("no readings");
+    assert_eq!(
+        seqs.len() as u64,
+        max + 1,
+        "{what}: gaps or duplicates in 0..={max}"
+    );
+    let set: BTreeSet<_> = seqs.iter().collect();
+    assert_eq!(set.len(), seqs.len(), "{what}: duplicates");
+}
+
+/// The `ems-edge` binary as a child process, stderr captured to a file.
+pub struct Edge {
+    pub child: Child,
+    pub log: PathBuf,
+    pub token: String,
+}
+
+pub static LOG_COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl Edge {
+    pub fn spawn(config: &Path, token: &str, dir: &Path) -> Edge {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ems-edge"));
+        cmd.env_remove("NOTIFY_SOCKET");
+        Self::spawn_cmd(cmd, config, token, dir)
+    }
+
+    pub fn spawn_cmd(mut cmd: Command, config: &Path, token: &str, dir: &Path) -> Edge {
+        let n = LOG_COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let log = dir.join(format!("edge-{n}.log"));
+        let stderr = fs::File::create(&log).unwrap();
+        let child = cmd
+            .args(["--log-level", "trace", "run", "--config"])
+            .arg(config)
+            .env("EMS_DEVICE_TOKEN", token)
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        Edge {
+            child,
+            log,
+            token: token.to_string(),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn count_in_log(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    /// The epoch this process logged at start.
+    pub fn epoch(&self) -> u64 {
+        let mut epoch = None;
+        wait_for("the epoch log line", SOON, || {
+            epoch = self.log().split(" epoch ").nth(1).and_then(|rest| {
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            });
+            epoch.is_some()
+        });
+        epoch.unwrap()
+    }
+
+    /// The highest seq the sampler logged so far.
+    pub fn last_sampled(&self) -> Option<u64> {
+        self.log()
+            .lines()
+            .filter_map(|l| l.split(" seq ").nth(1)?.trim().parse::<u64>().ok())
+            .max()
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// SIGTERM and wait; returns the status and how long the exit took.
+    pub fn terminate(&mut self) -> (ExitStatus, Duration) {
+        let t = Instant::now();
+        self.signal(libc::SIGTERM);
+        let deadline = t + SOON;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, t.elapsed());
+            }
+            assert!(Instant::now() < deadline, "edge ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn sigkill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// The token must never appear in the logs.
+    pub fn assert_token_not_logged(&self) {
+        let log = self.log();
+        assert!(!log.is_empty(), "no log captured");
+        assert!(
+            !log.contains(&self.token),
+            "the device token appears in the edge's stderr"
+        );
+        // Not even a recognisable part of it.
+        let tail = &self.token[self.token.len() - 16..];
+        assert!(!log.contains(tail), "part of the token appears in stderr");
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
