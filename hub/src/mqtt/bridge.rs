@@ -37,6 +37,8 @@ const INPUT_BATCH: usize = 512;
 /// First and longest pause between connection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A connection up this long resets the back-off.
+const STABLE: Duration = Duration::from_secs(10);
 /// How long a clean shutdown may spend publishing `offline`.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// At most one log line per kind of trouble per this.
@@ -389,6 +391,7 @@ async fn run(
         connected: false,
         subscribe: None,
         stalled: false,
+        shutting_down: false,
     };
     let mut losses = Losses::new(&counters);
 
@@ -421,10 +424,12 @@ async fn run(
     // Clean shutdown: devices and hub offline, then DISCONNECT (which
     // tells the broker not to send the last will).
     state.shutdown();
+    link.shutting_down = true;
+    link.subscribe = None;
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
     while link.connected {
         link.flush(&mut state);
-        if state.is_idle() && link.subscribe.is_none() {
+        if state.is_idle() {
             break;
         }
         tokio::select! {
@@ -459,6 +464,8 @@ struct Link {
     subscribe: Option<Vec<String>>,
     /// The client had no room; retry soon.
     stalled: bool,
+    /// Only the final `offline` messages are left to send.
+    shutting_down: bool,
 }
 
 impl Link {
@@ -466,7 +473,10 @@ impl Link {
         match ev {
             Event::Connected => {
                 self.connected = true;
-                self.subscribe = Some(state.connected().to_vec());
+                let filters = state.connected();
+                if !self.shutting_down {
+                    self.subscribe = Some(filters.to_vec());
+                }
             }
             Event::Disconnected { lost_states } => {
                 self.connected = false;
@@ -559,12 +569,16 @@ async fn drive(
     broker: String,
 ) {
     let mut backoff = BACKOFF_MIN;
-    let mut connected = false;
+    // Since when the connection is up (`None`: down).
+    let mut up_since: Option<Instant> = None;
     let mut ever_connected = false;
     let mut failures = 0u64;
     let mut failure_log = Every::new();
+    let mut connect_log = Every::new();
+    let mut loss_log = Every::new();
     loop {
         let stopping = *stop.borrow();
+        let connected = up_since.is_some();
         if stopping && !connected {
             return;
         }
@@ -580,17 +594,20 @@ async fn drive(
         };
         match res {
             Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => {
-                connected = true;
+                up_since = Some(Instant::now());
                 counters.connected.store(true, Ordering::Relaxed);
-                if ever_connected {
-                    counters.reconnects.fetch_add(1, Ordering::Relaxed);
-                    log::info!("MQTT: reconnected to {broker} after {failures} failed attempt(s)");
-                } else {
+                if !ever_connected {
                     log::info!("MQTT: connected to {broker}");
+                } else {
+                    counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                    if connect_log.ready() {
+                        log::info!(
+                            "MQTT: reconnected to {broker} after {failures} failed attempt(s)"
+                        );
+                    }
                 }
                 ever_connected = true;
                 failures = 0;
-                backoff = BACKOFF_MIN;
                 if !stopping && events.send(Event::Connected).await.is_err() {
                     return;
                 }
@@ -626,10 +643,17 @@ async fn drive(
                     .filter(|r| matches!(r, Request::Publish(p) if p.qos == QoS::AtMostOnce))
                     .count() as u64;
                 el.pending.clear();
-                if connected {
-                    connected = false;
+                if let Some(since) = up_since.take() {
                     counters.connected.store(false, Ordering::Relaxed);
-                    log::warn!("MQTT: connection to {broker} lost: {e}; reconnecting");
+                    // Only a connection that lasted resets the back-off, so
+                    // one that is dropped at once (e.g. a second client
+                    // with the same id) does not reconnect in a tight loop.
+                    if since.elapsed() >= STABLE {
+                        backoff = BACKOFF_MIN;
+                    }
+                    if loss_log.ready() {
+                        log::warn!("MQTT: connection to {broker} lost: {e}; reconnecting");
+                    }
                     if stopping {
                         return;
                     }
