@@ -394,12 +394,23 @@ async fn run(
         shutting_down: false,
     };
     let mut losses = Losses::new(&counters);
+    let mut driver_alive = true;
 
     loop {
         tokio::select! {
             biased;
             _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
-            Some(ev) = events.recv() => link.on_event(&mut state, ev),
+            ev = events.recv(), if driver_alive => match ev {
+                Some(ev) => link.on_event(&mut state, ev),
+                None => {
+                    // Only a panic in the client ends the driver early.
+                    log::error!("MQTT: the client task ended unexpectedly; nothing more is published");
+                    driver_alive = false;
+                    counters.errors.fetch_add(1, Ordering::Relaxed);
+                    counters.connected.store(false, Ordering::Relaxed);
+                    link.on_event(&mut state, Event::Disconnected { lost_states: 0 });
+                }
+            },
             input = inputs.recv() => match input {
                 Some(i) => {
                     state.input(i);
