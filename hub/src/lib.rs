@@ -39,6 +39,7 @@ mod dashboard;
 pub mod handshake;
 pub mod limits;
 pub mod metrics;
+pub mod mqtt;
 pub mod registry;
 mod revocation;
 mod server;
