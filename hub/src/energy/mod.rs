@@ -1,0 +1,5 @@
+//! Energy rollups: local-time buckets, the counter-aware energy rule and
+//! its fast slot-based path.
+
+pub mod buckets;
+pub mod rule;
