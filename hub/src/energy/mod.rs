@@ -3,3 +3,7 @@
 
 pub mod buckets;
 pub mod rule;
+pub mod slots;
+
+#[cfg(test)]
+mod proptests;
