@@ -74,7 +74,14 @@ fn gap() -> impl Strategy<Value = Gap> {
         1 => Just(Gap::Same),
         6 => (1i64..5_000).prop_map(Gap::Ms),
         6 => (5_000i64..20 * MIN).prop_map(Gap::Ms),
-        2 => prop_oneof![Just(15 * MIN), Just(15 * MIN + 1), Just(60 * MIN)].prop_map(Gap::Ms),
+        3 => prop_oneof![
+            Just(1),
+            Just(MIN),
+            Just(MIN + 1),
+            Just(15 * MIN),
+            Just(15 * MIN + 1),
+            Just(60 * MIN)
+        ].prop_map(Gap::Ms),
         2 => (20 * MIN..3 * DAY).prop_map(Gap::Ms),
         2 => Just(Gap::ToNextSlot),
         1 => Just(Gap::ToNextUtcHour),
