@@ -1,6 +1,7 @@
 //! Property tests: the slot path equals the brute-force rule, the append
-//! path equals recomputation, and late/duplicate delivery plus the commit
-//! plan equals building from scratch.
+//! path equals recomputation (and survives the stored encoding), and
+//! late/duplicate delivery plus the commit plan equals building from
+//! scratch.
 //!
 //! Tolerance: counts, samples, coverage, power min/max and slots are
 //! compared exactly (integers, or the same float operations in the same
@@ -282,6 +283,9 @@ proptest! {
             .values()
             .map(|rows| Slot::from_readings(rows, &limits).unwrap().unwrap())
             .collect();
+        for s in &built {
+            prop_assert_eq!(Slot::decode(s.start_ms, &s.encode()), Ok(*s));
+        }
         prop_assert_eq!(built, recomputed);
     }
 
