@@ -1,5 +1,6 @@
 //! Measurement (printed, never asserted): combining one meter-year of slots
-//! into 365 local days, and the cost of the append path per reading.
+//! into 365 local days, the cost of the append path per reading, and the
+//! CSV row encoder's rate.
 //!
 //! `cargo test --release -p ems-hub --lib energy::bench -- --nocapture`
 //! prints the numbers; the default run appends one reading a minute (525,600
@@ -84,6 +85,44 @@ fn meter_year_combine_and_append_cost() {
         assert_eq!((p.min, p.avg, p.max), (1000.0, 1000.0, 1000.0));
     }
     assert!(out.iter().any(|b| hours(b) == 23.0) && out.iter().any(|b| hours(b) == 25.0));
+
+    // CSV export encoding into a reused chunk buffer.
+    let mut sample = ems_shared::Reading {
+        epoch: 1,
+        meter: "main".into(),
+        voltage_v: Some(230.1),
+        current_a: Some(4.35),
+        power_w: Some(960.5),
+        energy_wh: Some(1_523_400.25),
+        frequency_hz: Some(50.02),
+        power_factor: Some(0.96),
+        ..Default::default()
+    };
+    let rows = 200_000u64;
+    let mut chunk = Vec::with_capacity(80 * 1024);
+    let mut bytes = 0usize;
+    let started = Instant::now();
+    for i in 0..rows {
+        sample.seq = i;
+        sample.ts_ms = year_start + i as i64 * 1000;
+        let row = super::csv::ExportRow {
+            device_id: "d1",
+            reading: &sample,
+            flags: 0,
+        };
+        super::csv::write_csv_row(&mut chunk, &row).unwrap();
+        if chunk.len() >= 64 * 1024 {
+            bytes += chunk.len();
+            chunk.clear();
+        }
+    }
+    bytes += chunk.len();
+    let csv_elapsed = started.elapsed();
+    eprintln!(
+        "energy bench: CSV encoding {:.0} rows/s ({} bytes/row)",
+        rows as f64 / csv_elapsed.as_secs_f64(),
+        bytes as u64 / rows
+    );
 
     // The brute-force rule over the same readings agrees (default density
     // only: 31.5 M readings would need 1 GB here).

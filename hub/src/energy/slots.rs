@@ -594,14 +594,12 @@ pub fn combine(
     }
 
     let mut acc: Vec<Acc> = buckets.iter().map(|&s| Acc::new(s)).collect();
-    let holding = |ms: i64| -> Option<usize> {
-        let i = buckets.partition_point(|b| b.end_ms <= ms);
-        buckets.get(i).filter(|b| b.contains(ms)).map(|_| i)
-    };
-    // The last energy reading so far, and the last power reading whose hold
-    // is not settled yet.
-    let mut prev_energy: Option<Point> = None;
-    let mut open_power: Option<Point> = None;
+    // The last energy reading so far with the first bucket that can hold
+    // it, and the last power reading whose hold is not settled yet with its
+    // bucket (a slot lies inside one bucket, so a slot's bucket is its
+    // readings' bucket).
+    let mut prev_energy: Option<(Point, usize)> = None;
+    let mut open_power: Option<(Point, Option<usize>)> = None;
     // Slots are sorted, so their bucket index only grows.
     let mut cursor = 0usize;
     for s in slots {
@@ -616,15 +614,15 @@ pub fn combine(
             acc[i].samples += u64::from(s.samples);
         }
         if let Some(e) = &s.energy {
-            if let Some(a) = prev_energy {
-                straddle(
-                    &mut acc,
-                    buckets,
-                    a,
-                    e.first,
-                    limits,
-                    holding(e.first.ts_ms),
-                );
+            if let Some((a, from)) = prev_energy {
+                let pair = straddle(&mut acc[from..], &buckets[from..], a, e.first, limits);
+                if let Some(i) = here {
+                    match pair {
+                        Pair::Reset => acc[i].resets += 1,
+                        Pair::Glitch => acc[i].flagged += 1,
+                        Pair::Counted(_) => {}
+                    }
+                }
             }
             if let Some(i) = here {
                 let a = &mut acc[i];
@@ -633,17 +631,11 @@ pub fn combine(
                 a.resets += u64::from(e.resets);
                 a.flagged += u64::from(e.flagged);
             }
-            prev_energy = Some(e.last);
+            prev_energy = Some((e.last, cursor));
         }
         if let Some(p) = &s.power {
-            if let Some(open) = open_power {
-                settle(
-                    &mut acc,
-                    holding(open.ts_ms),
-                    open,
-                    Some(p.first.ts_ms),
-                    limits,
-                );
+            if let Some((open, i)) = open_power {
+                settle(&mut acc, i, open, Some(p.first.ts_ms), limits);
             }
             if let Some(i) = here {
                 let a = &mut acc[i];
@@ -651,39 +643,26 @@ pub fn combine(
                 a.power_wms += p.held_wms;
                 a.held_ms += p.held_ms;
             }
-            open_power = Some(p.last);
+            open_power = Some((p.last, here));
         }
     }
-    if let Some(open) = open_power {
-        settle(&mut acc, holding(open.ts_ms), open, None, limits);
+    if let Some((open, i)) = open_power {
+        settle(&mut acc, i, open, None, limits);
     }
     Ok(acc.iter().map(Acc::finish).collect())
 }
 
-/// The pair `a → b` whose readings lie in different slots.
-fn straddle(
-    acc: &mut [Acc],
-    buckets: &[Span],
-    a: Point,
-    b: Point,
-    limits: &Limits,
-    b_bucket: Option<usize>,
-) {
+/// Spreads the pair `a → b`, whose readings lie in different slots, over
+/// `buckets` (which start no later than the bucket holding `a`); returns
+/// the pair's class.
+fn straddle(acc: &mut [Acc], buckets: &[Span], a: Point, b: Point, limits: &Limits) -> Pair {
     let dt = b.ts_ms - a.ts_ms;
     let pair = classify(a.value, b.value, dt, limits);
-    if let Some(i) = b_bucket {
-        match pair {
-            Pair::Reset => acc[i].resets += 1,
-            Pair::Glitch => acc[i].flagged += 1,
-            Pair::Counted(_) => {}
-        }
-    }
     let covered = dt <= limits.max_gap_ms;
     if !covered && !matches!(pair, Pair::Counted(_)) {
-        return;
+        return pair;
     }
-    let first = buckets.partition_point(|s| s.end_ms <= a.ts_ms);
-    for (span, acc) in buckets[first..].iter().zip(acc[first..].iter_mut()) {
+    for (span, acc) in buckets.iter().zip(acc.iter_mut()) {
         if span.start_ms >= b.ts_ms {
             break;
         }
@@ -698,6 +677,7 @@ fn straddle(
             acc.covered_ms += overlap;
         }
     }
+    pair
 }
 
 /// Settles the hold of a slot's last power reading once the next power
