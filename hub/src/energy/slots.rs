@@ -1,5 +1,7 @@
 //! Pre-aggregation in 15-minute UTC slots, and the combination of slots into
-//! local buckets that answers exactly what [`rollup_brute`] answers.
+//! local buckets that answers what [`rollup_brute`] answers (counts, samples,
+//! coverage, power min/max identical; energy and mean power up to
+//! floating-point summation order).
 //!
 //! A [`Slot`] summarises the readings of one meter whose `ts` falls into
 //! `[start_ms, start_ms + SLOT_MS)`, and **only** those: the pairs inside it
