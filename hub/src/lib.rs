@@ -36,6 +36,7 @@ pub mod admin;
 mod api;
 pub mod config;
 mod dashboard;
+pub mod energy;
 pub mod handshake;
 pub mod limits;
 pub mod metrics;
