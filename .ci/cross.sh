@@ -147,18 +147,25 @@ TOML
     while ((SECONDS < deadline)); do
         kill -0 "$edge_pid" 2>/dev/null || { cat "$E2E_DIR/edge.log" >&2; die "edge exited early"; }
         kill -0 "$hub_pid" 2>/dev/null || { cat "$E2E_DIR/hub.log" >&2; die "hub exited early"; }
-        count="$(sqlite3 -cmd '.timeout 2000' "$E2E_DIR/hub.db" \
-            "SELECT count(*) FROM readings WHERE device_id='$device'" 2>/dev/null || echo 0)"
-        ((count >= want)) && break
+        # A failed query is retried, never read as a count.
+        if count="$(sqlite3 -cmd '.timeout 5000' "$E2E_DIR/hub.db" \
+            "SELECT count(*) FROM readings WHERE device_id='$device'")" && [[ "$count" =~ ^[0-9]+$ ]]; then
+            ((count >= want)) && break
+        else
+            count=0
+        fi
         sleep 1
     done
     log "stored readings for $device: $count (want >= $want)"
 
     # Graceful shutdown: edge exits 0 within 5 s of SIGTERM, hub within 10 s.
     rc=0; stop_pid "$edge_pid" 10 || rc=$?
-    ((rc == 0)) || log "edge exit status after SIGTERM: $rc"
     local hub_rc=0; stop_pid "$hub_pid" 15 || hub_rc=$?
-    ((hub_rc == 0)) || log "hub exit status after SIGTERM: $hub_rc"
+    # The last word on the count: a query that fails here fails the check.
+    count="$(sqlite3 -cmd '.timeout 5000' "$E2E_DIR/hub.db" \
+        "SELECT count(*) FROM readings WHERE device_id='$device'")" ||
+        die "cannot count the stored readings of $device"
+    [[ "$count" =~ ^[0-9]+$ ]] || die "count query printed '$count'"
 
     if grep -qF -- "$token" "$E2E_DIR/hub.log" "$E2E_DIR/edge.log"; then
         die "the device token appears in a log"
