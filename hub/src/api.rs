@@ -42,7 +42,7 @@ use ems_shared::DashboardReading;
 
 use crate::handshake::{self, Credentials};
 use crate::registry::Kick;
-use crate::server::Shared;
+use crate::state::{CallError, Shared};
 use crate::store::{Store, StoreError, StoredReading, TokenHash, ViewerScope};
 use crate::token::{self, TokenKind};
 
@@ -344,17 +344,13 @@ async fn store<T: Send + 'static>(
     shared: &Arc<Shared>,
     f: impl FnOnce(&mut dyn Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let auth = shared.auth.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut s = auth.lock().unwrap_or_else(|p| p.into_inner());
-        f(s.as_mut())
+    shared.store.call(f).await.map_err(|e| match e {
+        CallError::Store(e) => ApiError::from(e),
+        CallError::Task(e) => {
+            log::error!("api: store task failed: {e}");
+            ApiError::Unavailable
+        }
     })
-    .await
-    .map_err(|e| {
-        log::error!("api: store task failed: {e}");
-        ApiError::Unavailable
-    })?
-    .map_err(ApiError::from)
 }
 
 /// The bearer token of `req` if it is of `kind` (syntax and checksum

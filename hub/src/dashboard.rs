@@ -57,7 +57,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use ems_shared::{dashboard_frame, DashboardFrame};
 
-use crate::server::Shared;
+use crate::state::{CallError, Shared};
 use crate::store::{StoredReading, TokenHash};
 
 type Ws = WebSocketStream<TokioIo<Upgraded>>;
@@ -294,19 +294,13 @@ async fn query<T: Send + 'static>(
     shared: &Arc<Shared>,
     f: impl FnOnce(&mut dyn crate::store::Store) -> Result<T, crate::store::StoreError> + Send + 'static,
 ) -> Option<T> {
-    let auth = shared.auth.clone();
-    let r = tokio::task::spawn_blocking(move || {
-        let mut store = auth.lock().unwrap_or_else(|p| p.into_inner());
-        f(store.as_mut())
-    })
-    .await;
-    match r {
-        Ok(Ok(v)) => Some(v),
-        Ok(Err(e)) => {
+    match shared.store.call(f).await {
+        Ok(v) => Some(v),
+        Err(CallError::Store(e)) => {
             log::warn!("dashboard store query failed: {e}");
             None
         }
-        Err(e) => {
+        Err(CallError::Task(e)) => {
             log::warn!("dashboard store query task failed: {e}");
             None
         }
@@ -350,7 +344,7 @@ async fn viewer_still_allowed(shared: Arc<Shared>, device_id: Arc<str>, viewer: 
     // expiry and the end of the query queued its own query behind the one
     // store lock, which made the query slower still: S2 measured stalls of
     // 0.3-0.5 s (issue 8).
-    let key = (Arc::as_ptr(&shared.auth) as *const () as usize, viewer);
+    let key = (shared.store.id(), viewer);
     let ttl = shared.config.viewer_recheck;
     let known = {
         let mut c = VIEWER_CACHE.lock().unwrap_or_else(|p| p.into_inner());
@@ -494,7 +488,7 @@ impl Feed {
         loop {
             tokio::select! {
                 biased;
-                _ = crate::shutting_down(&mut shutdown) => return Err(End::Close(CloseCode::Away, "hub shutting down")),
+                _ = crate::shutdown::shutting_down(&mut shutdown) => return Err(End::Close(CloseCode::Away, "hub shutting down")),
                 frame = self.topic.recv() => self.buffer(frame, &mut buf)?,
                 msg = self.ws.next() => self.client_message(msg)?,
                 _ = poll.tick() => {
@@ -536,11 +530,10 @@ impl Feed {
         // 2. Query, still buffering live frames.
         let limit = self.shared.config.replay_limit.max(1);
         let id = self.device_id.clone();
-        let auth = self.shared.auth.clone();
-        let mut task = tokio::task::spawn_blocking(move || {
-            let mut store = auth.lock().unwrap_or_else(|p| p.into_inner());
+        let task = self.shared.store.call(move |store| {
             store.history(&id, since_ms, i64::MAX, limit.saturating_add(1), true)
         });
+        tokio::pin!(task);
         let history = loop {
             tokio::select! {
                 biased;
@@ -550,15 +543,15 @@ impl Feed {
             }
         };
         let mut history = match history {
-            Ok(Ok(h)) => h,
-            Ok(Err(e)) => {
+            Ok(h) => h,
+            Err(CallError::Store(e)) => {
                 log::warn!(
                     "dashboard for {}: history query failed: {e}",
                     self.device_id
                 );
                 return Err(End::Close(CloseCode::Again, "store unavailable"));
             }
-            Err(e) => {
+            Err(CallError::Task(e)) => {
                 log::warn!("dashboard for {}: history task failed: {e}", self.device_id);
                 return Err(End::Close(CloseCode::Error, "internal error"));
             }
@@ -725,7 +718,7 @@ impl Feed {
         let cfg = self.shared.config.clone();
         let mut shutdown = self.shared.shutdown.clone();
         // Created once (see the device session).
-        let stopping = crate::shutting_down(&mut shutdown);
+        let stopping = crate::shutdown::shutting_down(&mut shutdown);
         tokio::pin!(stopping);
         let mut ping = crate::session::heartbeat(cfg.ping_interval);
         let mut summary_tick = interval(cfg.backfill_interval.max(Duration::from_millis(10)));

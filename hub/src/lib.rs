@@ -43,6 +43,8 @@ pub mod registry;
 mod revocation;
 mod server;
 mod session;
+mod shutdown;
+mod state;
 pub mod store;
 pub mod token;
 pub mod watcher;
@@ -50,13 +52,14 @@ mod web;
 pub mod writer;
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 pub use config::Config;
-use server::{ConnGuard, Shared};
+use server::ConnGuard;
+use state::Shared;
 use store::StoreError;
 use writer::{Writer, WriterConfig};
 
@@ -108,12 +111,6 @@ fn tls_acceptor(files: &config::TlsFiles) -> Result<tokio_rustls::TlsAcceptor, H
     Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
 }
 
-/// Completes once `flag` is `true` (or its sender is gone).
-pub(crate) async fn shutting_down(flag: &mut watch::Receiver<bool>) {
-    // The guard `wait_for` returns is not `Send`; drop it right here.
-    let _ = flag.wait_for(|s| *s).await.map(|_| ());
-}
-
 async fn open_store(config: &Config) -> Result<Box<dyn store::Store>, HubError> {
     let url = config.database.clone();
     let pg = config.pg.clone();
@@ -157,15 +154,7 @@ pub async fn run(
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shutdown_timeout = config.shutdown_timeout;
-    let shared = Arc::new(Shared {
-        registry: registry::Registry::with_policy(config.subscriber_buffer, config.takeover),
-        metrics,
-        config,
-        auth: Arc::new(Mutex::new(auth_store)),
-        queue: queue_tx,
-        shutdown: shutdown_rx,
-        tls,
-    });
+    let shared = Shared::new(config, auth_store, queue_tx, shutdown_rx, tls, metrics);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     if let Ok(addr) = listener.local_addr() {
         log::info!("ems-hub listening on {addr}");

@@ -7,7 +7,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,35 +19,15 @@ use hyper::header::{
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::handshake::{self, Credentials, Route};
-use crate::registry::Registry;
-use crate::store::{Store, StoreError};
+use crate::session;
+use crate::state::{CallError, Shared};
 use crate::token::{self, TokenKind};
-use crate::writer::Item;
-use crate::{session, Config};
-
-/// State shared by every connection.
-pub(crate) struct Shared {
-    /// The validated configuration.
-    pub config: Config,
-    /// Device connections and live topics.
-    pub registry: Registry,
-    /// Store handle for token look-ups (used from `spawn_blocking`).
-    pub auth: Arc<Mutex<Box<dyn Store>>>,
-    /// Queue to the store writer.
-    pub queue: mpsc::Sender<Item>,
-    /// Flips to `true` when the hub shuts down.
-    pub shutdown: watch::Receiver<bool>,
-    /// TLS acceptor when the hub terminates TLS itself.
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
-    /// Counters behind `/metrics` and `/readyz` (issue 9).
-    pub metrics: Arc<crate::metrics::Metrics>,
-}
 
 /// Keeps the "all connections finished" channel open while alive
 /// (mini-redis's shutdown-complete pattern).
@@ -149,7 +129,7 @@ where
                 log::debug!("http connection from {peer} ended: {e}");
             }
         }
-        _ = crate::shutting_down(&mut shutdown) => {
+        _ = crate::shutdown::shutting_down(&mut shutdown) => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
         }
@@ -428,10 +408,8 @@ async fn handle(
         return forbidden();
     }
     let hash = token::hash(token);
-    let auth = shared.auth.clone();
     let id = device_id.clone();
-    let allowed = tokio::task::spawn_blocking(move || -> Result<bool, StoreError> {
-        let mut store = auth.lock().unwrap_or_else(|p| p.into_inner());
+    let allowed = shared.store.call(move |store| {
         if is_device {
             store.device_token_valid(&id, &hash)
         } else {
@@ -446,18 +424,18 @@ async fn handle(
     })
     .await;
     match allowed {
-        Ok(Ok(true)) => {}
-        Ok(Ok(false)) => {
+        Ok(true) => {}
+        Ok(false) => {
             log::info!(
                 "refused {role} {device_id} from {peer}: token not valid for this device (403)"
             );
             return forbidden();
         }
-        Ok(Err(e)) => {
+        Err(CallError::Store(e)) => {
             log::error!("token look-up failed: {e}");
             return text(StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n");
         }
-        Err(e) => {
+        Err(CallError::Task(e)) => {
             log::error!("token look-up task failed: {e}");
             return text(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n");
         }

@@ -34,7 +34,7 @@ use ems_shared::{
 use crate::limits::{Excess, TokenBucket};
 use crate::metrics::Role;
 use crate::registry::Kick;
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::store::{Row, TokenHash};
 use crate::writer::{AckSink, Item};
 
@@ -168,7 +168,7 @@ pub(crate) fn device(
         let mut shutdown = shared.shutdown.clone();
         // Created once: a fresh `watch::changed` future per loop turn registers
         // and removes a waiter on the one watch every session shares (issue 8).
-        let stopping = crate::shutting_down(&mut shutdown);
+        let stopping = crate::shutdown::shutting_down(&mut shutdown);
         tokio::pin!(stopping);
         let mut ping = heartbeat(cfg.ping_interval);
         let mut missed = 0u32;

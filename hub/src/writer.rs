@@ -162,7 +162,7 @@ fn run(
             tokio::select! {
                 biased;
                 item = rx.recv() => item,
-                _ = crate::shutting_down(&mut stop) => {
+                _ = crate::shutdown::shutting_down(&mut stop) => {
                     // No new readings from now on; drain what is queued.
                     rx.close();
                     rx.recv().await
