@@ -23,7 +23,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 
 use crate::metrics::Metrics;
-use crate::store::{Row, Store};
+use crate::store::{ReadingSink, Row};
 
 /// Where a committed reading's ack goes: one per device connection.
 ///
@@ -107,7 +107,7 @@ impl Writer {
     /// Starts the writer on its own thread. It stops once `stop` is set (or
     /// every sender is dropped) and the queue is drained.
     pub fn spawn(
-        store: Box<dyn Store>,
+        store: impl ReadingSink + 'static,
         rx: mpsc::Receiver<Item>,
         cfg: WriterConfig,
         stop: watch::Receiver<bool>,
@@ -119,7 +119,7 @@ impl Writer {
     /// Like [`Writer::spawn`], recording batch sizes, commit latency,
     /// failures, store health and the queue depth in `metrics`.
     pub fn spawn_with_metrics(
-        store: Box<dyn Store>,
+        store: impl ReadingSink + 'static,
         rx: mpsc::Receiver<Item>,
         cfg: WriterConfig,
         stop: watch::Receiver<bool>,
@@ -141,7 +141,7 @@ impl Writer {
 }
 
 fn run(
-    mut store: Box<dyn Store>,
+    mut store: impl ReadingSink,
     mut rx: mpsc::Receiver<Item>,
     cfg: WriterConfig,
     mut stop: watch::Receiver<bool>,
@@ -195,7 +195,7 @@ fn run(
                 }
             }
         }
-        if commit(store.as_mut(), &rows, metrics, &stop, &mut give_up_at) {
+        if commit(&mut store, &rows, metrics, &stop, &mut give_up_at) {
             send_acks(&rows, &acks);
         }
         rows.clear();
@@ -244,7 +244,7 @@ const SHUTDOWN_RETRY: Duration = Duration::from_secs(5);
 /// are then not acked, so the edges still hold them and resend them to the
 /// next hub — the process can exit in bounded time without losing anything.
 fn commit(
-    store: &mut dyn Store,
+    store: &mut dyn ReadingSink,
     rows: &[Row],
     metrics: &Metrics,
     stop: &watch::Receiver<bool>,
@@ -312,7 +312,7 @@ fn send_acks(rows: &[Row], sinks: &[Arc<AckSink>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{DeviceInfo, StoreError, TokenHash, ViewerScope};
+    use crate::store::StoreError;
     use ems_shared::Reading;
     use std::sync::Mutex;
 
@@ -322,7 +322,7 @@ mod tests {
         fail: u32,
     }
 
-    impl Store for Recording {
+    impl ReadingSink for Recording {
         fn insert_batch(&mut self, rows: &[Row]) -> Result<(), StoreError> {
             if self.fail > 0 {
                 self.fail -= 1;
@@ -333,45 +333,6 @@ mod tests {
                 .unwrap()
                 .push(rows.iter().map(|r| r.reading.seq).collect());
             Ok(())
-        }
-        fn device_token_valid(&mut self, _: &str, _: &TokenHash) -> Result<bool, StoreError> {
-            Ok(false)
-        }
-        fn viewer_scope(&mut self, _: &TokenHash) -> Result<Option<ViewerScope>, StoreError> {
-            Ok(None)
-        }
-        fn active_device_tokens(&mut self) -> Result<Vec<(String, TokenHash)>, StoreError> {
-            Ok(vec![])
-        }
-        fn add_device(&mut self, _: &str, _: &TokenHash, _: i64) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn list_devices(&mut self) -> Result<Vec<DeviceInfo>, StoreError> {
-            Ok(vec![])
-        }
-        fn revoke_device(&mut self, _: &str, _: i64) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn rotate_device(&mut self, _: &str, _: &TokenHash) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn add_viewer(
-            &mut self,
-            _: &str,
-            _: &TokenHash,
-            _: &ViewerScope,
-            _: i64,
-        ) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn readings(
-            &mut self,
-            _: &str,
-            _: i64,
-            _: i64,
-            _: usize,
-        ) -> Result<Vec<Reading>, StoreError> {
-            Ok(vec![])
         }
     }
 
@@ -415,7 +376,7 @@ mod tests {
         // Already stopping; `tx` stays alive, so only the stop ends it.
         let (_stop_tx, stop_rx) = watch::channel(true);
         let started = Instant::now();
-        let w = Writer::spawn(Box::new(store), rx, cfg, stop_rx, rt.handle().clone()).unwrap();
+        let w = Writer::spawn(store, rx, cfg, stop_rx, rt.handle().clone()).unwrap();
         w.join();
         // One shutdown deadline for all three batches, not one each.
         assert!(
@@ -451,7 +412,7 @@ mod tests {
             batch_linger: Duration::from_millis(1),
         };
         let (_stop_tx, stop_rx) = watch::channel(false);
-        let w = Writer::spawn(Box::new(store), rx, cfg, stop_rx, rt.handle().clone()).unwrap();
+        let w = Writer::spawn(store, rx, cfg, stop_rx, rt.handle().clone()).unwrap();
         w.join();
         assert_eq!(*committed.lock().unwrap(), vec![vec![0, 1, 2], vec![3, 4]]);
         assert_eq!(sink.try_pop(), Some((7, 2)));

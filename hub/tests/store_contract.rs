@@ -527,7 +527,7 @@ mod postgres_only {
 
     use super::{pg, row};
     use ems_hub::store::postgres::{PgMode, PgOptions, PgStore, TimescaleMode};
-    use ems_hub::store::{self, Store, StoreError};
+    use ems_hub::store::{self, HistoryStore, ReadingSink, StoreError};
 
     /// The example Grafana query of README.md (Storage), with `$__timeFilter`
     /// expanded as Grafana does.

@@ -54,7 +54,8 @@ use rustls_pki_types::CertificateDer;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    ct_eq, DeviceInfo, Row, Store, StoreError, StoredReading, TokenHash, ViewerInfo, ViewerScope,
+    ct_eq, AdminStore, AuthStore, DeviceInfo, HistoryStore, ReadingSink, Row, StoreError,
+    StoredReading, TokenHash, ViewerInfo, ViewerScope,
 };
 
 /// Schema version this code writes and expects.
@@ -1026,7 +1027,7 @@ fn clamp_ms(ms: i64) -> PgTime {
     PgTime(ms.clamp(PG_MIN_MS, PG_END_MS - 1))
 }
 
-impl Store for PgStore {
+impl ReadingSink for PgStore {
     fn insert_batch(&mut self, rows: &[Row]) -> Result<(), StoreError> {
         // A timestamp PostgreSQL cannot hold would fail this batch on every
         // retry and stall the writer for good: such rows are left out.
@@ -1068,17 +1069,9 @@ impl Store for PgStore {
             WriteMethod::MultiRowInsert => self.with(|c| PgStore::insert_values(c, rows)),
         }
     }
+}
 
-    fn device_exists(&mut self, device_id: &str) -> Result<bool, StoreError> {
-        self.with(|c| {
-            let row = c
-                .client
-                .query_opt("SELECT 1 FROM devices WHERE device_id = $1", &[&device_id])
-                .map_err(db)?;
-            Ok(row.is_some())
-        })
-    }
-
+impl AuthStore for PgStore {
     fn device_token_valid(
         &mut self,
         device_id: &str,
@@ -1099,28 +1092,6 @@ impl Store for PgStore {
                     Ok(ct_eq(&stored, hash))
                 }
             }
-        })
-    }
-
-    fn active_device_tokens(&mut self) -> Result<Vec<(String, TokenHash)>, StoreError> {
-        self.with(|c| {
-            let rows = c
-                .client
-                .query(
-                    "SELECT device_id, token_hash FROM devices WHERE revoked_ms IS NULL",
-                    &[],
-                )
-                .map_err(db)?;
-            let mut out = Vec::with_capacity(rows.len());
-            for r in rows {
-                let id: String = r.try_get(0).map_err(db)?;
-                let hash: Vec<u8> = r.try_get(1).map_err(db)?;
-                // A malformed stored hash matches no token (see sqlite.rs).
-                if let Ok(h) = TokenHash::try_from(hash.as_slice()) {
-                    out.push((id, h));
-                }
-            }
-            Ok(out)
         })
     }
 
@@ -1158,6 +1129,53 @@ impl Store for PgStore {
         })
     }
 
+    fn admin_name(&mut self, hash: &TokenHash) -> Result<Option<String>, StoreError> {
+        self.with(|c| {
+            c.client
+                .query_opt(
+                    "SELECT name FROM admins WHERE token_hash = $1 AND revoked_ms IS NULL",
+                    &[&&hash[..]],
+                )
+                .map_err(db)?
+                .map(|r| r.try_get(0).map_err(db))
+                .transpose()
+        })
+    }
+
+    fn active_device_tokens(&mut self) -> Result<Vec<(String, TokenHash)>, StoreError> {
+        self.with(|c| {
+            let rows = c
+                .client
+                .query(
+                    "SELECT device_id, token_hash FROM devices WHERE revoked_ms IS NULL",
+                    &[],
+                )
+                .map_err(db)?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let id: String = r.try_get(0).map_err(db)?;
+                let hash: Vec<u8> = r.try_get(1).map_err(db)?;
+                // A malformed stored hash matches no token (see sqlite.rs).
+                if let Ok(h) = TokenHash::try_from(hash.as_slice()) {
+                    out.push((id, h));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn device_exists(&mut self, device_id: &str) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let row = c
+                .client
+                .query_opt("SELECT 1 FROM devices WHERE device_id = $1", &[&device_id])
+                .map_err(db)?;
+            Ok(row.is_some())
+        })
+    }
+}
+
+impl AdminStore for PgStore {
     fn add_device(
         &mut self,
         device_id: &str,
@@ -1265,6 +1283,71 @@ impl Store for PgStore {
         })
     }
 
+    fn list_viewers(&mut self) -> Result<Vec<ViewerInfo>, StoreError> {
+        self.with(|c| {
+            let rows = c
+                .client
+                .query(
+                    "SELECT v.name, v.all_devices, v.created_ms, v.revoked_ms, \
+                     COALESCE(array_agg(d.device_id ORDER BY d.device_id) \
+                       FILTER (WHERE d.device_id IS NOT NULL), '{}') \
+                     FROM viewers v LEFT JOIN viewer_devices d ON d.viewer_id = v.viewer_id \
+                     GROUP BY v.viewer_id ORDER BY v.name",
+                    &[],
+                )
+                .map_err(db)?;
+            rows.iter()
+                .map(|r| {
+                    let all: bool = r.try_get(1).map_err(db)?;
+                    let ids: Vec<String> = r.try_get(4).map_err(db)?;
+                    Ok(ViewerInfo {
+                        name: r.try_get(0).map_err(db)?,
+                        scope: if all {
+                            ViewerScope::AllDevices
+                        } else {
+                            ViewerScope::Devices(ids)
+                        },
+                        created_ms: r.try_get(2).map_err(db)?,
+                        revoked_ms: r.try_get(3).map_err(db)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn revoke_viewer(&mut self, name: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.with(|c| {
+            let n = c
+                .client
+                .execute(
+                    "UPDATE viewers SET revoked_ms = COALESCE(revoked_ms, $2) WHERE name = $1",
+                    &[&name, &now_ms],
+                )
+                .map_err(db)?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("viewer {name}")));
+            }
+            Ok(())
+        })
+    }
+
+    fn add_admin(&mut self, name: &str, hash: &TokenHash, now_ms: i64) -> Result<(), StoreError> {
+        self.with(|c| {
+            match c.client.execute(
+                "INSERT INTO admins (name, token_hash, created_ms) VALUES ($1, $2, $3)",
+                &[&name, &&hash[..], &now_ms],
+            ) {
+                Ok(_) => Ok(()),
+                Err(e) if is_unique_violation(&e) => {
+                    Err(StoreError::AlreadyExists(format!("admin {name}")))
+                }
+                Err(e) => Err(db(e)),
+            }
+        })
+    }
+}
+
+impl HistoryStore for PgStore {
     fn readings(
         &mut self,
         device_id: &str,
@@ -1306,50 +1389,6 @@ impl Store for PgStore {
                     })
                 })
                 .collect()
-        })
-    }
-
-    fn add_admin(&mut self, name: &str, hash: &TokenHash, now_ms: i64) -> Result<(), StoreError> {
-        self.with(|c| {
-            match c.client.execute(
-                "INSERT INTO admins (name, token_hash, created_ms) VALUES ($1, $2, $3)",
-                &[&name, &&hash[..], &now_ms],
-            ) {
-                Ok(_) => Ok(()),
-                Err(e) if is_unique_violation(&e) => {
-                    Err(StoreError::AlreadyExists(format!("admin {name}")))
-                }
-                Err(e) => Err(db(e)),
-            }
-        })
-    }
-
-    fn admin_name(&mut self, hash: &TokenHash) -> Result<Option<String>, StoreError> {
-        self.with(|c| {
-            c.client
-                .query_opt(
-                    "SELECT name FROM admins WHERE token_hash = $1 AND revoked_ms IS NULL",
-                    &[&&hash[..]],
-                )
-                .map_err(db)?
-                .map(|r| r.try_get(0).map_err(db))
-                .transpose()
-        })
-    }
-
-    fn revoke_viewer(&mut self, name: &str, now_ms: i64) -> Result<(), StoreError> {
-        self.with(|c| {
-            let n = c
-                .client
-                .execute(
-                    "UPDATE viewers SET revoked_ms = COALESCE(revoked_ms, $2) WHERE name = $1",
-                    &[&name, &now_ms],
-                )
-                .map_err(db)?;
-            if n == 0 {
-                return Err(StoreError::NotFound(format!("viewer {name}")));
-            }
-            Ok(())
         })
     }
 
@@ -1418,38 +1457,6 @@ impl Store for PgStore {
                 .map_err(db)?
                 .map(|r| r.try_get::<_, PgTime>(0).map(|t| t.0).map_err(db))
                 .transpose()
-        })
-    }
-
-    fn list_viewers(&mut self) -> Result<Vec<ViewerInfo>, StoreError> {
-        self.with(|c| {
-            let rows = c
-                .client
-                .query(
-                    "SELECT v.name, v.all_devices, v.created_ms, v.revoked_ms, \
-                     COALESCE(array_agg(d.device_id ORDER BY d.device_id) \
-                       FILTER (WHERE d.device_id IS NOT NULL), '{}') \
-                     FROM viewers v LEFT JOIN viewer_devices d ON d.viewer_id = v.viewer_id \
-                     GROUP BY v.viewer_id ORDER BY v.name",
-                    &[],
-                )
-                .map_err(db)?;
-            rows.iter()
-                .map(|r| {
-                    let all: bool = r.try_get(1).map_err(db)?;
-                    let ids: Vec<String> = r.try_get(4).map_err(db)?;
-                    Ok(ViewerInfo {
-                        name: r.try_get(0).map_err(db)?,
-                        scope: if all {
-                            ViewerScope::AllDevices
-                        } else {
-                            ViewerScope::Devices(ids)
-                        },
-                        created_ms: r.try_get(2).map_err(db)?,
-                        revoked_ms: r.try_get(3).map_err(db)?,
-                    })
-                })
-                .collect()
         })
     }
 }

@@ -16,7 +16,8 @@ use ems_shared::Reading;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use super::{
-    ct_eq, DeviceInfo, Row, Store, StoreError, StoredReading, TokenHash, ViewerInfo, ViewerScope,
+    ct_eq, AdminStore, AuthStore, DeviceInfo, HistoryStore, ReadingSink, Row, StoreError,
+    StoredReading, TokenHash, ViewerInfo, ViewerScope,
 };
 
 /// Schema version this code writes and expects.
@@ -248,7 +249,7 @@ fn to_i64(v: u64) -> Result<i64, StoreError> {
     i64::try_from(v).map_err(|_| StoreError::Db(format!("epoch/seq {v} does not fit a BIGINT")))
 }
 
-impl Store for SqliteStore {
+impl ReadingSink for SqliteStore {
     fn insert_batch(&mut self, rows: &[Row]) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
@@ -281,15 +282,9 @@ impl Store for SqliteStore {
         }
         tx.commit().map_err(db)
     }
+}
 
-    fn device_exists(&mut self, device_id: &str) -> Result<bool, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT 1 FROM devices WHERE device_id = ?1")
-            .map_err(db)?;
-        stmt.exists([device_id]).map_err(db)
-    }
-
+impl AuthStore for SqliteStore {
     fn device_token_valid(
         &mut self,
         device_id: &str,
@@ -306,28 +301,6 @@ impl Store for SqliteStore {
             .optional()
             .map_err(db)?;
         Ok(stored.is_some_and(|s| ct_eq(&s, hash)))
-    }
-
-    fn active_device_tokens(&mut self) -> Result<Vec<(String, TokenHash)>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT device_id, token_hash FROM devices WHERE revoked_ms IS NULL")
-            .map_err(db)?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
-            })
-            .map_err(db)?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, hash) = row.map_err(db)?;
-            // A malformed stored hash matches no token: leave it out, so a
-            // connection of that device is closed rather than trusted.
-            if let Ok(h) = TokenHash::try_from(hash.as_slice()) {
-                out.push((id, h));
-            }
-        }
-        Ok(out)
     }
 
     fn viewer_scope(&mut self, hash: &TokenHash) -> Result<Option<ViewerScope>, StoreError> {
@@ -361,6 +334,47 @@ impl Store for SqliteStore {
         Ok(Some(ViewerScope::Devices(ids)))
     }
 
+    fn admin_name(&mut self, hash: &TokenHash) -> Result<Option<String>, StoreError> {
+        self.conn
+            .prepare_cached("SELECT name FROM admins WHERE token_hash = ?1 AND revoked_ms IS NULL")
+            .map_err(db)?
+            .query_row([&hash[..]], |r| r.get(0))
+            .optional()
+            .map_err(db)
+    }
+
+    fn active_device_tokens(&mut self) -> Result<Vec<(String, TokenHash)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT device_id, token_hash FROM devices WHERE revoked_ms IS NULL")
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
+            .map_err(db)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, hash) = row.map_err(db)?;
+            // A malformed stored hash matches no token: leave it out, so a
+            // connection of that device is closed rather than trusted.
+            if let Ok(h) = TokenHash::try_from(hash.as_slice()) {
+                out.push((id, h));
+            }
+        }
+        Ok(out)
+    }
+
+    fn device_exists(&mut self, device_id: &str) -> Result<bool, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT 1 FROM devices WHERE device_id = ?1")
+            .map_err(db)?;
+        stmt.exists([device_id]).map_err(db)
+    }
+}
+
+impl AdminStore for SqliteStore {
     fn add_device(
         &mut self,
         device_id: &str,
@@ -464,6 +478,79 @@ impl Store for SqliteStore {
         tx.commit().map_err(db)
     }
 
+    fn list_viewers(&mut self) -> Result<Vec<ViewerInfo>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT v.name, v.all_devices, v.created_ms, v.revoked_ms, d.device_id \
+                 FROM viewers v LEFT JOIN viewer_devices d ON d.viewer_id = v.viewer_id \
+                 ORDER BY v.name, d.device_id",
+            )
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, bool>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                ))
+            })
+            .map_err(db)?;
+        let mut out: Vec<ViewerInfo> = Vec::new();
+        for row in rows {
+            let (name, all, created_ms, revoked_ms, device) = row.map_err(db)?;
+            if out.last().map(|v| v.name != name).unwrap_or(true) {
+                out.push(ViewerInfo {
+                    name,
+                    scope: if all {
+                        ViewerScope::AllDevices
+                    } else {
+                        ViewerScope::Devices(Vec::new())
+                    },
+                    created_ms,
+                    revoked_ms,
+                });
+            }
+            if let (Some(v), Some(d)) = (out.last_mut(), device) {
+                if let ViewerScope::Devices(ids) = &mut v.scope {
+                    ids.push(d);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn revoke_viewer(&mut self, name: &str, now_ms: i64) -> Result<(), StoreError> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE viewers SET revoked_ms = COALESCE(revoked_ms, ?2) WHERE name = ?1",
+                params![name, now_ms],
+            )
+            .map_err(db)?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("viewer {name}")));
+        }
+        Ok(())
+    }
+
+    fn add_admin(&mut self, name: &str, hash: &TokenHash, now_ms: i64) -> Result<(), StoreError> {
+        match self.conn.execute(
+            "INSERT INTO admins (name, token_hash, created_ms) VALUES (?1, ?2, ?3)",
+            params![name, &hash[..], now_ms],
+        ) {
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => {
+                Err(StoreError::AlreadyExists(format!("admin {name}")))
+            }
+            Err(e) => Err(db(e)),
+        }
+    }
+}
+
+impl HistoryStore for SqliteStore {
     fn readings(
         &mut self,
         device_id: &str,
@@ -500,42 +587,6 @@ impl Store for SqliteStore {
             })
             .map_err(db)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
-    }
-
-    fn add_admin(&mut self, name: &str, hash: &TokenHash, now_ms: i64) -> Result<(), StoreError> {
-        match self.conn.execute(
-            "INSERT INTO admins (name, token_hash, created_ms) VALUES (?1, ?2, ?3)",
-            params![name, &hash[..], now_ms],
-        ) {
-            Ok(_) => Ok(()),
-            Err(e) if is_unique_violation(&e) => {
-                Err(StoreError::AlreadyExists(format!("admin {name}")))
-            }
-            Err(e) => Err(db(e)),
-        }
-    }
-
-    fn admin_name(&mut self, hash: &TokenHash) -> Result<Option<String>, StoreError> {
-        self.conn
-            .prepare_cached("SELECT name FROM admins WHERE token_hash = ?1 AND revoked_ms IS NULL")
-            .map_err(db)?
-            .query_row([&hash[..]], |r| r.get(0))
-            .optional()
-            .map_err(db)
-    }
-
-    fn revoke_viewer(&mut self, name: &str, now_ms: i64) -> Result<(), StoreError> {
-        let n = self
-            .conn
-            .execute(
-                "UPDATE viewers SET revoked_ms = COALESCE(revoked_ms, ?2) WHERE name = ?1",
-                params![name, now_ms],
-            )
-            .map_err(db)?;
-        if n == 0 {
-            return Err(StoreError::NotFound(format!("viewer {name}")));
-        }
-        Ok(())
     }
 
     fn history(
@@ -596,50 +647,6 @@ impl Store for SqliteStore {
             .query_row([device_id], |r| r.get(0))
             .optional()
             .map_err(db)
-    }
-
-    fn list_viewers(&mut self) -> Result<Vec<ViewerInfo>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT v.name, v.all_devices, v.created_ms, v.revoked_ms, d.device_id \
-                 FROM viewers v LEFT JOIN viewer_devices d ON d.viewer_id = v.viewer_id \
-                 ORDER BY v.name, d.device_id",
-            )
-            .map_err(db)?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, bool>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, Option<i64>>(3)?,
-                    r.get::<_, Option<String>>(4)?,
-                ))
-            })
-            .map_err(db)?;
-        let mut out: Vec<ViewerInfo> = Vec::new();
-        for row in rows {
-            let (name, all, created_ms, revoked_ms, device) = row.map_err(db)?;
-            if out.last().map(|v| v.name != name).unwrap_or(true) {
-                out.push(ViewerInfo {
-                    name,
-                    scope: if all {
-                        ViewerScope::AllDevices
-                    } else {
-                        ViewerScope::Devices(Vec::new())
-                    },
-                    created_ms,
-                    revoked_ms,
-                });
-            }
-            if let (Some(v), Some(d)) = (out.last_mut(), device) {
-                if let ViewerScope::Devices(ids) = &mut v.scope {
-                    ids.push(d);
-                }
-            }
-        }
-        Ok(out)
     }
 }
 
