@@ -409,20 +409,22 @@ async fn handle(
     }
     let hash = token::hash(token);
     let id = device_id.clone();
-    let allowed = shared.store.call(move |store| {
-        if is_device {
-            store.device_token_valid(&id, &hash)
-        } else {
-            // An all-devices viewer may only open topics of real devices:
-            // made-up ids would each cost a topic buffer.
-            match store.viewer_scope(&hash)? {
-                Some(crate::store::ViewerScope::AllDevices) => store.device_exists(&id),
-                Some(scope) => Ok(scope.allows(&id)),
-                None => Ok(false),
+    let allowed = shared
+        .store
+        .call(move |store| {
+            if is_device {
+                store.device_token_valid(&id, &hash)
+            } else {
+                // An all-devices viewer may only open topics of real devices:
+                // made-up ids would each cost a topic buffer.
+                match store.viewer_scope(&hash)? {
+                    Some(crate::store::ViewerScope::AllDevices) => store.device_exists(&id),
+                    Some(scope) => Ok(scope.allows(&id)),
+                    None => Ok(false),
+                }
             }
-        }
-    })
-    .await;
+        })
+        .await;
     match allowed {
         Ok(true) => {}
         Ok(false) => {
