@@ -8,8 +8,8 @@
 
 use thiserror::Error;
 
+use crate::auth::token::{self, TokenError, TokenKind};
 use crate::store::{self, DeviceInfo, Store, StoreError, ViewerScope};
-use crate::token::{self, TokenError, TokenKind};
 
 /// Admin command failures.
 #[derive(Debug, Error)]

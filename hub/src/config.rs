@@ -39,10 +39,10 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// Per-device token bucket (issue 9): rate, burst, and how long
     /// sustained excess may last before the hub closes with 1008.
-    pub rate_limit: crate::limits::RateLimit,
+    pub rate_limit: RateLimit,
     /// Takeover-loop rule (issue 9): more than K replacements within T
     /// refuse the device id for a cool-down (close 4002).
-    pub takeover: crate::registry::TakeoverPolicy,
+    pub takeover: TakeoverPolicy,
     /// How often the hub polls the store for revoked or rotated device
     /// tokens of live connections (issue 9); they close with 4001.
     pub revocation_poll: Duration,
@@ -84,6 +84,51 @@ impl std::fmt::Debug for Config {
     }
 }
 
+/// Rate-limit configuration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// Sustained frames per second per device.
+    pub rate: f64,
+    /// Bucket size: frames a device may send at once after a quiet period.
+    pub burst: f64,
+    /// Continuous excess for this long closes the connection with 1008.
+    pub abuse_after: Duration,
+}
+
+impl Default for RateLimit {
+    /// 1000 frames/s with a burst of 20 000: a 1 Hz edge with a 7-day
+    /// backlog (~605 000 readings) drains in about 10 minutes; the ems-edge
+    /// window (512 in flight) never comes near the burst in one go.
+    fn default() -> Self {
+        RateLimit {
+            rate: 1000.0,
+            burst: 20_000.0,
+            abuse_after: Duration::from_secs(10),
+        }
+    }
+}
+
+/// When a device id counts as being in a takeover loop.
+#[derive(Debug, Clone, Copy)]
+pub struct TakeoverPolicy {
+    /// Replacements allowed within `window` (K); one more is a loop.
+    pub max_replacements: usize,
+    /// The sliding window (T).
+    pub window: Duration,
+    /// How long a looping device id is refused.
+    pub cooldown: Duration,
+}
+
+impl Default for TakeoverPolicy {
+    fn default() -> Self {
+        TakeoverPolicy {
+            max_replacements: 5,
+            window: Duration::from_secs(60),
+            cooldown: Duration::from_secs(300),
+        }
+    }
+}
+
 /// PEM files for the hub's own TLS termination.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
@@ -116,8 +161,8 @@ impl Config {
             max_connections: 50_000,
             handshake_timeout: Duration::from_secs(10),
             tls: None,
-            rate_limit: crate::limits::RateLimit::default(),
-            takeover: crate::registry::TakeoverPolicy::default(),
+            rate_limit: RateLimit::default(),
+            takeover: TakeoverPolicy::default(),
             revocation_poll: Duration::from_secs(1),
             allowed_origins: Vec::new(),
             public_url: None,

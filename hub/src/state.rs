@@ -11,11 +11,12 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinError;
 
+use crate::config::Config;
+use crate::fanout::registry::Registry;
+use crate::ingest::limits::Buckets;
+use crate::ingest::writer::Item;
 use crate::metrics::Metrics;
-use crate::registry::Registry;
 use crate::store::{Store, StoreError};
-use crate::writer::Item;
-use crate::Config;
 
 /// State shared by every connection.
 pub(crate) struct Shared {
@@ -26,6 +27,8 @@ pub(crate) struct Shared {
     /// The store for everything but the batched writes: token look-ups,
     /// history, presence, the admin API.
     pub store: StoreHandle,
+    /// Rate-limit buckets of devices, kept between their connections.
+    pub buckets: Buckets,
     /// Queue to the store writer; a full queue is the backpressure that
     /// stops device sessions from reading their sockets.
     pub queue: mpsc::Sender<Item>,
@@ -51,6 +54,7 @@ impl Shared {
         Arc::new(Shared {
             registry: Registry::with_policy(config.subscriber_buffer, config.takeover),
             store: StoreHandle::new(store),
+            buckets: Buckets::default(),
             config,
             queue,
             shutdown,

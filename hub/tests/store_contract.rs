@@ -45,8 +45,8 @@ pub fn row(device: &str, epoch: u64, seq: u64, ts_ms: i64) -> Row {
 pub mod contract {
     use super::*;
     use ems_hub::admin::Admin;
+    use ems_hub::auth::token;
     use ems_hub::store::{StoreError, ViewerScope};
-    use ems_hub::token;
 
     fn all(s: &mut dyn Store, device: &str) -> Vec<Reading> {
         s.readings(device, i64::MIN, i64::MAX, usize::MAX).unwrap()

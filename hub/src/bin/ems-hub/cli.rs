@@ -7,9 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use ems_hub::config::TlsFiles;
-use ems_hub::limits::RateLimit;
-use ems_hub::registry::TakeoverPolicy;
+use ems_hub::config::{RateLimit, TakeoverPolicy, TlsFiles};
 use ems_hub::store::postgres::TimescaleMode;
 use ems_hub::Config;
 

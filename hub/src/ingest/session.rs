@@ -17,36 +17,25 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
-use tokio::time::{interval_at, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes};
-use tokio_tungstenite::WebSocketStream;
 
 use ems_shared::{
     dashboard_frame, decode_edge_frame, EdgeFrame, FrameError, HubFrame, RejectReason,
 };
 
-use crate::limits::{Excess, TokenBucket};
+use super::acks::AckSink;
+use super::limits::{Excess, TokenBucket};
+use super::writer::Item;
+use crate::fanout::registry::Kick;
+use crate::fanout::topic::Topic;
 use crate::metrics::Role;
-use crate::registry::Kick;
+use crate::shutdown::shutting_down;
 use crate::state::Shared;
 use crate::store::{Row, TokenHash};
-use crate::writer::{AckSink, Item};
-
-type Ws = WebSocketStream<TokioIo<Upgraded>>;
-
-/// Unix time in milliseconds.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+use crate::ws::{self, End, Ws};
 
 /// At most one warning per `every`, with a count of the suppressed ones, so
 /// a flood of bad frames costs bounded log volume.
@@ -80,38 +69,13 @@ impl RateLimitedWarn {
     }
 }
 
-fn close_frame(code: CloseCode, reason: &'static str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(reason),
-    }))
-}
-
-/// Sends a close frame and waits briefly for the peer's reply.
-async fn close(ws: &mut Ws, code: CloseCode, reason: &'static str) {
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        if ws.send(close_frame(code, reason)).await.is_err() {
-            return;
-        }
-        while let Some(Ok(_)) = ws.next().await {}
-    })
-    .await;
-}
-
-enum End {
-    /// Peer closed or the socket failed.
-    Gone,
-    /// Close with this code and reason.
-    Close(CloseCode, &'static str),
-}
-
 /// Serves one device connection until it ends.
 ///
 /// `token` is the hash of the token the connection authenticated with; the
 /// revocation poller compares it with the store's current one.
 // Not an `async fn` on purpose (see the comment in the body).
 #[allow(clippy::manual_async_fn)]
-pub(crate) fn device(
+pub(crate) fn run(
     mut ws: Ws,
     device_id: Arc<str>,
     peer: SocketAddr,
@@ -143,7 +107,7 @@ pub(crate) fn device(
                     conflict.remaining
                 ),
             }
-                Box::pin(close(
+                Box::pin(ws::close(
                     &mut ws,
                     CloseCode::from(ems_shared::CLOSE_CONFLICT),
                     "conflict",
@@ -168,16 +132,16 @@ pub(crate) fn device(
         let mut shutdown = shared.shutdown.clone();
         // Created once: a fresh `watch::changed` future per loop turn registers
         // and removes a waiter on the one watch every session shares (issue 8).
-        let stopping = crate::shutdown::shutting_down(&mut shutdown);
+        let stopping = shutting_down(&mut shutdown);
         tokio::pin!(stopping);
-        let mut ping = heartbeat(cfg.ping_interval);
+        let mut ping = ws::heartbeat(cfg.ping_interval);
         let mut missed = 0u32;
         // Whether a frame arrived since the last heartbeat tick: a device that
         // talks needs no ping (issue 8: 10,000 devices connected within a second
         // were all pinged in the same second, every 20 s).
         let mut heard = false;
         let mut warn = RateLimitedWarn::new(Duration::from_secs(10));
-        let mut bucket = shared.registry.take_bucket(&device_id, || {
+        let mut bucket = shared.buckets.take(&device_id, || {
             TokenBucket::new(&cfg.rate_limit, Instant::now())
         });
         let mut excess = Excess::default();
@@ -231,7 +195,7 @@ pub(crate) fn device(
                             None => break,
                         }
                     }
-                    if r.is_err() || Box::pin(flush_within(&mut ws, limit)).await.is_err() {
+                    if r.is_err() || Box::pin(ws::flush_within(&mut ws, limit)).await.is_err() {
                         break End::Gone;
                     }
                     last_acked = Some(last);
@@ -248,7 +212,7 @@ pub(crate) fn device(
                         break End::Gone;
                     }
                     missed += 1;
-                    if Box::pin(send_within(&mut ws, Message::Ping(Bytes::new()), limit)).await.is_err() {
+                    if Box::pin(ws::send_within(&mut ws, Message::Ping(Bytes::new()), limit)).await.is_err() {
                         break End::Gone;
                     }
                 }
@@ -314,7 +278,7 @@ pub(crate) fn device(
                             if let (Some(epoch), Some(seq)) = (e.epoch, e.seq) {
                                 let reason = format!("{}: {}", e.reason.code(), e.detail);
                                 let frame = HubFrame::Rejected { epoch, seq, reason }.to_json();
-                                if Box::pin(send_within(&mut ws, Message::Text(frame.into()), limit)).await.is_err() {
+                                if Box::pin(ws::send_within(&mut ws, Message::Text(frame.into()), limit)).await.is_err() {
                                     break End::Gone;
                                 }
                             }
@@ -324,10 +288,10 @@ pub(crate) fn device(
             }
         };
         shared.registry.disconnect_device(&device_id, lease.conn_id);
-        shared.registry.put_bucket(&device_id, bucket);
+        shared.buckets.put(&device_id, bucket);
         metrics.connection(Role::Device, -1);
         if let End::Close(code, reason) = end {
-            Box::pin(close(&mut ws, code, reason)).await;
+            Box::pin(ws::close(&mut ws, code, reason)).await;
         }
         log::info!("device {device_id} from {peer} disconnected");
     }
@@ -362,40 +326,16 @@ fn suppressed(n: u64) -> String {
     }
 }
 
-/// Sends one message, giving up after `limit`: a peer that stops reading
-/// must not freeze its session (no heartbeat, no kick, no shutdown).
-async fn send_within(ws: &mut Ws, msg: Message, limit: Duration) -> Result<(), WsError> {
-    within(limit, ws.send(msg)).await
-}
-
 async fn send_ack(ws: &mut Ws, ack: (u64, u64), limit: Duration) -> Result<(), WsError> {
     feed_ack(ws, ack, limit).await?;
-    flush_within(ws, limit).await
+    ws::flush_within(ws, limit).await
 }
 
 /// Queues one ack frame (written at the next flush, or at once when the
 /// socket's write buffer is full).
 async fn feed_ack(ws: &mut Ws, (epoch, seq): (u64, u64), limit: Duration) -> Result<(), WsError> {
     let frame = HubFrame::Ack { epoch, seq }.to_json();
-    within(limit, ws.feed(Message::Text(frame.into()))).await
-}
-
-/// Writes out what [`feed_ack`] queued, giving up after `limit`.
-async fn flush_within(ws: &mut Ws, limit: Duration) -> Result<(), WsError> {
-    within(limit, ws.flush()).await
-}
-
-async fn within(
-    limit: Duration,
-    f: impl std::future::Future<Output = Result<(), WsError>>,
-) -> Result<(), WsError> {
-    match tokio::time::timeout(limit, f).await {
-        Ok(r) => r,
-        Err(_) => Err(WsError::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "peer stopped reading",
-        ))),
-    }
+    ws::within(limit, ws.feed(Message::Text(frame.into()))).await
 }
 
 /// At shutdown: sends the acks of what this session queued (waiting up to
@@ -430,21 +370,6 @@ async fn flush_acks_at_shutdown(
     }
 }
 
-/// The heartbeat timer of one connection: the first tick comes after half
-/// to one whole `every`, spread over the connections, so connections
-/// opened in the same second (a restart, a storm) are not all pinged in the
-/// same second ever after (issue 8).
-pub(crate) fn heartbeat(every: Duration) -> tokio::time::Interval {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    // Fibonacci hashing spreads consecutive numbers evenly over [0, 1).
-    let frac = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
-    let first = every / 2 + every.mul_f64(frac / 2.0);
-    let mut ping = interval_at(tokio::time::Instant::now() + first, every);
-    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    ping
-}
-
 /// What became of a valid frame.
 enum Handled {
     /// A reading, queued for the store as `(epoch, seq)`.
@@ -460,11 +385,11 @@ enum Handled {
 async fn handle_text(
     text: &str,
     device_id: &Arc<str>,
-    topic: &crate::registry::Topic,
+    topic: &Topic,
     sink: &Arc<AckSink>,
     shared: &Shared,
 ) -> Result<Handled, FrameError> {
-    let rx_ms = now_ms();
+    let rx_ms = crate::store::now_ms();
     let reading = match decode_edge_frame(text, rx_ms)? {
         EdgeFrame::Reading(r) => r,
         EdgeFrame::Status(status) => {
@@ -504,18 +429,6 @@ async fn handle_text(
         }
         Err(mpsc::error::TrySendError::Closed(_)) => Handled::WriterGone,
     })
-}
-
-/// Serves one dashboard subscriber until it ends: presence, the resume
-/// replay, backfill summaries and the live feed (see [`crate::dashboard`]).
-pub(crate) async fn dashboard(
-    ws: Ws,
-    device_id: Arc<str>,
-    peer: SocketAddr,
-    shared: Arc<Shared>,
-    opts: crate::dashboard::FeedOptions,
-) {
-    crate::dashboard::run(ws, device_id, peer, shared, opts).await;
 }
 
 #[cfg(test)]

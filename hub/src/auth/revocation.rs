@@ -8,7 +8,7 @@
 //! Worst case from the admin command's commit to the close frame: one poll
 //! interval plus one store query plus a scheduler tick (≈ 1.1 s with the
 //! defaults). In-process changes (the admin API) call
-//! [`crate::registry::Registry::kick`] and close at once.
+//! [`crate::fanout::registry::Registry::kick`] and close at once.
 //!
 //! The poll doubles as the store health check behind `/readyz`: its outcome
 //! sets `Metrics::store_poll_ok`, so an idle hub notices a lost database.
@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use tokio::time::MissedTickBehavior;
 
-use crate::registry::Kick;
+use crate::fanout::registry::Kick;
 use crate::state::{CallError, Shared};
 use crate::store::TokenHash;
 

@@ -21,8 +21,6 @@
 //! - Edge status: the last `status` frame of every connected device
 //!   ([`Registry::edge_status`], [`Registry::edge_statuses`]) for metrics,
 //!   dashboards and the admin API.
-//! - Rate-limit buckets outlive a connection ([`Registry::take_bucket`] /
-//!   [`Registry::put_bucket`]), so reconnecting does not refill them.
 //!
 //! Locks are std mutexes held for a map operation only, never across an
 //! `.await`.
@@ -33,10 +31,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ems_shared::EdgeStatus;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::limits::TokenBucket;
+use super::topic::Topic;
+use crate::config::TakeoverPolicy;
 use crate::store::TokenHash;
 
 /// Why the hub asks a device connection to close.
@@ -84,68 +83,6 @@ pub struct DeviceLease {
     pub topic: Topic,
 }
 
-/// A device's live topic. The `broadcast` ring (`topic_capacity` slots of
-/// ~64 bytes, allocated up front) is created when the first subscriber
-/// arrives, so a device nobody watches costs no ring: measured with
-/// ems-bench, ~65 KB less hub memory per idle device connection at the
-/// default capacity of 1024 (BENCHMARKS.md).
-#[derive(Clone)]
-pub struct Topic {
-    inner: Arc<std::sync::OnceLock<broadcast::Sender<Utf8Bytes>>>,
-    capacity: usize,
-}
-
-impl Topic {
-    fn new(capacity: usize) -> Self {
-        Topic {
-            inner: Arc::new(std::sync::OnceLock::new()),
-            capacity,
-        }
-    }
-
-    /// Subscribes to the topic (creating its ring on first use).
-    pub fn subscribe(&self) -> broadcast::Receiver<Utf8Bytes> {
-        self.inner
-            .get_or_init(|| broadcast::channel(self.capacity).0)
-            .subscribe()
-    }
-
-    /// Number of live subscribers.
-    pub fn receiver_count(&self) -> usize {
-        self.inner.get().map_or(0, |s| s.receiver_count())
-    }
-
-    /// Sends a frame to every subscriber, as `broadcast::Sender::send`
-    /// (an error when there is none).
-    pub fn send(&self, frame: Utf8Bytes) -> Result<usize, broadcast::error::SendError<Utf8Bytes>> {
-        match self.inner.get() {
-            Some(s) => s.send(frame),
-            None => Err(broadcast::error::SendError(frame)),
-        }
-    }
-}
-
-/// When a device id counts as being in a takeover loop.
-#[derive(Debug, Clone, Copy)]
-pub struct TakeoverPolicy {
-    /// Replacements allowed within `window` (K); one more is a loop.
-    pub max_replacements: usize,
-    /// The sliding window (T).
-    pub window: Duration,
-    /// How long a looping device id is refused.
-    pub cooldown: Duration,
-}
-
-impl Default for TakeoverPolicy {
-    fn default() -> Self {
-        TakeoverPolicy {
-            max_replacements: 5,
-            window: Duration::from_secs(60),
-            cooldown: Duration::from_secs(300),
-        }
-    }
-}
-
 /// A refused connection: the device id is in a takeover loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conflict {
@@ -190,8 +127,6 @@ pub struct Registry {
     policy: TakeoverPolicy,
     /// Last edge status by device id; removed when the device disconnects.
     statuses: Mutex<HashMap<Arc<str>, StatusEntry>>,
-    /// Rate-limit buckets of devices, kept between connections.
-    buckets: Mutex<HashMap<Arc<str>, TokenBucket>>,
     /// When each device last connected or disconnected, Unix ms (issue 6:
     /// `last_seen_ms` of dashboard `status` frames).
     presence: Mutex<HashMap<Arc<str>, i64>>,
@@ -222,7 +157,6 @@ impl Registry {
             takeovers: Mutex::new(HashMap::new()),
             policy,
             statuses: Mutex::new(HashMap::new()),
-            buckets: Mutex::new(HashMap::new()),
             presence: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             topic_capacity: topic_capacity.max(1),
@@ -405,17 +339,6 @@ impl Registry {
             .collect()
     }
 
-    /// The rate-limit bucket of `device_id` (a fresh one from `make` if it
-    /// has none); give it back with [`Registry::put_bucket`].
-    pub fn take_bucket(&self, device_id: &str, make: impl FnOnce() -> TokenBucket) -> TokenBucket {
-        lock(&self.buckets).remove(device_id).unwrap_or_else(make)
-    }
-
-    /// Returns a bucket taken with [`Registry::take_bucket`].
-    pub fn put_bucket(&self, device_id: &Arc<str>, bucket: TokenBucket) {
-        lock(&self.buckets).insert(device_id.clone(), bucket);
-    }
-
     /// When `device_id` last connected or disconnected (this process),
     /// Unix ms.
     pub fn presence_ms(&self, device_id: &str) -> Option<i64> {
@@ -426,10 +349,7 @@ impl Registry {
     /// with a `status` frame through its topic, so presence and readings
     /// reach them in order (issue 6).
     fn publish_presence(&self, device_id: &str, online: bool) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or(0);
+        let now = crate::store::now_ms();
         let key: Arc<str> = Arc::from(device_id);
         lock(&self.presence).insert(key.clone(), now);
         self.publish_status(device_id, online, now, None);
@@ -512,7 +432,7 @@ mod tests {
         }
         assert!(matches!(
             sub.try_recv(),
-            Err(broadcast::error::TryRecvError::Lagged(1))
+            Err(tokio::sync::broadcast::error::TryRecvError::Lagged(1))
         ));
     }
 
