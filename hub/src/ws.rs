@@ -27,12 +27,13 @@ pub(crate) fn config() -> WebSocketConfig {
         .max_message_size(Some(ems_shared::MAX_MESSAGE_BYTES))
         .max_frame_size(Some(ems_shared::MAX_MESSAGE_BYTES))
         // Readings are ~220 bytes: a 512-byte read buffer holds one with
-        // room to spare and keeps idle connections small (issue 8: 4 KiB ->
-        // 1 KiB saved ~3 KB each, 1 KiB -> 512 B another ~0.5 KB). Larger
-        // messages (up to the 16 KiB limit) grow it as they arrive.
+        // room to spare and keeps idle connections small (4 KiB -> 1 KiB
+        // saved ~3 KB each, 1 KiB -> 512 B another ~0.7 KB;
+        // docs/decisions/hub-idle-connection-memory.md). Larger messages
+        // (up to the 16 KiB limit) grow it as they arrive.
         .read_buffer_size(512)
         // Frames are queued with `feed` and written together at `flush`
-        // (acks committed together, a subscriber's waiting frames; issue 8).
+        // (acks committed together, a subscriber's waiting frames).
         // The buffer grows only as far as it is used.
         .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(256 * 1024)
@@ -64,7 +65,7 @@ pub(crate) async fn close(ws: &mut Ws, code: CloseCode, reason: &'static str) {
 /// The heartbeat timer of one connection: the first tick comes after half
 /// to one whole `every`, spread over the connections, so connections
 /// opened in the same second (a restart, a storm) are not all pinged in the
-/// same second ever after (issue 8).
+/// same second ever after.
 pub(crate) fn heartbeat(every: Duration) -> tokio::time::Interval {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);

@@ -203,7 +203,7 @@ pub mod contract {
         ));
     }
 
-    /// Issue 9: the revocation poller's view — every unrevoked device with
+    /// The revocation poller's view — every unrevoked device with
     /// its current hash; revoked devices vanish, rotation changes the hash,
     /// un-revocation by rotation brings the device back.
     pub fn active_device_tokens_follow_revocation_and_rotation(mut f: Fixture) {

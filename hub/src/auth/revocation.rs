@@ -40,10 +40,10 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             _ = tick.tick() => {}
         }
         // The query, the map of 10,000+ tokens and the comparison all run
-        // on the blocking pool: on a worker they stalled every live frame
-        // behind them once per poll (issue 8, live latency). The comparison
-        // runs after the store's lock is released, so handshakes waiting
-        // for a token look-up wait for the query only.
+        // on the blocking pool: on a worker they would stall every live
+        // frame behind them once per poll. The comparison runs after the
+        // store's lock is released, so handshakes waiting for a token
+        // look-up wait for the query only (docs/decisions/hub-revocation-poll.md).
         let list = match shared.store.call(|s| s.active_device_tokens()).await {
             Ok(list) => {
                 if failing {

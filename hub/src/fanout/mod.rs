@@ -4,11 +4,11 @@
 //! - [`registry`]: the connection manager (one device, one connection;
 //!   kicks, takeover loops, presence, the edges' outbox status) and the
 //!   per-device [`topic`]s.
-//! - [`dashboard`]: one dashboard session, from the upgrade to the close;
-//!   [`feed`] writes topic frames to its socket, [`classify`] and
-//!   [`backfill`] turn a backlog into summaries, [`resume`] replays stored
-//!   readings without gap or duplicate, [`recheck`] re-checks its viewer
-//!   token, [`lookup`] runs its store queries.
+//! - `dashboard`: one dashboard session, from the upgrade to the close;
+//!   `feed` writes topic frames to its socket, `classify` and
+//!   `backfill` turn a backlog into summaries, `resume` replays stored
+//!   readings without gap or duplicate, `recheck` re-checks its viewer
+//!   token, `lookup` runs its store queries.
 
 mod backfill;
 mod classify;

@@ -18,16 +18,16 @@ pub(super) async fn viewer_still_allowed(
     viewer: TokenHash,
 ) -> bool {
     // One store query per viewer token per `viewer_recheck`, shared by all
-    // its subscriptions (issue 8: 9,600 subscriptions each querying every
-    // 2 s made the periodic re-check the hub's largest cost). The key
-    // includes the hub's store handle, so hubs in one process never share.
+    // its subscriptions (9,600 subscriptions each querying every 2 s made
+    // the periodic re-check the hub's largest cost). The key includes the
+    // hub's store handle, so hubs in one process never share.
     //
     // Single flight: when an entry expires, the first subscription to see
     // it refreshes it and the others keep using the previous answer until
     // then. Without that, every subscription whose tick fell between the
     // expiry and the end of the query queued its own query behind the one
-    // store lock, which made the query slower still: S2 measured stalls of
-    // 0.3-0.5 s (issue 8).
+    // store lock, which made the query slower still: stalls of 0.3-0.5 s
+    // were measured (docs/decisions/hub-viewer-recheck.md).
     let key = (shared.store.id(), viewer);
     let ttl = shared.config.viewer_recheck;
     let known = {

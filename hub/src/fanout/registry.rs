@@ -1,23 +1,19 @@
-//! The connection manager: which device is connected where, and the live
-//! topic of every device.
+//! The connection manager: which device is connected where, its presence,
+//! and the live topic of every device.
 //!
 //! - One device, one connection: [`Registry::connect_device`] registers a
 //!   new connection and tells the previous one (if any) to close with 4000.
-//! - Topics: one bounded `broadcast` channel per device. A reading is
-//!   serialized once and the bytes are shared by every subscriber; a
-//!   subscriber that falls more than the channel's capacity behind sees
-//!   `Lagged` and is dropped, without slowing the device or the others.
-//!
-//! Locks are std mutexes held for a map operation only, never across an
-//! `.await`.
-
 //! - Takeover loops: two live devices sharing one identity (a cloned SD
 //!   card) would replace each other forever. When a device id is replaced
 //!   more than `max_replacements` times within `window`, the registry
 //!   refuses it for `cooldown` ([`Conflict`]): the session closes both the
 //!   current and the new connection with 4002 ("conflict").
 //! - Kicks: [`Registry::kick`] closes a device's live connection from
-//!   anywhere in the process (revocation poller, admin API).
+//!   anywhere in the process (revocation poll, admin API).
+//! - Topics: one [`Topic`] per device, created on first use by the device
+//!   or a subscriber. Presence changes and the edge's outbox status are
+//!   published through it, so they reach subscribers in order with the
+//!   readings.
 //! - Edge status: the last `status` frame of every connected device
 //!   ([`Registry::edge_status`], [`Registry::edge_statuses`]) for metrics,
 //!   dashboards and the admin API.
@@ -127,7 +123,7 @@ pub struct Registry {
     policy: TakeoverPolicy,
     /// Last edge status by device id; removed when the device disconnects.
     statuses: Mutex<HashMap<Arc<str>, StatusEntry>>,
-    /// When each device last connected or disconnected, Unix ms (issue 6:
+    /// When each device last connected or disconnected, Unix ms (the
     /// `last_seen_ms` of dashboard `status` frames).
     presence: Mutex<HashMap<Arc<str>, i64>>,
     /// Source of connection ids.
@@ -269,7 +265,7 @@ impl Registry {
     /// told to close. Safe to call from any thread; the socket closes
     /// within a scheduler tick.
     ///
-    /// For the admin API (issue 6): after revoking or rotating a device's
+    /// For the admin API: after revoking or rotating a device's
     /// token through the API, call `registry.kick(id, Kick::Revoked)` so the
     /// socket closes at once instead of at the next revocation poll (~1 s).
     pub fn kick(&self, device_id: &str, reason: Kick) -> bool {
@@ -302,7 +298,7 @@ impl Registry {
     /// Records the `status` frame a connected device sent at `rx_ms`.
     pub fn set_edge_status(&self, device_id: &Arc<str>, status: EdgeStatus, rx_ms: i64) {
         let behind_ms = status.behind_ms(rx_ms);
-        // Dashboards see the outbox too ("catching up, 3 h behind"; issue 6).
+        // Dashboards see the outbox too ("catching up, 3 h behind").
         self.publish_status(
             device_id,
             true,
@@ -322,7 +318,7 @@ impl Registry {
     /// The last outbox status of a connected device: how many readings it
     /// still has to deliver and how far behind it is.
     ///
-    /// For dashboards and the admin API (issue 6): show e.g. "catching up,
+    /// For dashboards and the admin API: show e.g. "catching up,
     /// 3 h behind" when `behind_ms` is large, using
     /// `entry.behind_ms + (now_ms − entry.rx_ms)` for a live figure (the
     /// edge reports every ~10 s). `None`: not connected, or an edge that
@@ -347,7 +343,7 @@ impl Registry {
 
     /// Records a connect/disconnect and tells the device's subscribers
     /// with a `status` frame through its topic, so presence and readings
-    /// reach them in order (issue 6).
+    /// reach them in order.
     fn publish_presence(&self, device_id: &str, online: bool) {
         let now = crate::store::now_ms();
         let key: Arc<str> = Arc::from(device_id);

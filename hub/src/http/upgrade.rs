@@ -301,7 +301,7 @@ async fn authorize(
 /// Hands the upgraded socket to its session, one task per side, so an
 /// idle device connection's task is only as large as the device session
 /// (a shared task would be sized for the dashboard's replay states too;
-/// issue 8).
+/// docs/decisions/hub-idle-connection-memory.md).
 fn start_session(
     on_upgrade: hyper::upgrade::OnUpgrade,
     side: Side,

@@ -1,4 +1,4 @@
-//! The built-in dashboard page (`GET /`, issue 6): hand-written HTML, CSS
+//! The built-in dashboard page (`GET /`): hand-written HTML, CSS
 //! and JavaScript embedded in the binary with `include_str!` — no node
 //! toolchain, no CDN, works offline.
 //!

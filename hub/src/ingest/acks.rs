@@ -5,8 +5,8 @@
 /// Where a committed reading's ack goes: one per device connection.
 ///
 /// A mailbox rather than a channel: it allocates nothing until an ack is
-/// queued (issue 8: an unbounded channel's first block was ~0.5 KB of
-/// every idle connection). The writer pushes, the connection's session
+/// queued (an unbounded channel's first block was ~0.5 KB of every idle
+/// connection; docs/decisions/hub-idle-connection-memory.md). The writer pushes, the connection's session
 /// pops; `notify_one` keeps a wake-up for a session that is not waiting
 /// yet, so none is lost.
 #[derive(Debug)]
@@ -54,5 +54,31 @@ impl AckSink {
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(u64, u64)>> {
         // A push or pop cannot leave the queue inconsistent.
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn acks_come_out_in_commit_order_and_no_wake_up_is_lost() {
+        let sink = AckSink::new(7);
+        assert_eq!(sink.try_pop(), None);
+        // Pushed before anyone waits: the wake-up is kept for the next pop.
+        sink.push((1, 5));
+        sink.push((2, 0));
+        assert_eq!(sink.pop().await, (1, 5));
+        assert_eq!(sink.try_pop(), Some((2, 0)));
+        assert_eq!(sink.try_pop(), None);
+        // Pushed while a pop waits.
+        let sink = std::sync::Arc::new(sink);
+        let waiter = tokio::spawn({
+            let sink = sink.clone();
+            async move { sink.pop().await }
+        });
+        tokio::task::yield_now().await;
+        sink.push((3, 9));
+        assert_eq!(waiter.await.unwrap(), (3, 9));
     }
 }

@@ -136,8 +136,8 @@ fn run(
                         break;
                     }
                     // Sleep out the linger, then take what queued up, instead
-                    // of a wake-up per reading (issue 8, BENCHMARKS.md: writer
-                    // thread 5.05 s -> 4.16 s CPU for 300k readings).
+                    // of a wake-up per reading: about a fifth less writer CPU
+                    // (docs/decisions/hub-store-writer-thread.md).
                     std::thread::sleep(deadline - now);
                 }
             }
@@ -152,9 +152,10 @@ fn run(
 
 /// Runs the writer below the live path: on a busy core the scheduler then
 /// prefers the threads that move readings to dashboards, and the writer
-/// takes the slack (issue 8: a backlog drained after a database pause
-/// delayed live frames by up to 0.2 s). Acks are bounded by the commit
-/// anyway; a niced writer still gets its share when the core is saturated.
+/// takes the slack (a backlog drained after a database pause delayed live
+/// frames by up to 0.2 s; docs/decisions/hub-store-writer-thread.md). Acks
+/// are bounded by the commit anyway; a niced writer still gets its share
+/// when the core is saturated.
 fn lower_priority() {
     // Linux: `setpriority(PRIO_PROCESS, tid)` sets one thread's nice value.
     // Relative to the current one, so a hub started with `Nice=` in its

@@ -70,7 +70,7 @@ pub struct DeviceInfo {
     pub revoked_ms: Option<i64>,
 }
 
-/// A stored reading with the hub's receive time (issue 6: history and
+/// A stored reading with the hub's receive time (history and
 /// resume replays).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredReading {
@@ -263,7 +263,9 @@ pub(crate) fn ct_eq(stored: &[u8], hash: &TokenHash) -> bool {
             == 0
 }
 
-/// Current time, Unix milliseconds (0 if the clock is before 1970).
+/// Current time, Unix milliseconds (0 if the clock is before 1970): the
+/// hub's one clock for what it stores and sends (receive times, presence,
+/// creation and revocation times).
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -1,4 +1,4 @@
-//! Issue 6, admin side: every `/api/admin/…` operation, wrong-kind tokens
+//! The admin API: every `/api/admin/…` operation, wrong-kind tokens
 //! refused everywhere, created devices connect at once, revoked or rotated
 //! ones are cut off (live sockets close with 4001), and
 //! `ems-hub admin add NAME`.

@@ -20,7 +20,7 @@ pub fn run(serve: Serve) -> anyhow::Result<()> {
         // Blocking work is store look-ups, serialized on one store handle:
         // more threads only wait on its lock. Tokio's default (512) let a
         // storm of 10,000 handshakes start ~250 threads, each with its own
-        // stack and malloc arena (issue 8: RSS).
+        // stack and malloc arena (docs/decisions/hub-process-tuning.md).
         .max_blocking_threads(8)
         .build()
         .context("cannot start the async runtime")?;
@@ -37,9 +37,9 @@ pub fn run(serve: Serve) -> anyhow::Result<()> {
 /// core), and each arena keeps its high-water mark: the store look-ups on
 /// the blocking pool (the revocation poll's 10,000-row answer every second)
 /// left several arenas of a few MB each. Two arenas are plenty for a hub
-/// whose hot path is one or two workers (issue 8: S1 peak RSS 82 -> 58 MB,
-/// same CPU per reading). `MALLOC_ARENA_MAX` in the environment still wins
-/// when set.
+/// whose hot path is one or two workers (peak RSS at 10,000 devices
+/// 82 -> 58 MB, same CPU per reading; docs/decisions/hub-process-tuning.md).
+/// `MALLOC_ARENA_MAX` in the environment still wins when set.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
@@ -54,8 +54,8 @@ fn limit_malloc_arenas() {
 /// Binds the listening socket with a deep accept queue. `TcpListener::bind`
 /// asks for 128 pending connections; when every device reconnects at once
 /// (a hub restart, 10,000 devices) the overflow is dropped and those clients
-/// retry their SYN only after a second (issue 8, connection storm). The
-/// kernel caps the value at `net.core.somaxconn`.
+/// retry their SYN only after a second. The kernel caps the value at
+/// `net.core.somaxconn` (docs/decisions/hub-process-tuning.md).
 fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
