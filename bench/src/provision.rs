@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use ems_hub::admin::Admin;
+use ems_hub::auth::token::{self, TokenKind};
 use ems_hub::store::ViewerScope;
-use ems_hub::token::{self, TokenKind};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

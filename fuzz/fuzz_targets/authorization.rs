@@ -1,10 +1,10 @@
-//! The `Authorization` header parser (`ems_hub::handshake::bearer`) and
-//! the token format check (`ems_hub::token::kind_of`): arbitrary header
+//! The `Authorization` header parser (`ems_hub::auth::handshake::bearer`) and
+//! the token format check (`ems_hub::auth::token::kind_of`): arbitrary header
 //! values, one or two of them. Never a panic; a bearer token is never
 //! longer than the header limit and is trimmed visible ASCII.
 #![no_main]
 
-use ems_hub::handshake::{bearer, Credentials, MAX_AUTHORIZATION_LEN};
+use ems_hub::auth::handshake::{bearer, Credentials, MAX_AUTHORIZATION_LEN};
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use libfuzzer_sys::fuzz_target;
 
@@ -32,12 +32,12 @@ fuzz_target!(|data: &[u8]| {
             assert!(!t.is_empty() && t.len() <= MAX_AUTHORIZATION_LEN);
             assert_eq!(t, t.trim());
             assert_eq!(h.get_all(AUTHORIZATION).iter().count(), 1);
-            let _ = ems_hub::token::kind_of(t);
-            let _ = ems_hub::token::hash(t);
+            let _ = ems_hub::auth::token::kind_of(t);
+            let _ = ems_hub::auth::token::hash(t);
         }
         Credentials::Missing | Credentials::Malformed => {}
     }
     if let Ok(s) = std::str::from_utf8(rest) {
-        let _ = ems_hub::token::kind_of(s);
+        let _ = ems_hub::auth::token::kind_of(s);
     }
 });

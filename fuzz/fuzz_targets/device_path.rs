@@ -1,9 +1,9 @@
-//! The request-path router (`ems_hub::handshake::route`): arbitrary
+//! The request-path router (`ems_hub::auth::handshake::route`): arbitrary
 //! paths. Never a panic; a routed device id always satisfies
 //! `validate_device_id` and is a suffix of the path.
 #![no_main]
 
-use ems_hub::handshake::{route, Route};
+use ems_hub::auth::handshake::{route, Route};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,11 +1,11 @@
 //! The dashboard handshake's header parsers (issue 6):
-//! `Sec-WebSocket-Protocol` (`ems_hub::handshake::subprotocols`), the
+//! `Sec-WebSocket-Protocol` (`ems_hub::auth::handshake::subprotocols`), the
 //! `Origin` rule (`origin_allowed`) and the credential-in-query check
 //! (`query_has_credential`). Never a panic; an accepted offer keeps the
 //! documented invariants.
 #![no_main]
 
-use ems_hub::handshake::{origin_allowed, query_has_credential, subprotocols, Subprotocols, MAX_PROTOCOL_LEN};
+use ems_hub::auth::handshake::{origin_allowed, query_has_credential, subprotocols, Subprotocols, MAX_PROTOCOL_LEN};
 use hyper::header::{HeaderMap, HeaderValue, HOST, ORIGIN, SEC_WEBSOCKET_PROTOCOL};
 use libfuzzer_sys::fuzz_target;
 
@@ -36,13 +36,13 @@ fuzz_target!(|data: &[u8]| {
         }
         if let Some(t) = o.bearer {
             assert!(!t.is_empty());
-            let _ = ems_hub::token::kind_of(t);
+            let _ = ems_hub::auth::token::kind_of(t);
         }
     }
     let _ = origin_allowed(&h, None, &[]);
     let _ = origin_allowed(&h, Some("https://ems.example"), &["http://localhost:3000".into()]);
     if let Ok(q) = std::str::from_utf8(protos) {
         let _ = query_has_credential(q);
-        let _ = ems_hub::handshake::percent_decode(q);
+        let _ = ems_hub::auth::handshake::percent_decode(q);
     }
 });

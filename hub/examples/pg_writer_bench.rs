@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ems_hub::store::postgres::{PgOptions, PgStore, WriteMethod};
-use ems_hub::store::{Row, Store};
+use ems_hub::store::{ReadingSink, Row};
 use ems_shared::Reading;
 
 /// Devices the rows are spread over.

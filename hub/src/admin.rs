@@ -8,8 +8,8 @@
 
 use thiserror::Error;
 
+use crate::auth::token::{self, TokenError, TokenKind};
 use crate::store::{self, DeviceInfo, Store, StoreError, ViewerScope};
-use crate::token::{self, TokenError, TokenKind};
 
 /// Admin command failures.
 #[derive(Debug, Error)]
@@ -122,7 +122,7 @@ impl Admin {
         Ok(self.store.list_viewers()?)
     }
 
-    /// Creates an admin token (issue 6). Returns the token.
+    /// Creates an admin token for the admin API. Returns the token.
     pub fn add_admin(&mut self, name: &str) -> Result<String, AdminError> {
         check_id("admin name", name)?;
         let t = token::try_generate(TokenKind::Admin)?;

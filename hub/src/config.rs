@@ -1,6 +1,7 @@
 //! Hub configuration: every knob of a running hub, already validated.
-//! `main.rs` turns CLI flags into a [`Config`]; tests build one with
-//! [`Config::new`] and shorten the intervals they care about.
+//! The binary validates its flags into a [`Config`] once, before anything
+//! starts (`src/bin/ems-hub/cli.rs`); tests build one with [`Config::new`]
+//! and shorten the intervals they care about.
 
 use std::time::Duration;
 
@@ -37,17 +38,17 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Terminate TLS in the hub itself (instead of nginx).
     pub tls: Option<TlsFiles>,
-    /// Per-device token bucket (issue 9): rate, burst, and how long
+    /// Per-device token bucket: rate, burst, and how long
     /// sustained excess may last before the hub closes with 1008.
-    pub rate_limit: crate::limits::RateLimit,
-    /// Takeover-loop rule (issue 9): more than K replacements within T
+    pub rate_limit: RateLimit,
+    /// Takeover-loop rule: more than K replacements within T
     /// refuse the device id for a cool-down (close 4002).
-    pub takeover: crate::registry::TakeoverPolicy,
+    pub takeover: TakeoverPolicy,
     /// How often the hub polls the store for revoked or rotated device
-    /// tokens of live connections (issue 9); they close with 4001.
+    /// tokens of live connections; they close with 4001.
     pub revocation_poll: Duration,
     /// Browser origins, besides the hub's own, that may open dashboards
-    /// and call the API (`--allowed-origin`, exact match; issue 6).
+    /// and call the API (`--allowed-origin`, exact match).
     pub allowed_origins: Vec<String>,
     /// The hub's public URL (`--public-url`, e.g. `https://ems.example.com`):
     /// when set, its origin is the hub's own origin instead of the one
@@ -84,6 +85,51 @@ impl std::fmt::Debug for Config {
     }
 }
 
+/// Rate-limit configuration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// Sustained frames per second per device.
+    pub rate: f64,
+    /// Bucket size: frames a device may send at once after a quiet period.
+    pub burst: f64,
+    /// Continuous excess for this long closes the connection with 1008.
+    pub abuse_after: Duration,
+}
+
+impl Default for RateLimit {
+    /// 1000 frames/s with a burst of 20 000: a 1 Hz edge with a 7-day
+    /// backlog (~605 000 readings) drains in about 10 minutes; the ems-edge
+    /// window (512 in flight) never comes near the burst in one go.
+    fn default() -> Self {
+        RateLimit {
+            rate: 1000.0,
+            burst: 20_000.0,
+            abuse_after: Duration::from_secs(10),
+        }
+    }
+}
+
+/// When a device id counts as being in a takeover loop.
+#[derive(Debug, Clone, Copy)]
+pub struct TakeoverPolicy {
+    /// Replacements allowed within `window` (K); one more is a loop.
+    pub max_replacements: usize,
+    /// The sliding window (T).
+    pub window: Duration,
+    /// How long a looping device id is refused.
+    pub cooldown: Duration,
+}
+
+impl Default for TakeoverPolicy {
+    fn default() -> Self {
+        TakeoverPolicy {
+            max_replacements: 5,
+            window: Duration::from_secs(60),
+            cooldown: Duration::from_secs(300),
+        }
+    }
+}
+
 /// PEM files for the hub's own TLS termination.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
@@ -103,12 +149,13 @@ impl Config {
             // Large enough that draining a backlog (a database pause, a
             // restart) takes few commits: acks are cumulative, so each commit
             // sends one ack per device, and 2,000-row batches made 30 rounds
-            // of 2,000 acks out of a 60,000-reading backlog (issue 8, S6).
+            // of 2,000 acks out of a 60,000-reading backlog
+            // (docs/decisions/hub-ack-after-commit.md).
             // Steady state is bound by `batch_linger`, not by this.
             batch_max_rows: 10_000,
             batch_linger: Duration::from_millis(5),
             queue_capacity: 100_000,
-            // Each watched device's ring costs ~64 bytes a slot (issue 8):
+            // Each watched device's ring costs ~64 bytes a slot:
             // 256 slots = 16 KB, 4 min of a 1 Hz device, 1 s of a 250 Hz one.
             subscriber_buffer: 256,
             write_timeout: Duration::from_secs(10),
@@ -116,8 +163,8 @@ impl Config {
             max_connections: 50_000,
             handshake_timeout: Duration::from_secs(10),
             tls: None,
-            rate_limit: crate::limits::RateLimit::default(),
-            takeover: crate::registry::TakeoverPolicy::default(),
+            rate_limit: RateLimit::default(),
+            takeover: TakeoverPolicy::default(),
             revocation_poll: Duration::from_secs(1),
             allowed_origins: Vec::new(),
             public_url: None,

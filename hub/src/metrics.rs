@@ -11,7 +11,7 @@
 //! series count does not grow with the fleet.
 //!
 //! The edge outbox status (the `status` frame) is exported as fleet-wide
-//! aggregates computed at scrape time from the [`crate::registry`]: the
+//! aggregates computed at scrape time from the [`crate::fanout::registry`]: the
 //! number of devices reporting a backlog, the largest backlog and the
 //! largest lag — per-device detail is in the registry for the dashboard and
 //! admin API, not in Prometheus.

@@ -45,8 +45,8 @@ pub fn row(device: &str, epoch: u64, seq: u64, ts_ms: i64) -> Row {
 pub mod contract {
     use super::*;
     use ems_hub::admin::Admin;
+    use ems_hub::auth::token;
     use ems_hub::store::{StoreError, ViewerScope};
-    use ems_hub::token;
 
     fn all(s: &mut dyn Store, device: &str) -> Vec<Reading> {
         s.readings(device, i64::MIN, i64::MAX, usize::MAX).unwrap()
@@ -203,7 +203,7 @@ pub mod contract {
         ));
     }
 
-    /// Issue 9: the revocation poller's view — every unrevoked device with
+    /// The revocation poller's view — every unrevoked device with
     /// its current hash; revoked devices vanish, rotation changes the hash,
     /// un-revocation by rotation brings the device back.
     pub fn active_device_tokens_follow_revocation_and_rotation(mut f: Fixture) {
@@ -527,7 +527,7 @@ mod postgres_only {
 
     use super::{pg, row};
     use ems_hub::store::postgres::{PgMode, PgOptions, PgStore, TimescaleMode};
-    use ems_hub::store::{self, Store, StoreError};
+    use ems_hub::store::{self, HistoryStore, ReadingSink, StoreError};
 
     /// The example Grafana query of README.md (Storage), with `$__timeFilter`
     /// expanded as Grafana does.

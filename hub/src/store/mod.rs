@@ -1,9 +1,13 @@
-//! The store: one interface ([`Store`]), one module per backend.
+//! The store: narrow interfaces by concern, one module per backend.
 //!
-//! A `Store` is a synchronous handle to the database. The hub uses one for
-//! the background writer thread (batched inserts), one for authentication
-//! look-ups (called through `spawn_blocking`), and the admin CLI uses one.
-//! Backends: `sqlite:PATH` (embedded, default) and `postgres://…`.
+//! A store is a synchronous handle to the database. Its calls are grouped
+//! by who needs them: [`ReadingSink`] (the writer's batched inserts),
+//! [`AuthStore`] (token look-ups), [`AdminStore`] (provisioning) and
+//! [`HistoryStore`] (reading back). Every backend implements all four,
+//! which makes it a [`Store`]. The hub opens two: one for the background
+//! writer thread, one for everything else (used from the blocking pool);
+//! the admin CLI opens one. Backends: `sqlite:PATH` (embedded, default)
+//! and `postgres://…`.
 //!
 //! Contract kept by every backend:
 //! - `insert_batch` commits all rows in one transaction or none; a row whose
@@ -66,7 +70,7 @@ pub struct DeviceInfo {
     pub revoked_ms: Option<i64>,
 }
 
-/// A stored reading with the hub's receive time (issue 6: history and
+/// A stored reading with the hub's receive time (history and
 /// resume replays).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredReading {
@@ -114,11 +118,23 @@ pub enum StoreError {
     Db(String),
 }
 
-/// A synchronous database handle. See the module docs for the contract.
-pub trait Store: Send {
+/// Where the writer commits readings: the one call on the ingest path.
+pub trait ReadingSink: Send {
     /// Stores `rows` in one transaction, skipping duplicates.
     fn insert_batch(&mut self, rows: &[Row]) -> Result<(), StoreError>;
+}
 
+/// A store handle owned by its user (the writer's `Box<dyn Store>`, a
+/// test's sink) is a sink too.
+impl<S: ReadingSink + ?Sized> ReadingSink for Box<S> {
+    fn insert_batch(&mut self, rows: &[Row]) -> Result<(), StoreError> {
+        (**self).insert_batch(rows)
+    }
+}
+
+/// The look-ups behind authentication: handshakes, the HTTP API and the
+/// revocation poll.
+pub trait AuthStore: Send {
     /// Whether `hash` is the current, unrevoked token of `device_id`.
     fn device_token_valid(&mut self, device_id: &str, hash: &TokenHash)
         -> Result<bool, StoreError>;
@@ -126,13 +142,23 @@ pub trait Store: Send {
     /// The scope of the unrevoked viewer token with this hash, if any.
     fn viewer_scope(&mut self, hash: &TokenHash) -> Result<Option<ViewerScope>, StoreError>;
 
-    /// Every unrevoked device with its current token hash (issue 9: the
-    /// hub polls this about once a second and closes, with 4001, every live
-    /// connection whose device is missing here — revoked or deleted — or
-    /// whose token hash differs — rotated). One indexed scan of `devices`;
+    /// The name of the unrevoked admin whose token has this hash, if any.
+    fn admin_name(&mut self, hash: &TokenHash) -> Result<Option<String>, StoreError>;
+
+    /// Every unrevoked device with its current token hash. The hub polls
+    /// this about once a second and closes, with 4001, every live
+    /// connection whose device is missing here (revoked or deleted) or
+    /// whose token hash differs (rotated). One indexed scan of `devices`;
     /// fine for fleets of tens of thousands of devices.
     fn active_device_tokens(&mut self) -> Result<Vec<(String, TokenHash)>, StoreError>;
 
+    /// Whether a device with this id was ever added (revoked or not).
+    fn device_exists(&mut self, device_id: &str) -> Result<bool, StoreError>;
+}
+
+/// Provisioning: devices, viewers and admins with their token hashes
+/// (`ems-hub device …`, the admin API).
+pub trait AdminStore: Send {
     /// Adds a device with its token hash. `AlreadyExists` if the id exists
     /// (revoked or not).
     fn add_device(
@@ -162,6 +188,19 @@ pub trait Store: Send {
         now_ms: i64,
     ) -> Result<(), StoreError>;
 
+    /// All viewer tokens (names, scopes, times), ordered by name.
+    fn list_viewers(&mut self) -> Result<Vec<ViewerInfo>, StoreError>;
+
+    /// Revokes a viewer token by name. `NotFound` if unknown.
+    fn revoke_viewer(&mut self, name: &str, now_ms: i64) -> Result<(), StoreError>;
+
+    /// Adds an admin token. `AlreadyExists` if the name exists.
+    fn add_admin(&mut self, name: &str, hash: &TokenHash, now_ms: i64) -> Result<(), StoreError>;
+}
+
+/// Reading back what was stored: the history API, dashboard resume
+/// replays and "last seen".
+pub trait HistoryStore: Send {
     /// Stored readings of a device with `from_ms <= ts < to_ms`, oldest
     /// first, at most `limit`.
     fn readings(
@@ -172,33 +211,9 @@ pub trait Store: Send {
         limit: usize,
     ) -> Result<Vec<Reading>, StoreError>;
 
-    /// Adds an admin token (issue 6). `AlreadyExists` if the name exists.
-    fn add_admin(&mut self, name: &str, hash: &TokenHash, now_ms: i64) -> Result<(), StoreError> {
-        let _ = (name, hash, now_ms);
-        Err(StoreError::Db(
-            "admin tokens are not supported by this store".into(),
-        ))
-    }
-
-    /// The name of the unrevoked admin whose token has this hash, if any.
-    fn admin_name(&mut self, hash: &TokenHash) -> Result<Option<String>, StoreError> {
-        let _ = hash;
-        Err(StoreError::Db(
-            "admin tokens are not supported by this store".into(),
-        ))
-    }
-
-    /// Revokes a viewer token by name. `NotFound` if unknown.
-    fn revoke_viewer(&mut self, name: &str, now_ms: i64) -> Result<(), StoreError> {
-        let _ = (name, now_ms);
-        Err(StoreError::Db(
-            "viewer revocation is not supported by this store".into(),
-        ))
-    }
-
     /// Stored readings of a device with `from_ms <= ts < to_ms` and their
     /// receive times, oldest first, at most `limit`: the oldest `limit`
-    /// when `newest` is false, else the newest `limit` (issue 6).
+    /// when `newest` is false, else the newest `limit`.
     fn history(
         &mut self,
         device_id: &str,
@@ -206,38 +221,18 @@ pub trait Store: Send {
         to_ms: i64,
         limit: usize,
         newest: bool,
-    ) -> Result<Vec<StoredReading>, StoreError> {
-        let _ = (device_id, from_ms, to_ms, limit, newest);
-        Err(StoreError::Db(
-            "history is not supported by this store".into(),
-        ))
-    }
-
-    /// Whether a device with this id was ever added (revoked or not).
-    /// Backends override the list-based default with a point query.
-    fn device_exists(&mut self, device_id: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .list_devices()?
-            .iter()
-            .any(|d| d.device_id == device_id))
-    }
+    ) -> Result<Vec<StoredReading>, StoreError>;
 
     /// Receive time (`received_at`) of the device's newest reading by
-    /// sample time, if it has any (issue 6: "last seen").
-    fn last_seen(&mut self, device_id: &str) -> Result<Option<i64>, StoreError> {
-        let _ = device_id;
-        Err(StoreError::Db(
-            "last_seen is not supported by this store".into(),
-        ))
-    }
-
-    /// All viewer tokens (names, scopes, times), ordered by name (issue 6).
-    fn list_viewers(&mut self) -> Result<Vec<ViewerInfo>, StoreError> {
-        Err(StoreError::Db(
-            "listing viewers is not supported by this store".into(),
-        ))
-    }
+    /// sample time, if it has any: a dashboard's "last seen".
+    fn last_seen(&mut self, device_id: &str) -> Result<Option<i64>, StoreError>;
 }
+
+/// A full database handle: every backend is one. See the module docs for
+/// the contract.
+pub trait Store: ReadingSink + AuthStore + AdminStore + HistoryStore {}
+
+impl<T: ReadingSink + AuthStore + AdminStore + HistoryStore + ?Sized> Store for T {}
 
 /// Opens the store named by `url`: `sqlite:PATH` (also `sqlite://PATH`) or
 /// `postgres://…` / `postgresql://…` (PostgreSQL with default
@@ -268,7 +263,9 @@ pub(crate) fn ct_eq(stored: &[u8], hash: &TokenHash) -> bool {
             == 0
 }
 
-/// Current time, Unix milliseconds (0 if the clock is before 1970).
+/// Current time, Unix milliseconds (0 if the clock is before 1970): the
+/// hub's one clock for what it stores and sends (receive times, presence,
+/// creation and revocation times).
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

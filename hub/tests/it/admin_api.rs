@@ -1,4 +1,4 @@
-//! Issue 6, admin side: every `/api/admin/…` operation, wrong-kind tokens
+//! The admin API: every `/api/admin/…` operation, wrong-kind tokens
 //! refused everywhere, created devices connect at once, revoked or rotated
 //! ones are cut off (live sockets close with 4001), and
 //! `ems-hub admin add NAME`.
@@ -256,7 +256,7 @@ async fn wrong_kind_tokens_are_refused_everywhere() {
     let r = http(hub.addr, "GET", "/api/admin/devices", &[], None).await;
     assert_eq!(r.status, 401);
     // A well-formed but unknown admin token: 403.
-    let stranger = ems_hub::token::generate(ems_hub::token::TokenKind::Admin);
+    let stranger = ems_hub::auth::token::generate(ems_hub::auth::token::TokenKind::Admin);
     assert_eq!(get(&hub, &stranger, "/api/admin/devices").await.status, 403);
     // The admin token on viewer endpoints and on both sockets: 403.
     assert_eq!(get(&hub, &admin, "/api/devices").await.status, 403);
@@ -291,12 +291,12 @@ fn admin_add_prints_an_admin_token() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 1);
     assert_eq!(
-        ems_hub::token::kind_of(lines[0]),
-        Some(ems_hub::token::TokenKind::Admin)
+        ems_hub::auth::token::kind_of(lines[0]),
+        Some(ems_hub::auth::token::TokenKind::Admin)
     );
     let mut s = ems_hub::store::open(&url).unwrap();
     assert_eq!(
-        s.admin_name(&ems_hub::token::hash(lines[0]))
+        s.admin_name(&ems_hub::auth::token::hash(lines[0]))
             .unwrap()
             .as_deref(),
         Some("ops")

@@ -1,4 +1,4 @@
-//! Issue 6: the page end to end in a real headless Chromium, driven over
+//! The dashboard page end to end in a real headless Chromium, driven over
 //! WebDriver (chromedriver + fantoccini): a viewer pastes a token, picks
 //! up the device list, and a reading a test device sends shows up on the
 //! page. A screenshot is kept at `target/ems-dashboard.png` (and copied to

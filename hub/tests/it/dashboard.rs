@@ -1,4 +1,4 @@
-//! Issue 6, dashboard side: subprotocol auth, the Origin rule, scope,
+//! Dashboards: subprotocol auth, the Origin rule, scope,
 //! presence, resume without gap or duplicate, backfill summaries, live
 //! viewer revocation and the history API — with real WebSocket clients
 //! and raw HTTP requests.

@@ -55,7 +55,7 @@ async fn readings_fan_out_to_every_subscriber() {
     send_text(&mut ws, sent.clone()).await;
     let sent: serde_json::Value = serde_json::from_str(&sent).unwrap();
     for s in [&mut s1, &mut s2] {
-        // Presence frames (status) come first since issue 6.
+        // A subscriber gets the device's presence (status) first.
         let got = next_reading(s).await;
         assert_eq!(got["device_id"], "dev");
         assert!(got["rx_ms"].as_i64().unwrap() > 0);

@@ -1,4 +1,4 @@
-//! Adversarial cases (issue 9): one test per row of the table in
+//! Adversarial cases: one test per row of the table in
 //! README.md (Operations and hardening). Each test asserts the outcome the table states.
 //!
 //! Timing: bounds are generous (SOON = 15 s) so the tests pass on a loaded

@@ -219,7 +219,7 @@ pub async fn expect_close(ws: &mut Client, code: u16) -> String {
 }
 
 /// Next dashboard `reading` frame as JSON, skipping control frames
-/// (`status`, `replay_end`, `backfill`; issue 6).
+/// (`status`, `replay_end`, `backfill`).
 pub async fn next_reading(ws: &mut Client) -> serde_json::Value {
     loop {
         let v = next_json(ws).await;

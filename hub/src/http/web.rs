@@ -1,4 +1,4 @@
-//! The built-in dashboard page (`GET /`, issue 6): hand-written HTML, CSS
+//! The built-in dashboard page (`GET /`): hand-written HTML, CSS
 //! and JavaScript embedded in the binary with `include_str!` — no node
 //! toolchain, no CDN, works offline.
 //!
@@ -19,10 +19,10 @@ pub(crate) const CSP: &str = "default-src 'none'; script-src 'self'; style-src '
      img-src 'self' data:; connect-src 'self'; manifest-src 'self'; base-uri 'none'; \
      form-action 'none'; frame-ancestors 'none'";
 
-const INDEX_HTML: &str = include_str!("../assets/index.html");
-const APP_JS: &str = include_str!("../assets/app.js");
-const APP_CSS: &str = include_str!("../assets/app.css");
-const ICON_SVG: &str = include_str!("../assets/icon.svg");
+const INDEX_HTML: &str = include_str!("../../assets/index.html");
+const APP_JS: &str = include_str!("../../assets/app.js");
+const APP_CSS: &str = include_str!("../../assets/app.css");
+const ICON_SVG: &str = include_str!("../../assets/icon.svg");
 
 /// The embedded asset at `path`: (content type, body).
 pub(crate) fn asset(path: &str) -> Option<(&'static str, &'static str)> {

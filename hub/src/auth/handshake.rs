@@ -114,7 +114,7 @@ pub fn websocket_key(headers: &HeaderMap) -> Option<&[u8]> {
     headers.get(SEC_WEBSOCKET_KEY).map(|k| k.as_bytes())
 }
 
-/// What a dashboard offered in `Sec-WebSocket-Protocol` (issue 6).
+/// What a dashboard offered in `Sec-WebSocket-Protocol`.
 /// `Debug` never shows the token.
 #[derive(Default, PartialEq, Eq)]
 pub struct Offer<'a> {
@@ -192,7 +192,7 @@ pub fn subprotocols(headers: &HeaderMap) -> Subprotocols<'_> {
     Subprotocols::Offered(offer)
 }
 
-/// The Origin rule (issue 6) against cross-site WebSocket hijacking and
+/// The Origin rule against cross-site WebSocket hijacking and
 /// cross-site API calls: a request without `Origin` (not a browser) passes;
 /// one with an `Origin` passes only when it is exactly one of `allowed`
 /// (`--allowed-origin`), or the hub's own origin: the origin of
@@ -410,7 +410,7 @@ mod tests {
 
 #[cfg(test)]
 mod browser_tests {
-    //! Issue 6: subprotocol auth, the Origin rule, credentials in queries.
+    //! Subprotocol auth, the Origin rule, credentials in queries.
     use super::*;
     use hyper::header::HeaderValue;
 

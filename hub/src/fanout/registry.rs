@@ -1,28 +1,22 @@
-//! The connection manager: which device is connected where, and the live
-//! topic of every device.
+//! The connection manager: which device is connected where, its presence,
+//! and the live topic of every device.
 //!
 //! - One device, one connection: [`Registry::connect_device`] registers a
 //!   new connection and tells the previous one (if any) to close with 4000.
-//! - Topics: one bounded `broadcast` channel per device. A reading is
-//!   serialized once and the bytes are shared by every subscriber; a
-//!   subscriber that falls more than the channel's capacity behind sees
-//!   `Lagged` and is dropped, without slowing the device or the others.
-//!
-//! Locks are std mutexes held for a map operation only, never across an
-//! `.await`.
-
 //! - Takeover loops: two live devices sharing one identity (a cloned SD
 //!   card) would replace each other forever. When a device id is replaced
 //!   more than `max_replacements` times within `window`, the registry
 //!   refuses it for `cooldown` ([`Conflict`]): the session closes both the
 //!   current and the new connection with 4002 ("conflict").
 //! - Kicks: [`Registry::kick`] closes a device's live connection from
-//!   anywhere in the process (revocation poller, admin API).
+//!   anywhere in the process (revocation poll, admin API).
+//! - Topics: one [`Topic`] per device, created on first use by the device
+//!   or a subscriber. Presence changes and the edge's outbox status are
+//!   published through it, so they reach subscribers in order with the
+//!   readings.
 //! - Edge status: the last `status` frame of every connected device
 //!   ([`Registry::edge_status`], [`Registry::edge_statuses`]) for metrics,
 //!   dashboards and the admin API.
-//! - Rate-limit buckets outlive a connection ([`Registry::take_bucket`] /
-//!   [`Registry::put_bucket`]), so reconnecting does not refill them.
 //!
 //! Locks are std mutexes held for a map operation only, never across an
 //! `.await`.
@@ -33,10 +27,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ems_shared::EdgeStatus;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::limits::TokenBucket;
+use super::topic::Topic;
+use crate::config::TakeoverPolicy;
 use crate::store::TokenHash;
 
 /// Why the hub asks a device connection to close.
@@ -84,68 +79,6 @@ pub struct DeviceLease {
     pub topic: Topic,
 }
 
-/// A device's live topic. The `broadcast` ring (`topic_capacity` slots of
-/// ~64 bytes, allocated up front) is created when the first subscriber
-/// arrives, so a device nobody watches costs no ring: measured with
-/// ems-bench, ~65 KB less hub memory per idle device connection at the
-/// default capacity of 1024 (BENCHMARKS.md).
-#[derive(Clone)]
-pub struct Topic {
-    inner: Arc<std::sync::OnceLock<broadcast::Sender<Utf8Bytes>>>,
-    capacity: usize,
-}
-
-impl Topic {
-    fn new(capacity: usize) -> Self {
-        Topic {
-            inner: Arc::new(std::sync::OnceLock::new()),
-            capacity,
-        }
-    }
-
-    /// Subscribes to the topic (creating its ring on first use).
-    pub fn subscribe(&self) -> broadcast::Receiver<Utf8Bytes> {
-        self.inner
-            .get_or_init(|| broadcast::channel(self.capacity).0)
-            .subscribe()
-    }
-
-    /// Number of live subscribers.
-    pub fn receiver_count(&self) -> usize {
-        self.inner.get().map_or(0, |s| s.receiver_count())
-    }
-
-    /// Sends a frame to every subscriber, as `broadcast::Sender::send`
-    /// (an error when there is none).
-    pub fn send(&self, frame: Utf8Bytes) -> Result<usize, broadcast::error::SendError<Utf8Bytes>> {
-        match self.inner.get() {
-            Some(s) => s.send(frame),
-            None => Err(broadcast::error::SendError(frame)),
-        }
-    }
-}
-
-/// When a device id counts as being in a takeover loop.
-#[derive(Debug, Clone, Copy)]
-pub struct TakeoverPolicy {
-    /// Replacements allowed within `window` (K); one more is a loop.
-    pub max_replacements: usize,
-    /// The sliding window (T).
-    pub window: Duration,
-    /// How long a looping device id is refused.
-    pub cooldown: Duration,
-}
-
-impl Default for TakeoverPolicy {
-    fn default() -> Self {
-        TakeoverPolicy {
-            max_replacements: 5,
-            window: Duration::from_secs(60),
-            cooldown: Duration::from_secs(300),
-        }
-    }
-}
-
 /// A refused connection: the device id is in a takeover loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conflict {
@@ -190,9 +123,7 @@ pub struct Registry {
     policy: TakeoverPolicy,
     /// Last edge status by device id; removed when the device disconnects.
     statuses: Mutex<HashMap<Arc<str>, StatusEntry>>,
-    /// Rate-limit buckets of devices, kept between connections.
-    buckets: Mutex<HashMap<Arc<str>, TokenBucket>>,
-    /// When each device last connected or disconnected, Unix ms (issue 6:
+    /// When each device last connected or disconnected, Unix ms (the
     /// `last_seen_ms` of dashboard `status` frames).
     presence: Mutex<HashMap<Arc<str>, i64>>,
     /// Source of connection ids.
@@ -222,7 +153,6 @@ impl Registry {
             takeovers: Mutex::new(HashMap::new()),
             policy,
             statuses: Mutex::new(HashMap::new()),
-            buckets: Mutex::new(HashMap::new()),
             presence: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             topic_capacity: topic_capacity.max(1),
@@ -335,7 +265,7 @@ impl Registry {
     /// told to close. Safe to call from any thread; the socket closes
     /// within a scheduler tick.
     ///
-    /// For the admin API (issue 6): after revoking or rotating a device's
+    /// For the admin API: after revoking or rotating a device's
     /// token through the API, call `registry.kick(id, Kick::Revoked)` so the
     /// socket closes at once instead of at the next revocation poll (~1 s).
     pub fn kick(&self, device_id: &str, reason: Kick) -> bool {
@@ -368,7 +298,7 @@ impl Registry {
     /// Records the `status` frame a connected device sent at `rx_ms`.
     pub fn set_edge_status(&self, device_id: &Arc<str>, status: EdgeStatus, rx_ms: i64) {
         let behind_ms = status.behind_ms(rx_ms);
-        // Dashboards see the outbox too ("catching up, 3 h behind"; issue 6).
+        // Dashboards see the outbox too ("catching up, 3 h behind").
         self.publish_status(
             device_id,
             true,
@@ -388,7 +318,7 @@ impl Registry {
     /// The last outbox status of a connected device: how many readings it
     /// still has to deliver and how far behind it is.
     ///
-    /// For dashboards and the admin API (issue 6): show e.g. "catching up,
+    /// For dashboards and the admin API: show e.g. "catching up,
     /// 3 h behind" when `behind_ms` is large, using
     /// `entry.behind_ms + (now_ms − entry.rx_ms)` for a live figure (the
     /// edge reports every ~10 s). `None`: not connected, or an edge that
@@ -405,17 +335,6 @@ impl Registry {
             .collect()
     }
 
-    /// The rate-limit bucket of `device_id` (a fresh one from `make` if it
-    /// has none); give it back with [`Registry::put_bucket`].
-    pub fn take_bucket(&self, device_id: &str, make: impl FnOnce() -> TokenBucket) -> TokenBucket {
-        lock(&self.buckets).remove(device_id).unwrap_or_else(make)
-    }
-
-    /// Returns a bucket taken with [`Registry::take_bucket`].
-    pub fn put_bucket(&self, device_id: &Arc<str>, bucket: TokenBucket) {
-        lock(&self.buckets).insert(device_id.clone(), bucket);
-    }
-
     /// When `device_id` last connected or disconnected (this process),
     /// Unix ms.
     pub fn presence_ms(&self, device_id: &str) -> Option<i64> {
@@ -424,12 +343,9 @@ impl Registry {
 
     /// Records a connect/disconnect and tells the device's subscribers
     /// with a `status` frame through its topic, so presence and readings
-    /// reach them in order (issue 6).
+    /// reach them in order.
     fn publish_presence(&self, device_id: &str, online: bool) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or(0);
+        let now = crate::store::now_ms();
         let key: Arc<str> = Arc::from(device_id);
         lock(&self.presence).insert(key.clone(), now);
         self.publish_status(device_id, online, now, None);
@@ -512,7 +428,7 @@ mod tests {
         }
         assert!(matches!(
             sub.try_recv(),
-            Err(broadcast::error::TryRecvError::Lagged(1))
+            Err(tokio::sync::broadcast::error::TryRecvError::Lagged(1))
         ));
     }
 

@@ -8,7 +8,7 @@
 //! Worst case from the admin command's commit to the close frame: one poll
 //! interval plus one store query plus a scheduler tick (≈ 1.1 s with the
 //! defaults). In-process changes (the admin API) call
-//! [`crate::registry::Registry::kick`] and close at once.
+//! [`crate::fanout::registry::Registry::kick`] and close at once.
 //!
 //! The poll doubles as the store health check behind `/readyz`: its outcome
 //! sets `Metrics::store_poll_ok`, so an idle hub notices a lost database.
@@ -19,8 +19,8 @@ use std::sync::Arc;
 
 use tokio::time::MissedTickBehavior;
 
-use crate::registry::Kick;
-use crate::server::Shared;
+use crate::fanout::registry::Kick;
+use crate::state::{CallError, Shared};
 use crate::store::TokenHash;
 
 /// Polls until the hub shuts down.
@@ -36,44 +36,24 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     let mut failing = false;
     loop {
         tokio::select! {
-            _ = crate::shutting_down(&mut shutdown) => return,
+            _ = crate::shutdown::shutting_down(&mut shutdown) => return,
             _ = tick.tick() => {}
         }
         // The query, the map of 10,000+ tokens and the comparison all run
-        // on the blocking pool: on a worker they stalled every live frame
-        // behind them once per poll (issue 8, live latency).
-        let sh = shared.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let list = {
-                let mut store = sh.auth.lock().unwrap_or_else(|p| p.into_inner());
-                store.active_device_tokens()
-            }?;
-            let current: HashMap<String, TokenHash> = list.into_iter().collect();
-            Ok::<_, crate::store::StoreError>(
-                sh.registry
-                    .device_tokens()
-                    .into_iter()
-                    .filter_map(|(device_id, token)| {
-                        let token = token?;
-                        let valid = current
-                            .get(&*device_id)
-                            .is_some_and(|h| crate::store::ct_eq(h, &token));
-                        (!valid).then_some(device_id)
-                    })
-                    .collect::<Vec<_>>(),
-            )
-        })
-        .await;
-        let stale = match outcome {
-            Ok(Ok(stale)) => {
+        // on the blocking pool: on a worker they would stall every live
+        // frame behind them once per poll. The comparison runs after the
+        // store's lock is released, so handshakes waiting for a token
+        // look-up wait for the query only (docs/decisions/hub-revocation-poll.md).
+        let list = match shared.store.call(|s| s.active_device_tokens()).await {
+            Ok(list) => {
                 if failing {
                     log::info!("revocation poll: store reachable again");
                     failing = false;
                 }
                 shared.metrics.store_poll_ok.store(1, Ordering::Relaxed);
-                stale
+                list
             }
-            Ok(Err(e)) => {
+            Err(CallError::Store(e)) => {
                 if !failing {
                     log::error!("revocation poll: store unreachable: {e}");
                     failing = true;
@@ -81,6 +61,14 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 shared.metrics.store_poll_ok.store(0, Ordering::Relaxed);
                 continue;
             }
+            Err(CallError::Task(e)) => {
+                log::error!("revocation poll task failed: {e}");
+                continue;
+            }
+        };
+        let sh = shared.clone();
+        let stale = match tokio::task::spawn_blocking(move || stale_connections(&sh, list)).await {
+            Ok(stale) => stale,
             Err(e) => {
                 log::error!("revocation poll task failed: {e}");
                 continue;
@@ -92,4 +80,22 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             }
         }
     }
+}
+
+/// The live device connections whose token is not `current` in the store:
+/// revoked, rotated, or the device deleted.
+fn stale_connections(shared: &Shared, current: Vec<(String, TokenHash)>) -> Vec<Arc<str>> {
+    let current: HashMap<String, TokenHash> = current.into_iter().collect();
+    shared
+        .registry
+        .device_tokens()
+        .into_iter()
+        .filter_map(|(device_id, token)| {
+            let token = token?;
+            let valid = current
+                .get(&*device_id)
+                .is_some_and(|h| crate::store::ct_eq(h, &token));
+            (!valid).then_some(device_id)
+        })
+        .collect()
 }

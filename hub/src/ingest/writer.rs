@@ -22,63 +22,10 @@ use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 
+use super::acks::AckSink;
 use crate::metrics::Metrics;
-use crate::store::{Row, Store};
-
-/// Where a committed reading's ack goes: one per device connection.
-///
-/// A mailbox rather than a channel: it allocates nothing until an ack is
-/// queued (issue 8: an unbounded channel's first block was ~0.5 KB of
-/// every idle connection). The writer pushes, the connection's session
-/// pops; `notify_one` keeps a wake-up for a session that is not waiting
-/// yet, so none is lost.
-#[derive(Debug)]
-pub struct AckSink {
-    /// Connection id, to group a batch's acks by connection.
-    pub conn_id: u64,
-    /// `(epoch, seq)` in commit order. Unbounded, but bounded in practice
-    /// by the writer queue (one entry per batch and epoch at most).
-    queue: std::sync::Mutex<std::collections::VecDeque<(u64, u64)>>,
-    ready: tokio::sync::Notify,
-}
-
-impl AckSink {
-    /// An empty mailbox for connection `conn_id`.
-    pub fn new(conn_id: u64) -> Self {
-        AckSink {
-            conn_id,
-            queue: std::sync::Mutex::new(std::collections::VecDeque::new()),
-            ready: tokio::sync::Notify::new(),
-        }
-    }
-
-    /// Queues an ack (the writer, after the commit).
-    pub fn push(&self, ack: (u64, u64)) {
-        self.lock().push_back(ack);
-        self.ready.notify_one();
-    }
-
-    /// The oldest queued ack, if any.
-    pub fn try_pop(&self) -> Option<(u64, u64)> {
-        self.lock().pop_front()
-    }
-
-    /// Waits for the next ack. Cancel-safe: an ack is only taken in the
-    /// poll that returns it.
-    pub async fn pop(&self) -> (u64, u64) {
-        loop {
-            if let Some(ack) = self.try_pop() {
-                return ack;
-            }
-            self.ready.notified().await;
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(u64, u64)>> {
-        // A push or pop cannot leave the queue inconsistent.
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
+use crate::shutdown::shutting_down;
+use crate::store::{ReadingSink, Row};
 
 /// One queued reading.
 #[derive(Debug)]
@@ -107,7 +54,7 @@ impl Writer {
     /// Starts the writer on its own thread. It stops once `stop` is set (or
     /// every sender is dropped) and the queue is drained.
     pub fn spawn(
-        store: Box<dyn Store>,
+        store: impl ReadingSink + 'static,
         rx: mpsc::Receiver<Item>,
         cfg: WriterConfig,
         stop: watch::Receiver<bool>,
@@ -119,7 +66,7 @@ impl Writer {
     /// Like [`Writer::spawn`], recording batch sizes, commit latency,
     /// failures, store health and the queue depth in `metrics`.
     pub fn spawn_with_metrics(
-        store: Box<dyn Store>,
+        store: impl ReadingSink + 'static,
         rx: mpsc::Receiver<Item>,
         cfg: WriterConfig,
         stop: watch::Receiver<bool>,
@@ -141,7 +88,7 @@ impl Writer {
 }
 
 fn run(
-    mut store: Box<dyn Store>,
+    mut store: impl ReadingSink,
     mut rx: mpsc::Receiver<Item>,
     cfg: WriterConfig,
     mut stop: watch::Receiver<bool>,
@@ -162,7 +109,7 @@ fn run(
             tokio::select! {
                 biased;
                 item = rx.recv() => item,
-                _ = crate::shutting_down(&mut stop) => {
+                _ = shutting_down(&mut stop) => {
                     // No new readings from now on; drain what is queued.
                     rx.close();
                     rx.recv().await
@@ -189,13 +136,13 @@ fn run(
                         break;
                     }
                     // Sleep out the linger, then take what queued up, instead
-                    // of a wake-up per reading (issue 8, BENCHMARKS.md: writer
-                    // thread 5.05 s -> 4.16 s CPU for 300k readings).
+                    // of a wake-up per reading: about a fifth less writer CPU
+                    // (docs/decisions/hub-store-writer-thread.md).
                     std::thread::sleep(deadline - now);
                 }
             }
         }
-        if commit(store.as_mut(), &rows, metrics, &stop, &mut give_up_at) {
+        if commit(&mut store, &rows, metrics, &stop, &mut give_up_at) {
             send_acks(&rows, &acks);
         }
         rows.clear();
@@ -205,9 +152,10 @@ fn run(
 
 /// Runs the writer below the live path: on a busy core the scheduler then
 /// prefers the threads that move readings to dashboards, and the writer
-/// takes the slack (issue 8: a backlog drained after a database pause
-/// delayed live frames by up to 0.2 s). Acks are bounded by the commit
-/// anyway; a niced writer still gets its share when the core is saturated.
+/// takes the slack (a backlog drained after a database pause delayed live
+/// frames by up to 0.2 s; docs/decisions/hub-store-writer-thread.md). Acks
+/// are bounded by the commit anyway; a niced writer still gets its share
+/// when the core is saturated.
 fn lower_priority() {
     // Linux: `setpriority(PRIO_PROCESS, tid)` sets one thread's nice value.
     // Relative to the current one, so a hub started with `Nice=` in its
@@ -244,7 +192,7 @@ const SHUTDOWN_RETRY: Duration = Duration::from_secs(5);
 /// are then not acked, so the edges still hold them and resend them to the
 /// next hub — the process can exit in bounded time without losing anything.
 fn commit(
-    store: &mut dyn Store,
+    store: &mut dyn ReadingSink,
     rows: &[Row],
     metrics: &Metrics,
     stop: &watch::Receiver<bool>,
@@ -312,7 +260,7 @@ fn send_acks(rows: &[Row], sinks: &[Arc<AckSink>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{DeviceInfo, StoreError, TokenHash, ViewerScope};
+    use crate::store::StoreError;
     use ems_shared::Reading;
     use std::sync::Mutex;
 
@@ -322,7 +270,7 @@ mod tests {
         fail: u32,
     }
 
-    impl Store for Recording {
+    impl ReadingSink for Recording {
         fn insert_batch(&mut self, rows: &[Row]) -> Result<(), StoreError> {
             if self.fail > 0 {
                 self.fail -= 1;
@@ -333,45 +281,6 @@ mod tests {
                 .unwrap()
                 .push(rows.iter().map(|r| r.reading.seq).collect());
             Ok(())
-        }
-        fn device_token_valid(&mut self, _: &str, _: &TokenHash) -> Result<bool, StoreError> {
-            Ok(false)
-        }
-        fn viewer_scope(&mut self, _: &TokenHash) -> Result<Option<ViewerScope>, StoreError> {
-            Ok(None)
-        }
-        fn active_device_tokens(&mut self) -> Result<Vec<(String, TokenHash)>, StoreError> {
-            Ok(vec![])
-        }
-        fn add_device(&mut self, _: &str, _: &TokenHash, _: i64) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn list_devices(&mut self) -> Result<Vec<DeviceInfo>, StoreError> {
-            Ok(vec![])
-        }
-        fn revoke_device(&mut self, _: &str, _: i64) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn rotate_device(&mut self, _: &str, _: &TokenHash) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn add_viewer(
-            &mut self,
-            _: &str,
-            _: &TokenHash,
-            _: &ViewerScope,
-            _: i64,
-        ) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn readings(
-            &mut self,
-            _: &str,
-            _: i64,
-            _: i64,
-            _: usize,
-        ) -> Result<Vec<Reading>, StoreError> {
-            Ok(vec![])
         }
     }
 
@@ -415,7 +324,7 @@ mod tests {
         // Already stopping; `tx` stays alive, so only the stop ends it.
         let (_stop_tx, stop_rx) = watch::channel(true);
         let started = Instant::now();
-        let w = Writer::spawn(Box::new(store), rx, cfg, stop_rx, rt.handle().clone()).unwrap();
+        let w = Writer::spawn(store, rx, cfg, stop_rx, rt.handle().clone()).unwrap();
         w.join();
         // One shutdown deadline for all three batches, not one each.
         assert!(
@@ -451,7 +360,7 @@ mod tests {
             batch_linger: Duration::from_millis(1),
         };
         let (_stop_tx, stop_rx) = watch::channel(false);
-        let w = Writer::spawn(Box::new(store), rx, cfg, stop_rx, rt.handle().clone()).unwrap();
+        let w = Writer::spawn(store, rx, cfg, stop_rx, rt.handle().clone()).unwrap();
         w.join();
         assert_eq!(*committed.lock().unwrap(), vec![vec![0, 1, 2], vec![3, 4]]);
         assert_eq!(sink.try_pop(), Some((7, 2)));

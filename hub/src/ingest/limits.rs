@@ -15,35 +15,16 @@
 //! honouring the protocol: the hub closes it with 1008 (policy violation).
 //!
 //! Both are pure state machines on `Instant`s, unit-tested without time.
+//! [`Buckets`] keeps each device's bucket between its connections.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use crate::config::RateLimit;
 
 /// Refusals further apart than this end an excess episode.
 pub const EXCESS_GAP: Duration = Duration::from_secs(2);
-
-/// Rate-limit configuration.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RateLimit {
-    /// Sustained frames per second per device.
-    pub rate: f64,
-    /// Bucket size: frames a device may send at once after a quiet period.
-    pub burst: f64,
-    /// Continuous excess for this long closes the connection with 1008.
-    pub abuse_after: Duration,
-}
-
-impl Default for RateLimit {
-    /// 1000 frames/s with a burst of 20 000: a 1 Hz edge with a 7-day
-    /// backlog (~605 000 readings) drains in about 10 minutes; the ems-edge
-    /// window (512 in flight) never comes near the burst in one go.
-    fn default() -> Self {
-        RateLimit {
-            rate: 1000.0,
-            burst: 20_000.0,
-            abuse_after: Duration::from_secs(10),
-        }
-    }
-}
 
 /// A token bucket.
 #[derive(Debug, Clone)]
@@ -109,6 +90,34 @@ impl Excess {
     }
 }
 
+/// The rate-limit buckets of devices, kept between connections so that
+/// reconnecting does not refill them. A session takes its device's bucket
+/// when it starts and puts it back when it ends.
+#[derive(Default)]
+pub struct Buckets {
+    /// Buckets of devices without a live session, by device id.
+    parked: Mutex<HashMap<Arc<str>, TokenBucket>>,
+}
+
+impl Buckets {
+    /// The bucket of `device_id` (a fresh one from `make` if it has none);
+    /// give it back with [`Buckets::put`].
+    pub fn take(&self, device_id: &str, make: impl FnOnce() -> TokenBucket) -> TokenBucket {
+        self.lock().remove(device_id).unwrap_or_else(make)
+    }
+
+    /// Returns a bucket taken with [`Buckets::take`].
+    pub fn put(&self, device_id: &Arc<str>, bucket: TokenBucket) {
+        self.lock().insert(device_id.clone(), bucket);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, TokenBucket>> {
+        // A single insert or remove cannot leave the map inconsistent, so
+        // poisoning is ignored.
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +159,26 @@ mod tests {
             abused |= e.refused(t, ten);
         }
         assert!(abused);
+    }
+
+    #[test]
+    fn buckets_outlive_a_connection() {
+        let t0 = Instant::now();
+        let lim = RateLimit {
+            rate: 0.0,
+            burst: 2.0,
+            abuse_after: Duration::from_secs(1),
+        };
+        let buckets = Buckets::default();
+        let id: Arc<str> = Arc::from("dev");
+        let mut b = buckets.take(&id, || TokenBucket::new(&lim, t0));
+        assert!(b.try_take(t0) && b.try_take(t0) && !b.try_take(t0));
+        buckets.put(&id, b);
+        // The next connection gets the drained bucket, not a fresh one.
+        let mut again = buckets.take(&id, || TokenBucket::new(&lim, t0));
+        assert!(!again.try_take(t0));
+        // Another device starts full.
+        let mut other = buckets.take("other", || TokenBucket::new(&lim, t0));
+        assert!(other.try_take(t0));
     }
 }

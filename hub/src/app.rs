@@ -1,0 +1,108 @@
+//! The wiring of a running hub: [`run`] opens the stores, starts the store
+//! writer and the revocation poll, builds the shared state, runs the accept
+//! loop and, once the shutdown future completes, shuts everything down in
+//! order (sockets first, then the writer, so every received reading is
+//! committed before `run` returns).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::auth::revocation;
+use crate::config::Config;
+use crate::http::{self, ConnGuard};
+use crate::ingest::writer::{Writer, WriterConfig};
+use crate::metrics::Metrics;
+use crate::state::Shared;
+use crate::store::{self, StoreError};
+
+/// Why the hub could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An OS-level failure (thread spawn, …).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The TLS certificate or key could not be used.
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// Opens one store handle (schema checks and migration block: off the
+/// async workers).
+async fn open_store(config: &Config) -> Result<Box<dyn store::Store>, HubError> {
+    let url = config.database.clone();
+    let pg = config.pg.clone();
+    tokio::task::spawn_blocking(move || store::open_with(&url, &pg))
+        .await
+        .map_err(|e| HubError::Io(std::io::Error::other(e)))?
+        .map_err(HubError::from)
+}
+
+/// Runs the hub on `listener` until `shutdown` completes, then shuts down
+/// gracefully: stops accepting, closes sockets with 1001 (after sending the
+/// acks of what each device already sent), flushes every queued reading to
+/// the store and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), HubError> {
+    let tls = config
+        .tls
+        .as_ref()
+        .map(http::tls_acceptor)
+        .transpose()
+        .map_err(HubError::Tls)?;
+    let writer_store = open_store(&config).await?;
+    let auth_store = open_store(&config).await?;
+
+    let (queue_tx, queue_rx) = mpsc::channel(config.queue_capacity.max(1));
+    let metrics = Arc::new(Metrics::new());
+    metrics.queue_capacity.store(
+        config.queue_capacity.max(1) as i64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let (stop_writer, writer_stop) = watch::channel(false);
+    let writer = Writer::spawn_with_metrics(
+        writer_store,
+        queue_rx,
+        WriterConfig {
+            batch_max_rows: config.batch_max_rows,
+            batch_linger: config.batch_linger,
+        },
+        writer_stop,
+        tokio::runtime::Handle::current(),
+        metrics.clone(),
+    )?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown_timeout = config.shutdown_timeout;
+    let shared = Shared::new(config, auth_store, queue_tx, shutdown_rx, tls, metrics);
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    if let Ok(addr) = listener.local_addr() {
+        log::info!("ems-hub listening on {addr}");
+    }
+    tokio::spawn(revocation::run(shared.clone()));
+    http::accept_loop(listener, shared.clone(), ConnGuard::new(done_tx), shutdown).await;
+
+    log::info!("shutting down: closing connections");
+    let _ = shutdown_tx.send(true);
+    drop(shared);
+    if tokio::time::timeout(shutdown_timeout, done_rx.recv())
+        .await
+        .is_err()
+    {
+        log::warn!("some connections did not close within {shutdown_timeout:?}");
+    }
+    let _ = stop_writer.send(true);
+    tokio::task::spawn_blocking(move || writer.join())
+        .await
+        .map_err(|e| HubError::Io(std::io::Error::other(e)))?;
+    log::info!("store flushed; bye");
+    Ok(())
+}

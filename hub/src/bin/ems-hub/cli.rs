@@ -1,0 +1,394 @@
+//! The command line as clap sees it (every command, flag, environment
+//! variable and default), and its validation into what `serve` runs
+//! ([`Serve::from_args`]), done once before anything starts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ems_hub::config::{RateLimit, TakeoverPolicy, TlsFiles};
+use ems_hub::store::postgres::TimescaleMode;
+use ems_hub::Config;
+
+/// EMS hub: authenticated WebSocket ingest of meter readings, live fan-out
+/// to dashboards, durable storage.
+#[derive(Parser)]
+#[command(name = "ems-hub", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// Database URL: sqlite:PATH (embedded, default) or postgres://…
+    #[arg(
+        long,
+        env = "EMS_DATABASE_URL",
+        default_value = "sqlite:ems-hub.db",
+        global = true
+    )]
+    pub database: String,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, env = "EMS_LOG_LEVEL", global = true)]
+    pub log_level: Option<log::LevelFilter>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the hub (the default when no subcommand is given).
+    Serve(ServeArgs),
+    /// Manage devices and their tokens.
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// Manage viewer tokens for dashboards.
+    #[command(subcommand)]
+    Viewer(ViewerCmd),
+    /// Manage admin tokens for the admin panel and /api/admin/.
+    #[command(subcommand)]
+    Admin(AdminCmd),
+    /// Print a device's live readings (a terminal dashboard). The viewer
+    /// token comes from EMS_VIEWER_TOKEN, never from the command line.
+    Watch {
+        /// Device to watch.
+        device_id: String,
+        /// Hub to connect to.
+        #[arg(long, env = "EMS_HUB_URL", default_value = "ws://127.0.0.1:8080")]
+        hub: String,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "EMS_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Interval between heartbeat pings, in milliseconds.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(10..))]
+    ping_interval_ms: u64,
+    /// Unanswered pings after which a connection is declared dead.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    max_missed_pongs: u32,
+    /// Terminate TLS in the hub: certificate chain (PEM). Needs --tls-key.
+    #[arg(long, env = "EMS_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Terminate TLS in the hub: private key (PEM). Needs --tls-cert.
+    #[arg(long, env = "EMS_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// A browser origin, besides the hub's own, allowed to open dashboards
+    /// and call the API (exact match, e.g. https://grafana.example.com;
+    /// repeatable).
+    #[arg(
+        long = "allowed-origin",
+        env = "EMS_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    allowed_origins: Vec<String>,
+    /// The hub's public URL as browsers see it (e.g.
+    /// https://ems.example.com); pins the hub's own origin instead of
+    /// deriving it from the Host header.
+    #[arg(long, env = "EMS_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// Readings older than this many seconds on arrival are backlog:
+    /// dashboards get a "backfill" summary instead of each reading.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    backfill_after_s: u64,
+    /// Per-device rate limit: sustained frames per second (token bucket).
+    #[arg(long, env = "EMS_RATE_LIMIT", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    rate_limit: u32,
+    /// Per-device rate limit: bucket size (frames at once after a pause).
+    #[arg(long, env = "EMS_RATE_BURST", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
+    rate_burst: u32,
+    /// Seconds of continuous rate-limit excess that close a device with 1008.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    rate_abuse_after_s: u64,
+    /// Takeover loop: more than this many replacements of one device id …
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    takeover_max: u32,
+    /// … within this many seconds …
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    takeover_window_s: u64,
+    /// … refuse the id (close 4002) for this many seconds.
+    #[arg(long, default_value_t = 300)]
+    takeover_cooldown_s: u64,
+    /// How often to poll the store for revoked/rotated tokens of live
+    /// device connections (they close with 4001), in milliseconds.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    revocation_poll_ms: u64,
+    /// PostgreSQL only: use TimescaleDB (auto: when available; off: plain
+    /// table; require: fail unless `readings` can be a hypertable).
+    #[arg(long, env = "EMS_TIMESCALE", default_value = "auto", value_enum)]
+    timescale: Timescale,
+    /// TimescaleDB only: drop readings older than this many days.
+    #[arg(long, env = "EMS_RETENTION_DAYS", value_parser = clap::value_parser!(u32).range(1..))]
+    retention_days: Option<u32>,
+    /// TimescaleDB only: compress chunks older than this many days.
+    #[arg(long, env = "EMS_COMPRESS_AFTER_DAYS", value_parser = clap::value_parser!(u32).range(1..))]
+    compress_after_days: Option<u32>,
+    /// Most readings committed in one transaction (a backlog drains in few
+    /// commits, each acking every device once).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    batch_max_rows: u64,
+}
+
+/// `--timescale`. The variants carry no doc comments on purpose: clap
+/// would print them as a second, longer list of possible values in
+/// `--help`; the flag's own help says what each means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Timescale {
+    // TimescaleDB when installed or installable.
+    Auto,
+    // A plain table even if the extension is there.
+    Off,
+    // Refuse to start unless `readings` can be a hypertable.
+    Require,
+}
+
+impl From<Timescale> for TimescaleMode {
+    fn from(t: Timescale) -> Self {
+        match t {
+            Timescale::Auto => TimescaleMode::Auto,
+            Timescale::Off => TimescaleMode::Off,
+            Timescale::Require => TimescaleMode::Require,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum AdminCmd {
+    /// Add an admin; prints its token (shown once).
+    Add { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum DeviceCmd {
+    /// Add a device; prints its token (shown once).
+    Add { id: String },
+    /// List devices.
+    List,
+    /// Revoke a device's token.
+    Revoke { id: String },
+    /// Give a device a new token (printed); the old one stops working.
+    Rotate { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum ViewerCmd {
+    /// Add a viewer; prints its token (shown once).
+    Add {
+        name: String,
+        /// A device the viewer may watch (repeatable).
+        #[arg(long = "device", required_unless_present = "all_devices")]
+        devices: Vec<String>,
+        /// The viewer may watch every device.
+        #[arg(long, conflicts_with = "devices")]
+        all_devices: bool,
+    },
+    /// List viewers (names, state, scope; never tokens).
+    List,
+    /// Revoke a viewer token; its open dashboards close within seconds.
+    Revoke { name: String },
+}
+
+/// A flag value that clap accepts but the hub cannot run with.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ArgError {
+    /// `--listen` is not a socket address.
+    #[error("--listen {0:?} is not an address like 127.0.0.1:8080")]
+    Listen(String),
+    /// An `--allowed-origin` is not `scheme://host[:port]`.
+    #[error(
+        "--allowed-origin {0:?} must be an origin like https://example.com \
+         (scheme, host, optional port; no path)"
+    )]
+    AllowedOrigin(String),
+    /// `--public-url` is not an http(s) URL.
+    #[error("--public-url {0:?} must start with http:// or https://")]
+    PublicUrl(String),
+}
+
+/// What `ems-hub serve` runs: where to listen and the hub's configuration,
+/// both validated.
+#[derive(Debug)]
+pub struct Serve {
+    /// The address to bind.
+    pub listen: SocketAddr,
+    /// The hub's configuration.
+    pub config: Config,
+}
+
+impl Serve {
+    /// Validates the `serve` flags together with the global `--database`
+    /// (the one flag every command shares). The first bad flag, in the
+    /// order the flags are listed in `--help`, is the error.
+    pub fn from_args(database: String, args: ServeArgs) -> Result<Serve, ArgError> {
+        let listen: SocketAddr = args
+            .listen
+            .parse()
+            .map_err(|_| ArgError::Listen(args.listen.clone()))?;
+        if let Some(o) = args.allowed_origins.iter().find(|o| !is_origin(o)) {
+            return Err(ArgError::AllowedOrigin(o.clone()));
+        }
+        if let Some(u) = args.public_url.as_ref().filter(|u| !is_http_url(u)) {
+            return Err(ArgError::PublicUrl(u.clone()));
+        }
+        let mut config = Config::new(database);
+        config.ping_interval = Duration::from_millis(args.ping_interval_ms);
+        config.max_missed_pongs = args.max_missed_pongs;
+        config.allowed_origins = args.allowed_origins;
+        config.public_url = args.public_url;
+        config.backfill_after = Duration::from_secs(args.backfill_after_s);
+        config.rate_limit = RateLimit {
+            rate: f64::from(args.rate_limit),
+            burst: f64::from(args.rate_burst),
+            abuse_after: Duration::from_secs(args.rate_abuse_after_s),
+        };
+        config.takeover = TakeoverPolicy {
+            max_replacements: args.takeover_max as usize,
+            window: Duration::from_secs(args.takeover_window_s),
+            cooldown: Duration::from_secs(args.takeover_cooldown_s),
+        };
+        config.revocation_poll = Duration::from_millis(args.revocation_poll_ms);
+        config.batch_max_rows = args.batch_max_rows as usize;
+        config.pg.timescale = args.timescale.into();
+        config.pg.retention_days = args.retention_days;
+        config.pg.compress_after_days = args.compress_after_days;
+        if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+            config.tls = Some(TlsFiles { cert, key });
+        }
+        Ok(Serve { listen, config })
+    }
+}
+
+/// An origin as browsers send it: `http(s)://host[:port]`, no path.
+fn is_origin(o: &str) -> bool {
+    is_http_url(o) && !o.ends_with('/')
+}
+
+fn is_http_url(u: &str) -> bool {
+    u.starts_with("http://") || u.starts_with("https://")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `ems-hub serve ARGS…` as parsed by clap, then validated.
+    fn serve(args: &[&str]) -> Result<Serve, ArgError> {
+        let argv = ["ems-hub", "serve"].iter().chain(args);
+        let cli = Cli::try_parse_from(argv).expect("clap accepts the flags");
+        match cli.command {
+            Some(Command::Serve(a)) => Serve::from_args(cli.database, a),
+            _ => panic!("not a serve command"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_library_defaults() {
+        let s = serve(&[]).unwrap();
+        assert_eq!(s.listen, "127.0.0.1:8080".parse().unwrap());
+        let (got, want) = (s.config, Config::new("sqlite:ems-hub.db"));
+        assert_eq!(got.database, want.database);
+        assert_eq!(got.ping_interval, want.ping_interval);
+        assert_eq!(got.max_missed_pongs, want.max_missed_pongs);
+        assert_eq!(got.batch_max_rows, want.batch_max_rows);
+        assert_eq!(got.backfill_after, want.backfill_after);
+        assert_eq!(got.rate_limit, want.rate_limit);
+        assert_eq!(got.revocation_poll, want.revocation_poll);
+        assert_eq!(got.pg, want.pg);
+        assert!(got.tls.is_none() && got.public_url.is_none());
+        assert!(got.allowed_origins.is_empty());
+        let (t, d) = (got.takeover, want.takeover);
+        assert_eq!(
+            (t.max_replacements, t.window, t.cooldown),
+            (d.max_replacements, d.window, d.cooldown)
+        );
+    }
+
+    #[test]
+    fn flags_reach_the_config() {
+        let s = serve(&[
+            "--listen",
+            "[::1]:9000",
+            "--ping-interval-ms",
+            "500",
+            "--allowed-origin",
+            "https://a.example,http://b.example:8080",
+            "--public-url",
+            "https://ems.example.com/",
+            "--rate-limit",
+            "7",
+            "--rate-burst",
+            "9",
+            "--takeover-max",
+            "2",
+            "--timescale",
+            "require",
+            "--retention-days",
+            "30",
+            "--batch-max-rows",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(s.listen, "[::1]:9000".parse().unwrap());
+        let c = s.config;
+        assert_eq!(c.ping_interval, Duration::from_millis(500));
+        assert_eq!(
+            c.allowed_origins,
+            ["https://a.example", "http://b.example:8080"]
+        );
+        assert_eq!(c.public_url.as_deref(), Some("https://ems.example.com/"));
+        assert_eq!((c.rate_limit.rate, c.rate_limit.burst), (7.0, 9.0));
+        assert_eq!(c.takeover.max_replacements, 2);
+        assert_eq!(c.pg.timescale, TimescaleMode::Require);
+        assert_eq!(c.pg.retention_days, Some(30));
+        assert_eq!(c.batch_max_rows, 5);
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_flag_named() {
+        assert_eq!(
+            serve(&["--listen", "nope"]).unwrap_err(),
+            ArgError::Listen("nope".into())
+        );
+        for bad in ["https://x/", "x.example", "ftp://x"] {
+            assert_eq!(
+                serve(&["--allowed-origin", bad]).unwrap_err(),
+                ArgError::AllowedOrigin(bad.into())
+            );
+        }
+        assert_eq!(
+            serve(&["--public-url", "ems.example.com"]).unwrap_err(),
+            ArgError::PublicUrl("ems.example.com".into())
+        );
+        // The listen address is checked first, as it is listed first.
+        assert!(matches!(
+            serve(&["--listen", "x", "--public-url", "y"]),
+            Err(ArgError::Listen(_))
+        ));
+        assert!(ArgError::Listen("x".into())
+            .to_string()
+            .contains("127.0.0.1:8080"));
+    }
+
+    #[test]
+    fn timescale_takes_exactly_three_values() {
+        for (flag, mode) in [
+            ("auto", TimescaleMode::Auto),
+            ("off", TimescaleMode::Off),
+            ("require", TimescaleMode::Require),
+        ] {
+            let s = serve(&["--timescale", flag]).unwrap();
+            assert_eq!(s.config.pg.timescale, mode);
+        }
+        for bad in ["bogus", "Auto", ""] {
+            let argv = ["ems-hub", "serve", "--timescale", bad];
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

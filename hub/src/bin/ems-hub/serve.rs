@@ -1,0 +1,85 @@
+//! `ems-hub serve`: the process around the library's [`ems_hub::run`] —
+//! the malloc arena limit, the async runtime, the listening socket and the
+//! signals that start a graceful shutdown.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+
+use crate::cli::Serve;
+
+/// Runs the hub until SIGTERM or SIGINT, then shuts it down gracefully.
+pub fn run(serve: Serve) -> anyhow::Result<()> {
+    let Serve {
+        listen: addr,
+        config,
+    } = serve;
+    limit_malloc_arenas();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        // Blocking work is store look-ups, serialized on one store handle:
+        // more threads only wait on its lock. Tokio's default (512) let a
+        // storm of 10,000 handshakes start ~250 threads, each with its own
+        // stack and malloc arena (docs/decisions/hub-process-tuning.md).
+        .max_blocking_threads(8)
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let listener = listen(addr).with_context(|| {
+            format!("cannot listen on {addr} (in use? choose another with --listen)")
+        })?;
+        ems_hub::run(listener, config, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// glibc gives every thread that allocates its own malloc arena (up to 8 per
+/// core), and each arena keeps its high-water mark: the store look-ups on
+/// the blocking pool (the revocation poll's 10,000-row answer every second)
+/// left several arenas of a few MB each. Two arenas are plenty for a hub
+/// whose hot path is one or two workers (peak RSS at 10,000 devices
+/// 82 -> 58 MB, same CPU per reading; docs/decisions/hub-process-tuning.md).
+/// `MALLOC_ARENA_MAX` in the environment still wins when set.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter (glibc takes its
+        // own lock); called before the runtime starts its threads.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
+/// Binds the listening socket with a deep accept queue. `TcpListener::bind`
+/// asks for 128 pending connections; when every device reconnects at once
+/// (a hub restart, 10,000 devices) the overflow is dropped and those clients
+/// retry their SYN only after a second. The kernel caps the value at
+/// `net.core.somaxconn` (docs/decisions/hub-process-tuning.md).
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot listen for SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => log::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => log::info!("SIGINT received"),
+    }
+}

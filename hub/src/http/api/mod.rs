@@ -1,0 +1,263 @@
+//! The HTTP API, JSON over `GET`/`POST`, authenticated with
+//! `Authorization: Bearer <token>` only (never a query parameter or a
+//! cookie, so no CSRF: a cross-site page cannot set that header without a
+//! CORS preflight, which the hub never grants).
+//!
+//! Viewer token (`emsv_…`), scope enforced exactly as on the socket:
+//! - `GET /api/devices`: the devices the viewer may watch, with presence.
+//! - `GET /api/devices/{id}/readings?from_ms=&to_ms=&limit=`: history,
+//!   oldest first (defaults: the last hour, 1000 readings; at most 10000).
+//!
+//! Admin token (`emsa_…`, `ems-hub admin add NAME`):
+//! - `GET /api/admin/devices`: every device with live state.
+//! - `POST /api/admin/devices` `{"device_id":"…"}` → 201 with the token
+//!   (shown once) and the env-file line.
+//! - `POST /api/admin/devices/{id}/rotate` → the new token; the device's
+//!   live socket closes with 4001.
+//! - `POST /api/admin/devices/{id}/revoke` → 204; the live socket closes
+//!   with 4001.
+//! - `GET /api/admin/viewers`, `POST /api/admin/viewers`
+//!   `{"name":"…","devices":["…"]}` or `{"name":"…","all_devices":true}`
+//!   → 201 with the token, `POST /api/admin/viewers/{name}/revoke` → 204
+//!   (its dashboards close with 4001 within `viewer_recheck`).
+//!
+//! Each kind of token works only where it belongs: a device or viewer
+//! token on `/api/admin/` is 403, an admin token on `/api/devices` or on a
+//! socket is 403. A browser `Origin` must pass the same rule as dashboard
+//! sockets. Errors are `{"error":"…"}` and never contain a token. Store
+//! calls run on the blocking pool.
+//!
+//! This module authenticates and dispatches; [`viewer`] and [`admin`] hold
+//! the endpoints.
+
+mod admin;
+mod viewer;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::json;
+
+use super::Resp;
+use crate::auth::handshake::{self, Credentials};
+use crate::auth::token::{self, TokenKind};
+use crate::state::{CallError, Shared};
+use crate::store::{Store, StoreError, TokenHash, ViewerScope};
+
+/// What an endpoint answers: a status and a JSON body.
+type Answer = Result<(StatusCode, serde_json::Value), ApiError>;
+
+/// Largest JSON request body.
+const MAX_BODY: usize = 4096;
+
+/// Why an API request failed; each maps to one status and a message that
+/// never contains a token.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApiError {
+    /// No bearer token: 401 with `WWW-Authenticate: Bearer`.
+    #[error("missing bearer token")]
+    Unauthorized,
+    /// Wrong, revoked, out-of-scope or wrong-kind token, or a foreign
+    /// Origin: 403 (same body for all token failures).
+    #[error("forbidden")]
+    Forbidden,
+    /// Bad input: 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Unknown route or id: 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// The route exists with other methods: 405.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// An id that must be new exists: 409.
+    #[error("{0}")]
+    Conflict(String),
+    /// The store failed: 503.
+    #[error("store unavailable")]
+    Unavailable,
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::AlreadyExists(what) => ApiError::Conflict(format!("{what} already exists")),
+            StoreError::NotFound(what) => ApiError::NotFound(format!("{what} not found")),
+            other => {
+                log::error!("api: store failed: {other}");
+                ApiError::Unavailable
+            }
+        }
+    }
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert("cache-control", HeaderValue::from_static("no-store"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
+fn error_response(e: &ApiError) -> Resp {
+    let mut r = json_response(e.status(), &json!({ "error": e.to_string() }));
+    if matches!(e, ApiError::Unauthorized) {
+        r.headers_mut()
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    r
+}
+
+/// Serves one `/api/…` request.
+pub(crate) async fn handle(req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) -> Resp {
+    let path = req.uri().path().to_owned();
+    match route(req, &shared).await {
+        Ok((status, body)) => json_response(status, &body),
+        Err(e) => {
+            if !matches!(e, ApiError::NotFound(_)) {
+                log::info!("api {path} from {peer}: {} ({})", e.status().as_u16(), e);
+            }
+            error_response(&e)
+        }
+    }
+}
+
+async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Answer {
+    if !handshake::origin_allowed(
+        req.headers(),
+        shared.config.public_url.as_deref(),
+        &shared.config.allowed_origins,
+    ) {
+        return Err(ApiError::Forbidden);
+    }
+    let path = req.uri().path().to_owned();
+    let segs: Vec<&str> = path.trim_start_matches("/api/").split('/').collect();
+    let method = req.method().clone();
+    let get = method == Method::GET || method == Method::HEAD;
+    let post = method == Method::POST;
+    match segs.as_slice() {
+        ["devices"] if get => viewer::devices(&req, shared).await,
+        ["devices", id, "readings"] if get => viewer::readings(&req, shared, id).await,
+        ["admin", "devices"] if get => admin::devices(&req, shared).await,
+        ["admin", "devices"] if post => admin::add_device(req, shared).await,
+        ["admin", "devices", id, "rotate"] if post => admin::rotate_device(&req, shared, id).await,
+        ["admin", "devices", id, "revoke"] if post => admin::revoke_device(&req, shared, id).await,
+        ["admin", "viewers"] if get => admin::viewers(&req, shared).await,
+        ["admin", "viewers"] if post => admin::add_viewer(req, shared).await,
+        ["admin", "viewers", n, "revoke"] if post => admin::revoke_viewer(&req, shared, n).await,
+        ["devices"]
+        | ["devices", _, "readings"]
+        | ["admin", "devices"]
+        | ["admin", "viewers"]
+        | ["admin", "devices", _, "rotate" | "revoke"]
+        | ["admin", "viewers", _, "revoke"] => Err(ApiError::MethodNotAllowed),
+        _ => Err(ApiError::NotFound("not found".into())),
+    }
+}
+
+fn new_token(kind: TokenKind) -> Result<String, ApiError> {
+    token::try_generate(kind).map_err(|e| {
+        log::error!("api: {e}");
+        ApiError::Unavailable
+    })
+}
+
+fn device_id(id: &str) -> Result<String, ApiError> {
+    ems_shared::validate_device_id(id)
+        .map(|_| id.to_owned())
+        .map_err(|_| {
+            ApiError::BadRequest("device id must be 1-64 characters of [A-Za-z0-9_.-]".into())
+        })
+}
+
+fn name(n: &str) -> Result<String, ApiError> {
+    ems_shared::validate_device_id(n)
+        .map(|_| n.to_owned())
+        .map_err(|_| ApiError::BadRequest("name must be 1-64 characters of [A-Za-z0-9_.-]".into()))
+}
+
+/// Runs `f` on the shared store handle on the blocking pool.
+async fn store<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    f: impl FnOnce(&mut dyn Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    shared.store.call(f).await.map_err(|e| match e {
+        CallError::Store(e) => ApiError::from(e),
+        CallError::Task(e) => {
+            log::error!("api: store task failed: {e}");
+            ApiError::Unavailable
+        }
+    })
+}
+
+/// The bearer token of `req` if it is of `kind` (syntax and checksum
+/// only), as its hash.
+fn token_of<B>(req: &Request<B>, kind: TokenKind) -> Result<TokenHash, ApiError> {
+    match handshake::bearer(req.headers()) {
+        Credentials::Missing => Err(ApiError::Unauthorized),
+        Credentials::Malformed => Err(ApiError::BadRequest(
+            "malformed Authorization header".into(),
+        )),
+        Credentials::Bearer(t) if token::kind_of(t) == Some(kind) => Ok(token::hash(t)),
+        Credentials::Bearer(_) => Err(ApiError::Forbidden),
+    }
+}
+
+/// The scope of the request's viewer token.
+async fn viewer_scope<B>(req: &Request<B>, shared: &Arc<Shared>) -> Result<ViewerScope, ApiError> {
+    let hash = token_of(req, TokenKind::Viewer)?;
+    store(shared, move |s| s.viewer_scope(&hash))
+        .await?
+        .ok_or(ApiError::Forbidden)
+}
+
+/// Checks the request's admin token.
+async fn check_admin<B>(req: &Request<B>, shared: &Arc<Shared>) -> Result<(), ApiError> {
+    let hash = token_of(req, TokenKind::Admin)?;
+    match store(shared, move |s| s.admin_name(&hash)).await? {
+        Some(_) => Ok(()),
+        None => Err(ApiError::Forbidden),
+    }
+}
+
+/// Reads a small JSON body.
+async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let bytes = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| ApiError::BadRequest(format!("body missing or larger than {MAX_BODY} bytes")))?
+        .to_bytes();
+    // The message names the position only: serde's own text may quote
+    // values from the body, which could be a pasted secret.
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "invalid JSON body (line {}, column {}); see README.md (Dashboards) for the fields",
+            e.line(),
+            e.column()
+        ))
+    })
+}

@@ -1,0 +1,223 @@
+//! The viewer endpoints (`emsv_` token, scope enforced exactly as on the
+//! socket): the devices a viewer may watch, with presence, and a device's
+//! stored readings.
+
+use std::sync::Arc;
+
+use ems_shared::DashboardReading;
+use hyper::{Request, StatusCode};
+use serde::Serialize;
+use serde_json::json;
+
+use super::{device_id, store, viewer_scope, Answer, ApiError};
+use crate::auth::handshake;
+use crate::state::Shared;
+use crate::store::{StoredReading, ViewerScope};
+
+/// Default and largest `limit` of the history endpoint.
+const DEFAULT_LIMIT: usize = 1000;
+const MAX_LIMIT: usize = 10_000;
+
+/// `GET /api/devices`: the devices the viewer may watch, with presence.
+pub(super) async fn devices<B>(req: &Request<B>, shared: &Arc<Shared>) -> Answer {
+    let scope = viewer_scope(req, shared).await?;
+    list_for_viewer(shared, scope).await
+}
+
+/// `GET /api/devices/{id}/readings?from_ms=&to_ms=&limit=`.
+pub(super) async fn readings<B>(req: &Request<B>, shared: &Arc<Shared>, id: &str) -> Answer {
+    let id = device_id(id)?;
+    let scope = viewer_scope(req, shared).await?;
+    if !scope.allows(&id) {
+        return Err(ApiError::Forbidden);
+    }
+    history(shared, id, req.uri().query().unwrap_or("")).await
+}
+
+/// One device as the API lists it.
+#[derive(Serialize)]
+pub(super) struct DeviceState {
+    device_id: String,
+    online: bool,
+    last_seen_ms: Option<i64>,
+    /// Readings waiting in the device's outbox, when it reports them.
+    outbox_depth: Option<u64>,
+    /// How far behind the device's outbox is, when it reports it.
+    behind_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) created_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) revoked_ms: Option<Option<i64>>,
+}
+
+/// Live state of the given devices (presence from the registry, last seen
+/// from the registry and the store, outbox from the edge's status).
+pub(super) async fn states(
+    shared: &Arc<Shared>,
+    ids: Vec<String>,
+) -> Result<Vec<DeviceState>, ApiError> {
+    let ids2 = ids.clone();
+    let stored = store(shared, move |s| {
+        ids2.iter()
+            .map(|id| s.last_seen(id))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await?;
+    let now = crate::store::now_ms();
+    Ok(ids
+        .into_iter()
+        .zip(stored)
+        .map(|(id, seen)| {
+            let presence = shared.registry.presence_ms(&id);
+            let last_seen_ms = match (seen, presence) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+            let edge = shared.registry.edge_status(&id);
+            DeviceState {
+                online: shared.registry.is_online(&id),
+                last_seen_ms,
+                outbox_depth: edge.as_ref().map(|e| e.status.outbox_depth),
+                behind_ms: edge.map(|e| {
+                    e.behind_ms
+                        .saturating_add(now.saturating_sub(e.rx_ms).max(0))
+                }),
+                device_id: id,
+                created_ms: None,
+                revoked_ms: None,
+            }
+        })
+        .collect())
+}
+
+async fn list_for_viewer(shared: &Arc<Shared>, scope: ViewerScope) -> Answer {
+    let devices = store(shared, |s| s.list_devices()).await?;
+    let ids: Vec<String> = devices
+        .into_iter()
+        .filter(|d| d.revoked_ms.is_none() && scope.allows(&d.device_id))
+        .map(|d| d.device_id)
+        .collect();
+    let list = states(shared, ids).await?;
+    Ok((StatusCode::OK, json!({ "devices": list })))
+}
+
+/// Parsed `from_ms`, `to_ms`, `limit` of the history endpoint.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct RangeQuery {
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub limit: usize,
+}
+
+/// Parses the history query (`now_ms` for the defaults: the last hour).
+pub(crate) fn parse_range(query: &str, now_ms: i64) -> Result<RangeQuery, ApiError> {
+    let mut q = RangeQuery {
+        from_ms: now_ms.saturating_sub(3_600_000),
+        to_ms: now_ms.saturating_add(ems_shared::MAX_FUTURE_SKEW_MS + 1),
+        limit: DEFAULT_LIMIT,
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = handshake::percent_decode(v);
+        let bad = |what: &str| ApiError::BadRequest(format!("{what} must be an integer"));
+        match handshake::percent_decode(k).as_str() {
+            "from_ms" => q.from_ms = v.parse().map_err(|_| bad("from_ms"))?,
+            "to_ms" => q.to_ms = v.parse().map_err(|_| bad("to_ms"))?,
+            "limit" => {
+                let l: usize = v.parse().map_err(|_| bad("limit"))?;
+                if l == 0 || l > MAX_LIMIT {
+                    return Err(ApiError::BadRequest(format!(
+                        "limit must be 1..={MAX_LIMIT}"
+                    )));
+                }
+                q.limit = l;
+            }
+            _ => {
+                return Err(ApiError::BadRequest(
+                    "unknown query parameter (from_ms, to_ms, limit)".into(),
+                ))
+            }
+        }
+    }
+    if q.from_ms > q.to_ms {
+        return Err(ApiError::BadRequest(
+            "from_ms must not be after to_ms".into(),
+        ));
+    }
+    Ok(q)
+}
+
+fn dashboard_reading(device_id: &str, r: StoredReading) -> DashboardReading {
+    let x = r.reading;
+    DashboardReading {
+        frame_type: "reading".into(),
+        device_id: device_id.to_owned(),
+        rx_ms: r.received_at_ms,
+        epoch: x.epoch,
+        seq: x.seq,
+        ts_ms: x.ts_ms,
+        meter: x.meter,
+        voltage_v: x.voltage_v,
+        current_a: x.current_a,
+        power_w: x.power_w,
+        energy_wh: x.energy_wh,
+        frequency_hz: x.frequency_hz,
+        power_factor: x.power_factor,
+        reactive_power_var: x.reactive_power_var,
+    }
+}
+
+async fn history(shared: &Arc<Shared>, id: String, query: &str) -> Answer {
+    let q = parse_range(query, crate::store::now_ms())?;
+    let id2 = id.clone();
+    let mut rows = store(shared, move |s| {
+        s.history(&id2, q.from_ms, q.to_ms, q.limit.saturating_add(1), false)
+    })
+    .await?;
+    let truncated = rows.len() > q.limit;
+    rows.truncate(q.limit);
+    let list: Vec<DashboardReading> = rows
+        .into_iter()
+        .map(|r| dashboard_reading(&id, r))
+        .collect();
+    Ok((
+        StatusCode::OK,
+        json!({ "device_id": id, "readings": list, "truncated": truncated }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_query_parsing() {
+        let now = 10_000_000;
+        let d = parse_range("", now).unwrap();
+        assert_eq!((d.from_ms, d.limit), (now - 3_600_000, DEFAULT_LIMIT));
+        assert!(d.to_ms > now);
+        let q = parse_range("from_ms=5&to_ms=9&limit=2", now).unwrap();
+        assert_eq!(
+            q,
+            RangeQuery {
+                from_ms: 5,
+                to_ms: 9,
+                limit: 2
+            }
+        );
+        assert_eq!(parse_range("from_ms=-5&to_ms=0", now).unwrap().from_ms, -5);
+        for bad in [
+            "from_ms=x",
+            "limit=0",
+            "limit=10001",
+            "from_ms=9&to_ms=5",
+            "other=1",
+            "limit=-1",
+        ] {
+            assert!(
+                matches!(parse_range(bad, now), Err(ApiError::BadRequest(_))),
+                "{bad}"
+            );
+        }
+    }
+}

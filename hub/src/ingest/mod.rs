@@ -1,0 +1,18 @@
+//! Ingest: a device's readings from its socket to the store.
+//!
+//! - `session`: one device connection — reads frames, forwards valid
+//!   readings to the device's topic (hot path) and queues them for the
+//!   store (cold path), writes the acks back.
+//! - `state`: the session's decisions without I/O — the rate limit and
+//!   the gatekeeper per frame, the abuse rule, the heartbeat, the acks
+//!   owed at shutdown.
+//! - [`limits`]: the per-device token bucket and the abuse rule.
+//! - [`writer`]: the background thread that commits queued readings in
+//!   batches and only then acknowledges them, through each connection's
+//!   [`acks`] mailbox.
+
+pub mod acks;
+pub mod limits;
+pub(crate) mod session;
+pub(crate) mod state;
+pub mod writer;

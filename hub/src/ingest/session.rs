@@ -1,0 +1,429 @@
+//! One device connection, from the upgrade to the close: the I/O around
+//! the session's decisions ([`SessionState`]).
+//!
+//! Per frame: the rate limit and the gatekeeper (`ems_shared`'s strict
+//! decoder) decide; a valid reading goes to the hot path (serialized once,
+//! only if somebody watches the device's topic) and to the cold path (the
+//! writer queue — awaiting a free slot is the backpressure); a refused
+//! frame is counted, logged at a bounded rate and, when it had a readable
+//! epoch/seq, answered with a `rejected` frame. Acks come back from the
+//! writer after commit, through the connection's [`AckSink`], and are
+//! written here. A heartbeat pings a silent device every `ping_interval`;
+//! after `max_missed_pongs` unanswered pings it is dead and dropped.
+//!
+//! Everything awaited inside the loop that writes to the socket is boxed:
+//! awaited inline, each of those futures would be part of every session's
+//! task, idle or not, and idle device connections are the hub's memory
+//! budget. An allocation per write is small beside its syscall.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes};
+
+use ems_shared::{dashboard_frame, HubFrame, Reading, RejectReason};
+
+use super::acks::AckSink;
+use super::limits::TokenBucket;
+use super::state::{rejected_frame, suppressed, Ending, SessionState, Step, Tick, Verdict};
+use super::writer::Item;
+use crate::fanout::registry::{DeviceLease, Kick};
+use crate::fanout::topic::Topic;
+use crate::metrics::Role;
+use crate::shutdown::shutting_down;
+use crate::state::Shared;
+use crate::store::{Row, TokenHash};
+use crate::ws::{self, End, Ws};
+
+/// Most acks written with one flush.
+const ACKS_PER_WRITE: u64 = 64;
+
+/// Serves one device connection until it ends.
+///
+/// `token` is the hash of the token the connection authenticated with; the
+/// revocation poll compares it with the store's current one.
+// Not an `async fn` on purpose (see the comment in the body).
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn run(
+    mut ws: Ws,
+    device_id: Arc<str>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    token: Option<TokenHash>,
+) -> impl std::future::Future<Output = ()> + Send {
+    // An `async move` block rather than an `async fn`: the latter keeps a
+    // second copy of its arguments (the 328-byte socket among them) in
+    // every session's task.
+    async move {
+        let Some(DeviceLease {
+            conn_id,
+            kick,
+            topic,
+        }) = register(&shared, &device_id, peer, token)
+        else {
+            let conflict = CloseCode::from(ems_shared::CLOSE_CONFLICT);
+            Box::pin(ws::close(&mut ws, conflict, "conflict")).await;
+            return;
+        };
+        shared.metrics.connection(Role::Device, 1);
+        let cfg = &shared.config;
+        let bucket = shared.buckets.take(&device_id, || {
+            TokenBucket::new(&cfg.rate_limit, Instant::now())
+        });
+        let state = SessionState::new(bucket, cfg.rate_limit.abuse_after, cfg.max_missed_pongs);
+        // The session borrows the socket and the ids rather than taking
+        // them: moved into it, they would be stored twice in the task.
+        let mut session = Session {
+            ws: &mut ws,
+            sink: Arc::new(AckSink::new(conn_id)),
+            topic,
+            limit: cfg.write_timeout,
+            device_id: &device_id,
+            peer,
+            shared: &shared,
+            state,
+        };
+        let end = session.serve(kick).await;
+        let bucket = session.state.bucket();
+        drop(session);
+        shared.registry.disconnect_device(&device_id, conn_id);
+        shared.buckets.put(&device_id, bucket);
+        shared.metrics.connection(Role::Device, -1);
+        if let End::Close(code, reason) = end {
+            Box::pin(ws::close(&mut ws, code, reason)).await;
+        }
+        log::info!("device {device_id} from {peer} disconnected");
+    }
+}
+
+/// Registers the connection (one device, one connection: a previous one is
+/// told to close with 4000). `None`: the device id is in a takeover loop
+/// and refused (4002).
+fn register(
+    shared: &Shared,
+    device_id: &Arc<str>,
+    peer: SocketAddr,
+    token: Option<TokenHash>,
+) -> Option<DeviceLease> {
+    let metrics = &shared.metrics;
+    match shared
+        .registry
+        .connect_device(device_id, peer.to_string(), token)
+    {
+        Ok((lease, Some(old))) => {
+            metrics.takeovers.fetch_add(1, Ordering::Relaxed);
+            log::warn!("device {device_id} connected from {peer}; closing its previous connection from {old} (4000 replaced)");
+            Some(lease)
+        }
+        Ok((lease, None)) => {
+            log::info!("device {device_id} connected from {peer}");
+            Some(lease)
+        }
+        Err(conflict) => {
+            metrics.takeover_conflicts.fetch_add(1, Ordering::Relaxed);
+            match &conflict.other_peer {
+                Some(other) => log::error!(
+                    "device {device_id}: takeover loop between {other} and {peer} (two devices share this id?); \
+                     closing both with 4002 and refusing the id for {:?}",
+                    conflict.remaining
+                ),
+                None => log::warn!(
+                    "device {device_id} from {peer} refused (4002 conflict): takeover cool-down, {:?} left",
+                    conflict.remaining
+                ),
+            }
+            None
+        }
+    }
+}
+
+/// A registered device connection.
+struct Session<'a> {
+    /// The device's socket.
+    ws: &'a mut Ws,
+    /// Where the writer puts this connection's acks.
+    sink: Arc<AckSink>,
+    /// The device's live topic.
+    topic: Topic,
+    /// Longest a write to the socket may take.
+    limit: Duration,
+    /// The device.
+    device_id: &'a Arc<str>,
+    /// Its address, for log lines.
+    peer: SocketAddr,
+    /// The hub's shared state.
+    shared: &'a Shared,
+    /// The session's decisions.
+    state: SessionState,
+}
+
+impl Session<'_> {
+    /// The session loop: kicks, shutdown, acks, heartbeat and frames, until
+    /// one of them ends the session.
+    async fn serve(&mut self, mut kick: oneshot::Receiver<Kick>) -> End {
+        // False once the kick channel is gone without a kick (registry dropped).
+        let mut kick_live = true;
+        let mut shutdown = self.shared.shutdown.clone();
+        // Created once: a fresh `watch::changed` future per loop turn would
+        // register and remove a waiter on the one watch every session shares.
+        let stopping = shutting_down(&mut shutdown);
+        tokio::pin!(stopping);
+        let mut ping = ws::heartbeat(self.shared.config.ping_interval);
+        loop {
+            tokio::select! {
+                biased;
+                k = &mut kick, if kick_live => match k {
+                    Ok(kick) => return self.kicked(kick),
+                    // The slot was dropped without a kick: keep serving.
+                    Err(_) => kick_live = false,
+                },
+                _ = &mut stopping => {
+                    // Boxed: the shutdown path is taken once.
+                    Box::pin(self.flush_acks_at_shutdown()).await;
+                    return End::Close(CloseCode::Away, "hub shutting down");
+                }
+                ack = self.sink.pop() => {
+                    if let Err(end) = Box::pin(self.write_acks(ack)).await {
+                        return end;
+                    }
+                }
+                _ = ping.tick() => match self.state.tick() {
+                    Tick::Quiet => {}
+                    Tick::Ping => {
+                        let ping = Message::Ping(Bytes::new());
+                        if Box::pin(ws::send_within(self.ws, ping, self.limit)).await.is_err() {
+                            return End::Gone;
+                        }
+                    }
+                    Tick::Dead(missed) => {
+                        self.shared.metrics.heartbeat_death(Role::Device);
+                        log::warn!("device {} from {}: {missed} pings unanswered, dropping dead connection", self.device_id, self.peer);
+                        return End::Gone;
+                    }
+                },
+                msg = self.ws.next() => {
+                    if let Err(end) = Box::pin(self.on_message(msg)).await {
+                        return end;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The registry asks this connection to close.
+    fn kicked(&self, kick: Kick) -> End {
+        let metrics = &self.shared.metrics;
+        match kick {
+            Kick::Replaced => {}
+            Kick::Revoked => {
+                metrics.revoked_closes.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "device {} from {}: token revoked or rotated, closing (4001)",
+                    self.device_id,
+                    self.peer
+                );
+            }
+            Kick::Conflict => {
+                metrics.takeover_conflicts.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let (code, reason) = kick.close();
+        End::Close(CloseCode::from(code), reason)
+    }
+
+    /// Writes `first` and the acks queued behind it (several epochs, or a
+    /// session that was busy) with one flush.
+    async fn write_acks(&mut self, first: (u64, u64)) -> Result<(), End> {
+        let mut last = first;
+        let mut n = 1;
+        let mut r = feed_ack(self.ws, first, self.limit).await;
+        while r.is_ok() && n < ACKS_PER_WRITE {
+            match self.sink.try_pop() {
+                Some(a) => {
+                    last = a;
+                    n += 1;
+                    r = feed_ack(self.ws, a, self.limit).await;
+                }
+                None => break,
+            }
+        }
+        if r.is_err() || ws::flush_within(self.ws, self.limit).await.is_err() {
+            return Err(End::Gone);
+        }
+        self.state.acked(last);
+        self.shared
+            .metrics
+            .acks_sent
+            .fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// One message from the socket.
+    async fn on_message(&mut self, msg: Option<Result<Message, WsError>>) -> Result<(), End> {
+        let now = Instant::now();
+        match self.state.message(msg, now) {
+            Step::Continue => Ok(()),
+            Step::Frame(frame) => self.on_frame(frame, now).await,
+            Step::End(ending) => Err(self.ended(ending)),
+        }
+    }
+
+    /// The end a message from the socket asks for, logged.
+    fn ended(&self, ending: Ending) -> End {
+        let (device_id, peer) = (&self.device_id, self.peer);
+        match ending {
+            Ending::Closed => End::Gone,
+            Ending::Failed(e) => {
+                log::info!("device {device_id} from {peer}: connection error: {e}");
+                End::Gone
+            }
+            Ending::TooBig { size, max_size } => {
+                log::warn!("device {device_id}: message of {size} bytes exceeds {max_size}, closing (1009)");
+                End::Close(CloseCode::Size, "message too big")
+            }
+            Ending::BadUtf8(warn) => {
+                if let Some(n) = warn {
+                    log::warn!(
+                        "device {device_id} from {peer}: text frame is not UTF-8, closing (1007){}",
+                        suppressed(n)
+                    );
+                }
+                End::Close(CloseCode::Invalid, "invalid UTF-8")
+            }
+        }
+    }
+
+    /// One data frame (`None`: binary), judged by the session state and
+    /// then done: fanned out and queued, recorded, or refused.
+    async fn on_frame(&mut self, frame: Option<Utf8Bytes>, now: Instant) -> Result<(), End> {
+        let metrics = &self.shared.metrics;
+        metrics.frames_received.fetch_add(1, Ordering::Relaxed);
+        let rx_ms = crate::store::now_ms();
+        match self.state.frame(frame.as_deref(), now, rx_ms) {
+            Verdict::Reading(reading) => {
+                metrics.readings_valid.fetch_add(1, Ordering::Relaxed);
+                if let Some(text) = &frame {
+                    self.fan_out(text, rx_ms);
+                }
+                self.enqueue(reading, rx_ms).await
+            }
+            Verdict::Status(status) => {
+                metrics.status_frames.fetch_add(1, Ordering::Relaxed);
+                let registry = &self.shared.registry;
+                registry.set_edge_status(self.device_id, status, rx_ms);
+                Ok(())
+            }
+            Verdict::Refused { error, warn } => {
+                metrics.rejected(error.reason);
+                if let Some(n) = warn {
+                    log::warn!(
+                        "device {}: discarded frame ({error}){}",
+                        self.device_id,
+                        suppressed(n)
+                    );
+                }
+                match rejected_frame(&error) {
+                    Some(reply) => {
+                        ws::send_within(self.ws, Message::Text(reply.into()), self.limit)
+                            .await
+                            .map_err(|_| End::Gone)
+                    }
+                    None => Ok(()),
+                }
+            }
+            Verdict::Abuse => {
+                metrics.rejected(RejectReason::RateLimited);
+                metrics.abuse_closes.fetch_add(1, Ordering::Relaxed);
+                let abuse_after = self.shared.config.rate_limit.abuse_after;
+                log::warn!(
+                    "device {} from {}: rate limit exceeded for {abuse_after:?}, closing (1008)",
+                    self.device_id,
+                    self.peer
+                );
+                Err(End::Close(CloseCode::Policy, "rate limit exceeded"))
+            }
+        }
+    }
+
+    /// The hot path: serialized only when somebody watches; one buffer
+    /// shared by every subscriber.
+    fn fan_out(&self, text: &str, rx_ms: i64) {
+        if self.topic.receiver_count() > 0 {
+            let frame = dashboard_frame(text, self.device_id, rx_ms);
+            let _ = self.topic.send(Utf8Bytes::from(frame));
+        }
+    }
+
+    /// The cold path: queues the reading for the store writer, waiting only
+    /// when the queue is full (backpressure). The writer gone means the hub
+    /// is shutting down.
+    async fn enqueue(&mut self, reading: Reading, rx_ms: i64) -> Result<(), End> {
+        let id = (reading.epoch, reading.seq);
+        let item = Item {
+            row: Row {
+                device_id: self.device_id.clone(),
+                received_at_ms: rx_ms,
+                reading,
+            },
+            ack: self.sink.clone(),
+        };
+        let queued = match self.shared.queue.try_send(item) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                self.shared.queue.send(item).await.is_ok()
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        };
+        if !queued {
+            return Err(End::Close(CloseCode::Away, "hub shutting down"));
+        }
+        self.state.queued(id);
+        Ok(())
+    }
+
+    /// At shutdown: sends the acks of what this session queued (waiting up
+    /// to 2 s for the last one), then those of other epochs committed with
+    /// it.
+    async fn flush_acks_at_shutdown(&mut self) {
+        let metrics = &self.shared.metrics;
+        if let Some(last) = self.state.owed_at_shutdown() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                loop {
+                    let ack = self.sink.pop().await;
+                    if send_ack(self.ws, ack, self.limit).await.is_err() {
+                        break;
+                    }
+                    metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
+                    if ack == last {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        while let Some(ack) = self.sink.try_pop() {
+            if send_ack(self.ws, ack, self.limit).await.is_err() {
+                break;
+            }
+            metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Writes one ack frame.
+async fn send_ack(ws: &mut Ws, ack: (u64, u64), limit: Duration) -> Result<(), WsError> {
+    feed_ack(ws, ack, limit).await?;
+    ws::flush_within(ws, limit).await
+}
+
+/// Queues one ack frame (written at the next flush, or at once when the
+/// socket's write buffer is full).
+async fn feed_ack(ws: &mut Ws, (epoch, seq): (u64, u64), limit: Duration) -> Result<(), WsError> {
+    let frame = HubFrame::Ack { epoch, seq }.to_json();
+    ws::within(limit, ws.feed(Message::Text(frame.into()))).await
+}

@@ -1,0 +1,491 @@
+//! The decisions of one device session, without I/O: what a WebSocket
+//! message means, what becomes of a data frame (rate limit, gatekeeper,
+//! abuse rule), when to ping and when the peer is dead, and which ack is
+//! still owed at shutdown.
+//!
+//! [`SessionState`] takes events (a message, a frame, a heartbeat tick, an
+//! ack written, a reading queued) with the time as an argument and answers
+//! with what to do; [`super::session`] does it (writes to the socket, the
+//! topic, the writer queue, the metrics and the log). Every rule here is
+//! unit-tested without sockets or clocks.
+
+use std::time::{Duration, Instant};
+
+use ems_shared::{decode_edge_frame, EdgeFrame, EdgeStatus, FrameError, Reading, RejectReason};
+use tokio_tungstenite::tungstenite::error::CapacityError;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+
+use super::limits::{Excess, TokenBucket};
+
+/// How often at most a warning about a device's bad frames is logged.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// The state of one device session.
+pub(crate) struct SessionState {
+    /// The device's token bucket (taken from, and given back to, the
+    /// per-device buckets that outlive connections).
+    bucket: TokenBucket,
+    /// Excess episodes, for the abuse rule.
+    excess: Excess,
+    /// Continuous excess for this long is abuse (close 1008).
+    abuse_after: Duration,
+    /// Rate limit of the warnings about this connection's bad frames.
+    warn: RateLimitedWarn,
+    /// Pings sent without a frame from the peer since.
+    missed: u32,
+    /// Unanswered pings after which the peer is dead.
+    max_missed: u32,
+    /// Whether a frame arrived since the last heartbeat tick: a device that
+    /// talks needs no ping.
+    heard: bool,
+    /// The last reading queued for the store, `(epoch, seq)`.
+    last_queued: Option<(u64, u64)>,
+    /// The last ack written to the socket.
+    last_acked: Option<(u64, u64)>,
+}
+
+/// What a WebSocket message asks of the session loop.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// Nothing more (a pong, or a ping that the socket answers itself).
+    Continue,
+    /// A data frame to judge with [`SessionState::frame`]: `Some` text, or
+    /// `None` for a binary frame.
+    Frame(Option<Utf8Bytes>),
+    /// The session ends.
+    End(Ending),
+}
+
+/// Why a session ends on a message from its socket.
+#[derive(Debug)]
+pub(crate) enum Ending {
+    /// The peer closed the connection.
+    Closed,
+    /// The socket failed; log it.
+    Failed(WsError),
+    /// A message over the size limit: close with 1009.
+    TooBig {
+        /// Its size in bytes.
+        size: usize,
+        /// The limit.
+        max_size: usize,
+    },
+    /// A text frame that is not UTF-8: close with 1007. `Some(n)`: log it,
+    /// `n` similar warnings were suppressed before.
+    BadUtf8(Option<u64>),
+}
+
+/// What becomes of one data frame.
+#[derive(Debug)]
+pub(crate) enum Verdict {
+    /// A valid reading: forward it to the device's topic and queue it for
+    /// the store.
+    Reading(Reading),
+    /// A valid outbox status report: record it.
+    Status(EdgeStatus),
+    /// Refused and discarded: count it by reason, answer with a `rejected`
+    /// frame when it has an epoch and seq ([`rejected_frame`]). `warn`:
+    /// `Some(n)` = log it, `n` similar warnings were suppressed before.
+    Refused {
+        /// Why.
+        error: FrameError,
+        /// Whether to log, and how many warnings were suppressed.
+        warn: Option<u64>,
+    },
+    /// A refused frame in a rate-limit excess that has lasted
+    /// `abuse_after`: count the refusal, then close with 1008.
+    Abuse,
+}
+
+/// What a heartbeat tick asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Tick {
+    /// The peer spoke since the last tick: no ping needed.
+    Quiet,
+    /// Send a ping.
+    Ping,
+    /// This many pings went unanswered: the peer is dead.
+    Dead(u32),
+}
+
+impl SessionState {
+    /// A session with the device's `bucket`, closing after `abuse_after` of
+    /// continuous rate-limit excess and after `max_missed` unanswered
+    /// pings.
+    pub fn new(bucket: TokenBucket, abuse_after: Duration, max_missed: u32) -> Self {
+        SessionState {
+            bucket,
+            excess: Excess::default(),
+            abuse_after,
+            warn: RateLimitedWarn::new(WARN_EVERY),
+            missed: 0,
+            max_missed,
+            heard: false,
+            last_queued: None,
+            last_acked: None,
+        }
+    }
+
+    /// The bucket as the session leaves it, to go back to the per-device
+    /// buckets when the session ends.
+    pub fn bucket(&self) -> TokenBucket {
+        self.bucket.clone()
+    }
+
+    /// A message (or the end of the stream, `None`) from the socket at
+    /// `now`.
+    pub fn message(&mut self, msg: Option<Result<Message, WsError>>, now: Instant) -> Step {
+        // Any frame proves the peer alive: under backpressure its pong may
+        // sit behind readings the hub has not read yet.
+        if matches!(msg, Some(Ok(_))) {
+            self.missed = 0;
+            self.heard = true;
+        }
+        match msg {
+            Some(Ok(Message::Text(text))) => Step::Frame(Some(text)),
+            Some(Ok(Message::Binary(_))) => Step::Frame(None),
+            Some(Ok(Message::Pong(_) | Message::Ping(_) | Message::Frame(_))) => Step::Continue,
+            Some(Ok(Message::Close(_))) | None => Step::End(Ending::Closed),
+            Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
+                Step::End(Ending::TooBig { size, max_size })
+            }
+            Some(Err(WsError::Utf8(_))) => Step::End(Ending::BadUtf8(self.warn.allow(now))),
+            Some(Err(e)) => Step::End(Ending::Failed(e)),
+        }
+    }
+
+    /// Judges one data frame (`None`: binary) that arrived at `now`, hub
+    /// time `rx_ms`: the rate limit first, then the gatekeeper.
+    pub fn frame(&mut self, frame: Option<&str>, now: Instant, rx_ms: i64) -> Verdict {
+        if !self.bucket.try_take(now) {
+            if self.excess.refused(now, self.abuse_after) {
+                return Verdict::Abuse;
+            }
+            return self.refused(rate_limited(frame), now);
+        }
+        let Some(text) = frame else {
+            let error = FrameError {
+                reason: RejectReason::BinaryFrame,
+                detail: "readings are text frames".into(),
+                epoch: None,
+                seq: None,
+            };
+            return self.refused(error, now);
+        };
+        match decode_edge_frame(text, rx_ms) {
+            Ok(EdgeFrame::Reading(r)) => Verdict::Reading(r),
+            Ok(EdgeFrame::Status(s)) => Verdict::Status(s),
+            Err(error) => self.refused(error, now),
+        }
+    }
+
+    fn refused(&mut self, error: FrameError, now: Instant) -> Verdict {
+        let warn = self.warn.allow(now);
+        Verdict::Refused { error, warn }
+    }
+
+    /// A heartbeat tick.
+    pub fn tick(&mut self) -> Tick {
+        if std::mem::take(&mut self.heard) {
+            self.missed = 0;
+            return Tick::Quiet;
+        }
+        if self.missed >= self.max_missed {
+            return Tick::Dead(self.missed);
+        }
+        self.missed += 1;
+        Tick::Ping
+    }
+
+    /// The reading `(epoch, seq)` is in the writer queue.
+    pub fn queued(&mut self, id: (u64, u64)) {
+        self.last_queued = Some(id);
+    }
+
+    /// Acks up to and including `last` were written to the socket.
+    pub fn acked(&mut self, last: (u64, u64)) {
+        self.last_acked = Some(last);
+    }
+
+    /// At shutdown: the ack still owed for the last queued reading, if it
+    /// was not written yet (the session waits for it before closing).
+    pub fn owed_at_shutdown(&self) -> Option<(u64, u64)> {
+        self.last_queued.filter(|l| self.last_acked != Some(*l))
+    }
+}
+
+/// The `rejected` frame that answers a refused frame, when the frame had
+/// a readable epoch and seq (the edge then knows which reading was not
+/// taken).
+pub(crate) fn rejected_frame(error: &FrameError) -> Option<String> {
+    let (epoch, seq) = (error.epoch?, error.seq?);
+    let reason = format!("{}: {}", error.reason.code(), error.detail);
+    Some(ems_shared::HubFrame::Rejected { epoch, seq, reason }.to_json())
+}
+
+/// `"; N similar warnings suppressed"`, or nothing when none were.
+pub(crate) fn suppressed(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!("; {n} similar warnings suppressed")
+    }
+}
+
+/// The refusal of a frame that found the bucket empty; keeps the frame's
+/// epoch/seq (when readable, without full validation) so the edge learns
+/// which reading was not taken.
+fn rate_limited(text: Option<&str>) -> FrameError {
+    #[derive(serde::Deserialize)]
+    struct Ids {
+        epoch: Option<u64>,
+        seq: Option<u64>,
+    }
+    let (epoch, seq) = text
+        .and_then(|t| serde_json::from_str::<Ids>(t).ok())
+        .map(|i| (i.epoch, i.seq))
+        .unwrap_or((None, None));
+    FrameError {
+        reason: RejectReason::RateLimited,
+        detail: "per-device rate limit exceeded; resend later".into(),
+        epoch,
+        seq,
+    }
+}
+
+/// At most one warning per `every`, with a count of the suppressed ones, so
+/// a flood of bad frames costs bounded log volume.
+struct RateLimitedWarn {
+    every: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedWarn {
+    fn new(every: Duration) -> Self {
+        RateLimitedWarn {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether to log now; returns the number suppressed since the last one.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if now.duration_since(t) < self.every => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RateLimit;
+    use tokio_tungstenite::tungstenite::Bytes;
+
+    const RX_MS: i64 = 1_700_000_000_000;
+
+    fn reading(seq: u64) -> String {
+        format!(
+            r#"{{"type":"reading","epoch":7,"seq":{seq},"ts_ms":{RX_MS},"meter":"main","power_w":100.0}}"#
+        )
+    }
+
+    /// A session whose bucket holds `burst` tokens and never refills.
+    fn session(burst: f64, t0: Instant) -> SessionState {
+        let limit = RateLimit {
+            rate: 0.0,
+            burst,
+            abuse_after: Duration::from_secs(10),
+        };
+        SessionState::new(TokenBucket::new(&limit, t0), limit.abuse_after, 3)
+    }
+
+    #[test]
+    fn valid_frames_become_readings_and_status() {
+        let t0 = Instant::now();
+        let mut s = session(10.0, t0);
+        match s.frame(Some(&reading(1)), t0, RX_MS) {
+            Verdict::Reading(r) => assert_eq!((r.epoch, r.seq), (7, 1)),
+            other => panic!("{other:?}"),
+        }
+        let status = r#"{"type":"status","outbox_depth":3,"oldest_ts_ms":1,"dropped":0}"#;
+        match s.frame(Some(status), t0, RX_MS) {
+            Verdict::Status(st) => assert_eq!(st.outbox_depth, 3),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn invalid_frames_are_refused_and_answered_when_they_have_ids() {
+        let t0 = Instant::now();
+        let mut s = session(10.0, t0);
+        let out_of_range = format!(
+            r#"{{"type":"reading","epoch":7,"seq":2,"ts_ms":{RX_MS},"meter":"main","power_factor":2.0}}"#
+        );
+        let Verdict::Refused { error, warn } = s.frame(Some(&out_of_range), t0, RX_MS) else {
+            panic!("accepted");
+        };
+        assert_eq!(error.reason, RejectReason::OutOfRange);
+        assert_eq!(warn, Some(0), "the first warning is logged");
+        let reply = rejected_frame(&error).unwrap();
+        assert!(reply.contains(r#""type":"rejected""#), "{reply}");
+        assert!(reply.contains(r#""seq":2"#), "{reply}");
+        assert!(reply.contains("out_of_range: "), "{reply}");
+        // No ids, no answer; the second warning within 10 s is suppressed.
+        let Verdict::Refused { error, warn } = s.frame(Some("not json"), t0, RX_MS) else {
+            panic!("accepted");
+        };
+        assert_eq!(error.reason, RejectReason::InvalidJson);
+        assert_eq!(warn, None);
+        assert!(rejected_frame(&error).is_none());
+        let Verdict::Refused { error, .. } = s.frame(None, t0, RX_MS) else {
+            panic!("accepted");
+        };
+        assert_eq!(error.reason, RejectReason::BinaryFrame);
+        let later = t0 + Duration::from_secs(11);
+        let Verdict::Refused { warn, .. } = s.frame(None, later, RX_MS) else {
+            panic!("accepted");
+        };
+        assert_eq!(warn, Some(2), "two warnings suppressed meanwhile");
+    }
+
+    #[test]
+    fn an_empty_bucket_refuses_before_validation_and_keeps_the_ids() {
+        let t0 = Instant::now();
+        let mut s = session(1.0, t0);
+        assert!(matches!(
+            s.frame(Some(&reading(1)), t0, RX_MS),
+            Verdict::Reading(_)
+        ));
+        // Rate-limited even though invalid: the bucket comes first.
+        let Verdict::Refused { error, .. } = s.frame(None, t0, RX_MS) else {
+            panic!("accepted");
+        };
+        assert_eq!(error.reason, RejectReason::RateLimited);
+        let Verdict::Refused { error, .. } = s.frame(Some(&reading(2)), t0, RX_MS) else {
+            panic!("accepted");
+        };
+        assert_eq!(
+            (error.reason, error.epoch, error.seq),
+            (RejectReason::RateLimited, Some(7), Some(2))
+        );
+        assert!(rejected_frame(&error).unwrap().contains("rate_limited: "));
+    }
+
+    #[test]
+    fn sustained_excess_is_abuse() {
+        let t0 = Instant::now();
+        let mut s = session(1.0, t0);
+        let _ = s.frame(Some(&reading(1)), t0, RX_MS);
+        let mut t = t0;
+        for i in 0..10 {
+            assert!(
+                matches!(
+                    s.frame(Some(&reading(2)), t, RX_MS),
+                    Verdict::Refused { .. }
+                ),
+                "{i}"
+            );
+            t += Duration::from_secs(1);
+        }
+        assert!(matches!(
+            s.frame(Some(&reading(2)), t, RX_MS),
+            Verdict::Abuse
+        ));
+    }
+
+    #[test]
+    fn messages_map_to_steps() {
+        let t0 = Instant::now();
+        let mut s = session(1.0, t0);
+        let text = |t: &str| Some(Ok(Message::Text(t.into())));
+        assert!(matches!(s.message(text("x"), t0), Step::Frame(Some(t)) if t.as_str() == "x"));
+        let binary = Some(Ok(Message::Binary(Bytes::new())));
+        assert!(matches!(s.message(binary, t0), Step::Frame(None)));
+        let pong = Some(Ok(Message::Pong(Bytes::new())));
+        assert!(matches!(s.message(pong, t0), Step::Continue));
+        let ping = Some(Ok(Message::Ping(Bytes::new())));
+        assert!(matches!(s.message(ping, t0), Step::Continue));
+        let close = Some(Ok(Message::Close(None)));
+        assert!(matches!(s.message(close, t0), Step::End(Ending::Closed)));
+        assert!(matches!(s.message(None, t0), Step::End(Ending::Closed)));
+        let big = CapacityError::MessageTooLong {
+            size: 20_000,
+            max_size: 16_384,
+        };
+        assert!(matches!(
+            s.message(Some(Err(WsError::Capacity(big))), t0),
+            Step::End(Ending::TooBig {
+                size: 20_000,
+                max_size: 16_384
+            })
+        ));
+        let utf8 = || Some(Err(WsError::Utf8("bad".into())));
+        assert!(matches!(
+            s.message(utf8(), t0),
+            Step::End(Ending::BadUtf8(Some(0)))
+        ));
+        assert!(matches!(
+            s.message(utf8(), t0),
+            Step::End(Ending::BadUtf8(None))
+        ));
+        let failed = Some(Err(WsError::ConnectionClosed));
+        assert!(matches!(
+            s.message(failed, t0),
+            Step::End(Ending::Failed(_))
+        ));
+    }
+
+    #[test]
+    fn heartbeat_pings_only_silent_peers_and_declares_them_dead() {
+        let t0 = Instant::now();
+        let mut s = session(1.0, t0);
+        assert_eq!(s.tick(), Tick::Ping);
+        assert_eq!(s.tick(), Tick::Ping);
+        // Any frame answers for the pings, and a talking peer needs none.
+        let _ = s.message(Some(Ok(Message::Text("x".into()))), t0);
+        assert_eq!(s.tick(), Tick::Quiet);
+        assert_eq!(s.tick(), Tick::Ping);
+        assert_eq!(s.tick(), Tick::Ping);
+        assert_eq!(s.tick(), Tick::Ping);
+        assert_eq!(s.tick(), Tick::Dead(3));
+        // An error is no sign of life.
+        let _ = s.message(Some(Err(WsError::ConnectionClosed)), t0);
+        assert_eq!(s.tick(), Tick::Dead(3));
+    }
+
+    #[test]
+    fn the_last_queued_reading_is_owed_until_acked() {
+        let mut s = session(1.0, Instant::now());
+        assert_eq!(s.owed_at_shutdown(), None);
+        s.queued((1, 5));
+        assert_eq!(s.owed_at_shutdown(), Some((1, 5)));
+        s.acked((1, 4));
+        assert_eq!(s.owed_at_shutdown(), Some((1, 5)));
+        s.acked((1, 5));
+        assert_eq!(s.owed_at_shutdown(), None);
+        s.queued((2, 0));
+        assert_eq!(s.owed_at_shutdown(), Some((2, 0)));
+    }
+
+    #[test]
+    fn warnings_are_rate_limited() {
+        let mut w = RateLimitedWarn::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(w.allow(t0), Some(0));
+        assert_eq!(w.allow(t0 + Duration::from_secs(1)), None);
+        assert_eq!(w.allow(t0 + Duration::from_secs(2)), None);
+        assert_eq!(w.allow(t0 + Duration::from_secs(11)), Some(2));
+        assert_eq!(suppressed(0), "");
+        assert_eq!(suppressed(2), "; 2 similar warnings suppressed");
+    }
+}

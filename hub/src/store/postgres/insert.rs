@@ -1,0 +1,288 @@
+//! The write path: a batch as one transaction, by binary `COPY` straight
+//! into `readings`, through the staging table after a conflict, or as
+//! multi-row `INSERT`s (see [`WriteMethod`]).
+
+use std::collections::HashSet;
+
+use postgres::binary_copy::BinaryCopyInWriter;
+use postgres::types::{ToSql, Type};
+
+use super::time::{PgTime, PG_END_MS, PG_MIN_MS};
+use super::{db, is_unique_violation, Conn, PgStore, WriteMethod};
+use crate::store::{ReadingSink, Row, StoreError};
+
+const COLUMNS: &str = "device_id, meter, ts, received_at, epoch, seq, voltage_v, current_a, \
+     power_w, energy_wh, frequency_hz, power_factor, reactive_power_var";
+
+const COPY_STAGE: &str = "COPY readings_stage (device_id, meter, ts, received_at, epoch, seq, \
+     voltage_v, current_a, power_w, energy_wh, frequency_hz, power_factor, reactive_power_var) \
+     FROM STDIN (FORMAT binary)";
+
+const COPY_READINGS: &str = "COPY readings (device_id, meter, ts, received_at, epoch, seq, \
+     voltage_v, current_a, power_w, energy_wh, frequency_hz, power_factor, reactive_power_var) \
+     FROM STDIN (FORMAT binary)";
+
+/// Batches merged through the staging table after a conflict, before the
+/// direct path is tried again.
+const STAGED_AFTER_CONFLICT: u32 = 16;
+
+const MERGE_STAGE: &str = "INSERT INTO readings (device_id, meter, ts, received_at, epoch, seq, \
+     voltage_v, current_a, power_w, energy_wh, frequency_hz, power_factor, reactive_power_var) \
+     SELECT device_id, meter, ts, received_at, epoch, seq, voltage_v, current_a, power_w, \
+     energy_wh, frequency_hz, power_factor, reactive_power_var FROM readings_stage \
+     ON CONFLICT DO NOTHING";
+
+/// Column types of one row, in [`COLUMNS`] order.
+const ROW_TYPES: [Type; 13] = [
+    Type::TEXT,
+    Type::TEXT,
+    Type::TIMESTAMPTZ,
+    Type::TIMESTAMPTZ,
+    Type::INT8,
+    Type::INT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+];
+
+/// Rows per multi-row `INSERT` statement (13 parameters each, ≤ 65535).
+const INSERT_CHUNK: usize = 2000;
+const _: () = assert!(INSERT_CHUNK * 13 <= 65535);
+
+/// One row's parameters in owned form, for the multi-row INSERT.
+struct OwnedRow<'a> {
+    row: &'a Row,
+    device_id: &'a str,
+    ts: PgTime,
+    received_at: PgTime,
+    epoch: i64,
+    seq: i64,
+}
+
+impl PgStore {
+    /// Streams `rows` with binary COPY into `readings` directly
+    /// (`direct`) or into the staging table, inside `tx`. Rows repeating an
+    /// earlier row's `(device_id, epoch, seq)` in the same batch are left
+    /// out (the first one wins, as with a resend).
+    fn copy_rows(
+        tx: &mut postgres::Transaction<'_>,
+        rows: &[Row],
+        direct: bool,
+    ) -> Result<(), postgres::Error> {
+        let sink = tx.copy_in(if direct { COPY_READINGS } else { COPY_STAGE })?;
+        let mut w = BinaryCopyInWriter::new(sink, &ROW_TYPES);
+        let mut seen = HashSet::with_capacity(rows.len());
+        for row in rows {
+            let r = &row.reading;
+            // Checked by `checked_keys` before.
+            let (epoch, seq) = (r.epoch as i64, r.seq as i64);
+            if !seen.insert((&*row.device_id, epoch, seq)) {
+                continue;
+            }
+            w.write(&[
+                &&*row.device_id,
+                &r.meter,
+                &PgTime(r.ts_ms),
+                &PgTime(row.received_at_ms),
+                &epoch,
+                &seq,
+                &r.voltage_v,
+                &r.current_a,
+                &r.power_w,
+                &r.energy_wh,
+                &r.frequency_hz,
+                &r.power_factor,
+                &r.reactive_power_var,
+            ])?;
+        }
+        w.finish().map(|_| ())
+    }
+
+    /// The optimistic path: binary COPY straight into `readings` in one
+    /// transaction. `Ok(false)` when a row was already stored (unique
+    /// violation): the transaction was rolled back, nothing was written,
+    /// and the batch must go through [`PgStore::insert_staged`].
+    fn insert_direct(conn: &mut Conn, rows: &[Row]) -> Result<bool, StoreError> {
+        checked_keys(rows)?;
+        let mut tx = conn.client.transaction().map_err(db)?;
+        match PgStore::copy_rows(&mut tx, rows, true) {
+            Ok(()) => {}
+            Err(e) if is_unique_violation(&e) => return Ok(false),
+            Err(e) => return Err(db(e)),
+        }
+        tx.commit().map_err(db)?;
+        Ok(true)
+    }
+
+    /// The merging path: binary COPY into the staging table, then
+    /// `INSERT … SELECT … ON CONFLICT DO NOTHING`, one transaction.
+    fn insert_staged(conn: &mut Conn, rows: &[Row]) -> Result<(), StoreError> {
+        checked_keys(rows)?;
+        let mut tx = conn.client.transaction().map_err(db)?;
+        PgStore::copy_rows(&mut tx, rows, false).map_err(db)?;
+        tx.execute(MERGE_STAGE, &[]).map_err(db)?;
+        tx.commit().map_err(db)
+    }
+
+    fn insert_values(conn: &mut Conn, rows: &[Row]) -> Result<(), StoreError> {
+        let mut prepared = Vec::new();
+        for chunk in rows.chunks(INSERT_CHUNK) {
+            let n = chunk.len();
+            if !conn.inserts.contains_key(&n) {
+                let stmt = conn
+                    .client
+                    .prepare_typed(
+                        &multi_insert_sql(n),
+                        &ROW_TYPES
+                            .iter()
+                            .cycle()
+                            .take(13 * n)
+                            .cloned()
+                            .collect::<Vec<_>>(),
+                    )
+                    .map_err(db)?;
+                conn.inserts.insert(n, stmt);
+            }
+            if let Some(s) = conn.inserts.get(&n) {
+                prepared.push(s.clone());
+            }
+        }
+        let mut tx = conn.client.transaction().map_err(db)?;
+        for (chunk, stmt) in rows.chunks(INSERT_CHUNK).zip(prepared) {
+            let owned: Vec<OwnedRow> = chunk
+                .iter()
+                .map(OwnedRow::from_row)
+                .collect::<Result<_, _>>()?;
+            let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(owned.len() * 13);
+            for o in &owned {
+                o.push_params(&mut params);
+            }
+            tx.execute(&stmt, &params).map_err(db)?;
+        }
+        tx.commit().map_err(db)
+    }
+}
+
+impl<'a> OwnedRow<'a> {
+    fn from_row(row: &'a Row) -> Result<Self, StoreError> {
+        Ok(OwnedRow {
+            row,
+            device_id: &row.device_id,
+            ts: PgTime(row.reading.ts_ms),
+            received_at: PgTime(row.received_at_ms),
+            epoch: to_i64(row.reading.epoch)?,
+            seq: to_i64(row.reading.seq)?,
+        })
+    }
+
+    fn push_params<'b>(&'b self, p: &mut Vec<&'b (dyn ToSql + Sync)>) {
+        let r = &self.row.reading;
+        p.push(&self.device_id);
+        p.push(&r.meter);
+        p.push(&self.ts);
+        p.push(&self.received_at);
+        p.push(&self.epoch);
+        p.push(&self.seq);
+        p.push(&r.voltage_v);
+        p.push(&r.current_a);
+        p.push(&r.power_w);
+        p.push(&r.energy_wh);
+        p.push(&r.frequency_hz);
+        p.push(&r.power_factor);
+        p.push(&r.reactive_power_var);
+    }
+}
+
+fn multi_insert_sql(n: usize) -> String {
+    let mut sql = format!("INSERT INTO readings ({COLUMNS}) VALUES ");
+    for i in 0..n {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for c in 0..13 {
+            if c > 0 {
+                sql.push(',');
+            }
+            sql.push('$');
+            sql.push_str(&(i * 13 + c + 1).to_string());
+        }
+        sql.push(')');
+    }
+    sql.push_str(" ON CONFLICT DO NOTHING");
+    sql
+}
+
+/// Checks that every epoch/seq fits a BIGINT (so `as i64` is exact).
+fn checked_keys(rows: &[Row]) -> Result<(), StoreError> {
+    for r in rows {
+        to_i64(r.reading.epoch)?;
+        to_i64(r.reading.seq)?;
+    }
+    Ok(())
+}
+
+/// `u64` epoch/seq (≤ 2^53 − 1 by protocol) as a BIGINT.
+fn to_i64(v: u64) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Db(format!("epoch/seq {v} does not fit a BIGINT")))
+}
+
+impl ReadingSink for PgStore {
+    fn insert_batch(&mut self, rows: &[Row]) -> Result<(), StoreError> {
+        // A timestamp PostgreSQL cannot hold would fail this batch on every
+        // retry and stall the writer for good: such rows are left out.
+        let in_range = |r: &Row| {
+            (PG_MIN_MS..PG_END_MS).contains(&r.reading.ts_ms)
+                && (PG_MIN_MS..PG_END_MS).contains(&r.received_at_ms)
+        };
+        let kept: Vec<Row>;
+        let rows = if rows.iter().all(in_range) {
+            rows
+        } else {
+            kept = rows.iter().filter(|r| in_range(r)).cloned().collect();
+            log::warn!(
+                "store {}: {} reading(s) with a timestamp outside PostgreSQL's range \
+                 not stored",
+                self.target.redacted,
+                rows.len() - kept.len()
+            );
+            &kept
+        };
+        if rows.is_empty() {
+            return Ok(());
+        }
+        match self.opts.write_method {
+            WriteMethod::Copy if self.staged_batches_left == 0 => {
+                if self.with(|c| PgStore::insert_direct(c, rows))? {
+                    return Ok(());
+                }
+                // Some rows were stored before: an edge is replaying. Merge
+                // this batch and the next few, then try the fast path again.
+                self.staged_batches_left = STAGED_AFTER_CONFLICT;
+                self.with(|c| PgStore::insert_staged(c, rows))
+            }
+            WriteMethod::Copy => {
+                self.staged_batches_left -= 1;
+                self.with(|c| PgStore::insert_staged(c, rows))
+            }
+            WriteMethod::StagedCopy => self.with(|c| PgStore::insert_staged(c, rows)),
+            WriteMethod::MultiRowInsert => self.with(|c| PgStore::insert_values(c, rows)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_insert_sql_numbers_parameters() {
+        let s = multi_insert_sql(2);
+        assert!(s.contains("($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13),($14,"));
+        assert!(s.ends_with("$26) ON CONFLICT DO NOTHING"));
+    }
+}

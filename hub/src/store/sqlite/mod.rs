@@ -1,0 +1,295 @@
+//! The embedded SQLite backend (`sqlite:PATH`), the default for one machine.
+//!
+//! Owns the SQLite schema and its migrations, and the connection settings
+//! that make acknowledged readings durable: WAL journal with
+//! `synchronous=FULL` (a commit is on disk before `insert_batch` returns,
+//! even across power loss), and a busy timeout so the admin CLI and a
+//! running hub can share the file.
+//!
+//! Times are Unix milliseconds in `INTEGER` columns; token hashes are
+//! 32-byte `BLOB`s.
+
+mod insert;
+mod queries;
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
+
+use super::StoreError;
+
+/// Schema version this code writes and expects.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// How long a statement waits for another process's lock (e.g. the admin
+/// CLI while the hub commits) before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Version 1 of the schema. `readings` is the public contract (see
+/// README.md (Storage)); the other tables are the hub's own.
+const SCHEMA_V1: &str = "
+CREATE TABLE devices (
+    device_id  TEXT PRIMARY KEY NOT NULL,
+    token_hash BLOB NOT NULL,
+    created_ms INTEGER NOT NULL,
+    revoked_ms INTEGER
+);
+CREATE TABLE viewers (
+    viewer_id   INTEGER PRIMARY KEY,
+    name        TEXT NOT NULL UNIQUE,
+    token_hash  BLOB NOT NULL UNIQUE,
+    all_devices INTEGER NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    revoked_ms  INTEGER
+);
+CREATE TABLE viewer_devices (
+    viewer_id INTEGER NOT NULL REFERENCES viewers(viewer_id) ON DELETE CASCADE,
+    device_id TEXT NOT NULL,
+    PRIMARY KEY (viewer_id, device_id)
+);
+CREATE TABLE admins (
+    name       TEXT PRIMARY KEY NOT NULL,
+    token_hash BLOB NOT NULL UNIQUE,
+    created_ms INTEGER NOT NULL,
+    revoked_ms INTEGER
+);
+CREATE TABLE readings (
+    device_id          TEXT NOT NULL,
+    meter              TEXT NOT NULL,
+    ts                 INTEGER NOT NULL,
+    received_at        INTEGER NOT NULL,
+    epoch              INTEGER NOT NULL,
+    seq                INTEGER NOT NULL,
+    voltage_v          REAL,
+    current_a          REAL,
+    power_w            REAL,
+    energy_wh          REAL,
+    frequency_hz       REAL,
+    power_factor       REAL,
+    reactive_power_var REAL,
+    UNIQUE (device_id, epoch, seq)
+);
+CREATE INDEX readings_device_ts ON readings (device_id, ts);
+";
+
+/// A SQLite database handle.
+pub struct SqliteStore {
+    /// The connection; one per handle (SQLite serializes writers itself).
+    conn: Connection,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.conn.path())
+            .finish()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and brings its
+    /// schema up to date. `path` may be `:memory:` for a private in-memory
+    /// database, and `//PATH` (from `sqlite://PATH`) is accepted too.
+    pub fn open(path: &str) -> Result<Self, StoreError> {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        let fail = |reason: String| StoreError::Open {
+            url: format!("sqlite:{path}"),
+            reason,
+        };
+        if path.is_empty() {
+            return Err(fail(
+                "no file name; use sqlite:PATH, e.g. sqlite:ems-hub.db".into(),
+            ));
+        }
+        let p = Path::new(path);
+        if path != ":memory:" {
+            if p.is_dir() {
+                return Err(fail(
+                    "is a directory; give a file path such as sqlite:/var/lib/ems/hub.db".into(),
+                ));
+            }
+            if let Some(parent) = p.parent() {
+                if !parent.as_os_str().is_empty() && !parent.is_dir() {
+                    return Err(fail(format!(
+                        "directory {} does not exist; create it first",
+                        parent.display()
+                    )));
+                }
+            }
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI;
+        let conn = Connection::open_with_flags(p, flags).map_err(|e| fail(explain(&e)))?;
+        let mut store = SqliteStore { conn };
+        // Switching a new file to WAL needs an exclusive lock, and SQLite
+        // answers BUSY at once (no busy handler) when another process is
+        // doing the same — e.g. the admin CLI and a hub opening a fresh file
+        // together. Retry within the usual busy timeout.
+        let started = std::time::Instant::now();
+        loop {
+            match store.configure() {
+                Ok(()) => break,
+                Err(e)
+                    if matches!(
+                        e.sqlite_error_code(),
+                        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked)
+                    ) && started.elapsed() < BUSY_TIMEOUT =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(fail(explain(&e))),
+            }
+        }
+        store.migrate().map_err(|e| match e {
+            StoreError::Db(reason) => fail(reason),
+            other => other,
+        })?;
+        Ok(store)
+    }
+
+    fn configure(&mut self) -> rusqlite::Result<()> {
+        self.conn.busy_timeout(BUSY_TIMEOUT)?;
+        // Reading the journal mode also proves the file is a database.
+        let _mode: String = self
+            .conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        self.conn.pragma_update(None, "foreign_keys", "ON")?;
+        self.conn.set_prepared_statement_cache_capacity(32);
+        Ok(())
+    }
+
+    /// Creates or upgrades the schema in one write transaction, so two
+    /// processes opening a new file at once cannot both create it.
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            .map_err(db)?;
+        let current: Option<i64> = tx
+            .query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))
+            .map_err(db)?;
+        let current = current.unwrap_or(0);
+        if current > SCHEMA_VERSION {
+            return Err(StoreError::Db(format!(
+                "database schema version {current} is newer than this ems-hub \
+                 understands ({SCHEMA_VERSION}); upgrade ems-hub"
+            )));
+        }
+        if current < 1 {
+            tx.execute_batch(SCHEMA_V1).map_err(db)?;
+        }
+        if current < SCHEMA_VERSION {
+            tx.execute("DELETE FROM schema_version", []).map_err(db)?;
+            tx.execute(
+                "INSERT INTO schema_version (version) VALUES (?1)",
+                [SCHEMA_VERSION],
+            )
+            .map_err(db)?;
+        }
+        tx.commit().map_err(db)
+    }
+
+    /// The schema version stored in the database.
+    pub fn schema_version(&mut self) -> Result<i64, StoreError> {
+        self.conn
+            .query_row("SELECT max(version) FROM schema_version", [], |r| {
+                r.get::<_, Option<i64>>(0)
+            })
+            .map(|v| v.unwrap_or(0))
+            .map_err(db)
+    }
+}
+
+/// A rusqlite error as a one-line, actionable reason.
+fn explain(e: &rusqlite::Error) -> String {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) => {
+            "the file is not an SQLite database; point --database at an ems-hub \
+             database or a new file"
+                .into()
+        }
+        Some(ErrorCode::CannotOpen) => {
+            "cannot open the file; check that the path and its directory exist and are writable"
+                .into()
+        }
+        Some(ErrorCode::PermissionDenied) | Some(ErrorCode::ReadOnly) => {
+            "permission denied; the file and its directory must be writable by ems-hub".into()
+        }
+        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => {
+            "the database is locked by another process for too long".into()
+        }
+        Some(ErrorCode::DatabaseCorrupt) => "the database file is corrupt".into(),
+        _ => e.to_string(),
+    }
+}
+
+fn db(e: rusqlite::Error) -> StoreError {
+    StoreError::Db(explain(&e))
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation)
+}
+
+/// `u64` epoch/seq (≤ 2^53 − 1 by protocol) as SQLite's signed integer.
+fn to_i64(v: u64) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Db(format!("epoch/seq {v} does not fit a BIGINT")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_is_created_once_and_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.db");
+        let p = path.to_str().unwrap();
+        let mut s = SqliteStore::open(p).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        drop(s);
+        let mut s = SqliteStore::open(p).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        let n: i64 = s
+            .conn
+            .query_row("SELECT count(*) FROM schema_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn durability_settings_are_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(dir.path().join("d.db").to_str().unwrap()).unwrap();
+        let mode: String = s
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let sync: i64 = s
+            .conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2, "synchronous=FULL");
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.db");
+        let p = path.to_str().unwrap();
+        let s = SqliteStore::open(p).unwrap();
+        s.conn
+            .execute("UPDATE schema_version SET version = 99", [])
+            .unwrap();
+        drop(s);
+        let e = SqliteStore::open(p).unwrap_err().to_string();
+        assert!(e.contains("upgrade ems-hub"), "{e}");
+    }
+}
