@@ -6,9 +6,10 @@
   edge-report.py report ARGS...             one run's summary block
 
 Timestamps joined per reading (epoch, seq):
-  sample  the sampler thread returning from its timed futex wait (the tick
-          that takes the reading), from `perf record -k mono -e
-          syscalls:sys_exit_futex -t SAMPLER_TID`, converted to the wall clock
+  sample  the sampler thread returning from a syscall that slept at least
+          half a sample interval (its wait for the tick that takes the
+          reading), from `perf record -k mono -e raw_syscalls:sys_enter,
+          raw_syscalls:sys_exit -t SAMPLER_TID`, converted to the wall clock
           with the offset measured by `clock` (ns resolution);
   wire    the edge's WebSocket frame with that seq on loopback, towards the
           hub's port (tcpdump, ns timestamps; the frame is unmasked here):
@@ -126,23 +127,29 @@ def find_int(text, key):
     return int(m.group(1)) if m else None
 
 
-def perf_ticks(path, offset_ns):
-    """Wall-clock ns of every timed-out futex wait of the traced thread."""
+def perf_ticks(path, offset_ns, min_sleep_ns):
+    """Wall-clock ns of every return from a syscall of the traced thread that
+    slept at least min_sleep_ns: the sampler waking for a tick, whatever it
+    waits in (futex, clock_nanosleep, poll, timerfd...)."""
     out = []
     if not path or not os.path.exists(path):
         return out
-    pat = re.compile(r"\s(\d+\.\d+):\s+syscalls:sys_exit_futex:\s+(0x[0-9a-f]+)")
+    pat = re.compile(r"\s(\d+)\s+\[\d+\]\s+(\d+\.\d+):\s+raw_syscalls:sys_(enter|exit): NR (\d+)")
+    entered = {}
     with open(path) as f:
         for line in f:
             m = pat.search(line)
             if not m:
                 continue
-            ret = int(m.group(2), 16)
-            if ret != (1 << 64) - 110:  # -ETIMEDOUT: the tick's timed wait ended
-                continue
-            sec, frac = m.group(1).split('.')
+            sec, frac = m.group(2).split('.')
             mono = int(sec) * 10**9 + int(frac.ljust(9, '0')[:9])
-            out.append(mono + offset_ns)
+            key = (m.group(1), m.group(4))
+            if m.group(3) == "enter":
+                entered[key] = mono
+            else:
+                t0 = entered.pop(key, None)
+                if t0 is not None and mono - t0 >= min_sleep_ns:
+                    out.append(mono + offset_ns)
     out.sort()
     return out
 
@@ -295,7 +302,7 @@ def report(a):
         offs = [int(x) for x in open(a["offsets"]).read().split()]
         drift_us = (max(offs) - min(offs)) / 1000 if offs else float("nan")
         off = offs[0] if offs else 0
-        ticks = perf_ticks(a.get("perf"), off)
+        ticks = perf_ticks(a.get("perf"), off, int(a["interval_ms"]) * 10**6 // 2)
         wire = pcap_frames(a.get("pcap"), int(a["port"]))
         dash = dash_rows(a.get("dash"))
         db = db_rows(a.get("db"), a["device"])

@@ -2,8 +2,8 @@
 # Edge scenario: the real ems-edge (simulated meter, trust_clock = true, a
 # spool on a disk filesystem) against the real ems-hub (SQLite in a temp
 # dir) on loopback; release builds. Measures, per run, in key=value lines:
-#   - sample -> hub latency: the sample instant (perf: the sampler thread's
-#     timed futex wait ending, ns) -> the edge's frame on loopback (tcpdump,
+#   - sample -> hub latency: the sample instant (perf: the sampler thread
+#     returning from its wait for the tick, ns) -> the edge's frame on loopback (tcpdump,
 #     ns) and -> a dashboard subscriber (`ems-bench watch`, us); plus the
 #     hub's ms-resolution `readings.received_at - readings.ts`;
 #   - wake-ups (context switches per thread), /proc/PID/io, fdatasync/fsync
@@ -23,6 +23,8 @@
 #   LAT1_S=600 LAT10_S=300 REPEAT=2 OUTAGE_S=300 QEMU_S=300 WARMUP_S=10
 #   HPORT=18090  WORK_BASE=/tmp (must be a disk filesystem: tmpfs has no write_bytes)
 #   HUB_CPU= EDGE_CPU= (empty: not pinned; e.g. HUB_CPU=0 EDGE_CPU=1)
+#   KEEP_WORK=1 keeps the work directory (logs, perf text, databases) for inspection
+#   SAMPLER_THREAD=sampler (name of the edge thread that waits for the sample ticks)
 # Smoke (~2.5 min): LAT1_S=20 LAT10_S=10 REPEAT=1 OUTAGE_S=15 QEMU_S=20 bench/scripts/edge.sh /tmp/edge-smoke
 # Needs: perf (linux-perf), tcpdump, sqlite3, python3, qemu-user for qemu; root
 # (perf tracepoints, packet capture on lo). Loopback only; every process it
@@ -46,6 +48,7 @@ HUB_CPU=${HUB_CPU:-}
 EDGE_CPU=${EDGE_CPU:-}
 REPORT="python3 bench/scripts/edge-report.py"
 DEVICE=edge-bench
+SAMPLER_THREAD=${SAMPLER_THREAD:-sampler}
 
 for t in perf tcpdump sqlite3 python3; do
   command -v "$t" >/dev/null || { echo "edge.sh: $t is missing (apt-get install linux-perf tcpdump sqlite3)" >&2; exit 1; }
@@ -62,7 +65,7 @@ cleanup() {
   local p
   for p in "${pids[@]}" $hub_pid; do kill -TERM "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$WORK"
+  if [ -n "${KEEP_WORK:-}" ]; then echo "edge.sh: work files kept in $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -178,8 +181,10 @@ latency_run() { # NAME INTERVAL_MS SECS WHAT
   edge_conf "$R" "$ms"
   start_edge "$R"
   local stid
-  stid=$(thread_tid "$edge_pid" sampler) || { echo "edge.sh: no sampler thread in $name" >&2; cat "$R/edge.log" >&2; exit 1; }
-  perf record -q -k mono -e syscalls:sys_exit_futex -t "$stid" -o "$R/sampler.data" >>"$R/perf.log" 2>&1 &
+  stid=$(thread_tid "$edge_pid" "$SAMPLER_THREAD") || { echo "edge.sh: no sampler thread in $name" >&2; cat "$R/edge.log" >&2; exit 1; }
+  # The sample instant: the sampler thread returning from its wait for the
+  # tick (any syscall that slept at least half an interval).
+  perf record -q -k mono -e raw_syscalls:sys_enter,raw_syscalls:sys_exit -t "$stid" -o "$R/sampler.data" >>"$R/perf.log" 2>&1 &
   local prec=$!
   pids+=("$prec")
   $REPORT clock >"$R/offsets"
