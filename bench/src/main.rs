@@ -9,6 +9,9 @@
 //!   server's CPU/RSS from `/proc/<pid>` (`--server-pid`).
 //! - `ems-bench run --mode mqtt --target mqtt://127.0.0.1:1883 …` runs the
 //!   same pattern against an MQTT broker.
+//! - `ems-bench watch --device ID --duration SECS --out FILE` is one
+//!   dashboard subscriber that logs every live reading's arrival time in
+//!   microseconds (the edge scenario, `bench/scripts/edge.sh`).
 //!
 //! Only loopback targets are accepted; every run stops by itself.
 
@@ -17,6 +20,7 @@ mod mqtt;
 mod payload;
 mod provision;
 mod stats;
+mod watch;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -47,6 +51,9 @@ enum Command {
     Provision(provision::Args),
     /// Run a load scenario against a running hub or MQTT broker.
     Run(RunArgs),
+    /// Follow one device as a dashboard and log each reading's arrival
+    /// time in microseconds (viewer token in EMS_VIEWER_TOKEN).
+    Watch(watch::Args),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -131,6 +138,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Provision(a) => provision::run(a),
+        Command::Watch(a) => watch::run(a),
         Command::Run(a) => {
             raise_nofile();
             let rt = tokio::runtime::Builder::new_multi_thread()
