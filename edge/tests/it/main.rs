@@ -6,6 +6,7 @@ mod backlog;
 mod chaos;
 mod cli;
 mod clock_sync;
+mod disk_full;
 mod harness;
 mod lifecycle;
 mod liveness;

@@ -79,7 +79,7 @@ fn a_rejected_reading_leaves_the_outbox_without_blocking_it() {
             power_w: Some(100.0),
             ..Default::default()
         };
-        ob.append(&r).unwrap();
+        ob.append(&r);
     }
     sync_files(ob.flush().unwrap()).unwrap();
     drop(ob);
