@@ -323,10 +323,17 @@ fn start_sampler(
     shutdown: &Shutdown,
     health: &Arc<Health>,
 ) -> Result<(JoinHandle<ClockGate>, usize), EdgeError> {
+    let floor = Arc::new(outbox.lock().energy_floor());
+    if !floor.is_empty() {
+        log::debug!(
+            "energy counters of {} meters continue from at least the spool's newest readings",
+            floor.len()
+        );
+    }
     let meters: Vec<MeterSlot> = config
         .meters
         .iter()
-        .map(|m| MeterSlot::new(m.clone(), config.spool_dir.clone()))
+        .map(|m| MeterSlot::new(m.clone(), config.spool_dir.clone(), floor.clone()))
         .collect();
     let opened = meters.iter().filter(|m| m.is_open()).count();
     let mut gate = ClockGate::new(MAX_HELD);

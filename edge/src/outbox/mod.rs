@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use ems_shared::{EdgeStatus, Reading};
 use thiserror::Error;
 
+use crate::meters::persist::EnergyFloor;
 use crate::spool::{Dropped, Slot, Spool};
 use crate::state_dir::DirLock;
 
@@ -125,6 +126,9 @@ pub struct Outbox {
     damaged_log: Throttle,
     /// Readings dropped by a bound (log rate limit).
     dropped_log: Throttle,
+    /// Records below this were in the spool at the last flush: sendable
+    /// once that flush's fsync is done ([`Outbox::synced`]).
+    flushed_upto: u64,
 }
 
 impl Outbox {
@@ -146,6 +150,7 @@ impl Outbox {
             read_errors: Throttle::default(),
             damaged_log: Throttle::default(),
             dropped_log: Throttle::default(),
+            flushed_upto: 0,
         };
         ob.refresh_stats();
         Ok(ob)
@@ -338,9 +343,33 @@ impl Outbox {
     /// memory for the next flush.
     pub fn flush(&mut self) -> io::Result<Vec<File>> {
         self.spool.release_below(self.state.low());
+        self.flushed_upto = self.state.next_rec();
         let out = self.spool.flush();
         self.refresh_stats();
         out
+    }
+
+    /// The files of the last [`Outbox::flush`] are fsynced (or the flush
+    /// failed and will not succeed soon): the readings it covered may go
+    /// to the hub. See [`OutboxState::sendable_below`].
+    pub fn synced(&mut self) {
+        self.state.sendable_below(self.flushed_upto);
+    }
+
+    /// The highest `energy_wh` of each meter among the newest readings in
+    /// the spool (at least [`RETAIN_RECORDS`](crate::spool::RETAIN_RECORDS)
+    /// of them, which stay on disk after their acks): where the energy
+    /// counters continue after a restart, if their state files are behind.
+    pub fn energy_floor(&mut self) -> EnergyFloor {
+        let mut floor = EnergyFloor::default();
+        for json in self.spool.newest_records(crate::spool::RETAIN_RECORDS) {
+            if let Ok(r) = serde_json::from_str::<Reading>(&json) {
+                if let Some(e) = r.energy_wh {
+                    floor.raise(&r.meter, e);
+                }
+            }
+        }
+        floor
     }
 
     /// Persists the ack watermark (cheap; done periodically and at exit).
@@ -419,8 +448,15 @@ impl SharedOutbox {
     /// fsyncs outside it, so the sampler and the link never wait for the
     /// card.
     pub fn sync(&self) -> Result<(), SyncError> {
-        let files = self.lock().flush().map_err(SyncError::Write)?;
-        sync_files(files).map_err(SyncError::Fsync)
+        let flushed = self.lock().flush();
+        let result = match flushed {
+            Ok(files) => sync_files(files).map_err(SyncError::Fsync),
+            Err(e) => Err(SyncError::Write(e)),
+        };
+        // Durable now — or the card refuses the write, and the readings go
+        // to the hub from memory rather than not at all.
+        self.lock().synced();
+        result
     }
 }
 
@@ -437,6 +473,13 @@ mod tests {
             power_w: Some(seq as f64),
             ..Default::default()
         }
+    }
+
+    /// Writes, fsyncs and releases what was appended (the supervisor's
+    /// cadence).
+    fn sync(ob: &mut Outbox) {
+        sync_files(ob.flush().unwrap()).unwrap();
+        ob.synced();
     }
 
     fn drain(ob: &mut Outbox) -> Vec<u64> {
@@ -460,10 +503,13 @@ mod tests {
             ob.append(&reading(seq));
         }
         ob.connected();
+        // Nothing leaves before it is synced.
+        assert!(drain(&mut ob).is_empty());
+        sync(&mut ob);
         assert_eq!(drain(&mut ob), (0..100).collect::<Vec<_>>());
         assert_eq!(ob.ack(7, 49).done, 50);
         assert_eq!(ob.rejected(7, 60).done, 1);
-        sync_files(ob.flush().unwrap()).unwrap();
+        sync(&mut ob);
         ob.persist_watermark().unwrap();
         drop(ob);
         let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
@@ -485,7 +531,7 @@ mod tests {
         for seq in 0..10 {
             ob.append(&reading(seq));
         }
-        sync_files(ob.flush().unwrap()).unwrap();
+        sync(&mut ob);
         assert_eq!(ob.status().oldest_ts_ms, Some(1_764_000_000_000));
         ob.connected();
         drain(&mut ob);
@@ -508,7 +554,7 @@ mod tests {
         for seq in 0..3000 {
             lost += ob.append(&reading(seq));
             if seq % 50 == 0 {
-                sync_files(ob.flush().unwrap()).unwrap();
+                sync(&mut ob);
             }
         }
         let st = ob.stats();
@@ -531,7 +577,7 @@ mod tests {
         for seq in 0..5 {
             ob.append(&reading(seq));
         }
-        sync_files(ob.flush().unwrap()).unwrap();
+        sync(&mut ob);
         drop(ob);
         // Zero the middle record in place (a damaged block).
         let seg = dir.path().join(format!("{:020}.seg", 0));
@@ -567,12 +613,12 @@ mod tests {
         for seq in 0..500 {
             ob.append(&reading(seq));
         }
-        sync_files(ob.flush().unwrap()).unwrap();
+        sync(&mut ob);
         assert!(count() > 2, "{}", count());
         ob.connected();
         drain(&mut ob);
         ob.ack(7, 499);
-        sync_files(ob.flush().unwrap()).unwrap();
+        sync(&mut ob);
         // Every acked segment is deleted, except those that hold the newest
         // RETAIN_RECORDS readings (kept for the next start's energy floor).
         let left = segments(dir.path());
@@ -602,7 +648,7 @@ mod tests {
         for seq in 0..n {
             ob.append(&reading(seq));
         }
-        sync_files(ob.flush().unwrap()).unwrap();
+        sync(&mut ob);
         ob
     }
 
@@ -631,7 +677,7 @@ mod tests {
         ob.connected();
         drain(&mut ob);
         assert_eq!(ob.ack(7, 49).done, 50);
-        sync_files(ob.flush().unwrap()).unwrap();
+        sync(&mut ob);
         ob.persist_watermark().unwrap();
         drop(ob);
         // One digit of the saved watermark changes on the card: 50 → 90.
@@ -759,7 +805,7 @@ mod tests {
         for seq in 3..5 {
             ob.append(&reading(seq));
         }
-        sync_files(ob.flush().unwrap()).unwrap();
+        sync(&mut ob);
         drop(ob);
         let mut ob = Outbox::open(dir.path(), 64 * 1024, 10_000).unwrap();
         ob.connected();
@@ -774,7 +820,7 @@ mod tests {
         for seq in 0..100 {
             ob.append(&reading(seq));
         }
-        sync_files(ob.flush().unwrap()).unwrap();
+        sync(&mut ob);
         drop(ob);
         let mut ob = Outbox::open(dir.path(), 256 * 1024, 10_000).unwrap();
         // The card is full: every new segment file is /dev/full.
@@ -789,6 +835,8 @@ mod tests {
             assert_eq!(ob.append(&reading(seq)), 0);
         }
         assert!(ob.flush().is_err());
+        // (The supervisor's sync lets them go from memory.)
+        ob.synced();
         assert_eq!(ob.stats().unwritten, 100);
         assert_eq!(ob.status().unwritten, 100);
         // The hub is there: everything is sent (from the card and from
@@ -820,7 +868,7 @@ mod tests {
             // (The spool deleted those of the segments it gave up.)
             let _ = std::fs::remove_file(p);
         }
-        sync_files(ob.flush().unwrap()).unwrap();
+        sync(&mut ob);
         assert_eq!(ob.stats().unwritten, 0);
         ob.persist_watermark().unwrap();
         drop(ob);

@@ -65,6 +65,9 @@ pub struct OutboxState {
     in_flight_recs: HashSet<u64>,
     /// Most readings in flight.
     window: usize,
+    /// Records below this may be sent: they are durable in the spool (or
+    /// the spool could not be written, see [`OutboxState::sendable_below`]).
+    sendable: u64,
     /// In flight, but dropped from the spool meanwhile (full): stored if
     /// the hub acks them, lost (for this reason) if the connection ends
     /// first. Counting them only then keeps every count exact.
@@ -86,7 +89,18 @@ impl OutboxState {
             in_flight_recs: HashSet::new(),
             window: window.max(1),
             orphans: HashMap::new(),
+            sendable: next_rec.max(low),
         }
+    }
+
+    /// Records below `end` may be sent from now on. A reading leaves the
+    /// edge only once the spool sync that wrote it has finished, so that
+    /// no reading the hub stored can be lost by the edge afterwards (its
+    /// energy counter restarts from the spool, see `meters::persist`).
+    /// When the spool cannot be written at all, the caller releases the
+    /// readings anyway rather than holding them back from the hub.
+    pub fn sendable_below(&mut self, end: u64) {
+        self.sendable = self.sendable.max(end.min(self.next_rec));
     }
 
     /// Readings not yet done.
@@ -163,17 +177,21 @@ impl OutboxState {
         while let Some(&rec) = self.live.front() {
             if self.is_done(rec) || self.in_flight_recs.contains(&rec) {
                 self.live.pop_front();
-            } else {
+            } else if rec < self.sendable {
                 return Some(rec);
+            } else {
+                // Not durable yet (nor anything after it): the backlog's turn.
+                break;
             }
         }
         self.cursor = self.cursor.max(self.low);
-        while self.cursor < self.next_rec
+        let end = self.sendable.min(self.next_rec);
+        while self.cursor < end
             && (self.is_done(self.cursor) || self.in_flight_recs.contains(&self.cursor))
         {
             self.cursor += 1;
         }
-        (self.cursor < self.next_rec).then_some(self.cursor)
+        (self.cursor < end).then_some(self.cursor)
     }
 
     /// `rec` (from [`OutboxState::peek_next`]) was sent as `(epoch, seq)`.
@@ -307,13 +325,20 @@ impl OutboxState {
 mod tests {
     use super::*;
 
-    /// State with `n` records appended while disconnected.
+    /// State with `n` records appended while disconnected (and synced).
     fn with_backlog(n: u64, window: usize) -> OutboxState {
         let mut s = OutboxState::new(0, 0, window);
         for r in 0..n {
             s.appended(r);
         }
+        s.sendable_below(n);
         s
+    }
+
+    /// Appends `rec` and syncs it at once.
+    fn append_synced(s: &mut OutboxState, rec: u64) {
+        s.appended(rec);
+        s.sendable_below(rec + 1);
     }
 
     /// Sends everything allowed; record r is (epoch 1, seq r).
@@ -349,7 +374,7 @@ mod tests {
         let mut s = with_backlog(100, 8);
         s.connected();
         assert_eq!(send_all(&mut s), (0..8).collect::<Vec<_>>());
-        s.appended(100);
+        append_synced(&mut s, 100);
         s.ack(1, 3);
         let next = send_all(&mut s);
         assert_eq!(next[0], 100, "live first: {next:?}");
@@ -361,7 +386,7 @@ mod tests {
         let mut s = OutboxState::new(0, 0, 100);
         s.connected();
         for r in 0..6 {
-            s.appended(r);
+            append_synced(&mut s, r);
         }
         // Send order 0..6, with two epochs interleaved.
         let ids = [(1, 10), (2, 0), (1, 11), (2, 1), (1, 12), (2, 2)];
@@ -411,7 +436,7 @@ mod tests {
         s.ack(1, 1);
         s.disconnected();
         assert_eq!(s.in_flight(), 0);
-        s.appended(5);
+        append_synced(&mut s, 5);
         s.connected();
         assert_eq!(send_all(&mut s), [2, 3, 4, 5]);
     }
@@ -421,7 +446,7 @@ mod tests {
         let mut s = with_backlog(10, 3);
         s.connected();
         send_all(&mut s); // 0 1 2
-        s.appended(10); // live
+        append_synced(&mut s, 10); // live
         s.ack(1, 2); // 0..=2 done
         assert_eq!(send_all(&mut s), [10, 3, 4]);
         s.ack(1, 10); // only 10 (first in send order) done
@@ -444,7 +469,7 @@ mod tests {
         s.live_cap = 2;
         s.connected();
         for r in 0..5 {
-            s.appended(r);
+            append_synced(&mut s, r);
         }
         let mut order = vec![];
         for _ in 0..5 {
@@ -523,5 +548,21 @@ mod tests {
         s.discard(r);
         assert_eq!(send_all(&mut s), [1, 2]);
         assert_eq!(s.low(), 1);
+    }
+
+    #[test]
+    fn readings_go_out_only_once_synced() {
+        let mut s = with_backlog(3, 10);
+        s.connected();
+        s.appended(3);
+        s.appended(4);
+        // 0..3 are durable, 3 and 4 (live) not yet: the backlog goes.
+        assert_eq!(send_all(&mut s), [0, 1, 2]);
+        s.sendable_below(4);
+        assert_eq!(send_all(&mut s), [3]);
+        s.appended(5);
+        s.sendable_below(6);
+        assert_eq!(send_all(&mut s), [4, 5]);
+        assert_eq!(s.ack(1, 5).done, 6);
     }
 }

@@ -700,6 +700,36 @@ impl Spool {
         }
     }
 
+    /// The JSON of at least `min` of the newest records on disk (whole
+    /// segments, newest first), fewer if the spool holds fewer. Damaged
+    /// lines are left out. Read once at start.
+    pub fn newest_records(&self, min: u64) -> Vec<Arc<str>> {
+        let mut out = Vec::new();
+        for seg in self.segments.iter().rev() {
+            let Ok(f) = File::open(self.dir.segment_file(seg.base)) else {
+                continue;
+            };
+            let mut cursor = Cursor::new(seg.base, f);
+            loop {
+                match cursor.next_line() {
+                    Ok(Some(line)) => match record::decode(&line) {
+                        record::Line::Checked { json, .. } | record::Line::Plain(json) => {
+                            out.push(Arc::from(json));
+                        }
+                        record::Line::Damaged(_) => {}
+                    },
+                    Ok(None) => break,
+                    // Tried again at once; the cursor gives the block up.
+                    Err(_) => continue,
+                }
+            }
+            if out.len() as u64 >= min {
+                break;
+            }
+        }
+        out
+    }
+
     /// Like [`Spool::read`] but without moving the sequential backlog
     /// reader (used for the occasional status lookup).
     pub fn peek(&mut self, rec: u64) -> io::Result<Slot> {

@@ -7,6 +7,7 @@ mod chaos;
 mod cli;
 mod clock_sync;
 mod disk_full;
+mod energy;
 mod harness;
 mod lifecycle;
 mod liveness;

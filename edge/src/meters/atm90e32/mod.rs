@@ -39,7 +39,7 @@ use std::time::Instant;
 use embedded_hal::spi::SpiDevice;
 use serde::Deserialize;
 
-use super::persist::StateFile;
+use super::persist::{log_resumed, EnergyFloor, StateFile};
 use super::{plausible, Measurement, Meter, MeterError};
 
 pub use chip::{
@@ -222,6 +222,16 @@ impl<SPI: SpiDevice + Send> Meter for Atm90e32Meter<SPI> {
     }
     fn read(&mut self) -> Result<Vec<Measurement>, MeterError> {
         self.read_at(Instant::now())
+    }
+    fn resume_energy(&mut self, floor: &EnergyFloor) {
+        for ph in &self.phases {
+            let id = format!("{}-{}", self.id, ph.suffix());
+            let total = &mut self.totals[usize::from(ph.index())];
+            if let Some(f) = floor.get(&id).filter(|f| *f > *total) {
+                log_resumed(&id, *total, f);
+                *total = f;
+            }
+        }
     }
 }
 
