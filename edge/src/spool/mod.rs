@@ -295,7 +295,6 @@ impl Spool {
         if !matches!(watermark, Watermark::Valid(_)) {
             // From now on a segment file lost below the first one is told
             // apart from one deleted after its acks.
-            spool.saved_watermark = 0;
             if let Err(e) = spool.write_watermark(acked_below) {
                 log::warn!("spool: cannot save the ack watermark: {e}");
             }
@@ -635,7 +634,12 @@ impl Spool {
             .create(true)
             .truncate(false)
             .open(self.dir.watermark_file())?;
-        f.write_all_at(&record::encode_watermark(low), 0)?;
+        let content = record::encode_watermark(low);
+        f.write_all_at(&content, 0)?;
+        if f.metadata()?.len() > content.len() as u64 {
+            // Whatever followed (garbage) would make it unreadable.
+            f.set_len(content.len() as u64)?;
+        }
         self.saved_watermark = low;
         Ok(())
     }
