@@ -22,7 +22,9 @@
 //!   handling) and the [`SharedOutbox`](outbox::SharedOutbox) the sampler
 //!   appends to and the link sends from.
 //! - [`spool`]: the outbox's on-disk segment files (batched appends, bounded
-//!   fsync interval, size bound).
+//!   fsync interval, size bound, a bounded memory queue while the card is
+//!   full); its record formats ([`spool::record`], checksummed) and its
+//!   reader that gets past damage ([`spool::cursor`]).
 //! - [`link`]: the blocking tungstenite/rustls client and its
 //!   RETRYING/CONNECTED loop.
 //! - [`backoff`]: full-jitter reconnect backoff and send pacing, pure.

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::clock::{ClockGate, Stamped, SyncProbe};
 use crate::health::{Health, HoldCounts};
+use crate::meters::persist::EnergyFloor;
 use crate::meters::{Measurement, Meter, MeterConfig, MeterError};
 use crate::outbox::SharedOutbox;
 use crate::platform;
@@ -39,11 +40,15 @@ pub struct MeterSlot {
     suppressed: u64,
     /// Currently failing (to log the recovery).
     failing: bool,
+    /// Where energy counters continue from (the spool's newest readings).
+    floor: Arc<EnergyFloor>,
 }
 
 impl MeterSlot {
     /// A slot for `cfg`; opens it now if possible (failures are retried).
-    pub fn new(cfg: MeterConfig, state_dir: PathBuf) -> Self {
+    /// Every time it opens, the meter's energy counters continue from at
+    /// least `floor`.
+    pub fn new(cfg: MeterConfig, state_dir: PathBuf, floor: Arc<EnergyFloor>) -> Self {
         let mut slot = MeterSlot {
             cfg,
             meter: None,
@@ -51,6 +56,7 @@ impl MeterSlot {
             last_log: None,
             suppressed: 0,
             failing: false,
+            floor,
         };
         if let Err(e) = slot.ensure_open() {
             slot.failed(&e);
@@ -72,10 +78,13 @@ impl MeterSlot {
         if self.meter.is_none() {
             let cfg = &self.cfg;
             let dir = &self.state_dir;
-            let opened = catch_unwind(AssertUnwindSafe(|| platform::open(cfg, dir)))
-                .unwrap_or_else(|_| {
-                    Err(MeterError::new(cfg.id(), "driver panicked while opening"))
-                });
+            let floor = &self.floor;
+            let opened = catch_unwind(AssertUnwindSafe(|| {
+                let mut meter = platform::open(cfg, dir)?;
+                meter.resume_energy(floor);
+                Ok(meter)
+            }))
+            .unwrap_or_else(|_| Err(MeterError::new(cfg.id(), "driver panicked while opening")));
             self.meter = Some(opened?);
         }
         Ok(())
@@ -192,6 +201,11 @@ impl Sampler {
             let sampled_at = Instant::now();
             let mut ms = Vec::new();
             for slot in &mut self.meters {
+                // A slow meter must not hold the others' readings past the
+                // stop (they still go to the outbox below).
+                if self.shutdown.is_triggered() {
+                    break;
+                }
                 ms.extend(slot.read());
             }
             let synced = self.probe.is_synchronized();
@@ -247,13 +261,11 @@ impl Sampler {
         for s in stamped {
             let seq = self.next_seq;
             let r = s.measurement.into_reading(self.epoch, seq, s.ts_ms);
-            match ob.append(&r) {
-                Ok(_) => {
-                    self.next_seq += 1;
-                    log::trace!("sampled epoch {} seq {seq}", self.epoch);
-                }
-                Err(e) => log::error!("spool: cannot append a reading: {e}"),
-            }
+            // Never fails: a reading the spool cannot write waits in
+            // memory (bounded, counted when dropped).
+            ob.append(&r);
+            self.next_seq += 1;
+            log::trace!("sampled epoch {} seq {seq}", self.epoch);
         }
     }
 }

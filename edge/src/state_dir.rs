@@ -7,13 +7,16 @@
 //! | `device_id`                   | [`StateDir::claim`]   | at start, durably                         |
 //! | `epoch`                       | `clock::epoch`        | at start, durably                         |
 //! | `NNNNNNNNNNNNNNNNNNNN.seg`    | `spool`               | every `spool_sync_interval_ms`            |
-//! | `acked`                       | `spool`               | every 10 s and at stop (no fsync)         |
+//! | `NNNNNNNNNNNNNNNNNNNN.seg.unreadable` | `spool`       | at open, a segment file it cannot read    |
+//! | `acked`                       | `spool`               | every 10 s, before segments are deleted, at stop (in place, no fsync) |
 //! | `held`                        | `clock::held`         | at an orderly stop before clock sync      |
 //! | `<meter id>.<counter>`        | `meters::persist`     | at most once a minute and at stop         |
 //! | `orphaned-<old id>-<unix s>/` | [`StateDir::claim`]   | when `device_id` changed                  |
 //!
 //! Every file is replaced through `<name>.tmp` and a rename, so a reader
-//! sees the old or the new content, never half of one.
+//! sees the old or the new content, never half of one — except the
+//! segments (appended to) and `acked`, which is overwritten in place so
+//! that saving it needs no free space; it carries a checksum instead.
 //!
 //! Other modules ask [`StateDir`] for paths instead of spelling names, so
 //! the layout can be read (and changed) here alone.
@@ -36,6 +39,8 @@ const HELD_FILE: &str = "held";
 const WATERMARK_FILE: &str = "acked";
 /// Suffix of spool segment files.
 const SEGMENT_SUFFIX: &str = ".seg";
+/// Added to the name of a segment file that cannot be read.
+const UNREADABLE_SUFFIX: &str = ".unreadable";
 /// Suffix of the temporary file a replacement is written to.
 const TMP_SUFFIX: &str = ".tmp";
 
@@ -85,6 +90,13 @@ impl StateDir {
     /// The spool segment whose first record is `base`.
     pub fn segment_file(&self, base: u64) -> PathBuf {
         self.path.join(format!("{base:020}{SEGMENT_SUFFIX}"))
+    }
+
+    /// Where a segment file that cannot be read is moved aside at open
+    /// (`NNNNNNNNNNNNNNNNNNNN.seg.unreadable`), kept for an operator.
+    pub fn unreadable_segment_file(&self, base: u64) -> PathBuf {
+        self.path
+            .join(format!("{base:020}{SEGMENT_SUFFIX}{UNREADABLE_SUFFIX}"))
     }
 
     /// The bases of the segment files present, unsorted.
@@ -187,14 +199,6 @@ pub fn write_durably(path: &Path, contents: &[u8]) -> io::Result<()> {
     sync_dir(path.parent().unwrap_or_else(|| Path::new(".")))
 }
 
-/// Replaces `path` atomically but without fsync (for values whose loss on
-/// a power cut is harmless, like the ack watermark).
-pub fn write_replacing(path: &Path, contents: &[u8]) -> io::Result<()> {
-    let tmp = tmp_path(path);
-    fs::write(&tmp, contents)?;
-    fs::rename(&tmp, path)
-}
-
 /// Exclusive use of a state directory by this process: an `flock` on its
 /// `lock` file, held until dropped (or the process exits: the kernel
 /// releases it even after SIGKILL). The file holds the owner's pid, for the
@@ -295,6 +299,10 @@ mod tests {
         assert_eq!(name(s.held_file()), "held");
         assert_eq!(name(s.watermark_file()), "acked");
         assert_eq!(name(s.segment_file(42)), "00000000000000000042.seg");
+        assert_eq!(
+            name(s.unreadable_segment_file(42)),
+            "00000000000000000042.seg.unreadable"
+        );
         assert_eq!(name(s.meter_file("hp", "pulses")), "hp.pulses");
         assert_eq!(name(tmp_path(&s.epoch_file())), "epoch.tmp");
     }

@@ -117,6 +117,8 @@ struct Running {
     health: Arc<Health>,
     /// Last time a spool write error was logged.
     last_spool_error: Option<Instant>,
+    /// The last spool sync failed (to log the recovery once).
+    spool_failing: bool,
 }
 
 /// The two threads the supervisor starts and stops.
@@ -166,6 +168,7 @@ impl Running {
             outbox,
             health,
             last_spool_error: None,
+            spool_failing: false,
         };
         let threads = Threads {
             sampler,
@@ -230,37 +233,50 @@ impl Running {
         );
         self.sync_spool();
         self.save_watermark();
-        let depth = self.outbox.lock().stats().depth;
+        let st = self.outbox.lock().stats();
+        let depth = st.depth;
         notify::status(&format!(
             "stopped; outbox {depth} readings kept{hold_report}"
         ));
         log::info!(
-            "stopped after {:.0} ms; {depth} readings kept in the spool for the next start{hold_report}",
+            "stopped after {:.0} ms; {depth} readings kept in the spool for the next start{hold_report}; {}",
             started.elapsed().as_secs_f64() * 1e3,
+            loss_report(st),
         );
     }
 
     /// Writes buffered readings and fsyncs them. Failures (disk full, card
     /// errors) are retried on the next call and logged at most once a
-    /// minute.
+    /// minute; the recovery is logged once.
     fn sync_spool(&mut self) {
         let started = Instant::now();
-        if let Err(e) = self.outbox.sync() {
-            let due = self
-                .last_spool_error
-                .map_or(true, |t| t.elapsed() >= SPOOL_ERROR_LOG_EVERY);
-            if due {
-                log::error!("spool: {e} (readings stay in memory and are retried)");
-                self.last_spool_error = Some(Instant::now());
+        match self.outbox.sync() {
+            Err(e) => {
+                let due = self
+                    .last_spool_error
+                    .map_or(true, |t| t.elapsed() >= SPOOL_ERROR_LOG_EVERY);
+                if due {
+                    let st = self.outbox.lock().stats();
+                    log::error!(
+                        "spool: {e}; {} readings wait in memory (the oldest are dropped beyond {} bytes, counted) and are written when space frees",
+                        st.unwritten,
+                        self.outbox.lock().unwritten_max()
+                    );
+                    self.last_spool_error = Some(Instant::now());
+                }
+                self.spool_failing = true;
             }
-            if matches!(e, crate::outbox::SyncError::Write(_)) {
-                return;
+            Ok(()) => {
+                if std::mem::take(&mut self.spool_failing) {
+                    log::warn!("spool: writable again; the readings held in memory are on disk");
+                    self.last_spool_error = None;
+                }
+                log::trace!(
+                    "spool: synced in {:.1} ms",
+                    started.elapsed().as_secs_f64() * 1e3
+                );
             }
         }
-        log::trace!(
-            "spool: synced in {:.1} ms",
-            started.elapsed().as_secs_f64() * 1e3
-        );
     }
 
     fn save_watermark(&self) {
@@ -307,10 +323,17 @@ fn start_sampler(
     shutdown: &Shutdown,
     health: &Arc<Health>,
 ) -> Result<(JoinHandle<ClockGate>, usize), EdgeError> {
+    let floor = Arc::new(outbox.lock().energy_floor());
+    if !floor.is_empty() {
+        log::debug!(
+            "energy counters of {} meters continue from at least the spool's newest readings",
+            floor.len()
+        );
+    }
     let meters: Vec<MeterSlot> = config
         .meters
         .iter()
-        .map(|m| MeterSlot::new(m.clone(), config.spool_dir.clone()))
+        .map(|m| MeterSlot::new(m.clone(), config.spool_dir.clone(), floor.clone()))
         .collect();
     let opened = meters.iter().filter(|m| m.is_open()).count();
     let mut gate = ClockGate::new(MAX_HELD);
@@ -360,10 +383,33 @@ fn status_line(state: &LinkState, st: OutboxStats, hold: HoldCounts) -> String {
             hold.dropped
         ));
     }
+    if st.unwritten > 0 {
+        s.push_str(&format!(
+            ", {} in memory (spool not writable)",
+            st.unwritten
+        ));
+    }
     if st.dropped_full > 0 {
         s.push_str(&format!(", {} dropped (spool full)", st.dropped_full));
     }
+    if st.dropped_disk_full > 0 {
+        s.push_str(&format!(", {} dropped (disk full)", st.dropped_disk_full));
+    }
+    if st.dropped_damaged > 0 {
+        s.push_str(&format!(
+            ", {} lost (damaged spool records)",
+            st.dropped_damaged
+        ));
+    }
     s
+}
+
+/// Every loss the outbox counted since start, for the final log line.
+fn loss_report(st: OutboxStats) -> String {
+    format!(
+        "since start: {} dropped (spool full), {} dropped (disk full), {} lost (damaged spool records), {} rejected by the hub",
+        st.dropped_full, st.dropped_disk_full, st.dropped_damaged, st.rejected
+    )
 }
 
 /// Joins `handle` if it finishes before `deadline`; otherwise leaves it
@@ -411,6 +457,16 @@ mod tests {
         assert_eq!(
             status_line(&LinkState::Retrying("hub down".into()), lossy, hold),
             "RETRYING (hub down); outbox 12 readings, 3 held for clock sync, 2 dropped (clock-sync hold full), 4 dropped (spool full)"
+        );
+        let disk = OutboxStats {
+            unwritten: 7,
+            dropped_disk_full: 5,
+            dropped_damaged: 1,
+            ..stats
+        };
+        assert_eq!(
+            status_line(&LinkState::Connected, disk, none),
+            "CONNECTED; outbox 12 readings, 7 in memory (spool not writable), 5 dropped (disk full), 1 lost (damaged spool records)"
         );
     }
 }

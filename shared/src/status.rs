@@ -15,6 +15,15 @@
 //!   duration.
 //! - `dropped`: readings the edge dropped since it started because its
 //!   spool was full (optional, default 0).
+//! - `unwritten`: readings the edge holds in memory because it cannot
+//!   write its spool (disk full, card errors); absent while it can.
+//! - `dropped_disk_full`: readings dropped since start because the spool
+//!   could not be written and the memory queue was full; absent when 0.
+//! - `dropped_damaged`: readings skipped since start because their spool
+//!   record was damaged, missing or unreadable; absent when 0.
+//!
+//! The last three are left out when 0, so a hub that predates them (and
+//! refuses unknown fields) still accepts the frames of a healthy edge.
 //!
 //! The edge sends one right after connecting and then every ~10 s. The hub
 //! never acks a status frame and stores nothing from it.
@@ -51,6 +60,22 @@ pub struct EdgeStatus {
     /// Readings dropped because the spool was full, since the edge started.
     #[serde(default)]
     pub dropped: u64,
+    /// Readings held in memory because the spool cannot be written; 0
+    /// (omitted) while it can.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unwritten: u64,
+    /// Readings dropped because the spool could not be written and the
+    /// memory queue was full, since the edge started (omitted when 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropped_disk_full: u64,
+    /// Readings skipped because their spool record was damaged, missing or
+    /// unreadable, since the edge started (omitted when 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropped_damaged: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl EdgeStatus {
@@ -62,7 +87,14 @@ impl EdgeStatus {
     /// Checks ranges: counters ≤ 2^53−1, `oldest_ts_ms` not more than
     /// [`crate::MAX_FUTURE_SKEW_MS`] ahead of `now_ms` and not negative.
     pub fn validate(&self, now_ms: i64) -> Result<(), FrameError> {
-        if self.outbox_depth > MAX_SAFE_INTEGER || self.dropped > MAX_SAFE_INTEGER {
+        let counters = [
+            self.outbox_depth,
+            self.dropped,
+            self.unwritten,
+            self.dropped_disk_full,
+            self.dropped_damaged,
+        ];
+        if counters.iter().any(|c| *c > MAX_SAFE_INTEGER) {
             return Err(FrameError::new(
                 RejectReason::OutOfRange,
                 "status counters exceed 2^53-1",
@@ -212,5 +244,41 @@ mod tests {
         );
         let err = e(r#"{"type":"status","epoch":1,"seq":2,"outbox_depth":1}"#);
         assert_eq!((err.epoch, err.seq), (None, None));
+        assert_eq!(
+            e(&format!(
+                r#"{{"type":"status","outbox_depth":1,"oldest_ts_ms":null,"dropped_damaged":{}}}"#,
+                MAX_SAFE_INTEGER + 1
+            ))
+            .reason,
+            RejectReason::OutOfRange
+        );
+    }
+
+    #[test]
+    fn loss_counters_are_optional_and_left_out_when_zero() {
+        let healthy = EdgeStatus {
+            outbox_depth: 2,
+            ..Default::default()
+        };
+        // What a hub that predates the counters accepts.
+        assert_eq!(
+            healthy.to_json(),
+            r#"{"type":"status","outbox_depth":2,"oldest_ts_ms":null,"dropped":0}"#
+        );
+        let degraded = EdgeStatus {
+            unwritten: 3,
+            dropped_disk_full: 4,
+            dropped_damaged: 5,
+            ..healthy
+        };
+        let json = degraded.to_json();
+        assert!(
+            json.ends_with(r#""unwritten":3,"dropped_disk_full":4,"dropped_damaged":5}"#),
+            "{json}"
+        );
+        assert_eq!(
+            decode_edge_frame(&json, NOW).unwrap(),
+            EdgeFrame::Status(degraded)
+        );
     }
 }

@@ -84,6 +84,26 @@ fn status_frame_matches_fixture() {
 }
 
 #[test]
+fn status_frame_with_loss_counters_matches_fixture() {
+    use ems_shared::{decode_edge_frame, EdgeFrame, EdgeStatus};
+    let text = fixture("status_degraded.json");
+    let built = EdgeStatus {
+        outbox_depth: 10_800,
+        oldest_ts_ms: Some(NOW - 10_800_000),
+        dropped: 2,
+        unwritten: 120,
+        dropped_disk_full: 4000,
+        dropped_damaged: 1,
+        ..Default::default()
+    };
+    assert_eq!(built.to_json(), text);
+    assert_eq!(
+        decode_edge_frame(&text, NOW).unwrap(),
+        EdgeFrame::Status(built)
+    );
+}
+
+#[test]
 fn dashboard_control_frames_match_fixtures() {
     use ems_shared::DashboardFrame;
     let status = DashboardFrame::Status {

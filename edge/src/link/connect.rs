@@ -69,6 +69,10 @@ pub enum ConnectError {
     /// TLS or WebSocket handshake failed.
     #[error("handshake failed: {0}")]
     Handshake(String),
+    /// The hub's TLS certificate was refused (wrong name, expired, not yet
+    /// valid, unknown issuer).
+    #[error("handshake failed: the hub's TLS certificate is refused ({0}); check the hub's certificate (its name must match the host in hub_url, its validity dates, its issuer in ca_file or the public roots) and this device's clock")]
+    Certificate(String),
     /// The handshake took longer than the connect timeout.
     #[error("handshake timed out")]
     Timeout,
@@ -78,6 +82,15 @@ impl ConnectError {
     /// Retrying soon will not help (operator action needed).
     pub fn is_auth(&self) -> bool {
         matches!(self, ConnectError::Unauthorized(_))
+    }
+
+    /// Needs an operator (or a clock sync): worth an error line every
+    /// attempt.
+    pub fn needs_attention(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::Unauthorized(_) | ConnectError::Certificate(_)
+        )
     }
 }
 
@@ -222,6 +235,14 @@ fn classify_handshake(e: tungstenite::Error) -> ConnectError {
             }
         }
         tungstenite::Error::Io(io) if is_timeout(&io) => ConnectError::Timeout,
+        tungstenite::Error::Io(io) => {
+            match io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+                Some(tls @ rustls::Error::InvalidCertificate(_)) => {
+                    ConnectError::Certificate(tls.to_string())
+                }
+                _ => ConnectError::Handshake(tungstenite::Error::Io(io).to_string()),
+            }
+        }
         other => ConnectError::Handshake(other.to_string()),
     }
 }

@@ -166,7 +166,7 @@ impl Link {
         };
         let attempts = retry.attempts;
         let msg = format!("{e}; RETRYING in {:.1} s", d.as_secs_f64());
-        if e.is_auth() {
+        if e.needs_attention() {
             log::error!("{msg}");
         } else if attempts <= 3 || attempts % 20 == 0 {
             log::warn!("{msg} (attempt {attempts})");

@@ -130,7 +130,7 @@ impl<'a> Session<'a> {
                 .and_then(|()| self.receive(ws))
                 .and_then(|()| self.watch_silence(ws));
             if let Err(end) = step {
-                return end;
+                return self.after_close(end);
             }
         }
     }
@@ -168,15 +168,27 @@ impl<'a> Session<'a> {
                 tolerate_timeout(ws.flush(), "flush")
             }
             Err(tungstenite::Error::ConnectionClosed) | Err(tungstenite::Error::AlreadyClosed) => {
-                Err(match self.close_code {
-                    Some(CLOSE_REPLACED) => SessionEnd::Replaced,
-                    Some(CLOSE_REVOKED) => SessionEnd::Revoked,
-                    Some(CLOSE_CONFLICT) => SessionEnd::Conflict,
-                    Some(c) => SessionEnd::Lost(format!("hub closed the connection (code {c})")),
-                    None => SessionEnd::Lost("hub closed the connection".into()),
-                })
+                Err(SessionEnd::Lost("hub closed the connection".into()))
             }
             Err(e) => Err(SessionEnd::Lost(e.to_string())),
+        }
+    }
+
+    /// How the session ended, given the close code the hub sent before
+    /// (if any): once the hub has said 4000/4001/4002, whatever fails
+    /// afterwards (a write refused after the close, a reset socket) ends
+    /// the session *for that reason*, with its back-off, not as a lost
+    /// link.
+    fn after_close(&self, end: SessionEnd) -> SessionEnd {
+        let SessionEnd::Lost(why) = end else {
+            return end;
+        };
+        match self.close_code {
+            Some(CLOSE_REPLACED) => SessionEnd::Replaced,
+            Some(CLOSE_REVOKED) => SessionEnd::Revoked,
+            Some(CLOSE_CONFLICT) => SessionEnd::Conflict,
+            Some(c) => SessionEnd::Lost(format!("hub closed the connection (code {c}): {why}")),
+            None => SessionEnd::Lost(why),
         }
     }
 
@@ -189,10 +201,11 @@ impl<'a> Session<'a> {
             }
             Message::Close(frame) => {
                 self.close_code = frame.as_ref().map(|f| u16::from(f.code));
-                if self.close_code == Some(CLOSE_REPLACED) {
-                    // Finish the closing handshake, then report.
+                if let Some(CLOSE_REPLACED | CLOSE_REVOKED | CLOSE_CONFLICT) = self.close_code {
+                    // Nothing more to send on this link: finish the closing
+                    // handshake (best effort), then report the reason.
                     let _ = ws.flush();
-                    return Err(SessionEnd::Replaced);
+                    return Err(self.after_close(SessionEnd::Lost("closed".into())));
                 }
                 if self.close_code == Some(u16::from(CloseCode::Policy)) {
                     // 1008: the hub saw sustained excess.

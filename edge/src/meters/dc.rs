@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use embedded_hal::i2c::{ErrorKind, NoAcknowledgeSource};
 use serde::Deserialize;
 
-use super::persist::StateFile;
+use super::persist::{log_resumed, EnergyFloor, StateFile};
 use super::{plausible, Measurement, Meter, MeterError};
 
 /// Samples further apart than this are not integrated across.
@@ -130,6 +130,13 @@ impl EnergyIntegrator {
     pub fn total_wh(&self) -> f64 {
         self.total_wh
     }
+
+    /// Continues from at least `wh`.
+    pub fn raise_to(&mut self, wh: f64) {
+        if wh.is_finite() {
+            self.total_wh = self.total_wh.max(wh);
+        }
+    }
 }
 
 /// One DC sample in SI units.
@@ -221,6 +228,18 @@ impl<S: DcSensor> DcMeter<S> {
 
     /// Reads at an explicit instant (tests drive the clock).
     pub fn read_at(&mut self, now: Instant) -> Result<Vec<Measurement>, MeterError> {
+        let result = self.read_checked(now);
+        if result.is_err() {
+            // The last total before a failure goes to disk now, not within
+            // the minute.
+            if let Err(e) = self.state.flush_pending() {
+                log::warn!("meter {}: cannot persist energy: {e}", self.id);
+            }
+        }
+        result
+    }
+
+    fn read_checked(&mut self, now: Instant) -> Result<Vec<Measurement>, MeterError> {
         let r = self.sensor.sample(&self.id)?;
         let mut m = Measurement {
             meter: self.id.clone(),
@@ -252,6 +271,13 @@ impl<S: DcSensor> Meter for DcMeter<S> {
     }
     fn read(&mut self) -> Result<Vec<Measurement>, MeterError> {
         self.read_at(Instant::now())
+    }
+    fn resume_energy(&mut self, floor: &EnergyFloor) {
+        let total = self.energy.total_wh();
+        if let Some(f) = floor.get(&self.id).filter(|f| *f > total) {
+            log_resumed(&self.id, total, f);
+            self.energy.raise_to(f);
+        }
     }
 }
 

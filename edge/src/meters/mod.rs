@@ -72,6 +72,12 @@ pub trait Meter: Send {
     fn id(&self) -> &str;
     /// Reads the meter now.
     fn read(&mut self) -> Result<Vec<Measurement>, MeterError>;
+    /// Called once the meter is open, before its first read: continue every
+    /// energy counter the edge keeps for it from at least its value in
+    /// `floor` (the newest readings in the spool), so a counter never
+    /// restarts below a reading that already left (see [`persist`]). A meter
+    /// whose counter lives in the meter itself (Modbus) has nothing to do.
+    fn resume_energy(&mut self, floor: &persist::EnergyFloor);
 }
 
 /// One `[[meter]]` table of the edge config, tagged by `kind`.

@@ -11,9 +11,19 @@
 //!   is renamed over the old file (readers see the old or the new value,
 //!   never half of one); the directory is fsynced best-effort;
 //! - writes are rate-limited to one per `min_interval` (60 s by default), plus
-//!   one final write when the meter is dropped (SIGTERM). On a power cut the
-//!   counter therefore loses at most the last `min_interval` of increments.
+//!   one when a meter starts failing (the last value before the failure)
+//!   and one final write when the meter is dropped (SIGTERM).
+//!
+//! A state file alone can therefore be up to a minute behind the readings
+//! already sent. What keeps a counter from ever going backwards is the
+//! [`EnergyFloor`]: at start the edge reads the newest readings in the
+//! spool (a reading leaves the edge only once it is durable there, and the
+//! newest few hundred stay on disk after their acks), and every meter
+//! continues from the larger of its state file and its last spooled
+//! `energy_wh` ([`Meter::resume_energy`](super::Meter::resume_energy)).
+//! No write per reading is needed.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -36,6 +46,8 @@ pub struct StateFile {
     last_write: Option<Instant>,
     /// The last content written, so unchanged values are not rewritten.
     last_content: Option<String>,
+    /// A newer content held back by the rate limit.
+    pending: Option<String>,
 }
 
 impl StateFile {
@@ -46,6 +58,7 @@ impl StateFile {
             min_interval: DEFAULT_MIN_INTERVAL,
             last_write: None,
             last_content: None,
+            pending: None,
         }
     }
 
@@ -84,11 +97,21 @@ impl StateFile {
     pub fn store(&mut self, content: &str, now: Instant) -> io::Result<bool> {
         if let Some(t) = self.last_write {
             if now.saturating_duration_since(t) < self.min_interval {
+                self.pending = Some(content.to_string());
                 return Ok(false);
             }
         }
         self.write_now(content, now)?;
         Ok(true)
+    }
+
+    /// Writes the content the rate limit held back, if any (when a meter
+    /// starts failing, so its last value is on disk).
+    pub fn flush_pending(&mut self) -> io::Result<()> {
+        match self.pending.take() {
+            Some(content) => self.write_now(&content, Instant::now()),
+            None => Ok(()),
+        }
     }
 
     /// Stores `content` now, regardless of the rate limit (used on drop).
@@ -97,6 +120,7 @@ impl StateFile {
     }
 
     fn write_now(&mut self, content: &str, now: Instant) -> io::Result<()> {
+        self.pending = None;
         if self.last_content.as_deref() == Some(content) {
             self.last_write = Some(now);
             return Ok(());
@@ -106,6 +130,46 @@ impl StateFile {
         self.last_content = Some(content.to_string());
         Ok(())
     }
+}
+
+/// The highest `energy_wh` the spool's newest readings hold, per reading
+/// meter id (`main`, `mains-a`, …): where energy counters continue after a
+/// restart (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EnergyFloor(HashMap<String, f64>);
+
+impl EnergyFloor {
+    /// Takes `energy_wh` of meter `meter` into account.
+    pub fn raise(&mut self, meter: &str, energy_wh: f64) {
+        if !(energy_wh.is_finite() && energy_wh >= 0.0) {
+            return;
+        }
+        let e = self.0.entry(meter.to_string()).or_insert(energy_wh);
+        *e = e.max(energy_wh);
+    }
+
+    /// The floor of meter `meter`, if the spool had a reading of it.
+    pub fn get(&self, meter: &str) -> Option<f64> {
+        self.0.get(meter).copied()
+    }
+
+    /// Meters with a floor.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// No meter has a floor.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Logs that a counter continues from the spool rather than from its state
+/// file (which was behind: the edge stopped without its final write).
+pub fn log_resumed(meter: &str, from_state: f64, floor: f64) {
+    log::info!(
+        "meter {meter}: energy counter continues from {floor} Wh, the last value in the spool (its state file had {from_state} Wh)"
+    );
 }
 
 /// Writes `content` to `path` atomically (tmp file + fsync + rename).
@@ -147,6 +211,31 @@ mod tests {
         f.flush("44").unwrap();
         assert_eq!(g.load::<u64>().unwrap(), Some(44));
         assert!(!dir.path().join("s0.pulses.tmp").exists());
+    }
+
+    #[test]
+    fn a_value_held_back_by_the_rate_limit_is_written_on_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = StateFile::new(dir.path(), "m", "energy_wh");
+        let t0 = Instant::now();
+        assert!(f.store("1", t0).unwrap());
+        assert!(!f.store("2", t0 + Duration::from_secs(1)).unwrap());
+        f.flush_pending().unwrap();
+        let mut g = StateFile::new(dir.path(), "m", "energy_wh");
+        assert_eq!(g.load::<u64>().unwrap(), Some(2));
+    }
+
+    #[test]
+    fn the_floor_keeps_the_highest_value_per_meter() {
+        let mut floor = EnergyFloor::default();
+        floor.raise("a", 5.0);
+        floor.raise("a", 3.0);
+        floor.raise("b", 1.0);
+        floor.raise("b", f64::NAN);
+        assert_eq!(floor.get("a"), Some(5.0));
+        assert_eq!(floor.get("b"), Some(1.0));
+        assert_eq!(floor.get("c"), None);
+        assert_eq!(floor.len(), 2);
     }
 
     #[test]

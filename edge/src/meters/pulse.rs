@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 use embedded_hal::digital::InputPin;
 use serde::Deserialize;
 
-use super::persist::StateFile;
+use super::persist::{log_resumed, EnergyFloor, StateFile};
 use super::{plausible, Measurement, Meter, MeterError};
 
 /// Input bias.
@@ -238,6 +238,19 @@ impl PulseCounter {
         self.count
     }
 
+    /// Continues from at least the count whose energy is `wh`.
+    pub fn raise_to_energy(&mut self, wh: f64) {
+        if !(wh.is_finite() && wh >= 0.0) {
+            return;
+        }
+        // The count that reported `wh` (the small margin absorbs the
+        // rounding of count → Wh → count).
+        let count = (wh * self.pulses_per_kwh / 1000.0 - 1e-6).ceil();
+        if count > 0.0 && count < u64::MAX as f64 {
+            self.count = self.count.max(count as u64);
+        }
+    }
+
     /// Events lost by the kernel.
     pub fn missed(&self) -> u64 {
         self.missed
@@ -404,6 +417,16 @@ impl<H: Send> PulseMeter<H> {
 
     /// Reads at an explicit local instant (tests drive the clock).
     pub fn read_at(&mut self, now: Instant) -> Result<Vec<Measurement>, MeterError> {
+        let result = self.read_checked(now);
+        if result.is_err() {
+            if let Err(e) = self.state.flush_pending() {
+                log::warn!("meter {}: cannot persist pulse count: {e}", self.id);
+            }
+        }
+        result
+    }
+
+    fn read_checked(&mut self, now: Instant) -> Result<Vec<Measurement>, MeterError> {
         let (count, missed, rejected, power) = {
             let s = lock(&self.shared);
             let power = s.last_event.and_then(|(t, arrived)| {
@@ -446,6 +469,17 @@ impl<H: Send> Meter for PulseMeter<H> {
     fn read(&mut self) -> Result<Vec<Measurement>, MeterError> {
         self.read_at(Instant::now())
     }
+    fn resume_energy(&mut self, floor: &EnergyFloor) {
+        let Some(f) = floor.get(&self.id) else {
+            return;
+        };
+        let mut s = lock(&self.shared);
+        let before = s.counter.energy_wh();
+        s.counter.raise_to_energy(f);
+        if s.counter.energy_wh() > before {
+            log_resumed(&self.id, before, s.counter.energy_wh());
+        }
+    }
 }
 
 impl<H: Send> Drop for PulseMeter<H> {
@@ -467,6 +501,20 @@ mod tests {
     fn pulses_1_8_s_apart_at_1000_imp_per_kwh_are_2000_w() {
         let p = power_from_interval_w(1000.0, Duration::from_millis(1800));
         assert!((p - 2000.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_count_resumes_from_the_spooled_energy() {
+        for ppk in [1000.0, 800.0, 3200.0, 0.5] {
+            for count in [1u64, 7, 12_345, 987_654_321] {
+                let mut c = PulseCounter::new(ppk, Duration::ZERO, 1.0, 0);
+                c.raise_to_energy(energy_wh(count, ppk));
+                assert_eq!(c.count(), count, "{ppk} imp/kWh");
+                // Never lowered.
+                c.raise_to_energy(0.0);
+                assert_eq!(c.count(), count);
+            }
+        }
     }
 
     #[test]

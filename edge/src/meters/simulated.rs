@@ -9,16 +9,22 @@
 //! - Power factor from ~0.85 at base load (electronics, fridge motor) to
 //!   ~0.97 at high resistive load; current and reactive power follow.
 //! - The energy counter integrates power over the monotonic time between
-//!   reads, so it only ever increases. It starts at `start_energy_wh`, or by
-//!   default at a value derived from the wall clock (≈ 400 W average since
-//!   2020), so a restarted demo keeps a plausibly growing counter.
+//!   reads, so it only ever increases, across restarts too: like the
+//!   hardware drivers' counters it is persisted in
+//!   `<state_dir>/<id>.energy_wh` (at most once a minute and at stop) and
+//!   continues from the spool's last value when the state file is behind
+//!   (see [`super::persist`]). Without a state file it starts at
+//!   `start_energy_wh`, or by default at a value derived from the wall
+//!   clock (≈ 400 W average since 2020).
 //! - `seed` makes the sequence reproducible; [`Simulated::sample`] is the
 //!   pure core, driven with explicit time of day and elapsed time.
 
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
+use super::persist::{log_resumed, EnergyFloor, StateFile};
 use super::{Measurement, Meter, MeterError};
 
 /// Config of a simulated meter.
@@ -39,7 +45,8 @@ pub struct SimulatedConfig {
     /// Local time = UTC + this, for the daily profile (default 0).
     #[serde(default)]
     pub utc_offset_hours: f64,
-    /// Initial energy counter (default: derived from the wall clock).
+    /// Initial energy counter when there is no state file yet (default:
+    /// derived from the wall clock).
     #[serde(default)]
     pub start_energy_wh: Option<f64>,
 }
@@ -86,10 +93,31 @@ pub struct Simulated {
     events: Vec<Event>,
     /// Last read (monotonic), for energy integration.
     last_read: Option<Instant>,
+    /// Where the counter survives restarts (`None`: not persisted).
+    state: Option<StateFile>,
 }
 
 impl Simulated {
-    /// Creates one.
+    /// Opens one whose energy counter persists in `state_dir`, like a
+    /// hardware meter's.
+    pub fn open(cfg: SimulatedConfig, state_dir: &Path) -> Result<Self, MeterError> {
+        let mut state = StateFile::new(state_dir, &cfg.id, "energy_wh");
+        let stored = state
+            .load::<f64>()
+            .map_err(|e| {
+                MeterError::new(&cfg.id, format!("cannot read energy state: {e}"))
+                    .with_hint("fix or delete the state file (deleting restarts the counter)")
+            })?
+            .filter(|v| v.is_finite() && *v >= 0.0);
+        let mut meter = Simulated::new(cfg);
+        if let Some(e) = stored {
+            meter.energy_wh = e;
+        }
+        meter.state = Some(state);
+        Ok(meter)
+    }
+
+    /// Creates one without persistence (tests, demos of the model).
     pub fn new(cfg: SimulatedConfig) -> Self {
         let rng = match cfg.seed {
             Some(s) => fastrand::Rng::with_seed(s),
@@ -111,6 +139,7 @@ impl Simulated {
             volt_drift: 0.0,
             events: Vec::new(),
             last_read: None,
+            state: None,
         }
     }
 
@@ -215,7 +244,31 @@ impl Meter for Simulated {
             .map(|d| d.as_secs_f64() % 86_400.0)
             .unwrap_or(0.0);
         let hour = (secs_of_day / 3600.0 + self.cfg.utc_offset_hours).rem_euclid(24.0);
-        Ok(vec![self.sample(hour, dt)])
+        let m = self.sample(hour, dt);
+        if let Some(state) = self.state.as_mut() {
+            if let Err(e) = state.store(&format!("{}", self.energy_wh), now) {
+                log::warn!("meter {}: cannot persist energy: {e}", self.cfg.id);
+            }
+        }
+        Ok(vec![m])
+    }
+
+    fn resume_energy(&mut self, floor: &EnergyFloor) {
+        if let Some(f) = floor.get(&self.cfg.id).filter(|f| *f > self.energy_wh) {
+            log_resumed(&self.cfg.id, self.energy_wh, f);
+            self.energy_wh = f;
+        }
+    }
+}
+
+impl Drop for Simulated {
+    fn drop(&mut self) {
+        let total = self.energy_wh;
+        if let Some(state) = self.state.as_mut() {
+            if let Err(e) = state.flush(&format!("{total}")) {
+                log::warn!("meter {}: cannot persist energy: {e}", self.cfg.id);
+            }
+        }
     }
 }
 
@@ -302,6 +355,31 @@ mod tests {
         let night = avg(&mut s, 3.0);
         let evening = avg(&mut s, 19.0);
         assert!(evening > night * 2.0, "{evening} vs {night}");
+    }
+
+    #[test]
+    fn the_counter_survives_a_restart_and_resumes_from_the_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Simulated::open(cfg(9), dir.path()).unwrap();
+        let a = s.read().unwrap()[0].energy_wh.unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let b = s.read().unwrap()[0].energy_wh.unwrap();
+        assert!(b > a && a >= 1000.0);
+        drop(s); // SIGTERM: the final write
+        let mut s = Simulated::open(cfg(9), dir.path()).unwrap();
+        let c = s.read().unwrap()[0].energy_wh.unwrap();
+        assert!(c >= b, "{c} < {b}");
+        // A state file behind the spool (SIGKILL): the floor wins.
+        let mut floor = EnergyFloor::default();
+        floor.raise("main", c + 50.0);
+        s.resume_energy(&floor);
+        let d = s.read().unwrap()[0].energy_wh.unwrap();
+        assert!(d >= c + 50.0, "{d}");
+        // A floor below the counter changes nothing.
+        let mut low = EnergyFloor::default();
+        low.raise("main", 1.0);
+        s.resume_energy(&low);
+        assert!(s.read().unwrap()[0].energy_wh.unwrap() >= d);
     }
 
     #[test]

@@ -27,14 +27,23 @@ pub mod state;
 use std::fs::File;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use ems_shared::{EdgeStatus, Reading};
 use thiserror::Error;
 
-use crate::spool::Spool;
+use crate::meters::persist::EnergyFloor;
+use crate::spool::{Dropped, Slot, Spool};
 use crate::state_dir::DirLock;
 
-pub use state::{AckOutcome, Flight, OutboxState};
+pub use state::{AckOutcome, DropCause, Flight, OutboxState};
+
+/// A spool read that failed with an I/O error is tried again after this
+/// long (the backlog waits; live readings do not).
+const READ_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Repeated warnings (drops, damaged records, read errors) are logged at
+/// most this often, with the count since.
+const WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// A reading ready to go on the wire.
 #[derive(Debug, Clone)]
@@ -45,21 +54,55 @@ pub struct Outgoing {
     pub json: Arc<str>,
 }
 
-/// Counters for logs and the systemd status line.
+/// Counters for logs, the systemd status line and the `status` frame.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OutboxStats {
     /// Readings not yet acknowledged.
     pub depth: u64,
     /// Readings in flight.
     pub in_flight: usize,
-    /// Readings dropped because the spool was full, since start.
+    /// Readings dropped because the spool reached `spool_max_bytes`, since
+    /// start.
     pub dropped_full: u64,
-    /// Readings dropped because their spool record was unreadable, since start.
-    pub dropped_corrupt: u64,
+    /// Readings dropped because the spool could not be written and its
+    /// memory queue was full, since start.
+    pub dropped_disk_full: u64,
+    /// Readings skipped because their spool record was damaged, missing or
+    /// unreadable, since start.
+    pub dropped_damaged: u64,
     /// Readings rejected by the hub, since start.
     pub rejected: u64,
-    /// Bytes in the spool.
+    /// Readings held in memory because the spool cannot be written (0
+    /// while it can).
+    pub unwritten: u64,
+    /// Bytes in the spool (files and memory queue).
     pub spool_bytes: u64,
+}
+
+/// A warning that may repeat, logged at most every [`WARN_EVERY`] with
+/// the count of occurrences since the last line.
+#[derive(Debug, Default)]
+struct Throttle {
+    /// When it was last logged.
+    last: Option<Instant>,
+    /// Occurrences not logged since.
+    suppressed: u64,
+}
+
+impl Throttle {
+    /// Whether to log now; if so, also the occurrences suppressed before.
+    fn due(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < WARN_EVERY)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
 }
 
 /// Outbox = [`OutboxState`] + [`Spool`]. Shared behind a mutex; no method
@@ -75,10 +118,17 @@ pub struct Outbox {
     stats: OutboxStats,
     /// `(low, ts_ms)` of the last lookup of the oldest reading's time.
     oldest: Option<(u64, Option<i64>)>,
-    /// Last time a spool read error was logged (rate limit).
-    last_read_error: Option<std::time::Instant>,
-    /// Last time an unreadable record was logged (rate limit).
-    last_corrupt_log: Option<std::time::Instant>,
+    /// After a spool read error, the backlog waits until then.
+    retry_backlog_at: Option<Instant>,
+    /// Spool read errors (log rate limit).
+    read_errors: Throttle,
+    /// Damaged or missing records (log rate limit).
+    damaged_log: Throttle,
+    /// Readings dropped by a bound (log rate limit).
+    dropped_log: Throttle,
+    /// Records below this were in the spool at the last flush: sendable
+    /// once that flush's fsync is done ([`Outbox::synced`]).
+    flushed_upto: u64,
 }
 
 impl Outbox {
@@ -96,44 +146,78 @@ impl Outbox {
             spool,
             stats: OutboxStats::default(),
             oldest: None,
-            last_read_error: None,
-            last_corrupt_log: None,
+            retry_backlog_at: None,
+            read_errors: Throttle::default(),
+            damaged_log: Throttle::default(),
+            dropped_log: Throttle::default(),
+            flushed_upto: 0,
         };
         ob.refresh_stats();
         Ok(ob)
     }
 
-    /// Appends one reading. Never blocks on I/O beyond a buffered `write`
-    /// when a segment rotates. Returns readings lost to a full spool.
-    pub fn append(&mut self, reading: &Reading) -> io::Result<u64> {
+    /// Appends one reading. Never fails and never waits on the card beyond
+    /// a buffered `write` (when the memory queue overflows); a reading that
+    /// cannot be written stays in memory. Returns the readings the bounds
+    /// dropped to make room (counted and logged).
+    pub fn append(&mut self, reading: &Reading) -> u64 {
         let json = reading.to_json();
-        let (rec, drop_below) = self.spool.append(&json)?;
+        let (rec, drops) = self.spool.append(&json);
         self.state.appended(rec);
-        let mut lost = 0;
-        if let Some(end) = drop_below {
-            lost = self.state.dropped_below(end);
-            if lost > 0 {
-                self.stats.dropped_full += lost;
-                log::warn!(
-                    "spool full ({} bytes): dropped the {lost} oldest unsent readings ({} dropped since start)",
+        let lost = drops.into_iter().map(|d| self.dropped(d)).sum();
+        self.refresh_stats();
+        lost
+    }
+
+    /// Counts and logs the readings a spool bound dropped.
+    fn dropped(&mut self, d: Dropped) -> u64 {
+        let lost = self.state.dropped_below(d.below, d.cause);
+        self.count_lost(d.cause, lost);
+        lost
+    }
+
+    fn count_lost(&mut self, cause: DropCause, lost: u64) {
+        if lost == 0 {
+            return;
+        }
+        match cause {
+            DropCause::Bound => self.stats.dropped_full += lost,
+            DropCause::DiskFull => self.stats.dropped_disk_full += lost,
+        }
+        if let Some(more) = self.dropped_log.due() {
+            let more = if more > 0 {
+                format!("; {more} more drops since the last message")
+            } else {
+                String::new()
+            };
+            match cause {
+                DropCause::Bound => log::warn!(
+                    "spool full ({} bytes): dropped the {lost} oldest unsent readings ({} dropped since start{more})",
                     self.spool.max_bytes(),
                     self.stats.dropped_full
-                );
+                ),
+                DropCause::DiskFull => log::warn!(
+                    "spool cannot be written and its memory queue is full ({} bytes): dropped the {lost} oldest unsent readings ({} dropped since start{more})",
+                    self.spool.unwritten_max(),
+                    self.stats.dropped_disk_full
+                ),
             }
         }
-        self.refresh_stats();
-        Ok(lost)
     }
 
     /// A connection is up.
     pub fn connected(&mut self) {
-        self.state.connected();
+        for cause in self.state.connected() {
+            self.count_lost(cause, 1);
+        }
         self.refresh_stats();
     }
 
     /// The connection is gone.
     pub fn disconnected(&mut self) {
-        self.state.disconnected();
+        for cause in self.state.disconnected() {
+            self.count_lost(cause, 1);
+        }
         self.refresh_stats();
     }
 
@@ -145,26 +229,28 @@ impl Outbox {
             let Some(rec) = self.state.peek_next() else {
                 break;
             };
+            let waiting = self
+                .retry_backlog_at
+                .is_some_and(|t| Instant::now() < t && !self.spool.in_memory(rec));
+            if waiting {
+                break;
+            }
             match self.spool.read(rec) {
-                Ok(Some(json)) => match serde_json::from_str::<Reading>(&json) {
+                Ok(Slot::Record(json)) => match serde_json::from_str::<Reading>(&json) {
                     Ok(r) => {
                         self.state.sent(rec, r.epoch, r.seq);
                         out.push(Outgoing { rec, json });
                     }
-                    Err(_) => self.corrupt(rec),
+                    Err(_) => self.damaged(rec, "not a valid reading"),
                 },
-                Ok(None) => self.corrupt(rec),
-                // The segment file vanished (deleted by hand?): skip it.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => self.corrupt(rec),
+                Ok(Slot::Lost(why)) => self.damaged(rec, why),
                 Err(e) => {
-                    let now = std::time::Instant::now();
-                    if self
-                        .last_read_error
-                        .map_or(true, |t| now.duration_since(t).as_secs() >= 60)
-                    {
-                        log::warn!("spool: cannot read record {rec}: {e}; will retry");
-                        self.last_read_error = Some(now);
+                    if self.read_errors.due().is_some() {
+                        log::warn!(
+                            "spool: cannot read record {rec}: {e}; trying again (a spot that keeps failing is skipped and counted)"
+                        );
                     }
+                    self.retry_backlog_at = Some(Instant::now() + READ_RETRY_AFTER);
                     break;
                 }
             }
@@ -173,18 +259,19 @@ impl Outbox {
         out
     }
 
-    fn corrupt(&mut self, rec: u64) {
-        self.stats.dropped_corrupt += 1;
-        let now = std::time::Instant::now();
-        if self
-            .last_corrupt_log
-            .map_or(true, |t| now.duration_since(t).as_secs() >= 60)
-        {
+    /// A record that cannot be read back: skipped, counted, logged.
+    fn damaged(&mut self, rec: u64, why: &str) {
+        self.stats.dropped_damaged += 1;
+        if let Some(more) = self.damaged_log.due() {
             log::warn!(
-                "spool: record {rec} is unreadable (torn write or damaged file); skipping it ({} skipped since start)",
-                self.stats.dropped_corrupt
+                "spool: record {rec} is lost ({why}); skipping it ({} skipped since start{})",
+                self.stats.dropped_damaged,
+                if more > 0 {
+                    format!(", {more} more since the last message")
+                } else {
+                    String::new()
+                }
             );
-            self.last_corrupt_log = Some(now);
         }
         self.state.discard(rec);
     }
@@ -204,15 +291,20 @@ impl Outbox {
         out
     }
 
-    /// Handles a `rate_limited` rejection: the reading stays and is resent.
+    /// Handles a `rate_limited` rejection: the reading stays and is resent
+    /// (unless the spool dropped it meanwhile: then it is lost, counted).
     pub fn requeue(&mut self, epoch: u64, seq: u64) -> AckOutcome {
         let out = self.state.requeue(epoch, seq);
+        if let Some(cause) = out.lost {
+            self.count_lost(cause, 1);
+        }
         self.refresh_stats();
         out
     }
 
     /// The `status` frame for the hub: depth, sample time of the oldest
-    /// unacknowledged reading, readings dropped since start.
+    /// unacknowledged reading, readings dropped since start, readings held
+    /// in memory.
     pub fn status(&mut self) -> EdgeStatus {
         let low = self.state.low();
         let oldest_ts_ms = if self.state.depth() == 0 {
@@ -222,7 +314,7 @@ impl Outbox {
                 Some((rec, ts)) if rec == low => ts,
                 _ => {
                     let ts = match self.spool.peek(low) {
-                        Ok(Some(json)) => serde_json::from_str::<Reading>(&json)
+                        Ok(Slot::Record(json)) => serde_json::from_str::<Reading>(&json)
                             .ok()
                             .map(|r| r.ts_ms)
                             .filter(|t| *t >= 0),
@@ -237,18 +329,47 @@ impl Outbox {
             outbox_depth: self.state.depth(),
             oldest_ts_ms,
             dropped: self.stats.dropped_full,
+            unwritten: self.stats.unwritten,
+            dropped_disk_full: self.stats.dropped_disk_full,
+            dropped_damaged: self.stats.dropped_damaged,
             ..Default::default()
         }
     }
 
-    /// Writes buffered readings to the spool files (`write(2)`, fast) and
-    /// deletes segments the acks cover. Returns the files to fsync; call
-    /// [`sync_files`] on them *after* releasing the lock.
+    /// Deletes the spool segments the acks cover (needs no free space),
+    /// then writes the buffered readings to the spool files (`write(2)`,
+    /// fast). Returns the files to fsync; call [`sync_files`] on them
+    /// *after* releasing the lock. A failed write leaves the readings in
+    /// memory for the next flush.
     pub fn flush(&mut self) -> io::Result<Vec<File>> {
-        let files = self.spool.flush()?;
-        self.spool.release_below(self.state.low())?;
+        self.spool.release_below(self.state.low());
+        self.flushed_upto = self.state.next_rec();
+        let out = self.spool.flush();
         self.refresh_stats();
-        Ok(files)
+        out
+    }
+
+    /// The files of the last [`Outbox::flush`] are fsynced (or the flush
+    /// failed and will not succeed soon): the readings it covered may go
+    /// to the hub. See [`OutboxState::sendable_below`].
+    pub fn synced(&mut self) {
+        self.state.sendable_below(self.flushed_upto);
+    }
+
+    /// The highest `energy_wh` of each meter among the newest readings in
+    /// the spool (at least [`RETAIN_RECORDS`](crate::spool::RETAIN_RECORDS)
+    /// of them, which stay on disk after their acks): where the energy
+    /// counters continue after a restart, if their state files are behind.
+    pub fn energy_floor(&mut self) -> EnergyFloor {
+        let mut floor = EnergyFloor::default();
+        for json in self.spool.newest_records(crate::spool::RETAIN_RECORDS) {
+            if let Ok(r) = serde_json::from_str::<Reading>(&json) {
+                if let Some(e) = r.energy_wh {
+                    floor.raise(&r.meter, e);
+                }
+            }
+        }
+        floor
     }
 
     /// Persists the ack watermark (cheap; done periodically and at exit).
@@ -261,6 +382,11 @@ impl Outbox {
         self.stats
     }
 
+    /// Bound of the memory queue while the spool cannot be written.
+    pub fn unwritten_max(&self) -> u64 {
+        self.spool.unwritten_max()
+    }
+
     /// The pure state (tests, status).
     pub fn state(&self) -> &OutboxState {
         &self.state
@@ -270,6 +396,11 @@ impl Outbox {
         self.stats.depth = self.state.depth();
         self.stats.in_flight = self.state.in_flight();
         self.stats.spool_bytes = self.spool.total_bytes();
+        self.stats.unwritten = if self.spool.write_failing() {
+            self.spool.unwritten()
+        } else {
+            0
+        };
     }
 }
 
@@ -317,8 +448,15 @@ impl SharedOutbox {
     /// fsyncs outside it, so the sampler and the link never wait for the
     /// card.
     pub fn sync(&self) -> Result<(), SyncError> {
-        let files = self.lock().flush().map_err(SyncError::Write)?;
-        sync_files(files).map_err(SyncError::Fsync)
+        let flushed = self.lock().flush();
+        let result = match flushed {
+            Ok(files) => sync_files(files).map_err(SyncError::Fsync),
+            Err(e) => Err(SyncError::Write(e)),
+        };
+        // Durable now — or the card refuses the write, and the readings go
+        // to the hub from memory rather than not at all.
+        self.lock().synced();
+        result
     }
 }
 
@@ -335,6 +473,13 @@ mod tests {
             power_w: Some(seq as f64),
             ..Default::default()
         }
+    }
+
+    /// Writes, fsyncs and releases what was appended (the supervisor's
+    /// cadence).
+    fn sync(ob: &mut Outbox) {
+        sync_files(ob.flush().unwrap()).unwrap();
+        ob.synced();
     }
 
     fn drain(ob: &mut Outbox) -> Vec<u64> {
@@ -355,13 +500,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
         for seq in 0..100 {
-            ob.append(&reading(seq)).unwrap();
+            ob.append(&reading(seq));
         }
         ob.connected();
+        // Nothing leaves before it is synced.
+        assert!(drain(&mut ob).is_empty());
+        sync(&mut ob);
         assert_eq!(drain(&mut ob), (0..100).collect::<Vec<_>>());
         assert_eq!(ob.ack(7, 49).done, 50);
         assert_eq!(ob.rejected(7, 60).done, 1);
-        sync_files(ob.flush().unwrap()).unwrap();
+        sync(&mut ob);
         ob.persist_watermark().unwrap();
         drop(ob);
         let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
@@ -381,9 +529,9 @@ mod tests {
         let st = ob.status();
         assert_eq!((st.outbox_depth, st.oldest_ts_ms), (0, None));
         for seq in 0..10 {
-            ob.append(&reading(seq)).unwrap();
+            ob.append(&reading(seq));
         }
-        sync_files(ob.flush().unwrap()).unwrap();
+        sync(&mut ob);
         assert_eq!(ob.status().oldest_ts_ms, Some(1_764_000_000_000));
         ob.connected();
         drain(&mut ob);
@@ -404,9 +552,9 @@ mod tests {
         let mut ob = Outbox::open(dir.path(), 64 * 1024, 100).unwrap();
         let mut lost = 0;
         for seq in 0..3000 {
-            lost += ob.append(&reading(seq)).unwrap();
+            lost += ob.append(&reading(seq));
             if seq % 50 == 0 {
-                sync_files(ob.flush().unwrap()).unwrap();
+                sync(&mut ob);
             }
         }
         let st = ob.stats();
@@ -427,9 +575,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
         for seq in 0..5 {
-            ob.append(&reading(seq)).unwrap();
+            ob.append(&reading(seq));
         }
-        sync_files(ob.flush().unwrap()).unwrap();
+        sync(&mut ob);
         drop(ob);
         // Zero the middle record in place (a damaged block).
         let seg = dir.path().join(format!("{:020}.seg", 0));
@@ -441,7 +589,7 @@ mod tests {
         let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
         ob.connected();
         assert_eq!(drain(&mut ob), [0, 1, 3, 4]);
-        assert_eq!(ob.stats().dropped_corrupt, 1);
+        assert_eq!(ob.stats().dropped_damaged, 1);
         ob.ack(7, 4);
         assert_eq!(ob.stats().depth, 0);
     }
@@ -463,14 +611,273 @@ mod tests {
         };
         let mut ob = Outbox::open(dir.path(), 64 * 1024, 10_000).unwrap();
         for seq in 0..500 {
-            ob.append(&reading(seq)).unwrap();
+            ob.append(&reading(seq));
         }
-        sync_files(ob.flush().unwrap()).unwrap();
+        sync(&mut ob);
         assert!(count() > 2, "{}", count());
         ob.connected();
         drain(&mut ob);
         ob.ack(7, 499);
-        sync_files(ob.flush().unwrap()).unwrap();
-        assert_eq!(count(), 1);
+        sync(&mut ob);
+        // Every acked segment is deleted, except those that hold the newest
+        // RETAIN_RECORDS readings (kept for the next start's energy floor).
+        let left = segments(dir.path());
+        assert_eq!(left.len(), count());
+        let lines = |p: &std::path::PathBuf| std::fs::read_to_string(p).unwrap().lines().count();
+        let kept: usize = left.iter().map(lines).sum();
+        let retain = crate::spool::RETAIN_RECORDS as usize;
+        assert!(kept >= retain, "{kept}");
+        assert!(kept - lines(&left[0]) < retain, "one file too many kept");
+    }
+
+    /// Segment files of `dir`, oldest first.
+    fn segments(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// `n` readings in a spool of 8 KiB segments, written and synced;
+    /// returns the outbox (connected, nothing sent yet).
+    fn spooled(dir: &std::path::Path, n: u64) -> Outbox {
+        let mut ob = Outbox::open(dir, 64 * 1024, 10_000).unwrap();
+        for seq in 0..n {
+            ob.append(&reading(seq));
+        }
+        sync(&mut ob);
+        ob
+    }
+
+    /// Sends until every reading not done is in flight (a backlog read may
+    /// be retried after a pause); never acks.
+    fn drain_patiently(ob: &mut Outbox) -> Vec<u64> {
+        let mut seqs = vec![];
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ob.stats().depth > ob.stats().in_flight as u64 {
+            assert!(Instant::now() < deadline, "the backlog is stuck");
+            let batch = ob.next_batch(1000);
+            if batch.is_empty() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            for o in batch {
+                seqs.push(serde_json::from_str::<Reading>(&o.json).unwrap().seq);
+            }
+        }
+        seqs
+    }
+
+    #[test]
+    fn a_corrupted_watermark_never_marks_unsent_readings_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ob = spooled(dir.path(), 100);
+        ob.connected();
+        drain(&mut ob);
+        assert_eq!(ob.ack(7, 49).done, 50);
+        sync(&mut ob);
+        ob.persist_watermark().unwrap();
+        drop(ob);
+        // One digit of the saved watermark changes on the card: 50 → 90.
+        let path = dir.path().join("acked");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("50"), "{text:?}");
+        std::fs::write(&path, text.replacen("50", "90", 1)).unwrap();
+        let mut ob = Outbox::open(dir.path(), 64 * 1024, 10_000).unwrap();
+        ob.connected();
+        let sent = drain(&mut ob);
+        // Resending acked readings is harmless; skipping unsent ones is not.
+        for seq in 50..100 {
+            assert!(sent.contains(&seq), "unsent reading {seq} treated as acked");
+        }
+    }
+
+    #[test]
+    fn a_missing_middle_segment_never_marks_later_readings_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = spooled(dir.path(), 400);
+        drop(ob);
+        let segs = segments(dir.path());
+        assert!(segs.len() >= 3, "{segs:?}");
+        let lost = std::fs::read_to_string(&segs[1]).unwrap().lines().count() as u64;
+        std::fs::remove_file(&segs[1]).unwrap();
+        let mut ob = Outbox::open(dir.path(), 64 * 1024, 10_000).unwrap();
+        ob.connected();
+        let sent = drain(&mut ob);
+        assert_eq!(sent.len() as u64 + lost, 400);
+        assert_eq!(sent[sent.len() - 1], 399);
+        assert_eq!(ob.stats().dropped_damaged, lost);
+        assert_eq!(ob.stats().depth, 400 - lost);
+    }
+
+    #[test]
+    fn a_missing_first_segment_is_counted_not_silently_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = spooled(dir.path(), 400);
+        drop(ob);
+        let segs = segments(dir.path());
+        let lost = std::fs::read_to_string(&segs[0]).unwrap().lines().count() as u64;
+        std::fs::remove_file(&segs[0]).unwrap();
+        let mut ob = Outbox::open(dir.path(), 64 * 1024, 10_000).unwrap();
+        ob.connected();
+        let sent = drain(&mut ob);
+        assert_eq!(sent.len() as u64 + lost, 400);
+        // Nothing was acked: the readings of the lost file are lost, and
+        // counted as such.
+        assert_eq!(ob.stats().dropped_damaged, lost);
+    }
+
+    #[test]
+    fn a_record_with_a_changed_value_is_never_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = spooled(dir.path(), 5);
+        drop(ob);
+        let seg = &segments(dir.path())[0];
+        let text = std::fs::read_to_string(seg).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        // A flipped bit in a digit: still valid JSON, a different power.
+        assert!(lines[2].contains("\"power_w\":2.0"), "{}", lines[2]);
+        let changed = lines[2].replace("\"power_w\":2.0", "\"power_w\":3.0");
+        let damaged = [lines[0], lines[1], &changed, lines[3], lines[4]].join("\n") + "\n";
+        std::fs::write(seg, damaged).unwrap();
+        let mut ob = Outbox::open(dir.path(), 64 * 1024, 10_000).unwrap();
+        ob.connected();
+        let mut sent = vec![];
+        loop {
+            let batch = ob.next_batch(1000);
+            if batch.is_empty() {
+                break;
+            }
+            for o in batch {
+                let r: Reading = serde_json::from_str(&o.json).unwrap();
+                assert_eq!(r.power_w, Some(r.seq as f64), "sent with a wrong value");
+                sent.push(r.seq);
+            }
+        }
+        assert_eq!(sent, [0, 1, 3, 4]);
+        assert_eq!(ob.stats().dropped_damaged, 1);
+    }
+
+    #[test]
+    fn a_record_that_keeps_failing_to_read_is_skipped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = spooled(dir.path(), 400);
+        drop(ob);
+        // (An unreadable file found at open is moved aside and counted the
+        // same way: spool::tests::unreadable_and_empty_segment_files_are_handled_at_open.)
+        let segs = segments(dir.path());
+        let lost = std::fs::read_to_string(&segs[1]).unwrap().lines().count() as u64;
+        let mut ob = Outbox::open(dir.path(), 64 * 1024, 10_000).unwrap();
+        // While the edge runs, every read of that file starts failing
+        // (EISDIR): an unreadable card area.
+        std::fs::remove_file(&segs[1]).unwrap();
+        std::fs::create_dir(&segs[1]).unwrap();
+        ob.connected();
+        let started = Instant::now();
+        let sent = drain_patiently(&mut ob);
+        // Tried a few times, spaced out, before it was given up.
+        assert!(
+            started.elapsed() >= READ_RETRY_AFTER,
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            sent.len() as u64 + lost,
+            400,
+            "the backlog behind it is sent"
+        );
+        assert_eq!(ob.stats().dropped_damaged, lost);
+    }
+
+    #[test]
+    fn an_old_spool_without_checksums_is_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        // Format 1: one line of wire JSON per reading, nothing else.
+        let lines: String = (0..3).map(|s| reading(s).to_json() + "\n").collect();
+        std::fs::write(dir.path().join(format!("{:020}.seg", 0)), lines).unwrap();
+        std::fs::write(dir.path().join("acked"), "1\n").unwrap();
+        let mut ob = Outbox::open(dir.path(), 64 * 1024, 10_000).unwrap();
+        assert_eq!(ob.stats().depth, 2);
+        ob.connected();
+        assert_eq!(drain(&mut ob), [1, 2]);
+        for seq in 3..5 {
+            ob.append(&reading(seq));
+        }
+        sync(&mut ob);
+        drop(ob);
+        let mut ob = Outbox::open(dir.path(), 64 * 1024, 10_000).unwrap();
+        ob.connected();
+        assert_eq!(drain(&mut ob), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_full_disk_loses_nothing_within_the_memory_bound_and_counts_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        // 256 KiB bound: a 64 KiB memory queue (~500 of these readings).
+        let mut ob = Outbox::open(dir.path(), 256 * 1024, 10_000).unwrap();
+        for seq in 0..100 {
+            ob.append(&reading(seq));
+        }
+        sync(&mut ob);
+        drop(ob);
+        let mut ob = Outbox::open(dir.path(), 256 * 1024, 10_000).unwrap();
+        // The card is full: every new segment file is /dev/full.
+        let full: Vec<_> = (100..2100)
+            .map(|base| {
+                let p = dir.path().join(format!("{base:020}.seg"));
+                std::os::unix::fs::symlink("/dev/full", &p).unwrap();
+                p
+            })
+            .collect();
+        for seq in 100..200 {
+            assert_eq!(ob.append(&reading(seq)), 0);
+        }
+        assert!(ob.flush().is_err());
+        // (The supervisor's sync lets them go from memory.)
+        ob.synced();
+        assert_eq!(ob.stats().unwritten, 100);
+        assert_eq!(ob.status().unwritten, 100);
+        // The hub is there: everything is sent (from the card and from
+        // memory), acked, and the acked segments deleted though nothing can
+        // be written.
+        ob.connected();
+        assert_eq!(drain(&mut ob), (0..200).collect::<Vec<_>>());
+        assert_eq!(ob.ack(7, 199).done, 200);
+        assert!(ob.flush().is_err());
+        // The hub goes away; readings pile up past the memory bound.
+        ob.disconnected();
+        let mut lost = 0;
+        for seq in 200..2000 {
+            lost += ob.append(&reading(seq));
+            if seq % 10 == 0 {
+                assert!(ob.flush().is_err());
+            }
+        }
+        let st = ob.stats();
+        assert!(lost > 0);
+        assert_eq!(st.dropped_disk_full, lost);
+        assert_eq!(st.dropped_full, 0);
+        assert_eq!(ob.status().dropped_disk_full, lost);
+        // Every reading is acked, queued, or counted as dropped.
+        assert_eq!(200 + st.depth + lost, 2000);
+        assert!(st.unwritten > 0 && st.unwritten == st.depth);
+        // Space frees: the queue is written, nothing more is lost.
+        for p in &full {
+            // (The spool deleted those of the segments it gave up.)
+            let _ = std::fs::remove_file(p);
+        }
+        sync(&mut ob);
+        assert_eq!(ob.stats().unwritten, 0);
+        ob.persist_watermark().unwrap();
+        drop(ob);
+        let mut ob = Outbox::open(dir.path(), 256 * 1024, 10_000).unwrap();
+        assert_eq!(ob.stats().depth, st.depth);
+        ob.connected();
+        let sent = drain(&mut ob);
+        assert_eq!(sent.len() as u64, st.depth);
+        assert_eq!(*sent.last().unwrap(), 1999);
+        assert!(sent.windows(2).all(|w| w[1] == w[0] + 1));
     }
 }

@@ -6,7 +6,9 @@
 //! what to send next. The sending order and the ack rules are in the
 //! [module docs](super).
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+
+pub use crate::spool::DropCause;
 
 /// A reading sent on the current connection and not yet acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +28,9 @@ pub struct AckOutcome {
     pub done: usize,
     /// The (epoch, seq) was not in flight (duplicate or stale answer).
     pub unknown: bool,
+    /// A refused reading cannot be sent again: the spool dropped it while
+    /// it was in flight. It is lost, for this reason.
+    pub lost: Option<DropCause>,
 }
 
 impl AckOutcome {
@@ -33,6 +38,7 @@ impl AckOutcome {
     const UNKNOWN: AckOutcome = AckOutcome {
         done: 0,
         unknown: true,
+        lost: None,
     };
 }
 
@@ -59,6 +65,13 @@ pub struct OutboxState {
     in_flight_recs: HashSet<u64>,
     /// Most readings in flight.
     window: usize,
+    /// Records below this may be sent: they are durable in the spool (or
+    /// the spool could not be written, see [`OutboxState::sendable_below`]).
+    sendable: u64,
+    /// In flight, but dropped from the spool meanwhile (full): stored if
+    /// the hub acks them, lost (for this reason) if the connection ends
+    /// first. Counting them only then keeps every count exact.
+    orphans: HashMap<u64, DropCause>,
 }
 
 impl OutboxState {
@@ -75,7 +88,19 @@ impl OutboxState {
             in_flight: VecDeque::new(),
             in_flight_recs: HashSet::new(),
             window: window.max(1),
+            orphans: HashMap::new(),
+            sendable: next_rec.max(low),
         }
+    }
+
+    /// Records below `end` may be sent from now on. A reading leaves the
+    /// edge only once the spool sync that wrote it has finished, so that
+    /// no reading the hub stored can be lost by the edge afterwards (its
+    /// energy counter restarts from the spool, see `meters::persist`).
+    /// When the spool cannot be written at all, the caller releases the
+    /// readings anyway rather than holding them back from the hub.
+    pub fn sendable_below(&mut self, end: u64) {
+        self.sendable = self.sendable.max(end.min(self.next_rec));
     }
 
     /// Readings not yet done.
@@ -116,23 +141,30 @@ impl OutboxState {
         }
     }
 
-    /// A connection is up: everything not done will be (re)sent.
-    pub fn connected(&mut self) {
-        self.reset_connection();
+    /// A connection is up: everything not done will be (re)sent. Returns
+    /// the readings lost with the previous connection (see
+    /// [`OutboxState::disconnected`]).
+    pub fn connected(&mut self) -> Vec<DropCause> {
+        let lost = self.reset_connection();
         self.connected = true;
+        lost
     }
 
-    /// The connection is gone: in-flight readings become unsent.
-    pub fn disconnected(&mut self) {
-        self.reset_connection();
+    /// The connection is gone: in-flight readings become unsent. Returns
+    /// the causes of the in-flight readings that cannot be resent (the
+    /// spool dropped them meanwhile): they are lost.
+    pub fn disconnected(&mut self) -> Vec<DropCause> {
+        let lost = self.reset_connection();
         self.connected = false;
+        lost
     }
 
-    fn reset_connection(&mut self) {
+    fn reset_connection(&mut self) -> Vec<DropCause> {
         self.in_flight.clear();
         self.in_flight_recs.clear();
         self.live.clear();
         self.cursor = self.low;
+        self.orphans.drain().map(|(_, cause)| cause).collect()
     }
 
     /// The record to send next, if the window has room: live first, then the
@@ -145,17 +177,21 @@ impl OutboxState {
         while let Some(&rec) = self.live.front() {
             if self.is_done(rec) || self.in_flight_recs.contains(&rec) {
                 self.live.pop_front();
-            } else {
+            } else if rec < self.sendable {
                 return Some(rec);
+            } else {
+                // Not durable yet (nor anything after it): the backlog's turn.
+                break;
             }
         }
         self.cursor = self.cursor.max(self.low);
-        while self.cursor < self.next_rec
+        let end = self.sendable.min(self.next_rec);
+        while self.cursor < end
             && (self.is_done(self.cursor) || self.in_flight_recs.contains(&self.cursor))
         {
             self.cursor += 1;
         }
-        (self.cursor < self.next_rec).then_some(self.cursor)
+        (self.cursor < end).then_some(self.cursor)
     }
 
     /// `rec` (from [`OutboxState::peek_next`]) was sent as `(epoch, seq)`.
@@ -208,7 +244,7 @@ impl OutboxState {
         for (i, f) in std::mem::take(&mut self.in_flight).into_iter().enumerate() {
             if i <= pos && f.epoch == epoch {
                 self.in_flight_recs.remove(&f.rec);
-                if self.mark_done(f.rec) {
+                if self.mark_done(f.rec) || self.orphans.remove(&f.rec).is_some() {
                     out.done += 1;
                 }
             } else {
@@ -227,7 +263,7 @@ impl OutboxState {
         let mut out = AckOutcome::default();
         if let Some(f) = self.in_flight.remove(pos) {
             self.in_flight_recs.remove(&f.rec);
-            if self.mark_done(f.rec) {
+            if self.mark_done(f.rec) || self.orphans.remove(&f.rec).is_some() {
                 out.done = 1;
             }
         }
@@ -240,31 +276,45 @@ impl OutboxState {
         let Some(pos) = self.position(epoch, seq) else {
             return AckOutcome::UNKNOWN;
         };
+        let mut out = AckOutcome::default();
         if let Some(f) = self.in_flight.remove(pos) {
             self.in_flight_recs.remove(&f.rec);
-            // Keep the invariant: everything below the cursor is done or in flight.
-            self.cursor = self.cursor.min(f.rec);
+            if let Some(cause) = self.orphans.remove(&f.rec) {
+                // Its data is gone: it cannot be sent again.
+                out.lost = Some(cause);
+            } else {
+                // Keep the invariant: everything below the cursor is done or in flight.
+                self.cursor = self.cursor.min(f.rec);
+            }
         }
-        AckOutcome::default()
+        out
     }
 
-    /// The spool dropped every record below `end` (full, or unreadable):
-    /// returns how many of them were not done yet (lost readings).
-    pub fn dropped_below(&mut self, end: u64) -> u64 {
+    /// The spool dropped every record below `end` (`cause`): returns how
+    /// many of them are lost now (neither done nor in flight). Those in
+    /// flight stay until the hub answers: acked, they were stored; if the
+    /// connection ends first, [`OutboxState::disconnected`] reports them
+    /// lost.
+    pub fn dropped_below(&mut self, end: u64, cause: DropCause) -> u64 {
         if end <= self.low {
             return 0;
         }
         let end = end.min(self.next_rec);
         let already = self.done.range(..end).count() as u64;
-        let lost = end - self.low - already;
+        let mut flying = 0;
+        for f in &self.in_flight {
+            if f.rec >= self.low && f.rec < end && !self.done.contains(&f.rec) {
+                self.orphans.insert(f.rec, cause);
+                flying += 1;
+            }
+        }
+        let lost = end - self.low - already - flying;
         self.done = self.done.split_off(&end);
         self.low = end;
         while self.done.remove(&self.low) {
             self.low += 1;
         }
         let low = self.low;
-        self.in_flight.retain(|f| f.rec >= low);
-        self.in_flight_recs.retain(|r| *r >= low);
         self.live.retain(|r| *r >= low);
         self.cursor = self.cursor.max(low);
         lost
@@ -275,13 +325,20 @@ impl OutboxState {
 mod tests {
     use super::*;
 
-    /// State with `n` records appended while disconnected.
+    /// State with `n` records appended while disconnected (and synced).
     fn with_backlog(n: u64, window: usize) -> OutboxState {
         let mut s = OutboxState::new(0, 0, window);
         for r in 0..n {
             s.appended(r);
         }
+        s.sendable_below(n);
         s
+    }
+
+    /// Appends `rec` and syncs it at once.
+    fn append_synced(s: &mut OutboxState, rec: u64) {
+        s.appended(rec);
+        s.sendable_below(rec + 1);
     }
 
     /// Sends everything allowed; record r is (epoch 1, seq r).
@@ -317,7 +374,7 @@ mod tests {
         let mut s = with_backlog(100, 8);
         s.connected();
         assert_eq!(send_all(&mut s), (0..8).collect::<Vec<_>>());
-        s.appended(100);
+        append_synced(&mut s, 100);
         s.ack(1, 3);
         let next = send_all(&mut s);
         assert_eq!(next[0], 100, "live first: {next:?}");
@@ -329,7 +386,7 @@ mod tests {
         let mut s = OutboxState::new(0, 0, 100);
         s.connected();
         for r in 0..6 {
-            s.appended(r);
+            append_synced(&mut s, r);
         }
         // Send order 0..6, with two epochs interleaved.
         let ids = [(1, 10), (2, 0), (1, 11), (2, 1), (1, 12), (2, 2)];
@@ -379,7 +436,7 @@ mod tests {
         s.ack(1, 1);
         s.disconnected();
         assert_eq!(s.in_flight(), 0);
-        s.appended(5);
+        append_synced(&mut s, 5);
         s.connected();
         assert_eq!(send_all(&mut s), [2, 3, 4, 5]);
     }
@@ -389,7 +446,7 @@ mod tests {
         let mut s = with_backlog(10, 3);
         s.connected();
         send_all(&mut s); // 0 1 2
-        s.appended(10); // live
+        append_synced(&mut s, 10); // live
         s.ack(1, 2); // 0..=2 done
         assert_eq!(send_all(&mut s), [10, 3, 4]);
         s.ack(1, 10); // only 10 (first in send order) done
@@ -412,7 +469,7 @@ mod tests {
         s.live_cap = 2;
         s.connected();
         for r in 0..5 {
-            s.appended(r);
+            append_synced(&mut s, r);
         }
         let mut order = vec![];
         for _ in 0..5 {
@@ -449,11 +506,37 @@ mod tests {
         send_all(&mut s);
         s.ack(1, 1); // 0,1 done
         s.rejected(1, 5);
-        assert_eq!(s.dropped_below(7), 4); // 2,3,4,6
+        s.disconnected();
+        s.connected();
+        assert_eq!(send_all(&mut s), [2, 3, 4, 6, 7, 8, 9]);
+        s.disconnected();
+        assert_eq!(s.dropped_below(7, DropCause::Bound), 4); // 2,3,4,6
         assert_eq!(s.low(), 7);
-        assert_eq!(s.in_flight(), 3);
-        assert_eq!(s.dropped_below(3), 0);
+        assert_eq!(s.dropped_below(3, DropCause::Bound), 0);
+        s.connected();
+        assert_eq!(send_all(&mut s), [7, 8, 9]);
         assert_eq!(s.ack(1, 9).done, 3);
+        assert_eq!(s.depth(), 0);
+    }
+
+    #[test]
+    fn readings_dropped_in_flight_count_as_lost_only_if_never_acked() {
+        let mut s = with_backlog(10, 10);
+        s.connected();
+        assert_eq!(send_all(&mut s).len(), 10);
+        // The spool drops 0..6 while they are in flight: nothing lost yet.
+        assert_eq!(s.dropped_below(6, DropCause::DiskFull), 0);
+        assert_eq!(s.depth(), 4);
+        // The hub stored 0..=2 (acked), refused 3 for good, and asked for 4
+        // again (rate limit): 4 cannot be resent.
+        assert_eq!(s.ack(1, 2).done, 3);
+        assert_eq!(s.rejected(1, 3).done, 1);
+        assert_eq!(s.requeue(1, 4).lost, Some(DropCause::DiskFull));
+        // The connection ends before 5 is acked: lost too.
+        assert_eq!(s.disconnected(), [DropCause::DiskFull]);
+        s.connected();
+        assert_eq!(send_all(&mut s), [6, 7, 8, 9]);
+        assert_eq!(s.ack(1, 9).done, 4);
         assert_eq!(s.depth(), 0);
     }
 
@@ -465,5 +548,21 @@ mod tests {
         s.discard(r);
         assert_eq!(send_all(&mut s), [1, 2]);
         assert_eq!(s.low(), 1);
+    }
+
+    #[test]
+    fn readings_go_out_only_once_synced() {
+        let mut s = with_backlog(3, 10);
+        s.connected();
+        s.appended(3);
+        s.appended(4);
+        // 0..3 are durable, 3 and 4 (live) not yet: the backlog goes.
+        assert_eq!(send_all(&mut s), [0, 1, 2]);
+        s.sendable_below(4);
+        assert_eq!(send_all(&mut s), [3]);
+        s.appended(5);
+        s.sendable_below(6);
+        assert_eq!(send_all(&mut s), [4, 5]);
+        assert_eq!(s.ack(1, 5).done, 6);
     }
 }

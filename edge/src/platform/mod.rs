@@ -46,7 +46,7 @@ pub use i2c::{scan_i2c, I2cDevice};
 /// what to enable, never with a panic.
 pub fn open(cfg: &MeterConfig, state_dir: &Path) -> Result<Box<dyn Meter>, MeterError> {
     match cfg {
-        MeterConfig::Simulated(c) => Ok(Box::new(Simulated::new(c.clone()))),
+        MeterConfig::Simulated(c) => Ok(Box::new(Simulated::open(c.clone(), state_dir)?)),
         MeterConfig::Ina219(c) => i2c::open_ina219(c, state_dir),
         MeterConfig::Ina226(c) => i2c::open_ina226(c, state_dir),
         MeterConfig::Atm90e32(c) => spi::open_atm90e32(c, state_dir),

@@ -25,6 +25,36 @@ fn wr(reg: u16, value: u16) -> Vec<T<u8>> {
 const UGAIN: u16 = 7305;
 const IGAIN: u16 = 27961;
 
+/// From the M90E32AS datasheet (register map, "power-on value" column) and
+/// application note, written here independently of the driver. The
+/// configuration block 31H–3AH has the same power-on values in the M90E36A
+/// datasheet's table (Table-5).
+mod datasheet {
+    pub const MMODE0: u16 = 0x33;
+    pub const P_START_TH: u16 = 0x35;
+    pub const AP_ENERGY_A: u16 = 0x81;
+    pub const AP_ENERGY_B: u16 = 0x82;
+    pub const URMS_B: u16 = 0xDA;
+    /// MMode0 after power-on: 3P4W, 50 Hz — the same as the driver's
+    /// 50 Hz setting, so MMode0 cannot reveal a reset at 50 Hz.
+    pub const MMODE0_POWER_ON: u16 = 0x0087;
+    /// PStartTh after power-on (no start-up threshold).
+    pub const P_START_TH_POWER_ON: u16 = 0x0000;
+    /// PLconstH/PLconstL after power-on.
+    pub const PL_CONST_POWER_ON: u32 = 0x0861_C468;
+    /// PL_constant = 4.5·10¹¹ / meter constant (imp/kWh).
+    pub fn pl_constant(imp_per_kwh: u64) -> u32 {
+        (450_000_000_000 / imp_per_kwh) as u32
+    }
+    /// Energy registers count 0.01 CF pulses; one CF pulse is 1/MC kWh.
+    pub fn energy_lsb_wh(imp_per_kwh: f64) -> f64 {
+        1000.0 / imp_per_kwh / 100.0
+    }
+    /// PStartTh unit, and the LSB of the 32-bit mean power (Pmean·2¹⁶ +
+    /// PmeanLSB).
+    pub const POWER_LSB_W: f64 = 0.00032;
+}
+
 fn init_script() -> Vec<T<u8>> {
     let writes: &[(u16, u16)] = &[
         (0x70, 0x789A), // SoftReset
@@ -158,14 +188,28 @@ fn init_without_chip_fails_verification() {
     spi.done();
 }
 
-fn phase_a(energy: u16) -> Vec<T<u8>> {
-    let mut v = rd(0x33, 0x0087); // MMode0 check
-    v.extend(rd(0xF8, 5000)); // Freq 50.00 Hz
-    v.extend(rd(0xD9, 23000)); // UrmsA 230.00 V
+/// The reset check every sample starts with: MMode0 and PStartTh read
+/// back as configured.
+fn configured() -> Vec<T<u8>> {
+    let mut v = rd(0x33, 0x0087); // MMode0
+    v.extend(rd(0x35, 0x1D4C)); // PStartTh as written by init
+    v
+}
+
+/// Phase A's measurement registers (energy last: it clears on read).
+fn phase_a_values(pf: u16) -> Vec<T<u8>> {
+    let mut v = rd(0xD9, 23000); // UrmsA 230.00 V
     v.extend(rd(0xDD, 5000)); // IrmsA 5.000 A
     v.extend(rd(0xB1, 0x0034)); // PmeanA
     v.extend(rd(0xC1, 0x73BC)); // PmeanALSB → 1100 W
-    v.extend(rd(0xBD, 950)); // PFmeanA 0.95
+    v.extend(rd(0xBD, pf)); // PFmeanA
+    v
+}
+
+fn phase_a(energy: u16) -> Vec<T<u8>> {
+    let mut v = configured();
+    v.extend(rd(0xF8, 5000)); // Freq 50.00 Hz
+    v.extend(phase_a_values(950)); // PF 0.95
     v.extend(rd(0x81, energy)); // APenergyA
     v
 }
@@ -180,14 +224,17 @@ fn measure_phase_a() {
     assert!(close(r[0].current_a, 5.0, 1e-9));
     assert!(close(r[0].power_w, 1100.0, 1e-6));
     assert!(close(r[0].power_factor, 0.95, 1e-9));
-    assert!(close(r[0].energy_delta_wh, 1.0, 1e-9));
+    assert!(close(chip.take_drained(Phase::A), 1.0, 1e-9));
+    assert_eq!(chip.take_drained(Phase::A), 0.0, "taken once");
     chip.destroy();
     spi.done();
 }
 
 #[test]
 fn floating_miso_is_a_glitch_not_a_reading() {
-    let mut spi = Mock::new(&rd(0x33, 0xFFFF));
+    let mut exp = rd(0x33, 0xFFFF);
+    exp.extend(rd(0x35, 0xFFFF));
+    let mut spi = Mock::new(&exp);
     let mut chip = Atm90e32::new(spi.clone(), settings());
     assert!(matches!(chip.measure(&[Phase::A]), Err(Error::AllOnes)));
     chip.destroy();
@@ -197,13 +244,80 @@ fn floating_miso_is_a_glitch_not_a_reading() {
 #[test]
 fn chip_reset_triggers_reinit() {
     let mut exp = rd(0x33, 0x0000);
+    exp.extend(rd(0x35, 0x0000));
     exp.extend(init_script());
     let mut spi = Mock::new(&exp);
     let mut chip = Atm90e32::new(spi.clone(), settings());
     assert!(matches!(
         chip.measure(&[Phase::A]),
-        Err(Error::Reinitialised { found: 0 })
+        Err(Error::Reinitialised {
+            register: 0x33,
+            found: 0,
+            resets: 1,
+            ..
+        })
     ));
+    chip.destroy();
+    spi.done();
+}
+
+#[test]
+fn the_datasheet_power_on_values_and_what_init_writes() {
+    use datasheet::*;
+    // At 50 Hz the driver configures MMode0 to its power-on value: a reset
+    // cannot be seen there. PStartTh is written with a value its power-on
+    // value never has, so a reset shows there.
+    assert_eq!(settings().mmode0, MMODE0_POWER_ON);
+    // The PL constant init writes (init_script: 0861H, C468H) is the
+    // power-on one, 3200 imp/kWh.
+    assert_eq!(pl_constant(3200), PL_CONST_POWER_ON);
+    assert_eq!((0x0861u32 << 16) | 0xC468, PL_CONST_POWER_ON);
+    assert!(close(atm90e32::energy_wh(1), energy_lsb_wh(3200.0), 1e-15));
+    assert!(close(atm90e32::energy_wh(320), 1.0, 1e-12));
+    // 32-bit mean power: 1100 W = 3 437 500 LSB = 0x0034_73BC.
+    assert_eq!((1100.0 / POWER_LSB_W).round() as u32, 0x0034_73BC);
+    assert!(close(
+        atm90e32::active_power_w(0x0034, 0x73BC),
+        1100.0,
+        1e-6
+    ));
+    assert_ne!(0x1D4C, P_START_TH_POWER_ON);
+    assert_eq!(P_START_TH, 0x35);
+    assert_eq!(MMODE0, 0x33);
+}
+
+#[test]
+fn a_reset_is_detected_although_mmode0_reads_as_configured() {
+    use datasheet::*;
+    // After a brown-out at 50 Hz: MMode0 is back at its power-on value,
+    // which equals the configured one; PStartTh is back at 0000H.
+    let mut exp = rd(MMODE0, MMODE0_POWER_ON);
+    exp.extend(rd(P_START_TH, P_START_TH_POWER_ON));
+    exp.extend(init_script());
+    // The next sample finds the chip configured again.
+    exp.extend(phase_a(0));
+    exp.extend(rd(MMODE0, MMODE0_POWER_ON));
+    exp.extend(rd(P_START_TH, P_START_TH_POWER_ON));
+    exp.extend(init_script());
+    let mut spi = Mock::new(&exp);
+    let mut chip = Atm90e32::new(spi.clone(), settings());
+    let e = chip.measure(&[Phase::A]).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Reinitialised {
+                register: 0x35,
+                found: 0,
+                resets: 1,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    chip.measure(&[Phase::A]).unwrap();
+    let e = chip.measure(&[Phase::A]).unwrap_err();
+    assert_eq!(chip.resets(), 2);
+    assert!(e.to_string().contains("2 since start"), "{e}");
     chip.destroy();
     spi.done();
 }
@@ -241,4 +355,130 @@ fn meter_ids_per_phase_and_energy_persisted() {
     spi.done();
     let s = std::fs::read_to_string(dir.path().join("mains.energy_wh")).unwrap();
     assert_eq!(atm90e32::parse_totals(&s).unwrap(), [3.0, 0.0, 0.0]);
+}
+
+fn meter_cfg(phases: &str) -> Atm90e32Config {
+    let cfg: MeterConfig = toml::from_str(&format!(
+        r#"
+        id = "mains"
+        kind = "atm90e32"
+        phases = {phases}
+        ugain = [7305, 7305, 7305]
+        igain = [27961, 27961, 27961]
+        "#
+    ))
+    .unwrap();
+    let MeterConfig::Atm90e32(cfg) = cfg else {
+        panic!("wrong kind")
+    };
+    cfg
+}
+
+#[test]
+fn energy_drained_in_an_implausible_sample_is_carried_into_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut exp = init_script();
+    // A sample with an impossible power factor (2.000): no reading, but
+    // the 1 Wh read (and cleared) from APenergyA is kept.
+    exp.extend(configured());
+    exp.extend(rd(0xF8, 5000));
+    exp.extend(phase_a_values(2000));
+    exp.extend(rd(0x81, 320));
+    exp.extend(phase_a(320));
+    let mut spi = Mock::new(&exp);
+    let mut m = Atm90e32Meter::new(&meter_cfg(r#"["a"]"#), spi.clone(), dir.path()).unwrap();
+    let t0 = Instant::now();
+    assert!(m.read_at(t0).is_err());
+    let b = m.read_at(t0 + Duration::from_secs(1)).unwrap();
+    assert_eq!(b[0].energy_wh, Some(2.0));
+    drop(m);
+    spi.done();
+}
+
+/// The scripted bus, except that the first read of one register fails
+/// (embedded-hal-mock cannot script a failing transfer).
+#[derive(Clone)]
+struct FailFirstRead {
+    inner: Mock<u8>,
+    register: u16,
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl embedded_hal::spi::ErrorType for FailFirstRead {
+    type Error = embedded_hal::spi::ErrorKind;
+}
+
+impl embedded_hal::spi::SpiDevice for FailFirstRead {
+    fn transaction(
+        &mut self,
+        operations: &mut [embedded_hal::spi::Operation<'_, u8>],
+    ) -> Result<(), Self::Error> {
+        let addr = [0x80 | (self.register >> 8) as u8, self.register as u8];
+        let hits = matches!(operations.first(), Some(embedded_hal::spi::Operation::Write(w)) if *w == addr);
+        if hits && !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(embedded_hal::spi::ErrorKind::Other);
+        }
+        self.inner.transaction(operations)
+    }
+}
+
+#[test]
+fn energy_drained_before_a_failed_read_is_carried_into_the_next_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let phase_b_values = || {
+        let mut v = rd(datasheet::URMS_B, 23000);
+        v.extend(rd(0xDE, 5000));
+        v.extend(rd(0xB2, 0x0034));
+        v.extend(rd(0xC2, 0x73BC));
+        v.extend(rd(0xBE, 950));
+        v
+    };
+    let mut exp = init_script();
+    // Sample 1: A's energy register is read (and cleared), then the bus
+    // fails reading B's.
+    exp.extend(configured());
+    exp.extend(rd(0xF8, 5000));
+    exp.extend(phase_a_values(950));
+    exp.extend(phase_b_values());
+    exp.extend(rd(datasheet::AP_ENERGY_A, 320));
+    // (here the read of APenergyB fails)
+    // Sample 2: fine.
+    exp.extend(configured());
+    exp.extend(rd(0xF8, 5000));
+    exp.extend(phase_a_values(950));
+    exp.extend(phase_b_values());
+    exp.extend(rd(datasheet::AP_ENERGY_A, 320));
+    exp.extend(rd(datasheet::AP_ENERGY_B, 640));
+    let mut spi = Mock::new(&exp);
+    let bus = FailFirstRead {
+        inner: spi.clone(),
+        register: datasheet::AP_ENERGY_B,
+        failed: Default::default(),
+    };
+    let mut m = Atm90e32Meter::new(&meter_cfg(r#"["a", "b"]"#), bus, dir.path()).unwrap();
+    let t0 = Instant::now();
+    assert!(m.read_at(t0).is_err());
+    let b = m.read_at(t0 + Duration::from_secs(1)).unwrap();
+    assert_eq!(b[0].meter, "mains-a");
+    assert_eq!(b[0].energy_wh, Some(2.0), "A's first drain is not lost");
+    assert_eq!(b[1].energy_wh, Some(2.0));
+    drop(m);
+    spi.done();
+}
+
+#[test]
+fn an_energy_register_reading_all_ones_is_a_glitch_not_energy() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut exp = init_script();
+    exp.extend(phase_a(0xFFFF)); // 204.8 Wh in one second: a floating MISO
+    exp.extend(phase_a(320));
+    let mut spi = Mock::new(&exp);
+    let mut m = Atm90e32Meter::new(&meter_cfg(r#"["a"]"#), spi.clone(), dir.path()).unwrap();
+    let t0 = Instant::now();
+    let e = m.read_at(t0).unwrap_err();
+    assert!(e.to_string().contains("all ones"), "{e}");
+    let b = m.read_at(t0 + Duration::from_secs(1)).unwrap();
+    assert_eq!(b[0].energy_wh, Some(1.0));
+    drop(m);
+    spi.done();
 }

@@ -114,3 +114,34 @@ fn data_nack() {
     chip.destroy();
     bus.done();
 }
+
+#[test]
+fn datasheet_configure_measure_calculate_example() {
+    // INA226 datasheet (SBOS547), "Configure/Measure/Calculate Example",
+    // Table 1: 10 A load, 12 V common mode, 2 mΩ shunt, 15 A maximum
+    // expected current → Current_LSB 457.7 µA/bit by Equation 2, rounded
+    // to 1 mA/bit → CAL 2560 (A00h); power LSB 25 × 1 mA = 25 mW.
+    let c = ina226::calibration(0.002, 15.0).unwrap();
+    assert!(close(15.0 / 32768.0, 457.7e-6, 0.1e-6));
+    assert!(close(c.current_lsb_a, 0.001, 1e-12));
+    assert_eq!(c.cal, 0x0A00);
+    let mut exp = Vec::new();
+    exp.extend(read(0x05, 0x0A00)); // Calibration 2560
+    exp.extend(read(0x06, 0x0008)); // conversion ready, no overflow
+    exp.extend(read(0x02, 0x2570)); // Bus 9584 × 1.25 mV = 11.98 V
+    exp.extend(read(0x01, 0x1F40)); // Shunt 8000 × 2.5 µV = 20 mV
+    exp.extend(read(0x04, 0x2710)); // Current 10000 × 1 mA = 10 A
+    exp.extend(read(0x03, 0x12B8)); // Power 4792 × 25 mW = 119.8 W
+    let mut bus = Mock::new(&exp);
+    let mut chip = Ina226::new(bus.clone(), ADDR, 0.002, 15.0).unwrap();
+    let r = chip.measure().unwrap();
+    assert!(close(r.voltage_v, 11.98, 1e-9));
+    assert!(close(r.current_a, 10.0, 1e-9));
+    assert!(close(r.power_w, 119.8, 1e-9));
+    // Equation 3: Current = Shunt × CAL / 2048; Equation 4: Power =
+    // Current × Bus / 20 000 — the register values are consistent.
+    assert_eq!(8000 * 2560 / 2048, 0x2710);
+    assert_eq!(10000 * 9584 / 20000, 0x12B8);
+    chip.destroy();
+    bus.done();
+}

@@ -53,7 +53,7 @@ fn live_readings_flow_while_a_large_backlog_drains() {
             energy_wh: Some(1000.0 + seq as f64),
             ..Default::default()
         };
-        ob.append(&r).unwrap();
+        ob.append(&r);
     }
     sync_files(ob.flush().unwrap()).unwrap();
     drop(ob);
@@ -121,7 +121,7 @@ fn hub_rate_limit_slows_the_drain_and_loses_nothing() {
             power_w: Some(500.0),
             ..Default::default()
         };
-        ob.append(&r).unwrap();
+        ob.append(&r);
     }
     sync_files(ob.flush().unwrap()).unwrap();
     drop(ob);
@@ -182,7 +182,7 @@ fn measure_spool() {
     let n = 200_000u64;
     let t = Instant::now();
     for seq in 0..n {
-        ob.append(&reading(seq)).unwrap();
+        ob.append(&reading(seq));
     }
     let append = t.elapsed();
     let t = Instant::now();
@@ -201,7 +201,7 @@ fn measure_spool() {
     let mut worst = Duration::ZERO;
     let mut total = Duration::ZERO;
     for seq in n..n + 50 {
-        ob.append(&reading(seq)).unwrap();
+        ob.append(&reading(seq));
         let t = Instant::now();
         sync_files(ob.flush().unwrap()).unwrap();
         worst = worst.max(t.elapsed());

@@ -192,6 +192,33 @@ seed = 1
         rows.map(|r| r.unwrap()).collect()
     }
 
+    /// `(seq, ts_ms, meter, energy_wh)` of every stored reading of `epoch`,
+    /// by seq.
+    pub fn rows_of(&self, epoch: u64) -> Vec<(u64, i64, String, Option<f64>)> {
+        let path = self.db_url.trim_start_matches("sqlite:");
+        let conn =
+            rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .unwrap();
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        let mut stmt = conn
+            .prepare(
+                "SELECT seq, ts, meter, energy_wh FROM readings \
+                 WHERE device_id = ?1 AND epoch = ?2 ORDER BY seq",
+            )
+            .unwrap();
+        let rows = stmt
+            .query_map(rusqlite::params![DEVICE, epoch as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Option<f64>>(3)?,
+                ))
+            })
+            .unwrap();
+        rows.map(|r| r.unwrap()).collect()
+    }
+
     pub fn seqs_of(&self, epoch: u64) -> Vec<u64> {
         self.stored()
             .into_iter()
@@ -332,5 +359,114 @@ impl Drop for Edge {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Counters from the edge's last log line ("stopped after …; N readings
+/// kept …; since start: A dropped (spool full), B dropped (disk full), C
+/// lost (damaged spool records), D rejected by the hub").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FinalCounts {
+    pub kept: u64,
+    pub dropped_full: u64,
+    pub dropped_disk_full: u64,
+    pub damaged: u64,
+    pub rejected: u64,
+}
+
+impl FinalCounts {
+    pub fn from_log(log: &str) -> Option<FinalCounts> {
+        let line = log.lines().rev().find(|l| l.contains("stopped after"))?;
+        let number_before = |needle: &str| -> Option<u64> {
+            let head = &line[..line.find(needle)?];
+            head.trim_end().rsplit(' ').next()?.parse().ok()
+        };
+        Some(FinalCounts {
+            kept: number_before(" readings kept")?,
+            dropped_full: number_before(" dropped (spool full)")?,
+            dropped_disk_full: number_before(" dropped (disk full)")?,
+            damaged: number_before(" lost (damaged spool records)")?,
+            rejected: number_before(" rejected by the hub")?,
+        })
+    }
+
+    /// Readings that left the outbox without being stored.
+    pub fn lost(&self) -> u64 {
+        self.dropped_full + self.dropped_disk_full + self.damaged + self.rejected
+    }
+}
+
+/// A size-limited tmpfs mounted for one test (needs root); unmounted when
+/// dropped.
+pub struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `"160k"`) on `path`. When that is not
+    /// possible (not root, no mount permission) the test is skipped with a
+    /// loud message, or fails when `EMS_REQUIRE_TMPFS=1` (CI).
+    pub fn mount(path: &Path, size: &str) -> Option<Tmpfs> {
+        fs::create_dir_all(path).unwrap();
+        // SAFETY: getuid has no preconditions.
+        let root = unsafe { libc::getuid() } == 0;
+        let out = root.then(|| {
+            Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size},mode=0700"),
+                    "tmpfs",
+                ])
+                .arg(path)
+                .output()
+        });
+        match out {
+            Some(Ok(o)) if o.status.success() => Some(Tmpfs {
+                path: path.to_path_buf(),
+            }),
+            other => {
+                let why = match other {
+                    None => "not running as root".to_string(),
+                    Some(Ok(o)) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+                    Some(Err(e)) => e.to_string(),
+                };
+                if std::env::var("EMS_REQUIRE_TMPFS").as_deref() == Ok("1") {
+                    panic!("EMS_REQUIRE_TMPFS=1 but a tmpfs cannot be mounted: {why}");
+                }
+                eprintln!(
+                    "\n*** SKIP: this test needs a size-limited tmpfs (mount -t tmpfs, as root): {why}. \
+                     Set EMS_REQUIRE_TMPFS=1 to make this a failure. ***\n"
+                );
+                None
+            }
+        }
+    }
+
+    /// Fills the file system with `name` until a write fails; returns the
+    /// file's path.
+    pub fn fill(&self, name: &str) -> PathBuf {
+        use std::io::Write;
+        let path = self.path.join(name);
+        let mut f = fs::File::create(&path).unwrap();
+        let block = [0u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        // Smaller writes take the last partial page too.
+        while f.write_all(&block[..64]).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
     }
 }

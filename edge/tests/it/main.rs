@@ -6,6 +6,8 @@ mod backlog;
 mod chaos;
 mod cli;
 mod clock_sync;
+mod disk_full;
+mod energy;
 mod harness;
 mod lifecycle;
 mod liveness;

@@ -79,7 +79,7 @@ fn a_rejected_reading_leaves_the_outbox_without_blocking_it() {
             power_w: Some(100.0),
             ..Default::default()
         };
-        ob.append(&r).unwrap();
+        ob.append(&r);
     }
     sync_files(ob.flush().unwrap()).unwrap();
     drop(ob);
@@ -102,4 +102,116 @@ fn a_rejected_reading_leaves_the_outbox_without_blocking_it() {
     again.terminate();
     edge.assert_token_not_logged();
     again.assert_token_not_logged();
+}
+
+/// A hub-like peer that takes the connection, waits for a reading (acking
+/// nothing, so the edge sits in a read while new readings become ready),
+/// then closes with `code` and resets the TCP connection while the edge
+/// still has readings to write.
+fn close_then_reset(listener: &std::net::TcpListener, code: u16) {
+    use std::os::fd::AsRawFd;
+    use tungstenite::protocol::frame::coding::CloseCode;
+    use tungstenite::protocol::CloseFrame;
+    let deadline = std::time::Instant::now() + SOON;
+    let tcp = loop {
+        match listener.accept() {
+            Ok((tcp, _)) => break tcp,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the edge did not connect"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    tcp.set_nonblocking(false).unwrap();
+    tcp.set_read_timeout(Some(SOON)).unwrap();
+    let mut ws = tungstenite::accept(tcp).unwrap();
+    loop {
+        let msg = ws.read().unwrap();
+        if msg
+            .to_text()
+            .is_ok_and(|t| t.contains("\"type\":\"reading\""))
+        {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    ws.close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: "scripted".into(),
+    }))
+    .unwrap();
+    let _ = ws.flush();
+    std::thread::sleep(Duration::from_millis(300));
+    // RST instead of FIN: whatever the edge writes next fails.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let tcp = ws.get_ref();
+    // SAFETY: setsockopt on a socket we own, with a correctly sized value.
+    let rc = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    drop(ws);
+}
+
+#[test]
+fn close_4001_and_4002_are_acted_on_even_when_the_socket_then_fails() {
+    let w = World::new();
+    // A long read timeout: the edge waits in a read while the peer is
+    // silent, and has readings ready to write when the close comes.
+    let config = w.config("edge.toml", "", "");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("poll_ms = 20", "poll_ms = 1000");
+    std::fs::write(&config, text).unwrap();
+    let listener = std::net::TcpListener::bind(("127.0.0.1", w.port)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let mut edge = w.edge(&config);
+    let ended = |edge: &Edge| {
+        edge.count_in_log("RETRYING in")
+            + edge.count_in_log("the hub closed this link with code")
+            + edge.count_in_log("refuses this device id for a while")
+    };
+    for (i, code) in [4001, 4002, 4001].into_iter().enumerate() {
+        close_then_reset(&listener, code);
+        let deadline = std::time::Instant::now() + SOON;
+        while ended(&edge) <= i {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "session {i} did not end:\n{}",
+                edge.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let log = edge.log();
+    assert!(
+        !log.contains("link lost after"),
+        "a closed-with-4001/4002 link was treated as a plain lost link:\n{log}"
+    );
+    assert_eq!(
+        log.matches("the device token was revoked or rotated")
+            .count(),
+        2,
+        "{log}"
+    );
+    assert!(
+        log.contains("refuses this device id for a while (code 4002)"),
+        "{log}"
+    );
+    assert!(edge.alive());
+    edge.terminate();
+    edge.assert_token_not_logged();
 }

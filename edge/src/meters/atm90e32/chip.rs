@@ -28,9 +28,30 @@
 //! 9. `CfgRegAccEn` ← 0x0000 (lock); then `MMode0` and `UgainA` are read
 //!    back: a mismatch means no chip, a wrong chip select or broken MISO.
 //!
-//! On every sample `MMode0` is read first: `0xFFFF` is a floating MISO (bus
-//! glitch, error), any other unexpected value means the chip was reset
-//! (brown-out) and the driver runs the initialisation again.
+//! # Resets and glitches
+//! Every sample starts by reading `MMode0` and `PStartTh` back. A chip that
+//! lost power briefly (brown-out) comes back with its power-on values and
+//! measures with the wrong calibration. `MMode0`'s power-on value (0087H)
+//! *is* the 50 Hz three-phase four-wire setting, so it cannot tell; the
+//! start-up threshold `PStartTh` powers on as 0000H (datasheet register
+//! table; unit 0.00032 W) and init always writes 1D4CH (2.4 W), so any
+//! reset shows there. On a reset the driver runs the initialisation again,
+//! counts it ([`Atm90e32::resets`]) and reports
+//! [`Error::Reinitialised`]; the energy the chip had accumulated since the
+//! last read is gone with it.
+//!
+//! A register that reads `0xFFFF` is a floating MISO (no chip driving the
+//! line), not a value: when the reset-check registers, or every
+//! measurement register of a phase, or an energy register read all ones,
+//! the sample fails with [`Error::AllOnes`].
+//!
+//! # Energy
+//! The energy registers clear on read, so they are read last, after every
+//! other register of the sample proved the bus sane, and what they held is
+//! kept in the driver ([`Atm90e32::take_drained`]) until the caller takes
+//! it with a good sample: energy drained in a sample that fails afterwards
+//! (a later read fails, the values are implausible) is carried into the
+//! next one, never thrown away.
 //!
 //! # Measurements
 //! | quantity     | register(s)                         | scale                         |
@@ -108,6 +129,11 @@ pub const CFG_UNLOCK: u16 = 0x55AA;
 pub const MMODE0_3P4W: u16 = 0x0087;
 /// `MMode0` bit selecting 60 Hz.
 pub const MMODE0_60HZ: u16 = 1 << 12;
+/// Start-up power thresholds written by init (`PStartTh`, `QStartTh`,
+/// `SStartTh`; 0.00032 W units: 2.4 W). Never the power-on value 0000H.
+pub const START_TH: u16 = 0x1D4C;
+/// Per-phase start-up thresholds written by init (`PPhaseTh` …: 0.24 W).
+pub const PHASE_TH: u16 = 0x02EE;
 
 /// A phase channel.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -241,11 +267,18 @@ pub enum Error<E> {
     /// All ones: MISO floating.
     #[error("registers read all ones (MISO floating: bus glitch or no chip)")]
     AllOnes,
-    /// The chip lost its configuration and was initialised again.
-    #[error("MMode0 reads {found:#06x}: chip was reset, re-initialised")]
+    /// The chip lost its configuration (a reset) and was initialised
+    /// again; the sample is skipped.
+    #[error("register {register:#04x} reads {found:#06x} instead of {expected:#06x}: the chip was reset, re-initialised ({resets} since start)")]
     Reinitialised {
-        /// The value read.
+        /// The register that revealed it.
+        register: u16,
+        /// What it should read.
+        expected: u16,
+        /// What it read.
         found: u16,
+        /// Resets seen since the driver started.
+        resets: u64,
     },
 }
 
@@ -260,8 +293,6 @@ pub struct PhaseReading {
     pub power_w: f64,
     /// −1 … 1.
     pub power_factor: f64,
-    /// Energy drained from the read-to-clear register, Wh.
-    pub energy_delta_wh: f64,
 }
 
 /// ATM90E32 driver owning its SPI device.
@@ -271,12 +302,33 @@ pub struct Atm90e32<SPI> {
     spi: SPI,
     /// Register values.
     settings: Settings,
+    /// Energy read (and so cleared) from the chip, per phase, not yet taken
+    /// by the caller, Wh.
+    drained_wh: [f64; 3],
+    /// Resets detected since start.
+    resets: u64,
 }
 
 impl<SPI: SpiDevice> Atm90e32<SPI> {
     /// Takes the device (no traffic; call [`Atm90e32::init`]).
     pub fn new(spi: SPI, settings: Settings) -> Self {
-        Atm90e32 { spi, settings }
+        Atm90e32 {
+            spi,
+            settings,
+            drained_wh: [0.0; 3],
+            resets: 0,
+        }
+    }
+
+    /// Resets of the chip detected (and re-initialised) since start.
+    pub fn resets(&self) -> u64 {
+        self.resets
+    }
+
+    /// Energy of `phase` read from the chip since the last call, Wh (see
+    /// the module docs).
+    pub fn take_drained(&mut self, phase: Phase) -> f64 {
+        std::mem::take(&mut self.drained_wh[usize::from(phase.index())])
     }
 
     /// Reads a register: address word with bit 15 set, 4 µs, data word.
@@ -323,10 +375,10 @@ impl<SPI: SpiDevice> Atm90e32<SPI> {
             (reg::MMODE1, s.mmode1),
         ];
         for i in 0..3 {
-            seq.push((reg::P_START_TH + i, 0x1D4C));
+            seq.push((reg::P_START_TH + i, START_TH));
         }
         for i in 0..3 {
-            seq.push((reg::P_PHASE_TH + i, 0x02EE));
+            seq.push((reg::P_PHASE_TH + i, PHASE_TH));
         }
         for p in 0..3u16 {
             seq.push((reg::UGAIN_A + 4 * p, s.ugain[usize::from(p)]));
@@ -354,20 +406,14 @@ impl<SPI: SpiDevice> Atm90e32<SPI> {
         Ok(())
     }
 
-    /// Checks `MMode0` (re-initialising after a chip reset), then reads the
-    /// frequency and each phase in `phases`.
+    /// Checks that the chip is still configured (re-initialising it after a
+    /// reset), then reads the frequency and each phase in `phases`; the
+    /// energy registers last, into [`Atm90e32::take_drained`].
     pub fn measure(
         &mut self,
         phases: &[Phase],
     ) -> Result<(f64, Vec<PhaseReading>), Error<SPI::Error>> {
-        let mmode0 = self.read_register(reg::MMODE0)?;
-        if mmode0 != self.settings.mmode0 {
-            if mmode0 == 0xFFFF {
-                return Err(Error::AllOnes);
-            }
-            self.init()?;
-            return Err(Error::Reinitialised { found: mmode0 });
-        }
+        self.check_configured()?;
         let freq = self.read_register(reg::FREQ)?;
         let mut out = Vec::with_capacity(phases.len());
         for ph in phases {
@@ -377,8 +423,7 @@ impl<SPI: SpiDevice> Atm90e32<SPI> {
             let p_hi = self.read_register(reg::PMEAN_A + i)?;
             let p_lo = self.read_register(reg::PMEAN_A_LSB + i)?;
             let pf = self.read_register(reg::PF_MEAN_A + i)?;
-            let e = self.read_register(reg::AP_ENERGY_A + i)?;
-            if plausible::all_ones(&[u, irms, p_hi, pf]) {
+            if plausible::all_ones(&[u, irms, p_hi, p_lo, pf]) {
                 return Err(Error::AllOnes);
             }
             out.push(PhaseReading {
@@ -386,10 +431,42 @@ impl<SPI: SpiDevice> Atm90e32<SPI> {
                 current_a: current_a(irms),
                 power_w: active_power_w(p_hi, p_lo),
                 power_factor: power_factor(pf),
-                energy_delta_wh: energy_wh(e),
             });
         }
+        for ph in phases {
+            let e = self.read_register(reg::AP_ENERGY_A + ph.index())?;
+            if plausible::all_ones(&[e]) {
+                // 204.8 Wh since the last read: the line floated.
+                return Err(Error::AllOnes);
+            }
+            self.drained_wh[usize::from(ph.index())] += energy_wh(e);
+        }
         Ok((frequency_hz(freq), out))
+    }
+
+    /// Reads back two registers whose configured values differ from their
+    /// power-on values (see the module docs).
+    fn check_configured(&mut self) -> Result<(), Error<SPI::Error>> {
+        let mmode0 = self.read_register(reg::MMODE0)?;
+        let start_th = self.read_register(reg::P_START_TH)?;
+        if plausible::all_ones(&[mmode0]) || plausible::all_ones(&[start_th]) {
+            return Err(Error::AllOnes);
+        }
+        let checks = [
+            (reg::MMODE0, self.settings.mmode0, mmode0),
+            (reg::P_START_TH, START_TH, start_th),
+        ];
+        let Some(&(register, expected, found)) = checks.iter().find(|(_, e, f)| e != f) else {
+            return Ok(());
+        };
+        self.resets += 1;
+        self.init()?;
+        Err(Error::Reinitialised {
+            register,
+            expected,
+            found,
+            resets: self.resets,
+        })
     }
 
     /// Gives the device back.

@@ -26,7 +26,10 @@
 //! readings into measurements.
 //!
 //! Because the energy registers clear on read, the meter accumulates them
-//! into per-phase totals persisted in `<state_dir>/<id>.energy_wh`.
+//! into per-phase totals persisted in `<state_dir>/<id>.energy_wh`; energy
+//! drained in a sample that is then skipped is added with the next good
+//! one. A chip reset (brown-out) is detected, re-initialised, counted and
+//! logged (see [`chip`]).
 //! Voltage and current scales depend on the gains: calibrate `ugain`/`igain`
 //! for your transformers and CTs against a reference meter (the values of the
 //! board vendor's examples are a starting point).
@@ -39,13 +42,13 @@ use std::time::Instant;
 use embedded_hal::spi::SpiDevice;
 use serde::Deserialize;
 
-use super::persist::StateFile;
+use super::persist::{log_resumed, EnergyFloor, StateFile};
 use super::{plausible, Measurement, Meter, MeterError};
 
 pub use chip::{
     active_power_w, current_a, energy_wh, frequency_hz, power_factor, reg, settings, voltage_v,
-    Atm90e32, Error, Phase, PhaseReading, Settings, CFG_UNLOCK, MMODE0_3P4W, MMODE0_60HZ,
-    SOFT_RESET_VALUE,
+    Atm90e32, Error, Phase, PhaseReading, Settings, CFG_UNLOCK, MMODE0_3P4W, MMODE0_60HZ, PHASE_TH,
+    SOFT_RESET_VALUE, START_TH,
 };
 
 /// `kind = "atm90e32"` config table.
@@ -165,10 +168,29 @@ impl<SPI: SpiDevice + Send> Atm90e32Meter<SPI> {
 
     /// Reads at an explicit instant (for the persistence rate limit).
     pub fn read_at(&mut self, now: Instant) -> Result<Vec<Measurement>, MeterError> {
-        let (freq, readings) = self
-            .chip
-            .measure(&self.phases)
-            .map_err(|e| meter_error(&self.id, e))?;
+        let result = self.read_checked(now);
+        if result.is_err() {
+            // The last totals before a failure go to disk now.
+            if let Err(e) = self.state.flush_pending() {
+                log::warn!("meter {}: cannot persist energy: {e}", self.id);
+            }
+        }
+        result
+    }
+
+    fn read_checked(&mut self, now: Instant) -> Result<Vec<Measurement>, MeterError> {
+        let (freq, readings) = match self.chip.measure(&self.phases) {
+            Ok(m) => m,
+            Err(e) => {
+                if let Error::Reinitialised { resets, .. } = e {
+                    log::warn!(
+                        "meter {}: the ATM90E32 was reset (brown-out?) and is initialised again ({resets} resets since start); the energy it counted since the last read is lost",
+                        self.id
+                    );
+                }
+                return Err(meter_error(&self.id, e));
+            }
+        };
         let mut out = Vec::with_capacity(readings.len());
         for (ph, r) in self.phases.iter().zip(readings.iter()) {
             out.push(Measurement {
@@ -182,17 +204,23 @@ impl<SPI: SpiDevice + Send> Atm90e32Meter<SPI> {
                 reactive_power_var: None,
             });
         }
+        // An implausible sample is skipped; the energy drained in it stays
+        // in the driver for the next one.
         plausible::check_all(&out)?;
-        // Only now, with a plausible sample, add the drained energy.
-        for ((ph, r), m) in self.phases.iter().zip(readings.iter()).zip(out.iter_mut()) {
+        for (ph, m) in self.phases.iter().zip(out.iter_mut()) {
             let t = &mut self.totals[usize::from(ph.index())];
-            *t += r.energy_delta_wh;
+            *t += self.chip.take_drained(*ph);
             m.energy_wh = Some(*t);
         }
         if let Err(e) = self.state.store(&format_totals(&self.totals), now) {
             log::warn!("meter {}: cannot persist energy: {e}", self.id);
         }
         Ok(out)
+    }
+
+    /// Chip resets detected since start.
+    pub fn resets(&self) -> u64 {
+        self.chip.resets()
     }
 }
 
@@ -222,6 +250,16 @@ impl<SPI: SpiDevice + Send> Meter for Atm90e32Meter<SPI> {
     }
     fn read(&mut self) -> Result<Vec<Measurement>, MeterError> {
         self.read_at(Instant::now())
+    }
+    fn resume_energy(&mut self, floor: &EnergyFloor) {
+        for ph in &self.phases {
+            let id = format!("{}-{}", self.id, ph.suffix());
+            let total = &mut self.totals[usize::from(ph.index())];
+            if let Some(f) = floor.get(&id).filter(|f| *f > *total) {
+                log_resumed(&id, *total, f);
+                *total = f;
+            }
+        }
     }
 }
 

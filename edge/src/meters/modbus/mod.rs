@@ -347,4 +347,7 @@ impl<P: SerialPort> Meter for ModbusMeter<P> {
         plausible::check_all(&ms)?;
         Ok(ms)
     }
+    fn resume_energy(&mut self, _floor: &super::persist::EnergyFloor) {
+        // The import counter is the meter's own register: nothing to carry.
+    }
 }
