@@ -6,8 +6,14 @@ use postgres::Client;
 
 use super::{pg_message, PgMode, PgOptions, TimescaleMode};
 
-/// Schema version this code writes and expects.
-pub const SCHEMA_VERSION: i32 = 1;
+/// The schema's history, oldest first: each entry upgrades a database of
+/// the previous version to its own. Append only — a released step is never
+/// edited, so every database reaches the same schema whatever version it
+/// started from. TimescaleDB mode is applied after the last step.
+const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1)];
+
+/// Schema version this code writes and expects: the last migration's.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 /// Key of the advisory lock held while migrating ("ems_hub" in ASCII).
 pub const MIGRATION_LOCK_KEY: i64 = 0x0065_6d73_5f68_7562;
@@ -160,9 +166,11 @@ pub(super) fn migrate(client: &mut Client, opts: &PgOptions) -> Result<PgMode, S
              ({SCHEMA_VERSION}); upgrade ems-hub"
         ));
     }
-    if current < 1 {
-        tx.batch_execute(SCHEMA_V1)
-            .map_err(|e| step("creating the schema", e))?;
+    for (version, sql) in MIGRATIONS {
+        if *version > current {
+            tx.batch_execute(sql)
+                .map_err(|e| step(&format!("migrating the schema to version {version}"), e))?;
+        }
     }
     if current < SCHEMA_VERSION {
         tx.execute("DELETE FROM schema_version", &[])

@@ -19,15 +19,21 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
 
 use super::StoreError;
 
-/// Schema version this code writes and expects.
-pub const SCHEMA_VERSION: i64 = 1;
+/// The schema's history, oldest first: each entry upgrades a database of
+/// the previous version to its own. Append only — a released step is never
+/// edited, so every database reaches the same schema whatever version it
+/// started from.
+const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1)];
+
+/// Schema version this code writes and expects: the last migration's.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 /// How long a statement waits for another process's lock (e.g. the admin
 /// CLI while the hub commits) before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Version 1 of the schema. `readings` is the public contract (see
-/// README.md (Storage)); the other tables are the hub's own.
+/// docs/storage/schema.md); the other tables are the hub's own.
 const SCHEMA_V1: &str = "
 CREATE TABLE devices (
     device_id  TEXT PRIMARY KEY NOT NULL,
@@ -181,8 +187,12 @@ impl SqliteStore {
                  understands ({SCHEMA_VERSION}); upgrade ems-hub"
             )));
         }
-        if current < 1 {
-            tx.execute_batch(SCHEMA_V1).map_err(db)?;
+        for (version, sql) in MIGRATIONS {
+            if *version > current {
+                tx.execute_batch(sql).map_err(|e| {
+                    StoreError::Db(format!("migrating the schema to version {version}: {e}"))
+                })?;
+            }
         }
         if current < SCHEMA_VERSION {
             tx.execute("DELETE FROM schema_version", []).map_err(db)?;
