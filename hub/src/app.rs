@@ -72,10 +72,7 @@ pub async fn run(
     let writer_store = open_store(&config).await?;
     let auth_store = open_store(&config).await?;
     // Never waits on the broker: it connects in the background.
-    let mqtt = config
-        .mqtt_bridge()
-        .map(MqttBridge::spawn)
-        .transpose()?;
+    let mqtt = config.mqtt_bridge().map(MqttBridge::spawn).transpose()?;
 
     let (queue_tx, queue_rx) = mpsc::channel(config.queue_capacity.max(1));
     let metrics = Arc::new(Metrics::new());
