@@ -860,6 +860,31 @@ fn help_and_errors_never_show_the_mqtt_password() {
     assert!(!text.contains("pw-in-"), "{text}");
 }
 
+#[test]
+fn an_unreadable_mqtt_ca_file_stops_the_start_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing-ca.pem");
+    let o = Command::new(env!("CARGO_BIN_EXE_ems-hub"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--mqtt-url",
+            "mqtts://broker",
+        ])
+        .arg("--mqtt-ca-file")
+        .arg(&missing)
+        .env("EMS_DATABASE_URL", "sqlite::memory:")
+        .env_remove("EMS_MQTT_PASSWORD")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let last = err.trim().lines().last().unwrap_or_default();
+    assert!(last.starts_with("ems-hub: error: MQTT TLS"), "{err}");
+    assert!(last.contains("missing-ca.pem"), "{err}");
+}
+
 /// One reading at a time.
 struct Round {
     seq: u64,
@@ -896,6 +921,8 @@ async fn a_stopped_broker_never_slows_acks_or_dashboards() {
     let viewer = hub.add_viewer("v", &["d1"]);
     let mut dev = hub.device("d1", &token).await;
     let mut dash = hub.dashboard("d1", &viewer).await;
+    // Its first frame is sent after it subscribed: no reading is missed.
+    assert_eq!(next_json(&mut dash).await["type"], "status");
     live.wait_latest("ems/d1/availability", "online").await;
 
     let mut next = Round { seq: 0, ts_ms: 0 };
