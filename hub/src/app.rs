@@ -1,11 +1,13 @@
-//! The wiring of a running hub: [`run`] opens the stores, starts the store
-//! writer and the revocation poll, builds the shared state, runs the accept
-//! loop and, once the shutdown future completes, shuts everything down in
-//! order (sockets first, then the writer, so every received reading is
-//! committed before `run` returns).
+//! The wiring of a running hub: [`run`] opens the stores, starts the MQTT
+//! bridge (when configured), the store writer and the revocation poll,
+//! builds the shared state, runs the accept loop and, once the shutdown
+//! future completes, shuts everything down in order (sockets first, then
+//! the writer, so every received reading is committed before `run`
+//! returns; the MQTT bridge marks everything offline meanwhile).
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -15,6 +17,7 @@ use crate::config::Config;
 use crate::http::{self, ConnGuard};
 use crate::ingest::writer::{Writer, WriterConfig};
 use crate::metrics::Metrics;
+use crate::mqtt::{MqttBridge, MqttError};
 use crate::state::Shared;
 use crate::store::{self, StoreError};
 
@@ -30,7 +33,15 @@ pub enum HubError {
     /// The TLS certificate or key could not be used.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The MQTT bridge could not start (its configuration or TLS set-up).
+    #[error(transparent)]
+    Mqtt(#[from] MqttError),
 }
+
+/// How long `run` waits for the MQTT bridge to publish `offline` and
+/// disconnect at shutdown (the bridge gives itself about 3 s; a broker
+/// that does not answer leaves it to the last will).
+const MQTT_SHUTDOWN: Duration = Duration::from_secs(4);
 
 /// Opens one store handle (schema checks and migration block: off the
 /// async workers).
@@ -60,6 +71,8 @@ pub async fn run(
         .map_err(HubError::Tls)?;
     let writer_store = open_store(&config).await?;
     let auth_store = open_store(&config).await?;
+    // Never waits on the broker: it connects in the background.
+    let mqtt = config.mqtt_bridge().map(MqttBridge::spawn).transpose()?;
 
     let (queue_tx, queue_rx) = mpsc::channel(config.queue_capacity.max(1));
     let metrics = Arc::new(Metrics::new());
@@ -82,7 +95,16 @@ pub async fn run(
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shutdown_timeout = config.shutdown_timeout;
-    let shared = Shared::new(config, auth_store, queue_tx, shutdown_rx, tls, metrics);
+    let mqtt_handle = mqtt.as_ref().map(|(h, _)| h.clone());
+    let shared = Shared::new(
+        config,
+        auth_store,
+        queue_tx,
+        shutdown_rx,
+        tls,
+        metrics,
+        mqtt_handle,
+    );
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     if let Ok(addr) = listener.local_addr() {
         log::info!("ems-hub listening on {addr}");
@@ -99,10 +121,20 @@ pub async fn run(
     {
         log::warn!("some connections did not close within {shutdown_timeout:?}");
     }
+    // Every device connection is closed: the bridge publishes the devices
+    // and the hub offline while the writer flushes.
+    if let Some((h, _)) = &mqtt {
+        h.shutdown();
+    }
     let _ = stop_writer.send(true);
     tokio::task::spawn_blocking(move || writer.join())
         .await
         .map_err(|e| HubError::Io(std::io::Error::other(e)))?;
+    if let Some((_, task)) = mqtt {
+        if tokio::time::timeout(MQTT_SHUTDOWN, task).await.is_err() {
+            log::warn!("the MQTT bridge did not stop within {MQTT_SHUTDOWN:?}");
+        }
+    }
     log::info!("store flushed; bye");
     Ok(())
 }

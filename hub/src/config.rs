@@ -69,6 +69,11 @@ pub struct Config {
     pub replay_limit: usize,
     /// PostgreSQL/TimescaleDB options (ignored for SQLite).
     pub pg: crate::store::postgres::PgOptions,
+    /// The MQTT bridge to Home Assistant (`--mqtt-url` …); `None`: off.
+    /// Its `public_url` and `backfill_after` are replaced by the hub's own
+    /// ([`Config::public_url`], [`Config::backfill_after`]); see
+    /// [`Config::mqtt_bridge`].
+    pub mqtt: Option<crate::mqtt::MqttConfig>,
 }
 
 impl std::fmt::Debug for Config {
@@ -81,6 +86,8 @@ impl std::fmt::Debug for Config {
             .field("queue_capacity", &self.queue_capacity)
             .field("tls", &self.tls)
             .field("pg", &self.pg)
+            // Shows no password (`Secret`) and no URL credentials (refused).
+            .field("mqtt", &self.mqtt)
             .finish_non_exhaustive()
     }
 }
@@ -174,6 +181,18 @@ impl Config {
             resume_settle: Duration::from_millis(300),
             replay_limit: 20_000,
             pg: Default::default(),
+            mqtt: None,
         }
+    }
+
+    /// The MQTT bridge's configuration as the hub runs it: [`Config::mqtt`]
+    /// with the hub's public URL (the devices' link in Home Assistant) and
+    /// backfill threshold (backlog is never a current state).
+    pub fn mqtt_bridge(&self) -> Option<crate::mqtt::MqttConfig> {
+        self.mqtt.clone().map(|mut m| {
+            m.public_url = self.public_url.clone();
+            m.backfill_after = self.backfill_after;
+            m
+        })
     }
 }

@@ -16,6 +16,7 @@ use crate::fanout::registry::Registry;
 use crate::ingest::limits::Buckets;
 use crate::ingest::writer::Item;
 use crate::metrics::Metrics;
+use crate::mqtt::MqttHandle;
 use crate::store::{Store, StoreError};
 
 /// State shared by every connection.
@@ -38,11 +39,14 @@ pub(crate) struct Shared {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Counters behind `/metrics` and `/readyz`.
     pub metrics: Arc<Metrics>,
+    /// The MQTT bridge, when configured (the registry holds a clone for
+    /// presence).
+    pub mqtt: Option<MqttHandle>,
 }
 
 impl Shared {
     /// The shared state of a hub on `config`, with its look-up `store`,
-    /// the writer's `queue` and the `shutdown` flag.
+    /// the writer's `queue`, the `shutdown` flag and the MQTT bridge.
     pub fn new(
         config: Config,
         store: Box<dyn Store>,
@@ -50,9 +54,11 @@ impl Shared {
         shutdown: watch::Receiver<bool>,
         tls: Option<tokio_rustls::TlsAcceptor>,
         metrics: Arc<Metrics>,
+        mqtt: Option<MqttHandle>,
     ) -> Arc<Shared> {
         Arc::new(Shared {
-            registry: Registry::with_policy(config.subscriber_buffer, config.takeover),
+            registry: Registry::with_policy(config.subscriber_buffer, config.takeover)
+                .with_mqtt(mqtt.clone()),
             store: StoreHandle::new(store),
             buckets: Buckets::default(),
             config,
@@ -60,6 +66,7 @@ impl Shared {
             shutdown,
             tls,
             metrics,
+            mqtt,
         })
     }
 }

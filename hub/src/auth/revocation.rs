@@ -12,14 +12,20 @@
 //!
 //! The poll doubles as the store health check behind `/readyz`: its outcome
 //! sets `Metrics::store_poll_ok`, so an idle hub notices a lost database.
+//!
+//! With an MQTT bridge, the poll also tells it the set of devices that may
+//! connect, after the first successful query and whenever the set changed
+//! (never after a failed one), so a device revoked from another process
+//! disappears from Home Assistant too.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::time::MissedTickBehavior;
 
 use crate::fanout::registry::Kick;
+use crate::mqtt::MqttHandle;
 use crate::state::{CallError, Shared};
 use crate::store::TokenHash;
 
@@ -34,6 +40,8 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     );
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut failing = false;
+    // The device ids last told to the MQTT bridge.
+    let mut mqtt_known: Option<HashSet<String>> = None;
     loop {
         tokio::select! {
             _ = crate::shutdown::shutting_down(&mut shutdown) => return,
@@ -66,6 +74,13 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 continue;
             }
         };
+        let list = match &shared.mqtt {
+            Some(m) => match mqtt_active_devices(m, list, &mut mqtt_known).await {
+                Some(list) => list,
+                None => continue,
+            },
+            None => list,
+        };
         let sh = shared.clone();
         let stale = match tokio::task::spawn_blocking(move || stale_connections(&sh, list)).await {
             Ok(stale) => stale,
@@ -78,6 +93,38 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             if shared.registry.kick(&device_id, Kick::Revoked) {
                 log::info!("device {device_id}: token no longer valid in the store; closing its connection (4001)");
             }
+        }
+    }
+}
+
+/// Tells the MQTT bridge the devices that may connect (those in `list`)
+/// unless they are the ones it was last told (`known`). Compares on the
+/// blocking pool and hands `list` back (`None`: that task failed).
+async fn mqtt_active_devices(
+    mqtt: &MqttHandle,
+    list: Vec<(String, TokenHash)>,
+    known: &mut Option<HashSet<String>>,
+) -> Option<Vec<(String, TokenHash)>> {
+    let (mqtt, prev) = (mqtt.clone(), known.take());
+    let task = tokio::task::spawn_blocking(move || {
+        let unchanged = prev
+            .as_ref()
+            .is_some_and(|p| p.len() == list.len() && list.iter().all(|(d, _)| p.contains(d)));
+        if unchanged {
+            return (list, prev);
+        }
+        let ids: HashSet<String> = list.iter().map(|(d, _)| d.clone()).collect();
+        mqtt.active_devices(ids.iter().cloned());
+        (list, Some(ids))
+    });
+    match task.await {
+        Ok((list, ids)) => {
+            *known = ids;
+            Some(list)
+        }
+        Err(e) => {
+            log::error!("revocation poll task failed: {e}");
+            None
         }
     }
 }

@@ -17,6 +17,10 @@
 //! - Edge status: the last `status` frame of every connected device
 //!   ([`Registry::edge_status`], [`Registry::edge_statuses`]) for metrics,
 //!   dashboards and the admin API.
+//! - MQTT presence: with a bridge ([`Registry::with_mqtt`]), every change
+//!   of the device map is told to it while the map's lock is held, so the
+//!   bridge sees connects and disconnects in the map's order (its calls
+//!   never wait).
 //!
 //! Locks are std mutexes held for a map operation only, never across an
 //! `.await`.
@@ -32,6 +36,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::topic::Topic;
 use crate::config::TakeoverPolicy;
+use crate::mqtt::MqttHandle;
 use crate::store::TokenHash;
 
 /// Why the hub asks a device connection to close.
@@ -130,6 +135,8 @@ pub struct Registry {
     next_conn: AtomicU64,
     /// Capacity of each topic.
     topic_capacity: usize,
+    /// The MQTT bridge, told about every connect and disconnect.
+    mqtt: Option<MqttHandle>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -156,6 +163,20 @@ impl Registry {
             presence: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             topic_capacity: topic_capacity.max(1),
+            mqtt: None,
+        }
+    }
+
+    /// Tells `mqtt` about every device that connects or disconnects.
+    pub fn with_mqtt(mut self, mqtt: Option<MqttHandle>) -> Self {
+        self.mqtt = mqtt;
+        self
+    }
+
+    /// Tells the MQTT bridge, if any. Called with the `devices` lock held.
+    fn mqtt_presence(&self, device_id: &str, online: bool) {
+        if let Some(m) = &self.mqtt {
+            m.presence(device_id, online);
         }
     }
 
@@ -211,6 +232,11 @@ impl Registry {
                     }
                     slot.peer
                 });
+                // The kicked connection's own disconnect no longer finds its
+                // slot, so its departure is told here.
+                if other.is_some() {
+                    self.mqtt_presence(device_id, false);
+                }
                 return Err(Conflict {
                     other_peer: other,
                     remaining: self.policy.cooldown,
@@ -231,6 +257,7 @@ impl Registry {
                 token,
             },
         );
+        self.mqtt_presence(device_id, true);
         drop(devices);
         self.publish_presence(device_id, true);
         let old_peer = old.map(|mut slot| {
@@ -254,6 +281,7 @@ impl Registry {
         let mut devices = lock(&self.devices);
         if devices.get(device_id).is_some_and(|s| s.conn_id == conn_id) {
             devices.remove(device_id);
+            self.mqtt_presence(device_id, false);
             drop(devices);
             lock(&self.statuses).remove(device_id);
             self.publish_presence(device_id, false);

@@ -1,7 +1,8 @@
 //! The probes: `GET /healthz` (the process answers), `GET /readyz` (the
 //! store is reachable and the writer queue has room) and `GET /metrics`
 //! (Prometheus text format; only closed label sets, no device id, address
-//! or token).
+//! or token; the MQTT bridge's counters when it runs). `/readyz` does not
+//! depend on the MQTT broker.
 
 use std::sync::atomic::Ordering;
 
@@ -48,7 +49,10 @@ pub(super) fn metrics(shared: &Shared) -> Resp {
             edge.behind += 1;
         }
     }
-    let body = shared.metrics.render(&edge);
+    let mut body = shared.metrics.render(&edge);
+    if let Some(m) = &shared.mqtt {
+        m.stats().render_prometheus(&mut body);
+    }
     let mut r = Response::new(Full::new(Bytes::from(body)));
     r.headers_mut().insert(
         CONTENT_TYPE,

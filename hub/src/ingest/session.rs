@@ -3,7 +3,8 @@
 //!
 //! Per frame: the rate limit and the gatekeeper (`ems_shared`'s strict
 //! decoder) decide; a valid reading goes to the hot path (serialized once,
-//! only if somebody watches the device's topic) and to the cold path (the
+//! only if somebody watches the device's topic), to the MQTT bridge when
+//! there is one (a `try_send`, never waiting) and to the cold path (the
 //! writer queue — awaiting a free slot is the backpressure); a refused
 //! frame is counted, logged at a bounded rate and, when it had a readable
 //! epoch/seq, answered with a `rejected` frame. Acks come back from the
@@ -309,6 +310,9 @@ impl Session<'_> {
                 metrics.readings_valid.fetch_add(1, Ordering::Relaxed);
                 if let Some(text) = &frame {
                     self.fan_out(text, rx_ms);
+                }
+                if let Some(m) = &self.shared.mqtt {
+                    m.reading(self.device_id, &reading);
                 }
                 self.enqueue(reading, rx_ms).await
             }

@@ -183,8 +183,10 @@ impl MqttHandle {
     /// The complete set of devices that may connect (from a successful
     /// store query, never a partial one). Devices the bridge knows of —
     /// also from configs an earlier hub process left on the broker — that
-    /// are not in it and not connected are removed as by
-    /// [`MqttHandle::device_removed`].
+    /// are not in it are removed as by [`MqttHandle::device_removed`]: at
+    /// once when not connected, else when their connection closes (a
+    /// device revoked while connected, whose connection the hub is
+    /// closing).
     pub fn active_devices<I, S>(&self, devices: I)
     where
         I: IntoIterator<Item = S>,

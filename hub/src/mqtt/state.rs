@@ -152,6 +152,10 @@ pub(crate) struct State {
     removed: HashSet<String>,
     /// The devices that may connect, once the hub said.
     active: Option<HashSet<String>>,
+    /// Devices that were connected when the latest active set left them
+    /// out (revoked while connected, typically from another process): the
+    /// hub is closing their connection; they are removed once it is gone.
+    leaving: HashSet<String>,
     /// The hub's availability still to publish.
     hub: Option<&'static str>,
     /// Retained topics to remove.
@@ -182,6 +186,7 @@ impl State {
             configs: HashMap::new(),
             removed: HashSet::new(),
             active: None,
+            leaving: HashSet::new(),
             hub: None,
             clears: KeyQueue::new(),
             configs_due: KeyQueue::new(),
@@ -218,6 +223,12 @@ impl State {
                     )
                     .collect::<BTreeSet<_>>()
                     .into_iter()
+                    .collect();
+                self.leaving = self
+                    .devices
+                    .iter()
+                    .filter(|(d, dev)| dev.online && !devices.contains(*d))
+                    .map(|(d, _)| d.clone())
                     .collect();
                 self.active = Some(devices);
                 for d in gone {
@@ -282,6 +293,9 @@ impl State {
         if online {
             self.removed.remove(&device);
         } else if self.removed.contains(&device) {
+            return;
+        } else if self.leaving.remove(&device) {
+            self.remove_device(&device);
             return;
         }
         let dev = self.devices.entry(device.clone()).or_default();
@@ -921,6 +935,61 @@ mod tests {
                 ("ems/stale/availability", Kind::Clear)
             ]
         );
+    }
+
+    #[test]
+    fn a_device_left_out_while_connected_is_removed_when_it_disconnects() {
+        let (mut s, _) = state();
+        s.connected();
+        for d in ["revoked", "kept"] {
+            s.input(Input::Presence {
+                device: d.into(),
+                online: true,
+            });
+            s.input(reading(d, "main", NOW, 1.0, None));
+        }
+        drain(&mut s, NOW);
+        // Revoked while connected: the hub closes its connection next.
+        s.input(Input::Active {
+            devices: HashSet::from(["kept".to_string()]),
+        });
+        assert!(drain(&mut s, NOW).is_empty());
+        s.input(Input::Presence {
+            device: "revoked".into(),
+            online: false,
+        });
+        let m = drain(&mut s, NOW);
+        assert!(!m.is_empty());
+        assert!(m.iter().all(|x| x.kind == Kind::Clear), "{m:?}");
+        assert!(m.iter().any(|x| x.topic == "ems/revoked/availability"));
+        assert!(m.iter().all(|x| !x.topic.contains("kept")));
+        // Its late readings are ignored; a device in the set just goes
+        // offline.
+        s.input(reading("revoked", "main", NOW + 1, 2.0, None));
+        s.input(Input::Presence {
+            device: "kept".into(),
+            online: false,
+        });
+        let m = drain(&mut s, NOW);
+        assert_eq!(topics(&m), [("ems/kept/availability", Kind::Availability)]);
+        assert_eq!(text(&m[0]), "offline");
+        // Back in a later set before it disconnects (re-added): kept.
+        s.input(Input::Presence {
+            device: "kept".into(),
+            online: true,
+        });
+        s.input(Input::Active {
+            devices: HashSet::new(),
+        });
+        s.input(Input::Active {
+            devices: HashSet::from(["kept".to_string()]),
+        });
+        s.input(Input::Presence {
+            device: "kept".into(),
+            online: false,
+        });
+        let m = drain(&mut s, NOW);
+        assert!(m.iter().all(|x| x.kind == Kind::Availability), "{m:?}");
     }
 
     #[test]

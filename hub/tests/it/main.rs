@@ -11,4 +11,5 @@ mod handshake;
 mod hardening;
 mod harness;
 mod lifecycle;
+mod mqtt_hub;
 mod tls;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ems_hub::config::{RateLimit, TakeoverPolicy, TlsFiles};
+use ems_hub::mqtt::{BrokerUrl, MqttConfig, MqttConfigError, Secret};
 use ems_hub::store::postgres::TimescaleMode;
 use ems_hub::Config;
 
@@ -33,6 +34,8 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+// Parsed once at start: the size of the `serve` flags does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the hub (the default when no subcommand is given).
@@ -128,6 +131,42 @@ pub struct ServeArgs {
     /// commits, each acking every device once).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     batch_max_rows: u64,
+
+    // The MQTT bridge to Home Assistant. The password has no flag: it comes
+    // from EMS_MQTT_PASSWORD (read in `Serve::from_args`, so `--help` can
+    // never show it) or from --mqtt-password-file.
+    /// MQTT broker to publish to with Home Assistant discovery:
+    /// mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; off when absent. Never
+    /// put credentials in it: --mqtt-username, and EMS_MQTT_PASSWORD or
+    /// --mqtt-password-file.
+    #[arg(long, env = "EMS_MQTT_URL", hide_env_values = true)]
+    mqtt_url: Option<String>,
+    /// PEM file with the CA certificate(s) of an mqtts:// broker (default:
+    /// the public web PKI roots).
+    #[arg(long, env = "EMS_MQTT_CA_FILE", requires = "mqtt_url")]
+    mqtt_ca_file: Option<PathBuf>,
+    /// MQTT user name.
+    #[arg(long, env = "EMS_MQTT_USERNAME", requires = "mqtt_url")]
+    mqtt_username: Option<String>,
+    /// File holding the MQTT password (one trailing newline is ignored);
+    /// or set EMS_MQTT_PASSWORD instead, not both.
+    #[arg(long, env = "EMS_MQTT_PASSWORD_FILE", requires = "mqtt_url")]
+    mqtt_password_file: Option<PathBuf>,
+    /// Home Assistant's MQTT discovery prefix.
+    #[arg(
+        long,
+        env = "EMS_MQTT_DISCOVERY_PREFIX",
+        default_value = "homeassistant"
+    )]
+    mqtt_discovery_prefix: String,
+    /// Prefix of the MQTT state and availability topics (give each hub on
+    /// a shared broker its own).
+    #[arg(long, env = "EMS_MQTT_TOPIC_PREFIX", default_value = "ems")]
+    mqtt_topic_prefix: String,
+    /// At most one MQTT state message per meter per this many
+    /// milliseconds (the latest reading wins).
+    #[arg(long, env = "EMS_MQTT_INTERVAL_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
+    mqtt_interval_ms: u64,
 }
 
 /// `--timescale`. The variants carry no doc comments on purpose: clap
@@ -204,6 +243,21 @@ pub enum ArgError {
     /// `--public-url` is not an http(s) URL.
     #[error("--public-url {0:?} must start with http:// or https://")]
     PublicUrl(String),
+    /// `--mqtt-url` is not a broker URL (never echoed: it may hold a
+    /// password).
+    #[error("--mqtt-url: {0}")]
+    MqttUrl(MqttConfigError),
+    /// Another MQTT setting is invalid.
+    #[error("{0}")]
+    Mqtt(MqttConfigError),
+    /// `EMS_MQTT_PASSWORD` and `--mqtt-password-file` together.
+    #[error(
+        "give the MQTT password either in EMS_MQTT_PASSWORD or with --mqtt-password-file, not both"
+    )]
+    MqttPasswordTwice,
+    /// `EMS_MQTT_PASSWORD` is not UTF-8.
+    #[error("EMS_MQTT_PASSWORD is not valid UTF-8")]
+    MqttPasswordEncoding,
 }
 
 /// What `ems-hub serve` runs: where to listen and the hub's configuration,
@@ -218,9 +272,24 @@ pub struct Serve {
 
 impl Serve {
     /// Validates the `serve` flags together with the global `--database`
-    /// (the one flag every command shares). The first bad flag, in the
-    /// order the flags are listed in `--help`, is the error.
+    /// (the one flag every command shares) and `EMS_MQTT_PASSWORD`. The
+    /// first bad flag, in the order the flags are listed in `--help`, is
+    /// the error.
     pub fn from_args(database: String, args: ServeArgs) -> Result<Serve, ArgError> {
+        let mqtt_password = match std::env::var("EMS_MQTT_PASSWORD") {
+            Ok(p) => Some(p),
+            Err(std::env::VarError::NotPresent) => None,
+            Err(std::env::VarError::NotUnicode(_)) => return Err(ArgError::MqttPasswordEncoding),
+        };
+        Self::with_mqtt_password(database, args, mqtt_password)
+    }
+
+    /// [`Serve::from_args`] with the value of `EMS_MQTT_PASSWORD` given.
+    fn with_mqtt_password(
+        database: String,
+        args: ServeArgs,
+        mqtt_password: Option<String>,
+    ) -> Result<Serve, ArgError> {
         let listen: SocketAddr = args
             .listen
             .parse()
@@ -255,6 +324,33 @@ impl Serve {
         if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
             config.tls = Some(TlsFiles { cert, key });
         }
+        if let Some(url) = &args.mqtt_url {
+            let broker = BrokerUrl::parse(url).map_err(ArgError::MqttUrl)?;
+            let mut m = MqttConfig::new(broker);
+            m.ca_file = args.mqtt_ca_file;
+            m.username = args.mqtt_username;
+            // An empty EMS_MQTT_PASSWORD is the same as none (an env file
+            // line with nothing after `=`); MQTT sends an empty password
+            // either way.
+            m.password = match (
+                mqtt_password.filter(|p| !p.is_empty()),
+                args.mqtt_password_file,
+            ) {
+                (Some(_), Some(_)) => return Err(ArgError::MqttPasswordTwice),
+                (Some(p), None) => Some(Secret::new(p)),
+                (None, Some(file)) => Some(Secret::from_file(&file).map_err(ArgError::Mqtt)?),
+                (None, None) => None,
+            };
+            m.discovery_prefix = args.mqtt_discovery_prefix;
+            m.topic_prefix = args.mqtt_topic_prefix;
+            m.interval = Duration::from_millis(args.mqtt_interval_ms);
+            config.mqtt = Some(m);
+            // As the hub will run it (with its public URL and backfill
+            // threshold).
+            if let Some(m) = config.mqtt_bridge() {
+                m.validate().map_err(ArgError::Mqtt)?;
+            }
+        }
         Ok(Serve { listen, config })
     }
 }
@@ -274,10 +370,17 @@ mod tests {
 
     /// `ems-hub serve ARGS…` as parsed by clap, then validated.
     fn serve(args: &[&str]) -> Result<Serve, ArgError> {
+        serve_with_password(args, None)
+    }
+
+    /// [`serve`] with `EMS_MQTT_PASSWORD` set to `password`.
+    fn serve_with_password(args: &[&str], password: Option<&str>) -> Result<Serve, ArgError> {
         let argv = ["ems-hub", "serve"].iter().chain(args);
         let cli = Cli::try_parse_from(argv).expect("clap accepts the flags");
         match cli.command {
-            Some(Command::Serve(a)) => Serve::from_args(cli.database, a),
+            Some(Command::Serve(a)) => {
+                Serve::with_mqtt_password(cli.database, a, password.map(String::from))
+            }
             _ => panic!("not a serve command"),
         }
     }
@@ -297,6 +400,7 @@ mod tests {
         assert_eq!(got.pg, want.pg);
         assert!(got.tls.is_none() && got.public_url.is_none());
         assert!(got.allowed_origins.is_empty());
+        assert!(got.mqtt.is_none() && want.mqtt.is_none());
         let (t, d) = (got.takeover, want.takeover);
         assert_eq!(
             (t.max_replacements, t.window, t.cooldown),
@@ -368,6 +472,156 @@ mod tests {
         assert!(ArgError::Listen("x".into())
             .to_string()
             .contains("127.0.0.1:8080"));
+    }
+
+    #[test]
+    fn mqtt_flags_reach_the_bridge_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw_file = dir.path().join("pw");
+        std::fs::write(&pw_file, "from-the-file\n").unwrap();
+        let pw_file = pw_file.to_str().unwrap();
+        let s = serve(&[
+            "--public-url",
+            "https://ems.example.com",
+            "--backfill-after-s",
+            "90",
+            "--mqtt-url",
+            "mqtts://ha.local:8884",
+            "--mqtt-ca-file",
+            "/etc/ems-hub/ca.pem",
+            "--mqtt-username",
+            "ems-hub",
+            "--mqtt-password-file",
+            pw_file,
+            "--mqtt-discovery-prefix",
+            "ha/discovery",
+            "--mqtt-topic-prefix",
+            "house",
+            "--mqtt-interval-ms",
+            "250",
+        ])
+        .unwrap();
+        let m = s.config.mqtt_bridge().expect("the bridge is on");
+        assert_eq!(m.broker.to_string(), "mqtts://ha.local:8884");
+        assert_eq!(m.ca_file.as_deref(), Some("/etc/ems-hub/ca.pem".as_ref()));
+        assert_eq!(m.username.as_deref(), Some("ems-hub"));
+        assert_eq!(m.password, Some(Secret::new("from-the-file")));
+        assert_eq!(
+            (m.discovery_prefix.as_str(), m.topic_prefix.as_str()),
+            ("ha/discovery", "house")
+        );
+        assert_eq!(m.interval, Duration::from_millis(250));
+        // The hub's own settings flow into discovery.
+        assert_eq!(m.public_url.as_deref(), Some("https://ems.example.com"));
+        assert_eq!(m.backfill_after, Duration::from_secs(90));
+        assert_eq!(m.sw_version, env!("CARGO_PKG_VERSION"));
+
+        // The defaults, and the password from the environment.
+        let s = serve_with_password(
+            &["--mqtt-url", "mqtt://ha.local", "--mqtt-username", "u"],
+            Some("from-the-env"),
+        )
+        .unwrap();
+        let m = s.config.mqtt_bridge().unwrap();
+        let want = MqttConfig::new(BrokerUrl::parse("mqtt://ha.local").unwrap());
+        assert_eq!(m.broker.port, 1883);
+        assert_eq!(m.password, Some(Secret::new("from-the-env")));
+        assert_eq!(
+            (m.discovery_prefix, m.topic_prefix, m.interval),
+            (want.discovery_prefix, want.topic_prefix, want.interval)
+        );
+        assert_eq!(m.ca_file, None);
+        assert_eq!(m.public_url, None);
+        // An empty EMS_MQTT_PASSWORD counts as unset.
+        let s = serve_with_password(&["--mqtt-url", "mqtt://h"], Some("")).unwrap();
+        assert_eq!(s.config.mqtt.unwrap().password, None);
+        // Without --mqtt-url the bridge is off, whatever the password says.
+        assert!(serve_with_password(&[], Some("x"))
+            .unwrap()
+            .config
+            .mqtt
+            .is_none());
+    }
+
+    #[test]
+    fn bad_mqtt_settings_are_refused_without_echoing_secrets() {
+        use MqttConfigError as E;
+        let e = serve(&["--mqtt-url", "mqtt://ems:hunter2-secret@ha.local:1883"]).unwrap_err();
+        assert_eq!(e, ArgError::MqttUrl(E::CredentialsInUrl));
+        let text = format!("{e} {e:?}");
+        assert!(
+            !text.contains("hunter2") && !text.contains("ems:"),
+            "{text}"
+        );
+        assert!(text.contains("--mqtt-url"), "{text}");
+        assert_eq!(
+            serve(&["--mqtt-url", "http://ha.local"]).unwrap_err(),
+            ArgError::MqttUrl(E::Scheme)
+        );
+        assert_eq!(
+            serve_with_password(&["--mqtt-url", "mqtt://h"], Some("pw")).unwrap_err(),
+            ArgError::Mqtt(E::PasswordWithoutUser)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let missing = missing.to_str().unwrap();
+        assert_eq!(
+            serve_with_password(
+                &[
+                    "--mqtt-url",
+                    "mqtt://h",
+                    "--mqtt-username",
+                    "u",
+                    "--mqtt-password-file",
+                    missing
+                ],
+                Some("pw"),
+            )
+            .unwrap_err(),
+            ArgError::MqttPasswordTwice
+        );
+        assert!(matches!(
+            serve(&[
+                "--mqtt-url",
+                "mqtt://h",
+                "--mqtt-username",
+                "u",
+                "--mqtt-password-file",
+                missing
+            ]),
+            Err(ArgError::Mqtt(E::PasswordFile { .. }))
+        ));
+        assert_eq!(
+            serve(&["--mqtt-url", "mqtt://h", "--mqtt-ca-file", "ca.pem"]).unwrap_err(),
+            ArgError::Mqtt(E::CaWithoutTls)
+        );
+        assert_eq!(
+            serve(&["--mqtt-url", "mqtt://h", "--mqtt-topic-prefix", "ems/#"]).unwrap_err(),
+            ArgError::Mqtt(E::Prefix {
+                flag: "--mqtt-topic-prefix"
+            })
+        );
+        assert_eq!(
+            serve(&["--mqtt-url", "mqtt://h", "--mqtt-username", ""]).unwrap_err(),
+            ArgError::Mqtt(E::EmptyUser)
+        );
+        // Refused by clap: an interval under 100 ms, and the MQTT settings
+        // without a broker.
+        for argv in [
+            &[
+                "ems-hub",
+                "serve",
+                "--mqtt-url",
+                "mqtt://h",
+                "--mqtt-interval-ms",
+                "99",
+            ][..],
+            &["ems-hub", "serve", "--mqtt-username", "u"],
+            &["ems-hub", "serve", "--mqtt-password-file", "pw"],
+            &["ems-hub", "serve", "--mqtt-ca-file", "ca.pem"],
+        ] {
+            assert!(Cli::try_parse_from(argv).is_err(), "{argv:?} accepted");
+        }
     }
 
     #[test]

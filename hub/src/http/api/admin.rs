@@ -1,7 +1,8 @@
 //! The admin endpoints (`emsa_` token, `ems-hub admin add NAME`): devices
 //! with their live state, provisioning, rotation and revocation of device
 //! and viewer tokens. A rotated or revoked device's live socket is kicked
-//! at once (4001) rather than at the next revocation poll.
+//! at once (4001) rather than at the next revocation poll; a revoked
+//! device is removed from Home Assistant (MQTT bridge) at once too.
 
 use std::sync::Arc;
 
@@ -64,6 +65,9 @@ pub(super) async fn revoke_device<B>(req: &Request<B>, shared: &Arc<Shared>, id:
     let (id2, now) = (id.clone(), crate::store::now_ms());
     store(shared, move |s| s.revoke_device(&id2, now)).await?;
     shared.registry.kick(&id, Kick::Revoked);
+    if let Some(m) = &shared.mqtt {
+        m.device_removed(&id);
+    }
     log::info!("api: device {id} revoked");
     Ok((StatusCode::OK, json!({ "device_id": id, "revoked": true })))
 }
