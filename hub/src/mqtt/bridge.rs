@@ -13,16 +13,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttc::{
-    AsyncClient, EventLoop, LastWill, MqttOptions, Outgoing as Out, Packet, QoS, Request,
-    SubscribeFilter, TlsConfiguration, Transport,
+    AsyncClient, EventLoop, MqttOptions, Outgoing as Out, Packet, QoS, Request, SubscribeFilter,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::config::{MqttConfig, MqttConfigError};
-use super::discovery::{self, Layout, OFFLINE};
+use super::config::MqttConfig;
+use super::connect::{mqtt_options, MqttError};
+use super::discovery::{self, Layout};
 use super::state::{Input, Qos, Sample, State};
-use super::Counters;
+use super::stats::{Counters, MqttStats};
 
 /// Requests the logic task may hand the rumqttc client before it has to
 /// wait for the driver to write some out.
@@ -43,99 +43,6 @@ const STABLE: Duration = Duration::from_secs(10);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// At most one log line per kind of trouble per this.
 const LOG_EVERY: Duration = Duration::from_secs(60);
-
-/// Why the bridge could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum MqttError {
-    /// The configuration is invalid.
-    #[error(transparent)]
-    Config(#[from] MqttConfigError),
-    /// The CA file or TLS set-up failed.
-    #[error("MQTT TLS: {0}")]
-    Tls(String),
-}
-
-/// A snapshot of the bridge's counters, for `/metrics`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct MqttStats {
-    /// Connected to the broker right now.
-    pub connected: bool,
-    /// PUBLISH packets written to the broker connection.
-    pub published: u64,
-    /// Hub calls dropped because the bridge queue was full (or the bridge
-    /// had stopped).
-    pub dropped_queue_full: u64,
-    /// State messages that were due but never reached the broker (slow or
-    /// unreachable broker, lost connection).
-    pub dropped_backlog: u64,
-    /// Readings not published as state by design: not newer than the
-    /// meter's newest, or backlog on arrival.
-    pub backfill_ignored: u64,
-    /// Readings of removed devices or of the reserved device id `hub`.
-    pub ignored: u64,
-    /// Successful reconnects.
-    pub reconnects: u64,
-    /// Connection errors (failed attempts and lost connections).
-    pub errors: u64,
-}
-
-impl MqttStats {
-    /// Appends the Prometheus text exposition of these counters.
-    pub fn render_prometheus(&self, out: &mut String) {
-        use std::fmt::Write;
-        let mut g = |name: &str, kind: &str, help: &str, lines: &[(&str, u64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, v) in lines {
-                let _ = writeln!(out, "{name}{labels} {v}");
-            }
-        };
-        g(
-            "ems_mqtt_connected",
-            "gauge",
-            "Whether the MQTT bridge is connected to its broker.",
-            &[("", u64::from(self.connected))],
-        );
-        g(
-            "ems_mqtt_published_total",
-            "counter",
-            "MQTT messages written to the broker.",
-            &[("", self.published)],
-        );
-        g(
-            "ems_mqtt_dropped_total",
-            "counter",
-            "MQTT bridge losses: hub events refused on a full queue, due state messages that never reached the broker.",
-            &[
-                ("{reason=\"queue_full\"}", self.dropped_queue_full),
-                ("{reason=\"backlog\"}", self.dropped_backlog),
-            ],
-        );
-        g(
-            "ems_mqtt_backfill_ignored_total",
-            "counter",
-            "Readings not published as current state because they were backlog.",
-            &[("", self.backfill_ignored)],
-        );
-        g(
-            "ems_mqtt_ignored_total",
-            "counter",
-            "Readings of removed devices (or the reserved id hub) not published.",
-            &[("", self.ignored)],
-        );
-        g(
-            "ems_mqtt_reconnects_total",
-            "counter",
-            "Reconnects of the MQTT bridge.",
-            &[("", self.reconnects)],
-        );
-        g(
-            "ems_mqtt_errors_total",
-            "counter",
-            "MQTT connection errors (failed attempts and lost connections).",
-            &[("", self.errors)],
-        );
-    }
-}
 
 /// The hub's side of the bridge. Cheap to clone; no method ever waits.
 #[derive(Debug, Clone)]
@@ -199,18 +106,7 @@ impl MqttHandle {
 
     /// The counters now.
     pub fn stats(&self) -> MqttStats {
-        let c = &self.counters;
-        let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        MqttStats {
-            connected: c.connected.load(Ordering::Relaxed),
-            published: l(&c.published),
-            dropped_queue_full: l(&c.dropped_queue_full),
-            dropped_backlog: l(&c.dropped_backlog),
-            backfill_ignored: l(&c.backfill_ignored),
-            ignored: l(&c.ignored),
-            reconnects: l(&c.reconnects),
-            errors: l(&c.errors),
-        }
+        self.counters.snapshot()
     }
 
     /// Starts a clean shutdown: every online device and then the hub are
@@ -262,74 +158,6 @@ impl MqttBridge {
         };
         Ok((handle, task))
     }
-}
-
-/// The rumqttc options: client id, credentials, last will, TLS.
-fn mqtt_options(config: &MqttConfig) -> Result<MqttOptions, MqttError> {
-    let layout = Layout::new(config);
-    let client_id = config
-        .client_id
-        .clone()
-        .unwrap_or_else(|| format!("ems-hub-{}", layout.node));
-    let mut o = MqttOptions::new(client_id, config.broker.host.clone(), config.broker.port);
-    // rumqttc refuses (panics on) keep-alives under one second.
-    o.set_keep_alive(config.keep_alive.max(Duration::from_secs(1)))
-        .set_clean_session(true)
-        .set_max_packet_size(256 * 1024, 256 * 1024)
-        .set_last_will(LastWill::new(
-            layout.hub_availability_topic(),
-            OFFLINE,
-            QoS::AtLeastOnce,
-            true,
-        ));
-    if let Some(user) = &config.username {
-        let pw = config
-            .password
-            .as_ref()
-            .map(|p| p.expose().to_owned())
-            .unwrap_or_default();
-        o.set_credentials(user.clone(), pw);
-    }
-    if config.broker.tls {
-        let tls = tls_config(config.ca_file.as_deref())?;
-        o.set_transport(Transport::Tls(TlsConfiguration::Rustls(Arc::new(tls))));
-    }
-    Ok(o)
-}
-
-/// rustls with the ring provider; roots: the CA file when given, else the
-/// public web PKI (webpki-roots).
-fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, MqttError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::CertificateDer;
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| {
-                    MqttError::Tls(format!("cannot read CA file {}: {e}", path.display()))
-                })?;
-            if certs.is_empty() {
-                return Err(MqttError::Tls(format!(
-                    "no certificate in CA file {}",
-                    path.display()
-                )));
-            }
-            for c in certs {
-                roots
-                    .add(c)
-                    .map_err(|e| MqttError::Tls(format!("CA file {}: {e}", path.display())))?;
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| MqttError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }
 
 /// Driver → logic.

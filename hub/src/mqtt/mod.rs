@@ -22,38 +22,19 @@
 //! - `state`: the bridge's state machine, without I/O: what the broker
 //!   should hold and what is still to publish.
 //! - `bridge`: the tasks (the state machine's loop and the rumqttc event
-//!   loop driver), [`MqttBridge`], [`MqttHandle`], [`MqttStats`].
+//!   loop driver), [`MqttBridge`], [`MqttHandle`].
+//! - `connect`: the rumqttc options (client id, credentials, last will)
+//!   and TLS; [`MqttError`].
+//! - `stats`: the shared counters and [`MqttStats`] for `/metrics`.
 
 mod bridge;
 pub mod config;
+mod connect;
 pub mod discovery;
 mod state;
+mod stats;
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
-
-pub use bridge::{MqttBridge, MqttError, MqttHandle, MqttStats};
+pub use bridge::{MqttBridge, MqttHandle};
 pub use config::{BrokerUrl, MqttConfig, MqttConfigError, Secret};
-
-/// The counters behind [`MqttStats`], shared by the handle and the tasks.
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    /// The client is connected to the broker.
-    connected: AtomicBool,
-    /// PUBLISH packets written to the broker connection.
-    published: AtomicU64,
-    /// Hub calls refused: the bridge queue was full (or the bridge had
-    /// stopped).
-    dropped_queue_full: AtomicU64,
-    /// State messages that were due but never reached the broker (it was
-    /// slow, unreachable, or the connection dropped them).
-    dropped_backlog: AtomicU64,
-    /// Readings not taken as a state: not newer than the meter's newest,
-    /// or backlog on arrival.
-    backfill_ignored: AtomicU64,
-    /// Readings of removed devices or of the reserved device id `hub`.
-    ignored: AtomicU64,
-    /// Successful connects after the first.
-    reconnects: AtomicU64,
-    /// Connection errors (failed connects and lost connections).
-    errors: AtomicU64,
-}
+pub use connect::MqttError;
+pub use stats::MqttStats;

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 
 use super::discovery::{self, Layout, MEASUREMENTS, OFFLINE, ONLINE, RESERVED_DEVICE_ID};
-use super::Counters;
+use super::stats::Counters;
 
 /// One reading's values and times.
 #[derive(Debug, Clone, PartialEq)]
