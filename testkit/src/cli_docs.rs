@@ -64,7 +64,7 @@ fn walk(cmd: &Command, path: &str, out: &mut BTreeMap<String, CliFlag>) {
         if matches!(long, "help" | "version") {
             continue;
         }
-        let f = out.entry(long.to_string()).or_insert_with(CliFlag::default);
+        let f = out.entry(long.to_string()).or_default();
         f.commands.insert(path.to_string());
         f.global |= arg.is_global_set();
         f.env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
