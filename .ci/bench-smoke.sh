@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Smoke-sized ems-bench scenario (issue 8): proves the load generator works
+# Smoke-sized ems-bench scenario: proves the load generator works
 # end to end against a real hub and a real Mosquitto. Not a benchmark: the
 # numbers are not checked, only that nothing was lost, nothing failed, and
 # the report has its histogram lines. The runs are bounded (~20 s in all,

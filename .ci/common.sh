@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# Helpers shared by the issue-7 CI scripts (.ci/cross.sh, .ci/systemd-verify.sh,
-# .ci/nginx-e2e.sh, .ci/packages.sh). Source it; do not execute it.
+# Helpers shared by the deployment CI scripts (.ci/cross.sh,
+# .ci/systemd-verify.sh, .ci/nginx-e2e.sh, .ci/packages.sh). Source it; do not execute it.
 
 # Repository root (this file lives in .ci/).
 EMS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -76,7 +76,7 @@ cmd_build() {
 # ---------------------------------------------------------------------------
 # qemu end-to-end: aarch64 edge (under qemu-aarch64) -> native hub on loopback,
 # simulated meter, until readings are in the hub's SQLite store.
-# Uses the hub CLI of issue 2 and the edge config of issue 3.
+# Uses the hub CLI (device add, serve) and the edge config file.
 # ---------------------------------------------------------------------------
 E2E_PIDS=()
 E2E_DIR=""

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# All issue-7 checks in a sensible order (fast static ones first). For .ci/run:
+# All deployment checks (systemd units, pi-gen stage, nginx, cross builds,
+# packages) in a sensible order (fast static ones first). For .ci/run:
 #   .ci/deploy-all.sh            # everything
 #   .ci/deploy-all.sh static     # no Rust builds: units, nginx -t, pi-gen scripts
 # Each step is its own script and can be run alone; see deploy/README.md#ci.
@@ -17,4 +18,4 @@ step .ci/nginx-e2e.sh config-test
 step .ci/cross.sh qemu-e2e        # builds aarch64 + armv7, runs aarch64 under qemu
 step .ci/nginx-e2e.sh e2e
 step .ci/packages.sh install-test
-log "all issue-7 checks passed"
+log "all deployment checks passed"

@@ -4,7 +4,7 @@
 # fuzz/seeds/<target>/ (committed); the growing corpus lives in
 # fuzz/corpus/<target>/ (not committed). A crash fails the script and
 # leaves its input in fuzz/artifacts/<target>/: turn it into a regression
-# test (see README.md (Operations and hardening)) before fixing.
+# test (see docs/development/fuzzing-and-chaos.md) before fixing.
 #
 # Usage: .ci/fuzz.sh [target…]   (default: every target)
 set -euo pipefail

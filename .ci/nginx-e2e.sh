@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# nginx + TLS end-to-end for issue 7, with Debian's nginx and a CA made here.
+# nginx + TLS end-to-end (the production shape: hubs behind nginx), with
+# Debian's nginx and a CA made here.
 #
 #   .ci/nginx-e2e.sh config-test   # render deploy/nginx/ems-hub.conf for a test
 #                                  # and run `nginx -t` on it (no Rust build)

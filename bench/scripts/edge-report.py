@@ -343,7 +343,7 @@ def report(a):
         lines.append(dist("hub_wire_to_dashboard_us", l_hub, "us",
                           "the hub's share: frame on loopback -> dashboard arrival"))
         lines.append(dist("db_received_at_minus_ts_ms", l_db, "ms",
-                          "the issue's measure; both ms-truncated, +-1 ms"))
+                          "stored received_at - ts: the latency the database shows; both ms-truncated, +-1 ms"))
         lines.append(dist("dashboard_rx_ms_minus_ts_ms", l_rx, "ms", "hub receive time in the dashboard frame, ms"))
         lines.append(dist("dashboard_arrival_minus_ts_us", l_dts, "us",
                           "no perf needed; ts_ms is truncated: reads up to 1 ms high"))

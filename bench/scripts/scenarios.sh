@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8 scenarios (BENCHMARKS.md): hub pinned to CPU 0, generator to CPU 1,
+# The benchmark scenarios (BENCHMARKS.md): hub pinned to CPU 0, generator to CPU 1,
 # Mosquitto (same patterns) pinned to CPU 0 too. Loopback only, every run
 # bounded. Usage: bench/scripts/scenarios.sh OUTDIR [SCENARIO...]
 #   scenarios: s1 s2 s3 s4 s6 edge (default: all); s5 is the connect phase of s4.

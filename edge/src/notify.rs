@@ -34,7 +34,8 @@ pub fn stopping() {
     send(&[NotifyState::Stopping]);
 }
 
-/// The watchdog interval systemd expects (`WatchdogSec=`), if enabled.
+/// The watchdog interval systemd expects (`WatchdogSec=`, passed to the
+/// service as `WATCHDOG_USEC`), if enabled.
 pub fn watchdog_interval() -> Option<Duration> {
     let mut usec = 0u64;
     if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {

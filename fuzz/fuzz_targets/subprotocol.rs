@@ -1,4 +1,4 @@
-//! The dashboard handshake's header parsers (issue 6):
+//! The dashboard handshake's header parsers:
 //! `Sec-WebSocket-Protocol` (`ems_hub::auth::handshake::subprotocols`), the
 //! `Origin` rule (`origin_allowed`) and the credential-in-query check
 //! (`query_has_credential`). Never a panic; an accepted offer keeps the

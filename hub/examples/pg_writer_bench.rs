@@ -8,11 +8,8 @@
 //!
 //! Uses `EMS_BENCH_DATABASE_URL` (a role that may `CREATE DATABASE`) if
 //! set, else starts a private PostgreSQL 15 cluster like the tests do
-//! (`hub/tests/common/pg.rs`, here with `fsync=on`). Each run writes into
-//! a fresh database. Prints a Markdown table.
-
-#[path = "../tests/common/pg.rs"]
-mod pg;
+//! (`ems_testkit::pg`, here with `fsync=on`). Each run writes into a fresh
+//! database. Prints a Markdown table.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +17,7 @@ use std::time::{Duration, Instant};
 use ems_hub::store::postgres::{PgOptions, PgStore, WriteMethod};
 use ems_hub::store::{ReadingSink, Row};
 use ems_shared::Reading;
+use ems_testkit::pg;
 
 /// Devices the rows are spread over.
 const DEVICES: u64 = 20;

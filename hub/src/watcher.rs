@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use ems_shared::Measurement;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -23,6 +24,41 @@ pub enum WatchError {
     Network(String),
 }
 
+/// How `watch` prints one measurement: its unit from the measurement list,
+/// scaled for reading at a glance.
+struct Display {
+    /// Printed after the number.
+    unit: &'static str,
+    /// The value is multiplied by this.
+    scale: f64,
+    /// Digits after the decimal point.
+    decimals: usize,
+}
+
+/// The display of `m`: the list's unit with two decimals, except where a
+/// terminal reads better otherwise (energy in kWh).
+fn display(m: Measurement) -> Display {
+    let plain = |decimals| Display {
+        unit: m.unit(),
+        scale: 1.0,
+        decimals,
+    };
+    match m {
+        Measurement::VoltageV | Measurement::PowerW | Measurement::ReactivePowerVar => plain(1),
+        Measurement::EnergyWh => Display {
+            unit: "kWh",
+            scale: 1e-3,
+            decimals: 3,
+        },
+        // The list's unit is "" (dimensionless).
+        Measurement::PowerFactor => Display {
+            unit: "PF",
+            ..plain(2)
+        },
+        _ => plain(2),
+    }
+}
+
 /// Formats one dashboard frame as a line of text; `None` for frames that
 /// are not readings.
 pub fn format_line(frame: &str) -> Option<String> {
@@ -36,16 +72,10 @@ pub fn format_line(frame: &str) -> Option<String> {
         v["meter"].as_str().unwrap_or("?"),
         v["seq"]
     );
-    for (key, unit, scale, digits) in [
-        ("voltage_v", "V", 1.0, 1),
-        ("current_a", "A", 1.0, 2),
-        ("power_w", "W", 1.0, 1),
-        ("power_factor", "PF", 1.0, 2),
-        ("frequency_hz", "Hz", 1.0, 2),
-        ("energy_wh", "kWh", 1e-3, 3),
-    ] {
-        if let Some(x) = v[key].as_f64() {
-            line.push_str(&format!("  {:.*} {unit}", digits, x * scale));
+    for m in Measurement::ALL {
+        if let Some(x) = v[m.name()].as_f64() {
+            let d = display(m);
+            line.push_str(&format!("  {:.*} {}", d.decimals, x * d.scale, d.unit));
         }
     }
     if let (Some(ts), Some(rx)) = (v["ts_ms"].as_i64(), v["rx_ms"].as_i64()) {
@@ -119,5 +149,10 @@ mod tests {
             "d main seq=7  230.1 V  960.5 W  1523.400 kWh  (age 12 ms)"
         );
         assert!(format_line("nope").is_none());
+        let every = r#"{"type":"reading","seq":1,"meter":"m","voltage_v":1,"current_a":2,"power_w":3,"energy_wh":4000,"frequency_hz":5,"power_factor":0.5,"reactive_power_var":7,"device_id":"d"}"#;
+        assert_eq!(
+            format_line(every).unwrap(),
+            "d m seq=1  1.0 V  2.00 A  3.0 W  4.000 kWh  5.00 Hz  0.50 PF  7.0 var"
+        );
     }
 }

@@ -5,13 +5,12 @@
 //! `backend_suite!` macro turns every case into a `#[test]` per backend, so
 //! a backend cannot silently skip one.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::pg;
 use ems_hub::store::{self, Row, Store};
 use ems_shared::Reading;
+use ems_testkit::pg;
+use ems_testkit::{now_ms, TestHub};
 
 /// A fresh database of one backend.
 pub struct Fixture {
@@ -394,6 +393,8 @@ pub mod contract {
         tokens.push(admin.add_admin("ops").unwrap());
         let check = |when: &str| {
             let Some(raw) = (f.raw_bytes)() else {
+                // An external server (EMS_TEST_DATABASE_URL): PostgreSQL
+                // is there, only its files are not.
                 eprintln!("raw database files not reachable; plaintext scan skipped");
                 return;
             };
@@ -504,11 +505,15 @@ fn sqlite_fixture() -> Option<Fixture> {
 
 backend_suite!(sqlite, sqlite_fixture());
 
-/// A fresh PostgreSQL database (see `common::pg`), or `None` to skip.
+/// A fresh PostgreSQL database (see `ems_testkit::pg`), or `None` to skip.
 fn pg_fixture() -> Option<Fixture> {
     let db = pg::fresh_db()?;
     let store = store::open(&db.url).unwrap();
-    let cluster = pg::local_cluster();
+    // The files on disk are reachable only for the private cluster.
+    let cluster = pg::external_url()
+        .is_none()
+        .then(pg::shared_cluster)
+        .flatten();
     let name = db.name.clone();
     Some(Fixture {
         url: db.url.clone(),
@@ -525,11 +530,11 @@ mod postgres_only {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use super::{pg, row};
+    use super::{now_ms, pg, row, TestHub};
     use ems_hub::store::postgres::{PgMode, PgOptions, PgStore, TimescaleMode};
     use ems_hub::store::{self, HistoryStore, ReadingSink, StoreError};
 
-    /// The example Grafana query of README.md (Storage), with `$__timeFilter`
+    /// The example Grafana query of docs/storage/schema.md, with `$__timeFilter`
     /// expanded as Grafana does.
     const GRAFANA_QUERY: &str = "SELECT date_trunc('minute', ts) AS time, \
          device_id AS metric, \
@@ -675,32 +680,15 @@ mod postgres_only {
         assert_eq!(s.readings("d1", 0, 100, 10).unwrap().len(), 2);
     }
 
-    /// Captures every log record of this test binary.
-    struct Capture(std::sync::Mutex<Vec<String>>);
-
-    impl log::Log for Capture {
-        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
-            true
-        }
-        fn log(&self, record: &log::Record<'_>) {
-            let line = format!("{} {}", record.target(), record.args());
-            self.0.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-        }
-        fn flush(&self) {}
-    }
-
-    static CAPTURE: Capture = Capture(std::sync::Mutex::new(Vec::new()));
-
     /// The URL's password appears in no log line and no error, through
     /// open, mode logging, a lost connection and the reconnect.
     #[test]
     fn the_password_never_reaches_logs_or_errors() {
-        let Some(cluster) = pg::local_cluster() else {
+        let Some(cluster) = pg::local_cluster("the password check (it cuts connections)") else {
             return;
         };
-        if log::set_logger(&CAPTURE).is_ok() {
-            log::set_max_level(log::LevelFilter::Trace);
-        }
+        // Every line of every target, through the process's one logger.
+        ems_testkit::logs::capture(&[""]);
         let db = pg::create_db(&cluster.admin_url);
         // Trust authentication accepts any password, so this one is only
         // carried around, which is what we check.
@@ -737,7 +725,7 @@ mod postgres_only {
                 .unwrap()
                 .to_string(),
         );
-        let logs = CAPTURE.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let logs = ems_testkit::logs::lines();
         assert!(
             logs.iter().any(|l| l.contains("postgres:***@")),
             "the store logs its (redacted) URL: {logs:?}"
@@ -880,11 +868,7 @@ mod postgres_only {
 
     #[test]
     fn tls_is_verified() {
-        let Some(cluster) = pg::local_cluster() else {
-            return;
-        };
-        let Some(ca) = &cluster.tls_ca else {
-            eprintln!("SKIP tls_is_verified: the test cluster runs without TLS (no openssl)");
+        let Some((cluster, ca)) = pg::tls_cluster("tls_is_verified") else {
             return;
         };
         let db = pg::create_db(&cluster.admin_url);
@@ -918,7 +902,6 @@ mod postgres_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn hub_streams_into_postgres_end_to_end() {
         use futures_util::{SinkExt, StreamExt};
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         use tokio_tungstenite::tungstenite::Message;
 
         let Some(db) = tokio::task::spawn_blocking(pg::fresh_db).await.unwrap() else {
@@ -933,27 +916,10 @@ mod postgres_only {
         })
         .await
         .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let hub = tokio::spawn(ems_hub::run(
-            listener,
-            ems_hub::Config::new(db.url.clone()),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        let mut req = format!("ws://{addr}/ws/device/ems_pg")
-            .into_client_request()
-            .unwrap();
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        let mut hub = TestHub::start_on(&db.url, |_| {}).await;
+        let mut ws = hub.device("ems_pg", &token).await;
         const N: u64 = 500;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64;
+        let now = now_ms();
         for seq in 0..N {
             let frame = format!(
                 "{{\"type\":\"reading\",\"epoch\":7,\"seq\":{seq},\"ts_ms\":{},\
@@ -990,12 +956,7 @@ mod postgres_only {
         .await
         .unwrap();
         assert_eq!(n, N as i64);
-        let _ = stop.send(());
-        tokio::time::timeout(Duration::from_secs(30), hub)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        hub.stop().await.unwrap();
         drop(ws);
         tokio::task::spawn_blocking(move || drop(db)).await.unwrap();
     }
@@ -1006,24 +967,20 @@ mod postgres_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn hub_rides_out_a_postgres_restart() {
         use futures_util::{SinkExt, StreamExt};
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         use tokio_tungstenite::tungstenite::Message;
 
-        if pg::bin_dir().is_none() {
-            pg::unavailable::<()>("the hub restart test needs the PostgreSQL server binaries");
+        let opts = pg::ClusterOptions {
+            fsync: false,
+            tls: false,
+        };
+        let Some(cluster) =
+            tokio::task::spawn_blocking(move || pg::own_cluster(opts, "the hub restart test"))
+                .await
+                .unwrap()
+        else {
             return;
-        }
-        let cluster = Arc::new(
-            tokio::task::spawn_blocking(|| {
-                pg::Cluster::start(pg::ClusterOptions {
-                    fsync: false,
-                    tls: false,
-                })
-            })
-            .await
-            .unwrap()
-            .unwrap(),
-        );
+        };
+        let cluster = Arc::new(cluster);
         let c2 = cluster.clone();
         let (db, token) = tokio::task::spawn_blocking(move || {
             let db = pg::create_db(&c2.admin_url);
@@ -1035,28 +992,11 @@ mod postgres_only {
         })
         .await
         .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let hub = tokio::spawn(ems_hub::run(
-            listener,
-            ems_hub::Config::new(db.url.clone()),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        let mut req = format!("ws://{addr}/ws/device/ems_r")
-            .into_client_request()
-            .unwrap();
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        let mut hub = TestHub::start_on(&db.url, |_| {}).await;
+        let ws = hub.device("ems_r", &token).await;
         let (mut tx, mut rx) = ws.split();
         const N: u64 = 3000;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64;
+        let now = now_ms();
         let last_ack = Arc::new(AtomicU64::new(0));
         let acks = tokio::spawn({
             let last_ack = last_ack.clone();
@@ -1130,12 +1070,7 @@ mod postgres_only {
         .await
         .unwrap();
         assert_eq!((n, distinct), (N as i64, N as i64));
-        let _ = stop.send(());
-        tokio::time::timeout(Duration::from_secs(30), hub)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        hub.stop().await.unwrap();
         tokio::task::spawn_blocking(move || {
             drop(db);
             drop(cluster);
@@ -1150,15 +1085,13 @@ mod postgres_only {
     /// committed. Afterwards every row is there exactly once.
     #[test]
     fn restart_under_load_loses_and_duplicates_nothing() {
-        if pg::bin_dir().is_none() {
-            pg::unavailable::<()>("the restart test needs the PostgreSQL server binaries");
-            return;
-        }
-        let cluster = pg::Cluster::start(pg::ClusterOptions {
+        let opts = pg::ClusterOptions {
             fsync: true,
             tls: false,
-        })
-        .unwrap();
+        };
+        let Some(cluster) = pg::own_cluster(opts, "the restart test") else {
+            return;
+        };
         let db = pg::create_db(&cluster.admin_url);
         let mut s = PgStore::open(&db.url, &PgOptions::default()).unwrap();
         const ROWS: u64 = 200;

@@ -21,11 +21,8 @@ fn stored_values_are_a_plausible_household_supply() {
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
         )
         .unwrap();
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
-    assert!((now_ms - ts).abs() < 120_000, "ts {ts} vs now {now_ms}");
+    let now = now_ms();
+    assert!((now - ts).abs() < 120_000, "ts {ts} vs now {now}");
     assert!(
         (200.0..260.0).contains(&v) && (49.0..51.0).contains(&hz),
         "{v} {hz}"

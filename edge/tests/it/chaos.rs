@@ -20,10 +20,10 @@
 //!   difference fails the test with the first offending ids.
 //!
 //! Two runs: SQLite, and PostgreSQL on a private throwaway cluster (the
-//! hub's test harness, `hub/tests/common/pg.rs`, shared with this test)
-//! that is also restarted (`pg_ctl restart -m fast`) twice during the
-//! chaos. Without the PostgreSQL binaries the second run SKIPs loudly,
-//! unless `EMS_REQUIRE_POSTGRES=1` (CI).
+//! test kit's, `ems_testkit::pg`) that is also restarted
+//! (`pg_ctl restart -m fast`) twice during the chaos. Without the
+//! PostgreSQL binaries the second run SKIPs loudly, unless
+//! `EMS_REQUIRE_POSTGRES=1` (CI).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -35,10 +35,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::harness::free_port;
+use ems_testkit::hub::bind_retrying;
+use ems_testkit::pg;
 
-#[path = "../../../hub/tests/common/pg.rs"]
-mod pg;
+use crate::harness::free_port;
 
 const DEVICES: usize = 3;
 /// Chaos phase length.
@@ -72,17 +72,7 @@ fn hub_child_process() {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let listener = loop {
-            match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
-                Ok(l) => break l,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("bind {port}: {e}"),
-            }
-        };
+        let listener = bind_retrying(port, Instant::now() + Duration::from_secs(30)).await;
         eprintln!("chaos hub listening on {port}");
         ems_hub::run(listener, config, std::future::pending())
             .await
@@ -406,15 +396,12 @@ fn chaos_sqlite_nothing_lost_nothing_duplicated() {
 
 #[test]
 fn chaos_postgres_with_database_restarts() {
-    let cluster = match pg::Cluster::start(pg::ClusterOptions {
+    let opts = pg::ClusterOptions {
         fsync: true,
         tls: false,
-    }) {
-        Ok(c) => c,
-        Err(e) => {
-            let _: Option<()> = pg::unavailable(&format!("cannot start a private cluster: {e}"));
-            return;
-        }
+    };
+    let Some(cluster) = pg::own_cluster(opts, "the chaos test with database restarts") else {
+        return;
     };
     let testdb = pg::create_db(&cluster.admin_url);
     let dir = tempfile::tempdir().unwrap();

@@ -29,10 +29,7 @@ fn readings_wait_for_clock_sync_and_get_monotonic_stamps() {
     wait_for("connected", SOON, || edge.log().contains("CONNECTED to"));
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(w.count(), 0, "a reading with an unknown time was sent");
-    let synced_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let synced_at = now_ms();
     fs::write(&flag, "").unwrap();
     wait_for("held readings released", SOON, || w.count() >= 30);
     assert!(edge.log().contains("system clock synchronized: releasing"));
@@ -102,10 +99,7 @@ fn readings_held_for_clock_sync_survive_a_restart_in_the_same_boot() {
     // Restart in the same boot, clock now synchronized: the held readings
     // come back, stamped before this process even started.
     fs::write(&flag, "").unwrap();
-    let restarted_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let restarted_at = now_ms();
     let mut again = w.edge(&config);
     let epoch = again.epoch();
     wait_for("the restored readings stored", SOON, || {

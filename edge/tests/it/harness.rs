@@ -11,91 +11,15 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Bound for anything that should happen "soon".
+pub use ems_testkit::fixtures::{free_port, now_ms, wait_for};
+pub use ems_testkit::hub::BackgroundHub as Hub;
+use ems_testkit::require::{require_or_skip, Feature};
+
+/// Bound for anything that should happen "soon" (longer than the hub
+/// tests' bound: these tests start processes and wait for disk syncs).
 pub const SOON: Duration = Duration::from_secs(30);
-
-pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A hub running on its own tokio runtime in a background thread.
-pub struct Hub {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Hub {
-    pub fn start(db_url: &str, port: u16, tweak: impl FnOnce(&mut ems_hub::Config)) -> Hub {
-        let mut config = ems_hub::Config::new(db_url.to_string());
-        tweak(&mut config);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                // The port was just used by a previous hub: retry briefly.
-                let deadline = Instant::now() + SOON;
-                let listener = loop {
-                    match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
-                        Ok(l) => break l,
-                        Err(e) if Instant::now() < deadline => {
-                            let _ = e;
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                        Err(e) => panic!("bind 127.0.0.1:{port}: {e}"),
-                    }
-                };
-                ready_tx.send(()).unwrap();
-                ems_hub::run(listener, config, async move {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-            });
-        });
-        ready_rx.recv_timeout(SOON).expect("hub did not start");
-        Hub {
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-
-    pub fn stop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            t.join().expect("hub thread panicked");
-        }
-    }
-}
-
-impl Drop for Hub {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-    }
-}
 
 /// One test's world: a temp dir with the hub database, a provisioned
 /// device, a port, and the edge config.
@@ -170,26 +94,11 @@ seed = 1
         Edge::spawn(config, &self.token, self.dir.path())
     }
 
-    /// (epoch, seq) of every stored reading of the device.
+    /// (epoch, seq) of every stored reading of the device (none while
+    /// the hub has not created its database yet).
     pub fn stored(&self) -> Vec<(u64, u64)> {
-        let path = self.db_url.trim_start_matches("sqlite:");
-        let Ok(conn) =
-            rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        else {
-            return vec![];
-        };
-        let _ = conn.busy_timeout(Duration::from_secs(5));
-        let Ok(mut stmt) = conn
-            .prepare("SELECT epoch, seq FROM readings WHERE device_id = ?1 ORDER BY epoch, seq")
-        else {
-            return vec![];
-        };
-        let rows = stmt
-            .query_map([DEVICE], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
-            })
-            .unwrap();
-        rows.map(|r| r.unwrap()).collect()
+        let path = Path::new(self.db_url.trim_start_matches("sqlite:"));
+        ems_testkit::fixtures::sqlite_keys(path, DEVICE).unwrap_or_default()
     }
 
     /// `(seq, ts_ms, meter, energy_wh)` of every stored reading of `epoch`,
@@ -405,7 +314,8 @@ pub struct Tmpfs {
 impl Tmpfs {
     /// Mounts a tmpfs of `size` (e.g. `"160k"`) on `path`. When that is not
     /// possible (not root, no mount permission) the test is skipped with a
-    /// loud message, or fails when `EMS_REQUIRE_TMPFS=1` (CI).
+    /// loud message, or fails when `EMS_REQUIRE_TMPFS=1` (CI)
+    /// (`ems_testkit::require`).
     pub fn mount(path: &Path, size: &str) -> Option<Tmpfs> {
         fs::create_dir_all(path).unwrap();
         // SAFETY: getuid has no preconditions.
@@ -432,13 +342,7 @@ impl Tmpfs {
                     Some(Ok(o)) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
                     Some(Err(e)) => e.to_string(),
                 };
-                if std::env::var("EMS_REQUIRE_TMPFS").as_deref() == Ok("1") {
-                    panic!("EMS_REQUIRE_TMPFS=1 but a tmpfs cannot be mounted: {why}");
-                }
-                eprintln!(
-                    "\n*** SKIP: this test needs a size-limited tmpfs (mount -t tmpfs, as root): {why}. \
-                     Set EMS_REQUIRE_TMPFS=1 to make this a failure. ***\n"
-                );
+                require_or_skip(Feature::Tmpfs, &format!("a tmpfs cannot be mounted: {why}"));
                 None
             }
         }

@@ -10,13 +10,22 @@
 //! so is `ts` for an instant outside years 0000–9999.
 
 use std::io::{self, Write};
+use std::sync::LazyLock;
 
-use ems_shared::Reading;
+use ems_shared::{Measured, Measurement, Reading};
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
-/// The CSV header row (without the line end).
-pub const CSV_HEADER: &str = "device_id,meter,ts_ms,ts,epoch,seq,voltage_v,current_a,power_w,\
-energy_wh,frequency_hz,power_factor,reactive_power_var,flags";
+/// The CSV header row (without the line end): the key columns, one column
+/// per measurement in the order of [`Measurement::ALL`], then `flags`.
+pub static CSV_HEADER: LazyLock<String> = LazyLock::new(|| {
+    let mut h = String::from("device_id,meter,ts_ms,ts,epoch,seq");
+    for m in Measurement::ALL {
+        h.push(',');
+        h.push_str(m.name());
+    }
+    h.push_str(",flags");
+    h
+});
 
 /// One exported reading.
 #[derive(Debug, Clone, Copy)]
@@ -63,28 +72,9 @@ pub fn write_jsonl_row(out: &mut impl Write, row: &ExportRow<'_>) -> io::Result<
 }
 
 /// The measurement columns in header order.
-fn measurements(r: &Reading) -> [Option<f64>; 7] {
-    [
-        r.voltage_v,
-        r.current_a,
-        r.power_w,
-        r.energy_wh,
-        r.frequency_hz,
-        r.power_factor,
-        r.reactive_power_var,
-    ]
+fn measurements(r: &Reading) -> [Option<f64>; Measurement::COUNT] {
+    Measurement::ALL.map(|m| r.get(m))
 }
-
-/// The measurement keys in header order.
-const MEASUREMENT_KEYS: [&str; 7] = [
-    "voltage_v",
-    "current_a",
-    "power_w",
-    "energy_wh",
-    "frequency_hz",
-    "power_factor",
-    "reactive_power_var",
-];
 
 impl Serialize for ExportRow<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -99,9 +89,9 @@ impl Serialize for ExportRow<'_> {
         }
         m.serialize_entry("epoch", &r.epoch)?;
         m.serialize_entry("seq", &r.seq)?;
-        for (k, v) in MEASUREMENT_KEYS.iter().zip(measurements(r)) {
+        for (k, v) in Measurement::ALL.iter().zip(measurements(r)) {
             if let Some(v) = v.filter(|v| v.is_finite()) {
-                m.serialize_entry(k, &v)?;
+                m.serialize_entry(k.name(), &v)?;
             }
         }
         m.serialize_entry("flags", &self.flags)?;
@@ -204,7 +194,7 @@ mod tests {
     #[test]
     fn header_is_exact() {
         assert_eq!(
-            CSV_HEADER,
+            *CSV_HEADER,
             "device_id,meter,ts_ms,ts,epoch,seq,voltage_v,current_a,power_w,energy_wh,\
              frequency_hz,power_factor,reactive_power_var,flags"
         );

@@ -22,7 +22,9 @@
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use ems_shared::Reading;
+use ems_shared::{Measured, Reading};
+
+use ems_shared::Measurement as Kind;
 
 /// `payload_available` everywhere.
 pub const ONLINE: &str = "online";
@@ -37,8 +39,9 @@ pub const RESERVED_DEVICE_ID: &str = "hub";
 /// One measurement of a reading and how Home Assistant should see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Measurement {
-    /// The reading's field and the state payload's key (`energy_wh`).
-    pub key: &'static str,
+    /// Which measurement of the reading; its name (`energy_wh`) is the
+    /// state payload's key.
+    pub kind: Kind,
     /// Entity name after the meter id (`energy` → "main energy").
     pub name: &'static str,
     /// Home Assistant sensor `device_class`.
@@ -53,51 +56,51 @@ pub struct Measurement {
 /// the wire and in the store, so published values equal stored ones
 /// exactly); Home Assistant accepts Wh for the `energy` device class and
 /// its Energy dashboard converts.
-pub const MEASUREMENTS: [Measurement; 7] = [
+pub const MEASUREMENTS: [Measurement; Kind::COUNT] = [
     Measurement {
-        key: "energy_wh",
+        kind: Kind::EnergyWh,
         name: "energy",
         device_class: "energy",
         unit: Some("Wh"),
         state_class: "total_increasing",
     },
     Measurement {
-        key: "power_w",
+        kind: Kind::PowerW,
         name: "power",
         device_class: "power",
         unit: Some("W"),
         state_class: "measurement",
     },
     Measurement {
-        key: "voltage_v",
+        kind: Kind::VoltageV,
         name: "voltage",
         device_class: "voltage",
         unit: Some("V"),
         state_class: "measurement",
     },
     Measurement {
-        key: "current_a",
+        kind: Kind::CurrentA,
         name: "current",
         device_class: "current",
         unit: Some("A"),
         state_class: "measurement",
     },
     Measurement {
-        key: "frequency_hz",
+        kind: Kind::FrequencyHz,
         name: "frequency",
         device_class: "frequency",
         unit: Some("Hz"),
         state_class: "measurement",
     },
     Measurement {
-        key: "power_factor",
+        kind: Kind::PowerFactor,
         name: "power factor",
         device_class: "power_factor",
         unit: None,
         state_class: "measurement",
     },
     Measurement {
-        key: "reactive_power_var",
+        kind: Kind::ReactivePowerVar,
         name: "reactive power",
         device_class: "reactive_power",
         unit: Some("var"),
@@ -106,20 +109,12 @@ pub const MEASUREMENTS: [Measurement; 7] = [
 ];
 
 /// The values of a reading in [`MEASUREMENTS`] order.
-pub fn values(r: &Reading) -> [Option<f64>; 7] {
-    [
-        r.energy_wh,
-        r.power_w,
-        r.voltage_v,
-        r.current_a,
-        r.frequency_hz,
-        r.power_factor,
-        r.reactive_power_var,
-    ]
+pub fn values(r: &Reading) -> [Option<f64>; Kind::COUNT] {
+    MEASUREMENTS.map(|m| r.get(m.kind))
 }
 
 /// Which measurements `values` has, as a bit set over [`MEASUREMENTS`].
-pub fn mask(values: &[Option<f64>; 7]) -> u8 {
+pub fn mask(values: &[Option<f64>; Kind::COUNT]) -> u8 {
     values
         .iter()
         .enumerate()
@@ -184,7 +179,7 @@ impl Layout {
         format!(
             "{}_{meter}_{}_{:02x}{:02x}{:02x}{:02x}",
             sanitize(device),
-            m.key,
+            m.kind.name(),
             h[0],
             h[1],
             h[2],
@@ -292,7 +287,7 @@ impl Layout {
         c.insert("state_topic".into(), json!(self.state_topic(device, meter)));
         c.insert(
             "value_template".into(),
-            json!(format!("{{{{ value_json.{} }}}}", m.key)),
+            json!(format!("{{{{ value_json.{} }}}}", m.kind.name())),
         );
         c.insert(
             "availability".into(),
@@ -321,11 +316,11 @@ impl Layout {
 
 /// The state payload: the measurements present and `ts`, the reading's
 /// sample time in RFC 3339 (UTC, milliseconds).
-pub fn state_payload(ts_ms: i64, values: &[Option<f64>; 7]) -> String {
+pub fn state_payload(ts_ms: i64, values: &[Option<f64>; Kind::COUNT]) -> String {
     let mut o = Map::new();
     for (m, v) in MEASUREMENTS.iter().zip(values) {
         if let Some(v) = v {
-            o.insert(m.key.into(), json!(v));
+            o.insert(m.kind.name().into(), json!(v));
         }
     }
     o.insert("ts".into(), json!(rfc3339_ms(ts_ms)));
@@ -542,7 +537,14 @@ mod tests {
         // Each value sits at the index of its measurement's key.
         let json: Value = serde_json::to_value(&r).unwrap();
         for (m, v) in MEASUREMENTS.iter().zip(v) {
-            assert_eq!(json[m.key].as_f64(), v, "{}", m.key);
+            assert_eq!(json[m.kind.name()].as_f64(), v, "{}", m.kind);
         }
+    }
+
+    #[test]
+    fn every_measurement_of_the_list_is_published_once() {
+        let mut kinds: Vec<Kind> = MEASUREMENTS.iter().map(|m| m.kind).collect();
+        kinds.sort();
+        assert_eq!(kinds, Kind::ALL.to_vec());
     }
 }

@@ -18,6 +18,7 @@
 //! [`open`] picks the backend from the URL: `sqlite:PATH` ([`sqlite`]) or
 //! `postgres://…` / `postgresql://…` ([`postgres`]).
 
+mod columns;
 pub mod postgres;
 pub mod sqlite;
 

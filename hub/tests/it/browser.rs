@@ -7,7 +7,7 @@
 //!
 //! Needs Debian's `chromium` and `chromium-driver`. When they are missing
 //! the test prints a loud SKIP and passes — unless `EMS_REQUIRE_BROWSER=1`
-//! (CI), where it fails.
+//! (CI), where it fails (`ems_testkit::require`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -31,28 +31,8 @@ fn find(candidates: &[&str]) -> Option<PathBuf> {
     candidates.iter().map(PathBuf::from).find(|p| p.exists())
 }
 
-fn required() -> bool {
-    std::env::var("EMS_REQUIRE_BROWSER").is_ok_and(|v| v == "1")
-}
-
 fn skip(why: &str) {
-    if required() {
-        panic!("a browser is required (EMS_REQUIRE_BROWSER=1) but {why}");
-    }
-    eprintln!(
-        "\n********************************************************************\n\
-         SKIP: browser end-to-end test skipped: {why}.\n\
-         Install Debian's chromium and chromium-driver to run it.\n\
-         ********************************************************************\n"
-    );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    require_or_skip(Feature::Browser, why);
 }
 
 /// The workspace target dir (CARGO_TARGET_DIR or `<workspace>/target`).

@@ -4,130 +4,15 @@
 //! and raw HTTP requests.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Error as WsError;
 
 use crate::harness::*;
 
-/// A plain HTTP/1.1 response.
-pub struct HttpResp {
-    pub status: u16,
-    pub head: String,
-    pub body: String,
-}
-
-impl HttpResp {
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
-    }
-
-    pub fn header(&self, name: &str) -> Option<String> {
-        self.head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_string())
-        })
-    }
-}
-
-/// One HTTP request on a fresh connection (`Connection: close`).
-pub async fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<&str>,
-) -> HttpResp {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if let Some(b) = body {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            b.len()
-        ));
-    }
-    req.push_str("\r\n");
-    if let Some(b) = body {
-        req.push_str(b);
-    }
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(SOON, s.read_to_end(&mut buf))
-        .await
-        .expect("HTTP response timed out")
-        .unwrap();
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad response: {text}"));
-    // Chunked bodies (hyper uses them when the length is unknown).
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut out = String::new();
-        let mut rest = body;
-        while let Some((len, after)) = rest.split_once("\r\n") {
-            let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            out.push_str(&after[..n]);
-            rest = &after[n + 2..];
-        }
-        out
-    } else {
-        body.to_string()
-    };
-    HttpResp {
-        status,
-        head: head.to_string(),
-        body,
-    }
-}
-
-/// `Authorization: Bearer <t>`.
-pub fn bearer(t: &str) -> String {
-    format!("Bearer {t}")
-}
-
-/// Connects to `path` with extra handshake headers; returns the socket and
-/// the response's `Sec-WebSocket-Protocol` plus every response header
-/// value (to check that no token is echoed).
-pub async fn connect_with(
-    addr: SocketAddr,
-    path: &str,
-    headers: &[(&'static str, String)],
-) -> Result<(Client, Option<String>, Vec<String>), WsError> {
-    let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
-    for (k, v) in headers {
-        req.headers_mut()
-            .append(*k, HeaderValue::from_str(v).unwrap());
-    }
-    let (ws, resp) = tokio_tungstenite::connect_async(req).await?;
-    let proto = resp
-        .headers()
-        .get("sec-websocket-protocol")
-        .map(|v| v.to_str().unwrap().to_string());
-    let all = resp
-        .headers()
-        .iter()
-        .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("")))
-        .collect();
-    Ok((ws, proto, all))
-}
+// The HTTP and dashboard clients live in the test kit; other modules
+// import them from here as well.
+pub use crate::harness::{bearer, browser_dashboard, connect_with, http, HttpResp};
 
 fn status_of(r: Result<(Client, Option<String>, Vec<String>), WsError>) -> u16 {
     match r {
@@ -135,28 +20,6 @@ fn status_of(r: Result<(Client, Option<String>, Vec<String>), WsError>) -> u16 {
         Err(WsError::Http(resp)) => resp.status().as_u16(),
         Err(e) => panic!("unexpected error {e}"),
     }
-}
-
-/// A dashboard through the browser path: token in the subprotocol list.
-pub async fn browser_dashboard(
-    addr: SocketAddr,
-    device: &str,
-    viewer: &str,
-    resume: Option<i64>,
-) -> Client {
-    let mut offer = format!("ems.v1, ems.bearer.{viewer}");
-    if let Some(since) = resume {
-        offer.push_str(&format!(", ems.resume.{since}"));
-    }
-    let (ws, proto, _) = connect_with(
-        addr,
-        &format!("/ws/dashboard/{device}"),
-        &[("sec-websocket-protocol", offer)],
-    )
-    .await
-    .unwrap_or_else(|e| panic!("dashboard {device}: {e}"));
-    assert_eq!(proto.as_deref(), Some("ems.v1"));
-    ws
 }
 
 fn reading_at(epoch: u64, seq: u64, ts_ms: i64, power: f64) -> String {

@@ -1,9 +1,10 @@
 //! Adversarial cases: one test per row of the table in
-//! README.md (Operations and hardening). Each test asserts the outcome the table states.
+//! docs/operations/limits-and-hardening.md. Each test asserts the outcome
+//! the table states.
 //!
 //! Timing: bounds are generous (SOON = 15 s) so the tests pass on a loaded
 //! 2-core machine; the real figures are printed (`--nocapture`) and
-//! recorded in README.md (Operations and hardening).
+//! recorded in docs/operations/limits-and-hardening.md.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -1,6 +1,9 @@
 //! Integration tests: the real hub in-process on port 0 with a temporary
-//! SQLite store, driven by real WebSocket clients. One test binary, one
-//! module per area.
+//! SQLite store, driven by real WebSocket clients; the MQTT bridge against
+//! a private Mosquitto. One test binary, one module per area; [`harness`]
+//! names what they share (from the `ems-testkit` crate). The store
+//! contract (`tests/store_contract.rs`) is a binary of its own: one suite
+//! run per backend.
 
 mod admin_api;
 mod browser;
@@ -11,5 +14,6 @@ mod handshake;
 mod hardening;
 mod harness;
 mod lifecycle;
+mod mqtt;
 mod mqtt_hub;
 mod tls;

@@ -3,6 +3,8 @@
 //! tools for installers live here: [`check`], [`probe`], [`scan`].
 
 mod check;
+#[cfg(test)]
+mod doc_drift;
 mod probe;
 mod scan;
 

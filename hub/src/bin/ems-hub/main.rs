@@ -5,6 +5,8 @@
 
 mod admin_commands;
 mod cli;
+#[cfg(test)]
+mod doc_drift;
 mod serve;
 
 use std::process::ExitCode;

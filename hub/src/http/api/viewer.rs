@@ -12,7 +12,7 @@ use serde_json::json;
 use super::{device_id, store, viewer_scope, Answer, ApiError};
 use crate::auth::handshake;
 use crate::state::Shared;
-use crate::store::{StoredReading, ViewerScope};
+use crate::store::ViewerScope;
 
 /// Default and largest `limit` of the history endpoint.
 const DEFAULT_LIMIT: usize = 1000;
@@ -147,26 +147,6 @@ pub(crate) fn parse_range(query: &str, now_ms: i64) -> Result<RangeQuery, ApiErr
     Ok(q)
 }
 
-fn dashboard_reading(device_id: &str, r: StoredReading) -> DashboardReading {
-    let x = r.reading;
-    DashboardReading {
-        frame_type: "reading".into(),
-        device_id: device_id.to_owned(),
-        rx_ms: r.received_at_ms,
-        epoch: x.epoch,
-        seq: x.seq,
-        ts_ms: x.ts_ms,
-        meter: x.meter,
-        voltage_v: x.voltage_v,
-        current_a: x.current_a,
-        power_w: x.power_w,
-        energy_wh: x.energy_wh,
-        frequency_hz: x.frequency_hz,
-        power_factor: x.power_factor,
-        reactive_power_var: x.reactive_power_var,
-    }
-}
-
 async fn history(shared: &Arc<Shared>, id: String, query: &str) -> Answer {
     let q = parse_range(query, crate::store::now_ms())?;
     let id2 = id.clone();
@@ -178,7 +158,7 @@ async fn history(shared: &Arc<Shared>, id: String, query: &str) -> Answer {
     rows.truncate(q.limit);
     let list: Vec<DashboardReading> = rows
         .into_iter()
-        .map(|r| dashboard_reading(&id, r))
+        .map(|r| DashboardReading::new(&id, r.received_at_ms, r.reading))
         .collect();
     Ok((
         StatusCode::OK,

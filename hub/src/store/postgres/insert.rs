@@ -3,55 +3,69 @@
 //! multi-row `INSERT`s (see [`WriteMethod`]).
 
 use std::collections::HashSet;
+use std::sync::LazyLock;
 
+use ems_shared::{Measured, Measurement};
 use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::types::{ToSql, Type};
 
 use super::time::{PgTime, PG_END_MS, PG_MIN_MS};
 use super::{db, is_unique_violation, Conn, PgStore, WriteMethod};
+use crate::store::columns::{insert_columns, KEY_COLUMNS, ROW_COLUMNS};
 use crate::store::{ReadingSink, Row, StoreError};
 
-const COLUMNS: &str = "device_id, meter, ts, received_at, epoch, seq, voltage_v, current_a, \
-     power_w, energy_wh, frequency_hz, power_factor, reactive_power_var";
+/// `COPY readings_stage (…) FROM STDIN (FORMAT binary)`.
+static COPY_STAGE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "COPY readings_stage ({}) FROM STDIN (FORMAT binary)",
+        insert_columns()
+    )
+});
 
-const COPY_STAGE: &str = "COPY readings_stage (device_id, meter, ts, received_at, epoch, seq, \
-     voltage_v, current_a, power_w, energy_wh, frequency_hz, power_factor, reactive_power_var) \
-     FROM STDIN (FORMAT binary)";
-
-const COPY_READINGS: &str = "COPY readings (device_id, meter, ts, received_at, epoch, seq, \
-     voltage_v, current_a, power_w, energy_wh, frequency_hz, power_factor, reactive_power_var) \
-     FROM STDIN (FORMAT binary)";
+/// `COPY readings (…) FROM STDIN (FORMAT binary)`.
+static COPY_READINGS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "COPY readings ({}) FROM STDIN (FORMAT binary)",
+        insert_columns()
+    )
+});
 
 /// Batches merged through the staging table after a conflict, before the
 /// direct path is tried again.
 const STAGED_AFTER_CONFLICT: u32 = 16;
 
-const MERGE_STAGE: &str = "INSERT INTO readings (device_id, meter, ts, received_at, epoch, seq, \
-     voltage_v, current_a, power_w, energy_wh, frequency_hz, power_factor, reactive_power_var) \
-     SELECT device_id, meter, ts, received_at, epoch, seq, voltage_v, current_a, power_w, \
-     energy_wh, frequency_hz, power_factor, reactive_power_var FROM readings_stage \
-     ON CONFLICT DO NOTHING";
+/// Moves the staged rows into `readings`, skipping stored ones.
+static MERGE_STAGE: LazyLock<String> = LazyLock::new(|| {
+    let columns = insert_columns();
+    format!(
+        "INSERT INTO readings ({columns}) SELECT {columns} FROM readings_stage \
+         ON CONFLICT DO NOTHING"
+    )
+});
 
-/// Column types of one row, in [`COLUMNS`] order.
-const ROW_TYPES: [Type; 13] = [
-    Type::TEXT,
-    Type::TEXT,
-    Type::TIMESTAMPTZ,
-    Type::TIMESTAMPTZ,
-    Type::INT8,
-    Type::INT8,
-    Type::FLOAT8,
-    Type::FLOAT8,
-    Type::FLOAT8,
-    Type::FLOAT8,
-    Type::FLOAT8,
-    Type::FLOAT8,
-    Type::FLOAT8,
-];
+/// Column types of one row, in `insert_columns` order: the key columns,
+/// then a `double precision` per measurement.
+static ROW_TYPES: LazyLock<Vec<Type>> = LazyLock::new(|| {
+    let mut types = vec![
+        Type::TEXT,
+        Type::TEXT,
+        Type::TIMESTAMPTZ,
+        Type::TIMESTAMPTZ,
+        Type::INT8,
+        Type::INT8,
+    ];
+    types.resize(ROW_COLUMNS, Type::FLOAT8);
+    types
+});
 
-/// Rows per multi-row `INSERT` statement (13 parameters each, ≤ 65535).
+/// Rows per multi-row `INSERT` statement (one parameter per column,
+/// ≤ 65535 per statement).
 const INSERT_CHUNK: usize = 2000;
-const _: () = assert!(INSERT_CHUNK * 13 <= 65535);
+const _: () = assert!(INSERT_CHUNK * ROW_COLUMNS <= 65535);
+
+/// Stands in for a parameter until it is set (every slot is set before a
+/// row is written).
+const UNSET: &(dyn ToSql + Sync) = &None::<f64>;
 
 /// One row's parameters in owned form, for the multi-row INSERT.
 struct OwnedRow<'a> {
@@ -61,6 +75,8 @@ struct OwnedRow<'a> {
     received_at: PgTime,
     epoch: i64,
     seq: i64,
+    /// The measurements, in [`Measurement::ALL`] order.
+    values: [Option<f64>; Measurement::COUNT],
 }
 
 impl PgStore {
@@ -73,7 +89,11 @@ impl PgStore {
         rows: &[Row],
         direct: bool,
     ) -> Result<(), postgres::Error> {
-        let sink = tx.copy_in(if direct { COPY_READINGS } else { COPY_STAGE })?;
+        let sink = tx.copy_in(if direct {
+            &*COPY_READINGS
+        } else {
+            &*COPY_STAGE
+        })?;
         let mut w = BinaryCopyInWriter::new(sink, &ROW_TYPES);
         let mut seen = HashSet::with_capacity(rows.len());
         for row in rows {
@@ -83,21 +103,17 @@ impl PgStore {
             if !seen.insert((&*row.device_id, epoch, seq)) {
                 continue;
             }
-            w.write(&[
-                &&*row.device_id,
-                &r.meter,
-                &PgTime(r.ts_ms),
-                &PgTime(row.received_at_ms),
-                &epoch,
-                &seq,
-                &r.voltage_v,
-                &r.current_a,
-                &r.power_w,
-                &r.energy_wh,
-                &r.frequency_hz,
-                &r.power_factor,
-                &r.reactive_power_var,
-            ])?;
+            let (device_id, ts, rx) =
+                (&*row.device_id, PgTime(r.ts_ms), PgTime(row.received_at_ms));
+            let values = Measurement::ALL.map(|m| r.get(m));
+            let mut params = [UNSET; ROW_COLUMNS];
+            let keys: [&(dyn ToSql + Sync); KEY_COLUMNS.len()] =
+                [&device_id, &r.meter, &ts, &rx, &epoch, &seq];
+            params[..KEY_COLUMNS.len()].copy_from_slice(&keys);
+            for (p, v) in params[KEY_COLUMNS.len()..].iter_mut().zip(&values) {
+                *p = v;
+            }
+            w.write(&params)?;
         }
         w.finish().map(|_| ())
     }
@@ -124,7 +140,7 @@ impl PgStore {
         checked_keys(rows)?;
         let mut tx = conn.client.transaction().map_err(db)?;
         PgStore::copy_rows(&mut tx, rows, false).map_err(db)?;
-        tx.execute(MERGE_STAGE, &[]).map_err(db)?;
+        tx.execute(&*MERGE_STAGE, &[]).map_err(db)?;
         tx.commit().map_err(db)
     }
 
@@ -140,7 +156,7 @@ impl PgStore {
                         &ROW_TYPES
                             .iter()
                             .cycle()
-                            .take(13 * n)
+                            .take(ROW_COLUMNS * n)
                             .cloned()
                             .collect::<Vec<_>>(),
                     )
@@ -157,7 +173,8 @@ impl PgStore {
                 .iter()
                 .map(OwnedRow::from_row)
                 .collect::<Result<_, _>>()?;
-            let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(owned.len() * 13);
+            let mut params: Vec<&(dyn ToSql + Sync)> =
+                Vec::with_capacity(owned.len() * ROW_COLUMNS);
             for o in &owned {
                 o.push_params(&mut params);
             }
@@ -176,6 +193,7 @@ impl<'a> OwnedRow<'a> {
             received_at: PgTime(row.received_at_ms),
             epoch: to_i64(row.reading.epoch)?,
             seq: to_i64(row.reading.seq)?,
+            values: Measurement::ALL.map(|m| row.reading.get(m)),
         })
     }
 
@@ -187,29 +205,25 @@ impl<'a> OwnedRow<'a> {
         p.push(&self.received_at);
         p.push(&self.epoch);
         p.push(&self.seq);
-        p.push(&r.voltage_v);
-        p.push(&r.current_a);
-        p.push(&r.power_w);
-        p.push(&r.energy_wh);
-        p.push(&r.frequency_hz);
-        p.push(&r.power_factor);
-        p.push(&r.reactive_power_var);
+        for v in &self.values {
+            p.push(v);
+        }
     }
 }
 
 fn multi_insert_sql(n: usize) -> String {
-    let mut sql = format!("INSERT INTO readings ({COLUMNS}) VALUES ");
+    let mut sql = format!("INSERT INTO readings ({}) VALUES ", insert_columns());
     for i in 0..n {
         if i > 0 {
             sql.push(',');
         }
         sql.push('(');
-        for c in 0..13 {
+        for c in 0..ROW_COLUMNS {
             if c > 0 {
                 sql.push(',');
             }
             sql.push('$');
-            sql.push_str(&(i * 13 + c + 1).to_string());
+            sql.push_str(&(i * ROW_COLUMNS + c + 1).to_string());
         }
         sql.push(')');
     }

@@ -1,10 +1,13 @@
 //! The look-ups and admin statements: token checks, provisioning and
 //! history, each one statement or one short transaction.
 
-use ems_shared::Reading;
+use std::sync::LazyLock;
+
+use ems_shared::{Measured, Measurement, Reading};
 
 use super::time::{clamp_ms, PgTime};
 use super::{db, is_unique_violation, PgStore};
+use crate::store::columns::{select_columns, AFTER_MEASUREMENTS, FIRST_MEASUREMENT};
 use crate::store::{
     ct_eq, AdminStore, AuthStore, DeviceInfo, HistoryStore, StoreError, StoredReading, TokenHash,
     ViewerInfo, ViewerScope,
@@ -299,35 +302,9 @@ impl HistoryStore for PgStore {
         self.with(|c| {
             let rows = c
                 .client
-                .query(
-                    "SELECT epoch, seq, ts, meter, voltage_v, current_a, power_w, energy_wh, \
-                     frequency_hz, power_factor, reactive_power_var FROM readings \
-                     WHERE device_id = $1 AND ts >= $2 AND ts < $3 \
-                     ORDER BY ts, epoch, seq LIMIT $4",
-                    &[&device_id, &from, &to, &limit],
-                )
+                .query(&*SELECT_READINGS, &[&device_id, &from, &to, &limit])
                 .map_err(db)?;
-            rows.iter()
-                .map(|r| {
-                    let epoch: i64 = r.try_get(0).map_err(db)?;
-                    let seq: i64 = r.try_get(1).map_err(db)?;
-                    let ts: PgTime = r.try_get(2).map_err(db)?;
-                    Ok(Reading {
-                        epoch: u64::try_from(epoch).unwrap_or_default(),
-                        seq: u64::try_from(seq).unwrap_or_default(),
-                        ts_ms: ts.0,
-                        meter: r.try_get(3).map_err(db)?,
-                        voltage_v: r.try_get(4).map_err(db)?,
-                        current_a: r.try_get(5).map_err(db)?,
-                        power_w: r.try_get(6).map_err(db)?,
-                        energy_wh: r.try_get(7).map_err(db)?,
-                        frequency_hz: r.try_get(8).map_err(db)?,
-                        power_factor: r.try_get(9).map_err(db)?,
-                        reactive_power_var: r.try_get(10).map_err(db)?,
-                        ..Default::default()
-                    })
-                })
-                .collect()
+            rows.iter().map(reading_of).collect()
         })
     }
 
@@ -341,39 +318,21 @@ impl HistoryStore for PgStore {
     ) -> Result<Vec<StoredReading>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let (from, to) = (clamp_ms(from_ms), clamp_ms(to_ms));
-        let order = if newest { "DESC" } else { "ASC" };
-        let sql = format!(
-            "SELECT epoch, seq, ts, meter, voltage_v, current_a, power_w, energy_wh, \
-             frequency_hz, power_factor, reactive_power_var, received_at FROM readings \
-             WHERE device_id = $1 AND ts >= $2 AND ts < $3 \
-             ORDER BY ts {order}, epoch {order}, seq {order} LIMIT $4"
-        );
+        let sql: &str = if newest {
+            &SELECT_HISTORY_NEWEST
+        } else {
+            &SELECT_HISTORY_OLDEST
+        };
         let mut out: Vec<StoredReading> = self.with(|c| {
             let rows = c
                 .client
-                .query(sql.as_str(), &[&device_id, &from, &to, &limit])
+                .query(sql, &[&device_id, &from, &to, &limit])
                 .map_err(db)?;
             rows.iter()
                 .map(|r| {
-                    let epoch: i64 = r.try_get(0).map_err(db)?;
-                    let seq: i64 = r.try_get(1).map_err(db)?;
-                    let ts: PgTime = r.try_get(2).map_err(db)?;
-                    let rx: PgTime = r.try_get(11).map_err(db)?;
+                    let rx: PgTime = r.try_get(AFTER_MEASUREMENTS).map_err(db)?;
                     Ok(StoredReading {
-                        reading: Reading {
-                            epoch: u64::try_from(epoch).unwrap_or_default(),
-                            seq: u64::try_from(seq).unwrap_or_default(),
-                            ts_ms: ts.0,
-                            meter: r.try_get(3).map_err(db)?,
-                            voltage_v: r.try_get(4).map_err(db)?,
-                            current_a: r.try_get(5).map_err(db)?,
-                            power_w: r.try_get(6).map_err(db)?,
-                            energy_wh: r.try_get(7).map_err(db)?,
-                            frequency_hz: r.try_get(8).map_err(db)?,
-                            power_factor: r.try_get(9).map_err(db)?,
-                            reactive_power_var: r.try_get(10).map_err(db)?,
-                            ..Default::default()
-                        },
+                        reading: reading_of(r)?,
                         received_at_ms: rx.0,
                     })
                 })
@@ -398,4 +357,43 @@ impl HistoryStore for PgStore {
                 .transpose()
         })
     }
+}
+
+/// A device's readings in a time range, oldest first.
+static SELECT_READINGS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM readings WHERE device_id = $1 AND ts >= $2 AND ts < $3 \
+         ORDER BY ts, epoch, seq LIMIT $4",
+        select_columns()
+    )
+});
+
+/// [`SELECT_READINGS`] plus `received_at`, in `order`.
+fn select_history(order: &str) -> String {
+    format!(
+        "SELECT {}, received_at FROM readings WHERE device_id = $1 AND ts >= $2 AND ts < $3 \
+         ORDER BY ts {order}, epoch {order}, seq {order} LIMIT $4",
+        select_columns()
+    )
+}
+
+static SELECT_HISTORY_OLDEST: LazyLock<String> = LazyLock::new(|| select_history("ASC"));
+static SELECT_HISTORY_NEWEST: LazyLock<String> = LazyLock::new(|| select_history("DESC"));
+
+/// The reading in a row of [`crate::store::columns::select_columns`].
+fn reading_of(r: &postgres::Row) -> Result<Reading, StoreError> {
+    let epoch: i64 = r.try_get(0).map_err(db)?;
+    let seq: i64 = r.try_get(1).map_err(db)?;
+    let ts: PgTime = r.try_get(2).map_err(db)?;
+    let mut reading = Reading {
+        epoch: u64::try_from(epoch).unwrap_or_default(),
+        seq: u64::try_from(seq).unwrap_or_default(),
+        ts_ms: ts.0,
+        meter: r.try_get(3).map_err(db)?,
+        ..Default::default()
+    };
+    for m in Measurement::ALL {
+        reading.set(m, r.try_get(FIRST_MEASUREMENT + m.index()).map_err(db)?);
+    }
+    Ok(reading)
 }

@@ -1,16 +1,25 @@
 //! The write path: a batch as one `IMMEDIATE` transaction of prepared
 //! `INSERT … ON CONFLICT DO NOTHING` statements.
 
-use rusqlite::{params, TransactionBehavior};
+use std::sync::LazyLock;
+
+use ems_shared::{Measured, Measurement};
+use rusqlite::TransactionBehavior;
 
 use super::{db, to_i64, SqliteStore};
+use crate::store::columns::{insert_columns, KEY_COLUMNS, ROW_COLUMNS};
 use crate::store::{ReadingSink, Row, StoreError};
 
-const INSERT_READING: &str =
-    "INSERT INTO readings (device_id, meter, ts, received_at, epoch, seq, \
-     voltage_v, current_a, power_w, energy_wh, frequency_hz, power_factor, reactive_power_var) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
-     ON CONFLICT (device_id, epoch, seq) DO NOTHING";
+/// `INSERT INTO readings (…) VALUES (?1, …) ON CONFLICT … DO NOTHING`,
+/// built once from the column list.
+static INSERT_READING: LazyLock<String> = LazyLock::new(|| {
+    let params: Vec<String> = (1..=ROW_COLUMNS).map(|i| format!("?{i}")).collect();
+    format!(
+        "INSERT INTO readings ({}) VALUES ({}) ON CONFLICT (device_id, epoch, seq) DO NOTHING",
+        insert_columns(),
+        params.join(", ")
+    )
+});
 
 impl ReadingSink for SqliteStore {
     fn insert_batch(&mut self, rows: &[Row]) -> Result<(), StoreError> {
@@ -22,25 +31,21 @@ impl ReadingSink for SqliteStore {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
         {
-            let mut stmt = tx.prepare_cached(INSERT_READING).map_err(db)?;
+            let mut stmt = tx.prepare_cached(&INSERT_READING).map_err(db)?;
             for row in rows {
                 let r = &row.reading;
-                stmt.execute(params![
-                    &*row.device_id,
-                    r.meter,
-                    r.ts_ms,
-                    row.received_at_ms,
-                    to_i64(r.epoch)?,
-                    to_i64(r.seq)?,
-                    r.voltage_v,
-                    r.current_a,
-                    r.power_w,
-                    r.energy_wh,
-                    r.frequency_hz,
-                    r.power_factor,
-                    r.reactive_power_var,
-                ])
-                .map_err(db)?;
+                // Parameters are numbered from 1, in `insert_columns` order.
+                stmt.raw_bind_parameter(1, &*row.device_id).map_err(db)?;
+                stmt.raw_bind_parameter(2, &r.meter).map_err(db)?;
+                stmt.raw_bind_parameter(3, r.ts_ms).map_err(db)?;
+                stmt.raw_bind_parameter(4, row.received_at_ms).map_err(db)?;
+                stmt.raw_bind_parameter(5, to_i64(r.epoch)?).map_err(db)?;
+                stmt.raw_bind_parameter(6, to_i64(r.seq)?).map_err(db)?;
+                for m in Measurement::ALL {
+                    stmt.raw_bind_parameter(KEY_COLUMNS.len() + 1 + m.index(), r.get(m))
+                        .map_err(db)?;
+                }
+                stmt.raw_execute().map_err(db)?;
             }
         }
         tx.commit().map_err(db)

@@ -1,10 +1,13 @@
 //! The look-ups and admin statements: token checks, provisioning and
 //! history.
 
-use ems_shared::Reading;
+use std::sync::LazyLock;
+
+use ems_shared::{Measured, Measurement, Reading};
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 
 use super::{db, is_unique_violation, SqliteStore};
+use crate::store::columns::{select_columns, AFTER_MEASUREMENTS, FIRST_MEASUREMENT};
 use crate::store::{
     ct_eq, AdminStore, AuthStore, DeviceInfo, HistoryStore, StoreError, StoredReading, TokenHash,
     ViewerInfo, ViewerScope,
@@ -285,32 +288,9 @@ impl HistoryStore for SqliteStore {
         limit: usize,
     ) -> Result<Vec<Reading>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT epoch, seq, ts, meter, voltage_v, current_a, power_w, energy_wh, \
-                 frequency_hz, power_factor, reactive_power_var FROM readings \
-                 WHERE device_id = ?1 AND ts >= ?2 AND ts < ?3 \
-                 ORDER BY ts, epoch, seq LIMIT ?4",
-            )
-            .map_err(db)?;
+        let mut stmt = self.conn.prepare_cached(&SELECT_READINGS).map_err(db)?;
         let rows = stmt
-            .query_map(params![device_id, from_ms, to_ms, limit], |r| {
-                Ok(Reading {
-                    epoch: r.get::<_, i64>(0)? as u64,
-                    seq: r.get::<_, i64>(1)? as u64,
-                    ts_ms: r.get(2)?,
-                    meter: r.get(3)?,
-                    voltage_v: r.get(4)?,
-                    current_a: r.get(5)?,
-                    power_w: r.get(6)?,
-                    energy_wh: r.get(7)?,
-                    frequency_hz: r.get(8)?,
-                    power_factor: r.get(9)?,
-                    reactive_power_var: r.get(10)?,
-                    ..Default::default()
-                })
-            })
+            .query_map(params![device_id, from_ms, to_ms, limit], reading_of)
             .map_err(db)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
     }
@@ -325,35 +305,16 @@ impl HistoryStore for SqliteStore {
     ) -> Result<Vec<StoredReading>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let sql = if newest {
-            "SELECT epoch, seq, ts, meter, voltage_v, current_a, power_w, energy_wh, \
-             frequency_hz, power_factor, reactive_power_var, received_at FROM readings \
-             WHERE device_id = ?1 AND ts >= ?2 AND ts < ?3 \
-             ORDER BY ts DESC, epoch DESC, seq DESC LIMIT ?4"
+            &SELECT_HISTORY_NEWEST
         } else {
-            "SELECT epoch, seq, ts, meter, voltage_v, current_a, power_w, energy_wh, \
-             frequency_hz, power_factor, reactive_power_var, received_at FROM readings \
-             WHERE device_id = ?1 AND ts >= ?2 AND ts < ?3 \
-             ORDER BY ts, epoch, seq LIMIT ?4"
+            &SELECT_HISTORY_OLDEST
         };
         let mut stmt = self.conn.prepare_cached(sql).map_err(db)?;
         let rows = stmt
             .query_map(params![device_id, from_ms, to_ms, limit], |r| {
                 Ok(StoredReading {
-                    reading: Reading {
-                        epoch: r.get::<_, i64>(0)? as u64,
-                        seq: r.get::<_, i64>(1)? as u64,
-                        ts_ms: r.get(2)?,
-                        meter: r.get(3)?,
-                        voltage_v: r.get(4)?,
-                        current_a: r.get(5)?,
-                        power_w: r.get(6)?,
-                        energy_wh: r.get(7)?,
-                        frequency_hz: r.get(8)?,
-                        power_factor: r.get(9)?,
-                        reactive_power_var: r.get(10)?,
-                        ..Default::default()
-                    },
-                    received_at_ms: r.get(11)?,
+                    reading: reading_of(r)?,
+                    received_at_ms: r.get(AFTER_MEASUREMENTS)?,
                 })
             })
             .map_err(db)?;
@@ -374,4 +335,40 @@ impl HistoryStore for SqliteStore {
             .optional()
             .map_err(db)
     }
+}
+
+/// A device's readings in a time range, oldest first.
+static SELECT_READINGS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM readings WHERE device_id = ?1 AND ts >= ?2 AND ts < ?3 \
+         ORDER BY ts, epoch, seq LIMIT ?4",
+        select_columns()
+    )
+});
+
+/// [`SELECT_READINGS`] plus `received_at`, in `order`.
+fn select_history(order: &str) -> String {
+    format!(
+        "SELECT {}, received_at FROM readings WHERE device_id = ?1 AND ts >= ?2 AND ts < ?3 \
+         ORDER BY ts {order}, epoch {order}, seq {order} LIMIT ?4",
+        select_columns()
+    )
+}
+
+static SELECT_HISTORY_OLDEST: LazyLock<String> = LazyLock::new(|| select_history("ASC"));
+static SELECT_HISTORY_NEWEST: LazyLock<String> = LazyLock::new(|| select_history("DESC"));
+
+/// The reading in a row of [`crate::store::columns::select_columns`].
+fn reading_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Reading> {
+    let mut reading = Reading {
+        epoch: r.get::<_, i64>(0)? as u64,
+        seq: r.get::<_, i64>(1)? as u64,
+        ts_ms: r.get(2)?,
+        meter: r.get(3)?,
+        ..Default::default()
+    };
+    for m in Measurement::ALL {
+        reading.set(m, r.get(FIRST_MEASUREMENT + m.index())?);
+    }
+    Ok(reading)
 }

@@ -9,16 +9,17 @@
 //!    port (trust auth, unix socket in the temp dir). Run as root, the
 //!    binaries run as the `postgres` OS user through `runuser` (initdb
 //!    refuses root) and the temp dir is handed to that user.
-//! 3. Otherwise: a loud SKIP message and the test passes — unless
-//!    `EMS_REQUIRE_POSTGRES=1` (CI), where it fails.
+//! 3. Otherwise: a loud SKIP and the test passes — unless
+//!    `EMS_REQUIRE_POSTGRES=1` (CI), where it fails ([`crate::require`]).
+//!
+//! A check that needs the private cluster itself (its files, its TLS, a
+//! restart) skips the same way when an external server was given.
 //!
 //! Clean-up: a static is never dropped, so instead each cluster starts a
 //! small watcher shell (its own process group, stdio closed) that polls the
 //! test process id every second and, once the process is gone (finished,
 //! panicked or killed), runs `pg_ctl stop -m immediate` and removes the
 //! temp dir. Nothing is left running after the test binary exits.
-
-#![allow(dead_code)]
 
 use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
@@ -27,6 +28,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+
+use crate::require::{self, Feature};
 
 /// Default location of the server binaries (Debian's postgresql-15).
 pub const DEFAULT_BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -62,32 +65,13 @@ pub struct ClusterOptions {
 
 /// Whether PostgreSQL is mandatory (`EMS_REQUIRE_POSTGRES=1`, set by CI).
 pub fn required() -> bool {
-    std::env::var("EMS_REQUIRE_POSTGRES").is_ok_and(|v| v == "1")
+    require::required(Feature::Postgres)
 }
 
-/// Reports that PostgreSQL tests cannot run: panics when it is required,
-/// else prints a loud SKIP (once per reason and process, straight to the
-/// stderr stream so that the test harness's output capture does not hide
-/// it) and returns `None`.
+/// Reports that a PostgreSQL test cannot run: panics when PostgreSQL is
+/// required, else a loud SKIP (see [`crate::require`]); returns `None`.
 pub fn unavailable<T>(why: &str) -> Option<T> {
-    if required() {
-        panic!("PostgreSQL is required (EMS_REQUIRE_POSTGRES=1) but {why}");
-    }
-    static SHOWN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    let mut shown = SHOWN.lock().unwrap_or_else(|p| p.into_inner());
-    if !shown.iter().any(|s| s == why) {
-        shown.push(why.to_string());
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n********************************************************************\n\
-             SKIP: PostgreSQL tests skipped: {why}.\n\
-             Set EMS_TEST_DATABASE_URL or install postgresql-15 to run them;\n\
-             EMS_REQUIRE_POSTGRES=1 turns this into a failure (CI).\n\
-             ********************************************************************\n"
-        );
-    }
-    None
+    require::skipped(Feature::Postgres, why)
 }
 
 /// The server binaries, if installed.
@@ -98,30 +82,61 @@ pub fn bin_dir() -> Option<PathBuf> {
     dir.join("initdb").exists().then_some(dir)
 }
 
-static SHARED: OnceLock<Result<Cluster, String>> = OnceLock::new();
+/// The external server's URL, when `EMS_TEST_DATABASE_URL` names one.
+pub fn external_url() -> Option<String> {
+    std::env::var("EMS_TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+}
+
+/// The shared private cluster, or why it could not start.
+struct Shared {
+    cluster: Result<Cluster, String>,
+    /// Why the cluster runs without TLS, when it does.
+    no_tls: Option<String>,
+}
+
+static SHARED: OnceLock<Shared> = OnceLock::new();
 
 /// Superuser URL of the database server the tests share: the external one
 /// or a private cluster started once per test binary. `None` = skip.
 pub fn server_url() -> Option<String> {
-    if let Ok(url) = std::env::var("EMS_TEST_DATABASE_URL") {
-        if !url.is_empty() {
-            return Some(url);
-        }
+    if let Some(url) = external_url() {
+        return Some(url);
     }
     shared_cluster().map(|c| c.admin_url.clone())
 }
 
-/// The shared private cluster, unless an external server was given with
-/// `EMS_TEST_DATABASE_URL` (then `None`, without starting anything).
-pub fn local_cluster() -> Option<&'static Cluster> {
-    if std::env::var("EMS_TEST_DATABASE_URL").is_ok_and(|u| !u.is_empty()) {
-        return None;
+/// The shared private cluster, for checks that need the cluster itself
+/// (its files on disk, its TLS). When an external server was given with
+/// `EMS_TEST_DATABASE_URL`, nothing is started: the check is skipped
+/// (a failure under `EMS_REQUIRE_POSTGRES=1`) with `what` it needs.
+pub fn local_cluster(what: &str) -> Option<&'static Cluster> {
+    if external_url().is_some() {
+        return unavailable(&format!(
+            "{what} needs the private cluster, and EMS_TEST_DATABASE_URL points to an \
+             external server (unset it to run this check)"
+        ));
     }
     shared_cluster()
 }
 
+/// The shared private cluster with TLS, for the TLS checks: skipped (a
+/// failure under `EMS_REQUIRE_POSTGRES=1`) when the cluster had to start
+/// without TLS, with the reason.
+pub fn tls_cluster(what: &str) -> Option<(&'static Cluster, &'static Path)> {
+    let c = local_cluster(what)?;
+    match (&c.tls_ca, SHARED.get().and_then(|s| s.no_tls.as_deref())) {
+        (Some(ca), _) => Some((c, ca.as_path())),
+        (None, why) => unavailable(&format!(
+            "{what} needs a cluster with TLS, and it started without: {}",
+            why.unwrap_or("unknown reason")
+        )),
+    }
+}
+
 /// The shared private cluster (TLS on when `openssl` works), or `None`
-/// (after a SKIP message) when it cannot run here.
+/// (after a SKIP) when it cannot run here.
 pub fn shared_cluster() -> Option<&'static Cluster> {
     if bin_dir().is_none() {
         let dir = std::env::var("EMS_PG_BIN").unwrap_or_else(|_| DEFAULT_BIN.to_string());
@@ -129,22 +144,44 @@ pub fn shared_cluster() -> Option<&'static Cluster> {
             "EMS_TEST_DATABASE_URL is not set and {dir}/initdb is missing"
         ));
     }
-    let c = SHARED.get_or_init(|| {
-        Cluster::start(ClusterOptions {
+    let shared = SHARED.get_or_init(|| {
+        match Cluster::start(ClusterOptions {
             fsync: false,
             tls: true,
-        })
-        .or_else(|e| {
-            eprintln!("starting a TLS cluster failed ({e}); trying without TLS");
-            Cluster::start(ClusterOptions {
-                fsync: false,
-                tls: false,
-            })
-        })
+        }) {
+            Ok(c) => Shared {
+                cluster: Ok(c),
+                no_tls: None,
+            },
+            Err(e) => {
+                // The TLS checks report this; the others run without TLS.
+                eprintln!("starting a TLS cluster failed ({e}); trying without TLS");
+                Shared {
+                    cluster: Cluster::start(ClusterOptions {
+                        fsync: false,
+                        tls: false,
+                    }),
+                    no_tls: Some(e),
+                }
+            }
+        }
     });
-    match c {
+    match &shared.cluster {
         Ok(c) => Some(c),
         Err(e) => unavailable(&format!("the private cluster did not start: {e}")),
+    }
+}
+
+/// A private cluster of its own (e.g. one a test restarts), or `None`
+/// after a SKIP (a failure under `EMS_REQUIRE_POSTGRES=1`) when the server
+/// binaries are missing or it does not start.
+pub fn own_cluster(opts: ClusterOptions, what: &str) -> Option<Cluster> {
+    if bin_dir().is_none() {
+        return unavailable(&format!("{what} needs the PostgreSQL server binaries"));
+    }
+    match Cluster::start(opts) {
+        Ok(c) => Some(c),
+        Err(e) => unavailable(&format!("{what}: the private cluster did not start: {e}")),
     }
 }
 

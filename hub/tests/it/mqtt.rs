@@ -5,13 +5,12 @@
 //! `EMS_MOSQUITTO`) on a free loopback port with a generated config
 //! (persistence off) and watches it with its own MQTT client. Without
 //! Mosquitto the tests print a loud SKIP and pass — unless
-//! `EMS_REQUIRE_MQTT=1` (CI), where they fail.
+//! `EMS_REQUIRE_MQTT=1` (CI), where they fail (`ems_testkit::require`).
 //!
 //! The Home Assistant field table is written out again here, independently
 //! of `src/`, so a wrong constant there is caught.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -21,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use ems_hub::mqtt::{BrokerUrl, MqttBridge, MqttConfig, MqttHandle, Secret};
 use ems_shared::Reading;
+use ems_testkit::fixtures::{free_port, now_ms};
+use ems_testkit::require::{require_or_skip, Feature};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -45,55 +46,22 @@ const TABLE: [(&str, &str, Option<&str>, &str); 7] = [
 ];
 
 // ---------------------------------------------------------------------------
-// Log capture: every line any test (or rumqttc) logs.
-
-struct Capture;
-static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
-static CAPTURE: Capture = Capture;
-
-impl log::Log for Capture {
-    fn enabled(&self, _: &log::Metadata) -> bool {
-        true
-    }
-    fn log(&self, r: &log::Record) {
-        let line = format!("{} {}: {}", r.level(), r.target(), r.args());
-        LINES.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-    }
-    fn flush(&self) {}
-}
+// Log capture: every line the bridge (or rumqttc) logs, through the test
+// process's one logger.
 
 fn capture_logs() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = log::set_logger(&CAPTURE);
-        log::set_max_level(log::LevelFilter::Trace);
-    });
+    ems_testkit::logs::capture(&["ems_hub", "rumqttc"]);
 }
 
 fn log_lines() -> Vec<String> {
-    LINES.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    ems_testkit::logs::lines()
 }
 
 // ---------------------------------------------------------------------------
 // A private Mosquitto.
 
-fn required() -> bool {
-    std::env::var("EMS_REQUIRE_MQTT").is_ok_and(|v| v == "1")
-}
-
 fn skip(why: &str) {
-    if required() {
-        panic!("Mosquitto is required (EMS_REQUIRE_MQTT=1) but {why}");
-    }
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n********************************************************************\n\
-         SKIP: MQTT bridge test skipped: {why}.\n\
-         Install mosquitto (or set EMS_MOSQUITTO) to run it;\n\
-         EMS_REQUIRE_MQTT=1 turns this into a failure (CI).\n\
-         ********************************************************************\n"
-    );
+    require_or_skip(Feature::Mqtt, why);
 }
 
 fn mosquitto_bin() -> Option<PathBuf> {
@@ -272,11 +240,6 @@ impl Drop for Broker {
             let _ = c.wait();
         }
     }
-}
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
 }
 
 fn make_certificates(dir: &Path) -> Result<(), String> {
@@ -494,13 +457,6 @@ fn config(broker: &Broker) -> MqttConfig {
     c.sw_version = "9.8.7".into();
     c.public_url = Some("https://ems.example.com".into());
     c
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 /// A reading of `meter` at `ts_ms` with every measurement, derived from `x`.
