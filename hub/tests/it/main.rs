@@ -3,6 +3,7 @@
 //! module per area.
 
 mod admin_api;
+mod admin_origin;
 mod browser;
 mod cli;
 mod dashboard;
