@@ -7,6 +7,7 @@ mod admin_origin;
 mod browser;
 mod cli;
 mod dashboard;
+mod edge_losses;
 mod frames;
 mod handshake;
 mod hardening;
