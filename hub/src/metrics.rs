@@ -22,6 +22,8 @@ use std::time::Duration;
 
 use ems_shared::RejectReason;
 
+use crate::store::QuarantineReason;
+
 /// Outcome of one HTTP request on a WebSocket route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handshake {
@@ -192,6 +194,8 @@ pub struct Metrics {
     pub store_writer_ok: AtomicI64,
     /// 1 while the last store poll (revocation check) succeeded.
     pub store_poll_ok: AtomicI64,
+    /// The quarantine and what the writer could not store.
+    pub quarantine: QuarantineMetrics,
 }
 
 impl Default for Metrics {
@@ -229,7 +233,13 @@ impl Metrics {
             commit_failures: AtomicU64::new(0),
             store_writer_ok: AtomicI64::new(1),
             store_poll_ok: AtomicI64::new(1),
+            quarantine: QuarantineMetrics::default(),
         }
+    }
+
+    /// Counts one row committed to quarantine.
+    pub fn quarantined(&self, reason: QuarantineReason) {
+        self.quarantine.add(reason);
     }
 
     /// Counts one handshake outcome.
@@ -531,6 +541,7 @@ impl Metrics {
             edge.max_behind_ms as f64 / 1000.0
         );
         edge.render_losses(&mut o);
+        self.quarantine.render(&mut o);
         o
     }
 
@@ -613,6 +624,95 @@ impl EdgeSummary {
     }
 }
 
+/// The quarantine (refused frames and readings the database refused, see
+/// [`crate::store::quarantine`]) and what the store writer could neither
+/// store nor quarantine.
+#[derive(Debug)]
+pub struct QuarantineMetrics {
+    /// Rows committed to quarantine, indexed like `QuarantineReason::ALL`.
+    quarantined: Vec<AtomicU64>,
+    /// Refused readings answered `rate_limited` instead of being
+    /// quarantined, because their device's quarantine budget was spent
+    /// (the edge keeps them and sends them again).
+    pub deferred: AtomicU64,
+    /// Refused frames without an epoch/seq that were not quarantined
+    /// because their device's quarantine budget was spent (nothing an edge
+    /// holds: counted only).
+    pub skipped: AtomicU64,
+    /// Batches split to isolate the rows the database refused.
+    pub batches_split: AtomicU64,
+    /// Readings and refused frames neither stored nor quarantined (given
+    /// up at shutdown, or their quarantine row was refused too): never
+    /// acked, their connections closed so the edges send them again.
+    pub abandoned: AtomicU64,
+}
+
+impl Default for QuarantineMetrics {
+    fn default() -> Self {
+        QuarantineMetrics {
+            quarantined: QuarantineReason::ALL
+                .iter()
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            deferred: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            batches_split: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
+        }
+    }
+}
+
+impl QuarantineMetrics {
+    fn add(&self, reason: QuarantineReason) {
+        if let Some(i) = QuarantineReason::ALL.iter().position(|r| *r == reason) {
+            if let Some(c) = self.quarantined.get(i) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn render(&self, o: &mut String) {
+        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _ = writeln!(
+            o,
+            "# HELP ems_quarantined_total Rows committed to quarantine by reason (refused frames; store_error: readings the database refused).\n\
+             # TYPE ems_quarantined_total counter"
+        );
+        for (i, r) in QuarantineReason::ALL.iter().enumerate() {
+            let n = self.quarantined.get(i).map(ld).unwrap_or(0);
+            let _ = writeln!(o, "ems_quarantined_total{{reason=\"{}\"}} {n}", r.code());
+        }
+        for (name, help, v) in [
+            (
+                "ems_quarantine_deferred_total",
+                "Refused readings answered rate_limited because their device's quarantine budget was spent.",
+                &self.deferred,
+            ),
+            (
+                "ems_quarantine_skipped_total",
+                "Refused frames without epoch/seq not quarantined because their device's quarantine budget was spent.",
+                &self.skipped,
+            ),
+            (
+                "ems_store_batches_split_total",
+                "Batches split to isolate rows the database refused.",
+                &self.batches_split,
+            ),
+            (
+                "ems_store_readings_abandoned_total",
+                "Readings and refused frames neither stored nor quarantined (never acked; their connections closed).",
+                &self.abandoned,
+            ),
+        ] {
+            let _ = writeln!(
+                o,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                ld(v)
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -635,6 +735,11 @@ mod tests {
         assert!(text.contains("ems_store_batch_rows_bucket{le=\"+Inf\"} 1"));
         assert!(text.contains("ems_store_batch_rows_bucket{le=\"2\"} 0"));
         assert!(text.contains("ems_store_commit_seconds_count 1"));
+        m.quarantined(QuarantineReason::StoreError);
+        let text = m.render(&EdgeSummary::default());
+        assert!(text.contains("ems_quarantined_total{reason=\"store_error\"} 1"));
+        assert!(text.contains("ems_quarantined_total{reason=\"out_of_range\"} 0"));
+        assert!(text.contains("ems_store_readings_abandoned_total 0"));
         assert!(text.contains("ems_edge_dropped_readings_sum{cause=\"disk_full\"} 0"));
         // Every sample line is `name{labels} value` with a numeric value.
         for line in text.lines().filter(|l| !l.starts_with('#')) {

@@ -13,4 +13,5 @@ mod handshake;
 mod hardening;
 mod harness;
 mod lifecycle;
+mod quarantine;
 mod tls;

@@ -2,6 +2,7 @@
 //! socket): the devices a viewer may watch, with presence, and a device's
 //! stored readings.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use ems_shared::DashboardReading;
@@ -52,6 +53,8 @@ pub(super) struct DeviceState {
     unwritten: Option<u64>,
     dropped_disk_full: Option<u64>,
     dropped_damaged: Option<u64>,
+    /// Rows in the quarantine for this device.
+    quarantined: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) created_ms: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -60,16 +63,19 @@ pub(super) struct DeviceState {
 
 /// Live state of the given devices (presence from the registry, last seen
 /// from the registry and the store, outbox and loss counters from the
-/// edge's status).
+/// edge's status, quarantine counts from the store in one query).
 pub(super) async fn states(
     shared: &Arc<Shared>,
     ids: Vec<String>,
 ) -> Result<Vec<DeviceState>, ApiError> {
     let ids2 = ids.clone();
-    let stored = store(shared, move |s| {
-        ids2.iter()
+    let (stored, quarantined) = store(shared, move |s| {
+        let seen = ids2
+            .iter()
             .map(|id| s.last_seen(id))
-            .collect::<Result<Vec<_>, _>>()
+            .collect::<Result<Vec<_>, _>>()?;
+        let counts: HashMap<String, u64> = s.quarantine_counts()?.into_iter().collect();
+        Ok((seen, counts))
     })
     .await?;
     let now = crate::store::now_ms();
@@ -92,6 +98,7 @@ pub(super) async fn states(
                 unwritten: status.map(|s| s.unwritten),
                 dropped_disk_full: status.map(|s| s.dropped_disk_full),
                 dropped_damaged: status.map(|s| s.dropped_damaged),
+                quarantined: quarantined.get(&id).copied().unwrap_or(0),
                 behind_ms: edge.map(|e| {
                     e.behind_ms
                         .saturating_add(now.saturating_sub(e.rx_ms).max(0))

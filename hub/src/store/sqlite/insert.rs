@@ -1,10 +1,11 @@
 //! The write path: a batch as one `IMMEDIATE` transaction of prepared
-//! `INSERT … ON CONFLICT DO NOTHING` statements.
+//! `INSERT … ON CONFLICT DO NOTHING` statements, readings and quarantine
+//! rows together.
 
 use rusqlite::{params, TransactionBehavior};
 
-use super::{db, to_i64, SqliteStore};
-use crate::store::{ReadingSink, Row, StoreError};
+use super::{db, to_i64, write_error, SqliteStore};
+use crate::store::{QuarantineRow, ReadingSink, Row, StoreError};
 
 const INSERT_READING: &str =
     "INSERT INTO readings (device_id, meter, ts, received_at, epoch, seq, \
@@ -12,9 +13,17 @@ const INSERT_READING: &str =
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
      ON CONFLICT (device_id, epoch, seq) DO NOTHING";
 
+const INSERT_QUARANTINE: &str =
+    "INSERT INTO quarantine (device_id, received_at, epoch, seq, reason, detail, raw) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING";
+
 impl ReadingSink for SqliteStore {
-    fn insert_batch(&mut self, rows: &[Row]) -> Result<(), StoreError> {
-        if rows.is_empty() {
+    fn write_batch(
+        &mut self,
+        rows: &[Row],
+        quarantine: &[QuarantineRow],
+    ) -> Result<(), StoreError> {
+        if rows.is_empty() && quarantine.is_empty() {
             return Ok(());
         }
         let tx = self
@@ -40,7 +49,22 @@ impl ReadingSink for SqliteStore {
                     r.power_factor,
                     r.reactive_power_var,
                 ])
-                .map_err(db)?;
+                .map_err(write_error)?;
+            }
+        }
+        if !quarantine.is_empty() {
+            let mut stmt = tx.prepare_cached(INSERT_QUARANTINE).map_err(db)?;
+            for q in quarantine {
+                stmt.execute(params![
+                    &*q.device_id,
+                    q.received_at_ms,
+                    q.epoch.map(to_i64).transpose()?,
+                    q.seq.map(to_i64).transpose()?,
+                    q.reason.code(),
+                    q.detail,
+                    q.raw,
+                ])
+                .map_err(write_error)?;
             }
         }
         tx.commit().map_err(db)
