@@ -123,8 +123,10 @@
       body.devices.forEach(function (d) {
         seen[d.device_id] = true;
         var cur = live.devices[d.device_id];
-        // The socket's status frames are fresher for the selected device.
+        // The socket's status frames are fresher for the selected device;
+        // the quarantine count comes only from here.
         if (!(cur && d.device_id === live.selected && live.ws)) { live.devices[d.device_id] = d; }
+        else { cur.quarantined = d.quarantined; }
       });
       Object.keys(live.devices).forEach(function (id) { if (!seen[id]) { delete live.devices[id]; } });
       renderDevices();
@@ -163,6 +165,7 @@
       name.appendChild(document.createTextNode(id));
       li.appendChild(name);
       li.appendChild(el('span', st === 'offline' ? 'offline since ' + fmtTime(d.last_seen_ms) : st, 'muted'));
+      if (d.quarantined) { li.appendChild(el('span', ' \u00b7 ' + d.quarantined + ' quarantined', 'muted quarantined')); }
       li.addEventListener('click', function () { selectDevice(id); });
       ul.appendChild(li);
     });
@@ -263,7 +266,11 @@
       cur.last_seen_ms = m.last_seen_ms;
       cur.outbox_depth = m.outbox_depth === undefined ? cur.outbox_depth : m.outbox_depth;
       cur.behind_ms = m.behind_ms === undefined ? cur.behind_ms : m.behind_ms;
-      if (!m.online) { cur.outbox_depth = null; cur.behind_ms = null; }
+      LOSSES.forEach(function (k) { cur[k[0]] = m[k[0]] === undefined ? cur[k[0]] : m[k[0]]; });
+      if (!m.online) {
+        cur.outbox_depth = null; cur.behind_ms = null;
+        LOSSES.forEach(function (k) { cur[k[0]] = null; });
+      }
       live.devices[id] = cur;
       if (m.online && !live.lastRxMs) { live.lastRxMs = Date.now(); }
       renderDevices();
@@ -320,6 +327,24 @@
     requestAnimationFrame(function () { renderQueued = false; renderDetail(); });
   }
 
+  // The edge's loss counters (its status frame, since it started) and how
+  // they are shown.
+  var LOSSES = [
+    ['dropped', 'dropped (spool full)'],
+    ['dropped_disk_full', 'dropped (disk full)'],
+    ['dropped_damaged', 'lost (damaged spool records)'],
+    ['unwritten', 'held in memory (spool not writable)']
+  ];
+
+  function lossesOf(d) {
+    var parts = [];
+    if (d) {
+      LOSSES.forEach(function (k) { if (d[k[0]]) { parts.push(d[k[0]] + ' ' + k[1]); } });
+      if (d.quarantined) { parts.push(d.quarantined + ' refused by the hub (quarantined)'); }
+    }
+    return parts.length ? 'On this device: ' + parts.join(', ') + '.' : '';
+  }
+
   function renderDetail() {
     var id = live.selected;
     if (!id) { return; }
@@ -340,6 +365,7 @@
       note = 'last reading ' + fmtTime(live.latest.ts);
     }
     if (note) { $('dev-note').textContent = note; }
+    $('dev-losses').textContent = lossesOf(d);
     var x = live.latest || {};
     $('v-power').textContent = fmtNum(x.p, 1, 'W');
     $('v-voltage').textContent = fmtNum(x.v, 1, 'V');
@@ -491,6 +517,7 @@
         tr.appendChild(td);
         tr.appendChild(el('td', fmtTime(d.last_seen_ms)));
         tr.appendChild(el('td', d.outbox_depth === null || d.outbox_depth === undefined ? '–' : d.outbox_depth));
+        tr.appendChild(el('td', String(d.quarantined || 0), 'quarantined'));
         var acts = el('td');
         var rot = el('button', 'Rotate', 'small');
         rot.type = 'button';

@@ -74,6 +74,9 @@ pub struct Config {
     /// ([`Config::public_url`], [`Config::backfill_after`]); see
     /// [`Config::mqtt_bridge`].
     pub mqtt: Option<crate::mqtt::MqttConfig>,
+    // Quarantine.
+    /// Per-device budget for storing refused frames in the quarantine.
+    pub quarantine: QuarantineLimit,
 }
 
 impl std::fmt::Debug for Config {
@@ -182,6 +185,7 @@ impl Config {
             replay_limit: 20_000,
             pg: Default::default(),
             mqtt: None,
+            quarantine: QuarantineLimit::default(),
         }
     }
 
@@ -194,5 +198,44 @@ impl Config {
             m.backfill_after = self.backfill_after;
             m
         })
+    }
+}
+
+/// How much of the quarantine one device may fill: a token bucket in
+/// bytes, each refused frame costing its length plus 256 (the other
+/// columns and the indexes). Within the budget a refused frame is stored
+/// and then answered `rejected`; beyond it, a refused reading is answered
+/// `rate_limited` (the edge keeps it and sends it again later, nothing is
+/// lost) and a refused frame without epoch/seq is only counted
+/// (`ems_quarantine_skipped_total`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QuarantineLimit {
+    /// Sustained bytes per second.
+    pub bytes_per_s: f64,
+    /// Bytes at once after a quiet period.
+    pub burst_bytes: f64,
+}
+
+impl Default for QuarantineLimit {
+    /// 4 KiB/s sustained, 1 MiB at once: a 1 Hz edge whose every reading
+    /// is refused (~400 bytes each) is quarantined in full, ~2,500 refused
+    /// readings of a backlog fit at once, and one device can add at most
+    /// ~350 MB a day to the quarantine.
+    fn default() -> Self {
+        QuarantineLimit {
+            bytes_per_s: 4096.0,
+            burst_bytes: 1024.0 * 1024.0,
+        }
+    }
+}
+
+impl QuarantineLimit {
+    /// The budget as a token bucket's limits (one token per byte).
+    pub fn as_rate_limit(&self) -> RateLimit {
+        RateLimit {
+            rate: self.bytes_per_s,
+            burst: self.burst_bytes,
+            abuse_after: Duration::MAX,
+        }
     }
 }

@@ -22,6 +22,8 @@ use std::time::Duration;
 
 use ems_shared::RejectReason;
 
+use crate::store::QuarantineReason;
+
 /// Outcome of one HTTP request on a WebSocket route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handshake {
@@ -192,6 +194,8 @@ pub struct Metrics {
     pub store_writer_ok: AtomicI64,
     /// 1 while the last store poll (revocation check) succeeded.
     pub store_poll_ok: AtomicI64,
+    /// The quarantine and what the writer could not store.
+    pub quarantine: QuarantineMetrics,
 }
 
 impl Default for Metrics {
@@ -229,7 +233,13 @@ impl Metrics {
             commit_failures: AtomicU64::new(0),
             store_writer_ok: AtomicI64::new(1),
             store_poll_ok: AtomicI64::new(1),
+            quarantine: QuarantineMetrics::default(),
         }
+    }
+
+    /// Counts one row committed to quarantine.
+    pub fn quarantined(&self, reason: QuarantineReason) {
+        self.quarantine.add(reason);
     }
 
     /// Counts one handshake outcome.
@@ -530,6 +540,8 @@ impl Metrics {
             "ems_edge_behind_seconds_max {}",
             edge.max_behind_ms as f64 / 1000.0
         );
+        edge.render_losses(&mut o);
+        self.quarantine.render(&mut o);
         o
     }
 
@@ -553,6 +565,152 @@ pub struct EdgeSummary {
     pub sum_depth: u64,
     /// Largest lag, ms.
     pub max_behind_ms: i64,
+    /// Sum of the readings connected edges hold in memory because their
+    /// spool cannot be written (`unwritten`).
+    pub unwritten_sum: u64,
+    /// Sums of the readings connected edges dropped since they started:
+    /// spool full (`dropped`), disk full (`dropped_disk_full`), damaged
+    /// spool records (`dropped_damaged`).
+    pub dropped_sum: u64,
+    /// See `dropped_sum`.
+    pub dropped_disk_full_sum: u64,
+    /// See `dropped_sum`.
+    pub dropped_damaged_sum: u64,
+}
+
+impl EdgeSummary {
+    /// Adds one connected edge's last status.
+    pub fn add(&mut self, status: &ems_shared::EdgeStatus, behind_ms: i64) {
+        self.reporting += 1;
+        self.sum_depth = self.sum_depth.saturating_add(status.outbox_depth);
+        self.max_depth = self.max_depth.max(status.outbox_depth);
+        self.max_behind_ms = self.max_behind_ms.max(behind_ms);
+        if behind_ms > 60_000 {
+            self.behind += 1;
+        }
+        self.unwritten_sum = self.unwritten_sum.saturating_add(status.unwritten);
+        self.dropped_sum = self.dropped_sum.saturating_add(status.dropped);
+        self.dropped_disk_full_sum = self
+            .dropped_disk_full_sum
+            .saturating_add(status.dropped_disk_full);
+        self.dropped_damaged_sum = self
+            .dropped_damaged_sum
+            .saturating_add(status.dropped_damaged);
+    }
+
+    /// The edges' loss counters: fleet sums over connected devices (each
+    /// edge counts since it started, so a sum can fall when an edge
+    /// restarts or disconnects: gauges, not counters).
+    fn render_losses(&self, o: &mut String) {
+        let _ = writeln!(
+            o,
+            "# HELP ems_edge_unwritten_readings_sum Readings connected edges hold in memory because their spool cannot be written.\n\
+             # TYPE ems_edge_unwritten_readings_sum gauge\n\
+             ems_edge_unwritten_readings_sum {}",
+            self.unwritten_sum
+        );
+        let _ = writeln!(
+            o,
+            "# HELP ems_edge_dropped_readings_sum Readings connected edges dropped since they started, by cause.\n\
+             # TYPE ems_edge_dropped_readings_sum gauge"
+        );
+        for (cause, n) in [
+            ("spool_full", self.dropped_sum),
+            ("disk_full", self.dropped_disk_full_sum),
+            ("damaged", self.dropped_damaged_sum),
+        ] {
+            let _ = writeln!(o, "ems_edge_dropped_readings_sum{{cause=\"{cause}\"}} {n}");
+        }
+    }
+}
+
+/// The quarantine (refused frames and readings the database refused, see
+/// [`crate::store::quarantine`]) and what the store writer could neither
+/// store nor quarantine.
+#[derive(Debug)]
+pub struct QuarantineMetrics {
+    /// Rows committed to quarantine, indexed like `QuarantineReason::ALL`.
+    quarantined: Vec<AtomicU64>,
+    /// Refused readings answered `rate_limited` instead of being
+    /// quarantined, because their device's quarantine budget was spent
+    /// (the edge keeps them and sends them again).
+    pub deferred: AtomicU64,
+    /// Refused frames without an epoch/seq that were not quarantined
+    /// because their device's quarantine budget was spent (nothing an edge
+    /// holds: counted only).
+    pub skipped: AtomicU64,
+    /// Batches split to isolate the rows the database refused.
+    pub batches_split: AtomicU64,
+    /// Readings and refused frames neither stored nor quarantined (given
+    /// up at shutdown, or their quarantine row was refused too): never
+    /// acked, their connections closed so the edges send them again.
+    pub abandoned: AtomicU64,
+}
+
+impl Default for QuarantineMetrics {
+    fn default() -> Self {
+        QuarantineMetrics {
+            quarantined: QuarantineReason::ALL
+                .iter()
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            deferred: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            batches_split: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
+        }
+    }
+}
+
+impl QuarantineMetrics {
+    fn add(&self, reason: QuarantineReason) {
+        if let Some(i) = QuarantineReason::ALL.iter().position(|r| *r == reason) {
+            if let Some(c) = self.quarantined.get(i) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn render(&self, o: &mut String) {
+        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _ = writeln!(
+            o,
+            "# HELP ems_quarantined_total Rows committed to quarantine by reason (refused frames; store_error: readings the database refused).\n\
+             # TYPE ems_quarantined_total counter"
+        );
+        for (i, r) in QuarantineReason::ALL.iter().enumerate() {
+            let n = self.quarantined.get(i).map(ld).unwrap_or(0);
+            let _ = writeln!(o, "ems_quarantined_total{{reason=\"{}\"}} {n}", r.code());
+        }
+        for (name, help, v) in [
+            (
+                "ems_quarantine_deferred_total",
+                "Refused readings answered rate_limited because their device's quarantine budget was spent.",
+                &self.deferred,
+            ),
+            (
+                "ems_quarantine_skipped_total",
+                "Refused frames without epoch/seq not quarantined because their device's quarantine budget was spent.",
+                &self.skipped,
+            ),
+            (
+                "ems_store_batches_split_total",
+                "Batches split to isolate rows the database refused.",
+                &self.batches_split,
+            ),
+            (
+                "ems_store_readings_abandoned_total",
+                "Readings and refused frames neither stored nor quarantined (never acked; their connections closed).",
+                &self.abandoned,
+            ),
+        ] {
+            let _ = writeln!(
+                o,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                ld(v)
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -577,6 +735,12 @@ mod tests {
         assert!(text.contains("ems_store_batch_rows_bucket{le=\"+Inf\"} 1"));
         assert!(text.contains("ems_store_batch_rows_bucket{le=\"2\"} 0"));
         assert!(text.contains("ems_store_commit_seconds_count 1"));
+        m.quarantined(QuarantineReason::StoreError);
+        let text = m.render(&EdgeSummary::default());
+        assert!(text.contains("ems_quarantined_total{reason=\"store_error\"} 1"));
+        assert!(text.contains("ems_quarantined_total{reason=\"out_of_range\"} 0"));
+        assert!(text.contains("ems_store_readings_abandoned_total 0"));
+        assert!(text.contains("ems_edge_dropped_readings_sum{cause=\"disk_full\"} 0"));
         // Every sample line is `name{labels} value` with a numeric value.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let v = line.rsplit(' ').next().unwrap();

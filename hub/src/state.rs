@@ -30,6 +30,9 @@ pub(crate) struct Shared {
     pub store: StoreHandle,
     /// Rate-limit buckets of devices, kept between their connections.
     pub buckets: Buckets,
+    /// Quarantine budgets of devices (bytes), asked only for refused
+    /// frames.
+    pub quarantine_budgets: Buckets,
     /// Queue to the store writer; a full queue is the backpressure that
     /// stops device sessions from reading their sockets.
     pub queue: mpsc::Sender<Item>,
@@ -61,6 +64,7 @@ impl Shared {
                 .with_mqtt(mqtt.clone()),
             store: StoreHandle::new(store),
             buckets: Buckets::default(),
+            quarantine_budgets: Buckets::default(),
             config,
             queue,
             shutdown,

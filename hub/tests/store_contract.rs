@@ -45,7 +45,7 @@ pub mod contract {
     use super::*;
     use ems_hub::admin::Admin;
     use ems_hub::auth::token;
-    use ems_hub::store::{StoreError, ViewerScope};
+    use ems_hub::store::{QuarantineRow, StoreError, ViewerScope};
 
     fn all(s: &mut dyn Store, device: &str) -> Vec<Reading> {
         s.readings(device, i64::MIN, i64::MAX, usize::MAX).unwrap()
@@ -106,16 +106,98 @@ pub mod contract {
 
     pub fn failed_batch_stores_nothing(mut f: Fixture) {
         // epoch 2^63 cannot be a BIGINT: the third row fails, so the whole
-        // batch must roll back.
+        // batch must roll back. It can never be stored: refused, not a
+        // store failure worth retrying.
         let bad = row("d1", 1 << 63, 3, 1002);
         let r = f
             .store
             .insert_batch(&[row("d1", 1, 1, 1000), row("d1", 1, 2, 1001), bad]);
-        assert!(matches!(r, Err(StoreError::Db(_))), "{r:?}");
+        assert!(matches!(r, Err(StoreError::Refused(_))), "{r:?}");
         assert!(all(&mut *f.store, "d1").is_empty());
         // The handle is still usable afterwards.
         f.store.insert_batch(&[row("d1", 1, 1, 1000)]).unwrap();
         assert_eq!(all(&mut *f.store, "d1").len(), 1);
+    }
+
+    fn refused(device: &str, epoch: Option<u64>, seq: Option<u64>, at: i64) -> QuarantineRow {
+        let error = ems_shared::FrameError {
+            reason: ems_shared::RejectReason::OutOfRange,
+            detail: format!("power_factor out of range ({at})"),
+            epoch,
+            seq,
+        };
+        let raw = format!(r#"{{"type":"reading","epoch":{epoch:?},"power_factor":2}}"#);
+        QuarantineRow::refused_frame(Arc::from(device), at, &error, Some(&raw))
+    }
+
+    pub fn quarantine_rows_are_stored_listed_and_counted(mut f: Fixture) {
+        let a1 = refused("d1", Some(7), Some(1), 1_700_000_000_001);
+        let a2 = refused("d1", Some(7), Some(2), 1_700_000_000_002);
+        // A frame without ids, and a binary frame (no text).
+        let mut junk = refused("d1", None, None, 1_700_000_000_003);
+        junk.raw = Some("not json".into());
+        let mut binary = refused("d2", None, None, 1_700_000_000_004);
+        binary.raw = None;
+        f.store
+            .write_batch(&[row("d1", 7, 3, 1000)], &[a1.clone(), a2.clone()])
+            .unwrap();
+        f.store
+            .write_batch(&[], &[junk.clone(), binary.clone()])
+            .unwrap();
+        // A resend of a quarantined frame is kept once; NULL ids never
+        // collide.
+        f.store
+            .write_batch(&[], &[a1.clone(), junk.clone()])
+            .unwrap();
+        assert_eq!(all(&mut *f.store, "d1").len(), 1, "the reading");
+        let list = f.store.quarantined(None, 100).unwrap();
+        let keys: Vec<(&str, i64, Option<u64>)> = list
+            .iter()
+            .map(|q| (q.device_id.as_str(), q.received_at_ms, q.seq))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("d2", 1_700_000_000_004, None),
+                ("d1", 1_700_000_000_003, None),
+                ("d1", 1_700_000_000_003, None),
+                ("d1", 1_700_000_000_002, Some(2)),
+                ("d1", 1_700_000_000_001, Some(1)),
+            ],
+            "newest first"
+        );
+        let q = &list[3];
+        assert_eq!((q.epoch, q.reason.as_str()), (Some(7), "out_of_range"));
+        assert_eq!(q.detail, a2.detail);
+        assert_eq!(q.raw, a2.raw);
+        assert_eq!(list[0].raw, None);
+        assert_eq!(list[1].raw.as_deref(), Some("not json"));
+        let d1 = f.store.quarantined(Some("d1"), 2).unwrap();
+        assert_eq!(d1.len(), 2);
+        assert!(d1.iter().all(|q| q.device_id == "d1" && q.seq.is_none()));
+        assert!(f.store.quarantined(Some("d3"), 10).unwrap().is_empty());
+        let mut counts = f.store.quarantine_counts().unwrap();
+        counts.sort();
+        assert_eq!(counts, [("d1".to_string(), 4), ("d2".to_string(), 1)]);
+    }
+
+    pub fn quarantine_commits_with_the_readings_or_not_at_all(mut f: Fixture) {
+        // The last quarantine row cannot be stored (epoch 2^63): the
+        // readings and quarantine rows before it roll back with it.
+        let bad = refused("d1", Some(1 << 63), Some(1), 5);
+        let ok = refused("d1", Some(1), Some(2), 5);
+        let r = f.store.write_batch(
+            &[row("d1", 1, 1, 1000), row("d1", 1, 3, 1001)],
+            &[ok.clone(), bad],
+        );
+        assert!(matches!(r, Err(StoreError::Refused(_))), "{r:?}");
+        assert!(all(&mut *f.store, "d1").is_empty());
+        assert!(f.store.quarantined(None, 10).unwrap().is_empty());
+        f.store
+            .write_batch(&[row("d1", 1, 1, 1000), row("d1", 1, 3, 1001)], &[ok])
+            .unwrap();
+        assert_eq!(all(&mut *f.store, "d1").len(), 2);
+        assert_eq!(f.store.quarantined(None, 10).unwrap().len(), 1);
     }
 
     pub fn history_by_time_range(mut f: Fixture) {
@@ -457,6 +539,8 @@ macro_rules! backend_suite {
                 insert_roundtrips_every_column,
                 resent_reading_is_stored_once,
                 failed_batch_stores_nothing,
+                quarantine_rows_are_stored_listed_and_counted,
+                quarantine_commits_with_the_readings_or_not_at_all,
                 history_by_time_range,
                 device_admin,
                 device_exists_for_added_devices_only,
@@ -601,7 +685,7 @@ mod postgres_only {
             .query_one("SELECT max(version) FROM schema_version", &[])
             .unwrap()
             .get(0);
-        assert_eq!(v, 1);
+        assert_eq!(v, ems_hub::store::postgres::SCHEMA_VERSION);
         // The docs' Grafana query runs on the contract table.
         let rows = c.query(GRAFANA_QUERY, &[]).unwrap();
         assert_eq!(rows.len(), 1);
@@ -736,20 +820,164 @@ mod postgres_only {
     }
 
     /// A timestamp PostgreSQL cannot store must not make a batch fail on
-    /// every retry (the writer would stall): that row alone is left out.
+    /// every retry (the writer would stall): the store refuses the batch
+    /// (not an outage: the connection stays), and the writer isolates that
+    /// row, quarantines it and commits the rest.
     #[test]
     fn unrepresentable_timestamps_do_not_stall_the_writer() {
+        use ems_hub::ingest::acks::{AckSink, Answer};
+        use ems_hub::ingest::writer::{Entry, Item, Writer, WriterConfig};
+        use ems_hub::store::QuarantineStore;
+
         let Some(db) = pg::fresh_db() else { return };
         let mut s = PgStore::open(&db.url, &PgOptions::default()).unwrap();
         let mut bad = row("d1", 1, 2, i64::MIN);
         bad.received_at_ms = 5;
-        s.insert_batch(&[row("d1", 1, 1, 10), bad, row("d1", 1, 3, 30)])
+        let batch = [row("d1", 1, 1, 10), bad, row("d1", 1, 3, 30)];
+        let r = s.insert_batch(&batch);
+        assert!(matches!(r, Err(StoreError::Refused(_))), "{r:?}");
+        assert!(s.readings("d1", i64::MIN, i64::MAX, 10).unwrap().is_empty());
+        assert_eq!(s.connects(), 1);
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
             .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let sink = Arc::new(AckSink::new(1));
+        for r in batch {
+            tx.try_send(Item {
+                entry: Entry::Reading(r),
+                ack: sink.clone(),
+            })
+            .unwrap();
+        }
+        drop(tx);
+        let cfg = WriterConfig {
+            batch_max_rows: 10,
+            batch_linger: Duration::from_millis(1),
+        };
+        let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+        Writer::spawn(
+            PgStore::open(&db.url, &PgOptions::default()).unwrap(),
+            rx,
+            cfg,
+            stop_rx,
+            rt.handle().clone(),
+        )
+        .unwrap()
+        .join();
         let got = s.readings("d1", i64::MIN, i64::MAX, 10).unwrap();
         let seqs: Vec<u64> = got.iter().map(|r| r.seq).collect();
         assert_eq!(seqs, [1, 3]);
-        s.insert_batch(&[row("d1", 1, 4, i64::MAX)]).unwrap();
+        let q = s.quarantined(Some("d1"), 10).unwrap();
+        assert_eq!(q.len(), 1, "{q:?}");
+        assert_eq!((q[0].seq, q[0].reason.as_str()), (Some(2), "store_error"));
+        assert!(q[0].detail.contains("outside PostgreSQL's range"), "{q:?}");
+        let answers: Vec<Answer> = std::iter::from_fn(|| sink.try_pop()).collect();
+        assert!(matches!(&answers[0], Answer::Rejected(1, 2, r) if r.starts_with("store_error: ")));
+        assert_eq!(answers[1], Answer::Ack(1, 3));
+        let late = s.insert_batch(&[row("d1", 1, 4, i64::MAX)]);
+        assert!(matches!(late, Err(StoreError::Refused(_))), "{late:?}");
         assert_eq!(s.connects(), 1);
+    }
+
+    /// A database created by the first release (schema version 1, no
+    /// quarantine) is upgraded in place: its readings stay, the quarantine
+    /// table appears with the contract's columns.
+    #[test]
+    fn a_version_1_database_gains_the_quarantine_table() {
+        use ems_hub::store::QuarantineStore;
+        let Some(db) = pg::fresh_db() else { return };
+        let mut s = PgStore::open(&db.url, &PgOptions::default()).unwrap();
+        s.insert_batch(&[row("d1", 1, 1, 10)]).unwrap();
+        drop(s);
+        // Version 1 is version 2 without its one step.
+        let mut c = admin(&db.url);
+        c.batch_execute(
+            "DROP TABLE quarantine; DELETE FROM schema_version; \
+             INSERT INTO schema_version (version) VALUES (1);",
+        )
+        .unwrap();
+        let mut s = PgStore::open(&db.url, &PgOptions::default()).unwrap();
+        let v: i32 = c
+            .query_one("SELECT max(version) FROM schema_version", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(v, ems_hub::store::postgres::SCHEMA_VERSION);
+        assert!(v >= 2);
+        assert_eq!(s.readings("d1", 0, 100, 10).unwrap().len(), 1);
+        let cols: Vec<(String, String, String)> = c
+            .query(
+                "SELECT column_name::text, data_type::text, is_nullable::text \
+                 FROM information_schema.columns \
+                 WHERE table_name = 'quarantine' ORDER BY ordinal_position",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        let want = [
+            ("device_id", "text", "NO"),
+            ("received_at", "timestamp with time zone", "NO"),
+            ("epoch", "bigint", "YES"),
+            ("seq", "bigint", "YES"),
+            ("reason", "text", "NO"),
+            ("detail", "text", "NO"),
+            ("raw", "text", "YES"),
+        ];
+        let got: Vec<(&str, &str, &str)> = cols
+            .iter()
+            .map(|(a, b, n)| (a.as_str(), b.as_str(), n.as_str()))
+            .collect();
+        assert_eq!(got, want);
+        assert!(s.quarantined(None, 10).unwrap().is_empty());
+    }
+
+    /// TimescaleDB mode's unique index is `(device_id, epoch, seq, ts)`
+    /// (TimescaleDB requires the time column in every unique index), so a
+    /// resend of `(epoch, seq)` with a *different* `ts` is not a conflict:
+    /// it is stored as a second row. The ems-edge never does that (a
+    /// resend is the spooled reading, `ts` included); the behaviour is
+    /// pinned here and documented (docs/storage/schema.md). TimescaleDB is
+    /// not installable here: the index swap `timescale_sql` makes stands in
+    /// for the hypertable.
+    #[test]
+    fn timescale_mode_stores_a_resend_with_another_ts_as_a_second_row() {
+        use ems_hub::store::postgres::{timescale_sql, TimescaleState};
+        let Some(db) = pg::fresh_db() else { return };
+        let mut s = PgStore::open(&db.url, &PgOptions::default()).unwrap();
+        let mut c = admin(&db.url);
+        for stmt in timescale_sql(&PgOptions::default(), TimescaleState::default()) {
+            if !stmt.starts_with("SELECT create_hypertable") {
+                c.batch_execute(&stmt).unwrap();
+            }
+        }
+        let first = row("d1", 1, 1, 1_700_000_000_000);
+        let mut same_ts = first.clone();
+        same_ts.reading.power_w = Some(-1.0);
+        let mut other_ts = first.clone();
+        other_ts.reading.ts_ms += 1000;
+        s.insert_batch(std::slice::from_ref(&first)).unwrap();
+        // Same ts: deduplicated as in plain mode.
+        s.insert_batch(&[same_ts]).unwrap();
+        assert_eq!(
+            s.readings("d1", 0, i64::MAX, 10).unwrap(),
+            std::slice::from_ref(&first.reading)
+        );
+        // Another ts: a second row with the same (device_id, epoch, seq).
+        s.insert_batch(&[other_ts.clone()]).unwrap();
+        let got = s.readings("d1", 0, i64::MAX, 10).unwrap();
+        assert_eq!(got, [first.reading, other_ts.reading]);
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM readings WHERE device_id = 'd1' AND epoch = 1 AND seq = 1",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 2);
     }
 
     #[test]
@@ -1228,5 +1456,383 @@ mod sqlite_only {
         writer.join().unwrap();
         assert_eq!(hub.list_devices().unwrap().len(), 20);
         assert_eq!(hub.readings("d1", 0, 1000, 1000).unwrap().len(), 200);
+    }
+}
+
+/// Faults on PostgreSQL through the whole hub: rows the database refuses,
+/// TimescaleDB's refusals (stand-ins), and what the edge is told.
+mod postgres_faults {
+    use std::time::Duration;
+
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    use super::pg;
+
+    /// Generous bound for a loaded 2-core machine.
+    const SOON: Duration = Duration::from_secs(30);
+
+    type Ws = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    /// A hub on a fresh PostgreSQL database with device `ems_pg`, after
+    /// `setup` ran on the database (as its owner).
+    struct PgHub {
+        db: Option<pg::TestDb>,
+        url: String,
+        addr: std::net::SocketAddr,
+        token: String,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        task: Option<tokio::task::JoinHandle<Result<(), ems_hub::HubError>>>,
+    }
+
+    impl PgHub {
+        async fn start(setup: &'static str) -> Option<PgHub> {
+            let db = tokio::task::spawn_blocking(pg::fresh_db).await.unwrap()?;
+            let url = db.url.clone();
+            let token = tokio::task::spawn_blocking(move || {
+                let t = ems_hub::admin::Admin::open(&url)
+                    .unwrap()
+                    .add_device("ems_pg")
+                    .unwrap();
+                postgres::Client::connect(&url, postgres::NoTls)
+                    .unwrap()
+                    .batch_execute(setup)
+                    .unwrap();
+                t
+            })
+            .await
+            .unwrap();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let mut config = ems_hub::Config::new(db.url.clone());
+            config.batch_linger = Duration::from_millis(50);
+            let task = tokio::spawn(ems_hub::run(listener, config, async move {
+                let _ = stopped.await;
+            }));
+            Some(PgHub {
+                url: db.url.clone(),
+                db: Some(db),
+                addr,
+                token,
+                stop: Some(stop),
+                task: Some(task),
+            })
+        }
+
+        async fn device(&self) -> Ws {
+            let mut req = format!("ws://{}/ws/device/ems_pg", self.addr)
+                .into_client_request()
+                .unwrap();
+            req.headers_mut().insert(
+                "authorization",
+                format!("Bearer {}", self.token).parse().unwrap(),
+            );
+            tokio_tungstenite::connect_async(req).await.unwrap().0
+        }
+
+        /// Runs a query on the database (blocking pool).
+        async fn query<T: Send + 'static>(
+            &self,
+            f: impl FnOnce(&mut postgres::Client) -> T + Send + 'static,
+        ) -> T {
+            let url = self.url.clone();
+            tokio::task::spawn_blocking(move || {
+                f(&mut postgres::Client::connect(&url, postgres::NoTls).unwrap())
+            })
+            .await
+            .unwrap()
+        }
+
+        async fn stop(mut self) {
+            if let Some(s) = self.stop.take() {
+                let _ = s.send(());
+            }
+            if let Some(t) = self.task.take() {
+                tokio::time::timeout(SOON, t)
+                    .await
+                    .expect("hub did not stop")
+                    .unwrap()
+                    .unwrap();
+            }
+            let db = self.db.take();
+            tokio::task::spawn_blocking(move || drop(db)).await.unwrap();
+        }
+    }
+
+    impl Drop for PgHub {
+        /// Also on a failed assertion: stop the hub, and drop the database
+        /// off the async runtime (its sync client cannot run inside one).
+        fn drop(&mut self) {
+            if let Some(s) = self.stop.take() {
+                let _ = s.send(());
+            }
+            if let Some(db) = self.db.take() {
+                let _ = std::thread::spawn(move || drop(db)).join();
+            }
+        }
+    }
+
+    fn now_ms() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    }
+
+    fn reading(epoch: u64, seq: u64, ts_ms: i64, power_w: f64) -> String {
+        format!(
+            r#"{{"type":"reading","epoch":{epoch},"seq":{seq},"ts_ms":{ts_ms},"meter":"main","power_w":{power_w:?}}}"#
+        )
+    }
+
+    async fn next_json(ws: &mut Ws) -> serde_json::Value {
+        loop {
+            let m = tokio::time::timeout(SOON, ws.next())
+                .await
+                .expect("timed out waiting for a frame from the hub")
+                .expect("stream ended")
+                .expect("socket error");
+            if let Message::Text(t) = m {
+                return serde_json::from_str(&t).unwrap();
+            }
+        }
+    }
+
+    /// Reads answers until the ack for `last`; returns the `rejected`
+    /// frames as (seq, reason), checking that each came before any ack
+    /// covering it.
+    async fn answers_until(ws: &mut Ws, epoch: u64, last: u64) -> Vec<(u64, String)> {
+        let mut rejected = Vec::new();
+        let mut acked: Option<u64> = None;
+        loop {
+            let v = next_json(ws).await;
+            assert_eq!(v["epoch"], epoch, "{v}");
+            let seq = v["seq"].as_u64().unwrap();
+            match v["type"].as_str() {
+                Some("rejected") => {
+                    assert!(
+                        acked.map_or(true, |a| a < seq),
+                        "rejected {seq} after an ack covering it ({acked:?})"
+                    );
+                    rejected.push((seq, v["reason"].as_str().unwrap().to_string()));
+                }
+                Some("ack") => {
+                    acked = Some(seq);
+                    if seq == last {
+                        return rejected;
+                    }
+                }
+                _ => panic!("unexpected {v}"),
+            }
+        }
+    }
+
+    /// epoch, seq, reason, detail, raw of a quarantine row.
+    type QRow = (Option<i64>, Option<i64>, String, String, Option<String>);
+
+    const REFUSE_1234: &str = "
+        CREATE FUNCTION refuse_1234() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.power_w = 1234.5 THEN
+                RAISE EXCEPTION 'power_w 1234.5 refused by test trigger';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_1234 BEFORE INSERT ON readings
+            FOR EACH ROW EXECUTE FUNCTION refuse_1234();";
+
+    /// One reading PostgreSQL refuses must not stall ingestion: it alone
+    /// goes to quarantine with the database's message, the rest of its
+    /// batch commits, acks flow.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_postgres_refuses_is_quarantined_and_the_rest_commit() {
+        let Some(hub) = PgHub::start(REFUSE_1234).await else {
+            return;
+        };
+        let mut ws = hub.device().await;
+        let now = now_ms();
+        for seq in 0..10u64 {
+            let power = if seq == 4 { 1234.5 } else { seq as f64 };
+            ws.send(Message::text(reading(3, seq, now + seq as i64, power)))
+                .await
+                .unwrap();
+        }
+        let rejected = answers_until(&mut ws, 3, 9).await;
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert_eq!(rejected[0].0, 4);
+        assert!(
+            rejected[0].1.starts_with("store_error: ")
+                && rejected[0].1.contains("refused by test trigger"),
+            "{rejected:?}"
+        );
+        let (seqs, q) = hub
+            .query(|c| {
+                let seqs: Vec<i64> = c
+                    .query("SELECT seq FROM readings ORDER BY seq", &[])
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                let q: Vec<QRow> = c
+                    .query(
+                        "SELECT epoch, seq, reason, detail, raw FROM quarantine \
+                         WHERE device_id = 'ems_pg'",
+                        &[],
+                    )
+                    .unwrap()
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+                    .collect();
+                (seqs, q)
+            })
+            .await;
+        assert_eq!(seqs, [0, 1, 2, 3, 5, 6, 7, 8, 9]);
+        assert_eq!(q.len(), 1, "{q:?}");
+        assert_eq!((q[0].0, q[0].1), (Some(3), Some(4)));
+        assert_eq!(q[0].2, "store_error");
+        assert!(q[0].3.contains("refused by test trigger"), "{q:?}");
+        assert!(q[0].4.as_deref().unwrap().contains("1234.5"), "{q:?}");
+        drop(ws);
+        hub.stop().await;
+    }
+
+    /// TimescaleDB before 2.11 refuses an insert into a compressed chunk
+    /// of a table with a unique index (SQLSTATE 0A000), ON CONFLICT DO
+    /// NOTHING included, and the extension is not installable here: a
+    /// trigger with TimescaleDB's error stands in for a chunk compressed
+    /// after 7 days. An edge resending an old, already stored reading then
+    /// must not poison the writer: the resend alone is quarantined, newer
+    /// readings commit and are acked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_old_resend_into_a_compressed_chunk_does_not_stall_the_writer() {
+        let Some(hub) = PgHub::start("").await else {
+            return;
+        };
+        let mut ws = hub.device().await;
+        let old = now_ms() - 8 * 86_400_000;
+        ws.send(Message::text(reading(1, 0, old, 10.0)))
+            .await
+            .unwrap();
+        assert!(answers_until(&mut ws, 1, 0).await.is_empty());
+        // The chunk holding it is compressed now.
+        hub.query(|c| {
+            c.batch_execute(
+                "CREATE FUNCTION compressed_chunk() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN
+                     IF NEW.ts < now() - interval '7 days' THEN
+                         RAISE EXCEPTION 'insert into a compressed chunk that has primary or unique constraint is not supported'
+                             USING ERRCODE = 'feature_not_supported';
+                     END IF;
+                     RETURN NEW;
+                 END $$;
+                 CREATE TRIGGER compressed_chunk BEFORE INSERT ON readings
+                     FOR EACH ROW EXECUTE FUNCTION compressed_chunk();",
+            )
+            .unwrap()
+        })
+        .await;
+        drop(ws);
+        // The edge lost the ack, reconnects and resends it with new ones.
+        let mut ws = hub.device().await;
+        let now = now_ms();
+        ws.send(Message::text(reading(1, 0, old, 10.0)))
+            .await
+            .unwrap();
+        for seq in 1..5u64 {
+            ws.send(Message::text(reading(1, seq, now + seq as i64, 1.0)))
+                .await
+                .unwrap();
+        }
+        let rejected = answers_until(&mut ws, 1, 4).await;
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert_eq!(rejected[0].0, 0);
+        assert!(rejected[0].1.contains("compressed chunk"), "{rejected:?}");
+        let (n, quarantined) = hub
+            .query(|c| {
+                let n: i64 = c
+                    .query_one("SELECT count(*) FROM readings", &[])
+                    .unwrap()
+                    .get(0);
+                let q: i64 = c
+                    .query_one(
+                        "SELECT count(*) FROM quarantine WHERE reason = 'store_error' AND seq = 0",
+                        &[],
+                    )
+                    .unwrap()
+                    .get(0);
+                (n, q)
+            })
+            .await;
+        assert_eq!((n, quarantined), (5, 1));
+        drop(ws);
+        hub.stop().await;
+    }
+
+    /// A reading PostgreSQL refuses, whose quarantine row it refuses too,
+    /// is neither stored nor quarantined: no ack covers it — not even the
+    /// cumulative ack of a later reading committed meanwhile — and the
+    /// connection is closed with 1011 so the edge sends it again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reading_neither_stored_nor_quarantined_is_never_acked() {
+        let Some(hub) = PgHub::start(REFUSE_1234).await else {
+            return;
+        };
+        hub.query(|c| {
+            c.batch_execute(
+                "CREATE FUNCTION refuse_all() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN RAISE EXCEPTION 'quarantine refused by test trigger'; END $$;
+                 CREATE TRIGGER refuse_all BEFORE INSERT ON quarantine
+                     FOR EACH ROW EXECUTE FUNCTION refuse_all();",
+            )
+            .unwrap()
+        })
+        .await;
+        let mut ws = hub.device().await;
+        let now = now_ms();
+        for seq in 0..3u64 {
+            ws.send(Message::text(reading(5, seq, now + seq as i64, 1.0)))
+                .await
+                .unwrap();
+        }
+        assert!(answers_until(&mut ws, 5, 2).await.is_empty());
+        ws.send(Message::text(reading(5, 3, now + 3, 1234.5)))
+            .await
+            .unwrap();
+        ws.send(Message::text(reading(5, 4, now + 4, 4.0)))
+            .await
+            .unwrap();
+        let code = loop {
+            let m = tokio::time::timeout(SOON, ws.next())
+                .await
+                .expect("connection still open");
+            match m {
+                None | Some(Err(_)) => break None,
+                Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
+                Some(Ok(Message::Text(t))) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    assert!(
+                        !(v["type"] == "ack" && v["seq"].as_u64().unwrap() >= 3),
+                        "acked past the reading that was not committed: {v}"
+                    );
+                    assert_ne!(v["type"], "rejected", "{v}");
+                }
+                Some(Ok(_)) => {}
+            }
+        };
+        assert_eq!(code, Some(1011));
+        let n: i64 = hub
+            .query(|c| {
+                c.query_one("SELECT count(*) FROM quarantine", &[])
+                    .unwrap()
+                    .get(0)
+            })
+            .await;
+        assert_eq!(n, 0);
+        drop(ws);
+        hub.stop().await;
     }
 }

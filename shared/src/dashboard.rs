@@ -54,6 +54,11 @@ pub enum DashboardFrame {
         /// omitted otherwise.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         behind_ms: Option<i64>,
+        /// The device's loss counters from its last outbox status (see
+        /// [`crate::EdgeStatus`]), when it reports them; omitted otherwise.
+        /// Flattened: the four counters are fields of the frame.
+        #[serde(flatten)]
+        losses: Option<EdgeLosses>,
     },
     /// The replay asked for with `ems.resume.<since_ms>` is complete: the
     /// `count` readings before this frame came from the store (oldest
@@ -84,6 +89,33 @@ pub enum DashboardFrame {
     },
 }
 
+/// What an edge reports it lost or holds back since it started (the
+/// counters of its `status` frame), flattened into a dashboard `status`
+/// frame: `dropped`, `unwritten`, `dropped_disk_full`, `dropped_damaged`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeLosses {
+    /// Readings dropped because the spool was full.
+    pub dropped: u64,
+    /// Readings held in memory because the spool cannot be written.
+    pub unwritten: u64,
+    /// Readings dropped because the spool could not be written and the
+    /// memory queue was full.
+    pub dropped_disk_full: u64,
+    /// Readings skipped because their spool record was damaged.
+    pub dropped_damaged: u64,
+}
+
+impl From<&crate::EdgeStatus> for EdgeLosses {
+    fn from(s: &crate::EdgeStatus) -> Self {
+        EdgeLosses {
+            dropped: s.dropped,
+            unwritten: s.unwritten,
+            dropped_disk_full: s.dropped_disk_full,
+            dropped_damaged: s.dropped_damaged,
+        }
+    }
+}
+
 impl DashboardFrame {
     /// The wire JSON.
     pub fn to_json(&self) -> String {
@@ -104,6 +136,12 @@ mod tests {
                 last_seen_ms: None,
                 outbox_depth: Some(3),
                 behind_ms: Some(10_800_000),
+                losses: Some(EdgeLosses {
+                    dropped: 1,
+                    unwritten: 2,
+                    dropped_disk_full: 3,
+                    dropped_damaged: 4,
+                }),
             },
             DashboardFrame::ReplayEnd {
                 device_id: "d".into(),
@@ -118,9 +156,9 @@ mod tests {
                 to_ts_ms: 9,
             },
         ];
-        for f in frames {
+        for f in &frames {
             let back: DashboardFrame = serde_json::from_str(&f.to_json()).unwrap();
-            assert_eq!(back, f);
+            assert_eq!(back, *f);
         }
         // Lenient: unknown fields are ignored, outbox_depth is optional.
         let s: DashboardFrame = serde_json::from_str(
@@ -132,8 +170,17 @@ mod tests {
             DashboardFrame::Status {
                 online: true,
                 outbox_depth: None,
+                losses: None,
                 ..
             }
         ));
+        // The loss counters are plain fields of the frame.
+        let json = frames[0].to_json();
+        assert!(
+            json.ends_with(
+                r#""behind_ms":10800000,"dropped":1,"unwritten":2,"dropped_disk_full":3,"dropped_damaged":4}"#
+            ),
+            "{json}"
+        );
     }
 }

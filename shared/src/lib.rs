@@ -36,7 +36,7 @@ pub mod measurement;
 pub mod reading;
 pub mod status;
 
-pub use dashboard::DashboardFrame;
+pub use dashboard::{DashboardFrame, EdgeLosses};
 pub use frames::{dashboard_frame, DashboardReading, HubFrame};
 pub use ids::{validate_device_id, validate_meter_id, IdError};
 pub use measurement::{Measured, Measurement};

@@ -112,6 +112,7 @@ fn dashboard_control_frames_match_fixtures() {
         last_seen_ms: Some(NOW),
         outbox_depth: None,
         behind_ms: None,
+        losses: None,
     };
     assert_eq!(status.to_json(), fixture("dashboard_status.json"));
     let replay_end = DashboardFrame::ReplayEnd {

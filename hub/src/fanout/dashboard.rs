@@ -104,6 +104,7 @@ async fn status_of(shared: &Arc<Shared>, device_id: &Arc<str>) -> DashboardFrame
         online,
         last_seen_ms,
         outbox_depth: edge.as_ref().map(|e| e.status.outbox_depth),
+        losses: edge.as_ref().map(|e| (&e.status).into()),
         behind_ms: edge.map(|e| {
             e.behind_ms
                 .saturating_add(now.saturating_sub(e.rx_ms).max(0))

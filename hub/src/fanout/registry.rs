@@ -326,12 +326,14 @@ impl Registry {
     /// Records the `status` frame a connected device sent at `rx_ms`.
     pub fn set_edge_status(&self, device_id: &Arc<str>, status: EdgeStatus, rx_ms: i64) {
         let behind_ms = status.behind_ms(rx_ms);
-        // Dashboards see the outbox too ("catching up, 3 h behind").
+        // Dashboards see the outbox too ("catching up, 3 h behind"), and
+        // what the edge lost.
+        let losses = ems_shared::EdgeLosses::from(&status);
         self.publish_status(
             device_id,
             true,
             rx_ms,
-            Some((status.outbox_depth, behind_ms)),
+            Some((status.outbox_depth, behind_ms, losses)),
         );
         lock(&self.statuses).insert(
             device_id.clone(),
@@ -385,7 +387,7 @@ impl Registry {
         device_id: &str,
         online: bool,
         seen_ms: i64,
-        outbox: Option<(u64, i64)>,
+        outbox: Option<(u64, i64, ems_shared::EdgeLosses)>,
     ) {
         let topic = lock(&self.topics).get(device_id).cloned();
         if let Some(topic) = topic.filter(|t| t.receiver_count() > 0) {
@@ -395,6 +397,7 @@ impl Registry {
                 last_seen_ms: Some(seen_ms),
                 outbox_depth: outbox.map(|o| o.0),
                 behind_ms: outbox.map(|o| o.1),
+                losses: outbox.map(|o| o.2),
             };
             let _ = topic.send(Utf8Bytes::from(frame.to_json()));
         }

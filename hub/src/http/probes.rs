@@ -41,13 +41,7 @@ pub(super) fn metrics(shared: &Shared) -> Resp {
     refresh_gauges(shared);
     let mut edge = EdgeSummary::default();
     for (_, e) in shared.registry.edge_statuses() {
-        edge.reporting += 1;
-        edge.sum_depth = edge.sum_depth.saturating_add(e.status.outbox_depth);
-        edge.max_depth = edge.max_depth.max(e.status.outbox_depth);
-        edge.max_behind_ms = edge.max_behind_ms.max(e.behind_ms);
-        if e.behind_ms > 60_000 {
-            edge.behind += 1;
-        }
+        edge.add(&e.status, e.behind_ms);
     }
     let mut body = shared.metrics.render(&edge);
     if let Some(m) = &shared.mqtt {

@@ -16,6 +16,10 @@
 //!
 //! Both are pure state machines on `Instant`s, unit-tested without time.
 //! [`Buckets`] keeps each device's bucket between its connections.
+//!
+//! The same bucket, counted in bytes, is each device's quarantine budget
+//! ([`crate::config::QuarantineLimit`]): [`Buckets::spend`] asks it only
+//! for a frame the gatekeeper refused, so valid readings never touch it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -53,11 +57,17 @@ impl TokenBucket {
 
     /// Takes one token if there is one.
     pub fn try_take(&mut self, now: Instant) -> bool {
+        self.try_take_n(1.0, now)
+    }
+
+    /// Takes `n` tokens if there are that many (a cost above the burst
+    /// never fits).
+    pub fn try_take_n(&mut self, n: f64, now: Instant) -> bool {
         let dt = now.saturating_duration_since(self.at).as_secs_f64();
         self.at = now.max(self.at);
         self.tokens = (self.tokens + dt * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= n {
+            self.tokens -= n;
             true
         } else {
             false
@@ -111,6 +121,28 @@ impl Buckets {
         self.lock().insert(device_id.clone(), bucket);
     }
 
+    /// Takes `n` tokens from the bucket of `device_id` (a fresh one from
+    /// `make` if it has none) without taking the bucket out: for a budget
+    /// asked rarely (refused frames), so that no session holds it.
+    pub fn spend(
+        &self,
+        device_id: &Arc<str>,
+        n: f64,
+        now: Instant,
+        make: impl FnOnce() -> TokenBucket,
+    ) -> bool {
+        let mut parked = self.lock();
+        match parked.get_mut(device_id) {
+            Some(b) => b.try_take_n(n, now),
+            None => {
+                let mut b = make();
+                let ok = b.try_take_n(n, now);
+                parked.insert(device_id.clone(), b);
+                ok
+            }
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, TokenBucket>> {
         // A single insert or remove cannot leave the map inconsistent, so
         // poisoning is ignored.
@@ -159,6 +191,27 @@ mod tests {
             abused |= e.refused(t, ten);
         }
         assert!(abused);
+    }
+
+    #[test]
+    fn a_budget_in_bytes_is_spent_and_refilled_per_device() {
+        let t0 = Instant::now();
+        let lim = RateLimit {
+            rate: 1000.0,
+            burst: 3000.0,
+            abuse_after: Duration::from_secs(1),
+        };
+        let budgets = Buckets::default();
+        let id: Arc<str> = Arc::from("dev");
+        let make = || TokenBucket::new(&lim, t0);
+        assert!(budgets.spend(&id, 2000.0, t0, make));
+        assert!(!budgets.spend(&id, 2000.0, t0, make));
+        assert!(budgets.spend(&id, 1000.0, t0, make));
+        // 1000 bytes/s: 2000 more after two seconds.
+        assert!(budgets.spend(&id, 2000.0, t0 + Duration::from_secs(2), make));
+        // More than the burst never fits; other devices have their own.
+        assert!(!budgets.spend(&id, 5000.0, t0 + Duration::from_secs(60), make));
+        assert!(budgets.spend(&Arc::from("other"), 3000.0, t0, make));
     }
 
     #[test]

@@ -5,12 +5,17 @@
 //! decoder) decide; a valid reading goes to the hot path (serialized once,
 //! only if somebody watches the device's topic), to the MQTT bridge when
 //! there is one (a `try_send`, never waiting) and to the cold path (the
-//! writer queue — awaiting a free slot is the backpressure); a refused
-//! frame is counted, logged at a bounded rate and, when it had a readable
-//! epoch/seq, answered with a `rejected` frame. Acks come back from the
-//! writer after commit, through the connection's [`AckSink`], and are
-//! written here. A heartbeat pings a silent device every `ping_interval`;
-//! after `max_missed_pongs` unanswered pings it is dead and dropped.
+//! writer queue — awaiting a free slot is the backpressure). A refused
+//! frame is counted and logged at a bounded rate; a `rate_limited` one is
+//! answered at once (nothing stored), any other goes through the same
+//! writer queue to the quarantine, within the device's quarantine budget.
+//! Answers — acks, and `rejected` for quarantined frames — come back from
+//! the writer after the commit, through the connection's [`AckSink`], and
+//! are written here; when the writer abandoned a reading of this
+//! connection, the session closes it with 1011 instead (the edge sends
+//! everything unacked again). A heartbeat pings a silent device every
+//! `ping_interval`; after `max_missed_pongs` unanswered pings it is dead
+//! and dropped.
 //!
 //! Everything awaited inside the loop that writes to the socket is boxed:
 //! awaited inline, each of those futures would be part of every session's
@@ -27,22 +32,31 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes};
 
-use ems_shared::{dashboard_frame, HubFrame, Reading, RejectReason};
+use ems_shared::{dashboard_frame, FrameError, HubFrame, RejectReason};
 
-use super::acks::AckSink;
+use super::acks::{AckSink, Answer};
 use super::limits::TokenBucket;
-use super::state::{rejected_frame, suppressed, Ending, SessionState, Step, Tick, Verdict};
-use super::writer::Item;
+use super::state::{
+    deferred, rejected_frame, suppressed, Ending, Refusal, SessionState, Step, Tick, Verdict,
+};
+use super::writer::{Entry, Item};
 use crate::fanout::registry::{DeviceLease, Kick};
 use crate::fanout::topic::Topic;
 use crate::metrics::Role;
 use crate::shutdown::shutting_down;
 use crate::state::Shared;
-use crate::store::{Row, TokenHash};
+use crate::store::{QuarantineRow, Row, TokenHash};
 use crate::ws::{self, End, Ws};
 
-/// Most acks written with one flush.
+/// Most answers written with one flush.
 const ACKS_PER_WRITE: u64 = 64;
+
+/// The close that tells an edge to send everything unacked again: the
+/// writer gave up on one of its readings (1011, internal error).
+const ABANDONED: (CloseCode, &str) = (
+    CloseCode::Error,
+    "store failed; send unacked readings again",
+);
 
 /// Serves one device connection until it ends.
 ///
@@ -188,8 +202,8 @@ impl Session<'_> {
                     Box::pin(self.flush_acks_at_shutdown()).await;
                     return End::Close(CloseCode::Away, "hub shutting down");
                 }
-                ack = self.sink.pop() => {
-                    if let Err(end) = Box::pin(self.write_acks(ack)).await {
+                answer = self.sink.pop() => {
+                    if let Err(end) = Box::pin(self.write_acks(answer)).await {
                         return end;
                     }
                 }
@@ -237,30 +251,48 @@ impl Session<'_> {
         End::Close(CloseCode::from(code), reason)
     }
 
-    /// Writes `first` and the acks queued behind it (several epochs, or a
-    /// session that was busy) with one flush.
-    async fn write_acks(&mut self, first: (u64, u64)) -> Result<(), End> {
-        let mut last = first;
-        let mut n = 1;
-        let mut r = feed_ack(self.ws, first, self.limit).await;
-        while r.is_ok() && n < ACKS_PER_WRITE {
-            match self.sink.try_pop() {
-                Some(a) => {
-                    last = a;
-                    n += 1;
-                    r = feed_ack(self.ws, a, self.limit).await;
-                }
-                None => break,
+    /// Writes `first` and the answers queued behind it (several epochs,
+    /// or a session that was busy) with one flush. An abandoned mailbox
+    /// ends the session with 1011 after what came before it is written.
+    async fn write_acks(&mut self, first: Answer) -> Result<(), End> {
+        let mut last = None;
+        let (mut n, mut acks) = (0, 0);
+        let mut abandoned = false;
+        let mut next = Some(first);
+        let mut r = Ok(());
+        while let Some(answer) = next.take() {
+            let Some((frame, id)) = answer_frame(&answer) else {
+                abandoned = true;
+                break;
+            };
+            r = feed(self.ws, frame, self.limit).await;
+            last = Some(id);
+            n += 1;
+            acks += u64::from(matches!(answer, Answer::Ack(..)));
+            if r.is_err() || n >= ACKS_PER_WRITE {
+                break;
             }
+            next = self.sink.try_pop();
         }
-        if r.is_err() || ws::flush_within(self.ws, self.limit).await.is_err() {
+        if n > 0 && (r.is_err() || ws::flush_within(self.ws, self.limit).await.is_err()) {
             return Err(End::Gone);
         }
-        self.state.acked(last);
+        if let Some(last) = last {
+            self.state.acked(last);
+        }
         self.shared
             .metrics
             .acks_sent
-            .fetch_add(n, Ordering::Relaxed);
+            .fetch_add(acks, Ordering::Relaxed);
+        if abandoned {
+            log::error!(
+                "device {} from {}: the store writer gave up on a reading of this connection; \
+                 closing (1011) without further acks so the device sends its unacked readings again",
+                self.device_id,
+                self.peer
+            );
+            return Err(End::Close(ABANDONED.0, ABANDONED.1));
+        }
         Ok(())
     }
 
@@ -300,7 +332,7 @@ impl Session<'_> {
     }
 
     /// One data frame (`None`: binary), judged by the session state and
-    /// then done: fanned out and queued, recorded, or refused.
+    /// then done: fanned out and queued, recorded, quarantined or refused.
     async fn on_frame(&mut self, frame: Option<Utf8Bytes>, now: Instant) -> Result<(), End> {
         let metrics = &self.shared.metrics;
         metrics.frames_received.fetch_add(1, Ordering::Relaxed);
@@ -314,7 +346,13 @@ impl Session<'_> {
                 if let Some(m) = &self.shared.mqtt {
                     m.reading(self.device_id, &reading);
                 }
-                self.enqueue(reading, rx_ms).await
+                let id = Some((reading.epoch, reading.seq));
+                let row = Row {
+                    device_id: self.device_id.clone(),
+                    received_at_ms: rx_ms,
+                    reading,
+                };
+                self.enqueue(Entry::Reading(row), id).await
             }
             Verdict::Status(status) => {
                 metrics.status_frames.fetch_add(1, Ordering::Relaxed);
@@ -322,7 +360,7 @@ impl Session<'_> {
                 registry.set_edge_status(self.device_id, status, rx_ms);
                 Ok(())
             }
-            Verdict::Refused { error, warn } => {
+            Verdict::Refused { error, warn } if error.reason == RejectReason::RateLimited => {
                 metrics.rejected(error.reason);
                 if let Some(n) = warn {
                     log::warn!(
@@ -331,27 +369,86 @@ impl Session<'_> {
                         suppressed(n)
                     );
                 }
-                match rejected_frame(&error) {
-                    Some(reply) => {
-                        ws::send_within(self.ws, Message::Text(reply.into()), self.limit)
-                            .await
-                            .map_err(|_| End::Gone)
-                    }
-                    None => Ok(()),
-                }
+                self.reply_rejected(&error).await
             }
-            Verdict::Abuse => {
-                metrics.rejected(RejectReason::RateLimited);
-                metrics.abuse_closes.fetch_add(1, Ordering::Relaxed);
-                let abuse_after = self.shared.config.rate_limit.abuse_after;
-                log::warn!(
-                    "device {} from {}: rate limit exceeded for {abuse_after:?}, closing (1008)",
-                    self.device_id,
-                    self.peer
-                );
-                Err(End::Close(CloseCode::Policy, "rate limit exceeded"))
+            Verdict::Refused { error, warn } => {
+                metrics.rejected(error.reason);
+                self.refused(error, warn, frame.as_deref(), now, rx_ms)
+                    .await
             }
+            Verdict::Abuse => Err(self.abuse()),
         }
+    }
+
+    /// A frame the gatekeeper refused: quarantined within the device's
+    /// budget (answered after the commit), else deferred with
+    /// `rate_limited` or, without epoch/seq, only counted.
+    async fn refused(
+        &mut self,
+        error: FrameError,
+        warn: Option<u64>,
+        raw: Option<&str>,
+        now: Instant,
+        rx_ms: i64,
+    ) -> Result<(), End> {
+        let shared = self.shared;
+        let cost = QuarantineRow::cost(raw.map_or(0, str::len)) as f64;
+        let budget = shared
+            .quarantine_budgets
+            .spend(self.device_id, cost, now, || {
+                TokenBucket::new(&shared.config.quarantine.as_rate_limit(), now)
+            });
+        let device_id = self.device_id;
+        let log = |what: &str| {
+            if let Some(n) = warn {
+                log::warn!("device {device_id}: {what} ({error}){}", suppressed(n));
+            }
+        };
+        match self.state.refusal(&error, budget, now) {
+            Refusal::Quarantine => {
+                log("refused frame quarantined");
+                let id = error.epoch.zip(error.seq);
+                let row = QuarantineRow::refused_frame(device_id.clone(), rx_ms, &error, raw);
+                self.enqueue(Entry::Quarantine(Box::new(row)), id).await
+            }
+            Refusal::Defer => {
+                log("refused frame answered rate_limited: quarantine budget spent");
+                let q = &shared.metrics.quarantine;
+                q.deferred.fetch_add(1, Ordering::Relaxed);
+                self.reply_rejected(&deferred(&error)).await
+            }
+            Refusal::Skip => {
+                log("refused frame discarded: quarantine budget spent");
+                let q = &shared.metrics.quarantine;
+                q.skipped.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Refusal::Abuse => Err(self.abuse()),
+        }
+    }
+
+    /// Answers a refusal at once with `rejected`, when it has epoch/seq.
+    async fn reply_rejected(&mut self, error: &FrameError) -> Result<(), End> {
+        match rejected_frame(error) {
+            Some(reply) => ws::send_within(self.ws, Message::Text(reply.into()), self.limit)
+                .await
+                .map_err(|_| End::Gone),
+            None => Ok(()),
+        }
+    }
+
+    /// Sustained rate-limit excess: counted, logged, closed with 1008.
+    fn abuse(&self) -> End {
+        let metrics = &self.shared.metrics;
+        metrics.rejected(RejectReason::RateLimited);
+        metrics.abuse_closes.fetch_add(1, Ordering::Relaxed);
+        let abuse_after = self.shared.config.rate_limit.abuse_after;
+        log::warn!(
+            "device {} from {}: rate limit exceeded for {abuse_after:?}, closing (1008)",
+            self.device_id,
+            self.peer
+        );
+        End::Close(CloseCode::Policy, "rate limit exceeded")
     }
 
     /// The hot path: serialized only when somebody watches; one buffer
@@ -363,17 +460,13 @@ impl Session<'_> {
         }
     }
 
-    /// The cold path: queues the reading for the store writer, waiting only
-    /// when the queue is full (backpressure). The writer gone means the hub
-    /// is shutting down.
-    async fn enqueue(&mut self, reading: Reading, rx_ms: i64) -> Result<(), End> {
-        let id = (reading.epoch, reading.seq);
+    /// The cold path: queues a reading (or a refused frame for the
+    /// quarantine) for the store writer, waiting only when the queue is
+    /// full (backpressure). `id`: the epoch/seq its answer will name. The
+    /// writer gone means the hub is shutting down.
+    async fn enqueue(&mut self, entry: Entry, id: Option<(u64, u64)>) -> Result<(), End> {
         let item = Item {
-            row: Row {
-                device_id: self.device_id.clone(),
-                received_at_ms: rx_ms,
-                reading,
-            },
+            entry,
             ack: self.sink.clone(),
         };
         let queued = match self.shared.queue.try_send(item) {
@@ -386,48 +479,78 @@ impl Session<'_> {
         if !queued {
             return Err(End::Close(CloseCode::Away, "hub shutting down"));
         }
-        self.state.queued(id);
+        if let Some(id) = id {
+            self.state.queued(id);
+        }
         Ok(())
     }
 
-    /// At shutdown: sends the acks of what this session queued (waiting up
-    /// to 2 s for the last one), then those of other epochs committed with
-    /// it.
+    /// At shutdown: sends the answers to what this session queued
+    /// (waiting up to 2 s for the last one), then those of other epochs
+    /// committed with it — up to an abandoned mark, after which nothing
+    /// may be acked.
     async fn flush_acks_at_shutdown(&mut self) {
         let metrics = &self.shared.metrics;
         if let Some(last) = self.state.owed_at_shutdown() {
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
                 loop {
-                    let ack = self.sink.pop().await;
-                    if send_ack(self.ws, ack, self.limit).await.is_err() {
-                        break;
+                    let answer = self.sink.pop().await;
+                    let Some((frame, id)) = answer_frame(&answer) else {
+                        return;
+                    };
+                    if send(self.ws, frame, self.limit).await.is_err() {
+                        return;
                     }
-                    metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
-                    if ack == last {
+                    if matches!(answer, Answer::Ack(..)) {
+                        metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if id == last {
                         break;
                     }
                 }
             })
             .await;
         }
-        while let Some(ack) = self.sink.try_pop() {
-            if send_ack(self.ws, ack, self.limit).await.is_err() {
+        while let Some(answer) = self.sink.try_pop() {
+            let Some((frame, _)) = answer_frame(&answer) else {
+                break;
+            };
+            if send(self.ws, frame, self.limit).await.is_err() {
                 break;
             }
-            metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
+            if matches!(answer, Answer::Ack(..)) {
+                metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }
 
-/// Writes one ack frame.
-async fn send_ack(ws: &mut Ws, ack: (u64, u64), limit: Duration) -> Result<(), WsError> {
-    feed_ack(ws, ack, limit).await?;
+/// The frame that carries `answer` and the `(epoch, seq)` it names;
+/// `None` for [`Answer::Abandoned`], which is not sent but closes.
+fn answer_frame(answer: &Answer) -> Option<(String, (u64, u64))> {
+    match answer {
+        Answer::Ack(epoch, seq) => {
+            let (epoch, seq) = (*epoch, *seq);
+            Some((HubFrame::Ack { epoch, seq }.to_json(), (epoch, seq)))
+        }
+        Answer::Rejected(epoch, seq, reason) => {
+            let (epoch, seq) = (*epoch, *seq);
+            let reason = reason.to_string();
+            let frame = HubFrame::Rejected { epoch, seq, reason }.to_json();
+            Some((frame, (epoch, seq)))
+        }
+        Answer::Abandoned => None,
+    }
+}
+
+/// Writes one frame and flushes.
+async fn send(ws: &mut Ws, frame: String, limit: Duration) -> Result<(), WsError> {
+    feed(ws, frame, limit).await?;
     ws::flush_within(ws, limit).await
 }
 
-/// Queues one ack frame (written at the next flush, or at once when the
+/// Queues one frame (written at the next flush, or at once when the
 /// socket's write buffer is full).
-async fn feed_ack(ws: &mut Ws, (epoch, seq): (u64, u64), limit: Duration) -> Result<(), WsError> {
-    let frame = HubFrame::Ack { epoch, seq }.to_json();
+async fn feed(ws: &mut Ws, frame: String, limit: Duration) -> Result<(), WsError> {
     ws::within(limit, ws.feed(Message::Text(frame.into()))).await
 }

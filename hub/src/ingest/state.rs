@@ -1,7 +1,7 @@
 //! The decisions of one device session, without I/O: what a WebSocket
 //! message means, what becomes of a data frame (rate limit, gatekeeper,
-//! abuse rule), when to ping and when the peer is dead, and which ack is
-//! still owed at shutdown.
+//! abuse rule, quarantine or not), when to ping and when the peer is dead,
+//! and which answer is still owed at shutdown.
 //!
 //! [`SessionState`] takes events (a message, a frame, a heartbeat tick, an
 //! ack written, a reading queued) with the time as an argument and answers
@@ -83,9 +83,12 @@ pub(crate) enum Verdict {
     Reading(Reading),
     /// A valid outbox status report: record it.
     Status(EdgeStatus),
-    /// Refused and discarded: count it by reason, answer with a `rejected`
-    /// frame when it has an epoch and seq ([`rejected_frame`]). `warn`:
-    /// `Some(n)` = log it, `n` similar warnings were suppressed before.
+    /// Refused: count it by reason. A `rate_limited` refusal is answered
+    /// at once with a `rejected` frame when it has an epoch and seq
+    /// ([`rejected_frame`]) and nothing is stored; any other refusal is
+    /// quarantined within the device's budget ([`SessionState::refusal`]).
+    /// `warn`: `Some(n)` = log it, `n` similar warnings were suppressed
+    /// before.
     Refused {
         /// Why.
         error: FrameError,
@@ -94,6 +97,25 @@ pub(crate) enum Verdict {
     },
     /// A refused frame in a rate-limit excess that has lasted
     /// `abuse_after`: count the refusal, then close with 1008.
+    Abuse,
+}
+
+/// What becomes of a frame the gatekeeper refused (any reason but
+/// `rate_limited`), given whether its device's quarantine budget had room.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Store it in quarantine; a `rejected` answer follows the commit
+    /// (when it has an epoch and seq).
+    Quarantine,
+    /// The budget is spent and the frame has an epoch and seq: answer
+    /// `rate_limited` at once ([`deferred`]); the edge keeps the reading
+    /// and sends it again later. Counts as rate-limit excess.
+    Defer,
+    /// The budget is spent and the frame has no epoch/seq (nothing an edge
+    /// holds): count it only.
+    Skip,
+    /// A deferral in a rate-limit excess that has lasted `abuse_after`:
+    /// close with 1008.
     Abuse,
 }
 
@@ -184,6 +206,22 @@ impl SessionState {
         Verdict::Refused { error, warn }
     }
 
+    /// The fate of a frame the gatekeeper refused (`error`, never
+    /// `rate_limited`) at `now`; `budget`: its device's quarantine budget
+    /// had room for it.
+    pub fn refusal(&mut self, error: &FrameError, budget: bool, now: Instant) -> Refusal {
+        if budget {
+            return Refusal::Quarantine;
+        }
+        if error.epoch.is_none() || error.seq.is_none() {
+            return Refusal::Skip;
+        }
+        if self.excess.refused(now, self.abuse_after) {
+            return Refusal::Abuse;
+        }
+        Refusal::Defer
+    }
+
     /// A heartbeat tick.
     pub fn tick(&mut self) -> Tick {
         if std::mem::take(&mut self.heard) {
@@ -202,7 +240,8 @@ impl SessionState {
         self.last_queued = Some(id);
     }
 
-    /// Acks up to and including `last` were written to the socket.
+    /// Answers (acks, `rejected`) up to and including `last` were written
+    /// to the socket.
     pub fn acked(&mut self, last: (u64, u64)) {
         self.last_acked = Some(last);
     }
@@ -221,6 +260,17 @@ pub(crate) fn rejected_frame(error: &FrameError) -> Option<String> {
     let (epoch, seq) = (error.epoch?, error.seq?);
     let reason = format!("{}: {}", error.reason.code(), error.detail);
     Some(ems_shared::HubFrame::Rejected { epoch, seq, reason }.to_json())
+}
+
+/// The `rate_limited` refusal that answers a frame deferred for its
+/// device's spent quarantine budget ([`Refusal::Defer`]).
+pub(crate) fn deferred(error: &FrameError) -> FrameError {
+    FrameError {
+        reason: RejectReason::RateLimited,
+        detail: "quarantine budget of this device spent; resend later".into(),
+        epoch: error.epoch,
+        seq: error.seq,
+    }
 }
 
 /// `"; N similar warnings suppressed"`, or nothing when none were.
@@ -401,6 +451,46 @@ mod tests {
             s.frame(Some(&reading(2)), t, RX_MS),
             Verdict::Abuse
         ));
+    }
+
+    #[test]
+    fn refused_frames_are_quarantined_within_the_budget_then_deferred_or_skipped() {
+        let t0 = Instant::now();
+        let mut s = session(10.0, t0);
+        let with_ids = FrameError {
+            reason: RejectReason::OutOfRange,
+            detail: "x".into(),
+            epoch: Some(7),
+            seq: Some(2),
+        };
+        let without = FrameError {
+            seq: None,
+            ..with_ids.clone()
+        };
+        assert_eq!(s.refusal(&with_ids, true, t0), Refusal::Quarantine);
+        assert_eq!(s.refusal(&without, true, t0), Refusal::Quarantine);
+        assert_eq!(s.refusal(&without, false, t0), Refusal::Skip);
+        assert_eq!(s.refusal(&with_ids, false, t0), Refusal::Defer);
+        let answer = rejected_frame(&deferred(&with_ids)).unwrap();
+        assert!(answer.contains(r#""seq":2"#), "{answer}");
+        assert!(
+            answer.contains("rate_limited: quarantine budget"),
+            "{answer}"
+        );
+        // Deferrals are rate-limit excess: sustained, they are abuse.
+        let mut t = t0;
+        let mut last = Refusal::Defer;
+        for _ in 0..12 {
+            t += Duration::from_secs(1);
+            last = s.refusal(&with_ids, false, t);
+        }
+        assert_eq!(last, Refusal::Abuse);
+        // Skipped frames are not excess.
+        let mut s = session(10.0, t0);
+        for i in 0..30 {
+            let at = t0 + Duration::from_secs(i);
+            assert_eq!(s.refusal(&without, false, at), Refusal::Skip);
+        }
     }
 
     #[test]

@@ -1,15 +1,31 @@
 //! The cold path: a background thread that owns a store handle, takes
-//! readings from a bounded queue, commits them in batches and then sends
-//! the acks.
+//! readings (and refused frames for the quarantine) from a bounded queue,
+//! commits them in batches and then answers the devices.
 //!
 //! - Batches close when `batch_max_rows` are queued or `batch_linger` has
-//!   passed since the first reading of the batch.
-//! - A failed commit is retried with backoff until it succeeds; acks are
-//!   withheld meanwhile, the queue fills, and device sessions stop reading
-//!   their sockets (backpressure) — nothing is dropped.
-//! - Acks are sent only after the commit returned: per connection and
-//!   epoch, the seq of the last reading of that epoch in the batch, in
-//!   arrival order (see the ack semantics in `ems-shared`).
+//!   passed since the first item of the batch. A batch is one transaction:
+//!   its readings and its quarantine rows commit together or not at all.
+//! - A commit that fails because the store is unwell ([`StoreError::Db`]:
+//!   connection lost, disk full, locked) is retried with backoff until it
+//!   succeeds; answers are withheld meanwhile, the queue fills, and device
+//!   sessions stop reading their sockets (backpressure) — nothing is
+//!   dropped.
+//! - A commit the database refuses for the data itself
+//!   ([`StoreError::Refused`]: a check or trigger raised, a value it cannot
+//!   hold) would fail the same way for ever, so the batch is split in
+//!   halves until the refused rows are alone; each refused reading goes to
+//!   quarantine (`store_error`, the database's message as detail) and the
+//!   rest commits. See `docs/operations/faults.md`.
+//! - Answers go out only after the commit that decided them, in this
+//!   order: `rejected` for every quarantined row with an epoch/seq, then
+//!   per connection and epoch one cumulative ack with the seq of the last
+//!   stored reading in arrival order (see the ack semantics in
+//!   `ems-shared`). A `rejected` never trails an ack that covers it.
+//! - A reading that is neither stored nor quarantined (the hub gave up at
+//!   shutdown, or the database refused its quarantine row too) must never
+//!   be covered by a later cumulative ack: its connection's mailbox is
+//!   abandoned ([`AckSink::abandon`]) — no answer follows, the session
+//!   closes the connection and the edge sends everything unacked again.
 //! - The thread exits once every queue sender is dropped and the queue is
 //!   drained, so a graceful shutdown flushes everything it received.
 
@@ -25,14 +41,24 @@ use tokio::sync::{mpsc, watch};
 use super::acks::AckSink;
 use crate::metrics::Metrics;
 use crate::shutdown::shutting_down;
-use crate::store::{ReadingSink, Row};
+use crate::store::{QuarantineReason, QuarantineRow, ReadingSink, Row, StoreError};
 
-/// One queued reading.
+/// What a queued item asks the writer to store.
+#[derive(Debug)]
+pub enum Entry {
+    /// A valid reading, for `readings`.
+    Reading(Row),
+    /// A refused frame, for `quarantine` (boxed: rare, and the queue's
+    /// items stay the size of a reading).
+    Quarantine(Box<QuarantineRow>),
+}
+
+/// One queued item.
 #[derive(Debug)]
 pub struct Item {
     /// What to store.
-    pub row: Row,
-    /// Who to ack.
+    pub entry: Entry,
+    /// Who to answer.
     pub ack: Arc<AckSink>,
 }
 
@@ -64,7 +90,8 @@ impl Writer {
     }
 
     /// Like [`Writer::spawn`], recording batch sizes, commit latency,
-    /// failures, store health and the queue depth in `metrics`.
+    /// failures, store health, quarantined rows and the queue depth in
+    /// `metrics`.
     pub fn spawn_with_metrics(
         store: impl ReadingSink + 'static,
         rx: mpsc::Receiver<Item>,
@@ -87,6 +114,42 @@ impl Writer {
     }
 }
 
+/// One batch: the readings and the quarantine rows, each side by side
+/// with who to answer (no copy of a row).
+#[derive(Default)]
+struct Batch {
+    rows: Vec<Row>,
+    row_acks: Vec<Arc<AckSink>>,
+    quarantine: Vec<QuarantineRow>,
+    quarantine_acks: Vec<Arc<AckSink>>,
+}
+
+impl Batch {
+    fn push(&mut self, item: Item) {
+        match item.entry {
+            Entry::Reading(row) => {
+                self.rows.push(row);
+                self.row_acks.push(item.ack);
+            }
+            Entry::Quarantine(q) => {
+                self.quarantine.push(*q);
+                self.quarantine_acks.push(item.ack);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.rows.len() + self.quarantine.len()
+    }
+
+    fn clear(&mut self) {
+        self.rows.clear();
+        self.row_acks.clear();
+        self.quarantine.clear();
+        self.quarantine_acks.clear();
+    }
+}
+
 fn run(
     mut store: impl ReadingSink,
     mut rx: mpsc::Receiver<Item>,
@@ -97,14 +160,19 @@ fn run(
 ) {
     lower_priority();
     let max = cfg.batch_max_rows.max(1);
-    // The rows and, side by side, who to ack for each (no copy of a row).
-    // (They grow to the largest batch seen, not to `max` up front.)
-    let mut rows: Vec<Row> = Vec::with_capacity(max.min(1024));
-    let mut acks: Vec<Arc<AckSink>> = Vec::with_capacity(max.min(1024));
-    // Set once the hub is stopping and the store keeps failing (see `commit`).
-    let mut give_up_at: Option<Instant> = None;
+    // (The vectors grow to the largest batch seen, not to `max` up front.)
+    let mut batch = Batch {
+        rows: Vec::with_capacity(max.min(1024)),
+        row_acks: Vec::with_capacity(max.min(1024)),
+        ..Batch::default()
+    };
+    let mut ctx = Retry {
+        metrics,
+        stop: stop.clone(),
+        give_up_at: None,
+    };
     loop {
-        // Wait for the first reading of the next batch.
+        // Wait for the first item of the next batch.
         let first = rt.block_on(async {
             tokio::select! {
                 biased;
@@ -120,15 +188,11 @@ fn run(
             log::debug!("store writer: queue closed and drained");
             return;
         };
-        rows.push(first.row);
-        acks.push(first.ack);
+        batch.push(first);
         let deadline = Instant::now() + cfg.batch_linger;
-        while rows.len() < max {
+        while batch.len() < max {
             match rx.try_recv() {
-                Ok(item) => {
-                    rows.push(item.row);
-                    acks.push(item.ack);
-                }
+                Ok(item) => batch.push(item),
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
                 Err(mpsc::error::TryRecvError::Empty) => {
                     let now = Instant::now();
@@ -142,11 +206,9 @@ fn run(
                 }
             }
         }
-        if commit(&mut store, &rows, metrics, &stop, &mut give_up_at) {
-            send_acks(&rows, &acks);
-        }
-        rows.clear();
-        acks.clear();
+        let settled = settle(&mut store, &batch, &mut ctx);
+        answer(&batch, &settled, metrics);
+        batch.clear();
     }
 }
 
@@ -185,55 +247,278 @@ const WRITER_NICE: libc::c_int = 5;
 /// How long a failing commit is retried once the hub is shutting down.
 const SHUTDOWN_RETRY: Duration = Duration::from_secs(5);
 
-/// Commits `rows`, retrying with capped exponential backoff until the
-/// store accepts them. Dedup on (device_id, epoch, seq) makes a retry after
-/// an ambiguous failure safe. Returns `false` only when the hub is shutting
-/// down and the store stayed unreachable for [`SHUTDOWN_RETRY`]: the rows
-/// are then not acked, so the edges still hold them and resend them to the
-/// next hub — the process can exit in bounded time without losing anything.
-fn commit(
+/// What became of one row of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Committed where it belongs (`readings`, or `quarantine` for a
+    /// quarantine row).
+    Stored,
+    /// A reading the database refused, committed to `quarantine` instead.
+    Quarantined,
+    /// Neither: the hub gave up at shutdown, or the database refused its
+    /// quarantine row too. Never acked; its connection is abandoned.
+    Abandoned,
+}
+
+/// The outcome of a batch.
+enum Settled {
+    /// Everything committed in one transaction (the normal case; nothing
+    /// is allocated for it).
+    All,
+    /// Row by row, after a refusal or a give-up: the fate of each reading
+    /// and each quarantine row, and the `store_error` quarantine row of
+    /// each reading the database refused (by reading index).
+    Each {
+        rows: Vec<Fate>,
+        quarantine: Vec<Fate>,
+        converted: Vec<(usize, QuarantineRow)>,
+    },
+}
+
+/// Why a write did not commit.
+enum Failure {
+    /// The database refused the data (retrying cannot help).
+    Refused(String),
+    /// The store stayed unwell past the shutdown deadline.
+    GaveUp,
+}
+
+/// The retry state shared by every write of the writer.
+struct Retry<'a> {
+    metrics: &'a Metrics,
+    stop: watch::Receiver<bool>,
+    /// Set once the hub is stopping and the store keeps failing.
+    give_up_at: Option<Instant>,
+}
+
+/// Commits `batch`: in one transaction when the store takes it, else row
+/// by row as far as needed (see the module docs).
+fn settle(store: &mut dyn ReadingSink, batch: &Batch, ctx: &mut Retry<'_>) -> Settled {
+    let started = Instant::now();
+    let first = match write(store, &batch.rows, &batch.quarantine, ctx) {
+        Ok(()) => {
+            ctx.metrics.committed(batch.len(), started.elapsed());
+            return Settled::All;
+        }
+        Err(f) => f,
+    };
+    let (n_rows, n_quarantine) = (batch.rows.len(), batch.quarantine.len());
+    let mut rows = vec![Fate::Stored; n_rows];
+    let mut quarantine = vec![Fate::Stored; n_quarantine];
+    let mut refused = Vec::new();
+    match first {
+        Failure::GaveUp => {
+            rows.fill(Fate::Abandoned);
+            quarantine.fill(Fate::Abandoned);
+        }
+        Failure::Refused(e) => {
+            ctx.metrics
+                .quarantine
+                .batches_split
+                .fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "store writer: the database refused a batch of {} ({e}); isolating the refused rows",
+                batch.len()
+            );
+            // The refusal names no row: with both kinds in the batch,
+            // each kind is tried on its own first.
+            let known = |other: usize| (other == 0).then(|| e.clone());
+            split(
+                store,
+                &batch.rows,
+                0,
+                known(n_quarantine),
+                ctx,
+                &mut |i, f| match f {
+                    Split::Refused(msg) => refused.push((i, msg)),
+                    Split::Abandoned => rows[i] = Fate::Abandoned,
+                },
+            );
+            split(
+                store,
+                &batch.quarantine,
+                0,
+                known(n_rows),
+                ctx,
+                &mut |i, _| quarantine[i] = Fate::Abandoned,
+            );
+        }
+    }
+    // Each refused reading goes to quarantine instead, together.
+    let mut converted: Vec<(usize, QuarantineRow)> = refused
+        .iter()
+        .map(|(i, msg)| (*i, QuarantineRow::store_error(&batch.rows[*i], msg)))
+        .collect();
+    if !converted.is_empty() {
+        let qrows: Vec<QuarantineRow> = converted.iter().map(|(_, q)| q.clone()).collect();
+        let mut ok = vec![true; qrows.len()];
+        split(store, &qrows, 0, None, ctx, &mut |k, _| ok[k] = false);
+        for (k, (i, q)) in converted.iter().enumerate() {
+            rows[*i] = if ok[k] {
+                Fate::Quarantined
+            } else {
+                Fate::Abandoned
+            };
+            if ok[k] {
+                log::warn!(
+                    "store writer: reading {} {}/{} refused by the database, quarantined: {}",
+                    q.device_id,
+                    row_id(q.epoch),
+                    row_id(q.seq),
+                    q.detail
+                );
+            }
+        }
+        converted.retain(|(i, _)| rows[*i] == Fate::Quarantined);
+    }
+    let stored = rows.iter().filter(|f| **f == Fate::Stored).count()
+        + quarantine.iter().filter(|f| **f == Fate::Stored).count();
+    if stored + converted.len() > 0 {
+        ctx.metrics
+            .committed(stored + converted.len(), started.elapsed());
+    }
+    let abandoned = rows.iter().filter(|f| **f == Fate::Abandoned).count()
+        + quarantine.iter().filter(|f| **f == Fate::Abandoned).count();
+    if abandoned > 0 {
+        ctx.metrics
+            .quarantine
+            .abandoned
+            .fetch_add(abandoned as u64, Ordering::Relaxed);
+        log::error!(
+            "store writer: {abandoned} readings or refused frames neither stored nor quarantined; \
+             closing their connections unacknowledged so the devices send them again"
+        );
+    }
+    Settled::Each {
+        rows,
+        quarantine,
+        converted,
+    }
+}
+
+fn row_id(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+/// What [`split`] reports for one row that did not commit.
+enum Split {
+    /// The database refused this row alone, with this message.
+    Refused(String),
+    /// Given up at shutdown.
+    Abandoned,
+}
+
+/// A slice of one kind of row that [`split`] can write on its own.
+trait Part: Sized {
+    fn write_part(
+        store: &mut dyn ReadingSink,
+        part: &[Self],
+        ctx: &mut Retry<'_>,
+    ) -> Result<(), Failure>;
+}
+
+impl Part for Row {
+    fn write_part(
+        store: &mut dyn ReadingSink,
+        part: &[Self],
+        ctx: &mut Retry<'_>,
+    ) -> Result<(), Failure> {
+        write(store, part, &[], ctx)
+    }
+}
+
+impl Part for QuarantineRow {
+    fn write_part(
+        store: &mut dyn ReadingSink,
+        part: &[Self],
+        ctx: &mut Retry<'_>,
+    ) -> Result<(), Failure> {
+        write(store, &[], part, ctx)
+    }
+}
+
+/// Commits `part` (rows `base..` of the batch), halving it on every
+/// refusal until each refused row is alone; reports each row that did not
+/// commit to `failed`. `known`: the part is already known to be refused
+/// with this message (it is not written again as a whole). A part of n
+/// rows with one refused row costs about 2·log2(n) transactions.
+fn split<T: Part>(
+    store: &mut dyn ReadingSink,
+    part: &[T],
+    base: usize,
+    known: Option<String>,
+    ctx: &mut Retry<'_>,
+    failed: &mut dyn FnMut(usize, Split),
+) {
+    if part.is_empty() {
+        return;
+    }
+    let result = match known {
+        Some(e) => Err(Failure::Refused(e)),
+        None => T::write_part(store, part, ctx),
+    };
+    match result {
+        Ok(()) => {}
+        Err(Failure::GaveUp) => (base..base + part.len()).for_each(|i| failed(i, Split::Abandoned)),
+        Err(Failure::Refused(e)) if part.len() == 1 => failed(base, Split::Refused(e)),
+        Err(Failure::Refused(_)) => {
+            let mid = part.len() / 2;
+            split(store, &part[..mid], base, None, ctx, failed);
+            split(store, &part[mid..], base + mid, None, ctx, failed);
+        }
+    }
+}
+
+/// Writes `rows` and `quarantine` in one transaction, retrying with capped
+/// exponential backoff while the store is unwell. Dedup on (device_id,
+/// epoch, seq) makes a retry after an ambiguous failure safe. Returns
+/// [`Failure::Refused`] at once when the database refuses the data, and
+/// [`Failure::GaveUp`] only when the hub is shutting down and the store
+/// stayed unwell for [`SHUTDOWN_RETRY`]: those rows are then not acked
+/// (their connections are abandoned), so the edges still hold them and
+/// resend them to the next hub — the process can exit in bounded time
+/// without losing anything.
+fn write(
     store: &mut dyn ReadingSink,
     rows: &[Row],
-    metrics: &Metrics,
-    stop: &watch::Receiver<bool>,
-    give_up_at: &mut Option<Instant>,
-) -> bool {
+    quarantine: &[QuarantineRow],
+    ctx: &mut Retry<'_>,
+) -> Result<(), Failure> {
     let mut delay = Duration::from_millis(100);
     let mut attempt = 0u32;
-    let started = Instant::now();
+    let n = rows.len() + quarantine.len();
     loop {
-        match store.insert_batch(rows) {
+        match store.write_batch(rows, quarantine) {
             Ok(()) => {
-                metrics.committed(rows.len(), started.elapsed());
                 if attempt > 0 {
-                    log::info!(
-                        "store writer: batch of {} committed after {attempt} retries",
-                        rows.len()
-                    );
+                    log::info!("store writer: batch of {n} committed after {attempt} retries");
                 }
-                return true;
+                return Ok(());
+            }
+            Err(StoreError::Refused(e)) => {
+                ctx.metrics.commit_failures.fetch_add(1, Ordering::Relaxed);
+                return Err(Failure::Refused(e));
             }
             Err(e) => {
-                if *stop.borrow() {
+                if *ctx.stop.borrow() {
                     // One deadline for the whole shutdown, not per batch.
-                    let deadline =
-                        *give_up_at.get_or_insert_with(|| Instant::now() + SHUTDOWN_RETRY);
+                    let deadline = *ctx
+                        .give_up_at
+                        .get_or_insert_with(|| Instant::now() + SHUTDOWN_RETRY);
                     if Instant::now() >= deadline {
                         log::error!(
-                            "store writer: giving up on {} unacknowledged readings at shutdown ({e}); \
-                             the devices keep them and resend them",
-                            rows.len()
+                            "store writer: giving up on {n} unacknowledged readings at shutdown ({e}); \
+                             the devices keep them and resend them"
                         );
-                        return false;
+                        return Err(Failure::GaveUp);
                     }
                 }
                 attempt += 1;
-                metrics.commit_failures.fetch_add(1, Ordering::Relaxed);
-                metrics.store_writer_ok.store(0, Ordering::Relaxed);
+                ctx.metrics.commit_failures.fetch_add(1, Ordering::Relaxed);
+                ctx.metrics.store_writer_ok.store(0, Ordering::Relaxed);
                 if attempt == 1 || attempt.is_power_of_two() {
                     log::error!(
-                        "store writer: commit of {} readings failed (attempt {attempt}), retrying: {e}",
-                        rows.len()
+                        "store writer: commit of {n} readings failed (attempt {attempt}), retrying: {e}"
                     );
                 }
                 std::thread::sleep(delay);
@@ -243,16 +528,68 @@ fn commit(
     }
 }
 
-fn send_acks(rows: &[Row], sinks: &[Arc<AckSink>]) {
-    // (conn_id, epoch) -> (sink, last seq in arrival order)
-    let mut acks: HashMap<(u64, u64), (&Arc<AckSink>, u64)> = HashMap::with_capacity(rows.len());
-    for (row, sink) in rows.iter().zip(sinks) {
-        let key = (sink.conn_id, row.reading.epoch);
-        acks.insert(key, (sink, row.reading.seq));
+/// Answers the devices once `batch` is settled: abandons the mailboxes of
+/// connections with a row that went nowhere, then `rejected` for every
+/// quarantined row with an epoch/seq, then the cumulative acks of the
+/// stored readings.
+fn answer(batch: &Batch, settled: &Settled, metrics: &Metrics) {
+    let stored = |fates: Option<&Vec<Fate>>, i: usize| {
+        fates.map_or(true, |f| f.get(i) == Some(&Fate::Stored))
+    };
+    let (row_fates, quarantine_fates, converted) = match settled {
+        Settled::All => (None, None, &[][..]),
+        Settled::Each {
+            rows,
+            quarantine,
+            converted,
+        } => {
+            let gone = |f: &Fate| *f == Fate::Abandoned;
+            for (sink, _) in batch.row_acks.iter().zip(rows).filter(|(_, f)| gone(f)) {
+                sink.abandon();
+            }
+            for (sink, _) in batch
+                .quarantine_acks
+                .iter()
+                .zip(quarantine)
+                .filter(|(_, f)| gone(f))
+            {
+                sink.abandon();
+            }
+            (Some(rows), Some(quarantine), &converted[..])
+        }
+    };
+    for (i, (q, sink)) in batch
+        .quarantine
+        .iter()
+        .zip(&batch.quarantine_acks)
+        .enumerate()
+    {
+        if stored(quarantine_fates, i) {
+            metrics.quarantined(q.reason);
+            if let Some((epoch, seq, reason)) = q.answer() {
+                sink.push_rejected(epoch, seq, &reason);
+            }
+        }
+    }
+    for (i, q) in converted {
+        metrics.quarantined(QuarantineReason::StoreError);
+        if let (Some((epoch, seq, reason)), Some(sink)) = (q.answer(), batch.row_acks.get(*i)) {
+            sink.push_rejected(epoch, seq, &reason);
+        }
+    }
+    // (conn_id, epoch) -> (sink, last stored seq in arrival order)
+    let mut acks: HashMap<(u64, u64), (&Arc<AckSink>, u64)> =
+        HashMap::with_capacity(batch.rows.len().min(1024));
+    for (i, (row, sink)) in batch.rows.iter().zip(&batch.row_acks).enumerate() {
+        if stored(row_fates, i) {
+            let key = (sink.conn_id, row.reading.epoch);
+            acks.insert(key, (sink, row.reading.seq));
+        }
     }
     for ((_, epoch), (sink, seq)) in acks {
         // The connection may have closed meanwhile; its readings are
-        // stored and the mailbox goes with the last reference.
+        // stored and the mailbox goes with the last reference. An
+        // abandoned mailbox takes nothing more.
         sink.push((epoch, seq));
     }
 }
@@ -260,8 +597,8 @@ fn send_acks(rows: &[Row], sinks: &[Arc<AckSink>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoreError;
-    use ems_shared::Reading;
+    use crate::ingest::acks::Answer;
+    use ems_shared::{FrameError, Reading, RejectReason};
     use std::sync::Mutex;
 
     /// A store that records committed seqs and fails the first `fail` commits.
@@ -271,7 +608,7 @@ mod tests {
     }
 
     impl ReadingSink for Recording {
-        fn insert_batch(&mut self, rows: &[Row]) -> Result<(), StoreError> {
+        fn write_batch(&mut self, rows: &[Row], _: &[QuarantineRow]) -> Result<(), StoreError> {
             if self.fail > 0 {
                 self.fail -= 1;
                 return Err(StoreError::Db("injected".into()));
@@ -284,21 +621,30 @@ mod tests {
         }
     }
 
+    fn row(epoch: u64, seq: u64) -> Row {
+        Row {
+            device_id: Arc::from("d"),
+            received_at_ms: 0,
+            reading: Reading {
+                epoch,
+                seq,
+                meter: "m".into(),
+                power_w: Some(1.0),
+                ..Default::default()
+            },
+        }
+    }
+
     fn item(sink: &Arc<AckSink>, epoch: u64, seq: u64) -> Item {
         Item {
-            row: Row {
-                device_id: Arc::from("d"),
-                received_at_ms: 0,
-                reading: Reading {
-                    epoch,
-                    seq,
-                    meter: "m".into(),
-                    power_w: Some(1.0),
-                    ..Default::default()
-                },
-            },
+            entry: Entry::Reading(row(epoch, seq)),
             ack: sink.clone(),
         }
+    }
+
+    /// Everything in a mailbox, oldest first.
+    fn drain(sink: &AckSink) -> Vec<Answer> {
+        std::iter::from_fn(|| sink.try_pop()).collect()
     }
 
     #[test]
@@ -333,8 +679,67 @@ mod tests {
             started.elapsed()
         );
         assert!(committed.lock().unwrap().is_empty());
-        assert!(sink.try_pop().is_none(), "nothing may be acked");
+        // Nothing may be acked; the connection is told to close.
+        assert_eq!(drain(&sink), [Answer::Abandoned]);
         drop(tx);
+    }
+
+    /// A store that fails every attempt at a batch holding seq `bad` and
+    /// commits every other batch.
+    struct FailsOne {
+        bad: u64,
+        committed: Arc<Mutex<Vec<Vec<u64>>>>,
+    }
+
+    impl ReadingSink for FailsOne {
+        fn write_batch(&mut self, rows: &[Row], _: &[QuarantineRow]) -> Result<(), StoreError> {
+            if rows.iter().any(|r| r.reading.seq == self.bad) {
+                return Err(StoreError::Db("injected outage".into()));
+            }
+            self.committed
+                .lock()
+                .unwrap()
+                .push(rows.iter().map(|r| r.reading.seq).collect());
+            Ok(())
+        }
+    }
+
+    /// At shutdown the writer gives up on batch [0, 1] and then commits
+    /// [2, 3] and [4, 5]: no ack may reach the connection that covers seq
+    /// 1 (cumulative acks), so the edge keeps 0 and 1 and sends them again.
+    #[test]
+    fn a_batch_given_up_at_shutdown_is_never_covered_by_a_later_ack() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let committed = Arc::new(Mutex::new(Vec::new()));
+        let store = FailsOne {
+            bad: 1,
+            committed: committed.clone(),
+        };
+        let (tx, rx) = mpsc::channel(100);
+        let sink = Arc::new(AckSink::new(1));
+        for seq in 0..6 {
+            tx.try_send(item(&sink, 7, seq)).unwrap();
+        }
+        let cfg = WriterConfig {
+            batch_max_rows: 2,
+            batch_linger: Duration::from_millis(1),
+        };
+        let (_stop_tx, stop_rx) = watch::channel(true);
+        let w = Writer::spawn(store, rx, cfg, stop_rx, rt.handle().clone()).unwrap();
+        w.join();
+        drop(tx);
+        assert_eq!(*committed.lock().unwrap(), vec![vec![2, 3], vec![4, 5]]);
+        let answers = drain(&sink);
+        assert!(
+            !answers
+                .iter()
+                .any(|a| matches!(a, Answer::Ack(7, seq) if *seq >= 1)),
+            "an ack covers the uncommitted seq 1: {answers:?}"
+        );
+        assert_eq!(answers, [Answer::Abandoned]);
     }
 
     #[test]
@@ -363,8 +768,191 @@ mod tests {
         let w = Writer::spawn(store, rx, cfg, stop_rx, rt.handle().clone()).unwrap();
         w.join();
         assert_eq!(*committed.lock().unwrap(), vec![vec![0, 1, 2], vec![3, 4]]);
-        assert_eq!(sink.try_pop(), Some((7, 2)));
-        assert_eq!(sink.try_pop(), Some((7, 4)));
-        assert!(sink.try_pop().is_none());
+        assert_eq!(drain(&sink), [Answer::Ack(7, 2), Answer::Ack(7, 4)]);
+    }
+
+    /// What a [`Fake`] store was asked to do and what it committed.
+    #[derive(Default)]
+    struct FakeState {
+        /// Fail this many writes first with an outage.
+        outages: u32,
+        /// Refuse every write holding a quarantine row.
+        refuse_quarantine: bool,
+        /// Writes attempted.
+        writes: u32,
+        /// Seqs of committed readings.
+        rows: Vec<u64>,
+        /// Committed quarantine rows: (seq, reason code, detail).
+        quarantine: Vec<(Option<u64>, &'static str, String)>,
+    }
+
+    /// A store that refuses any write holding a reading with
+    /// `power_w = 1234.5` (like a database trigger would).
+    struct Fake(Arc<Mutex<FakeState>>);
+
+    impl ReadingSink for Fake {
+        fn write_batch(&mut self, rows: &[Row], q: &[QuarantineRow]) -> Result<(), StoreError> {
+            let mut f = self.0.lock().unwrap();
+            f.writes += 1;
+            if f.outages > 0 {
+                f.outages -= 1;
+                return Err(StoreError::Db("connection lost".into()));
+            }
+            if rows.iter().any(|r| r.reading.power_w == Some(1234.5)) {
+                return Err(StoreError::Refused("power_w 1234.5 refused".into()));
+            }
+            if f.refuse_quarantine && !q.is_empty() {
+                return Err(StoreError::Refused("quarantine refused".into()));
+            }
+            f.rows.extend(rows.iter().map(|r| r.reading.seq));
+            f.quarantine
+                .extend(q.iter().map(|q| (q.seq, q.reason.code(), q.detail.clone())));
+            Ok(())
+        }
+    }
+
+    /// Runs a writer over `items` (queued before it starts) until the
+    /// queue is drained.
+    fn run_writer(state: &Arc<Mutex<FakeState>>, items: Vec<Item>, batch_max_rows: usize) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (tx, rx) = mpsc::channel(items.len().max(1));
+        for it in items {
+            tx.try_send(it).unwrap();
+        }
+        drop(tx);
+        let cfg = WriterConfig {
+            batch_max_rows,
+            batch_linger: Duration::from_millis(1),
+        };
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let w = Writer::spawn(Fake(state.clone()), rx, cfg, stop_rx, rt.handle().clone()).unwrap();
+        w.join();
+    }
+
+    fn refused_frame(sink: &Arc<AckSink>, epoch: u64, seq: u64) -> Item {
+        let error = FrameError {
+            reason: RejectReason::OutOfRange,
+            detail: "power_factor out of range".into(),
+            epoch: Some(epoch),
+            seq: Some(seq),
+        };
+        let q = QuarantineRow::refused_frame(Arc::from("d"), 0, &error, Some("{}"));
+        Item {
+            entry: Entry::Quarantine(Box::new(q)),
+            ack: sink.clone(),
+        }
+    }
+
+    #[test]
+    fn quarantine_rows_commit_with_the_readings_and_are_answered_first() {
+        let state = Arc::new(Mutex::new(FakeState::default()));
+        let sink = Arc::new(AckSink::new(1));
+        let items = vec![
+            item(&sink, 7, 1),
+            refused_frame(&sink, 7, 2),
+            item(&sink, 7, 3),
+        ];
+        run_writer(&state, items, 100);
+        let f = state.lock().unwrap();
+        assert_eq!(f.writes, 1, "one transaction");
+        assert_eq!(f.rows, [1, 3]);
+        assert_eq!(f.quarantine.len(), 1);
+        assert_eq!(
+            drain(&sink),
+            [
+                Answer::Rejected(7, 2, "out_of_range: power_factor out of range".into()),
+                Answer::Ack(7, 3)
+            ]
+        );
+    }
+
+    /// One reading the database refuses in a batch of 10: it alone goes to
+    /// quarantine (`store_error`, the database's message), the other nine
+    /// commit, the answers are its `rejected` then the ack of the last.
+    #[test]
+    fn a_row_the_store_refuses_is_isolated_and_quarantined() {
+        let state = Arc::new(Mutex::new(FakeState::default()));
+        let sink = Arc::new(AckSink::new(1));
+        let items = (0..10)
+            .map(|seq| {
+                let mut it = item(&sink, 7, seq);
+                if let Entry::Reading(r) = &mut it.entry {
+                    if seq == 4 {
+                        r.reading.power_w = Some(1234.5);
+                    }
+                }
+                it
+            })
+            .collect();
+        run_writer(&state, items, 100);
+        let f = state.lock().unwrap();
+        let mut rows = f.rows.clone();
+        rows.sort();
+        assert_eq!(rows, [0, 1, 2, 3, 5, 6, 7, 8, 9]);
+        assert_eq!(
+            f.quarantine,
+            [(Some(4), "store_error", "power_w 1234.5 refused".to_string())]
+        );
+        // 1 whole + halving down to the one row + its quarantine row.
+        assert!(f.writes <= 1 + 2 * 4 + 1, "{} writes", f.writes);
+        assert_eq!(
+            drain(&sink),
+            [
+                Answer::Rejected(7, 4, "store_error: power_w 1234.5 refused".into()),
+                Answer::Ack(7, 9)
+            ]
+        );
+    }
+
+    /// A store outage is retried, never mistaken for refused rows: nothing
+    /// goes to quarantine.
+    #[test]
+    fn an_outage_is_retried_and_quarantines_nothing() {
+        let state = Arc::new(Mutex::new(FakeState {
+            outages: 3,
+            ..Default::default()
+        }));
+        let sink = Arc::new(AckSink::new(1));
+        run_writer(&state, (0..5).map(|s| item(&sink, 2, s)).collect(), 100);
+        let f = state.lock().unwrap();
+        assert_eq!((f.writes, f.rows.len()), (4, 5));
+        assert!(f.quarantine.is_empty());
+        assert_eq!(drain(&sink), [Answer::Ack(2, 4)]);
+    }
+
+    /// A refused reading whose quarantine row is refused too is neither
+    /// stored nor quarantined: its connection is abandoned (no ack, not
+    /// even for readings committed with it), another connection in the
+    /// same batch is answered as usual.
+    #[test]
+    fn a_reading_that_cannot_be_quarantined_abandons_its_connection() {
+        let state = Arc::new(Mutex::new(FakeState {
+            refuse_quarantine: true,
+            ..Default::default()
+        }));
+        let a = Arc::new(AckSink::new(1));
+        let b = Arc::new(AckSink::new(2));
+        let mut bad = item(&a, 7, 1);
+        if let Entry::Reading(r) = &mut bad.entry {
+            r.reading.power_w = Some(1234.5);
+        }
+        let items = vec![
+            item(&a, 7, 0),
+            item(&b, 3, 0),
+            bad,
+            item(&a, 7, 2),
+            item(&b, 3, 1),
+        ];
+        run_writer(&state, items, 100);
+        let f = state.lock().unwrap();
+        let mut rows = f.rows.clone();
+        rows.sort();
+        assert_eq!(rows, [0, 0, 1, 2]);
+        assert!(f.quarantine.is_empty());
+        assert_eq!(drain(&a), [Answer::Abandoned]);
+        assert_eq!(drain(&b), [Answer::Ack(3, 1)]);
     }
 }

@@ -2,17 +2,25 @@
 //!
 //! A store is a synchronous handle to the database. Its calls are grouped
 //! by who needs them: [`ReadingSink`] (the writer's batched inserts),
-//! [`AuthStore`] (token look-ups), [`AdminStore`] (provisioning) and
-//! [`HistoryStore`] (reading back). Every backend implements all four,
+//! [`AuthStore`] (token look-ups), [`AdminStore`] (provisioning),
+//! [`HistoryStore`] (reading back) and [`QuarantineStore`] (what was
+//! refused, see [`quarantine`]). Every backend implements all five,
 //! which makes it a [`Store`]. The hub opens two: one for the background
 //! writer thread, one for everything else (used from the blocking pool);
 //! the admin CLI opens one. Backends: `sqlite:PATH` (embedded, default)
 //! and `postgres://…`.
 //!
 //! Contract kept by every backend:
-//! - `insert_batch` commits all rows in one transaction or none; a row whose
-//!   `(device_id, epoch, seq)` is already stored is skipped (dedup), not an
-//!   error. When it returns `Ok`, the rows are durable.
+//! - `write_batch` commits all readings and quarantine rows in one
+//!   transaction or none; a reading whose `(device_id, epoch, seq)` is
+//!   already stored is skipped (dedup), not an error, and so is a
+//!   quarantine row whose `(device_id, epoch, seq)` is already quarantined.
+//!   When it returns `Ok`, the rows are durable.
+//! - A failure is [`StoreError::Refused`] when the database refused the
+//!   data itself (the same rows fail the same way on every retry: the
+//!   writer isolates and quarantines them), [`StoreError::Db`] for
+//!   everything else (connection lost, disk full, locked, …: the writer
+//!   retries).
 //! - Only SHA-256 hashes of tokens are stored.
 //!
 //! [`open`] picks the backend from the URL: `sqlite:PATH` ([`sqlite`]) or
@@ -20,12 +28,15 @@
 
 mod columns;
 pub mod postgres;
+pub mod quarantine;
 pub mod sqlite;
 
 use std::sync::Arc;
 
 use ems_shared::Reading;
 use thiserror::Error;
+
+pub use quarantine::{QuarantineReason, QuarantineRow, QuarantineStore, Quarantined};
 
 /// A token hash: SHA-256 of the token's UTF-8 bytes.
 pub type TokenHash = [u8; 32];
@@ -117,19 +128,36 @@ pub enum StoreError {
     /// The database failed (connection lost, disk full, …).
     #[error("database error: {0}")]
     Db(String),
+    /// The database refused the data itself (a check or trigger raised, a
+    /// value it cannot hold): retrying the same rows fails the same way.
+    #[error("refused by the database: {0}")]
+    Refused(String),
 }
 
 /// Where the writer commits readings: the one call on the ingest path.
 pub trait ReadingSink: Send {
+    /// Stores `rows` and the `quarantine` rows in one transaction,
+    /// skipping duplicates. [`StoreError::Refused`] when the database
+    /// refused some row's data (retrying the same rows cannot succeed),
+    /// [`StoreError::Db`] for any other failure.
+    fn write_batch(&mut self, rows: &[Row], quarantine: &[QuarantineRow])
+        -> Result<(), StoreError>;
+
     /// Stores `rows` in one transaction, skipping duplicates.
-    fn insert_batch(&mut self, rows: &[Row]) -> Result<(), StoreError>;
+    fn insert_batch(&mut self, rows: &[Row]) -> Result<(), StoreError> {
+        self.write_batch(rows, &[])
+    }
 }
 
 /// A store handle owned by its user (the writer's `Box<dyn Store>`, a
 /// test's sink) is a sink too.
 impl<S: ReadingSink + ?Sized> ReadingSink for Box<S> {
-    fn insert_batch(&mut self, rows: &[Row]) -> Result<(), StoreError> {
-        (**self).insert_batch(rows)
+    fn write_batch(
+        &mut self,
+        rows: &[Row],
+        quarantine: &[QuarantineRow],
+    ) -> Result<(), StoreError> {
+        (**self).write_batch(rows, quarantine)
     }
 }
 
@@ -231,9 +259,12 @@ pub trait HistoryStore: Send {
 
 /// A full database handle: every backend is one. See the module docs for
 /// the contract.
-pub trait Store: ReadingSink + AuthStore + AdminStore + HistoryStore {}
+pub trait Store: ReadingSink + AuthStore + AdminStore + HistoryStore + QuarantineStore {}
 
-impl<T: ReadingSink + AuthStore + AdminStore + HistoryStore + ?Sized> Store for T {}
+impl<T: ReadingSink + AuthStore + AdminStore + HistoryStore + QuarantineStore + ?Sized> Store
+    for T
+{
+}
 
 /// Opens the store named by `url`: `sqlite:PATH` (also `sqlite://PATH`) or
 /// `postgres://…` / `postgresql://…` (PostgreSQL with default

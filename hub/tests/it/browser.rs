@@ -80,6 +80,13 @@ async fn page_shows_a_live_reading_in_headless_chromium() {
     let viewer = hub.add_viewer("wall", &["ems_001"]);
     // A little history, so the chart has a line before the live reading.
     let mut dev = hub.device("ems_001", &token).await;
+    // One refused reading (quarantined before the readings after it are
+    // acked) for the page's quarantine counts.
+    send_text(
+        &mut dev,
+        r#"{"type":"reading","epoch":2,"seq":0,"ts_ms":1,"meter":"main","power_factor":2.0}"#,
+    )
+    .await;
     let t0 = now_ms() - 20 * 60_000;
     for i in 0..40i64 {
         let p = 900.0 + 300.0 * ((i as f64) / 5.0).sin();
@@ -181,6 +188,22 @@ async fn drive(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     wait_for_text(c, "#v-voltage", "231.4").await;
+    // The device's quarantine count, and the losses its edge reports.
+    wait_for_text(c, "#devices", "1 quarantined").await;
+    send_text(
+        dev,
+        r#"{"type":"status","outbox_depth":0,"oldest_ts_ms":null,"dropped":2,"unwritten":3,"dropped_disk_full":4,"dropped_damaged":5}"#,
+    )
+    .await;
+    let losses = wait_for_text(c, "#dev-losses", "2 dropped (spool full)").await;
+    for part in [
+        "4 dropped (disk full)",
+        "5 lost (damaged spool records)",
+        "3 held in memory",
+        "1 refused by the hub (quarantined)",
+    ] {
+        assert!(losses.contains(part), "{part:?} not in {losses:?}");
+    }
     wait_for_text(c, "#v-energy", "kWh").await;
     // The token never reached a URL.
     assert!(!c.current_url().await?.as_str().contains(viewer));
@@ -216,6 +239,7 @@ async fn drive(
         .click()
         .await?;
     wait_for_text(c, "#admin-devices", "ems_001").await;
+    wait_for_text(c, "#admin-devices td.quarantined", "1").await;
     c.find(Locator::Css("#new-device"))
         .await?
         .send_keys("ems_002")

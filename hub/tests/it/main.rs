@@ -6,9 +6,11 @@
 //! run per backend.
 
 mod admin_api;
+mod admin_origin;
 mod browser;
 mod cli;
 mod dashboard;
+mod edge_losses;
 mod frames;
 mod handshake;
 mod hardening;
@@ -16,4 +18,5 @@ mod harness;
 mod lifecycle;
 mod mqtt;
 mod mqtt_hub;
+mod quarantine;
 mod tls;

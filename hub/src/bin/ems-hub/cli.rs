@@ -49,6 +49,9 @@ pub enum Command {
     /// Manage admin tokens for the admin panel and /api/admin/.
     #[command(subcommand)]
     Admin(AdminCmd),
+    /// Show what the hub refused and kept in quarantine.
+    #[command(subcommand)]
+    Quarantine(QuarantineCmd),
     /// Print a device's live readings (a terminal dashboard). The viewer
     /// token comes from EMS_VIEWER_TOKEN, never from the command line.
     Watch {
@@ -196,6 +199,19 @@ impl From<Timescale> for TimescaleMode {
 pub enum AdminCmd {
     /// Add an admin; prints its token (shown once).
     Add { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum QuarantineCmd {
+    /// List quarantined frames, newest first (tab-separated).
+    List {
+        /// Only this device's.
+        #[arg(long = "device")]
+        device: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        limit: u32,
+    },
 }
 
 #[derive(Subcommand)]

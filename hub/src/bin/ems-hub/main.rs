@@ -1,12 +1,13 @@
 //! `ems-hub`: the command line. Parses and validates the flags
 //! ([`cli`]), sets up logging and hands over to the library: the server
-//! ([`serve`]), the admin commands ([`admin_commands`]) or the terminal
-//! dashboard (`watch`).
+//! ([`serve`]), the admin commands ([`admin_commands`]), the quarantine
+//! listing ([`quarantine`]) or the terminal dashboard (`watch`).
 
 mod admin_commands;
 mod cli;
 #[cfg(test)]
 mod doc_drift;
+mod quarantine;
 mod serve;
 
 use std::process::ExitCode;
@@ -50,6 +51,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Device(cmd)) => admin_commands::device(&db, cmd),
         Some(Command::Viewer(cmd)) => admin_commands::viewer(&db, cmd),
         Some(Command::Admin(cmd)) => admin_commands::admin(&db, cmd),
+        Some(Command::Quarantine(cmd)) => quarantine::run(&db, cmd),
         Some(Command::Watch { device_id, hub }) => watch(&hub, &device_id),
     }
 }

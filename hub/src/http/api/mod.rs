@@ -20,6 +20,8 @@
 //!   `{"name":"…","devices":["…"]}` or `{"name":"…","all_devices":true}`
 //!   → 201 with the token, `POST /api/admin/viewers/{name}/revoke` → 204
 //!   (its dashboards close with 4001 within `viewer_recheck`).
+//! - `GET /api/admin/quarantine?device_id=&limit=`: quarantined frames,
+//!   newest first (default 100, at most 1000).
 //!
 //! Each kind of token works only where it belongs: a device or viewer
 //! token on `/api/admin/` is 403, an admin token on `/api/devices` or on a
@@ -27,10 +29,11 @@
 //! sockets. Errors are `{"error":"…"}` and never contain a token. Store
 //! calls run on the blocking pool.
 //!
-//! This module authenticates and dispatches; [`viewer`] and [`admin`] hold
-//! the endpoints.
+//! This module authenticates and dispatches; [`viewer`], [`admin`] and
+//! [`quarantine`] hold the endpoints.
 
 mod admin;
+mod quarantine;
 mod viewer;
 
 use std::net::SocketAddr;
@@ -169,12 +172,14 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Answer {
         ["admin", "viewers"] if get => admin::viewers(&req, shared).await,
         ["admin", "viewers"] if post => admin::add_viewer(req, shared).await,
         ["admin", "viewers", n, "revoke"] if post => admin::revoke_viewer(&req, shared, n).await,
+        ["admin", "quarantine"] if get => quarantine::list(&req, shared).await,
         ["devices"]
         | ["devices", _, "readings"]
         | ["admin", "devices"]
         | ["admin", "viewers"]
         | ["admin", "devices", _, "rotate" | "revoke"]
-        | ["admin", "viewers", _, "revoke"] => Err(ApiError::MethodNotAllowed),
+        | ["admin", "viewers", _, "revoke"]
+        | ["admin", "quarantine"] => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound("not found".into())),
     }
 }

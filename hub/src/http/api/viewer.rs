@@ -2,6 +2,7 @@
 //! socket): the devices a viewer may watch, with presence, and a device's
 //! stored readings.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use ems_shared::DashboardReading;
@@ -44,6 +45,16 @@ pub(super) struct DeviceState {
     outbox_depth: Option<u64>,
     /// How far behind the device's outbox is, when it reports it.
     behind_ms: Option<i64>,
+    /// The edge's loss counters from its last `status` frame, while it is
+    /// connected and reports them: readings dropped for a full spool,
+    /// held in memory because the spool cannot be written, dropped for a
+    /// full disk, skipped as damaged.
+    dropped: Option<u64>,
+    unwritten: Option<u64>,
+    dropped_disk_full: Option<u64>,
+    dropped_damaged: Option<u64>,
+    /// Rows in the quarantine for this device.
+    quarantined: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) created_ms: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -51,16 +62,20 @@ pub(super) struct DeviceState {
 }
 
 /// Live state of the given devices (presence from the registry, last seen
-/// from the registry and the store, outbox from the edge's status).
+/// from the registry and the store, outbox and loss counters from the
+/// edge's status, quarantine counts from the store in one query).
 pub(super) async fn states(
     shared: &Arc<Shared>,
     ids: Vec<String>,
 ) -> Result<Vec<DeviceState>, ApiError> {
     let ids2 = ids.clone();
-    let stored = store(shared, move |s| {
-        ids2.iter()
+    let (stored, quarantined) = store(shared, move |s| {
+        let seen = ids2
+            .iter()
             .map(|id| s.last_seen(id))
-            .collect::<Result<Vec<_>, _>>()
+            .collect::<Result<Vec<_>, _>>()?;
+        let counts: HashMap<String, u64> = s.quarantine_counts()?.into_iter().collect();
+        Ok((seen, counts))
     })
     .await?;
     let now = crate::store::now_ms();
@@ -74,10 +89,16 @@ pub(super) async fn states(
                 (a, b) => a.or(b),
             };
             let edge = shared.registry.edge_status(&id);
+            let status = edge.as_ref().map(|e| &e.status);
             DeviceState {
                 online: shared.registry.is_online(&id),
                 last_seen_ms,
-                outbox_depth: edge.as_ref().map(|e| e.status.outbox_depth),
+                outbox_depth: status.map(|s| s.outbox_depth),
+                dropped: status.map(|s| s.dropped),
+                unwritten: status.map(|s| s.unwritten),
+                dropped_disk_full: status.map(|s| s.dropped_disk_full),
+                dropped_damaged: status.map(|s| s.dropped_damaged),
+                quarantined: quarantined.get(&id).copied().unwrap_or(0),
                 behind_ms: edge.map(|e| {
                     e.behind_ms
                         .saturating_add(now.saturating_sub(e.rx_ms).max(0))

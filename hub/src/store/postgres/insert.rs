@@ -1,6 +1,11 @@
 //! The write path: a batch as one transaction, by binary `COPY` straight
 //! into `readings`, through the staging table after a conflict, or as
-//! multi-row `INSERT`s (see [`WriteMethod`]).
+//! multi-row `INSERT`s (see [`WriteMethod`]), with the batch's quarantine
+//! rows (rare) inserted one by one in the same transaction.
+//!
+//! Failures are sorted here: [`StoreError::Refused`] for the SQLSTATE
+//! classes that mean "this data cannot be stored" (see [`write_error`]),
+//! [`StoreError::Db`] for the rest.
 
 use std::collections::HashSet;
 use std::sync::LazyLock;
@@ -10,9 +15,9 @@ use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::types::{ToSql, Type};
 
 use super::time::{PgTime, PG_END_MS, PG_MIN_MS};
-use super::{db, is_unique_violation, Conn, PgStore, WriteMethod};
+use super::{db, is_unique_violation, pg_message, Conn, PgStore, WriteMethod};
 use crate::store::columns::{insert_columns, KEY_COLUMNS, ROW_COLUMNS};
-use crate::store::{ReadingSink, Row, StoreError};
+use crate::store::{QuarantineRow, ReadingSink, Row, StoreError};
 
 /// `COPY readings_stage (…) FROM STDIN (FORMAT binary)`.
 static COPY_STAGE: LazyLock<String> = LazyLock::new(|| {
@@ -29,6 +34,10 @@ static COPY_READINGS: LazyLock<String> = LazyLock::new(|| {
         insert_columns()
     )
 });
+
+const INSERT_QUARANTINE: &str =
+    "INSERT INTO quarantine (device_id, received_at, epoch, seq, reason, detail, raw) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING";
 
 /// Batches merged through the staging table after a conflict, before the
 /// direct path is tried again.
@@ -122,29 +131,45 @@ impl PgStore {
     /// transaction. `Ok(false)` when a row was already stored (unique
     /// violation): the transaction was rolled back, nothing was written,
     /// and the batch must go through [`PgStore::insert_staged`].
-    fn insert_direct(conn: &mut Conn, rows: &[Row]) -> Result<bool, StoreError> {
+    fn insert_direct(
+        conn: &mut Conn,
+        rows: &[Row],
+        quarantine: &[QuarantineRow],
+    ) -> Result<bool, StoreError> {
         checked_keys(rows)?;
         let mut tx = conn.client.transaction().map_err(db)?;
         match PgStore::copy_rows(&mut tx, rows, true) {
             Ok(()) => {}
             Err(e) if is_unique_violation(&e) => return Ok(false),
-            Err(e) => return Err(db(e)),
+            Err(e) => return Err(write_error(e)),
         }
-        tx.commit().map_err(db)?;
+        insert_quarantine(&mut tx, quarantine)?;
+        tx.commit().map_err(write_error)?;
         Ok(true)
     }
 
     /// The merging path: binary COPY into the staging table, then
     /// `INSERT … SELECT … ON CONFLICT DO NOTHING`, one transaction.
-    fn insert_staged(conn: &mut Conn, rows: &[Row]) -> Result<(), StoreError> {
+    fn insert_staged(
+        conn: &mut Conn,
+        rows: &[Row],
+        quarantine: &[QuarantineRow],
+    ) -> Result<(), StoreError> {
         checked_keys(rows)?;
         let mut tx = conn.client.transaction().map_err(db)?;
-        PgStore::copy_rows(&mut tx, rows, false).map_err(db)?;
-        tx.execute(&*MERGE_STAGE, &[]).map_err(db)?;
-        tx.commit().map_err(db)
+        if !rows.is_empty() {
+            PgStore::copy_rows(&mut tx, rows, false).map_err(write_error)?;
+            tx.execute(&*MERGE_STAGE, &[]).map_err(write_error)?;
+        }
+        insert_quarantine(&mut tx, quarantine)?;
+        tx.commit().map_err(write_error)
     }
 
-    fn insert_values(conn: &mut Conn, rows: &[Row]) -> Result<(), StoreError> {
+    fn insert_values(
+        conn: &mut Conn,
+        rows: &[Row],
+        quarantine: &[QuarantineRow],
+    ) -> Result<(), StoreError> {
         let mut prepared = Vec::new();
         for chunk in rows.chunks(INSERT_CHUNK) {
             let n = chunk.len();
@@ -178,9 +203,60 @@ impl PgStore {
             for o in &owned {
                 o.push_params(&mut params);
             }
-            tx.execute(&stmt, &params).map_err(db)?;
+            tx.execute(&stmt, &params).map_err(write_error)?;
         }
-        tx.commit().map_err(db)
+        insert_quarantine(&mut tx, quarantine)?;
+        tx.commit().map_err(write_error)
+    }
+}
+
+/// Inserts the quarantine rows inside `tx` (rare: one statement each).
+fn insert_quarantine(
+    tx: &mut postgres::Transaction<'_>,
+    quarantine: &[QuarantineRow],
+) -> Result<(), StoreError> {
+    for q in quarantine {
+        let epoch = q.epoch.map(to_i64).transpose()?;
+        let seq = q.seq.map(to_i64).transpose()?;
+        tx.execute(
+            INSERT_QUARANTINE,
+            &[
+                &&*q.device_id,
+                &PgTime(q.received_at_ms),
+                &epoch,
+                &seq,
+                &q.reason.code(),
+                &q.detail,
+                &q.raw,
+            ],
+        )
+        .map_err(write_error)?;
+    }
+    Ok(())
+}
+
+/// A failure while writing rows: [`StoreError::Refused`] when PostgreSQL
+/// refused the data itself, so the same rows fail on every retry —
+/// SQLSTATE class 22 (data exception: a value out of range, a NUL byte in
+/// text), 23 (integrity constraint: a CHECK, NOT NULL or foreign key),
+/// P0 (raised by PL/pgSQL, e.g. a trigger's `RAISE EXCEPTION`), 0A
+/// (feature not supported: TimescaleDB before 2.11 refusing an insert into
+/// a compressed chunk) and 54 (program limit: e.g. an index row too big).
+/// Everything else — no SQLSTATE at all (the connection is gone), 08
+/// (connection), 53 (insufficient resources: disk full, out of memory),
+/// 57 (operator intervention: shutdown), 40 (serialization, deadlock), 42
+/// (a missing table or privilege), XX (internal) — is [`StoreError::Db`]:
+/// the store is unwell, not the row, and a retry may succeed.
+pub(super) fn write_error(e: postgres::Error) -> StoreError {
+    let refused = e.code().map(|c| c.code()).is_some_and(|c| {
+        ["22", "23", "P0", "0A", "54"]
+            .iter()
+            .any(|k| c.starts_with(k))
+    });
+    if refused {
+        StoreError::Refused(pg_message(&e))
+    } else {
+        db(e)
     }
 }
 
@@ -240,51 +316,60 @@ fn checked_keys(rows: &[Row]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// `u64` epoch/seq (≤ 2^53 − 1 by protocol) as a BIGINT.
+/// `u64` epoch/seq (≤ 2^53 − 1 by protocol) as a BIGINT; a larger one is
+/// refused (it can never be stored).
 fn to_i64(v: u64) -> Result<i64, StoreError> {
-    i64::try_from(v).map_err(|_| StoreError::Db(format!("epoch/seq {v} does not fit a BIGINT")))
+    i64::try_from(v)
+        .map_err(|_| StoreError::Refused(format!("epoch/seq {v} does not fit a BIGINT")))
 }
 
 impl ReadingSink for PgStore {
-    fn insert_batch(&mut self, rows: &[Row]) -> Result<(), StoreError> {
-        // A timestamp PostgreSQL cannot hold would fail this batch on every
-        // retry and stall the writer for good: such rows are left out.
-        let in_range = |r: &Row| {
-            (PG_MIN_MS..PG_END_MS).contains(&r.reading.ts_ms)
-                && (PG_MIN_MS..PG_END_MS).contains(&r.received_at_ms)
-        };
-        let kept: Vec<Row>;
-        let rows = if rows.iter().all(in_range) {
-            rows
-        } else {
-            kept = rows.iter().filter(|r| in_range(r)).cloned().collect();
-            log::warn!(
-                "store {}: {} reading(s) with a timestamp outside PostgreSQL's range \
-                 not stored",
-                self.target.redacted,
-                rows.len() - kept.len()
-            );
-            &kept
-        };
+    fn write_batch(
+        &mut self,
+        rows: &[Row],
+        quarantine: &[QuarantineRow],
+    ) -> Result<(), StoreError> {
+        // A timestamp PostgreSQL cannot hold fails the batch on every
+        // retry: refused, so the writer isolates that row and quarantines
+        // it (it used to be left out, silently for the edge).
+        let in_range = |ms: i64| (PG_MIN_MS..PG_END_MS).contains(&ms);
+        if let Some(bad) = rows
+            .iter()
+            .find(|r| !in_range(r.reading.ts_ms) || !in_range(r.received_at_ms))
+        {
+            return Err(StoreError::Refused(format!(
+                "timestamp {} ms is outside PostgreSQL's range",
+                if in_range(bad.reading.ts_ms) {
+                    bad.received_at_ms
+                } else {
+                    bad.reading.ts_ms
+                }
+            )));
+        }
         if rows.is_empty() {
-            return Ok(());
+            if quarantine.is_empty() {
+                return Ok(());
+            }
+            return self.with(|c| PgStore::insert_staged(c, rows, quarantine));
         }
         match self.opts.write_method {
             WriteMethod::Copy if self.staged_batches_left == 0 => {
-                if self.with(|c| PgStore::insert_direct(c, rows))? {
+                if self.with(|c| PgStore::insert_direct(c, rows, quarantine))? {
                     return Ok(());
                 }
                 // Some rows were stored before: an edge is replaying. Merge
                 // this batch and the next few, then try the fast path again.
                 self.staged_batches_left = STAGED_AFTER_CONFLICT;
-                self.with(|c| PgStore::insert_staged(c, rows))
+                self.with(|c| PgStore::insert_staged(c, rows, quarantine))
             }
             WriteMethod::Copy => {
                 self.staged_batches_left -= 1;
-                self.with(|c| PgStore::insert_staged(c, rows))
+                self.with(|c| PgStore::insert_staged(c, rows, quarantine))
             }
-            WriteMethod::StagedCopy => self.with(|c| PgStore::insert_staged(c, rows)),
-            WriteMethod::MultiRowInsert => self.with(|c| PgStore::insert_values(c, rows)),
+            WriteMethod::StagedCopy => self.with(|c| PgStore::insert_staged(c, rows, quarantine)),
+            WriteMethod::MultiRowInsert => {
+                self.with(|c| PgStore::insert_values(c, rows, quarantine))
+            }
         }
     }
 }

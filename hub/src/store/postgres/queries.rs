@@ -9,8 +9,8 @@ use super::time::{clamp_ms, PgTime};
 use super::{db, is_unique_violation, PgStore};
 use crate::store::columns::{select_columns, AFTER_MEASUREMENTS, FIRST_MEASUREMENT};
 use crate::store::{
-    ct_eq, AdminStore, AuthStore, DeviceInfo, HistoryStore, StoreError, StoredReading, TokenHash,
-    ViewerInfo, ViewerScope,
+    ct_eq, AdminStore, AuthStore, DeviceInfo, HistoryStore, QuarantineStore, Quarantined,
+    StoreError, StoredReading, TokenHash, ViewerInfo, ViewerScope,
 };
 
 impl AuthStore for PgStore {
@@ -396,4 +396,59 @@ fn reading_of(r: &postgres::Row) -> Result<Reading, StoreError> {
         reading.set(m, r.try_get(FIRST_MEASUREMENT + m.index()).map_err(db)?);
     }
     Ok(reading)
+}
+
+impl QuarantineStore for PgStore {
+    fn quarantined(
+        &mut self,
+        device_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Quarantined>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(|c| {
+            let rows = c
+                .client
+                .query(
+                    "SELECT device_id, received_at, epoch, seq, reason, detail, raw \
+                     FROM quarantine WHERE $1::text IS NULL OR device_id = $1 \
+                     ORDER BY received_at DESC, epoch DESC NULLS LAST, seq DESC NULLS LAST \
+                     LIMIT $2",
+                    &[&device_id, &limit],
+                )
+                .map_err(db)?;
+            rows.iter()
+                .map(|r| {
+                    let id = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok());
+                    let rx: PgTime = r.try_get(1).map_err(db)?;
+                    Ok(Quarantined {
+                        device_id: r.try_get(0).map_err(db)?,
+                        received_at_ms: rx.0,
+                        epoch: id(r.try_get(2).map_err(db)?),
+                        seq: id(r.try_get(3).map_err(db)?),
+                        reason: r.try_get(4).map_err(db)?,
+                        detail: r.try_get(5).map_err(db)?,
+                        raw: r.try_get(6).map_err(db)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn quarantine_counts(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.with(|c| {
+            let rows = c
+                .client
+                .query(
+                    "SELECT device_id, count(*) FROM quarantine GROUP BY device_id",
+                    &[],
+                )
+                .map_err(db)?;
+            rows.iter()
+                .map(|r| {
+                    let n: i64 = r.try_get(1).map_err(db)?;
+                    Ok((r.try_get(0).map_err(db)?, u64::try_from(n).unwrap_or(0)))
+                })
+                .collect()
+        })
+    }
 }

@@ -10,7 +10,7 @@ use super::{pg_message, PgMode, PgOptions, TimescaleMode};
 /// the previous version to its own. Append only — a released step is never
 /// edited, so every database reaches the same schema whatever version it
 /// started from. TimescaleDB mode is applied after the last step.
-const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1)];
+const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_QUARANTINE)];
 
 /// Schema version this code writes and expects: the last migration's.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -63,6 +63,26 @@ CREATE TABLE readings (
 );
 CREATE UNIQUE INDEX readings_dedup ON readings (device_id, epoch, seq);
 CREATE INDEX readings_device_ts ON readings (device_id, ts DESC);
+";
+
+/// The `quarantine` table (see docs/storage/schema.md): refused frames and
+/// readings the database refused, kept with the reason. A plain table in
+/// TimescaleDB mode too. `epoch`/`seq` are NULL for a frame without
+/// readable ids; `raw` is NULL for a binary frame. A resent frame is
+/// quarantined once (NULLs never collide in the unique index).
+const SCHEMA_QUARANTINE: &str = "
+CREATE TABLE quarantine (
+    device_id   text NOT NULL,
+    received_at timestamptz NOT NULL,
+    epoch       bigint,
+    seq         bigint,
+    reason      text NOT NULL,
+    detail      text NOT NULL,
+    raw         text
+);
+CREATE UNIQUE INDEX quarantine_dedup ON quarantine (device_id, epoch, seq);
+CREATE INDEX quarantine_received ON quarantine (received_at DESC);
+CREATE INDEX quarantine_device_received ON quarantine (device_id, received_at DESC);
 ";
 
 /// The session-local staging table for binary COPY. Emptied at every

@@ -1,14 +1,15 @@
 //! The write path: a batch as one `IMMEDIATE` transaction of prepared
-//! `INSERT … ON CONFLICT DO NOTHING` statements.
+//! `INSERT … ON CONFLICT DO NOTHING` statements, readings and quarantine
+//! rows together.
 
 use std::sync::LazyLock;
 
 use ems_shared::{Measured, Measurement};
-use rusqlite::TransactionBehavior;
+use rusqlite::{params, TransactionBehavior};
 
-use super::{db, to_i64, SqliteStore};
+use super::{db, to_i64, write_error, SqliteStore};
 use crate::store::columns::{insert_columns, KEY_COLUMNS, ROW_COLUMNS};
-use crate::store::{ReadingSink, Row, StoreError};
+use crate::store::{QuarantineRow, ReadingSink, Row, StoreError};
 
 /// `INSERT INTO readings (…) VALUES (?1, …) ON CONFLICT … DO NOTHING`,
 /// built once from the column list.
@@ -21,9 +22,17 @@ static INSERT_READING: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+const INSERT_QUARANTINE: &str =
+    "INSERT INTO quarantine (device_id, received_at, epoch, seq, reason, detail, raw) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING";
+
 impl ReadingSink for SqliteStore {
-    fn insert_batch(&mut self, rows: &[Row]) -> Result<(), StoreError> {
-        if rows.is_empty() {
+    fn write_batch(
+        &mut self,
+        rows: &[Row],
+        quarantine: &[QuarantineRow],
+    ) -> Result<(), StoreError> {
+        if rows.is_empty() && quarantine.is_empty() {
             return Ok(());
         }
         let tx = self
@@ -45,7 +54,22 @@ impl ReadingSink for SqliteStore {
                     stmt.raw_bind_parameter(KEY_COLUMNS.len() + 1 + m.index(), r.get(m))
                         .map_err(db)?;
                 }
-                stmt.raw_execute().map_err(db)?;
+                stmt.raw_execute().map_err(write_error)?;
+            }
+        }
+        if !quarantine.is_empty() {
+            let mut stmt = tx.prepare_cached(INSERT_QUARANTINE).map_err(db)?;
+            for q in quarantine {
+                stmt.execute(params![
+                    &*q.device_id,
+                    q.received_at_ms,
+                    q.epoch.map(to_i64).transpose()?,
+                    q.seq.map(to_i64).transpose()?,
+                    q.reason.code(),
+                    q.detail,
+                    q.raw,
+                ])
+                .map_err(write_error)?;
             }
         }
         tx.commit().map_err(db)

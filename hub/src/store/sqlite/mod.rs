@@ -23,7 +23,7 @@ use super::StoreError;
 /// the previous version to its own. Append only — a released step is never
 /// edited, so every database reaches the same schema whatever version it
 /// started from.
-const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1)];
+const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_QUARANTINE)];
 
 /// Schema version this code writes and expects: the last migration's.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -77,6 +77,25 @@ CREATE TABLE readings (
     UNIQUE (device_id, epoch, seq)
 );
 CREATE INDEX readings_device_ts ON readings (device_id, ts);
+";
+
+/// The `quarantine` table (see docs/storage/schema.md): refused frames and
+/// readings the database refused, kept with the reason. `epoch`/`seq` are
+/// NULL for a frame without readable ids; `raw` is NULL for a binary frame.
+/// A resent frame is quarantined once (NULLs never collide).
+const SCHEMA_QUARANTINE: &str = "
+CREATE TABLE quarantine (
+    device_id   TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    epoch       INTEGER,
+    seq         INTEGER,
+    reason      TEXT NOT NULL,
+    detail      TEXT NOT NULL,
+    raw         TEXT,
+    UNIQUE (device_id, epoch, seq)
+);
+CREATE INDEX quarantine_received ON quarantine (received_at);
+CREATE INDEX quarantine_device_received ON quarantine (device_id, received_at);
 ";
 
 /// A SQLite database handle.
@@ -247,9 +266,25 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
     e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation)
 }
 
-/// `u64` epoch/seq (≤ 2^53 − 1 by protocol) as SQLite's signed integer.
+/// A failure while writing rows: [`StoreError::Refused`] when SQLite
+/// refused the data itself — a constraint (CHECK, NOT NULL, a trigger's
+/// `RAISE(ABORT, …)`), a type mismatch, a value too big — so the same row
+/// fails on every retry; [`StoreError::Db`] for everything else (busy,
+/// locked, disk full, I/O, read-only, corrupt), which a retry may cure.
+fn write_error(e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::ConstraintViolation | ErrorCode::TypeMismatch | ErrorCode::TooBig) => {
+            StoreError::Refused(explain(&e))
+        }
+        _ => db(e),
+    }
+}
+
+/// `u64` epoch/seq (≤ 2^53 − 1 by protocol) as SQLite's signed integer;
+/// a larger one is refused (it can never be stored).
 fn to_i64(v: u64) -> Result<i64, StoreError> {
-    i64::try_from(v).map_err(|_| StoreError::Db(format!("epoch/seq {v} does not fit a BIGINT")))
+    i64::try_from(v)
+        .map_err(|_| StoreError::Refused(format!("epoch/seq {v} does not fit a BIGINT")))
 }
 
 #[cfg(test)]
@@ -287,6 +322,56 @@ mod tests {
             .query_row("PRAGMA synchronous", [], |r| r.get(0))
             .unwrap();
         assert_eq!(sync, 2, "synchronous=FULL");
+    }
+
+    /// A database made by the first release (schema version 1) is
+    /// upgraded in place: its readings stay, the quarantine table appears.
+    #[test]
+    fn a_version_1_database_is_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        let p = path.to_str().unwrap();
+        {
+            let conn = Connection::open(p).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER NOT NULL); \
+                 INSERT INTO schema_version (version) VALUES (1); \
+                 INSERT INTO readings (device_id, meter, ts, received_at, epoch, seq, power_w) \
+                 VALUES ('d', 'main', 1, 2, 1, 1, 5.0);",
+            )
+            .unwrap();
+        }
+        let mut s = SqliteStore::open(p).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        const { assert!(SCHEMA_VERSION >= 2) };
+        let n: i64 = s
+            .conn
+            .query_row("SELECT count(*) FROM readings", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1);
+        let cols: Vec<String> = s
+            .conn
+            .prepare("SELECT name FROM pragma_table_info('quarantine') ORDER BY cid")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(
+            cols,
+            [
+                "device_id",
+                "received_at",
+                "epoch",
+                "seq",
+                "reason",
+                "detail",
+                "raw"
+            ]
+        );
+        use crate::store::QuarantineStore;
+        assert!(s.quarantined(None, 10).unwrap().is_empty());
     }
 
     #[test]

@@ -9,8 +9,8 @@ use rusqlite::{params, OptionalExtension, TransactionBehavior};
 use super::{db, is_unique_violation, SqliteStore};
 use crate::store::columns::{select_columns, AFTER_MEASUREMENTS, FIRST_MEASUREMENT};
 use crate::store::{
-    ct_eq, AdminStore, AuthStore, DeviceInfo, HistoryStore, StoreError, StoredReading, TokenHash,
-    ViewerInfo, ViewerScope,
+    ct_eq, AdminStore, AuthStore, DeviceInfo, HistoryStore, QuarantineStore, Quarantined,
+    StoreError, StoredReading, TokenHash, ViewerInfo, ViewerScope,
 };
 
 impl AuthStore for SqliteStore {
@@ -371,4 +371,54 @@ fn reading_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Reading> {
         reading.set(m, r.get(FIRST_MEASUREMENT + m.index())?);
     }
     Ok(reading)
+}
+
+impl QuarantineStore for SqliteStore {
+    fn quarantined(
+        &mut self,
+        device_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Quarantined>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // NULL epoch/seq sort last in descending order.
+        let sql = match device_id {
+            Some(_) => {
+                "SELECT device_id, received_at, epoch, seq, reason, detail, raw FROM quarantine \
+                 WHERE device_id = ?1 ORDER BY received_at DESC, epoch DESC, seq DESC LIMIT ?2"
+            }
+            None => {
+                "SELECT device_id, received_at, epoch, seq, reason, detail, raw FROM quarantine \
+                 WHERE ?1 IS NULL ORDER BY received_at DESC, epoch DESC, seq DESC LIMIT ?2"
+            }
+        };
+        let mut stmt = self.conn.prepare_cached(sql).map_err(db)?;
+        let rows = stmt
+            .query_map(params![device_id, limit], |r| {
+                let id = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok());
+                Ok(Quarantined {
+                    device_id: r.get(0)?,
+                    received_at_ms: r.get(1)?,
+                    epoch: id(r.get(2)?),
+                    seq: id(r.get(3)?),
+                    reason: r.get(4)?,
+                    detail: r.get(5)?,
+                    raw: r.get(6)?,
+                })
+            })
+            .map_err(db)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
+    }
+
+    fn quarantine_counts(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT device_id, count(*) FROM quarantine GROUP BY device_id")
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(db)?;
+        rows.map(|r| r.map(|(d, n)| (d, u64::try_from(n).unwrap_or(0))))
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db)
+    }
 }
