@@ -55,6 +55,8 @@ check_report() { # FILE
   grep -q '^verdict: OK' "$f"
   grep -q ' ack_lost=0 ' "$f"
   grep -q ' live_lost=0 ' "$f"
+  grep -q ' duplicates=0 ' "$f"
+  grep -q ' unexpected=0 ' "$f"
 }
 
 db="$work/hub.db"

@@ -16,7 +16,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::stats::{find_seq, Stats};
+use crate::stats::{find_epoch, find_seq, Stats};
+use crate::tally::SeqTally;
 use crate::{payload, provision, source_ip, Conns, Plan, RunArgs, SubResult};
 
 pub type Ws = WebSocketStream<TcpStream>;
@@ -247,7 +248,7 @@ async fn dashboard(plan: Arc<Plan>, dev: usize, mut ws: Ws, stalled: bool) -> Su
     let stats = &plan.stats;
     let stall_at = plan.start + Duration::from_secs_f64(plan.args.stall_after);
     let mut received = 0u64;
-    let mut next: Option<u64> = None;
+    let mut tally = SeqTally::default();
     // Completion is checked only once sending has stopped: a 50 ms timer
     // per subscription from the start cost the generator 20 wake-ups per
     // second per subscription (192,000/s in scenario 2).
@@ -259,15 +260,13 @@ async fn dashboard(plan: Arc<Plan>, dev: usize, mut ws: Ws, stalled: bool) -> Su
                 Some(Ok(Message::Text(t))) => {
                     let b = t.as_bytes();
                     if b.starts_with(b"{\"type\":\"reading\"") {
-                        if let Some(seq) = find_seq(b) {
-                            stats.delivered(dev, seq);
-                            if let Some(n) = next {
-                                if seq > n {
-                                    stats.live_gaps.fetch_add(seq - n, Ordering::Relaxed);
-                                }
+                        received += 1;
+                        match (find_epoch(b), find_seq(b)) {
+                            (Some(epoch), Some(seq)) => {
+                                stats.delivered(dev, seq);
+                                tally.record(epoch, seq);
                             }
-                            next = Some(seq + 1);
-                            received += 1;
+                            _ => tally.malformed(),
                         }
                     }
                 }
@@ -292,8 +291,10 @@ async fn dashboard(plan: Arc<Plan>, dev: usize, mut ws: Ws, stalled: bool) -> Su
             }
             _ = sleep_until(plan.deadline) => break,
             _ = check.tick() => {
+                // Distinct readings, not deliveries: a duplicate must not
+                // stand in for a reading still on its way.
                 if plan.senders_done.load(Ordering::Relaxed)
-                    && received >= stats.devices[dev].sent.load(Ordering::Relaxed)
+                    && tally.distinct() >= stats.devices[dev].sent.load(Ordering::Relaxed)
                 {
                     break;
                 }
@@ -305,5 +306,6 @@ async fn dashboard(plan: Arc<Plan>, dev: usize, mut ws: Ws, stalled: bool) -> Su
         device: dev,
         received,
         stalled,
+        tally,
     }
 }

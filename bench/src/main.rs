@@ -20,6 +20,7 @@ mod mqtt;
 mod payload;
 mod provision;
 mod stats;
+mod tally;
 mod watch;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -32,6 +33,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use stats::{proc_sample, ProcSample, RssWatch, Stats};
+use tally::{LiveAccount, SeqTally};
 
 #[derive(Parser)]
 #[command(
@@ -389,11 +391,15 @@ impl AnyConns {
     }
 }
 
-/// Per-subscription outcome: device followed, readings received, stalled.
+/// Per-subscription outcome: device followed, readings received, stalled,
+/// and which readings they were.
 pub struct SubResult {
     pub device: usize,
+    /// Reading frames delivered (duplicates included).
     pub received: u64,
     pub stalled: bool,
+    /// The `(epoch, seq)` keys received, for the gap and duplicate count.
+    pub tally: SeqTally,
 }
 
 /// Holds the database's write lock for `secs` starting `at` seconds from now.
@@ -467,18 +473,18 @@ fn report(
     let rejected = s.rejected.load(Ordering::Relaxed);
     let connect_errors = s.connect_errors.load(Ordering::Relaxed);
     let mut expected = 0u64;
-    let mut got = 0u64;
     let mut stalled = 0usize;
+    let mut live = LiveAccount::default();
     for r in subs {
+        let dev_sent = s.devices[r.device].sent.load(Ordering::Relaxed);
         if r.stalled {
             stalled += 1;
-            continue;
+        } else {
+            expected += dev_sent;
         }
-        let dev_sent = s.devices[r.device].sent.load(Ordering::Relaxed);
-        expected += dev_sent;
-        got += r.received.min(dev_sent);
+        live.add(r.tally.account(plan.epoch, dev_sent), r.stalled);
     }
-    let live_lost = expected - got;
+    let live_lost = live.total.missing;
     let ack_lost = sent - acked.min(sent);
     let dur = a.duration.max(1e-9);
     println!("--- results: {}", a.label);
@@ -504,9 +510,14 @@ fn report(
         delivered as f64 / span
     );
     println!(
-        "deliveries={delivered} ({:.0}/s over the sending window) expected={expected} live_lost={live_lost} gaps={} stalled_subscriptions={stalled}",
+        "deliveries={delivered} ({:.0}/s over the sending window) expected={expected} live_lost={live_lost} duplicates={} unexpected={} stalled_subscriptions={stalled}",
         delivered as f64 / dur,
-        s.live_gaps.load(Ordering::Relaxed)
+        live.total.duplicates,
+        live.total.unexpected,
+    );
+    println!(
+        "per subscription: checked={} with_gaps={} with_duplicates={} with_unexpected={}",
+        live.checked, live.subs_with_gaps, live.subs_with_duplicates, live.subs_with_unexpected
     );
     println!(
         "errors={errors} closed_early={closed} connect_errors={connect_errors} run={run_secs:.1}s"
@@ -534,7 +545,7 @@ fn report(
         );
     }
     let ok = ack_lost == 0
-        && live_lost == 0
+        && live.is_clean()
         && errors == 0
         && closed == 0
         && connect_errors == 0
@@ -542,9 +553,9 @@ fn report(
     println!(
         "verdict: {}",
         if ok {
-            "OK (no loss, no errors)"
+            "OK (no loss, no duplicates, no errors)"
         } else {
-            "LOSS OR ERRORS"
+            "LOSS, DUPLICATES OR ERRORS"
         }
     );
     ok

@@ -16,7 +16,8 @@ use futures_util::StreamExt;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeFilter};
 use tokio::time::{interval_at, sleep_until, MissedTickBehavior};
 
-use crate::stats::{find_seq, Stats};
+use crate::stats::{find_epoch, find_seq, Stats};
+use crate::tally::SeqTally;
 use crate::{payload, Conns, Plan, RunArgs, SubResult};
 
 pub struct Client {
@@ -240,9 +241,18 @@ async fn device(plan: Arc<Plan>, idx: usize, cl: Client) {
 
 async fn dashboard(plan: Arc<Plan>, devs: Vec<usize>, cl: Client, stalled: bool) -> Vec<SubResult> {
     let Client { client, mut el } = cl;
+    // A topic subscribed twice on one connection is one subscription.
+    let mut devs = devs;
+    devs.sort_unstable();
+    devs.dedup();
     let stall_at = plan.start + Duration::from_secs_f64(plan.args.stall_after);
-    type Got = HashMap<usize, (u64, Option<u64>)>;
-    let got: Arc<Mutex<Got>> = Arc::new(Mutex::new(devs.iter().map(|&d| (d, (0, None))).collect()));
+    // Per followed device: deliveries and the readings they were.
+    type Got = HashMap<usize, (u64, SeqTally)>;
+    let got: Arc<Mutex<Got>> = Arc::new(Mutex::new(
+        devs.iter()
+            .map(|&d| (d, (0, SeqTally::default())))
+            .collect(),
+    ));
     // The event loop runs in its own task (its poll is not cancel-safe); a
     // stalled subscriber stops polling, i.e. stops reading its socket.
     let poller = {
@@ -262,17 +272,20 @@ async fn dashboard(plan: Arc<Plan>, devs: Vec<usize>, cl: Client, stalled: bool)
                             .split('/')
                             .nth(1)
                             .and_then(|s| s.parse::<usize>().ok());
-                        if let (Some(dev), Some(seq)) = (dev, find_seq(&p.payload)) {
-                            stats.delivered(dev, seq);
+                        if let Some(dev) = dev {
+                            let key = (find_epoch(&p.payload), find_seq(&p.payload));
+                            if let (_, Some(seq)) = key {
+                                stats.delivered(dev, seq);
+                            }
                             let mut g = got.lock().unwrap_or_else(|p| p.into_inner());
                             if let Some(e) = g.get_mut(&dev) {
-                                if let Some(n) = e.1 {
-                                    if seq > n {
-                                        stats.live_gaps.fetch_add(seq - n, Ordering::Relaxed);
-                                    }
-                                }
-                                e.1 = Some(seq + 1);
                                 e.0 += 1;
+                                match key {
+                                    (Some(epoch), Some(seq)) => {
+                                        e.1.record(epoch, seq);
+                                    }
+                                    _ => e.1.malformed(),
+                                }
                             }
                         }
                     }
@@ -300,7 +313,7 @@ async fn dashboard(plan: Arc<Plan>, devs: Vec<usize>, cl: Client, stalled: bool)
         if !stalled && plan.senders_done.load(Ordering::Relaxed) {
             let g = got.lock().unwrap_or_else(|p| p.into_inner());
             if g.iter()
-                .all(|(d, e)| e.0 >= stats.devices[*d].sent.load(Ordering::Relaxed))
+                .all(|(d, e)| e.1.distinct() >= stats.devices[*d].sent.load(Ordering::Relaxed))
             {
                 break;
             }
@@ -308,12 +321,16 @@ async fn dashboard(plan: Arc<Plan>, devs: Vec<usize>, cl: Client, stalled: bool)
     }
     poller.abort();
     let _ = client.try_disconnect();
-    let g = got.lock().unwrap_or_else(|p| p.into_inner());
+    let mut g = got.lock().unwrap_or_else(|p| p.into_inner());
     devs.iter()
-        .map(|d| SubResult {
-            device: *d,
-            received: g.get(d).map(|e| e.0).unwrap_or(0),
-            stalled,
+        .map(|d| {
+            let (received, tally) = g.remove(d).unwrap_or_default();
+            SubResult {
+                device: *d,
+                received,
+                stalled,
+                tally,
+            }
         })
         .collect()
 }

@@ -102,7 +102,6 @@ pub struct Stats {
     pub errors: AtomicU64,
     pub connect_errors: AtomicU64,
     pub closed_early: AtomicU64,
-    pub live_gaps: AtomicU64,
     pub devices: Vec<DeviceShared>,
 }
 
@@ -121,7 +120,6 @@ impl Stats {
             errors: AtomicU64::new(0),
             connect_errors: AtomicU64::new(0),
             closed_early: AtomicU64::new(0),
-            live_gaps: AtomicU64::new(0),
             devices: (0..devices)
                 .map(|_| DeviceShared {
                     ring: SendRing::new(ring),
@@ -149,7 +147,16 @@ impl Stats {
 
 /// Finds `"seq":N` in a reading's JSON without a full parse.
 pub fn find_seq(text: &[u8]) -> Option<u64> {
-    const KEY: &[u8] = b"\"seq\":";
+    find_u64(text, b"\"seq\":")
+}
+
+/// Finds `"epoch":N` in a reading's JSON without a full parse.
+pub fn find_epoch(text: &[u8]) -> Option<u64> {
+    find_u64(text, b"\"epoch\":")
+}
+
+/// The unsigned integer after `key` (a quoted key with its colon).
+fn find_u64(text: &[u8], key: &[u8]) -> Option<u64> {
     // Compare only where a quote starts (`windows().position()` calls
     // memcmp at every byte).
     let pos = text
@@ -157,10 +164,10 @@ pub fn find_seq(text: &[u8]) -> Option<u64> {
         .enumerate()
         .filter(|&(_, &b)| b == b'"')
         .map(|(i, _)| i)
-        .find(|&i| text[i..].starts_with(KEY))?;
+        .find(|&i| text[i..].starts_with(key))?;
     let mut n: u64 = 0;
     let mut any = false;
-    for &b in &text[pos + KEY.len()..] {
+    for &b in &text[pos + key.len()..] {
         if b.is_ascii_digit() {
             n = n.checked_mul(10)?.checked_add((b - b'0') as u64)?;
             any = true;
@@ -259,6 +266,11 @@ mod tests {
         );
         assert_eq!(find_seq(br#"{"seq": 7}"#), Some(7));
         assert_eq!(find_seq(br#"{"epoch":1}"#), None);
+        assert_eq!(
+            find_epoch(br#"{"type":"reading","epoch":1764000000123,"seq":5}"#),
+            Some(1_764_000_000_123)
+        );
+        assert_eq!(find_epoch(br#"{"seq":5}"#), None);
     }
 
     #[test]

@@ -57,7 +57,8 @@ pub struct Config {
     /// A reading older than this when it arrives is backlog: dashboards get
     /// a `backfill` summary instead of the reading itself.
     pub backfill_after: Duration,
-    /// At most one `backfill` summary per subscriber per this interval.
+    /// At most one `backfill` summary per device per this interval (the
+    /// device's session counts the backlog and publishes the summaries).
     pub backfill_interval: Duration,
     /// How often a dashboard socket re-checks its viewer token (revoked:
     /// closed with 4001).

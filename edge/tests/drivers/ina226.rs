@@ -139,7 +139,9 @@ fn datasheet_configure_measure_calculate_example() {
     assert!(close(r.current_a, 10.0, 1e-9));
     assert!(close(r.power_w, 119.8, 1e-9));
     // Equation 3: Current = Shunt × CAL / 2048; Equation 4: Power =
-    // Current × Bus / 20 000 — the register values are consistent.
+    // Current × Bus / 20 000 — the register values are consistent. (The
+    // table prints 119.82 W for the power; 4792 × 25 mW is 119.8 W, the
+    // value its text gives for 11.98 V × 10 A.)
     assert_eq!(8000 * 2560 / 2048, 0x2710);
     assert_eq!(10000 * 9584 / 20000, 0x12B8);
     chip.destroy();

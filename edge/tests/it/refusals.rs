@@ -94,10 +94,30 @@ fn a_rejected_reading_leaves_the_outbox_without_blocking_it() {
             .contains("hub rejected reading epoch 44 seq 1: future_timestamp")
     });
     edge.terminate();
-    // The next start does not send it again.
+    // The hub's count of future-dated readings it refused.
+    let refused = || {
+        use std::io::{Read, Write};
+        let mut s = TcpStream::connect(("127.0.0.1", w.port)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let series = "ems_readings_rejected_total{reason=\"future_timestamp\"} ";
+        text.lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {series}in\n{text}"))
+    };
+    assert_eq!(refused(), 1.0);
+    // The next start does not send it again. The spool sends in order, so
+    // once a reading sampled by the new process is stored, a resend of the
+    // refused one would already have been refused again.
     let mut again = w.edge(&config);
-    wait_for("connected", SOON, || again.log().contains("CONNECTED to"));
-    std::thread::sleep(Duration::from_millis(500));
+    let epoch = again.epoch();
+    wait_for("a reading of the new process stored", SOON, || {
+        !w.seqs_of(epoch).is_empty()
+    });
+    assert_eq!(refused(), 1.0, "the refused reading was sent again");
     assert!(!again.log().contains("hub rejected"), "{}", again.log());
     again.terminate();
     edge.assert_token_not_logged();

@@ -1,8 +1,8 @@
 //! What a dashboard session needs to know about a topic frame: whether it
-//! is a reading, its `(epoch, seq)` and sample time, and whether it is
-//! backlog (older than `backfill_after` when the hub received it). Pure
-//! and allocation-free on the common path: it runs once per frame per
-//! subscriber.
+//! is a reading, and its `(epoch, seq)` and sample time. Pure and
+//! allocation-free on the common path: it runs once per frame per
+//! subscriber. (Backlog readings never reach the topic: the device session
+//! counts them into `backfill` summaries, see [`super::backfill`].)
 
 use serde::Deserialize;
 
@@ -15,20 +15,17 @@ struct Meta {
     epoch: Option<u64>,
     seq: Option<u64>,
     ts_ms: Option<i64>,
-    rx_ms: Option<i64>,
 }
 
 /// A topic frame, classified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Class {
-    /// A reading: its key, sample time and whether it is backlog.
+    /// A reading: its key and sample time.
     Reading {
         /// `(epoch, seq)`.
         key: (u64, u64),
         /// Sample time.
         ts_ms: i64,
-        /// Older than `backfill_after` when the hub received it.
-        backfill: bool,
     },
     /// Anything else (status, …): forwarded as is.
     Other,
@@ -41,7 +38,7 @@ pub(crate) enum Class {
 /// value that can contain a quote) plus `device_id`/`rx_ms`, or a serialized
 /// control frame. The keys are found by a scan; `None` (the serde path
 /// decides) for anything unusual, such as escaped keys.
-fn classify_fast(frame: &str, backfill_after_ms: i64) -> Option<Class> {
+fn classify_fast(frame: &str) -> Option<Class> {
     let b = frame.as_bytes();
     if scan_str(b, b"\"type\"")? != b"reading" {
         return Some(Class::Other);
@@ -49,11 +46,9 @@ fn classify_fast(frame: &str, backfill_after_ms: i64) -> Option<Class> {
     let epoch = u64::try_from(scan_int(b, b"\"epoch\"")?).ok()?;
     let seq = u64::try_from(scan_int(b, b"\"seq\"")?).ok()?;
     let ts_ms = scan_int(b, b"\"ts_ms\"")?;
-    let rx_ms = scan_int(b, b"\"rx_ms\"")?;
     Some(Class::Reading {
         key: (epoch, seq),
         ts_ms,
-        backfill: rx_ms.saturating_sub(ts_ms) > backfill_after_ms,
     })
 }
 
@@ -94,10 +89,9 @@ fn scan_int(b: &[u8], key: &[u8]) -> Option<i64> {
     std::str::from_utf8(&v[..end]).ok()?.parse().ok()
 }
 
-/// Classifies a topic frame; `backfill_after_ms` is the age at receive
-/// time above which a reading counts as backlog.
-pub(crate) fn classify(frame: &str, backfill_after_ms: i64) -> Class {
-    if let Some(c) = classify_fast(frame, backfill_after_ms) {
+/// Classifies a topic frame.
+pub(crate) fn classify(frame: &str) -> Class {
+    if let Some(c) = classify_fast(frame) {
         return c;
     }
     let Ok(m) = serde_json::from_str::<Meta>(frame) else {
@@ -107,9 +101,6 @@ pub(crate) fn classify(frame: &str, backfill_after_ms: i64) -> Class {
         (Some("reading"), Some(epoch), Some(seq), Some(ts_ms)) => Class::Reading {
             key: (epoch, seq),
             ts_ms,
-            backfill: m
-                .rx_ms
-                .is_some_and(|rx| rx.saturating_sub(ts_ms) > backfill_after_ms),
         },
         _ => Class::Other,
     }
@@ -123,53 +114,46 @@ mod tests {
     fn frames_are_classified() {
         let live = r#"{"type":"reading","epoch":1,"seq":2,"ts_ms":1000,"meter":"m","power_w":1.0,"device_id":"d","rx_ms":1500}"#;
         assert_eq!(
-            classify(live, 30_000),
+            classify(live),
             Class::Reading {
                 key: (1, 2),
                 ts_ms: 1000,
-                backfill: false
             }
         );
-        let old = r#"{"type":"reading","epoch":1,"seq":3,"ts_ms":1000,"meter":"m","power_w":1.0,"device_id":"d","rx_ms":100000}"#;
-        assert!(matches!(
-            classify(old, 30_000),
-            Class::Reading { backfill: true, .. }
-        ));
-        assert!(matches!(
-            classify(old, i64::MAX),
-            Class::Reading {
-                backfill: false,
-                ..
-            }
-        ));
+        assert_eq!(
+            classify(r#"{"type":"status","device_id":"d","online":true,"last_seen_ms":1}"#),
+            Class::Other
+        );
         assert_eq!(
             classify(
-                r#"{"type":"status","device_id":"d","online":true,"last_seen_ms":1}"#,
-                0
+                r#"{"type":"backfill","device_id":"d","count":3,"from_ts_ms":1,"to_ts_ms":2}"#
             ),
             Class::Other
         );
-        assert_eq!(classify("not json", 0), Class::Other);
+        assert_eq!(classify("not json"), Class::Other);
         // The fast path agrees with the serde path, spacing included, and
         // leaves what it cannot read to it.
         let spaced = "{ \"type\" : \"reading\", \"epoch\" : 1 , \"seq\":2,\"ts_ms\": -5,\"meter\":\"m\",\"power_w\":1.0,\"device_id\":\"d\",\"rx_ms\":100000}";
         assert_eq!(
-            classify_fast(spaced, 30_000),
+            classify_fast(spaced),
             Some(Class::Reading {
                 key: (1, 2),
                 ts_ms: -5,
-                backfill: true
             })
         );
-        assert_eq!(classify_fast(r#"{"\u0074ype":"reading"}"#, 0), None);
-        assert_eq!(classify_fast(r#"{"type":"reading","epoch":1.5}"#, 0), None);
+        assert_eq!(classify_fast(r#"{"\u0074ype":"reading"}"#), None);
+        assert_eq!(classify_fast(r#"{"type":"reading","epoch":1.5}"#), None);
         assert_eq!(
-            classify_fast(r#"{"type":"status","online":true}"#, 0),
+            classify(r#"{"\u0074ype":"reading","epoch":1,"seq":2,"ts_ms":3}"#),
+            Class::Reading {
+                key: (1, 2),
+                ts_ms: 3
+            }
+        );
+        assert_eq!(
+            classify_fast(r#"{"type":"status","online":true}"#),
             Some(Class::Other)
         );
-        assert_eq!(
-            classify(r#"{"type":"reading","epoch":"x"}"#, 0),
-            Class::Other
-        );
+        assert_eq!(classify(r#"{"type":"reading","epoch":"x"}"#), Class::Other);
     }
 }

@@ -10,10 +10,11 @@
 //!    readings with `ts_ms >= since_ms`, oldest first, then
 //!    `{"type":"replay_end",…}` ([`super::resume`]).
 //! 3. The live feed: every reading as the device sent it (plus `device_id`
-//!    and `rx_ms`), except backlog readings: a reading whose `rx_ms − ts_ms`
-//!    exceeds `backfill_after` is counted instead, and at most one
-//!    `{"type":"backfill","count":…,"from_ts_ms":…,"to_ts_ms":…}` goes out
-//!    per `backfill_interval` (and before the next fresh reading;
+//!    and `rx_ms`), except backlog readings: the device's session counts a
+//!    reading whose `rx_ms − ts_ms` exceeds `backfill_after` instead of
+//!    publishing it, and publishes at most one
+//!    `{"type":"backfill","count":…,"from_ts_ms":…,"to_ts_ms":…}` per
+//!    `backfill_interval` (and before its next fresh reading;
 //!    [`super::backfill`]).
 //!
 //! Every `viewer_recheck` the session re-checks its viewer token; a revoked
@@ -29,7 +30,6 @@ use std::time::Duration;
 use ems_shared::DashboardFrame;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::broadcast;
-use tokio::time::{interval, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
@@ -112,15 +112,13 @@ async fn status_of(shared: &Arc<Shared>, device_id: &Arc<str>) -> DashboardFrame
     }
 }
 
-/// The live loop: topic frames, backfill summaries, the viewer re-check,
+/// The live loop: topic frames, the viewer re-check,
 /// the heartbeat and the client's own frames, until one of them ends the
 /// session.
 async fn live(feed: &mut Feed, opts: FeedOptions) -> End {
     let cfg = &feed.shared.config;
     let max_missed_pongs = cfg.max_missed_pongs;
     let mut ping = ws::heartbeat(cfg.ping_interval);
-    let mut summary_tick = interval(cfg.backfill_interval.max(Duration::from_millis(10)));
-    summary_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut recheck = ws::heartbeat(cfg.viewer_recheck.max(Duration::from_millis(50)));
     let mut shutdown = feed.shared.shutdown.clone();
     // Created once: a fresh `watch::changed` future per loop turn would
@@ -128,7 +126,6 @@ async fn live(feed: &mut Feed, opts: FeedOptions) -> End {
     let stopping = shutting_down(&mut shutdown);
     tokio::pin!(stopping);
     loop {
-        let had_pending = feed.summary.pending();
         let step: Result<(), End> = tokio::select! {
             biased;
             _ = &mut stopping => Err(End::Close(CloseCode::Away, "hub shutting down")),
@@ -137,9 +134,6 @@ async fn live(feed: &mut Feed, opts: FeedOptions) -> End {
                 Err(broadcast::error::RecvError::Lagged(n)) => Err(feed.lagged(n)),
                 Err(broadcast::error::RecvError::Closed) => Err(End::Close(CloseCode::Away, "feed closed")),
             },
-            // Only while backlog readings are counted: an idle timer per
-            // subscriber would wake every subscriber every second.
-            _ = summary_tick.tick(), if feed.summary.pending() => feed.flush_summary().await,
             _ = recheck.tick() => {
                 if viewer_still_allowed(feed.shared.clone(), feed.device_id.clone(), opts.viewer).await {
                     Ok(())
@@ -162,11 +156,6 @@ async fn live(feed: &mut Feed, opts: FeedOptions) -> End {
         };
         if let Err(end) = step {
             return end;
-        }
-        if !had_pending && feed.summary.pending() {
-            // The first backlog reading since the last summary: its
-            // summary goes out one interval from now.
-            summary_tick.reset();
         }
     }
 }

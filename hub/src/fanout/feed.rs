@@ -1,7 +1,6 @@
 //! One dashboard subscriber's socket and topic: how a topic frame reaches
-//! the socket. Fresh readings and other frames are queued and written
-//! together ([`Feed::forward_ready`]), backlog readings are counted into a
-//! `backfill` summary, and a subscriber that cannot keep up is dropped
+//! the socket. Frames are queued and written together
+//! ([`Feed::forward_ready`]), and a subscriber that cannot keep up is dropped
 //! (by the write timeout or by falling a whole topic ring behind) without
 //! slowing the device or the other subscribers.
 
@@ -14,7 +13,6 @@ use tokio::sync::broadcast;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
-use super::backfill::Summary;
 use super::classify::{classify, Class};
 use crate::state::Shared;
 use crate::ws::{End, Ws};
@@ -34,10 +32,6 @@ pub(super) struct Feed {
     pub(super) shared: Arc<Shared>,
     /// The device's live topic, subscribed before anything else was sent.
     pub(super) topic: broadcast::Receiver<Utf8Bytes>,
-    /// Backlog readings not yet summarized.
-    pub(super) summary: Summary,
-    /// A reading older than this on arrival is backlog.
-    backfill_after_ms: i64,
     /// Pings sent since the last pong.
     pub(super) missed_pongs: u32,
 }
@@ -51,16 +45,12 @@ impl Feed {
         shared: Arc<Shared>,
         topic: broadcast::Receiver<Utf8Bytes>,
     ) -> Self {
-        let backfill_after_ms =
-            i64::try_from(shared.config.backfill_after.as_millis()).unwrap_or(i64::MAX);
         Feed {
             ws,
             device_id,
             peer,
             shared,
             topic,
-            summary: Summary::default(),
-            backfill_after_ms,
             missed_pongs: 0,
         }
     }
@@ -88,45 +78,17 @@ impl Feed {
         }
     }
 
-    /// Live handling of one topic frame: fresh readings and other frames
-    /// are queued for the next flush (after any pending backfill summary),
-    /// backlog readings are counted. `true` when something was queued.
-    pub(super) async fn forward(&mut self, frame: Utf8Bytes) -> Result<bool, End> {
-        match classify(&frame, self.backfill_after_ms) {
-            Class::Reading {
-                backfill: true,
-                ts_ms,
-                ..
-            } => {
-                self.summary.add(ts_ms);
-                Ok(false)
-            }
-            class => {
-                self.feed_summary().await?;
-                self.feed(frame).await?;
-                if matches!(class, Class::Reading { .. }) {
-                    self.shared
-                        .metrics
-                        .broadcast_deliveries
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(true)
-            }
+    /// Live handling of one topic frame: queued for the next flush.
+    pub(super) async fn forward(&mut self, frame: Utf8Bytes) -> Result<(), End> {
+        let reading = matches!(classify(&frame), Class::Reading { .. });
+        self.feed(frame).await?;
+        if reading {
+            self.shared
+                .metrics
+                .broadcast_deliveries
+                .fetch_add(1, Ordering::Relaxed);
         }
-    }
-
-    /// Queues the pending `backfill` summary, if any.
-    async fn feed_summary(&mut self) -> Result<(), End> {
-        match self.summary.take(&self.device_id) {
-            Some(f) => self.feed(f.to_json().into()).await,
-            None => Ok(()),
-        }
-    }
-
-    /// Sends the pending `backfill` summary, if any.
-    pub(super) async fn flush_summary(&mut self) -> Result<(), End> {
-        self.feed_summary().await?;
-        self.flush().await
+        Ok(())
     }
 
     /// Queues one frame for the next flush (written at once only when the
@@ -171,14 +133,14 @@ impl Feed {
     /// subscriber takes several frames per wake-up and per `write` instead
     /// of one each.
     pub(super) async fn forward_ready(&mut self, first: Utf8Bytes) -> Result<(), End> {
-        let mut written = usize::from(self.forward(first).await?);
+        self.forward(first).await?;
         let mut taken = 1;
         let mut yielded = false;
         while taken < COALESCE {
             match self.topic.try_recv() {
                 Ok(frame) => {
                     taken += 1;
-                    written += usize::from(self.forward(frame).await?);
+                    self.forward(frame).await?;
                 }
                 Err(broadcast::error::TryRecvError::Lagged(n)) => return Err(self.lagged(n)),
                 Err(broadcast::error::TryRecvError::Closed) => {
@@ -189,10 +151,8 @@ impl Feed {
                 // busier than this subscriber. Let the other subscribers run
                 // once and take what arrived meanwhile into the same write.
                 // A topic that is not behind (one frame per wake-up, every
-                // 1 Hz device) never waits here, nor does a backlog that is
-                // only counted (nothing to coalesce, and waiting would only
-                // bring it closer to the slow-subscriber limit).
-                Err(broadcast::error::TryRecvError::Empty) if written > 1 && !yielded => {
+                // 1 Hz device) never waits here.
+                Err(broadcast::error::TryRecvError::Empty) if taken > 1 && !yielded => {
                     yielded = true;
                     tokio::task::yield_now().await;
                 }

@@ -147,7 +147,7 @@ impl Feed {
         };
         self.send(end.to_json().into()).await?;
         for frame in buf {
-            if let Class::Reading { key, .. } = classify(&frame, i64::MAX) {
+            if let Class::Reading { key, .. } = classify(&frame) {
                 if replayed.contains(&key) {
                     continue;
                 }
@@ -191,7 +191,7 @@ async fn store_caught_up(
     queue_empty_at: &mut Option<Instant>,
     settle: Duration,
 ) -> bool {
-    let first = buf.iter().find_map(|b| match classify(b, i64::MAX) {
+    let first = buf.iter().find_map(|b| match classify(b) {
         Class::Reading { key, ts_ms, .. } => Some((key, ts_ms)),
         Class::Other => None,
     });

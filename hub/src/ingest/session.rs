@@ -3,7 +3,8 @@
 //!
 //! Per frame: the rate limit and the gatekeeper (`ems_shared`'s strict
 //! decoder) decide; a valid reading goes to the hot path (serialized once,
-//! only if somebody watches the device's topic), to the MQTT bridge when
+//! only if somebody watches the device's topic; a backlog reading is
+//! counted into a `backfill` summary instead), to the MQTT bridge when
 //! there is one (a `try_send`, never waiting) and to the cold path (the
 //! writer queue — awaiting a free slot is the backpressure). A refused
 //! frame is counted and logged at a bounded rate; a `rate_limited` one is
@@ -40,6 +41,7 @@ use super::state::{
     deferred, rejected_frame, suppressed, Ending, Refusal, SessionState, Step, Tick, Verdict,
 };
 use super::writer::{Entry, Item};
+use crate::fanout::backfill::{is_backlog, Backlog};
 use crate::fanout::registry::{DeviceLease, Kick};
 use crate::fanout::topic::Topic;
 use crate::metrics::Role;
@@ -102,8 +104,12 @@ pub(crate) fn run(
             peer,
             shared: &shared,
             state,
+            backlog: Backlog::default(),
         };
         let end = session.serve(kick).await;
+        // Counted backlog readings reach the dashboards before the
+        // device's disconnect does.
+        session.publish_backlog();
         let bucket = session.state.bucket();
         drop(session);
         shared.registry.disconnect_device(&device_id, conn_id);
@@ -175,6 +181,8 @@ struct Session<'a> {
     shared: &'a Shared,
     /// The session's decisions.
     state: SessionState,
+    /// Backlog readings not yet published as a `backfill` summary.
+    backlog: Backlog,
 }
 
 impl Session<'_> {
@@ -207,6 +215,7 @@ impl Session<'_> {
                         return end;
                     }
                 }
+                _ = self.backlog.due(), if self.backlog.pending() => self.publish_backlog(),
                 _ = ping.tick() => match self.state.tick() {
                     Tick::Quiet => {}
                     Tick::Ping => {
@@ -341,7 +350,7 @@ impl Session<'_> {
             Verdict::Reading(reading) => {
                 metrics.readings_valid.fetch_add(1, Ordering::Relaxed);
                 if let Some(text) = &frame {
-                    self.fan_out(text, rx_ms);
+                    self.fan_out(text, reading.ts_ms, rx_ms);
                 }
                 if let Some(m) = &self.shared.mqtt {
                     m.reading(self.device_id, &reading);
@@ -356,6 +365,9 @@ impl Session<'_> {
             }
             Verdict::Status(status) => {
                 metrics.status_frames.fetch_add(1, Ordering::Relaxed);
+                // The registry publishes the status to the topic: the
+                // summary of what came before goes first.
+                self.publish_backlog();
                 let registry = &self.shared.registry;
                 registry.set_edge_status(self.device_id, status, rx_ms);
                 Ok(())
@@ -452,11 +464,29 @@ impl Session<'_> {
     }
 
     /// The hot path: serialized only when somebody watches; one buffer
-    /// shared by every subscriber.
-    fn fan_out(&self, text: &str, rx_ms: i64) {
-        if self.topic.receiver_count() > 0 {
-            let frame = dashboard_frame(text, self.device_id, rx_ms);
-            let _ = self.topic.send(Utf8Bytes::from(frame));
+    /// shared by every subscriber. A backlog reading is only counted: a
+    /// draining backlog reaches the topic as one `backfill` frame per
+    /// `backfill_interval`, never as a flood that fills the topic ring.
+    fn fan_out(&mut self, text: &str, ts_ms: i64, rx_ms: i64) {
+        if self.topic.receiver_count() == 0 {
+            return;
+        }
+        let cfg = &self.shared.config;
+        let after_ms = i64::try_from(cfg.backfill_after.as_millis()).unwrap_or(i64::MAX);
+        if is_backlog(ts_ms, rx_ms, after_ms) {
+            let interval = cfg.backfill_interval.max(Duration::from_millis(10));
+            self.backlog.add(ts_ms, interval);
+            return;
+        }
+        self.publish_backlog();
+        let frame = dashboard_frame(text, self.device_id, rx_ms);
+        let _ = self.topic.send(Utf8Bytes::from(frame));
+    }
+
+    /// Publishes the pending `backfill` summary, if any.
+    fn publish_backlog(&mut self) {
+        if let Some(summary) = self.backlog.take(self.device_id) {
+            let _ = self.topic.send(Utf8Bytes::from(summary.to_json()));
         }
     }
 

@@ -411,12 +411,11 @@ async fn resume_replays_history_then_live_without_gap_or_duplicate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backlog_is_summarized_as_backfill() {
-    // The burst below is larger than the default ring of 256 frames: on a
-    // loaded machine the dashboard task may not run until the device has
-    // sent all of it, and would then be dropped by the slow-subscriber rule
-    // (tested on its own) instead of summarizing. A ring that holds the whole
-    // burst keeps this test about the summaries.
-    let hub = TestHub::start_with(|c| c.subscriber_buffer = 1024).await;
+    // The burst below is larger than the default ring of 256 frames, and on
+    // a loaded machine the dashboard task may not run until the device has
+    // sent all of it: the backlog must be summarized before it reaches the
+    // ring, so the default ring is enough.
+    let hub = TestHub::start().await;
     let token = hub.add_device("dev");
     let viewer = hub.add_viewer("v", &["dev"]);
     let mut dash = browser_dashboard(hub.addr, "dev", &viewer, None).await;

@@ -337,8 +337,10 @@ async fn invalid_frame_flood_is_cheap_and_the_socket_survives() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_rejects_excess_and_persistent_abuse_closes_with_1008() {
+    // One token back per 100 s: however slowly a loaded machine delivers
+    // the 20 frames below, exactly the burst passes.
     let hub = TestHub::start_with(|c| {
-        c.rate_limit.rate = 5.0;
+        c.rate_limit.rate = 0.01;
         c.rate_limit.burst = 10.0;
         c.rate_limit.abuse_after = Duration::from_secs(2);
     })
@@ -452,14 +454,18 @@ async fn half_open_device_is_declared_dead_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn takeover_race_becomes_a_conflict_with_cooldown() {
+    // Long enough that the race and the check below fit into it on a
+    // loaded machine.
+    const COOLDOWN: Duration = Duration::from_secs(5);
     let hub = TestHub::start_with(|c| {
         c.takeover.max_replacements = 3;
         c.takeover.window = Duration::from_secs(60);
-        c.takeover.cooldown = Duration::from_secs(2);
+        c.takeover.cooldown = COOLDOWN;
     })
     .await;
     let token = hub.add_device("dev-a");
     // Two "devices" with one identity, connecting 1 ms apart, repeatedly.
+    let raced_at = Instant::now();
     let mut socks = Vec::new();
     let mut codes = Vec::new();
     for _ in 0..4 {
@@ -483,11 +489,51 @@ async fn takeover_race_becomes_a_conflict_with_cooldown() {
     assert_eq!(closed_with(&mut again).await, Some(4002));
     let m = metrics(hub.addr).await;
     assert!(sample(&m, "ems_takeover_conflicts_total") >= 2.0, "{m}");
-    // After the cool-down the id works again.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let mut ws = hub.device("dev-a", &token).await;
-    send_text(&mut ws, reading(1, 0)).await;
-    wait_ack(&mut ws, 1, 0).await;
+    // After the cool-down the id works again. Instead of sleeping out the
+    // cool-down, retry until served: an attempt is refused (4002, or a
+    // reset when the hub's close crossed our reading) until the first one
+    // served is acked, no earlier than the cool-down after the race began.
+    let deadline = Instant::now() + SOON;
+    let mut refused = 0;
+    let mut ws = loop {
+        let mut ws = hub.device("dev-a", &token).await;
+        let served = match ws.send(Message::Text(reading(1, 0).into())).await {
+            Err(_) => false,
+            Ok(()) => loop {
+                match tokio::time::timeout(SOON, ws.next())
+                    .await
+                    .expect("no answer")
+                {
+                    Some(Ok(Message::Text(t))) => {
+                        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                        assert_eq!(v["type"], "ack", "{v}");
+                        assert_eq!(v["seq"], 0, "{v}");
+                        break true;
+                    }
+                    Some(Ok(Message::Close(f))) => {
+                        assert_eq!(f.map(|f| u16::from(f.code)), Some(4002));
+                        break false;
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(_)) | None => break false,
+                }
+            },
+        };
+        if served {
+            break ws;
+        }
+        refused += 1;
+        assert!(Instant::now() < deadline, "still refused after {SOON:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        raced_at.elapsed() >= COOLDOWN,
+        "served {:?} after the race, within the {COOLDOWN:?} cool-down",
+        raced_at.elapsed()
+    );
+    println!("after the cool-down: served after {refused} more refusals");
+    send_text(&mut ws, reading(1, 1)).await;
+    wait_ack(&mut ws, 1, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -609,6 +655,10 @@ async fn metrics_readyz_and_edge_status() {
     wait_ack(&mut ws, 1, 0).await;
     let m = wait_metric(hub.addr, "ems_edge_devices_reporting", 1.0).await;
     assert_eq!(m, 1.0);
+    // The hub counts an ack after writing it, so the device can see the
+    // ack before the counter moves: wait for the counters, then read.
+    wait_metric(hub.addr, "ems_acks_sent_total", 1.0).await;
+    wait_metric(hub.addr, "ems_store_batch_rows_count", 1.0).await;
     let text = metrics(hub.addr).await;
     assert_eq!(sample(&text, "ems_edge_outbox_readings_max"), 10800.0);
     assert_eq!(sample(&text, "ems_edge_devices_behind"), 1.0);

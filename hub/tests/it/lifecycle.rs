@@ -5,6 +5,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::dashboard::http;
 use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -20,9 +21,12 @@ async fn a_second_connection_replaces_the_first_with_4000() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_never_answers_pings_is_dropped() {
+    // Pings every 100 ms; a peer is dead after 5 unanswered ones. A reader
+    // that a loaded machine leaves unscheduled for a few hundred ms still
+    // answers in time; one that never reads is dropped within ~0.6 s.
     let hub = TestHub::start_with(|c| {
         c.ping_interval = Duration::from_millis(100);
-        c.max_missed_pongs = 2;
+        c.max_missed_pongs = 5;
     })
     .await;
     let token = hub.add_device("dev");
@@ -30,25 +34,53 @@ async fn a_peer_that_never_answers_pings_is_dropped() {
     // `silent` is never polled, so it never answers pings.
     let mut silent = hub.device("dev", &token).await;
     let mut silent_dash = hub.dashboard("dev", &viewer).await;
-    // `lively` keeps reading (tungstenite answers pings while reading).
+    // `lively` keeps reading (tungstenite answers pings while reading)
+    // until told to stop: at least 2 s (20 pings) and until the hub has
+    // declared both silent peers dead.
     let mut lively = hub.dashboard("dev", &viewer).await;
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
     let lively_task = tokio::spawn(async move {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        while tokio::time::Instant::now() < deadline {
-            match tokio::time::timeout_at(deadline, lively.next()).await {
-                Ok(Some(Ok(_))) => continue,
-                Ok(_) => return false,
-                Err(_) => break,
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return true,
+                msg = lively.next() => match msg {
+                    Some(Ok(_)) => continue,
+                    _ => return false,
+                },
             }
         }
-        true
     });
+    let at_least = tokio::time::Instant::now() + Duration::from_secs(2);
+    // The positive signal: the hub counts one heartbeat death per role.
+    let deadline = tokio::time::Instant::now() + SOON;
+    loop {
+        let m = http(hub.addr, "GET", "/metrics", &[], None).await.body;
+        let dead = |role: &str| {
+            let series = format!("ems_heartbeat_deaths_total{{role=\"{role}\"}} ");
+            m.lines()
+                .find_map(|l| l.strip_prefix(series.as_str()))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        if dead("device") >= 1.0 && dead("dashboard") >= 1.0 {
+            // Only the two silent peers died, never the lively one.
+            assert_eq!((dead("device"), dead("dashboard")), (1.0, 1.0), "{m}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "silent peers not declared dead:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep_until(at_least).await;
+    let _ = stop.send(());
     assert!(
         lively_task.await.unwrap(),
         "a pong-answering subscriber was dropped"
     );
-    // By now the silent ones missed well over 2 pings: the hub has closed
-    // them; draining shows the end of the stream.
+    // The hub has closed the silent ones; draining shows the end of the
+    // stream.
     for ws in [&mut silent, &mut silent_dash] {
         let ended = tokio::time::timeout(SOON, async {
             loop {
