@@ -5,7 +5,8 @@
 //!   errors never accumulate; ticks missed because a read overran are skipped
 //!   (and counted in a log line), never bunched.
 //! - The thread never touches the network: it only takes the outbox mutex,
-//!   which the link holds briefly and never across socket I/O.
+//!   which the link holds briefly and never across socket I/O, and signals
+//!   the link's wake-up descriptor (an eventfd write).
 //! - A meter that fails to open or read is retried on the next tick; other
 //!   meters keep going; log lines about a failing meter are rate-limited.
 //!   A panicking driver is caught and treated like a read error.
@@ -257,15 +258,22 @@ impl Sampler {
         if stamped.is_empty() {
             return;
         }
-        let mut ob = self.outbox.lock();
-        for s in stamped {
-            let seq = self.next_seq;
-            let r = s.measurement.into_reading(self.epoch, seq, s.ts_ms);
-            // Never fails: a reading the spool cannot write waits in
-            // memory (bounded, counted when dropped).
-            ob.append(&r);
-            self.next_seq += 1;
-            log::trace!("sampled epoch {} seq {seq}", self.epoch);
+        let readings: Vec<_> = stamped
+            .into_iter()
+            .map(|s| {
+                let r = s
+                    .measurement
+                    .into_reading(self.epoch, self.next_seq, s.ts_ms);
+                self.next_seq += 1;
+                r
+            })
+            .collect();
+        // Never fails: a reading the spool cannot write waits in memory
+        // (bounded, counted when dropped). Wakes the link, which sends it
+        // at once.
+        self.outbox.append_all(&readings);
+        for r in &readings {
+            log::trace!("sampled epoch {} seq {}", r.epoch, r.seq);
         }
     }
 }
