@@ -114,7 +114,7 @@ impl CeilingFile {
             lens[i] = bytes.len() as u64;
             content |= bytes.iter().any(|b| !b.is_ascii_whitespace());
             if let Some((generation, values)) = decode(&bytes) {
-                if best.as_ref().is_none_or(|(g, _, _)| generation > *g) {
+                if best.as_ref().map_or(true, |(g, _, _)| generation > *g) {
                     best = Some((generation, i, values));
                 }
             }

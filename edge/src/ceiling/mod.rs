@@ -30,7 +30,7 @@
 
 pub mod file;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 pub use file::CeilingFile;
@@ -64,6 +64,8 @@ pub struct Ceilings {
     saved: Values,
     /// Meters with readings since start.
     seen: BTreeMap<String, Track>,
+    /// Meters whose counter is the meter's own: no ceiling.
+    exempt: BTreeSet<String>,
 }
 
 impl Ceilings {
@@ -77,7 +79,21 @@ impl Ceilings {
             lead: lead.as_secs_f64().min(headroom / 2.0),
             saved,
             seen: BTreeMap::new(),
+            exempt: BTreeSet::new(),
         }
+    }
+
+    /// `meter`'s energy counter lives in the meter itself (a crash of the
+    /// edge cannot make it go backwards): its readings always leave at
+    /// once and it gets no ceiling.
+    pub fn exempt(&mut self, meter: &str) {
+        self.exempt.insert(meter.to_string());
+        self.seen.remove(meter);
+    }
+
+    /// Is `meter` exempt (see [`Ceilings::exempt`])?
+    pub fn is_exempt(&self, meter: &str) -> bool {
+        self.exempt.contains(meter)
     }
 
     /// The saved values.
@@ -88,7 +104,7 @@ impl Ceilings {
     /// Takes a reading of `meter` into account (sample time `ts_ms`).
     /// Values that are not finite or negative are ignored.
     pub fn observe(&mut self, meter: &str, ts_ms: i64, energy_wh: f64, power_w: Option<f64>) {
-        if !(energy_wh.is_finite() && energy_wh >= 0.0) {
+        if !(energy_wh.is_finite() && energy_wh >= 0.0) || self.exempt.contains(meter) {
             return;
         }
         let power_rate = power_w
@@ -122,7 +138,7 @@ impl Ceilings {
 
     /// May a reading of `meter` with `energy_wh` leave now?
     pub fn admits(&self, meter: &str, energy_wh: f64) -> bool {
-        self.saved.get(meter).is_some_and(|c| energy_wh <= *c)
+        self.exempt.contains(meter) || self.saved.get(meter).is_some_and(|c| energy_wh <= *c)
     }
 
     /// The values to save now, if any ceiling needs raising (see the
@@ -131,7 +147,7 @@ impl Ceilings {
         let needs = self.seen.iter().any(|(m, t)| {
             self.saved
                 .get(m)
-                .is_none_or(|c| t.highest + t.rate * self.lead > *c)
+                .map_or(true, |c| t.highest + t.rate * self.lead > *c)
         });
         if !needs {
             return None;
@@ -316,6 +332,16 @@ mod tests {
         let stop = c.at_stop();
         assert_eq!(stop["m"], last);
         assert_eq!(stop["gone"], 7.0);
+    }
+
+    #[test]
+    fn a_meter_with_its_own_counter_needs_no_ceiling() {
+        let mut c = Ceilings::new(Values::new(), secs(30), secs(3));
+        c.exempt("sdm");
+        c.observe("sdm", 0, 5000.0, KW3_6);
+        assert!(c.admits("sdm", 5000.0));
+        assert!(c.plan().is_none());
+        assert!(!c.at_stop().contains_key("sdm"));
     }
 
     #[test]
