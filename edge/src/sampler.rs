@@ -75,6 +75,14 @@ impl MeterSlot {
         self.meter.is_some()
     }
 
+    /// The meter keeps its energy counter itself (see
+    /// [`Meter::counts_energy_itself`]).
+    pub fn counts_energy_itself(&self) -> bool {
+        self.meter
+            .as_ref()
+            .is_some_and(|m| m.counts_energy_itself())
+    }
+
     fn ensure_open(&mut self) -> Result<(), MeterError> {
         if self.meter.is_none() {
             let cfg = &self.cfg;
@@ -184,6 +192,9 @@ pub struct Sampler {
     pub shutdown: Shutdown,
     /// Heartbeat (watchdog) and hold counts (status line).
     pub health: Arc<Health>,
+    /// Reading meter ids whose energy counter is the meter's own (told to
+    /// the outbox once each).
+    pub own_counters: std::collections::HashSet<String>,
 }
 
 impl Sampler {
@@ -207,7 +218,15 @@ impl Sampler {
                 if self.shutdown.is_triggered() {
                     break;
                 }
-                ms.extend(slot.read());
+                let read = slot.read();
+                if slot.counts_energy_itself() {
+                    for m in &read {
+                        if self.own_counters.insert(m.meter.clone()) {
+                            self.outbox.lock().exempt_from_ceiling(&m.meter);
+                        }
+                    }
+                }
+                ms.extend(read);
             }
             let synced = self.probe.is_synchronized();
             let was_synced = self.gate.is_synced();

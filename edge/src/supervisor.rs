@@ -403,6 +403,7 @@ fn start_sampler(
         outbox: outbox.clone(),
         shutdown: shutdown.clone(),
         health: health.clone(),
+        own_counters: Default::default(),
     };
     Ok((spawn("sampler", move || sampler.run())?, opened))
 }

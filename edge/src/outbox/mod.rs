@@ -204,6 +204,11 @@ impl Outbox {
         self.ceiling_found
     }
 
+    /// Readings of `meter` need no ceiling: its counter is the meter's own.
+    pub fn exempt_from_ceiling(&mut self, meter: &str) {
+        self.ceilings.exempt(meter);
+    }
+
     /// The energy ceilings (tests, logs).
     pub fn ceilings(&self) -> &Ceilings {
         &self.ceilings
@@ -222,6 +227,7 @@ impl Outbox {
         let energy = reading
             .energy_wh
             .filter(|e| e.is_finite() && *e >= 0.0)
+            .filter(|_| !self.ceilings.is_exempt(&reading.meter))
             .map(|e| {
                 self.ceilings
                     .observe(&reading.meter, reading.ts_ms, e, reading.power_w);
