@@ -144,6 +144,20 @@ impl Pacer {
         n
     }
 
+    /// How long until [`Pacer::take`] gives at least one reading (zero if
+    /// it would now).
+    pub fn next_token_in(&self, now: Instant) -> Duration {
+        if let Some(until) = self.paused_until.filter(|u| now < *u) {
+            return until - now;
+        }
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        let tokens = (self.tokens + dt * self.rate).min(Self::capacity(self.rate));
+        if tokens >= 1.0 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64((1.0 - tokens) / self.rate)
+    }
+
     /// Returns `n` tokens taken by [`Pacer::take`] but not used.
     pub fn refund(&mut self, n: usize) {
         self.tokens = (self.tokens + n as f64).min(Self::capacity(self.rate));

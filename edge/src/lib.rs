@@ -21,19 +21,25 @@
 //! - [`outbox`]: what is done and what to send next (pure state, ack
 //!   handling) and the [`SharedOutbox`](outbox::SharedOutbox) the sampler
 //!   appends to and the link sends from.
+//! - [`ceiling`]: the saved upper bound on each meter's `energy_wh` that
+//!   lets a reading leave the moment it is taken while energy counters
+//!   never go backwards across a crash; its slot files.
 //! - [`spool`]: the outbox's on-disk segment files (batched appends, bounded
-//!   fsync interval, size bound, a bounded memory queue while the card is
-//!   full); its record formats ([`spool::record`], checksummed) and its
-//!   reader that gets past damage ([`spool::cursor`]).
+//!   fsync interval, only what the hub has not acknowledged, size bound, a
+//!   bounded memory queue while the card is full); its record formats
+//!   ([`spool::record`], checksummed) and its reader that gets past damage
+//!   ([`spool::cursor`]).
 //! - [`link`]: the blocking tungstenite/rustls client and its
-//!   RETRYING/CONNECTED loop.
+//!   RETRYING/CONNECTED loop, event-driven: it sleeps in `poll(2)` on the
+//!   socket and the [`wake`] descriptor the outbox's users signal.
 //! - [`backoff`]: full-jitter reconnect backoff and send pacing, pure.
 //!
 //! Around the path:
 //!
-//! - [`supervisor`]: [`run`]: starts the threads, then flushes and fsyncs the
-//!   spool on a fixed cadence, feeds the systemd watchdog and status line,
-//!   and stops everything within 5 s of the signal.
+//! - [`supervisor`]: [`run`]: starts the threads, then syncs the spool and
+//!   the ceilings on a fixed cadence (or at once when a reading waits for
+//!   a ceiling), feeds the systemd watchdog and status line, and stops
+//!   everything within 5 s of the signal.
 //! - [`health`]: what the threads report to the supervisor.
 //! - [`state_dir`]: every file name in the state directory, its lock and
 //!   the claim by one device id.
@@ -48,6 +54,7 @@
 #![warn(missing_docs)]
 
 pub mod backoff;
+pub mod ceiling;
 pub mod clock;
 pub mod config;
 pub mod health;
@@ -61,6 +68,7 @@ pub mod shutdown;
 pub mod spool;
 pub mod state_dir;
 pub mod supervisor;
+pub mod wake;
 
 pub use config::{Config, ConfigError, DeviceToken};
 pub use shutdown::Shutdown;

@@ -5,7 +5,8 @@
 //!   errors never accumulate; ticks missed because a read overran are skipped
 //!   (and counted in a log line), never bunched.
 //! - The thread never touches the network: it only takes the outbox mutex,
-//!   which the link holds briefly and never across socket I/O.
+//!   which the link holds briefly and never across socket I/O, and signals
+//!   the link's wake-up descriptor (an eventfd write).
 //! - A meter that fails to open or read is retried on the next tick; other
 //!   meters keep going; log lines about a failing meter are rate-limited.
 //!   A panicking driver is caught and treated like a read error.
@@ -72,6 +73,14 @@ impl MeterSlot {
     /// Is the meter open?
     pub fn is_open(&self) -> bool {
         self.meter.is_some()
+    }
+
+    /// The meter keeps its energy counter itself (see
+    /// [`Meter::counts_energy_itself`]).
+    pub fn counts_energy_itself(&self) -> bool {
+        self.meter
+            .as_ref()
+            .is_some_and(|m| m.counts_energy_itself())
     }
 
     fn ensure_open(&mut self) -> Result<(), MeterError> {
@@ -183,6 +192,9 @@ pub struct Sampler {
     pub shutdown: Shutdown,
     /// Heartbeat (watchdog) and hold counts (status line).
     pub health: Arc<Health>,
+    /// Reading meter ids whose energy counter is the meter's own (told to
+    /// the outbox once each).
+    pub own_counters: std::collections::HashSet<String>,
 }
 
 impl Sampler {
@@ -206,7 +218,15 @@ impl Sampler {
                 if self.shutdown.is_triggered() {
                     break;
                 }
-                ms.extend(slot.read());
+                let read = slot.read();
+                if slot.counts_energy_itself() {
+                    for m in &read {
+                        if self.own_counters.insert(m.meter.clone()) {
+                            self.outbox.lock().exempt_from_ceiling(&m.meter);
+                        }
+                    }
+                }
+                ms.extend(read);
             }
             let synced = self.probe.is_synchronized();
             let was_synced = self.gate.is_synced();
@@ -257,15 +277,22 @@ impl Sampler {
         if stamped.is_empty() {
             return;
         }
-        let mut ob = self.outbox.lock();
-        for s in stamped {
-            let seq = self.next_seq;
-            let r = s.measurement.into_reading(self.epoch, seq, s.ts_ms);
-            // Never fails: a reading the spool cannot write waits in
-            // memory (bounded, counted when dropped).
-            ob.append(&r);
-            self.next_seq += 1;
-            log::trace!("sampled epoch {} seq {seq}", self.epoch);
+        let readings: Vec<_> = stamped
+            .into_iter()
+            .map(|s| {
+                let r = s
+                    .measurement
+                    .into_reading(self.epoch, self.next_seq, s.ts_ms);
+                self.next_seq += 1;
+                r
+            })
+            .collect();
+        // Never fails: a reading the spool cannot write waits in memory
+        // (bounded, counted when dropped). Wakes the link, which sends it
+        // at once.
+        self.outbox.append_all(&readings);
+        for r in &readings {
+            log::trace!("sampled epoch {} seq {}", r.epoch, r.seq);
         }
     }
 }

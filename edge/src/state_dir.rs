@@ -8,15 +8,18 @@
 //! | `epoch`                       | `clock::epoch`        | at start, durably                         |
 //! | `NNNNNNNNNNNNNNNNNNNN.seg`    | `spool`               | every `spool_sync_interval_ms`            |
 //! | `NNNNNNNNNNNNNNNNNNNN.seg.unreadable` | `spool`       | at open, a segment file it cannot read    |
-//! | `acked`                       | `spool`               | every 10 s, before segments are deleted, at stop (in place, no fsync) |
+//! | `acked`                       | `spool`               | when acks of records on disk change it (at most every 10 s), before segments are deleted, at stop (in place, no fsync) |
+//! | `energy-ceiling.0`, `.1`      | `ceiling::file`       | when a ceiling is raised (every ~30 s while energy flows), at stop (in place, fdatasync) |
 //! | `held`                        | `clock::held`         | at an orderly stop before clock sync      |
-//! | `<meter id>.<counter>`        | `meters::persist`     | at most once a minute and at stop         |
+//! | `<meter id>.<counter>`        | `meters::persist`     | at most every 15 minutes and at stop      |
 //! | `orphaned-<old id>-<unix s>/` | [`StateDir::claim`]   | when `device_id` changed                  |
 //!
 //! Every file is replaced through `<name>.tmp` and a rename, so a reader
 //! sees the old or the new content, never half of one — except the
-//! segments (appended to) and `acked`, which is overwritten in place so
-//! that saving it needs no free space; it carries a checksum instead.
+//! segments (appended to), `acked` and the ceiling slots, which are
+//! overwritten in place so that saving them needs no free space (and no
+//! metadata write); they carry checksums instead, and the ceiling has two
+//! slots written in turn.
 //!
 //! Other modules ask [`StateDir`] for paths instead of spelling names, so
 //! the layout can be read (and changed) here alone.
@@ -37,6 +40,8 @@ const EPOCH_FILE: &str = "epoch";
 const HELD_FILE: &str = "held";
 /// The spool's ack watermark.
 const WATERMARK_FILE: &str = "acked";
+/// The energy ceiling's slot files, `<this>.0` and `<this>.1`.
+const CEILING_FILE: &str = "energy-ceiling";
 /// Suffix of spool segment files.
 const SEGMENT_SUFFIX: &str = ".seg";
 /// Added to the name of a segment file that cannot be read.
@@ -85,6 +90,11 @@ impl StateDir {
     /// `acked`: the spool's ack watermark.
     pub fn watermark_file(&self) -> PathBuf {
         self.path.join(WATERMARK_FILE)
+    }
+
+    /// `energy-ceiling.<slot>`: slot 0 or 1 of the saved energy ceilings.
+    pub fn ceiling_file(&self, slot: usize) -> PathBuf {
+        self.path.join(format!("{CEILING_FILE}.{slot}"))
     }
 
     /// The spool segment whose first record is `base`.

@@ -4,17 +4,22 @@
 //!   the spool, pick the epoch, open the meters, restore readings held for
 //!   clock sync, start the sampler and the link threads, tell systemd
 //!   READY.
-//! - **Supervise**, until the shutdown signal: write and fsync the spool
-//!   every `spool_sync_interval_ms` (the power-loss window, see
-//!   `docs/decisions/edge-fsync-cadence.md`), save the ack watermark every
-//!   10 s, feed the systemd watchdog while both threads beat, and keep the
-//!   `STATUS=` line current. The threads report through one shared
-//!   [`Health`].
+//! - **Supervise**, until the shutdown signal: every
+//!   `spool_sync_interval_ms` write the readings the hub has not
+//!   acknowledged to the spool and fsync them (the power-loss window, see
+//!   `docs/decisions/edge-fsync-cadence.md`) and raise the energy ceilings
+//!   when they need it — at once when a reading waits for a raise (the
+//!   outbox's [`SyncBell`](crate::outbox::SyncBell)); a sync with nothing
+//!   to write costs nothing. Save the ack watermark when it changed what
+//!   the files say (looked at every 10 s), feed the systemd watchdog while
+//!   both threads beat, and keep the `STATUS=` line current. The threads
+//!   report through one shared [`Health`].
 //! - **Stop**, within 5 s of SIGTERM, well inside the unit's
 //!   `TimeoutStopSec=15s` after which systemd would SIGKILL and lose the
 //!   unwritten buffer: stop sampling, save what the clock gate still holds,
 //!   flush, let the link send what it can and wait for the last acks, flush
-//!   again and save the watermark.
+//!   again, save the watermark and lower the energy ceilings to the exact
+//!   last values (so the next start adds nothing to any counter).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -24,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use crate::ceiling::file::Found;
 use crate::clock::{self, ClockGate, SystemSync};
 use crate::config::{Config, ConfigError, DeviceToken};
 use crate::health::{Health, HoldCounts, LinkState};
@@ -77,6 +83,9 @@ pub enum EdgeError {
     /// A thread could not be started.
     #[error("cannot start thread: {0}")]
     Thread(io::Error),
+    /// The link's wake-up descriptor (an eventfd) could not be created.
+    #[error("cannot create the link's wake-up eventfd: {0}")]
+    Wake(io::Error),
 }
 
 fn spool_err(dir: &Path) -> impl FnOnce(io::Error) -> EdgeError + '_ {
@@ -144,6 +153,12 @@ impl Running {
         let (state, outbox, epoch) = open_state(&config)?;
         let (sampler, opened) = start_sampler(&config, &state, epoch, &outbox, shutdown, &health)?;
         let link_stop = Shutdown::new();
+        // The link sleeps in poll(2), the supervisor on its sync bell:
+        // both are woken by their stop signals.
+        let wake = outbox.wake().clone();
+        link_stop.on_trigger(move || wake.notify());
+        let bell = outbox.bell().clone();
+        shutdown.on_trigger(move || bell.ring());
         let link = Link {
             target: Target {
                 hub: config.hub.clone(),
@@ -193,10 +208,17 @@ impl Running {
         let sampler_window = (self.config.sample_interval * 3).max(Duration::from_secs(10));
         let link_window = self.config.link.connect_timeout + Duration::from_secs(15);
 
-        while !shutdown.wait(tick) {
+        loop {
+            // Rung: a reading waits for a ceiling raise (or the stop).
+            let rung = self.outbox.bell().wait_until(Instant::now() + tick);
+            if shutdown.is_triggered() {
+                break;
+            }
             let now = Instant::now();
-            if now >= next_sync {
+            if rung || now >= next_sync {
                 self.sync_spool();
+            }
+            if now >= next_sync {
                 next_sync = now + sync_every;
             }
             if now >= next_watermark {
@@ -233,6 +255,12 @@ impl Running {
         );
         self.sync_spool();
         self.save_watermark();
+        if let Err(e) = self.outbox.save_exact_ceilings() {
+            log::warn!(
+                "energy ceiling: cannot save the exact counters at stop: {e}; after this stop a counter may continue from its last ceiling (at most {} s of energy ahead)",
+                self.config.energy_headroom.as_secs()
+            );
+        }
         let st = self.outbox.lock().stats();
         let depth = st.depth;
         notify::status(&format!(
@@ -250,7 +278,8 @@ impl Running {
     /// minute; the recovery is logged once.
     fn sync_spool(&mut self) {
         let started = Instant::now();
-        match self.outbox.sync() {
+        let done = self.outbox.sync();
+        match done.spool {
             Err(e) => {
                 let due = self
                     .last_spool_error
@@ -271,10 +300,13 @@ impl Running {
                     log::warn!("spool: writable again; the readings held in memory are on disk");
                     self.last_spool_error = None;
                 }
-                log::trace!(
-                    "spool: synced in {:.1} ms",
-                    started.elapsed().as_secs_f64() * 1e3
-                );
+                if done.syncs > 0 {
+                    log::trace!(
+                        "spool: {} files synced in {:.1} ms",
+                        done.syncs,
+                        started.elapsed().as_secs_f64() * 1e3
+                    );
+                }
             }
         }
     }
@@ -299,8 +331,21 @@ fn open_state(config: &Config) -> Result<(StateDir, SharedOutbox, u64), EdgeErro
             "hub_url uses ws:// (allow_insecure = true): readings and the device token travel unencrypted"
         );
     }
-    let outbox = Outbox::open_locked(lock, config.spool_max_bytes, config.link.max_in_flight)
+    let mut outbox = Outbox::open_locked(lock, config.spool_max_bytes, config.link.max_in_flight)
         .map_err(spool_err(dir))?;
+    outbox.set_energy_headroom(config.energy_headroom, ceiling_lead(config));
+    if outbox.ceiling_found() == Found::Damaged {
+        log::warn!(
+            "energy ceiling files in {} are damaged: ignored; energy counters continue from their state files and the spool",
+            dir.display()
+        );
+    }
+    if let Some(key) = config.ignored_keys.first() {
+        log::warn!(
+            "{key} in {} is no longer used: ignored",
+            config.path.display()
+        );
+    }
     let recovered = outbox.stats().depth;
     let epoch = clock::epoch::next_epoch(&state).map_err(spool_err(dir))?;
     log::info!(
@@ -309,7 +354,14 @@ fn open_state(config: &Config) -> Result<(StateDir, SharedOutbox, u64), EdgeErro
         config.device_id,
         dir.display()
     );
-    Ok((state, SharedOutbox::new(outbox), epoch))
+    let outbox = SharedOutbox::new(outbox).map_err(EdgeError::Wake)?;
+    Ok((state, outbox, epoch))
+}
+
+/// How long before a ceiling runs out it is raised: the next sync may be
+/// up to two sync intervals away (a slow card), plus a second.
+fn ceiling_lead(config: &Config) -> Duration {
+    config.spool_sync_interval * 2 + Duration::from_secs(1)
 }
 
 /// Opens the meters, restores the readings a previous process held for
@@ -326,7 +378,7 @@ fn start_sampler(
     let floor = Arc::new(outbox.lock().energy_floor());
     if !floor.is_empty() {
         log::debug!(
-            "energy counters of {} meters continue from at least the spool's newest readings",
+            "energy counters of {} meters continue from at least their saved ceilings and the spool's newest readings",
             floor.len()
         );
     }
@@ -351,6 +403,7 @@ fn start_sampler(
         outbox: outbox.clone(),
         shutdown: shutdown.clone(),
         health: health.clone(),
+        own_counters: Default::default(),
     };
     Ok((spawn("sampler", move || sampler.run())?, opened))
 }

@@ -156,8 +156,6 @@ pub struct LinkConfig {
     pub stable_after: Duration,
     /// Handshake timeout.
     pub connect_timeout: Duration,
-    /// Read timeout in the stream loop.
-    pub poll: Duration,
     /// Silence before the edge pings.
     pub ping_after: Duration,
     /// Silence before the link is declared dead.
@@ -191,6 +189,9 @@ pub struct Config {
     pub spool_max_bytes: u64,
     /// Write + fsync period of the spool.
     pub spool_sync_interval: Duration,
+    /// How far ahead of an energy counter its saved ceiling runs (at the
+    /// recent power): the most energy a crash can add to a counter.
+    pub energy_headroom: Duration,
     /// Trust the wall clock from the start.
     pub trust_clock: bool,
     /// Override of the synchronization check.
@@ -199,6 +200,9 @@ pub struct Config {
     pub link: LinkConfig,
     /// Meters (at least one, unique ids).
     pub meters: Vec<MeterConfig>,
+    /// Keys present in the file that are no longer used (warned about at
+    /// start).
+    pub ignored_keys: Vec<&'static str>,
 }
 
 impl Config {
@@ -243,8 +247,14 @@ impl Config {
             spool_dir: raw.spool_dir,
             spool_max_bytes: raw.spool_max_bytes,
             spool_sync_interval: ms(raw.spool_sync_interval_ms),
+            energy_headroom: Duration::from_secs(raw.energy_headroom_s),
             trust_clock: raw.trust_clock,
             clock_sync_file: raw.clock_sync_file,
+            ignored_keys: if raw.link.poll_ms.is_some() {
+                vec!["link.poll_ms"]
+            } else {
+                vec![]
+            },
             link,
             meters: raw.meters,
         })
@@ -261,6 +271,15 @@ fn check_intervals_and_spool(raw: &RawConfig) -> Result<(), String> {
     }
     if !(10..=60_000).contains(&raw.spool_sync_interval_ms) {
         return Err("spool_sync_interval_ms must be between 10 and 60000".into());
+    }
+    if !(5..=3600).contains(&raw.energy_headroom_s) {
+        return Err("energy_headroom_s must be between 5 and 3600".into());
+    }
+    if raw.energy_headroom_s * 1000 < 4 * raw.spool_sync_interval_ms {
+        return Err(
+            "energy_headroom_s must be at least 4 sync intervals (spool_sync_interval_ms / 250)"
+                .into(),
+        );
     }
     if raw.spool_dir.as_os_str().is_empty() {
         return Err("spool_dir must not be empty".into());
@@ -285,9 +304,6 @@ fn validate_link(l: &RawLink) -> Result<LinkConfig, String> {
     if let Some((name, _)) = durations.iter().find(|(_, v)| *v > DAY_MS) {
         return Err(format!("link.{name} must be at most 86400000 (a day)"));
     }
-    if l.poll_ms == 0 || l.poll_ms > 1000 {
-        return Err("link.poll_ms must be between 1 and 1000".into());
-    }
     if l.connect_timeout_ms == 0 || l.ping_after_ms == 0 || l.dead_after_ms <= l.ping_after_ms {
         return Err("link timeouts must be > 0 and link.dead_after_ms > link.ping_after_ms".into());
     }
@@ -306,7 +322,6 @@ fn validate_link(l: &RawLink) -> Result<LinkConfig, String> {
         backoff_cap: ms(l.backoff_cap_ms),
         stable_after: ms(l.stable_after_ms),
         connect_timeout: ms(l.connect_timeout_ms),
-        poll: ms(l.poll_ms),
         ping_after: ms(l.ping_after_ms),
         dead_after: ms(l.dead_after_ms),
         max_in_flight: l.max_in_flight,
@@ -358,7 +373,44 @@ kind = "simulated"
         assert!(!c.trust_clock);
         assert_eq!(c.link.backoff_base, Duration::from_secs(1));
         assert_eq!(c.link.backoff_cap, Duration::from_secs(60));
+        assert_eq!(c.energy_headroom, Duration::from_secs(30));
         assert_eq!(c.meters.len(), 1);
+        assert!(c.ignored_keys.is_empty());
+    }
+
+    #[test]
+    fn the_energy_headroom_is_bounded_and_poll_ms_is_ignored() {
+        let c = parse(&format!(
+            "energy_headroom_s = 120
+{MIN}"
+        ))
+        .unwrap();
+        assert_eq!(c.energy_headroom, Duration::from_secs(120));
+        for bad in ["energy_headroom_s = 4", "energy_headroom_s = 3601"] {
+            let e = parse(&format!(
+                "{bad}
+{MIN}"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("energy_headroom_s"), "{e}");
+        }
+        // A minute between syncs needs at least four minutes of headroom.
+        let slow = format!(
+            "spool_sync_interval_ms = 60000
+energy_headroom_s = 60
+{MIN}"
+        );
+        assert!(parse(&slow).unwrap_err().to_string().contains("4 sync"));
+        // Older files with the polling link's key still load.
+        let old = parse(&format!(
+            "{MIN}
+[link]
+poll_ms = 50
+"
+        ))
+        .unwrap();
+        assert_eq!(old.ignored_keys, ["link.poll_ms"]);
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub struct RawConfig {
     /// How often buffered readings are written and fsynced.
     #[serde(default = "default_spool_sync_ms")]
     pub spool_sync_interval_ms: u64,
+    /// How far ahead of an energy counter its saved ceiling runs, in
+    /// seconds at the recent power (energy a crash may add; SD writes).
+    #[serde(default = "default_energy_headroom_s")]
+    pub energy_headroom_s: u64,
     /// The system clock is right from boot (RTC): do not wait for time sync.
     #[serde(default)]
     pub trust_clock: bool,
@@ -69,8 +73,9 @@ pub struct RawLink {
     pub stable_after_ms: u64,
     /// TCP connect + TLS + WebSocket handshake timeout.
     pub connect_timeout_ms: u64,
-    /// Socket read timeout in the stream loop (latency of live sends and pongs).
-    pub poll_ms: u64,
+    /// No longer used (the stream loop waits in `poll(2)`, no timeout);
+    /// accepted so that older config files still load.
+    pub poll_ms: Option<u64>,
     /// The edge pings the hub after this much silence.
     pub ping_after_ms: u64,
     /// The link is declared dead after this much silence from the hub.
@@ -91,7 +96,7 @@ impl Default for RawLink {
             backoff_cap_ms: 60_000,
             stable_after_ms: 30_000,
             connect_timeout_ms: 10_000,
-            poll_ms: 50,
+            poll_ms: None,
             ping_after_ms: 30_000,
             dead_after_ms: 75_000,
             max_in_flight: 512,
@@ -112,4 +117,7 @@ fn default_spool_max_bytes() -> u64 {
 }
 fn default_spool_sync_ms() -> u64 {
     1000
+}
+fn default_energy_headroom_s() -> u64 {
+    crate::ceiling::DEFAULT_HEADROOM.as_secs()
 }

@@ -9,7 +9,9 @@
 //!
 //! - [`connect`](mod@connect): TCP, TLS and the authenticated WebSocket
 //!   handshake.
-//! - [`session`]: the CONNECTED loop (send, read acks, ping, close).
+//! - [`session`]: the CONNECTED loop (send, read acks, ping, close),
+//!   sleeping in `poll(2)` until a frame arrives or a reading is handed
+//!   over (see [`crate::wake`]).
 //! - This module: the RETRYING/CONNECTED loop and how long to back off
 //!   after each way a connection can end. Close code 4000 (another
 //!   connection with this device id replaced us: a cloned SD card), 4001
@@ -32,7 +34,7 @@ use crate::outbox::SharedOutbox;
 use crate::shutdown::Shutdown;
 
 pub use connect::{connect, resolve, tls_config, ConnectError, Socket, Target, TlsError};
-pub use session::{Session, SessionEnd, ACK_WAIT};
+pub use session::{Session, SessionEnd, ACK_WAIT, BEAT_EVERY};
 
 /// The RETRYING/CONNECTED loop.
 pub struct Link {
@@ -184,7 +186,7 @@ impl Link {
             self.health.link_beat();
             let step = until
                 .saturating_duration_since(Instant::now())
-                .min(Duration::from_secs(1));
+                .min(BEAT_EVERY);
             if self.shutdown.wait(step) {
                 break;
             }

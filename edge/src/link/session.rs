@@ -1,14 +1,21 @@
-//! One CONNECTED period: the stream loop over one socket.
+//! One CONNECTED period: the stream loop over one socket, event-driven.
 //!
-//! - The loop reads with a short socket timeout (`link.poll_ms`), so it
-//!   wakes up often to send new readings from the outbox and to flush the
-//!   pongs tungstenite queues when the hub pings (a pong is only written on
-//!   the next read, write or flush). It pings the hub itself after
-//!   `ping_after` of silence and gives up on a link silent for `dead_after`
-//!   (a half-open TCP connection).
+//! - The socket is non-blocking. The loop reads every frame that has
+//!   arrived (until a read would block: that empties tungstenite's and
+//!   rustls's buffers too, which `poll` cannot see), sends what the outbox
+//!   has, flushes, and then sleeps in `poll(2)` on the socket and the
+//!   outbox's [`Wake`](crate::wake::Wake) descriptor until a frame arrives,
+//!   the sampler hands over a reading, the socket takes bytes again (only
+//!   while a write is pending) or the next timer is due ([`Deadlines`]):
+//!   the status frame, a ping after `ping_after` of silence, the dead-link
+//!   check after `dead_after`, the pacer's next token, a spool read retry,
+//!   the watchdog heartbeat. A reading goes out the moment it is taken;
+//!   an idle link sleeps for seconds.
 //! - What it sends is paced by the [`Pacer`]; what the hub answers goes to
 //!   the outbox: an ack marks readings done, a `rate_limited` rejection
-//!   puts the reading back, any other rejection removes it for good.
+//!   puts the reading back, any other rejection removes it for good. The
+//!   pongs tungstenite queues for the hub's pings go out with the next
+//!   flush, at once.
 //! - On shutdown it sends what the in-flight window allows, then waits (at
 //!   most [`ACK_WAIT`]) until every reading in flight is acknowledged, and
 //!   only then sends close 1001: the hub treats a close as the end of the
@@ -16,7 +23,9 @@
 //!   the last readings in the spool, resent (as duplicates the hub ignores)
 //!   on the next start. It then waits briefly for the close reply.
 
+use std::io;
 use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use ems_shared::{HubFrame, RejectReason, CLOSE_CONFLICT, CLOSE_REPLACED, CLOSE_REVOKED};
@@ -24,12 +33,13 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::Message;
 
-use super::connect::{is_timeout, Socket};
+use super::connect::Socket;
 use crate::backoff::Pacer;
 use crate::config::LinkConfig;
 use crate::health::Health;
 use crate::outbox::SharedOutbox;
 use crate::shutdown::Shutdown;
+use crate::wake::{self, Wake};
 
 /// Readings taken from the outbox per loop iteration.
 const SEND_BATCH: usize = 64;
@@ -38,8 +48,8 @@ const SEND_BATCH: usize = 64;
 pub const ACK_WAIT: Duration = Duration::from_millis(1000);
 /// How long to wait for the hub's close reply on shutdown.
 const CLOSE_WAIT: Duration = Duration::from_millis(1000);
-/// A blocked socket write gives up after this long.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The loop beats the watchdog at least this often while it sleeps.
+pub const BEAT_EVERY: Duration = Duration::from_secs(5);
 
 /// How a CONNECTED period ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,18 +67,55 @@ pub enum SessionEnd {
     Lost(String),
 }
 
+/// The timers of the stream loop, pure: when it must wake up even if
+/// nothing arrives.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// The next `status` frame is due.
+    pub status: Instant,
+    /// Last frame from the hub.
+    pub last_rx: Instant,
+    /// A ping was sent since `last_rx`.
+    pub pinged: bool,
+    /// Ping after this much silence.
+    pub ping_after: Duration,
+    /// Give up after this much silence.
+    pub dead_after: Duration,
+    /// More readings may be sent then (the pacer's next token, a spool
+    /// read retry, or now when a batch was cut short).
+    pub more: Option<Instant>,
+}
+
+impl Deadlines {
+    /// When the loop must wake up next, at most [`BEAT_EVERY`] after `now`.
+    pub fn next(&self, now: Instant) -> Instant {
+        let silence = if self.pinged {
+            self.last_rx + self.dead_after
+        } else {
+            self.last_rx + self.ping_after
+        };
+        let mut at = (now + BEAT_EVERY).min(self.status).min(silence);
+        if let Some(more) = self.more {
+            at = at.min(more);
+        }
+        at
+    }
+}
+
 /// The stream loop's state for one connection.
 pub struct Session<'a> {
     /// Link tuning.
     cfg: &'a LinkConfig,
     /// Where readings come from and acks go.
     outbox: &'a SharedOutbox,
-    /// Stop signal.
+    /// Stop signal (it also signals `wake`).
     shutdown: &'a Shutdown,
     /// Heartbeat for the watchdog.
     health: &'a Health,
     /// Send pacing; it outlives the connection (a rate limit stays learnt).
     pacer: &'a mut Pacer,
+    /// Signalled when a reading can go out (or at the stop).
+    wake: &'a Wake,
     /// Last frame from the hub.
     last_rx: Instant,
     /// A ping was sent since `last_rx`.
@@ -77,6 +124,11 @@ pub struct Session<'a> {
     close_code: Option<u16>,
     /// When the next `status` frame is due.
     next_status: Instant,
+    /// Bytes wait in tungstenite's or rustls's buffers because the socket
+    /// would block (or a pong is queued): flush when it takes bytes again.
+    write_pending: bool,
+    /// When more readings may be sent without a wake-up.
+    more: Option<Instant>,
 }
 
 impl<'a> Session<'a> {
@@ -91,6 +143,7 @@ impl<'a> Session<'a> {
         let now = Instant::now();
         Session {
             cfg,
+            wake: outbox.wake(),
             outbox,
             shutdown,
             health,
@@ -99,19 +152,21 @@ impl<'a> Session<'a> {
             pinged: false,
             close_code: None,
             next_status: now,
+            write_pending: false,
+            more: None,
         }
     }
 
     /// Streams until shutdown or until the connection ends. `control` is a
-    /// clone of the TCP stream, to set its timeouts.
+    /// clone of the TCP stream (to make it non-blocking and to poll it).
     pub fn run(mut self, ws: &mut Socket, control: &TcpStream) -> SessionEnd {
-        if let Err(e) = control
-            .set_read_timeout(Some(self.cfg.poll))
-            .and_then(|()| control.set_write_timeout(Some(WRITE_TIMEOUT)))
-        {
+        if let Err(e) = control.set_nonblocking(true) {
             return SessionEnd::Lost(format!("socket setup: {e}"));
         }
+        let fd = control.as_raw_fd();
         self.outbox.lock().connected();
+        // Whatever was signalled while disconnected is in the outbox now.
+        self.wake.clear();
         self.last_rx = Instant::now();
         // A status frame right away, then every `status_every`.
         self.next_status = Instant::now();
@@ -120,57 +175,131 @@ impl<'a> Session<'a> {
             if self.shutdown.is_triggered() {
                 // The sampler has stopped: send what the window allows, then close.
                 self.send_remaining(ws);
-                if self.await_acks(ws) {
-                    self.close_gracefully(ws);
+                if self.await_acks(ws, fd) {
+                    self.close_gracefully(ws, fd);
                 }
                 return SessionEnd::Shutdown;
             }
-            let step = self
-                .send(ws)
-                .and_then(|()| self.receive(ws))
-                .and_then(|()| self.watch_silence(ws));
-            if let Err(end) = step {
+            if let Err(end) = self.step(ws, fd) {
                 return self.after_close(end);
             }
         }
     }
 
-    /// Sends the status frame when due, then what the window and the pacer
-    /// allow.
-    fn send(&mut self, ws: &mut Socket) -> Result<(), SessionEnd> {
-        if Instant::now() >= self.next_status {
-            let status = self.outbox.lock().status();
-            tolerate_timeout(ws.write(Message::text(status.to_json())), "send")?;
-            self.next_status = Instant::now() + self.cfg.status_every;
-        }
-        let allowed = self.pacer.take(SEND_BATCH, Instant::now());
-        let batch = self.outbox.lock().next_batch(allowed);
-        self.pacer.refund(allowed - batch.len());
-        if !batch.is_empty() {
-            for o in &batch {
-                tolerate_timeout(ws.write(Message::text(o.json.to_string())), "send")?;
-            }
-            tolerate_timeout(ws.flush(), "send")?;
+    /// One turn of the loop: everything that can be done now, then sleep
+    /// until something happens.
+    fn step(&mut self, ws: &mut Socket, fd: RawFd) -> Result<(), SessionEnd> {
+        self.receive(ws)?;
+        self.send(ws)?;
+        self.watch_silence(ws)?;
+        self.flush(ws)?;
+        let now = Instant::now();
+        let deadlines = Deadlines {
+            status: self.next_status,
+            last_rx: self.last_rx,
+            pinged: self.pinged,
+            ping_after: self.cfg.ping_after,
+            dead_after: self.cfg.dead_after,
+            more: self.more,
+        };
+        let timeout = deadlines.next(now).saturating_duration_since(now);
+        let ready = wake::wait(fd, self.write_pending, self.wake, Some(timeout))
+            .map_err(|e| SessionEnd::Lost(format!("poll failed: {e}")))?;
+        if ready.woken {
+            self.wake.clear();
         }
         Ok(())
     }
 
-    /// Reads one message, or times out after `poll`.
+    /// Sends the status frame when due, then what the window and the pacer
+    /// allow (nothing more while earlier bytes wait for the socket).
+    fn send(&mut self, ws: &mut Socket) -> Result<(), SessionEnd> {
+        self.more = None;
+        if self.write_pending {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if now >= self.next_status {
+            let status = self.outbox.lock().status();
+            self.write(ws, Message::text(status.to_json()))?;
+            self.next_status = now + self.cfg.status_every;
+        }
+        let allowed = self.pacer.take(SEND_BATCH, now);
+        let (batch, retry_at) = {
+            let mut ob = self.outbox.lock();
+            (ob.next_batch(allowed), ob.retry_at())
+        };
+        self.pacer.refund(allowed - batch.len());
+        for o in &batch {
+            self.write(ws, Message::text(o.json.to_string()))?;
+        }
+        // Cut short by the batch size or the pacer: there may be more.
+        if batch.len() == allowed {
+            self.more = Some(if allowed == SEND_BATCH {
+                now
+            } else {
+                now + self.pacer.next_token_in(now)
+            });
+        }
+        if let Some(t) = retry_at {
+            self.more = Some(self.more.map_or(t, |m| m.min(t)));
+        }
+        Ok(())
+    }
+
+    /// Queues one message; a socket that would block keeps it buffered.
+    fn write(&mut self, ws: &mut Socket, msg: Message) -> Result<(), SessionEnd> {
+        match ws.write(msg) {
+            Ok(()) => {
+                self.write_pending = true;
+                Ok(())
+            }
+            Err(e) => self.blocked_or_lost(e, "send"),
+        }
+    }
+
+    /// Writes out what is buffered; notes whether some of it must wait.
+    fn flush(&mut self, ws: &mut Socket) -> Result<(), SessionEnd> {
+        if !self.write_pending {
+            return Ok(());
+        }
+        match ws.flush() {
+            Ok(()) => {
+                self.write_pending = false;
+                Ok(())
+            }
+            Err(e) => self.blocked_or_lost(e, "flush"),
+        }
+    }
+
+    /// A write or flush that would block leaves the bytes buffered (sent
+    /// when the socket takes them); any other error ends the connection.
+    fn blocked_or_lost(&mut self, e: tungstenite::Error, what: &str) -> Result<(), SessionEnd> {
+        match e {
+            tungstenite::Error::Io(io) if would_block(&io) => {
+                self.write_pending = true;
+                Ok(())
+            }
+            e => Err(SessionEnd::Lost(format!("{what} failed: {e}"))),
+        }
+    }
+
+    /// Handles every frame that has arrived, until a read would block.
     fn receive(&mut self, ws: &mut Socket) -> Result<(), SessionEnd> {
-        match ws.read() {
-            Ok(msg) => {
-                self.last_rx = Instant::now();
-                self.pinged = false;
-                self.on_message(ws, msg)
+        loop {
+            match ws.read() {
+                Ok(msg) => {
+                    self.last_rx = Instant::now();
+                    self.pinged = false;
+                    self.on_message(ws, msg)?;
+                }
+                Err(tungstenite::Error::Io(e)) if would_block(&e) => return Ok(()),
+                Err(tungstenite::Error::ConnectionClosed)
+                | Err(tungstenite::Error::AlreadyClosed) => {
+                    return Err(SessionEnd::Lost("hub closed the connection".into()))
+                }
+                Err(e) => return Err(SessionEnd::Lost(e.to_string())),
             }
-            Err(tungstenite::Error::Io(e)) if is_timeout(&e) => {
-                // Idle: flush queued pongs / partial writes.
-                tolerate_timeout(ws.flush(), "flush")
-            }
-            Err(tungstenite::Error::ConnectionClosed) | Err(tungstenite::Error::AlreadyClosed) => {
-                Err(SessionEnd::Lost("hub closed the connection".into()))
-            }
-            Err(e) => Err(SessionEnd::Lost(e.to_string())),
         }
     }
 
@@ -196,8 +325,8 @@ impl<'a> Session<'a> {
         match msg {
             Message::Text(t) => self.handle_text(t.as_str()),
             Message::Ping(_) => {
-                // tungstenite queued the pong; write it now.
-                let _ = ws.flush();
+                // tungstenite queued the pong; written by the next flush.
+                self.write_pending = true;
             }
             Message::Close(frame) => {
                 self.close_code = frame.as_ref().map(|f| u16::from(f.code));
@@ -228,7 +357,7 @@ impl<'a> Session<'a> {
         }
         if silent >= self.cfg.ping_after && !self.pinged {
             self.pinged = true;
-            tolerate_timeout(ws.send(Message::Ping(Default::default())), "ping")?;
+            self.write(ws, Message::Ping(Default::default()))?;
         }
         Ok(())
     }
@@ -292,21 +421,58 @@ impl<'a> Session<'a> {
                 break;
             }
             for o in &batch {
-                if ws.write(Message::text(o.json.to_string())).is_err() {
+                if self.write(ws, Message::text(o.json.to_string())).is_err() {
                     return;
                 }
             }
         }
-        let _ = ws.flush();
+        let _ = self.flush(ws);
+    }
+
+    /// Waits (in poll) until `deadline` for the socket; false if it failed.
+    fn wait_socket(&mut self, fd: RawFd, deadline: Instant) -> bool {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        match wake::wait(fd, self.write_pending, self.wake, Some(timeout)) {
+            Ok(ready) => {
+                // The stop signal stays set; only the socket matters now.
+                if ready.woken {
+                    self.wake.clear();
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Reads what has arrived during the stop: acks (and the close);
+    /// returns false if the link ended or the hub is closing.
+    fn receive_at_stop(&mut self, ws: &mut Socket) -> bool {
+        loop {
+            match ws.read() {
+                Ok(Message::Text(t)) => self.handle_text(t.as_str()),
+                Ok(Message::Ping(_)) => self.write_pending = true,
+                Ok(Message::Close(_)) => {
+                    // The hub is closing: tungstenite queued the reply.
+                    let _ = ws.flush();
+                    return false;
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e)) if would_block(&e) => return true,
+                Err(_) => return false,
+            }
+        }
     }
 
     /// On shutdown, before the close: reads until nothing is in flight (or
     /// [`ACK_WAIT`] passed). Returns false if the link ended meanwhile.
-    fn await_acks(&mut self, ws: &mut Socket) -> bool {
+    fn await_acks(&mut self, ws: &mut Socket, fd: RawFd) -> bool {
         let started = Instant::now();
         let deadline = started + ACK_WAIT;
         let at_stop = self.outbox.lock().stats().in_flight;
         loop {
+            if self.flush(ws).is_err() || !self.receive_at_stop(ws) {
+                return false;
+            }
             let in_flight = self.outbox.lock().stats().in_flight;
             if in_flight == 0 {
                 if at_stop > 0 {
@@ -325,40 +491,32 @@ impl<'a> Session<'a> {
                 return true;
             }
             self.health.link_beat();
-            match ws.read() {
-                Ok(Message::Text(t)) => self.handle_text(t.as_str()),
-                Ok(Message::Ping(_)) => {
-                    let _ = ws.flush();
-                }
-                Ok(Message::Close(_)) => {
-                    // The hub is closing: tungstenite queued the reply.
-                    let _ = ws.flush();
-                    return false;
-                }
-                Ok(_) => {}
-                Err(tungstenite::Error::Io(e)) if is_timeout(&e) => {
-                    let _ = ws.flush();
-                }
-                Err(_) => return false,
+            if !self.wait_socket(fd, deadline) {
+                return false;
             }
         }
     }
 
-    fn close_gracefully(&mut self, ws: &mut Socket) {
+    fn close_gracefully(&mut self, ws: &mut Socket, fd: RawFd) {
         let frame = CloseFrame {
             code: CloseCode::Away,
             reason: "edge shutting down".into(),
         };
-        if ws.close(Some(frame)).is_err() {
-            return;
+        match ws.close(Some(frame)) {
+            Ok(()) => {}
+            Err(tungstenite::Error::Io(e)) if would_block(&e) => self.write_pending = true,
+            Err(_) => return,
         }
         let deadline = Instant::now() + CLOSE_WAIT;
         while Instant::now() < deadline {
+            let _ = self.flush(ws);
             match ws.read() {
                 Ok(Message::Text(t)) => self.handle_text(t.as_str()),
                 Ok(_) => {}
-                Err(tungstenite::Error::Io(e)) if is_timeout(&e) => {
-                    let _ = ws.flush();
+                Err(tungstenite::Error::Io(e)) if would_block(&e) => {
+                    if !self.wait_socket(fd, deadline) {
+                        break;
+                    }
                 }
                 Err(_) => break,
             }
@@ -367,12 +525,76 @@ impl<'a> Session<'a> {
     }
 }
 
-/// A socket write that timed out is retried by the next flush; any other
-/// failure ends the connection (`what` names the operation).
-fn tolerate_timeout(r: tungstenite::Result<()>, what: &str) -> Result<(), SessionEnd> {
-    match r {
-        Err(tungstenite::Error::Io(io)) if is_timeout(&io) => Ok(()),
-        Err(e) => Err(SessionEnd::Lost(format!("{what} failed: {e}"))),
-        Ok(()) => Ok(()),
+/// The socket would block (nothing to read now, or no room to write).
+fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deadlines(now: Instant) -> Deadlines {
+        Deadlines {
+            status: now + Duration::from_secs(10),
+            last_rx: now,
+            pinged: false,
+            ping_after: Duration::from_secs(30),
+            dead_after: Duration::from_secs(75),
+            more: None,
+        }
+    }
+
+    #[test]
+    fn an_idle_link_sleeps_until_its_next_timer() {
+        let now = Instant::now();
+        let s = Duration::from_secs;
+        // Idle, status just sent: the watchdog beat is the first timer.
+        let d = deadlines(now);
+        assert_eq!(d.next(now), now + BEAT_EVERY);
+        // The status frame is due in 2 s.
+        let d = Deadlines {
+            status: now + s(2),
+            ..deadlines(now)
+        };
+        assert_eq!(d.next(now), now + s(2));
+        // Silent for 28 s: the ping is due in 2 s; after it, the dead-link
+        // check (75 s after the last frame).
+        let d = Deadlines {
+            last_rx: now - s(28),
+            ..deadlines(now)
+        };
+        assert_eq!(d.next(now), now + s(2));
+        let d = Deadlines {
+            last_rx: now - s(73),
+            pinged: true,
+            ..deadlines(now)
+        };
+        assert_eq!(d.next(now), now + s(2));
+        // A long beat interval never hides them: at most BEAT_EVERY.
+        let d = Deadlines {
+            status: now + s(3600),
+            last_rx: now,
+            ping_after: s(3600),
+            dead_after: s(7200),
+            ..deadlines(now)
+        };
+        assert_eq!(d.next(now), now + BEAT_EVERY);
+    }
+
+    #[test]
+    fn readings_held_by_the_pacer_set_the_timer() {
+        let now = Instant::now();
+        let d = Deadlines {
+            more: Some(now + Duration::from_millis(40)),
+            ..deadlines(now)
+        };
+        assert_eq!(d.next(now), now + Duration::from_millis(40));
+        // A batch cut short by its size: go on at once.
+        let d = Deadlines {
+            more: Some(now),
+            ..deadlines(now)
+        };
+        assert_eq!(d.next(now), now);
     }
 }

@@ -74,10 +74,18 @@ pub trait Meter: Send {
     fn read(&mut self) -> Result<Vec<Measurement>, MeterError>;
     /// Called once the meter is open, before its first read: continue every
     /// energy counter the edge keeps for it from at least its value in
-    /// `floor` (the newest readings in the spool), so a counter never
-    /// restarts below a reading that already left (see [`persist`]). A meter
-    /// whose counter lives in the meter itself (Modbus) has nothing to do.
+    /// `floor` (its saved energy ceiling, the newest readings in the
+    /// spool), so a counter never restarts below a reading that already
+    /// left (see [`persist`]). A meter whose counter lives in the meter
+    /// itself (Modbus) has nothing to do.
     fn resume_energy(&mut self, floor: &persist::EnergyFloor);
+    /// The energy counter lives in the meter itself (a Modbus meter's
+    /// import register), not in the edge: a crash of the edge cannot make
+    /// it go backwards, so its readings need no energy ceiling
+    /// ([`crate::ceiling`]).
+    fn counts_energy_itself(&self) -> bool {
+        false
+    }
 }
 
 /// One `[[meter]]` table of the edge config, tagged by `kind`.

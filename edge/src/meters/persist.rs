@@ -10,18 +10,20 @@
 //! - a write is atomic: the new content goes to `<file>.tmp`, is fsynced, and
 //!   is renamed over the old file (readers see the old or the new value,
 //!   never half of one); the directory is fsynced best-effort;
-//! - writes are rate-limited to one per `min_interval` (60 s by default), plus
-//!   one when a meter starts failing (the last value before the failure)
-//!   and one final write when the meter is dropped (SIGTERM).
+//! - writes are rate-limited to one per `min_interval` (15 minutes by
+//!   default), plus one when a meter starts failing (the last value before
+//!   the failure) and one final write when the meter is dropped (SIGTERM).
 //!
-//! A state file alone can therefore be up to a minute behind the readings
-//! already sent. What keeps a counter from ever going backwards is the
-//! [`EnergyFloor`]: at start the edge reads the newest readings in the
-//! spool (a reading leaves the edge only once it is durable there, and the
-//! newest few hundred stay on disk after their acks), and every meter
-//! continues from the larger of its state file and its last spooled
-//! `energy_wh` ([`Meter::resume_energy`](super::Meter::resume_energy)).
-//! No write per reading is needed.
+//! A state file alone can therefore be well behind the readings already
+//! sent. What keeps a counter from ever going backwards is the
+//! [`EnergyFloor`]: at start every meter continues from the largest of its
+//! state file, its saved [energy ceiling](crate::ceiling) (at least every
+//! value that left the edge; the exact last value after an orderly stop)
+//! and the newest `energy_wh` in the spool
+//! ([`Meter::resume_energy`](super::Meter::resume_energy)). So the state
+//! file is the exact value at a stop, and a backup in case the ceiling
+//! files are lost; writing it more often would only wear the card. No
+//! write per reading is needed.
 
 use std::collections::HashMap;
 use std::fs;
@@ -33,7 +35,7 @@ use std::time::{Duration, Instant};
 use crate::state_dir::{tmp_path, StateDir};
 
 /// Default bound on how often a state file is rewritten.
-pub const DEFAULT_MIN_INTERVAL: Duration = Duration::from_secs(60);
+pub const DEFAULT_MIN_INTERVAL: Duration = Duration::from_secs(15 * 60);
 
 /// One persisted text value with atomic, rate-limited writes.
 #[derive(Debug)]
@@ -132,9 +134,9 @@ impl StateFile {
     }
 }
 
-/// The highest `energy_wh` the spool's newest readings hold, per reading
-/// meter id (`main`, `mains-a`, …): where energy counters continue after a
-/// restart (see the module docs).
+/// The highest energy value per reading meter id (`main`, `mains-a`, …)
+/// among the saved ceilings and the spool's newest readings: where energy
+/// counters continue after a restart (see the module docs).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EnergyFloor(HashMap<String, f64>);
 
@@ -164,11 +166,12 @@ impl EnergyFloor {
     }
 }
 
-/// Logs that a counter continues from the spool rather than from its state
-/// file (which was behind: the edge stopped without its final write).
+/// Logs that a counter continues from its floor rather than from its
+/// state file (which was behind: the edge stopped without its final
+/// write, e.g. a crash).
 pub fn log_resumed(meter: &str, from_state: f64, floor: f64) {
     log::info!(
-        "meter {meter}: energy counter continues from {floor} Wh, the last value in the spool (its state file had {from_state} Wh)"
+        "meter {meter}: energy counter continues from {floor} Wh, its saved ceiling or the last value in the spool (its state file had {from_state} Wh)"
     );
 }
 
@@ -206,7 +209,9 @@ mod tests {
         assert!(!f.store("42", t0 + Duration::from_secs(1)).unwrap());
         let mut g = StateFile::new(dir.path(), "s0", "pulses");
         assert_eq!(g.load::<u64>().unwrap(), Some(41));
-        assert!(f.store("43", t0 + Duration::from_secs(61)).unwrap());
+        assert!(f
+            .store("43", t0 + DEFAULT_MIN_INTERVAL + Duration::from_secs(1))
+            .unwrap());
         assert_eq!(g.load::<u64>().unwrap(), Some(43));
         f.flush("44").unwrap();
         assert_eq!(g.load::<u64>().unwrap(), Some(44));

@@ -13,9 +13,10 @@
 //!
 //! # Counting
 //! - Energy = pulses / `pulses_per_kwh` kWh, from a counter persisted in
-//!   `<state_dir>/<id>.pulses` (atomic write, at most once a minute and on
-//!   shutdown: a power cut loses at most one minute of pulses; see
-//!   [`super::persist`]). A restart continues the count.
+//!   `<state_dir>/<id>.pulses` (atomic write, at most every 15 minutes and on
+//!   shutdown; after a power cut the count continues from the meter's energy
+//!   ceiling, never below what was sent; see [`super::persist`]). A restart
+//!   continues the count.
 //! - Power = 3 600 000 / (`pulses_per_kwh` · interval in s) W from the last
 //!   interval between two pulses (1000 imp/kWh, 1.8 s → 2000 W). When no pulse
 //!   has come for longer than that interval, the power reported decays as if

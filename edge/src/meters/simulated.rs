@@ -11,8 +11,8 @@
 //! - The energy counter integrates power over the monotonic time between
 //!   reads, so it only ever increases, across restarts too: like the
 //!   hardware drivers' counters it is persisted in
-//!   `<state_dir>/<id>.energy_wh` (at most once a minute and at stop) and
-//!   continues from the spool's last value when the state file is behind
+//!   `<state_dir>/<id>.energy_wh` (at most every 15 minutes and at stop)
+//!   and continues from its energy ceiling when the state file is behind
 //!   (see [`super::persist`]). Without a state file it starts at
 //!   `start_energy_wh`, or by default at a value derived from the wall
 //!   clock (≈ 400 W average since 2020).

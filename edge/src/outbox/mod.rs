@@ -14,6 +14,13 @@
 //! arrive at the sample rate and the window is much larger, the backlog
 //! drains at link speed and neither starves the other.
 //!
+//! When a reading may leave: at once, unless its `energy_wh` is above the
+//! saved [energy ceiling](crate::ceiling) of its meter; then it waits for
+//! the next sync, which raises the ceiling first. What the hub acknowledges
+//! before a sync is never written to the card (see [`crate::spool`]). The
+//! sampler and the supervisor learn from [`Outbox::take_wake_link`] and
+//! [`Outbox::take_sync_wanted`] whom to wake (see [`SharedOutbox`]).
+//!
 //! Acks are cumulative per connection: `ack(E, S)` covers `(E, S)` and every
 //! reading of epoch `E` sent before it on this connection (the hub handles a
 //! connection's frames in order). They are matched by position in the send
@@ -24,17 +31,21 @@
 
 pub mod state;
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ems_shared::{EdgeStatus, Reading};
 use thiserror::Error;
 
+use crate::ceiling::file::{CeilingWrite, Found};
+use crate::ceiling::{CeilingFile, Ceilings, DEFAULT_HEADROOM};
 use crate::meters::persist::EnergyFloor;
 use crate::spool::{Dropped, Slot, Spool};
 use crate::state_dir::DirLock;
+use crate::wake::Wake;
 
 pub use state::{AckOutcome, DropCause, Flight, OutboxState};
 
@@ -44,6 +55,10 @@ const READ_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Repeated warnings (drops, damaged records, read errors) are logged at
 /// most this often, with the count since.
 const WARN_EVERY: Duration = Duration::from_secs(60);
+/// Default lead of the energy ceiling: raised when less than this much
+/// time at the recent rate is left (two default sync intervals and a
+/// margin).
+const DEFAULT_LEAD: Duration = Duration::from_secs(3);
 
 /// A reading ready to go on the wire.
 #[derive(Debug, Clone)]
@@ -105,9 +120,9 @@ impl Throttle {
     }
 }
 
-/// Outbox = [`OutboxState`] + [`Spool`]. Shared behind a mutex; no method
-/// blocks on the network, and the slow part of a sync (fsync) happens outside
-/// the lock (see [`Outbox::flush`]).
+/// Outbox = [`OutboxState`] + [`Spool`] + [`Ceilings`]. Shared behind a
+/// mutex; no method blocks on the network, and the slow part of a sync
+/// (fsync) happens outside the lock (see [`Outbox::begin_sync`]).
 #[derive(Debug)]
 pub struct Outbox {
     /// What is done and what to send.
@@ -126,9 +141,22 @@ pub struct Outbox {
     damaged_log: Throttle,
     /// Readings dropped by a bound (log rate limit).
     dropped_log: Throttle,
-    /// Records below this were in the spool at the last flush: sendable
-    /// once that flush's fsync is done ([`Outbox::synced`]).
-    flushed_upto: u64,
+    /// The energy ceilings (what `energy_wh` may leave).
+    ceilings: Ceilings,
+    /// Where they are saved.
+    ceiling_file: CeilingFile,
+    /// What was in that file at open.
+    ceiling_found: Found,
+    /// Ceiling save failures (log rate limit).
+    ceiling_errors: Throttle,
+    /// Records appended and not yet released to the link, oldest first,
+    /// with their meter's energy: they wait for a ceiling raise (usually
+    /// empty).
+    held_back: VecDeque<(u64, Option<(String, f64)>)>,
+    /// Something became sendable while connected: wake the link.
+    wake_link: bool,
+    /// A reading waits for a ceiling raise: sync now.
+    sync_wanted: bool,
 }
 
 impl Outbox {
@@ -138,7 +166,10 @@ impl Outbox {
     }
 
     /// Like [`Outbox::open`], with the spool directory already locked.
+    /// The energy ceilings have the default headroom
+    /// ([`Outbox::set_energy_headroom`] changes it).
     pub fn open_locked(lock: DirLock, max_bytes: u64, window: usize) -> io::Result<Outbox> {
+        let (ceiling_file, saved, ceiling_found) = CeilingFile::open(lock.dir())?;
         let spool = Spool::open_locked(lock, max_bytes)?;
         let state = OutboxState::new(spool.acked_below(), spool.next_rec(), window);
         let mut ob = Outbox {
@@ -150,23 +181,104 @@ impl Outbox {
             read_errors: Throttle::default(),
             damaged_log: Throttle::default(),
             dropped_log: Throttle::default(),
-            flushed_upto: 0,
+            ceilings: Ceilings::new(saved, DEFAULT_HEADROOM, DEFAULT_LEAD),
+            ceiling_file,
+            ceiling_found,
+            ceiling_errors: Throttle::default(),
+            held_back: VecDeque::new(),
+            wake_link: false,
+            sync_wanted: false,
         };
         ob.refresh_stats();
         Ok(ob)
     }
 
+    /// Sets the energy ceilings' headroom and lead (see [`crate::ceiling`]).
+    /// Call before the first append.
+    pub fn set_energy_headroom(&mut self, headroom: Duration, lead: Duration) {
+        self.ceilings = Ceilings::new(self.ceilings.saved().clone(), headroom, lead);
+    }
+
+    /// What the ceiling file held at open (for the start's log lines).
+    pub fn ceiling_found(&self) -> Found {
+        self.ceiling_found
+    }
+
+    /// Readings of `meter` need no ceiling: its counter is the meter's own.
+    pub fn exempt_from_ceiling(&mut self, meter: &str) {
+        self.ceilings.exempt(meter);
+    }
+
+    /// The energy ceilings (tests, logs).
+    pub fn ceilings(&self) -> &Ceilings {
+        &self.ceilings
+    }
+
     /// Appends one reading. Never fails and never waits on the card beyond
     /// a buffered `write` (when the memory queue overflows); a reading that
-    /// cannot be written stays in memory. Returns the readings the bounds
-    /// dropped to make room (counted and logged).
+    /// cannot be written stays in memory. It may be sent at once unless its
+    /// energy is above its meter's saved ceiling (then it waits for the
+    /// next sync: [`Outbox::take_sync_wanted`]). Returns the readings the
+    /// bounds dropped to make room (counted and logged).
     pub fn append(&mut self, reading: &Reading) -> u64 {
         let json = reading.to_json();
         let (rec, drops) = self.spool.append(&json);
         self.state.appended(rec);
+        let energy = reading
+            .energy_wh
+            .filter(|e| e.is_finite() && *e >= 0.0)
+            .filter(|_| !self.ceilings.is_exempt(&reading.meter))
+            .map(|e| {
+                self.ceilings
+                    .observe(&reading.meter, reading.ts_ms, e, reading.power_w);
+                (reading.meter.clone(), e)
+            });
+        self.held_back.push_back((rec, energy));
         let lost = drops.into_iter().map(|d| self.dropped(d)).sum();
+        self.release_held_back();
         self.refresh_stats();
         lost
+    }
+
+    /// Releases to the link the held-back readings (in order) that the
+    /// saved ceilings admit.
+    fn release_held_back(&mut self) {
+        while let Some((rec, energy)) = self.held_back.front() {
+            let rec = *rec;
+            if !self.state.is_done(rec) {
+                if let Some((meter, e)) = energy {
+                    if !self.ceilings.admits(meter, *e) {
+                        self.sync_wanted = true;
+                        return;
+                    }
+                }
+                self.state.sendable_below(rec + 1);
+                self.wake_link |= self.state.is_connected();
+            }
+            self.held_back.pop_front();
+        }
+    }
+
+    /// Releases every held-back reading, admitted or not (the ceilings
+    /// cannot be saved: better sent than held).
+    fn release_all(&mut self) {
+        if self.held_back.pop_back().is_some() {
+            self.held_back.clear();
+            self.state.sendable_below(self.state.next_rec());
+            self.wake_link |= self.state.is_connected();
+        }
+    }
+
+    /// Whether something became sendable while connected since the last
+    /// call (the caller wakes the link).
+    pub fn take_wake_link(&mut self) -> bool {
+        std::mem::take(&mut self.wake_link)
+    }
+
+    /// Whether a reading waits for a ceiling raise since the last call
+    /// (the caller asks the supervisor for a sync now).
+    pub fn take_sync_wanted(&mut self) -> bool {
+        std::mem::take(&mut self.sync_wanted)
     }
 
     /// Counts and logs the readings a spool bound dropped.
@@ -244,6 +356,8 @@ impl Outbox {
                     Err(_) => self.damaged(rec, "not a valid reading"),
                 },
                 Ok(Slot::Lost(why)) => self.damaged(rec, why),
+                // Acknowledged before it was written (a previous run).
+                Ok(Slot::Done) => self.state.discard(rec),
                 Err(e) => {
                     if self.read_errors.due().is_some() {
                         log::warn!(
@@ -257,6 +371,12 @@ impl Outbox {
         }
         self.refresh_stats();
         out
+    }
+
+    /// When the backlog may be read again after a spool read error (the
+    /// link's timer), if that is still to come.
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.retry_backlog_at.filter(|t| *t > Instant::now())
     }
 
     /// A record that cannot be read back: skipped, counted, logged.
@@ -336,33 +456,85 @@ impl Outbox {
         }
     }
 
-    /// Deletes the spool segments the acks cover (needs no free space),
-    /// then writes the buffered readings to the spool files (`write(2)`,
-    /// fast). Returns the files to fsync; call [`sync_files`] on them
-    /// *after* releasing the lock. A failed write leaves the readings in
-    /// memory for the next flush.
-    pub fn flush(&mut self) -> io::Result<Vec<File>> {
+    /// The first half of a sync, under the lock: deletes the spool
+    /// segments the acks cover (needs no free space), writes the readings
+    /// not yet acknowledged to the spool files (`write(2)`, fast; acked
+    /// ones are skipped), and prepares raising the energy ceilings if they
+    /// need it. [`SyncJob::run`] does the slow part (fsyncs) *after* the
+    /// lock is released; then [`Outbox::end_sync`]. A failed write leaves
+    /// the readings in memory for the next sync.
+    pub fn begin_sync(&mut self) -> SyncJob {
         self.spool.release_below(self.state.low());
-        self.flushed_upto = self.state.next_rec();
-        let out = self.spool.flush();
+        let state = &self.state;
+        let files = self.spool.flush(&|rec| state.is_done(rec));
+        let ceiling = self.ceilings.plan().map(|v| self.ceiling_file.prepare(v));
         self.refresh_stats();
-        out
+        SyncJob { files, ceiling }
     }
 
-    /// The files of the last [`Outbox::flush`] are fsynced (or the flush
-    /// failed and will not succeed soon): the readings it covered may go
-    /// to the hub. See [`OutboxState::sendable_below`].
-    pub fn synced(&mut self) {
-        self.state.sendable_below(self.flushed_upto);
+    /// The second half of a sync, under the lock again: a saved ceiling
+    /// releases the readings that waited for it. If the ceiling could not
+    /// be saved, they are released anyway — held back they would not reach
+    /// the hub at all — and an error says what a crash could then do.
+    pub fn end_sync(&mut self, job: &SyncJob, done: &SyncDone) {
+        match (&job.ceiling, &done.ceiling) {
+            (Some(Ok(w)), Some(Ok(()))) => {
+                self.ceiling_file.saved(w);
+                self.ceilings.mark_saved(w.values.clone());
+                self.release_held_back();
+            }
+            (Some(planned), outcome) => {
+                let why = match (planned, outcome) {
+                    (Err(e), _) | (_, Some(Err(e))) => e.to_string(),
+                    _ => "not written".into(),
+                };
+                if let Some(more) = self.ceiling_errors.due() {
+                    log::error!(
+                        "energy ceiling {}: cannot save it: {why}; readings are sent anyway, so after a crash now an energy counter may restart below a value the hub has ({more} more failures since the last message)",
+                        self.ceiling_file.describe()
+                    );
+                }
+                self.release_all();
+            }
+            (None, _) => {}
+        }
+        self.refresh_stats();
     }
 
-    /// The highest `energy_wh` of each meter among the newest readings in
-    /// the spool (at least [`RETAIN_RECORDS`](crate::spool::RETAIN_RECORDS)
-    /// of them, which stay on disk after their acks): where the energy
-    /// counters continue after a restart, if their state files are behind.
+    /// A whole sync while holding the outbox (single-threaded tools and
+    /// tests; the edge itself uses [`SharedOutbox::sync`]).
+    pub fn sync_now(&mut self) -> SyncDone {
+        let job = self.begin_sync();
+        let done = job.run();
+        self.end_sync(&job, &done);
+        done
+    }
+
+    /// Saves the energy ceilings at an orderly stop, after the last
+    /// reading was taken and the link stopped: each meter's exact last
+    /// value, so the next start adds nothing to any counter. Returns the
+    /// write to run outside the lock (then [`Outbox::end_stop`]).
+    pub fn begin_stop(&mut self) -> io::Result<CeilingWrite> {
+        self.ceiling_file.prepare(self.ceilings.at_stop())
+    }
+
+    /// The stop's ceiling write (from [`Outbox::begin_stop`]) succeeded.
+    pub fn end_stop(&mut self, w: &CeilingWrite) {
+        self.ceiling_file.saved(w);
+        self.ceilings.mark_saved(w.values.clone());
+    }
+
+    /// Where the energy counters continue after a restart, per meter: the
+    /// larger of the saved ceilings and the highest `energy_wh` among the
+    /// newest readings in the spool (at least
+    /// [`FLOOR_RECORDS`](crate::spool::FLOOR_RECORDS) of them; they matter
+    /// after an upgrade from an edge without ceilings).
     pub fn energy_floor(&mut self) -> EnergyFloor {
         let mut floor = EnergyFloor::default();
-        for json in self.spool.newest_records(crate::spool::RETAIN_RECORDS) {
+        for (meter, v) in self.ceilings.saved() {
+            floor.raise(meter, *v);
+        }
+        for json in self.spool.newest_records(crate::spool::FLOOR_RECORDS) {
             if let Ok(r) = serde_json::from_str::<Reading>(&json) {
                 if let Some(e) = r.energy_wh {
                     floor.raise(&r.meter, e);
@@ -372,9 +544,10 @@ impl Outbox {
         floor
     }
 
-    /// Persists the ack watermark (cheap; done periodically and at exit).
+    /// Persists the ack watermark if acks of records on disk changed it
+    /// (cheap; done periodically and at exit).
     pub fn persist_watermark(&mut self) -> io::Result<()> {
-        self.spool.persist_watermark(self.state.low())
+        self.spool.save_watermark(self.state.low())
     }
 
     /// Counters.
@@ -404,12 +577,59 @@ impl Outbox {
     }
 }
 
-/// fsyncs files returned by [`Outbox::flush`].
-pub fn sync_files(files: Vec<File>) -> io::Result<()> {
+/// fsyncs files (from a [`SyncJob`]).
+pub fn sync_files(files: &[File]) -> io::Result<()> {
     for f in files {
         f.sync_data()?;
     }
     Ok(())
+}
+
+/// The slow half of a sync, run outside the outbox lock (see
+/// [`Outbox::begin_sync`]).
+#[derive(Debug)]
+pub struct SyncJob {
+    /// The spool files to fsync, or why they could not be written.
+    files: io::Result<Vec<File>>,
+    /// The ceiling save, if one is due.
+    ceiling: Option<io::Result<CeilingWrite>>,
+}
+
+/// What [`SyncJob::run`] did.
+#[derive(Debug)]
+pub struct SyncDone {
+    /// The spool: written and fsynced, or why not.
+    pub spool: Result<(), SyncError>,
+    /// The ceiling save, if one was due.
+    pub ceiling: Option<io::Result<()>>,
+    /// fdatasync calls made.
+    pub syncs: usize,
+}
+
+impl SyncJob {
+    /// fsyncs the spool files, then writes and fsyncs the ceilings. Any
+    /// order would do: a reading is released only after both.
+    pub fn run(&self) -> SyncDone {
+        let (spool, mut syncs) = match &self.files {
+            Ok(files) => (sync_files(files).map_err(SyncError::Fsync), files.len()),
+            Err(e) => (
+                Err(SyncError::Write(io::Error::new(e.kind(), e.to_string()))),
+                0,
+            ),
+        };
+        let ceiling = self.ceiling.as_ref().map(|w| match w {
+            Ok(w) => {
+                syncs += 1;
+                w.run()
+            }
+            Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+        });
+        SyncDone {
+            spool,
+            ceiling,
+            syncs,
+        }
+    }
 }
 
 /// Why [`SharedOutbox::sync`] failed (disk full, card errors). The readings
@@ -424,39 +644,134 @@ pub enum SyncError {
     Fsync(io::Error),
 }
 
-/// The [`Outbox`] as the sampler, the link and the supervisor share it.
+/// A doorbell the supervisor sleeps on between syncs: rung when a reading
+/// waits for a ceiling raise (sync now rather than at the next tick) and at
+/// shutdown.
+#[derive(Debug, Default)]
+pub struct SyncBell {
+    /// Rung since the last wait.
+    rung: Mutex<bool>,
+    /// Wakes the waiter.
+    cv: Condvar,
+}
+
+impl SyncBell {
+    /// Rings.
+    pub fn ring(&self) {
+        let mut rung = self.rung.lock().unwrap_or_else(|p| p.into_inner());
+        *rung = true;
+        self.cv.notify_all();
+    }
+
+    /// Sleeps until rung or `deadline`; returns whether it was rung (and
+    /// resets it).
+    pub fn wait_until(&self, deadline: Instant) -> bool {
+        let mut rung = self.rung.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if std::mem::take(&mut *rung) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            rung = match self.cv.wait_timeout(rung, deadline - now) {
+                Ok((r, _)) => r,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+}
+
+/// The [`Outbox`] as the sampler, the link and the supervisor share it,
+/// with the two ways to wake them: the link's [`Wake`] (a reading may go
+/// out) and the supervisor's [`SyncBell`] (a reading waits for a sync).
 ///
 /// A panic while the lock is held (a bug) must not stop the other threads:
 /// every method of [`Outbox`] leaves it consistent between calls, so a
 /// poisoned lock is taken over as it is.
 #[derive(Debug, Clone)]
-pub struct SharedOutbox(Arc<Mutex<Outbox>>);
+pub struct SharedOutbox {
+    /// The outbox.
+    inner: Arc<Mutex<Outbox>>,
+    /// Signalled when a reading can go out while connected.
+    wake: Arc<Wake>,
+    /// Rung when a sync is wanted now.
+    bell: Arc<SyncBell>,
+}
 
 impl SharedOutbox {
-    /// Shares `outbox`.
-    pub fn new(outbox: Outbox) -> Self {
-        SharedOutbox(Arc::new(Mutex::new(outbox)))
+    /// Shares `outbox`; fails only if no eventfd can be had.
+    pub fn new(outbox: Outbox) -> io::Result<Self> {
+        Ok(SharedOutbox {
+            inner: Arc::new(Mutex::new(outbox)),
+            wake: Arc::new(Wake::new()?),
+            bell: Arc::new(SyncBell::default()),
+        })
     }
 
     /// Locks the outbox. Nobody holds the lock across network or disk
     /// waits, so this never blocks for long.
     pub fn lock(&self) -> MutexGuard<'_, Outbox> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Writes the buffered readings under the lock (a fast `write`), then
-    /// fsyncs outside it, so the sampler and the link never wait for the
-    /// card.
-    pub fn sync(&self) -> Result<(), SyncError> {
-        let flushed = self.lock().flush();
-        let result = match flushed {
-            Ok(files) => sync_files(files).map_err(SyncError::Fsync),
-            Err(e) => Err(SyncError::Write(e)),
+    /// The link's wake-up descriptor.
+    pub fn wake(&self) -> &Arc<Wake> {
+        &self.wake
+    }
+
+    /// The supervisor's doorbell.
+    pub fn bell(&self) -> &Arc<SyncBell> {
+        &self.bell
+    }
+
+    /// Appends readings (the sampler), then wakes the link if one of them
+    /// can go out and rings the supervisor if one waits for a ceiling
+    /// raise. Returns the readings the bounds dropped.
+    pub fn append_all<'r>(&self, readings: impl IntoIterator<Item = &'r Reading>) -> u64 {
+        let (lost, wake, bell) = {
+            let mut ob = self.lock();
+            let lost = readings.into_iter().map(|r| ob.append(r)).sum();
+            (lost, ob.take_wake_link(), ob.take_sync_wanted())
         };
-        // Durable now — or the card refuses the write, and the readings go
-        // to the hub from memory rather than not at all.
-        self.lock().synced();
-        result
+        if wake {
+            self.wake.notify();
+        }
+        if bell {
+            self.bell.ring();
+        }
+        lost
+    }
+
+    /// Writes the readings not yet acknowledged under the lock (a fast
+    /// `write`) and prepares a ceiling raise, then fsyncs outside it, so
+    /// the sampler and the link never wait for the card; readings that
+    /// waited for the raise go out after it. Returns what was done (the
+    /// spool's error, if any: the readings stay in memory and the next
+    /// call retries).
+    pub fn sync(&self) -> SyncDone {
+        let job = self.lock().begin_sync();
+        let done = job.run();
+        let wake = {
+            let mut ob = self.lock();
+            ob.end_sync(&job, &done);
+            ob.take_wake_link()
+        };
+        if wake {
+            self.wake.notify();
+        }
+        done
+    }
+
+    /// At an orderly stop, after the sampler and the link stopped: saves
+    /// the exact energy counters as the ceilings (see
+    /// [`Outbox::begin_stop`]).
+    pub fn save_exact_ceilings(&self) -> io::Result<()> {
+        let w = self.lock().begin_stop()?;
+        w.run()?;
+        self.lock().end_stop(&w);
+        Ok(())
     }
 }
 
@@ -475,11 +790,19 @@ mod tests {
         }
     }
 
-    /// Writes, fsyncs and releases what was appended (the supervisor's
-    /// cadence).
+    /// One sync (the supervisor's cadence): writes what is not acked,
+    /// fsyncs, saves raised ceilings; returns what it did.
+    fn try_sync(ob: &mut Outbox) -> SyncDone {
+        ob.sync_now()
+    }
+
     fn sync(ob: &mut Outbox) {
-        sync_files(ob.flush().unwrap()).unwrap();
-        ob.synced();
+        try_sync(ob).spool.unwrap();
+    }
+
+    /// The sync fails to write the spool.
+    fn sync_fails(ob: &mut Outbox) -> bool {
+        try_sync(ob).spool.is_err()
     }
 
     fn drain(ob: &mut Outbox) -> Vec<u64> {
@@ -503,10 +826,9 @@ mod tests {
             ob.append(&reading(seq));
         }
         ob.connected();
-        // Nothing leaves before it is synced.
-        assert!(drain(&mut ob).is_empty());
-        sync(&mut ob);
+        // Readings without energy leave at once, written or not.
         assert_eq!(drain(&mut ob), (0..100).collect::<Vec<_>>());
+        sync(&mut ob);
         assert_eq!(ob.ack(7, 49).done, 50);
         assert_eq!(ob.rejected(7, 60).done, 1);
         sync(&mut ob);
@@ -519,6 +841,110 @@ mod tests {
         ob.connected();
         assert_eq!(drain(&mut ob), (50..100).collect::<Vec<_>>());
         assert_eq!(ob.ack(7, 99).done, 50);
+        assert_eq!(ob.stats().depth, 0);
+    }
+
+    /// A reading of a meter with an energy counter at 3.6 kW (1 Wh/s).
+    fn metered(seq: u64, energy_wh: f64) -> Reading {
+        Reading {
+            energy_wh: Some(energy_wh),
+            power_w: Some(3600.0),
+            ts_ms: 1_764_000_000_000 + seq as i64 * 1000,
+            ..reading(seq)
+        }
+    }
+
+    #[test]
+    fn readings_leave_at_once_unless_above_their_saved_ceiling() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
+        ob.connected();
+        // The first reading of a meter: no ceiling saved yet, it waits,
+        // and a sync is wanted now.
+        ob.append(&metered(0, 100.0));
+        assert!(drain(&mut ob).is_empty());
+        assert!(ob.take_sync_wanted());
+        assert!(!ob.take_wake_link());
+        sync(&mut ob);
+        assert!(ob.take_wake_link());
+        assert_eq!(drain(&mut ob), [0]);
+        assert_eq!(ob.ceilings().saved()["main"], 130.0);
+        // Within the headroom (30 s at 1 Wh/s): at once, no sync wanted.
+        for seq in 1..10 {
+            ob.append(&metered(seq, 100.0 + seq as f64));
+            assert!(ob.take_wake_link());
+        }
+        assert!(!ob.take_sync_wanted());
+        assert_eq!(drain(&mut ob), (1..10).collect::<Vec<_>>());
+        assert_eq!(ob.ack(7, 9).done, 10);
+        // Everything acked, no raise due yet: the sync costs nothing.
+        assert_eq!(try_sync(&mut ob).syncs, 0);
+        // A jump past the ceiling waits for the next sync.
+        ob.append(&metered(10, 200.0));
+        assert!(drain(&mut ob).is_empty());
+        assert!(ob.take_sync_wanted());
+        sync(&mut ob);
+        assert_eq!(drain(&mut ob), [10]);
+        let ceiling = ob.ceilings().saved()["main"];
+        assert!(ceiling >= 200.0, "{ceiling}");
+        // A crash: the counter continues from at least the ceiling, which
+        // is at least every value that left.
+        drop(ob);
+        let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
+        assert_eq!(ob.energy_floor().get("main"), Some(ceiling));
+        // An orderly stop saves the exact last value instead. (Record 0,
+        // written before its ack, is sent again: the watermark was not
+        // saved before the crash.)
+        ob.connected();
+        ob.append(&metered(11, 210.0));
+        assert_eq!(drain(&mut ob), [11, 0, 10]);
+        assert_eq!(ob.ack(7, 10).done, 3);
+        sync(&mut ob);
+        let w = ob.begin_stop().unwrap();
+        w.run().unwrap();
+        ob.end_stop(&w);
+        drop(ob);
+        let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
+        assert_eq!(ob.energy_floor().get("main"), Some(210.0));
+    }
+
+    #[test]
+    fn a_streaming_edge_writes_nothing_to_the_card() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
+        ob.connected();
+        // The first reading waits for the first ceiling, so it is written.
+        ob.append(&metered(0, 1000.0));
+        sync(&mut ob);
+        assert_eq!(drain(&mut ob), [0]);
+        ob.ack(7, 0);
+        let seg = segments(dir.path());
+        let size = std::fs::metadata(&seg[0]).unwrap().len();
+        let mut syncs = 0;
+        for seq in 1..600 {
+            ob.append(&metered(seq, 1000.0 + seq as f64));
+            drain(&mut ob);
+            ob.ack(7, seq);
+            // One sync per reading: only ceiling raises cost a write.
+            syncs += try_sync(&mut ob).syncs;
+            ob.persist_watermark().unwrap();
+        }
+        assert_eq!(segments(dir.path()), seg);
+        assert_eq!(std::fs::metadata(&seg[0]).unwrap().len(), size);
+        // One raise per 28 s of the 30 s headroom (raised when less than
+        // 3 s are left), 600 syncs: 21 fdatasyncs.
+        assert_eq!(syncs, 599 / 28, "{syncs}");
+        assert_eq!(ob.stats().depth, 0);
+        // A reading in flight at the sync is written; acked later, it is
+        // sent again after a crash only if the watermark was not saved.
+        ob.append(&metered(600, 1600.0));
+        drain(&mut ob);
+        sync(&mut ob);
+        assert_eq!(segments(dir.path()).len(), 1);
+        ob.ack(7, 600);
+        ob.persist_watermark().unwrap();
+        drop(ob);
+        let ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
         assert_eq!(ob.stats().depth, 0);
     }
 
@@ -619,15 +1045,9 @@ mod tests {
         drain(&mut ob);
         ob.ack(7, 499);
         sync(&mut ob);
-        // Every acked segment is deleted, except those that hold the newest
-        // RETAIN_RECORDS readings (kept for the next start's energy floor).
-        let left = segments(dir.path());
-        assert_eq!(left.len(), count());
-        let lines = |p: &std::path::PathBuf| std::fs::read_to_string(p).unwrap().lines().count();
-        let kept: usize = left.iter().map(lines).sum();
-        let retain = crate::spool::RETAIN_RECORDS as usize;
-        assert!(kept >= retain, "{kept}");
-        assert!(kept - lines(&left[0]) < retain, "one file too many kept");
+        // Every acked segment is deleted but the one appended to.
+        assert_eq!(segments(dir.path()).len(), 1);
+        assert_eq!(count(), 1);
     }
 
     /// Segment files of `dir`, oldest first.
@@ -834,9 +1254,7 @@ mod tests {
         for seq in 100..200 {
             assert_eq!(ob.append(&reading(seq)), 0);
         }
-        assert!(ob.flush().is_err());
-        // (The supervisor's sync lets them go from memory.)
-        ob.synced();
+        assert!(sync_fails(&mut ob));
         assert_eq!(ob.stats().unwritten, 100);
         assert_eq!(ob.status().unwritten, 100);
         // The hub is there: everything is sent (from the card and from
@@ -845,14 +1263,17 @@ mod tests {
         ob.connected();
         assert_eq!(drain(&mut ob), (0..200).collect::<Vec<_>>());
         assert_eq!(ob.ack(7, 199).done, 200);
-        assert!(ob.flush().is_err());
+        // Nothing left to write (all acked): the sync succeeds, and the
+        // acked segments were deleted though nothing can be written.
+        sync(&mut ob);
+        assert_eq!(ob.stats().unwritten, 0);
         // The hub goes away; readings pile up past the memory bound.
         ob.disconnected();
         let mut lost = 0;
         for seq in 200..2000 {
             lost += ob.append(&reading(seq));
             if seq % 10 == 0 {
-                assert!(ob.flush().is_err());
+                assert!(sync_fails(&mut ob));
             }
         }
         let st = ob.stats();

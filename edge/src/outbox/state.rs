@@ -65,8 +65,8 @@ pub struct OutboxState {
     in_flight_recs: HashSet<u64>,
     /// Most readings in flight.
     window: usize,
-    /// Records below this may be sent: they are durable in the spool (or
-    /// the spool could not be written, see [`OutboxState::sendable_below`]).
+    /// Records below this may be sent (see
+    /// [`OutboxState::sendable_below`]).
     sendable: u64,
     /// In flight, but dropped from the spool meanwhile (full): stored if
     /// the hub acks them, lost (for this reason) if the connection ends
@@ -93,12 +93,10 @@ impl OutboxState {
         }
     }
 
-    /// Records below `end` may be sent from now on. A reading leaves the
-    /// edge only once the spool sync that wrote it has finished, so that
-    /// no reading the hub stored can be lost by the edge afterwards (its
-    /// energy counter restarts from the spool, see `meters::persist`).
-    /// When the spool cannot be written at all, the caller releases the
-    /// readings anyway rather than holding them back from the hub.
+    /// Records below `end` may be sent from now on. The caller releases a
+    /// reading at once unless its energy is above its meter's saved
+    /// ceiling (see `crate::ceiling`); records recovered from the spool at
+    /// start are sendable.
     pub fn sendable_below(&mut self, end: u64) {
         self.sendable = self.sendable.max(end.min(self.next_rec));
     }
@@ -116,6 +114,11 @@ impl OutboxState {
     /// Next record number.
     pub fn next_rec(&self) -> u64 {
         self.next_rec
+    }
+
+    /// A connection is up.
+    pub fn is_connected(&self) -> bool {
+        self.connected
     }
 
     /// Readings in flight.

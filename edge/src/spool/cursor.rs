@@ -12,6 +12,8 @@
 //!   gap. Every record in the gap is reported [`Slot::Lost`].
 //! - Format-1 lines (no number, see [`record`]) are numbered by position,
 //!   which a gap breaks: after one, the rest of such a file is lost.
+//! - A done range (records acknowledged before they were written) answers
+//!   [`Slot::Done`] for each of its records.
 
 use std::fs::File;
 use std::io;
@@ -178,6 +180,11 @@ impl Cursor {
                 self.numbered = true;
                 Some(rec)
             }
+            Line::Done { to, .. } => {
+                self.next = to;
+                self.numbered = true;
+                Some(to - 1)
+            }
             Line::Plain(_) | Line::Damaged(_) if self.numbered => {
                 let rec = self.next;
                 self.next += 1;
@@ -207,7 +214,24 @@ impl Cursor {
                 },
             };
             let decoded = record::decode(&line);
-            if let Line::Checked { rec: r, .. } = decoded {
+            if let Line::Done { from, to } = decoded {
+                if from <= rec && rec < to {
+                    // Acknowledged before it was written: nothing to send.
+                    self.next = to;
+                    self.numbered = true;
+                    self.low = rec + 1;
+                    if rec + 1 < to {
+                        self.held = Some(line);
+                    }
+                    return Ok(Slot::Done);
+                }
+            }
+            let first = match decoded {
+                Line::Checked { rec: r, .. } => Some(r),
+                Line::Done { from, .. } => Some(from),
+                _ => None,
+            };
+            if let Some(r) = first {
                 if r > rec {
                     // `rec` was in a damaged or unreadable stretch before.
                     self.next = r;
@@ -224,6 +248,7 @@ impl Cursor {
             if r == rec {
                 return Ok(match decoded {
                     Line::Checked { json, .. } | Line::Plain(json) => Slot::Record(Arc::from(json)),
+                    Line::Done { .. } => Slot::Done,
                     Line::Damaged(why) => Slot::Lost(why),
                 });
             }
@@ -257,6 +282,7 @@ mod tests {
     fn found(s: Slot) -> Option<String> {
         match s {
             Slot::Record(j) => Some(j.to_string()),
+            Slot::Done => Some("done".into()),
             Slot::Lost(_) => None,
         }
     }
@@ -272,6 +298,39 @@ mod tests {
         assert_eq!(found(c.find(14).unwrap()), Some(json(14)));
         assert!(!c.can_reach(14));
         assert_eq!(found(c.find(16).unwrap()), None);
+    }
+
+    #[test]
+    fn done_ranges_are_done_not_lost() {
+        let mut bytes = v2(10, 12);
+        record::encode_done(12, 15, &mut bytes);
+        bytes.extend_from_slice(&v2(15, 16));
+        record::encode_done(16, 18, &mut bytes);
+        bytes.extend_from_slice(&v2(19, 20));
+        let mut c = Cursor::new(10, file_with(&bytes));
+        let got: Vec<_> = (10..20).map(|r| found(c.find(r).unwrap())).collect();
+        let done = Some("done".to_string());
+        assert_eq!(
+            got,
+            [
+                Some(json(10)),
+                Some(json(11)),
+                done.clone(),
+                done.clone(),
+                done.clone(),
+                Some(json(15)),
+                done.clone(),
+                done,
+                // Neither written nor done: lost.
+                None,
+                Some(json(19)),
+            ]
+        );
+        // Asked for out of the middle of a range, too.
+        let mut c = Cursor::new(10, file_with(&bytes));
+        assert_eq!(found(c.find(14).unwrap()), Some("done".into()));
+        assert_eq!(found(c.find(15).unwrap()), Some(json(15)));
+        assert_eq!(found(c.find(19).unwrap()), Some(json(19)));
     }
 
     #[test]

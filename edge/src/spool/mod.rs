@@ -9,11 +9,20 @@
 //!   lines of older edges are still read) are in [`record`].
 //! - Appends go to memory; [`Spool::flush`] (every
 //!   `spool_sync_interval_ms`, 1 s by default) writes what is new in one
-//!   `write` per segment and hands the files to be `fdatasync`ed. On a power
-//!   cut the readings of at most the last sync interval (plus the one being
-//!   sampled) are lost; a SIGKILL loses only the unwritten ones (same
-//!   bound). Each process starts a new segment file, and a segment is
-//!   closed at 1 MiB (1/8 of `spool_max_bytes` at most).
+//!   `write` per segment and hands the files to be `fdatasync`ed — only the
+//!   files it wrote to: a flush with nothing to write costs nothing. On a
+//!   power cut the readings of at most the last sync interval (plus the one
+//!   being sampled) are lost, unless the hub acknowledged them; a SIGKILL
+//!   loses only the unwritten ones (same bound). Each process starts a new
+//!   segment file, and a segment is closed at 1 MiB (1/8 of
+//!   `spool_max_bytes` at most).
+//! - **Readings the hub acknowledged before the flush are not written**
+//!   (the caller says which records are done): while the link streams, a
+//!   reading is acked within milliseconds and the card sees nothing. When
+//!   later records are written after skipped ones, a *done range* line
+//!   ([`record`]) in front of them keeps the numbering dense, so a reader
+//!   tells "acknowledged before it was written" ([`Slot::Done`]) from
+//!   "lost".
 //! - **When a write fails** (disk full, card errors) the readings stay in
 //!   memory and every flush tries again; nothing else waits for it. Acked
 //!   segments are still deleted, which frees space. The memory queue is
@@ -24,12 +33,13 @@
 //!   file is left the oldest readings in memory. Either way the caller is
 //!   told ([`Dropped`]) and counts them.
 //! - A segment is deleted once every record in it is done (acked, rejected
-//!   or dropped), except that the newest [`RETAIN_RECORDS`] records stay on
-//!   disk (the next start reads each meter's last energy counter from them).
-//!   The ack watermark (`acked`) is saved every 10 s and before any segment
-//!   is deleted, so a restart resends at most what was acked since the last
-//!   save (harmless: the hub stores each (epoch, seq) once), and records
-//!   missing below the first segment are known to be lost, not acked.
+//!   or dropped); the one being appended to stays. The ack watermark
+//!   (`acked`) is saved before any segment is deleted and, when it would
+//!   change what the files say (acks of records that are on disk), at most
+//!   every 10 s; so a restart resends at most what was acked since the last
+//!   save (harmless: the hub stores each (epoch, seq) once), records
+//!   missing below the first segment are known to be lost, not acked, and
+//!   a streaming edge never rewrites it.
 //! - `spool_max_bytes` bounds the files plus the memory queue: when over,
 //!   the oldest segment is deleted and the caller counts and logs the
 //!   readings lost.
@@ -64,9 +74,9 @@ use cursor::{Cursor, READ_TRIES};
 const MAX_SEGMENT_BYTES: u64 = 1024 * 1024;
 /// Records kept in memory beyond the unwritten ones.
 const RECENT_RECORDS: usize = 4096;
-/// Records kept on disk after they are done, newest first (see the module
-/// docs).
-pub const RETAIN_RECORDS: u64 = 256;
+/// The newest records read at start for the energy floor (at least this
+/// many, in whole segments).
+pub const FLOOR_RECORDS: u64 = 256;
 /// Bounds of the memory queue while the spool cannot be written.
 const UNWRITTEN_MIN_BYTES: u64 = 64 * 1024;
 const UNWRITTEN_MAX_BYTES: u64 = 8 * 1024 * 1024;
@@ -87,6 +97,9 @@ struct Segment {
 pub enum Slot {
     /// The reading's wire JSON.
     Record(Arc<str>),
+    /// It was acknowledged before it was written (a done range): nothing
+    /// to send, nothing lost.
+    Done,
     /// It cannot be read back: damaged (checksum, syntax), in an
     /// unreadable block or a lost segment file, or not in the spool. The
     /// reason is for the log.
@@ -128,8 +141,14 @@ pub struct Spool {
     tail: Option<File>,
     /// Base of that segment.
     tail_base: Option<u64>,
-    /// Records below this are in files (or gone).
+    /// Records below this are in files, skipped because they were done, or
+    /// gone: none of them waits in memory to be written.
     written_end: u64,
+    /// The files describe every record below this (as a line or in a done
+    /// range); the next line written continues here.
+    disk_end: u64,
+    /// The tail file was written to since the last flush.
+    tail_dirty: bool,
     /// Next record number.
     next_rec: u64,
     /// Recent records, contiguous: all unwritten ones and up to
@@ -165,6 +184,8 @@ struct Scan {
     lines: u64,
     /// Blocks that could not be read.
     unreadable_blocks: u64,
+    /// Its done ranges, in file order.
+    done: Vec<(u64, u64)>,
 }
 
 impl Spool {
@@ -181,6 +202,7 @@ impl Spool {
         bases.sort_unstable();
         let watermark = read_watermark(&dir);
         let mut segments: VecDeque<Segment> = VecDeque::new();
+        let mut done_ranges = Vec::new();
         for base in bases {
             let path = dir.segment_file(base);
             let scanned = scan(&path, base);
@@ -199,7 +221,9 @@ impl Spool {
                     bytes,
                     lines,
                     unreadable_blocks,
+                    done,
                 }) => {
+                    done_ranges.extend(done);
                     if unreadable_blocks > 0 {
                         log::error!(
                             "spool: {} has {unreadable_blocks} unreadable blocks; the readings in them are counted as lost when reached",
@@ -246,7 +270,7 @@ impl Spool {
         }
         let files_end = segments.back().map_or(0, |s| s.end);
         let first = segments.front().map_or(files_end, |s| s.base);
-        let acked_below = match watermark {
+        let watermark_or_first = match watermark {
             Watermark::Valid(w) => {
                 if w < first {
                     log::warn!(
@@ -265,7 +289,24 @@ impl Spool {
                 first
             }
         };
+        // Done ranges that continue the watermark move it: their records
+        // were acked before they were written.
+        let acked_below = done_ranges
+            .iter()
+            .fold(watermark_or_first, |low, &(from, to)| {
+                if from <= low {
+                    low.max(to)
+                } else {
+                    low
+                }
+            });
         let next_rec = files_end.max(acked_below);
+        // With no file left, the next one starts where the numbering is.
+        let disk_end = if segments.is_empty() {
+            next_rec
+        } else {
+            files_end
+        };
         let segment_bytes = (max_bytes / 8).clamp(4096, MAX_SEGMENT_BYTES);
         let saved_watermark = match watermark {
             Watermark::Valid(w) => w,
@@ -280,6 +321,8 @@ impl Spool {
             tail: None,
             tail_base: None,
             written_end: next_rec,
+            disk_end,
+            tail_dirty: false,
             next_rec,
             recent: VecDeque::new(),
             unwritten_bytes: 0,
@@ -376,7 +419,7 @@ impl Spool {
                     below,
                     cause: DropCause::DiskFull,
                 });
-                if self.write_unwritten().is_ok() {
+                if self.write_unwritten(&|_| false).is_ok() {
                     return;
                 }
             } else {
@@ -469,21 +512,30 @@ impl Spool {
         }
     }
 
-    /// Opens a new segment file for the records from `written_end` on.
+    /// Opens a new segment file: it continues the numbering of the last
+    /// one at `disk_end`, or with no file left starts at the first record
+    /// to write.
     fn start_segment(&mut self) -> io::Result<()> {
         if let Some(f) = self.tail.take() {
-            self.to_sync.push(f);
+            if std::mem::take(&mut self.tail_dirty) {
+                self.to_sync.push(f);
+            }
         }
         self.tail_base = None;
-        let base = self.written_end;
         if self
             .segments
             .back()
-            .is_some_and(|s| s.base == base && s.end == base)
+            .is_some_and(|s| s.base == self.disk_end && s.end == self.disk_end)
         {
             // An empty segment left by a failed write: start it again.
             self.segments.pop_back();
         }
+        if self.segments.is_empty() {
+            // No file left: the new one starts at the saved watermark, so
+            // that what was skipped since is told done, not lost.
+            self.disk_end = self.saved_watermark.min(self.written_end);
+        }
+        let base = self.disk_end;
         let f = OpenOptions::new()
             .create(true)
             .write(true)
@@ -503,23 +555,41 @@ impl Spool {
         Ok(())
     }
 
-    /// Writes every unwritten record (one `write` per segment). On failure
+    /// Writes every unwritten record that is not done (one `write` per
+    /// segment); done ones are skipped (see the module docs). On failure
     /// the file is cut back to its last complete line and the records stay
     /// in memory.
-    fn write_unwritten(&mut self) -> io::Result<()> {
-        let result = self.try_write_unwritten();
+    fn write_unwritten(&mut self, is_done: &dyn Fn(u64) -> bool) -> io::Result<()> {
+        let result = self.try_write_unwritten(is_done);
         self.write_failing = result.is_err();
         self.trim_recent();
         result
     }
 
-    fn try_write_unwritten(&mut self) -> io::Result<()> {
-        while self.written_end < self.next_rec {
+    /// Moves `written_end` past the done records at its place (they need
+    /// no bytes on the card).
+    fn skip_done(&mut self, is_done: &dyn Fn(u64) -> bool) {
+        while self.written_end < self.next_rec && is_done(self.written_end) {
+            if let Some(json) = self.recent_json(self.written_end) {
+                self.unwritten_bytes = self
+                    .unwritten_bytes
+                    .saturating_sub(record::encoded_len(self.written_end, &json));
+            }
+            self.written_end += 1;
+        }
+    }
+
+    fn try_write_unwritten(&mut self, is_done: &dyn Fn(u64) -> bool) -> io::Result<()> {
+        loop {
+            self.skip_done(is_done);
+            if self.written_end >= self.next_rec {
+                return Ok(());
+            }
             // After a failed write the tail handle is closed: the next
             // write starts a new segment (an empty one is started again).
             let appendable = match (self.tail_base, self.segments.back(), &self.tail) {
                 (Some(b), Some(s), Some(_)) => {
-                    s.base == b && s.end == self.written_end && s.bytes < self.segment_bytes
+                    s.base == b && s.end == self.disk_end && s.bytes < self.segment_bytes
                 }
                 _ => false,
             };
@@ -528,21 +598,37 @@ impl Spool {
             }
             let seg_bytes = self.segments.back().map_or(0, |s| s.bytes);
             let mut buf = Vec::new();
-            let mut n = 0u64;
+            // What the file describes after `buf`, and the unwritten bytes
+            // `buf` settles (written or skipped).
+            let mut described = self.disk_end;
+            let mut settled = 0u64;
+            let mut lines = 0u64;
             let mut rec = self.written_end;
             while rec < self.next_rec {
                 let Some(json) = self.recent_json(rec) else {
                     break;
                 };
                 let len = record::encoded_len(rec, &json);
-                if n > 0 && seg_bytes + buf.len() as u64 + len > self.segment_bytes {
+                if is_done(rec) {
+                    settled += len;
+                    rec += 1;
+                    continue;
+                }
+                let mut line = Vec::with_capacity(len as usize + 48);
+                if rec > described {
+                    record::encode_done(described, rec, &mut line);
+                }
+                record::encode(rec, &json, &mut line);
+                if lines > 0 && seg_bytes + (buf.len() + line.len()) as u64 > self.segment_bytes {
                     break;
                 }
-                record::encode(rec, &json, &mut buf);
-                n += 1;
+                buf.extend_from_slice(&line);
+                settled += len;
+                lines += 1;
                 rec += 1;
+                described = rec;
             }
-            if n == 0 {
+            if lines == 0 {
                 return Err(io::Error::other(
                     "spool: unwritten records missing from memory",
                 ));
@@ -556,22 +642,26 @@ impl Spool {
                     self.tail_base = None;
                     return Err(e);
                 }
+                self.tail_dirty = true;
             }
             if let Some(s) = self.segments.back_mut() {
-                s.end += n;
+                s.end = described;
                 s.bytes += buf.len() as u64;
             }
-            self.written_end += n;
-            self.unwritten_bytes = self.unwritten_bytes.saturating_sub(buf.len() as u64);
+            self.disk_end = described;
+            self.written_end = rec;
+            self.unwritten_bytes = self.unwritten_bytes.saturating_sub(settled);
         }
-        Ok(())
     }
 
-    /// Writes the unwritten records and returns the files to fsync (outside
-    /// the caller's lock). When the write fails the records stay in memory,
-    /// and what was written before waits for the next successful flush.
-    pub fn flush(&mut self) -> io::Result<Vec<File>> {
-        self.write_unwritten()?;
+    /// Writes the unwritten records that are not done (`is_done` tells) and
+    /// returns the files to fsync (outside the caller's lock): only those
+    /// written to (and the directory after creations or deletions), so a
+    /// flush with nothing new costs no sync. When the write fails the
+    /// records stay in memory, and what was written before waits for the
+    /// next successful flush.
+    pub fn flush(&mut self, is_done: &dyn Fn(u64) -> bool) -> io::Result<Vec<File>> {
+        self.write_unwritten(is_done)?;
         let mut files = std::mem::take(&mut self.to_sync);
         if std::mem::take(&mut self.dir_dirty) {
             // Make the deletions durable (fsynced with the rest, outside the lock).
@@ -583,8 +673,11 @@ impl Spool {
                 }
             }
         }
-        if let Some(f) = self.tail.as_ref() {
-            files.push(f.try_clone()?);
+        if self.tail_dirty {
+            if let Some(f) = self.tail.as_ref() {
+                files.push(f.try_clone()?);
+            }
+            self.tail_dirty = false;
         }
         Ok(files)
     }
@@ -595,26 +688,31 @@ impl Spool {
         self.recent.front().is_some_and(|(first, _)| rec >= *first)
     }
 
-    /// Deletes segments whose every record is below `low` (done), keeping
-    /// the newest [`RETAIN_RECORDS`] records on disk. Needs no free space:
-    /// it works while the card is full.
+    /// Deletes segments whose every record is below `low` (done), but not
+    /// the last one (appended to). Needs no free space: it works while the
+    /// card is full.
     pub fn release_below(&mut self, low: u64) {
-        let deletable = |s: &VecDeque<Segment>, written_end: u64| {
-            s.len() > 1
-                && s.front().is_some_and(|f| f.end <= low)
-                && s.get(1)
-                    .is_some_and(|n| written_end.saturating_sub(n.base) >= RETAIN_RECORDS)
-        };
-        if deletable(&self.segments, self.written_end) {
+        let deletable =
+            |s: &VecDeque<Segment>| s.len() > 1 && s.front().is_some_and(|f| f.end <= low);
+        if deletable(&self.segments) {
             // The watermark first (see `drop_segment`).
             let _ = self.persist_watermark(low);
         }
-        while deletable(&self.segments, self.written_end) {
+        while deletable(&self.segments) {
             if let Some(old) = self.segments.pop_front() {
                 self.delete_segment(&old);
             }
         }
         self.acked_below = self.acked_below.max(low);
+    }
+
+    /// Saves the ack watermark `low` (every record below it is done) if
+    /// that tells the next start something the files do not: records on
+    /// disk that were acked since the last save. Records acked before they
+    /// were written are not on disk, so a streaming edge never rewrites
+    /// the file.
+    pub fn save_watermark(&mut self, low: u64) -> io::Result<()> {
+        self.persist_watermark(low.min(self.disk_end))
     }
 
     /// Saves the ack watermark if it moved forward. Overwritten in place
@@ -720,7 +818,7 @@ impl Spool {
                         record::Line::Checked { json, .. } | record::Line::Plain(json) => {
                             out.push(Arc::from(json));
                         }
-                        record::Line::Damaged(_) => {}
+                        record::Line::Done { .. } | record::Line::Damaged(_) => {}
                     },
                     Ok(None) => break,
                     // Tried again at once; the cursor gives the block up.
@@ -770,6 +868,7 @@ fn scan(path: &Path, base: u64) -> io::Result<Scan> {
     let mut cursor = Cursor::new(base, file.try_clone()?);
     let mut end = None;
     let mut lines = 0;
+    let mut done = Vec::new();
     loop {
         let line = match cursor.next_line() {
             Ok(Some(line)) => line,
@@ -778,7 +877,11 @@ fn scan(path: &Path, base: u64) -> io::Result<Scan> {
             Err(_) => continue,
         };
         lines += 1;
-        if let Some(rec) = cursor.place(&record::decode(&line)) {
+        let decoded = record::decode(&line);
+        if let record::Line::Done { from, to } = decoded {
+            done.push((from, to));
+        }
+        if let Some(rec) = cursor.place(&decoded) {
             end = Some(rec + 1);
         }
     }
@@ -797,6 +900,7 @@ fn scan(path: &Path, base: u64) -> io::Result<Scan> {
         bytes: complete,
         lines,
         unreadable_blocks: cursor.skipped_blocks(),
+        done,
     })
 }
 
@@ -819,7 +923,7 @@ mod tests {
     fn get(s: &mut Spool, i: u64) -> Option<String> {
         match s.read(i).unwrap() {
             Slot::Record(j) => Some(j.to_string()),
-            Slot::Lost(_) => None,
+            Slot::Done | Slot::Lost(_) => None,
         }
     }
 
@@ -839,7 +943,7 @@ mod tests {
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
         fill(&mut s, 0, 100);
         assert_eq!(get(&mut s, 42), Some(rec(42)));
-        s.flush().unwrap();
+        s.flush(&|_| false).unwrap();
         drop(s);
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(s.next_rec(), 100);
@@ -855,7 +959,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
         fill(&mut s, 0, 10);
-        s.flush().unwrap();
+        s.flush(&|_| false).unwrap();
         fill(&mut s, 10, 15);
         s._lock = None; // the kernel drops a killed process's flock
         std::mem::forget(s); // "SIGKILL": the buffer is never written
@@ -868,7 +972,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
         fill(&mut s, 0, 3);
-        s.flush().unwrap();
+        s.flush(&|_| false).unwrap();
         drop(s);
         let path = StateDir::new(dir.path()).segment_file(0);
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
@@ -876,7 +980,7 @@ mod tests {
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(s.next_rec(), 3);
         fill(&mut s, 3, 5);
-        s.flush().unwrap();
+        s.flush(&|_| false).unwrap();
         drop(s);
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(get(&mut s, 4), Some(rec(4)));
@@ -889,7 +993,7 @@ mod tests {
         // 64 KiB bound → 8 KiB segments → ~120 records each.
         let mut s = Spool::open(dir.path(), 64 * 1024).unwrap();
         fill(&mut s, 0, 1000);
-        s.flush().unwrap();
+        s.flush(&|_| false).unwrap();
         assert!(s.segment_count() >= 8, "{}", s.segment_count());
         let files = seg_files(dir.path());
         assert_eq!(files, s.segment_count());
@@ -899,14 +1003,10 @@ mod tests {
         assert!(dir.path().join("lock").exists());
         assert!(dir.path().join("acked").exists());
         s.release_below(999);
-        // Deleted: every acked segment but those holding the newest
-        // RETAIN_RECORDS records.
-        let left = s.segment_count();
-        assert!((2..=4).contains(&left), "{left}");
-        let kept_from = s.segments.front().unwrap().base;
-        assert!(1000 - kept_from >= RETAIN_RECORDS);
-        assert!(1000 - s.segments[1].base < RETAIN_RECORDS);
-        assert_eq!(seg_files(dir.path()), left);
+        // Deleted: every acked segment but the one appended to (which
+        // holds record 999, not acked).
+        assert_eq!(s.segment_count(), 1);
+        assert_eq!(seg_files(dir.path()), 1);
         // The watermark was saved before the deletions.
         drop(s);
         let mut s = Spool::open(dir.path(), 64 * 1024).unwrap();
@@ -920,7 +1020,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
         fill(&mut s, 0, 5);
-        s.flush().unwrap();
+        s.flush(&|_| false).unwrap();
         s.persist_watermark(5).unwrap();
         drop(s);
         fs::remove_file(StateDir::new(dir.path()).segment_file(0)).unwrap();
@@ -941,10 +1041,10 @@ mod tests {
                 dropped_below = d.below;
             }
             if i % 100 == 0 {
-                s.flush().unwrap();
+                s.flush(&|_| false).unwrap();
             }
         }
-        s.flush().unwrap();
+        s.flush(&|_| false).unwrap();
         assert!(s.total_bytes() <= 64 * 1024);
         assert!(dropped_below > 1500, "{dropped_below}");
         assert_eq!(get(&mut s, dropped_below - 1), None);
@@ -962,7 +1062,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
         fill(&mut s, 0, 6000 + RECENT_RECORDS as u64);
-        s.flush().unwrap();
+        s.flush(&|_| false).unwrap();
         assert!(s.segment_count() > 2);
         let mut s = {
             drop(s);
@@ -998,18 +1098,83 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path(), 64 * 1024).unwrap();
         fill(&mut s, 0, 400);
-        s.flush().unwrap();
+        s.flush(&|_| false).unwrap();
         assert!(s.segment_count() > 2);
         let before = s.segment_count();
         s.release_below(s.next_rec());
         assert!(s.segment_count() < before);
-        // The tail's file plus the directory.
-        let files = s.flush().unwrap();
-        assert_eq!(files.len(), 2);
-        assert!(files.iter().any(|f| f.metadata().unwrap().is_dir()));
-        crate::outbox::sync_files(files).unwrap();
-        // Nothing deleted since: only the tail.
-        assert_eq!(s.flush().unwrap().len(), 1);
+        // The directory, not the tail: nothing was written to it since.
+        let files = s.flush(&|_| false).unwrap();
+        assert_eq!(files.len(), 1);
+        assert!(files[0].metadata().unwrap().is_dir());
+        crate::outbox::sync_files(&files).unwrap();
+        // Nothing deleted or written since: nothing to sync.
+        assert!(s.flush(&|_| false).unwrap().is_empty());
+        // A new record: only the tail.
+        fill(&mut s, 400, 401);
+        let files = s.flush(&|_| false).unwrap();
+        assert_eq!(files.len(), 1);
+        assert!(files[0].metadata().unwrap().is_file());
+    }
+
+    #[test]
+    fn records_done_before_the_flush_are_not_written_and_told_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        // Streaming: every record is acked before the flush. Nothing is
+        // written, nothing is synced, no file is created.
+        fill(&mut s, 0, 10);
+        assert!(s.flush(&|_| true).unwrap().is_empty());
+        assert_eq!(seg_files(dir.path()), 0);
+        assert_eq!(s.unwritten(), 0);
+        assert_eq!(s.total_bytes(), 0);
+        // One record still in flight at a flush: it is written, and the
+        // done ones before it are a done range in front of it.
+        fill(&mut s, 10, 13);
+        let files = s.flush(&|r| r != 11).unwrap();
+        assert_eq!(files.len(), 2, "the new file and its directory");
+        // More acked ones, then two in flight, one done between them.
+        fill(&mut s, 13, 20);
+        assert_eq!(s.flush(&|r| !(r == 17 || r == 19)).unwrap().len(), 1);
+        let text = fs::read_to_string(StateDir::new(dir.path()).segment_file(0)).unwrap();
+        let kinds: Vec<&str> = text.lines().map(|l| &l[..1]).collect();
+        assert_eq!(kinds, ["D", "2", "D", "2", "D", "2"], "{text}");
+        drop(s);
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        // The done range from the watermark on moves it.
+        assert_eq!(s.acked_below(), 11);
+        assert_eq!(s.next_rec(), 20);
+        assert_eq!(get(&mut s, 11), Some(rec(11)));
+        for done in [12, 13, 16, 18] {
+            assert_eq!(s.read(done).unwrap(), Slot::Done, "{done}");
+        }
+        assert_eq!(get(&mut s, 17), Some(rec(17)));
+        assert_eq!(get(&mut s, 19), Some(rec(19)));
+    }
+
+    #[test]
+    fn a_streaming_spool_never_rewrites_its_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = StateDir::new(dir.path()).watermark_file();
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let before = fs::read(&path).unwrap();
+        for i in 0..100 {
+            fill(&mut s, i, i + 1);
+            s.flush(&|_| true).unwrap();
+            s.save_watermark(i + 1).unwrap();
+        }
+        assert_eq!(fs::read(&path).unwrap(), before);
+        // Acks of records on disk do change it.
+        fill(&mut s, 100, 105);
+        s.flush(&|_| false).unwrap();
+        s.save_watermark(103).unwrap();
+        assert_eq!(
+            read_watermark(&StateDir::new(dir.path())),
+            Watermark::Valid(103)
+        );
+        drop(s);
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!((s.acked_below(), s.next_rec()), (103, 105));
     }
 
     /// Makes the segment files with the bases in `bases` links to
@@ -1030,13 +1195,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
         fill(&mut s, 0, 10);
-        s.flush().unwrap();
+        s.flush(&|_| false).unwrap();
         drop(s);
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
         // The new process's segment starts at 10: "the card is full".
         let full = full_disk_at(dir.path(), 10..11);
         fill(&mut s, 10, 20);
-        assert!(s.flush().is_err());
+        assert!(s.flush(&|_| false).is_err());
         assert!(s.write_failing());
         assert_eq!(s.unwritten(), 10);
         for i in 0..20 {
@@ -1044,11 +1209,11 @@ mod tests {
         }
         // Still failing, nothing lost, nothing duplicated.
         fill(&mut s, 20, 25);
-        assert!(s.flush().is_err());
+        assert!(s.flush(&|_| false).is_err());
         assert_eq!(s.unwritten(), 15);
         // Space again.
         fs::remove_file(&full[0]).unwrap();
-        s.flush().unwrap();
+        s.flush(&|_| false).unwrap();
         assert!(!s.write_failing());
         assert_eq!(s.unwritten(), 0);
         drop(s);
@@ -1064,13 +1229,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path(), 64 * 1024).unwrap();
         fill(&mut s, 0, 1000);
-        s.flush().unwrap();
+        s.flush(&|_| false).unwrap();
         drop(s);
         let mut s = Spool::open(dir.path(), 64 * 1024).unwrap();
         let before = s.segment_count();
         full_disk_at(dir.path(), 1000..1001);
         fill(&mut s, 1000, 1010);
-        assert!(s.flush().is_err());
+        assert!(s.flush(&|_| false).is_err());
         s.release_below(1000);
         assert!(s.segment_count() < before);
         assert!(seg_files(dir.path()) < before + 1);
@@ -1091,7 +1256,7 @@ mod tests {
                 dropped_below = d.below;
             }
             if i % 10 == 0 {
-                assert!(s.flush().is_err());
+                assert!(s.flush(&|_| false).is_err());
             }
         }
         assert!(dropped_below > 2000, "{dropped_below}");
@@ -1108,7 +1273,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path(), 64 * 1024).unwrap();
         fill(&mut s, 0, 400);
-        s.flush().unwrap();
+        s.flush(&|_| false).unwrap();
         drop(s);
         let state = StateDir::new(dir.path());
         let mut bases = state.segment_bases().unwrap();

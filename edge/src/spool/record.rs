@@ -4,9 +4,15 @@
 //! |--------|------|------------|
 //! | 1 | `<wire JSON>` | edges before checksums existed; read, never written |
 //! | 2 | `2 <crc32> <record number> <wire JSON>` | every edge since |
+//! | done | `D <crc32> <from> <to>` | edges that skip acknowledged records |
 //!
 //! The format is told by the line's first byte: `{` is format 1, `2` is
-//! format 2; anything else is a damaged line. In format 2, `<crc32>` is
+//! format 2, `D` a done range; anything else is a damaged line. A done
+//! range says that records `from..to` (`to` excluded) were acknowledged
+//! before they were written, so they are not in the file: the spool writes
+//! only readings the hub has not acknowledged by the time of the sync, and
+//! the line keeps the numbering dense (a reader tells "done" from "lost").
+//! Its `<crc32>` covers `<from> <to>`. In format 2, `<crc32>` is
 //! eight lower-case hex digits of the CRC-32 (IEEE 802.3, the one of zlib
 //! and gzip) of everything after it and its space, `<record number> <wire
 //! JSON>`, so a changed digit anywhere in the reading or its number is
@@ -31,12 +37,21 @@ pub enum Line<'a> {
         /// The wire JSON.
         json: &'a str,
     },
+    /// Records `from..to` are done; none of them is in the file.
+    Done {
+        /// First record of the range.
+        from: u64,
+        /// One past its last record.
+        to: u64,
+    },
     /// Not a valid line (bad checksum, bad syntax, unknown format).
     Damaged(&'static str),
 }
 
 /// The version tag of the current format.
 const FORMAT_2: &[u8] = b"2 ";
+/// The tag of a done range.
+const DONE: &[u8] = b"D ";
 
 /// Bytes of the line that [`encode`] makes for record `rec`.
 pub fn encoded_len(rec: u64, json: &str) -> u64 {
@@ -62,6 +77,16 @@ pub fn encode(rec: u64, json: &str, out: &mut Vec<u8>) {
     out.push(b'\n');
 }
 
+/// Appends the line (with its newline) saying that records `from..to`
+/// are done (`from < to`).
+pub fn encode_done(from: u64, to: u64, out: &mut Vec<u8>) {
+    let body = format!("{from} {to}");
+    out.extend_from_slice(DONE);
+    out.extend_from_slice(format!("{:08x} ", crc32(body.as_bytes())).as_bytes());
+    out.extend_from_slice(body.as_bytes());
+    out.push(b'\n');
+}
+
 /// Decodes one line (without its newline).
 pub fn decode(line: &[u8]) -> Line<'_> {
     match line.first() {
@@ -70,8 +95,39 @@ pub fn decode(line: &[u8]) -> Line<'_> {
             Err(_) => Line::Damaged("not UTF-8"),
         },
         Some(_) if line.starts_with(FORMAT_2) => decode_checked(&line[FORMAT_2.len()..]),
+        Some(_) if line.starts_with(DONE) => decode_done(&line[DONE.len()..]),
         _ => Line::Damaged("unknown record format"),
     }
+}
+
+fn decode_done(rest: &[u8]) -> Line<'_> {
+    let Some(body) = verified(rest) else {
+        return Line::Damaged("checksum mismatch");
+    };
+    let mut parts = body.split(' ');
+    match (
+        parts.next().and_then(|f| f.parse::<u64>().ok()),
+        parts.next().and_then(|t| t.parse::<u64>().ok()),
+        parts.next(),
+    ) {
+        (Some(from), Some(to), None) if from < to => Line::Done { from, to },
+        _ => Line::Damaged("bad done range"),
+    }
+}
+
+/// The text after `<crc32> ` if the checksum matches it.
+fn verified(rest: &[u8]) -> Option<&str> {
+    let (Some(crc), Some(b' ')) = (rest.get(..8), rest.get(8)) else {
+        return None;
+    };
+    let body = &rest[9..];
+    let crc = std::str::from_utf8(crc)
+        .ok()
+        .and_then(|h| u32::from_str_radix(h, 16).ok());
+    if crc != Some(crc32(body)) {
+        return None;
+    }
+    std::str::from_utf8(body).ok()
 }
 
 fn decode_checked(rest: &[u8]) -> Line<'_> {
@@ -192,6 +248,37 @@ mod tests {
         assert!(matches!(decode(b""), Line::Damaged(_)));
         assert!(matches!(decode(&[0; 40]), Line::Damaged(_)));
         assert!(matches!(decode(b"3 whatever"), Line::Damaged(_)));
+    }
+
+    #[test]
+    fn done_ranges_round_trip_and_every_change_is_caught() {
+        let mut line = Vec::new();
+        encode_done(120, 4711, &mut line);
+        assert_eq!(line.last(), Some(&b'\n'));
+        let line = &line[..line.len() - 1];
+        assert_eq!(
+            decode(line),
+            Line::Done {
+                from: 120,
+                to: 4711
+            }
+        );
+        for i in 0..line.len() {
+            let mut bad = line.to_vec();
+            bad[i] ^= 0x01;
+            assert!(
+                matches!(decode(&bad), Line::Damaged(_)),
+                "byte {i} changed: {:?}",
+                decode(&bad)
+            );
+        }
+        // An empty or reversed range is not a done range.
+        let mut empty = Vec::new();
+        encode_done(5, 5, &mut empty);
+        assert!(matches!(
+            decode(&empty[..empty.len() - 1]),
+            Line::Damaged(_)
+        ));
     }
 
     #[test]

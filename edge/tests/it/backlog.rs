@@ -34,7 +34,7 @@ fn stored_values_are_a_plausible_household_supply() {
 
 #[test]
 fn live_readings_flow_while_a_large_backlog_drains() {
-    use ems_edge::outbox::{sync_files, Outbox};
+    use ems_edge::outbox::Outbox;
     const BACKLOG: u64 = 20_000;
     const OLD_EPOCH: u64 = 42;
     let w = World::new();
@@ -52,7 +52,7 @@ fn live_readings_flow_while_a_large_backlog_drains() {
         };
         ob.append(&r);
     }
-    sync_files(ob.flush().unwrap()).unwrap();
+    ob.sync_now().spool.unwrap();
     drop(ob);
 
     let _hub = w.hub();
@@ -104,7 +104,7 @@ fn live_readings_flow_while_a_large_backlog_drains() {
 
 #[test]
 fn hub_rate_limit_slows_the_drain_and_loses_nothing() {
-    use ems_edge::outbox::{sync_files, Outbox};
+    use ems_edge::outbox::Outbox;
     const BACKLOG: u64 = 5_000;
     const OLD_EPOCH: u64 = 43;
     let w = World::new();
@@ -120,7 +120,7 @@ fn hub_rate_limit_slows_the_drain_and_loses_nothing() {
         };
         ob.append(&r);
     }
-    sync_files(ob.flush().unwrap()).unwrap();
+    ob.sync_now().spool.unwrap();
     drop(ob);
     // A hub that takes 1000 frames/s with a burst of 1000; an edge that
     // would send 4000/s.
@@ -155,7 +155,7 @@ fn hub_rate_limit_slows_the_drain_and_loses_nothing() {
 #[test]
 #[ignore]
 fn measure_spool() {
-    use ems_edge::outbox::{sync_files, Outbox};
+    use ems_edge::outbox::Outbox;
     let dir = tempfile::tempdir().unwrap();
     let mut ob = Outbox::open(dir.path(), 256 << 20, 512).unwrap();
     let reading = |seq: u64| ems_shared::Reading {
@@ -183,11 +183,13 @@ fn measure_spool() {
     }
     let append = t.elapsed();
     let t = Instant::now();
-    let files = ob.flush().unwrap();
+    let job = ob.begin_sync();
     let write = t.elapsed();
     let t = Instant::now();
-    sync_files(files).unwrap();
+    let done = job.run();
     let sync = t.elapsed();
+    ob.end_sync(&job, &done);
+    done.spool.unwrap();
     println!(
         "append: {:.0} readings/s; write: {:.1} ms; fsync: {:.1} ms",
         n as f64 / append.as_secs_f64(),
@@ -200,7 +202,7 @@ fn measure_spool() {
     for seq in n..n + 50 {
         ob.append(&reading(seq));
         let t = Instant::now();
-        sync_files(ob.flush().unwrap()).unwrap();
+        ob.sync_now().spool.unwrap();
         worst = worst.max(t.elapsed());
         total += t.elapsed();
     }

@@ -301,7 +301,6 @@ backoff_base_ms = 50
 backoff_cap_ms = 500
 stable_after_ms = 1000
 connect_timeout_ms = 3000
-poll_ms = 20
 
 [[meter]]
 id = "main"

@@ -58,7 +58,7 @@ fn takeover_close_4000_is_reported_and_retried() {
 
 #[test]
 fn a_rejected_reading_leaves_the_outbox_without_blocking_it() {
-    use ems_edge::outbox::{sync_files, Outbox};
+    use ems_edge::outbox::Outbox;
     const OLD_EPOCH: u64 = 44;
     let w = World::new();
     let now_ms = std::time::SystemTime::now()
@@ -81,7 +81,7 @@ fn a_rejected_reading_leaves_the_outbox_without_blocking_it() {
         };
         ob.append(&r);
     }
-    sync_files(ob.flush().unwrap()).unwrap();
+    ob.sync_now().spool.unwrap();
     drop(ob);
     let _hub = w.hub();
     let config = w.config("edge.toml", "", "");
@@ -189,13 +189,9 @@ fn close_then_reset(listener: &std::net::TcpListener, code: u16) {
 #[test]
 fn close_4001_and_4002_are_acted_on_even_when_the_socket_then_fails() {
     let w = World::new();
-    // A long read timeout: the edge waits in a read while the peer is
-    // silent, and has readings ready to write when the close comes.
+    // The edge sleeps in poll while the peer is silent, and has readings
+    // ready to write when the close comes.
     let config = w.config("edge.toml", "", "");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("poll_ms = 20", "poll_ms = 1000");
-    std::fs::write(&config, text).unwrap();
     let listener = std::net::TcpListener::bind(("127.0.0.1", w.port)).unwrap();
     listener.set_nonblocking(true).unwrap();
     let mut edge = w.edge(&config);

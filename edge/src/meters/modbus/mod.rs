@@ -350,4 +350,8 @@ impl<P: SerialPort> Meter for ModbusMeter<P> {
     fn resume_energy(&mut self, _floor: &super::persist::EnergyFloor) {
         // The import counter is the meter's own register: nothing to carry.
     }
+
+    fn counts_energy_itself(&self) -> bool {
+        true
+    }
 }
