@@ -56,6 +56,10 @@
 //! - Directory entries are made durable where it matters: a new segment's
 //!   directory is fsynced with its first data, and after segments are
 //!   deleted the directory is fsynced on the next flush.
+//!
+//! This file holds the types and appends; recovery at open is in `open`,
+//! the write path in `write`, reads in `read`, releases and the bounds in
+//! `release`, the ack watermark in `watermark`.
 
 pub mod cursor;
 mod open;
