@@ -28,26 +28,33 @@
 //! `docs/decisions/edge-ack-by-send-position.md`). On disconnect every
 //! in-flight reading becomes unsent again and is resent after the reconnect
 //! (the hub dedups).
+//!
+//! This file holds the [`Outbox`] with its appends and counters; sending
+//! is in `send`, acks in `ack`, the `status` frame in `status`, syncs and
+//! stops in `sync`, the shared handle in `shared`.
 
+mod ack;
+mod send;
+mod shared;
 pub mod state;
+mod status;
+mod sync;
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::io;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ems_shared::{EdgeStatus, Reading};
-use thiserror::Error;
+use ems_shared::Reading;
 
-use crate::ceiling::file::{CeilingWrite, Found};
+use crate::ceiling::file::Found;
 use crate::ceiling::{CeilingFile, Ceilings, DEFAULT_HEADROOM};
-use crate::meters::persist::EnergyFloor;
-use crate::spool::{Dropped, Slot, Spool};
+use crate::spool::{Dropped, Spool};
 use crate::state_dir::DirLock;
-use crate::wake::Wake;
 
+pub use shared::{SharedOutbox, SyncBell};
 pub use state::{AckOutcome, DropCause, Flight, OutboxState};
+pub use sync::{sync_files, SyncDone, SyncError, SyncJob};
 
 /// A spool read that failed with an I/O error is tried again after this
 /// long (the backlog waits; live readings do not).
@@ -317,239 +324,6 @@ impl Outbox {
         }
     }
 
-    /// A connection is up.
-    pub fn connected(&mut self) {
-        for cause in self.state.connected() {
-            self.count_lost(cause, 1);
-        }
-        self.refresh_stats();
-    }
-
-    /// The connection is gone.
-    pub fn disconnected(&mut self) {
-        for cause in self.state.disconnected() {
-            self.count_lost(cause, 1);
-        }
-        self.refresh_stats();
-    }
-
-    /// Up to `max` readings to send now (live first, then oldest backlog),
-    /// marked in flight.
-    pub fn next_batch(&mut self, max: usize) -> Vec<Outgoing> {
-        let mut out = Vec::new();
-        while out.len() < max {
-            let Some(rec) = self.state.peek_next() else {
-                break;
-            };
-            let waiting = self
-                .retry_backlog_at
-                .is_some_and(|t| Instant::now() < t && !self.spool.in_memory(rec));
-            if waiting {
-                break;
-            }
-            match self.spool.read(rec) {
-                Ok(Slot::Record(json)) => match serde_json::from_str::<Reading>(&json) {
-                    Ok(r) => {
-                        self.state.sent(rec, r.epoch, r.seq);
-                        out.push(Outgoing { rec, json });
-                    }
-                    Err(_) => self.damaged(rec, "not a valid reading"),
-                },
-                Ok(Slot::Lost(why)) => self.damaged(rec, why),
-                // Acknowledged before it was written (a previous run).
-                Ok(Slot::Done) => self.state.discard(rec),
-                Err(e) => {
-                    if self.read_errors.due().is_some() {
-                        log::warn!(
-                            "spool: cannot read record {rec}: {e}; trying again (a spot that keeps failing is skipped and counted)"
-                        );
-                    }
-                    self.retry_backlog_at = Some(Instant::now() + READ_RETRY_AFTER);
-                    break;
-                }
-            }
-        }
-        self.refresh_stats();
-        out
-    }
-
-    /// When the backlog may be read again after a spool read error (the
-    /// link's timer), if that is still to come.
-    pub fn retry_at(&self) -> Option<Instant> {
-        self.retry_backlog_at.filter(|t| *t > Instant::now())
-    }
-
-    /// A record that cannot be read back: skipped, counted, logged.
-    fn damaged(&mut self, rec: u64, why: &str) {
-        self.stats.dropped_damaged += 1;
-        if let Some(more) = self.damaged_log.due() {
-            log::warn!(
-                "spool: record {rec} is lost ({why}); skipping it ({} skipped since start{})",
-                self.stats.dropped_damaged,
-                if more > 0 {
-                    format!(", {more} more since the last message")
-                } else {
-                    String::new()
-                }
-            );
-        }
-        self.state.discard(rec);
-    }
-
-    /// Handles `ack(epoch, seq)`; returns readings newly done.
-    pub fn ack(&mut self, epoch: u64, seq: u64) -> AckOutcome {
-        let out = self.state.ack(epoch, seq);
-        self.refresh_stats();
-        out
-    }
-
-    /// Handles `rejected(epoch, seq)`.
-    pub fn rejected(&mut self, epoch: u64, seq: u64) -> AckOutcome {
-        let out = self.state.rejected(epoch, seq);
-        self.stats.rejected += out.done as u64;
-        self.refresh_stats();
-        out
-    }
-
-    /// Handles a `rate_limited` rejection: the reading stays and is resent
-    /// (unless the spool dropped it meanwhile: then it is lost, counted).
-    pub fn requeue(&mut self, epoch: u64, seq: u64) -> AckOutcome {
-        let out = self.state.requeue(epoch, seq);
-        if let Some(cause) = out.lost {
-            self.count_lost(cause, 1);
-        }
-        self.refresh_stats();
-        out
-    }
-
-    /// The `status` frame for the hub: depth, sample time of the oldest
-    /// unacknowledged reading, readings dropped since start, readings held
-    /// in memory.
-    pub fn status(&mut self) -> EdgeStatus {
-        let low = self.state.low();
-        let oldest_ts_ms = if self.state.depth() == 0 {
-            None
-        } else {
-            match self.oldest {
-                Some((rec, ts)) if rec == low => ts,
-                _ => {
-                    let ts = match self.spool.peek(low) {
-                        Ok(Slot::Record(json)) => serde_json::from_str::<Reading>(&json)
-                            .ok()
-                            .map(|r| r.ts_ms)
-                            .filter(|t| *t >= 0),
-                        _ => None,
-                    };
-                    self.oldest = Some((low, ts));
-                    ts
-                }
-            }
-        };
-        EdgeStatus {
-            outbox_depth: self.state.depth(),
-            oldest_ts_ms,
-            dropped: self.stats.dropped_full,
-            unwritten: self.stats.unwritten,
-            dropped_disk_full: self.stats.dropped_disk_full,
-            dropped_damaged: self.stats.dropped_damaged,
-            ..Default::default()
-        }
-    }
-
-    /// The first half of a sync, under the lock: deletes the spool
-    /// segments the acks cover (needs no free space), writes the readings
-    /// not yet acknowledged to the spool files (`write(2)`, fast; acked
-    /// ones are skipped), and prepares raising the energy ceilings if they
-    /// need it. [`SyncJob::run`] does the slow part (fsyncs) *after* the
-    /// lock is released; then [`Outbox::end_sync`]. A failed write leaves
-    /// the readings in memory for the next sync.
-    pub fn begin_sync(&mut self) -> SyncJob {
-        self.spool.release_below(self.state.low());
-        let state = &self.state;
-        let files = self.spool.flush(&|rec| state.is_done(rec));
-        let ceiling = self.ceilings.plan().map(|v| self.ceiling_file.prepare(v));
-        self.refresh_stats();
-        SyncJob { files, ceiling }
-    }
-
-    /// The second half of a sync, under the lock again: a saved ceiling
-    /// releases the readings that waited for it. If the ceiling could not
-    /// be saved, they are released anyway — held back they would not reach
-    /// the hub at all — and an error says what a crash could then do.
-    pub fn end_sync(&mut self, job: &SyncJob, done: &SyncDone) {
-        match (&job.ceiling, &done.ceiling) {
-            (Some(Ok(w)), Some(Ok(()))) => {
-                self.ceiling_file.saved(w);
-                self.ceilings.mark_saved(w.values.clone());
-                self.release_held_back();
-            }
-            (Some(planned), outcome) => {
-                let why = match (planned, outcome) {
-                    (Err(e), _) | (_, Some(Err(e))) => e.to_string(),
-                    _ => "not written".into(),
-                };
-                if let Some(more) = self.ceiling_errors.due() {
-                    log::error!(
-                        "energy ceiling {}: cannot save it: {why}; readings are sent anyway, so after a crash now an energy counter may restart below a value the hub has ({more} more failures since the last message)",
-                        self.ceiling_file.describe()
-                    );
-                }
-                self.release_all();
-            }
-            (None, _) => {}
-        }
-        self.refresh_stats();
-    }
-
-    /// A whole sync while holding the outbox (single-threaded tools and
-    /// tests; the edge itself uses [`SharedOutbox::sync`]).
-    pub fn sync_now(&mut self) -> SyncDone {
-        let job = self.begin_sync();
-        let done = job.run();
-        self.end_sync(&job, &done);
-        done
-    }
-
-    /// Saves the energy ceilings at an orderly stop, after the last
-    /// reading was taken and the link stopped: each meter's exact last
-    /// value, so the next start adds nothing to any counter. Returns the
-    /// write to run outside the lock (then [`Outbox::end_stop`]).
-    pub fn begin_stop(&mut self) -> io::Result<CeilingWrite> {
-        self.ceiling_file.prepare(self.ceilings.at_stop())
-    }
-
-    /// The stop's ceiling write (from [`Outbox::begin_stop`]) succeeded.
-    pub fn end_stop(&mut self, w: &CeilingWrite) {
-        self.ceiling_file.saved(w);
-        self.ceilings.mark_saved(w.values.clone());
-    }
-
-    /// Where the energy counters continue after a restart, per meter: the
-    /// larger of the saved ceilings and the highest `energy_wh` among the
-    /// newest readings in the spool (at least
-    /// [`FLOOR_RECORDS`](crate::spool::FLOOR_RECORDS) of them; they matter
-    /// after an upgrade from an edge without ceilings).
-    pub fn energy_floor(&mut self) -> EnergyFloor {
-        let mut floor = EnergyFloor::default();
-        for (meter, v) in self.ceilings.saved() {
-            floor.raise(meter, *v);
-        }
-        for json in self.spool.newest_records(crate::spool::FLOOR_RECORDS) {
-            if let Ok(r) = serde_json::from_str::<Reading>(&json) {
-                if let Some(e) = r.energy_wh {
-                    floor.raise(&r.meter, e);
-                }
-            }
-        }
-        floor
-    }
-
-    /// Persists the ack watermark if acks of records on disk changed it
-    /// (cheap; done periodically and at exit).
-    pub fn persist_watermark(&mut self) -> io::Result<()> {
-        self.spool.save_watermark(self.state.low())
-    }
-
     /// Counters.
     pub fn stats(&self) -> OutboxStats {
         self.stats
@@ -577,209 +351,11 @@ impl Outbox {
     }
 }
 
-/// fsyncs files (from a [`SyncJob`]).
-pub fn sync_files(files: &[File]) -> io::Result<()> {
-    for f in files {
-        f.sync_data()?;
-    }
-    Ok(())
-}
-
-/// The slow half of a sync, run outside the outbox lock (see
-/// [`Outbox::begin_sync`]).
-#[derive(Debug)]
-pub struct SyncJob {
-    /// The spool files to fsync, or why they could not be written.
-    files: io::Result<Vec<File>>,
-    /// The ceiling save, if one is due.
-    ceiling: Option<io::Result<CeilingWrite>>,
-}
-
-/// What [`SyncJob::run`] did.
-#[derive(Debug)]
-pub struct SyncDone {
-    /// The spool: written and fsynced, or why not.
-    pub spool: Result<(), SyncError>,
-    /// The ceiling save, if one was due.
-    pub ceiling: Option<io::Result<()>>,
-    /// fdatasync calls made.
-    pub syncs: usize,
-}
-
-impl SyncJob {
-    /// fsyncs the spool files, then writes and fsyncs the ceilings. Any
-    /// order would do: a reading is released only after both.
-    pub fn run(&self) -> SyncDone {
-        let (spool, mut syncs) = match &self.files {
-            Ok(files) => (sync_files(files).map_err(SyncError::Fsync), files.len()),
-            Err(e) => (
-                Err(SyncError::Write(io::Error::new(e.kind(), e.to_string()))),
-                0,
-            ),
-        };
-        let ceiling = self.ceiling.as_ref().map(|w| match w {
-            Ok(w) => {
-                syncs += 1;
-                w.run()
-            }
-            Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
-        });
-        SyncDone {
-            spool,
-            ceiling,
-            syncs,
-        }
-    }
-}
-
-/// Why [`SharedOutbox::sync`] failed (disk full, card errors). The readings
-/// stay in memory and the next call retries.
-#[derive(Debug, Error)]
-pub enum SyncError {
-    /// Writing the buffered readings to the segment files failed.
-    #[error("write failed: {0}")]
-    Write(io::Error),
-    /// fsync of the written files failed.
-    #[error("fsync failed: {0}")]
-    Fsync(io::Error),
-}
-
-/// A doorbell the supervisor sleeps on between syncs: rung when a reading
-/// waits for a ceiling raise (sync now rather than at the next tick) and at
-/// shutdown.
-#[derive(Debug, Default)]
-pub struct SyncBell {
-    /// Rung since the last wait.
-    rung: Mutex<bool>,
-    /// Wakes the waiter.
-    cv: Condvar,
-}
-
-impl SyncBell {
-    /// Rings.
-    pub fn ring(&self) {
-        let mut rung = self.rung.lock().unwrap_or_else(|p| p.into_inner());
-        *rung = true;
-        self.cv.notify_all();
-    }
-
-    /// Sleeps until rung or `deadline`; returns whether it was rung (and
-    /// resets it).
-    pub fn wait_until(&self, deadline: Instant) -> bool {
-        let mut rung = self.rung.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if std::mem::take(&mut *rung) {
-                return true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            rung = match self.cv.wait_timeout(rung, deadline - now) {
-                Ok((r, _)) => r,
-                Err(p) => p.into_inner().0,
-            };
-        }
-    }
-}
-
-/// The [`Outbox`] as the sampler, the link and the supervisor share it,
-/// with the two ways to wake them: the link's [`Wake`] (a reading may go
-/// out) and the supervisor's [`SyncBell`] (a reading waits for a sync).
-///
-/// A panic while the lock is held (a bug) must not stop the other threads:
-/// every method of [`Outbox`] leaves it consistent between calls, so a
-/// poisoned lock is taken over as it is.
-#[derive(Debug, Clone)]
-pub struct SharedOutbox {
-    /// The outbox.
-    inner: Arc<Mutex<Outbox>>,
-    /// Signalled when a reading can go out while connected.
-    wake: Arc<Wake>,
-    /// Rung when a sync is wanted now.
-    bell: Arc<SyncBell>,
-}
-
-impl SharedOutbox {
-    /// Shares `outbox`; fails only if no eventfd can be had.
-    pub fn new(outbox: Outbox) -> io::Result<Self> {
-        Ok(SharedOutbox {
-            inner: Arc::new(Mutex::new(outbox)),
-            wake: Arc::new(Wake::new()?),
-            bell: Arc::new(SyncBell::default()),
-        })
-    }
-
-    /// Locks the outbox. Nobody holds the lock across network or disk
-    /// waits, so this never blocks for long.
-    pub fn lock(&self) -> MutexGuard<'_, Outbox> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The link's wake-up descriptor.
-    pub fn wake(&self) -> &Arc<Wake> {
-        &self.wake
-    }
-
-    /// The supervisor's doorbell.
-    pub fn bell(&self) -> &Arc<SyncBell> {
-        &self.bell
-    }
-
-    /// Appends readings (the sampler), then wakes the link if one of them
-    /// can go out and rings the supervisor if one waits for a ceiling
-    /// raise. Returns the readings the bounds dropped.
-    pub fn append_all<'r>(&self, readings: impl IntoIterator<Item = &'r Reading>) -> u64 {
-        let (lost, wake, bell) = {
-            let mut ob = self.lock();
-            let lost = readings.into_iter().map(|r| ob.append(r)).sum();
-            (lost, ob.take_wake_link(), ob.take_sync_wanted())
-        };
-        if wake {
-            self.wake.notify();
-        }
-        if bell {
-            self.bell.ring();
-        }
-        lost
-    }
-
-    /// Writes the readings not yet acknowledged under the lock (a fast
-    /// `write`) and prepares a ceiling raise, then fsyncs outside it, so
-    /// the sampler and the link never wait for the card; readings that
-    /// waited for the raise go out after it. Returns what was done (the
-    /// spool's error, if any: the readings stay in memory and the next
-    /// call retries).
-    pub fn sync(&self) -> SyncDone {
-        let job = self.lock().begin_sync();
-        let done = job.run();
-        let wake = {
-            let mut ob = self.lock();
-            ob.end_sync(&job, &done);
-            ob.take_wake_link()
-        };
-        if wake {
-            self.wake.notify();
-        }
-        done
-    }
-
-    /// At an orderly stop, after the sampler and the link stopped: saves
-    /// the exact energy counters as the ceilings (see
-    /// [`Outbox::begin_stop`]).
-    pub fn save_exact_ceilings(&self) -> io::Result<()> {
-        let w = self.lock().begin_stop()?;
-        w.run()?;
-        self.lock().end_stop(&w);
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn reading(seq: u64) -> Reading {
+    pub(super) fn reading(seq: u64) -> Reading {
         Reading {
             epoch: 7,
             seq,
@@ -796,7 +372,7 @@ mod tests {
         ob.sync_now()
     }
 
-    fn sync(ob: &mut Outbox) {
+    pub(super) fn sync(ob: &mut Outbox) {
         try_sync(ob).spool.unwrap();
     }
 
@@ -805,7 +381,7 @@ mod tests {
         try_sync(ob).spool.is_err()
     }
 
-    fn drain(ob: &mut Outbox) -> Vec<u64> {
+    pub(super) fn drain(ob: &mut Outbox) -> Vec<u64> {
         let mut seqs = vec![];
         loop {
             let batch = ob.next_batch(1000);
@@ -946,30 +522,6 @@ mod tests {
         drop(ob);
         let ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
         assert_eq!(ob.stats().depth, 0);
-    }
-
-    #[test]
-    fn status_reports_depth_and_the_oldest_sample_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
-        let st = ob.status();
-        assert_eq!((st.outbox_depth, st.oldest_ts_ms), (0, None));
-        for seq in 0..10 {
-            ob.append(&reading(seq));
-        }
-        sync(&mut ob);
-        assert_eq!(ob.status().oldest_ts_ms, Some(1_764_000_000_000));
-        ob.connected();
-        drain(&mut ob);
-        ob.ack(7, 3);
-        let st = ob.status();
-        assert_eq!(st.outbox_depth, 6);
-        assert_eq!(st.oldest_ts_ms, Some(1_764_000_000_004));
-        st.validate(1_764_000_000_000).unwrap();
-        drop(ob);
-        // From the files after a restart (not from the memory cache).
-        let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
-        assert_eq!(ob.status().oldest_ts_ms, Some(1_764_000_000_000));
     }
 
     #[test]

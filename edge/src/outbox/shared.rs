@@ -1,0 +1,142 @@
+//! The outbox as the sampler, the link and the supervisor share it
+//! ([`SharedOutbox`]), and the supervisor's doorbell ([`SyncBell`]).
+
+use std::io;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use ems_shared::Reading;
+
+use super::{Outbox, SyncDone};
+use crate::wake::Wake;
+
+/// A doorbell the supervisor sleeps on between syncs: rung when a reading
+/// waits for a ceiling raise (sync now rather than at the next tick) and at
+/// shutdown.
+#[derive(Debug, Default)]
+pub struct SyncBell {
+    /// Rung since the last wait.
+    rung: Mutex<bool>,
+    /// Wakes the waiter.
+    cv: Condvar,
+}
+
+impl SyncBell {
+    /// Rings.
+    pub fn ring(&self) {
+        let mut rung = self.rung.lock().unwrap_or_else(|p| p.into_inner());
+        *rung = true;
+        self.cv.notify_all();
+    }
+
+    /// Sleeps until rung or `deadline`; returns whether it was rung (and
+    /// resets it).
+    pub fn wait_until(&self, deadline: Instant) -> bool {
+        let mut rung = self.rung.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if std::mem::take(&mut *rung) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            rung = match self.cv.wait_timeout(rung, deadline - now) {
+                Ok((r, _)) => r,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+}
+
+/// The [`Outbox`] as the sampler, the link and the supervisor share it,
+/// with the two ways to wake them: the link's [`Wake`] (a reading may go
+/// out) and the supervisor's [`SyncBell`] (a reading waits for a sync).
+///
+/// A panic while the lock is held (a bug) must not stop the other threads:
+/// every method of [`Outbox`] leaves it consistent between calls, so a
+/// poisoned lock is taken over as it is.
+#[derive(Debug, Clone)]
+pub struct SharedOutbox {
+    /// The outbox.
+    inner: Arc<Mutex<Outbox>>,
+    /// Signalled when a reading can go out while connected.
+    wake: Arc<Wake>,
+    /// Rung when a sync is wanted now.
+    bell: Arc<SyncBell>,
+}
+
+impl SharedOutbox {
+    /// Shares `outbox`; fails only if no eventfd can be had.
+    pub fn new(outbox: Outbox) -> io::Result<Self> {
+        Ok(SharedOutbox {
+            inner: Arc::new(Mutex::new(outbox)),
+            wake: Arc::new(Wake::new()?),
+            bell: Arc::new(SyncBell::default()),
+        })
+    }
+
+    /// Locks the outbox. Nobody holds the lock across network or disk
+    /// waits, so this never blocks for long.
+    pub fn lock(&self) -> MutexGuard<'_, Outbox> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The link's wake-up descriptor.
+    pub fn wake(&self) -> &Arc<Wake> {
+        &self.wake
+    }
+
+    /// The supervisor's doorbell.
+    pub fn bell(&self) -> &Arc<SyncBell> {
+        &self.bell
+    }
+
+    /// Appends readings (the sampler), then wakes the link if one of them
+    /// can go out and rings the supervisor if one waits for a ceiling
+    /// raise. Returns the readings the bounds dropped.
+    pub fn append_all<'r>(&self, readings: impl IntoIterator<Item = &'r Reading>) -> u64 {
+        let (lost, wake, bell) = {
+            let mut ob = self.lock();
+            let lost = readings.into_iter().map(|r| ob.append(r)).sum();
+            (lost, ob.take_wake_link(), ob.take_sync_wanted())
+        };
+        if wake {
+            self.wake.notify();
+        }
+        if bell {
+            self.bell.ring();
+        }
+        lost
+    }
+
+    /// Writes the readings not yet acknowledged under the lock (a fast
+    /// `write`) and prepares a ceiling raise, then fsyncs outside it, so
+    /// the sampler and the link never wait for the card; readings that
+    /// waited for the raise go out after it. Returns what was done (the
+    /// spool's error, if any: the readings stay in memory and the next
+    /// call retries).
+    pub fn sync(&self) -> SyncDone {
+        let job = self.lock().begin_sync();
+        let done = job.run();
+        let wake = {
+            let mut ob = self.lock();
+            ob.end_sync(&job, &done);
+            ob.take_wake_link()
+        };
+        if wake {
+            self.wake.notify();
+        }
+        done
+    }
+
+    /// At an orderly stop, after the sampler and the link stopped: saves
+    /// the exact energy counters as the ceilings (see
+    /// [`Outbox::begin_stop`]).
+    pub fn save_exact_ceilings(&self) -> io::Result<()> {
+        let w = self.lock().begin_stop()?;
+        w.run()?;
+        self.lock().end_stop(&w);
+        Ok(())
+    }
+}

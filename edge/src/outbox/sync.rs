@@ -1,0 +1,177 @@
+//! Durability: a sync writes the unacknowledged readings to the spool
+//! under the lock and fsyncs them (and raised energy ceilings) outside
+//! it; the stop saves exact ceilings; the energy floor and the ack
+//! watermark are what the next start continues from.
+
+use std::fs::File;
+use std::io;
+
+use ems_shared::Reading;
+use thiserror::Error;
+
+use super::Outbox;
+use crate::ceiling::file::CeilingWrite;
+use crate::meters::persist::EnergyFloor;
+
+impl Outbox {
+    /// The first half of a sync, under the lock: deletes the spool
+    /// segments the acks cover (needs no free space), writes the readings
+    /// not yet acknowledged to the spool files (`write(2)`, fast; acked
+    /// ones are skipped), and prepares raising the energy ceilings if they
+    /// need it. [`SyncJob::run`] does the slow part (fsyncs) *after* the
+    /// lock is released; then [`Outbox::end_sync`]. A failed write leaves
+    /// the readings in memory for the next sync.
+    pub fn begin_sync(&mut self) -> SyncJob {
+        self.spool.release_below(self.state.low());
+        let state = &self.state;
+        let files = self.spool.flush(&|rec| state.is_done(rec));
+        let ceiling = self.ceilings.plan().map(|v| self.ceiling_file.prepare(v));
+        self.refresh_stats();
+        SyncJob { files, ceiling }
+    }
+
+    /// The second half of a sync, under the lock again: a saved ceiling
+    /// releases the readings that waited for it. If the ceiling could not
+    /// be saved, they are released anyway — held back they would not reach
+    /// the hub at all — and an error says what a crash could then do.
+    pub fn end_sync(&mut self, job: &SyncJob, done: &SyncDone) {
+        match (&job.ceiling, &done.ceiling) {
+            (Some(Ok(w)), Some(Ok(()))) => {
+                self.ceiling_file.saved(w);
+                self.ceilings.mark_saved(w.values.clone());
+                self.release_held_back();
+            }
+            (Some(planned), outcome) => {
+                let why = match (planned, outcome) {
+                    (Err(e), _) | (_, Some(Err(e))) => e.to_string(),
+                    _ => "not written".into(),
+                };
+                if let Some(more) = self.ceiling_errors.due() {
+                    log::error!(
+                        "energy ceiling {}: cannot save it: {why}; readings are sent anyway, so after a crash now an energy counter may restart below a value the hub has ({more} more failures since the last message)",
+                        self.ceiling_file.describe()
+                    );
+                }
+                self.release_all();
+            }
+            (None, _) => {}
+        }
+        self.refresh_stats();
+    }
+
+    /// A whole sync while holding the outbox (single-threaded tools and
+    /// tests; the edge itself uses [`SharedOutbox::sync`]).
+    pub fn sync_now(&mut self) -> SyncDone {
+        let job = self.begin_sync();
+        let done = job.run();
+        self.end_sync(&job, &done);
+        done
+    }
+
+    /// Saves the energy ceilings at an orderly stop, after the last
+    /// reading was taken and the link stopped: each meter's exact last
+    /// value, so the next start adds nothing to any counter. Returns the
+    /// write to run outside the lock (then [`Outbox::end_stop`]).
+    pub fn begin_stop(&mut self) -> io::Result<CeilingWrite> {
+        self.ceiling_file.prepare(self.ceilings.at_stop())
+    }
+
+    /// The stop's ceiling write (from [`Outbox::begin_stop`]) succeeded.
+    pub fn end_stop(&mut self, w: &CeilingWrite) {
+        self.ceiling_file.saved(w);
+        self.ceilings.mark_saved(w.values.clone());
+    }
+
+    /// Where the energy counters continue after a restart, per meter: the
+    /// larger of the saved ceilings and the highest `energy_wh` among the
+    /// newest readings in the spool (at least
+    /// [`FLOOR_RECORDS`](crate::spool::FLOOR_RECORDS) of them; they matter
+    /// after an upgrade from an edge without ceilings).
+    pub fn energy_floor(&mut self) -> EnergyFloor {
+        let mut floor = EnergyFloor::default();
+        for (meter, v) in self.ceilings.saved() {
+            floor.raise(meter, *v);
+        }
+        for json in self.spool.newest_records(crate::spool::FLOOR_RECORDS) {
+            if let Ok(r) = serde_json::from_str::<Reading>(&json) {
+                if let Some(e) = r.energy_wh {
+                    floor.raise(&r.meter, e);
+                }
+            }
+        }
+        floor
+    }
+
+    /// Persists the ack watermark if acks of records on disk changed it
+    /// (cheap; done periodically and at exit).
+    pub fn persist_watermark(&mut self) -> io::Result<()> {
+        self.spool.save_watermark(self.state.low())
+    }
+}
+
+/// fsyncs files (from a [`SyncJob`]).
+pub fn sync_files(files: &[File]) -> io::Result<()> {
+    for f in files {
+        f.sync_data()?;
+    }
+    Ok(())
+}
+
+/// The slow half of a sync, run outside the outbox lock (see
+/// [`Outbox::begin_sync`]).
+#[derive(Debug)]
+pub struct SyncJob {
+    /// The spool files to fsync, or why they could not be written.
+    files: io::Result<Vec<File>>,
+    /// The ceiling save, if one is due.
+    ceiling: Option<io::Result<CeilingWrite>>,
+}
+
+/// What [`SyncJob::run`] did.
+#[derive(Debug)]
+pub struct SyncDone {
+    /// The spool: written and fsynced, or why not.
+    pub spool: Result<(), SyncError>,
+    /// The ceiling save, if one was due.
+    pub ceiling: Option<io::Result<()>>,
+    /// fdatasync calls made.
+    pub syncs: usize,
+}
+
+impl SyncJob {
+    /// fsyncs the spool files, then writes and fsyncs the ceilings. Any
+    /// order would do: a reading is released only after both.
+    pub fn run(&self) -> SyncDone {
+        let (spool, mut syncs) = match &self.files {
+            Ok(files) => (sync_files(files).map_err(SyncError::Fsync), files.len()),
+            Err(e) => (
+                Err(SyncError::Write(io::Error::new(e.kind(), e.to_string()))),
+                0,
+            ),
+        };
+        let ceiling = self.ceiling.as_ref().map(|w| match w {
+            Ok(w) => {
+                syncs += 1;
+                w.run()
+            }
+            Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+        });
+        SyncDone {
+            spool,
+            ceiling,
+            syncs,
+        }
+    }
+}
+
+/// Why [`SharedOutbox::sync`] failed (disk full, card errors). The readings
+/// stay in memory and the next call retries.
+#[derive(Debug, Error)]
+pub enum SyncError {
+    /// Writing the buffered readings to the segment files failed.
+    #[error("write failed: {0}")]
+    Write(io::Error),
+    /// fsync of the written files failed.
+    #[error("fsync failed: {0}")]
+    Fsync(io::Error),
+}
