@@ -1,64 +1,85 @@
-//! Live revocation and rotation: a background task that polls the store
-//! every `revocation_poll` (default 1 s) for the current token of every
-//! device and closes, with 4001, each live connection whose token was
-//! revoked, rotated or whose device was deleted — also when the admin
-//! command ran in another process (`ems-hub device revoke` against the same
-//! database), which the hub has no other way to learn about.
+//! Live revocation and rotation: a background task that keeps the tokens
+//! in memory ([`super::cache`]) current and closes, with 4001, each live
+//! device connection whose token was revoked, rotated or whose device was
+//! deleted — also when the change was made by another process (`ems-hub
+//! device revoke` against the same database, another hub), which the hub
+//! has no other way to learn about.
 //!
-//! Worst case from the admin command's commit to the close frame: one poll
-//! interval plus one store query plus a scheduler tick (≈ 1.1 s with the
-//! defaults). In-process changes (the admin API) call
-//! [`crate::fanout::registry::Registry::kick`] and close at once.
+//! Every `revocation_poll` (default 1 s), or sooner when a look-up missed,
+//! it reads the store's change counter: one integer. Only when the counter
+//! moved does it read every token again and compare the live connections
+//! with them. Worst case from the admin command's commit to the close
+//! frame: one poll interval plus two small queries and a scheduler tick
+//! (≈ 1.1 s with the defaults). In-process changes (the admin API) call
+//! [`crate::fanout::registry::Registry::kick`] and close at once
+//! (docs/decisions/hub-revocation-poll.md, hub-tokens-in-memory.md).
 //!
 //! The poll doubles as the store health check behind `/readyz`: its outcome
 //! sets `Metrics::store_poll_ok`, so an idle hub notices a lost database.
+//! A read that does not return within two intervals (at least 2 s) counts
+//! as a failure while it goes on.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use tokio::time::MissedTickBehavior;
-
+use super::cache::Snapshot;
 use crate::fanout::registry::Kick;
+use crate::shutdown::shutting_down;
 use crate::state::{CallError, Shared};
-use crate::store::TokenHash;
 
 /// Polls until the hub shuts down.
 pub(crate) async fn run(shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.clone();
-    let mut tick = tokio::time::interval(
-        shared
-            .config
-            .revocation_poll
-            .max(std::time::Duration::from_millis(10)),
-    );
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let every = shared.config.revocation_poll.max(Duration::from_millis(10));
+    let slow = (every * 2).max(Duration::from_secs(2));
+    let metrics = shared.metrics.clone();
     let mut failing = false;
+    let mut last = Instant::now()
+        .checked_sub(every)
+        .unwrap_or_else(Instant::now);
     loop {
         tokio::select! {
-            _ = crate::shutdown::shutting_down(&mut shutdown) => return,
-            _ = tick.tick() => {}
+            _ = shutting_down(&mut shutdown) => return,
+            _ = shared.auth.due(every, last) => {}
         }
-        // The query, the map of 10,000+ tokens and the comparison all run
-        // on the blocking pool: on a worker they would stall every live
-        // frame behind them once per poll. The comparison runs after the
-        // store's lock is released, so handshakes waiting for a token
-        // look-up wait for the query only (docs/decisions/hub-revocation-poll.md).
-        let list = match shared.store.call(|s| s.active_device_tokens()).await {
-            Ok(list) => {
+        last = Instant::now();
+        let read = shared.auth.read();
+        tokio::pin!(read);
+        let mut overdue = false;
+        let result = loop {
+            tokio::select! {
+                r = &mut read => break r,
+                _ = shutting_down(&mut shutdown) => return,
+                _ = tokio::time::sleep(slow), if !overdue => {
+                    overdue = true;
+                    metrics.store_poll_ok.store(0, Ordering::Relaxed);
+                    if !failing {
+                        log::error!("revocation poll: the store has not answered for {slow:?}");
+                        failing = true;
+                    }
+                }
+            }
+        };
+        metrics
+            .hardening
+            .token_reads
+            .fetch_add(1, Ordering::Relaxed);
+        let reloaded = match result {
+            Ok(reloaded) => {
                 if failing {
                     log::info!("revocation poll: store reachable again");
                     failing = false;
                 }
-                shared.metrics.store_poll_ok.store(1, Ordering::Relaxed);
-                list
+                metrics.store_poll_ok.store(1, Ordering::Relaxed);
+                reloaded
             }
             Err(CallError::Store(e)) => {
                 if !failing {
                     log::error!("revocation poll: store unreachable: {e}");
                     failing = true;
                 }
-                shared.metrics.store_poll_ok.store(0, Ordering::Relaxed);
+                metrics.store_poll_ok.store(0, Ordering::Relaxed);
                 continue;
             }
             Err(CallError::Task(e)) => {
@@ -66,14 +87,24 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 continue;
             }
         };
+        let Some(snapshot) = reloaded else { continue };
+        metrics
+            .hardening
+            .token_reloads
+            .fetch_add(1, Ordering::Relaxed);
+        let held = i64::try_from(shared.auth.held()).unwrap_or(i64::MAX);
+        metrics.hardening.tokens_held.store(held, Ordering::Relaxed);
+        // The comparison with every live connection runs on the blocking
+        // pool: on a worker it would stall the live frames behind it.
         let sh = shared.clone();
-        let stale = match tokio::task::spawn_blocking(move || stale_connections(&sh, list)).await {
-            Ok(stale) => stale,
-            Err(e) => {
-                log::error!("revocation poll task failed: {e}");
-                continue;
-            }
-        };
+        let stale =
+            match tokio::task::spawn_blocking(move || stale_connections(&sh, &snapshot)).await {
+                Ok(stale) => stale,
+                Err(e) => {
+                    log::error!("revocation poll task failed: {e}");
+                    continue;
+                }
+            };
         for device_id in stale {
             if shared.registry.kick(&device_id, Kick::Revoked) {
                 log::info!("device {device_id}: token no longer valid in the store; closing its connection (4001)");
@@ -82,20 +113,17 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     }
 }
 
-/// The live device connections whose token is not `current` in the store:
-/// revoked, rotated, or the device deleted.
-fn stale_connections(shared: &Shared, current: Vec<(String, TokenHash)>) -> Vec<Arc<str>> {
-    let current: HashMap<String, TokenHash> = current.into_iter().collect();
+/// The live device connections whose token is not current in `snapshot`:
+/// revoked, rotated, or the device deleted. (A connection registered after
+/// this scan checks the snapshot itself: see the device session's start.)
+fn stale_connections(shared: &Shared, snapshot: &Snapshot) -> Vec<Arc<str>> {
     shared
         .registry
         .device_tokens()
         .into_iter()
         .filter_map(|(device_id, token)| {
             let token = token?;
-            let valid = current
-                .get(&*device_id)
-                .is_some_and(|h| crate::store::ct_eq(h, &token));
-            (!valid).then_some(device_id)
+            (!snapshot.device_valid(&device_id, &token)).then_some(device_id)
         })
         .collect()
 }

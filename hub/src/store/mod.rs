@@ -2,12 +2,15 @@
 //!
 //! A store is a synchronous handle to the database. Its calls are grouped
 //! by who needs them: [`ReadingSink`] (the writer's batched inserts),
-//! [`AuthStore`] (token look-ups), [`AdminStore`] (provisioning) and
-//! [`HistoryStore`] (reading back). Every backend implements all four,
-//! which makes it a [`Store`]. The hub opens two: one for the background
-//! writer thread, one for everything else (used from the blocking pool);
-//! the admin CLI opens one. Backends: `sqlite:PATH` (embedded, default)
-//! and `postgres://…`.
+//! [`AuthStore`] (token look-ups), [`AdminStore`] (provisioning),
+//! [`HistoryStore`] (reading back), [`TokenStore`] (the change counter,
+//! the snapshot of every valid token, admin token management) and
+//! [`LookupStore`] (bounded look-ups for viewers). Every backend
+//! implements all of them, which makes it a [`Store`]. The hub opens
+//! three: one for the background writer thread, one for the token
+//! snapshot and its change counter, one for everything else (used from the
+//! blocking pool); the admin CLI opens one. Backends: `sqlite:PATH`
+//! (embedded, default) and `postgres://…`.
 //!
 //! Contract kept by every backend:
 //! - `insert_batch` commits all rows in one transaction or none; a row whose
@@ -18,8 +21,14 @@
 //! [`open`] picks the backend from the URL: `sqlite:PATH` ([`sqlite`]) or
 //! `postgres://…` / `postgresql://…` ([`postgres`]).
 
+mod lookups;
 pub mod postgres;
 pub mod sqlite;
+mod tokens;
+
+pub use lookups::LookupStore;
+pub(crate) use tokens::LAST_ADMIN;
+pub use tokens::{AdminInfo, AuthSnapshot, TokenStore};
 
 use std::sync::Arc;
 
@@ -116,6 +125,19 @@ pub enum StoreError {
     /// The database failed (connection lost, disk full, …).
     #[error("database error: {0}")]
     Db(String),
+    /// The database could not be reached at all (not started, down,
+    /// unreachable): worth retrying, unlike [`StoreError::Open`].
+    #[error("cannot reach database {url}: {reason}")]
+    Unreachable {
+        /// The URL, with any password removed.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The store refuses a change that would break a rule (e.g. revoking
+    /// the last active admin).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Where the writer commits readings: the one call on the ingest path.
@@ -230,9 +252,16 @@ pub trait HistoryStore: Send {
 
 /// A full database handle: every backend is one. See the module docs for
 /// the contract.
-pub trait Store: ReadingSink + AuthStore + AdminStore + HistoryStore {}
+pub trait Store:
+    ReadingSink + AuthStore + AdminStore + HistoryStore + TokenStore + LookupStore
+{
+}
 
-impl<T: ReadingSink + AuthStore + AdminStore + HistoryStore + ?Sized> Store for T {}
+impl<
+        T: ReadingSink + AuthStore + AdminStore + HistoryStore + TokenStore + LookupStore + ?Sized,
+    > Store for T
+{
+}
 
 /// Opens the store named by `url`: `sqlite:PATH` (also `sqlite://PATH`) or
 /// `postgres://…` / `postgresql://…` (PostgreSQL with default

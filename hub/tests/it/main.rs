@@ -3,12 +3,22 @@
 //! module per area.
 
 mod admin_api;
+mod admin_tokens;
 mod browser;
 mod cli;
+mod conn_limits;
 mod dashboard;
 mod frames;
+mod gate;
 mod handshake;
 mod hardening;
 mod harness;
 mod lifecycle;
+mod notify;
+#[path = "../common/pg.rs"]
+mod pg;
+mod pg_store;
+mod probe;
+mod secrets;
+mod slow_peers;
 mod tls;

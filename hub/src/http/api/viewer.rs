@@ -1,6 +1,8 @@
 //! The viewer endpoints (`emsv_` token, scope enforced exactly as on the
 //! socket): the devices a viewer may watch, with presence, and a device's
-//! stored readings.
+//! stored readings. Both are heavy (their cost grows with the fleet or the
+//! range): one at a time per viewer token, and the device list costs one
+//! store query whatever the number of devices.
 
 use std::sync::Arc;
 
@@ -9,7 +11,7 @@ use hyper::{Request, StatusCode};
 use serde::Serialize;
 use serde_json::json;
 
-use super::{device_id, store, viewer_scope, Answer, ApiError};
+use super::{device_id, heavy_turn, store, viewer_scope, Answer, ApiError};
 use crate::auth::handshake;
 use crate::state::Shared;
 use crate::store::{StoredReading, ViewerScope};
@@ -20,18 +22,21 @@ const MAX_LIMIT: usize = 10_000;
 
 /// `GET /api/devices`: the devices the viewer may watch, with presence.
 pub(super) async fn devices<B>(req: &Request<B>, shared: &Arc<Shared>) -> Answer {
-    let scope = viewer_scope(req, shared).await?;
+    let (viewer, scope) = viewer_scope(req, shared).await?;
+    let _turn = heavy_turn(shared, &viewer).await?;
     list_for_viewer(shared, scope).await
 }
 
 /// `GET /api/devices/{id}/readings?from_ms=&to_ms=&limit=`.
 pub(super) async fn readings<B>(req: &Request<B>, shared: &Arc<Shared>, id: &str) -> Answer {
     let id = device_id(id)?;
-    let scope = viewer_scope(req, shared).await?;
+    let (viewer, scope) = viewer_scope(req, shared).await?;
     if !scope.allows(&id) {
         return Err(ApiError::Forbidden);
     }
-    history(shared, id, req.uri().query().unwrap_or("")).await
+    let query = parse_range(req.uri().query().unwrap_or(""), crate::store::now_ms())?;
+    let _turn = heavy_turn(shared, &viewer).await?;
+    history(shared, id, query).await
 }
 
 /// One device as the API lists it.
@@ -51,16 +56,15 @@ pub(super) struct DeviceState {
 }
 
 /// Live state of the given devices (presence from the registry, last seen
-/// from the registry and the store, outbox from the edge's status).
+/// from the registry and the store — one query for all of them —, outbox
+/// from the edge's status).
 pub(super) async fn states(
     shared: &Arc<Shared>,
     ids: Vec<String>,
 ) -> Result<Vec<DeviceState>, ApiError> {
-    let ids2 = ids.clone();
-    let stored = store(shared, move |s| {
-        ids2.iter()
-            .map(|id| s.last_seen(id))
-            .collect::<Result<Vec<_>, _>>()
+    let (ids, stored) = store(shared, move |s| {
+        let seen = s.last_seen_many(&ids)?;
+        Ok((ids, seen))
     })
     .await?;
     let now = crate::store::now_ms();
@@ -91,12 +95,9 @@ pub(super) async fn states(
 }
 
 async fn list_for_viewer(shared: &Arc<Shared>, scope: ViewerScope) -> Answer {
-    let devices = store(shared, |s| s.list_devices()).await?;
-    let ids: Vec<String> = devices
-        .into_iter()
-        .filter(|d| d.revoked_ms.is_none() && scope.allows(&d.device_id))
-        .map(|d| d.device_id)
-        .collect();
+    // The unrevoked devices are in memory with the tokens.
+    let devices = shared.auth.active_devices().ok_or(ApiError::Unavailable)?;
+    let ids: Vec<String> = devices.into_iter().filter(|d| scope.allows(d)).collect();
     let list = states(shared, ids).await?;
     Ok((StatusCode::OK, json!({ "devices": list })))
 }
@@ -167,8 +168,7 @@ fn dashboard_reading(device_id: &str, r: StoredReading) -> DashboardReading {
     }
 }
 
-async fn history(shared: &Arc<Shared>, id: String, query: &str) -> Answer {
-    let q = parse_range(query, crate::store::now_ms())?;
+async fn history(shared: &Arc<Shared>, id: String, q: RangeQuery) -> Answer {
     let id2 = id.clone();
     let mut rows = store(shared, move |s| {
         s.history(&id2, q.from_ms, q.to_ms, q.limit.saturating_add(1), false)
