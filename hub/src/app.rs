@@ -88,14 +88,12 @@ async fn first_open(config: &Config) -> Result<Option<Box<dyn store::Store>>, Hu
     }
 }
 
-/// A store handle: opened now when the database answered at start, else
-/// opened on first use once it does.
-fn handle(config: &Config, up: bool) -> Result<StoreHandle, HubError> {
+/// A store handle: opened now (off the async workers) when the database
+/// answered at start, else opened on first use once it does.
+async fn handle(config: &Config, up: bool) -> Result<StoreHandle, HubError> {
     if up {
-        Ok(StoreHandle::new(store::open_with(
-            &config.database,
-            &config.pg,
-        )?))
+        let open = Arc::new(Mutex::new(opener(config)));
+        Ok(StoreHandle::new(open_blocking(open).await?))
     } else {
         Ok(StoreHandle::opening(
             opener(config),
@@ -198,8 +196,8 @@ pub async fn run(
     // work), and the one everything else shares.
     let writer_store = first_open(&config).await?;
     let up = writer_store.is_some();
-    let auth_store = handle(&config, up)?;
-    let shared_store = handle(&config, up)?;
+    let auth_store = handle(&config, up).await?;
+    let shared_store = handle(&config, up).await?;
 
     let (queue_tx, queue_rx) = mpsc::channel(config.queue_capacity.max(1));
     let metrics = Arc::new(Metrics::new());
