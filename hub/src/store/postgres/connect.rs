@@ -211,6 +211,15 @@ pub fn redact(url: &str) -> String {
 fn userinfo(rest: &str) -> Option<(&str, bool, &str)> {
     let at = rest.rfind('@')?;
     let info = &rest[..at];
+    // `host/db?password=a@b`: the `@` is in a password parameter's value.
+    if let Some(q) = info.find('?') {
+        let in_query = info[q + 1..]
+            .split('&')
+            .any(|kv| kv.split_once('=').is_some_and(|(k, _)| is_password_key(k)));
+        if in_query {
+            return None;
+        }
+    }
     let (user, had_password) = match info.find(':') {
         Some(c) => (&info[..c], true),
         None => (info, false),
@@ -387,6 +396,11 @@ mod tests {
             (
                 "postgres://h/db?user=u&password=s3cret?x@y#z/w&sslmode=require",
                 "postgres://h/db?user=u&password=***&sslmode=require",
+            ),
+            // A port looks like `user:password` before that `@`.
+            (
+                "postgres://h:5432/db?user=u&password=s3cret?x@y#z/w&sslmode=require",
+                "postgres://h:5432/db?user=u&password=***&sslmode=require",
             ),
             (
                 "postgres://h/db?password=s3cret&x&sslmode=require",
