@@ -274,7 +274,7 @@ async fn the_hub_starts_before_its_database_and_rides_out_an_outage() {
     let delay: u64 = std::env::var("EMS_TEST_PG_START_DELAY_S")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+        .unwrap_or(20);
     let gate = Gate::start(None, Mode::Refuse).await;
     let url = gate.url("postgres");
     let hub = RunningHub::start(config(&url)).await;
@@ -578,4 +578,36 @@ async fn hub_device(addr: std::net::SocketAddr, id: &str, token: &str) -> Client
 fn port_of(url: &str) -> Option<u16> {
     let rest = url.split("@127.0.0.1:").nth(1)?;
     rest.split('/').next()?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_database_gets_the_change_counter_in_place() {
+    let Some(db) = fresh_db() else { return };
+    // A database as version 1 left it: today's schema without migration 2
+    // (its table, function and triggers), with a device in it.
+    with_admin(&db.url, |admin| admin.add_device("old").unwrap());
+    execute(
+        &db.url,
+        "DROP FUNCTION ems_token_changed() CASCADE;
+         DROP TABLE token_changes;
+         UPDATE schema_version SET version = 1;",
+    );
+    assert_eq!(
+        query_i64(&db.url, "SELECT max(version)::bigint FROM schema_version"),
+        1
+    );
+    // Opening it migrates it; the counter moves with every token change,
+    // and the hub serves the old device.
+    with_admin(&db.url, |admin| admin.add_device("new").unwrap());
+    assert_eq!(
+        query_i64(&db.url, "SELECT max(version)::bigint FROM schema_version"),
+        2
+    );
+    let n0 = query_i64(&db.url, "SELECT n FROM token_changes");
+    let token = with_admin(&db.url, |admin| admin.rotate_device("old").unwrap());
+    assert!(query_i64(&db.url, "SELECT n FROM token_changes") > n0);
+    let hub = RunningHub::start(config(&db.url)).await;
+    let mut dev = hub_device(hub.addr, "old", &token).await;
+    send_text(&mut dev, reading(1, 0)).await;
+    wait_ack(&mut dev, 1, 0).await;
 }
