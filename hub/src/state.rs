@@ -167,8 +167,8 @@ impl Slot {
                 .failed
                 .as_ref()
                 .map_or(true, |(at, _)| at.elapsed() >= OPEN_RETRY);
-            match (&self.opener, due) {
-                (Some(open), true) => match open() {
+            if let (Some(open), true) = (&self.opener, due) {
+                match open() {
                     Ok(s) => {
                         log::info!("store reachable: opened");
                         self.store = Some(s);
@@ -176,8 +176,7 @@ impl Slot {
                         self.failed = None;
                     }
                     Err(e) => self.failed = Some((Instant::now(), e.to_string())),
-                },
-                _ => {}
+                }
             }
         }
         match &mut self.store {
