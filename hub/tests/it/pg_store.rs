@@ -606,8 +606,9 @@ async fn a_version_1_database_gets_the_change_counter_in_place() {
     let n0 = query_i64(&db.url, "SELECT n FROM token_changes");
     let token = with_admin(&db.url, |admin| admin.rotate_device("old").unwrap());
     assert!(query_i64(&db.url, "SELECT n FROM token_changes") > n0);
-    let hub = RunningHub::start(config(&db.url)).await;
+    let mut hub = RunningHub::start(config(&db.url)).await;
     let mut dev = hub_device(hub.addr, "old", &token).await;
     send_text(&mut dev, reading(1, 0)).await;
     wait_ack(&mut dev, 1, 0).await;
+    hub.stop().await.unwrap();
 }
