@@ -378,6 +378,51 @@ pub mod contract {
         assert_eq!(all(&mut *f.store, "d1").len(), 1);
     }
 
+    pub fn the_token_change_counter_moves_with_every_token_change(f: Fixture) {
+        use ems_hub::store::TokenStore;
+        // A second handle stands for another process: the counter must
+        // move whoever makes the change.
+        let mut admin = Admin::open(&f.url).unwrap();
+        let mut s = f.store;
+        let mut last = s.token_changes().unwrap();
+        let mut moved = |s: &mut Box<dyn Store>, what: &str| {
+            let n = s.token_changes().unwrap();
+            assert!(n > last, "{what} did not move the counter ({last} -> {n})");
+            last = n;
+        };
+        admin.add_device("ems_001").unwrap();
+        moved(&mut s, "adding a device");
+        admin.rotate_device("ems_001").unwrap();
+        moved(&mut s, "rotating a device");
+        admin.revoke_device("ems_001").unwrap();
+        moved(&mut s, "revoking a device");
+        admin
+            .add_viewer("wall", ViewerScope::Devices(vec!["ems_001".into()]))
+            .unwrap();
+        moved(&mut s, "adding a viewer with a scope");
+        admin.revoke_viewer("wall").unwrap();
+        moved(&mut s, "revoking a viewer");
+        admin.add_admin("ops").unwrap();
+        moved(&mut s, "adding an admin");
+        admin.add_admin("night").unwrap();
+        moved(&mut s, "adding a second admin");
+        admin.rotate_admin("ops").unwrap();
+        moved(&mut s, "rotating an admin");
+        admin.revoke_admin("night").unwrap();
+        moved(&mut s, "revoking an admin");
+        // Readings are not token changes; the snapshot carries the counter.
+        let before = s.token_changes().unwrap();
+        s.insert_batch(&[row("ems_001", 1, 0, 1_700_000_000_000)])
+            .unwrap();
+        assert_eq!(s.token_changes().unwrap(), before);
+        let snap = s.auth_snapshot().unwrap();
+        assert_eq!(snap.changes, before);
+        assert_eq!(snap.devices, vec![("ems_001".to_string(), None)]);
+        assert!(snap.viewers.is_empty());
+        assert_eq!(snap.admins.len(), 1);
+        assert_eq!(snap.admins[0].1, "ops");
+    }
+
     pub fn database_never_holds_a_plaintext_token(f: Fixture) {
         let mut admin = Admin::open(&f.url).unwrap();
         let mut tokens = vec![
@@ -466,6 +511,7 @@ macro_rules! backend_suite {
                 viewers_are_listed,
                 data_survives_reopen,
                 database_never_holds_a_plaintext_token,
+                the_token_change_counter_moves_with_every_token_change,
             );
         }
     };
