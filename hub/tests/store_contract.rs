@@ -379,7 +379,6 @@ pub mod contract {
     }
 
     pub fn the_token_change_counter_moves_with_every_token_change(f: Fixture) {
-        use ems_hub::store::TokenStore;
         // A second handle stands for another process: the counter must
         // move whoever makes the change.
         let mut admin = Admin::open(&f.url).unwrap();
