@@ -68,7 +68,7 @@ log "provisioned $DEVICES devices in $(python3 -c "print(f'{$(date +%s.%N) - $t0
 VIEWER=$(awk '$1 == "@viewer" {print $2}' "$WORK/tokens.txt")
 
 start_hub() {
-  (ulimit -n 40000; exec taskset -c "$HUB_CPU" "$BIN/ems-hub" serve --listen "127.0.0.1:$HPORT" --database "$DB" \
+  (ulimit -n 20000; exec taskset -c "$HUB_CPU" "$BIN/ems-hub" serve --listen "127.0.0.1:$HPORT" --database "$DB" \
      --log-level error --max-connections-per-ip 1000000 --max-dashboards-per-token 100000) >>"$OUT/hub.log" 2>&1 &
   hub_pid=$!
   wait_port "$HPORT"
