@@ -120,8 +120,8 @@ async fn connections_per_address_are_capped_and_forwarded_for_needs_a_trusted_pr
     // Through the trusted proxy (127.0.0.2) the client is the forwarded
     // address: three per client, other clients unaffected.
     let mut proxied = Vec::new();
-    for i in 3..6 {
-        let h = format!("{}X-Forwarded-For: 10.0.0.1\r\n", auth(&tokens[i]));
+    for (i, token) in tokens.iter().enumerate().take(6).skip(3) {
+        let h = format!("{}X-Forwarded-For: 10.0.0.1\r\n", auth(token));
         let mut s = crate::probe::connect_from(Some(proxy), hub.addr)
             .await
             .unwrap();
