@@ -306,9 +306,12 @@ impl Serve {
             usize::try_from(args.max_connections_per_ip).unwrap_or(usize::MAX);
         config.max_dashboards_per_token =
             usize::try_from(args.max_dashboards_per_token).unwrap_or(usize::MAX);
+        // An empty entry (`EMS_TRUSTED_PROXIES=` in an environment file)
+        // trusts nobody.
         config.trusted_proxies = args
             .trusted_proxies
             .iter()
+            .filter(|p| !p.trim().is_empty())
             .map(|p| {
                 p.trim()
                     .parse()
@@ -414,6 +417,11 @@ mod tests {
             serve(&["--trusted-proxy", "nginx"]).unwrap_err(),
             ArgError::TrustedProxy("nginx".into())
         );
+        assert!(serve(&["--trusted-proxy", ""])
+            .unwrap()
+            .config
+            .trusted_proxies
+            .is_empty());
         assert_eq!(
             serve(&["--metrics-listen", "9090"]).unwrap_err(),
             ArgError::MetricsListen("9090".into())
