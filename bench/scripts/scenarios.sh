@@ -29,8 +29,12 @@ wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/n
 DB="$WORK/hub.db"
 "$BIN/ems-bench" provision --database "sqlite:$DB" --count 15000 --out "$WORK/tokens.txt" | tee -a "$OUT/summary.txt"
 
+# The generator is one client (4 source addresses, one viewer token): the
+# per-address and per-token limits would refuse most of S1-S4's sockets.
+LIMITS=${LIMITS:---max-connections-per-ip 1000000 --max-dashboards-per-token 100000}
 start_hub() {
-  (ulimit -n 20000; exec taskset -c "$HUB_CPU" "${HUB_BIN:-$BIN/ems-hub}" serve --listen "127.0.0.1:$HPORT" --database "sqlite:$DB" --log-level error "$@") \
+  # shellcheck disable=SC2086
+  (ulimit -n 20000; exec taskset -c "$HUB_CPU" "${HUB_BIN:-$BIN/ems-hub}" serve --listen "127.0.0.1:$HPORT" --database "sqlite:$DB" --log-level error $LIMITS "$@") \
     >>"$OUT/hub.log" 2>&1 &
   hub_pid=$!
   wait_port "$HPORT"

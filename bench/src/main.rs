@@ -12,9 +12,13 @@
 //! - `ems-bench watch --device ID --duration SECS --out FILE` is one
 //!   dashboard subscriber that logs every live reading's arrival time in
 //!   microseconds (the edge scenario, `bench/scripts/edge.sh`).
+//! - `ems-bench forge --rate HZ --duration SECS` floods a hub with
+//!   handshakes carrying well-formed unknown device tokens and prints how
+//!   it answered (`bench/scripts/forged.sh` runs it beside real devices).
 //!
 //! Only loopback targets are accepted; every run stops by itself.
 
+mod forge;
 mod hub;
 mod mqtt;
 mod payload;
@@ -56,6 +60,8 @@ enum Command {
     /// Follow one device as a dashboard and log each reading's arrival
     /// time in microseconds (viewer token in EMS_VIEWER_TOKEN).
     Watch(watch::Args),
+    /// Flood a hub with handshakes carrying well-formed unknown tokens.
+    Forge(forge::Args),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -141,6 +147,10 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Provision(a) => provision::run(a),
         Command::Watch(a) => watch::run(a),
+        Command::Forge(a) => {
+            raise_nofile();
+            forge::run(a)
+        }
         Command::Run(a) => {
             raise_nofile();
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -130,6 +130,27 @@ impl Admin {
             .add_admin(name, &token::hash(&t), store::now_ms())?;
         Ok(t)
     }
+
+    /// All admins (names and times; never tokens).
+    pub fn list_admins(&mut self) -> Result<Vec<store::AdminInfo>, AdminError> {
+        Ok(self.store.list_admins()?)
+    }
+
+    /// Revokes an admin token by name; refused for the last active admin
+    /// (add another first, or rotate this one).
+    pub fn revoke_admin(&mut self, name: &str) -> Result<(), AdminError> {
+        check_id("admin name", name)?;
+        Ok(self.store.revoke_admin(name, store::now_ms())?)
+    }
+
+    /// Gives an admin a new token (also un-revokes it); the old token
+    /// stops working. Returns the new token.
+    pub fn rotate_admin(&mut self, name: &str) -> Result<String, AdminError> {
+        check_id("admin name", name)?;
+        let t = token::try_generate(TokenKind::Admin)?;
+        self.store.rotate_admin(name, &token::hash(&t))?;
+        Ok(t)
+    }
 }
 
 /// Names of viewers and admins follow the device id syntax.
@@ -198,6 +219,35 @@ mod tests {
         assert_eq!(s.viewer_scope(&token::hash(&v)).unwrap(), None);
         assert_eq!(
             s.admin_name(&token::hash(&ad)).unwrap().as_deref(),
+            Some("ops")
+        );
+    }
+
+    #[test]
+    fn admin_tokens_are_listed_rotated_and_revoked_but_one_stays() {
+        let (_d, mut a) = admin();
+        let ops = a.add_admin("ops").unwrap();
+        assert!(matches!(
+            a.revoke_admin("ops"),
+            Err(AdminError::Store(StoreError::Conflict(_)))
+        ));
+        a.add_admin("night").unwrap();
+        let ops2 = a.rotate_admin("ops").unwrap();
+        a.revoke_admin("night").unwrap();
+        // Revoking twice is fine; the last active one stays.
+        a.revoke_admin("night").unwrap();
+        assert!(a.revoke_admin("ops").is_err());
+        let names: Vec<(String, bool)> = a
+            .list_admins()
+            .unwrap()
+            .into_iter()
+            .map(|i| (i.name, i.revoked_ms.is_some()))
+            .collect();
+        assert_eq!(names, vec![("night".into(), true), ("ops".into(), false)]);
+        let mut s = a.into_store();
+        assert_eq!(s.admin_name(&token::hash(&ops)).unwrap(), None);
+        assert_eq!(
+            s.admin_name(&token::hash(&ops2)).unwrap().as_deref(),
             Some("ops")
         );
     }

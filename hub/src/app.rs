@@ -1,24 +1,34 @@
 //! The wiring of a running hub: [`run`] opens the stores, starts the MQTT
 //! bridge (when configured), the store writer and the revocation poll,
-//! builds the shared state, runs the accept loop and, once the shutdown
-//! future completes, shuts everything down in order (sockets first, then
-//! the writer, so every received reading is committed before `run`
-//! returns; the MQTT bridge marks everything offline meanwhile).
+//! builds the shared state, runs the accept loop (and the metrics
+//! listener, when it has its own address) and, once the shutdown future
+//! completes, shuts everything down in order (sockets first, then the
+//! writer, so every received reading is committed before `run` returns;
+//! the MQTT bridge marks everything offline meanwhile).
+//!
+//! A database that cannot be reached when the hub starts is not an error:
+//! the hub listens at once, answers `/readyz` with 503 and device
+//! handshakes with 503 + `Retry-After`, and keeps trying; the first store
+//! connection that opens brings it up (tokens loaded, writer started,
+//! `READY=1` to systemd). An unusable URL, an unreadable file or a schema
+//! newer than this hub are errors.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use crate::auth::cache::AuthCache;
 use crate::auth::revocation;
 use crate::config::Config;
 use crate::http::{self, ConnGuard};
-use crate::ingest::writer::{Writer, WriterConfig};
+use crate::ingest::writer::{Item, Writer, WriterConfig};
 use crate::metrics::Metrics;
 use crate::mqtt::{MqttBridge, MqttError};
-use crate::state::Shared;
+use crate::state::{Opener, Shared, StoreHandle};
 use crate::store::{self, StoreError};
 
 /// Why the hub could not run.
@@ -43,15 +53,128 @@ pub enum HubError {
 /// that does not answer leaves it to the last will).
 const MQTT_SHUTDOWN: Duration = Duration::from_secs(4);
 
-/// Opens one store handle (schema checks and migration block: off the
-/// async workers).
-async fn open_store(config: &Config) -> Result<Box<dyn store::Store>, HubError> {
-    let url = config.database.clone();
-    let pg = config.pg.clone();
-    tokio::task::spawn_blocking(move || store::open_with(&url, &pg))
-        .await
-        .map_err(|e| HubError::Io(std::io::Error::other(e)))?
-        .map_err(HubError::from)
+/// How long the start waits for the first store connection before it goes
+/// on without one (it keeps trying in the background).
+const FIRST_OPEN_WAIT: Duration = Duration::from_secs(2);
+
+/// How often a writer without a store connection tries to open one.
+const WRITER_OPEN_RETRY: Duration = Duration::from_secs(1);
+
+/// Opens the store of `config` (migrating it), off the async workers.
+fn opener(config: &Config) -> Opener {
+    let (url, pg) = (config.database.clone(), config.pg.clone());
+    Box::new(move || store::open_with(&url, &pg))
+}
+
+/// Runs `open` on the blocking pool.
+async fn open_blocking(open: Arc<Mutex<Opener>>) -> Result<Box<dyn store::Store>, StoreError> {
+    tokio::task::spawn_blocking(move || {
+        let open = open.lock().unwrap_or_else(|p| p.into_inner());
+        open()
+    })
+    .await
+    .map_err(|e| StoreError::Db(format!("opening the store: {e}")))?
+}
+
+/// The first store connection: `Some` when open, `None` when the database
+/// cannot be reached yet (it is tried again later), an error when it
+/// never will be.
+async fn first_open(config: &Config) -> Result<Option<Box<dyn store::Store>>, HubError> {
+    let open = Arc::new(Mutex::new(opener(config)));
+    match tokio::time::timeout(FIRST_OPEN_WAIT, open_blocking(open)).await {
+        Ok(Ok(store)) => Ok(Some(store)),
+        Ok(Err(e @ StoreError::Unreachable { .. })) => {
+            log::error!("{e}; starting without it, not ready until it answers");
+            Ok(None)
+        }
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => {
+            log::error!(
+                "the database did not answer within {FIRST_OPEN_WAIT:?}; starting without it, \
+                 not ready until it answers"
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// A store handle: opened now (off the async workers) when the database
+/// answered at start, else opened on first use once it does.
+async fn handle(config: &Config, up: bool) -> Result<StoreHandle, HubError> {
+    if up {
+        let open = Arc::new(Mutex::new(opener(config)));
+        Ok(StoreHandle::new(open_blocking(open).await?))
+    } else {
+        Ok(StoreHandle::opening(
+            opener(config),
+            "the database has not answered yet".into(),
+        ))
+    }
+}
+
+/// The store writer, once it has a store connection.
+type WriterSlot = Arc<Mutex<Option<Writer>>>;
+
+/// Starts the writer on `store`, or — without one — a task that opens one
+/// (retrying) and then starts it. The writer counts as failing until then.
+fn start_writer(
+    config: &Config,
+    store: Option<Box<dyn store::Store>>,
+    queue: mpsc::Receiver<Item>,
+    stop: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+) -> Result<WriterSlot, HubError> {
+    let slot: WriterSlot = Arc::new(Mutex::new(None));
+    let cfg = WriterConfig {
+        batch_max_rows: config.batch_max_rows,
+        batch_linger: config.batch_linger,
+    };
+    let spawn = move |store: Box<dyn store::Store>,
+                      queue,
+                      stop,
+                      metrics: Arc<Metrics>|
+          -> std::io::Result<Writer> {
+        metrics.store_writer_ok.store(1, Ordering::Relaxed);
+        Writer::spawn_with_metrics(
+            store,
+            queue,
+            cfg,
+            stop,
+            tokio::runtime::Handle::current(),
+            metrics,
+        )
+    };
+    match store {
+        Some(store) => {
+            let w = spawn(store, queue, stop, metrics)?;
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
+        }
+        None => {
+            metrics.store_writer_ok.store(0, Ordering::Relaxed);
+            let open = Arc::new(Mutex::new(opener(config)));
+            let slot2 = slot.clone();
+            tokio::spawn(async move {
+                let mut stopping = stop.clone();
+                loop {
+                    match open_blocking(open.clone()).await {
+                        Ok(store) => {
+                            match spawn(store, queue, stop, metrics) {
+                                Ok(w) => *slot2.lock().unwrap_or_else(|p| p.into_inner()) = Some(w),
+                                Err(e) => log::error!("cannot start the store writer: {e}"),
+                            }
+                            return;
+                        }
+                        Err(e) => log::debug!("store writer: {e}"),
+                    }
+                    tokio::select! {
+                        _ = crate::shutdown::shutting_down(&mut stopping) => return,
+                        _ = tokio::time::sleep(WRITER_OPEN_RETRY) => {}
+                    }
+                }
+            });
+        }
+    }
+    Ok(slot)
 }
 
 /// Runs the hub on `listener` until `shutdown` completes, then shuts down
@@ -69,49 +192,77 @@ pub async fn run(
         .map(http::tls_acceptor)
         .transpose()
         .map_err(HubError::Tls)?;
-    let writer_store = open_store(&config).await?;
-    let auth_store = open_store(&config).await?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            HubError::Io(std::io::Error::new(
+                e.kind(),
+                format!("cannot listen on {addr} for metrics: {e}"),
+            ))
+        })?),
+        None => None,
+    };
+    // Three connections: the writer's, the tokens' (the revocation poll
+    // alone uses it, so authentication never waits behind other store
+    // work), and the one everything else shares.
+    let writer_store = first_open(&config).await?;
+    let up = writer_store.is_some();
+    let auth_store = handle(&config, up).await?;
+    let shared_store = handle(&config, up).await?;
     // Never waits on the broker: it connects in the background.
     let mqtt = config.mqtt_bridge().map(MqttBridge::spawn).transpose()?;
 
     let (queue_tx, queue_rx) = mpsc::channel(config.queue_capacity.max(1));
     let metrics = Arc::new(Metrics::new());
-    metrics.queue_capacity.store(
-        config.queue_capacity.max(1) as i64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    metrics
+        .queue_capacity
+        .store(config.queue_capacity.max(1) as i64, Ordering::Relaxed);
     let (stop_writer, writer_stop) = watch::channel(false);
-    let writer = Writer::spawn_with_metrics(
+    let writer = start_writer(
+        &config,
         writer_store,
         queue_rx,
-        WriterConfig {
-            batch_max_rows: config.batch_max_rows,
-            batch_linger: config.batch_linger,
-        },
         writer_stop,
-        tokio::runtime::Handle::current(),
         metrics.clone(),
     )?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shutdown_timeout = config.shutdown_timeout;
     let mqtt_handle = mqtt.as_ref().map(|(h, _)| h.clone());
+    let auth = AuthCache::new(auth_store, config.auth_grace);
     let shared = Shared::new(
         config,
-        auth_store,
+        shared_store,
         queue_tx,
         shutdown_rx,
         tls,
-        metrics,
+        metrics.clone(),
         mqtt_handle,
+        auth,
     );
+    // The tokens before the first request (the poll keeps them current).
+    if up {
+        if let Err(e) = shared.auth.read().await {
+            log::error!("cannot load the tokens: {e}");
+            metrics.store_poll_ok.store(0, Ordering::Relaxed);
+        }
+    } else {
+        metrics.store_poll_ok.store(0, Ordering::Relaxed);
+    }
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     if let Ok(addr) = listener.local_addr() {
         log::info!("ems-hub listening on {addr}");
     }
+    if let Some(l) = metrics_listener {
+        if let Ok(addr) = l.local_addr() {
+            log::info!("metrics on http://{addr}/metrics");
+        }
+        tokio::spawn(http::serve_metrics(l, shared.clone()));
+    }
     tokio::spawn(revocation::run(shared.clone()));
+    tokio::spawn(crate::notify::run(shared.clone()));
     http::accept_loop(listener, shared.clone(), ConnGuard::new(done_tx), shutdown).await;
 
+    crate::notify::stopping(&shared);
     log::info!("shutting down: closing connections");
     let _ = shutdown_tx.send(true);
     drop(shared);
@@ -127,14 +278,25 @@ pub async fn run(
         h.shutdown();
     }
     let _ = stop_writer.send(true);
-    tokio::task::spawn_blocking(move || writer.join())
-        .await
-        .map_err(|e| HubError::Io(std::io::Error::other(e)))?;
+    let writer = writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let flushed = match writer {
+        Some(writer) => {
+            tokio::task::spawn_blocking(move || writer.join())
+                .await
+                .map_err(|e| HubError::Io(std::io::Error::other(e)))?;
+            true
+        }
+        None => false,
+    };
     if let Some((_, task)) = mqtt {
         if tokio::time::timeout(MQTT_SHUTDOWN, task).await.is_err() {
             log::warn!("the MQTT bridge did not stop within {MQTT_SHUTDOWN:?}");
         }
     }
-    log::info!("store flushed; bye");
+    if flushed {
+        log::info!("store flushed; bye");
+    } else {
+        log::warn!("the store never answered; nothing was acknowledged, so nothing is lost");
+    }
     Ok(())
 }

@@ -78,6 +78,28 @@ pub struct Config {
     // Quarantine.
     /// Per-device budget for storing refused frames in the quarantine.
     pub quarantine: QuarantineLimit,
+    // Limits that cover every socket, authentication from memory, the
+    // metrics listener and systemd notifications.
+    /// Most live dashboards one viewer token may hold open; one more is
+    /// refused with 429.
+    pub max_dashboards_per_token: usize,
+    /// Most connections from one client address (HTTP and WebSocket); one
+    /// more is refused with 429. Behind a proxy the client address is the
+    /// one a trusted proxy puts in `X-Forwarded-For`.
+    pub max_connections_per_ip: usize,
+    /// Proxies whose `X-Forwarded-For` names the client (`--trusted-proxy`);
+    /// from any other peer the header is ignored.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// How long the tokens the hub holds in memory stay usable while the
+    /// store cannot confirm them; after that, dashboards close with 4001
+    /// and handshakes are refused with 503.
+    pub auth_grace: Duration,
+    /// Serve `/metrics` on this address instead of on the public listener
+    /// (which then answers 404 for it).
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Tell systemd about readiness, liveness and shutdown (`sd_notify`:
+    /// READY=1, WATCHDOG=1, STOPPING=1); the binary turns it on.
+    pub sd_notify: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -187,6 +209,12 @@ impl Config {
             pg: Default::default(),
             mqtt: None,
             quarantine: QuarantineLimit::default(),
+            max_dashboards_per_token: 64,
+            max_connections_per_ip: 256,
+            trusted_proxies: Vec::new(),
+            auth_grace: Duration::from_secs(30),
+            metrics_listen: None,
+            sd_notify: false,
         }
     }
 

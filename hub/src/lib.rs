@@ -31,6 +31,10 @@
 //! - `ws`: what both kinds of WebSocket session share (socket settings,
 //!   close, heartbeat, timed sends).
 //! - `shutdown`: the shutdown flag every task waits on.
+//! - `quota`: connection slots per client address, dashboards and heavy
+//!   queries per viewer token.
+//! - `log_text`: device-controlled text made safe for a log line.
+//! - `notify`: readiness, watchdog and shutdown notifications to systemd.
 //! - [`config`]: the validated configuration of a running hub.
 //! - [`metrics`]: Prometheus counters, gauges and histograms.
 //!
@@ -50,8 +54,11 @@ pub mod energy;
 pub mod fanout;
 mod http;
 pub mod ingest;
+mod log_text;
 pub mod metrics;
 pub mod mqtt;
+mod notify;
+mod quota;
 mod shutdown;
 mod state;
 pub mod store;

@@ -119,6 +119,11 @@ impl Histogram {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut cum = 0u64;
@@ -196,6 +201,8 @@ pub struct Metrics {
     pub store_poll_ok: AtomicI64,
     /// The quarantine and what the writer could not store.
     pub quarantine: QuarantineMetrics,
+    /// Write deadlines, limits, and the tokens held in memory.
+    pub hardening: Hardening,
 }
 
 impl Default for Metrics {
@@ -234,6 +241,7 @@ impl Metrics {
             store_writer_ok: AtomicI64::new(1),
             store_poll_ok: AtomicI64::new(1),
             quarantine: QuarantineMetrics::default(),
+            hardening: Hardening::default(),
         }
     }
 
@@ -542,12 +550,138 @@ impl Metrics {
         );
         edge.render_losses(&mut o);
         self.quarantine.render(&mut o);
+        self.hardening.render(&mut o);
         o
     }
 
-    fn ready_store(&self) -> bool {
+    pub(crate) fn ready_store(&self) -> bool {
         self.store_writer_ok.load(Ordering::Relaxed) == 1
             && self.store_poll_ok.load(Ordering::Relaxed) == 1
+    }
+}
+
+/// A limit that refused a connection or a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `--max-connections` (503 + `Retry-After`).
+    Connections,
+    /// `--max-connections-per-ip` (429).
+    PerAddress,
+    /// `--max-dashboards-per-token` (429).
+    DashboardsPerToken,
+    /// One heavy query at a time per viewer token (429).
+    HeavyQueries,
+}
+
+impl Limit {
+    const ALL: [Limit; 4] = [
+        Limit::Connections,
+        Limit::PerAddress,
+        Limit::DashboardsPerToken,
+        Limit::HeavyQueries,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Limit::Connections => "connections",
+            Limit::PerAddress => "per_address",
+            Limit::DashboardsPerToken => "dashboards_per_token",
+            Limit::HeavyQueries => "heavy_queries",
+        }
+    }
+}
+
+/// Counters of the defences against clients that stop reading, open too
+/// much, or forge tokens; and of the tokens held in memory.
+#[derive(Debug, Default)]
+pub struct Hardening {
+    /// Connections cut because a write stayed blocked past its deadline.
+    pub write_timeouts: AtomicU64,
+    /// Refusals by limit, indexed like `Limit::ALL`.
+    refusals: [AtomicU64; 4],
+    /// Connections holding a slot of `--max-connections` (gauge).
+    pub connections: AtomicI64,
+    /// Reads of the token change counter.
+    pub token_reads: AtomicU64,
+    /// Reloads of every token (the counter had moved).
+    pub token_reloads: AtomicU64,
+    /// Tokens held in memory (gauge).
+    pub tokens_held: AtomicI64,
+    /// When the accept loop last turned (ms on the process's monotonic
+    /// clock; for the systemd watchdog, not rendered).
+    pub accept_alive_ms: AtomicU64,
+}
+
+impl Hardening {
+    /// Counts one refusal by `limit`.
+    pub fn refused(&self, limit: Limit) {
+        if let Some(i) = Limit::ALL.iter().position(|l| *l == limit) {
+            self.refusals[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn render(&self, o: &mut String) {
+        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let head = |o: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        head(
+            o,
+            "ems_write_timeouts_total",
+            "counter",
+            "Connections cut because a write to a peer that stopped reading passed its deadline.",
+        );
+        let _ = writeln!(o, "ems_write_timeouts_total {}", ld(&self.write_timeouts));
+        head(
+            o,
+            "ems_limit_refusals_total",
+            "counter",
+            "Connections and requests refused by a limit.",
+        );
+        for (i, l) in Limit::ALL.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "ems_limit_refusals_total{{limit=\"{}\"}} {}",
+                l.label(),
+                ld(&self.refusals[i])
+            );
+        }
+        head(
+            o,
+            "ems_http_connections",
+            "gauge",
+            "Connections holding a slot of --max-connections (upgraded sockets included).",
+        );
+        let _ = writeln!(
+            o,
+            "ems_http_connections {}",
+            self.connections.load(Ordering::Relaxed).max(0)
+        );
+        head(
+            o,
+            "ems_token_reads_total",
+            "counter",
+            "Reads of the store's token change counter.",
+        );
+        let _ = writeln!(o, "ems_token_reads_total {}", ld(&self.token_reads));
+        head(
+            o,
+            "ems_token_reloads_total",
+            "counter",
+            "Reloads of every token after the change counter moved.",
+        );
+        let _ = writeln!(o, "ems_token_reloads_total {}", ld(&self.token_reloads));
+        head(
+            o,
+            "ems_tokens_held",
+            "gauge",
+            "Device, viewer and admin tokens held in memory.",
+        );
+        let _ = writeln!(
+            o,
+            "ems_tokens_held {}",
+            self.tokens_held.load(Ordering::Relaxed).max(0)
+        );
     }
 }
 
@@ -746,6 +880,18 @@ mod tests {
             let v = line.rsplit(' ').next().unwrap();
             assert!(v.parse::<f64>().is_ok(), "{line}");
         }
+    }
+
+    #[test]
+    fn hardening_counters_are_rendered() {
+        let m = Metrics::new();
+        m.hardening.refused(Limit::PerAddress);
+        m.hardening.write_timeouts.fetch_add(2, Ordering::Relaxed);
+        let text = m.render(&EdgeSummary::default());
+        assert!(text.contains("ems_limit_refusals_total{limit=\"per_address\"} 1"));
+        assert!(text.contains("ems_limit_refusals_total{limit=\"connections\"} 0"));
+        assert!(text.contains("ems_write_timeouts_total 2"));
+        assert!(text.contains("ems_tokens_held 0"));
     }
 
     #[test]

@@ -7,16 +7,19 @@
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinError;
 
+use crate::auth::cache::AuthCache;
 use crate::config::Config;
 use crate::fanout::registry::Registry;
 use crate::ingest::limits::Buckets;
 use crate::ingest::writer::Item;
 use crate::metrics::Metrics;
 use crate::mqtt::MqttHandle;
+use crate::quota::Quotas;
 use crate::store::{Store, StoreError};
 
 /// State shared by every connection.
@@ -45,40 +48,77 @@ pub(crate) struct Shared {
     /// The MQTT bridge, when configured (the registry holds a clone for
     /// presence).
     pub mqtt: Option<MqttHandle>,
+    /// Every valid token, in memory: what handshakes and the API check
+    /// against (kept current by the revocation poll).
+    pub auth: AuthCache,
+    /// Connection slots by client address, dashboards and heavy queries by
+    /// viewer token.
+    pub quotas: Quotas,
 }
 
 impl Shared {
     /// The shared state of a hub on `config`, with its look-up `store`,
-    /// the writer's `queue`, the `shutdown` flag and the MQTT bridge.
+    /// the writer's `queue`, the `shutdown` flag, the MQTT bridge and its
+    /// tokens (`auth`).
+    // One caller (`app::run`); every argument is a distinct part of the hub.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Config,
-        store: Box<dyn Store>,
+        store: StoreHandle,
         queue: mpsc::Sender<Item>,
         shutdown: watch::Receiver<bool>,
         tls: Option<tokio_rustls::TlsAcceptor>,
         metrics: Arc<Metrics>,
         mqtt: Option<MqttHandle>,
+        auth: AuthCache,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             registry: Registry::with_policy(config.subscriber_buffer, config.takeover)
                 .with_mqtt(mqtt.clone()),
-            store: StoreHandle::new(store),
+            store,
             buckets: Buckets::default(),
             quarantine_budgets: Buckets::default(),
+            quotas: Quotas::new(
+                config.max_connections_per_ip,
+                config.max_dashboards_per_token,
+            ),
             config,
             queue,
             shutdown,
             tls,
             metrics,
             mqtt,
+            auth,
         })
     }
 }
 
 /// A store handle for async code: one connection behind a mutex, used
 /// from the blocking pool so no async worker ever waits on the database.
+///
+/// A handle may start without its store ([`StoreHandle::opening`]): the
+/// database was not reachable when the hub started. Then a call first
+/// tries to open it — at most once per [`OPEN_RETRY`]; in between, calls
+/// fail at once with the last reason — so the hub runs, not ready, until
+/// the database answers.
 #[derive(Clone)]
-pub(crate) struct StoreHandle(Arc<Mutex<Box<dyn Store>>>);
+pub(crate) struct StoreHandle(Arc<Mutex<Slot>>);
+
+/// Opens a store (the database URL and options are inside).
+pub(crate) type Opener = Box<dyn Fn() -> Result<Box<dyn Store>, StoreError> + Send>;
+
+/// What a [`StoreHandle`] holds.
+struct Slot {
+    /// The open store, once there is one.
+    store: Option<Box<dyn Store>>,
+    /// How to open it, when it is not open yet.
+    opener: Option<Opener>,
+    /// The last attempt to open it and why it failed.
+    failed: Option<(Instant, String)>,
+}
+
+/// Least time between two attempts to open a store that was unreachable.
+const OPEN_RETRY: Duration = Duration::from_secs(1);
 
 /// Why a [`StoreHandle::call`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +135,21 @@ pub(crate) enum CallError {
 impl StoreHandle {
     /// Wraps an open store.
     pub fn new(store: Box<dyn Store>) -> Self {
-        StoreHandle(Arc::new(Mutex::new(store)))
+        StoreHandle(Arc::new(Mutex::new(Slot {
+            store: Some(store),
+            opener: None,
+            failed: None,
+        })))
+    }
+
+    /// A handle whose store is opened by `opener` on first use (see the
+    /// type's docs); `why` is why it could not be opened yet.
+    pub fn opening(opener: Opener, why: String) -> Self {
+        StoreHandle(Arc::new(Mutex::new(Slot {
+            store: None,
+            opener: Some(opener),
+            failed: Some((Instant::now(), why)),
+        })))
     }
 
     /// Runs `f` on the store on the blocking pool, holding the store's lock
@@ -107,20 +161,44 @@ impl StoreHandle {
         T: Send + 'static,
         F: FnOnce(&mut dyn Store) -> Result<T, StoreError> + Send + 'static,
     {
-        let store = self.0.clone();
+        let slot = self.0.clone();
         let task = tokio::task::spawn_blocking(move || {
             // A panic inside a store call cannot leave the handle half
             // changed in a way a later call could observe (each call is a
             // transaction or a read), so a poisoned lock is taken over.
-            let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
-            f(store.as_mut())
+            let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+            f(slot.store()?)
         });
         async move { Ok(task.await??) }
     }
+}
 
-    /// Identifies this handle (and so its hub) among others in one
-    /// process, for caches shared by every hub of the process.
-    pub fn id(&self) -> usize {
-        Arc::as_ptr(&self.0) as *const () as usize
+impl Slot {
+    /// The open store, opening it first when it is time to try again.
+    fn store(&mut self) -> Result<&mut dyn Store, StoreError> {
+        if self.store.is_none() {
+            let due = self
+                .failed
+                .as_ref()
+                .map_or(true, |(at, _)| at.elapsed() >= OPEN_RETRY);
+            if let (Some(open), true) = (&self.opener, due) {
+                match open() {
+                    Ok(s) => {
+                        log::info!("store reachable: opened");
+                        self.store = Some(s);
+                        self.opener = None;
+                        self.failed = None;
+                    }
+                    Err(e) => self.failed = Some((Instant::now(), e.to_string())),
+                }
+            }
+        }
+        match &mut self.store {
+            Some(s) => Ok(s.as_mut()),
+            None => Err(StoreError::Db(match &self.failed {
+                Some((_, why)) => why.clone(),
+                None => "no store".into(),
+            })),
+        }
     }
 }

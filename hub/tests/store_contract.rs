@@ -459,6 +459,50 @@ pub mod contract {
         assert_eq!(all(&mut *f.store, "d1").len(), 1);
     }
 
+    pub fn the_token_change_counter_moves_with_every_token_change(f: Fixture) {
+        // A second handle stands for another process: the counter must
+        // move whoever makes the change.
+        let mut admin = Admin::open(&f.url).unwrap();
+        let mut s = f.store;
+        let mut last = s.token_changes().unwrap();
+        let mut moved = |s: &mut Box<dyn Store>, what: &str| {
+            let n = s.token_changes().unwrap();
+            assert!(n > last, "{what} did not move the counter ({last} -> {n})");
+            last = n;
+        };
+        admin.add_device("ems_001").unwrap();
+        moved(&mut s, "adding a device");
+        admin.rotate_device("ems_001").unwrap();
+        moved(&mut s, "rotating a device");
+        admin.revoke_device("ems_001").unwrap();
+        moved(&mut s, "revoking a device");
+        admin
+            .add_viewer("wall", ViewerScope::Devices(vec!["ems_001".into()]))
+            .unwrap();
+        moved(&mut s, "adding a viewer with a scope");
+        admin.revoke_viewer("wall").unwrap();
+        moved(&mut s, "revoking a viewer");
+        admin.add_admin("ops").unwrap();
+        moved(&mut s, "adding an admin");
+        admin.add_admin("night").unwrap();
+        moved(&mut s, "adding a second admin");
+        admin.rotate_admin("ops").unwrap();
+        moved(&mut s, "rotating an admin");
+        admin.revoke_admin("night").unwrap();
+        moved(&mut s, "revoking an admin");
+        // Readings are not token changes; the snapshot carries the counter.
+        let before = s.token_changes().unwrap();
+        s.insert_batch(&[row("ems_001", 1, 0, 1_700_000_000_000)])
+            .unwrap();
+        assert_eq!(s.token_changes().unwrap(), before);
+        let snap = s.auth_snapshot().unwrap();
+        assert_eq!(snap.changes, before);
+        assert_eq!(snap.devices, vec![("ems_001".to_string(), None)]);
+        assert!(snap.viewers.is_empty());
+        assert_eq!(snap.admins.len(), 1);
+        assert_eq!(snap.admins[0].1, "ops");
+    }
+
     pub fn database_never_holds_a_plaintext_token(f: Fixture) {
         let mut admin = Admin::open(&f.url).unwrap();
         let mut tokens = vec![
@@ -551,6 +595,7 @@ macro_rules! backend_suite {
                 viewers_are_listed,
                 data_survives_reopen,
                 database_never_holds_a_plaintext_token,
+                the_token_change_counter_moves_with_every_token_change,
             );
         }
     };
@@ -686,6 +731,7 @@ mod postgres_only {
             .unwrap()
             .get(0);
         assert_eq!(v, ems_hub::store::postgres::SCHEMA_VERSION);
+        assert_eq!(v, 3, "the schema's newest migration");
         // The docs' Grafana query runs on the contract table.
         let rows = c.query(GRAFANA_QUERY, &[]).unwrap();
         assert_eq!(rows.len(), 1);
@@ -892,10 +938,14 @@ mod postgres_only {
         let mut s = PgStore::open(&db.url, &PgOptions::default()).unwrap();
         s.insert_batch(&[row("d1", 1, 1, 10)]).unwrap();
         drop(s);
-        // Version 1 is version 2 without its one step.
+        // Version 1 is today's schema without migrations 2 (the quarantine
+        // table) and 3 (the token change counter: its table, function and
+        // triggers).
         let mut c = admin(&db.url);
         c.batch_execute(
-            "DROP TABLE quarantine; DELETE FROM schema_version; \
+            "DROP TABLE quarantine; \
+             DROP FUNCTION ems_token_changed() CASCADE; DROP TABLE token_changes; \
+             DELETE FROM schema_version; \
              INSERT INTO schema_version (version) VALUES (1);",
         )
         .unwrap();
@@ -905,8 +955,14 @@ mod postgres_only {
             .unwrap()
             .get(0);
         assert_eq!(v, ems_hub::store::postgres::SCHEMA_VERSION);
-        assert!(v >= 2);
+        assert!(v >= 3);
         assert_eq!(s.readings("d1", 0, 100, 10).unwrap().len(), 1);
+        // Migration 3 ran too: the counter row is there.
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM token_changes", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1);
         let cols: Vec<(String, String, String)> = c
             .query(
                 "SELECT column_name::text, data_type::text, is_nullable::text \

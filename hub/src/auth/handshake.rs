@@ -2,6 +2,8 @@
 //! `Authorization` header, and the WebSocket upgrade headers. No I/O here,
 //! so every rule is unit-tested without sockets (and fuzzable).
 
+use std::net::IpAddr;
+
 use hyper::header::{
     HeaderMap, AUTHORIZATION, CONNECTION, HOST, ORIGIN, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL,
     SEC_WEBSOCKET_VERSION, UPGRADE,
@@ -296,6 +298,26 @@ pub fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The client behind a chain of trusted proxies, by `X-Forwarded-For`
+/// (every such header, in order, each a comma-separated list): the
+/// right-most address that is not one of `trusted`. Each proxy appends the
+/// address it saw, so the entries left of it are whatever the client
+/// wrote and count for nothing. `None` when there is no header, an entry
+/// is not an address, or every entry is a trusted proxy.
+pub fn forwarded_client(headers: &HeaderMap, trusted: &[IpAddr]) -> Option<IpAddr> {
+    let mut entries = Vec::new();
+    for v in headers.get_all("x-forwarded-for") {
+        entries.extend(v.to_str().ok()?.split(',').map(str::trim));
+    }
+    for e in entries.into_iter().rev() {
+        let ip: IpAddr = e.parse().ok()?;
+        if !trusted.contains(&ip) {
+            return Some(ip);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -611,5 +633,40 @@ mod browser_tests {
             assert!(!query_has_credential(q), "{q}");
         }
         assert_eq!(percent_decode("a%41+b%zz%4"), "aA b%zz%4");
+    }
+
+    #[test]
+    fn the_forwarded_client_is_the_right_most_untrusted_address() {
+        let proxy: IpAddr = "127.0.0.1".parse().unwrap();
+        let inner: IpAddr = "10.0.0.9".parse().unwrap();
+        let client = |pairs: &[(&'static str, &str)], trusted: &[IpAddr]| {
+            forwarded_client(&headers(pairs), trusted).map(|ip| ip.to_string())
+        };
+        let xff = "x-forwarded-for";
+        assert_eq!(
+            client(&[(xff, "192.0.2.7")], &[proxy]).as_deref(),
+            Some("192.0.2.7")
+        );
+        // What the client wrote itself is left of what the proxy appended.
+        assert_eq!(
+            client(&[(xff, "6.6.6.6, 192.0.2.7")], &[proxy]).as_deref(),
+            Some("192.0.2.7")
+        );
+        // Through two trusted proxies; two headers count as one list.
+        assert_eq!(
+            client(
+                &[(xff, "6.6.6.6, 192.0.2.7"), (xff, "10.0.0.9")],
+                &[proxy, inner]
+            )
+            .as_deref(),
+            Some("192.0.2.7")
+        );
+        assert_eq!(
+            client(&[(xff, "2001:db8::1")], &[]).as_deref(),
+            Some("2001:db8::1")
+        );
+        assert_eq!(client(&[], &[proxy]), None);
+        assert_eq!(client(&[(xff, "not-an-ip")], &[proxy]), None);
+        assert_eq!(client(&[(xff, "127.0.0.1")], &[proxy]), None);
     }
 }

@@ -18,17 +18,18 @@
 //!    [`super::backfill`]).
 //!
 //! Every `viewer_recheck` the session re-checks its viewer token; a revoked
-//! token (or one whose scope no longer includes the device) closes the
-//! socket with 4001 ([`super::recheck`]). The heartbeat pings every
-//! `ping_interval`; after `max_missed_pongs` unanswered pings the
-//! subscriber is dead and dropped.
+//! token (or one whose scope no longer includes the device, or one the
+//! store has not confirmed within `auth_grace`) closes the socket with 4001
+//! ([`super::recheck`]). The heartbeat pings every `ping_interval`, each
+//! ping bounded by the write timeout like every other write; after
+//! `max_missed_pongs` unanswered pings the subscriber is dead and dropped.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ems_shared::DashboardFrame;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::sync::broadcast;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
@@ -83,7 +84,7 @@ async fn start(feed: &mut Feed, opts: FeedOptions) -> Result<(), End> {
     let status = status_of(&feed.shared, &feed.device_id).await;
     feed.send(status.to_json().into()).await?;
     if let Some(since) = opts.resume_since {
-        feed.replay(since).await?;
+        feed.replay(since, opts.viewer).await?;
     }
     Ok(())
 }
@@ -135,10 +136,10 @@ async fn live(feed: &mut Feed, opts: FeedOptions) -> End {
                 Err(broadcast::error::RecvError::Closed) => Err(End::Close(CloseCode::Away, "feed closed")),
             },
             _ = recheck.tick() => {
-                if viewer_still_allowed(feed.shared.clone(), feed.device_id.clone(), opts.viewer).await {
+                if viewer_still_allowed(&feed.shared, &feed.device_id, &opts.viewer) {
                     Ok(())
                 } else {
-                    log::info!("dashboard for {} from {}: viewer token revoked, closing (4001)", feed.device_id, feed.peer);
+                    log::info!("dashboard for {} from {}: viewer token revoked (or not confirmed by the store), closing (4001)", feed.device_id, feed.peer);
                     Err(End::Close(CloseCode::from(ems_shared::CLOSE_REVOKED), "revoked"))
                 }
             }
@@ -149,7 +150,8 @@ async fn live(feed: &mut Feed, opts: FeedOptions) -> End {
                     Err(End::Gone)
                 } else {
                     feed.missed_pongs += 1;
-                    feed.ws.send(Message::Ping(Bytes::new())).await.map_err(|_| End::Gone)
+                    let limit = feed.shared.config.write_timeout;
+                    ws::send_within(&mut feed.ws, Message::Ping(Bytes::new()), limit).await.map_err(|_| End::Gone)
                 }
             }
             msg = feed.ws.next() => feed.client_message(msg),

@@ -12,6 +12,13 @@
 //! then `resume_settle` must pass (longer than one commit). Then the store
 //! is queried, the history sent, and the buffered frames follow minus every
 //! `(epoch, seq)` the history already contained.
+//!
+//! What it costs the store: while waiting, one point look-up of the first
+//! buffered reading per check, the checks [`FIRST_CHECK`] apart at first
+//! and twice as far apart each time up to [`LAST_CHECK`] (a stalled writer
+//! costs about 15 look-ups in the [`RESUME_MAX_WAIT`] of 10 s, not 400);
+//! then one history query of at most `replay_limit` + 1 rows, taken in
+//! turn with the viewer token's other heavy queries.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -20,7 +27,7 @@ use std::time::Duration;
 use ems_shared::{dashboard_frame, DashboardFrame};
 use futures_util::StreamExt;
 use tokio::sync::broadcast;
-use tokio::time::{interval, Instant, MissedTickBehavior};
+use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -29,7 +36,7 @@ use super::feed::Feed;
 use super::lookup::query;
 use crate::shutdown::shutting_down;
 use crate::state::{CallError, Shared};
-use crate::store::StoredReading;
+use crate::store::{StoredReading, TokenHash};
 use crate::ws::End;
 
 /// Longest the resume seam waits for the store to catch up with the topic
@@ -39,6 +46,12 @@ const RESUME_MAX_WAIT: Duration = Duration::from_secs(10);
 /// Most frames buffered during a replay before the subscriber is dropped.
 const MAX_SEAM_BUFFER: usize = 100_000;
 
+/// First interval between two checks of the store while waiting.
+const FIRST_CHECK: Duration = Duration::from_millis(25);
+
+/// Longest interval between two checks of the store while waiting.
+const LAST_CHECK: Duration = Duration::from_secs(1);
+
 /// A reading from the store as a dashboard frame.
 pub(crate) fn stored_frame(device_id: &str, r: &StoredReading) -> String {
     dashboard_frame(&r.reading.to_json(), device_id, r.received_at_ms)
@@ -47,10 +60,10 @@ pub(crate) fn stored_frame(device_id: &str, r: &StoredReading) -> String {
 impl Feed {
     /// Replays the stored readings from `since_ms`, then the live frames
     /// that arrived meanwhile (see the module docs).
-    pub(super) async fn replay(&mut self, since_ms: i64) -> Result<(), End> {
+    pub(super) async fn replay(&mut self, since_ms: i64, viewer: TokenHash) -> Result<(), End> {
         let mut buf: Vec<Utf8Bytes> = Vec::new();
         self.wait_for_store(&mut buf).await?;
-        let history = self.fetch_history(since_ms, &mut buf).await?;
+        let history = self.fetch_history(since_ms, viewer, &mut buf).await?;
         self.send_history(since_ms, history, buf).await
     }
 
@@ -61,15 +74,19 @@ impl Feed {
         let settle = self.shared.config.resume_settle;
         let started = Instant::now();
         let mut queue_empty_at: Option<Instant> = None;
-        let mut poll = interval(Duration::from_millis(25));
-        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut every = FIRST_CHECK;
+        let mut next = started;
         loop {
             tokio::select! {
                 biased;
                 _ = shutting_down(&mut shutdown) => return Err(End::Close(CloseCode::Away, "hub shutting down")),
                 frame = self.topic.recv() => self.buffer(frame, buf)?,
                 msg = self.ws.next() => self.client_message(msg)?,
-                _ = poll.tick() => {
+                _ = sleep_until(next) => {
+                    next = Instant::now() + every;
+                    // Only checks that ask the store back off; watching the
+                    // writer queue is free.
+                    every = if first_reading(buf).is_some() { next_check(every) } else { FIRST_CHECK };
                     if started.elapsed() > RESUME_MAX_WAIT {
                         log::warn!("dashboard for {}: store did not catch up within {RESUME_MAX_WAIT:?}; replaying anyway", self.device_id);
                         return Ok(());
@@ -87,13 +104,22 @@ impl Feed {
     async fn fetch_history(
         &mut self,
         since_ms: i64,
+        viewer: TokenHash,
         buf: &mut Vec<Utf8Bytes>,
     ) -> Result<Vec<StoredReading>, End> {
         let limit = self.shared.config.replay_limit.max(1);
         let id = self.device_id.clone();
-        let task = self.shared.store.call(move |store| {
-            store.history(&id, since_ms, i64::MAX, limit.saturating_add(1), true)
-        });
+        let shared = self.shared.clone();
+        let task = async move {
+            // In turn with the viewer's other heavy queries.
+            let _turn = shared.quotas.heavy(&viewer, true).await;
+            shared
+                .store
+                .call(move |store| {
+                    store.history(&id, since_ms, i64::MAX, limit.saturating_add(1), true)
+                })
+                .await
+        };
         tokio::pin!(task);
         let history = loop {
             tokio::select! {
@@ -181,6 +207,19 @@ impl Feed {
     }
 }
 
+/// `(epoch, seq)` of the first live reading buffered, if any.
+fn first_reading(buf: &[Utf8Bytes]) -> Option<(u64, u64)> {
+    buf.iter().find_map(|b| match classify(b) {
+        Class::Reading { key, .. } => Some(key),
+        Class::Other => None,
+    })
+}
+
+/// The interval after `every` between two checks of the store.
+fn next_check(every: Duration) -> Duration {
+    (every * 2).min(LAST_CHECK)
+}
+
 /// Whether the store has caught up with the topic: the first buffered
 /// live reading is committed or, with nothing buffered, the writer
 /// queue has been empty for `settle`.
@@ -191,19 +230,11 @@ async fn store_caught_up(
     queue_empty_at: &mut Option<Instant>,
     settle: Duration,
 ) -> bool {
-    let first = buf.iter().find_map(|b| match classify(b) {
-        Class::Reading { key, ts_ms, .. } => Some((key, ts_ms)),
-        Class::Other => None,
-    });
-    if let Some((key, ts_ms)) = first {
+    if let Some((epoch, seq)) = first_reading(buf) {
         let id = device_id.clone();
-        return query(shared, move |s| {
-            Ok(s.readings(&id, ts_ms, ts_ms.saturating_add(1), 100_000)?
-                .iter()
-                .any(|r| (r.epoch, r.seq) == key))
-        })
-        .await
-        .unwrap_or(false);
+        return query(shared, move |s| s.reading_stored(&id, epoch, seq))
+            .await
+            .unwrap_or(false);
     }
     let q = &shared.queue;
     let now = Instant::now();
@@ -213,5 +244,24 @@ async fn store_caught_up(
     } else {
         *queue_empty_at = None;
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks_back_off_to_one_a_second() {
+        let mut every = FIRST_CHECK;
+        let mut at = Duration::ZERO;
+        let mut checks = 0;
+        while at <= RESUME_MAX_WAIT {
+            checks += 1;
+            at += every;
+            every = next_check(every);
+        }
+        assert_eq!(every, LAST_CHECK);
+        assert!(checks <= 16, "{checks} checks in {RESUME_MAX_WAIT:?}");
     }
 }

@@ -1,16 +1,20 @@
-//! The HTTP side of the hub: the accept loop ([`server`]), the routing of
-//! every request ([`router`]), the WebSocket handshake that hands a socket
-//! to a device or dashboard session ([`upgrade`]), the JSON API ([`api`]),
-//! the embedded dashboard page ([`web`]), the probes `/healthz`, `/readyz`
-//! and `/metrics` ([`probes`]) and the hub's own TLS ([`tls`]).
+//! The HTTP side of the hub: the accept loop and its connection limits
+//! ([`server`]), the write deadline on every socket ([`timed_io`]), the
+//! routing of every request ([`router`]), the WebSocket handshake that
+//! hands a socket to a device or dashboard session ([`upgrade`]), the JSON
+//! API ([`api`]), the embedded dashboard page ([`web`]), the probes
+//! `/healthz`, `/readyz` and `/metrics` ([`probes`]), the separate metrics
+//! listener ([`metrics_listener`]) and the hub's own TLS ([`tls`]).
 //!
 //! Nothing here logs a query string, an `Authorization` value or a token:
 //! log lines name the path's device id and the peer address only.
 
 mod api;
+mod metrics_listener;
 mod probes;
 mod router;
 mod server;
+mod timed_io;
 mod tls;
 mod upgrade;
 mod web;
@@ -20,6 +24,7 @@ use http_body_util::Full;
 use hyper::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Response, StatusCode};
 
+pub(crate) use metrics_listener::serve_metrics;
 pub(crate) use server::{accept_loop, ConnGuard};
 pub(crate) use tls::tls_acceptor;
 

@@ -1,4 +1,5 @@
-//! Where a request goes, in order: the probes `/metrics` and `/readyz`, the
+//! Where a request goes, in order: the probes `/metrics` (404 when it has
+//! a listener of its own, `--metrics-listen`) and `/readyz`, the
 //! query-string rule, the embedded page, the API, `/healthz`, and the two
 //! WebSocket routes. Counts the outcome of every request on a `/ws/`
 //! route by its status.
@@ -25,6 +26,10 @@ pub(super) async fn dispatch(
     if req.uri().query().is_none() && (req.method() == Method::GET || req.method() == Method::HEAD)
     {
         match req.uri().path() {
+            // With a metrics listener of its own, not here.
+            "/metrics" if shared.config.metrics_listen.is_some() => {
+                return text(StatusCode::NOT_FOUND, "not found\n")
+            }
             "/metrics" => return probes::metrics(&shared),
             "/readyz" => return probes::readyz(&shared),
             _ => {}
@@ -91,7 +96,7 @@ fn query_rule<B>(req: &Request<B>, peer: SocketAddr) -> Option<Resp> {
     }
     log::info!(
         "refused {} from {peer}: query string present",
-        req.uri().path()
+        crate::log_text::escape(req.uri().path())
     );
     Some(text(
         StatusCode::BAD_REQUEST,

@@ -1,29 +1,106 @@
-//! The accept loop and one HTTP/1.1 connection: the connection limit, the
-//! TLS handshake when the hub terminates TLS, hyper's connection with its
-//! header timeout, and a graceful end at shutdown. Every request goes to
-//! [`super::router`].
+//! The accept loop and one HTTP/1.1 connection: the connection limits, the
+//! write deadline ([`super::timed_io`]), the TLS handshake when the hub
+//! terminates TLS, hyper's connection with its header timeout, and a
+//! graceful end at shutdown. Every request goes to [`super::router`].
+//!
+//! Limits, checked as a connection is accepted:
+//! - `max_connections`: a connection holds a slot until it ends — and
+//!   when it becomes a WebSocket, until the session ends ([`Ticket`]
+//!   travels with the upgraded socket). Over the limit: `503` with
+//!   `Retry-After`.
+//! - `max_connections_per_ip`: the same per client address; `429`. A
+//!   trusted proxy's connections are not counted by its address: its
+//!   clients are, by `X-Forwarded-For`, at the WebSocket handshake
+//!   ([`super::upgrade`]).
+//!
+//! A refused connection is answered (and then closed) by a small task of
+//! its own, at most [`REFUSALS`] at once; beyond that it is closed without
+//! an answer. Nothing else is disturbed.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::header::{HeaderValue, CONNECTION, RETRY_AFTER};
+use hyper::StatusCode;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use super::router;
+use super::timed_io::TimedIo;
+use super::{router, text, Resp};
+use crate::metrics::{Limit, Metrics};
+use crate::quota::Slot;
 use crate::state::Shared;
 
+/// Refused connections answered at once; more are closed unanswered.
+const REFUSALS: usize = 256;
+
+/// How long a refused connection may take to send its request and read
+/// the answer.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Seconds a client should wait before trying again after a refusal.
+pub(crate) const RETRY_AFTER_S: u64 = 5;
+
 /// Keeps the "all connections finished" channel open while alive
-/// (mini-redis's shutdown-complete pattern).
+/// (mini-redis's shutdown-complete pattern), and the connection's share of
+/// the limits while it (or the WebSocket session it became) lives.
 #[derive(Clone)]
-pub(crate) struct ConnGuard(#[allow(dead_code)] mpsc::Sender<()>);
+pub(crate) struct ConnGuard {
+    _done: mpsc::Sender<()>,
+    _ticket: Option<Arc<Ticket>>,
+}
 
 impl ConnGuard {
     pub(crate) fn new(tx: mpsc::Sender<()>) -> Self {
-        ConnGuard(tx)
+        ConnGuard {
+            _done: tx,
+            _ticket: None,
+        }
     }
+
+    fn with(&self, ticket: Ticket) -> Self {
+        ConnGuard {
+            _done: self._done.clone(),
+            _ticket: Some(Arc::new(ticket)),
+        }
+    }
+}
+
+/// A connection's slot of `max_connections` and of its address's
+/// `max_connections_per_ip`.
+pub(crate) struct Ticket {
+    _permit: OwnedSemaphorePermit,
+    _address: Option<Slot<IpAddr>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Ticket {
+    fn new(permit: OwnedSemaphorePermit, address: Option<Slot<IpAddr>>, m: &Arc<Metrics>) -> Self {
+        m.hardening.connections.fetch_add(1, Ordering::Relaxed);
+        Ticket {
+            _permit: permit,
+            _address: address,
+            metrics: m.clone(),
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.metrics
+            .hardening
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether `peer` is a proxy whose `X-Forwarded-For` names the client.
+pub(crate) fn trusted_proxy(shared: &Shared, peer: &SocketAddr) -> bool {
+    shared.config.trusted_proxies.contains(&peer.ip())
 }
 
 /// Accepts connections until `shutdown` completes.
@@ -34,38 +111,124 @@ pub(crate) async fn accept_loop(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let limit = Arc::new(Semaphore::new(shared.config.max_connections.max(1)));
+    let refusals = Arc::new(Semaphore::new(REFUSALS));
+    let alive = crate::notify::Alive::accept_loop(&shared);
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(10);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => return,
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
         let accepted = tokio::select! {
             _ = &mut shutdown => return,
+            _ = tick.tick() => {
+                alive.beat();
+                continue;
+            }
             a = listener.accept() => a,
         };
-        match accepted {
-            Ok((stream, peer)) => {
-                backoff = Duration::from_millis(10);
-                let shared = shared.clone();
-                let guard = guard.clone();
-                tokio::spawn(async move {
-                    serve_connection(stream, peer, shared, guard).await;
-                    drop(permit);
-                });
-            }
+        alive.beat();
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 log::warn!("accept failed: {e}; retrying in {backoff:?}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
             }
-        }
+        };
+        backoff = Duration::from_millis(10);
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            refuse(stream, peer, &shared, &refusals, Limit::Connections);
+            continue;
+        };
+        let address = if trusted_proxy(&shared, &peer) {
+            None
+        } else {
+            match shared.quotas.per_ip.take(peer.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    drop(permit);
+                    refuse(stream, peer, &shared, &refusals, Limit::PerAddress);
+                    continue;
+                }
+            }
+        };
+        let guard = guard.with(Ticket::new(permit, address, &shared.metrics));
+        let shared = shared.clone();
+        tokio::spawn(serve_connection(stream, peer, shared, guard));
     }
+}
+
+/// Answers a connection over a limit (503 with `Retry-After` for the
+/// global one, 429 per address) and closes it, within the refusal budget.
+fn refuse(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    refusals: &Arc<Semaphore>,
+    limit: Limit,
+) {
+    shared.metrics.hardening.refused(limit);
+    let Ok(turn) = refusals.clone().try_acquire_owned() else {
+        return;
+    };
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let _ = stream.set_nodelay(true);
+        let io = TimedIo::new(stream, REFUSAL_TIMEOUT, shared.metrics.clone());
+        let answer = match limit {
+            Limit::Connections => too_busy(),
+            _ => too_many_from_you(),
+        };
+        let mode = Mode::Refuse(answer);
+        let _ = tokio::time::timeout(REFUSAL_TIMEOUT * 2, async move {
+            match shared.tls.clone() {
+                None => serve_io(TokioIo::new(io), peer, shared, mode).await,
+                Some(acceptor) => {
+                    if let Ok(tls) = acceptor.accept(io).await {
+                        serve_io(TokioIo::new(tls), peer, shared, mode).await;
+                    }
+                }
+            }
+        })
+        .await;
+        drop(turn);
+    });
+}
+
+/// 503: the hub holds `max_connections` connections.
+fn too_busy() -> fn() -> Resp {
+    || {
+        let mut r = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections; try again later\n",
+        );
+        r.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
+        r
+    }
+}
+
+/// 429: this address holds `max_connections_per_ip` connections.
+fn too_many_from_you() -> fn() -> Resp {
+    || {
+        let mut r = text(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections from this address\n",
+        );
+        r.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
+        r
+    }
+}
+
+/// What a connection's requests get.
+#[derive(Clone)]
+enum Mode {
+    /// Routed ([`router::dispatch`]), holding the connection's guard.
+    Serve(ConnGuard),
+    /// This answer, then the connection closes.
+    Refuse(fn() -> Resp),
 }
 
 async fn serve_connection(
@@ -75,13 +238,12 @@ async fn serve_connection(
     guard: ConnGuard,
 ) {
     let _ = stream.set_nodelay(true);
+    let io = TimedIo::new(stream, shared.config.write_timeout, shared.metrics.clone());
     match shared.tls.clone() {
-        None => serve_io(TokioIo::new(stream), peer, shared, guard).await,
+        None => serve_io(TokioIo::new(io), peer, shared, Mode::Serve(guard)).await,
         Some(acceptor) => {
-            match tokio::time::timeout(shared.config.handshake_timeout, acceptor.accept(stream))
-                .await
-            {
-                Ok(Ok(tls)) => serve_io(TokioIo::new(tls), peer, shared, guard).await,
+            match tokio::time::timeout(shared.config.handshake_timeout, acceptor.accept(io)).await {
+                Ok(Ok(tls)) => serve_io(TokioIo::new(tls), peer, shared, Mode::Serve(guard)).await,
                 Ok(Err(e)) => log::debug!("TLS handshake with {peer} failed: {e}"),
                 Err(_) => log::debug!("TLS handshake with {peer} timed out"),
             }
@@ -89,24 +251,39 @@ async fn serve_connection(
     }
 }
 
-async fn serve_io<I>(io: TokioIo<I>, peer: SocketAddr, shared: Arc<Shared>, guard: ConnGuard)
+async fn serve_io<I>(io: TokioIo<I>, peer: SocketAddr, shared: Arc<Shared>, mode: Mode)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mut shutdown = shared.shutdown.clone();
+    let refusing = matches!(mode, Mode::Refuse(_));
     let svc_shared = shared.clone();
-    let svc_guard = guard.clone();
     let service = hyper::service::service_fn(move |req| {
         let shared = svc_shared.clone();
-        let guard = svc_guard.clone();
-        async move { Ok::<_, Infallible>(router::dispatch(req, peer, shared, guard).await) }
+        let mode = mode.clone();
+        async move {
+            let resp = match mode {
+                Mode::Serve(guard) => router::dispatch(req, peer, shared, guard).await,
+                Mode::Refuse(answer) => {
+                    let mut r = answer();
+                    r.headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                    r
+                }
+            };
+            Ok::<_, Infallible>(resp)
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(shared.config.handshake_timeout)
+        .header_read_timeout(if refusing {
+            REFUSAL_TIMEOUT
+        } else {
+            shared.config.handshake_timeout
+        })
         .max_buf_size(16 * 1024)
-        .keep_alive(true);
+        .keep_alive(!refusing);
     let conn = builder.serve_connection(io, service).with_upgrades();
     tokio::pin!(conn);
     tokio::select! {

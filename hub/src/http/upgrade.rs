@@ -1,10 +1,14 @@
 //! The WebSocket handshake of `/ws/device/{id}` and `/ws/dashboard/{id}`,
 //! one step per rule: the method, the browser `Origin` (dashboards), the
 //! upgrade headers, the offered subprotocols (dashboards), the bearer
-//! token (header or `ems.bearer.` subprotocol), its kind, and the store's
-//! word on it. Then the socket is handed to its session: a device session
-//! ([`crate::ingest`]) or a dashboard feed ([`crate::fanout`]), one task
-//! each.
+//! token (header or `ems.bearer.` subprotocol), its kind, and the tokens in
+//! memory ([`crate::auth::cache`]: no store query, so forged tokens cost
+//! no lock); then the quotas: per client address behind a trusted proxy,
+//! dashboards per viewer token (429). A device is told to come back later
+//! (503 + `Retry-After`) while the store is unreachable. Then the socket is
+//! handed to its session: a device session ([`crate::ingest`]) or a
+//! dashboard feed ([`crate::fanout`]), one task each, holding the
+//! connection's slots until it ends.
 //!
 //! The rules themselves are pure functions in [`crate::auth::handshake`];
 //! this module turns their verdicts into answers and log lines.
@@ -15,20 +19,25 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, UPGRADE};
+use hyper::header::{
+    HeaderMap, HeaderValue, CONNECTION, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT, UPGRADE,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
+use super::server::{trusted_proxy, RETRY_AFTER_S};
 use super::{forbidden, text, unauthorized, ConnGuard, Resp};
+use crate::auth::cache::Answer;
 use crate::auth::handshake::{self, Credentials, Offer, Subprotocols};
 use crate::auth::token::{self, TokenKind};
 use crate::config::Config;
 use crate::fanout::FeedOptions;
-use crate::metrics::Role as MetricsRole;
-use crate::state::{CallError, Shared};
+use crate::metrics::{Limit, Role as MetricsRole};
+use crate::quota::Slot;
+use crate::state::Shared;
 use crate::store::{TokenHash, ViewerScope};
 use crate::{fanout, ingest, ws};
 
@@ -77,10 +86,12 @@ enum Refusal {
     Authorization,
     /// 400: a token both in `Authorization` and in the subprotocols.
     TwoTokens,
-    /// 503: the store could not be asked.
+    /// 503 + `Retry-After`: the store is unreachable, or the tokens in
+    /// memory are not confirmed by it.
     StoreUnavailable,
-    /// 500: the store look-up failed otherwise.
-    Internal,
+    /// 429 + `Retry-After`: a quota (dashboards per token, connections per
+    /// client address) is used up.
+    TooMany,
 }
 
 impl Refusal {
@@ -112,12 +123,33 @@ impl Refusal {
                 StatusCode::BAD_REQUEST,
                 "send the token either in Authorization or in Sec-WebSocket-Protocol, not both\n",
             ),
-            Refusal::StoreUnavailable => {
-                text(StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n")
-            }
-            Refusal::Internal => text(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n"),
+            Refusal::StoreUnavailable => retry_later(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store unavailable; try again later\n",
+            )),
+            Refusal::TooMany => retry_later(text(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many connections for this token or address\n",
+            )),
         }
     }
+}
+
+/// `r` with `Retry-After`.
+fn retry_later(mut r: Resp) -> Resp {
+    r.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
+    r
+}
+
+/// The quota slots a session holds until it ends (boxed, and only when
+/// there are any: an idle device session's task stays small).
+#[derive(Default)]
+struct Slots {
+    /// The client's address behind a trusted proxy.
+    _address: Option<Slot<std::net::IpAddr>>,
+    /// The viewer token's dashboard.
+    _dashboard: Option<Slot<TokenHash>>,
 }
 
 /// A request that passed every rule that needs no store.
@@ -149,9 +181,61 @@ pub(super) async fn handshake(
     if let Err(refused) = authorize(&shared, side, &device_id, peer, checked.token).await {
         return refused.answer();
     }
+    let slots = match take_slots(&req, side, &device_id, peer, &shared, &checked.token) {
+        Ok(s) => s,
+        Err(refused) => return refused.answer(),
+    };
     let on_upgrade = hyper::upgrade::on(&mut req);
-    start_session(on_upgrade, side, device_id, peer, shared, guard, &checked);
+    start_session(
+        on_upgrade,
+        side,
+        device_id,
+        peer,
+        shared,
+        (guard, slots),
+        &checked,
+    );
     switching_protocols(&checked)
+}
+
+/// The quota slots of the session: the client's address when the peer is
+/// a trusted proxy (a direct peer's address holds a slot already), and
+/// the viewer token's dashboard.
+fn take_slots<B>(
+    req: &Request<B>,
+    side: Side,
+    device_id: &str,
+    peer: SocketAddr,
+    shared: &Shared,
+    token: &TokenHash,
+) -> Result<Option<Box<Slots>>, Refusal> {
+    let role = side.name();
+    let mut slots = Slots::default();
+    if trusted_proxy(shared, &peer) {
+        let trusted = &shared.config.trusted_proxies;
+        if let Some(client) = handshake::forwarded_client(req.headers(), trusted) {
+            match shared.quotas.per_ip.take(client) {
+                Some(s) => slots._address = Some(s),
+                None => {
+                    shared.metrics.hardening.refused(Limit::PerAddress);
+                    log::info!("refused {role} {device_id} for {client} via {peer}: too many connections from that address (429)");
+                    return Err(Refusal::TooMany);
+                }
+            }
+        }
+    }
+    if side == Side::Dashboard {
+        match shared.quotas.dashboards.take(*token) {
+            Some(s) => slots._dashboard = Some(s),
+            None => {
+                shared.metrics.hardening.refused(Limit::DashboardsPerToken);
+                log::info!("refused dashboard {device_id} from {peer}: the viewer token has {} dashboards open (429)", shared.config.max_dashboards_per_token);
+                return Err(Refusal::TooMany);
+            }
+        }
+    }
+    let any = slots._address.is_some() || slots._dashboard.is_some();
+    Ok(any.then(|| Box::new(slots)))
 }
 
 /// The rules that need no store, in the order they answer: the method,
@@ -255,8 +339,10 @@ fn credential<'a>(
     }
 }
 
-/// Asks the store whether `token` opens `device_id` on `side`: the
-/// device's current token, or a viewer whose scope holds the device.
+/// Whether `token` opens `device_id` on `side`, by the tokens in memory:
+/// the device's current token, or a viewer whose scope holds the device.
+/// A device must also find the store reachable (its readings must be
+/// committed to be acked).
 async fn authorize(
     shared: &Shared,
     side: Side,
@@ -264,36 +350,46 @@ async fn authorize(
     peer: SocketAddr,
     token: TokenHash,
 ) -> Result<(), Refusal> {
-    let id = device_id.clone();
-    let allowed = shared
-        .store
-        .call(move |store| match side {
-            Side::Device => store.device_token_valid(&id, &token),
-            // An all-devices viewer may only open topics of real devices:
-            // made-up ids would each cost a topic buffer.
-            Side::Dashboard => match store.viewer_scope(&token)? {
-                Some(ViewerScope::AllDevices) => store.device_exists(&id),
-                Some(scope) => Ok(scope.allows(&id)),
-                None => Ok(false),
-            },
-        })
-        .await;
-    match allowed {
-        Ok(true) => Ok(()),
-        Ok(false) => {
-            let role = side.name();
+    let role = side.name();
+    let answer = match side {
+        Side::Device => {
+            if !shared.metrics.ready_store() {
+                log::info!("refused device {device_id} from {peer}: store unreachable (503)");
+                return Err(Refusal::StoreUnavailable);
+            }
+            shared.auth.device(device_id, &token).await
+        }
+        // An all-devices viewer may only open topics of real devices:
+        // made-up ids would each cost a topic buffer.
+        Side::Dashboard => match shared.auth.viewer(&token).await {
+            Answer::Yes(scope) => {
+                let allowed = match scope {
+                    ViewerScope::AllDevices => shared.auth.device_known(device_id),
+                    scope => scope.allows(device_id),
+                };
+                if allowed {
+                    Answer::Yes(())
+                } else {
+                    Answer::No
+                }
+            }
+            Answer::No => Answer::No,
+            Answer::Unavailable => Answer::Unavailable,
+        },
+    };
+    match answer {
+        Answer::Yes(()) => Ok(()),
+        Answer::No => {
             log::info!(
                 "refused {role} {device_id} from {peer}: token not valid for this device (403)"
             );
             Err(Refusal::Forbidden)
         }
-        Err(CallError::Store(e)) => {
-            log::error!("token look-up failed: {e}");
+        Answer::Unavailable => {
+            log::warn!(
+                "refused {role} {device_id} from {peer}: the store has not confirmed the tokens (503)"
+            );
             Err(Refusal::StoreUnavailable)
-        }
-        Err(CallError::Task(e)) => {
-            log::error!("token look-up task failed: {e}");
-            Err(Refusal::Internal)
         }
     }
 }
@@ -308,7 +404,7 @@ fn start_session(
     device_id: Arc<str>,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    guard: ConnGuard,
+    guard: (ConnGuard, Option<Box<Slots>>),
     checked: &Checked,
 ) {
     let hash = checked.token;
@@ -469,7 +565,7 @@ mod tests {
             (Refusal::Authorization, 400),
             (Refusal::TwoTokens, 400),
             (Refusal::StoreUnavailable, 503),
-            (Refusal::Internal, 500),
+            (Refusal::TooMany, 429),
         ] {
             assert_eq!(r.answer().status().as_u16(), status, "{r:?}");
         }
@@ -479,5 +575,8 @@ mod tests {
             Refusal::NoToken.answer().headers()["www-authenticate"],
             "Bearer"
         );
+        for r in [Refusal::StoreUnavailable, Refusal::TooMany] {
+            assert_eq!(r.answer().headers()["retry-after"], "5");
+        }
     }
 }

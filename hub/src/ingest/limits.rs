@@ -15,7 +15,11 @@
 //! honouring the protocol: the hub closes it with 1008 (policy violation).
 //!
 //! Both are pure state machines on `Instant`s, unit-tested without time.
-//! [`Buckets`] keeps each device's bucket between its connections.
+//! [`Buckets`] keeps each device's bucket — and the rate limit of the
+//! warnings about its bad frames — as one [`DeviceLimits`] that every
+//! connection of the device shares: a reconnect, or a takeover while the
+//! old connection is still live, neither refills the bucket nor restarts
+//! the warning limit.
 //!
 //! The same bucket, counted in bytes, is each device's quarantine budget
 //! ([`crate::config::QuarantineLimit`]): [`Buckets::spend`] asks it only
@@ -100,30 +104,63 @@ impl Excess {
     }
 }
 
-/// The rate-limit buckets of devices, kept between connections so that
-/// reconnecting does not refill them. A session takes its device's bucket
-/// when it starts and puts it back when it ends.
+/// What every connection of one device shares: its token bucket and the
+/// rate limit of warnings about its bad frames.
+#[derive(Debug)]
+pub struct DeviceLimits {
+    bucket: Mutex<TokenBucket>,
+    warn: Mutex<RateLimitedWarn>,
+}
+
+impl DeviceLimits {
+    /// Limits starting with `bucket`, at most one warning per `warn_every`.
+    pub fn new(bucket: TokenBucket, warn_every: Duration) -> Self {
+        DeviceLimits {
+            bucket: Mutex::new(bucket),
+            warn: Mutex::new(RateLimitedWarn::new(warn_every)),
+        }
+    }
+
+    /// Takes one token from the device's bucket if there is one.
+    pub fn try_take(&self, now: Instant) -> bool {
+        lock(&self.bucket).try_take(now)
+    }
+
+    /// Takes `n` tokens from the device's bucket if there are that many.
+    pub fn try_take_n(&self, n: f64, now: Instant) -> bool {
+        lock(&self.bucket).try_take_n(n, now)
+    }
+
+    /// Whether to log a warning about the device now; `Some(n)`: yes, `n`
+    /// were suppressed since the last one.
+    pub fn warn(&self, now: Instant) -> Option<u64> {
+        lock(&self.warn).allow(now)
+    }
+}
+
+/// The per-device limits, kept for as long as the hub runs (devices are
+/// provisioned, so this stays bounded).
 #[derive(Default)]
 pub struct Buckets {
-    /// Buckets of devices without a live session, by device id.
-    parked: Mutex<HashMap<Arc<str>, TokenBucket>>,
+    devices: Mutex<HashMap<Arc<str>, Arc<DeviceLimits>>>,
 }
 
 impl Buckets {
-    /// The bucket of `device_id` (a fresh one from `make` if it has none);
-    /// give it back with [`Buckets::put`].
-    pub fn take(&self, device_id: &str, make: impl FnOnce() -> TokenBucket) -> TokenBucket {
-        self.lock().remove(device_id).unwrap_or_else(make)
-    }
-
-    /// Returns a bucket taken with [`Buckets::take`].
-    pub fn put(&self, device_id: &Arc<str>, bucket: TokenBucket) {
-        self.lock().insert(device_id.clone(), bucket);
+    /// The limits of `device_id`, shared with its other connections; new
+    /// ones (with the bucket from `make`) for a device seen the first time.
+    pub fn of(
+        &self,
+        device_id: &Arc<str>,
+        make: impl FnOnce() -> TokenBucket,
+    ) -> Arc<DeviceLimits> {
+        lock(&self.devices)
+            .entry(device_id.clone())
+            .or_insert_with(|| Arc::new(DeviceLimits::new(make(), WARN_EVERY)))
+            .clone()
     }
 
     /// Takes `n` tokens from the bucket of `device_id` (a fresh one from
-    /// `make` if it has none) without taking the bucket out: for a budget
-    /// asked rarely (refused frames), so that no session holds it.
+    /// `make` if it has none): for a budget asked rarely (refused frames).
     pub fn spend(
         &self,
         device_id: &Arc<str>,
@@ -131,23 +168,50 @@ impl Buckets {
         now: Instant,
         make: impl FnOnce() -> TokenBucket,
     ) -> bool {
-        let mut parked = self.lock();
-        match parked.get_mut(device_id) {
-            Some(b) => b.try_take_n(n, now),
-            None => {
-                let mut b = make();
-                let ok = b.try_take_n(n, now);
-                parked.insert(device_id.clone(), b);
-                ok
-            }
+        self.of(device_id, make).try_take_n(n, now)
+    }
+}
+
+/// How often at most a warning about a device's bad frames is logged.
+pub const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// At most one warning per `every`, with a count of the suppressed ones, so
+/// a flood of bad frames costs bounded log volume.
+#[derive(Debug)]
+pub(crate) struct RateLimitedWarn {
+    every: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedWarn {
+    pub(crate) fn new(every: Duration) -> Self {
+        RateLimitedWarn {
+            every,
+            last: None,
+            suppressed: 0,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, TokenBucket>> {
-        // A single insert or remove cannot leave the map inconsistent, so
-        // poisoning is ignored.
-        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    /// Whether to log now; returns the number suppressed since the last one.
+    pub(crate) fn allow(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if now.saturating_duration_since(t) < self.every => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A token taken, a warning counted or an insert cannot leave the state
+    // inconsistent, so poisoning is ignored.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
@@ -224,14 +288,44 @@ mod tests {
         };
         let buckets = Buckets::default();
         let id: Arc<str> = Arc::from("dev");
-        let mut b = buckets.take(&id, || TokenBucket::new(&lim, t0));
+        let b = buckets.of(&id, || TokenBucket::new(&lim, t0));
         assert!(b.try_take(t0) && b.try_take(t0) && !b.try_take(t0));
-        buckets.put(&id, b);
+        drop(b);
         // The next connection gets the drained bucket, not a fresh one.
-        let mut again = buckets.take(&id, || TokenBucket::new(&lim, t0));
+        let again = buckets.of(&id, || TokenBucket::new(&lim, t0));
         assert!(!again.try_take(t0));
         // Another device starts full.
-        let mut other = buckets.take("other", || TokenBucket::new(&lim, t0));
+        let other = buckets.of(&Arc::from("other"), || TokenBucket::new(&lim, t0));
         assert!(other.try_take(t0));
+    }
+
+    #[test]
+    fn a_takeover_shares_the_live_connections_limits() {
+        let t0 = Instant::now();
+        let lim = RateLimit {
+            rate: 0.0,
+            burst: 2.0,
+            abuse_after: Duration::from_secs(1),
+        };
+        let buckets = Buckets::default();
+        let id: Arc<str> = Arc::from("dev");
+        // Both connections live at once (the old one not yet closed).
+        let old = buckets.of(&id, || TokenBucket::new(&lim, t0));
+        let new = buckets.of(&id, || TokenBucket::new(&lim, t0));
+        assert!(old.try_take(t0) && old.try_take(t0));
+        assert!(!new.try_take(t0), "the new connection got a fresh bucket");
+        // And one warning limit.
+        assert_eq!(old.warn(t0), Some(0));
+        assert_eq!(new.warn(t0 + Duration::from_secs(1)), None);
+    }
+
+    #[test]
+    fn warnings_are_rate_limited() {
+        let mut w = RateLimitedWarn::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(w.allow(t0), Some(0));
+        assert_eq!(w.allow(t0 + Duration::from_secs(1)), None);
+        assert_eq!(w.allow(t0 + Duration::from_secs(2)), None);
+        assert_eq!(w.allow(t0 + Duration::from_secs(11)), Some(2));
     }
 }

@@ -41,6 +41,7 @@ use super::state::{
     deferred, rejected_frame, suppressed, Ending, Refusal, SessionState, Step, Tick, Verdict,
 };
 use super::writer::{Entry, Item};
+use crate::auth::cache::Answer as AuthAnswer;
 use crate::fanout::backfill::{is_backlog, Backlog};
 use crate::fanout::registry::{DeviceLease, Kick};
 use crate::fanout::topic::Topic;
@@ -87,12 +88,23 @@ pub(crate) fn run(
             Box::pin(ws::close(&mut ws, conflict, "conflict")).await;
             return;
         };
+        // The token was checked before this connection was registered; a
+        // revocation seen in between closes it here, one after closes it
+        // through the registry.
+        if let Some(hash) = &token {
+            if shared.auth.device_now(&device_id, hash) == AuthAnswer::No {
+                shared.registry.disconnect_device(&device_id, conn_id);
+                let revoked = CloseCode::from(ems_shared::CLOSE_REVOKED);
+                Box::pin(ws::close(&mut ws, revoked, "token revoked")).await;
+                return;
+            }
+        }
         shared.metrics.connection(Role::Device, 1);
         let cfg = &shared.config;
-        let bucket = shared.buckets.take(&device_id, || {
+        let limits = shared.buckets.of(&device_id, || {
             TokenBucket::new(&cfg.rate_limit, Instant::now())
         });
-        let state = SessionState::new(bucket, cfg.rate_limit.abuse_after, cfg.max_missed_pongs);
+        let state = SessionState::new(limits, cfg.rate_limit.abuse_after, cfg.max_missed_pongs);
         // The session borrows the socket and the ids rather than taking
         // them: moved into it, they would be stored twice in the task.
         let mut session = Session {
@@ -110,10 +122,8 @@ pub(crate) fn run(
         // Counted backlog readings reach the dashboards before the
         // device's disconnect does.
         session.publish_backlog();
-        let bucket = session.state.bucket();
         drop(session);
         shared.registry.disconnect_device(&device_id, conn_id);
-        shared.buckets.put(&device_id, bucket);
         shared.metrics.connection(Role::Device, -1);
         if let End::Close(code, reason) = end {
             Box::pin(ws::close(&mut ws, code, reason)).await;
@@ -375,9 +385,11 @@ impl Session<'_> {
             Verdict::Refused { error, warn } if error.reason == RejectReason::RateLimited => {
                 metrics.rejected(error.reason);
                 if let Some(n) = warn {
+                    // The error may quote what the device sent.
                     log::warn!(
-                        "device {}: discarded frame ({error}){}",
+                        "device {}: discarded frame ({}){}",
                         self.device_id,
+                        crate::log_text::escape(&error.to_string()),
                         suppressed(n)
                     );
                 }
@@ -413,7 +425,12 @@ impl Session<'_> {
         let device_id = self.device_id;
         let log = |what: &str| {
             if let Some(n) = warn {
-                log::warn!("device {device_id}: {what} ({error}){}", suppressed(n));
+                // The error may quote what the device sent.
+                log::warn!(
+                    "device {device_id}: {what} ({}){}",
+                    crate::log_text::escape(&error.to_string()),
+                    suppressed(n)
+                );
             }
         };
         match self.state.refusal(&error, budget, now) {

@@ -15,22 +15,20 @@ use ems_shared::{decode_edge_frame, EdgeFrame, EdgeStatus, FrameError, Reading, 
 use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
-use super::limits::{Excess, TokenBucket};
+use std::sync::Arc;
 
-/// How often at most a warning about a device's bad frames is logged.
-const WARN_EVERY: Duration = Duration::from_secs(10);
+use super::limits::{DeviceLimits, Excess};
 
 /// The state of one device session.
 pub(crate) struct SessionState {
-    /// The device's token bucket (taken from, and given back to, the
-    /// per-device buckets that outlive connections).
-    bucket: TokenBucket,
+    /// The device's token bucket and the rate limit of the warnings about
+    /// its bad frames, shared with its other connections and outliving
+    /// them.
+    limits: Arc<DeviceLimits>,
     /// Excess episodes, for the abuse rule.
     excess: Excess,
     /// Continuous excess for this long is abuse (close 1008).
     abuse_after: Duration,
-    /// Rate limit of the warnings about this connection's bad frames.
-    warn: RateLimitedWarn,
     /// Pings sent without a frame from the peer since.
     missed: u32,
     /// Unanswered pings after which the peer is dead.
@@ -131,27 +129,20 @@ pub(crate) enum Tick {
 }
 
 impl SessionState {
-    /// A session with the device's `bucket`, closing after `abuse_after` of
-    /// continuous rate-limit excess and after `max_missed` unanswered
+    /// A session with the device's `limits`, closing after `abuse_after`
+    /// of continuous rate-limit excess and after `max_missed` unanswered
     /// pings.
-    pub fn new(bucket: TokenBucket, abuse_after: Duration, max_missed: u32) -> Self {
+    pub fn new(limits: Arc<DeviceLimits>, abuse_after: Duration, max_missed: u32) -> Self {
         SessionState {
-            bucket,
+            limits,
             excess: Excess::default(),
             abuse_after,
-            warn: RateLimitedWarn::new(WARN_EVERY),
             missed: 0,
             max_missed,
             heard: false,
             last_queued: None,
             last_acked: None,
         }
-    }
-
-    /// The bucket as the session leaves it, to go back to the per-device
-    /// buckets when the session ends.
-    pub fn bucket(&self) -> TokenBucket {
-        self.bucket.clone()
     }
 
     /// A message (or the end of the stream, `None`) from the socket at
@@ -171,7 +162,7 @@ impl SessionState {
             Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
                 Step::End(Ending::TooBig { size, max_size })
             }
-            Some(Err(WsError::Utf8(_))) => Step::End(Ending::BadUtf8(self.warn.allow(now))),
+            Some(Err(WsError::Utf8(_))) => Step::End(Ending::BadUtf8(self.limits.warn(now))),
             Some(Err(e)) => Step::End(Ending::Failed(e)),
         }
     }
@@ -179,7 +170,7 @@ impl SessionState {
     /// Judges one data frame (`None`: binary) that arrived at `now`, hub
     /// time `rx_ms`: the rate limit first, then the gatekeeper.
     pub fn frame(&mut self, frame: Option<&str>, now: Instant, rx_ms: i64) -> Verdict {
-        if !self.bucket.try_take(now) {
+        if !self.limits.try_take(now) {
             if self.excess.refused(now, self.abuse_after) {
                 return Verdict::Abuse;
             }
@@ -202,7 +193,7 @@ impl SessionState {
     }
 
     fn refused(&mut self, error: FrameError, now: Instant) -> Verdict {
-        let warn = self.warn.allow(now);
+        let warn = self.limits.warn(now);
         Verdict::Refused { error, warn }
     }
 
@@ -303,42 +294,11 @@ fn rate_limited(text: Option<&str>) -> FrameError {
     }
 }
 
-/// At most one warning per `every`, with a count of the suppressed ones, so
-/// a flood of bad frames costs bounded log volume.
-struct RateLimitedWarn {
-    every: Duration,
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimitedWarn {
-    fn new(every: Duration) -> Self {
-        RateLimitedWarn {
-            every,
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    /// Whether to log now; returns the number suppressed since the last one.
-    fn allow(&mut self, now: Instant) -> Option<u64> {
-        match self.last {
-            Some(t) if now.duration_since(t) < self.every => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::RateLimit;
+    use crate::ingest::limits::{TokenBucket, WARN_EVERY};
     use tokio_tungstenite::tungstenite::Bytes;
 
     const RX_MS: i64 = 1_700_000_000_000;
@@ -356,7 +316,8 @@ mod tests {
             burst,
             abuse_after: Duration::from_secs(10),
         };
-        SessionState::new(TokenBucket::new(&limit, t0), limit.abuse_after, 3)
+        let limits = DeviceLimits::new(TokenBucket::new(&limit, t0), WARN_EVERY);
+        SessionState::new(Arc::new(limits), limit.abuse_after, 3)
     }
 
     #[test]
@@ -568,13 +529,7 @@ mod tests {
     }
 
     #[test]
-    fn warnings_are_rate_limited() {
-        let mut w = RateLimitedWarn::new(Duration::from_secs(10));
-        let t0 = Instant::now();
-        assert_eq!(w.allow(t0), Some(0));
-        assert_eq!(w.allow(t0 + Duration::from_secs(1)), None);
-        assert_eq!(w.allow(t0 + Duration::from_secs(2)), None);
-        assert_eq!(w.allow(t0 + Duration::from_secs(11)), Some(2));
+    fn suppressed_warnings_are_counted_in_the_next_line() {
         assert_eq!(suppressed(0), "");
         assert_eq!(suppressed(2), "; 2 similar warnings suppressed");
     }

@@ -365,7 +365,7 @@ fn settle(store: &mut dyn ReadingSink, batch: &Batch, ctx: &mut Retry<'_>) -> Se
                     q.device_id,
                     row_id(q.epoch),
                     row_id(q.seq),
-                    q.detail
+                    crate::log_text::escape(&q.detail)
                 );
             }
         }

@@ -3,12 +3,15 @@
 //! A store is a synchronous handle to the database. Its calls are grouped
 //! by who needs them: [`ReadingSink`] (the writer's batched inserts),
 //! [`AuthStore`] (token look-ups), [`AdminStore`] (provisioning),
-//! [`HistoryStore`] (reading back) and [`QuarantineStore`] (what was
-//! refused, see [`quarantine`]). Every backend implements all five,
-//! which makes it a [`Store`]. The hub opens two: one for the background
-//! writer thread, one for everything else (used from the blocking pool);
-//! the admin CLI opens one. Backends: `sqlite:PATH` (embedded, default)
-//! and `postgres://…`.
+//! [`HistoryStore`] (reading back), [`QuarantineStore`] (what was
+//! refused, see [`quarantine`]), [`TokenStore`] (the change counter, the
+//! snapshot of every valid token, admin token management) and
+//! [`LookupStore`] (bounded look-ups for viewers). Every backend
+//! implements all of them, which makes it a [`Store`]. The hub opens
+//! three: one for the background writer thread, one for the token
+//! snapshot and its change counter, one for everything else (used from the
+//! blocking pool); the admin CLI opens one. Backends: `sqlite:PATH`
+//! (embedded, default) and `postgres://…`.
 //!
 //! Contract kept by every backend:
 //! - `write_batch` commits all readings and quarantine rows in one
@@ -27,9 +30,15 @@
 //! `postgres://…` / `postgresql://…` ([`postgres`]).
 
 mod columns;
+mod lookups;
 pub mod postgres;
 pub mod quarantine;
 pub mod sqlite;
+mod tokens;
+
+pub use lookups::LookupStore;
+pub(crate) use tokens::LAST_ADMIN;
+pub use tokens::{AdminInfo, AuthSnapshot, TokenStore};
 
 use std::sync::Arc;
 
@@ -132,6 +141,19 @@ pub enum StoreError {
     /// value it cannot hold): retrying the same rows fails the same way.
     #[error("refused by the database: {0}")]
     Refused(String),
+    /// The database could not be reached at all (not started, down,
+    /// unreachable): worth retrying, unlike [`StoreError::Open`].
+    #[error("cannot reach database {url}: {reason}")]
+    Unreachable {
+        /// The URL, with any password removed.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The store refuses a change that would break a rule (e.g. revoking
+    /// the last active admin).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// Where the writer commits readings: the one call on the ingest path.
@@ -259,10 +281,21 @@ pub trait HistoryStore: Send {
 
 /// A full database handle: every backend is one. See the module docs for
 /// the contract.
-pub trait Store: ReadingSink + AuthStore + AdminStore + HistoryStore + QuarantineStore {}
+pub trait Store:
+    ReadingSink + AuthStore + AdminStore + HistoryStore + QuarantineStore + TokenStore + LookupStore
+{
+}
 
-impl<T: ReadingSink + AuthStore + AdminStore + HistoryStore + QuarantineStore + ?Sized> Store
-    for T
+impl<
+        T: ReadingSink
+            + AuthStore
+            + AdminStore
+            + HistoryStore
+            + QuarantineStore
+            + TokenStore
+            + LookupStore
+            + ?Sized,
+    > Store for T
 {
 }
 

@@ -7,16 +7,24 @@
 
 mod admin_api;
 mod admin_origin;
+mod admin_tokens;
 mod browser;
 mod cli;
+mod conn_limits;
 mod dashboard;
 mod edge_losses;
 mod frames;
+mod gate;
 mod handshake;
 mod hardening;
 mod harness;
 mod lifecycle;
 mod mqtt;
 mod mqtt_hub;
+mod notify;
+mod pg_store;
+mod probe;
 mod quarantine;
+mod secrets;
+mod slow_peers;
 mod tls;

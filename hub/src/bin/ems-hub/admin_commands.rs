@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 use ems_hub::admin::Admin;
-use ems_hub::store::{DeviceInfo, ViewerInfo, ViewerScope};
+use ems_hub::store::{AdminInfo, DeviceInfo, ViewerInfo, ViewerScope};
 
 use crate::cli::{AdminCmd, DeviceCmd, ViewerCmd};
 
@@ -55,10 +55,27 @@ pub fn viewer(db: &str, cmd: ViewerCmd) -> anyhow::Result<()> {
 
 /// Runs `ems-hub admin …` against `db`.
 pub fn admin(db: &str, cmd: AdminCmd) -> anyhow::Result<()> {
+    let mut admin = Admin::open(db)?;
     match cmd {
-        AdminCmd::Add { name } => println!("{}", Admin::open(db)?.add_admin(&name)?),
+        AdminCmd::Add { name } => println!("{}", admin.add_admin(&name)?),
+        AdminCmd::List => {
+            for a in admin.list_admins()? {
+                println!("{}", admin_line(&a));
+            }
+        }
+        AdminCmd::Revoke { name } => admin.revoke_admin(&name)?,
+        AdminCmd::Rotate { name } => println!("{}", admin.rotate_admin(&name)?),
     }
     Ok(())
+}
+
+/// `admin list`: `NAME<TAB>active|revoked`. Never a token.
+fn admin_line(a: &AdminInfo) -> String {
+    let state = match a.revoked_ms {
+        Some(_) => "revoked",
+        None => "active",
+    };
+    format!("{}\t{state}", a.name)
 }
 
 /// `device list`: `ID<TAB>active|revoked`.
@@ -115,5 +132,11 @@ mod tests {
             ..v
         };
         assert_eq!(viewer_line(&v), "wall\trevoked\t*");
+        let a = AdminInfo {
+            name: "ops".into(),
+            created_ms: 1,
+            revoked_ms: None,
+        };
+        assert_eq!(admin_line(&a), "ops\tactive");
     }
 }

@@ -18,11 +18,13 @@ use ems_hub::Config;
 #[command(name = "ems-hub", version, args_conflicts_with_subcommands = true)]
 pub struct Cli {
     /// Database URL: sqlite:PATH (embedded, default) or postgres://…
+    // The value may hold a password: `--help` never shows it.
     #[arg(
         long,
         env = "EMS_DATABASE_URL",
         default_value = "sqlite:ems-hub.db",
-        global = true
+        global = true,
+        hide_env_values = true
     )]
     pub database: String,
     /// Log level: error, warn, info, debug or trace.
@@ -170,6 +172,35 @@ pub struct ServeArgs {
     /// milliseconds (the latest reading wins).
     #[arg(long, env = "EMS_MQTT_INTERVAL_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
     mqtt_interval_ms: u64,
+    // Connection limits, authentication from memory, metrics listener.
+    /// Most connections at once (HTTP and WebSocket, upgraded sockets
+    /// included); more are answered 503 with Retry-After.
+    #[arg(long, env = "EMS_MAX_CONNECTIONS", default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections: u64,
+    /// Most connections from one client address; more are answered 429.
+    /// Behind a proxy, list it with --trusted-proxy.
+    #[arg(long, env = "EMS_MAX_CONNECTIONS_PER_IP", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections_per_ip: u64,
+    /// Most dashboards one viewer token may hold open; more are answered 429.
+    #[arg(long, env = "EMS_MAX_DASHBOARDS_PER_TOKEN", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    max_dashboards_per_token: u64,
+    /// A proxy (IP address) whose X-Forwarded-For names the client
+    /// (repeatable; e.g. 127.0.0.1 for nginx on the same host). Its own
+    /// connections are not limited per address; its clients are.
+    #[arg(
+        long = "trusted-proxy",
+        env = "EMS_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    trusted_proxies: Vec<String>,
+    /// Seconds the tokens in memory stay usable while the store cannot
+    /// confirm them; then dashboards close (4001) and handshakes get 503.
+    #[arg(long, env = "EMS_AUTH_GRACE_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    auth_grace_s: u64,
+    /// Serve /metrics on this address only (e.g. 127.0.0.1:9090); the
+    /// main listener then answers 404 for it. Default: on the main listener.
+    #[arg(long, env = "EMS_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
 }
 
 /// `--timescale`. The variants carry no doc comments on purpose: clap
@@ -199,6 +230,13 @@ impl From<Timescale> for TimescaleMode {
 pub enum AdminCmd {
     /// Add an admin; prints its token (shown once).
     Add { name: String },
+    /// List admins (names and state; never tokens).
+    List,
+    /// Revoke an admin token (not the last active one); hubs refuse it
+    /// within seconds.
+    Revoke { name: String },
+    /// Give an admin a new token (printed); the old one stops working.
+    Rotate { name: String },
 }
 
 #[derive(Subcommand)]
@@ -274,6 +312,12 @@ pub enum ArgError {
     /// `EMS_MQTT_PASSWORD` is not UTF-8.
     #[error("EMS_MQTT_PASSWORD is not valid UTF-8")]
     MqttPasswordEncoding,
+    /// A `--trusted-proxy` is not an IP address.
+    #[error("--trusted-proxy {0:?} must be an IP address like 127.0.0.1 or ::1")]
+    TrustedProxy(String),
+    /// `--metrics-listen` is not a socket address.
+    #[error("--metrics-listen {0:?} is not an address like 127.0.0.1:9090")]
+    MetricsListen(String),
 }
 
 /// What `ems-hub serve` runs: where to listen and the hub's configuration,
@@ -367,6 +411,31 @@ impl Serve {
                 m.validate().map_err(ArgError::Mqtt)?;
             }
         }
+        config.max_connections = usize::try_from(args.max_connections).unwrap_or(usize::MAX);
+        config.max_connections_per_ip =
+            usize::try_from(args.max_connections_per_ip).unwrap_or(usize::MAX);
+        config.max_dashboards_per_token =
+            usize::try_from(args.max_dashboards_per_token).unwrap_or(usize::MAX);
+        // An empty entry (`EMS_TRUSTED_PROXIES=` in an environment file)
+        // trusts nobody.
+        config.trusted_proxies = args
+            .trusted_proxies
+            .iter()
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| {
+                p.trim()
+                    .parse()
+                    .map_err(|_| ArgError::TrustedProxy(p.clone()))
+            })
+            .collect::<Result<_, _>>()?;
+        config.auth_grace = Duration::from_secs(args.auth_grace_s);
+        config.metrics_listen = args
+            .metrics_listen
+            .map(|a| a.parse().map_err(|_| ArgError::MetricsListen(a.clone())))
+            .transpose()?;
+        // A hub run from the command line tells systemd how it is doing
+        // (nothing is sent without a NOTIFY_SOCKET).
+        config.sd_notify = true;
         Ok(Serve { listen, config })
     }
 }
@@ -422,6 +491,68 @@ mod tests {
             (t.max_replacements, t.window, t.cooldown),
             (d.max_replacements, d.window, d.cooldown)
         );
+        assert_eq!(got.max_connections, want.max_connections);
+        assert_eq!(got.max_connections_per_ip, want.max_connections_per_ip);
+        assert_eq!(got.max_dashboards_per_token, want.max_dashboards_per_token);
+        assert_eq!(got.auth_grace, want.auth_grace);
+        assert!(got.trusted_proxies.is_empty() && got.metrics_listen.is_none());
+        assert!(got.sd_notify, "the binary notifies systemd");
+    }
+
+    #[test]
+    fn limits_proxies_and_the_metrics_listener_reach_the_config() {
+        let s = serve(&[
+            "--max-connections",
+            "10",
+            "--max-connections-per-ip",
+            "3",
+            "--max-dashboards-per-token",
+            "2",
+            "--trusted-proxy",
+            "127.0.0.1,::1",
+            "--trusted-proxy",
+            "10.0.0.5",
+            "--auth-grace-s",
+            "5",
+            "--metrics-listen",
+            "127.0.0.1:9090",
+        ])
+        .unwrap();
+        let c = s.config;
+        assert_eq!(
+            (
+                c.max_connections,
+                c.max_connections_per_ip,
+                c.max_dashboards_per_token
+            ),
+            (10, 3, 2)
+        );
+        let proxies: Vec<String> = c.trusted_proxies.iter().map(|p| p.to_string()).collect();
+        assert_eq!(proxies, ["127.0.0.1", "::1", "10.0.0.5"]);
+        assert_eq!(c.auth_grace, Duration::from_secs(5));
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9090".parse().unwrap()));
+        assert_eq!(
+            serve(&["--trusted-proxy", "nginx"]).unwrap_err(),
+            ArgError::TrustedProxy("nginx".into())
+        );
+        assert!(serve(&["--trusted-proxy", ""])
+            .unwrap()
+            .config
+            .trusted_proxies
+            .is_empty());
+        assert_eq!(
+            serve(&["--metrics-listen", "9090"]).unwrap_err(),
+            ArgError::MetricsListen("9090".into())
+        );
+        for bad in [
+            &["--max-connections", "0"][..],
+            &["--max-connections-per-ip", "0"],
+            &["--max-dashboards-per-token", "0"],
+            &["--auth-grace-s", "0"],
+        ] {
+            let argv = ["ems-hub", "serve"].iter().chain(bad);
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

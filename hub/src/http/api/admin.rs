@@ -1,7 +1,8 @@
 //! The admin endpoints (`emsa_` token, `ems-hub admin add NAME`): devices
-//! with their live state, provisioning, rotation and revocation of device
-//! and viewer tokens. A rotated or revoked device's live socket is kicked
-//! at once (4001) rather than at the next revocation poll; a revoked
+//! with their live state, provisioning, rotation and revocation of device,
+//! viewer and admin tokens. A rotated or revoked device's live socket is
+//! kicked at once (4001) rather than at the next revocation poll, and
+//! every change reaches the tokens in memory before the answer; a revoked
 //! device is removed from Home Assistant (MQTT bridge) at once too.
 
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::viewer::states;
-use super::{body, check_admin, device_id, name, new_token, store, Answer, ApiError};
+use super::{body, changed, check_admin, device_id, name, new_token, store, Answer, ApiError};
 use crate::auth::token::{self, TokenKind};
 use crate::fanout::registry::Kick;
 use crate::state::Shared;
@@ -41,6 +42,7 @@ pub(super) async fn add_device(req: Request<Incoming>, shared: &Arc<Shared>) -> 
     let hash = token::hash(&t);
     let (id2, now) = (id.clone(), crate::store::now_ms());
     store(shared, move |s| s.add_device(&id2, &hash, now)).await?;
+    changed(shared).await;
     log::info!("api: device {id} created");
     Ok((StatusCode::CREATED, device_token_body(&id, &t)))
 }
@@ -53,6 +55,7 @@ pub(super) async fn rotate_device<B>(req: &Request<B>, shared: &Arc<Shared>, id:
     let hash = token::hash(&t);
     let id2 = id.clone();
     store(shared, move |s| s.rotate_device(&id2, &hash)).await?;
+    changed(shared).await;
     shared.registry.kick(&id, Kick::Revoked);
     log::info!("api: device {id} rotated");
     Ok((StatusCode::OK, device_token_body(&id, &t)))
@@ -64,6 +67,7 @@ pub(super) async fn revoke_device<B>(req: &Request<B>, shared: &Arc<Shared>, id:
     let id = device_id(id)?;
     let (id2, now) = (id.clone(), crate::store::now_ms());
     store(shared, move |s| s.revoke_device(&id2, now)).await?;
+    changed(shared).await;
     shared.registry.kick(&id, Kick::Revoked);
     if let Some(m) = &shared.mqtt {
         m.device_removed(&id);
@@ -106,6 +110,7 @@ pub(super) async fn add_viewer(req: Request<Incoming>, shared: &Arc<Shared>) -> 
     let hash = token::hash(&t);
     let (name2, now) = (name.clone(), crate::store::now_ms());
     store(shared, move |s| s.add_viewer(&name2, &hash, &scope, now)).await?;
+    changed(shared).await;
     log::info!("api: viewer {name} created");
     Ok((StatusCode::CREATED, json!({ "name": name, "token": t })))
 }
@@ -140,7 +145,38 @@ pub(super) async fn revoke_viewer<B>(req: &Request<B>, shared: &Arc<Shared>, n: 
     let name = name(n)?;
     let (name2, now) = (name.clone(), crate::store::now_ms());
     store(shared, move |s| s.revoke_viewer(&name2, now)).await?;
+    changed(shared).await;
     log::info!("api: viewer {name} revoked");
+    Ok((StatusCode::OK, json!({ "name": name, "revoked": true })))
+}
+
+/// `GET /api/admin/admins`: names and times, never tokens.
+pub(super) async fn admins<B>(req: &Request<B>, shared: &Arc<Shared>) -> Answer {
+    check_admin(req, shared).await?;
+    let admins = store(shared, |s| s.list_admins()).await?;
+    let list: Vec<serde_json::Value> = admins
+        .into_iter()
+        .map(|a| {
+            json!({
+                "name": a.name,
+                "created_ms": a.created_ms,
+                "revoked_ms": a.revoked_ms,
+            })
+        })
+        .collect();
+    Ok((StatusCode::OK, json!({ "admins": list })))
+}
+
+/// `POST /api/admin/admins/{name}/revoke`: that admin token stops working
+/// (here at once, on other hubs within a revocation poll); 409 for the
+/// last active admin.
+pub(super) async fn revoke_admin<B>(req: &Request<B>, shared: &Arc<Shared>, n: &str) -> Answer {
+    check_admin(req, shared).await?;
+    let name = name(n)?;
+    let (name2, now) = (name.clone(), crate::store::now_ms());
+    store(shared, move |s| s.revoke_admin(&name2, now)).await?;
+    changed(shared).await;
+    log::info!("api: admin {name} revoked");
     Ok((StatusCode::OK, json!({ "name": name, "revoked": true })))
 }
 

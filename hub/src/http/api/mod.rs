@@ -18,10 +18,20 @@
 //!   with 4001.
 //! - `GET /api/admin/viewers`, `POST /api/admin/viewers`
 //!   `{"name":"…","devices":["…"]}` or `{"name":"…","all_devices":true}`
-//!   → 201 with the token, `POST /api/admin/viewers/{name}/revoke` → 204
+//!   → 201 with the token, `POST /api/admin/viewers/{name}/revoke` → 200
 //!   (its dashboards close with 4001 within `viewer_recheck`).
 //! - `GET /api/admin/quarantine?device_id=&limit=`: quarantined frames,
 //!   newest first (default 100, at most 1000).
+//! - `GET /api/admin/admins`: names and times, never tokens;
+//!   `POST /api/admin/admins/{name}/revoke` → 200, or 409 for the last
+//!   active admin. A revoked admin token is refused at once by this hub and
+//!   within a revocation poll (1 s) by any other hub on the database.
+//!
+//! Tokens are checked against the tokens in memory
+//! ([`crate::auth::cache`]), never with a store query per request. The
+//! viewer endpoints that read many rows (the device list, a history) run
+//! one at a time per viewer token; a few more wait, the rest get 429 with
+//! `Retry-After`.
 //!
 //! Each kind of token works only where it belongs: a device or viewer
 //! token on `/api/admin/` is 403, an admin token on `/api/devices` or on a
@@ -47,8 +57,11 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
 use super::Resp;
+use crate::auth::cache::Answer as Known;
 use crate::auth::handshake::{self, Credentials};
 use crate::auth::token::{self, TokenKind};
+use crate::metrics::Limit;
+use crate::quota::HeavyTurn;
 use crate::state::{CallError, Shared};
 use crate::store::{Store, StoreError, TokenHash, ViewerScope};
 
@@ -84,6 +97,9 @@ pub(crate) enum ApiError {
     /// The store failed: 503.
     #[error("store unavailable")]
     Unavailable,
+    /// This viewer token has heavy queries running and waiting: 429.
+    #[error("another query of this token is running; try again shortly")]
+    TooMany,
 }
 
 impl ApiError {
@@ -96,6 +112,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooMany => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 }
@@ -105,6 +122,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::AlreadyExists(what) => ApiError::Conflict(format!("{what} already exists")),
             StoreError::NotFound(what) => ApiError::NotFound(format!("{what} not found")),
+            StoreError::Conflict(why) => ApiError::Conflict(why),
             other => {
                 log::error!("api: store failed: {other}");
                 ApiError::Unavailable
@@ -132,6 +150,12 @@ fn error_response(e: &ApiError) -> Resp {
         r.headers_mut()
             .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
+    if matches!(e, ApiError::TooMany | ApiError::Unavailable) {
+        r.headers_mut().insert(
+            hyper::header::RETRY_AFTER,
+            HeaderValue::from(super::server::RETRY_AFTER_S),
+        );
+    }
     r
 }
 
@@ -142,6 +166,7 @@ pub(crate) async fn handle(req: Request<Incoming>, peer: SocketAddr, shared: Arc
         Ok((status, body)) => json_response(status, &body),
         Err(e) => {
             if !matches!(e, ApiError::NotFound(_)) {
+                let path = crate::log_text::escape(&path);
                 log::info!("api {path} from {peer}: {} ({})", e.status().as_u16(), e);
             }
             error_response(&e)
@@ -173,12 +198,16 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Answer {
         ["admin", "viewers"] if post => admin::add_viewer(req, shared).await,
         ["admin", "viewers", n, "revoke"] if post => admin::revoke_viewer(&req, shared, n).await,
         ["admin", "quarantine"] if get => quarantine::list(&req, shared).await,
+        ["admin", "admins"] if get => admin::admins(&req, shared).await,
+        ["admin", "admins", n, "revoke"] if post => admin::revoke_admin(&req, shared, n).await,
         ["devices"]
         | ["devices", _, "readings"]
         | ["admin", "devices"]
         | ["admin", "viewers"]
+        | ["admin", "admins"]
         | ["admin", "devices", _, "rotate" | "revoke"]
         | ["admin", "viewers", _, "revoke"]
+        | ["admin", "admins", _, "revoke"]
         | ["admin", "quarantine"] => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound("not found".into())),
     }
@@ -232,20 +261,46 @@ fn token_of<B>(req: &Request<B>, kind: TokenKind) -> Result<TokenHash, ApiError>
     }
 }
 
-/// The scope of the request's viewer token.
-async fn viewer_scope<B>(req: &Request<B>, shared: &Arc<Shared>) -> Result<ViewerScope, ApiError> {
+/// The request's viewer token (hashed) and its scope.
+async fn viewer_scope<B>(
+    req: &Request<B>,
+    shared: &Arc<Shared>,
+) -> Result<(TokenHash, ViewerScope), ApiError> {
     let hash = token_of(req, TokenKind::Viewer)?;
-    store(shared, move |s| s.viewer_scope(&hash))
-        .await?
-        .ok_or(ApiError::Forbidden)
+    match shared.auth.viewer(&hash).await {
+        Known::Yes(scope) => Ok((hash, scope)),
+        Known::No => Err(ApiError::Forbidden),
+        Known::Unavailable => Err(ApiError::Unavailable),
+    }
 }
 
 /// Checks the request's admin token.
 async fn check_admin<B>(req: &Request<B>, shared: &Arc<Shared>) -> Result<(), ApiError> {
     let hash = token_of(req, TokenKind::Admin)?;
-    match store(shared, move |s| s.admin_name(&hash)).await? {
-        Some(_) => Ok(()),
-        None => Err(ApiError::Forbidden),
+    match shared.auth.admin(&hash).await {
+        Known::Yes(_) => Ok(()),
+        Known::No => Err(ApiError::Forbidden),
+        Known::Unavailable => Err(ApiError::Unavailable),
+    }
+}
+
+/// The viewer's turn for a heavy query, or 429 when it has one running
+/// and enough waiting.
+async fn heavy_turn(shared: &Arc<Shared>, viewer: &TokenHash) -> Result<HeavyTurn, ApiError> {
+    match shared.quotas.heavy(viewer, false).await {
+        Some(t) => Ok(t),
+        None => {
+            shared.metrics.hardening.refused(Limit::HeavyQueries);
+            Err(ApiError::TooMany)
+        }
+    }
+}
+
+/// After a change made here: waits until the tokens in memory include it
+/// (one read of the store), so the next request already sees it.
+async fn changed(shared: &Arc<Shared>) {
+    if !shared.auth.refresh_now().await {
+        log::warn!("api: the change is saved; the tokens in memory follow at the next poll");
     }
 }
 

@@ -1,6 +1,9 @@
 //! The viewer endpoints (`emsv_` token, scope enforced exactly as on the
 //! socket): the devices a viewer may watch, with presence, and a device's
-//! stored readings.
+//! stored readings. Both are heavy (their cost grows with the fleet or the
+//! range): one at a time per viewer token, and the device list costs two
+//! store queries (last seen, quarantine counts) whatever the number of
+//! devices.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,7 +13,7 @@ use hyper::{Request, StatusCode};
 use serde::Serialize;
 use serde_json::json;
 
-use super::{device_id, store, viewer_scope, Answer, ApiError};
+use super::{device_id, heavy_turn, store, viewer_scope, Answer, ApiError};
 use crate::auth::handshake;
 use crate::state::Shared;
 use crate::store::ViewerScope;
@@ -21,18 +24,21 @@ const MAX_LIMIT: usize = 10_000;
 
 /// `GET /api/devices`: the devices the viewer may watch, with presence.
 pub(super) async fn devices<B>(req: &Request<B>, shared: &Arc<Shared>) -> Answer {
-    let scope = viewer_scope(req, shared).await?;
+    let (viewer, scope) = viewer_scope(req, shared).await?;
+    let _turn = heavy_turn(shared, &viewer).await?;
     list_for_viewer(shared, scope).await
 }
 
 /// `GET /api/devices/{id}/readings?from_ms=&to_ms=&limit=`.
 pub(super) async fn readings<B>(req: &Request<B>, shared: &Arc<Shared>, id: &str) -> Answer {
     let id = device_id(id)?;
-    let scope = viewer_scope(req, shared).await?;
+    let (viewer, scope) = viewer_scope(req, shared).await?;
     if !scope.allows(&id) {
         return Err(ApiError::Forbidden);
     }
-    history(shared, id, req.uri().query().unwrap_or("")).await
+    let query = parse_range(req.uri().query().unwrap_or(""), crate::store::now_ms())?;
+    let _turn = heavy_turn(shared, &viewer).await?;
+    history(shared, id, query).await
 }
 
 /// One device as the API lists it.
@@ -62,20 +68,17 @@ pub(super) struct DeviceState {
 }
 
 /// Live state of the given devices (presence from the registry, last seen
-/// from the registry and the store, outbox and loss counters from the
-/// edge's status, quarantine counts from the store in one query).
+/// from the registry and the store — one query for all of them —, outbox
+/// and loss counters from the edge's status, quarantine counts from the
+/// store in one query).
 pub(super) async fn states(
     shared: &Arc<Shared>,
     ids: Vec<String>,
 ) -> Result<Vec<DeviceState>, ApiError> {
-    let ids2 = ids.clone();
-    let (stored, quarantined) = store(shared, move |s| {
-        let seen = ids2
-            .iter()
-            .map(|id| s.last_seen(id))
-            .collect::<Result<Vec<_>, _>>()?;
+    let (ids, stored, quarantined) = store(shared, move |s| {
+        let seen = s.last_seen_many(&ids)?;
         let counts: HashMap<String, u64> = s.quarantine_counts()?.into_iter().collect();
-        Ok((seen, counts))
+        Ok((ids, seen, counts))
     })
     .await?;
     let now = crate::store::now_ms();
@@ -112,12 +115,9 @@ pub(super) async fn states(
 }
 
 async fn list_for_viewer(shared: &Arc<Shared>, scope: ViewerScope) -> Answer {
-    let devices = store(shared, |s| s.list_devices()).await?;
-    let ids: Vec<String> = devices
-        .into_iter()
-        .filter(|d| d.revoked_ms.is_none() && scope.allows(&d.device_id))
-        .map(|d| d.device_id)
-        .collect();
+    // The unrevoked devices are in memory with the tokens.
+    let devices = shared.auth.active_devices().ok_or(ApiError::Unavailable)?;
+    let ids: Vec<String> = devices.into_iter().filter(|d| scope.allows(d)).collect();
     let list = states(shared, ids).await?;
     Ok((StatusCode::OK, json!({ "devices": list })))
 }
@@ -168,8 +168,7 @@ pub(crate) fn parse_range(query: &str, now_ms: i64) -> Result<RangeQuery, ApiErr
     Ok(q)
 }
 
-async fn history(shared: &Arc<Shared>, id: String, query: &str) -> Answer {
-    let q = parse_range(query, crate::store::now_ms())?;
+async fn history(shared: &Arc<Shared>, id: String, q: RangeQuery) -> Answer {
     let id2 = id.clone();
     let mut rows = store(shared, move |s| {
         s.history(&id2, q.from_ms, q.to_ms, q.limit.saturating_add(1), false)

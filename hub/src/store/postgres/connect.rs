@@ -31,10 +31,7 @@ impl Target {
             url: redacted.clone(),
             reason,
         };
-        let (base, params) = match url.split_once('?') {
-            Some((b, q)) => (b, q),
-            None => (url, ""),
-        };
+        let (base, params) = split_query(url);
         let mut sslmode = None;
         let mut rootcert = None;
         let mut rest = Vec::new();
@@ -54,8 +51,12 @@ impl Target {
         } else {
             format!("{base}?{}", rest.join("&"))
         };
-        let mut config = postgres::Config::from_str(&cleaned)
-            .map_err(|e| fail(format!("invalid connection URL: {e}")))?;
+        let mut config = postgres::Config::from_str(&cleaned).map_err(|e| {
+            fail(format!(
+                "invalid connection URL: {}",
+                scrub(&e.to_string(), url)
+            ))
+        })?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(opts.connect_timeout);
         }
@@ -166,42 +167,136 @@ fn percent_decode(s: &str) -> String {
 /// `url` with any password replaced by `***`, safe to log. Handles
 /// `postgres://user:PASSWORD@host/db`, a `password=` query parameter and
 /// key/value connection strings (`host=h password=PASSWORD`).
+///
+/// A password may hold characters that a URL parser would take for
+/// delimiters (`@`, `/`, `?`, `#`, `%`, `&`), typed without
+/// percent-encoding: the user information ends at the *last* `@` (a host
+/// never holds one), the query starts at the first `?` after it, and a
+/// password parameter's value runs to the next `&`. When in doubt, more is
+/// hidden, never less.
 pub fn redact(url: &str) -> String {
-    if let Some(scheme_end) = url.find("://") {
-        let (scheme, rest) = url.split_at(scheme_end + 3);
-        let (main, query) = match rest.find('?') {
-            Some(q) => (&rest[..q], Some(&rest[q + 1..])),
-            None => (rest, None),
-        };
-        let mut out = String::from(scheme);
-        match main.rfind('@') {
-            Some(at) => {
-                let userinfo = &main[..at];
-                match userinfo.find(':') {
-                    Some(colon) => {
-                        out.push_str(&userinfo[..colon]);
-                        out.push_str(":***");
-                    }
-                    None => out.push_str(userinfo),
-                }
-                out.push_str(&main[at..]);
+    let Some(scheme_end) = url.find("://") else {
+        return redact_conninfo(url);
+    };
+    let (scheme, rest) = url.split_at(scheme_end + 3);
+    let mut out = String::from(scheme);
+    let after = match userinfo(rest) {
+        Some((user, had_password, after)) => {
+            out.push_str(user);
+            if had_password {
+                out.push_str(":***");
             }
-            None => out.push_str(main),
+            out.push('@');
+            after
         }
-        if let Some(query) = query {
-            out.push('?');
-            let parts: Vec<String> = query
-                .split('&')
-                .map(|kv| match kv.split_once('=') {
-                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-                    _ => kv.to_string(),
-                })
-                .collect();
-            out.push_str(&parts.join("&"));
-        }
-        return out;
+        None => rest,
+    };
+    let (main, query) = match after.find('?') {
+        Some(q) => (&after[..q], Some(&after[q + 1..])),
+        None => (after, None),
+    };
+    out.push_str(main);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(&redact_query(query));
     }
-    redact_conninfo(url)
+    out
+}
+
+/// The user name of a URL's user information, whether a password
+/// followed it, and the text after the `@` (`rest` is the URL after
+/// `scheme://`). `None` when there is no user information, or when the
+/// text before the last `@` is no user name (then the `@` belongs to a
+/// query value).
+fn userinfo(rest: &str) -> Option<(&str, bool, &str)> {
+    let at = rest.rfind('@')?;
+    let info = &rest[..at];
+    // `host/db?password=a@b`: the `@` is in a password parameter's value.
+    if let Some(q) = info.find('?') {
+        let in_query = info[q + 1..]
+            .split('&')
+            .any(|kv| kv.split_once('=').is_some_and(|(k, _)| is_password_key(k)));
+        if in_query {
+            return None;
+        }
+    }
+    let (user, had_password) = match info.find(':') {
+        Some(c) => (&info[..c], true),
+        None => (info, false),
+    };
+    let clean = !user.contains(['/', '?', '#', '&', '=', '@']);
+    clean.then_some((user, had_password, &rest[at + 1..]))
+}
+
+/// A URL's query with every password parameter's value hidden; a piece
+/// without `=` after a password (a value that held an `&`) is hidden too.
+fn redact_query(query: &str) -> String {
+    let mut after_password = false;
+    query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if is_password_key(k) => {
+                after_password = true;
+                format!("{k}=***")
+            }
+            None if after_password => "***".to_string(),
+            _ => kv.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn is_password_key(k: &str) -> bool {
+    k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword")
+}
+
+/// A URL split into the part before its query and the query (empty when
+/// there is none), the query starting at the first `?` after the user
+/// information. A key/value connection string has no query.
+fn split_query(url: &str) -> (&str, &str) {
+    let Some(scheme_end) = url.find("://") else {
+        return (url, "");
+    };
+    let start = scheme_end + 3;
+    let host_start = match userinfo(&url[start..]) {
+        Some((_, _, after)) => url.len() - after.len(),
+        None => start,
+    };
+    match url[host_start..].find('?') {
+        Some(q) => (&url[..host_start + q], &url[host_start + q + 1..]),
+        None => (url, ""),
+    }
+}
+
+/// `text` (an error message about `url`) with the URL's password, as the
+/// rules of [`redact`] find it, replaced by `***`.
+fn scrub(text: &str, url: &str) -> String {
+    let mut secrets: Vec<&str> = Vec::new();
+    if let Some(start) = url.find("://").map(|i| i + 3) {
+        let rest = &url[start..];
+        if let (Some(at), Some((_, true, _))) = (rest.rfind('@'), userinfo(rest)) {
+            if let Some(c) = rest[..at].find(':') {
+                secrets.push(&rest[c + 1..at]);
+            }
+        }
+        let (_, query) = split_query(url);
+        let mut in_password = false;
+        for kv in query.split('&') {
+            match kv.split_once('=') {
+                Some((k, v)) if is_password_key(k) => {
+                    in_password = true;
+                    secrets.push(v);
+                }
+                None if in_password => secrets.push(kv),
+                _ => {}
+            }
+        }
+    }
+    let mut out = text.to_string();
+    for s in secrets.into_iter().filter(|s| !s.is_empty()) {
+        out = out.replace(s, "***");
+    }
+    out
 }
 
 /// Redacts `password=…` in a libpq key/value string, including quoted
@@ -285,6 +380,37 @@ mod tests {
             ),
             ("host=h PASSWORD=x", "host=h password=***"),
             ("host=h passwordless=1", "host=h passwordless=1"),
+            // Characters a URL parser trips over, typed unencoded.
+            ("postgres://u:s3cret?x@h/db", "postgres://u:***@h/db"),
+            (
+                "postgres://u:s3cret@x@h/db?a=1",
+                "postgres://u:***@h/db?a=1",
+            ),
+            ("postgres://u:s3cret#x@h:5/db", "postgres://u:***@h:5/db"),
+            ("postgres://u:s3cret/x@h/db", "postgres://u:***@h/db"),
+            ("postgres://u:s3c%25ret@h/db", "postgres://u:***@h/db"),
+            (
+                "postgres://u:a?b@c#d%25e/f@h/db?x=1",
+                "postgres://u:***@h/db?x=1",
+            ),
+            (
+                "postgres://h/db?user=u&password=s3cret?x@y#z/w&sslmode=require",
+                "postgres://h/db?user=u&password=***&sslmode=require",
+            ),
+            // A port looks like `user:password` before that `@`.
+            (
+                "postgres://h:5432/db?user=u&password=s3cret?x@y#z/w&sslmode=require",
+                "postgres://h:5432/db?user=u&password=***&sslmode=require",
+            ),
+            (
+                "postgres://h/db?password=s3cret&x&sslmode=require",
+                "postgres://h/db?password=***&***&sslmode=require",
+            ),
+            // An `@` in a query value: more is hidden, never less.
+            (
+                "postgres://u:s3cret@h/db?application_name=a@b",
+                "postgres://u:***@b",
+            ),
         ];
         for (input, want) in cases {
             let got = redact(input);
@@ -319,6 +445,24 @@ mod tests {
             t.config.get_connect_timeout(),
             Some(&Duration::from_secs(10))
         );
+    }
+
+    #[test]
+    fn the_query_starts_after_the_user_information() {
+        assert_eq!(
+            split_query("postgres://u:p?w@h/db?sslmode=require"),
+            ("postgres://u:p?w@h/db", "sslmode=require")
+        );
+        assert_eq!(split_query("postgres://h/db"), ("postgres://h/db", ""));
+        assert_eq!(
+            split_query("host=h password='a?b'"),
+            ("host=h password='a?b'", "")
+        );
+        let scrubbed = scrub(
+            "bad value s3c?ret and x&y",
+            "postgres://u:s3c?ret@h/db?password=x&y",
+        );
+        assert_eq!(scrubbed, "bad value *** and ***&***");
     }
 
     #[test]

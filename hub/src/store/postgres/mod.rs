@@ -38,10 +38,12 @@
 
 mod connect;
 mod insert;
+mod lookups;
 mod options;
 mod queries;
 mod schema;
 mod time;
+mod tokens;
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
@@ -122,8 +124,13 @@ impl PgStore {
             url: redacted.clone(),
             reason,
         };
+        // Not reaching the server is worth retrying (it may be starting);
+        // anything after that (the schema, the extension) is not.
         let mut client = target.connect().map_err(|e| match e {
-            StoreError::Db(m) => fail(m),
+            StoreError::Db(reason) => StoreError::Unreachable {
+                url: redacted.clone(),
+                reason,
+            },
             other => other,
         })?;
         let mode = migrate(&mut client, opts).map_err(fail)?;

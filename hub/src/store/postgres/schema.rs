@@ -10,7 +10,11 @@ use super::{pg_message, PgMode, PgOptions, TimescaleMode};
 /// the previous version to its own. Append only — a released step is never
 /// edited, so every database reaches the same schema whatever version it
 /// started from. TimescaleDB mode is applied after the last step.
-const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_QUARANTINE)];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, SCHEMA_V1),
+    (2, SCHEMA_QUARANTINE),
+    (3, SCHEMA_TOKEN_CHANGES),
+];
 
 /// Schema version this code writes and expects: the last migration's.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -83,6 +87,40 @@ CREATE TABLE quarantine (
 CREATE UNIQUE INDEX quarantine_dedup ON quarantine (device_id, epoch, seq);
 CREATE INDEX quarantine_received ON quarantine (received_at DESC);
 CREATE INDEX quarantine_device_received ON quarantine (device_id, received_at DESC);
+";
+
+/// The token change counter: one row that statement triggers bump, inside
+/// the changing transaction, on every change to a device's id, token or
+/// revocation, to a viewer, a viewer's scope, or an admin. The hub reads
+/// this one integer per revocation poll and reloads its tokens only when
+/// it moved (`TokenStore`). A row (not a sequence): a sequence moves
+/// before the change commits, so a poll could read the new number with
+/// the old tokens and never look again.
+const SCHEMA_TOKEN_CHANGES: &str = "
+CREATE TABLE token_changes (
+    id integer PRIMARY KEY CHECK (id = 1),
+    n  bigint NOT NULL
+);
+INSERT INTO token_changes (id, n) VALUES (1, 0);
+CREATE FUNCTION ems_token_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE token_changes SET n = n + 1 WHERE id = 1;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER devices_changes
+    AFTER INSERT OR DELETE OR TRUNCATE OR UPDATE OF device_id, token_hash, revoked_ms
+    ON devices FOR EACH STATEMENT EXECUTE FUNCTION ems_token_changed();
+CREATE TRIGGER viewers_changes
+    AFTER INSERT OR DELETE OR TRUNCATE
+          OR UPDATE OF viewer_id, name, token_hash, all_devices, revoked_ms
+    ON viewers FOR EACH STATEMENT EXECUTE FUNCTION ems_token_changed();
+CREATE TRIGGER viewer_devices_changes
+    AFTER INSERT OR DELETE OR TRUNCATE OR UPDATE
+    ON viewer_devices FOR EACH STATEMENT EXECUTE FUNCTION ems_token_changed();
+CREATE TRIGGER admins_changes
+    AFTER INSERT OR DELETE OR TRUNCATE OR UPDATE OF name, token_hash, revoked_ms
+    ON admins FOR EACH STATEMENT EXECUTE FUNCTION ems_token_changed();
 ";
 
 /// The session-local staging table for binary COPY. Emptied at every

@@ -10,7 +10,9 @@
 //! 32-byte `BLOB`s.
 
 mod insert;
+mod lookups;
 mod queries;
+mod tokens;
 
 use std::path::Path;
 use std::time::Duration;
@@ -23,7 +25,11 @@ use super::StoreError;
 /// the previous version to its own. Append only — a released step is never
 /// edited, so every database reaches the same schema whatever version it
 /// started from.
-const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_QUARANTINE)];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, SCHEMA_V1),
+    (2, SCHEMA_QUARANTINE),
+    (3, SCHEMA_TOKEN_CHANGES),
+];
 
 /// Schema version this code writes and expects: the last migration's.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -96,6 +102,44 @@ CREATE TABLE quarantine (
 );
 CREATE INDEX quarantine_received ON quarantine (received_at);
 CREATE INDEX quarantine_device_received ON quarantine (device_id, received_at);
+";
+
+/// The token change counter: one row that triggers bump, inside the
+/// changing transaction, on every change to a device's id, token or
+/// revocation, to a viewer, a viewer's scope, or an admin. The hub reads
+/// this one integer per revocation poll and reloads its tokens only when
+/// it moved (`TokenStore`).
+const SCHEMA_TOKEN_CHANGES: &str = "
+CREATE TABLE token_changes (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    n  INTEGER NOT NULL
+);
+INSERT INTO token_changes (id, n) VALUES (1, 0);
+CREATE TRIGGER devices_insert_changes AFTER INSERT ON devices
+BEGIN UPDATE token_changes SET n = n + 1 WHERE id = 1; END;
+CREATE TRIGGER devices_update_changes AFTER UPDATE OF device_id, token_hash, revoked_ms ON devices
+BEGIN UPDATE token_changes SET n = n + 1 WHERE id = 1; END;
+CREATE TRIGGER devices_delete_changes AFTER DELETE ON devices
+BEGIN UPDATE token_changes SET n = n + 1 WHERE id = 1; END;
+CREATE TRIGGER viewers_insert_changes AFTER INSERT ON viewers
+BEGIN UPDATE token_changes SET n = n + 1 WHERE id = 1; END;
+CREATE TRIGGER viewers_update_changes
+AFTER UPDATE OF viewer_id, name, token_hash, all_devices, revoked_ms ON viewers
+BEGIN UPDATE token_changes SET n = n + 1 WHERE id = 1; END;
+CREATE TRIGGER viewers_delete_changes AFTER DELETE ON viewers
+BEGIN UPDATE token_changes SET n = n + 1 WHERE id = 1; END;
+CREATE TRIGGER viewer_devices_insert_changes AFTER INSERT ON viewer_devices
+BEGIN UPDATE token_changes SET n = n + 1 WHERE id = 1; END;
+CREATE TRIGGER viewer_devices_update_changes AFTER UPDATE ON viewer_devices
+BEGIN UPDATE token_changes SET n = n + 1 WHERE id = 1; END;
+CREATE TRIGGER viewer_devices_delete_changes AFTER DELETE ON viewer_devices
+BEGIN UPDATE token_changes SET n = n + 1 WHERE id = 1; END;
+CREATE TRIGGER admins_insert_changes AFTER INSERT ON admins
+BEGIN UPDATE token_changes SET n = n + 1 WHERE id = 1; END;
+CREATE TRIGGER admins_update_changes AFTER UPDATE OF name, token_hash, revoked_ms ON admins
+BEGIN UPDATE token_changes SET n = n + 1 WHERE id = 1; END;
+CREATE TRIGGER admins_delete_changes AFTER DELETE ON admins
+BEGIN UPDATE token_changes SET n = n + 1 WHERE id = 1; END;
 ";
 
 /// A SQLite database handle.
@@ -372,6 +416,33 @@ mod tests {
         );
         use crate::store::QuarantineStore;
         assert!(s.quarantined(None, 10).unwrap().is_empty());
+    }
+
+    /// The same upgrade gains the token change counter (migration 3): the
+    /// old devices are in the snapshot and a new one moves the counter.
+    #[test]
+    fn a_version_1_database_is_upgraded_in_place() {
+        use crate::store::{AdminStore, TokenStore};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        // A database exactly as version 1 of this code left it.
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(SCHEMA_V1).unwrap();
+        c.execute_batch(
+            "CREATE TABLE schema_version (version INTEGER NOT NULL);
+             INSERT INTO schema_version VALUES (1);
+             INSERT INTO devices (device_id, token_hash, created_ms) VALUES ('old', x'00', 1);",
+        )
+        .unwrap();
+        drop(c);
+        let mut s = SqliteStore::open(path.to_str().unwrap()).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        let n0 = s.token_changes().unwrap();
+        let snap = s.auth_snapshot().unwrap();
+        assert_eq!(snap.changes, n0);
+        assert!(snap.devices.iter().any(|(id, _)| id == "old"));
+        s.add_device("new", &[1; 32], 2).unwrap();
+        assert!(s.token_changes().unwrap() > n0);
     }
 
     #[test]

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# The hub on PostgreSQL under load: S1 (10,000 devices x 1 Hz) with the hub's
+# CPU per reading, ack latency and PostgreSQL's own CPU; the all-devices
+# viewer listing 10,000 devices during S1; 2,000 forged-token handshakes/s
+# for 30 s while 2,000 real devices reconnect. A private PostgreSQL 15
+# cluster (fsync on, default settings) is created and removed.
+# Usage: bench/scripts/pg-hardening.sh OUTDIR   (as root; BIN=target/release)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${1:?usage: pg-hardening.sh OUTDIR}
+BIN=${BIN:-target/release}
+PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+HUB_CPU=${HUB_CPU:-0}
+GEN_CPU=${GEN_CPU:-1}
+HPORT=${HPORT:-18080}
+PGPORT=${PGPORT:-15432}
+DEVICES=${DEVICES:-10000}
+mkdir -p "$OUT"
+WORK=$(mktemp -d /tmp/ems-pgbench.XXXXXX)
+chown postgres: "$WORK"
+hub_pid=""
+cleanup() {
+  [[ -n "$hub_pid" ]] && kill "$hub_pid" 2>/dev/null || true
+  runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+log() { echo "[$(date -u +%H:%M:%S)] load: $(cut -d' ' -f1-3 /proc/loadavg) :: $*" | tee -a "$OUT/summary.txt"; }
+wait_port() { for _ in $(seq 400); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+
+# CPU seconds (utime+stime) of every process of the PostgreSQL cluster.
+pg_cpu() {
+  python3 - "$WORK/data/postmaster.pid" <<'PY'
+import os, sys
+tck = os.sysconf("SC_CLK_TCK")
+root = open(sys.argv[1]).readline().strip()
+total = 0
+for p in os.listdir("/proc"):
+    if not p.isdigit():
+        continue
+    try:
+        st = open(f"/proc/{p}/stat").read()
+    except OSError:
+        continue
+    f = st[st.rindex(')') + 2:].split()
+    if p == root or f[1] == root:
+        total += int(f[11]) + int(f[12])
+print(f"{total / tck:.2f}")
+PY
+}
+
+runuser -u postgres -- "$PGBIN/initdb" -D "$WORK/data" -U postgres --auth=trust -E UTF8 >/dev/null
+cat >>"$WORK/data/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$WORK'
+port = $PGPORT
+fsync = on
+max_connections = 100
+CONF
+runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w start >/dev/null
+DB="postgres://postgres@127.0.0.1:$PGPORT/postgres"
+log "PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}') on port $PGPORT (fsync on)"
+t0=$(date +%s.%N)
+"$BIN/ems-bench" provision --database "$DB" --count "$DEVICES" --out "$WORK/tokens.txt" | tee -a "$OUT/summary.txt"
+log "provisioned $DEVICES devices in $(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')") s"
+VIEWER=$(awk '$1 == "@viewer" {print $2}' "$WORK/tokens.txt")
+
+start_hub() {
+  (ulimit -n 20000; exec taskset -c "$HUB_CPU" "$BIN/ems-hub" serve --listen "127.0.0.1:$HPORT" --database "$DB" \
+     --log-level error --max-connections-per-ip 1000000 --max-dashboards-per-token 100000) >>"$OUT/hub.log" 2>&1 &
+  hub_pid=$!
+  wait_port "$HPORT"
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$HPORT/readyz" >/dev/null && return 0; sleep 0.1; done
+  return 1
+}
+stop_hub() { kill -TERM "$hub_pid"; wait "$hub_pid" || true; hub_pid=""; }
+
+gen() { # NAME ARGS...
+  local name=$1; shift
+  log "$name: ems-bench run $*"
+  taskset -c "$GEN_CPU" "$BIN/ems-bench" run --label "$name" --target "ws://127.0.0.1:$HPORT" --tokens "$WORK/tokens.txt" \
+    --server-pid "$hub_pid" --source-ips 4 "$@" >"$OUT/$name.txt" 2>&1 || true
+  grep -E '^(connect|server|sent|errors|latency|verdict)' "$OUT/$name.txt" | sed 's/^/    /' | tee -a "$OUT/summary.txt"
+}
+
+# /api/devices as the all-devices viewer, N times; prints each time in ms.
+listing() { # N PAUSE_S
+  for _ in $(seq "$1"); do
+    curl -s -o "$WORK/list.json" -w '%{time_total}\n' -H "Authorization: Bearer $VIEWER" \
+      "http://127.0.0.1:$HPORT/api/devices"
+    sleep "$2"
+  done | python3 -c '
+import sys
+t = sorted(float(x) * 1000 for x in sys.stdin)
+n = len(t)
+print(f"    listing {n} times: min {t[0]:.1f} ms, p50 {t[n // 2]:.1f} ms, p90 {t[int(n * 0.9)]:.1f} ms, max {t[-1]:.1f} ms")
+' | tee -a "$OUT/summary.txt"
+  python3 -c 'import json,sys; print("    devices in the last answer:", len(json.load(open(sys.argv[1]))["devices"]))' "$WORK/list.json" \
+    | tee -a "$OUT/summary.txt"
+}
+
+start_hub
+log "idle hub: all-devices listing"
+listing 20 0.2
+
+pg0=$(pg_cpu)
+gen s1-pg --devices "$DEVICES" --rate 1 --duration 30 --drain 20
+pg1=$(pg_cpu)
+log "s1-pg: PostgreSQL CPU $(python3 -c "print(f'{$pg1 - $pg0:.2f}')") s over the run (incl. connect phase), $(python3 -c "print(f'{($pg1 - $pg0) / ($DEVICES * 30) * 1e6:.1f}')") us per reading sent"
+
+log "s1-pg again with the all-devices listing every 0.5 s from the 10th second"
+( sleep 12; listing 30 0.5 ) &
+lister=$!
+gen s1-pg-listing --devices "$DEVICES" --rate 1 --duration 30 --drain 20
+wait "$lister" || true
+stop_hub
+
+start_hub
+log "forged: 2,000 forged-token handshakes/s for 30 s; real devices reconnect meanwhile"
+taskset -c "$GEN_CPU" "$BIN/ems-bench" forge --target "ws://127.0.0.1:$HPORT" --rate 2000 --duration 30 --ids 2000 \
+  >"$OUT/forged.txt" 2>&1 &
+forger=$!
+sleep 3
+for round in 1 2 3 4 5; do
+  gen "reconnect-$round" --devices 2000 --rate 0 --duration 2 --drain 1
+  sleep 1
+done
+wait "$forger" || true
+sed 's/^/    /' "$OUT/forged.txt" | tee -a "$OUT/summary.txt"
+log "without the flood"
+gen reconnect-quiet --devices 2000 --rate 0 --duration 2 --drain 1
+stop_hub
+log done
