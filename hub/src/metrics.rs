@@ -192,6 +192,8 @@ pub struct Metrics {
     pub store_writer_ok: AtomicI64,
     /// 1 while the last store poll (revocation check) succeeded.
     pub store_poll_ok: AtomicI64,
+    /// Stored readings by plausibility flag (the writer's store bumps it).
+    pub reading_flags: std::sync::Arc<FlagCounts>,
 }
 
 impl Default for Metrics {
@@ -229,6 +231,7 @@ impl Metrics {
             commit_failures: AtomicU64::new(0),
             store_writer_ok: AtomicI64::new(1),
             store_poll_ok: AtomicI64::new(1),
+            reading_flags: Default::default(),
         }
     }
 
@@ -530,12 +533,48 @@ impl Metrics {
             "ems_edge_behind_seconds_max {}",
             edge.max_behind_ms as f64 / 1000.0
         );
+        self.reading_flags.render(&mut o);
         o
     }
 
     fn ready_store(&self) -> bool {
         self.store_writer_ok.load(Ordering::Relaxed) == 1
             && self.store_poll_ok.load(Ordering::Relaxed) == 1
+    }
+}
+
+/// Stored readings by plausibility flag (`ems_reading_flags_total`): one
+/// counter per bit of [`crate::energy::flags::ALL`], bumped once per
+/// stored reading that has the bit (a resent duplicate is not stored and
+/// not counted). A reading with two flags counts under both.
+#[derive(Debug, Default)]
+pub struct FlagCounts([AtomicU64; 4]);
+
+impl FlagCounts {
+    /// Adds the counts of one commit (in [`crate::energy::flags::ALL`]
+    /// order).
+    pub fn add(&self, counts: &[u64; 4]) {
+        for (c, n) in self.0.iter().zip(counts) {
+            if *n > 0 {
+                c.fetch_add(*n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The count of each flag, in [`crate::energy::flags::ALL`] order.
+    pub fn get(&self) -> [u64; 4] {
+        std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed))
+    }
+
+    fn render(&self, o: &mut String) {
+        let _ = writeln!(
+            o,
+            "# HELP ems_reading_flags_total Stored readings by plausibility flag.\n\
+             # TYPE ems_reading_flags_total counter"
+        );
+        for ((_, name), n) in crate::energy::flags::ALL.iter().zip(self.get()) {
+            let _ = writeln!(o, "ems_reading_flags_total{{flag=\"{name}\"}} {n}");
+        }
     }
 }
 
@@ -577,6 +616,11 @@ mod tests {
         assert!(text.contains("ems_store_batch_rows_bucket{le=\"+Inf\"} 1"));
         assert!(text.contains("ems_store_batch_rows_bucket{le=\"2\"} 0"));
         assert!(text.contains("ems_store_commit_seconds_count 1"));
+        m.reading_flags.add(&[0, 2, 0, 1]);
+        let text = m.render(&EdgeSummary::default());
+        assert!(text.contains("ems_reading_flags_total{flag=\"frequency_range\"} 2"));
+        assert!(text.contains("ems_reading_flags_total{flag=\"counter_reset\"} 1"));
+        assert!(text.contains("ems_reading_flags_total{flag=\"power_mismatch\"} 0"));
         // Every sample line is `name{labels} value` with a numeric value.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let v = line.rsplit(' ').next().unwrap();

@@ -6,6 +6,8 @@
 //! a backend cannot silently skip one.
 
 mod common;
+#[path = "store_contract/energy_cases.rs"]
+mod energy_cases;
 
 use std::sync::Arc;
 
@@ -44,6 +46,7 @@ pub fn row(device: &str, epoch: u64, seq: u64, ts_ms: i64) -> Row {
 
 pub mod contract {
     use super::*;
+    pub use crate::energy_cases::*;
     use ems_hub::admin::Admin;
     use ems_hub::auth::token;
     use ems_hub::store::{StoreError, ViewerScope};
@@ -466,6 +469,11 @@ macro_rules! backend_suite {
                 viewers_are_listed,
                 data_survives_reopen,
                 database_never_holds_a_plaintext_token,
+                flags_are_stored_counted_and_listed,
+                energy_equals_brute_force_with_late_and_resent_readings,
+                energy_local_days_dst_and_odd_offsets,
+                energy_before_1972_is_answered_from_raw_rows,
+                export_pages_in_key_order,
             );
         }
     };
@@ -576,6 +584,7 @@ mod postgres_only {
             ("frequency_hz", "double precision"),
             ("power_factor", "double precision"),
             ("reactive_power_var", "double precision"),
+            ("flags", "integer"),
         ];
         let got: Vec<(&str, &str)> = types
             .iter()
@@ -596,7 +605,7 @@ mod postgres_only {
             .query_one("SELECT max(version) FROM schema_version", &[])
             .unwrap()
             .get(0);
-        assert_eq!(v, 1);
+        assert_eq!(v, ems_hub::store::postgres::SCHEMA_VERSION);
         // The docs' Grafana query runs on the contract table.
         let rows = c.query(GRAFANA_QUERY, &[]).unwrap();
         assert_eq!(rows.len(), 1);

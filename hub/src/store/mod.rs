@@ -4,7 +4,8 @@
 //! by who needs them: [`ReadingSink`] (the writer's batched inserts),
 //! [`AuthStore`] (token look-ups), [`AdminStore`] (provisioning) and
 //! [`HistoryStore`] (reading back). Every backend implements all four,
-//! which makes it a [`Store`]. The hub opens two: one for the background
+//! which makes it a [`Store`] together with [`energy::EnergyStore`] (the
+//! energy slots the writer keeps, the rollup's and the export's reads). The hub opens two: one for the background
 //! writer thread, one for everything else (used from the blocking pool);
 //! the admin CLI opens one. Backends: `sqlite:PATH` (embedded, default)
 //! and `postgres://…`.
@@ -18,6 +19,7 @@
 //! [`open`] picks the backend from the URL: `sqlite:PATH` ([`sqlite`]) or
 //! `postgres://…` / `postgresql://…` ([`postgres`]).
 
+pub mod energy;
 pub mod postgres;
 pub mod sqlite;
 
@@ -78,6 +80,8 @@ pub struct StoredReading {
     pub reading: Reading,
     /// Hub receive time, Unix ms (`received_at`).
     pub received_at_ms: i64,
+    /// Plausibility flags ([`crate::energy::flags`]).
+    pub flags: u32,
 }
 
 /// A viewer token as the admin panel lists it (never the token itself).
@@ -230,9 +234,12 @@ pub trait HistoryStore: Send {
 
 /// A full database handle: every backend is one. See the module docs for
 /// the contract.
-pub trait Store: ReadingSink + AuthStore + AdminStore + HistoryStore {}
+pub trait Store: ReadingSink + AuthStore + AdminStore + HistoryStore + energy::EnergyStore {}
 
-impl<T: ReadingSink + AuthStore + AdminStore + HistoryStore + ?Sized> Store for T {}
+impl<T: ReadingSink + AuthStore + AdminStore + HistoryStore + energy::EnergyStore + ?Sized> Store
+    for T
+{
+}
 
 /// Opens the store named by `url`: `sqlite:PATH` (also `sqlite://PATH`) or
 /// `postgres://…` / `postgresql://…` (PostgreSQL with default

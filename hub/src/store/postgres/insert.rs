@@ -1,39 +1,58 @@
 //! The write path: a batch as one transaction, by binary `COPY` straight
 //! into `readings`, through the staging table after a conflict, or as
-//! multi-row `INSERT`s (see [`WriteMethod`]).
+//! multi-row `INSERT`s (see [`WriteMethod`]) — with each row's flags and
+//! the energy slots kept in the same transaction
+//! ([`crate::store::energy::write_batch`]).
+//!
+//! Several hubs may write into one database. Each batch therefore reads the
+//! meters' slot state inside its transaction, after taking a transaction
+//! advisory lock per device of the batch (in device id order, so two
+//! batches never wait on each other crosswise), and holds a share lock on
+//! the `energy_limits` row, which a slot rebuild locks for update: a batch
+//! never mixes slots of two limits, and never works from a state another
+//! hub changed after it was read.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::types::{ToSql, Type};
+use postgres::Transaction;
 
+use super::energy::{slot_from, ENERGY_SLOT_BEFORE, SLOT_READINGS};
 use super::time::{PgTime, PG_END_MS, PG_MIN_MS};
 use super::{db, is_unique_violation, Conn, PgStore, WriteMethod};
+use crate::energy::buckets::SLOT_MS;
+use crate::energy::rule::{Limits, MeterReading};
+use crate::energy::slots::Slot;
+use crate::store::energy::{
+    same_limits, write_batch, Committed, MeterKey, MeterState, SlotIo, SlotWrites,
+};
 use crate::store::{ReadingSink, Row, StoreError};
 
 const COLUMNS: &str = "device_id, meter, ts, received_at, epoch, seq, voltage_v, current_a, \
-     power_w, energy_wh, frequency_hz, power_factor, reactive_power_var";
+     power_w, energy_wh, frequency_hz, power_factor, reactive_power_var, flags";
 
 const COPY_STAGE: &str = "COPY readings_stage (device_id, meter, ts, received_at, epoch, seq, \
-     voltage_v, current_a, power_w, energy_wh, frequency_hz, power_factor, reactive_power_var) \
-     FROM STDIN (FORMAT binary)";
+     voltage_v, current_a, power_w, energy_wh, frequency_hz, power_factor, reactive_power_var, \
+     flags) FROM STDIN (FORMAT binary)";
 
 const COPY_READINGS: &str = "COPY readings (device_id, meter, ts, received_at, epoch, seq, \
-     voltage_v, current_a, power_w, energy_wh, frequency_hz, power_factor, reactive_power_var) \
-     FROM STDIN (FORMAT binary)";
+     voltage_v, current_a, power_w, energy_wh, frequency_hz, power_factor, reactive_power_var, \
+     flags) FROM STDIN (FORMAT binary)";
 
 /// Batches merged through the staging table after a conflict, before the
 /// direct path is tried again.
 const STAGED_AFTER_CONFLICT: u32 = 16;
 
 const MERGE_STAGE: &str = "INSERT INTO readings (device_id, meter, ts, received_at, epoch, seq, \
-     voltage_v, current_a, power_w, energy_wh, frequency_hz, power_factor, reactive_power_var) \
+     voltage_v, current_a, power_w, energy_wh, frequency_hz, power_factor, reactive_power_var, \
+     flags) \
      SELECT device_id, meter, ts, received_at, epoch, seq, voltage_v, current_a, power_w, \
-     energy_wh, frequency_hz, power_factor, reactive_power_var FROM readings_stage \
-     ON CONFLICT DO NOTHING";
+     energy_wh, frequency_hz, power_factor, reactive_power_var, flags FROM readings_stage \
+     ON CONFLICT DO NOTHING RETURNING device_id, epoch, seq";
 
 /// Column types of one row, in [`COLUMNS`] order.
-const ROW_TYPES: [Type; 13] = [
+const ROW_TYPES: [Type; 14] = [
     Type::TEXT,
     Type::TEXT,
     Type::TIMESTAMPTZ,
@@ -47,11 +66,59 @@ const ROW_TYPES: [Type; 13] = [
     Type::FLOAT8,
     Type::FLOAT8,
     Type::FLOAT8,
+    Type::INT4,
 ];
 
-/// Rows per multi-row `INSERT` statement (13 parameters each, ≤ 65535).
+/// Parameters per row of the multi-row INSERT.
+const PARAMS_PER_ROW: usize = ROW_TYPES.len();
+
+/// Rows per multi-row `INSERT` statement (14 parameters each, ≤ 65535).
 const INSERT_CHUNK: usize = 2000;
-const _: () = assert!(INSERT_CHUNK * 13 <= 65535);
+const _: () = assert!(INSERT_CHUNK * PARAMS_PER_ROW <= 65535);
+
+/// The advisory lock class of the per-device write locks ("enrg"; the
+/// two-key lock space does not overlap the one-key migration lock).
+const DEVICE_LOCK_CLASS: i32 = 0x656e_7267;
+
+/// The batch's device locks, taken in device id order.
+const LOCK_DEVICES: &str = "SELECT count(pg_advisory_xact_lock($1, hashtext(d))) \
+     FROM (SELECT DISTINCT d FROM unnest($2::text[]) AS d ORDER BY d) AS s";
+
+/// Every meter's latest slot and latest slot with energy, in input order.
+const STATES: &str = "SELECT t.slot_ms, t.data, e.slot_ms, e.data \
+     FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS m(device_id, meter, i) \
+     LEFT JOIN LATERAL (SELECT slot_ms, data FROM energy_slots s \
+       WHERE s.device_id = m.device_id AND s.meter = m.meter \
+       ORDER BY slot_ms DESC LIMIT 1) t ON true \
+     LEFT JOIN LATERAL (SELECT slot_ms, data FROM energy_slots s \
+       WHERE s.device_id = m.device_id AND s.meter = m.meter AND s.has_energy \
+       ORDER BY slot_ms DESC LIMIT 1) e ON true \
+     ORDER BY m.i";
+
+pub(super) const UPSERT_SLOTS: &str =
+    "INSERT INTO energy_slots (device_id, meter, slot_ms, has_energy, data) \
+     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::bool[], $5::bytea[]) \
+     ON CONFLICT (device_id, meter, slot_ms) DO UPDATE \
+     SET has_energy = excluded.has_energy, data = excluded.data";
+
+pub(super) const ADD_METERS: &str = "INSERT INTO energy_meters (device_id, meter) \
+     SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING";
+
+const DELETE_SLOTS: &str = "DELETE FROM energy_slots s \
+     USING unnest($1::text[], $2::text[], $3::int8[]) AS d(device_id, meter, slot_ms) \
+     WHERE s.device_id = d.device_id AND s.meter = d.meter AND s.slot_ms = d.slot_ms";
+
+/// How a batch goes into `readings`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum How {
+    /// Binary COPY into `readings` (fails on an already stored row).
+    Direct,
+    /// Binary COPY into the staging table, then `INSERT … SELECT … ON
+    /// CONFLICT DO NOTHING`.
+    Staged,
+    /// Multi-row `INSERT … ON CONFLICT DO NOTHING`.
+    Values,
+}
 
 /// One row's parameters in owned form, for the multi-row INSERT.
 struct OwnedRow<'a> {
@@ -61,114 +128,298 @@ struct OwnedRow<'a> {
     received_at: PgTime,
     epoch: i64,
     seq: i64,
+    flags: i32,
+}
+
+/// Whether each row is the first of its `(device_id, epoch, seq)` in the
+/// batch (later ones are left out, as with a resend).
+fn first_of_key(rows: &[Row]) -> Vec<bool> {
+    let mut seen = HashSet::with_capacity(rows.len());
+    rows.iter()
+        .map(|r| seen.insert((&*r.device_id, r.reading.epoch, r.reading.seq)))
+        .collect()
+}
+
+/// Streams `rows` with binary COPY into `readings` directly (`direct`) or
+/// into the staging table, inside `tx`, leaving out repeated keys.
+fn copy_rows(
+    tx: &mut Transaction<'_>,
+    rows: &[Row],
+    flags: &[u32],
+    first: &[bool],
+    direct: bool,
+) -> Result<(), postgres::Error> {
+    let sink = tx.copy_in(if direct { COPY_READINGS } else { COPY_STAGE })?;
+    let mut w = BinaryCopyInWriter::new(sink, &ROW_TYPES);
+    for ((row, f), keep) in rows.iter().zip(flags).zip(first) {
+        if !keep {
+            continue;
+        }
+        let r = &row.reading;
+        // Checked by `checked_keys` before.
+        let (epoch, seq) = (r.epoch as i64, r.seq as i64);
+        w.write(&[
+            &&*row.device_id,
+            &r.meter,
+            &PgTime(r.ts_ms),
+            &PgTime(row.received_at_ms),
+            &epoch,
+            &seq,
+            &r.voltage_v,
+            &r.current_a,
+            &r.power_w,
+            &r.energy_wh,
+            &r.frequency_hz,
+            &r.power_factor,
+            &r.reactive_power_var,
+            &(*f as i32),
+        ])?;
+    }
+    w.finish().map(|_| ())
+}
+
+/// [`SlotIo`] on an open PostgreSQL transaction.
+struct Io<'t, 'c> {
+    tx: &'t mut Transaction<'c>,
+    how: How,
+    /// Prepared multi-row INSERTs by row count (`How::Values`).
+    inserts: &'t HashMap<usize, postgres::Statement>,
+    /// Set when a direct COPY hit an already stored row.
+    conflict: bool,
+}
+
+impl SlotIo for Io<'_, '_> {
+    fn states(&mut self, meters: &[MeterKey<'_>]) -> Result<Vec<MeterState>, StoreError> {
+        let devices: Vec<&str> = meters.iter().map(|m| m.device_id).collect();
+        let names: Vec<&str> = meters.iter().map(|m| m.meter).collect();
+        let rows = self.tx.query(STATES, &[&devices, &names]).map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                let slot = |at: usize| -> Result<Option<Slot>, StoreError> {
+                    let start: Option<i64> = r.try_get(at).map_err(db)?;
+                    let data: Option<&[u8]> = r.try_get(at + 1).map_err(db)?;
+                    match (start, data) {
+                        (Some(s), Some(d)) => slot_from(s, d).map(Some),
+                        _ => Ok(None),
+                    }
+                };
+                Ok(MeterState::from_slots(slot(0)?, slot(2)?))
+            })
+            .collect()
+    }
+
+    fn slot_rows(
+        &mut self,
+        m: MeterKey<'_>,
+        slot_ms: i64,
+    ) -> Result<Vec<MeterReading>, StoreError> {
+        let rows = self
+            .tx
+            .query(
+                SLOT_READINGS,
+                &[
+                    &m.device_id,
+                    &m.meter,
+                    &PgTime(slot_ms),
+                    &PgTime(slot_ms + SLOT_MS),
+                ],
+            )
+            .map_err(db)?;
+        rows.iter().map(super::energy::meter_reading).collect()
+    }
+
+    fn energy_slot_before(
+        &mut self,
+        m: MeterKey<'_>,
+        slot_ms: i64,
+    ) -> Result<Option<Slot>, StoreError> {
+        let row = self
+            .tx
+            .query_opt(ENERGY_SLOT_BEFORE, &[&m.device_id, &m.meter, &slot_ms])
+            .map_err(db)?;
+        row.map(|r| {
+            let start: i64 = r.try_get(0).map_err(db)?;
+            let data: &[u8] = r.try_get(1).map_err(db)?;
+            slot_from(start, data)
+        })
+        .transpose()
+    }
+
+    fn insert(&mut self, rows: &[Row], flags: &[u32]) -> Result<Vec<bool>, StoreError> {
+        let first = first_of_key(rows);
+        let returned: HashSet<(String, i64, i64)> = match self.how {
+            How::Direct => {
+                return match copy_rows(self.tx, rows, flags, &first, true) {
+                    Ok(()) => Ok(first),
+                    Err(e) if is_unique_violation(&e) => {
+                        self.conflict = true;
+                        Err(StoreError::Db(
+                            "a row of the batch is already stored".into(),
+                        ))
+                    }
+                    Err(e) => Err(db(e)),
+                };
+            }
+            How::Staged => {
+                copy_rows(self.tx, rows, flags, &first, false).map_err(db)?;
+                let back = self.tx.query(MERGE_STAGE, &[]).map_err(db)?;
+                back.iter()
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+                    .collect::<Result<_, postgres::Error>>()
+                    .map_err(db)?
+            }
+            How::Values => {
+                let mut back = HashSet::new();
+                for (chunk, (flag_chunk, first_chunk)) in rows
+                    .chunks(INSERT_CHUNK)
+                    .zip(flags.chunks(INSERT_CHUNK).zip(first.chunks(INSERT_CHUNK)))
+                {
+                    let owned: Vec<OwnedRow> = chunk
+                        .iter()
+                        .zip(flag_chunk)
+                        .zip(first_chunk)
+                        .filter(|(_, keep)| **keep)
+                        .map(|((r, f), _)| OwnedRow::from_row(r, *f))
+                        .collect::<Result<_, _>>()?;
+                    let Some(stmt) = self.inserts.get(&owned.len()) else {
+                        return Err(StoreError::Db("multi-row INSERT not prepared".into()));
+                    };
+                    let mut params: Vec<&(dyn ToSql + Sync)> =
+                        Vec::with_capacity(owned.len() * PARAMS_PER_ROW);
+                    for o in &owned {
+                        o.push_params(&mut params);
+                    }
+                    for r in self.tx.query(stmt, &params).map_err(db)? {
+                        back.insert((
+                            r.try_get(0).map_err(db)?,
+                            r.try_get(1).map_err(db)?,
+                            r.try_get(2).map_err(db)?,
+                        ));
+                    }
+                }
+                back
+            }
+        };
+        Ok(rows
+            .iter()
+            .zip(first)
+            .map(|(r, keep)| {
+                keep && returned.contains(&(
+                    r.device_id.to_string(),
+                    r.reading.epoch as i64,
+                    r.reading.seq as i64,
+                ))
+            })
+            .collect())
+    }
+
+    fn write_slots(&mut self, w: &SlotWrites<'_>) -> Result<(), StoreError> {
+        if !w.upserts.is_empty() {
+            let data: Vec<[u8; crate::energy::slots::SLOT_BYTES]> =
+                w.upserts.iter().map(|(_, s)| s.encode()).collect();
+            let devices: Vec<&str> = w.upserts.iter().map(|(m, _)| m.device_id).collect();
+            let meters: Vec<&str> = w.upserts.iter().map(|(m, _)| m.meter).collect();
+            let starts: Vec<i64> = w.upserts.iter().map(|(_, s)| s.start_ms).collect();
+            let energy: Vec<bool> = w.upserts.iter().map(|(_, s)| s.energy.is_some()).collect();
+            let blobs: Vec<&[u8]> = data.iter().map(|d| &d[..]).collect();
+            self.tx
+                .execute(UPSERT_SLOTS, &[&devices, &meters, &starts, &energy, &blobs])
+                .map_err(db)?;
+        }
+        if !w.deletes.is_empty() {
+            let devices: Vec<&str> = w.deletes.iter().map(|(m, _)| m.device_id).collect();
+            let meters: Vec<&str> = w.deletes.iter().map(|(m, _)| m.meter).collect();
+            let starts: Vec<i64> = w.deletes.iter().map(|(_, s)| *s).collect();
+            self.tx
+                .execute(DELETE_SLOTS, &[&devices, &meters, &starts])
+                .map_err(db)?;
+        }
+        if !w.new_meters.is_empty() {
+            let devices: Vec<&str> = w.new_meters.iter().map(|m| m.device_id).collect();
+            let meters: Vec<&str> = w.new_meters.iter().map(|m| m.meter).collect();
+            self.tx
+                .execute(ADD_METERS, &[&devices, &meters])
+                .map_err(db)?;
+        }
+        Ok(())
+    }
 }
 
 impl PgStore {
-    /// Streams `rows` with binary COPY into `readings` directly
-    /// (`direct`) or into the staging table, inside `tx`. Rows repeating an
-    /// earlier row's `(device_id, epoch, seq)` in the same batch are left
-    /// out (the first one wins, as with a resend).
-    fn copy_rows(
-        tx: &mut postgres::Transaction<'_>,
+    /// One batch in one transaction: the limits and device locks, then
+    /// flags, insert and slots. `Ok(None)`: a direct COPY hit an already
+    /// stored row; nothing was written.
+    fn write_tx(
+        conn: &mut Conn,
         rows: &[Row],
-        direct: bool,
-    ) -> Result<(), postgres::Error> {
-        let sink = tx.copy_in(if direct { COPY_READINGS } else { COPY_STAGE })?;
-        let mut w = BinaryCopyInWriter::new(sink, &ROW_TYPES);
-        let mut seen = HashSet::with_capacity(rows.len());
-        for row in rows {
-            let r = &row.reading;
-            // Checked by `checked_keys` before.
-            let (epoch, seq) = (r.epoch as i64, r.seq as i64);
-            if !seen.insert((&*row.device_id, epoch, seq)) {
-                continue;
-            }
-            w.write(&[
-                &&*row.device_id,
-                &r.meter,
-                &PgTime(r.ts_ms),
-                &PgTime(row.received_at_ms),
-                &epoch,
-                &seq,
-                &r.voltage_v,
-                &r.current_a,
-                &r.power_w,
-                &r.energy_wh,
-                &r.frequency_hz,
-                &r.power_factor,
-                &r.reactive_power_var,
-            ])?;
-        }
-        w.finish().map(|_| ())
-    }
-
-    /// The optimistic path: binary COPY straight into `readings` in one
-    /// transaction. `Ok(false)` when a row was already stored (unique
-    /// violation): the transaction was rolled back, nothing was written,
-    /// and the batch must go through [`PgStore::insert_staged`].
-    fn insert_direct(conn: &mut Conn, rows: &[Row]) -> Result<bool, StoreError> {
+        limits: &Limits,
+        how: How,
+    ) -> Result<Option<Committed>, StoreError> {
         checked_keys(rows)?;
-        let mut tx = conn.client.transaction().map_err(db)?;
-        match PgStore::copy_rows(&mut tx, rows, true) {
-            Ok(()) => {}
-            Err(e) if is_unique_violation(&e) => return Ok(false),
-            Err(e) => return Err(db(e)),
+        if how == How::Values {
+            let first = first_of_key(rows);
+            for chunk in first.chunks(INSERT_CHUNK) {
+                let n = chunk.iter().filter(|k| **k).count();
+                if n > 0 && !conn.inserts.contains_key(&n) {
+                    let types: Vec<Type> = ROW_TYPES
+                        .iter()
+                        .cycle()
+                        .take(PARAMS_PER_ROW * n)
+                        .cloned()
+                        .collect();
+                    let stmt = conn
+                        .client
+                        .prepare_typed(&multi_insert_sql(n), &types)
+                        .map_err(db)?;
+                    conn.inserts.insert(n, stmt);
+                }
+            }
         }
+        let mut tx = conn.client.transaction().map_err(db)?;
+        let stored = tx
+            .query_opt(
+                "SELECT max_power_w, max_gap_ms FROM energy_limits FOR SHARE",
+                &[],
+            )
+            .map_err(db)?
+            .map(|r| Ok::<_, postgres::Error>((r.try_get(0)?, r.try_get(1)?)))
+            .transpose()
+            .map_err(db)?;
+        if !same_limits(stored, limits) {
+            return Err(StoreError::Db(format!(
+                "the energy slots in the database were built with other limits \
+                 ({}) than this hub's (--max-power-w {} --max-gap-ms {}); every hub on one \
+                 database needs the same limits",
+                stored.map_or("none".to_string(), |(p, g)| format!(
+                    "--max-power-w {p} --max-gap-ms {g}"
+                )),
+                limits.max_power_w,
+                limits.max_gap_ms
+            )));
+        }
+        let devices: Vec<&str> = rows.iter().map(|r| &*r.device_id).collect();
+        tx.execute(LOCK_DEVICES, &[&DEVICE_LOCK_CLASS, &devices])
+            .map_err(db)?;
+        let committed = {
+            let mut io = Io {
+                tx: &mut tx,
+                how,
+                inserts: &conn.inserts,
+                conflict: false,
+            };
+            match write_batch(&mut io, rows, limits) {
+                Ok(c) => c,
+                Err(_) if io.conflict => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        };
         tx.commit().map_err(db)?;
-        Ok(true)
-    }
-
-    /// The merging path: binary COPY into the staging table, then
-    /// `INSERT … SELECT … ON CONFLICT DO NOTHING`, one transaction.
-    fn insert_staged(conn: &mut Conn, rows: &[Row]) -> Result<(), StoreError> {
-        checked_keys(rows)?;
-        let mut tx = conn.client.transaction().map_err(db)?;
-        PgStore::copy_rows(&mut tx, rows, false).map_err(db)?;
-        tx.execute(MERGE_STAGE, &[]).map_err(db)?;
-        tx.commit().map_err(db)
-    }
-
-    fn insert_values(conn: &mut Conn, rows: &[Row]) -> Result<(), StoreError> {
-        let mut prepared = Vec::new();
-        for chunk in rows.chunks(INSERT_CHUNK) {
-            let n = chunk.len();
-            if !conn.inserts.contains_key(&n) {
-                let stmt = conn
-                    .client
-                    .prepare_typed(
-                        &multi_insert_sql(n),
-                        &ROW_TYPES
-                            .iter()
-                            .cycle()
-                            .take(13 * n)
-                            .cloned()
-                            .collect::<Vec<_>>(),
-                    )
-                    .map_err(db)?;
-                conn.inserts.insert(n, stmt);
-            }
-            if let Some(s) = conn.inserts.get(&n) {
-                prepared.push(s.clone());
-            }
-        }
-        let mut tx = conn.client.transaction().map_err(db)?;
-        for (chunk, stmt) in rows.chunks(INSERT_CHUNK).zip(prepared) {
-            let owned: Vec<OwnedRow> = chunk
-                .iter()
-                .map(OwnedRow::from_row)
-                .collect::<Result<_, _>>()?;
-            let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(owned.len() * 13);
-            for o in &owned {
-                o.push_params(&mut params);
-            }
-            tx.execute(&stmt, &params).map_err(db)?;
-        }
-        tx.commit().map_err(db)
+        Ok(Some(committed))
     }
 }
 
 impl<'a> OwnedRow<'a> {
-    fn from_row(row: &'a Row) -> Result<Self, StoreError> {
+    fn from_row(row: &'a Row, flags: u32) -> Result<Self, StoreError> {
         Ok(OwnedRow {
             row,
             device_id: &row.device_id,
@@ -176,6 +427,7 @@ impl<'a> OwnedRow<'a> {
             received_at: PgTime(row.received_at_ms),
             epoch: to_i64(row.reading.epoch)?,
             seq: to_i64(row.reading.seq)?,
+            flags: flags as i32,
         })
     }
 
@@ -194,6 +446,7 @@ impl<'a> OwnedRow<'a> {
         p.push(&r.frequency_hz);
         p.push(&r.power_factor);
         p.push(&r.reactive_power_var);
+        p.push(&self.flags);
     }
 }
 
@@ -204,16 +457,16 @@ fn multi_insert_sql(n: usize) -> String {
             sql.push(',');
         }
         sql.push('(');
-        for c in 0..13 {
+        for c in 0..PARAMS_PER_ROW {
             if c > 0 {
                 sql.push(',');
             }
             sql.push('$');
-            sql.push_str(&(i * 13 + c + 1).to_string());
+            sql.push_str(&(i * PARAMS_PER_ROW + c + 1).to_string());
         }
         sql.push(')');
     }
-    sql.push_str(" ON CONFLICT DO NOTHING");
+    sql.push_str(" ON CONFLICT DO NOTHING RETURNING device_id, epoch, seq");
     sql
 }
 
@@ -255,24 +508,35 @@ impl ReadingSink for PgStore {
         if rows.is_empty() {
             return Ok(());
         }
-        match self.opts.write_method {
-            WriteMethod::Copy if self.staged_batches_left == 0 => {
-                if self.with(|c| PgStore::insert_direct(c, rows))? {
-                    return Ok(());
+        self.ensure_energy()?;
+        let limits = self.energy.limits;
+        let run = |s: &mut PgStore, how: How| s.with(|c| PgStore::write_tx(c, rows, &limits, how));
+        let committed = match self.opts.write_method {
+            WriteMethod::Copy if self.staged_batches_left == 0 => match run(self, How::Direct)? {
+                Some(c) => c,
+                None => {
+                    // Some rows were stored before: an edge is replaying.
+                    // Merge this batch and the next few, then try the fast
+                    // path again.
+                    self.staged_batches_left = STAGED_AFTER_CONFLICT;
+                    staged(run(self, How::Staged)?)?
                 }
-                // Some rows were stored before: an edge is replaying. Merge
-                // this batch and the next few, then try the fast path again.
-                self.staged_batches_left = STAGED_AFTER_CONFLICT;
-                self.with(|c| PgStore::insert_staged(c, rows))
-            }
+            },
             WriteMethod::Copy => {
                 self.staged_batches_left -= 1;
-                self.with(|c| PgStore::insert_staged(c, rows))
+                staged(run(self, How::Staged)?)?
             }
-            WriteMethod::StagedCopy => self.with(|c| PgStore::insert_staged(c, rows)),
-            WriteMethod::MultiRowInsert => self.with(|c| PgStore::insert_values(c, rows)),
-        }
+            WriteMethod::StagedCopy => staged(run(self, How::Staged)?)?,
+            WriteMethod::MultiRowInsert => staged(run(self, How::Values)?)?,
+        };
+        self.energy.count(&committed);
+        Ok(())
     }
+}
+
+/// The outcome of a path that cannot conflict.
+fn staged(c: Option<Committed>) -> Result<Committed, StoreError> {
+    c.ok_or_else(|| StoreError::Db("unexpected conflict on a merging insert".into()))
 }
 
 #[cfg(test)]
@@ -282,7 +546,7 @@ mod tests {
     #[test]
     fn multi_insert_sql_numbers_parameters() {
         let s = multi_insert_sql(2);
-        assert!(s.contains("($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13),($14,"));
-        assert!(s.ends_with("$26) ON CONFLICT DO NOTHING"));
+        assert!(s.contains("($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14),($15,"));
+        assert!(s.ends_with("$28) ON CONFLICT DO NOTHING RETURNING device_id, epoch, seq"));
     }
 }

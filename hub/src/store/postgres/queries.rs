@@ -344,7 +344,7 @@ impl HistoryStore for PgStore {
         let order = if newest { "DESC" } else { "ASC" };
         let sql = format!(
             "SELECT epoch, seq, ts, meter, voltage_v, current_a, power_w, energy_wh, \
-             frequency_hz, power_factor, reactive_power_var, received_at FROM readings \
+             frequency_hz, power_factor, reactive_power_var, received_at, flags FROM readings \
              WHERE device_id = $1 AND ts >= $2 AND ts < $3 \
              ORDER BY ts {order}, epoch {order}, seq {order} LIMIT $4"
         );
@@ -359,6 +359,7 @@ impl HistoryStore for PgStore {
                     let seq: i64 = r.try_get(1).map_err(db)?;
                     let ts: PgTime = r.try_get(2).map_err(db)?;
                     let rx: PgTime = r.try_get(11).map_err(db)?;
+                    let flags: i32 = r.try_get(12).map_err(db)?;
                     Ok(StoredReading {
                         reading: Reading {
                             epoch: u64::try_from(epoch).unwrap_or_default(),
@@ -375,6 +376,7 @@ impl HistoryStore for PgStore {
                             ..Default::default()
                         },
                         received_at_ms: rx.0,
+                        flags: flags as u32,
                     })
                 })
                 .collect()

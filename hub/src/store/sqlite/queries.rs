@@ -326,12 +326,12 @@ impl HistoryStore for SqliteStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let sql = if newest {
             "SELECT epoch, seq, ts, meter, voltage_v, current_a, power_w, energy_wh, \
-             frequency_hz, power_factor, reactive_power_var, received_at FROM readings \
+             frequency_hz, power_factor, reactive_power_var, received_at, flags FROM readings \
              WHERE device_id = ?1 AND ts >= ?2 AND ts < ?3 \
              ORDER BY ts DESC, epoch DESC, seq DESC LIMIT ?4"
         } else {
             "SELECT epoch, seq, ts, meter, voltage_v, current_a, power_w, energy_wh, \
-             frequency_hz, power_factor, reactive_power_var, received_at FROM readings \
+             frequency_hz, power_factor, reactive_power_var, received_at, flags FROM readings \
              WHERE device_id = ?1 AND ts >= ?2 AND ts < ?3 \
              ORDER BY ts, epoch, seq LIMIT ?4"
         };
@@ -354,6 +354,7 @@ impl HistoryStore for SqliteStore {
                         ..Default::default()
                     },
                     received_at_ms: r.get(11)?,
+                    flags: r.get::<_, i64>(12)? as u32,
                 })
             })
             .map_err(db)?;
