@@ -69,6 +69,13 @@ pub struct Config {
     pub replay_limit: usize,
     /// PostgreSQL/TimescaleDB options (ignored for SQLite).
     pub pg: crate::store::postgres::PgOptions,
+    /// The energy rule's limits (`--max-power-w`, `--max-gap-ms`): above
+    /// the power limit an energy jump is a glitch, beyond the gap limit an
+    /// interval does not count as coverage. The stored energy slots depend
+    /// on them: the hub rebuilds them at start when they change.
+    pub energy_limits: crate::energy::rule::Limits,
+    /// Time zone of energy rollups that do not name one (`--timezone`).
+    pub timezone: crate::energy::buckets::Zone,
 }
 
 impl std::fmt::Debug for Config {
@@ -81,6 +88,8 @@ impl std::fmt::Debug for Config {
             .field("queue_capacity", &self.queue_capacity)
             .field("tls", &self.tls)
             .field("pg", &self.pg)
+            .field("energy_limits", &self.energy_limits)
+            .field("timezone", &self.timezone.name())
             .finish_non_exhaustive()
     }
 }
@@ -174,6 +183,8 @@ impl Config {
             resume_settle: Duration::from_millis(300),
             replay_limit: 20_000,
             pg: Default::default(),
+            energy_limits: Default::default(),
+            timezone: crate::energy::buckets::Zone::utc(),
         }
     }
 }

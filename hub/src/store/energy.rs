@@ -134,8 +134,8 @@ pub trait EnergyStore: Send {
 /// present. Slot-aligned buckets come from the slots; buckets off the slot
 /// grid (zones whose offset was not a multiple of 15 minutes, before 1980)
 /// are answered exactly from the raw rows.
-pub fn rollup(
-    store: &mut dyn EnergyStore,
+pub fn rollup<S: EnergyStore + ?Sized>(
+    store: &mut S,
     device_id: &str,
     tz: &str,
     bucket: Bucket,

@@ -6,6 +6,7 @@ mod admin_api;
 mod browser;
 mod cli;
 mod dashboard;
+mod energy;
 mod frames;
 mod handshake;
 mod hardening;

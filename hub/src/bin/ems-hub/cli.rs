@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ems_hub::config::{RateLimit, TakeoverPolicy, TlsFiles};
+use ems_hub::energy::buckets::Zone;
+use ems_hub::energy::rule::Limits;
 use ems_hub::store::postgres::TimescaleMode;
 use ems_hub::Config;
 
@@ -128,6 +130,19 @@ pub struct ServeArgs {
     /// commits, each acking every device once).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     batch_max_rows: u64,
+    // Energy rollups and plausibility flags.
+    /// Energy rule: an energy jump implying more than this average power,
+    /// in W, is a glitch (flagged, not counted).
+    #[arg(long, env = "EMS_MAX_POWER_W", default_value_t = 1_000_000.0)]
+    max_power_w: f64,
+    /// Energy rule: an interval between readings longer than this, in ms,
+    /// still counts its energy but not as coverage.
+    #[arg(long, env = "EMS_MAX_GAP_MS", default_value_t = 900_000, value_parser = clap::value_parser!(i64).range(1..))]
+    max_gap_ms: i64,
+    /// Time zone of energy rollups that name none (IANA name such as
+    /// Europe/Berlin).
+    #[arg(long, env = "EMS_TIMEZONE", default_value = "UTC")]
+    timezone: String,
 }
 
 /// `--timescale`. The variants carry no doc comments on purpose: clap
@@ -204,6 +219,12 @@ pub enum ArgError {
     /// `--public-url` is not an http(s) URL.
     #[error("--public-url {0:?} must start with http:// or https://")]
     PublicUrl(String),
+    /// `--max-power-w` is not a positive number.
+    #[error("--max-power-w {0} must be a positive number of watts")]
+    MaxPowerW(String),
+    /// `--timezone` is not an IANA time zone name.
+    #[error("--timezone {0:?} is not an IANA time zone name such as Europe/Berlin or UTC")]
+    Timezone(String),
 }
 
 /// What `ems-hub serve` runs: where to listen and the hub's configuration,
@@ -231,6 +252,10 @@ impl Serve {
         if let Some(u) = args.public_url.as_ref().filter(|u| !is_http_url(u)) {
             return Err(ArgError::PublicUrl(u.clone()));
         }
+        let energy_limits = Limits::new(args.max_power_w, args.max_gap_ms)
+            .map_err(|_| ArgError::MaxPowerW(args.max_power_w.to_string()))?;
+        let timezone =
+            Zone::parse(&args.timezone).map_err(|_| ArgError::Timezone(args.timezone.clone()))?;
         let mut config = Config::new(database);
         config.ping_interval = Duration::from_millis(args.ping_interval_ms);
         config.max_missed_pongs = args.max_missed_pongs;
@@ -252,6 +277,8 @@ impl Serve {
         config.pg.timescale = args.timescale.into();
         config.pg.retention_days = args.retention_days;
         config.pg.compress_after_days = args.compress_after_days;
+        config.energy_limits = energy_limits;
+        config.timezone = timezone;
         if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
             config.tls = Some(TlsFiles { cert, key });
         }
@@ -295,6 +322,9 @@ mod tests {
         assert_eq!(got.rate_limit, want.rate_limit);
         assert_eq!(got.revocation_poll, want.revocation_poll);
         assert_eq!(got.pg, want.pg);
+        assert_eq!(got.energy_limits, want.energy_limits);
+        assert_eq!(got.energy_limits, Limits::new(1e6, 15 * 60 * 1000).unwrap());
+        assert_eq!(got.timezone.name(), "UTC");
         assert!(got.tls.is_none() && got.public_url.is_none());
         assert!(got.allowed_origins.is_empty());
         let (t, d) = (got.takeover, want.takeover);
@@ -368,6 +398,43 @@ mod tests {
         assert!(ArgError::Listen("x".into())
             .to_string()
             .contains("127.0.0.1:8080"));
+    }
+
+    #[test]
+    fn energy_flags_are_validated() {
+        let c = serve(&[
+            "--max-power-w",
+            "2500.5",
+            "--max-gap-ms",
+            "60000",
+            "--timezone",
+            "europe/berlin",
+        ])
+        .unwrap()
+        .config;
+        assert_eq!(c.energy_limits, Limits::new(2500.5, 60_000).unwrap());
+        assert_eq!(c.timezone.name(), "Europe/Berlin");
+        for bad in ["0", "-1", "NaN", "inf"] {
+            assert!(
+                matches!(
+                    serve(&[&format!("--max-power-w={bad}")]),
+                    Err(ArgError::MaxPowerW(_))
+                ),
+                "{bad}"
+            );
+        }
+        for bad in ["Mars/Olympus", "+01:00", ""] {
+            assert_eq!(
+                serve(&["--timezone", bad]).unwrap_err(),
+                ArgError::Timezone(bad.into())
+            );
+        }
+        // Range checked by clap (exit code 2).
+        for bad in ["0", "-5", "x"] {
+            let flag = format!("--max-gap-ms={bad}");
+            let argv = ["ems-hub", "serve", &flag];
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

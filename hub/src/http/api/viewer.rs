@@ -147,9 +147,20 @@ pub(crate) fn parse_range(query: &str, now_ms: i64) -> Result<RangeQuery, ApiErr
     Ok(q)
 }
 
-fn dashboard_reading(device_id: &str, r: StoredReading) -> DashboardReading {
+/// One reading of the history answer: the dashboard frame plus its
+/// plausibility flags.
+#[derive(Serialize)]
+struct HistoryReading {
+    #[serde(flatten)]
+    reading: DashboardReading,
+    /// [`crate::energy::flags`] bits.
+    flags: u32,
+}
+
+fn dashboard_reading(device_id: &str, r: StoredReading) -> HistoryReading {
+    let flags = r.flags;
     let x = r.reading;
-    DashboardReading {
+    let reading = DashboardReading {
         frame_type: "reading".into(),
         device_id: device_id.to_owned(),
         rx_ms: r.received_at_ms,
@@ -164,7 +175,8 @@ fn dashboard_reading(device_id: &str, r: StoredReading) -> DashboardReading {
         frequency_hz: x.frequency_hz,
         power_factor: x.power_factor,
         reactive_power_var: x.reactive_power_var,
-    }
+    };
+    HistoryReading { reading, flags }
 }
 
 async fn history(shared: &Arc<Shared>, id: String, query: &str) -> Answer {
@@ -176,7 +188,7 @@ async fn history(shared: &Arc<Shared>, id: String, query: &str) -> Answer {
     .await?;
     let truncated = rows.len() > q.limit;
     rows.truncate(q.limit);
-    let list: Vec<DashboardReading> = rows
+    let list: Vec<HistoryReading> = rows
         .into_iter()
         .map(|r| dashboard_reading(&id, r))
         .collect();
