@@ -570,3 +570,102 @@ async fn csv_export_of_a_client_that_goes_away_stops() {
     .await;
     assert_eq!(r.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_command_writes_what_the_endpoint_streams() {
+    let hub = TestHub::start().await;
+    hub.add_device("x1");
+    let viewer = hub.add_viewer("v", &["x1"]);
+    let t0 = at("2026-11-01T00:00:00Z");
+    let rows: Vec<Row> = (0..10_000i64)
+        .map(|i| Row {
+            device_id: "x1".into(),
+            received_at_ms: t0,
+            reading: ems_shared::Reading {
+                epoch: 1,
+                seq: i as u64,
+                ts_ms: t0 + i * 1000,
+                meter: "main".into(),
+                power_w: Some(i as f64 / 4.0),
+                frequency_hz: Some(if i == 5 { 80.0 } else { 50.0 }),
+                energy_wh: Some(i as f64),
+                ..Default::default()
+            },
+        })
+        .collect();
+    ems_hub::store::open(&hub.db_url)
+        .unwrap()
+        .insert_batch(&rows)
+        .unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ems-hub"))
+            .arg("export")
+            .args(args)
+            .args(["--database", &hub.db_url])
+            .env_remove("EMS_LOG_LEVEL")
+            .output()
+            .unwrap()
+    };
+    let csv = run(&["--device", "x1"]);
+    assert!(
+        csv.status.success(),
+        "{}",
+        String::from_utf8_lossy(&csv.stderr)
+    );
+    let http_csv = get(&hub, &viewer, "/api/devices/x1/readings.csv")
+        .await
+        .body;
+    assert_eq!(String::from_utf8(csv.stdout).unwrap(), http_csv);
+    assert!(
+        http_csv.lines().nth(6).unwrap().ends_with(",2"),
+        "the frequency flag"
+    );
+
+    // RFC 3339 and epoch ms bounds; JSON Lines.
+    let from = "2026-11-01T00:00:10Z";
+    let to = (t0 + 13_000).to_string();
+    let out = run(&[
+        "--device", "x1", "--from", from, "--to", &to, "--format", "jsonl",
+    ]);
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["ts_ms"], t0 + 10_000);
+    assert_eq!(lines[0]["ts"], "2026-11-01T00:00:10.000Z");
+    assert_eq!(lines[0]["flags"], 0);
+    assert_eq!(lines[0]["device_id"], "x1");
+
+    // Bad arguments: one line on stderr, exit code 1 or 2.
+    let bad = run(&["--device", "x1", "--from", "yesterday"]);
+    assert_eq!(bad.status.code(), Some(2));
+    let bad = run(&["--device", "no/slash"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--device"));
+
+    // A reader that stops early (`| head -1`) ends the export quietly.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ems-hub"))
+        .args(["export", "--device", "x1", "--database", &hub.db_url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    use std::io::Read;
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

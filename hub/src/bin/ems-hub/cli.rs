@@ -48,6 +48,9 @@ pub enum Command {
     /// Manage admin tokens for the admin panel and /api/admin/.
     #[command(subcommand)]
     Admin(AdminCmd),
+    /// Write a device's stored readings to stdout as CSV or JSON Lines
+    /// (with each reading's plausibility flags).
+    Export(ExportArgs),
     /// Print a device's live readings (a terminal dashboard). The viewer
     /// token comes from EMS_VIEWER_TOKEN, never from the command line.
     Watch {
@@ -166,6 +169,49 @@ impl From<Timescale> for TimescaleMode {
             Timescale::Require => TimescaleMode::Require,
         }
     }
+}
+
+/// `ems-hub export`.
+#[derive(Args)]
+pub struct ExportArgs {
+    /// The device whose readings to write.
+    #[arg(long)]
+    pub device: String,
+    /// First sample time to include: RFC 3339 (2026-03-29T00:00:00Z) or
+    /// Unix milliseconds. Default: the oldest reading.
+    #[arg(long, value_parser = parse_time)]
+    pub from: Option<i64>,
+    /// Sample time to stop before (exclusive), same forms. Default: after
+    /// the newest reading.
+    #[arg(long, value_parser = parse_time)]
+    pub to: Option<i64>,
+    /// csv (header row, empty cells for absent measurements) or jsonl (one
+    /// JSON object per line).
+    #[arg(long, value_enum, default_value = "csv")]
+    pub format: ExportFormat,
+}
+
+/// `--format` of `ems-hub export`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    // RFC 4180 CSV with the header row.
+    Csv,
+    // JSON Lines.
+    Jsonl,
+}
+
+/// A `--from`/`--to` value: Unix milliseconds or an RFC 3339 instant.
+pub fn parse_time(s: &str) -> Result<i64, String> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return Ok(ms);
+    }
+    s.parse::<jiff::Timestamp>()
+        .map(|t| t.as_millisecond())
+        .map_err(|_| {
+            format!(
+                "{s:?} is neither Unix milliseconds nor an RFC 3339 time like 2026-03-29T00:00:00Z"
+            )
+        })
 }
 
 #[derive(Subcommand)]
@@ -451,6 +497,51 @@ mod tests {
             let argv = ["ems-hub", "serve", "--timescale", bad];
             assert!(Cli::try_parse_from(argv).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn export_times_are_rfc3339_or_epoch_ms() {
+        assert_eq!(parse_time("0"), Ok(0));
+        assert_eq!(parse_time("-5"), Ok(-5));
+        assert_eq!(parse_time("1774746000123"), Ok(1_774_746_000_123));
+        assert_eq!(
+            parse_time("2026-03-29T01:00:00.123Z"),
+            Ok(1_774_746_000_123)
+        );
+        assert_eq!(
+            parse_time("2026-03-29T03:00:00.123+02:00"),
+            Ok(1_774_746_000_123)
+        );
+        for bad in ["", "yesterday", "2026-03-29", "1.5"] {
+            assert!(parse_time(bad).is_err(), "{bad:?}");
+        }
+        let cli = Cli::try_parse_from([
+            "ems-hub",
+            "export",
+            "--device",
+            "d1",
+            "--from",
+            "2026-03-29T00:00:00Z",
+            "--format",
+            "jsonl",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Export(a)) => {
+                assert_eq!(a.device, "d1");
+                assert_eq!(a.from, Some(1_774_742_400_000));
+                assert_eq!(a.to, None);
+                assert_eq!(a.format, ExportFormat::Jsonl);
+            }
+            _ => panic!("not export"),
+        }
+        assert!(
+            Cli::try_parse_from(["ems-hub", "export"]).is_err(),
+            "--device is required"
+        );
+        assert!(
+            Cli::try_parse_from(["ems-hub", "export", "--device", "d", "--format", "xml"]).is_err()
+        );
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! `ems-hub`: the command line. Parses and validates the flags
 //! ([`cli`]), sets up logging and hands over to the library: the server
 //! ([`serve`]), the admin commands ([`admin_commands`]) or the terminal
-//! dashboard (`watch`).
+//! dashboard (`watch`) or the export of stored readings ([`export`]).
 
 mod admin_commands;
 mod cli;
+mod export;
 mod serve;
 
 use std::process::ExitCode;
@@ -48,6 +49,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Device(cmd)) => admin_commands::device(&db, cmd),
         Some(Command::Viewer(cmd)) => admin_commands::viewer(&db, cmd),
         Some(Command::Admin(cmd)) => admin_commands::admin(&db, cmd),
+        Some(Command::Export(args)) => export::run(&db, args),
         Some(Command::Watch { device_id, hub }) => watch(&hub, &device_id),
     }
 }
