@@ -11,12 +11,17 @@
 #   cargo build --release -p ems-hub
 #   bench/scripts/energy-year.sh [sqlite|postgres|both]        (postgres: as root)
 #
-# ROWS=N shortens the year (a smoke run), WORK=DIR holds the databases
-# (about 6 GB each for a full year; removed at the end unless KEEP=1).
+# ROWS=N shortens the year (a smoke run); STEP_S=N samples every N seconds
+# instead of every second (STEP_S=60: a year in 525,600 rows, the same
+# 35,040 energy slots per meter); WORK=DIR holds the databases (SQLite 4 GB,
+# PostgreSQL 14 GB plus temporary sort space for a 1 Hz year; removed at the
+# end unless KEEP=1).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 HUB=${HUB:-$PWD/target/release/ems-hub}
-ROWS=${ROWS:-31536000}
+STEP_S=${STEP_S:-1}
+ROWS=${ROWS:-$((31536000 / STEP_S))}
+SPAN_MS=$((ROWS * STEP_S * 1000))
 WORK=${WORK:-/var/tmp/ems-energy-year}
 WHICH=${1:-both}
 DEV=bench-1
@@ -45,7 +50,7 @@ values() { # $1: the SQL for the timestamp of row i
   cat <<SQL
 '$DEV', 'main', $1, $1, 1, i,
   230.0 + (i % 17) * 0.1, (1000.0 + (i % 21) * 10 - 100) / 230.0,
-  1000.0 + (i % 21) * 10 - 100, i * 1000.0 / 3600.0,
+  1000.0 + (i % 21) * 10 - 100, i * $STEP_S * 1000.0 / 3600.0,
   50.0 + (i % 5) * 0.01 - 0.02, 1.0, 0.0, 0
 SQL
 }
@@ -53,6 +58,7 @@ SQL
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # utime + stime, 1/100 s
 
 start_hub() { # $1: database URL
   local port; port=$(free_port)
@@ -79,12 +85,14 @@ assert want < 0 or len(b) == want, (len(b), want)
 assert sum(x["samples"] for x in b) == rows, (sum(x["samples"] for x in b), rows)
 ' "${3/#-/-1}" "$ROWS"
   local times=()
+  local cpu0; cpu0=$(cpu_ticks "$HUB_PID")
   for _ in $(seq 15); do
     times+=("$(curl -sf -o /dev/null -w '%{time_total}' -H "Authorization: Bearer $VIEWER" "$url")")
   done
-  printf '%s\n' "${times[@]}" | sort -n | awk -v l="$1" '
+  local cpu=$(( $(cpu_ticks "$HUB_PID") - cpu0 ))
+  printf '%s\n' "${times[@]}" | sort -n | awk -v l="$1" -v cpu="$cpu" '
     { t[NR] = $1 * 1000 }
-    END { printf "  %-28s min %6.1f ms  median %6.1f ms  max %6.1f ms  (15 runs)\n", l, t[1], t[int((NR+1)/2)], t[NR] }'
+    END { printf "  %-28s min %6.1f ms  median %6.1f ms  max %6.1f ms  (15 runs; hub CPU %.1f ms per answer)\n", l, t[1], t[int((NR+1)/2)], t[NR], cpu * 10 / NR }'
 }
 
 measure() { # $1: database URL, $2: name
@@ -92,11 +100,11 @@ measure() { # $1: database URL, $2: name
   VIEWER=$("$HUB" viewer add "bench-$RANDOM" --all-devices --database "$1")
   start_hub "$1"
   echo "$2: energy endpoint, one meter-year, Europe/Berlin"
-  time_query "365 days (bucket=day)" "from_ms=$T0&to_ms=$((T0 + ROWS * 1000))&bucket=day&tz=Europe/Berlin" \
-    "$(( (ROWS + 86399) / 86400 ))"
-  time_query "12 months (bucket=month)" "from_ms=$T0&to_ms=$((T0 + ROWS * 1000))&bucket=month&tz=Europe/Berlin" -
-  time_query "8,760 hours (bucket=hour)" "from_ms=$T0&to_ms=$((T0 + ROWS * 1000))&bucket=hour&tz=Europe/Berlin" \
-    "$(( (ROWS + 3599) / 3600 ))"
+  time_query "365 days (bucket=day)" "from_ms=$T0&to_ms=$((T0 + SPAN_MS))&bucket=day&tz=Europe/Berlin" \
+    "$(( (SPAN_MS + 86399999) / 86400000 ))"
+  time_query "12 months (bucket=month)" "from_ms=$T0&to_ms=$((T0 + SPAN_MS))&bucket=month&tz=Europe/Berlin" -
+  time_query "8,760 hours (bucket=hour)" "from_ms=$T0&to_ms=$((T0 + SPAN_MS))&bucket=hour&tz=Europe/Berlin" \
+    "$(( (SPAN_MS + 3599999) / 3600000 ))"
 
   echo "$2: CSV export endpoint, whole year"
   local before; before=$(rss_kb "$HUB_PID")
@@ -104,23 +112,28 @@ measure() { # $1: database URL, $2: name
   ( while kill -0 "$HUB_PID" 2>/dev/null; do rss_kb "$HUB_PID"; sleep 0.1; done ) >"$WORK/rss.txt" &
   local sampler=$!
   local t0; t0=$(date +%s.%N)
+  local cpu0; cpu0=$(cpu_ticks "$HUB_PID")
   local lines
   lines=$(curl -sf -H "Authorization: Bearer $VIEWER" "$BASE/api/devices/$DEV/readings.csv" | wc -l)
   local secs; secs=$(echo "$(date +%s.%N) - $t0" | bc)
+  local cpu; cpu=$(( $(cpu_ticks "$HUB_PID") - cpu0 ))
   kill "$sampler"; wait "$sampler" 2>/dev/null || true
   peak=$(sort -n "$WORK/rss.txt" | tail -1)
   [ "$lines" -eq $((ROWS + 1)) ] || { echo "CSV has $lines lines, want $((ROWS + 1))" >&2; exit 1; }
-  printf '  %d rows in %.1f s = %.0f rows/s; hub RSS %d MB before, %d MB at peak (+%d MB)\n' \
-    "$ROWS" "$secs" "$(echo "$ROWS / $secs" | bc -l)" $((before / 1024)) $((peak / 1024)) $(((peak - before) / 1024))
+  printf '  %d rows in %.1f s = %.0f rows/s; hub CPU %.1f s = %.0f rows per hub CPU-second; hub RSS %d MB before, %d MB at peak (+%d MB)\n' \
+    "$ROWS" "$secs" "$(echo "$ROWS / $secs" | bc -l)" "$(echo "$cpu / 100" | bc -l)" "$(echo "$ROWS * 100 / ($cpu + 1)" | bc -l)" \
+    $((before / 1024)) $((peak / 1024)) $(((peak - before) / 1024))
   stop_hub
 
   echo "$2: ems-hub export --format csv, whole year"
   t0=$(date +%s.%N)
-  lines=$(/usr/bin/time -f '%M' -o "$WORK/time.txt" "$HUB" export --device "$DEV" --database "$1" | wc -l)
+  lines=$(/usr/bin/time -f '%M %U %S' -o "$WORK/time.txt" "$HUB" export --device "$DEV" --database "$1" | wc -l)
   secs=$(echo "$(date +%s.%N) - $t0" | bc)
   [ "$lines" -eq $((ROWS + 1)) ] || { echo "export has $lines lines" >&2; exit 1; }
-  printf '  %d rows in %.1f s = %.0f rows/s; peak RSS %d MB\n' \
-    "$ROWS" "$secs" "$(echo "$ROWS / $secs" | bc -l)" $(($(cat "$WORK/time.txt") / 1024))
+  read -r maxrss user sys <"$WORK/time.txt"
+  printf '  %d rows in %.1f s = %.0f rows/s; CPU %.1f s = %.0f rows per CPU-second; peak RSS %d MB\n' \
+    "$ROWS" "$secs" "$(echo "$ROWS / $secs" | bc -l)" "$(echo "$user + $sys" | bc -l)" \
+    "$(echo "$ROWS / ($user + $sys + 0.01)" | bc -l)" $((maxrss / 1024))
 }
 
 sqlite_run() {
@@ -133,7 +146,7 @@ PRAGMA synchronous = OFF;
 PRAGMA cache_size = -500000;
 BEGIN;
 WITH RECURSIVE s(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM s WHERE i < $ROWS - 1)
-INSERT INTO readings ($columns) SELECT $(values "$T0 + i * 1000") FROM s;
+INSERT INTO readings ($columns) SELECT $(values "$T0 + i * $STEP_S * 1000") FROM s;
 DELETE FROM energy_limits;
 COMMIT;
 SQL
@@ -165,7 +178,7 @@ CONF
   psql -q -v ON_ERROR_STOP=1 "$url" <<SQL
 DROP INDEX readings_dedup; DROP INDEX readings_device_ts;
 INSERT INTO readings ($columns)
-  SELECT $(values "to_timestamp(($T0 + i * 1000) / 1000.0)") FROM generate_series(0::bigint, $ROWS - 1) i;
+  SELECT $(values "to_timestamp(($T0 + i * $STEP_S * 1000) / 1000.0)") FROM generate_series(0::bigint, $ROWS - 1) i;
 CREATE UNIQUE INDEX readings_dedup ON readings (device_id, epoch, seq);
 CREATE INDEX readings_device_ts ON readings (device_id, ts DESC);
 DELETE FROM energy_limits;
@@ -175,7 +188,7 @@ SQL
   measure "$url" postgres
 }
 
-echo "energy-year: $ROWS rows of 1 Hz, $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ)"
+echo "energy-year: $ROWS rows, one every $STEP_S s, $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ)"
 case "$WHICH" in
   sqlite) sqlite_run ;;
   postgres) postgres_run ;;
