@@ -28,15 +28,20 @@ pub(super) const ENERGY_SLOT_BEFORE: &str = "SELECT slot_ms, data FROM energy_sl
      ORDER BY slot_ms DESC LIMIT 1";
 
 /// Every slot `combine` needs for `[$3, $4)` (see `crate::energy`).
-const RANGE_SLOTS: &str = "SELECT slot_ms, data FROM energy_slots \
+///
+/// No `ORDER BY` over the union: the planner sorted the range again (on
+/// disk, beyond `work_mem`, for a meter-year) although the primary key
+/// already yields it in order. Each branch is ordered by its index and the
+/// caller sorts the (at most two) edge slots into place.
+const RANGE_SLOTS: &str = "(SELECT slot_ms, data FROM energy_slots \
      WHERE device_id = $1 AND meter = $2 AND slot_ms >= $3 AND slot_ms < $4 \
+     ORDER BY slot_ms) \
      UNION ALL (SELECT slot_ms, data FROM energy_slots \
      WHERE device_id = $1 AND meter = $2 AND has_energy AND slot_ms < $3 \
      ORDER BY slot_ms DESC LIMIT 1) \
      UNION ALL (SELECT slot_ms, data FROM energy_slots \
      WHERE device_id = $1 AND meter = $2 AND has_energy AND slot_ms >= $4 \
-     ORDER BY slot_ms LIMIT 1) \
-     ORDER BY slot_ms";
+     ORDER BY slot_ms LIMIT 1)";
 
 /// Columns of an exported reading.
 const EXPORT_COLUMNS: &str = "epoch, seq, ts, meter, voltage_v, current_a, power_w, energy_wh, \
@@ -312,7 +317,8 @@ impl EnergyStore for PgStore {
     ) -> Result<Vec<Slot>, StoreError> {
         self.ensure_energy()?;
         self.with(|c| {
-            c.client
+            let mut slots = c
+                .client
                 .query(RANGE_SLOTS, &[&device_id, &meter, &start_ms, &end_ms])
                 .map_err(db)?
                 .iter()
@@ -321,7 +327,11 @@ impl EnergyStore for PgStore {
                     let data: &[u8] = r.try_get(1).map_err(db)?;
                     slot_from(start, data)
                 })
-                .collect()
+                .collect::<Result<Vec<_>, _>>()?;
+            // Already in order but for the edge slots (a stable sort of a
+            // nearly sorted run is linear).
+            slots.sort_by_key(|s| s.start_ms);
+            Ok(slots)
         })
     }
 
