@@ -16,7 +16,7 @@ use crate::auth::revocation;
 use crate::config::Config;
 use crate::http::{self, ConnGuard};
 use crate::ingest::writer::{Writer, WriterConfig};
-use crate::metrics::Metrics;
+use crate::metrics::{FlagCounts, Metrics};
 use crate::mqtt::{MqttBridge, MqttError};
 use crate::state::Shared;
 use crate::store::{self, StoreError};
@@ -43,15 +43,25 @@ pub enum HubError {
 /// that does not answer leaves it to the last will).
 const MQTT_SHUTDOWN: Duration = Duration::from_secs(4);
 
-/// Opens one store handle (schema checks and migration block: off the
-/// async workers).
-async fn open_store(config: &Config) -> Result<Box<dyn store::Store>, HubError> {
+/// Opens one store handle and sets its energy limits (schema checks,
+/// migration and a slot rebuild block: off the async workers). The first
+/// handle a hub opens rebuilds the energy slots when they were built with
+/// other limits (or never); `flag_counts` is given to the writer's handle.
+async fn open_store(
+    config: &Config,
+    flag_counts: Option<Arc<FlagCounts>>,
+) -> Result<Box<dyn store::Store>, HubError> {
     let url = config.database.clone();
     let pg = config.pg.clone();
-    tokio::task::spawn_blocking(move || store::open_with(&url, &pg))
-        .await
-        .map_err(|e| HubError::Io(std::io::Error::other(e)))?
-        .map_err(HubError::from)
+    let limits = config.energy_limits;
+    tokio::task::spawn_blocking(move || {
+        let mut s = store::open_with(&url, &pg)?;
+        s.prepare_energy(limits, flag_counts)?;
+        Ok::<_, StoreError>(s)
+    })
+    .await
+    .map_err(|e| HubError::Io(std::io::Error::other(e)))?
+    .map_err(HubError::from)
 }
 
 /// Runs the hub on `listener` until `shutdown` completes, then shuts down
@@ -69,13 +79,13 @@ pub async fn run(
         .map(http::tls_acceptor)
         .transpose()
         .map_err(HubError::Tls)?;
-    let writer_store = open_store(&config).await?;
-    let auth_store = open_store(&config).await?;
+    let metrics = Arc::new(Metrics::new());
+    let writer_store = open_store(&config, Some(metrics.reading_flags.clone())).await?;
+    let auth_store = open_store(&config, None).await?;
     // Never waits on the broker: it connects in the background.
     let mqtt = config.mqtt_bridge().map(MqttBridge::spawn).transpose()?;
 
     let (queue_tx, queue_rx) = mpsc::channel(config.queue_capacity.max(1));
-    let metrics = Arc::new(Metrics::new());
     metrics.queue_capacity.store(
         config.queue_capacity.max(1) as i64,
         std::sync::atomic::Ordering::Relaxed,

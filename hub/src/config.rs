@@ -78,6 +78,13 @@ pub struct Config {
     // Quarantine.
     /// Per-device budget for storing refused frames in the quarantine.
     pub quarantine: QuarantineLimit,
+    /// The energy rule's limits (`--max-power-w`, `--max-gap-ms`): above
+    /// the power limit an energy jump is a glitch, beyond the gap limit an
+    /// interval does not count as coverage. The stored energy slots depend
+    /// on them: the hub rebuilds them at start when they change.
+    pub energy_limits: crate::energy::rule::Limits,
+    /// Time zone of energy rollups that do not name one (`--timezone`).
+    pub timezone: crate::energy::buckets::Zone,
 }
 
 impl std::fmt::Debug for Config {
@@ -92,6 +99,8 @@ impl std::fmt::Debug for Config {
             .field("pg", &self.pg)
             // Shows no password (`Secret`) and no URL credentials (refused).
             .field("mqtt", &self.mqtt)
+            .field("energy_limits", &self.energy_limits)
+            .field("timezone", &self.timezone.name())
             .finish_non_exhaustive()
     }
 }
@@ -187,6 +196,8 @@ impl Config {
             pg: Default::default(),
             mqtt: None,
             quarantine: QuarantineLimit::default(),
+            energy_limits: Default::default(),
+            timezone: crate::energy::buckets::Zone::utc(),
         }
     }
 

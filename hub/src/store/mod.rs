@@ -5,7 +5,9 @@
 //! [`AuthStore`] (token look-ups), [`AdminStore`] (provisioning),
 //! [`HistoryStore`] (reading back) and [`QuarantineStore`] (what was
 //! refused, see [`quarantine`]). Every backend implements all five,
-//! which makes it a [`Store`]. The hub opens two: one for the background
+//! which makes it a [`Store`] together with [`energy::EnergyStore`] (the
+//! energy slots the writer keeps, the rollup's and the export's reads).
+//! The hub opens two: one for the background
 //! writer thread, one for everything else (used from the blocking pool);
 //! the admin CLI opens one. Backends: `sqlite:PATH` (embedded, default)
 //! and `postgres://…`.
@@ -27,6 +29,7 @@
 //! `postgres://…` / `postgresql://…` ([`postgres`]).
 
 mod columns;
+pub mod energy;
 pub mod postgres;
 pub mod quarantine;
 pub mod sqlite;
@@ -90,6 +93,8 @@ pub struct StoredReading {
     pub reading: Reading,
     /// Hub receive time, Unix ms (`received_at`).
     pub received_at_ms: i64,
+    /// Plausibility flags ([`crate::energy::flags`]).
+    pub flags: u32,
 }
 
 /// A viewer token as the admin panel lists it (never the token itself).
@@ -259,10 +264,20 @@ pub trait HistoryStore: Send {
 
 /// A full database handle: every backend is one. See the module docs for
 /// the contract.
-pub trait Store: ReadingSink + AuthStore + AdminStore + HistoryStore + QuarantineStore {}
+pub trait Store:
+    ReadingSink + AuthStore + AdminStore + HistoryStore + QuarantineStore + energy::EnergyStore
+{
+}
 
-impl<T: ReadingSink + AuthStore + AdminStore + HistoryStore + QuarantineStore + ?Sized> Store
-    for T
+impl<
+        T: ReadingSink
+            + AuthStore
+            + AdminStore
+            + HistoryStore
+            + QuarantineStore
+            + energy::EnergyStore
+            + ?Sized,
+    > Store for T
 {
 }
 

@@ -11,6 +11,7 @@ mod browser;
 mod cli;
 mod dashboard;
 mod edge_losses;
+mod energy;
 mod frames;
 mod handshake;
 mod hardening;

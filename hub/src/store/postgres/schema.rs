@@ -9,8 +9,10 @@ use super::{pg_message, PgMode, PgOptions, TimescaleMode};
 /// The schema's history, oldest first: each entry upgrades a database of
 /// the previous version to its own. Append only — a released step is never
 /// edited, so every database reaches the same schema whatever version it
-/// started from. TimescaleDB mode is applied after the last step.
-const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_QUARANTINE)];
+/// started from. Versions need not be contiguous: a database runs every
+/// step above its version (3 is kept for another step). TimescaleDB mode
+/// is applied after the last step.
+const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_QUARANTINE), (4, SCHEMA_ENERGY)];
 
 /// Schema version this code writes and expects: the last migration's.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -85,6 +87,34 @@ CREATE INDEX quarantine_received ON quarantine (received_at DESC);
 CREATE INDEX quarantine_device_received ON quarantine (device_id, received_at DESC);
 ";
 
+/// Plausibility flags on every reading and the energy slots (see
+/// docs/storage/schema.md). Adding a column with a constant default does
+/// not rewrite the table; `flags` of the rows already stored start as 0 and
+/// are computed by the slot rebuild that the first hub start after the
+/// upgrade runs (`energy_limits` is empty until then).
+const SCHEMA_ENERGY: &str = "
+ALTER TABLE readings ADD COLUMN flags integer NOT NULL DEFAULT 0;
+CREATE TABLE energy_slots (
+    device_id  text    NOT NULL,
+    meter      text    NOT NULL,
+    slot_ms    bigint  NOT NULL,
+    has_energy boolean NOT NULL,
+    data       bytea   NOT NULL,
+    PRIMARY KEY (device_id, meter, slot_ms)
+);
+CREATE INDEX energy_slots_with_energy ON energy_slots (device_id, meter, slot_ms)
+    WHERE has_energy;
+CREATE TABLE energy_meters (
+    device_id text NOT NULL,
+    meter     text NOT NULL,
+    PRIMARY KEY (device_id, meter)
+);
+CREATE TABLE energy_limits (
+    max_power_w double precision NOT NULL,
+    max_gap_ms  bigint           NOT NULL
+);
+";
+
 /// The session-local staging table for binary COPY. Emptied at every
 /// commit (and discarded with a rolled-back transaction).
 pub(super) const CREATE_STAGE: &str = "
@@ -101,7 +131,8 @@ CREATE TEMP TABLE IF NOT EXISTS readings_stage (
     energy_wh          double precision,
     frequency_hz       double precision,
     power_factor       double precision,
-    reactive_power_var double precision
+    reactive_power_var double precision,
+    flags              integer NOT NULL
 ) ON COMMIT DELETE ROWS";
 
 /// Makes the `timescaledb` extension available in this database.
