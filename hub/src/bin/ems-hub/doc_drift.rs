@@ -202,6 +202,14 @@ fn default_of(expr: &str) -> Option<String> {
     if let Some(n) = arg("Duration::from_secs(") {
         return Some(format!("{n} s"));
     }
+    if expr == "QuarantineLimit::default()" {
+        let q = ems_hub::config::QuarantineLimit::default();
+        return Some(format!(
+            "{} bytes/s, {} MiB burst",
+            q.bytes_per_s,
+            q.burst_bytes / (1024.0 * 1024.0)
+        ));
+    }
     let n = expr.replace('_', "");
     n.chars().all(|c| c.is_ascii_digit()).then_some(n)
 }
@@ -234,6 +242,10 @@ fn default_forms() {
     );
     assert_eq!(default_of("100_000").as_deref(), Some("100000"));
     assert_eq!(default_of("RateLimit::default()"), None);
+    assert_eq!(
+        default_of("QuarantineLimit::default()").as_deref(),
+        Some("4096 bytes/s, 1 MiB burst")
+    );
     assert_eq!(normalize("100,000"), "100000");
     assert_eq!(normalize("20 000"), "20000");
     assert_eq!(normalize("5 ms"), "5 ms");
