@@ -17,7 +17,10 @@
 //!   transaction or none; a reading whose `(device_id, epoch, seq)` is
 //!   already stored is skipped (dedup), not an error, and so is a
 //!   quarantine row whose `(device_id, epoch, seq)` is already quarantined.
-//!   When it returns `Ok`, the rows are durable.
+//!   When it returns `Ok`, the rows are durable. Each stored reading's
+//!   plausibility `flags` and its meter's energy slots are written in the
+//!   same transaction ([`energy`]): a batch that fails leaves no slot
+//!   change behind, so a split batch counts only the rows that commit.
 //! - A failure is [`StoreError::Refused`] when the database refused the
 //!   data itself (the same rows fail the same way on every retry: the
 //!   writer isolates and quarantines them), [`StoreError::Db`] for

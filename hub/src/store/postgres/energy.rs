@@ -2,17 +2,18 @@
 //! and the export's pages ([`EnergyStore`]). The per-commit slot upkeep is
 //! in `insert.rs`.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
-use ems_shared::Reading;
 use postgres::Transaction;
 
 use super::insert::{ADD_METERS, UPSERT_SLOTS};
+use super::queries::reading_of;
 use super::time::{clamp_ms, PgTime};
 use super::{db, PgStore, MIGRATION_LOCK_KEY};
 use crate::energy::rule::{Limits, MeterReading, ReadingKey};
 use crate::energy::slots::Slot;
 use crate::metrics::FlagCounts;
+use crate::store::columns::{select_columns, AFTER_MEASUREMENTS};
 use crate::store::energy::{
     same_limits, EnergyStore, FlaggedReading, Prepared, RebuildRow, RebuildSink, Rebuilder,
 };
@@ -44,8 +45,16 @@ const RANGE_SLOTS: &str = "(SELECT slot_ms, data FROM energy_slots \
      ORDER BY slot_ms LIMIT 1)";
 
 /// Columns of an exported reading.
-const EXPORT_COLUMNS: &str = "epoch, seq, ts, meter, voltage_v, current_a, power_w, energy_wh, \
-     frequency_hz, power_factor, reactive_power_var, flags";
+static EXPORT_COLUMNS: LazyLock<String> = LazyLock::new(|| format!("{}, flags", select_columns()));
+
+/// Every reading in rebuild order: a reading's columns, then `flags` and
+/// `device_id`.
+static REBUILD_ROWS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {}, flags, device_id FROM readings ORDER BY device_id DESC, ts, epoch, seq",
+        select_columns()
+    )
+});
 
 /// Rows fetched per round trip while rebuilding.
 const REBUILD_FETCH: i32 = 50_000;
@@ -72,25 +81,9 @@ pub(super) fn meter_reading(r: &postgres::Row) -> Result<MeterReading, StoreErro
 }
 
 fn flagged(r: &postgres::Row) -> Result<FlaggedReading, StoreError> {
-    let epoch: i64 = r.try_get(0).map_err(db)?;
-    let seq: i64 = r.try_get(1).map_err(db)?;
-    let ts: PgTime = r.try_get(2).map_err(db)?;
-    let flags: i32 = r.try_get(11).map_err(db)?;
+    let flags: i32 = r.try_get(AFTER_MEASUREMENTS).map_err(db)?;
     Ok(FlaggedReading {
-        reading: Reading {
-            epoch: epoch as u64,
-            seq: seq as u64,
-            ts_ms: ts.0,
-            meter: r.try_get(3).map_err(db)?,
-            voltage_v: r.try_get(4).map_err(db)?,
-            current_a: r.try_get(5).map_err(db)?,
-            power_w: r.try_get(6).map_err(db)?,
-            energy_wh: r.try_get(7).map_err(db)?,
-            frequency_hz: r.try_get(8).map_err(db)?,
-            power_factor: r.try_get(9).map_err(db)?,
-            reactive_power_var: r.try_get(10).map_err(db)?,
-            ..Default::default()
-        },
+        reading: reading_of(r)?,
         flags: flags as u32,
     })
 }
@@ -214,41 +207,18 @@ impl PgStore {
         let mut buf = Buffer::default();
         // Any device order works (devices are independent); descending
         // follows the (device_id, ts DESC) index backwards.
-        let portal = tx
-            .bind(
-                "SELECT device_id, meter, ts, epoch, seq, voltage_v, current_a, power_w, \
-                 energy_wh, frequency_hz, power_factor, reactive_power_var, flags \
-                 FROM readings ORDER BY device_id DESC, ts, epoch, seq",
-                &[],
-            )
-            .map_err(db)?;
+        let portal = tx.bind(&*REBUILD_ROWS, &[]).map_err(db)?;
         loop {
             let rows = tx.query_portal(&portal, REBUILD_FETCH).map_err(db)?;
             if rows.is_empty() {
                 break;
             }
             for r in &rows {
-                let ts: PgTime = r.try_get(2).map_err(db)?;
-                let epoch: i64 = r.try_get(3).map_err(db)?;
-                let seq: i64 = r.try_get(4).map_err(db)?;
-                let flags: i32 = r.try_get(12).map_err(db)?;
+                let flags: i32 = r.try_get(AFTER_MEASUREMENTS).map_err(db)?;
                 let row = RebuildRow {
-                    device_id: r.try_get(0).map_err(db)?,
-                    reading: Reading {
-                        meter: r.try_get(1).map_err(db)?,
-                        ts_ms: ts.0,
-                        epoch: epoch as u64,
-                        seq: seq as u64,
-                        voltage_v: r.try_get(5).map_err(db)?,
-                        current_a: r.try_get(6).map_err(db)?,
-                        power_w: r.try_get(7).map_err(db)?,
-                        energy_wh: r.try_get(8).map_err(db)?,
-                        frequency_hz: r.try_get(9).map_err(db)?,
-                        power_factor: r.try_get(10).map_err(db)?,
-                        reactive_power_var: r.try_get(11).map_err(db)?,
-                        ..Default::default()
-                    },
+                    reading: reading_of(r)?,
                     flags: flags as u32,
+                    device_id: r.try_get(AFTER_MEASUREMENTS + 1).map_err(db)?,
                 };
                 rebuild.push(row, &mut buf)?;
             }
@@ -367,18 +337,20 @@ impl EnergyStore for PgStore {
             let rows = match after {
                 None => c.client.query(
                     &format!(
-                        "SELECT {EXPORT_COLUMNS} FROM readings \
+                        "SELECT {} FROM readings \
                          WHERE device_id = $1 AND ts >= $2 AND ts < $3 \
-                         ORDER BY ts, epoch, seq LIMIT $4"
+                         ORDER BY ts, epoch, seq LIMIT $4",
+                        *EXPORT_COLUMNS
                     ),
                     &[&device_id, &clamp_ms(from_ms), &to, &limit],
                 ),
                 Some(k) => c.client.query(
                     &format!(
-                        "SELECT {EXPORT_COLUMNS} FROM readings \
+                        "SELECT {} FROM readings \
                          WHERE device_id = $1 AND ts >= $2 AND ts < $3 \
                          AND (ts, epoch, seq) > ($2, $4, $5) \
-                         ORDER BY ts, epoch, seq LIMIT $6"
+                         ORDER BY ts, epoch, seq LIMIT $6",
+                        *EXPORT_COLUMNS
                     ),
                     &[
                         &device_id,

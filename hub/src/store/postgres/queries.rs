@@ -384,7 +384,7 @@ static SELECT_HISTORY_OLDEST: LazyLock<String> = LazyLock::new(|| select_history
 static SELECT_HISTORY_NEWEST: LazyLock<String> = LazyLock::new(|| select_history("DESC"));
 
 /// The reading in a row of [`crate::store::columns::select_columns`].
-fn reading_of(r: &postgres::Row) -> Result<Reading, StoreError> {
+pub(super) fn reading_of(r: &postgres::Row) -> Result<Reading, StoreError> {
     let epoch: i64 = r.try_get(0).map_err(db)?;
     let seq: i64 = r.try_get(1).map_err(db)?;
     let ts: PgTime = r.try_get(2).map_err(db)?;

@@ -2,15 +2,16 @@
 //! the export's pages ([`EnergyStore`]). The per-commit slot upkeep is in
 //! `insert.rs`.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
-use ems_shared::Reading;
 use rusqlite::{params, Transaction, TransactionBehavior};
 
+use super::queries::reading_of;
 use super::{db, SqliteStore};
 use crate::energy::rule::{Limits, MeterReading, ReadingKey};
 use crate::energy::slots::Slot;
 use crate::metrics::FlagCounts;
+use crate::store::columns::{select_columns, AFTER_MEASUREMENTS};
 use crate::store::energy::{
     same_limits, EnergyStore, FlaggedReading, Prepared, RebuildRow, RebuildSink, Rebuilder,
 };
@@ -40,9 +41,17 @@ const RANGE_SLOTS: &str = "SELECT slot_ms, data FROM energy_slots \
      ORDER BY slot_ms LIMIT 1) \
      ORDER BY slot_ms";
 
-/// Columns of an exported reading.
-const EXPORT_COLUMNS: &str = "epoch, seq, ts, meter, voltage_v, current_a, power_w, energy_wh, \
-     frequency_hz, power_factor, reactive_power_var, flags";
+/// Columns of an exported reading: a reading's, then `flags`.
+static EXPORT_COLUMNS: LazyLock<String> = LazyLock::new(|| format!("{}, flags", select_columns()));
+
+/// Every reading in rebuild order: a reading's columns, then `flags` and
+/// `device_id`.
+static REBUILD_ROWS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {}, flags, device_id FROM readings ORDER BY device_id, ts, epoch, seq",
+        select_columns()
+    )
+});
 
 /// A row of [`SLOT_READINGS`].
 pub(super) fn decode_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MeterReading> {
@@ -59,21 +68,8 @@ pub(super) fn decode_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MeterReading
 
 fn flagged(r: &rusqlite::Row<'_>) -> rusqlite::Result<FlaggedReading> {
     Ok(FlaggedReading {
-        reading: Reading {
-            epoch: r.get::<_, i64>(0)? as u64,
-            seq: r.get::<_, i64>(1)? as u64,
-            ts_ms: r.get(2)?,
-            meter: r.get(3)?,
-            voltage_v: r.get(4)?,
-            current_a: r.get(5)?,
-            power_w: r.get(6)?,
-            energy_wh: r.get(7)?,
-            frequency_hz: r.get(8)?,
-            power_factor: r.get(9)?,
-            reactive_power_var: r.get(10)?,
-            ..Default::default()
-        },
-        flags: r.get::<_, i64>(11)? as u32,
+        reading: reading_of(r)?,
+        flags: r.get::<_, i64>(AFTER_MEASUREMENTS)? as u32,
     })
 }
 
@@ -196,33 +192,14 @@ impl EnergyStore for SqliteStore {
         let mut rebuild = Rebuilder::new(limits, &what);
         {
             let mut sink = Sink { tx: &tx };
-            let mut stmt = tx
-                .prepare(
-                    "SELECT device_id, meter, ts, epoch, seq, voltage_v, current_a, power_w, \
-                     energy_wh, frequency_hz, power_factor, reactive_power_var, flags \
-                     FROM readings ORDER BY device_id, ts, epoch, seq",
-                )
-                .map_err(db)?;
+            let mut stmt = tx.prepare(&REBUILD_ROWS).map_err(db)?;
             let mut rows = stmt.query([]).map_err(db)?;
             while let Some(r) = rows.next().map_err(db)? {
                 let row = (|| -> rusqlite::Result<RebuildRow> {
                     Ok(RebuildRow {
-                        device_id: r.get(0)?,
-                        reading: Reading {
-                            meter: r.get(1)?,
-                            ts_ms: r.get(2)?,
-                            epoch: r.get::<_, i64>(3)? as u64,
-                            seq: r.get::<_, i64>(4)? as u64,
-                            voltage_v: r.get(5)?,
-                            current_a: r.get(6)?,
-                            power_w: r.get(7)?,
-                            energy_wh: r.get(8)?,
-                            frequency_hz: r.get(9)?,
-                            power_factor: r.get(10)?,
-                            reactive_power_var: r.get(11)?,
-                            ..Default::default()
-                        },
-                        flags: r.get::<_, i64>(12)? as u32,
+                        reading: reading_of(r)?,
+                        flags: r.get::<_, i64>(AFTER_MEASUREMENTS)? as u32,
+                        device_id: r.get(AFTER_MEASUREMENTS + 1)?,
                     })
                 })()
                 .map_err(db)?;
@@ -318,9 +295,10 @@ impl EnergyStore for SqliteStore {
                 let mut stmt = self
                     .conn
                     .prepare_cached(&format!(
-                        "SELECT {EXPORT_COLUMNS} FROM readings \
+                        "SELECT {} FROM readings \
                          WHERE device_id = ?1 AND ts >= ?2 AND ts < ?3 \
-                         ORDER BY ts, epoch, seq LIMIT ?4"
+                         ORDER BY ts, epoch, seq LIMIT ?4",
+                        *EXPORT_COLUMNS
                     ))
                     .map_err(db)?;
                 let rows = stmt
@@ -332,10 +310,11 @@ impl EnergyStore for SqliteStore {
                 let mut stmt = self
                     .conn
                     .prepare_cached(&format!(
-                        "SELECT {EXPORT_COLUMNS} FROM readings \
+                        "SELECT {} FROM readings \
                          WHERE device_id = ?1 AND ts >= ?2 AND ts < ?3 \
                          AND (ts > ?2 OR (epoch, seq) > (?4, ?5)) \
-                         ORDER BY ts, epoch, seq LIMIT ?6"
+                         ORDER BY ts, epoch, seq LIMIT ?6",
+                        *EXPORT_COLUMNS
                     ))
                     .map_err(db)?;
                 let rows = stmt

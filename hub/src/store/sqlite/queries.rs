@@ -361,7 +361,7 @@ static SELECT_HISTORY_OLDEST: LazyLock<String> = LazyLock::new(|| select_history
 static SELECT_HISTORY_NEWEST: LazyLock<String> = LazyLock::new(|| select_history("DESC"));
 
 /// The reading in a row of [`crate::store::columns::select_columns`].
-fn reading_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Reading> {
+pub(super) fn reading_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Reading> {
     let mut reading = Reading {
         epoch: r.get::<_, i64>(0)? as u64,
         seq: r.get::<_, i64>(1)? as u64,
