@@ -3,7 +3,8 @@
 # end to end against a real hub and a real Mosquitto. Not a benchmark: the
 # numbers are not checked, only that nothing was lost, nothing failed, and
 # the report has its histogram lines. The runs are bounded (~20 s in all,
-# hard timeouts); the release build comes first.
+# hard timeouts); the release build comes first. Then the energy-year
+# script on one day of readings (its checks: every bucket and row there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -104,4 +105,7 @@ echo "--- graceful hub shutdown (SIGTERM, exit 0)"
 kill -TERM "$hub_pid"
 wait "$hub_pid"
 hub_pid=""
+echo "--- energy-year script, smoke-sized (one day of 1 Hz readings, SQLite and PostgreSQL)"
+ROWS=86400 WORK="/var/tmp/ems-energy-year-smoke-$$" HUB="$(cd "$BIN" && pwd)/ems-hub" timeout 300 bench/scripts/energy-year.sh both
+
 echo "bench smoke: OK"

@@ -190,6 +190,7 @@
     renderDevices();
     loadDayStart(id);
     openSocket();
+    startEnergy(id);
     renderDetail();
   }
 
@@ -373,6 +374,7 @@
     var today = (typeof x.e === 'number' && live.dayStartEnergy !== null) ? (x.e - live.dayStartEnergy) / 1000 : null;
     $('v-energy').textContent = fmtNum(today, 2, 'kWh');
     drawChart();
+    drawEnergy();
   }
 
   // ---------------------------------------------------------------- chart
@@ -450,6 +452,7 @@
   }
 
   function stopLive() {
+    stopEnergy();
     closeSocket();
     clearInterval(live.listTimer);
     clearInterval(live.tickTimer);
@@ -457,6 +460,237 @@
     live.devices = {};
     resetSeries();
     show($('detail'), false);
+  }
+
+  // ---------------------------------------------------------------- energy
+  // Today by hour and the last 30 days by day, in the browser's time zone:
+  // the hub cuts the buckets at local boundaries (23- and 25-hour days
+  // included); the page sums the device's meters per bucket, marks buckets
+  // with gaps, counter resets and implausible jumps, and downloads the
+  // readings of a chart's range as CSV.
+  var ENERGY_REFRESH_MS = 60 * 1000;
+  var energy = { id: null, timer: null, charts: {} };
+
+  function browserZone() {
+    try { return Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC'; } catch (e) { return 'UTC'; }
+  }
+
+  function localMidnight(daysBack) {
+    var d = new Date();
+    d.setHours(0, 0, 0, 0);
+    d.setDate(d.getDate() - daysBack);
+    return d.getTime();
+  }
+
+  function localDate(ms) {
+    var d = new Date(ms);
+    function two(n) { return (n < 10 ? '0' : '') + n; }
+    return d.getFullYear() + '-' + two(d.getMonth() + 1) + '-' + two(d.getDate());
+  }
+
+  function startEnergy(id) {
+    stopEnergy();
+    energy.id = id;
+    show($('energy'), true);
+    $('csv-status').textContent = '';
+    loadEnergy();
+    energy.timer = setInterval(loadEnergy, ENERGY_REFRESH_MS);
+  }
+
+  function stopEnergy() {
+    clearInterval(energy.timer);
+    energy.timer = null;
+    energy.id = null;
+    energy.charts = {};
+    show($('energy'), false);
+  }
+
+  function loadEnergy() {
+    var id = energy.id;
+    if (!id) { return; }
+    var tz = browserZone();
+    $('energy-tz').textContent = 'local time: ' + tz;
+    var tomorrow = localMidnight(-1);
+    [['hours', 'hour', localMidnight(0)], ['days', 'day', localMidnight(29)]].forEach(function (c) {
+      var q = '?from_ms=' + c[2] + '&to_ms=' + tomorrow + '&bucket=' + c[1] + '&tz=' + encodeURIComponent(tz);
+      api('/api/devices/' + encodeURIComponent(id) + '/energy' + q, live.token).then(function (body) {
+        if (energy.id !== id) { return; }
+        energy.charts[c[0]] = { from: c[2], to: tomorrow, tz: body.tz, bars: mergeMeters(body.meters) };
+        drawEnergy();
+      }).catch(function (e) {
+        if (energy.id === id) { $('energy-note').textContent = 'Energy not available: ' + e.message; }
+      });
+    });
+  }
+
+  // One bar per bucket over all meters: energy and counts summed, coverage
+  // the lowest of the meters (a gap in any meter shows).
+  function mergeMeters(meters) {
+    var out = [];
+    meters.forEach(function (m) {
+      m.buckets.forEach(function (b, k) {
+        var o = out[k];
+        if (!o) {
+          o = out[k] = { start: b.start_ms, end: b.end_ms, wh: 0, samples: 0, coverage: 1, resets: 0, flagged: 0 };
+        }
+        o.wh += b.energy_wh;
+        o.samples += b.samples;
+        o.coverage = Math.min(o.coverage, b.coverage);
+        o.resets += b.resets;
+        o.flagged += b.flagged;
+      });
+    });
+    return out;
+  }
+
+  // A finished bucket whose readings do not cover all of it. The running
+  // bucket is still filling and later ones have not started: neither is
+  // a gap.
+  function isGap(b, now) { return b.end <= now && b.coverage < 0.999; }
+
+  function drawEnergy() {
+    if (!energy.id) { return; }
+    var now = Date.now();
+    var notes = [];
+    var totals = {};
+    [['hours', 'energy-hours', 'energy-today', 'hour'], ['days', 'energy-days', 'energy-month', 'day']].forEach(function (c) {
+      var chart = energy.charts[c[0]];
+      if (!chart) { return; }
+      var t = drawBars($(c[1]), chart.bars, c[3], now);
+      totals[c[0]] = t;
+      $(c[2]).textContent = chart.bars.length ? (t.wh / 1000).toFixed(2) + ' kWh' : '';
+    });
+    var h = totals.hours, d = totals.days;
+    function gaps(x, unit, when) {
+      var part = x.gaps - x.empty;
+      if (x.empty) { notes.push(when + x.empty + ' ' + unit + (x.empty === 1 ? '' : 's') + ' without readings'); when = ''; }
+      if (part) { notes.push(when + part + ' ' + unit + (part === 1 ? '' : 's') + ' with gaps'); }
+    }
+    if (h) { gaps(h, 'hour', 'today: '); }
+    if (d) { gaps(d, 'day', 'last 30 days: '); }
+    if (d && d.resets) { notes.push(d.resets + (d.resets === 1 ? ' counter reset' : ' counter resets')); }
+    if (d && d.flagged) { notes.push(d.flagged + (d.flagged === 1 ? ' implausible jump' : ' implausible jumps') + ' not counted'); }
+    if (d && !energy.charts.days.bars.length) { notes.push('no energy readings from this device yet'); }
+    $('energy-note').textContent = notes.length ? notes.join(' · ') : (d ? 'no gaps, resets or implausible jumps in the last 30 days' : '');
+  }
+
+  function drawBars(c, bars, unit, now) {
+    var dpr = window.devicePixelRatio || 1;
+    var w = c.clientWidth || 800, h = c.clientHeight || 200;
+    if (c.width !== Math.round(w * dpr) || c.height !== Math.round(h * dpr)) {
+      c.width = Math.round(w * dpr);
+      c.height = Math.round(h * dpr);
+    }
+    var g = c.getContext('2d');
+    g.setTransform(dpr, 0, 0, dpr, 0, 0);
+    g.clearRect(0, 0, w, h);
+    var css = getComputedStyle(document.documentElement);
+    function color(name, dflt) { return css.getPropertyValue(name).trim() || dflt; }
+    var padL = 52, padR = 12, padT = 16, padB = 22;
+    var plotH = h - padT - padB;
+    var t = { wh: 0, gaps: 0, empty: 0, resets: 0, flagged: 0 };
+    var max = 0;
+    bars.forEach(function (b) {
+      t.wh += b.wh;
+      t.resets += b.resets;
+      t.flagged += b.flagged;
+      if (isGap(b, now)) { t.gaps++; if (!b.samples) { t.empty++; } }
+      max = Math.max(max, b.wh / 1000);
+    });
+    g.font = '11px system-ui, sans-serif';
+    g.lineWidth = 1;
+    if (!bars.length) {
+      g.fillStyle = color('--muted', '#6b7485');
+      g.fillText('no energy readings in this range', padL + 10, padT + 20);
+    } else {
+      // Value axis: four steps of a round size.
+      var step = Math.pow(10, Math.floor(Math.log10(Math.max(max, 0.001) / 4)));
+      [1, 2, 5, 10].some(function (m) { if (step * m * 4 >= max) { step *= m; return true; } return false; });
+      var top = step * 4;
+      g.strokeStyle = '#eceff3';
+      g.fillStyle = color('--muted', '#6b7485');
+      for (var k = 0; k <= 4; k++) {
+        var gy = padT + plotH - plotH * k / 4;
+        g.beginPath(); g.moveTo(padL, gy); g.lineTo(w - padR, gy); g.stroke();
+        g.fillText((step * k).toFixed(step < 0.1 ? 2 : step < 1 ? 1 : 0) + ' kWh', 2, gy + 4);
+      }
+      var bw = (w - padL - padR) / bars.length;
+      bars.forEach(function (b, i) {
+        var x = padL + i * bw;
+        var d = new Date(b.start);
+        var label = unit === 'hour'
+          ? (d.getHours() % 3 === 0 && d.getMinutes() === 0 ? String(d.getHours()) + 'h' : null)
+          : ((bars.length - 1 - i) % 5 === 0 ? d.toLocaleDateString(undefined, { month: 'short', day: 'numeric' }) : null);
+        if (label) {
+          g.fillStyle = color('--muted', '#6b7485');
+          g.fillText(label, x, h - 6);
+        }
+        if (b.start > now) { return; }
+        if (isGap(b, now)) {
+          // The whole column: grey without readings, else amber, stronger
+          // the less of the bucket the readings cover.
+          g.globalAlpha = b.samples ? 0.35 + 0.65 * (1 - b.coverage) : 1;
+          g.fillStyle = b.samples ? color('--gap', '#f3c98b') : color('--nodata', '#e6e9ee');
+          g.fillRect(x + 1, padT, Math.max(1, bw - 2), plotH);
+          g.globalAlpha = 1;
+        }
+        var bh = b.wh / 1000 / top * plotH;
+        g.fillStyle = color('--e', '#2e7d32');
+        g.fillRect(x + 1, padT + plotH - bh, Math.max(1, bw - 2), bh);
+        var mark = padT + plotH - bh - 3;
+        if (b.resets) {
+          g.fillStyle = color('--bad', '#b3261e');
+          g.fillText('\u25BC', x + bw / 2 - 4, Math.max(padT, mark));
+          mark -= 11;
+        }
+        if (b.flagged) {
+          g.fillStyle = color('--warn', '#a86400');
+          g.fillText('!', x + bw / 2 - 2, Math.max(padT, mark));
+        }
+      });
+    }
+    // What the chart shows, for tests and tools reading the page.
+    c.dataset.bars = String(bars.length);
+    c.dataset.gaps = String(t.gaps);
+    c.dataset.empty = String(t.empty);
+    c.dataset.resets = String(t.resets);
+    c.dataset.flagged = String(t.flagged);
+    c.dataset.kwh = (t.wh / 1000).toFixed(3);
+    c.dataset.first = bars.length ? String(bars[0].start) : '';
+    return t;
+  }
+
+  // The readings of a chart's range as CSV. The token goes in the header,
+  // so the file is fetched here and handed to the browser as a blob.
+  function downloadCsv(which) {
+    var chart = energy.charts[which];
+    var id = energy.id;
+    if (!chart || !id) { return; }
+    var to = Math.min(chart.to, Date.now() + 1);
+    var name = id + '_' + localDate(chart.from) + (which === 'days' ? '_' + localDate(to - 1) : '') + '.csv';
+    var status = $('csv-status');
+    status.textContent = 'preparing ' + name + '\u2026';
+    fetch('/api/devices/' + encodeURIComponent(id) + '/readings.csv?from_ms=' + chart.from + '&to_ms=' + to, {
+      headers: { 'Authorization': 'Bearer ' + live.token },
+      cache: 'no-store',
+      credentials: 'omit',
+      referrerPolicy: 'no-referrer'
+    }).then(function (r) {
+      if (!r.ok) { throw new Error('HTTP ' + r.status); }
+      return r.blob();
+    }).then(function (blob) {
+      var url = URL.createObjectURL(blob);
+      var a = document.createElement('a');
+      a.href = url;
+      a.download = name;
+      document.body.appendChild(a);
+      a.click();
+      a.remove();
+      setTimeout(function () { URL.revokeObjectURL(url); }, 60000);
+      status.textContent = 'saved ' + name + ' (' + (blob.size / 1024).toFixed(1) + ' kB)';
+    }).catch(function (e) {
+      status.textContent = 'CSV download failed: ' + e.message;
+    });
   }
 
   // ---------------------------------------------------------------- admin
@@ -637,6 +871,8 @@
       $('secret-copy').textContent = 'Copy';
       show($('secret'), false);
     });
+    $('csv-hours').addEventListener('click', function () { downloadCsv('hours'); });
+    $('csv-days').addEventListener('click', function () { downloadCsv('days'); });
     window.addEventListener('resize', scheduleRender);
     selectTab('live');
     startLive();

@@ -26,7 +26,7 @@ use crate::auth::revocation;
 use crate::config::Config;
 use crate::http::{self, ConnGuard};
 use crate::ingest::writer::{Item, Writer, WriterConfig};
-use crate::metrics::Metrics;
+use crate::metrics::{FlagCounts, Metrics};
 use crate::mqtt::{MqttBridge, MqttError};
 use crate::state::{Opener, Shared, StoreHandle};
 use crate::store::{self, StoreError};
@@ -60,8 +60,27 @@ const FIRST_OPEN_WAIT: Duration = Duration::from_secs(2);
 /// How often a writer without a store connection tries to open one.
 const WRITER_OPEN_RETRY: Duration = Duration::from_secs(1);
 
-/// Opens the store of `config` (migrating it), off the async workers.
-fn opener(config: &Config) -> Opener {
+/// Opens the store of `config` (migrating it) and sets its energy limits
+/// (the first handle of a hub rebuilds the energy slots when they were
+/// built with other limits, or never); `flag_counts` is given to the
+/// writer's handle. Blocking: run off the async workers.
+fn opener(config: &Config, flag_counts: Option<Arc<FlagCounts>>) -> Opener {
+    let (url, pg, limits) = (
+        config.database.clone(),
+        config.pg.clone(),
+        config.energy_limits,
+    );
+    Box::new(move || {
+        let mut s = store::open_with(&url, &pg)?;
+        s.prepare_energy(limits, flag_counts.clone())?;
+        Ok(s)
+    })
+}
+
+/// Opens the store of `config` (migrating it) without the energy
+/// preparation: the part of [`opener`] that tells whether the database
+/// answers.
+fn connector(config: &Config) -> Opener {
     let (url, pg) = (config.database.clone(), config.pg.clone());
     Box::new(move || store::open_with(&url, &pg))
 }
@@ -76,13 +95,26 @@ async fn open_blocking(open: Arc<Mutex<Opener>>) -> Result<Box<dyn store::Store>
     .map_err(|e| StoreError::Db(format!("opening the store: {e}")))?
 }
 
-/// The first store connection: `Some` when open, `None` when the database
-/// cannot be reached yet (it is tried again later), an error when it
-/// never will be.
-async fn first_open(config: &Config) -> Result<Option<Box<dyn store::Store>>, HubError> {
-    let open = Arc::new(Mutex::new(opener(config)));
+/// The first store connection (the writer's): `Some` when open, `None`
+/// when the database cannot be reached yet (it is tried again later), an
+/// error when it never will be. Only reaching the database is bounded by
+/// [`FIRST_OPEN_WAIT`]; a slot rebuild after it may take longer.
+async fn first_open(
+    config: &Config,
+    flag_counts: Arc<FlagCounts>,
+) -> Result<Option<Box<dyn store::Store>>, HubError> {
+    let open = Arc::new(Mutex::new(connector(config)));
     match tokio::time::timeout(FIRST_OPEN_WAIT, open_blocking(open)).await {
-        Ok(Ok(store)) => Ok(Some(store)),
+        Ok(Ok(mut store)) => {
+            let limits = config.energy_limits;
+            let store = tokio::task::spawn_blocking(move || {
+                store.prepare_energy(limits, Some(flag_counts))?;
+                Ok::<_, StoreError>(store)
+            })
+            .await
+            .map_err(|e| HubError::Io(std::io::Error::other(e)))??;
+            Ok(Some(store))
+        }
         Ok(Err(e @ StoreError::Unreachable { .. })) => {
             log::error!("{e}; starting without it, not ready until it answers");
             Ok(None)
@@ -102,11 +134,11 @@ async fn first_open(config: &Config) -> Result<Option<Box<dyn store::Store>>, Hu
 /// answered at start, else opened on first use once it does.
 async fn handle(config: &Config, up: bool) -> Result<StoreHandle, HubError> {
     if up {
-        let open = Arc::new(Mutex::new(opener(config)));
+        let open = Arc::new(Mutex::new(opener(config, None)));
         Ok(StoreHandle::new(open_blocking(open).await?))
     } else {
         Ok(StoreHandle::opening(
-            opener(config),
+            opener(config, None),
             "the database has not answered yet".into(),
         ))
     }
@@ -151,7 +183,8 @@ fn start_writer(
         }
         None => {
             metrics.store_writer_ok.store(0, Ordering::Relaxed);
-            let open = Arc::new(Mutex::new(opener(config)));
+            let flags = metrics.reading_flags.clone();
+            let open = Arc::new(Mutex::new(opener(config, Some(flags))));
             let slot2 = slot.clone();
             tokio::spawn(async move {
                 let mut stopping = stop.clone();
@@ -204,7 +237,8 @@ pub async fn run(
     // Three connections: the writer's, the tokens' (the revocation poll
     // alone uses it, so authentication never waits behind other store
     // work), and the one everything else shares.
-    let writer_store = first_open(&config).await?;
+    let metrics = Arc::new(Metrics::new());
+    let writer_store = first_open(&config, metrics.reading_flags.clone()).await?;
     let up = writer_store.is_some();
     let auth_store = handle(&config, up).await?;
     let shared_store = handle(&config, up).await?;
@@ -212,7 +246,6 @@ pub async fn run(
     let mqtt = config.mqtt_bridge().map(MqttBridge::spawn).transpose()?;
 
     let (queue_tx, queue_rx) = mpsc::channel(config.queue_capacity.max(1));
-    let metrics = Arc::new(Metrics::new());
     metrics
         .queue_capacity
         .store(config.queue_capacity.max(1) as i64, Ordering::Relaxed);

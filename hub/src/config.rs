@@ -100,6 +100,13 @@ pub struct Config {
     /// Tell systemd about readiness, liveness and shutdown (`sd_notify`:
     /// READY=1, WATCHDOG=1, STOPPING=1); the binary turns it on.
     pub sd_notify: bool,
+    /// The energy rule's limits (`--max-power-w`, `--max-gap-ms`): above
+    /// the power limit an energy jump is a glitch, beyond the gap limit an
+    /// interval does not count as coverage. The stored energy slots depend
+    /// on them: the hub rebuilds them at start when they change.
+    pub energy_limits: crate::energy::rule::Limits,
+    /// Time zone of energy rollups that do not name one (`--timezone`).
+    pub timezone: crate::energy::buckets::Zone,
 }
 
 impl std::fmt::Debug for Config {
@@ -114,6 +121,8 @@ impl std::fmt::Debug for Config {
             .field("pg", &self.pg)
             // Shows no password (`Secret`) and no URL credentials (refused).
             .field("mqtt", &self.mqtt)
+            .field("energy_limits", &self.energy_limits)
+            .field("timezone", &self.timezone.name())
             .finish_non_exhaustive()
     }
 }
@@ -215,6 +224,8 @@ impl Config {
             auth_grace: Duration::from_secs(30),
             metrics_listen: None,
             sd_notify: false,
+            energy_limits: Default::default(),
+            timezone: crate::energy::buckets::Zone::utc(),
         }
     }
 

@@ -203,6 +203,8 @@ pub struct Metrics {
     pub quarantine: QuarantineMetrics,
     /// Write deadlines, limits, and the tokens held in memory.
     pub hardening: Hardening,
+    /// Stored readings by plausibility flag (the writer's store bumps it).
+    pub reading_flags: std::sync::Arc<FlagCounts>,
 }
 
 impl Default for Metrics {
@@ -242,6 +244,7 @@ impl Metrics {
             store_poll_ok: AtomicI64::new(1),
             quarantine: QuarantineMetrics::default(),
             hardening: Hardening::default(),
+            reading_flags: Default::default(),
         }
     }
 
@@ -551,6 +554,7 @@ impl Metrics {
         edge.render_losses(&mut o);
         self.quarantine.render(&mut o);
         self.hardening.render(&mut o);
+        self.reading_flags.render(&mut o);
         o
     }
 
@@ -682,6 +686,41 @@ impl Hardening {
             "ems_tokens_held {}",
             self.tokens_held.load(Ordering::Relaxed).max(0)
         );
+    }
+}
+
+/// Stored readings by plausibility flag (`ems_reading_flags_total`): one
+/// counter per bit of [`crate::energy::flags::ALL`], bumped once per
+/// stored reading that has the bit (a resent duplicate is not stored and
+/// not counted). A reading with two flags counts under both.
+#[derive(Debug, Default)]
+pub struct FlagCounts([AtomicU64; 4]);
+
+impl FlagCounts {
+    /// Adds the counts of one commit (in [`crate::energy::flags::ALL`]
+    /// order).
+    pub fn add(&self, counts: &[u64; 4]) {
+        for (c, n) in self.0.iter().zip(counts) {
+            if *n > 0 {
+                c.fetch_add(*n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The count of each flag, in [`crate::energy::flags::ALL`] order.
+    pub fn get(&self) -> [u64; 4] {
+        std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed))
+    }
+
+    fn render(&self, o: &mut String) {
+        let _ = writeln!(
+            o,
+            "# HELP ems_reading_flags_total Stored readings by plausibility flag.\n\
+             # TYPE ems_reading_flags_total counter"
+        );
+        for ((_, name), n) in crate::energy::flags::ALL.iter().zip(self.get()) {
+            let _ = writeln!(o, "ems_reading_flags_total{{flag=\"{name}\"}} {n}");
+        }
     }
 }
 
@@ -875,6 +914,11 @@ mod tests {
         assert!(text.contains("ems_quarantined_total{reason=\"out_of_range\"} 0"));
         assert!(text.contains("ems_store_readings_abandoned_total 0"));
         assert!(text.contains("ems_edge_dropped_readings_sum{cause=\"disk_full\"} 0"));
+        m.reading_flags.add(&[0, 2, 0, 1]);
+        let text = m.render(&EdgeSummary::default());
+        assert!(text.contains("ems_reading_flags_total{flag=\"frequency_range\"} 2"));
+        assert!(text.contains("ems_reading_flags_total{flag=\"counter_reset\"} 1"));
+        assert!(text.contains("ems_reading_flags_total{flag=\"power_mismatch\"} 0"));
         // Every sample line is `name{labels} value` with a numeric value.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let v = line.rsplit(' ').next().unwrap();

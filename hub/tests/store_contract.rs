@@ -5,6 +5,9 @@
 //! `backend_suite!` macro turns every case into a `#[test]` per backend, so
 //! a backend cannot silently skip one.
 
+#[path = "store_contract/energy_cases.rs"]
+mod energy_cases;
+
 use std::sync::Arc;
 
 use ems_hub::store::{self, Row, Store};
@@ -43,6 +46,7 @@ pub fn row(device: &str, epoch: u64, seq: u64, ts_ms: i64) -> Row {
 
 pub mod contract {
     use super::*;
+    pub use crate::energy_cases::*;
     use ems_hub::admin::Admin;
     use ems_hub::auth::token;
     use ems_hub::store::{QuarantineRow, StoreError, ViewerScope};
@@ -596,6 +600,12 @@ macro_rules! backend_suite {
                 data_survives_reopen,
                 database_never_holds_a_plaintext_token,
                 the_token_change_counter_moves_with_every_token_change,
+                flags_are_stored_counted_and_listed,
+                energy_equals_brute_force_with_late_and_resent_readings,
+                energy_local_days_dst_and_odd_offsets,
+                energy_before_1972_is_answered_from_raw_rows,
+                export_pages_in_key_order,
+                a_refused_batch_split_counts_only_committed_rows,
             );
         }
     };
@@ -710,6 +720,7 @@ mod postgres_only {
             ("frequency_hz", "double precision"),
             ("power_factor", "double precision"),
             ("reactive_power_var", "double precision"),
+            ("flags", "integer"),
         ];
         let got: Vec<(&str, &str)> = types
             .iter()
@@ -938,13 +949,16 @@ mod postgres_only {
         let mut s = PgStore::open(&db.url, &PgOptions::default()).unwrap();
         s.insert_batch(&[row("d1", 1, 1, 10)]).unwrap();
         drop(s);
-        // Version 1 is today's schema without migrations 2 (the quarantine
-        // table) and 3 (the token change counter: its table, function and
-        // triggers).
+        // Version 1 is today's schema without the later steps: 2 (the
+        // quarantine table), 3 (the token change counter: its table,
+        // function and triggers) and 4 (the energy step's column and
+        // tables).
         let mut c = admin(&db.url);
         c.batch_execute(
             "DROP TABLE quarantine; \
              DROP FUNCTION ems_token_changed() CASCADE; DROP TABLE token_changes; \
+             ALTER TABLE readings DROP COLUMN flags; \
+             DROP TABLE energy_slots, energy_meters, energy_limits; \
              DELETE FROM schema_version; \
              INSERT INTO schema_version (version) VALUES (1);",
         )

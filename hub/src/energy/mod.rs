@@ -95,7 +95,10 @@
 //! ORDER BY slot_ms
 //! ```
 //!
-//! then [`slots::Slot::decode`] each row and [`slots::combine`]. If a
+//! (PostgreSQL orders the first branch and the caller sorts the two edge
+//! slots into place instead of the outer `ORDER BY`, which made the planner
+//! sort a meter-year of slots again.) Then [`slots::Slot::decode`] each row
+//! and [`slots::combine`]. If a
 //! bucket is not on the slot grid (zones whose offset is not a multiple of
 //! 15 minutes: Africa/Monrovia before 1972, Pacific/Kiritimati before
 //! 1979-10, local mean times), `combine` answers [`slots::SlotError::Unaligned`]

@@ -7,17 +7,38 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use http_body_util::Either;
 use hyper::body::Incoming;
-use hyper::{Method, Request, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 
+use super::api::export::Body2;
 use super::upgrade::{self, Side};
 use super::{api, probes, text, web, ConnGuard, Resp};
 use crate::auth::handshake::{self, Route};
 use crate::metrics::Handshake;
 use crate::state::Shared;
 
-/// Answers one request.
+/// Answers one request: the streamed CSV export here (its body is a
+/// stream), everything else through [`dispatch_whole`].
 pub(super) async fn dispatch(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    guard: ConnGuard,
+) -> Response<Body2> {
+    if api::export::is_route(&req) {
+        if let Some(refused) = query_rule(&req, peer) {
+            return refused.map(Either::Left);
+        }
+        return api::export::readings_csv(req, peer, shared).await;
+    }
+    dispatch_whole(req, peer, shared, guard)
+        .await
+        .map(Either::Left)
+}
+
+/// Answers one request whose answer is a whole body.
+async fn dispatch_whole(
     req: Request<Incoming>,
     peer: SocketAddr,
     shared: Arc<Shared>,

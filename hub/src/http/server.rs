@@ -268,7 +268,7 @@ where
                     let mut r = answer();
                     r.headers_mut()
                         .insert(CONNECTION, HeaderValue::from_static("close"));
-                    r
+                    r.map(http_body_util::Either::Left)
                 }
             };
             Ok::<_, Infallible>(resp)

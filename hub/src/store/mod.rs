@@ -5,20 +5,25 @@
 //! [`AuthStore`] (token look-ups), [`AdminStore`] (provisioning),
 //! [`HistoryStore`] (reading back), [`QuarantineStore`] (what was
 //! refused, see [`quarantine`]), [`TokenStore`] (the change counter, the
-//! snapshot of every valid token, admin token management) and
-//! [`LookupStore`] (bounded look-ups for viewers). Every backend
-//! implements all of them, which makes it a [`Store`]. The hub opens
-//! three: one for the background writer thread, one for the token
-//! snapshot and its change counter, one for everything else (used from the
-//! blocking pool); the admin CLI opens one. Backends: `sqlite:PATH`
-//! (embedded, default) and `postgres://…`.
+//! snapshot of every valid token, admin token management),
+//! [`LookupStore`] (bounded look-ups for viewers) and
+//! [`energy::EnergyStore`] (the energy slots the writer keeps, the
+//! rollup's and the export's reads). Every backend implements all of
+//! them, which makes it a [`Store`]. The hub opens three: one for the
+//! background writer thread, one for the token snapshot and its change
+//! counter, one for everything else (used from the blocking pool); the
+//! admin CLI opens one. Backends: `sqlite:PATH` (embedded, default) and
+//! `postgres://…`.
 //!
 //! Contract kept by every backend:
 //! - `write_batch` commits all readings and quarantine rows in one
 //!   transaction or none; a reading whose `(device_id, epoch, seq)` is
 //!   already stored is skipped (dedup), not an error, and so is a
 //!   quarantine row whose `(device_id, epoch, seq)` is already quarantined.
-//!   When it returns `Ok`, the rows are durable.
+//!   When it returns `Ok`, the rows are durable. Each stored reading's
+//!   plausibility `flags` and its meter's energy slots are written in the
+//!   same transaction ([`energy`]): a batch that fails leaves no slot
+//!   change behind, so a split batch counts only the rows that commit.
 //! - A failure is [`StoreError::Refused`] when the database refused the
 //!   data itself (the same rows fail the same way on every retry: the
 //!   writer isolates and quarantines them), [`StoreError::Db`] for
@@ -30,6 +35,7 @@
 //! `postgres://…` / `postgresql://…` ([`postgres`]).
 
 mod columns;
+pub mod energy;
 mod lookups;
 pub mod postgres;
 pub mod quarantine;
@@ -99,6 +105,8 @@ pub struct StoredReading {
     pub reading: Reading,
     /// Hub receive time, Unix ms (`received_at`).
     pub received_at_ms: i64,
+    /// Plausibility flags ([`crate::energy::flags`]).
+    pub flags: u32,
 }
 
 /// A viewer token as the admin panel lists it (never the token itself).
@@ -282,7 +290,14 @@ pub trait HistoryStore: Send {
 /// A full database handle: every backend is one. See the module docs for
 /// the contract.
 pub trait Store:
-    ReadingSink + AuthStore + AdminStore + HistoryStore + QuarantineStore + TokenStore + LookupStore
+    ReadingSink
+    + AuthStore
+    + AdminStore
+    + HistoryStore
+    + QuarantineStore
+    + TokenStore
+    + LookupStore
+    + energy::EnergyStore
 {
 }
 
@@ -294,6 +309,7 @@ impl<
             + QuarantineStore
             + TokenStore
             + LookupStore
+            + energy::EnergyStore
             + ?Sized,
     > Store for T
 {

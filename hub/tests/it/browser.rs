@@ -1,8 +1,9 @@
 //! The dashboard page end to end in a real headless Chromium, driven over
 //! WebDriver (chromedriver + fantoccini): a viewer pastes a token, picks
 //! up the device list, and a reading a test device sends shows up on the
-//! page. A screenshot is kept at `target/ems-dashboard.png` (and copied to
-//! `docs/dashboard.png` for the README when that is missing or
+//! page; and the energy charts in the browser's time zone with their CSV
+//! download. Screenshots are kept at `target/ems-dashboard*.png` (and copied to
+//! `docs/dashboard.png` and `docs/dashboard-energy.png` when missing or
 //! `EMS_UPDATE_SCREENSHOT=1`).
 //!
 //! Needs Debian's `chromium` and `chromium-driver`. When they are missing
@@ -62,19 +63,9 @@ async fn wait_for_text(c: &fantoccini::Client, css: &str, want: &str) -> String 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn page_shows_a_live_reading_in_headless_chromium() {
-    let Some(chromium) = find(&[
-        "/usr/bin/chromium",
-        "/usr/bin/chromium-browser",
-        "/usr/bin/google-chrome",
-    ]) else {
-        return skip("chromium is not installed");
+    let Some((chromium, chromedriver)) = browser_binaries() else {
+        return;
     };
-    let Some(chromedriver) = find(&["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"])
-    else {
-        return skip("chromedriver (chromium-driver) is not installed");
-    };
-    let _ = rustls::crypto::ring::default_provider().install_default();
-
     let hub = TestHub::start().await;
     let token = hub.add_device("ems_001");
     let viewer = hub.add_viewer("wall", &["ems_001"]);
@@ -104,21 +95,72 @@ async fn page_shows_a_live_reading_in_headless_chromium() {
     }
     wait_ack(&mut dev, 1, 39).await;
 
-    let port = free_port();
-    let profile = tempfile::tempdir().unwrap();
-    let child = Command::new(&chromedriver)
-        .arg(format!("--port={port}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    let _driver = match child {
-        Ok(c) => Driver(c),
-        Err(e) => return skip(&format!("chromedriver does not start: {e}")),
+    let Some(browser) = Browser::launch(&chromium, &chromedriver, None, None).await else {
+        return;
     };
-    let caps: serde_json::Map<String, serde_json::Value> = serde_json::from_value(serde_json::json!({
-        "browserName": "chrome",
-        "goog:chromeOptions": {
+    let client = &browser.client;
+    let admin = hub.admin().add_admin("ops").unwrap();
+    let result = drive(client, &hub, &mut dev, &viewer, &admin).await;
+    let _ = browser.client.clone().close().await;
+    result.unwrap();
+}
+
+/// A WebDriver session in headless Chromium (and the chromedriver that
+/// drives it, killed on drop).
+struct Browser {
+    client: fantoccini::Client,
+    _driver: Driver,
+    _profile: tempfile::TempDir,
+}
+
+/// The browser and driver binaries, or `None` after a SKIP (or a panic
+/// under `EMS_REQUIRE_BROWSER=1`).
+fn browser_binaries() -> Option<(PathBuf, PathBuf)> {
+    let Some(chromium) = find(&[
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+        "/usr/bin/google-chrome",
+    ]) else {
+        skip("chromium is not installed");
+        return None;
+    };
+    let Some(chromedriver) = find(&["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"])
+    else {
+        skip("chromedriver (chromium-driver) is not installed");
+        return None;
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Some((chromium, chromedriver))
+}
+
+impl Browser {
+    /// Starts chromedriver and a session; `tz` sets the browser's time
+    /// zone (the `TZ` the browser inherits), `downloads` where downloaded
+    /// files go.
+    async fn launch(
+        chromium: &Path,
+        chromedriver: &Path,
+        tz: Option<&str>,
+        downloads: Option<&Path>,
+    ) -> Option<Browser> {
+        let port = free_port();
+        let profile = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(chromedriver);
+        cmd.arg(format!("--port={port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(tz) = tz {
+            cmd.env("TZ", tz);
+        }
+        let _driver = match cmd.spawn() {
+            Ok(c) => Driver(c),
+            Err(e) => {
+                skip(&format!("chromedriver does not start: {e}"));
+                return None;
+            }
+        };
+        let mut options = serde_json::json!({
             "binary": chromium,
             "args": [
                 "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -126,27 +168,39 @@ async fn page_shows_a_live_reading_in_headless_chromium() {
                 "--disable-dev-shm-usage", "--window-size=1100,900",
                 format!("--user-data-dir={}", profile.path().display()),
             ]
+        });
+        if let Some(dir) = downloads {
+            options["prefs"] = serde_json::json!({
+                "download.default_directory": dir,
+                "download.prompt_for_download": false,
+            });
         }
-    }))
-    .unwrap();
-    // chromedriver needs a moment to listen.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let client = loop {
-        match ClientBuilder::rustls()
-            .expect("rustls WebDriver client")
-            .capabilities(caps.clone())
-            .connect(&format!("http://127.0.0.1:{port}"))
-            .await
-        {
-            Ok(c) => break c,
-            Err(e) if Instant::now() > deadline => panic!("cannot start a WebDriver session: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
-        }
-    };
-    let admin = hub.admin().add_admin("ops").unwrap();
-    let result = drive(&client, &hub, &mut dev, &viewer, &admin).await;
-    let _ = client.close().await;
-    result.unwrap();
+        let caps: serde_json::Map<String, serde_json::Value> = serde_json::from_value(
+            serde_json::json!({ "browserName": "chrome", "goog:chromeOptions": options }),
+        )
+        .unwrap();
+        // chromedriver needs a moment to listen.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let client = loop {
+            match ClientBuilder::rustls()
+                .expect("rustls WebDriver client")
+                .capabilities(caps.clone())
+                .connect(&format!("http://127.0.0.1:{port}"))
+                .await
+            {
+                Ok(c) => break c,
+                Err(e) if Instant::now() > deadline => {
+                    panic!("cannot start a WebDriver session: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+            }
+        };
+        Some(Browser {
+            client,
+            _driver,
+            _profile: profile,
+        })
+    }
 }
 
 async fn drive(
@@ -260,4 +314,205 @@ async fn drive(
     let png = c.screenshot().await?;
     std::fs::write(dir.join("ems-admin.png"), &png).unwrap();
     Ok(())
+}
+
+/// Runs a script in the page and returns its string result.
+async fn page_str(c: &fantoccini::Client, script: &str) -> String {
+    let v = c.execute(script, vec![]).await.unwrap();
+    v.as_str().unwrap_or_default().to_owned()
+}
+
+/// The energy charts in the browser's own time zone (Asia/Kathmandu,
+/// +05:45, given to the browser as `TZ`): today by hour and the last 30
+/// days by day start at local midnight, a day with a gap, a counter reset
+/// and an implausible jump are marked, the totals are the hub's answer for
+/// that zone, and "Download CSV" saves the readings of the range. Keeps a
+/// screenshot of the energy card (`docs/dashboard-energy.png` when missing
+/// or `EMS_UPDATE_SCREENSHOT=1`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn energy_charts_in_the_browsers_time_zone() {
+    const TZ: &str = "Asia/Kathmandu";
+    const H: i64 = 3_600_000;
+    let Some((chromium, chromedriver)) = browser_binaries() else {
+        return;
+    };
+    let hub = TestHub::start().await;
+    let token = hub.add_device("ems_001");
+    let viewer = hub.add_viewer("wall", &["ems_001"]);
+
+    // Local midnights in Kathmandu: today and n days back.
+    let zone = jiff::tz::TimeZone::get(TZ).unwrap();
+    let now = now_ms();
+    let today = jiff::Timestamp::from_millisecond(now)
+        .unwrap()
+        .to_zoned(zone)
+        .start_of_day()
+        .unwrap();
+    let day = |n: i64| {
+        today
+            .checked_sub(jiff::Span::new().days(n))
+            .unwrap()
+            .timestamp()
+            .as_millisecond()
+    };
+    // 1 kW every 5 minutes from 5 days back until a minute ago, except:
+    // 10:00–14:00 three days back (a gap), the counter restarting from 0
+    // at noon two days back (a reset) and jumping by 10 MWh at 08:00
+    // yesterday (implausible: flagged, not counted).
+    let (gap, reset_at, jump_at) = (
+        (day(3) + 10 * H, day(3) + 14 * H),
+        day(2) + 12 * H,
+        day(1) + 8 * H,
+    );
+    let mut dev = hub.device("ems_001", &token).await;
+    let (mut seq, mut ts) = (0u64, day(5));
+    while ts < now - 60_000 {
+        if !(gap.0..gap.1).contains(&ts) {
+            let mut wh = (ts - day(5)) as f64 / H as f64 * 1000.0;
+            if ts >= reset_at {
+                wh -= (reset_at - day(5)) as f64 / H as f64 * 1000.0;
+            }
+            if ts >= jump_at {
+                wh += 10_000_000.0;
+            }
+            send_text(
+                &mut dev,
+                format!(
+                    r#"{{"type":"reading","epoch":1,"seq":{seq},"ts_ms":{ts},"meter":"main","voltage_v":230.0,"current_a":4.35,"power_w":1000.0,"energy_wh":{wh:.3}}}"#
+                ),
+            )
+            .await;
+            seq += 1;
+        }
+        ts += 300_000;
+    }
+    let sent = seq;
+    wait_ack(&mut dev, 1, sent - 1).await;
+
+    // The hub's own answer for the page's 30 days in that zone.
+    let q = format!(
+        "/api/devices/ems_001/energy?from_ms={}&to_ms={}&bucket=day&tz=Asia%2FKathmandu",
+        day(29),
+        day(-1)
+    );
+    let r = crate::dashboard::http(
+        hub.addr,
+        "GET",
+        &q,
+        &[("Authorization", &crate::dashboard::bearer(&viewer))],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let answer: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let days = answer["meters"][0]["buckets"].as_array().unwrap().clone();
+    assert_eq!(days.len(), 30);
+    let total_wh: f64 = days.iter().map(|b| b["energy_wh"].as_f64().unwrap()).sum();
+    let api_gaps = days
+        .iter()
+        .filter(|b| b["end_ms"].as_i64().unwrap() <= now && b["coverage"].as_f64().unwrap() < 0.999)
+        .count();
+    // 24 empty days, and the day with the four-hour gap.
+    assert!(api_gaps >= 25, "{api_gaps}");
+    assert!(days[26]["coverage"].as_f64().unwrap() < 0.9, "{}", days[26]);
+
+    let downloads = tempfile::tempdir().unwrap();
+    let Some(browser) =
+        Browser::launch(&chromium, &chromedriver, Some(TZ), Some(downloads.path())).await
+    else {
+        return;
+    };
+    let c = &browser.client;
+    let result = async {
+        c.goto(&format!("http://{}/", hub.addr)).await?;
+        let input = c.wait().for_element(Locator::Css("#token")).await?;
+        input.send_keys(&viewer).await?;
+        c.find(Locator::Css("#save-token")).await?.click().await?;
+        // Chromium's ICU names the zone by its older spelling,
+        // Asia/Katmandu, a link to the same zone in the IANA database.
+        wait_for_text(c, "#energy-tz", "Asia/Kat").await;
+        wait_for_text(c, "#energy-note", "1 counter reset").await;
+        wait_for_text(c, "#energy-note", "1 implausible jump").await;
+        let data = |id: &str, key: &str| {
+            format!("return document.getElementById('{id}').dataset.{key} || ''")
+        };
+        // The buckets start at local midnights of the browser's zone.
+        assert_eq!(page_str(c, &data("energy-hours", "bars")).await, "24");
+        assert_eq!(
+            page_str(c, &data("energy-hours", "first")).await,
+            day(0).to_string()
+        );
+        assert_eq!(page_str(c, &data("energy-days", "bars")).await, "30");
+        assert_eq!(
+            page_str(c, &data("energy-days", "first")).await,
+            day(29).to_string()
+        );
+        // Gaps, the reset and the jump are marked; the total is the hub's.
+        assert_eq!(
+            page_str(c, &data("energy-days", "gaps")).await,
+            api_gaps.to_string()
+        );
+        assert_eq!(page_str(c, &data("energy-days", "empty")).await, "24");
+        wait_for_text(c, "#energy-note", "24 days without readings").await;
+        assert_eq!(page_str(c, &data("energy-days", "resets")).await, "1");
+        assert_eq!(page_str(c, &data("energy-days", "flagged")).await, "1");
+        assert_eq!(
+            page_str(c, &data("energy-days", "kwh")).await,
+            format!("{:.3}", total_wh / 1000.0)
+        );
+        wait_for_text(c, "#energy-month", &format!("{:.2} kWh", total_wh / 1000.0)).await;
+
+        // Screenshot of the energy card (scrolled into the window first:
+        // the element screenshot is clipped to the viewport).
+        c.execute(
+            "document.getElementById('energy').scrollIntoView()",
+            vec![],
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let png = c.find(Locator::Css("#energy")).await?.screenshot().await?;
+        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+        let dir = target_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ems-dashboard-energy.png"), &png).unwrap();
+        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/dashboard-energy.png");
+        let refresh = std::env::var("EMS_UPDATE_SCREENSHOT").is_ok_and(|v| v == "1");
+        if docs.parent().is_some_and(|p| p.is_dir()) && (refresh || !docs.exists()) {
+            let _ = std::fs::write(&docs, &png);
+        }
+
+        // The 30 days as CSV: every reading sent, the reset and the jump
+        // flagged.
+        c.find(Locator::Css("#csv-days")).await?.click().await?;
+        wait_for_text(c, "#csv-status", "saved ems_001_").await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let csv = loop {
+            let done = std::fs::read_dir(downloads.path())
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "csv"));
+            if let Some(p) = done {
+                break std::fs::read_to_string(p).unwrap();
+            }
+            assert!(Instant::now() < deadline, "no CSV file was downloaded");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let mut lines = csv.lines();
+        assert_eq!(
+            lines.next(),
+            Some("device_id,meter,ts_ms,ts,epoch,seq,voltage_v,current_a,power_w,energy_wh,frequency_hz,power_factor,reactive_power_var,flags")
+        );
+        let flags: Vec<u32> = lines
+            .map(|l| l.rsplit(',').next().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(flags.len() as u64, sent);
+        let with = |bit: u32| flags.iter().filter(|f| *f & bit != 0).count();
+        assert_eq!(with(ems_hub::energy::flags::COUNTER_RESET), 1);
+        assert_eq!(with(ems_hub::energy::flags::ENERGY_GLITCH), 1);
+        Ok::<(), fantoccini::error::CmdError>(())
+    }
+    .await;
+    let _ = browser.client.clone().close().await;
+    result.unwrap();
 }

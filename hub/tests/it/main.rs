@@ -13,6 +13,7 @@ mod cli;
 mod conn_limits;
 mod dashboard;
 mod edge_losses;
+mod energy;
 mod frames;
 mod gate;
 mod handshake;

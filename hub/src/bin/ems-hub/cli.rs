@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ems_hub::config::{RateLimit, TakeoverPolicy, TlsFiles};
+use ems_hub::energy::buckets::Zone;
+use ems_hub::energy::rule::Limits;
 use ems_hub::mqtt::{BrokerUrl, MqttConfig, MqttConfigError, Secret};
 use ems_hub::store::postgres::TimescaleMode;
 use ems_hub::Config;
@@ -54,6 +56,9 @@ pub enum Command {
     /// Show what the hub refused and kept in quarantine.
     #[command(subcommand)]
     Quarantine(QuarantineCmd),
+    /// Write a device's stored readings to stdout as CSV or JSON Lines
+    /// (with each reading's plausibility flags).
+    Export(ExportArgs),
     /// Print a device's live readings (a terminal dashboard). The viewer
     /// token comes from EMS_VIEWER_TOKEN, never from the command line.
     Watch {
@@ -201,6 +206,20 @@ pub struct ServeArgs {
     /// main listener then answers 404 for it. Default: on the main listener.
     #[arg(long, env = "EMS_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+
+    // Energy rollups and plausibility flags.
+    /// Energy rule: an energy jump implying more than this average power,
+    /// in W, is a glitch (flagged, not counted).
+    #[arg(long, env = "EMS_MAX_POWER_W", default_value_t = 1_000_000.0)]
+    max_power_w: f64,
+    /// Energy rule: an interval between readings longer than this, in ms,
+    /// still counts its energy but not as coverage.
+    #[arg(long, env = "EMS_MAX_GAP_MS", default_value_t = 900_000, value_parser = clap::value_parser!(i64).range(1..))]
+    max_gap_ms: i64,
+    /// Time zone of energy rollups that name none (IANA name such as
+    /// Europe/Berlin).
+    #[arg(long, env = "EMS_TIMEZONE", default_value = "UTC")]
+    timezone: String,
 }
 
 /// `--timescale`. The variants carry no doc comments on purpose: clap
@@ -224,6 +243,49 @@ impl From<Timescale> for TimescaleMode {
             Timescale::Require => TimescaleMode::Require,
         }
     }
+}
+
+/// `ems-hub export`.
+#[derive(Args)]
+pub struct ExportArgs {
+    /// The device whose readings to write.
+    #[arg(long)]
+    pub device: String,
+    /// First sample time to include: RFC 3339 (2026-03-29T00:00:00Z) or
+    /// Unix milliseconds. Default: the oldest reading.
+    #[arg(long, value_parser = parse_time)]
+    pub from: Option<i64>,
+    /// Sample time to stop before (exclusive), same forms. Default: after
+    /// the newest reading.
+    #[arg(long, value_parser = parse_time)]
+    pub to: Option<i64>,
+    /// csv (header row, empty cells for absent measurements) or jsonl (one
+    /// JSON object per line).
+    #[arg(long, value_enum, default_value = "csv")]
+    pub format: ExportFormat,
+}
+
+/// `--format` of `ems-hub export`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    // RFC 4180 CSV with the header row.
+    Csv,
+    // JSON Lines.
+    Jsonl,
+}
+
+/// A `--from`/`--to` value: Unix milliseconds or an RFC 3339 instant.
+pub fn parse_time(s: &str) -> Result<i64, String> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return Ok(ms);
+    }
+    s.parse::<jiff::Timestamp>()
+        .map(|t| t.as_millisecond())
+        .map_err(|_| {
+            format!(
+                "{s:?} is neither Unix milliseconds nor an RFC 3339 time like 2026-03-29T00:00:00Z"
+            )
+        })
 }
 
 #[derive(Subcommand)]
@@ -318,6 +380,12 @@ pub enum ArgError {
     /// `--metrics-listen` is not a socket address.
     #[error("--metrics-listen {0:?} is not an address like 127.0.0.1:9090")]
     MetricsListen(String),
+    /// `--max-power-w` is not a positive number.
+    #[error("--max-power-w {0} must be a positive number of watts")]
+    MaxPowerW(String),
+    /// `--timezone` is not an IANA time zone name.
+    #[error("--timezone {0:?} is not an IANA time zone name such as Europe/Berlin or UTC")]
+    Timezone(String),
 }
 
 /// What `ems-hub serve` runs: where to listen and the hub's configuration,
@@ -360,6 +428,10 @@ impl Serve {
         if let Some(u) = args.public_url.as_ref().filter(|u| !is_http_url(u)) {
             return Err(ArgError::PublicUrl(u.clone()));
         }
+        let energy_limits = Limits::new(args.max_power_w, args.max_gap_ms)
+            .map_err(|_| ArgError::MaxPowerW(args.max_power_w.to_string()))?;
+        let timezone =
+            Zone::parse(&args.timezone).map_err(|_| ArgError::Timezone(args.timezone.clone()))?;
         let mut config = Config::new(database);
         config.ping_interval = Duration::from_millis(args.ping_interval_ms);
         config.max_missed_pongs = args.max_missed_pongs;
@@ -381,6 +453,8 @@ impl Serve {
         config.pg.timescale = args.timescale.into();
         config.pg.retention_days = args.retention_days;
         config.pg.compress_after_days = args.compress_after_days;
+        config.energy_limits = energy_limits;
+        config.timezone = timezone;
         if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
             config.tls = Some(TlsFiles { cert, key });
         }
@@ -483,6 +557,9 @@ mod tests {
         assert_eq!(got.rate_limit, want.rate_limit);
         assert_eq!(got.revocation_poll, want.revocation_poll);
         assert_eq!(got.pg, want.pg);
+        assert_eq!(got.energy_limits, want.energy_limits);
+        assert_eq!(got.energy_limits, Limits::new(1e6, 15 * 60 * 1000).unwrap());
+        assert_eq!(got.timezone.name(), "UTC");
         assert!(got.tls.is_none() && got.public_url.is_none());
         assert!(got.allowed_origins.is_empty());
         assert!(got.mqtt.is_none() && want.mqtt.is_none());
@@ -772,6 +849,43 @@ mod tests {
     }
 
     #[test]
+    fn energy_flags_are_validated() {
+        let c = serve(&[
+            "--max-power-w",
+            "2500.5",
+            "--max-gap-ms",
+            "60000",
+            "--timezone",
+            "europe/berlin",
+        ])
+        .unwrap()
+        .config;
+        assert_eq!(c.energy_limits, Limits::new(2500.5, 60_000).unwrap());
+        assert_eq!(c.timezone.name(), "Europe/Berlin");
+        for bad in ["0", "-1", "NaN", "inf"] {
+            assert!(
+                matches!(
+                    serve(&[&format!("--max-power-w={bad}")]),
+                    Err(ArgError::MaxPowerW(_))
+                ),
+                "{bad}"
+            );
+        }
+        for bad in ["Mars/Olympus", "+01:00", ""] {
+            assert_eq!(
+                serve(&["--timezone", bad]).unwrap_err(),
+                ArgError::Timezone(bad.into())
+            );
+        }
+        // Range checked by clap (exit code 2).
+        for bad in ["0", "-5", "x"] {
+            let flag = format!("--max-gap-ms={bad}");
+            let argv = ["ems-hub", "serve", &flag];
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
     fn timescale_takes_exactly_three_values() {
         for (flag, mode) in [
             ("auto", TimescaleMode::Auto),
@@ -785,6 +899,51 @@ mod tests {
             let argv = ["ems-hub", "serve", "--timescale", bad];
             assert!(Cli::try_parse_from(argv).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn export_times_are_rfc3339_or_epoch_ms() {
+        assert_eq!(parse_time("0"), Ok(0));
+        assert_eq!(parse_time("-5"), Ok(-5));
+        assert_eq!(parse_time("1774746000123"), Ok(1_774_746_000_123));
+        assert_eq!(
+            parse_time("2026-03-29T01:00:00.123Z"),
+            Ok(1_774_746_000_123)
+        );
+        assert_eq!(
+            parse_time("2026-03-29T03:00:00.123+02:00"),
+            Ok(1_774_746_000_123)
+        );
+        for bad in ["", "yesterday", "2026-03-29", "1.5"] {
+            assert!(parse_time(bad).is_err(), "{bad:?}");
+        }
+        let cli = Cli::try_parse_from([
+            "ems-hub",
+            "export",
+            "--device",
+            "d1",
+            "--from",
+            "2026-03-29T00:00:00Z",
+            "--format",
+            "jsonl",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Export(a)) => {
+                assert_eq!(a.device, "d1");
+                assert_eq!(a.from, Some(1_774_742_400_000));
+                assert_eq!(a.to, None);
+                assert_eq!(a.format, ExportFormat::Jsonl);
+            }
+            _ => panic!("not export"),
+        }
+        assert!(
+            Cli::try_parse_from(["ems-hub", "export"]).is_err(),
+            "--device is required"
+        );
+        assert!(
+            Cli::try_parse_from(["ems-hub", "export", "--device", "d", "--format", "xml"]).is_err()
+        );
     }
 
     #[test]

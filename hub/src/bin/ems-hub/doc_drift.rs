@@ -202,6 +202,14 @@ fn default_of(expr: &str) -> Option<String> {
     if let Some(n) = arg("Duration::from_secs(") {
         return Some(format!("{n} s"));
     }
+    if expr == "QuarantineLimit::default()" {
+        let q = ems_hub::config::QuarantineLimit::default();
+        return Some(format!(
+            "{} bytes/s, {} MiB burst",
+            q.bytes_per_s,
+            q.burst_bytes / (1024.0 * 1024.0)
+        ));
+    }
     let n = expr.replace('_', "");
     n.chars().all(|c| c.is_ascii_digit()).then_some(n)
 }

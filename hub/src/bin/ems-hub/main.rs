@@ -1,12 +1,14 @@
 //! `ems-hub`: the command line. Parses and validates the flags
 //! ([`cli`]), sets up logging and hands over to the library: the server
 //! ([`serve`]), the admin commands ([`admin_commands`]), the quarantine
-//! listing ([`quarantine`]) or the terminal dashboard (`watch`).
+//! listing ([`quarantine`]), the export of stored readings ([`export`]) or
+//! the terminal dashboard (`watch`).
 
 mod admin_commands;
 mod cli;
 #[cfg(test)]
 mod doc_drift;
+mod export;
 mod quarantine;
 mod serve;
 
@@ -52,6 +54,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Viewer(cmd)) => admin_commands::viewer(&db, cmd),
         Some(Command::Admin(cmd)) => admin_commands::admin(&db, cmd),
         Some(Command::Quarantine(cmd)) => quarantine::run(&db, cmd),
+        Some(Command::Export(args)) => export::run(&db, args),
         Some(Command::Watch { device_id, hub }) => watch(&hub, &device_id),
     }
 }

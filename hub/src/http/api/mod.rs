@@ -6,7 +6,13 @@
 //! Viewer token (`emsv_…`), scope enforced exactly as on the socket:
 //! - `GET /api/devices`: the devices the viewer may watch, with presence.
 //! - `GET /api/devices/{id}/readings?from_ms=&to_ms=&limit=`: history,
-//!   oldest first (defaults: the last hour, 1000 readings; at most 10000).
+//!   oldest first (defaults: the last hour, 1000 readings; at most 10000),
+//!   with each reading's plausibility `flags`.
+//! - `GET /api/devices/{id}/energy?from_ms=&to_ms=&bucket=&tz=`: energy
+//!   per local hour, day or month ([`energy`]).
+//! - `GET /api/devices/{id}/readings.csv?from_ms=&to_ms=`: the stored
+//!   readings as streamed CSV ([`export`]; routed before the JSON API
+//!   because its body is a stream).
 //!
 //! Admin token (`emsa_…`, `ems-hub admin add NAME`):
 //! - `GET /api/admin/devices`: every device with live state.
@@ -39,10 +45,12 @@
 //! sockets. Errors are `{"error":"…"}` and never contain a token. Store
 //! calls run on the blocking pool.
 //!
-//! This module authenticates and dispatches; [`viewer`], [`admin`] and
-//! [`quarantine`] hold the endpoints.
+//! This module authenticates and dispatches; [`viewer`], [`energy`],
+//! [`export`], [`admin`] and [`quarantine`] hold the endpoints.
 
 mod admin;
+mod energy;
+pub(crate) mod export;
 mod quarantine;
 mod viewer;
 
@@ -190,6 +198,7 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Answer {
     match segs.as_slice() {
         ["devices"] if get => viewer::devices(&req, shared).await,
         ["devices", id, "readings"] if get => viewer::readings(&req, shared, id).await,
+        ["devices", id, "energy"] if get => energy::energy(&req, shared, id).await,
         ["admin", "devices"] if get => admin::devices(&req, shared).await,
         ["admin", "devices"] if post => admin::add_device(req, shared).await,
         ["admin", "devices", id, "rotate"] if post => admin::rotate_device(&req, shared, id).await,
@@ -202,6 +211,7 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Answer {
         ["admin", "admins", n, "revoke"] if post => admin::revoke_admin(&req, shared, n).await,
         ["devices"]
         | ["devices", _, "readings"]
+        | ["devices", _, "energy"]
         | ["admin", "devices"]
         | ["admin", "viewers"]
         | ["admin", "admins"]

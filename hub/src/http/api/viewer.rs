@@ -16,7 +16,7 @@ use serde_json::json;
 use super::{device_id, heavy_turn, store, viewer_scope, Answer, ApiError};
 use crate::auth::handshake;
 use crate::state::Shared;
-use crate::store::ViewerScope;
+use crate::store::{StoredReading, ViewerScope};
 
 /// Default and largest `limit` of the history endpoint.
 const DEFAULT_LIMIT: usize = 1000;
@@ -168,6 +168,23 @@ pub(crate) fn parse_range(query: &str, now_ms: i64) -> Result<RangeQuery, ApiErr
     Ok(q)
 }
 
+/// One reading of the history answer: the dashboard frame plus its
+/// plausibility flags.
+#[derive(Serialize)]
+struct HistoryReading {
+    #[serde(flatten)]
+    reading: DashboardReading,
+    /// [`crate::energy::flags`] bits.
+    flags: u32,
+}
+
+fn dashboard_reading(device_id: &str, r: StoredReading) -> HistoryReading {
+    HistoryReading {
+        reading: DashboardReading::new(device_id, r.received_at_ms, r.reading),
+        flags: r.flags,
+    }
+}
+
 async fn history(shared: &Arc<Shared>, id: String, q: RangeQuery) -> Answer {
     let id2 = id.clone();
     let mut rows = store(shared, move |s| {
@@ -176,9 +193,9 @@ async fn history(shared: &Arc<Shared>, id: String, q: RangeQuery) -> Answer {
     .await?;
     let truncated = rows.len() > q.limit;
     rows.truncate(q.limit);
-    let list: Vec<DashboardReading> = rows
+    let list: Vec<HistoryReading> = rows
         .into_iter()
-        .map(|r| DashboardReading::new(&id, r.received_at_ms, r.reading))
+        .map(|r| dashboard_reading(&id, r))
         .collect();
     Ok((
         StatusCode::OK,

@@ -37,6 +37,7 @@
 //! - **Secrets.** The URL is only ever shown through [`redact`].
 
 mod connect;
+mod energy;
 mod insert;
 mod lookups;
 mod options;
@@ -86,6 +87,9 @@ pub struct PgStore {
     /// Batches still to write through the staging table after a batch hit
     /// already-stored rows (see [`WriteMethod::Copy`]).
     staged_batches_left: u32,
+    /// Energy limits and flag counters (no cache: every batch reads the
+    /// slot state inside its transaction, see `insert.rs`).
+    energy: super::energy::EnergyState,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -151,6 +155,7 @@ impl PgStore {
             mode,
             connects: 1,
             staged_batches_left: 0,
+            energy: Default::default(),
         };
         store.conn = Some(
             store

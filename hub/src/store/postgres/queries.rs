@@ -331,9 +331,11 @@ impl HistoryStore for PgStore {
             rows.iter()
                 .map(|r| {
                     let rx: PgTime = r.try_get(AFTER_MEASUREMENTS).map_err(db)?;
+                    let flags: i32 = r.try_get(AFTER_MEASUREMENTS + 1).map_err(db)?;
                     Ok(StoredReading {
                         reading: reading_of(r)?,
                         received_at_ms: rx.0,
+                        flags: flags as u32,
                     })
                 })
                 .collect()
@@ -368,10 +370,11 @@ static SELECT_READINGS: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// [`SELECT_READINGS`] plus `received_at`, in `order`.
+/// [`SELECT_READINGS`] plus `received_at` and `flags`, in `order`.
 fn select_history(order: &str) -> String {
     format!(
-        "SELECT {}, received_at FROM readings WHERE device_id = $1 AND ts >= $2 AND ts < $3 \
+        "SELECT {}, received_at, flags FROM readings \
+         WHERE device_id = $1 AND ts >= $2 AND ts < $3 \
          ORDER BY ts {order}, epoch {order}, seq {order} LIMIT $4",
         select_columns()
     )
@@ -381,7 +384,7 @@ static SELECT_HISTORY_OLDEST: LazyLock<String> = LazyLock::new(|| select_history
 static SELECT_HISTORY_NEWEST: LazyLock<String> = LazyLock::new(|| select_history("DESC"));
 
 /// The reading in a row of [`crate::store::columns::select_columns`].
-fn reading_of(r: &postgres::Row) -> Result<Reading, StoreError> {
+pub(super) fn reading_of(r: &postgres::Row) -> Result<Reading, StoreError> {
     let epoch: i64 = r.try_get(0).map_err(db)?;
     let seq: i64 = r.try_get(1).map_err(db)?;
     let ts: PgTime = r.try_get(2).map_err(db)?;

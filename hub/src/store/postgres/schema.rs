@@ -14,6 +14,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, SCHEMA_V1),
     (2, SCHEMA_QUARANTINE),
     (3, SCHEMA_TOKEN_CHANGES),
+    (4, SCHEMA_ENERGY),
 ];
 
 /// Schema version this code writes and expects: the last migration's.
@@ -123,6 +124,34 @@ CREATE TRIGGER admins_changes
     ON admins FOR EACH STATEMENT EXECUTE FUNCTION ems_token_changed();
 ";
 
+/// Plausibility flags on every reading and the energy slots (see
+/// docs/storage/schema.md). Adding a column with a constant default does
+/// not rewrite the table; `flags` of the rows already stored start as 0 and
+/// are computed by the slot rebuild that the first hub start after the
+/// upgrade runs (`energy_limits` is empty until then).
+const SCHEMA_ENERGY: &str = "
+ALTER TABLE readings ADD COLUMN flags integer NOT NULL DEFAULT 0;
+CREATE TABLE energy_slots (
+    device_id  text    NOT NULL,
+    meter      text    NOT NULL,
+    slot_ms    bigint  NOT NULL,
+    has_energy boolean NOT NULL,
+    data       bytea   NOT NULL,
+    PRIMARY KEY (device_id, meter, slot_ms)
+);
+CREATE INDEX energy_slots_with_energy ON energy_slots (device_id, meter, slot_ms)
+    WHERE has_energy;
+CREATE TABLE energy_meters (
+    device_id text NOT NULL,
+    meter     text NOT NULL,
+    PRIMARY KEY (device_id, meter)
+);
+CREATE TABLE energy_limits (
+    max_power_w double precision NOT NULL,
+    max_gap_ms  bigint           NOT NULL
+);
+";
+
 /// The session-local staging table for binary COPY. Emptied at every
 /// commit (and discarded with a rolled-back transaction).
 pub(super) const CREATE_STAGE: &str = "
@@ -139,7 +168,8 @@ CREATE TEMP TABLE IF NOT EXISTS readings_stage (
     energy_wh          double precision,
     frequency_hz       double precision,
     power_factor       double precision,
-    reactive_power_var double precision
+    reactive_power_var double precision,
+    flags              integer NOT NULL
 ) ON COMMIT DELETE ROWS";
 
 /// Makes the `timescaledb` extension available in this database.

@@ -9,6 +9,7 @@
 //! Times are Unix milliseconds in `INTEGER` columns; token hashes are
 //! 32-byte `BLOB`s.
 
+mod energy;
 mod insert;
 mod lookups;
 mod queries;
@@ -29,6 +30,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, SCHEMA_V1),
     (2, SCHEMA_QUARANTINE),
     (3, SCHEMA_TOKEN_CHANGES),
+    (4, SCHEMA_ENERGY),
 ];
 
 /// Schema version this code writes and expects: the last migration's.
@@ -142,10 +144,42 @@ CREATE TRIGGER admins_delete_changes AFTER DELETE ON admins
 BEGIN UPDATE token_changes SET n = n + 1 WHERE id = 1; END;
 ";
 
+/// Plausibility flags on every reading and the energy slots (see
+/// docs/storage/schema.md). `flags` of the rows already stored start as 0
+/// and are computed by the slot rebuild that the first hub start after the
+/// upgrade runs (`energy_limits` is empty until then).
+const SCHEMA_ENERGY: &str = "
+ALTER TABLE readings ADD COLUMN flags INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE energy_slots (
+    device_id  TEXT    NOT NULL,
+    meter      TEXT    NOT NULL,
+    slot_ms    INTEGER NOT NULL,
+    has_energy INTEGER NOT NULL,
+    data       BLOB    NOT NULL,
+    PRIMARY KEY (device_id, meter, slot_ms)
+) WITHOUT ROWID;
+CREATE INDEX energy_slots_with_energy ON energy_slots (device_id, meter, slot_ms)
+    WHERE has_energy;
+CREATE TABLE energy_meters (
+    device_id TEXT NOT NULL,
+    meter     TEXT NOT NULL,
+    PRIMARY KEY (device_id, meter)
+) WITHOUT ROWID;
+CREATE TABLE energy_limits (
+    max_power_w REAL    NOT NULL,
+    max_gap_ms  INTEGER NOT NULL
+);
+";
+
 /// A SQLite database handle.
 pub struct SqliteStore {
     /// The connection; one per handle (SQLite serializes writers itself).
     conn: Connection,
+    /// Energy limits, the writer's per-meter cache, flag counters.
+    energy: super::energy::EnergyState,
+    /// `PRAGMA data_version` when the cache was last known good: another
+    /// connection's commit changes it, and the cache is dropped.
+    data_version: Option<i64>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -192,7 +226,11 @@ impl SqliteStore {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
             | OpenFlags::SQLITE_OPEN_URI;
         let conn = Connection::open_with_flags(p, flags).map_err(|e| fail(explain(&e)))?;
-        let mut store = SqliteStore { conn };
+        let mut store = SqliteStore {
+            conn,
+            energy: Default::default(),
+            data_version: None,
+        };
         // Switching a new file to WAL needs an exclusive lock, and SQLite
         // answers BUSY at once (no busy handler) when another process is
         // doing the same — e.g. the admin CLI and a hub opening a fresh file
@@ -416,6 +454,13 @@ mod tests {
         );
         use crate::store::QuarantineStore;
         assert!(s.quarantined(None, 10).unwrap().is_empty());
+        // The energy step ran too: the old row has flags 0 until the slot
+        // rebuild computes them.
+        let flags: i64 = s
+            .conn
+            .query_row("SELECT flags FROM readings", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(flags, 0);
     }
 
     /// The same upgrade gains the token change counter (migration 3): the

@@ -315,6 +315,7 @@ impl HistoryStore for SqliteStore {
                 Ok(StoredReading {
                     reading: reading_of(r)?,
                     received_at_ms: r.get(AFTER_MEASUREMENTS)?,
+                    flags: r.get::<_, i64>(AFTER_MEASUREMENTS + 1)? as u32,
                 })
             })
             .map_err(db)?;
@@ -346,10 +347,11 @@ static SELECT_READINGS: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// [`SELECT_READINGS`] plus `received_at`, in `order`.
+/// [`SELECT_READINGS`] plus `received_at` and `flags`, in `order`.
 fn select_history(order: &str) -> String {
     format!(
-        "SELECT {}, received_at FROM readings WHERE device_id = ?1 AND ts >= ?2 AND ts < ?3 \
+        "SELECT {}, received_at, flags FROM readings \
+         WHERE device_id = ?1 AND ts >= ?2 AND ts < ?3 \
          ORDER BY ts {order}, epoch {order}, seq {order} LIMIT ?4",
         select_columns()
     )
@@ -359,7 +361,7 @@ static SELECT_HISTORY_OLDEST: LazyLock<String> = LazyLock::new(|| select_history
 static SELECT_HISTORY_NEWEST: LazyLock<String> = LazyLock::new(|| select_history("DESC"));
 
 /// The reading in a row of [`crate::store::columns::select_columns`].
-fn reading_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Reading> {
+pub(super) fn reading_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Reading> {
     let mut reading = Reading {
         epoch: r.get::<_, i64>(0)? as u64,
         seq: r.get::<_, i64>(1)? as u64,
