@@ -4,7 +4,8 @@
 //! SIGKILLed and restarted too and their spool file system fills up during
 //! an outage; afterwards, for every edge, the accounting identity holds:
 //!
-//! `sampled = stored + quarantined + counted as dropped + lost to SIGKILL`
+//! `sampled = stored + quarantined + (counted as dropped − counted but
+//! delivered) + kept + lost to SIGKILL`
 //!
 //! - `sampled` is the meter's own record: the simulated meter appends every
 //!   sample to its `sample_log` before the sample leaves the meter, so a
@@ -17,7 +18,12 @@
 //!   with neither is a hole in the epoch's `seq` range.
 //! - `counted as dropped`: the edge's own counters (spool bound, disk full,
 //!   damaged records) from the final log line of every process that was
-//!   stopped cleanly.
+//!   stopped cleanly. Holes outside SIGKILL tails must never exceed it. It
+//!   may exceed them: a reading dropped while in flight counts as lost
+//!   when its connection ends unacknowledged, yet the hub may have stored
+//!   it ([`Account::counted_but_delivered`], bounded by the stored
+//!   readings in or right after the dropped range). `kept` is what the
+//!   last process left in its spool (0 after the drain).
 //! - `lost to SIGKILL`: a SIGKILLed edge loses the readings the hub had not
 //!   acknowledged and it had not yet written (the spool's sync interval,
 //!   by design) and cannot count them. Such holes must lie among the last
