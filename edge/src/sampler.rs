@@ -10,6 +10,11 @@
 //! - A meter that fails to open or read is retried on the next tick; other
 //!   meters keep going; log lines about a failing meter are rate-limited.
 //!   A panicking driver is caught and treated like a read error.
+//! - A measurement the hub would refuse (a value outside the wire range) is
+//!   still sent: the hub quarantines it where an operator sees it, and the
+//!   edge deletes it once the refusal arrives. Dropping it here would lose
+//!   it without a trace. The warning about it is rate-limited like the
+//!   failure messages.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -43,6 +48,10 @@ pub struct MeterSlot {
     failing: bool,
     /// Where energy counters continue from (the spool's newest readings).
     floor: Arc<EnergyFloor>,
+    /// Last time an out-of-range measurement was logged.
+    last_invalid_log: Option<Instant>,
+    /// Out-of-range measurements not logged since then.
+    invalid_suppressed: u64,
 }
 
 impl MeterSlot {
@@ -58,6 +67,8 @@ impl MeterSlot {
             suppressed: 0,
             failing: false,
             floor,
+            last_invalid_log: None,
+            invalid_suppressed: 0,
         };
         if let Err(e) = slot.ensure_open() {
             slot.failed(&e);
@@ -146,7 +157,12 @@ impl MeterSlot {
                     self.last_log = None;
                     self.suppressed = 0;
                 }
-                ms.into_iter().filter(plausible).collect()
+                for m in &ms {
+                    if let Err(e) = in_wire_range(m) {
+                        self.out_of_range(&m.meter, &e);
+                    }
+                }
+                ms
             }
             Err(e) => {
                 // Drop the handle so the next tick reopens it (device replugged).
@@ -160,16 +176,33 @@ impl MeterSlot {
     }
 }
 
-/// Measurements the hub would reject as out of range are not sent.
-fn plausible(m: &Measurement) -> bool {
-    let r = m.clone().into_reading(0, 0, 0);
-    match r.validate(i64::MAX - ems_shared::MAX_FUTURE_SKEW_MS) {
-        Ok(()) => true,
-        Err(e) => {
-            log::warn!("meter {}: implausible values not sent ({e})", m.meter);
-            false
+impl MeterSlot {
+    /// Logs (rate-limited) a measurement the hub will refuse.
+    fn out_of_range(&mut self, meter: &str, e: &ems_shared::FrameError) {
+        let now = Instant::now();
+        let due = self
+            .last_invalid_log
+            .map_or(true, |t| now.duration_since(t) >= METER_LOG_EVERY);
+        if due {
+            let more = if self.invalid_suppressed > 0 {
+                format!(" [{} more since the last message]", self.invalid_suppressed)
+            } else {
+                String::new()
+            };
+            log::warn!("meter {meter}: values the hub will refuse and quarantine ({e}){more}");
+            self.last_invalid_log = Some(now);
+            self.invalid_suppressed = 0;
+        } else {
+            self.invalid_suppressed += 1;
         }
     }
+}
+
+/// Whether the hub would accept the measurement's values (its time stamp
+/// is not checked here).
+fn in_wire_range(m: &Measurement) -> Result<(), ems_shared::FrameError> {
+    let r = m.clone().into_reading(0, 0, 0);
+    r.validate(i64::MAX - ems_shared::MAX_FUTURE_SKEW_MS)
 }
 
 /// Everything the sampling thread needs.

@@ -18,8 +18,15 @@
 //!   clock (≈ 400 W average since 2020).
 //! - `seed` makes the sequence reproducible; [`Simulated::sample`] is the
 //!   pure core, driven with explicit time of day and elapsed time.
+//! - Testing aids, off by default: `sample_log` appends every sample to a
+//!   file before it is handed on (an account of what was produced that is
+//!   independent of the outbox), and `invalid_every` makes every Nth
+//!   sample carry a voltage outside the wire range, which the hub refuses
+//!   and quarantines.
 
-use std::path::Path;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
@@ -49,6 +56,14 @@ pub struct SimulatedConfig {
     /// derived from the wall clock).
     #[serde(default)]
     pub start_energy_wh: Option<f64>,
+    /// Testing aid: append one line per sample to this file before the
+    /// sample is handed on (see [`sample_log_line`]).
+    #[serde(default)]
+    pub sample_log: Option<PathBuf>,
+    /// Testing aid: every Nth sample (counted from the meter's start)
+    /// carries a voltage outside the wire range.
+    #[serde(default)]
+    pub invalid_every: Option<u64>,
 }
 
 fn default_nominal_v() -> f64 {
@@ -64,6 +79,24 @@ const AVERAGE_W: f64 = 400.0;
 const ORIGIN_UNIX_S: u64 = 1_577_836_800;
 /// Source impedance for the voltage sag.
 const SOURCE_OHMS: f64 = 0.25;
+/// The voltage an `invalid_every` sample carries: above the wire range.
+pub const INVALID_VOLTAGE_V: f64 = 99_999.0;
+
+/// One line of the sample log: the process id, the meter id, then every
+/// value of the measurement in the protocol's order (`-` when absent), each
+/// printed so that it parses back to the same `f64`.
+pub fn sample_log_line(m: &Measurement) -> String {
+    use ems_shared::Measured;
+    let mut line = format!("{} {}", std::process::id(), m.meter);
+    for q in ems_shared::Measurement::ALL {
+        match m.get(q) {
+            Some(v) => line.push_str(&format!(" {v:?}")),
+            None => line.push_str(" -"),
+        }
+    }
+    line.push('\n');
+    line
+}
 
 /// An appliance switched on for a while.
 #[derive(Debug, Clone, Copy)]
@@ -95,6 +128,10 @@ pub struct Simulated {
     last_read: Option<Instant>,
     /// Where the counter survives restarts (`None`: not persisted).
     state: Option<StateFile>,
+    /// The open sample log, if configured.
+    sample_log: Option<File>,
+    /// Samples read so far (for `invalid_every`).
+    reads: u64,
 }
 
 impl Simulated {
@@ -109,11 +146,27 @@ impl Simulated {
                     .with_hint("fix or delete the state file (deleting restarts the counter)")
             })?
             .filter(|v| v.is_finite() && *v >= 0.0);
+        let sample_log = match &cfg.sample_log {
+            Some(path) => Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| {
+                        MeterError::new(
+                            &cfg.id,
+                            format!("cannot open the sample log {}: {e}", path.display()),
+                        )
+                    })?,
+            ),
+            None => None,
+        };
         let mut meter = Simulated::new(cfg);
         if let Some(e) = stored {
             meter.energy_wh = e;
         }
         meter.state = Some(state);
+        meter.sample_log = sample_log;
         Ok(meter)
     }
 
@@ -140,6 +193,8 @@ impl Simulated {
             events: Vec::new(),
             last_read: None,
             state: None,
+            sample_log: None,
+            reads: 0,
         }
     }
 
@@ -244,7 +299,25 @@ impl Meter for Simulated {
             .map(|d| d.as_secs_f64() % 86_400.0)
             .unwrap_or(0.0);
         let hour = (secs_of_day / 3600.0 + self.cfg.utc_offset_hours).rem_euclid(24.0);
-        let m = self.sample(hour, dt);
+        let mut m = self.sample(hour, dt);
+        self.reads += 1;
+        if self
+            .cfg
+            .invalid_every
+            .is_some_and(|n| n > 0 && self.reads % n == 0)
+        {
+            m.voltage_v = Some(INVALID_VOLTAGE_V);
+        }
+        if let Some(log) = self.sample_log.as_mut() {
+            // Written before the sample leaves the meter: a sample the edge
+            // loses later is still in this record.
+            if let Err(e) = log.write_all(sample_log_line(&m).as_bytes()) {
+                return Err(MeterError::new(
+                    &self.cfg.id,
+                    format!("cannot append to the sample log: {e}"),
+                ));
+            }
+        }
         if let Some(state) = self.state.as_mut() {
             if let Err(e) = state.store(&format!("{}", self.energy_wh), now) {
                 log::warn!("meter {}: cannot persist energy: {e}", self.cfg.id);
@@ -284,6 +357,8 @@ mod tests {
             nominal_frequency_hz: 50.0,
             utc_offset_hours: 0.0,
             start_energy_wh: Some(1000.0),
+            sample_log: None,
+            invalid_every: None,
         }
     }
 
@@ -382,6 +457,47 @@ mod tests {
         low.raise("main", 1.0);
         s.resume_energy(&low);
         assert!(s.read().unwrap()[0].energy_wh.unwrap() >= d);
+    }
+
+    #[test]
+    fn the_sample_log_records_every_sample_and_invalid_every_injects() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("samples.log");
+        let mut s = Simulated::open(
+            SimulatedConfig {
+                sample_log: Some(log.clone()),
+                invalid_every: Some(3),
+                ..cfg(11)
+            },
+            dir.path(),
+        )
+        .unwrap();
+        let read: Vec<Measurement> = (0..6).flat_map(|_| s.read().unwrap()).collect();
+        let text = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 6);
+        for (m, line) in read.iter().zip(&lines) {
+            assert_eq!(*line, sample_log_line(m).trim_end());
+            let fields: Vec<&str> = line.split(' ').collect();
+            assert_eq!(fields[0], std::process::id().to_string());
+            assert_eq!(fields[1], "main");
+            // Every value parses back to exactly what was produced.
+            assert_eq!(fields[2].parse::<f64>().ok(), m.voltage_v);
+            assert_eq!(fields[5].parse::<f64>().ok(), m.energy_wh);
+        }
+        let invalid: Vec<usize> = read
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| {
+                Measurement::clone(m)
+                    .into_reading(1, 1, 0)
+                    .validate(0)
+                    .is_err()
+            })
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(invalid, [2, 5]);
+        assert_eq!(read[2].voltage_v, Some(INVALID_VOLTAGE_V));
     }
 
     #[test]
