@@ -742,7 +742,7 @@ mod postgres_only {
             .unwrap()
             .get(0);
         assert_eq!(v, ems_hub::store::postgres::SCHEMA_VERSION);
-        assert_eq!(v, 3, "the schema's newest migration");
+        assert_eq!(v, 4, "the schema's newest migration");
         // The docs' Grafana query runs on the contract table.
         let rows = c.query(GRAFANA_QUERY, &[]).unwrap();
         assert_eq!(rows.len(), 1);

@@ -301,24 +301,8 @@ pub(crate) fn write_batch(
     rows: &[Row],
     limits: &Limits,
 ) -> Result<Committed, StoreError> {
-    // Meters in first-seen order, with their rows.
-    let mut index: HashMap<MeterKey<'_>, usize> = HashMap::new();
-    let mut keys: Vec<MeterKey<'_>> = Vec::new();
-    let mut members: Vec<Vec<usize>> = Vec::new();
-    for (i, row) in rows.iter().enumerate() {
-        let k = MeterKey {
-            device_id: &row.device_id,
-            meter: &row.reading.meter,
-        };
-        let n = *index.entry(k).or_insert_with(|| {
-            keys.push(k);
-            members.push(Vec::new());
-            keys.len() - 1
-        });
-        members[n].push(i);
-    }
+    let (keys, mut members) = meters_of(rows);
     let states = io.states(&keys)?;
-
     let mut flags = vec![0u32; rows.len()];
     for ((&m, idx), state) in keys.iter().zip(members.iter_mut()).zip(&states) {
         idx.sort_by_key(|&i| key_of(&rows[i].reading));
@@ -326,64 +310,7 @@ pub(crate) fn write_batch(
         let (late, in_order): (Vec<usize>, Vec<usize>) = idx
             .iter()
             .partition(|&&i| tail_last.is_some_and(|t| key_of(&rows[i].reading) <= t));
-        // Late rows: slot by slot, against the stored rows around them.
-        let mut carried: Option<(i64, Point)> = None;
-        let mut at = 0;
-        while at < late.len() {
-            let slot = slot_of(rows[late[at]].reading.ts_ms);
-            let mut end = at;
-            while end < late.len() && slot_of(rows[late[end]].reading.ts_ms) == slot {
-                end += 1;
-            }
-            let batch = &late[at..end];
-            at = end;
-            let stored = io.slot_rows(m, slot)?;
-            let mut prev = None;
-            if batch.iter().any(|&i| point_of(&rows[i].reading).is_some()) {
-                let before = io
-                    .energy_slot_before(m, slot)?
-                    .and_then(|s| s.energy.map(|e| (s.start_ms, e.last)));
-                prev = later(before, carried);
-            }
-            let (mut s, mut b) = (0, 0);
-            while s < stored.len() || b < batch.len() {
-                let bk = batch.get(b).map(|&i| key_of(&rows[i].reading));
-                let sk = stored.get(s).map(|r| r.key);
-                let take_stored = match (sk, bk) {
-                    (Some(x), Some(y)) => x <= y,
-                    (Some(_), None) => true,
-                    _ => false,
-                };
-                if take_stored {
-                    let r = &stored[s];
-                    if bk == Some(r.key) {
-                        // A resend of a stored row: not inserted, no flags.
-                        b += 1;
-                    }
-                    if let Some(v) = r.energy() {
-                        prev = Some((
-                            slot,
-                            Point {
-                                ts_ms: r.ts_ms(),
-                                value: v,
-                            },
-                        ));
-                    }
-                    s += 1;
-                } else {
-                    let i = batch[b];
-                    let r = &rows[i].reading;
-                    flags[i] = reading_flags(r, prev.map(|p| p.1), limits);
-                    if let Some(p) = point_of(r) {
-                        prev = Some((slot, p));
-                    }
-                    b += 1;
-                }
-            }
-            if prev.is_some_and(|p| p.0 == slot) {
-                carried = prev;
-            }
-        }
+        let carried = flag_late_rows(io, m, rows, &late, &mut flags, limits)?;
         // In-order rows: the chain runs on from the latest energy reading.
         let mut prev = later(state.last_energy, carried);
         for &i in &in_order {
@@ -400,62 +327,160 @@ pub(crate) fn write_batch(
     let mut out = Committed::default();
     let mut writes = SlotWrites::default();
     for ((&m, idx), state) in keys.iter().zip(&members).zip(&states) {
-        let mut inserted: Vec<MeterReading> = idx
-            .iter()
-            .filter(|&&i| stored.get(i).copied().unwrap_or(false))
-            .map(|&i| MeterReading::from_reading(&rows[i].reading))
-            .collect();
-        for &i in idx
-            .iter()
-            .filter(|&&i| stored.get(i).copied().unwrap_or(false))
-        {
+        let is_stored = |i: &&usize| stored.get(**i).copied().unwrap_or(false);
+        for &i in idx.iter().filter(is_stored) {
             for (n, (bit, _)) in crate::energy::flags::ALL.iter().enumerate() {
                 if flags[i] & bit != 0 {
                     out.flag_counts[n] += 1;
                 }
             }
         }
+        let mut inserted: Vec<MeterReading> = idx
+            .iter()
+            .filter(is_stored)
+            .map(|&i| MeterReading::from_reading(&rows[i].reading))
+            .collect();
         let row0 = &rows[idx[0]];
-        if inserted.is_empty() {
-            out.states
-                .push((row0.device_id.clone(), row0.reading.meter.clone(), *state));
-            continue;
-        }
-        let plan = plan_commit(state.tail, &mut inserted, limits);
-        let mut changed: Vec<Slot> = plan.upsert.clone();
-        for &slot in &plan.recompute {
-            let rows_now = io.slot_rows(m, slot)?;
-            match Slot::from_readings(&rows_now, limits)
-                .map_err(|e| StoreError::Db(format!("recomputing an energy slot: {e}")))?
-            {
-                Some(s) => changed.push(s),
-                None => writes.deletes.push((m, slot)),
-            }
-        }
-        for s in &changed {
-            writes.upserts.push((m, *s));
-        }
-        if state.tail.is_none() {
-            writes.new_meters.push(m);
-        }
-        let mut next = *state;
-        for s in &changed {
-            if next.tail.map_or(true, |t| s.start_ms >= t.start_ms) {
-                next.tail = Some(*s);
-            }
-            if let Some(e) = s.energy {
-                next.last_energy = later(next.last_energy, Some((s.start_ms, e.last)));
-            } else if next.last_energy.is_some_and(|(slot, _)| slot == s.start_ms) {
-                // Cannot happen (a slot never loses its readings); forget
-                // rather than keep a stale point.
-                next.last_energy = None;
-            }
-        }
+        let next = if inserted.is_empty() {
+            *state
+        } else {
+            slots_after_commit(io, m, state, &mut inserted, limits, &mut writes)?
+        };
         out.states
             .push((row0.device_id.clone(), row0.reading.meter.clone(), next));
     }
     io.write_slots(&writes)?;
     Ok(out)
+}
+
+/// The meters of a batch in first-seen order, each with its rows' indexes.
+fn meters_of(rows: &[Row]) -> (Vec<MeterKey<'_>>, Vec<Vec<usize>>) {
+    let mut index: HashMap<MeterKey<'_>, usize> = HashMap::new();
+    let mut keys: Vec<MeterKey<'_>> = Vec::new();
+    let mut members: Vec<Vec<usize>> = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        let k = MeterKey {
+            device_id: &row.device_id,
+            meter: &row.reading.meter,
+        };
+        let n = *index.entry(k).or_insert_with(|| {
+            keys.push(k);
+            members.push(Vec::new());
+            keys.len() - 1
+        });
+        members[n].push(i);
+    }
+    (keys, members)
+}
+
+/// Flags of one meter's late rows (`late`, in key order), slot by slot,
+/// against the stored rows around them. Returns the latest energy reading
+/// the late rows leave behind in the last slot they touched, for the
+/// in-order rows to continue from.
+fn flag_late_rows(
+    io: &mut dyn SlotIo,
+    m: MeterKey<'_>,
+    rows: &[Row],
+    late: &[usize],
+    flags: &mut [u32],
+    limits: &Limits,
+) -> Result<Option<(i64, Point)>, StoreError> {
+    let mut carried: Option<(i64, Point)> = None;
+    let mut at = 0;
+    while at < late.len() {
+        let slot = slot_of(rows[late[at]].reading.ts_ms);
+        let mut end = at;
+        while end < late.len() && slot_of(rows[late[end]].reading.ts_ms) == slot {
+            end += 1;
+        }
+        let batch = &late[at..end];
+        at = end;
+        let stored = io.slot_rows(m, slot)?;
+        let mut prev = None;
+        if batch.iter().any(|&i| point_of(&rows[i].reading).is_some()) {
+            let before = io
+                .energy_slot_before(m, slot)?
+                .and_then(|s| s.energy.map(|e| (s.start_ms, e.last)));
+            prev = later(before, carried);
+        }
+        let (mut s, mut b) = (0, 0);
+        while s < stored.len() || b < batch.len() {
+            let bk = batch.get(b).map(|&i| key_of(&rows[i].reading));
+            let sk = stored.get(s).map(|r| r.key);
+            let take_stored = match (sk, bk) {
+                (Some(x), Some(y)) => x <= y,
+                (Some(_), None) => true,
+                _ => false,
+            };
+            if take_stored {
+                let r = &stored[s];
+                if bk == Some(r.key) {
+                    // A resend of a stored row: not inserted, no flags.
+                    b += 1;
+                }
+                if let Some(v) = r.energy() {
+                    let ts_ms = r.ts_ms();
+                    prev = Some((slot, Point { ts_ms, value: v }));
+                }
+                s += 1;
+            } else {
+                let i = batch[b];
+                let r = &rows[i].reading;
+                flags[i] = reading_flags(r, prev.map(|p| p.1), limits);
+                if let Some(p) = point_of(r) {
+                    prev = Some((slot, p));
+                }
+                b += 1;
+            }
+        }
+        if prev.is_some_and(|p| p.0 == slot) {
+            carried = prev;
+        }
+    }
+    Ok(carried)
+}
+
+/// The slot writes of one meter's stored rows (`inserted`, not empty) and
+/// the meter's state after them.
+fn slots_after_commit<'a>(
+    io: &mut dyn SlotIo,
+    m: MeterKey<'a>,
+    state: &MeterState,
+    inserted: &mut [MeterReading],
+    limits: &Limits,
+    writes: &mut SlotWrites<'a>,
+) -> Result<MeterState, StoreError> {
+    let plan = plan_commit(state.tail, inserted, limits);
+    let mut changed: Vec<Slot> = plan.upsert.clone();
+    for &slot in &plan.recompute {
+        let rows_now = io.slot_rows(m, slot)?;
+        match Slot::from_readings(&rows_now, limits)
+            .map_err(|e| StoreError::Db(format!("recomputing an energy slot: {e}")))?
+        {
+            Some(s) => changed.push(s),
+            None => writes.deletes.push((m, slot)),
+        }
+    }
+    for s in &changed {
+        writes.upserts.push((m, *s));
+    }
+    if state.tail.is_none() {
+        writes.new_meters.push(m);
+    }
+    let mut next = *state;
+    for s in &changed {
+        if next.tail.map_or(true, |t| s.start_ms >= t.start_ms) {
+            next.tail = Some(*s);
+        }
+        if let Some(e) = s.energy {
+            next.last_energy = later(next.last_energy, Some((s.start_ms, e.last)));
+        } else if next.last_energy.is_some_and(|(slot, _)| slot == s.start_ms) {
+            // Cannot happen (a slot never loses its readings); forget
+            // rather than keep a stale point.
+            next.last_energy = None;
+        }
+    }
+    Ok(next)
 }
 
 /// One stored reading as a rebuild streams it.

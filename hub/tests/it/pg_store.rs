@@ -584,14 +584,17 @@ fn port_of(url: &str) -> Option<u16> {
 async fn a_version_1_database_gets_the_change_counter_in_place() {
     let Some(db) = fresh_db() else { return };
     // A database as version 1 left it: today's schema without migrations
-    // 2 (the quarantine table) and 3 (the change counter's table, function
-    // and triggers), with a device in it.
+    // 2 (the quarantine table), 3 (the change counter's table, function
+    // and triggers) and 4 (the energy column and tables), with a device in
+    // it.
     with_admin(&db.url, |admin| admin.add_device("old").unwrap());
     execute(
         &db.url,
         "DROP TABLE quarantine;
          DROP FUNCTION ems_token_changed() CASCADE;
          DROP TABLE token_changes;
+         ALTER TABLE readings DROP COLUMN flags;
+         DROP TABLE energy_slots, energy_meters, energy_limits;
          UPDATE schema_version SET version = 1;",
     );
     assert_eq!(
@@ -605,7 +608,7 @@ async fn a_version_1_database_gets_the_change_counter_in_place() {
         query_i64(&db.url, "SELECT max(version)::bigint FROM schema_version"),
         i64::from(ems_hub::store::postgres::SCHEMA_VERSION)
     );
-    assert_eq!(ems_hub::store::postgres::SCHEMA_VERSION, 3);
+    assert_eq!(ems_hub::store::postgres::SCHEMA_VERSION, 4);
     assert_eq!(query_i64(&db.url, "SELECT count(*) FROM quarantine"), 0);
     let n0 = query_i64(&db.url, "SELECT n FROM token_changes");
     let token = with_admin(&db.url, |admin| admin.rotate_device("old").unwrap());
