@@ -344,6 +344,26 @@ fn settle(store: &mut dyn ReadingSink, batch: &Batch, ctx: &mut Retry<'_>) -> Se
             );
         }
     }
+    let converted = quarantine_refused(store, batch, &refused, &mut rows, ctx);
+    count_fates(&rows, &quarantine, converted.len(), started, ctx);
+    Settled::Each {
+        rows,
+        quarantine,
+        converted,
+    }
+}
+
+/// Each reading the database refused goes to quarantine instead (all in
+/// one transaction, split again if need be): its fate becomes
+/// `Quarantined`, or `Abandoned` when its quarantine row is refused too.
+/// Returns the quarantined ones with their rows.
+fn quarantine_refused(
+    store: &mut dyn ReadingSink,
+    batch: &Batch,
+    refused: &[(usize, String)],
+    rows: &mut [Fate],
+    ctx: &mut Retry<'_>,
+) -> Vec<(usize, QuarantineRow)> {
     // Each refused reading goes to quarantine instead, together.
     let mut converted: Vec<(usize, QuarantineRow)> = refused
         .iter()
@@ -371,11 +391,22 @@ fn settle(store: &mut dyn ReadingSink, batch: &Batch, ctx: &mut Retry<'_>) -> Se
         }
         converted.retain(|(i, _)| rows[*i] == Fate::Quarantined);
     }
+    converted
+}
+
+/// Counts a settled batch: committed rows (stored and newly quarantined)
+/// and the abandoned ones, with an error line for the latter.
+fn count_fates(
+    rows: &[Fate],
+    quarantine: &[Fate],
+    converted: usize,
+    started: Instant,
+    ctx: &mut Retry<'_>,
+) {
     let stored = rows.iter().filter(|f| **f == Fate::Stored).count()
         + quarantine.iter().filter(|f| **f == Fate::Stored).count();
-    if stored + converted.len() > 0 {
-        ctx.metrics
-            .committed(stored + converted.len(), started.elapsed());
+    if stored + converted > 0 {
+        ctx.metrics.committed(stored + converted, started.elapsed());
     }
     let abandoned = rows.iter().filter(|f| **f == Fate::Abandoned).count()
         + quarantine.iter().filter(|f| **f == Fate::Abandoned).count();
@@ -388,11 +419,6 @@ fn settle(store: &mut dyn ReadingSink, batch: &Batch, ctx: &mut Retry<'_>) -> Se
             "store writer: {abandoned} readings or refused frames neither stored nor quarantined; \
              closing their connections unacknowledged so the devices send them again"
         );
-    }
-    Settled::Each {
-        rows,
-        quarantine,
-        converted,
     }
 }
 
