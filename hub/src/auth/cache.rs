@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 
-use crate::state::{CallError, StoreHandle};
+use crate::store::handle::{CallError, StoreHandle};
 use crate::store::{ct_eq, AuthSnapshot, TokenHash, ViewerScope};
 
 /// Longest a look-up that missed waits for a fresh read of the store.

@@ -1,5 +1,5 @@
 //! The HTTP side of the hub: the accept loop and its connection limits
-//! ([`server`]), the write deadline on every socket ([`timed_io`]), the
+//! ([`server`]; what a connection holds while it lives: [`guard`]), the write deadline on every socket ([`timed_io`]), the
 //! routing of every request ([`router`]), the WebSocket handshake that
 //! hands a socket to a device or dashboard session ([`upgrade`]), the JSON
 //! API ([`api`]), the embedded dashboard page ([`web`]), the probes
@@ -10,6 +10,7 @@
 //! log lines name the path's device id and the peer address only.
 
 mod api;
+mod guard;
 mod metrics_listener;
 mod probes;
 mod router;
@@ -24,8 +25,9 @@ use http_body_util::Full;
 use hyper::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Response, StatusCode};
 
+pub(crate) use guard::ConnGuard;
 pub(crate) use metrics_listener::serve_metrics;
-pub(crate) use server::{accept_loop, ConnGuard};
+pub(crate) use server::accept_loop;
 pub(crate) use tls::tls_acceptor;
 
 /// Every answer the hub gives over plain HTTP.

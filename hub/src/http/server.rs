@@ -5,7 +5,7 @@
 //!
 //! Limits, checked as a connection is accepted:
 //! - `max_connections`: a connection holds a slot until it ends — and
-//!   when it becomes a WebSocket, until the session ends ([`Ticket`]
+//!   when it becomes a WebSocket, until the session ends ([`super::guard`]
 //!   travels with the upgraded socket). Over the limit: `503` with
 //!   `Retry-After`.
 //! - `max_connections_per_ip`: the same per client address; `429`. A
@@ -18,8 +18,7 @@
 //! an answer. Nothing else is disturbed.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,12 +26,12 @@ use hyper::header::{HeaderValue, CONNECTION, RETRY_AFTER};
 use hyper::StatusCode;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 
+use super::guard::{trusted_proxy, ConnGuard, Ticket, RETRY_AFTER_S};
 use super::timed_io::TimedIo;
 use super::{router, text, Resp};
-use crate::metrics::{Limit, Metrics};
-use crate::quota::Slot;
+use crate::metrics::Limit;
 use crate::state::Shared;
 
 /// Refused connections answered at once; more are closed unanswered.
@@ -41,67 +40,6 @@ const REFUSALS: usize = 256;
 /// How long a refused connection may take to send its request and read
 /// the answer.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Seconds a client should wait before trying again after a refusal.
-pub(crate) const RETRY_AFTER_S: u64 = 5;
-
-/// Keeps the "all connections finished" channel open while alive
-/// (mini-redis's shutdown-complete pattern), and the connection's share of
-/// the limits while it (or the WebSocket session it became) lives.
-#[derive(Clone)]
-pub(crate) struct ConnGuard {
-    _done: mpsc::Sender<()>,
-    _ticket: Option<Arc<Ticket>>,
-}
-
-impl ConnGuard {
-    pub(crate) fn new(tx: mpsc::Sender<()>) -> Self {
-        ConnGuard {
-            _done: tx,
-            _ticket: None,
-        }
-    }
-
-    fn with(&self, ticket: Ticket) -> Self {
-        ConnGuard {
-            _done: self._done.clone(),
-            _ticket: Some(Arc::new(ticket)),
-        }
-    }
-}
-
-/// A connection's slot of `max_connections` and of its address's
-/// `max_connections_per_ip`.
-pub(crate) struct Ticket {
-    _permit: OwnedSemaphorePermit,
-    _address: Option<Slot<IpAddr>>,
-    metrics: Arc<Metrics>,
-}
-
-impl Ticket {
-    fn new(permit: OwnedSemaphorePermit, address: Option<Slot<IpAddr>>, m: &Arc<Metrics>) -> Self {
-        m.hardening.connections.fetch_add(1, Ordering::Relaxed);
-        Ticket {
-            _permit: permit,
-            _address: address,
-            metrics: m.clone(),
-        }
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        self.metrics
-            .hardening
-            .connections
-            .fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Whether `peer` is a proxy whose `X-Forwarded-For` names the client.
-pub(crate) fn trusted_proxy(shared: &Shared, peer: &SocketAddr) -> bool {
-    shared.config.trusted_proxies.contains(&peer.ip())
-}
 
 /// Accepts connections until `shutdown` completes.
 pub(crate) async fn accept_loop(

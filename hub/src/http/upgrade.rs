@@ -28,7 +28,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
-use super::server::{trusted_proxy, RETRY_AFTER_S};
+use super::guard::{trusted_proxy, RETRY_AFTER_S};
 use super::{forbidden, text, unauthorized, ConnGuard, Resp};
 use crate::auth::cache::Answer;
 use crate::auth::handshake::{self, Credentials, Offer, Subprotocols};

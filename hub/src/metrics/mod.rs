@@ -25,13 +25,12 @@ use ems_shared::RejectReason;
 use crate::store::QuarantineReason;
 
 mod edge;
-mod flags;
 mod hardening;
 mod histogram;
 mod quarantine;
 
+pub use crate::energy::flags::FlagCounts;
 pub use edge::EdgeSummary;
-pub use flags::FlagCounts;
 pub use hardening::{Hardening, Limit};
 pub use histogram::Histogram;
 use histogram::{BATCH_BOUNDS, LATENCY_BOUNDS};

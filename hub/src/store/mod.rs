@@ -36,6 +36,7 @@
 
 mod columns;
 pub mod energy;
+pub(crate) mod handle;
 mod lookups;
 pub mod postgres;
 pub mod quarantine;

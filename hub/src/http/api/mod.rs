@@ -161,7 +161,7 @@ fn error_response(e: &ApiError) -> Resp {
     if matches!(e, ApiError::TooMany | ApiError::Unavailable) {
         r.headers_mut().insert(
             hyper::header::RETRY_AFTER,
-            HeaderValue::from(super::server::RETRY_AFTER_S),
+            HeaderValue::from(super::guard::RETRY_AFTER_S),
         );
     }
     r

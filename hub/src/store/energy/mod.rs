@@ -42,9 +42,9 @@ use super::{Row, StoreError};
 use crate::energy::answer::{EnergyAnswer, MeterEnergy};
 use crate::energy::buckets::{slot_of, Bucket, Span, SLOT_MS};
 use crate::energy::flags::reading_flags;
+use crate::energy::flags::FlagCounts;
 use crate::energy::rule::{rollup_brute, Limits, MeterReading, ReadingKey};
 use crate::energy::slots::{combine, plan_commit, Point, Slot, SlotError};
-use crate::metrics::FlagCounts;
 
 mod rebuild;
 

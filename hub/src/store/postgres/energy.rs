@@ -6,18 +6,29 @@ use std::sync::{Arc, LazyLock};
 
 use postgres::Transaction;
 
-use super::insert::{ADD_METERS, UPSERT_SLOTS};
 use super::queries::reading_of;
 use super::time::{clamp_ms, PgTime};
 use super::{db, PgStore, MIGRATION_LOCK_KEY};
+use crate::energy::flags::FlagCounts;
 use crate::energy::rule::{Limits, MeterReading, ReadingKey};
 use crate::energy::slots::Slot;
-use crate::metrics::FlagCounts;
 use crate::store::columns::{select_columns, AFTER_MEASUREMENTS};
 use crate::store::energy::{
     same_limits, EnergyStore, FlaggedReading, Prepared, RebuildRow, RebuildSink, Rebuilder,
 };
 use crate::store::StoreError;
+
+/// Writes slots (upsert), one statement per batch (the writer's commit
+/// and the rebuild).
+pub(super) const UPSERT_SLOTS: &str =
+    "INSERT INTO energy_slots (device_id, meter, slot_ms, has_energy, data) \
+     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::bool[], $5::bytea[]) \
+     ON CONFLICT (device_id, meter, slot_ms) DO UPDATE \
+     SET has_energy = excluded.has_energy, data = excluded.data";
+
+/// Records the meters that have slots.
+pub(super) const ADD_METERS: &str = "INSERT INTO energy_meters (device_id, meter) \
+     SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING";
 
 /// A meter's readings in a time range, as the energy rule sees them.
 pub(super) const SLOT_READINGS: &str = "SELECT ts, epoch, seq, energy_wh, power_w FROM readings \

@@ -25,7 +25,7 @@ use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::types::{ToSql, Type};
 use postgres::Transaction;
 
-use super::energy::{slot_from, ENERGY_SLOT_BEFORE, SLOT_READINGS};
+use super::energy::{slot_from, ADD_METERS, ENERGY_SLOT_BEFORE, SLOT_READINGS, UPSERT_SLOTS};
 use super::time::{PgTime, PG_END_MS, PG_MIN_MS};
 use super::{db, is_unique_violation, pg_message, Conn, PgStore, WriteMethod};
 use crate::energy::buckets::SLOT_MS;
@@ -118,15 +118,6 @@ const STATES: &str = "SELECT t.slot_ms, t.data, e.slot_ms, e.data \
        WHERE s.device_id = m.device_id AND s.meter = m.meter AND s.has_energy \
        ORDER BY slot_ms DESC LIMIT 1) e ON true \
      ORDER BY m.i";
-
-pub(super) const UPSERT_SLOTS: &str =
-    "INSERT INTO energy_slots (device_id, meter, slot_ms, has_energy, data) \
-     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::bool[], $5::bytea[]) \
-     ON CONFLICT (device_id, meter, slot_ms) DO UPDATE \
-     SET has_energy = excluded.has_energy, data = excluded.data";
-
-pub(super) const ADD_METERS: &str = "INSERT INTO energy_meters (device_id, meter) \
-     SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING";
 
 const DELETE_SLOTS: &str = "DELETE FROM energy_slots s \
      USING unnest($1::text[], $2::text[], $3::int8[]) AS d(device_id, meter, slot_ms) \

@@ -8,9 +8,9 @@ use rusqlite::{params, Transaction, TransactionBehavior};
 
 use super::queries::reading_of;
 use super::{db, SqliteStore};
+use crate::energy::flags::FlagCounts;
 use crate::energy::rule::{Limits, MeterReading, ReadingKey};
 use crate::energy::slots::Slot;
-use crate::metrics::FlagCounts;
 use crate::store::columns::{select_columns, AFTER_MEASUREMENTS};
 use crate::store::energy::{
     same_limits, EnergyStore, FlaggedReading, Prepared, RebuildRow, RebuildSink, Rebuilder,
