@@ -402,7 +402,7 @@ cmd_e2e() {
         pid="${PIDS[$i]}"
         rc=0
         stop_pid "$pid" 15 || rc=$?
-        ((rc == 0)) || { dump_logs; die "pid $pid ($(tr '\0' ' ' </proc/$pid/cmdline 2>/dev/null || echo gone)) exited with status $rc after SIGTERM"; }
+        ((rc == 0)) || { dump_logs; die "pid $pid ($(tr '\0' ' ' </proc/"$pid"/cmdline 2>/dev/null || echo gone)) exited with status $rc after SIGTERM"; }
     done
     PIDS=()
     kill -QUIT "$NGINX_PID" 2>/dev/null || die "nginx is not running at the end"
