@@ -73,6 +73,10 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     if !shared.config.sd_notify {
         return;
     }
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        log::debug!("not started by systemd with Type=notify: no readiness or watchdog messages");
+        return;
+    }
     let mut shutdown = shared.shutdown.clone();
     let mut said_waiting = false;
     loop {

@@ -20,6 +20,7 @@ mod handshake;
 mod hardening;
 mod harness;
 mod lifecycle;
+mod mosquitto;
 mod mqtt;
 mod mqtt_hub;
 mod notify;

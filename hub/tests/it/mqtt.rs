@@ -1,30 +1,22 @@
 //! The MQTT bridge (`ems_hub::mqtt`) against a real Mosquitto, through the
 //! module's public interface only.
 //!
-//! Each test starts its own broker (`/usr/sbin/mosquitto`, or
-//! `EMS_MOSQUITTO`) on a free loopback port with a generated config
-//! (persistence off) and watches it with its own MQTT client. Without
-//! Mosquitto the tests print a loud SKIP and pass — unless
-//! `EMS_REQUIRE_MQTT=1` (CI), where they fail (`ems_testkit::require`).
+//! Each test starts its own broker (`crate::mosquitto`: `/usr/sbin/mosquitto`,
+//! or `EMS_MOSQUITTO`) and watches it with its own MQTT client.
 //!
 //! The Home Assistant field table is written out again here, independently
 //! of `src/`, so a wrong constant there is caught.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ems_hub::mqtt::{BrokerUrl, MqttBridge, MqttConfig, MqttHandle, Secret};
 use ems_shared::Reading;
 use ems_testkit::fixtures::{free_port, now_ms};
-use ems_testkit::require::{require_or_skip, Feature};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+use crate::mosquitto::{retained, Broker, BrokerOptions, Msg, Watcher};
 
 // ---------------------------------------------------------------------------
 // The table (Home Assistant sensor device classes, units, state classes).
@@ -57,394 +49,10 @@ fn log_lines() -> Vec<String> {
     ems_testkit::logs::lines()
 }
 
-// ---------------------------------------------------------------------------
-// A private Mosquitto.
-
-fn skip(why: &str) {
-    require_or_skip(Feature::Mqtt, why);
-}
-
-fn mosquitto_bin() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("EMS_MOSQUITTO") {
-        return Some(PathBuf::from(p)).filter(|p| p.exists());
-    }
-    [
-        "/usr/sbin/mosquitto",
-        "/usr/bin/mosquitto",
-        "/usr/local/sbin/mosquitto",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-}
-
-#[derive(Default)]
-struct BrokerOptions {
-    /// (user, password): anonymous clients refused.
-    user: Option<(String, String)>,
-    /// Serve TLS (needs `openssl`) instead of plain MQTT.
-    tls: bool,
-}
-
-struct Broker {
-    bin: PathBuf,
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Option<Child>,
-    /// The CA that signed the broker's certificate (TLS only).
-    ca: Option<PathBuf>,
-}
-
-impl Broker {
-    /// Starts a broker, or returns `None` after a SKIP.
-    fn start(opts: BrokerOptions) -> Option<Broker> {
-        capture_logs();
-        let Some(bin) = mosquitto_bin() else {
-            skip("mosquitto is not installed (looked at $EMS_MOSQUITTO, /usr/sbin, /usr/bin, /usr/local/sbin)");
-            return None;
-        };
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
-        let mut conf = format!(
-            "listener {port} 127.0.0.1\npersistence false\nlog_dest file {}\n\
-             log_type error\nlog_type warning\nlog_type notice\n",
-            dir.path().join("mosquitto.log").display()
-        );
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
-            // Keep root, so the broker can read the files in our temp dir.
-            conf.push_str("user root\n");
-        }
-        match &opts.user {
-            Some((user, pw)) => {
-                let file = dir.path().join("passwd");
-                let out = Command::new("mosquitto_passwd")
-                    .args(["-b", "-c"])
-                    .arg(&file)
-                    .args([user, pw])
-                    .output();
-                match out {
-                    Ok(o) if o.status.success() => {}
-                    Ok(o) => panic!(
-                        "mosquitto_passwd failed: {}",
-                        String::from_utf8_lossy(&o.stderr)
-                    ),
-                    Err(e) => {
-                        skip(&format!("mosquitto_passwd cannot run: {e}"));
-                        return None;
-                    }
-                }
-                conf.push_str(&format!(
-                    "allow_anonymous false\npassword_file {}\n",
-                    file.display()
-                ));
-            }
-            None => conf.push_str("allow_anonymous true\n"),
-        }
-        let mut ca = None;
-        if opts.tls {
-            if let Err(e) = make_certificates(dir.path()) {
-                skip(&format!("cannot make TLS certificates: {e}"));
-                return None;
-            }
-            let d = dir.path();
-            conf.push_str(&format!(
-                "cafile {}\ncertfile {}\nkeyfile {}\n",
-                d.join("ca.crt").display(),
-                d.join("server.crt").display(),
-                d.join("server.key").display()
-            ));
-            ca = Some(d.join("ca.crt"));
-        }
-        std::fs::write(dir.path().join("mosquitto.conf"), conf).expect("write config");
-        let mut b = Broker {
-            bin,
-            dir,
-            port,
-            child: None,
-            ca,
-        };
-        b.launch();
-        Some(b)
-    }
-
-    fn launch(&mut self) {
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("-c")
-            .arg(self.dir.path().join("mosquitto.conf"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // SAFETY: prctl is async-signal-safe; the broker dies with the
-        // thread that started it, even if this test process is killed.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("start mosquitto");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("mosquitto exited at start ({st}): {}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "mosquitto did not listen: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().map(|c| c.id() as i32).expect("running")
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: plain kill(2) on our own child.
-        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
-    }
-
-    /// Stops the broker (SIGTERM) and waits for it.
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: plain kill(2) on our own child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        if self.ca.is_some() {
-            format!("mqtts://localhost:{}", self.port)
-        } else {
-            format!("mqtt://127.0.0.1:{}", self.port)
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn make_certificates(dir: &Path) -> Result<(), String> {
-    let ossl = |args: &[&str]| -> Result<(), String> {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("openssl: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "openssl {}: {}",
-                args[0],
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
-    };
-    ossl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=ems test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign",
-    ])?;
-    ossl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ])?;
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-    )
-    .map_err(|e| e.to_string())?;
-    ossl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "server.ext",
-        "-out",
-        "server.crt",
-    ])
-}
-
-// ---------------------------------------------------------------------------
-// A watching MQTT client.
-
-#[derive(Debug, Clone)]
-struct Msg {
-    topic: String,
-    payload: Vec<u8>,
-    retain: bool,
-}
-
-impl Msg {
-    fn text(&self) -> &str {
-        std::str::from_utf8(&self.payload).unwrap_or("<binary>")
-    }
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.payload).unwrap_or(Value::Null)
-    }
-}
-
-/// Subscribes to `filters`, records every message; resubscribes after a
-/// broker restart. `synced` turns true once every retained message of the
-/// first subscription has arrived (a marker published after the SUBACK
-/// has come back).
-struct Watcher {
-    msgs: Arc<Mutex<Vec<Msg>>>,
-    synced: Arc<std::sync::atomic::AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-static WATCHERS: AtomicU64 = AtomicU64::new(0);
-
-impl Watcher {
-    fn start(port: u16, filters: &[&str]) -> Watcher {
-        let n = WATCHERS.fetch_add(1, Ordering::Relaxed);
-        let marker = format!("ems-test/marker/{n}");
-        let mut o = MqttOptions::new(format!("watcher-{n}"), "127.0.0.1", port);
-        o.set_keep_alive(Duration::from_secs(5))
-            .set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut el) = AsyncClient::new(o, 64);
-        let msgs = Arc::new(Mutex::new(Vec::new()));
-        let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let filters: Vec<String> = filters.iter().map(|f| f.to_string()).collect();
-        let (m2, s2) = (msgs.clone(), synced.clone());
-        let task = tokio::spawn(async move {
-            let mut subacks = 0;
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        subacks = 0;
-                        for f in &filters {
-                            let _ = client.try_subscribe(f.clone(), QoS::AtLeastOnce);
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        subacks += 1;
-                        if subacks == filters.len() {
-                            let _ = client.try_subscribe(marker.clone(), QoS::AtLeastOnce);
-                        } else if subacks == filters.len() + 1 {
-                            let _ =
-                                client.try_publish(marker.clone(), QoS::AtLeastOnce, false, "sync");
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if p.topic == marker {
-                            s2.store(true, Ordering::SeqCst);
-                        } else {
-                            m2.lock().unwrap().push(Msg {
-                                topic: p.topic.clone(),
-                                payload: p.payload.to_vec(),
-                                retain: p.retain,
-                            });
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-                }
-            }
-        });
-        Watcher { msgs, synced, task }
-    }
-
-    fn all(&self) -> Vec<Msg> {
-        self.msgs.lock().unwrap().clone()
-    }
-
-    /// Waits until `f` finds something in the messages so far.
-    async fn wait_for<T>(&self, what: &str, limit: Duration, f: impl Fn(&[Msg]) -> Option<T>) -> T {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(t) = f(&self.all()) {
-                return t;
-            }
-            if Instant::now() > deadline {
-                let dump: Vec<String> = self
-                    .all()
-                    .iter()
-                    .map(|m| format!("{} r={} {}", m.topic, m.retain, m.text()))
-                    .collect();
-                panic!("timed out waiting for {what}; got:\n{}", dump.join("\n"));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn wait_synced(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.synced.load(Ordering::SeqCst) {
-            assert!(Instant::now() < deadline, "watcher never synced");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// What the broker holds retained under `filters` now: topic → message
-/// (what a fresh subscriber gets with the retain flag set).
-async fn retained(port: u16, filters: &[&str]) -> BTreeMap<String, Msg> {
-    let w = Watcher::start(port, filters);
-    w.wait_synced().await;
-    w.all()
-        .into_iter()
-        .filter(|m| m.retain)
-        .map(|m| (m.topic.clone(), m))
-        .collect()
+/// A private broker, with this file's log capture on.
+fn start_broker(opts: BrokerOptions) -> Option<Broker> {
+    capture_logs();
+    Broker::start(opts)
 }
 
 // ---------------------------------------------------------------------------
@@ -536,10 +144,10 @@ const LONG: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_configs_match_the_table_and_are_retained() {
-    let Some(broker) = Broker::start(BrokerOptions::default()) else {
+    let Some(broker) = start_broker(BrokerOptions::default()) else {
         return;
     };
-    let live = Watcher::start(broker.port, &["homeassistant/#", "ems/#"]);
+    let live = Watcher::start(&broker, &["homeassistant/#", "ems/#"]);
     live.wait_synced().await;
     let (h, task) = MqttBridge::spawn(config(&broker)).expect("spawn");
     h.presence("pi.kitchen", true);
@@ -572,7 +180,7 @@ async fn discovery_configs_match_the_table_and_are_retained() {
 
     // A late subscriber gets the retained configs, availabilities and no
     // state (states are not retained).
-    let held = retained(broker.port, &["homeassistant/#", "ems/#"]).await;
+    let held = retained(&broker, &["homeassistant/#", "ems/#"]).await;
     assert_eq!(held["ems/hub/availability"].text(), "online");
     assert_eq!(held["ems/pi.kitchen/availability"].text(), "online");
     assert!(!held.contains_key(state_topic));
@@ -644,10 +252,10 @@ async fn discovery_configs_match_the_table_and_are_retained() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_readings_in_an_interval_make_one_state_and_backfill_is_not_current() {
-    let Some(broker) = Broker::start(BrokerOptions::default()) else {
+    let Some(broker) = start_broker(BrokerOptions::default()) else {
         return;
     };
-    let live = Watcher::start(broker.port, &["ems/+/+/state"]);
+    let live = Watcher::start(&broker, &["ems/+/+/state"]);
     live.wait_synced().await;
     let mut c = config(&broker);
     c.interval = Duration::from_secs(2);
@@ -704,10 +312,10 @@ async fn many_readings_in_an_interval_make_one_state_and_backfill_is_not_current
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn availability_follows_presence_and_a_clean_shutdown() {
-    let Some(broker) = Broker::start(BrokerOptions::default()) else {
+    let Some(broker) = start_broker(BrokerOptions::default()) else {
         return;
     };
-    let live = Watcher::start(broker.port, &["ems/+/availability"]);
+    let live = Watcher::start(&broker, &["ems/+/availability"]);
     live.wait_synced().await;
     let (h, task) = MqttBridge::spawn(config(&broker)).expect("spawn");
     let last_of = |m: &[Msg], t: &str| {
@@ -731,7 +339,7 @@ async fn availability_follows_presence_and_a_clean_shutdown() {
         (last_of(m, "ems/d1/availability").as_deref() == Some("offline")).then_some(())
     })
     .await;
-    let held = retained(broker.port, &["ems/+/availability"]).await;
+    let held = retained(&broker, &["ems/+/availability"]).await;
     assert_eq!(held["ems/d1/availability"].text(), "offline");
     assert_eq!(held["ems/d2/availability"].text(), "online");
     assert_eq!(held["ems/hub/availability"].text(), "online");
@@ -742,7 +350,7 @@ async fn availability_follows_presence_and_a_clean_shutdown() {
         .await
         .expect("stops")
         .expect("task");
-    let held = retained(broker.port, &["ems/+/availability"]).await;
+    let held = retained(&broker, &["ems/+/availability"]).await;
     assert_eq!(held["ems/d2/availability"].text(), "offline");
     assert_eq!(held["ems/hub/availability"].text(), "offline");
     // Calls after the shutdown never block; they are counted.
@@ -752,7 +360,7 @@ async fn availability_follows_presence_and_a_clean_shutdown() {
 
 #[test]
 fn a_dying_hub_goes_offline_through_the_last_will() {
-    let Some(broker) = Broker::start(BrokerOptions::default()) else {
+    let Some(broker) = start_broker(BrokerOptions::default()) else {
         return;
     };
     // The bridge on its own runtime, dropped without a shutdown: its
@@ -774,13 +382,13 @@ fn a_dying_hub_goes_offline_through_the_last_will() {
         .build()
         .unwrap();
     test_rt.block_on(async {
-        let held = retained(broker.port, &["ems/hub/availability"]).await;
+        let held = retained(&broker, &["ems/hub/availability"]).await;
         assert_eq!(held["ems/hub/availability"].text(), "online");
     });
     rt.shutdown_background();
     drop(h);
     test_rt.block_on(async {
-        let w = Watcher::start(broker.port, &["ems/hub/availability"]);
+        let w = Watcher::start(&broker, &["ems/hub/availability"]);
         w.wait_for("the last will", LONG, |m| {
             m.iter()
                 .rev()
@@ -794,7 +402,7 @@ fn a_dying_hub_goes_offline_through_the_last_will() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removal_clears_configs_also_those_of_an_earlier_process() {
-    let Some(broker) = Broker::start(BrokerOptions::default()) else {
+    let Some(broker) = start_broker(BrokerOptions::default()) else {
         return;
     };
     // An earlier hub process publishes d1 (two meters) and d2, then stops.
@@ -808,7 +416,7 @@ async fn removal_clears_configs_also_those_of_an_earlier_process() {
     let d1_topics: BTreeSet<String> = std::iter::once(config_topic("d1", "main", "energy_wh"))
         .chain(TABLE.iter().map(|(k, ..)| config_topic("d1", "aux", k)))
         .collect();
-    let live = Watcher::start(broker.port, &["homeassistant/#", "ems/+/availability"]);
+    let live = Watcher::start(&broker, &["homeassistant/#", "ems/+/availability"]);
     live.wait_for("all configs", LONG, |m| {
         let held: BTreeSet<&str> = m.iter().map(|x| x.topic.as_str()).collect();
         (d1_topics.iter().all(|t| held.contains(t.as_str()))
@@ -845,7 +453,7 @@ async fn removal_clears_configs_also_those_of_an_earlier_process() {
             .then_some(())
     })
     .await;
-    let held = retained(broker.port, &["homeassistant/#", "ems/+/availability"]).await;
+    let held = retained(&broker, &["homeassistant/#", "ems/+/availability"]).await;
     let left: BTreeSet<&str> = held
         .keys()
         .map(String::as_str)
@@ -869,7 +477,7 @@ async fn removal_clears_configs_also_those_of_an_earlier_process() {
         .await
         .expect("stops")
         .expect("task");
-    let held = retained(broker.port, &["homeassistant/#"]).await;
+    let held = retained(&broker, &["homeassistant/#"]).await;
     assert!(
         held.keys().all(|t| !t.contains("/d1_")),
         "{:?}",
@@ -879,7 +487,7 @@ async fn removal_clears_configs_also_those_of_an_earlier_process() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_broker_gets_discovery_again_and_states_keep_coming() {
-    let Some(mut broker) = Broker::start(BrokerOptions::default()) else {
+    let Some(mut broker) = start_broker(BrokerOptions::default()) else {
         return;
     };
     let (h, task) = MqttBridge::spawn(config(&broker)).expect("spawn");
@@ -899,7 +507,7 @@ async fn a_restarted_broker_gets_discovery_again_and_states_keep_coming() {
         s.connected && s.reconnects >= 1
     })
     .await;
-    let live = Watcher::start(broker.port, &["homeassistant/#", "ems/#"]);
+    let live = Watcher::start(&broker, &["homeassistant/#", "ems/#"]);
     live.wait_for("all retained again", LONG, |m| {
         let n = m
             .iter()
@@ -930,7 +538,7 @@ async fn a_restarted_broker_gets_discovery_again_and_states_keep_coming() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_stops_reading_never_blocks_the_hub_and_losses_are_counted() {
-    let Some(broker) = Broker::start(BrokerOptions::default()) else {
+    let Some(broker) = start_broker(BrokerOptions::default()) else {
         return;
     };
     let mut c = config(&broker);
@@ -985,7 +593,7 @@ async fn a_broker_that_stops_reading_never_blocks_the_hub_and_losses_are_counted
         s.connected && s.reconnects >= 1
     })
     .await;
-    let live = Watcher::start(broker.port, &["ems/d1/m0/state"]);
+    let live = Watcher::start(&broker, &["ems/d1/m0/state"]);
     live.wait_synced().await;
     h.reading("d1", &energy_reading("m0", now_ms(), 9999.0));
     live.wait_for("a state after the broker resumed", LONG, |m| {
@@ -1026,7 +634,7 @@ async fn a_full_queue_drops_and_counts_without_waiting() {
 async fn the_password_stays_out_of_debug_output_and_logs() {
     const PW: &str = "pw-Zeta-7781-secret";
     const WRONG: &str = "wrong-Zeta-9900-secret";
-    let Some(broker) = Broker::start(BrokerOptions {
+    let Some(broker) = start_broker(BrokerOptions {
         user: Some(("ems".into(), PW.into())),
         ..Default::default()
     }) else {
@@ -1084,7 +692,7 @@ async fn the_password_stays_out_of_debug_output_and_logs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtts_with_the_ca_file_connects_and_without_it_is_refused() {
-    let Some(broker) = Broker::start(BrokerOptions {
+    let Some(broker) = start_broker(BrokerOptions {
         tls: true,
         ..Default::default()
     }) else {

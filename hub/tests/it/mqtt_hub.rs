@@ -5,29 +5,19 @@
 //! killed `ems-hub` process, the password kept out of `--help` and error
 //! messages, and ingest and dashboards untouched by a stopped broker.
 //!
-//! Each test starts its own broker (`/usr/sbin/mosquitto`, or
-//! `EMS_MOSQUITTO`) on a free loopback port (persistence off) and watches
-//! it with its own MQTT client. Without Mosquitto those tests print a loud
-//! SKIP and pass — unless `EMS_REQUIRE_MQTT=1` (CI), where they fail.
+//! Each test starts its own broker (`crate::mosquitto`) and watches it with
+//! its own MQTT client.
 
 use std::collections::BTreeMap;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ems_hub::mqtt::{BrokerUrl, MqttConfig};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use serde_json::Value;
 
 use crate::dashboard::{bearer, http};
 use crate::harness::*;
-
-/// Bound for anything MQTT should do "soon" (reconnects back off up to
-/// several seconds; the machine may be loaded).
-const LONG: Duration = Duration::from_secs(30);
+use crate::mosquitto::{die_with_parent, retained, Broker, BrokerOptions, Msg, Watcher, LONG};
 
 /// The measurements of a reading, as in the state payload.
 const KEYS: [&str; 7] = [
@@ -41,150 +31,7 @@ const KEYS: [&str; 7] = [
 ];
 
 // ---------------------------------------------------------------------------
-// A private Mosquitto.
-
-fn skip(why: &str) {
-    if std::env::var("EMS_REQUIRE_MQTT").is_ok_and(|v| v == "1") {
-        panic!("Mosquitto is required (EMS_REQUIRE_MQTT=1) but {why}");
-    }
-    eprintln!(
-        "\n********************************************************************\n\
-         SKIP: MQTT hub test skipped: {why}.\n\
-         Install mosquitto (or set EMS_MOSQUITTO) to run it;\n\
-         EMS_REQUIRE_MQTT=1 turns this into a failure (CI).\n\
-         ********************************************************************\n"
-    );
-}
-
-fn mosquitto_bin() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("EMS_MOSQUITTO") {
-        return Some(PathBuf::from(p)).filter(|p| p.exists());
-    }
-    [
-        "/usr/sbin/mosquitto",
-        "/usr/bin/mosquitto",
-        "/usr/local/sbin/mosquitto",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-}
-
-/// Makes `cmd`'s process die with the thread that started it, so no broker
-/// or hub outlives a failed test.
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: prctl is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-}
-
-struct Broker {
-    /// Config, password file and log; removed with the broker.
-    _dir: tempfile::TempDir,
-    /// The login the broker requires, if any (the watchers use it too).
-    login: Option<(String, String)>,
-    port: u16,
-    child: Child,
-}
-
-impl Broker {
-    /// Starts a broker (`user`: (name, password), anonymous clients
-    /// refused), or returns `None` after a SKIP.
-    fn start(user: Option<(&str, &str)>) -> Option<Broker> {
-        let Some(bin) = mosquitto_bin() else {
-            skip("mosquitto is not installed (looked at $EMS_MOSQUITTO, /usr/sbin, /usr/bin, /usr/local/sbin)");
-            return None;
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let mut conf = format!(
-            "listener {port} 127.0.0.1\npersistence false\nlog_dest file {}\n\
-             log_type error\nlog_type warning\nlog_type notice\n",
-            dir.path().join("mosquitto.log").display()
-        );
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
-            // Keep root, so the broker can read the files in our temp dir.
-            conf.push_str("user root\n");
-        }
-        match user {
-            Some((name, pw)) => {
-                let file = dir.path().join("passwd");
-                match Command::new("mosquitto_passwd")
-                    .args(["-b", "-c"])
-                    .arg(&file)
-                    .args([name, pw])
-                    .output()
-                {
-                    Ok(o) if o.status.success() => {}
-                    Ok(o) => panic!(
-                        "mosquitto_passwd failed: {}",
-                        String::from_utf8_lossy(&o.stderr)
-                    ),
-                    Err(e) => {
-                        skip(&format!("mosquitto_passwd cannot run: {e}"));
-                        return None;
-                    }
-                }
-                conf.push_str(&format!(
-                    "allow_anonymous false\npassword_file {}\n",
-                    file.display()
-                ));
-            }
-            None => conf.push_str("allow_anonymous true\n"),
-        }
-        let conf_path = dir.path().join("mosquitto.conf");
-        std::fs::write(&conf_path, conf).unwrap();
-        let mut cmd = Command::new(bin);
-        cmd.arg("-c")
-            .arg(&conf_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        die_with_parent(&mut cmd);
-        let mut child = cmd.spawn().expect("start mosquitto");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!("mosquitto exited at start ({st})");
-            }
-            assert!(Instant::now() < deadline, "mosquitto did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Some(Broker {
-            _dir: dir,
-            login: user.map(|(u, p)| (u.to_string(), p.to_string())),
-            port,
-            child,
-        })
-    }
-
-    fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: plain kill(2) on our own child.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        // SIGKILL ends a stopped (SIGSTOP) broker too.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
+// Broker helpers.
 
 /// The bridge configuration the in-process tests use: a short interval and
 /// keep-alive, so everything happens within seconds.
@@ -193,153 +40,6 @@ fn bridge(broker: &Broker) -> MqttConfig {
     c.interval = Duration::from_millis(200);
     c.keep_alive = Duration::from_secs(1);
     c
-}
-
-// ---------------------------------------------------------------------------
-// A watching MQTT client.
-
-#[derive(Debug, Clone)]
-struct Msg {
-    topic: String,
-    payload: Vec<u8>,
-    retain: bool,
-}
-
-impl Msg {
-    fn text(&self) -> &str {
-        std::str::from_utf8(&self.payload).unwrap_or("<binary>")
-    }
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.payload).unwrap_or(Value::Null)
-    }
-}
-
-/// Subscribes to `filters` and records every message; resubscribes after
-/// a reconnect. `synced` turns true once the retained messages of the
-/// first subscription have all arrived (a marker published after the
-/// SUBACKs comes back).
-struct Watcher {
-    msgs: Arc<Mutex<Vec<Msg>>>,
-    synced: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-static WATCHERS: AtomicU64 = AtomicU64::new(0);
-
-impl Watcher {
-    fn start(broker: &Broker, filters: &[&str]) -> Watcher {
-        let n = WATCHERS.fetch_add(1, Ordering::Relaxed);
-        let marker = format!("ems-test/marker/{n}");
-        let mut o = MqttOptions::new(format!("hub-watcher-{n}"), "127.0.0.1", broker.port);
-        o.set_keep_alive(Duration::from_secs(5))
-            .set_max_packet_size(1 << 20, 1 << 20);
-        if let Some((user, pw)) = &broker.login {
-            o.set_credentials(user.clone(), pw.clone());
-        }
-        let (client, mut el) = AsyncClient::new(o, 64);
-        let msgs = Arc::new(Mutex::new(Vec::new()));
-        let synced = Arc::new(AtomicBool::new(false));
-        let filters: Vec<String> = filters.iter().map(|f| f.to_string()).collect();
-        let (m2, s2) = (msgs.clone(), synced.clone());
-        let task = tokio::spawn(async move {
-            let mut subacks = 0;
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        subacks = 0;
-                        for f in &filters {
-                            let _ = client.try_subscribe(f.clone(), QoS::AtLeastOnce);
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        subacks += 1;
-                        if subacks == filters.len() {
-                            let _ = client.try_subscribe(marker.clone(), QoS::AtLeastOnce);
-                        } else if subacks == filters.len() + 1 {
-                            let _ =
-                                client.try_publish(marker.clone(), QoS::AtLeastOnce, false, "sync");
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if p.topic == marker {
-                            s2.store(true, Ordering::SeqCst);
-                        } else {
-                            m2.lock().unwrap().push(Msg {
-                                topic: p.topic.clone(),
-                                payload: p.payload.to_vec(),
-                                retain: p.retain,
-                            });
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-                }
-            }
-        });
-        Watcher { msgs, synced, task }
-    }
-
-    /// Starts and waits until the broker's retained messages are in.
-    async fn synced(broker: &Broker, filters: &[&str]) -> Watcher {
-        let w = Watcher::start(broker, filters);
-        let deadline = Instant::now() + LONG;
-        while !w.synced.load(Ordering::SeqCst) {
-            assert!(Instant::now() < deadline, "watcher never synced");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        w
-    }
-
-    fn all(&self) -> Vec<Msg> {
-        self.msgs.lock().unwrap().clone()
-    }
-
-    /// Waits until `f` finds something in the messages so far.
-    async fn wait_for<T>(&self, what: &str, f: impl Fn(&[Msg]) -> Option<T>) -> T {
-        let deadline = Instant::now() + LONG;
-        loop {
-            if let Some(t) = f(&self.all()) {
-                return t;
-            }
-            if Instant::now() > deadline {
-                let dump: Vec<String> = self
-                    .all()
-                    .iter()
-                    .map(|m| format!("{} r={} {}", m.topic, m.retain, m.text()))
-                    .collect();
-                panic!("timed out waiting for {what}; got:\n{}", dump.join("\n"));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Waits until the newest message on `topic` is `payload`.
-    async fn wait_latest(&self, topic: &str, payload: &str) {
-        self.wait_for(&format!("{topic} = {payload:?}"), |m| {
-            m.iter()
-                .rev()
-                .find(|x| x.topic == topic)
-                .filter(|x| x.payload == payload.as_bytes())
-                .map(|_| ())
-        })
-        .await
-    }
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// What the broker holds retained under `filters` now: topic → message.
-async fn retained(broker: &Broker, filters: &[&str]) -> BTreeMap<String, Msg> {
-    let w = Watcher::synced(broker, filters).await;
-    w.all()
-        .into_iter()
-        .filter(|m| m.retain && !m.payload.is_empty())
-        .map(|m| (m.topic.clone(), m))
-        .collect()
 }
 
 /// Waits until the broker's retained set under `filters` satisfies `f`.
@@ -437,7 +137,7 @@ fn hub_command(args: &[&str], db: &str) -> Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_states_metrics_and_revocation_through_the_hub() {
-    let Some(broker) = Broker::start(None) else {
+    let Some(broker) = Broker::start(BrokerOptions::default()) else {
         return;
     };
     let live = Watcher::synced(&broker, &["homeassistant/#", "ems/#"]).await;
@@ -465,7 +165,7 @@ async fn presence_states_metrics_and_revocation_through_the_hub() {
     }
     wait_ack(&mut dev, 1, 4).await;
     let state = live
-        .wait_for("the newest state", |m| {
+        .wait_for("the newest state", LONG, |m| {
             m.iter()
                 .filter(|x| x.topic == "ems/pi.kitchen/main/state")
                 .map(Msg::json)
@@ -595,7 +295,7 @@ async fn presence_states_metrics_and_revocation_through_the_hub() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_revoked_by_another_process_are_removed() {
-    let Some(broker) = Broker::start(None) else {
+    let Some(broker) = Broker::start(BrokerOptions::default()) else {
         return;
     };
     let mqtt = bridge(&broker);
@@ -729,7 +429,10 @@ async fn device_at(port: u16, id: &str, token: &str) -> Client {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_hub_process_goes_offline_by_its_last_will() {
     let password = "pw-8f3a1c-never-shown";
-    let Some(broker) = Broker::start(Some(("ems-hub", password))) else {
+    let Some(broker) = Broker::start(BrokerOptions {
+        user: Some(("ems-hub".to_string(), password.to_string())),
+        ..Default::default()
+    }) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -910,7 +613,7 @@ impl Round {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_broker_never_slows_acks_or_dashboards() {
-    let Some(broker) = Broker::start(None) else {
+    let Some(broker) = Broker::start(BrokerOptions::default()) else {
         return;
     };
     let mut mqtt = bridge(&broker);
@@ -968,7 +671,7 @@ async fn a_stopped_broker_never_slows_acks_or_dashboards() {
     broker.signal(libc::SIGCONT);
     let (last, _) = next.run(&mut dev, &mut dash).await;
     let want = 1000.0 + last as f64 * 0.25;
-    live.wait_for("a state after the broker came back", |m| {
+    live.wait_for("a state after the broker came back", LONG, |m| {
         m.iter()
             .filter(|x| x.topic == "ems/d1/main/state")
             .find(|x| x.json()["energy_wh"] == want)
