@@ -9,6 +9,7 @@ mod admin_api;
 mod admin_origin;
 mod admin_tokens;
 mod browser;
+mod browser_fleet;
 mod cli;
 mod conn_limits;
 mod dashboard;
