@@ -731,8 +731,8 @@
       fleet.stop();
       if (!viewerToken()) { show($('fleet'), false); return; }
       show($('fleet'), true);
-      fleet.load();
-      fleet.loadEnergy();
+      // The energy after the first list, so the two renders do not meet.
+      fleet.load().then(fleet.loadEnergy);
       fleet.timer = setInterval(fleet.load, 5000);
       fleet.energyTimer = setInterval(fleet.loadEnergy, 30000);
     },
@@ -753,8 +753,8 @@
     },
     load: function () {
       var token = viewerToken();
-      if (!token) { return; }
-      api('/api/devices', token).then(function (body) {
+      if (!token) { return Promise.resolve(); }
+      return api('/api/devices', token).then(function (body) {
         fleet.error(null);
         fleet.apply(body.devices);
       }).catch(fleet.fail);
@@ -814,7 +814,10 @@
           var ms = (performance.now() - t0).toFixed(1);
           if (first) { table.dataset.renderMs = ms; }
           table.dataset.updateMs = ms;
-          if (!first) { table.dataset.maxUpdateMs = String(Math.max(parseFloat(table.dataset.maxUpdateMs || '0'), parseFloat(ms))); }
+          if (!first) {
+            table.dataset.maxUpdateMs = String(Math.max(parseFloat(table.dataset.maxUpdateMs || '0'), parseFloat(ms)));
+            table.dataset.updates = ((table.dataset.updates ? table.dataset.updates + ' ' : '') + ms).split(' ').slice(-20).join(' ');
+          }
           table.dataset.renders = String(fleet.renders);
         }, 0);
       });

@@ -219,7 +219,7 @@ async fn fleet_page_renders_a_thousand_devices() {
         let update = page_str(
             c,
             "var t = document.getElementById('fleet-table').dataset; \
-             return (t.maxUpdateMs || '') + ' ms over ' + t.renders + ' renders'",
+             return (t.maxUpdateMs || '') + ' ms over ' + t.renders + ' renders (each: ' + t.updates + ')'",
         )
         .await;
         println!("fleet page: slowest refresh of {DEVICES} rows: {update}");
