@@ -73,7 +73,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-echo "==> hub on 127.0.0.1:$port (log: demo/hub.log)" >&2
+echo "==> hub on 127.0.0.1:$port (log: $demo/hub.log)" >&2
 "$hub" serve --listen "127.0.0.1:$port" --database "$db" >"$demo/hub.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 50); do
@@ -81,7 +81,7 @@ for _ in $(seq 1 50); do
   sleep 0.1
 done
 
-echo "==> edge streaming as $device (log: demo/edge.log)" >&2
+echo "==> edge streaming as $device (log: $demo/edge.log)" >&2
 EMS_DEVICE_TOKEN="$(cat "$demo/device-token")" "$edge" run --config "$demo/edge.toml" >"$demo/edge.log" 2>&1 &
 pids+=($!)
 
