@@ -317,6 +317,16 @@ async fn demo_setup_leads_to_the_fleet_page() {
         )
         .await;
         wait_for_text(c, "#fleet-count", "1 devices · 1 online").await;
+        // The help links to the dashboard's documentation, which the hub
+        // serves.
+        let href = page_str(
+            c,
+            "return document.querySelector('#token-help a').getAttribute('href')",
+        )
+        .await;
+        let doc = http(hub.addr, "GET", &href, &[], None).await;
+        assert_eq!(doc.status, 200, "{href}");
+        assert!(doc.body.contains("## Getting a token"), "{href}");
         // The admin view's empty form says how to get an admin token.
         c.find(Locator::Css("#tab-admin")).await?.click().await?;
         let help = c.find(Locator::Css("#admin-help")).await?.text().await?;
