@@ -64,12 +64,23 @@
   }
 
   // ---------------------------------------------------------------- tabs
+  var currentTab = 'live';
   function selectTab(name) {
-    $('tab-live').classList.toggle('active', name === 'live');
-    $('tab-admin').classList.toggle('active', name === 'admin');
-    show($('view-live'), name === 'live');
-    show($('view-admin'), name === 'admin');
+    currentTab = name;
+    ['live', 'fleet', 'admin'].forEach(function (t) {
+      $('tab-' + t).classList.toggle('active', name === t);
+      show($('view-' + t), name === t);
+    });
+    // The viewer token form serves the live and the fleet view.
+    show($('login'), name !== 'admin' && !viewerToken());
     if (name === 'admin') { admin.start(); } else { admin.stop(); }
+    if (name === 'fleet') { fleet.start(); } else { fleet.stop(); }
+    if (name === 'live' && live.token) { loadDevices(); }
+    // The view is part of the address (#fleet opens the overview); the
+    // token never is.
+    if (window.history && history.replaceState && location.hash !== '#' + name) {
+      history.replaceState(null, '', name === 'live' ? location.pathname : '#' + name);
+    }
   }
 
   // ---------------------------------------------------------------- live
@@ -94,9 +105,12 @@
   function viewerToken() { return localStorage.getItem(VIEWER_KEY); }
 
   function showLogin(msg) {
-    show($('login'), true);
+    show($('login'), currentTab !== 'admin');
     show($('live'), false);
+    show($('fleet'), false);
+    fleet.stop();
     setError(msg || null);
+    fleet.error(msg || null);
   }
 
   function setError(msg) {
@@ -117,6 +131,8 @@
   }
 
   function loadDevices() {
+    // The fleet view polls the list itself; this one serves the live view.
+    if (currentTab !== 'live') { return; }
     api('/api/devices', live.token).then(function (body) {
       setError(null);
       var seen = {};
@@ -693,6 +709,286 @@
     });
   }
 
+  // ---------------------------------------------------------------- fleet
+  // Every device in the token's scope in one table, refreshed from
+  // /api/devices every 5 s and today's energy from /api/fleet/energy every
+  // 30 s (the browser's local day) — never a socket per device. Rows are
+  // kept per device and reused: a refresh writes only the cells whose text
+  // changed, and touches the row order only when it changed. Sorting and
+  // filtering run in memory.
+  var DASH = '\u2014';
+  var fleet = {
+    timer: null,
+    energyTimer: null,
+    rows: {},          // id -> {tr, cells, text, dot, state, d}
+    energy: {},        // id -> {wh, coverage}
+    energyTz: null,
+    sortKey: 'device_id',
+    sortDir: 1,
+    shownKey: null,    // the displayed order, joined
+    renders: 0,
+    start: function () {
+      fleet.stop();
+      if (!viewerToken()) { show($('fleet'), false); return; }
+      show($('fleet'), true);
+      // The energy after the first list, so the two renders do not meet.
+      fleet.load().then(fleet.loadEnergy);
+      fleet.timer = setInterval(fleet.load, 5000);
+      fleet.energyTimer = setInterval(fleet.loadEnergy, 30000);
+    },
+    stop: function () {
+      clearInterval(fleet.timer);
+      clearInterval(fleet.energyTimer);
+      fleet.timer = fleet.energyTimer = null;
+    },
+    error: function (msg) { $('fleet-error').textContent = msg || ''; show($('fleet-error'), !!msg); },
+    fail: function (e) {
+      if (e.status === 401 || e.status === 403) {
+        localStorage.removeItem(VIEWER_KEY);
+        stopLive();
+        showLogin('That viewer token was not accepted (revoked or mistyped).');
+      } else {
+        fleet.error('Cannot reach the hub: ' + e.message);
+      }
+    },
+    load: function () {
+      var token = viewerToken();
+      if (!token) { return Promise.resolve(); }
+      return api('/api/devices', token).then(function (body) {
+        fleet.error(null);
+        fleet.apply(body.devices);
+      }).catch(fleet.fail);
+    },
+    loadEnergy: function () {
+      var token = viewerToken();
+      if (!token) { return; }
+      var midnight = new Date();
+      midnight.setHours(0, 0, 0, 0);
+      var from = midnight.getTime();
+      var q = '?from_ms=' + from + '&to_ms=' + Math.max(Date.now(), from + 1);
+      var tz = browserZone();
+      if (tz) { q += '&tz=' + encodeURIComponent(tz); }
+      api('/api/fleet/energy' + q, token).then(function (body) {
+        var energy = {};
+        body.devices.forEach(function (d) { energy[d.device_id] = { wh: d.energy_wh, coverage: d.coverage }; });
+        fleet.energy = energy;
+        fleet.energyTz = body.tz;
+        var t0 = performance.now();
+        Object.keys(fleet.rows).forEach(function (id) { fleet.fill(fleet.rows[id], Date.now()); });
+        fleet.arrange();
+        fleet.timed(t0, false);
+      }).catch(function (e) {
+        if (e.status === 401 || e.status === 403) { fleet.fail(e); return; }
+        $('fleet-note').textContent = 'today\u2019s energy unavailable: ' + e.message;
+      });
+    },
+    // Applies a device list: new rows are built off-document and inserted
+    // in one pass; known rows get only their changed cells.
+    apply: function (list) {
+      var t0 = performance.now();
+      var first = fleet.renders === 0;
+      var seen = {};
+      var now = Date.now();
+      list.forEach(function (d) {
+        seen[d.device_id] = true;
+        var r = fleet.rows[d.device_id];
+        if (!r) { r = fleet.rows[d.device_id] = fleet.row(d.device_id); }
+        r.d = d;
+        fleet.fill(r, now);
+      });
+      Object.keys(fleet.rows).forEach(function (id) {
+        if (!seen[id]) { fleet.rows[id].tr.remove(); delete fleet.rows[id]; fleet.shownKey = null; }
+      });
+      fleet.arrange();
+      if (first) { $('fleet-table').dataset.buildMs = (performance.now() - t0).toFixed(1); }
+      fleet.timed(t0, first);
+    },
+    // Records how long a render took until the frame after it (style and
+    // layout included): data-render-ms for the first, data-update-ms and
+    // data-max-update-ms for later ones.
+    timed: function (t0, first) {
+      fleet.renders++;
+      var table = $('fleet-table');
+      requestAnimationFrame(function () {
+        setTimeout(function () {
+          var ms = (performance.now() - t0).toFixed(1);
+          if (first) { table.dataset.renderMs = ms; }
+          table.dataset.updateMs = ms;
+          if (!first) {
+            table.dataset.maxUpdateMs = String(Math.max(parseFloat(table.dataset.maxUpdateMs || '0'), parseFloat(ms)));
+            table.dataset.updates = ((table.dataset.updates ? table.dataset.updates + ' ' : '') + ms).split(' ').slice(-20).join(' ');
+          }
+          table.dataset.renders = String(fleet.renders);
+        }, 0);
+      });
+    },
+    row: function (id) {
+      var tr = document.createElement('tr');
+      tr.dataset.device = id;
+      var cells = [];
+      var cls = ['name', 'state', 'num power', 'num energy', 'backlog', 'seen', 'hub'];
+      for (var i = 0; i < cls.length; i++) {
+        var td = document.createElement('td');
+        td.className = cls[i];
+        tr.appendChild(td);
+        cells.push(td);
+      }
+      cells[0].textContent = id;
+      var dot = el('span', null, 'dot');
+      var state = document.createTextNode('');
+      cells[1].appendChild(dot);
+      cells[1].appendChild(state);
+      return { id: id, tr: tr, cells: cells, text: [id, '', '', '', '', '', ''], dot: dot, state: state, d: null };
+    },
+    set: function (r, i, text) {
+      if (r.text[i] !== text) { r.text[i] = text; r.cells[i].textContent = text; }
+    },
+    fill: function (r, now) {
+      var d = r.d;
+      if (!d) { return; }
+      var st = d.online ? 'online' : 'offline';
+      if (r.text[1] !== st) {
+        r.text[1] = st;
+        r.state.nodeValue = st;
+        r.dot.className = 'dot ' + st;
+      }
+      var p = fleetPower(d);
+      fleet.set(r, 2, p === null ? DASH : fmtPower(p));
+      var e = fleet.energy[r.id];
+      fleet.set(r, 3, e ? (e.wh / 1000).toFixed(2) + ' kWh' : DASH);
+      var b = fleetBacklog(d);
+      fleet.set(r, 4, b);
+      r.cells[4].classList.toggle('behind', / behind/.test(b));
+      fleet.set(r, 5, d.online ? 'now' : fmtAgo(d.last_seen_ms, now));
+      fleet.set(r, 6, typeof d.hub === 'string' && d.hub ? d.hub : DASH);
+    },
+    value: function (r) {
+      var d = r.d || {};
+      switch (fleet.sortKey) {
+        case 'state': return d.online ? 1 : 0;
+        case 'power': return fleetPower(d);
+        case 'energy': return fleet.energy[r.id] ? fleet.energy[r.id].wh : null;
+        case 'behind': return typeof d.behind_ms === 'number' ? d.behind_ms : null;
+        case 'seen': return typeof d.last_seen_ms === 'number' ? d.last_seen_ms : null;
+        case 'hub': return typeof d.hub === 'string' ? d.hub : null;
+        default: return r.id;
+      }
+    },
+    matches: function (r, words, state) {
+      var d = r.d || {};
+      if (state && (state === 'online') !== !!d.online) { return false; }
+      for (var i = 0; i < words.length; i++) {
+        var w = words[i];
+        if (w === 'online' || w === 'offline') {
+          if ((w === 'online') !== !!d.online) { return false; }
+        } else if (r.id.toLowerCase().indexOf(w) < 0 && String(d.hub || '').toLowerCase().indexOf(w) < 0) {
+          return false;
+        }
+      }
+      return true;
+    },
+    // Sorts and filters in memory; rewrites the table body only when the
+    // shown rows or their order changed.
+    arrange: function () {
+      var words = $('fleet-filter').value.trim().toLowerCase().split(/\s+/).filter(Boolean);
+      var state = $('fleet-state').value;
+      var all = Object.keys(fleet.rows).map(function (id) { return fleet.rows[id]; });
+      var online = 0;
+      var rows = all.filter(function (r) {
+        if (r.d && r.d.online) { online++; }
+        return fleet.matches(r, words, state);
+      });
+      var dir = fleet.sortDir;
+      rows.forEach(function (r) { r.v = fleet.value(r); });
+      rows.sort(function (a, b) {
+        // Unknown values last, whatever the direction; ties by id.
+        if (a.v === null || b.v === null) {
+          if (a.v !== b.v) { return a.v === null ? 1 : -1; }
+        } else if (a.v < b.v) { return -dir; } else if (a.v > b.v) { return dir; }
+        return a.id < b.id ? -1 : a.id > b.id ? 1 : 0;
+      });
+      var key = rows.map(function (r) { return r.id; }).join('\n');
+      if (key !== fleet.shownKey) {
+        fleet.shownKey = key;
+        var frag = document.createDocumentFragment();
+        rows.forEach(function (r) { frag.appendChild(r.tr); });
+        var body = $('fleet-rows');
+        body.textContent = '';
+        body.appendChild(frag);
+      }
+      var total = all.length;
+      $('fleet-count').textContent = (rows.length === total ? total + ' devices' : rows.length + ' of ' + total + ' devices shown') +
+        ' \u00b7 ' + online + ' online';
+      var table = $('fleet-table');
+      table.dataset.rows = String(total);
+      table.dataset.shown = String(rows.length);
+      if (fleet.energyTz) {
+        var sum = 0;
+        Object.keys(fleet.energy).forEach(function (id) { if (fleet.rows[id]) { sum += fleet.energy[id].wh; } });
+        $('fleet-note').textContent = 'Today (' + fleet.energyTz + '): ' + (sum / 1000).toFixed(2) + ' kWh in all \u00b7 updated ' + new Date().toLocaleTimeString();
+      }
+      if (!total) { $('fleet-note').textContent = 'No devices in this token\u2019s scope yet.'; }
+    },
+    sortBy: function (key) {
+      if (fleet.sortKey === key) {
+        fleet.sortDir = -fleet.sortDir;
+      } else {
+        fleet.sortKey = key;
+        // Names ascending, online first, numbers and times largest first.
+        fleet.sortDir = key === 'device_id' || key === 'hub' ? 1 : -1;
+      }
+      var ths = $('fleet-table').querySelectorAll('th[data-sort]');
+      for (var i = 0; i < ths.length; i++) {
+        var on = ths[i].dataset.sort === key;
+        ths[i].classList.toggle('sorted', on);
+        ths[i].classList.toggle('desc', on && fleet.sortDir < 0);
+      }
+      fleet.arrange();
+    },
+    open: function (id) {
+      selectTab('live');
+      selectDevice(id);
+      $('detail').scrollIntoView();
+    }
+  };
+
+  function browserZone() {
+    try { return Intl.DateTimeFormat().resolvedOptions().timeZone || null; } catch (e) { return null; }
+  }
+  // The device's power now: its meters' last power summed, or null when
+  // the hub does not report last readings (or none has power).
+  function fleetPower(d) {
+    if (!d || !Array.isArray(d.last)) { return null; }
+    var sum = null;
+    d.last.forEach(function (m) {
+      if (m && typeof m.power_w === 'number' && isFinite(m.power_w)) { sum = (sum || 0) + m.power_w; }
+    });
+    return sum;
+  }
+  function fmtPower(w) {
+    if (Math.abs(w) >= 10000) { return (w / 1000).toFixed(1) + ' kW'; }
+    return (Math.abs(w) < 100 ? w.toFixed(1) : w.toFixed(0)) + ' W';
+  }
+  function fmtSpan(ms) {
+    var s = Math.round(ms / 1000);
+    if (s < 120) { return s + ' s'; }
+    if (s < 7200) { return Math.round(s / 60) + ' min'; }
+    if (s < 48 * 3600) { return Math.round(s / 3600) + ' h'; }
+    return Math.round(s / 86400) + ' d';
+  }
+  function fmtAgo(ms, now) {
+    if (typeof ms !== 'number') { return 'never'; }
+    return now - ms < 1000 ? 'now' : fmtSpan(now - ms) + ' ago';
+  }
+  // "3 h behind" (with the queued count), "up to date", or a dash when
+  // the device does not report its outbox.
+  function fleetBacklog(d) {
+    if (typeof d.behind_ms !== 'number') { return DASH; }
+    var queued = typeof d.outbox_depth === 'number' && d.outbox_depth > 0 ? ' \u00b7 ' + d.outbox_depth + ' queued' : '';
+    if (d.behind_ms < 60000 && !queued) { return 'up to date'; }
+    return fmtSpan(Math.max(0, d.behind_ms)) + ' behind' + queued;
+  }
+
   // ---------------------------------------------------------------- admin
   var admin = {
     timer: null,
@@ -803,6 +1099,18 @@
   document.addEventListener('DOMContentLoaded', function () {
     $('tab-live').addEventListener('click', function () { selectTab('live'); });
     $('tab-admin').addEventListener('click', function () { selectTab('admin'); });
+    $('tab-fleet').addEventListener('click', function () { selectTab('fleet'); });
+    $('fleet-filter').addEventListener('input', fleet.arrange);
+    $('fleet-state').addEventListener('change', fleet.arrange);
+    $('fleet-table').querySelector('thead').addEventListener('click', function (ev) {
+      var th = ev.target.closest('th[data-sort]');
+      if (th) { fleet.sortBy(th.dataset.sort); }
+    });
+    // One listener for every row.
+    $('fleet-rows').addEventListener('click', function (ev) {
+      var tr = ev.target.closest('tr[data-device]');
+      if (tr) { fleet.open(tr.dataset.device); }
+    });
     $('login').addEventListener('submit', function (ev) {
       ev.preventDefault();
       var t = $('token').value.trim();
@@ -810,6 +1118,7 @@
       localStorage.setItem(VIEWER_KEY, t);
       $('token').value = '';
       startLive();
+      if (currentTab === 'fleet') { fleet.start(); }
     });
     $('forget').addEventListener('click', function () {
       localStorage.removeItem(VIEWER_KEY);
@@ -874,7 +1183,7 @@
     $('csv-hours').addEventListener('click', function () { downloadCsv('hours'); });
     $('csv-days').addEventListener('click', function () { downloadCsv('days'); });
     window.addEventListener('resize', scheduleRender);
-    selectTab('live');
+    selectTab(location.hash === '#fleet' ? 'fleet' : 'live');
     startLive();
   });
 }());

@@ -604,6 +604,7 @@ macro_rules! backend_suite {
                 energy_equals_brute_force_with_late_and_resent_readings,
                 energy_local_days_dst_and_odd_offsets,
                 energy_before_1972_is_answered_from_raw_rows,
+                fleet_energy_equals_the_per_device_rollup,
                 export_pages_in_key_order,
                 a_refused_batch_split_counts_only_committed_rows,
             );

@@ -1,6 +1,7 @@
 //! The built-in dashboard page (`GET /`): hand-written HTML, CSS
 //! and JavaScript embedded in the binary with `include_str!` — no node
-//! toolchain, no CDN, works offline.
+//! toolchain, no CDN, works offline — and its documentation
+//! (`GET /docs/dashboard.md`, plain text) for the page's help links.
 //!
 //! Every response carries a strict Content-Security-Policy: scripts,
 //! styles and connections only from the hub itself, no inline script or
@@ -23,6 +24,9 @@ const INDEX_HTML: &str = include_str!("../../assets/index.html");
 const APP_JS: &str = include_str!("../../assets/app.js");
 const APP_CSS: &str = include_str!("../../assets/app.css");
 const ICON_SVG: &str = include_str!("../../assets/icon.svg");
+/// The dashboard's own documentation (how to get a token, what each view
+/// shows), served as plain text so that the page can link to it offline.
+const DASHBOARD_DOC: &str = include_str!("../../../docs/dashboard.md");
 
 /// The embedded asset at `path`: (content type, body).
 pub(crate) fn asset(path: &str) -> Option<(&'static str, &'static str)> {
@@ -31,6 +35,7 @@ pub(crate) fn asset(path: &str) -> Option<(&'static str, &'static str)> {
         "/assets/app.js" => ("text/javascript; charset=utf-8", APP_JS),
         "/assets/app.css" => ("text/css; charset=utf-8", APP_CSS),
         "/assets/icon.svg" | "/favicon.ico" => ("image/svg+xml", ICON_SVG),
+        "/docs/dashboard.md" => ("text/plain; charset=utf-8", DASHBOARD_DOC),
         _ => return None,
     })
 }
@@ -103,6 +108,10 @@ mod tests {
         let r = serve(&Request::get("/").body(()).unwrap()).unwrap();
         assert_eq!(r.headers()["content-security-policy"], CSP);
         assert!(serve(&Request::get("/api/devices").body(()).unwrap()).is_none());
+        // The forms' help links to the dashboard's documentation, served here.
+        assert!(INDEX_HTML.contains("href=\"/docs/dashboard.md\""));
+        let (ty, doc) = asset("/docs/dashboard.md").unwrap();
+        assert!(ty.starts_with("text/plain") && doc.contains("ems-hub viewer add"));
         assert_eq!(
             serve(&Request::post("/").body(()).unwrap())
                 .unwrap()

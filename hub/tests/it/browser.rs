@@ -37,14 +37,14 @@ fn skip(why: &str) {
 }
 
 /// The workspace target dir (CARGO_TARGET_DIR or `<workspace>/target`).
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(d) => PathBuf::from(d),
         None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
     }
 }
 
-async fn wait_for_text(c: &fantoccini::Client, css: &str, want: &str) -> String {
+pub(crate) async fn wait_for_text(c: &fantoccini::Client, css: &str, want: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut last = String::new();
     while Instant::now() < deadline {
@@ -107,15 +107,15 @@ async fn page_shows_a_live_reading_in_headless_chromium() {
 
 /// A WebDriver session in headless Chromium (and the chromedriver that
 /// drives it, killed on drop).
-struct Browser {
-    client: fantoccini::Client,
+pub(crate) struct Browser {
+    pub(crate) client: fantoccini::Client,
     _driver: Driver,
     _profile: tempfile::TempDir,
 }
 
 /// The browser and driver binaries, or `None` after a SKIP (or a panic
 /// under `EMS_REQUIRE_BROWSER=1`).
-fn browser_binaries() -> Option<(PathBuf, PathBuf)> {
+pub(crate) fn browser_binaries() -> Option<(PathBuf, PathBuf)> {
     let Some(chromium) = find(&[
         "/usr/bin/chromium",
         "/usr/bin/chromium-browser",
@@ -137,7 +137,7 @@ impl Browser {
     /// Starts chromedriver and a session; `tz` sets the browser's time
     /// zone (the `TZ` the browser inherits), `downloads` where downloaded
     /// files go.
-    async fn launch(
+    pub(crate) async fn launch(
         chromium: &Path,
         chromedriver: &Path,
         tz: Option<&str>,
@@ -317,7 +317,7 @@ async fn drive(
 }
 
 /// Runs a script in the page and returns its string result.
-async fn page_str(c: &fantoccini::Client, script: &str) -> String {
+pub(crate) async fn page_str(c: &fantoccini::Client, script: &str) -> String {
     let v = c.execute(script, vec![]).await.unwrap();
     v.as_str().unwrap_or_default().to_owned()
 }

@@ -10,6 +10,8 @@
 //!   with each reading's plausibility `flags`.
 //! - `GET /api/devices/{id}/energy?from_ms=&to_ms=&bucket=&tz=`: energy
 //!   per local hour, day or month ([`energy`]).
+//! - `GET /api/fleet/energy?from_ms=&to_ms=&tz=`: every device's energy
+//!   over local days, one store query for the whole fleet ([`fleet`]).
 //! - `GET /api/devices/{id}/readings.csv?from_ms=&to_ms=`: the stored
 //!   readings as streamed CSV ([`export`]; routed before the JSON API
 //!   because its body is a stream).
@@ -45,12 +47,13 @@
 //! sockets. Errors are `{"error":"…"}` and never contain a token. Store
 //! calls run on the blocking pool.
 //!
-//! This module authenticates and dispatches; [`viewer`], [`energy`],
+//! This module authenticates and dispatches; [`viewer`], [`energy`], [`fleet`],
 //! [`export`], [`admin`] and [`quarantine`] hold the endpoints.
 
 mod admin;
 mod energy;
 pub(crate) mod export;
+mod fleet;
 mod quarantine;
 mod viewer;
 
@@ -199,6 +202,7 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Answer {
         ["devices"] if get => viewer::devices(&req, shared).await,
         ["devices", id, "readings"] if get => viewer::readings(&req, shared, id).await,
         ["devices", id, "energy"] if get => energy::energy(&req, shared, id).await,
+        ["fleet", "energy"] if get => fleet::energy(&req, shared).await,
         ["admin", "devices"] if get => admin::devices(&req, shared).await,
         ["admin", "devices"] if post => admin::add_device(req, shared).await,
         ["admin", "devices", id, "rotate"] if post => admin::rotate_device(&req, shared, id).await,
@@ -212,6 +216,7 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Answer {
         ["devices"]
         | ["devices", _, "readings"]
         | ["devices", _, "energy"]
+        | ["fleet", "energy"]
         | ["admin", "devices"]
         | ["admin", "viewers"]
         | ["admin", "admins"]

@@ -46,8 +46,11 @@ use crate::energy::flags::FlagCounts;
 use crate::energy::rule::{rollup_brute, Limits, MeterReading, ReadingKey};
 use crate::energy::slots::{combine, plan_commit, Point, Slot, SlotError};
 
+mod fleet;
 mod rebuild;
 
+pub(crate) use fleet::group_slots;
+pub use fleet::{fleet_energy, DeviceEnergy, MeterSlots};
 pub(crate) use rebuild::{RebuildRow, RebuildSink, Rebuilder};
 
 /// A stored reading with its plausibility flags (the export).
@@ -108,6 +111,13 @@ pub trait EnergyStore: Send {
         start_ms: i64,
         end_ms: i64,
     ) -> Result<Vec<Slot>, StoreError>;
+
+    /// What [`EnergyStore::energy_slots`] answers, for every meter at once
+    /// and in one query whatever their number: each meter's slots with
+    /// `start_ms <= slot < end_ms` plus its nearest slot with an energy
+    /// reading on either side; one entry per meter that has any, each in
+    /// order ([`fleet_energy`]).
+    fn fleet_slots(&mut self, start_ms: i64, end_ms: i64) -> Result<Vec<MeterSlots>, StoreError>;
 
     /// The stored readings of one meter with `from_ms <= ts < to_ms`, in
     /// `(ts, epoch, seq)` order, as the energy rule sees them.

@@ -14,7 +14,8 @@ use crate::energy::rule::{Limits, MeterReading, ReadingKey};
 use crate::energy::slots::Slot;
 use crate::store::columns::{select_columns, AFTER_MEASUREMENTS};
 use crate::store::energy::{
-    same_limits, EnergyStore, FlaggedReading, Prepared, RebuildRow, RebuildSink, Rebuilder,
+    group_slots, same_limits, EnergyStore, FlaggedReading, MeterSlots, Prepared, RebuildRow,
+    RebuildSink, Rebuilder,
 };
 use crate::store::StoreError;
 
@@ -54,6 +55,22 @@ const RANGE_SLOTS: &str = "(SELECT slot_ms, data FROM energy_slots \
      UNION ALL (SELECT slot_ms, data FROM energy_slots \
      WHERE device_id = $1 AND meter = $2 AND has_energy AND slot_ms >= $4 \
      ORDER BY slot_ms LIMIT 1)";
+
+/// Every meter's slots `combine` needs for `[$1, $2)`: the range through
+/// each meter's primary key, and the nearest slot with an energy reading
+/// on either side through the partial index. No `ORDER BY`: the caller
+/// groups and sorts per meter.
+const FLEET_SLOTS: &str = "SELECT s.device_id, s.meter, s.slot_ms, s.data \
+     FROM energy_meters AS m JOIN energy_slots AS s \
+     ON s.device_id = m.device_id AND s.meter = m.meter AND s.slot_ms >= $1 AND s.slot_ms < $2 \
+     UNION ALL SELECT m.device_id, m.meter, b.slot_ms, b.data FROM energy_meters AS m \
+     CROSS JOIN LATERAL (SELECT e.slot_ms, e.data FROM energy_slots AS e \
+      WHERE e.device_id = m.device_id AND e.meter = m.meter AND e.has_energy \
+      AND e.slot_ms < $1 ORDER BY e.slot_ms DESC LIMIT 1) AS b \
+     UNION ALL SELECT m.device_id, m.meter, a.slot_ms, a.data FROM energy_meters AS m \
+     CROSS JOIN LATERAL (SELECT e.slot_ms, e.data FROM energy_slots AS e \
+      WHERE e.device_id = m.device_id AND e.meter = m.meter AND e.has_energy \
+      AND e.slot_ms >= $2 ORDER BY e.slot_ms LIMIT 1) AS a";
 
 /// Columns of an exported reading.
 static EXPORT_COLUMNS: LazyLock<String> = LazyLock::new(|| format!("{}, flags", select_columns()));
@@ -313,6 +330,26 @@ impl EnergyStore for PgStore {
             // nearly sorted run is linear).
             slots.sort_by_key(|s| s.start_ms);
             Ok(slots)
+        })
+    }
+
+    fn fleet_slots(&mut self, start_ms: i64, end_ms: i64) -> Result<Vec<MeterSlots>, StoreError> {
+        self.ensure_energy()?;
+        self.with(|c| {
+            let rows = c
+                .client
+                .query(FLEET_SLOTS, &[&start_ms, &end_ms])
+                .map_err(db)?
+                .iter()
+                .map(|r| {
+                    let device: String = r.try_get(0).map_err(db)?;
+                    let meter: String = r.try_get(1).map_err(db)?;
+                    let start: i64 = r.try_get(2).map_err(db)?;
+                    let data: &[u8] = r.try_get(3).map_err(db)?;
+                    Ok((device, meter, slot_from(start, data)?))
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            Ok(group_slots(rows))
         })
     }
 

@@ -13,7 +13,8 @@ use crate::energy::rule::{Limits, MeterReading, ReadingKey};
 use crate::energy::slots::Slot;
 use crate::store::columns::{select_columns, AFTER_MEASUREMENTS};
 use crate::store::energy::{
-    same_limits, EnergyStore, FlaggedReading, Prepared, RebuildRow, RebuildSink, Rebuilder,
+    group_slots, same_limits, EnergyStore, FlaggedReading, MeterSlots, Prepared, RebuildRow,
+    RebuildSink, Rebuilder,
 };
 use crate::store::StoreError;
 
@@ -40,6 +41,23 @@ const RANGE_SLOTS: &str = "SELECT slot_ms, data FROM energy_slots \
      WHERE device_id = ?1 AND meter = ?2 AND has_energy AND slot_ms >= ?4 \
      ORDER BY slot_ms LIMIT 1) \
      ORDER BY slot_ms";
+
+/// Every meter's slots `combine` needs for `[?1, ?2)`: the range through
+/// each meter's primary key, and the nearest slot with an energy reading
+/// on either side through the partial index.
+const FLEET_SLOTS: &str = "SELECT s.device_id, s.meter, s.slot_ms, s.data \
+     FROM energy_meters AS m JOIN energy_slots AS s \
+     ON s.device_id = m.device_id AND s.meter = m.meter AND s.slot_ms >= ?1 AND s.slot_ms < ?2 \
+     UNION ALL SELECT s.device_id, s.meter, s.slot_ms, s.data \
+     FROM energy_meters AS m JOIN energy_slots AS s \
+     ON s.device_id = m.device_id AND s.meter = m.meter AND s.slot_ms = \
+     (SELECT max(e.slot_ms) FROM energy_slots AS e WHERE e.device_id = m.device_id \
+      AND e.meter = m.meter AND e.has_energy AND e.slot_ms < ?1) \
+     UNION ALL SELECT s.device_id, s.meter, s.slot_ms, s.data \
+     FROM energy_meters AS m JOIN energy_slots AS s \
+     ON s.device_id = m.device_id AND s.meter = m.meter AND s.slot_ms = \
+     (SELECT min(e.slot_ms) FROM energy_slots AS e WHERE e.device_id = m.device_id \
+      AND e.meter = m.meter AND e.has_energy AND e.slot_ms >= ?2)";
 
 /// Columns of an exported reading: a reading's, then `flags`.
 static EXPORT_COLUMNS: LazyLock<String> = LazyLock::new(|| format!("{}, flags", select_columns()));
@@ -265,6 +283,27 @@ impl EnergyStore for SqliteStore {
             );
         }
         Ok(out)
+    }
+
+    fn fleet_slots(&mut self, start_ms: i64, end_ms: i64) -> Result<Vec<MeterSlots>, StoreError> {
+        self.ensure_energy()?;
+        let mut stmt = self.conn.prepare_cached(FLEET_SLOTS).map_err(db)?;
+        let mut rows = stmt.query(params![start_ms, end_ms]).map_err(db)?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next().map_err(db)? {
+            let device: String = r.get(0).map_err(db)?;
+            let meter: String = r.get(1).map_err(db)?;
+            let start: i64 = r.get(2).map_err(db)?;
+            let data = r
+                .get_ref(3)
+                .map_err(db)?
+                .as_blob()
+                .map_err(|e| db(e.into()))?;
+            let slot = Slot::decode(start, data)
+                .map_err(|e| StoreError::Db(format!("energy slot: {e}")))?;
+            out.push((device, meter, slot));
+        }
+        Ok(group_slots(out))
     }
 
     fn meter_readings(
