@@ -48,7 +48,7 @@ use crate::energy::slots::{combine, plan_commit, Point, Slot, SlotError};
 
 mod rebuild;
 
-pub(crate) use rebuild::{RebuildRow, RebuildSink, Rebuilder};
+pub(crate) use rebuild::{walk, PageStart, RebuildRow, RebuildSink, RebuildSource, Rebuilder};
 
 /// A stored reading with its plausibility flags (the export).
 #[derive(Debug, Clone, PartialEq)]
