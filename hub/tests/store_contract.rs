@@ -606,6 +606,7 @@ macro_rules! backend_suite {
                 energy_before_1972_is_answered_from_raw_rows,
                 export_pages_in_key_order,
                 a_refused_batch_split_counts_only_committed_rows,
+                energy_rebuild_in_small_pages_equals_incremental_slots,
             );
         }
     };

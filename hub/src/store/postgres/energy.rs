@@ -80,9 +80,6 @@ static REBUILD_AT: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// Readings per page of the rebuild.
-const REBUILD_PAGE: usize = 20_000;
-
 /// A stored slot.
 pub(super) fn slot_from(start_ms: i64, data: &[u8]) -> Result<Slot, StoreError> {
     Slot::decode(start_ms, data).map_err(|e| StoreError::Db(format!("energy slot: {e}")))
@@ -284,6 +281,7 @@ impl PgStore {
         tx: &mut Transaction<'_>,
         limits: &Limits,
         what: &str,
+        page: usize,
     ) -> Result<Prepared, StoreError> {
         let stored: Option<(f64, i64)> = tx
             .query_opt(
@@ -313,7 +311,7 @@ impl PgStore {
             tx,
             buf: Buffer::default(),
         };
-        walk(&mut rebuild, &mut source, REBUILD_PAGE)?;
+        walk(&mut rebuild, &mut source, page)?;
         tx.execute("DELETE FROM energy_limits", &[]).map_err(db)?;
         tx.execute(
             "INSERT INTO energy_limits (max_power_w, max_gap_ms) VALUES ($1, $2)",
@@ -333,18 +331,23 @@ impl EnergyStore for PgStore {
         self.energy.limits = limits;
         self.energy.flag_counts = flag_counts;
         let what = format!("store {}", self.target.redacted);
+        let page = self.energy.rebuild_page();
         let done = self.with(|c| {
             let mut tx = c.client.transaction().map_err(db)?;
             // Hubs starting together: one rebuilds, the others then find
             // the limits in place.
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
                 .map_err(db)?;
-            let done = PgStore::rebuild(&mut tx, &limits, &what)?;
+            let done = PgStore::rebuild(&mut tx, &limits, &what, page)?;
             tx.commit().map_err(db)?;
             Ok(done)
         })?;
         self.energy.prepared = true;
         Ok(done)
+    }
+
+    fn set_rebuild_page(&mut self, rows: usize) {
+        self.energy.rebuild_page = rows;
     }
 
     fn energy_limits(&self) -> Limits {

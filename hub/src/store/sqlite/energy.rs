@@ -66,9 +66,6 @@ static REBUILD_AT: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// Readings per page of the rebuild.
-const REBUILD_PAGE: usize = 20_000;
-
 /// A row of [`SLOT_READINGS`].
 pub(super) fn decode_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MeterReading> {
     Ok(MeterReading {
@@ -246,6 +243,7 @@ impl EnergyStore for SqliteStore {
         self.energy.limits = limits;
         self.energy.flag_counts = flag_counts;
         let what = self.label();
+        let page = self.energy.rebuild_page();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -283,7 +281,7 @@ impl EnergyStore for SqliteStore {
         )
         .map_err(db)?;
         let mut rebuild = Rebuilder::new(limits, &what);
-        walk(&mut rebuild, &mut Sink { tx: &tx }, REBUILD_PAGE)?;
+        walk(&mut rebuild, &mut Sink { tx: &tx }, page)?;
         tx.execute_batch(
             "UPDATE readings SET flags = f.flags FROM temp.energy_flag_fix AS f \
              WHERE readings.device_id = f.device_id AND readings.epoch = f.epoch \
@@ -300,6 +298,10 @@ impl EnergyStore for SqliteStore {
         self.energy.cache.clear();
         self.energy.prepared = true;
         Ok(rebuild.finish())
+    }
+
+    fn set_rebuild_page(&mut self, rows: usize) {
+        self.energy.rebuild_page = rows;
     }
 
     fn energy_limits(&self) -> Limits {
