@@ -607,6 +607,7 @@ macro_rules! backend_suite {
                 fleet_energy_equals_the_per_device_rollup,
                 export_pages_in_key_order,
                 a_refused_batch_split_counts_only_committed_rows,
+                energy_rebuild_in_small_pages_equals_incremental_slots,
             );
         }
     };
