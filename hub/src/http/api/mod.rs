@@ -46,12 +46,14 @@
 //! calls run on the blocking pool.
 //!
 //! This module authenticates and dispatches; [`viewer`], [`energy`],
-//! [`export`], [`admin`] and [`quarantine`] hold the endpoints.
+//! [`export`], [`admin`] and [`quarantine`] hold the endpoints, [`states`]
+//! the device state both device lists answer with.
 
 mod admin;
 mod energy;
 pub(crate) mod export;
 mod quarantine;
+mod states;
 mod viewer;
 
 use std::net::SocketAddr;

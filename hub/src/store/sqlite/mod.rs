@@ -12,6 +12,7 @@
 mod energy;
 mod insert;
 mod lookups;
+mod presence;
 mod queries;
 mod tokens;
 
@@ -31,6 +32,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, SCHEMA_QUARANTINE),
     (3, SCHEMA_TOKEN_CHANGES),
     (4, SCHEMA_ENERGY),
+    (5, SCHEMA_DEVICE_STATE),
 ];
 
 /// Schema version this code writes and expects: the last migration's.
@@ -142,6 +144,32 @@ CREATE TRIGGER admins_update_changes AFTER UPDATE OF name, token_hash, revoked_m
 BEGIN UPDATE token_changes SET n = n + 1 WHERE id = 1; END;
 CREATE TRIGGER admins_delete_changes AFTER DELETE ON admins
 BEGIN UPDATE token_changes SET n = n + 1 WHERE id = 1; END;
+";
+
+/// Shared device state (docs/storage/schema.md, `PresenceStore`): one row
+/// per device that ever connected — presence with its hub and lease, the
+/// connection generation, last seen, the edge's last status and the last
+/// reading per meter (JSON). Times are Unix ms.
+const SCHEMA_DEVICE_STATE: &str = "
+CREATE TABLE device_state (
+    device_id         TEXT PRIMARY KEY NOT NULL,
+    online            INTEGER NOT NULL DEFAULT 0,
+    hub               TEXT,
+    online_since_ms   INTEGER,
+    lease_until_ms    INTEGER NOT NULL DEFAULT 0,
+    generation        INTEGER NOT NULL DEFAULT 0,
+    last_seen_ms      INTEGER,
+    status_rx_ms      INTEGER,
+    outbox_depth      INTEGER,
+    behind_ms         INTEGER,
+    dropped           INTEGER,
+    unwritten         INTEGER,
+    dropped_disk_full INTEGER,
+    dropped_damaged   INTEGER,
+    last_readings     TEXT
+);
+CREATE INDEX device_state_generation ON device_state (generation);
+CREATE INDEX device_state_hub ON device_state (hub) WHERE online;
 ";
 
 /// Plausibility flags on every reading and the energy slots (see
