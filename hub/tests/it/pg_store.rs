@@ -585,8 +585,8 @@ async fn a_version_1_database_gets_the_change_counter_in_place() {
     let Some(db) = fresh_db() else { return };
     // A database as version 1 left it: today's schema without migrations
     // 2 (the quarantine table), 3 (the change counter's table, function
-    // and triggers) and 4 (the energy column and tables), with a device in
-    // it.
+    // and triggers), 4 (the energy column and tables) and 5 (the device
+    // state), with a device in it.
     with_admin(&db.url, |admin| admin.add_device("old").unwrap());
     execute(
         &db.url,
@@ -595,6 +595,7 @@ async fn a_version_1_database_gets_the_change_counter_in_place() {
          DROP TABLE token_changes;
          ALTER TABLE readings DROP COLUMN flags;
          DROP TABLE energy_slots, energy_meters, energy_limits;
+         DROP TABLE device_state;
          UPDATE schema_version SET version = 1;",
     );
     assert_eq!(
@@ -608,8 +609,9 @@ async fn a_version_1_database_gets_the_change_counter_in_place() {
         query_i64(&db.url, "SELECT max(version)::bigint FROM schema_version"),
         i64::from(ems_hub::store::postgres::SCHEMA_VERSION)
     );
-    assert_eq!(ems_hub::store::postgres::SCHEMA_VERSION, 4);
+    assert_eq!(ems_hub::store::postgres::SCHEMA_VERSION, 5);
     assert_eq!(query_i64(&db.url, "SELECT count(*) FROM quarantine"), 0);
+    assert_eq!(query_i64(&db.url, "SELECT count(*) FROM device_state"), 0);
     let n0 = query_i64(&db.url, "SELECT n FROM token_changes");
     let token = with_admin(&db.url, |admin| admin.rotate_device("old").unwrap());
     assert!(query_i64(&db.url, "SELECT n FROM token_changes") > n0);
@@ -618,4 +620,12 @@ async fn a_version_1_database_gets_the_change_counter_in_place() {
     send_text(&mut dev, reading(1, 0)).await;
     wait_ack(&mut dev, 1, 0).await;
     hub.stop().await.unwrap();
+    // The hub kept the device's state in the new table.
+    assert_eq!(
+        query_i64(
+            &db.url,
+            "SELECT count(*) FROM device_state WHERE device_id = 'old' AND NOT online"
+        ),
+        1
+    );
 }

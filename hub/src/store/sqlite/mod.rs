@@ -489,6 +489,47 @@ mod tests {
             .query_row("SELECT flags FROM readings", [], |r| r.get(0))
             .unwrap();
         assert_eq!(flags, 0);
+        // And the device state step: its table, empty.
+        let n: i64 = s
+            .conn
+            .query_row("SELECT count(*) FROM device_state", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0);
+    }
+
+    /// A database of version 4 (before the device state) gains the
+    /// `device_state` table in place and the hub's presence calls work on
+    /// it.
+    #[test]
+    fn a_version_4_database_gains_the_device_state() {
+        use crate::store::presence::{Connect, PresenceStore, PresenceSync};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v4.db");
+        let c = Connection::open(&path).unwrap();
+        for (_, sql) in MIGRATIONS.iter().filter(|(v, _)| *v <= 4) {
+            c.execute_batch(sql).unwrap();
+        }
+        c.execute_batch(
+            "CREATE TABLE schema_version (version INTEGER NOT NULL);
+             INSERT INTO schema_version VALUES (4);",
+        )
+        .unwrap();
+        drop(c);
+        let mut s = SqliteStore::open(path.to_str().unwrap()).unwrap();
+        assert_eq!(s.schema_version().unwrap(), 5);
+        let sync = PresenceSync {
+            hub: "h".into(),
+            now_ms: 10,
+            lease_until_ms: 1_000,
+            connects: vec![Connect {
+                device_id: "d".into(),
+                at_ms: 10,
+            }],
+            ..Default::default()
+        };
+        assert_eq!(s.presence_sync(&sync).unwrap().generations, [1]);
+        let rows = s.device_states(&["d".into()], 20).unwrap();
+        assert!(rows[0].online);
     }
 
     /// The same upgrade gains the token change counter (migration 3): the
