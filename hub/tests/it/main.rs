@@ -14,6 +14,7 @@ mod conn_limits;
 mod dashboard;
 mod edge_losses;
 mod energy;
+mod fleet;
 mod frames;
 mod gate;
 mod handshake;

@@ -57,7 +57,7 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// A fresh database, dropped off the async workers.
-struct Db(Option<pg::TestDb>);
+pub(crate) struct Db(Option<pg::TestDb>);
 
 impl std::ops::Deref for Db {
     type Target = pg::TestDb;
@@ -74,12 +74,12 @@ impl Drop for Db {
     }
 }
 
-fn fresh_db() -> Option<Db> {
+pub(crate) fn fresh_db() -> Option<Db> {
     blocking(pg::fresh_db).map(|d| Db(Some(d)))
 }
 
 /// One statement's first column of its one row, on a connection of its own.
-fn query_i64(url: &str, sql: &str) -> i64 {
+pub(crate) fn query_i64(url: &str, sql: &str) -> i64 {
     blocking(|| {
         let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
         c.query_one(sql, &[]).unwrap().get(0)
@@ -87,7 +87,7 @@ fn query_i64(url: &str, sql: &str) -> i64 {
 }
 
 /// Runs `sql` on a connection of its own.
-fn execute(url: &str, sql: &str) {
+pub(crate) fn execute(url: &str, sql: &str) {
     blocking(|| {
         let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
         c.batch_execute(sql).unwrap();
@@ -95,7 +95,7 @@ fn execute(url: &str, sql: &str) {
 }
 
 /// The admin commands on `url`, off the async workers.
-fn with_admin<T>(url: &str, f: impl FnOnce(&mut Admin) -> T) -> T {
+pub(crate) fn with_admin<T>(url: &str, f: impl FnOnce(&mut Admin) -> T) -> T {
     blocking(|| {
         let mut a = Admin::open(url).unwrap();
         f(&mut a)
