@@ -447,6 +447,38 @@ async fn listing_devices_costs_a_constant_number_of_round_trips() {
         took < Duration::from_secs(2),
         "{n} devices took {took:?}: about one round trip per device"
     );
+    // The same with every device in the shared device state, online on
+    // another hub: still a constant number of round trips, and the state
+    // comes from that table.
+    let until = now_ms() + 3_600_000;
+    execute(
+        &db.url,
+        &format!(
+            "INSERT INTO device_state (device_id, online, hub, online_since_ms, lease_until_ms, \
+               generation, last_seen_ms, status_rx_ms, outbox_depth, behind_ms, dropped, \
+               unwritten, dropped_disk_full, dropped_damaged, last_readings) \
+             SELECT 'dev-' || i, true, 'elsewhere', 1, {until}, i, 2, 2, 3, 0, 0, 0, 0, 0, \
+               '[{{\"meter\":\"main\",\"ts\":1,\"power_w\":5.0,\"energy_wh\":null}}]' \
+             FROM generate_series(1, {n}) i"
+        ),
+    );
+    let (r, took) = list(hub.addr).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let devices = v["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), n);
+    assert!(
+        devices.iter().all(|d| d["online"] == true
+            && d["hub"] == "elsewhere"
+            && d["outbox_depth"] == 3
+            && d["last"][0]["power_w"] == 5.0),
+        "{v}"
+    );
+    println!("{n} devices with state listed in {took:?} with 5 ms per round trip");
+    assert!(
+        took < Duration::from_secs(2),
+        "{n} devices with state took {took:?}: about one round trip per device"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
