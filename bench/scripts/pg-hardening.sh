@@ -21,7 +21,7 @@ WORK=$(mktemp -d /tmp/ems-pgbench.XXXXXX)
 chown postgres: "$WORK"
 hub_pid=""
 cleanup() {
-  [[ -n "$hub_pid" ]] && kill "$hub_pid" 2>/dev/null || true
+  if [[ -n "$hub_pid" ]]; then kill "$hub_pid" 2>/dev/null || true; fi
   runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
   wait 2>/dev/null || true
   rm -rf "$WORK"
@@ -147,4 +147,4 @@ sed 's/^/    /' "$OUT/forged.txt" | tee -a "$OUT/summary.txt"
 log "without the flood"
 gen reconnect-quiet --devices 2000 --rate 0 --duration 2 --drain 1
 stop_hub
-log done
+log "done"
