@@ -289,7 +289,7 @@ pub async fn run(
     let presence_store = shared.store.clone();
     let lease = shared.config.presence_lease;
     if up {
-        crate::presence::start(&presence, &presence_store).await;
+        crate::presence::task::start(&presence, &presence_store).await;
     }
     if let Some(id) = &shared.config.hub_id {
         log::info!("hub id {id} (shared device state)");
@@ -305,7 +305,7 @@ pub async fn run(
         tokio::spawn(http::serve_metrics(l, shared.clone()));
     }
     tokio::spawn(revocation::run(shared.clone()));
-    tokio::spawn(crate::presence::run(shared.clone()));
+    tokio::spawn(crate::presence::task::run(shared.clone()));
     tokio::spawn(crate::notify::run(shared.clone()));
     http::accept_loop(listener, shared.clone(), ConnGuard::new(done_tx), shutdown).await;
 
@@ -321,7 +321,7 @@ pub async fn run(
     }
     // Every device connection is closed: every other hub sees its devices
     // offline at once rather than when their leases end.
-    crate::presence::shutdown(&presence, &presence_store, lease).await;
+    crate::presence::task::shutdown(&presence, &presence_store, lease).await;
     // The bridge publishes the devices and the hub offline while the
     // writer flushes.
     if let Some((h, _)) = &mqtt {

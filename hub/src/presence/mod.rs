@@ -6,7 +6,7 @@
 //! - Device sessions tell [`Presence`] about connects, disconnects,
 //!   readings and `status` frames: map updates under a mutex, never a
 //!   store call on the ingest path.
-//! - The task ([`run`]) wakes every `presence_tick` (and at once after a
+//! - The task ([`task::run`]) wakes every `presence_tick` (and at once after a
 //!   connect or disconnect) and writes, in one transaction: the pending
 //!   connects and disconnects, the state of every device that changed —
 //!   at most once per `presence_flush` —, and every `presence_renew` the
@@ -17,23 +17,25 @@
 //!   The same transaction reads the generations written since the last
 //!   tick; a device connected here whose generation is older than a newer
 //!   one (a connect on another hub) has its socket closed with 4000.
-//! - At a clean shutdown, [`shutdown`] writes what is pending and marks
-//!   every device of this hub offline; at start, [`start`] does the same
+//! - At a clean shutdown, [`task::shutdown`] writes what is pending and marks
+//!   every device of this hub offline; at start, [`task::start`] does the same
 //!   for what a previous run under the same hub id left online.
+//!
+//! This file holds the map and what the task takes from it; [`task`] the
+//! task and the start and shutdown writes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ems_shared::{EdgeStatus, Reading};
 use tokio::sync::Notify;
 
-use crate::fanout::registry::Kick;
-use crate::shutdown::shutting_down;
-use crate::state::{Shared, StoreHandle};
 use crate::store::presence::{
     Connect, Disconnect, LastReading, PresenceSync, StateUpdate, StatusSummary, SyncAnswer,
 };
+
+pub(crate) mod task;
 
 /// What this hub knows about its device connections, waiting to be
 /// written.
@@ -309,98 +311,6 @@ pub(crate) fn default_hub_id(port: u16) -> String {
         .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
         .unwrap_or_else(|| "hub".into());
     format!("{host}:{port}")
-}
-
-/// At start: marks offline what a previous run under this hub id left
-/// online (it did not shut down cleanly). A failure is only logged: the
-/// leases end anyway.
-pub(crate) async fn start(presence: &Presence, store: &StoreHandle) {
-    let sync = PresenceSync {
-        hub: presence.hub_id.clone(),
-        now_ms: crate::store::now_ms(),
-        all_offline: true,
-        ..Default::default()
-    };
-    if let Err(e) = store.call(move |s| s.presence_sync(&sync)).await {
-        log::warn!("presence: cannot clear what a previous run left online: {e}");
-    }
-}
-
-/// At a clean shutdown, once every device connection is closed: writes
-/// what is pending and marks every device of this hub offline.
-pub(crate) async fn shutdown(presence: &Presence, store: &StoreHandle, lease: Duration) {
-    let batch = presence.take(true);
-    let mut sync = presence.sync(&batch, crate::store::now_ms(), lease);
-    sync.all_offline = true;
-    match store.call(move |s| s.presence_sync(&sync)).await {
-        Ok(_) => log::info!("presence: this hub's devices marked offline"),
-        Err(e) => {
-            log::warn!("presence: cannot mark this hub's devices offline ({e}); their leases end")
-        }
-    }
-}
-
-/// Writes the presence changes and watches for cross-hub takeovers until
-/// the hub shuts down.
-pub(crate) async fn run(shared: Arc<Shared>) {
-    let cfg = &shared.config;
-    let tick = cfg.presence_tick.max(Duration::from_millis(10));
-    let presence = &shared.presence;
-    let mut shutdown = shared.shutdown.clone();
-    let mut since: Option<i64> = None;
-    let mut last_flush = Instant::now();
-    let mut last_renew = Instant::now();
-    let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = shutting_down(&mut shutdown) => return,
-            _ = tokio::time::sleep(tick) => {}
-            _ = presence.wake.notified() => {}
-        }
-        let now = Instant::now();
-        let flush = now.duration_since(last_flush) >= cfg.presence_flush;
-        let renew = now.duration_since(last_renew) >= cfg.presence_renew;
-        let batch = presence.take(flush);
-        if flush {
-            last_flush = now;
-        }
-        let mut sync = presence.sync(&batch, crate::store::now_ms(), cfg.presence_lease);
-        sync.renew = renew;
-        sync.changes_since = since;
-        let result = tokio::select! {
-            r = shared.store.call(move |s| s.presence_sync(&sync)) => r,
-            _ = shutting_down(&mut shutdown) => {
-                presence.restore(batch);
-                return;
-            }
-        };
-        match result {
-            Ok(answer) => {
-                if failing {
-                    log::info!("presence: store reachable again");
-                    failing = false;
-                }
-                if renew {
-                    last_renew = now;
-                }
-                since = Some(since.unwrap_or(0).max(answer.max_generation));
-                for (id, conn_id) in presence.settle(batch, &answer) {
-                    if shared.registry.kick_conn(&id, conn_id, Kick::Replaced) {
-                        log::warn!(
-                            "device {id} connected to another hub; closing its connection here (4000 replaced)"
-                        );
-                    }
-                }
-            }
-            Err(e) => {
-                presence.restore(batch);
-                if !failing {
-                    log::error!("presence: cannot write the device state: {e}");
-                    failing = true;
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
