@@ -12,10 +12,19 @@ use crate::store::StoreError;
 
 impl PresenceStore for SqliteStore {
     fn presence_sync(&mut self, sync: &PresenceSync) -> Result<SyncAnswer, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
+        // A tick with nothing to write only reads: it does not take the
+        // write lock from the store writer.
+        let writes = !sync.connects.is_empty()
+            || !sync.updates.is_empty()
+            || !sync.disconnects.is_empty()
+            || sync.renew
+            || sync.all_offline;
+        let behavior = if writes {
+            TransactionBehavior::Immediate
+        } else {
+            TransactionBehavior::Deferred
+        };
+        let tx = self.conn.transaction_with_behavior(behavior).map_err(db)?;
         let mut answer = SyncAnswer::default();
         let max = |tx: &rusqlite::Transaction<'_>| {
             tx.query_row(
