@@ -238,14 +238,17 @@ pub async fn run(
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
         config.hub_id = Some(crate::presence::default_hub_id(port));
     }
-    // Three connections: the writer's, the tokens' (the revocation poll
+    // Four connections: the writer's, the tokens' (the revocation poll
     // alone uses it, so authentication never waits behind other store
-    // work), and the one everything else shares.
+    // work), the one everything else shares, and the presence task's.
     let metrics = Arc::new(Metrics::new());
     let writer_store = first_open(&config, metrics.reading_flags.clone()).await?;
     let up = writer_store.is_some();
     let auth_store = handle(&config, up).await?;
     let shared_store = handle(&config, up).await?;
+    // The presence task's own connection (a flush of many devices does not
+    // hold up the API), opened by its first write.
+    let presence_store = StoreHandle::lazy(connector(&config));
     // Never waits on the broker: it connects in the background.
     let mqtt = config.mqtt_bridge().map(MqttBridge::spawn).transpose()?;
 
@@ -286,11 +289,7 @@ pub async fn run(
         metrics.store_poll_ok.store(0, Ordering::Relaxed);
     }
     let presence = shared.presence.clone();
-    let presence_store = shared.store.clone();
     let lease = shared.config.presence_lease;
-    if up {
-        crate::presence::task::start(&presence, &presence_store).await;
-    }
     if let Some(id) = &shared.config.hub_id {
         log::info!("hub id {id} (shared device state)");
     }
@@ -305,7 +304,10 @@ pub async fn run(
         tokio::spawn(http::serve_metrics(l, shared.clone()));
     }
     tokio::spawn(revocation::run(shared.clone()));
-    tokio::spawn(crate::presence::task::run(shared.clone()));
+    tokio::spawn(crate::presence::task::run(
+        shared.clone(),
+        presence_store.clone(),
+    ));
     tokio::spawn(crate::notify::run(shared.clone()));
     http::accept_loop(listener, shared.clone(), ConnGuard::new(done_tx), shutdown).await;
 

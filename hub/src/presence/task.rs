@@ -42,7 +42,7 @@ pub(crate) async fn shutdown(presence: &Presence, store: &StoreHandle, lease: Du
 
 /// Writes the presence changes and watches for cross-hub takeovers until
 /// the hub shuts down.
-pub(crate) async fn run(shared: Arc<Shared>) {
+pub(crate) async fn run(shared: Arc<Shared>, store: StoreHandle) {
     let cfg = &shared.config;
     let tick = cfg.presence_tick.max(Duration::from_millis(10));
     let presence = &shared.presence;
@@ -50,6 +50,11 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     let mut since: Option<i64> = None;
     let mut last_flush = Instant::now();
     let mut last_renew = Instant::now();
+    // Before the first write: what an earlier run under this id left.
+    tokio::select! {
+        _ = shutting_down(&mut shutdown) => return,
+        _ = start(presence, &store) => {}
+    }
     let mut failing = false;
     loop {
         tokio::select! {
@@ -68,7 +73,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         sync.renew = renew;
         sync.changes_since = since;
         let result = tokio::select! {
-            r = shared.store.call(move |s| s.presence_sync(&sync)) => r,
+            r = store.call(move |s| s.presence_sync(&sync)) => r,
             _ = shutting_down(&mut shutdown) => {
                 presence.restore(batch);
                 return;

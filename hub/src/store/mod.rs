@@ -10,9 +10,10 @@
 //! (the device state every hub shares, see [`presence`]) and
 //! [`energy::EnergyStore`] (the energy slots the writer keeps, the
 //! rollup's and the export's reads). Every backend implements all of
-//! them, which makes it a [`Store`]. The hub opens three: one for the
+//! them, which makes it a [`Store`]. The hub opens four: one for the
 //! background writer thread, one for the token snapshot and its change
-//! counter, one for everything else (used from the blocking pool); the
+//! counter, one for the presence task, one for everything else (used
+//! from the blocking pool); the
 //! admin CLI opens one. Backends: `sqlite:PATH` (embedded, default) and
 //! `postgres://…`.
 //!
