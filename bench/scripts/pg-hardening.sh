@@ -4,7 +4,8 @@
 # viewer listing 10,000 devices during S1; 2,000 forged-token handshakes/s
 # for 30 s while 2,000 real devices reconnect. A private PostgreSQL 15
 # cluster (fsync on, default settings) is created and removed.
-# Usage: bench/scripts/pg-hardening.sh OUTDIR   (as root; BIN=target/release)
+# Usage: bench/scripts/pg-hardening.sh OUTDIR   (as root; BIN=target/release;
+# LISTING_ONLY=1 for the listing measurements alone)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:?usage: pg-hardening.sh OUTDIR}
@@ -20,7 +21,7 @@ WORK=$(mktemp -d /tmp/ems-pgbench.XXXXXX)
 chown postgres: "$WORK"
 hub_pid=""
 cleanup() {
-  [[ -n "$hub_pid" ]] && kill "$hub_pid" 2>/dev/null || true
+  if [[ -n "$hub_pid" ]]; then kill "$hub_pid" 2>/dev/null || true; fi
   runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
   wait 2>/dev/null || true
   rm -rf "$WORK"
@@ -105,6 +106,20 @@ start_hub
 log "idle hub: all-devices listing"
 listing 20 0.2
 
+# LISTING_ONLY=1: only the listing measurements — idle (no device state
+# yet), during S1, and idle again once every device has its state row.
+if [[ "${LISTING_ONLY:-0}" == 1 ]]; then
+  log "s1-pg with the all-devices listing every 0.5 s from the 10th second"
+  ( sleep 12; listing 30 0.5 ) &
+  lister=$!
+  gen s1-pg-listing --devices "$DEVICES" --rate 1 --duration 30 --drain 20
+  wait "$lister" || true
+  log "idle hub after S1 (every device in device_state): all-devices listing"
+  listing 20 0.2
+  stop_hub
+  exit 0
+fi
+
 pg0=$(pg_cpu)
 gen s1-pg --devices "$DEVICES" --rate 1 --duration 30 --drain 20
 pg1=$(pg_cpu)
@@ -132,4 +147,4 @@ sed 's/^/    /' "$OUT/forged.txt" | tee -a "$OUT/summary.txt"
 log "without the flood"
 gen reconnect-quiet --devices 2000 --rate 0 --duration 2 --drain 1
 stop_hub
-log done
+log "done"

@@ -216,7 +216,7 @@ fn start_writer(
 /// the store and returns.
 pub async fn run(
     listener: TcpListener,
-    config: Config,
+    mut config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HubError> {
     let tls = config
@@ -234,14 +234,21 @@ pub async fn run(
         })?),
         None => None,
     };
-    // Three connections: the writer's, the tokens' (the revocation poll
+    if config.hub_id.is_none() {
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        config.hub_id = Some(crate::presence::default_hub_id(port));
+    }
+    // Four connections: the writer's, the tokens' (the revocation poll
     // alone uses it, so authentication never waits behind other store
-    // work), and the one everything else shares.
+    // work), the one everything else shares, and the presence task's.
     let metrics = Arc::new(Metrics::new());
     let writer_store = first_open(&config, metrics.reading_flags.clone()).await?;
     let up = writer_store.is_some();
     let auth_store = handle(&config, up).await?;
     let shared_store = handle(&config, up).await?;
+    // The presence task's own connection (a flush of many devices does not
+    // hold up the API), opened by its first write.
+    let presence_store = StoreHandle::lazy(connector(&config));
     // Never waits on the broker: it connects in the background.
     let mqtt = config.mqtt_bridge().map(MqttBridge::spawn).transpose()?;
 
@@ -281,6 +288,11 @@ pub async fn run(
     } else {
         metrics.store_poll_ok.store(0, Ordering::Relaxed);
     }
+    let presence = shared.presence.clone();
+    let lease = shared.config.presence_lease;
+    if let Some(id) = &shared.config.hub_id {
+        log::info!("hub id {id} (shared device state)");
+    }
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     if let Ok(addr) = listener.local_addr() {
         log::info!("ems-hub listening on {addr}");
@@ -292,6 +304,10 @@ pub async fn run(
         tokio::spawn(http::serve_metrics(l, shared.clone()));
     }
     tokio::spawn(revocation::run(shared.clone()));
+    tokio::spawn(crate::presence::task::run(
+        shared.clone(),
+        presence_store.clone(),
+    ));
     tokio::spawn(crate::notify::run(shared.clone()));
     http::accept_loop(listener, shared.clone(), ConnGuard::new(done_tx), shutdown).await;
 
@@ -305,8 +321,11 @@ pub async fn run(
     {
         log::warn!("some connections did not close within {shutdown_timeout:?}");
     }
-    // Every device connection is closed: the bridge publishes the devices
-    // and the hub offline while the writer flushes.
+    // Every device connection is closed: every other hub sees its devices
+    // offline at once rather than when their leases end.
+    crate::presence::task::shutdown(&presence, &presence_store, lease).await;
+    // The bridge publishes the devices and the hub offline while the
+    // writer flushes.
     if let Some((h, _)) = &mqtt {
         h.shutdown();
     }

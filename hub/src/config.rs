@@ -107,6 +107,21 @@ pub struct Config {
     pub energy_limits: crate::energy::rule::Limits,
     /// Time zone of energy rollups that do not name one (`--timezone`).
     pub timezone: crate::energy::buckets::Zone,
+    /// This hub's id in the shared device state (`device_state.hub`);
+    /// `None`: `<hostname>:<listen port>`, chosen when the hub starts.
+    pub hub_id: Option<String>,
+    /// How long a device stays online for every hub after its hub last
+    /// renewed its lease (a hub that dies stops renewing).
+    pub presence_lease: Duration,
+    /// How often a hub renews the leases of its devices.
+    pub presence_renew: Duration,
+    /// Least time between two writes of a connected device's state (last
+    /// seen, status, last readings); connects and disconnects are written
+    /// at the next tick.
+    pub presence_flush: Duration,
+    /// How often the presence task runs: writes what is due and reads
+    /// which devices connected elsewhere (cross-hub takeover).
+    pub presence_tick: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -226,6 +241,11 @@ impl Config {
             sd_notify: false,
             energy_limits: Default::default(),
             timezone: crate::energy::buckets::Zone::utc(),
+            hub_id: None,
+            presence_lease: Duration::from_secs(30),
+            presence_renew: Duration::from_secs(10),
+            presence_flush: Duration::from_secs(3),
+            presence_tick: Duration::from_secs(1),
         }
     }
 

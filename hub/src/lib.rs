@@ -18,6 +18,9 @@
 //!   path, acks), the store writer and the ack mailboxes.
 //! - [`fanout`]: the connection registry and the per-device topics, and the
 //!   dashboard session (live feed, backfill summaries, resume replay).
+//! - `presence`: this hub's part in the device state every hub shares
+//!   (presence under a lease, last status and readings) and the
+//!   cross-hub takeover.
 //! - [`store`]: narrow store interfaces by concern and the SQLite and
 //!   PostgreSQL backends.
 //! - [`energy`]: counter-aware energy rollups in local time (pure code the
@@ -58,6 +61,7 @@ mod log_text;
 pub mod metrics;
 pub mod mqtt;
 mod notify;
+mod presence;
 mod quota;
 mod shutdown;
 mod state;

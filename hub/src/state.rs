@@ -18,6 +18,7 @@ use crate::ingest::limits::Buckets;
 use crate::ingest::writer::Item;
 use crate::metrics::Metrics;
 use crate::mqtt::MqttHandle;
+use crate::presence::Presence;
 use crate::quota::Quotas;
 pub(crate) use crate::store::handle::{CallError, Opener, StoreHandle};
 
@@ -53,6 +54,8 @@ pub(crate) struct Shared {
     /// Connection slots by client address, dashboards and heavy queries by
     /// viewer token.
     pub quotas: Quotas,
+    /// This hub's part in the shared device state.
+    pub presence: Arc<Presence>,
 }
 
 impl Shared {
@@ -81,6 +84,7 @@ impl Shared {
                 config.max_connections_per_ip,
                 config.max_dashboards_per_token,
             ),
+            presence: Arc::new(Presence::new(config.hub_id.clone().unwrap_or_default())),
             config,
             queue,
             shutdown,

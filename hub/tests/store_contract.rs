@@ -7,6 +7,8 @@
 
 #[path = "store_contract/energy_cases.rs"]
 mod energy_cases;
+#[path = "store_contract/presence_cases.rs"]
+mod presence_cases;
 
 use std::sync::Arc;
 
@@ -47,6 +49,7 @@ pub fn row(device: &str, epoch: u64, seq: u64, ts_ms: i64) -> Row {
 pub mod contract {
     use super::*;
     pub use crate::energy_cases::*;
+    pub use crate::presence_cases::*;
     use ems_hub::admin::Admin;
     use ems_hub::auth::token;
     use ems_hub::store::{QuarantineRow, StoreError, ViewerScope};
@@ -608,6 +611,9 @@ macro_rules! backend_suite {
                 export_pages_in_key_order,
                 a_refused_batch_split_counts_only_committed_rows,
                 energy_rebuild_in_small_pages_equals_incremental_slots,
+                presence_is_online_until_the_lease_ends_and_renewal_extends_it,
+                presence_writes_bind_to_their_generation,
+                presence_clean_shutdown_marks_only_its_own_devices_offline,
             );
         }
     };
@@ -744,7 +750,7 @@ mod postgres_only {
             .unwrap()
             .get(0);
         assert_eq!(v, ems_hub::store::postgres::SCHEMA_VERSION);
-        assert_eq!(v, 4, "the schema's newest migration");
+        assert_eq!(v, 5, "the schema's newest migration");
         // The docs' Grafana query runs on the contract table.
         let rows = c.query(GRAFANA_QUERY, &[]).unwrap();
         assert_eq!(rows.len(), 1);
@@ -953,14 +959,15 @@ mod postgres_only {
         drop(s);
         // Version 1 is today's schema without the later steps: 2 (the
         // quarantine table), 3 (the token change counter: its table,
-        // function and triggers) and 4 (the energy step's column and
-        // tables).
+        // function and triggers), 4 (the energy step's column and
+        // tables) and 5 (the device state).
         let mut c = admin(&db.url);
         c.batch_execute(
             "DROP TABLE quarantine; \
              DROP FUNCTION ems_token_changed() CASCADE; DROP TABLE token_changes; \
              ALTER TABLE readings DROP COLUMN flags; \
              DROP TABLE energy_slots, energy_meters, energy_limits; \
+             DROP TABLE device_state; \
              DELETE FROM schema_version; \
              INSERT INTO schema_version (version) VALUES (1);",
         )
@@ -979,6 +986,12 @@ mod postgres_only {
             .unwrap()
             .get(0);
         assert_eq!(n, 1);
+        // And migration 5: the device state, empty.
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM device_state", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0);
         let cols: Vec<(String, String, String)> = c
             .query(
                 "SELECT column_name::text, data_type::text, is_nullable::text \

@@ -9,7 +9,9 @@
 //!   refuses it for `cooldown` ([`Conflict`]): the session closes both the
 //!   current and the new connection with 4002 ("conflict").
 //! - Kicks: [`Registry::kick`] closes a device's live connection from
-//!   anywhere in the process (revocation poll, admin API).
+//!   anywhere in the process (revocation poll, admin API);
+//!   [`Registry::kick_conn`] closes one given connection (the presence
+//!   task, when the device connected to another hub).
 //! - Topics: one [`Topic`] per device, created on first use by the device
 //!   or a subscriber. Presence changes and the edge's outbox status are
 //!   published through it, so they reach subscribers in order with the
@@ -299,6 +301,20 @@ impl Registry {
     pub fn kick(&self, device_id: &str, reason: Kick) -> bool {
         let mut devices = lock(&self.devices);
         match devices.get_mut(device_id).and_then(|s| s.kick.take()) {
+            Some(k) => k.send(reason).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Like [`Registry::kick`], but only while `conn_id` is the device's
+    /// registered connection (a newer local one is left alone).
+    pub fn kick_conn(&self, device_id: &str, conn_id: u64, reason: Kick) -> bool {
+        let mut devices = lock(&self.devices);
+        match devices
+            .get_mut(device_id)
+            .filter(|s| s.conn_id == conn_id)
+            .and_then(|s| s.kick.take())
+        {
             Some(k) => k.send(reason).is_ok(),
             None => false,
         }

@@ -99,6 +99,9 @@ pub(crate) fn run(
                 return;
             }
         }
+        shared
+            .presence
+            .connected(&device_id, conn_id, crate::store::now_ms());
         shared.metrics.connection(Role::Device, 1);
         let cfg = &shared.config;
         let limits = shared.buckets.of(&device_id, || {
@@ -124,6 +127,9 @@ pub(crate) fn run(
         session.publish_backlog();
         drop(session);
         shared.registry.disconnect_device(&device_id, conn_id);
+        shared
+            .presence
+            .disconnected(&device_id, conn_id, crate::store::now_ms());
         shared.metrics.connection(Role::Device, -1);
         if let End::Close(code, reason) = end {
             Box::pin(ws::close(&mut ws, code, reason)).await;
@@ -365,6 +371,9 @@ impl Session<'_> {
                 if let Some(m) = &self.shared.mqtt {
                     m.reading(self.device_id, &reading);
                 }
+                self.shared
+                    .presence
+                    .reading(self.device_id, &reading, rx_ms);
                 let id = Some((reading.epoch, reading.seq));
                 let row = Row {
                     device_id: self.device_id.clone(),
@@ -378,6 +387,7 @@ impl Session<'_> {
                 // The registry publishes the status to the topic: the
                 // summary of what came before goes first.
                 self.publish_backlog();
+                self.shared.presence.status(self.device_id, &status, rx_ms);
                 let registry = &self.shared.registry;
                 registry.set_edge_status(self.device_id, status, rx_ms);
                 Ok(())

@@ -69,6 +69,16 @@ impl StoreHandle {
         })))
     }
 
+    /// A handle whose store its first call opens (on the blocking pool),
+    /// so nothing waits for it at start.
+    pub fn lazy(opener: Opener) -> Self {
+        StoreHandle(Arc::new(Mutex::new(Slot {
+            store: None,
+            opener: Some(opener),
+            failed: None,
+        })))
+    }
+
     /// Runs `f` on the store on the blocking pool, holding the store's lock
     /// for exactly as long as `f` runs. The call starts at once; the
     /// returned future only waits for its answer (dropping it does not

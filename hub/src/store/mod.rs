@@ -6,12 +6,14 @@
 //! [`HistoryStore`] (reading back), [`QuarantineStore`] (what was
 //! refused, see [`quarantine`]), [`TokenStore`] (the change counter, the
 //! snapshot of every valid token, admin token management),
-//! [`LookupStore`] (bounded look-ups for viewers) and
+//! [`LookupStore`] (bounded look-ups for viewers), [`PresenceStore`]
+//! (the device state every hub shares, see [`presence`]) and
 //! [`energy::EnergyStore`] (the energy slots the writer keeps, the
 //! rollup's and the export's reads). Every backend implements all of
-//! them, which makes it a [`Store`]. The hub opens three: one for the
+//! them, which makes it a [`Store`]. The hub opens four: one for the
 //! background writer thread, one for the token snapshot and its change
-//! counter, one for everything else (used from the blocking pool); the
+//! counter, one for the presence task, one for everything else (used
+//! from the blocking pool); the
 //! admin CLI opens one. Backends: `sqlite:PATH` (embedded, default) and
 //! `postgres://…`.
 //!
@@ -39,6 +41,7 @@ pub mod energy;
 pub(crate) mod handle;
 mod lookups;
 pub mod postgres;
+pub mod presence;
 pub mod quarantine;
 pub mod sqlite;
 mod tokens;
@@ -52,6 +55,7 @@ use std::sync::Arc;
 use ems_shared::Reading;
 use thiserror::Error;
 
+pub use presence::PresenceStore;
 pub use quarantine::{QuarantineReason, QuarantineRow, QuarantineStore, Quarantined};
 
 /// A token hash: SHA-256 of the token's UTF-8 bytes.
@@ -298,6 +302,7 @@ pub trait Store:
     + QuarantineStore
     + TokenStore
     + LookupStore
+    + PresenceStore
     + energy::EnergyStore
 {
 }
@@ -310,6 +315,7 @@ impl<
             + QuarantineStore
             + TokenStore
             + LookupStore
+            + PresenceStore
             + energy::EnergyStore
             + ?Sized,
     > Store for T

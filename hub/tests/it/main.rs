@@ -15,6 +15,7 @@ mod conn_limits;
 mod dashboard;
 mod edge_losses;
 mod energy;
+mod fleet;
 mod fleet_energy;
 mod frames;
 mod gate;

@@ -57,7 +57,7 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// A fresh database, dropped off the async workers.
-struct Db(Option<pg::TestDb>);
+pub(crate) struct Db(Option<pg::TestDb>);
 
 impl std::ops::Deref for Db {
     type Target = pg::TestDb;
@@ -74,12 +74,12 @@ impl Drop for Db {
     }
 }
 
-fn fresh_db() -> Option<Db> {
+pub(crate) fn fresh_db() -> Option<Db> {
     blocking(pg::fresh_db).map(|d| Db(Some(d)))
 }
 
 /// One statement's first column of its one row, on a connection of its own.
-fn query_i64(url: &str, sql: &str) -> i64 {
+pub(crate) fn query_i64(url: &str, sql: &str) -> i64 {
     blocking(|| {
         let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
         c.query_one(sql, &[]).unwrap().get(0)
@@ -87,7 +87,7 @@ fn query_i64(url: &str, sql: &str) -> i64 {
 }
 
 /// Runs `sql` on a connection of its own.
-fn execute(url: &str, sql: &str) {
+pub(crate) fn execute(url: &str, sql: &str) {
     blocking(|| {
         let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
         c.batch_execute(sql).unwrap();
@@ -95,7 +95,7 @@ fn execute(url: &str, sql: &str) {
 }
 
 /// The admin commands on `url`, off the async workers.
-fn with_admin<T>(url: &str, f: impl FnOnce(&mut Admin) -> T) -> T {
+pub(crate) fn with_admin<T>(url: &str, f: impl FnOnce(&mut Admin) -> T) -> T {
     blocking(|| {
         let mut a = Admin::open(url).unwrap();
         f(&mut a)
@@ -447,6 +447,38 @@ async fn listing_devices_costs_a_constant_number_of_round_trips() {
         took < Duration::from_secs(2),
         "{n} devices took {took:?}: about one round trip per device"
     );
+    // The same with every device in the shared device state, online on
+    // another hub: still a constant number of round trips, and the state
+    // comes from that table.
+    let until = now_ms() + 3_600_000;
+    execute(
+        &db.url,
+        &format!(
+            "INSERT INTO device_state (device_id, online, hub, online_since_ms, lease_until_ms, \
+               generation, last_seen_ms, status_rx_ms, outbox_depth, behind_ms, dropped, \
+               unwritten, dropped_disk_full, dropped_damaged, last_readings) \
+             SELECT 'dev-' || i, true, 'elsewhere', 1, {until}, i, 2, 2, 3, 0, 0, 0, 0, 0, \
+               '[{{\"meter\":\"main\",\"ts\":1,\"power_w\":5.0,\"energy_wh\":null}}]' \
+             FROM generate_series(1, {n}) i"
+        ),
+    );
+    let (r, took) = list(hub.addr).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let devices = v["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), n);
+    assert!(
+        devices.iter().all(|d| d["online"] == true
+            && d["hub"] == "elsewhere"
+            && d["outbox_depth"] == 3
+            && d["last"][0]["power_w"] == 5.0),
+        "{v}"
+    );
+    println!("{n} devices with state listed in {took:?} with 5 ms per round trip");
+    assert!(
+        took < Duration::from_secs(2),
+        "{n} devices with state took {took:?}: about one round trip per device"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -585,8 +617,8 @@ async fn a_version_1_database_gets_the_change_counter_in_place() {
     let Some(db) = fresh_db() else { return };
     // A database as version 1 left it: today's schema without migrations
     // 2 (the quarantine table), 3 (the change counter's table, function
-    // and triggers) and 4 (the energy column and tables), with a device in
-    // it.
+    // and triggers), 4 (the energy column and tables) and 5 (the device
+    // state), with a device in it.
     with_admin(&db.url, |admin| admin.add_device("old").unwrap());
     execute(
         &db.url,
@@ -595,6 +627,7 @@ async fn a_version_1_database_gets_the_change_counter_in_place() {
          DROP TABLE token_changes;
          ALTER TABLE readings DROP COLUMN flags;
          DROP TABLE energy_slots, energy_meters, energy_limits;
+         DROP TABLE device_state;
          UPDATE schema_version SET version = 1;",
     );
     assert_eq!(
@@ -608,8 +641,9 @@ async fn a_version_1_database_gets_the_change_counter_in_place() {
         query_i64(&db.url, "SELECT max(version)::bigint FROM schema_version"),
         i64::from(ems_hub::store::postgres::SCHEMA_VERSION)
     );
-    assert_eq!(ems_hub::store::postgres::SCHEMA_VERSION, 4);
+    assert_eq!(ems_hub::store::postgres::SCHEMA_VERSION, 5);
     assert_eq!(query_i64(&db.url, "SELECT count(*) FROM quarantine"), 0);
+    assert_eq!(query_i64(&db.url, "SELECT count(*) FROM device_state"), 0);
     let n0 = query_i64(&db.url, "SELECT n FROM token_changes");
     let token = with_admin(&db.url, |admin| admin.rotate_device("old").unwrap());
     assert!(query_i64(&db.url, "SELECT n FROM token_changes") > n0);
@@ -618,4 +652,12 @@ async fn a_version_1_database_gets_the_change_counter_in_place() {
     send_text(&mut dev, reading(1, 0)).await;
     wait_ack(&mut dev, 1, 0).await;
     hub.stop().await.unwrap();
+    // The hub kept the device's state in the new table.
+    assert_eq!(
+        query_i64(
+            &db.url,
+            "SELECT count(*) FROM device_state WHERE device_id = 'old' AND NOT online"
+        ),
+        1
+    );
 }

@@ -220,6 +220,17 @@ pub struct ServeArgs {
     /// Europe/Berlin).
     #[arg(long, env = "EMS_TIMEZONE", default_value = "UTC")]
     timezone: String,
+
+    // Shared device state (several hubs on one database).
+    /// This hub's id in the shared device state (letters, digits and
+    /// `.:_-`, at most 128). Default: HOSTNAME:PORT of --listen.
+    #[arg(long, env = "EMS_HUB_ID")]
+    hub_id: Option<String>,
+    /// How long, in ms, a device stays online for every hub after its hub
+    /// last renewed the lease (renewed every third of it, at most every
+    /// 10 s).
+    #[arg(long, env = "EMS_PRESENCE_LEASE_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(3_000..=3_600_000))]
+    presence_lease_ms: u64,
 }
 
 /// `--timescale`. The variants carry no doc comments on purpose: clap
@@ -377,6 +388,10 @@ pub enum ArgError {
     /// A `--trusted-proxy` is not an IP address.
     #[error("--trusted-proxy {0:?} must be an IP address like 127.0.0.1 or ::1")]
     TrustedProxy(String),
+    /// `--hub-id` has characters outside `[A-Za-z0-9.:_-]` or is empty or
+    /// too long.
+    #[error("--hub-id {0:?} must be 1 to 128 letters, digits or .:_-")]
+    HubId(String),
     /// `--metrics-listen` is not a socket address.
     #[error("--metrics-listen {0:?} is not an address like 127.0.0.1:9090")]
     MetricsListen(String),
@@ -455,6 +470,18 @@ impl Serve {
         config.pg.compress_after_days = args.compress_after_days;
         config.energy_limits = energy_limits;
         config.timezone = timezone;
+        if let Some(id) = args.hub_id {
+            let ok = (1..=128).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".:_-".contains(&b));
+            if !ok {
+                return Err(ArgError::HubId(id));
+            }
+            config.hub_id = Some(id);
+        }
+        config.presence_lease = Duration::from_millis(args.presence_lease_ms);
+        config.presence_renew = Duration::from_millis((args.presence_lease_ms / 3).min(10_000));
         if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
             config.tls = Some(TlsFiles { cert, key });
         }
@@ -541,6 +568,35 @@ mod tests {
                 Serve::with_mqtt_password(cli.database, a, password.map(String::from))
             }
             _ => panic!("not a serve command"),
+        }
+    }
+
+    #[test]
+    fn hub_id_and_presence_lease() {
+        let s = serve(&[]).unwrap();
+        let want = Config::new("x");
+        assert_eq!(s.config.hub_id, None, "chosen at start from the port");
+        assert_eq!(s.config.presence_lease, want.presence_lease);
+        assert_eq!(s.config.presence_renew, want.presence_renew);
+        let s = serve(&[
+            "--hub-id",
+            "hub-1.example:8080",
+            "--presence-lease-ms",
+            "6000",
+        ])
+        .unwrap();
+        assert_eq!(s.config.hub_id.as_deref(), Some("hub-1.example:8080"));
+        assert_eq!(s.config.presence_lease, Duration::from_secs(6));
+        assert_eq!(s.config.presence_renew, Duration::from_secs(2));
+        for bad in ["", "a b", "hub/1", &"x".repeat(129)] {
+            assert!(
+                matches!(serve(&["--hub-id", bad]), Err(ArgError::HubId(_))),
+                "{bad:?}"
+            );
+        }
+        for bad in ["2999", "3600001"] {
+            let argv = ["ems-hub", "serve", "--presence-lease-ms", bad];
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad}");
         }
     }
 

@@ -12,7 +12,7 @@ use hyper::{Request, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::viewer::states;
+use super::states::states;
 use super::{body, changed, check_admin, device_id, name, new_token, store, Answer, ApiError};
 use crate::auth::token::{self, TokenKind};
 use crate::fanout::registry::Kick;

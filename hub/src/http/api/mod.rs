@@ -48,13 +48,15 @@
 //! calls run on the blocking pool.
 //!
 //! This module authenticates and dispatches; [`viewer`], [`energy`], [`fleet`],
-//! [`export`], [`admin`] and [`quarantine`] hold the endpoints.
+//! [`export`], [`admin`] and [`quarantine`] hold the endpoints, [`states`]
+//! the device state both device lists answer with.
 
 mod admin;
 mod energy;
 pub(crate) mod export;
 mod fleet;
 mod quarantine;
+mod states;
 mod viewer;
 
 use std::net::SocketAddr;

@@ -1,11 +1,10 @@
 //! The viewer endpoints (`emsv_` token, scope enforced exactly as on the
 //! socket): the devices a viewer may watch, with presence, and a device's
 //! stored readings. Both are heavy (their cost grows with the fleet or the
-//! range): one at a time per viewer token, and the device list costs two
-//! store queries (last seen, quarantine counts) whatever the number of
-//! devices.
+//! range): one at a time per viewer token, and the device list costs a
+//! constant number of store queries whatever the number of devices
+//! ([`super::states`]).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use ems_shared::DashboardReading;
@@ -13,6 +12,7 @@ use hyper::{Request, StatusCode};
 use serde::Serialize;
 use serde_json::json;
 
+use super::states::states;
 use super::{device_id, heavy_turn, store, viewer_scope, Answer, ApiError};
 use crate::auth::handshake;
 use crate::state::Shared;
@@ -39,79 +39,6 @@ pub(super) async fn readings<B>(req: &Request<B>, shared: &Arc<Shared>, id: &str
     let query = parse_range(req.uri().query().unwrap_or(""), crate::store::now_ms())?;
     let _turn = heavy_turn(shared, &viewer).await?;
     history(shared, id, query).await
-}
-
-/// One device as the API lists it.
-#[derive(Serialize)]
-pub(super) struct DeviceState {
-    device_id: String,
-    online: bool,
-    last_seen_ms: Option<i64>,
-    /// Readings waiting in the device's outbox, when it reports them.
-    outbox_depth: Option<u64>,
-    /// How far behind the device's outbox is, when it reports it.
-    behind_ms: Option<i64>,
-    /// The edge's loss counters from its last `status` frame, while it is
-    /// connected and reports them: readings dropped for a full spool,
-    /// held in memory because the spool cannot be written, dropped for a
-    /// full disk, skipped as damaged.
-    dropped: Option<u64>,
-    unwritten: Option<u64>,
-    dropped_disk_full: Option<u64>,
-    dropped_damaged: Option<u64>,
-    /// Rows in the quarantine for this device.
-    quarantined: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) created_ms: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) revoked_ms: Option<Option<i64>>,
-}
-
-/// Live state of the given devices (presence from the registry, last seen
-/// from the registry and the store — one query for all of them —, outbox
-/// and loss counters from the edge's status, quarantine counts from the
-/// store in one query).
-pub(super) async fn states(
-    shared: &Arc<Shared>,
-    ids: Vec<String>,
-) -> Result<Vec<DeviceState>, ApiError> {
-    let (ids, stored, quarantined) = store(shared, move |s| {
-        let seen = s.last_seen_many(&ids)?;
-        let counts: HashMap<String, u64> = s.quarantine_counts()?.into_iter().collect();
-        Ok((ids, seen, counts))
-    })
-    .await?;
-    let now = crate::store::now_ms();
-    Ok(ids
-        .into_iter()
-        .zip(stored)
-        .map(|(id, seen)| {
-            let presence = shared.registry.presence_ms(&id);
-            let last_seen_ms = match (seen, presence) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                (a, b) => a.or(b),
-            };
-            let edge = shared.registry.edge_status(&id);
-            let status = edge.as_ref().map(|e| &e.status);
-            DeviceState {
-                online: shared.registry.is_online(&id),
-                last_seen_ms,
-                outbox_depth: status.map(|s| s.outbox_depth),
-                dropped: status.map(|s| s.dropped),
-                unwritten: status.map(|s| s.unwritten),
-                dropped_disk_full: status.map(|s| s.dropped_disk_full),
-                dropped_damaged: status.map(|s| s.dropped_damaged),
-                quarantined: quarantined.get(&id).copied().unwrap_or(0),
-                behind_ms: edge.map(|e| {
-                    e.behind_ms
-                        .saturating_add(now.saturating_sub(e.rx_ms).max(0))
-                }),
-                device_id: id,
-                created_ms: None,
-                revoked_ms: None,
-            }
-        })
-        .collect())
 }
 
 async fn list_for_viewer(shared: &Arc<Shared>, scope: ViewerScope) -> Answer {

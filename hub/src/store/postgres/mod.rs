@@ -41,6 +41,7 @@ mod energy;
 mod insert;
 mod lookups;
 mod options;
+mod presence;
 mod queries;
 mod schema;
 mod time;

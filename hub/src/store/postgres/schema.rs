@@ -15,6 +15,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, SCHEMA_QUARANTINE),
     (3, SCHEMA_TOKEN_CHANGES),
     (4, SCHEMA_ENERGY),
+    (5, SCHEMA_DEVICE_STATE),
 ];
 
 /// Schema version this code writes and expects: the last migration's.
@@ -122,6 +123,32 @@ CREATE TRIGGER viewer_devices_changes
 CREATE TRIGGER admins_changes
     AFTER INSERT OR DELETE OR TRUNCATE OR UPDATE OF name, token_hash, revoked_ms
     ON admins FOR EACH STATEMENT EXECUTE FUNCTION ems_token_changed();
+";
+
+/// Shared device state (docs/storage/schema.md, `PresenceStore`): one row
+/// per device that ever connected — presence with its hub and lease, the
+/// connection generation, last seen, the edge's last status and the last
+/// reading per meter (JSON text). Times are Unix ms.
+const SCHEMA_DEVICE_STATE: &str = "
+CREATE TABLE device_state (
+    device_id         text PRIMARY KEY,
+    online            boolean NOT NULL DEFAULT false,
+    hub               text,
+    online_since_ms   bigint,
+    lease_until_ms    bigint NOT NULL DEFAULT 0,
+    generation        bigint NOT NULL DEFAULT 0,
+    last_seen_ms      bigint,
+    status_rx_ms      bigint,
+    outbox_depth      bigint,
+    behind_ms         bigint,
+    dropped           bigint,
+    unwritten         bigint,
+    dropped_disk_full bigint,
+    dropped_damaged   bigint,
+    last_readings     text
+);
+CREATE INDEX device_state_generation ON device_state (generation);
+CREATE INDEX device_state_hub ON device_state (hub) WHERE online;
 ";
 
 /// Plausibility flags on every reading and the energy slots (see

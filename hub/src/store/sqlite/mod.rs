@@ -12,6 +12,7 @@
 mod energy;
 mod insert;
 mod lookups;
+mod presence;
 mod queries;
 mod tokens;
 
@@ -31,6 +32,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, SCHEMA_QUARANTINE),
     (3, SCHEMA_TOKEN_CHANGES),
     (4, SCHEMA_ENERGY),
+    (5, SCHEMA_DEVICE_STATE),
 ];
 
 /// Schema version this code writes and expects: the last migration's.
@@ -142,6 +144,32 @@ CREATE TRIGGER admins_update_changes AFTER UPDATE OF name, token_hash, revoked_m
 BEGIN UPDATE token_changes SET n = n + 1 WHERE id = 1; END;
 CREATE TRIGGER admins_delete_changes AFTER DELETE ON admins
 BEGIN UPDATE token_changes SET n = n + 1 WHERE id = 1; END;
+";
+
+/// Shared device state (docs/storage/schema.md, `PresenceStore`): one row
+/// per device that ever connected — presence with its hub and lease, the
+/// connection generation, last seen, the edge's last status and the last
+/// reading per meter (JSON). Times are Unix ms.
+const SCHEMA_DEVICE_STATE: &str = "
+CREATE TABLE device_state (
+    device_id         TEXT PRIMARY KEY NOT NULL,
+    online            INTEGER NOT NULL DEFAULT 0,
+    hub               TEXT,
+    online_since_ms   INTEGER,
+    lease_until_ms    INTEGER NOT NULL DEFAULT 0,
+    generation        INTEGER NOT NULL DEFAULT 0,
+    last_seen_ms      INTEGER,
+    status_rx_ms      INTEGER,
+    outbox_depth      INTEGER,
+    behind_ms         INTEGER,
+    dropped           INTEGER,
+    unwritten         INTEGER,
+    dropped_disk_full INTEGER,
+    dropped_damaged   INTEGER,
+    last_readings     TEXT
+);
+CREATE INDEX device_state_generation ON device_state (generation);
+CREATE INDEX device_state_hub ON device_state (hub) WHERE online;
 ";
 
 /// Plausibility flags on every reading and the energy slots (see
@@ -461,6 +489,47 @@ mod tests {
             .query_row("SELECT flags FROM readings", [], |r| r.get(0))
             .unwrap();
         assert_eq!(flags, 0);
+        // And the device state step: its table, empty.
+        let n: i64 = s
+            .conn
+            .query_row("SELECT count(*) FROM device_state", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0);
+    }
+
+    /// A database of version 4 (before the device state) gains the
+    /// `device_state` table in place and the hub's presence calls work on
+    /// it.
+    #[test]
+    fn a_version_4_database_gains_the_device_state() {
+        use crate::store::presence::{Connect, PresenceStore, PresenceSync};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v4.db");
+        let c = Connection::open(&path).unwrap();
+        for (_, sql) in MIGRATIONS.iter().filter(|(v, _)| *v <= 4) {
+            c.execute_batch(sql).unwrap();
+        }
+        c.execute_batch(
+            "CREATE TABLE schema_version (version INTEGER NOT NULL);
+             INSERT INTO schema_version VALUES (4);",
+        )
+        .unwrap();
+        drop(c);
+        let mut s = SqliteStore::open(path.to_str().unwrap()).unwrap();
+        assert_eq!(s.schema_version().unwrap(), 5);
+        let sync = PresenceSync {
+            hub: "h".into(),
+            now_ms: 10,
+            lease_until_ms: 1_000,
+            connects: vec![Connect {
+                device_id: "d".into(),
+                at_ms: 10,
+            }],
+            ..Default::default()
+        };
+        assert_eq!(s.presence_sync(&sync).unwrap().generations, [1]);
+        let rows = s.device_states(&["d".into()], 20).unwrap();
+        assert!(rows[0].online);
     }
 
     /// The same upgrade gains the token change counter (migration 3): the

@@ -1,0 +1,299 @@
+//! The state of many devices as both device lists (`/api/devices`,
+//! `/api/admin/devices`) answer it: from the shared device state
+//! (`device_state`, identical on every hub), refined by what this hub
+//! knows first-hand about the devices connected to it (their registry
+//! entry, live status and the readings not written yet).
+//!
+//! Cost: two store statements (the device states, the quarantine
+//! counts), and a third only for devices that have no state yet (never
+//! connected since the upgrade): their last seen from the readings.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::{store, ApiError};
+use crate::fanout::registry::StatusEntry;
+use crate::state::Shared;
+use crate::store::presence::{DeviceStateRow, LastReading, StatusSummary};
+
+/// One device as the API lists it.
+#[derive(Debug, Serialize)]
+pub(super) struct DeviceState {
+    device_id: String,
+    online: bool,
+    last_seen_ms: Option<i64>,
+    /// Readings waiting in the device's outbox, when it reports them.
+    outbox_depth: Option<u64>,
+    /// How far behind the device's outbox is, when it reports it.
+    behind_ms: Option<i64>,
+    /// The edge's loss counters from its last `status` frame, while it is
+    /// connected and reports them: readings dropped for a full spool,
+    /// held in memory because the spool cannot be written, dropped for a
+    /// full disk, skipped as damaged.
+    dropped: Option<u64>,
+    unwritten: Option<u64>,
+    dropped_disk_full: Option<u64>,
+    dropped_damaged: Option<u64>,
+    /// Rows in the quarantine for this device.
+    quarantined: u64,
+    /// The hub holding its connection (`null` when offline).
+    hub: Option<String>,
+    /// When its current connection started (`null` when offline).
+    online_since_ms: Option<i64>,
+    /// The last reading per meter (empty when unknown).
+    last: Vec<LastReading>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) created_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) revoked_ms: Option<Option<i64>>,
+}
+
+/// What this hub knows first-hand about a device connected to it.
+struct Local {
+    /// Connect time, Unix ms (when known).
+    since_ms: Option<i64>,
+    /// The edge's last status.
+    edge: Option<StatusEntry>,
+    /// The last reading per meter of this connection.
+    last: Vec<LastReading>,
+}
+
+/// Everything known about one device, for [`merge`].
+struct Known<'a> {
+    row: Option<DeviceStateRow>,
+    local: Option<Local>,
+    /// When this hub last saw it connect or disconnect, Unix ms.
+    presence_ms: Option<i64>,
+    /// Receive time of its newest stored reading (only looked up for
+    /// devices without a state row).
+    stored_seen: Option<i64>,
+    quarantined: u64,
+    /// This hub's id.
+    me: &'a str,
+    now_ms: i64,
+}
+
+/// The listed state of `device_id`. A device connected here is online
+/// with this hub's live figures; a device whose row names this hub but
+/// that is not connected here is offline (this hub knows it left before
+/// the row does); any other device is as its row says.
+fn merge(device_id: String, k: Known<'_>) -> DeviceState {
+    let row = k.row.as_ref();
+    let seen = [
+        row.and_then(|r| r.last_seen_ms),
+        k.presence_ms,
+        k.stored_seen,
+    ]
+    .into_iter()
+    .flatten()
+    .max();
+    let stored_last = || row.map(|r| r.last.clone()).unwrap_or_default();
+    let (online, hub, since, status, last) = match k.local {
+        Some(local) => {
+            let status = local.edge.map(|e| StatusSummary {
+                rx_ms: e.rx_ms,
+                outbox_depth: e.status.outbox_depth,
+                behind_ms: e.behind_ms,
+                dropped: e.status.dropped,
+                unwritten: e.status.unwritten,
+                dropped_disk_full: e.status.dropped_disk_full,
+                dropped_damaged: e.status.dropped_damaged,
+            });
+            let since = local.since_ms.or(k.presence_ms);
+            let last = if local.last.is_empty() {
+                stored_last()
+            } else {
+                local.last
+            };
+            (true, Some(k.me.to_owned()), since, status, last)
+        }
+        None => match row.filter(|r| r.online && r.hub.as_deref() != Some(k.me)) {
+            Some(r) => (
+                true,
+                r.hub.clone(),
+                r.online_since_ms,
+                r.status,
+                r.last.clone(),
+            ),
+            None => (false, None, None, None, stored_last()),
+        },
+    };
+    DeviceState {
+        device_id,
+        online,
+        last_seen_ms: seen,
+        outbox_depth: status.map(|s| s.outbox_depth),
+        behind_ms: status.map(|s| {
+            s.behind_ms
+                .saturating_add(k.now_ms.saturating_sub(s.rx_ms).max(0))
+        }),
+        dropped: status.map(|s| s.dropped),
+        unwritten: status.map(|s| s.unwritten),
+        dropped_disk_full: status.map(|s| s.dropped_disk_full),
+        dropped_damaged: status.map(|s| s.dropped_damaged),
+        quarantined: k.quarantined,
+        hub,
+        online_since_ms: since,
+        last,
+        created_ms: None,
+        revoked_ms: None,
+    }
+}
+
+/// The state of the given devices, in their order.
+pub(super) async fn states(
+    shared: &Arc<Shared>,
+    ids: Vec<String>,
+) -> Result<Vec<DeviceState>, ApiError> {
+    let now = crate::store::now_ms();
+    let (ids, rows, quarantined, stored_seen) = store(shared, move |s| {
+        let rows = s.device_states(&ids, now)?;
+        let counts: HashMap<String, u64> = s.quarantine_counts()?.into_iter().collect();
+        let known: HashSet<&str> = rows
+            .iter()
+            .filter(|r| r.last_seen_ms.is_some())
+            .map(|r| r.device_id.as_str())
+            .collect();
+        let missing: Vec<String> = ids
+            .iter()
+            .filter(|id| !known.contains(id.as_str()))
+            .cloned()
+            .collect();
+        let seen: HashMap<String, i64> = if missing.is_empty() {
+            HashMap::new()
+        } else {
+            let seen = s.last_seen_many(&missing)?;
+            missing
+                .into_iter()
+                .zip(seen)
+                .filter_map(|(id, t)| Some((id, t?)))
+                .collect()
+        };
+        Ok((ids, rows, counts, seen))
+    })
+    .await?;
+    let mut rows: HashMap<String, DeviceStateRow> =
+        rows.into_iter().map(|r| (r.device_id.clone(), r)).collect();
+    let me = shared.presence.hub_id();
+    Ok(ids
+        .into_iter()
+        .map(|id| {
+            let local = shared.registry.is_online(&id).then(|| {
+                let (since_ms, last) = shared
+                    .presence
+                    .local(&id)
+                    .map_or((None, Vec::new()), |(s, l)| (Some(s), l));
+                Local {
+                    since_ms,
+                    edge: shared.registry.edge_status(&id),
+                    last,
+                }
+            });
+            let known = Known {
+                row: rows.remove(&id),
+                local,
+                presence_ms: shared.registry.presence_ms(&id),
+                stored_seen: stored_seen.get(&id).copied(),
+                quarantined: quarantined.get(&id).copied().unwrap_or(0),
+                me,
+                now_ms: now,
+            };
+            merge(id, known)
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(online: bool, hub: &str) -> DeviceStateRow {
+        DeviceStateRow {
+            device_id: "dev".into(),
+            online,
+            hub: Some(hub.into()),
+            online_since_ms: Some(100),
+            last_seen_ms: Some(500),
+            status: Some(StatusSummary {
+                rx_ms: 400,
+                outbox_depth: 7,
+                behind_ms: 50,
+                ..Default::default()
+            }),
+            last: vec![LastReading {
+                meter: "main".into(),
+                ts: 450,
+                power_w: Some(1.0),
+                energy_wh: None,
+            }],
+        }
+    }
+
+    fn known(row: Option<DeviceStateRow>, local: Option<Local>) -> Known<'static> {
+        Known {
+            row,
+            local,
+            presence_ms: None,
+            stored_seen: None,
+            quarantined: 0,
+            me: "here:1",
+            now_ms: 1_000,
+        }
+    }
+
+    #[test]
+    fn a_device_online_on_another_hub_is_listed_from_its_row() {
+        let s = merge("dev".into(), known(Some(row(true, "there:2")), None));
+        assert!(s.online);
+        assert_eq!(s.hub.as_deref(), Some("there:2"));
+        assert_eq!(s.online_since_ms, Some(100));
+        assert_eq!(s.outbox_depth, Some(7));
+        assert_eq!(s.behind_ms, Some(50 + 600), "grows since the report");
+        assert_eq!((s.last_seen_ms, s.last.len()), (Some(500), 1));
+    }
+
+    #[test]
+    fn offline_rows_and_rows_of_this_hub_without_a_connection_are_offline() {
+        for r in [row(false, "there:2"), row(true, "here:1")] {
+            let s = merge("dev".into(), known(Some(r), None));
+            assert!(!s.online);
+            assert_eq!(
+                (s.hub, s.online_since_ms, s.outbox_depth),
+                (None, None, None)
+            );
+            assert_eq!(s.last.len(), 1, "the last readings stay");
+            assert_eq!(s.last_seen_ms, Some(500));
+        }
+    }
+
+    #[test]
+    fn a_device_connected_here_is_listed_first_hand() {
+        let local = Local {
+            since_ms: Some(900),
+            edge: None,
+            last: Vec::new(),
+        };
+        let mut k = known(Some(row(false, "there:2")), Some(local));
+        k.presence_ms = Some(900);
+        let s = merge("dev".into(), k);
+        assert!(s.online);
+        assert_eq!(s.hub.as_deref(), Some("here:1"));
+        assert_eq!((s.online_since_ms, s.last_seen_ms), (Some(900), Some(900)));
+        assert_eq!(s.outbox_depth, None, "no status on this connection yet");
+        assert_eq!(s.last.len(), 1, "the stored readings until new ones come");
+    }
+
+    #[test]
+    fn a_device_without_state_uses_the_stored_readings() {
+        let mut k = known(None, None);
+        k.stored_seen = Some(42);
+        let s = merge("dev".into(), k);
+        assert_eq!((s.online, s.last_seen_ms), (false, Some(42)));
+        assert!(s.last.is_empty() && s.hub.is_none());
+        let v = serde_json::to_value(&s).unwrap();
+        assert!(v["hub"].is_null() && v["online_since_ms"].is_null(), "{v}");
+        assert_eq!(v["last"], serde_json::json!([]));
+    }
+}
