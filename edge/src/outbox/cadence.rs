@@ -15,8 +15,10 @@
 //!   power-loss window (1.25 s at the defaults, plus the reading being
 //!   taken);
 //! - a reading waiting for an energy-ceiling raise: at once;
-//! - a ceiling about to be reached, or spool segments that acks emptied:
-//!   at most one sync per interval;
+//! - a ceiling about to be reached, spool segments that acks emptied, or a
+//!   spool write that failed (a full card: retried until it succeeds, so
+//!   the memory queue is written as soon as there is room): at most one
+//!   sync per interval;
 //! - the ack watermark changed by acks of records on disk: saved at most
 //!   every `watermark_every`.
 //!
@@ -44,6 +46,9 @@ pub struct Needs {
     pub ceiling: bool,
     /// Spool segments can be deleted (every record in them is done).
     pub release: bool,
+    /// The last spool write failed (disk full, card errors): retried every
+    /// interval until one succeeds, readings or not.
+    pub retry: bool,
     /// The ack watermark would tell the next start something new.
     pub watermark: bool,
 }
@@ -106,7 +111,7 @@ impl Cadence {
         if needs.held {
             at(now);
         }
-        if needs.ceiling || needs.release {
+        if needs.ceiling || needs.release || needs.retry {
             at(paced(last_sync, self.interval));
         }
         if let Some(oldest) = needs.oldest_pending {
@@ -225,6 +230,10 @@ mod tests {
             },
             Needs {
                 release: true,
+                ..Needs::default()
+            },
+            Needs {
+                retry: true,
                 ..Needs::default()
             },
         ] {

@@ -150,6 +150,7 @@ impl Outbox {
             held: self.held_waiting,
             ceiling: self.ceilings.needs_raise(),
             release: self.spool.releasable(low),
+            retry: self.spool.write_failing(),
             watermark: self.spool.watermark_dirty(low),
         }
     }
