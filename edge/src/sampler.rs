@@ -7,6 +7,10 @@
 //! - The thread never touches the network: it only takes the outbox mutex,
 //!   which the link holds briefly and never across socket I/O, and signals
 //!   the link's wake-up descriptor (an eventfd write).
+//! - Its tick is also the clock that notices a reading the hub has not
+//!   acknowledged in time: on every tick (readings or not) it tells the
+//!   outbox when the next one comes, and rings the supervisor only when a
+//!   sync is due before then (see [`crate::outbox::cadence`]).
 //! - A meter that fails to open or read is retried on the next tick; other
 //!   meters keep going; log lines about a failing meter are rate-limited.
 //!   A panicking driver is caught and treated like a read error.
@@ -283,9 +287,6 @@ impl Sampler {
                     stamped.len()
                 );
             }
-            self.append(stamped);
-            self.publish_hold();
-            self.health.sampler_beat();
             // Next tick strictly in the future; skip (not bunch) missed ones.
             let elapsed = start.elapsed().as_nanos();
             let next = (elapsed / self.interval.as_nanos().max(1)) as u64 + 1;
@@ -293,6 +294,13 @@ impl Sampler {
                 log::warn!("sampling overran: skipped {} ticks", next - tick - 1);
             }
             tick = next;
+            let next_due = self.interval.as_nanos().saturating_mul(u128::from(tick));
+            let next_due = u64::try_from(next_due)
+                .ok()
+                .and_then(|n| start.checked_add(Duration::from_nanos(n)));
+            self.append(stamped, next_due);
+            self.publish_hold();
+            self.health.sampler_beat();
         }
         self.publish_hold();
         log::debug!("sampler stopped");
@@ -306,10 +314,10 @@ impl Sampler {
         });
     }
 
-    fn append(&mut self, stamped: Vec<Stamped>) {
-        if stamped.is_empty() {
-            return;
-        }
+    /// Appends the readings of this tick (perhaps none) and tells the
+    /// outbox when the next tick comes (it asks then whether a sync is due:
+    /// see [`crate::outbox::cadence`]).
+    fn append(&mut self, stamped: Vec<Stamped>, next_tick: Option<Instant>) {
         let readings: Vec<_> = stamped
             .into_iter()
             .map(|s| {
@@ -323,7 +331,7 @@ impl Sampler {
         // Never fails: a reading the spool cannot write waits in memory
         // (bounded, counted when dropped). Wakes the link, which sends it
         // at once.
-        self.outbox.append_all(&readings);
+        self.outbox.append_all(&readings, next_tick);
         for r in &readings {
             log::trace!("sampled epoch {} seq {}", r.epoch, r.seq);
         }

@@ -12,5 +12,6 @@ mod harness;
 mod lifecycle;
 mod liveness;
 mod outage;
+mod quiet;
 mod refusals;
 mod tls;
