@@ -22,8 +22,8 @@ BIN="${CARGO_TARGET_DIR:-target}/release"
 work=$(mktemp -d)
 hub_pid="" mq_pid=""
 cleanup() {
-  [[ -n "$hub_pid" ]] && kill "$hub_pid" 2>/dev/null || true
-  [[ -n "$mq_pid" ]] && kill "$mq_pid" 2>/dev/null || true
+  if [[ -n "$hub_pid" ]]; then kill "$hub_pid" 2>/dev/null || true; fi
+  if [[ -n "$mq_pid" ]]; then kill "$mq_pid" 2>/dev/null || true; fi
   wait 2>/dev/null || true
   rm -rf "$work"
 }

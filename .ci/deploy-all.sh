@@ -17,5 +17,6 @@ step .ci/nginx-e2e.sh config-test
 [[ "${1:-all}" == static ]] && exit 0
 step .ci/cross.sh qemu-e2e        # builds aarch64 + armv7, runs aarch64 under qemu
 step .ci/nginx-e2e.sh e2e
+step .ci/fleet-e2e.sh             # 3 hubs behind nginx on one PostgreSQL, 30 edges, one hub killed
 step .ci/packages.sh install-test
 log "all deployment checks passed"
