@@ -34,12 +34,6 @@ pub fn stopping() {
     send(&[NotifyState::Stopping]);
 }
 
-/// Whether the edge runs under systemd's notify protocol (`NOTIFY_SOCKET`
-/// is set): only then is the status line worth refreshing.
-pub fn active() -> bool {
-    std::env::var_os("NOTIFY_SOCKET").is_some()
-}
-
 /// The watchdog interval systemd expects (`WatchdogSec=`, passed to the
 /// service as `WATCHDOG_USEC`), if enabled.
 pub fn watchdog_interval() -> Option<Duration> {

@@ -7,10 +7,6 @@
 //! - The thread never touches the network: it only takes the outbox mutex,
 //!   which the link holds briefly and never across socket I/O, and signals
 //!   the link's wake-up descriptor (an eventfd write).
-//! - Its tick is also the clock that notices a reading the hub has not
-//!   acknowledged in time: on every tick (readings or not) it tells the
-//!   outbox when the next one comes, and rings the supervisor only when a
-//!   sync is due before then (see [`crate::outbox::cadence`]).
 //! - A meter that fails to open or read is retried on the next tick; other
 //!   meters keep going; log lines about a failing meter are rate-limited.
 //!   A panicking driver is caught and treated like a read error.
@@ -287,6 +283,9 @@ impl Sampler {
                     stamped.len()
                 );
             }
+            self.append(stamped);
+            self.publish_hold();
+            self.health.sampler_beat();
             // Next tick strictly in the future; skip (not bunch) missed ones.
             let elapsed = start.elapsed().as_nanos();
             let next = (elapsed / self.interval.as_nanos().max(1)) as u64 + 1;
@@ -294,13 +293,6 @@ impl Sampler {
                 log::warn!("sampling overran: skipped {} ticks", next - tick - 1);
             }
             tick = next;
-            let next_due = self.interval.as_nanos().saturating_mul(u128::from(tick));
-            let next_due = u64::try_from(next_due)
-                .ok()
-                .and_then(|n| start.checked_add(Duration::from_nanos(n)));
-            self.append(stamped, next_due);
-            self.publish_hold();
-            self.health.sampler_beat();
         }
         self.publish_hold();
         log::debug!("sampler stopped");
@@ -314,10 +306,10 @@ impl Sampler {
         });
     }
 
-    /// Appends the readings of this tick (perhaps none) and tells the
-    /// outbox when the next tick comes (it asks then whether a sync is due:
-    /// see [`crate::outbox::cadence`]).
-    fn append(&mut self, stamped: Vec<Stamped>, next_tick: Option<Instant>) {
+    fn append(&mut self, stamped: Vec<Stamped>) {
+        if stamped.is_empty() {
+            return;
+        }
         let readings: Vec<_> = stamped
             .into_iter()
             .map(|s| {
@@ -331,7 +323,7 @@ impl Sampler {
         // Never fails: a reading the spool cannot write waits in memory
         // (bounded, counted when dropped). Wakes the link, which sends it
         // at once.
-        self.outbox.append_all(&readings, next_tick);
+        self.outbox.append_all(&readings);
         for r in &readings {
             log::trace!("sampled epoch {} seq {}", r.epoch, r.seq);
         }

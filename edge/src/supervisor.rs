@@ -42,9 +42,8 @@ use crate::state_dir::{DirLock, StateDir};
 
 /// Readings held in memory while the clock is unsynchronized: a day at 1 Hz.
 const MAX_HELD: usize = 86_400;
-/// The systemd status line is refreshed this often when there is no
-/// watchdog to feed (with one, at each feed).
-const STATUS_EVERY: Duration = Duration::from_secs(30);
+/// How often the ack watermark is saved.
+const WATERMARK_EVERY: Duration = Duration::from_secs(10);
 /// Budget for the whole shutdown, half a second under the 5 s promised.
 const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
 /// Part of the budget the sampler gets to finish its tick.
@@ -194,58 +193,47 @@ impl Running {
         Ok((running, threads))
     }
 
-    /// The main loop, until `shutdown`: syncs and watermark saves when the
-    /// outbox's cadence says they are due, the watchdog and the status
-    /// line. It sleeps until the next of these is due or it is rung; a
-    /// streaming edge with nothing to write does not wake at all (outside
-    /// systemd) or only for the watchdog.
+    /// The main loop, until `shutdown`: spool sync, watermark, watchdog,
+    /// status line.
     fn supervise(&mut self, shutdown: &Shutdown) {
-        // Under systemd: the watchdog at half its interval, the status
-        // line with it (or every STATUS_EVERY without a watchdog).
-        let notify_every = notify::watchdog_interval()
-            .map(|w| w / 2)
-            .or_else(|| notify::active().then_some(STATUS_EVERY));
-        let mut next_notify = Instant::now();
+        let sync_every = self.config.spool_sync_interval;
+        let watchdog = notify::watchdog_interval();
+        let tick = sync_every
+            .min(Duration::from_secs(1))
+            .min(watchdog.map_or(Duration::MAX, |w| w / 2));
+        let mut next_sync = Instant::now() + sync_every;
+        let mut next_watermark = Instant::now() + WATERMARK_EVERY;
         let mut last_status = String::new();
         // The threads count as alive if they beat within these windows.
         let sampler_window = (self.config.sample_interval * 3).max(Duration::from_secs(10));
         let link_window = self.config.link.connect_timeout + Duration::from_secs(15);
 
         loop {
+            // Rung: a reading waits for a ceiling raise (or the stop).
+            let rung = self.outbox.bell().wait_until(Instant::now() + tick);
             if shutdown.is_triggered() {
                 break;
             }
             let now = Instant::now();
-            let plan = self.outbox.lock().plan(now);
-            log::trace!("supervisor awake: {plan:?}");
-            if plan.sync_at.is_some_and(|t| t <= now) {
-                self.sync_spool(false);
+            if rung || now >= next_sync {
+                self.sync_spool();
             }
-            if plan.watermark_at.is_some_and(|t| t <= now) {
+            if now >= next_sync {
+                next_sync = now + sync_every;
+            }
+            if now >= next_watermark {
                 self.save_watermark();
+                next_watermark = now + WATERMARK_EVERY;
             }
-            if let Some(every) = notify_every {
-                if now >= next_notify {
-                    next_notify = now + every;
-                    if self.health.alive(sampler_window, link_window) {
-                        notify::watchdog();
-                    }
-                }
-                // At every wake-up: while something is wrong (an outage, a
-                // full card) it syncs every interval, so the line follows.
-                let stats = self.outbox.lock().stats();
-                let line = status_line(&self.health.link_state(), stats, self.health.hold());
-                if line != last_status {
-                    notify::status(&line);
-                    last_status = line;
-                }
+            if self.health.alive(sampler_window, link_window) {
+                notify::watchdog();
             }
-            let armed = self.outbox.lock().arm(Instant::now());
-            let wake = match (armed, notify_every.map(|_| next_notify)) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            self.outbox.bell().wait(wake);
+            let stats = self.outbox.lock().stats();
+            let line = status_line(&self.health.link_state(), stats, self.health.hold());
+            if line != last_status {
+                notify::status(&line);
+                last_status = line;
+            }
         }
     }
 
@@ -258,14 +246,14 @@ impl Running {
         let hold_report = gate
             .map(|g| clock::held::stash(&self.state, &g))
             .unwrap_or_default();
-        self.sync_spool(true);
+        self.sync_spool();
         threads.link_stop.trigger();
         join_until(
             threads.link,
             started + SHUTDOWN_BUDGET - FINAL_FLUSH,
             "link",
         );
-        self.sync_spool(true);
+        self.sync_spool();
         self.save_watermark();
         if let Err(e) = self.outbox.save_exact_ceilings() {
             log::warn!(
@@ -285,13 +273,12 @@ impl Running {
         );
     }
 
-    /// Writes buffered readings (`all`: also the youngest, at the stop) and
-    /// fsyncs them. Failures (disk full, card errors) are retried on the
-    /// next call and logged at most once a minute; the recovery is logged
-    /// once.
-    fn sync_spool(&mut self, all: bool) {
+    /// Writes buffered readings and fsyncs them. Failures (disk full, card
+    /// errors) are retried on the next call and logged at most once a
+    /// minute; the recovery is logged once.
+    fn sync_spool(&mut self) {
         let started = Instant::now();
-        let done = self.outbox.sync(all);
+        let done = self.outbox.sync();
         match done.spool {
             Err(e) => {
                 let due = self
@@ -347,7 +334,6 @@ fn open_state(config: &Config) -> Result<(StateDir, SharedOutbox, u64), EdgeErro
     let mut outbox = Outbox::open_locked(lock, config.spool_max_bytes, config.link.max_in_flight)
         .map_err(spool_err(dir))?;
     outbox.set_energy_headroom(config.energy_headroom, ceiling_lead(config));
-    outbox.set_sync_interval(config.spool_sync_interval);
     if outbox.ceiling_found() == Found::Damaged {
         log::warn!(
             "energy ceiling files in {} are damaged: ignored; energy counters continue from their state files and the spool",

@@ -141,20 +141,15 @@ impl Ceilings {
         self.exempt.contains(meter) || self.saved.get(meter).is_some_and(|c| energy_wh <= *c)
     }
 
-    /// Whether a ceiling needs raising: a meter's highest value plus `lead`
-    /// seconds at its recent rate would pass it (see the module docs).
-    pub fn needs_raise(&self) -> bool {
-        self.seen.iter().any(|(m, t)| {
-            self.saved
-                .get(m)
-                .map_or(true, |c| t.highest + t.rate * self.lead > *c)
-        })
-    }
-
     /// The values to save now, if any ceiling needs raising (see the
     /// module docs); `None` if none does.
     pub fn plan(&self) -> Option<Values> {
-        if !self.needs_raise() {
+        let needs = self.seen.iter().any(|(m, t)| {
+            self.saved
+                .get(m)
+                .map_or(true, |c| t.highest + t.rate * self.lead > *c)
+        });
+        if !needs {
             return None;
         }
         let mut out = self.saved.clone();

@@ -7,9 +7,7 @@
 //!   outbox's [`Wake`](crate::wake::Wake) descriptor until a frame arrives,
 //!   the sampler hands over a reading, the socket takes bytes again (only
 //!   while a write is pending) or the next timer is due ([`Deadlines`]):
-//!   the status frame (due every `status_every`, it goes with the next
-//!   reading or ack; alone only after half an interval more without
-//!   either), a ping after `ping_after` of silence, the dead-link
+//!   the status frame, a ping after `ping_after` of silence, the dead-link
 //!   check after `dead_after`, the pacer's next token, a spool read retry,
 //!   the watchdog heartbeat. A reading goes out the moment it is taken;
 //!   an idle link sleeps for seconds.
@@ -73,7 +71,7 @@ pub enum SessionEnd {
 /// nothing arrives.
 #[derive(Debug, Clone, Copy)]
 pub struct Deadlines {
-    /// The next `status` frame must go out by then.
+    /// The next `status` frame is due.
     pub status: Instant,
     /// Last frame from the hub.
     pub last_rx: Instant,
@@ -197,10 +195,7 @@ impl<'a> Session<'a> {
         self.flush(ws)?;
         let now = Instant::now();
         let deadlines = Deadlines {
-            // Due at `next_status`, the status frame goes with whatever
-            // the loop does next (a reading, an ack); it wakes the loop by
-            // itself only if nothing happens for half an interval more.
-            status: self.next_status + self.cfg.status_every / 2,
+            status: self.next_status,
             last_rx: self.last_rx,
             pinged: self.pinged,
             ping_after: self.cfg.ping_after,
@@ -378,7 +373,7 @@ impl<'a> Session<'a> {
     fn handle_text(&mut self, text: &str) {
         match serde_json::from_str::<HubFrame>(text) {
             Ok(HubFrame::Ack { epoch, seq }) => {
-                let out = self.outbox.update(|ob| ob.ack(epoch, seq));
+                let out = self.outbox.lock().ack(epoch, seq);
                 if out.unknown {
                     log::debug!("ack for {epoch}/{seq} matches nothing in flight");
                 } else {
@@ -400,10 +395,11 @@ impl<'a> Session<'a> {
                 }
             }
             Ok(HubFrame::Rejected { epoch, seq, reason }) => {
-                let (out, total) = self.outbox.update(|ob| {
+                let (out, total) = {
+                    let mut ob = self.outbox.lock();
                     let out = ob.rejected(epoch, seq);
                     (out, ob.stats().rejected)
-                });
+                };
                 // Every rejection is a reading lost for good, so it is
                 // logged, but a systematic cause (e.g. a clock far ahead)
                 // must not flood the journal: log the 1st, 2nd, 4th, 8th…

@@ -7,7 +7,6 @@ impl Outbox {
     /// Handles `ack(epoch, seq)`; returns readings newly done.
     pub fn ack(&mut self, epoch: u64, seq: u64) -> AckOutcome {
         let out = self.state.ack(epoch, seq);
-        self.settle_done();
         self.refresh_stats();
         out
     }
@@ -15,17 +14,9 @@ impl Outbox {
     /// Handles `rejected(epoch, seq)`.
     pub fn rejected(&mut self, epoch: u64, seq: u64) -> AckOutcome {
         let out = self.state.rejected(epoch, seq);
-        self.settle_done();
         self.stats.rejected += out.done as u64;
         self.refresh_stats();
         out
-    }
-
-    /// Lets the spool forget the done records no flush wrote (see
-    /// [`Spool::settle_done`](crate::spool::Spool::settle_done)).
-    pub(super) fn settle_done(&mut self) {
-        let state = &self.state;
-        self.spool.settle_done(&|rec| state.is_done(rec));
     }
 
     /// Handles a `rate_limited` rejection: the reading stays and is resent

@@ -34,7 +34,6 @@
 //! stops in `sync`, the shared handle in `shared`.
 
 mod ack;
-pub mod cadence;
 mod send;
 mod shared;
 pub mod state;
@@ -53,7 +52,6 @@ use crate::ceiling::{CeilingFile, Ceilings, DEFAULT_HEADROOM};
 use crate::spool::{Dropped, Spool};
 use crate::state_dir::DirLock;
 
-pub use cadence::{Cadence, Needs, Plan};
 pub use shared::{SharedOutbox, SyncBell};
 pub use state::{AckOutcome, DropCause, Flight, OutboxState};
 pub use sync::{sync_files, SyncDone, SyncError, SyncJob};
@@ -68,11 +66,6 @@ const WARN_EVERY: Duration = Duration::from_secs(60);
 /// time at the recent rate is left (two default sync intervals and a
 /// margin).
 const DEFAULT_LEAD: Duration = Duration::from_secs(3);
-/// Default sync interval (`spool_sync_interval_ms`).
-const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
-/// The ack watermark is saved at most this often (when acks of records on
-/// disk moved it).
-pub const WATERMARK_EVERY: Duration = Duration::from_secs(10);
 
 /// A reading ready to go on the wire.
 #[derive(Debug, Clone)]
@@ -169,25 +162,8 @@ pub struct Outbox {
     held_back: VecDeque<(u64, Option<(String, f64)>)>,
     /// Something became sendable while connected: wake the link.
     wake_link: bool,
-    /// The supervisor must be woken (a reading waits for a ceiling raise,
-    /// or a sync is due before anyone else looks).
+    /// A reading waits for a ceiling raise: sync now.
     sync_wanted: bool,
-    /// The front of `held_back` waits for a ceiling raise.
-    held_waiting: bool,
-    /// When the supervisor syncs (see [`cadence`]).
-    cadence: Cadence,
-    /// Records appended and perhaps not yet written, oldest first, with
-    /// when they were appended (fronts that are written or done are
-    /// dropped when looked at).
-    pending: VecDeque<(u64, Instant)>,
-    /// The last sync began then.
-    last_sync: Option<Instant>,
-    /// The ack watermark was last saved then.
-    last_watermark: Option<Instant>,
-    /// The supervisor's timer: it wakes then by itself.
-    armed: Option<Instant>,
-    /// The sampler's next tick: it looks again then.
-    next_tick: Option<Instant>,
 }
 
 impl Outbox {
@@ -219,13 +195,6 @@ impl Outbox {
             held_back: VecDeque::new(),
             wake_link: false,
             sync_wanted: false,
-            held_waiting: false,
-            cadence: Cadence::new(DEFAULT_SYNC_INTERVAL, WATERMARK_EVERY),
-            pending: VecDeque::new(),
-            last_sync: None,
-            last_watermark: None,
-            armed: None,
-            next_tick: None,
         };
         ob.refresh_stats();
         Ok(ob)
@@ -262,7 +231,6 @@ impl Outbox {
         let json = reading.to_json();
         let (rec, drops) = self.spool.append(&json);
         self.state.appended(rec);
-        self.pending.push_back((rec, Instant::now()));
         let energy = reading
             .energy_wh
             .filter(|e| e.is_finite() && *e >= 0.0)
@@ -288,7 +256,6 @@ impl Outbox {
                 if let Some((meter, e)) = energy {
                     if !self.ceilings.admits(meter, *e) {
                         self.sync_wanted = true;
-                        self.held_waiting = true;
                         return;
                     }
                 }
@@ -297,13 +264,11 @@ impl Outbox {
             }
             self.held_back.pop_front();
         }
-        self.held_waiting = false;
     }
 
     /// Releases every held-back reading, admitted or not (the ceilings
     /// cannot be saved: better sent than held).
     fn release_all(&mut self) {
-        self.held_waiting = false;
         if self.held_back.pop_back().is_some() {
             self.held_back.clear();
             self.state.sendable_below(self.state.next_rec());
@@ -315,6 +280,12 @@ impl Outbox {
     /// call (the caller wakes the link).
     pub fn take_wake_link(&mut self) -> bool {
         std::mem::take(&mut self.wake_link)
+    }
+
+    /// Whether a reading waits for a ceiling raise since the last call
+    /// (the caller asks the supervisor for a sync now).
+    pub fn take_sync_wanted(&mut self) -> bool {
+        std::mem::take(&mut self.sync_wanted)
     }
 
     /// Counts and logs the readings a spool bound dropped.
@@ -479,9 +450,6 @@ mod tests {
             ob.append(&metered(seq, 100.0 + seq as f64));
             assert!(ob.take_wake_link());
         }
-        // (The sampler's next tick comes before their sync would be due:
-        // it asks again then.)
-        ob.set_next_tick(Some(Instant::now() + Duration::from_millis(500)));
         assert!(!ob.take_sync_wanted());
         assert_eq!(drain(&mut ob), (1..10).collect::<Vec<_>>());
         assert_eq!(ob.ack(7, 9).done, 10);
@@ -793,70 +761,6 @@ mod tests {
             "the backlog behind it is sent"
         );
         assert_eq!(ob.stats().dropped_damaged, lost);
-    }
-
-    #[test]
-    fn a_sync_leaves_young_readings_for_later_and_is_due_when_one_is_not_acked() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
-        ob.set_sync_interval(Duration::from_millis(1000));
-        ob.connected();
-        for seq in 0..3 {
-            ob.append(&reading(seq));
-        }
-        assert_eq!(drain(&mut ob), [0, 1, 2]);
-        let now = Instant::now();
-        // Not acknowledged yet, but younger than the grace: nothing written,
-        // and the sync is due one interval after the oldest append.
-        let plan = ob.plan(now);
-        let due = plan.sync_at.expect("a sync is due");
-        assert!(
-            due > now && due <= now + Duration::from_millis(1000),
-            "{plan:?}"
-        );
-        let job = ob.begin_sync(now, false);
-        let done = job.run();
-        ob.end_sync(&job, &done);
-        assert_eq!(done.syncs, 0);
-        assert_eq!(ob.spool.written_end(), 0);
-        // Two of them are acknowledged in time: never written.
-        assert_eq!(ob.ack(7, 1).done, 2);
-        // At the due time the one left is old enough and is written.
-        let job = ob.begin_sync(due, false);
-        let done = job.run();
-        ob.end_sync(&job, &done);
-        assert!(done.spool.is_ok() && done.syncs > 0);
-        assert_eq!(ob.spool.written_end(), 3);
-        // Written: nothing pending, nothing planned (no ceiling here).
-        assert_eq!(ob.plan(due).sync_at, None);
-        // Its ack changes what the files say: the watermark is due (paced).
-        assert_eq!(ob.ack(7, 2).done, 1);
-        let plan = ob.plan(due);
-        assert_eq!(plan.sync_at, None);
-        assert!(plan.watermark_at.is_some(), "{plan:?}");
-        ob.persist_watermark().unwrap();
-        assert_eq!(ob.plan(Instant::now()).wake_at(), None);
-        drop(ob);
-        let ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
-        assert_eq!(ob.stats().depth, 0);
-    }
-
-    #[test]
-    fn a_streaming_outbox_that_no_sync_visits_stays_small() {
-        let dir = tempfile::tempdir().unwrap();
-        // 64 KiB: a few hundred of these readings if they were kept.
-        let mut ob = Outbox::open(dir.path(), 64 * 1024, 1000).unwrap();
-        ob.connected();
-        for seq in 0..5000 {
-            ob.append(&reading(seq));
-            assert_eq!(drain(&mut ob), [seq]);
-            assert_eq!(ob.ack(7, seq).done, 1);
-        }
-        let st = ob.stats();
-        assert_eq!((st.depth, st.dropped_full, st.dropped_disk_full), (0, 0, 0));
-        assert_eq!(st.spool_bytes, 0);
-        assert_eq!(ob.spool.unwritten(), 0);
-        assert_eq!(ob.plan(Instant::now()), Plan::default());
     }
 
     #[test]

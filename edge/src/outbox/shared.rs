@@ -10,9 +10,8 @@ use ems_shared::Reading;
 use super::{Outbox, SyncDone};
 use crate::wake::Wake;
 
-/// A doorbell the supervisor sleeps on between syncs: rung when it must
-/// act before its own timer (a reading waits for a ceiling raise, a sync
-/// is due before anyone else would look: see [`super::cadence`]) and at
+/// A doorbell the supervisor sleeps on between syncs: rung when a reading
+/// waits for a ceiling raise (sync now rather than at the next tick) and at
 /// shutdown.
 #[derive(Debug, Default)]
 pub struct SyncBell {
@@ -33,21 +32,11 @@ impl SyncBell {
     /// Sleeps until rung or `deadline`; returns whether it was rung (and
     /// resets it).
     pub fn wait_until(&self, deadline: Instant) -> bool {
-        self.wait(Some(deadline))
-    }
-
-    /// Sleeps until rung or `deadline` (`None`: until rung); returns
-    /// whether it was rung (and resets it).
-    pub fn wait(&self, deadline: Option<Instant>) -> bool {
         let mut rung = self.rung.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if std::mem::take(&mut *rung) {
                 return true;
             }
-            let Some(deadline) = deadline else {
-                rung = self.cv.wait(rung).unwrap_or_else(|p| p.into_inner());
-                continue;
-            };
             let now = Instant::now();
             if now >= deadline {
                 return false;
@@ -103,20 +92,13 @@ impl SharedOutbox {
         &self.bell
     }
 
-    /// Appends readings (the sampler, on every tick, with none when it has
-    /// none; it looks again at `next_tick`), then wakes the link if one of
-    /// them can go out and rings the supervisor if it must act before it or
-    /// the sampler would look again. Returns the readings the bounds
-    /// dropped.
-    pub fn append_all<'r>(
-        &self,
-        readings: impl IntoIterator<Item = &'r Reading>,
-        next_tick: Option<Instant>,
-    ) -> u64 {
+    /// Appends readings (the sampler), then wakes the link if one of them
+    /// can go out and rings the supervisor if one waits for a ceiling
+    /// raise. Returns the readings the bounds dropped.
+    pub fn append_all<'r>(&self, readings: impl IntoIterator<Item = &'r Reading>) -> u64 {
         let (lost, wake, bell) = {
             let mut ob = self.lock();
             let lost = readings.into_iter().map(|r| ob.append(r)).sum();
-            ob.set_next_tick(next_tick);
             (lost, ob.take_wake_link(), ob.take_sync_wanted())
         };
         if wake {
@@ -128,30 +110,14 @@ impl SharedOutbox {
         lost
     }
 
-    /// Changes the outbox (the link: an ack, a rejection), then rings the
-    /// supervisor if that gave it something to do before its timer (spool
-    /// segments to delete, the ack watermark to save).
-    pub fn update<T>(&self, f: impl FnOnce(&mut Outbox) -> T) -> T {
-        let (out, bell) = {
-            let mut ob = self.lock();
-            let out = f(&mut ob);
-            (out, ob.take_sync_wanted())
-        };
-        if bell {
-            self.bell.ring();
-        }
-        out
-    }
-
     /// Writes the readings not yet acknowledged under the lock (a fast
-    /// `write`; unless `all`, not those younger than the cadence's grace)
-    /// and prepares a ceiling raise, then fsyncs outside it, so the
-    /// sampler and the link never wait for the card; readings that waited
-    /// for the raise go out after it. Returns what was done (the spool's
-    /// error, if any: the readings stay in memory and the next call
-    /// retries).
-    pub fn sync(&self, all: bool) -> SyncDone {
-        let job = self.lock().begin_sync(Instant::now(), all);
+    /// `write`) and prepares a ceiling raise, then fsyncs outside it, so
+    /// the sampler and the link never wait for the card; readings that
+    /// waited for the raise go out after it. Returns what was done (the
+    /// spool's error, if any: the readings stay in memory and the next
+    /// call retries).
+    pub fn sync(&self) -> SyncDone {
+        let job = self.lock().begin_sync();
         let done = job.run();
         let wake = {
             let mut ob = self.lock();

@@ -5,13 +5,11 @@
 
 use std::fs::File;
 use std::io;
-use std::time::{Duration, Instant};
 
 use ems_shared::Reading;
 use thiserror::Error;
 
-use super::cadence::{self, must_ring, Cadence, Needs, Plan};
-use super::{Outbox, WATERMARK_EVERY};
+use super::Outbox;
 use crate::ceiling::file::CeilingWrite;
 use crate::meters::persist::EnergyFloor;
 
@@ -22,23 +20,11 @@ impl Outbox {
     /// ones are skipped), and prepares raising the energy ceilings if they
     /// need it. [`SyncJob::run`] does the slow part (fsyncs) *after* the
     /// lock is released; then [`Outbox::end_sync`]. A failed write leaves
-    /// the readings in memory for the next sync. Unless `all` (the stop),
-    /// readings younger than the cadence's grace are left for a later sync
-    /// (see [`cadence`]).
-    pub fn begin_sync(&mut self, now: Instant, all: bool) -> SyncJob {
-        self.last_sync = Some(now);
+    /// the readings in memory for the next sync.
+    pub fn begin_sync(&mut self) -> SyncJob {
         self.spool.release_below(self.state.low());
-        let below = if all {
-            u64::MAX
-        } else {
-            let young = self.cadence.young_after(now);
-            self.pending
-                .iter()
-                .find(|(_, at)| *at > young)
-                .map_or(u64::MAX, |(rec, _)| *rec)
-        };
         let state = &self.state;
-        let files = self.spool.flush_below(&|rec| state.is_done(rec), below);
+        let files = self.spool.flush(&|rec| state.is_done(rec));
         let ceiling = self.ceilings.plan().map(|v| self.ceiling_file.prepare(v));
         self.refresh_stats();
         SyncJob { files, ceiling }
@@ -76,7 +62,7 @@ impl Outbox {
     /// A whole sync while holding the outbox (single-threaded tools and
     /// tests; the edge itself uses [`SharedOutbox::sync`]).
     pub fn sync_now(&mut self) -> SyncDone {
-        let job = self.begin_sync(Instant::now(), true);
+        let job = self.begin_sync();
         let done = job.run();
         self.end_sync(&job, &done);
         done
@@ -119,78 +105,7 @@ impl Outbox {
     /// Persists the ack watermark if acks of records on disk changed it
     /// (cheap; done periodically and at exit).
     pub fn persist_watermark(&mut self) -> io::Result<()> {
-        self.last_watermark = Some(Instant::now());
         self.spool.save_watermark(self.state.low())
-    }
-
-    /// Sets the sync interval (`spool_sync_interval_ms`, see [`cadence`]).
-    pub fn set_sync_interval(&mut self, interval: Duration) {
-        self.cadence = Cadence::new(interval, WATERMARK_EVERY);
-    }
-
-    /// The cadence the supervisor syncs by.
-    pub fn cadence(&self) -> Cadence {
-        self.cadence
-    }
-
-    /// What may need the supervisor now (see [`cadence`]).
-    pub fn needs(&mut self) -> Needs {
-        self.settle_done();
-        let written = self.spool.written_end();
-        while let Some(&(rec, _)) = self.pending.front() {
-            if rec < written || self.state.is_done(rec) {
-                self.pending.pop_front();
-            } else {
-                break;
-            }
-        }
-        let low = self.state.low();
-        Needs {
-            oldest_pending: self.pending.front().map(|(_, at)| *at),
-            held: self.held_waiting,
-            ceiling: self.ceilings.needs_raise(),
-            release: self.spool.releasable(low),
-            retry: self.spool.write_failing(),
-            watermark: self.spool.watermark_dirty(low),
-        }
-    }
-
-    /// When the supervisor must sync and save the watermark.
-    pub fn plan(&mut self, now: Instant) -> Plan {
-        let needs = self.needs();
-        self.cadence
-            .plan(needs, now, self.last_sync, self.last_watermark)
-    }
-
-    /// The sampler looks again at `next_tick` (it calls
-    /// [`Outbox::take_sync_wanted`] on every tick).
-    pub fn set_next_tick(&mut self, next_tick: Option<Instant>) {
-        self.next_tick = next_tick;
-    }
-
-    /// The supervisor goes to sleep: when it must wake by itself (`None`:
-    /// only when rung). Nobody needs to ring for what comes by then.
-    pub fn arm(&mut self, now: Instant) -> Option<Instant> {
-        self.sync_wanted = false;
-        let at = self.plan(now).wake_at();
-        self.armed = at.filter(|w| !cadence::sampler_looks(*w, now, self.next_tick));
-        self.armed
-    }
-
-    /// Whether the caller, who just changed the outbox (an append, an
-    /// ack), must wake the supervisor: a reading waits for a ceiling raise,
-    /// or something is due before the supervisor's timer and the sampler's
-    /// next tick (see [`cadence::must_ring`]).
-    pub fn take_sync_wanted(&mut self) -> bool {
-        let now = Instant::now();
-        let at = self.plan(now).wake_at();
-        let ring =
-            std::mem::take(&mut self.sync_wanted) || must_ring(at, now, self.armed, self.next_tick);
-        if ring {
-            // Rung: the supervisor wakes now and arms its timer again.
-            self.armed = Some(now);
-        }
-        ring
     }
 }
 

@@ -225,26 +225,6 @@ impl Spool {
         self.write_failing
     }
 
-    /// Records below this are written, skipped as done, or gone: none of
-    /// them waits in memory to be written.
-    pub fn written_end(&self) -> u64 {
-        self.written_end
-    }
-
-    /// Whether a flush has housekeeping to do for acks up to `low`: a
-    /// segment every record of which is done can be deleted, or deletions
-    /// wait for the directory's fsync.
-    pub fn releasable(&self, low: u64) -> bool {
-        self.dir_dirty
-            || (self.segments.len() > 1 && self.segments.front().is_some_and(|f| f.end <= low))
-    }
-
-    /// Whether [`Spool::save_watermark`] with `low` would write the file
-    /// (acks of records on disk moved it).
-    pub fn watermark_dirty(&self, low: u64) -> bool {
-        low.min(self.disk_end) > self.saved_watermark
-    }
-
     /// Segment count (tests).
     pub fn segment_count(&self) -> usize {
         self.segments.len()

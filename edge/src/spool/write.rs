@@ -30,20 +30,7 @@ impl Spool {
     /// records stay in memory, and what was written before waits for the
     /// next successful flush.
     pub fn flush(&mut self, is_done: &dyn Fn(u64) -> bool) -> io::Result<Vec<File>> {
-        self.flush_below(is_done, u64::MAX)
-    }
-
-    /// [`Spool::flush`] of the records below `below` only: the newer ones
-    /// stay in memory for a later flush (their ack is on the way).
-    pub fn flush_below(
-        &mut self,
-        is_done: &dyn Fn(u64) -> bool,
-        below: u64,
-    ) -> io::Result<Vec<File>> {
-        let result = self.try_write_unwritten(is_done, below);
-        self.write_failing = result.is_err();
-        self.trim_recent();
-        result?;
+        self.write_unwritten(is_done)?;
         let mut files = std::mem::take(&mut self.to_sync);
         if std::mem::take(&mut self.dir_dirty) {
             // Make the deletions durable (fsynced with the rest, outside the lock).
@@ -62,16 +49,6 @@ impl Spool {
             self.tail_dirty = false;
         }
         Ok(files)
-    }
-
-    /// Moves past the unwritten records at the front that are done
-    /// (acknowledged before any flush wrote them): they need no bytes on
-    /// the card and no room in the memory queue or under the size bound.
-    /// Called after acks, since a streaming spool may see no flush for
-    /// hours.
-    pub fn settle_done(&mut self, is_done: &dyn Fn(u64) -> bool) {
-        self.skip_done(is_done, self.next_rec);
-        self.trim_recent();
     }
 
     /// Opens a new segment file: it continues the numbering of the last
@@ -122,7 +99,7 @@ impl Spool {
     /// the file is cut back to its last complete line and the records stay
     /// in memory.
     pub(super) fn write_unwritten(&mut self, is_done: &dyn Fn(u64) -> bool) -> io::Result<()> {
-        let result = self.try_write_unwritten(is_done, u64::MAX);
+        let result = self.try_write_unwritten(is_done);
         self.write_failing = result.is_err();
         self.trim_recent();
         result
@@ -130,8 +107,8 @@ impl Spool {
 
     /// Moves `written_end` past the done records at its place (they need
     /// no bytes on the card).
-    fn skip_done(&mut self, is_done: &dyn Fn(u64) -> bool, end: u64) {
-        while self.written_end < end && is_done(self.written_end) {
+    fn skip_done(&mut self, is_done: &dyn Fn(u64) -> bool) {
+        while self.written_end < self.next_rec && is_done(self.written_end) {
             if let Some(json) = self.recent_json(self.written_end) {
                 self.unwritten_bytes = self
                     .unwritten_bytes
@@ -141,16 +118,15 @@ impl Spool {
         }
     }
 
-    fn try_write_unwritten(&mut self, is_done: &dyn Fn(u64) -> bool, below: u64) -> io::Result<()> {
-        let end = below.min(self.next_rec);
+    fn try_write_unwritten(&mut self, is_done: &dyn Fn(u64) -> bool) -> io::Result<()> {
         loop {
-            self.skip_done(is_done, end);
-            if self.written_end >= end {
+            self.skip_done(is_done);
+            if self.written_end >= self.next_rec {
                 return Ok(());
             }
             self.ensure_tail()?;
             let seg_bytes = self.segments.back().map_or(0, |s| s.bytes);
-            let batch = self.encode_batch(is_done, seg_bytes, end);
+            let batch = self.encode_batch(is_done, seg_bytes);
             if batch.lines == 0 {
                 return Err(io::Error::other(
                     "spool: unwritten records missing from memory",
@@ -177,10 +153,10 @@ impl Spool {
         }
     }
 
-    /// Encodes the unwritten records from `written_end` below `end` that
-    /// fit in the tail segment (holding `seg_bytes`; at least one line),
-    /// skipping done ones; stops at the first record missing from memory.
-    fn encode_batch(&self, is_done: &dyn Fn(u64) -> bool, seg_bytes: u64, end: u64) -> Batch {
+    /// Encodes the unwritten records from `written_end` that fit in the
+    /// tail segment (holding `seg_bytes`; at least one line), skipping done
+    /// ones; stops at the first record missing from memory.
+    fn encode_batch(&self, is_done: &dyn Fn(u64) -> bool, seg_bytes: u64) -> Batch {
         let mut b = Batch {
             buf: Vec::new(),
             described: self.disk_end,
@@ -188,7 +164,7 @@ impl Spool {
             lines: 0,
             next: self.written_end,
         };
-        while b.next < end {
+        while b.next < self.next_rec {
             let rec = b.next;
             let Some(json) = self.recent_json(rec) else {
                 break;

@@ -183,7 +183,7 @@ fn measure_spool() {
     }
     let append = t.elapsed();
     let t = Instant::now();
-    let job = ob.begin_sync(Instant::now(), true);
+    let job = ob.begin_sync();
     let write = t.elapsed();
     let t = Instant::now();
     let done = job.run();

@@ -12,6 +12,5 @@ mod harness;
 mod lifecycle;
 mod liveness;
 mod outage;
-mod quiet;
 mod refusals;
 mod tls;
