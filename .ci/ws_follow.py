@@ -12,37 +12,10 @@ a refused handshake), it reconnects after a short pause and resumes with the
 cleanly when --stop-file exists and prints a one-line summary to stderr:
 readings, duplicates dropped, connections.
 """
-import argparse, base64, json, os, socket, ssl, struct, sys, time
-from urllib.parse import urlsplit
+import argparse, json, os, socket, struct, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ws_subscribe import recv_exact, send_frame  # noqa: E402
-
-
-def connect(url, cafile, since_ms):
-    u = urlsplit(url)
-    host, port = u.hostname, u.port or (443 if u.scheme == "wss" else 80)
-    sock = socket.create_connection((host, port), timeout=10)
-    if u.scheme == "wss":
-        ctx = ssl.create_default_context(cafile=cafile)
-        sock = ctx.wrap_socket(sock, server_hostname=host)
-    offer = "ems.v1" if since_ms is None else f"ems.v1, ems.resume.{since_ms}"
-    key = base64.b64encode(os.urandom(16)).decode()
-    req = (
-        f"GET {u.path} HTTP/1.1\r\nHost: {u.netloc}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-        f"Sec-WebSocket-Protocol: {offer}\r\n"
-        f"Authorization: Bearer {os.environ['EMS_E2E_BEARER']}\r\n\r\n"
-    )
-    sock.sendall(req.encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += recv_exact(sock, 1)
-    status = head.split(b"\r\n", 1)[0].decode(errors="replace")
-    if " 101 " not in status + " ":
-        sock.close()
-        raise OSError(f"handshake refused: {status}")
-    return sock
+from ws_client import connect, read_frame, send_frame  # noqa: E402
 
 
 def main():
@@ -62,7 +35,8 @@ def main():
     with open(a.out, "a") as out:
         while time.monotonic() < deadline and not os.path.exists(a.stop_file):
             try:
-                sock = connect(a.url, a.cafile, newest)
+                offer = "ems.v1" if newest is None else f"ems.v1, ems.resume.{newest}"
+                sock = connect(a.url, a.cafile, offer)
             except (OSError, EOFError, ValueError) as e:
                 last_error = str(e)
                 time.sleep(0.5)
@@ -72,19 +46,10 @@ def main():
                 while not os.path.exists(a.stop_file) and time.monotonic() < deadline:
                     sock.settimeout(0.5)
                     try:
-                        b0, b1 = recv_exact(sock, 2)
+                        opcode, payload = read_frame(sock, rest_timeout=10)
                     except socket.timeout:
                         continue
-                    sock.settimeout(10)
-                    opcode, n = b0 & 0x0F, b1 & 0x7F
-                    if n == 126:
-                        n = struct.unpack("!H", recv_exact(sock, 2))[0]
-                    elif n == 127:
-                        n = struct.unpack("!Q", recv_exact(sock, 8))[0]
-                    payload = recv_exact(sock, n)
-                    if opcode == 0x9:
-                        send_frame(sock, 0xA, payload)
-                    elif opcode == 0x8:
+                    if opcode == 0x8:
                         last_error = f"closed by server: {payload[:2].hex()} {payload[2:]!r}"
                         break
                     elif opcode == 0x1:
