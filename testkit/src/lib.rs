@@ -17,10 +17,13 @@
 //!   levels and keeps lines a test wants to inspect.
 //! - [`fixtures`]: the "soon" bound, `now_ms`, free ports, polling, a
 //!   valid reading frame, what a SQLite hub stored.
+//! - [`certs`]: a throwaway CA and server certificate (`openssl`) for
+//!   the tests that run a TLS server.
 //! - [`docs`], [`cli_docs`], [`serde_fields`]: reading the reference
 //!   tables in `docs/`, comparing a clap command line with them, and the
 //!   keys a config struct accepts — for the doc drift tests.
 
+pub mod certs;
 pub mod cli_docs;
 pub mod docs;
 pub mod fixtures;

@@ -487,80 +487,11 @@ impl Cluster {
             .map_err(|e| format!("cannot start the clean-up watcher: {e}"))
     }
 
-    /// A CA and a server certificate for 127.0.0.1/localhost, via the
-    /// `openssl` command.
+    /// A CA and a server certificate for 127.0.0.1/localhost; PostgreSQL
+    /// wants the key readable by its owner only.
     fn make_certificates(&mut self) -> Result<(), String> {
         let r = &self.root;
-        let ossl = |args: &[&str]| -> Result<(), String> {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(r)
-                .stdin(Stdio::null())
-                .output()
-                .map_err(|e| format!("openssl: {e}"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "openssl {}: {}",
-                    args.first().copied().unwrap_or(""),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
-            Ok(())
-        };
-        ossl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=ems test CA",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign",
-        ])?;
-        ossl(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-        ])?;
-        std::fs::write(
-            r.join("server.ext"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-        )
-        .map_err(|e| e.to_string())?;
-        ossl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-            "-out",
-            "server.crt",
-        ])?;
+        crate::certs::make_server_certificates(r)?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(r.join("server.key"), std::fs::Permissions::from_mode(0o600))
             .map_err(|e| e.to_string())?;

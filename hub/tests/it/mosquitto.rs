@@ -7,12 +7,13 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ems_testkit::certs::make_server_certificates;
 use ems_testkit::fixtures::free_port;
 use ems_testkit::require::{require_or_skip, Feature};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -109,7 +110,7 @@ impl Broker {
         }
         let mut ca = None;
         if opts.tls {
-            if let Err(e) = make_certificates(dir.path()) {
+            if let Err(e) = make_server_certificates(dir.path()) {
                 skip(&format!("cannot make TLS certificates: {e}"));
                 return None;
             }
@@ -202,80 +203,6 @@ impl Drop for Broker {
             let _ = c.wait();
         }
     }
-}
-
-fn make_certificates(dir: &Path) -> Result<(), String> {
-    let ossl = |args: &[&str]| -> Result<(), String> {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("openssl: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "openssl {}: {}",
-                args[0],
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
-    };
-    ossl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=ems test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign",
-    ])?;
-    ossl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ])?;
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-    )
-    .map_err(|e| e.to_string())?;
-    ossl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "server.ext",
-        "-out",
-        "server.crt",
-    ])
 }
 
 // ---------------------------------------------------------------------------
