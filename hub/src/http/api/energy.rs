@@ -28,47 +28,62 @@ pub(crate) struct EnergyQuery {
     pub zone: Zone,
 }
 
-fn bad(e: ParamError) -> ApiError {
+pub(super) fn bad(e: ParamError) -> ApiError {
     ApiError::BadRequest(e.to_string())
+}
+
+pub(super) fn param(param: &'static str, detail: &str) -> ApiError {
+    bad(ParamError {
+        param,
+        detail: detail.into(),
+    })
+}
+
+/// The parameters both energy endpoints take, as given.
+#[derive(Debug, Default)]
+pub(super) struct RangeParams {
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+    pub bucket: Option<Bucket>,
+    pub zone: Option<Zone>,
+}
+
+/// Reads `from_ms`, `to_ms`, `tz` and, when `with_bucket`, `bucket`; any
+/// other parameter is a 400 that lists the known ones.
+pub(super) fn parse_params(query: &str, with_bucket: bool) -> Result<RangeParams, ApiError> {
+    let mut p = RangeParams::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = handshake::percent_decode(v);
+        let int = |name: &'static str| {
+            v.parse::<i64>()
+                .map_err(|_| param(name, "must be an integer (Unix milliseconds)"))
+        };
+        match handshake::percent_decode(k).as_str() {
+            "from_ms" => p.from_ms = Some(int("from_ms")?),
+            "to_ms" => p.to_ms = Some(int("to_ms")?),
+            "bucket" if with_bucket => p.bucket = Some(Bucket::parse(&v).map_err(bad)?),
+            "tz" => p.zone = Some(Zone::parse(&v).map_err(bad)?),
+            _ => {
+                return Err(ApiError::BadRequest(if with_bucket {
+                    "unknown query parameter (from_ms, to_ms, bucket, tz)".into()
+                } else {
+                    "unknown query parameter (from_ms, to_ms, tz)".into()
+                }))
+            }
+        }
+    }
+    Ok(p)
 }
 
 /// Parses the query; `default_zone` when `tz` is absent.
 pub(crate) fn parse_query(query: &str, default_zone: &Zone) -> Result<EnergyQuery, ApiError> {
-    let (mut from, mut to, mut bucket, mut zone) = (None, None, None, None);
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = handshake::percent_decode(v);
-        let int = |param: &'static str| {
-            v.parse::<i64>().map_err(|_| {
-                bad(ParamError {
-                    param,
-                    detail: "must be an integer (Unix milliseconds)".into(),
-                })
-            })
-        };
-        match handshake::percent_decode(k).as_str() {
-            "from_ms" => from = Some(int("from_ms")?),
-            "to_ms" => to = Some(int("to_ms")?),
-            "bucket" => bucket = Some(Bucket::parse(&v).map_err(bad)?),
-            "tz" => zone = Some(Zone::parse(&v).map_err(bad)?),
-            _ => {
-                return Err(ApiError::BadRequest(
-                    "unknown query parameter (from_ms, to_ms, bucket, tz)".into(),
-                ))
-            }
-        }
-    }
-    let missing = |param: &'static str| {
-        bad(ParamError {
-            param,
-            detail: "is required".into(),
-        })
-    };
+    let p = parse_params(query, true)?;
     Ok(EnergyQuery {
-        from_ms: from.ok_or_else(|| missing("from_ms"))?,
-        to_ms: to.ok_or_else(|| missing("to_ms"))?,
-        bucket: bucket.ok_or_else(|| missing("bucket"))?,
-        zone: zone.unwrap_or_else(|| default_zone.clone()),
+        from_ms: p.from_ms.ok_or_else(|| param("from_ms", "is required"))?,
+        to_ms: p.to_ms.ok_or_else(|| param("to_ms", "is required"))?,
+        bucket: p.bucket.ok_or_else(|| param("bucket", "is required"))?,
+        zone: p.zone.unwrap_or_else(|| default_zone.clone()),
     })
 }
 

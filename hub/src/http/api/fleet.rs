@@ -20,9 +20,9 @@ use std::sync::Arc;
 use hyper::{Request, StatusCode};
 use serde_json::json;
 
+use super::energy::{bad, param, parse_params};
 use super::{heavy_turn, store, viewer_scope, Answer, ApiError};
-use crate::auth::handshake;
-use crate::energy::buckets::{buckets, Bucket, ParamError, Zone};
+use crate::energy::buckets::{buckets, Bucket, Zone};
 use crate::state::Shared;
 use crate::store::energy::fleet_energy;
 
@@ -37,38 +37,10 @@ pub(crate) struct FleetQuery {
     pub zone: Zone,
 }
 
-fn bad(e: ParamError) -> ApiError {
-    ApiError::BadRequest(e.to_string())
-}
-
-fn param(param: &'static str, detail: &str) -> ApiError {
-    bad(ParamError {
-        param,
-        detail: detail.into(),
-    })
-}
-
 /// Parses the query; `default_zone` when `tz` is absent.
 pub(crate) fn parse_query(query: &str, default_zone: &Zone) -> Result<FleetQuery, ApiError> {
-    let (mut from, mut to, mut zone) = (None, None, None);
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = handshake::percent_decode(v);
-        let int = |name: &'static str| {
-            v.parse::<i64>()
-                .map_err(|_| param(name, "must be an integer (Unix milliseconds)"))
-        };
-        match handshake::percent_decode(k).as_str() {
-            "from_ms" => from = Some(int("from_ms")?),
-            "to_ms" => to = Some(int("to_ms")?),
-            "tz" => zone = Some(Zone::parse(&v).map_err(bad)?),
-            _ => {
-                return Err(ApiError::BadRequest(
-                    "unknown query parameter (from_ms, to_ms, tz)".into(),
-                ))
-            }
-        }
-    }
+    let p = parse_params(query, false)?;
+    let (from, to, zone) = (p.from_ms, p.to_ms, p.zone);
     let from_ms = from.ok_or_else(|| param("from_ms", "is required"))?;
     let to_ms = to.ok_or_else(|| param("to_ms", "is required"))?;
     if from_ms > to_ms {
