@@ -51,7 +51,7 @@ mod rebuild;
 
 pub(crate) use fleet::group_slots;
 pub use fleet::{fleet_energy, DeviceEnergy, MeterSlots};
-pub(crate) use rebuild::{RebuildRow, RebuildSink, Rebuilder};
+pub(crate) use rebuild::{walk, PageStart, RebuildRow, RebuildSink, RebuildSource, Rebuilder};
 
 /// A stored reading with its plausibility flags (the export).
 #[derive(Debug, Clone, PartialEq)]
@@ -140,6 +140,11 @@ pub trait EnergyStore: Send {
         after: Option<ReadingKey>,
         limit: usize,
     ) -> Result<Vec<FlaggedReading>, StoreError>;
+
+    /// Readings per page of this handle's slot rebuilds (the default
+    /// unless set; tests set tiny pages to walk page edges).
+    #[doc(hidden)]
+    fn set_rebuild_page(&mut self, rows: usize);
 }
 
 /// The rollup of one device over `spans` (contiguous buckets from
@@ -538,9 +543,23 @@ pub(crate) struct EnergyState {
     pub flag_counts: Option<Arc<FlagCounts>>,
     /// The writer's cache (SQLite only).
     pub cache: StateCache,
+    /// Readings per page of a slot rebuild; 0: [`REBUILD_PAGE`].
+    pub rebuild_page: usize,
 }
 
+/// Readings per page of a slot rebuild ([`walk`]): a page is one indexed
+/// query; about 3 MB of rows in memory.
+pub(crate) const REBUILD_PAGE: usize = 20_000;
+
 impl EnergyState {
+    /// Readings per page of a slot rebuild.
+    pub fn rebuild_page(&self) -> usize {
+        match self.rebuild_page {
+            0 => REBUILD_PAGE,
+            n => n,
+        }
+    }
+
     /// Counts the flags of a committed batch.
     pub fn count(&self, c: &Committed) {
         if let Some(counts) = &self.flag_counts {

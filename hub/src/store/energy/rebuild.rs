@@ -1,6 +1,19 @@
 //! The slot rebuild: every stored reading streamed in key order through
 //! a [`Rebuilder`], which writes each meter's slots and rewrites the flags
-//! that change (see the parent module's docs).
+//! that change (see the parent module's docs), and [`walk`], which reads
+//! the readings for it device by device in bounded pages from a
+//! [`RebuildSource`].
+//!
+//! ## Why pages in `ts` order
+//! One `ORDER BY device_id, ts, epoch, seq` over the whole table let
+//! PostgreSQL choose a sequential scan and an external sort: temporary
+//! files about as large as the table. [`walk`] asks only for what the
+//! `(device_id, ts)` index yields in order — one device's readings after a
+//! timestamp, ordered by `ts` alone, a bounded page at a time — and puts
+//! readings with the same `ts` into `(epoch, seq)` order itself. A page
+//! that ends inside a run of equal timestamps leaves that run to the next
+//! page (asked from that timestamp on); a run longer than a page is read
+//! on its own ([`RebuildSource::at`]).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -38,6 +51,86 @@ pub(crate) trait RebuildSink {
         seq: u64,
         flags: u32,
     ) -> Result<(), StoreError>;
+}
+
+/// Where [`walk`] reads the stored readings from.
+pub(crate) trait RebuildSource {
+    /// The first device with readings after `after` (`None`: the first of
+    /// all), in the order of `device_id`.
+    fn next_device(&mut self, after: Option<&str>) -> Result<Option<String>, StoreError>;
+    /// Up to `limit` readings of `device_id` with `ts` after `from`
+    /// (`None`: from the first), ordered by `ts` (equal `ts` in any order).
+    fn page(
+        &mut self,
+        device_id: &str,
+        from: Option<PageStart>,
+        limit: usize,
+    ) -> Result<Vec<RebuildRow>, StoreError>;
+    /// Every reading of `device_id` at `ts_ms` (in any order).
+    fn at(&mut self, device_id: &str, ts_ms: i64) -> Result<Vec<RebuildRow>, StoreError>;
+    /// Where the rows pushed go.
+    fn sink(&mut self) -> &mut dyn RebuildSink;
+    /// Called after each page was pushed (a backend may write what its
+    /// sink buffered).
+    fn page_done(&mut self) -> Result<(), StoreError>;
+}
+
+/// Where a page starts: at or after a timestamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PageStart {
+    /// `ts >= ms`.
+    AtOrAfter(i64),
+    /// `ts > ms`.
+    After(i64),
+}
+
+/// Pushes every stored reading through `rebuild`, device by device, each
+/// device's in `(ts, epoch, seq)` order, reading at most about `page`
+/// rows at a time (see the module docs).
+pub(crate) fn walk(
+    rebuild: &mut Rebuilder,
+    src: &mut dyn RebuildSource,
+    page: usize,
+) -> Result<(), StoreError> {
+    let page = page.max(1);
+    let mut device = src.next_device(None)?;
+    while let Some(d) = device {
+        let mut from = None;
+        loop {
+            let mut rows = src.page(&d, from, page)?;
+            let full = rows.len() >= page;
+            let next = match rows.last() {
+                None => None,
+                Some(_) if !full => None,
+                Some(last) => {
+                    // The run of the last timestamp may go on: next page.
+                    let ts = last.reading.ts_ms;
+                    let cut = rows.partition_point(|r| r.reading.ts_ms < ts);
+                    if cut == 0 {
+                        // One timestamp fills the page: read it whole.
+                        rows = src.at(&d, ts)?;
+                        Some(PageStart::After(ts))
+                    } else {
+                        rows.truncate(cut);
+                        Some(PageStart::AtOrAfter(ts))
+                    }
+                }
+            };
+            // Stable and linear on a sorted run: only ties move.
+            rows.sort_by_key(|r| (r.reading.ts_ms, r.reading.epoch, r.reading.seq));
+            for row in rows {
+                rebuild.push(row, src.sink())?;
+            }
+            src.page_done()?;
+            match next {
+                Some(f) => from = Some(f),
+                None => break,
+            }
+        }
+        device = src.next_device(Some(&d))?;
+    }
+    rebuild.flush(src.sink())?;
+    src.page_done()
 }
 
 /// Streams a device's readings in `(ts, epoch, seq)` order into slots and
@@ -160,5 +253,204 @@ impl Rebuilder {
             slots: self.slots,
             flags_changed: self.flags_changed,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Everything a sink was told, in order.
+    #[derive(Default, Debug, PartialEq)]
+    struct Log(Vec<String>);
+
+    impl RebuildSink for Log {
+        fn slot(&mut self, device_id: &str, meter: &str, slot: &Slot) -> Result<(), StoreError> {
+            self.0.push(format!("slot {device_id} {meter} {slot:?}"));
+            Ok(())
+        }
+        fn meter(&mut self, device_id: &str, meter: &str) -> Result<(), StoreError> {
+            self.0.push(format!("meter {device_id} {meter}"));
+            Ok(())
+        }
+        fn flags(&mut self, d: &str, epoch: u64, seq: u64, flags: u32) -> Result<(), StoreError> {
+            self.0.push(format!("flags {d} {epoch} {seq} {flags}"));
+            Ok(())
+        }
+    }
+
+    /// A table of rows answering pages like the backends: by `ts` only,
+    /// equal timestamps in reverse key order (the worst case for the
+    /// walker).
+    struct Table {
+        rows: Vec<RebuildRow>,
+        log: Log,
+        pages: usize,
+        largest: usize,
+    }
+
+    impl Table {
+        fn of(&self, device_id: &str) -> Vec<RebuildRow> {
+            let mut rows: Vec<RebuildRow> = self
+                .rows
+                .iter()
+                .filter(|r| r.device_id == device_id)
+                .cloned()
+                .collect();
+            rows.sort_by_key(|r| {
+                (
+                    r.reading.ts_ms,
+                    std::cmp::Reverse((r.reading.epoch, r.reading.seq)),
+                )
+            });
+            rows
+        }
+    }
+
+    impl RebuildSource for Table {
+        fn next_device(&mut self, after: Option<&str>) -> Result<Option<String>, StoreError> {
+            let mut ids: Vec<&String> = self.rows.iter().map(|r| &r.device_id).collect();
+            ids.sort();
+            Ok(ids
+                .into_iter()
+                .find(|d| after.is_none_or(|a| d.as_str() > a))
+                .cloned())
+        }
+        fn page(
+            &mut self,
+            device_id: &str,
+            from: Option<PageStart>,
+            limit: usize,
+        ) -> Result<Vec<RebuildRow>, StoreError> {
+            self.pages += 1;
+            let rows: Vec<RebuildRow> = self
+                .of(device_id)
+                .into_iter()
+                .filter(|r| match from {
+                    None => true,
+                    Some(PageStart::AtOrAfter(ms)) => r.reading.ts_ms >= ms,
+                    Some(PageStart::After(ms)) => r.reading.ts_ms > ms,
+                })
+                .take(limit)
+                .collect();
+            self.largest = self.largest.max(rows.len());
+            Ok(rows)
+        }
+        fn at(&mut self, device_id: &str, ts_ms: i64) -> Result<Vec<RebuildRow>, StoreError> {
+            Ok(self
+                .of(device_id)
+                .into_iter()
+                .filter(|r| r.reading.ts_ms == ts_ms)
+                .collect())
+        }
+        fn sink(&mut self) -> &mut dyn RebuildSink {
+            &mut self.log
+        }
+        fn page_done(&mut self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    fn row(device: &str, meter: &str, seq: u64, ts_ms: i64, wh: f64, flags: u32) -> RebuildRow {
+        RebuildRow {
+            device_id: device.into(),
+            reading: Reading {
+                epoch: 1,
+                seq,
+                ts_ms,
+                meter: meter.into(),
+                energy_wh: Some(wh),
+                power_w: Some(100.0),
+                ..Default::default()
+            },
+            flags,
+        }
+    }
+
+    /// Two devices, two meters; runs of equal timestamps shorter and
+    /// longer than a page, a counter reset, stale flags.
+    fn rows() -> Vec<RebuildRow> {
+        let mut out = Vec::new();
+        let mut seq = 0;
+        for device in ["b", "a"] {
+            let mut ts = 1_700_000_000_000;
+            let mut wh = 10.0;
+            for i in 0..300u64 {
+                ts += match i % 50 {
+                    10..=14 => 0, // a run of 6 equal timestamps
+                    20..=40 => 0, // a run of 22
+                    _ => 7_000,
+                };
+                wh = if i == 200 { 1.0 } else { wh + 0.5 };
+                let meter = if i % 3 == 0 { "pv" } else { "main" };
+                out.push(row(device, meter, seq, ts, wh, (i % 7 == 0) as u32));
+                seq += 1;
+            }
+        }
+        out
+    }
+
+    /// What one pass over every row in key order gives.
+    fn expected(rows: &[RebuildRow]) -> (Log, Prepared) {
+        let mut sorted = rows.to_vec();
+        sorted.sort_by(|a, b| {
+            (
+                &a.device_id,
+                a.reading.ts_ms,
+                a.reading.epoch,
+                a.reading.seq,
+            )
+                .cmp(&(
+                    &b.device_id,
+                    b.reading.ts_ms,
+                    b.reading.epoch,
+                    b.reading.seq,
+                ))
+        });
+        let mut log = Log::default();
+        let mut r = Rebuilder::new(Limits::default(), "test");
+        for row in sorted {
+            r.push(row, &mut log).unwrap();
+        }
+        r.flush(&mut log).unwrap();
+        let done = r.finish();
+        (log, done)
+    }
+
+    #[test]
+    fn paged_walk_equals_one_pass_in_key_order() {
+        let rows = rows();
+        let (want, want_done) = expected(&rows);
+        assert!(want.0.iter().any(|l| l.starts_with("flags")));
+        for page in [1, 2, 3, 5, 7, 21, 22, 23, 100, 10_000] {
+            let mut t = Table {
+                rows: rows.clone(),
+                log: Log::default(),
+                pages: 0,
+                largest: 0,
+            };
+            let mut r = Rebuilder::new(Limits::default(), "test");
+            walk(&mut r, &mut t, page).unwrap();
+            assert_eq!(t.log, want, "page {page}");
+            assert_eq!(r.finish(), want_done, "page {page}");
+            assert!(t.largest <= page, "page {page}: {} rows read", t.largest);
+            if page < 100 {
+                assert!(t.pages >= 10, "page {page}: {} pages", t.pages);
+            }
+        }
+    }
+
+    #[test]
+    fn empty_table_builds_nothing() {
+        let mut t = Table {
+            rows: Vec::new(),
+            log: Log::default(),
+            pages: 0,
+            largest: 0,
+        };
+        let mut r = Rebuilder::new(Limits::default(), "test");
+        walk(&mut r, &mut t, 10).unwrap();
+        assert!(t.log.0.is_empty());
+        assert_eq!(t.pages, 0);
     }
 }

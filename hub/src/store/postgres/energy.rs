@@ -14,8 +14,8 @@ use crate::energy::rule::{Limits, MeterReading, ReadingKey};
 use crate::energy::slots::Slot;
 use crate::store::columns::{select_columns, AFTER_MEASUREMENTS};
 use crate::store::energy::{
-    group_slots, same_limits, EnergyStore, FlaggedReading, MeterSlots, Prepared, RebuildRow,
-    RebuildSink, Rebuilder,
+    group_slots, same_limits, walk, EnergyStore, FlaggedReading, MeterSlots, PageStart, Prepared,
+    RebuildRow, RebuildSink, RebuildSource, Rebuilder,
 };
 use crate::store::StoreError;
 
@@ -75,17 +75,26 @@ const FLEET_SLOTS: &str = "SELECT s.device_id, s.meter, s.slot_ms, s.data \
 /// Columns of an exported reading.
 static EXPORT_COLUMNS: LazyLock<String> = LazyLock::new(|| format!("{}, flags", select_columns()));
 
-/// Every reading in rebuild order: a reading's columns, then `flags` and
-/// `device_id`.
-static REBUILD_ROWS: LazyLock<String> = LazyLock::new(|| {
+/// A device's readings for the rebuild's pages (see
+/// `crate::store::energy::walk`): a reading's columns, then `flags`.
+/// Ordered by `ts` alone, which the `(device_id, ts DESC)` index yields
+/// read backwards: no sort, no temporary files.
+fn rebuild_page_sql(cond: &str) -> String {
     format!(
-        "SELECT {}, flags, device_id FROM readings ORDER BY device_id DESC, ts, epoch, seq",
+        "SELECT {}, flags FROM readings WHERE device_id = $1 {cond} ORDER BY ts LIMIT $2",
+        select_columns()
+    )
+}
+
+static REBUILD_FIRST: LazyLock<String> = LazyLock::new(|| rebuild_page_sql(""));
+static REBUILD_AT_OR_AFTER: LazyLock<String> = LazyLock::new(|| rebuild_page_sql("AND ts >= $3"));
+static REBUILD_AFTER: LazyLock<String> = LazyLock::new(|| rebuild_page_sql("AND ts > $3"));
+static REBUILD_AT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {}, flags FROM readings WHERE device_id = $1 AND ts = $2",
         select_columns()
     )
 });
-
-/// Rows fetched per round trip while rebuilding.
-const REBUILD_FETCH: i32 = 50_000;
 
 /// A stored slot.
 pub(super) fn slot_from(start_ms: i64, data: &[u8]) -> Result<Slot, StoreError> {
@@ -191,6 +200,87 @@ impl Buffer {
     }
 }
 
+/// The rebuild's reads and writes in its transaction.
+struct Source<'a, 'b> {
+    tx: &'a mut Transaction<'b>,
+    buf: Buffer,
+}
+
+impl Source<'_, '_> {
+    fn rows(
+        &mut self,
+        device_id: &str,
+        sql: &str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<RebuildRow>, StoreError> {
+        self.tx
+            .query(sql, params)
+            .map_err(db)?
+            .iter()
+            .map(|r| {
+                let flags: i32 = r.try_get(AFTER_MEASUREMENTS).map_err(db)?;
+                Ok(RebuildRow {
+                    reading: reading_of(r)?,
+                    flags: flags as u32,
+                    device_id: device_id.to_owned(),
+                })
+            })
+            .collect()
+    }
+}
+
+impl RebuildSource for Source<'_, '_> {
+    fn next_device(&mut self, after: Option<&str>) -> Result<Option<String>, StoreError> {
+        let row = match after {
+            None => self.tx.query_opt(
+                "SELECT device_id FROM readings ORDER BY device_id LIMIT 1",
+                &[],
+            ),
+            Some(d) => self.tx.query_opt(
+                "SELECT device_id FROM readings WHERE device_id > $1 \
+                 ORDER BY device_id LIMIT 1",
+                &[&d],
+            ),
+        }
+        .map_err(db)?;
+        row.map(|r| r.try_get(0).map_err(db)).transpose()
+    }
+
+    fn page(
+        &mut self,
+        device_id: &str,
+        from: Option<PageStart>,
+        limit: usize,
+    ) -> Result<Vec<RebuildRow>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        match from {
+            None => self.rows(device_id, &REBUILD_FIRST, &[&device_id, &limit]),
+            Some(PageStart::AtOrAfter(ms)) => self.rows(
+                device_id,
+                &REBUILD_AT_OR_AFTER,
+                &[&device_id, &limit, &clamp_ms(ms)],
+            ),
+            Some(PageStart::After(ms)) => self.rows(
+                device_id,
+                &REBUILD_AFTER,
+                &[&device_id, &limit, &clamp_ms(ms)],
+            ),
+        }
+    }
+
+    fn at(&mut self, device_id: &str, ts_ms: i64) -> Result<Vec<RebuildRow>, StoreError> {
+        self.rows(device_id, &REBUILD_AT, &[&device_id, &clamp_ms(ts_ms)])
+    }
+
+    fn sink(&mut self) -> &mut dyn RebuildSink {
+        &mut self.buf
+    }
+
+    fn page_done(&mut self) -> Result<(), StoreError> {
+        self.buf.flush(self.tx).map_err(db)
+    }
+}
+
 impl PgStore {
     /// Checks the slots against this handle's limits once (rebuilding
     /// them if needed).
@@ -207,6 +297,7 @@ impl PgStore {
         tx: &mut Transaction<'_>,
         limits: &Limits,
         what: &str,
+        page: usize,
     ) -> Result<Prepared, StoreError> {
         let stored: Option<(f64, i64)> = tx
             .query_opt(
@@ -232,28 +323,11 @@ impl PgStore {
         tx.batch_execute("DELETE FROM energy_slots; DELETE FROM energy_meters")
             .map_err(db)?;
         let mut rebuild = Rebuilder::new(*limits, what);
-        let mut buf = Buffer::default();
-        // Any device order works (devices are independent); descending
-        // follows the (device_id, ts DESC) index backwards.
-        let portal = tx.bind(&*REBUILD_ROWS, &[]).map_err(db)?;
-        loop {
-            let rows = tx.query_portal(&portal, REBUILD_FETCH).map_err(db)?;
-            if rows.is_empty() {
-                break;
-            }
-            for r in &rows {
-                let flags: i32 = r.try_get(AFTER_MEASUREMENTS).map_err(db)?;
-                let row = RebuildRow {
-                    reading: reading_of(r)?,
-                    flags: flags as u32,
-                    device_id: r.try_get(AFTER_MEASUREMENTS + 1).map_err(db)?,
-                };
-                rebuild.push(row, &mut buf)?;
-            }
-            buf.flush(tx).map_err(db)?;
-        }
-        rebuild.flush(&mut buf)?;
-        buf.flush(tx).map_err(db)?;
+        let mut source = Source {
+            tx,
+            buf: Buffer::default(),
+        };
+        walk(&mut rebuild, &mut source, page)?;
         tx.execute("DELETE FROM energy_limits", &[]).map_err(db)?;
         tx.execute(
             "INSERT INTO energy_limits (max_power_w, max_gap_ms) VALUES ($1, $2)",
@@ -273,18 +347,23 @@ impl EnergyStore for PgStore {
         self.energy.limits = limits;
         self.energy.flag_counts = flag_counts;
         let what = format!("store {}", self.target.redacted);
+        let page = self.energy.rebuild_page();
         let done = self.with(|c| {
             let mut tx = c.client.transaction().map_err(db)?;
             // Hubs starting together: one rebuilds, the others then find
             // the limits in place.
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
                 .map_err(db)?;
-            let done = PgStore::rebuild(&mut tx, &limits, &what)?;
+            let done = PgStore::rebuild(&mut tx, &limits, &what, page)?;
             tx.commit().map_err(db)?;
             Ok(done)
         })?;
         self.energy.prepared = true;
         Ok(done)
+    }
+
+    fn set_rebuild_page(&mut self, rows: usize) {
+        self.energy.rebuild_page = rows;
     }
 
     fn energy_limits(&self) -> Limits {

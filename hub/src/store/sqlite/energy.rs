@@ -13,8 +13,8 @@ use crate::energy::rule::{Limits, MeterReading, ReadingKey};
 use crate::energy::slots::Slot;
 use crate::store::columns::{select_columns, AFTER_MEASUREMENTS};
 use crate::store::energy::{
-    group_slots, same_limits, EnergyStore, FlaggedReading, MeterSlots, Prepared, RebuildRow,
-    RebuildSink, Rebuilder,
+    group_slots, same_limits, walk, EnergyStore, FlaggedReading, MeterSlots, PageStart, Prepared,
+    RebuildRow, RebuildSink, RebuildSource, Rebuilder,
 };
 use crate::store::StoreError;
 
@@ -62,11 +62,23 @@ const FLEET_SLOTS: &str = "SELECT s.device_id, s.meter, s.slot_ms, s.data \
 /// Columns of an exported reading: a reading's, then `flags`.
 static EXPORT_COLUMNS: LazyLock<String> = LazyLock::new(|| format!("{}, flags", select_columns()));
 
-/// Every reading in rebuild order: a reading's columns, then `flags` and
-/// `device_id`.
-static REBUILD_ROWS: LazyLock<String> = LazyLock::new(|| {
+/// A device's readings for the rebuild's pages (see
+/// `crate::store::energy::walk`): a reading's columns, then `flags`.
+/// Ordered by `ts` alone, which the `(device_id, ts)` index yields: no
+/// sorter.
+fn rebuild_page_sql(cond: &str) -> String {
     format!(
-        "SELECT {}, flags, device_id FROM readings ORDER BY device_id, ts, epoch, seq",
+        "SELECT {}, flags FROM readings WHERE device_id = ?1 {cond} ORDER BY ts LIMIT ?2",
+        select_columns()
+    )
+}
+
+static REBUILD_FIRST: LazyLock<String> = LazyLock::new(|| rebuild_page_sql(""));
+static REBUILD_AT_OR_AFTER: LazyLock<String> = LazyLock::new(|| rebuild_page_sql("AND ts >= ?3"));
+static REBUILD_AFTER: LazyLock<String> = LazyLock::new(|| rebuild_page_sql("AND ts > ?3"));
+static REBUILD_AT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {}, flags FROM readings WHERE device_id = ?1 AND ts = ?2",
         select_columns()
     )
 });
@@ -162,6 +174,83 @@ impl RebuildSink for Sink<'_> {
     }
 }
 
+impl Sink<'_> {
+    fn rows(
+        &self,
+        device_id: &str,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<RebuildRow>, StoreError> {
+        let mut stmt = self.tx.prepare_cached(sql).map_err(db)?;
+        let rows = stmt
+            .query_map(params, |r| {
+                Ok(RebuildRow {
+                    reading: reading_of(r)?,
+                    flags: r.get::<_, i64>(AFTER_MEASUREMENTS)? as u32,
+                    device_id: device_id.to_owned(),
+                })
+            })
+            .map_err(db)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
+    }
+}
+
+impl RebuildSource for Sink<'_> {
+    fn next_device(&mut self, after: Option<&str>) -> Result<Option<String>, StoreError> {
+        // Two statements: `?1 IS NULL OR device_id > ?1` would scan the
+        // index from its start for every device.
+        let sql = match after {
+            None => "SELECT device_id FROM readings ORDER BY device_id LIMIT 1",
+            Some(_) => {
+                "SELECT device_id FROM readings WHERE device_id > ?1 \
+                        ORDER BY device_id LIMIT 1"
+            }
+        };
+        let mut stmt = self.tx.prepare_cached(sql).map_err(db)?;
+        let mut rows = match after {
+            None => stmt.query([]),
+            Some(d) => stmt.query([d]),
+        }
+        .map_err(db)?;
+        match rows.next().map_err(db)? {
+            Some(r) => Ok(Some(r.get(0).map_err(db)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn page(
+        &mut self,
+        device_id: &str,
+        from: Option<PageStart>,
+        limit: usize,
+    ) -> Result<Vec<RebuildRow>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        match from {
+            None => self.rows(device_id, &REBUILD_FIRST, params![device_id, limit]),
+            Some(PageStart::AtOrAfter(ms)) => self.rows(
+                device_id,
+                &REBUILD_AT_OR_AFTER,
+                params![device_id, limit, ms],
+            ),
+            Some(PageStart::After(ms)) => {
+                self.rows(device_id, &REBUILD_AFTER, params![device_id, limit, ms])
+            }
+        }
+    }
+
+    fn at(&mut self, device_id: &str, ts_ms: i64) -> Result<Vec<RebuildRow>, StoreError> {
+        self.rows(device_id, &REBUILD_AT, params![device_id, ts_ms])
+    }
+
+    fn sink(&mut self) -> &mut dyn RebuildSink {
+        self
+    }
+
+    fn page_done(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
 impl EnergyStore for SqliteStore {
     fn prepare_energy(
         &mut self,
@@ -171,6 +260,7 @@ impl EnergyStore for SqliteStore {
         self.energy.limits = limits;
         self.energy.flag_counts = flag_counts;
         let what = self.label();
+        let page = self.energy.rebuild_page();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -208,23 +298,7 @@ impl EnergyStore for SqliteStore {
         )
         .map_err(db)?;
         let mut rebuild = Rebuilder::new(limits, &what);
-        {
-            let mut sink = Sink { tx: &tx };
-            let mut stmt = tx.prepare(&REBUILD_ROWS).map_err(db)?;
-            let mut rows = stmt.query([]).map_err(db)?;
-            while let Some(r) = rows.next().map_err(db)? {
-                let row = (|| -> rusqlite::Result<RebuildRow> {
-                    Ok(RebuildRow {
-                        reading: reading_of(r)?,
-                        flags: r.get::<_, i64>(AFTER_MEASUREMENTS)? as u32,
-                        device_id: r.get(AFTER_MEASUREMENTS + 1)?,
-                    })
-                })()
-                .map_err(db)?;
-                rebuild.push(row, &mut sink)?;
-            }
-            rebuild.flush(&mut sink)?;
-        }
+        walk(&mut rebuild, &mut Sink { tx: &tx }, page)?;
         tx.execute_batch(
             "UPDATE readings SET flags = f.flags FROM temp.energy_flag_fix AS f \
              WHERE readings.device_id = f.device_id AND readings.epoch = f.epoch \
@@ -241,6 +315,10 @@ impl EnergyStore for SqliteStore {
         self.energy.cache.clear();
         self.energy.prepared = true;
         Ok(rebuild.finish())
+    }
+
+    fn set_rebuild_page(&mut self, rows: usize) {
+        self.energy.rebuild_page = rows;
     }
 
     fn energy_limits(&self) -> Limits {
