@@ -51,7 +51,9 @@ mod rebuild;
 
 pub(crate) use fleet::group_slots;
 pub use fleet::{fleet_energy, DeviceEnergy, MeterSlots};
-pub(crate) use rebuild::{walk, PageStart, RebuildRow, RebuildSink, RebuildSource, Rebuilder};
+pub(crate) use rebuild::{
+    walk, PagePos, PageStart, RebuildRow, RebuildSink, RebuildSource, Rebuilder,
+};
 
 /// A stored reading with its plausibility flags (the export).
 #[derive(Debug, Clone, PartialEq)]
@@ -92,6 +94,21 @@ pub trait EnergyStore: Send {
         limits: Limits,
         flag_counts: Option<Arc<FlagCounts>>,
     ) -> Result<Prepared, StoreError>;
+
+    /// Sets the limits and the flag counter of this handle without
+    /// touching the database, for a handle that must never wait for a
+    /// rebuild (the hub's reading handles: another connection, the
+    /// writer's, runs [`EnergyStore::prepare_energy`]). Until the stored
+    /// slots were built with `limits`, every read of the slots fails with
+    /// [`StoreError::Rebuilding`] rather than answer from incomplete
+    /// slots; the export's pages (raw rows) are not affected.
+    fn defer_energy(&mut self, limits: Limits, flag_counts: Option<Arc<FlagCounts>>);
+
+    /// Whether [`EnergyStore::prepare_energy`] with `limits` is quick (a
+    /// few statements): the slots already agree with them, or there are
+    /// no readings to rebuild from. The hub runs such a preparation before
+    /// it serves and leaves any other to the writer's task.
+    fn energy_prepare_is_quick(&mut self, limits: &Limits) -> Result<bool, StoreError>;
 
     /// The limits of this handle.
     fn energy_limits(&self) -> Limits;
@@ -545,6 +562,9 @@ pub(crate) struct EnergyState {
     pub cache: StateCache,
     /// Readings per page of a slot rebuild; 0: [`REBUILD_PAGE`].
     pub rebuild_page: usize,
+    /// Set by [`EnergyStore::defer_energy`]: this handle checks the stored
+    /// limits but never rebuilds.
+    pub deferred: bool,
 }
 
 /// Readings per page of a slot rebuild ([`walk`]): a page is one indexed

@@ -1,19 +1,21 @@
 //! The slot rebuild: every stored reading streamed in key order through
 //! a [`Rebuilder`], which writes each meter's slots and rewrites the flags
 //! that change (see the parent module's docs), and [`walk`], which reads
-//! the readings for it device by device in bounded pages from a
-//! [`RebuildSource`].
+//! the readings for it in bounded pages from a [`RebuildSource`].
 //!
-//! ## Why pages in `ts` order
+//! ## Why pages in `(device_id, ts)` order
 //! One `ORDER BY device_id, ts, epoch, seq` over the whole table let
 //! PostgreSQL choose a sequential scan and an external sort: temporary
 //! files about as large as the table. [`walk`] asks only for what the
-//! `(device_id, ts)` index yields in order — one device's readings after a
-//! timestamp, ordered by `ts` alone, a bounded page at a time — and puts
+//! `(device_id, ts)` index yields in order — the readings after a
+//! `(device_id, ts)` position, a bounded page at a time — and puts
 //! readings with the same `ts` into `(epoch, seq)` order itself. A page
-//! that ends inside a run of equal timestamps leaves that run to the next
-//! page (asked from that timestamp on); a run longer than a page is read
-//! on its own ([`RebuildSource::at`]).
+//! spans as many devices as fit in it: the number of queries follows the
+//! number of readings, not of devices (a fleet of devices with a few
+//! readings each is a few queries, not a few per device). A page that ends
+//! inside a run of equal timestamps leaves that run to the next page
+//! (asked from that timestamp on); a run longer than a page is read on its
+//! own ([`RebuildSource::at`]).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -55,17 +57,13 @@ pub(crate) trait RebuildSink {
 
 /// Where [`walk`] reads the stored readings from.
 pub(crate) trait RebuildSource {
-    /// The first device with readings after `after` (`None`: the first of
-    /// all), in the order of `device_id`.
-    fn next_device(&mut self, after: Option<&str>) -> Result<Option<String>, StoreError>;
-    /// Up to `limit` readings of `device_id` with `ts` after `from`
-    /// (`None`: from the first), ordered by `ts` (equal `ts` in any order).
-    fn page(
-        &mut self,
-        device_id: &str,
-        from: Option<PageStart>,
-        limit: usize,
-    ) -> Result<Vec<RebuildRow>, StoreError>;
+    /// Up to `limit` readings after `from` (`None`: from the first): the
+    /// rows of `from`'s device from its position on, then the devices
+    /// after it. Each device's rows come together, ordered by `ts` (equal
+    /// `ts` in any order); devices come in the source's own fixed order
+    /// (ascending or descending `device_id`).
+    fn page(&mut self, from: Option<&PagePos>, limit: usize)
+        -> Result<Vec<RebuildRow>, StoreError>;
     /// Every reading of `device_id` at `ts_ms` (in any order).
     fn at(&mut self, device_id: &str, ts_ms: i64) -> Result<Vec<RebuildRow>, StoreError>;
     /// Where the rows pushed go.
@@ -75,7 +73,16 @@ pub(crate) trait RebuildSource {
     fn page_done(&mut self) -> Result<(), StoreError>;
 }
 
-/// Where a page starts: at or after a timestamp.
+/// Where a page starts: a device and a position in its readings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PagePos {
+    /// The device the page starts in.
+    pub device_id: String,
+    /// Where in that device's readings.
+    pub start: PageStart,
+}
+
+/// Where a page starts in a device's readings: at or after a timestamp.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PageStart {
     /// `ts >= ms`.
@@ -84,50 +91,58 @@ pub(crate) enum PageStart {
     After(i64),
 }
 
-/// Pushes every stored reading through `rebuild`, device by device, each
-/// device's in `(ts, epoch, seq)` order, reading at most about `page`
-/// rows at a time (see the module docs).
+/// Pushes every stored reading through `rebuild`, each device's in
+/// `(ts, epoch, seq)` order, reading at most about `page` rows at a time
+/// (see the module docs).
 pub(crate) fn walk(
     rebuild: &mut Rebuilder,
     src: &mut dyn RebuildSource,
     page: usize,
 ) -> Result<(), StoreError> {
     let page = page.max(1);
-    let mut device = src.next_device(None)?;
-    while let Some(d) = device {
-        let mut from = None;
-        loop {
-            let mut rows = src.page(&d, from, page)?;
-            let full = rows.len() >= page;
-            let next = match rows.last() {
-                None => None,
-                Some(_) if !full => None,
-                Some(last) => {
-                    // The run of the last timestamp may go on: next page.
-                    let ts = last.reading.ts_ms;
-                    let cut = rows.partition_point(|r| r.reading.ts_ms < ts);
-                    if cut == 0 {
-                        // One timestamp fills the page: read it whole.
-                        rows = src.at(&d, ts)?;
-                        Some(PageStart::After(ts))
-                    } else {
-                        rows.truncate(cut);
-                        Some(PageStart::AtOrAfter(ts))
-                    }
+    let mut from: Option<PagePos> = None;
+    loop {
+        let mut rows = src.page(from.as_ref(), page)?;
+        let next = match rows.last() {
+            Some(last) if rows.len() >= page => {
+                // The run of the last timestamp may go on: next page.
+                let (device_id, ts) = (last.device_id.clone(), last.reading.ts_ms);
+                let run = rows
+                    .iter()
+                    .rev()
+                    .take_while(|r| r.device_id == device_id && r.reading.ts_ms == ts)
+                    .count();
+                let cut = rows.len() - run;
+                if cut == 0 {
+                    // One timestamp fills the page: read it whole.
+                    rows = src.at(&device_id, ts)?;
+                    Some(PagePos {
+                        device_id,
+                        start: PageStart::After(ts),
+                    })
+                } else {
+                    rows.truncate(cut);
+                    Some(PagePos {
+                        device_id,
+                        start: PageStart::AtOrAfter(ts),
+                    })
                 }
-            };
-            // Stable and linear on a sorted run: only ties move.
-            rows.sort_by_key(|r| (r.reading.ts_ms, r.reading.epoch, r.reading.seq));
-            for row in rows {
-                rebuild.push(row, src.sink())?;
             }
-            src.page_done()?;
-            match next {
-                Some(f) => from = Some(f),
-                None => break,
-            }
+            _ => None,
+        };
+        // Each device's rows in key order; stable and linear on a sorted
+        // run: only ties move.
+        for group in rows.chunk_by_mut(|a, b| a.device_id == b.device_id) {
+            group.sort_by_key(|r| (r.reading.ts_ms, r.reading.epoch, r.reading.seq));
         }
-        device = src.next_device(Some(&d))?;
+        for row in rows {
+            rebuild.push(row, src.sink())?;
+        }
+        src.page_done()?;
+        match next {
+            Some(p) => from = Some(p),
+            None => break,
+        }
     }
     rebuild.flush(src.sink())?;
     src.page_done()
@@ -308,28 +323,25 @@ mod tests {
     }
 
     impl RebuildSource for Table {
-        fn next_device(&mut self, after: Option<&str>) -> Result<Option<String>, StoreError> {
-            let mut ids: Vec<&String> = self.rows.iter().map(|r| &r.device_id).collect();
-            ids.sort();
-            Ok(ids
-                .into_iter()
-                .find(|d| after.is_none_or(|a| d.as_str() > a))
-                .cloned())
-        }
         fn page(
             &mut self,
-            device_id: &str,
-            from: Option<PageStart>,
+            from: Option<&PagePos>,
             limit: usize,
         ) -> Result<Vec<RebuildRow>, StoreError> {
             self.pages += 1;
-            let rows: Vec<RebuildRow> = self
-                .of(device_id)
-                .into_iter()
+            let mut ids: Vec<String> = self.rows.iter().map(|r| r.device_id.clone()).collect();
+            ids.sort();
+            ids.dedup();
+            let rows: Vec<RebuildRow> = ids
+                .iter()
+                .flat_map(|d| self.of(d))
                 .filter(|r| match from {
                     None => true,
-                    Some(PageStart::AtOrAfter(ms)) => r.reading.ts_ms >= ms,
-                    Some(PageStart::After(ms)) => r.reading.ts_ms > ms,
+                    Some(p) if r.device_id != p.device_id => r.device_id > p.device_id,
+                    Some(p) => match p.start {
+                        PageStart::AtOrAfter(ms) => r.reading.ts_ms >= ms,
+                        PageStart::After(ms) => r.reading.ts_ms > ms,
+                    },
                 })
                 .take(limit)
                 .collect();
@@ -451,6 +463,26 @@ mod tests {
         let mut r = Rebuilder::new(Limits::default(), "test");
         walk(&mut r, &mut t, 10).unwrap();
         assert!(t.log.0.is_empty());
-        assert_eq!(t.pages, 0);
+        assert_eq!(t.pages, 1);
+    }
+
+    #[test]
+    fn pages_span_devices_so_queries_follow_readings_not_devices() {
+        let rows: Vec<RebuildRow> = (0..1000)
+            .map(|i| row(&format!("dev-{i:04}"), "main", 0, 1_700_000_000_000, 1.0, 0))
+            .collect();
+        let (want, _) = expected(&rows);
+        let mut t = Table {
+            rows,
+            log: Log::default(),
+            pages: 0,
+            largest: 0,
+        };
+        let mut r = Rebuilder::new(Limits::default(), "test");
+        walk(&mut r, &mut t, 300).unwrap();
+        assert_eq!(t.log, want);
+        // 1,000 readings in pages of 300 (each page gives up its last run
+        // of equal timestamps to the next): 4 pages, not 1,000.
+        assert!(t.pages <= 5, "{} pages", t.pages);
     }
 }

@@ -13,8 +13,8 @@ use crate::energy::rule::{Limits, MeterReading, ReadingKey};
 use crate::energy::slots::Slot;
 use crate::store::columns::{select_columns, AFTER_MEASUREMENTS};
 use crate::store::energy::{
-    group_slots, same_limits, walk, EnergyStore, FlaggedReading, MeterSlots, PageStart, Prepared,
-    RebuildRow, RebuildSink, RebuildSource, Rebuilder,
+    group_slots, same_limits, walk, EnergyStore, FlaggedReading, MeterSlots, PagePos, PageStart,
+    Prepared, RebuildRow, RebuildSink, RebuildSource, Rebuilder,
 };
 use crate::store::StoreError;
 
@@ -62,23 +62,26 @@ const FLEET_SLOTS: &str = "SELECT s.device_id, s.meter, s.slot_ms, s.data \
 /// Columns of an exported reading: a reading's, then `flags`.
 static EXPORT_COLUMNS: LazyLock<String> = LazyLock::new(|| format!("{}, flags", select_columns()));
 
-/// A device's readings for the rebuild's pages (see
-/// `crate::store::energy::walk`): a reading's columns, then `flags`.
-/// Ordered by `ts` alone, which the `(device_id, ts)` index yields: no
-/// sorter.
+/// The readings for the rebuild's pages (see
+/// `crate::store::energy::walk`): a reading's columns, then `flags`, then
+/// `device_id`. Ordered by `(device_id, ts)`, which the `(device_id, ts)`
+/// index yields: no sorter; a row-value bound starts the index scan at
+/// the page's position.
 fn rebuild_page_sql(cond: &str) -> String {
     format!(
-        "SELECT {}, flags FROM readings WHERE device_id = ?1 {cond} ORDER BY ts LIMIT ?2",
+        "SELECT {}, flags, device_id FROM readings {cond} ORDER BY device_id, ts LIMIT ?1",
         select_columns()
     )
 }
 
 static REBUILD_FIRST: LazyLock<String> = LazyLock::new(|| rebuild_page_sql(""));
-static REBUILD_AT_OR_AFTER: LazyLock<String> = LazyLock::new(|| rebuild_page_sql("AND ts >= ?3"));
-static REBUILD_AFTER: LazyLock<String> = LazyLock::new(|| rebuild_page_sql("AND ts > ?3"));
+static REBUILD_AT_OR_AFTER: LazyLock<String> =
+    LazyLock::new(|| rebuild_page_sql("WHERE (device_id, ts) >= (?2, ?3)"));
+static REBUILD_AFTER: LazyLock<String> =
+    LazyLock::new(|| rebuild_page_sql("WHERE (device_id, ts) > (?2, ?3)"));
 static REBUILD_AT: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "SELECT {}, flags FROM readings WHERE device_id = ?1 AND ts = ?2",
+        "SELECT {}, flags, device_id FROM readings WHERE device_id = ?1 AND ts = ?2",
         select_columns()
     )
 });
@@ -105,14 +108,35 @@ fn flagged(r: &rusqlite::Row<'_>) -> rusqlite::Result<FlaggedReading> {
 
 impl SqliteStore {
     /// Checks the slots against this handle's limits once (rebuilding
-    /// them if needed).
+    /// them if needed, unless the handle defers to another connection:
+    /// then [`StoreError::Rebuilding`] until they match).
     pub(super) fn ensure_energy(&mut self) -> Result<(), StoreError> {
         if !self.energy.prepared {
             let limits = self.energy.limits;
+            if self.energy.deferred {
+                if !same_limits(self.stored_limits()?, &limits) {
+                    return Err(StoreError::Rebuilding);
+                }
+                self.energy.prepared = true;
+                return Ok(());
+            }
             let counts = self.energy.flag_counts.clone();
             self.prepare_energy(limits, counts)?;
         }
         Ok(())
+    }
+
+    /// The limits the stored slots were built with.
+    fn stored_limits(&mut self) -> Result<Option<(f64, i64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT max_power_w, max_gap_ms FROM energy_limits LIMIT 1")
+            .map_err(db)?;
+        let mut rows = stmt.query([]).map_err(db)?;
+        match rows.next().map_err(db)? {
+            Some(r) => Ok(Some((r.get(0).map_err(db)?, r.get(1).map_err(db)?))),
+            None => Ok(None),
+        }
     }
 
     fn label(&self) -> String {
@@ -177,7 +201,6 @@ impl RebuildSink for Sink<'_> {
 impl Sink<'_> {
     fn rows(
         &self,
-        device_id: &str,
         sql: &str,
         params: impl rusqlite::Params,
     ) -> Result<Vec<RebuildRow>, StoreError> {
@@ -187,7 +210,7 @@ impl Sink<'_> {
                 Ok(RebuildRow {
                     reading: reading_of(r)?,
                     flags: r.get::<_, i64>(AFTER_MEASUREMENTS)? as u32,
-                    device_id: device_id.to_owned(),
+                    device_id: r.get(AFTER_MEASUREMENTS + 1)?,
                 })
             })
             .map_err(db)?;
@@ -196,50 +219,27 @@ impl Sink<'_> {
 }
 
 impl RebuildSource for Sink<'_> {
-    fn next_device(&mut self, after: Option<&str>) -> Result<Option<String>, StoreError> {
-        // Two statements: `?1 IS NULL OR device_id > ?1` would scan the
-        // index from its start for every device.
-        let sql = match after {
-            None => "SELECT device_id FROM readings ORDER BY device_id LIMIT 1",
-            Some(_) => {
-                "SELECT device_id FROM readings WHERE device_id > ?1 \
-                        ORDER BY device_id LIMIT 1"
-            }
-        };
-        let mut stmt = self.tx.prepare_cached(sql).map_err(db)?;
-        let mut rows = match after {
-            None => stmt.query([]),
-            Some(d) => stmt.query([d]),
-        }
-        .map_err(db)?;
-        match rows.next().map_err(db)? {
-            Some(r) => Ok(Some(r.get(0).map_err(db)?)),
-            None => Ok(None),
-        }
-    }
-
     fn page(
         &mut self,
-        device_id: &str,
-        from: Option<PageStart>,
+        from: Option<&PagePos>,
         limit: usize,
     ) -> Result<Vec<RebuildRow>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         match from {
-            None => self.rows(device_id, &REBUILD_FIRST, params![device_id, limit]),
-            Some(PageStart::AtOrAfter(ms)) => self.rows(
+            None => self.rows(&REBUILD_FIRST, params![limit]),
+            Some(PagePos {
                 device_id,
-                &REBUILD_AT_OR_AFTER,
-                params![device_id, limit, ms],
-            ),
-            Some(PageStart::After(ms)) => {
-                self.rows(device_id, &REBUILD_AFTER, params![device_id, limit, ms])
-            }
+                start: PageStart::AtOrAfter(ms),
+            }) => self.rows(&REBUILD_AT_OR_AFTER, params![limit, device_id, ms]),
+            Some(PagePos {
+                device_id,
+                start: PageStart::After(ms),
+            }) => self.rows(&REBUILD_AFTER, params![limit, device_id, ms]),
         }
     }
 
     fn at(&mut self, device_id: &str, ts_ms: i64) -> Result<Vec<RebuildRow>, StoreError> {
-        self.rows(device_id, &REBUILD_AT, params![device_id, ts_ms])
+        self.rows(&REBUILD_AT, params![device_id, ts_ms])
     }
 
     fn sink(&mut self) -> &mut dyn RebuildSink {
@@ -259,6 +259,7 @@ impl EnergyStore for SqliteStore {
     ) -> Result<Prepared, StoreError> {
         self.energy.limits = limits;
         self.energy.flag_counts = flag_counts;
+        self.energy.deferred = false;
         let what = self.label();
         let page = self.energy.rebuild_page();
         let tx = self
@@ -315,6 +316,24 @@ impl EnergyStore for SqliteStore {
         self.energy.cache.clear();
         self.energy.prepared = true;
         Ok(rebuild.finish())
+    }
+
+    fn energy_prepare_is_quick(&mut self, limits: &Limits) -> Result<bool, StoreError> {
+        if same_limits(self.stored_limits()?, limits) {
+            return Ok(true);
+        }
+        let any: bool = self
+            .conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM readings)", [], |r| r.get(0))
+            .map_err(db)?;
+        Ok(!any)
+    }
+
+    fn defer_energy(&mut self, limits: Limits, flag_counts: Option<Arc<FlagCounts>>) {
+        self.energy.limits = limits;
+        self.energy.flag_counts = flag_counts;
+        self.energy.deferred = true;
+        self.energy.prepared = false;
     }
 
     fn set_rebuild_page(&mut self, rows: usize) {
