@@ -55,7 +55,7 @@ async fn the_start_up_rebuild_blocks_neither_the_listing_nor_handshakes() {
     let hold = hold_in_transaction(&db.url, "SELECT * FROM energy_limits FOR UPDATE");
     let gate = Gate::start(Some(cluster_port), Mode::Forward).await;
     gate.set_delay(Duration::from_millis(5));
-    let hub = RunningHub::start(Config::new(&gate.url(&db.name))).await;
+    let hub = RunningHub::start(Config::new(gate.url(&db.name))).await;
     let get = |path: String| {
         let viewer = viewer.clone();
         let addr = hub.addr;
