@@ -1072,3 +1072,64 @@ pub fn energy_rebuild_in_small_pages_equals_incremental_slots(mut f: Fixture) {
         "flags after a paged rebuild"
     );
 }
+
+/// A handle that defers to another connection's rebuild never rebuilds:
+/// it reads no slots (`Rebuilding`) until they were built for its limits,
+/// then answers what the rebuilding handle answers; the export's pages are
+/// never held back. Whether a preparation is quick tells an empty
+/// database and matching limits from a real rebuild.
+pub fn a_deferring_handle_reads_no_slots_until_they_match(mut f: Fixture) {
+    let limits = Limits::default();
+    let other = Limits::new(500.0, MIN).unwrap();
+    assert!(f.store.energy_prepare_is_quick(&other).unwrap(), "empty");
+    f.store.prepare_energy(limits, None).unwrap();
+    let base = at("2026-06-01T10:07:00Z");
+    let rows: Vec<Row> = (0..40u64)
+        .map(|i| {
+            let d = ["da", "db", "dc"][(i % 3) as usize];
+            rrow(
+                d,
+                "main",
+                i,
+                base + i as i64 * 40_000,
+                Some(i as f64 * 20.0),
+                None,
+            )
+        })
+        .collect();
+    f.store.insert_batch(&rows).unwrap();
+    assert!(f.store.energy_prepare_is_quick(&limits).unwrap());
+    assert!(!f.store.energy_prepare_is_quick(&other).unwrap());
+
+    let mut reader = ems_hub::store::open(&f.url).unwrap();
+    reader.defer_energy(other, None);
+    let (lo, hi) = (base - H, base + 2 * H);
+    assert!(matches!(
+        reader.energy_slots("da", "main", lo, hi),
+        Err(StoreError::Rebuilding)
+    ));
+    assert!(matches!(
+        reader.energy_meters("da"),
+        Err(StoreError::Rebuilding)
+    ));
+    assert!(matches!(
+        reader.fleet_slots(lo, hi),
+        Err(StoreError::Rebuilding)
+    ));
+    assert_eq!(
+        reader.export_page("da", lo, hi, None, 100).unwrap().len(),
+        14
+    );
+    assert!(matches!(
+        f.store.prepare_energy(other, None).unwrap(),
+        Prepared::Rebuilt { readings: 40, .. }
+    ));
+    for d in ["da", "db", "dc"] {
+        assert_eq!(
+            reader.energy_slots(d, "main", lo, hi).unwrap(),
+            f.store.energy_slots(d, "main", lo, hi).unwrap(),
+            "{d}"
+        );
+    }
+    assert!(f.store.energy_prepare_is_quick(&other).unwrap());
+}
