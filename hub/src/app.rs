@@ -389,7 +389,10 @@ pub async fn run(
     if flushed {
         log::info!("store flushed; bye");
     } else {
-        log::warn!("the store never answered; nothing was acknowledged, so nothing is lost");
+        log::warn!(
+            "the store writer never started (the store did not answer, or the energy slots \
+             were still being rebuilt); nothing was acknowledged, so nothing is lost"
+        );
     }
     Ok(())
 }
