@@ -31,7 +31,10 @@
 //! appends into one current slot per meter, writes a slot when the next
 //! one starts, and recomputes every row's flags (only rows whose flags
 //! change are updated). One transaction: a rebuild that fails leaves the
-//! old slots and is redone at the next start.
+//! old slots and is tried again. The hub rebuilds on the writer's
+//! connection only, while it serves; its other handles defer
+//! ([`EnergyStore::defer_energy`]) and read no slots until the rebuild
+//! committed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -87,8 +90,10 @@ pub trait EnergyStore: Send {
     /// with them, rebuilding them (logged, one transaction) when they were
     /// built with other limits or never. `flag_counts`, when given, is
     /// bumped after every commit by the flags of the rows it stored. The
-    /// hub calls this once per handle before using it; without the call a
-    /// handle works with the default limits and checks them at first use.
+    /// hub calls this on the writer's handle before it writes (its other
+    /// handles call [`EnergyStore::defer_energy`]); without either call a
+    /// handle works with the default limits and checks them (rebuilding if
+    /// needed) at first use.
     fn prepare_energy(
         &mut self,
         limits: Limits,
