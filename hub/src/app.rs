@@ -60,10 +60,12 @@ const FIRST_OPEN_WAIT: Duration = Duration::from_secs(2);
 /// How often a writer without a store connection tries to open one.
 const WRITER_OPEN_RETRY: Duration = Duration::from_secs(1);
 
-/// Opens the store of `config` (migrating it) and sets its energy limits
-/// (the first handle of a hub rebuilds the energy slots when they were
-/// built with other limits, or never); `flag_counts` is given to the
-/// writer's handle. Blocking: run off the async workers.
+/// Opens the store of `config` (migrating it) and sets its energy limits.
+/// The writer's connection (`flag_counts` given) makes the slots agree
+/// with them — rebuilding them when they were built with other limits, or
+/// never; every other connection only checks them and answers
+/// [`StoreError::Rebuilding`] until then, so nothing waits for a rebuild
+/// but the writer. Blocking: run off the async workers.
 fn opener(config: &Config, flag_counts: Option<Arc<FlagCounts>>) -> Opener {
     let (url, pg, limits) = (
         config.database.clone(),
@@ -72,7 +74,12 @@ fn opener(config: &Config, flag_counts: Option<Arc<FlagCounts>>) -> Opener {
     );
     Box::new(move || {
         let mut s = store::open_with(&url, &pg)?;
-        s.prepare_energy(limits, flag_counts.clone())?;
+        match &flag_counts {
+            Some(counts) => {
+                s.prepare_energy(limits, Some(counts.clone()))?;
+            }
+            None => s.defer_energy(limits, None),
+        }
         Ok(s)
     })
 }
@@ -98,18 +105,24 @@ async fn open_blocking(open: Arc<Mutex<Opener>>) -> Result<Box<dyn store::Store>
 /// The first store connection (the writer's): `Some` when open, `None`
 /// when the database cannot be reached yet (it is tried again later), an
 /// error when it never will be. Only reaching the database is bounded by
-/// [`FIRST_OPEN_WAIT`]; a slot rebuild after it may take longer.
+/// [`FIRST_OPEN_WAIT`]. The energy slots are made to agree with the limits
+/// here when that is quick (they already do, or there are no readings);
+/// a real rebuild is left to the writer's task ([`start_writer`]), while
+/// the hub already serves. The flag says whether the slots are ready.
 async fn first_open(
     config: &Config,
     flag_counts: Arc<FlagCounts>,
-) -> Result<Option<Box<dyn store::Store>>, HubError> {
+) -> Result<Option<(Box<dyn store::Store>, bool)>, HubError> {
     let open = Arc::new(Mutex::new(connector(config)));
     match tokio::time::timeout(FIRST_OPEN_WAIT, open_blocking(open)).await {
         Ok(Ok(mut store)) => {
             let limits = config.energy_limits;
             let store = tokio::task::spawn_blocking(move || {
-                store.prepare_energy(limits, Some(flag_counts))?;
-                Ok::<_, StoreError>(store)
+                let quick = store.energy_prepare_is_quick(&limits)?;
+                if quick {
+                    store.prepare_energy(limits, Some(flag_counts))?;
+                }
+                Ok::<_, StoreError>((store, quick))
             })
             .await
             .map_err(|e| HubError::Io(std::io::Error::other(e)))??;
@@ -147,11 +160,16 @@ async fn handle(config: &Config, up: bool) -> Result<StoreHandle, HubError> {
 /// The store writer, once it has a store connection.
 type WriterSlot = Arc<Mutex<Option<Writer>>>;
 
-/// Starts the writer on `store`, or — without one — a task that opens one
-/// (retrying) and then starts it. The writer counts as failing until then.
+/// Starts the writer on `store` when its energy slots are ready (the
+/// flag); else a task that, on `store` (or — without one — on a connection
+/// it opens, retrying), makes the slots agree with the limits on the
+/// blocking pool and then starts the writer. A rebuild may take minutes:
+/// readings wait in the queue meanwhile (acknowledged once written), and
+/// nothing else waits. Without a store connection the writer counts as
+/// failing.
 fn start_writer(
     config: &Config,
-    store: Option<Box<dyn store::Store>>,
+    store: Option<(Box<dyn store::Store>, bool)>,
     queue: mpsc::Receiver<Item>,
     stop: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
@@ -176,37 +194,60 @@ fn start_writer(
             metrics,
         )
     };
-    match store {
-        Some(store) => {
+    let store = match store {
+        Some((store, true)) => {
             let w = spawn(store, queue, stop, metrics)?;
             *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
+            return Ok(slot);
         }
+        Some((store, false)) => Some(store),
         None => {
             metrics.store_writer_ok.store(0, Ordering::Relaxed);
-            let flags = metrics.reading_flags.clone();
-            let open = Arc::new(Mutex::new(opener(config, Some(flags))));
-            let slot2 = slot.clone();
-            tokio::spawn(async move {
-                let mut stopping = stop.clone();
-                loop {
-                    match open_blocking(open.clone()).await {
-                        Ok(store) => {
-                            match spawn(store, queue, stop, metrics) {
-                                Ok(w) => *slot2.lock().unwrap_or_else(|p| p.into_inner()) = Some(w),
-                                Err(e) => log::error!("cannot start the store writer: {e}"),
-                            }
-                            return;
-                        }
-                        Err(e) => log::debug!("store writer: {e}"),
-                    }
-                    tokio::select! {
-                        _ = crate::shutdown::shutting_down(&mut stopping) => return,
-                        _ = tokio::time::sleep(WRITER_OPEN_RETRY) => {}
-                    }
-                }
-            });
+            None
         }
-    }
+    };
+    let (limits, flags) = (config.energy_limits, metrics.reading_flags.clone());
+    let open = Arc::new(Mutex::new(opener(config, Some(flags.clone()))));
+    let slot2 = slot.clone();
+    tokio::spawn(async move {
+        let mut stopping = stop.clone();
+        let mut first = store;
+        loop {
+            let ready = match first.take() {
+                Some(mut store) => {
+                    let flags = flags.clone();
+                    let prepared = tokio::task::spawn_blocking(move || {
+                        store.prepare_energy(limits, Some(flags))?;
+                        Ok(store)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(StoreError::Db(format!("preparing the store: {e}"))));
+                    if let Err(e) = &prepared {
+                        log::error!("energy slots: {e}; trying again");
+                    }
+                    prepared
+                }
+                None => open_blocking(open.clone()).await,
+            };
+            match ready {
+                Ok(store) => {
+                    match spawn(store, queue, stop, metrics) {
+                        Ok(w) => *slot2.lock().unwrap_or_else(|p| p.into_inner()) = Some(w),
+                        Err(e) => log::error!("cannot start the store writer: {e}"),
+                    }
+                    return;
+                }
+                Err(e) => {
+                    log::debug!("store writer: {e}");
+                    metrics.store_writer_ok.store(0, Ordering::Relaxed);
+                }
+            }
+            tokio::select! {
+                _ = crate::shutdown::shutting_down(&mut stopping) => return,
+                _ = tokio::time::sleep(WRITER_OPEN_RETRY) => {}
+            }
+        }
+    });
     Ok(slot)
 }
 
@@ -348,7 +389,10 @@ pub async fn run(
     if flushed {
         log::info!("store flushed; bye");
     } else {
-        log::warn!("the store never answered; nothing was acknowledged, so nothing is lost");
+        log::warn!(
+            "the store writer never started (the store did not answer, or the energy slots \
+             were still being rebuilt); nothing was acknowledged, so nothing is lost"
+        );
     }
     Ok(())
 }

@@ -1,7 +1,10 @@
 //! Quotas that keep one client from taking what all share: connection
 //! slots per client address, live dashboards per viewer token, and one
 //! heavy store query at a time per viewer token (a few more may wait; the
-//! rest are told to retry).
+//! rest are told to retry). A streamed download (the CSV export) holds the
+//! token's turn for as long as it streams, which may be minutes: while it
+//! does, the token's other API queries are told to retry at once instead
+//! of waiting behind it (another download still queues).
 //!
 //! Slots are RAII guards: a connection (and the WebSocket session it
 //! becomes) holds its slot until it ends. The maps only hold keys with a
@@ -10,7 +13,7 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -46,6 +49,17 @@ impl Quotas {
     /// running one when `wait` (dashboards; or an API request while fewer
     /// than [`HEAVY_WAITING`] wait), else `None` (busy: retry later).
     pub(crate) async fn heavy(&self, viewer: &TokenHash, wait: bool) -> Option<HeavyTurn> {
+        self.turn(viewer, wait, false).await
+    }
+
+    /// The turn of a streamed download: as [`Quotas::heavy`] without
+    /// `wait`; until the turn is dropped, API requests of `viewer` are
+    /// refused rather than queued (dashboards and downloads still wait).
+    pub(crate) async fn heavy_stream(&self, viewer: &TokenHash) -> Option<HeavyTurn> {
+        self.turn(viewer, false, true).await
+    }
+
+    async fn turn(&self, viewer: &TokenHash, wait: bool, stream: bool) -> Option<HeavyTurn> {
         let gate = {
             let mut map = lock(&self.heavy);
             // Forget idle gates now and then; only valid viewer tokens get
@@ -58,20 +72,33 @@ impl Quotas {
                     Arc::new(HeavyGate {
                         running: Arc::new(Semaphore::new(1)),
                         waiting: AtomicUsize::new(0),
+                        streaming: AtomicBool::new(false),
                     })
                 })
                 .clone()
         };
-        if let Ok(p) = gate.running.clone().try_acquire_owned() {
-            return Some(HeavyTurn(p));
+        let permit = match gate.running.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if !wait
+                    && ((!stream && gate.streaming.load(Ordering::Relaxed))
+                        || gate.waiting.load(Ordering::Relaxed) >= HEAVY_WAITING)
+                {
+                    return None;
+                }
+                gate.waiting.fetch_add(1, Ordering::Relaxed);
+                let p = gate.running.clone().acquire_owned().await.ok();
+                gate.waiting.fetch_sub(1, Ordering::Relaxed);
+                p?
+            }
+        };
+        if stream {
+            gate.streaming.store(true, Ordering::Relaxed);
         }
-        if !wait && gate.waiting.load(Ordering::Relaxed) >= HEAVY_WAITING {
-            return None;
-        }
-        gate.waiting.fetch_add(1, Ordering::Relaxed);
-        let p = gate.running.clone().acquire_owned().await.ok();
-        gate.waiting.fetch_sub(1, Ordering::Relaxed);
-        p.map(HeavyTurn)
+        Some(HeavyTurn {
+            stream: stream.then_some(gate),
+            _permit: permit,
+        })
     }
 }
 
@@ -79,10 +106,25 @@ impl Quotas {
 struct HeavyGate {
     running: Arc<Semaphore>,
     waiting: AtomicUsize,
+    /// The one running is a streamed download.
+    streaming: AtomicBool,
 }
 
 /// The right to run one heavy query; the next one runs once it is dropped.
-pub(crate) struct HeavyTurn(#[allow(dead_code)] OwnedSemaphorePermit);
+pub(crate) struct HeavyTurn {
+    /// The gate of a streamed download's turn (its flag is cleared on drop).
+    stream: Option<Arc<HeavyGate>>,
+    /// Dropped after the flag is cleared (fields drop after `drop`).
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for HeavyTurn {
+    fn drop(&mut self) {
+        if let Some(gate) = &self.stream {
+            gate.streaming.store(false, Ordering::Relaxed);
+        }
+    }
+}
 
 /// Live uses by key, each at most `max`.
 pub(crate) struct Counter<K: Hash + Eq + Clone> {
@@ -183,5 +225,32 @@ mod tests {
         for w in waiting {
             assert!(w.await.unwrap());
         }
+    }
+
+    #[tokio::test]
+    async fn a_streamed_download_holds_the_turn_and_refuses_api_queries() {
+        let q = Arc::new(Quotas::new(1, 1));
+        let a = [1u8; 32];
+        let stream = q.heavy_stream(&a).await.unwrap();
+        // API queries: refused at once.
+        assert!(q.heavy(&a, false).await.is_none());
+        // A dashboard and another download wait for it.
+        let dashboard = {
+            let q = q.clone();
+            tokio::spawn(async move { q.heavy(&a, true).await.is_some() })
+        };
+        let download = {
+            let q = q.clone();
+            tokio::spawn(async move { q.heavy_stream(&a).await.is_some() })
+        };
+        while lock(&q.heavy)[&a].waiting.load(Ordering::Relaxed) < 2 {
+            tokio::task::yield_now().await;
+        }
+        assert!(q.heavy(&a, false).await.is_none());
+        drop(stream);
+        assert!(dashboard.await.unwrap());
+        assert!(download.await.unwrap());
+        // Once it ended, a query runs again.
+        assert!(q.heavy(&a, false).await.is_some());
     }
 }

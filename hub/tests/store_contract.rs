@@ -610,6 +610,8 @@ macro_rules! backend_suite {
                 fleet_energy_equals_the_per_device_rollup,
                 export_pages_in_key_order,
                 a_refused_batch_split_counts_only_committed_rows,
+                energy_rebuild_in_small_pages_equals_incremental_slots,
+                a_deferring_handle_reads_no_slots_until_they_match,
                 presence_is_online_until_the_lease_ends_and_renewal_extends_it,
                 presence_writes_bind_to_their_generation,
                 presence_clean_shutdown_marks_only_its_own_devices_offline,

@@ -167,6 +167,11 @@ pub enum StoreError {
     /// the last active admin).
     #[error("{0}")]
     Conflict(String),
+    /// The energy slots are not built for this handle's limits yet (a
+    /// rebuild is running on another connection): an answer from them
+    /// would be incomplete, so none is given. Worth retrying.
+    #[error("the energy slots are being rebuilt; try again later")]
+    Rebuilding,
 }
 
 /// Where the writer commits readings: the one call on the ingest path.

@@ -571,6 +571,111 @@ async fn csv_export_of_a_client_that_goes_away_stops() {
     assert_eq!(r.status, 200);
 }
 
+/// Opens `GET path` on a socket with a small receive buffer and reads the
+/// status line and the first bytes of the body; the rest waits in the hub
+/// until the caller reads on.
+async fn open_slow(hub: &TestHub, token: &str, path: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(hub.addr).await.unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains("device_id,meter,") {
+        let n = tokio::time::timeout(SOON, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csv_export_holds_the_viewers_heavy_turn_while_it_streams() {
+    let hub = TestHub::start().await;
+    hub.add_device("c1");
+    let viewer = hub.add_viewer("v", &["c1"]);
+    let other = hub.add_viewer("w", &["c1"]);
+    // About 10 MB of CSV: more than the socket buffers and the export's
+    // channel hold, so the download cannot end while the client reads
+    // nothing.
+    let t0 = at("2026-11-01T00:00:00Z");
+    let n = 100_000i64;
+    let rows: Vec<Row> = (0..n)
+        .map(|i| Row {
+            device_id: "c1".into(),
+            received_at_ms: t0,
+            reading: ems_shared::Reading {
+                epoch: 1,
+                seq: i as u64,
+                ts_ms: t0 + i * 1000,
+                meter: "main".into(),
+                power_w: Some(1000.0),
+                energy_wh: Some(i as f64 / 3.6),
+                ..Default::default()
+            },
+        })
+        .collect();
+    let mut store = ems_hub::store::open(&hub.db_url).unwrap();
+    for chunk in rows.chunks(10_000) {
+        store.insert_batch(chunk).unwrap();
+    }
+    drop(store);
+    let csv = "/api/devices/c1/readings.csv";
+    let energy = format!(
+        "/api/devices/c1/energy?from_ms={t0}&to_ms={}&bucket=day&tz=UTC",
+        t0 + n * 1000
+    );
+
+    let mut s = open_slow(&hub, &viewer, csv).await;
+    // While it streams: the token's other heavy queries are refused at
+    // once (not queued behind a download), another token's are not.
+    for path in [energy.as_str(), "/api/devices/c1/readings?limit=5"] {
+        let r = get(&hub, &viewer, path).await;
+        assert_eq!(r.status, 429, "{path} while the export streams");
+        assert!(r.header("retry-after").is_some(), "{path}: {}", r.head);
+    }
+    assert_eq!(get(&hub, &other, &energy).await.status, 200);
+    // The download is whole, and once it ended the token may query again.
+    use tokio::io::AsyncReadExt;
+    let mut rest = Vec::new();
+    tokio::time::timeout(SOON, s.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(rest.ends_with(b"0\r\n\r\n"), "the chunked body was ended");
+    assert!(
+        rest.iter().filter(|b| **b == b'\n').count() as i64 > n - 100,
+        "the rows arrived"
+    );
+    assert_eq!(get(&hub, &viewer, &energy).await.status, 200);
+
+    // A client that goes away mid-stream gives the turn back.
+    let s = open_slow(&hub, &viewer, csv).await;
+    assert_eq!(get(&hub, &viewer, &energy).await.status, 429);
+    drop(s);
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        let status = get(&hub, &viewer, &energy).await.status;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 429);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the turn came back after the client left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_command_writes_what_the_endpoint_streams() {
     let hub = TestHub::start().await;

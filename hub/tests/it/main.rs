@@ -15,6 +15,7 @@ mod conn_limits;
 mod dashboard;
 mod edge_losses;
 mod energy;
+mod energy_rebuild;
 mod fleet;
 mod fleet_energy;
 mod frames;

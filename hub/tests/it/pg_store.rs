@@ -34,7 +34,7 @@ fn config(url: &str) -> Config {
 
 /// Runs blocking SQL on `url` in a thread of its own, holding the
 /// transaction (and its locks) until the returned sender is dropped.
-fn hold_in_transaction(url: &str, sql: &'static str) -> std::sync::mpsc::Sender<()> {
+pub(crate) fn hold_in_transaction(url: &str, sql: &'static str) -> std::sync::mpsc::Sender<()> {
     let url = url.to_string();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
@@ -599,7 +599,7 @@ async fn a_resuming_dashboard_waits_for_the_store_without_hammering_it() {
 }
 
 /// A device socket (the harness's `connect` without a `TestHub`).
-async fn hub_device(addr: std::net::SocketAddr, id: &str, token: &str) -> Client {
+pub(crate) async fn hub_device(addr: std::net::SocketAddr, id: &str, token: &str) -> Client {
     connect(addr, &format!("/ws/device/{id}"), Some(token))
         .await
         .unwrap_or_else(|e| panic!("device {id} could not connect: {e}"))
@@ -607,7 +607,7 @@ async fn hub_device(addr: std::net::SocketAddr, id: &str, token: &str) -> Client
 
 /// The port of a `postgres://…@127.0.0.1:PORT/…` URL (the private
 /// cluster); `None` (skip) for an external server the gate cannot front.
-fn port_of(url: &str) -> Option<u16> {
+pub(crate) fn port_of(url: &str) -> Option<u16> {
     let rest = url.split("@127.0.0.1:").nth(1)?;
     rest.split('/').next()?.parse().ok()
 }

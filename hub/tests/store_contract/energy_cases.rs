@@ -981,3 +981,155 @@ pub fn fleet_energy_equals_the_per_device_rollup(mut f: Fixture) {
         .unwrap()
         .is_empty());
 }
+
+/// A rebuild reads each device in pages (of 3 rows here) in `ts` order and
+/// puts equal timestamps into key order itself: across page edges and
+/// through a run of equal timestamps longer than a page it gives the slots
+/// and flags that the writer kept as the rows came in.
+pub fn energy_rebuild_in_small_pages_equals_incremental_slots(mut f: Fixture) {
+    let limits = Limits::default();
+    f.store.prepare_energy(limits, None).unwrap();
+    let base = at("2026-06-01T10:07:00Z");
+    let mut rows = Vec::new();
+    for device in ["pg-b", "pg-a"] {
+        let mut ts = base;
+        let mut wh = [100.0, 5000.0];
+        for i in 0..80u64 {
+            ts += match i {
+                31..=47 => 0, // 17 rows at one timestamp
+                _ if i % 10 >= 3 && i % 10 <= 6 => 0,
+                _ => 40_000,
+            };
+            let m = (i % 2) as usize;
+            // 20 Wh in 80 s: 900 W, a glitch under a 500 W limit.
+            wh[m] = if i == 61 { 1.0 } else { wh[m] + 20.0 };
+            let meter = ["main", "pv"][m];
+            rows.push(rrow(device, meter, i, ts, Some(wh[m]), Some(200.0)));
+        }
+    }
+    for chunk in rows.chunks(7) {
+        f.store.insert_batch(chunk).unwrap();
+    }
+    let keys = [
+        ("pg-a", "main"),
+        ("pg-a", "pv"),
+        ("pg-b", "main"),
+        ("pg-b", "pv"),
+    ];
+    let slots = |s: &mut dyn Store| -> Vec<Vec<ems_hub::energy::slots::Slot>> {
+        keys.iter()
+            .map(|(d, m)| s.energy_slots(d, m, i64::MIN / 2, i64::MAX / 2).unwrap())
+            .collect()
+    };
+    let flags = |s: &mut dyn Store| -> Vec<Vec<u32>> {
+        ["pg-a", "pg-b"]
+            .iter()
+            .map(|d| {
+                s.export_page(d, i64::MIN, i64::MAX, None, 1000)
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| r.flags)
+                    .collect()
+            })
+            .collect()
+    };
+    let (slots_before, flags_before) = (slots(&mut *f.store), flags(&mut *f.store));
+    assert!(
+        flags_before.iter().flatten().any(|f| *f != 0),
+        "a reset is flagged"
+    );
+    assert!(slots_before.iter().all(|s| s.len() > 1));
+
+    f.store.set_rebuild_page(3);
+    let other = Limits::new(500.0, MIN).unwrap();
+    assert!(matches!(
+        f.store.prepare_energy(other, None).unwrap(),
+        Prepared::Rebuilt { .. }
+    ));
+    let flags_other = flags(&mut *f.store);
+    assert_ne!(flags_other, flags_before, "other limits, other flags");
+    assert_eq!(
+        f.store.prepare_energy(limits, None).unwrap(),
+        Prepared::Rebuilt {
+            readings: rows.len() as u64,
+            slots: slots_before.iter().map(|s| s.len() as u64).sum(),
+            flags_changed: flags_before
+                .iter()
+                .flatten()
+                .zip(flags_other.iter().flatten())
+                .filter(|(a, b)| a != b)
+                .count() as u64,
+        }
+    );
+    assert_eq!(
+        slots(&mut *f.store),
+        slots_before,
+        "slots after a paged rebuild"
+    );
+    assert_eq!(
+        flags(&mut *f.store),
+        flags_before,
+        "flags after a paged rebuild"
+    );
+}
+
+/// A handle that defers to another connection's rebuild never rebuilds:
+/// it reads no slots (`Rebuilding`) until they were built for its limits,
+/// then answers what the rebuilding handle answers; the export's pages are
+/// never held back. Whether a preparation is quick tells an empty
+/// database and matching limits from a real rebuild.
+pub fn a_deferring_handle_reads_no_slots_until_they_match(mut f: Fixture) {
+    let limits = Limits::default();
+    let other = Limits::new(500.0, MIN).unwrap();
+    assert!(f.store.energy_prepare_is_quick(&other).unwrap(), "empty");
+    f.store.prepare_energy(limits, None).unwrap();
+    let base = at("2026-06-01T10:07:00Z");
+    let rows: Vec<Row> = (0..40u64)
+        .map(|i| {
+            let d = ["da", "db", "dc"][(i % 3) as usize];
+            rrow(
+                d,
+                "main",
+                i,
+                base + i as i64 * 40_000,
+                Some(i as f64 * 20.0),
+                None,
+            )
+        })
+        .collect();
+    f.store.insert_batch(&rows).unwrap();
+    assert!(f.store.energy_prepare_is_quick(&limits).unwrap());
+    assert!(!f.store.energy_prepare_is_quick(&other).unwrap());
+
+    let mut reader = ems_hub::store::open(&f.url).unwrap();
+    reader.defer_energy(other, None);
+    let (lo, hi) = (base - H, base + 2 * H);
+    assert!(matches!(
+        reader.energy_slots("da", "main", lo, hi),
+        Err(StoreError::Rebuilding)
+    ));
+    assert!(matches!(
+        reader.energy_meters("da"),
+        Err(StoreError::Rebuilding)
+    ));
+    assert!(matches!(
+        reader.fleet_slots(lo, hi),
+        Err(StoreError::Rebuilding)
+    ));
+    assert_eq!(
+        reader.export_page("da", lo, hi, None, 100).unwrap().len(),
+        14
+    );
+    assert!(matches!(
+        f.store.prepare_energy(other, None).unwrap(),
+        Prepared::Rebuilt { readings: 40, .. }
+    ));
+    for d in ["da", "db", "dc"] {
+        assert_eq!(
+            reader.energy_slots(d, "main", lo, hi).unwrap(),
+            f.store.energy_slots(d, "main", lo, hi).unwrap(),
+            "{d}"
+        );
+    }
+    assert!(f.store.energy_prepare_is_quick(&other).unwrap());
+}

@@ -12,6 +12,14 @@
 //! file that looks whole). Defaults: everything stored (`from_ms` and
 //! `to_ms` absent).
 //!
+//! The download holds its viewer token's heavy-query turn
+//! ([`crate::quota`]) from before the first page until the task ends — the
+//! range is done, the store failed or the client went away (the next send
+//! into the channel fails) — and gives it back before the body's end is
+//! sent. Meanwhile the token's other heavy API queries are answered 429
+//! with `Retry-After`; another download of the token waits its turn (as
+//! queued queries do, a few at most).
+//!
 //! Columns: [`crate::energy::csv::CSV_HEADER`].
 
 use std::net::SocketAddr;
@@ -30,6 +38,8 @@ use super::{device_id, error_response, store, viewer_scope, ApiError};
 use crate::auth::handshake;
 use crate::energy::csv::{write_csv_header, write_csv_row, ExportRow};
 use crate::energy::rule::ReadingKey;
+use crate::metrics::Limit;
+use crate::quota::HeavyTurn;
 use crate::state::Shared;
 use crate::store::energy::FlaggedReading;
 
@@ -102,7 +112,7 @@ pub(crate) fn parse_range(query: &str) -> Result<(i64, i64), ApiError> {
 async fn authorize(
     req: &Request<hyper::body::Incoming>,
     shared: &Arc<Shared>,
-) -> Result<(String, i64, i64), ApiError> {
+) -> Result<(String, i64, i64, HeavyTurn), ApiError> {
     if !handshake::origin_allowed(
         req.headers(),
         shared.config.public_url.as_deref(),
@@ -120,12 +130,16 @@ async fn authorize(
         .and_then(|rest| rest.strip_suffix("/readings.csv"))
         .unwrap_or("");
     let id = device_id(id)?;
-    let (_, scope) = viewer_scope(req, shared).await?;
+    let (viewer, scope) = viewer_scope(req, shared).await?;
     if !scope.allows(&id) {
         return Err(ApiError::Forbidden);
     }
     let (from, to) = parse_range(req.uri().query().unwrap_or(""))?;
-    Ok((id, from, to))
+    let Some(turn) = shared.quotas.heavy_stream(&viewer).await else {
+        shared.metrics.hardening.refused(Limit::HeavyQueries);
+        return Err(ApiError::TooMany);
+    };
+    Ok((id, from, to, turn))
 }
 
 /// Serves `GET /api/devices/{id}/readings.csv`.
@@ -134,7 +148,7 @@ pub(crate) async fn readings_csv(
     peer: SocketAddr,
     shared: Arc<Shared>,
 ) -> Response<Body2> {
-    let (id, from, to) = match authorize(&req, &shared).await {
+    let (id, from, to, turn) = match authorize(&req, &shared).await {
         Ok(ok) => ok,
         Err(e) => {
             log::info!(
@@ -147,7 +161,12 @@ pub(crate) async fn readings_csv(
     };
     let (tx, rx) = mpsc::channel(CHUNKS);
     let filename = format!("attachment; filename=\"{id}.csv\"");
-    tokio::spawn(produce(shared, id, from, to, tx));
+    tokio::spawn(async move {
+        produce(shared, id, from, to, &tx).await;
+        // The turn first: a client that saw the end may query at once.
+        drop(turn);
+        drop(tx);
+    });
     let mut r = Response::new(Either::Right(ChunkBody { rx }));
     let h = r.headers_mut();
     h.insert(
@@ -203,7 +222,7 @@ async fn produce(
     id: String,
     from: i64,
     to: i64,
-    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) {
     let id: Arc<str> = Arc::from(id);
     let mut after: Option<ReadingKey> = None;

@@ -113,6 +113,10 @@ pub(crate) enum ApiError {
     /// This viewer token has heavy queries running and waiting: 429.
     #[error("another query of this token is running; try again shortly")]
     TooMany,
+    /// The energy slots are being rebuilt: 503 (an answer would be
+    /// incomplete).
+    #[error("the energy slots are being rebuilt; try again later")]
+    Rebuilding,
 }
 
 impl ApiError {
@@ -124,7 +128,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable | ApiError::Rebuilding => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TooMany => StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -136,6 +140,7 @@ impl From<StoreError> for ApiError {
             StoreError::AlreadyExists(what) => ApiError::Conflict(format!("{what} already exists")),
             StoreError::NotFound(what) => ApiError::NotFound(format!("{what} not found")),
             StoreError::Conflict(why) => ApiError::Conflict(why),
+            StoreError::Rebuilding => ApiError::Rebuilding,
             other => {
                 log::error!("api: store failed: {other}");
                 ApiError::Unavailable
@@ -163,7 +168,10 @@ fn error_response(e: &ApiError) -> Resp {
         r.headers_mut()
             .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
-    if matches!(e, ApiError::TooMany | ApiError::Unavailable) {
+    if matches!(
+        e,
+        ApiError::TooMany | ApiError::Unavailable | ApiError::Rebuilding
+    ) {
         r.headers_mut().insert(
             hyper::header::RETRY_AFTER,
             HeaderValue::from(super::guard::RETRY_AFTER_S),

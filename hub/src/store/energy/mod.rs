@@ -31,7 +31,10 @@
 //! appends into one current slot per meter, writes a slot when the next
 //! one starts, and recomputes every row's flags (only rows whose flags
 //! change are updated). One transaction: a rebuild that fails leaves the
-//! old slots and is redone at the next start.
+//! old slots and is tried again. The hub rebuilds on the writer's
+//! connection only, while it serves; its other handles defer
+//! ([`EnergyStore::defer_energy`]) and read no slots until the rebuild
+//! committed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -51,7 +54,9 @@ mod rebuild;
 
 pub(crate) use fleet::group_slots;
 pub use fleet::{fleet_energy, DeviceEnergy, MeterSlots};
-pub(crate) use rebuild::{RebuildRow, RebuildSink, Rebuilder};
+pub(crate) use rebuild::{
+    walk, PagePos, PageStart, RebuildRow, RebuildSink, RebuildSource, Rebuilder,
+};
 
 /// A stored reading with its plausibility flags (the export).
 #[derive(Debug, Clone, PartialEq)]
@@ -85,13 +90,30 @@ pub trait EnergyStore: Send {
     /// with them, rebuilding them (logged, one transaction) when they were
     /// built with other limits or never. `flag_counts`, when given, is
     /// bumped after every commit by the flags of the rows it stored. The
-    /// hub calls this once per handle before using it; without the call a
-    /// handle works with the default limits and checks them at first use.
+    /// hub calls this on the writer's handle before it writes (its other
+    /// handles call [`EnergyStore::defer_energy`]); without either call a
+    /// handle works with the default limits and checks them (rebuilding if
+    /// needed) at first use.
     fn prepare_energy(
         &mut self,
         limits: Limits,
         flag_counts: Option<Arc<FlagCounts>>,
     ) -> Result<Prepared, StoreError>;
+
+    /// Sets the limits and the flag counter of this handle without
+    /// touching the database, for a handle that must never wait for a
+    /// rebuild (the hub's reading handles: another connection, the
+    /// writer's, runs [`EnergyStore::prepare_energy`]). Until the stored
+    /// slots were built with `limits`, every read of the slots fails with
+    /// [`StoreError::Rebuilding`] rather than answer from incomplete
+    /// slots; the export's pages (raw rows) are not affected.
+    fn defer_energy(&mut self, limits: Limits, flag_counts: Option<Arc<FlagCounts>>);
+
+    /// Whether [`EnergyStore::prepare_energy`] with `limits` is quick (a
+    /// few statements): the slots already agree with them, or there are
+    /// no readings to rebuild from. The hub runs such a preparation before
+    /// it serves and leaves any other to the writer's task.
+    fn energy_prepare_is_quick(&mut self, limits: &Limits) -> Result<bool, StoreError>;
 
     /// The limits of this handle.
     fn energy_limits(&self) -> Limits;
@@ -140,6 +162,11 @@ pub trait EnergyStore: Send {
         after: Option<ReadingKey>,
         limit: usize,
     ) -> Result<Vec<FlaggedReading>, StoreError>;
+
+    /// Readings per page of this handle's slot rebuilds (the default
+    /// unless set; tests set tiny pages to walk page edges).
+    #[doc(hidden)]
+    fn set_rebuild_page(&mut self, rows: usize);
 }
 
 /// The rollup of one device over `spans` (contiguous buckets from
@@ -538,9 +565,26 @@ pub(crate) struct EnergyState {
     pub flag_counts: Option<Arc<FlagCounts>>,
     /// The writer's cache (SQLite only).
     pub cache: StateCache,
+    /// Readings per page of a slot rebuild; 0: [`REBUILD_PAGE`].
+    pub rebuild_page: usize,
+    /// Set by [`EnergyStore::defer_energy`]: this handle checks the stored
+    /// limits but never rebuilds.
+    pub deferred: bool,
 }
 
+/// Readings per page of a slot rebuild ([`walk`]): a page is one indexed
+/// query; about 3 MB of rows in memory.
+pub(crate) const REBUILD_PAGE: usize = 20_000;
+
 impl EnergyState {
+    /// Readings per page of a slot rebuild.
+    pub fn rebuild_page(&self) -> usize {
+        match self.rebuild_page {
+            0 => REBUILD_PAGE,
+            n => n,
+        }
+    }
+
     /// Counts the flags of a committed batch.
     pub fn count(&self, c: &Committed) {
         if let Some(counts) = &self.flag_counts {

@@ -9,13 +9,17 @@ use postgres::Transaction;
 use super::queries::reading_of;
 use super::time::{clamp_ms, PgTime};
 use super::{db, PgStore, MIGRATION_LOCK_KEY};
+
+/// The advisory lock a slot rebuild holds: not the migration's, so that
+/// connections opening (and migrating) meanwhile do not wait for it.
+const REBUILD_LOCK_KEY: i64 = MIGRATION_LOCK_KEY + 2;
 use crate::energy::flags::FlagCounts;
 use crate::energy::rule::{Limits, MeterReading, ReadingKey};
 use crate::energy::slots::Slot;
 use crate::store::columns::{select_columns, AFTER_MEASUREMENTS};
 use crate::store::energy::{
-    group_slots, same_limits, EnergyStore, FlaggedReading, MeterSlots, Prepared, RebuildRow,
-    RebuildSink, Rebuilder,
+    group_slots, same_limits, walk, EnergyStore, FlaggedReading, MeterSlots, PagePos, PageStart,
+    Prepared, RebuildRow, RebuildSink, RebuildSource, Rebuilder,
 };
 use crate::store::StoreError;
 
@@ -75,17 +79,33 @@ const FLEET_SLOTS: &str = "SELECT s.device_id, s.meter, s.slot_ms, s.data \
 /// Columns of an exported reading.
 static EXPORT_COLUMNS: LazyLock<String> = LazyLock::new(|| format!("{}, flags", select_columns()));
 
-/// Every reading in rebuild order: a reading's columns, then `flags` and
-/// `device_id`.
-static REBUILD_ROWS: LazyLock<String> = LazyLock::new(|| {
+/// The readings for the rebuild's pages (see
+/// `crate::store::energy::walk`): a reading's columns, then `flags`, then
+/// `device_id`. Ordered by `device_id DESC, ts`, which the
+/// `(device_id, ts DESC)` index yields read backwards: no sort, no
+/// temporary files. After a position: the rest of its device, then the
+/// devices before it, each half one index range.
+fn rebuild_page_sql(cond: &str) -> String {
+    let cols = format!("{}, flags, device_id", select_columns());
+    if cond.is_empty() {
+        return format!("SELECT {cols} FROM readings ORDER BY device_id DESC, ts LIMIT $1");
+    }
     format!(
-        "SELECT {}, flags, device_id FROM readings ORDER BY device_id DESC, ts, epoch, seq",
+        "SELECT * FROM ((SELECT {cols} FROM readings WHERE device_id = $2 AND {cond} \
+         ORDER BY ts LIMIT $1) UNION ALL (SELECT {cols} FROM readings WHERE device_id < $2 \
+         ORDER BY device_id DESC, ts LIMIT $1)) AS p ORDER BY device_id DESC, ts LIMIT $1"
+    )
+}
+
+static REBUILD_FIRST: LazyLock<String> = LazyLock::new(|| rebuild_page_sql(""));
+static REBUILD_AT_OR_AFTER: LazyLock<String> = LazyLock::new(|| rebuild_page_sql("ts >= $3"));
+static REBUILD_AFTER: LazyLock<String> = LazyLock::new(|| rebuild_page_sql("ts > $3"));
+static REBUILD_AT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {}, flags, device_id FROM readings WHERE device_id = $1 AND ts = $2",
         select_columns()
     )
 });
-
-/// Rows fetched per round trip while rebuilding.
-const REBUILD_FETCH: i32 = 50_000;
 
 /// A stored slot.
 pub(super) fn slot_from(start_ms: i64, data: &[u8]) -> Result<Slot, StoreError> {
@@ -191,22 +211,103 @@ impl Buffer {
     }
 }
 
+/// The rebuild's reads and writes in its transaction.
+struct Source<'a, 'b> {
+    tx: &'a mut Transaction<'b>,
+    buf: Buffer,
+}
+
+impl Source<'_, '_> {
+    fn rows(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<RebuildRow>, StoreError> {
+        self.tx
+            .query(sql, params)
+            .map_err(db)?
+            .iter()
+            .map(|r| {
+                let flags: i32 = r.try_get(AFTER_MEASUREMENTS).map_err(db)?;
+                Ok(RebuildRow {
+                    reading: reading_of(r)?,
+                    flags: flags as u32,
+                    device_id: r.try_get(AFTER_MEASUREMENTS + 1).map_err(db)?,
+                })
+            })
+            .collect()
+    }
+}
+
+impl RebuildSource for Source<'_, '_> {
+    fn page(
+        &mut self,
+        from: Option<&PagePos>,
+        limit: usize,
+    ) -> Result<Vec<RebuildRow>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        match from {
+            None => self.rows(&REBUILD_FIRST, &[&limit]),
+            Some(PagePos {
+                device_id,
+                start: PageStart::AtOrAfter(ms),
+            }) => self.rows(&REBUILD_AT_OR_AFTER, &[&limit, device_id, &clamp_ms(*ms)]),
+            Some(PagePos {
+                device_id,
+                start: PageStart::After(ms),
+            }) => self.rows(&REBUILD_AFTER, &[&limit, device_id, &clamp_ms(*ms)]),
+        }
+    }
+
+    fn at(&mut self, device_id: &str, ts_ms: i64) -> Result<Vec<RebuildRow>, StoreError> {
+        self.rows(&REBUILD_AT, &[&device_id, &clamp_ms(ts_ms)])
+    }
+
+    fn sink(&mut self) -> &mut dyn RebuildSink {
+        &mut self.buf
+    }
+
+    fn page_done(&mut self) -> Result<(), StoreError> {
+        self.buf.flush(self.tx).map_err(db)
+    }
+}
+
 impl PgStore {
     /// Checks the slots against this handle's limits once (rebuilding
-    /// them if needed).
+    /// them if needed, unless the handle defers to another connection:
+    /// then [`StoreError::Rebuilding`] until they match).
     pub(super) fn ensure_energy(&mut self) -> Result<(), StoreError> {
         if !self.energy.prepared {
             let limits = self.energy.limits;
+            if self.energy.deferred {
+                if !same_limits(self.stored_limits()?, &limits) {
+                    return Err(StoreError::Rebuilding);
+                }
+                self.energy.prepared = true;
+                return Ok(());
+            }
             let counts = self.energy.flag_counts.clone();
             self.prepare_energy(limits, counts)?;
         }
         Ok(())
     }
 
+    /// The limits the stored slots were built with.
+    fn stored_limits(&mut self) -> Result<Option<(f64, i64)>, StoreError> {
+        self.with(|c| {
+            c.client
+                .query_opt("SELECT max_power_w, max_gap_ms FROM energy_limits", &[])
+                .map_err(db)?
+                .map(|r| Ok((r.try_get(0).map_err(db)?, r.try_get(1).map_err(db)?)))
+                .transpose()
+        })
+    }
+
     fn rebuild(
         tx: &mut Transaction<'_>,
         limits: &Limits,
         what: &str,
+        page: usize,
     ) -> Result<Prepared, StoreError> {
         let stored: Option<(f64, i64)> = tx
             .query_opt(
@@ -232,28 +333,11 @@ impl PgStore {
         tx.batch_execute("DELETE FROM energy_slots; DELETE FROM energy_meters")
             .map_err(db)?;
         let mut rebuild = Rebuilder::new(*limits, what);
-        let mut buf = Buffer::default();
-        // Any device order works (devices are independent); descending
-        // follows the (device_id, ts DESC) index backwards.
-        let portal = tx.bind(&*REBUILD_ROWS, &[]).map_err(db)?;
-        loop {
-            let rows = tx.query_portal(&portal, REBUILD_FETCH).map_err(db)?;
-            if rows.is_empty() {
-                break;
-            }
-            for r in &rows {
-                let flags: i32 = r.try_get(AFTER_MEASUREMENTS).map_err(db)?;
-                let row = RebuildRow {
-                    reading: reading_of(r)?,
-                    flags: flags as u32,
-                    device_id: r.try_get(AFTER_MEASUREMENTS + 1).map_err(db)?,
-                };
-                rebuild.push(row, &mut buf)?;
-            }
-            buf.flush(tx).map_err(db)?;
-        }
-        rebuild.flush(&mut buf)?;
-        buf.flush(tx).map_err(db)?;
+        let mut source = Source {
+            tx,
+            buf: Buffer::default(),
+        };
+        walk(&mut rebuild, &mut source, page)?;
         tx.execute("DELETE FROM energy_limits", &[]).map_err(db)?;
         tx.execute(
             "INSERT INTO energy_limits (max_power_w, max_gap_ms) VALUES ($1, $2)",
@@ -272,19 +356,45 @@ impl EnergyStore for PgStore {
     ) -> Result<Prepared, StoreError> {
         self.energy.limits = limits;
         self.energy.flag_counts = flag_counts;
+        self.energy.deferred = false;
         let what = format!("store {}", self.target.redacted);
+        let page = self.energy.rebuild_page();
         let done = self.with(|c| {
             let mut tx = c.client.transaction().map_err(db)?;
             // Hubs starting together: one rebuilds, the others then find
             // the limits in place.
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&REBUILD_LOCK_KEY])
                 .map_err(db)?;
-            let done = PgStore::rebuild(&mut tx, &limits, &what)?;
+            let done = PgStore::rebuild(&mut tx, &limits, &what, page)?;
             tx.commit().map_err(db)?;
             Ok(done)
         })?;
         self.energy.prepared = true;
         Ok(done)
+    }
+
+    fn energy_prepare_is_quick(&mut self, limits: &Limits) -> Result<bool, StoreError> {
+        if same_limits(self.stored_limits()?, limits) {
+            return Ok(true);
+        }
+        let any: bool = self.with(|c| {
+            c.client
+                .query_one("SELECT EXISTS (SELECT 1 FROM readings)", &[])
+                .and_then(|r| r.try_get(0))
+                .map_err(db)
+        })?;
+        Ok(!any)
+    }
+
+    fn defer_energy(&mut self, limits: Limits, flag_counts: Option<Arc<FlagCounts>>) {
+        self.energy.limits = limits;
+        self.energy.flag_counts = flag_counts;
+        self.energy.deferred = true;
+        self.energy.prepared = false;
+    }
+
+    fn set_rebuild_page(&mut self, rows: usize) {
+        self.energy.rebuild_page = rows;
     }
 
     fn energy_limits(&self) -> Limits {

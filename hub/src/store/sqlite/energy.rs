@@ -13,8 +13,8 @@ use crate::energy::rule::{Limits, MeterReading, ReadingKey};
 use crate::energy::slots::Slot;
 use crate::store::columns::{select_columns, AFTER_MEASUREMENTS};
 use crate::store::energy::{
-    group_slots, same_limits, EnergyStore, FlaggedReading, MeterSlots, Prepared, RebuildRow,
-    RebuildSink, Rebuilder,
+    group_slots, same_limits, walk, EnergyStore, FlaggedReading, MeterSlots, PagePos, PageStart,
+    Prepared, RebuildRow, RebuildSink, RebuildSource, Rebuilder,
 };
 use crate::store::StoreError;
 
@@ -62,11 +62,26 @@ const FLEET_SLOTS: &str = "SELECT s.device_id, s.meter, s.slot_ms, s.data \
 /// Columns of an exported reading: a reading's, then `flags`.
 static EXPORT_COLUMNS: LazyLock<String> = LazyLock::new(|| format!("{}, flags", select_columns()));
 
-/// Every reading in rebuild order: a reading's columns, then `flags` and
-/// `device_id`.
-static REBUILD_ROWS: LazyLock<String> = LazyLock::new(|| {
+/// The readings for the rebuild's pages (see
+/// `crate::store::energy::walk`): a reading's columns, then `flags`, then
+/// `device_id`. Ordered by `(device_id, ts)`, which the `(device_id, ts)`
+/// index yields: no sorter; a row-value bound starts the index scan at
+/// the page's position.
+fn rebuild_page_sql(cond: &str) -> String {
     format!(
-        "SELECT {}, flags, device_id FROM readings ORDER BY device_id, ts, epoch, seq",
+        "SELECT {}, flags, device_id FROM readings {cond} ORDER BY device_id, ts LIMIT ?1",
+        select_columns()
+    )
+}
+
+static REBUILD_FIRST: LazyLock<String> = LazyLock::new(|| rebuild_page_sql(""));
+static REBUILD_AT_OR_AFTER: LazyLock<String> =
+    LazyLock::new(|| rebuild_page_sql("WHERE (device_id, ts) >= (?2, ?3)"));
+static REBUILD_AFTER: LazyLock<String> =
+    LazyLock::new(|| rebuild_page_sql("WHERE (device_id, ts) > (?2, ?3)"));
+static REBUILD_AT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {}, flags, device_id FROM readings WHERE device_id = ?1 AND ts = ?2",
         select_columns()
     )
 });
@@ -93,14 +108,35 @@ fn flagged(r: &rusqlite::Row<'_>) -> rusqlite::Result<FlaggedReading> {
 
 impl SqliteStore {
     /// Checks the slots against this handle's limits once (rebuilding
-    /// them if needed).
+    /// them if needed, unless the handle defers to another connection:
+    /// then [`StoreError::Rebuilding`] until they match).
     pub(super) fn ensure_energy(&mut self) -> Result<(), StoreError> {
         if !self.energy.prepared {
             let limits = self.energy.limits;
+            if self.energy.deferred {
+                if !same_limits(self.stored_limits()?, &limits) {
+                    return Err(StoreError::Rebuilding);
+                }
+                self.energy.prepared = true;
+                return Ok(());
+            }
             let counts = self.energy.flag_counts.clone();
             self.prepare_energy(limits, counts)?;
         }
         Ok(())
+    }
+
+    /// The limits the stored slots were built with.
+    fn stored_limits(&mut self) -> Result<Option<(f64, i64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT max_power_w, max_gap_ms FROM energy_limits LIMIT 1")
+            .map_err(db)?;
+        let mut rows = stmt.query([]).map_err(db)?;
+        match rows.next().map_err(db)? {
+            Some(r) => Ok(Some((r.get(0).map_err(db)?, r.get(1).map_err(db)?))),
+            None => Ok(None),
+        }
     }
 
     fn label(&self) -> String {
@@ -162,6 +198,59 @@ impl RebuildSink for Sink<'_> {
     }
 }
 
+impl Sink<'_> {
+    fn rows(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<RebuildRow>, StoreError> {
+        let mut stmt = self.tx.prepare_cached(sql).map_err(db)?;
+        let rows = stmt
+            .query_map(params, |r| {
+                Ok(RebuildRow {
+                    reading: reading_of(r)?,
+                    flags: r.get::<_, i64>(AFTER_MEASUREMENTS)? as u32,
+                    device_id: r.get(AFTER_MEASUREMENTS + 1)?,
+                })
+            })
+            .map_err(db)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
+    }
+}
+
+impl RebuildSource for Sink<'_> {
+    fn page(
+        &mut self,
+        from: Option<&PagePos>,
+        limit: usize,
+    ) -> Result<Vec<RebuildRow>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        match from {
+            None => self.rows(&REBUILD_FIRST, params![limit]),
+            Some(PagePos {
+                device_id,
+                start: PageStart::AtOrAfter(ms),
+            }) => self.rows(&REBUILD_AT_OR_AFTER, params![limit, device_id, ms]),
+            Some(PagePos {
+                device_id,
+                start: PageStart::After(ms),
+            }) => self.rows(&REBUILD_AFTER, params![limit, device_id, ms]),
+        }
+    }
+
+    fn at(&mut self, device_id: &str, ts_ms: i64) -> Result<Vec<RebuildRow>, StoreError> {
+        self.rows(&REBUILD_AT, params![device_id, ts_ms])
+    }
+
+    fn sink(&mut self) -> &mut dyn RebuildSink {
+        self
+    }
+
+    fn page_done(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
 impl EnergyStore for SqliteStore {
     fn prepare_energy(
         &mut self,
@@ -170,7 +259,9 @@ impl EnergyStore for SqliteStore {
     ) -> Result<Prepared, StoreError> {
         self.energy.limits = limits;
         self.energy.flag_counts = flag_counts;
+        self.energy.deferred = false;
         let what = self.label();
+        let page = self.energy.rebuild_page();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -208,23 +299,7 @@ impl EnergyStore for SqliteStore {
         )
         .map_err(db)?;
         let mut rebuild = Rebuilder::new(limits, &what);
-        {
-            let mut sink = Sink { tx: &tx };
-            let mut stmt = tx.prepare(&REBUILD_ROWS).map_err(db)?;
-            let mut rows = stmt.query([]).map_err(db)?;
-            while let Some(r) = rows.next().map_err(db)? {
-                let row = (|| -> rusqlite::Result<RebuildRow> {
-                    Ok(RebuildRow {
-                        reading: reading_of(r)?,
-                        flags: r.get::<_, i64>(AFTER_MEASUREMENTS)? as u32,
-                        device_id: r.get(AFTER_MEASUREMENTS + 1)?,
-                    })
-                })()
-                .map_err(db)?;
-                rebuild.push(row, &mut sink)?;
-            }
-            rebuild.flush(&mut sink)?;
-        }
+        walk(&mut rebuild, &mut Sink { tx: &tx }, page)?;
         tx.execute_batch(
             "UPDATE readings SET flags = f.flags FROM temp.energy_flag_fix AS f \
              WHERE readings.device_id = f.device_id AND readings.epoch = f.epoch \
@@ -241,6 +316,28 @@ impl EnergyStore for SqliteStore {
         self.energy.cache.clear();
         self.energy.prepared = true;
         Ok(rebuild.finish())
+    }
+
+    fn energy_prepare_is_quick(&mut self, limits: &Limits) -> Result<bool, StoreError> {
+        if same_limits(self.stored_limits()?, limits) {
+            return Ok(true);
+        }
+        let any: bool = self
+            .conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM readings)", [], |r| r.get(0))
+            .map_err(db)?;
+        Ok(!any)
+    }
+
+    fn defer_energy(&mut self, limits: Limits, flag_counts: Option<Arc<FlagCounts>>) {
+        self.energy.limits = limits;
+        self.energy.flag_counts = flag_counts;
+        self.energy.deferred = true;
+        self.energy.prepared = false;
+    }
+
+    fn set_rebuild_page(&mut self, rows: usize) {
+        self.energy.rebuild_page = rows;
     }
 
     fn energy_limits(&self) -> Limits {
