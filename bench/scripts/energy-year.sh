@@ -75,7 +75,15 @@ start_hub() { # $1: database URL
     sleep 0.2
   done
   BASE="http://127.0.0.1:$port"
-  log "hub ready after $(echo "$(date +%s.%N) - $t0" | bc) s (builds the energy slots and flags of $ROWS stored rows)"
+  log "hub ready after $(echo "$(date +%s.%N) - $t0" | bc) s"
+  # The slot build runs while the hub serves; the energy endpoint answers
+  # 503 until it is done.
+  local probe="$BASE/api/devices/$DEV/energy?from_ms=$T0&to_ms=$((T0 + 1))&bucket=hour"
+  until [ "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $VIEWER" "$probe")" = 200 ]; do
+    kill -0 "$HUB_PID" 2>/dev/null || { cat "$WORK/hub.log"; exit 1; }
+    sleep 0.2
+  done
+  log "energy slots ready after $(echo "$(date +%s.%N) - $t0" | bc) s (built from the $ROWS stored rows and their flags)"
 }
 
 temp_bytes() { # $1: PostgreSQL URL; temporary-file bytes of the whole cluster so far
