@@ -215,6 +215,12 @@ impl<'a> Session<'a> {
     /// allow (nothing more while earlier bytes wait for the socket).
     fn send(&mut self, ws: &mut Socket) -> Result<(), SessionEnd> {
         self.more = None;
+        // Bytes already queued (the pong to a ping that just arrived) go
+        // first; they hold the readings back only if the socket takes no
+        // more: then its POLLOUT wakes the loop. Skipping the pacer's turn
+        // for a mere queued pong would lose its timer, and a hub that pings
+        // more often than the loop's other timers would stall the backlog.
+        self.flush(ws)?;
         if self.write_pending {
             return Ok(());
         }
@@ -533,6 +539,116 @@ fn would_block(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbox::Outbox;
+    use ems_shared::Reading;
+    use std::net::TcpListener;
+    use std::sync::mpsc;
+    use tungstenite::stream::MaybeTlsStream;
+
+    fn link_config() -> LinkConfig {
+        let s = Duration::from_secs;
+        LinkConfig {
+            backoff_base: s(1),
+            backoff_cap: s(1),
+            stable_after: s(1),
+            connect_timeout: s(10),
+            ping_after: s(3600),
+            dead_after: s(7200),
+            max_in_flight: 512,
+            max_send_rate: 5.0,
+            // No status frame to wake the loop by chance.
+            status_every: s(3600),
+        }
+    }
+
+    /// A hub stand-in that pings every `ping_every` and reports each
+    /// reading's seq (it never acknowledges, never closes).
+    fn pinging_hub(ping_every: Duration) -> (u16, mpsc::Receiver<u64>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            let mut ws = tungstenite::accept(tcp).unwrap();
+            ws.get_ref().set_read_timeout(Some(ping_every)).unwrap();
+            loop {
+                match ws.read() {
+                    Ok(Message::Text(t)) => {
+                        let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                        if let Some(seq) = v.get("seq").and_then(|s| s.as_u64()) {
+                            if tx.send(seq).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tungstenite::Error::Io(e))
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(_) => return,
+                }
+                if ws.send(Message::Ping(Default::default())).is_err() {
+                    return;
+                }
+            }
+        });
+        (port, rx)
+    }
+
+    #[test]
+    fn a_hub_that_pings_often_does_not_stall_a_paced_backlog() {
+        // The pacer (5/s, a bucket of 16) lets 16 readings go at once and
+        // the rest one per 200 ms; the hub pings every 20 ms, so nearly
+        // every wake-up of the loop is a ping. Each reading must still go
+        // out on the pacer's timer.
+        let (port, seqs) = pinging_hub(Duration::from_millis(20));
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SharedOutbox::new(Outbox::open(dir.path(), 1 << 20, 512).unwrap()).unwrap();
+        const N: u64 = 24;
+        let readings: Vec<Reading> = (0..N)
+            .map(|seq| Reading {
+                epoch: 7,
+                seq,
+                ts_ms: 1_764_000_000_000 + seq as i64,
+                meter: "main".into(),
+                power_w: Some(1.0),
+                ..Default::default()
+            })
+            .collect();
+        outbox.append_all(&readings, None);
+        let cfg = link_config();
+        let shutdown = Shutdown::new();
+        let health = Health::new();
+        let link = {
+            let (outbox, shutdown) = (outbox.clone(), shutdown.clone());
+            std::thread::spawn(move || {
+                let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                let control = tcp.try_clone().unwrap();
+                let (mut ws, _) = tungstenite::client::client(
+                    format!("ws://127.0.0.1:{port}/"),
+                    MaybeTlsStream::Plain(tcp),
+                )
+                .unwrap();
+                let mut pacer = Pacer::new(cfg.max_send_rate, Instant::now());
+                Session::new(&cfg, &outbox, &shutdown, &health, &mut pacer).run(&mut ws, &control)
+            })
+        };
+        // 16 at once, 8 more in 1.6 s at the pacer's rate: 30 s is plenty
+        // on a loaded machine. (A loop that skipped its turn whenever a
+        // ping had queued a pong sent the first 16 and then nothing.)
+        let mut got = Vec::new();
+        while got.len() < N as usize {
+            match seqs.recv_timeout(Duration::from_secs(30)) {
+                Ok(seq) => got.push(seq),
+                Err(_) => break,
+            }
+        }
+        shutdown.trigger();
+        let end = link.join().unwrap();
+        assert_eq!(got, (0..N).collect::<Vec<_>>(), "the link ended: {end:?}");
+    }
 
     fn deadlines(now: Instant) -> Deadlines {
         Deadlines {
