@@ -617,7 +617,7 @@ mod tests {
                 ..Default::default()
             })
             .collect();
-        outbox.append_all(&readings, None);
+        outbox.append_all(&readings);
         let cfg = link_config();
         let shutdown = Shutdown::new();
         let health = Health::new();
