@@ -9,8 +9,9 @@
 //! - The task ([`task::run`]) wakes every `presence_tick` (and at once after a
 //!   connect or disconnect) and writes, in one transaction: the pending
 //!   connects and disconnects, the state of every device that changed —
-//!   at most once per `presence_flush` —, and every `presence_renew` the
-//!   lease of every device online here (`presence_lease` ahead). A hub
+//!   at most once per `presence_flush`, and with each renewal —, and every
+//!   `presence_renew` the lease of every device online here
+//!   (`presence_lease` ahead). A hub
 //!   that dies stops renewing; its devices are offline for every hub once
 //!   their lease ends.
 //! - Cross-hub takeover: a connect takes the next connection generation.

@@ -65,8 +65,10 @@ pub(crate) async fn run(shared: Arc<Shared>, store: StoreHandle) {
         let now = Instant::now();
         let flush = now.duration_since(last_flush) >= cfg.presence_flush;
         let renew = now.duration_since(last_renew) >= cfg.presence_renew;
-        let batch = presence.take(flush);
-        if flush {
+        // A renewal carries the due updates: the store writes their rows
+        // once, with the new lease.
+        let batch = presence.take(flush || renew);
+        if flush || renew {
             last_flush = now;
         }
         let mut sync = presence.sync(&batch, crate::store::now_ms(), cfg.presence_lease);

@@ -97,3 +97,84 @@ async fn edge_loss_counters_are_shown_everywhere() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Where each of `keys` first appears in `text` as an object key, in order
+/// (panics when one is missing).
+fn key_positions(text: &str, keys: &[&str]) -> Vec<usize> {
+    keys.iter()
+        .map(|k| {
+            text.find(&format!("\"{k}\":"))
+                .unwrap_or_else(|| panic!("no key {k} in {text}"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_lists_keep_their_shape() {
+    let hub = TestHub::start().await;
+    let admin = hub.admin().add_admin("ops").unwrap();
+    let token = hub.add_device("dev-s");
+    let viewer = hub.add_viewer("v", &["dev-s"]);
+    let mut ws = hub.device("dev-s", &token).await;
+    send_text(&mut ws, STATUS).await;
+    send_text(&mut ws, reading(1, 0)).await;
+    wait_ack(&mut ws, 1, 0).await;
+    // Every key of an entry, sorted, as the lists have always answered.
+    let keys = [
+        "behind_ms",
+        "device_id",
+        "dropped",
+        "dropped_damaged",
+        "dropped_disk_full",
+        "hub",
+        "last",
+        "last_seen_ms",
+        "online",
+        "online_since_ms",
+        "outbox_depth",
+        "quarantined",
+        "unwritten",
+    ];
+    let last_keys = ["energy_wh", "meter", "power_w", "ts"];
+    for (t, path) in [(&viewer, "/api/devices"), (&admin, "/api/admin/devices")] {
+        let r = http(
+            hub.addr,
+            "GET",
+            path,
+            &[("Authorization", &bearer(t))],
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(
+            r.body.starts_with("{\"devices\":[{\"behind_ms\":"),
+            "{}",
+            r.body
+        );
+        let mut want: Vec<&str> = keys.to_vec();
+        if path.contains("admin") {
+            want.insert(1, "created_ms");
+            want.insert(13, "revoked_ms");
+        }
+        let at = key_positions(&r.body, &want);
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{path}: {}", r.body);
+        let last = &r.body[r.body.find("\"last\":[").unwrap()..];
+        let at = key_positions(last, &last_keys);
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{path}: {last}");
+        let v = r.json();
+        let e = &v["devices"][0];
+        assert_eq!(e.as_object().unwrap().len(), want.len(), "{path}: {e}");
+        assert_eq!(e["device_id"], "dev-s");
+        assert_eq!(e["online"], true);
+        assert!(e["hub"].is_string() && e["online_since_ms"].is_i64(), "{e}");
+        assert!(e["last_seen_ms"].is_i64() && e["behind_ms"].is_i64(), "{e}");
+        assert_eq!(e["outbox_depth"], 12);
+        assert_eq!(e["quarantined"], 0);
+        check(e, path);
+        let l = &e["last"][0];
+        assert_eq!(l["meter"], "main");
+        assert_eq!(l["power_w"], 960.5);
+        assert_eq!(l["energy_wh"], 1523400.0);
+        assert!(l["ts"].is_i64(), "{l}");
+    }
+}

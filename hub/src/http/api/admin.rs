@@ -12,15 +12,17 @@ use hyper::{Request, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::states::states;
-use super::{body, changed, check_admin, device_id, name, new_token, store, Answer, ApiError};
+use super::states::{listing_body, states};
+use super::{
+    body, changed, check_admin, device_id, name, new_token, store, Answer, ApiError, RawAnswer,
+};
 use crate::auth::token::{self, TokenKind};
 use crate::fanout::registry::Kick;
 use crate::state::Shared;
 use crate::store::ViewerScope;
 
 /// `GET /api/admin/devices`: every device with its live state.
-pub(super) async fn devices<B>(req: &Request<B>, shared: &Arc<Shared>) -> Answer {
+pub(super) async fn devices<B>(req: &Request<B>, shared: &Arc<Shared>) -> RawAnswer {
     check_admin(req, shared).await?;
     let devices = store(shared, |s| s.list_devices()).await?;
     let ids = devices.iter().map(|d| d.device_id.clone()).collect();
@@ -29,7 +31,7 @@ pub(super) async fn devices<B>(req: &Request<B>, shared: &Arc<Shared>) -> Answer
         state.created_ms = Some(info.created_ms);
         state.revoked_ms = Some(info.revoked_ms);
     }
-    Ok((StatusCode::OK, json!({ "devices": list })))
+    Ok((StatusCode::OK, listing_body(&list)?))
 }
 
 /// `POST /api/admin/devices` `{"device_id":"…"}`: 201 with the token

@@ -81,6 +81,11 @@ use crate::store::{Store, StoreError, TokenHash, ViewerScope};
 /// What an endpoint answers: a status and a JSON body.
 type Answer = Result<(StatusCode, serde_json::Value), ApiError>;
 
+/// What an endpoint that serializes its own body answers: a status and
+/// the JSON text (the device lists, written straight from their rows
+/// without a [`serde_json::Value`] per device).
+type RawAnswer = Result<(StatusCode, Vec<u8>), ApiError>;
+
 /// Largest JSON request body.
 const MAX_BODY: usize = 4096;
 
@@ -150,7 +155,11 @@ impl From<StoreError> for ApiError {
 }
 
 fn json_response(status: StatusCode, body: &serde_json::Value) -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    raw_json_response(status, body.to_string().into_bytes())
+}
+
+fn raw_json_response(status: StatusCode, body: Vec<u8>) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     let h = r.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -184,7 +193,7 @@ fn error_response(e: &ApiError) -> Resp {
 pub(crate) async fn handle(req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) -> Resp {
     let path = req.uri().path().to_owned();
     match route(req, &shared).await {
-        Ok((status, body)) => json_response(status, &body),
+        Ok((status, body)) => raw_json_response(status, body),
         Err(e) => {
             if !matches!(e, ApiError::NotFound(_)) {
                 let path = crate::log_text::escape(&path);
@@ -195,7 +204,7 @@ pub(crate) async fn handle(req: Request<Incoming>, peer: SocketAddr, shared: Arc
     }
 }
 
-async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Answer {
+async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> RawAnswer {
     if !handshake::origin_allowed(
         req.headers(),
         shared.config.public_url.as_deref(),
@@ -208,12 +217,12 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Answer {
     let method = req.method().clone();
     let get = method == Method::GET || method == Method::HEAD;
     let post = method == Method::POST;
-    match segs.as_slice() {
-        ["devices"] if get => viewer::devices(&req, shared).await,
+    let answer = match segs.as_slice() {
+        ["devices"] if get => return viewer::devices(&req, shared).await,
         ["devices", id, "readings"] if get => viewer::readings(&req, shared, id).await,
         ["devices", id, "energy"] if get => energy::energy(&req, shared, id).await,
         ["fleet", "energy"] if get => fleet::energy(&req, shared).await,
-        ["admin", "devices"] if get => admin::devices(&req, shared).await,
+        ["admin", "devices"] if get => return admin::devices(&req, shared).await,
         ["admin", "devices"] if post => admin::add_device(req, shared).await,
         ["admin", "devices", id, "rotate"] if post => admin::rotate_device(&req, shared, id).await,
         ["admin", "devices", id, "revoke"] if post => admin::revoke_device(&req, shared, id).await,
@@ -235,7 +244,8 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Answer {
         | ["admin", "admins", _, "revoke"]
         | ["admin", "quarantine"] => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound("not found".into())),
-    }
+    };
+    answer.map(|(status, body)| (status, body.to_string().into_bytes()))
 }
 
 fn new_token(kind: TokenKind) -> Result<String, ApiError> {

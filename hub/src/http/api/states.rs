@@ -18,36 +18,73 @@ use crate::fanout::registry::StatusEntry;
 use crate::state::Shared;
 use crate::store::presence::{DeviceStateRow, LastReading, StatusSummary};
 
-/// One device as the API lists it.
+/// One device as the API lists it. The fields are declared in name order:
+/// the answer is serialized straight from this struct (see
+/// [`listing_body`]) and has always listed each object's keys sorted, as a
+/// `serde_json::Value` map does.
 #[derive(Debug, Serialize)]
 pub(super) struct DeviceState {
-    device_id: String,
-    online: bool,
-    last_seen_ms: Option<i64>,
-    /// Readings waiting in the device's outbox, when it reports them.
-    outbox_depth: Option<u64>,
     /// How far behind the device's outbox is, when it reports it.
     behind_ms: Option<i64>,
-    /// The edge's loss counters from its last `status` frame, while it is
-    /// connected and reports them: readings dropped for a full spool,
-    /// held in memory because the spool cannot be written, dropped for a
-    /// full disk, skipped as damaged.
-    dropped: Option<u64>,
-    unwritten: Option<u64>,
-    dropped_disk_full: Option<u64>,
-    dropped_damaged: Option<u64>,
-    /// Rows in the quarantine for this device.
-    quarantined: u64,
-    /// The hub holding its connection (`null` when offline).
-    hub: Option<String>,
-    /// When its current connection started (`null` when offline).
-    online_since_ms: Option<i64>,
-    /// The last reading per meter (empty when unknown).
-    last: Vec<LastReading>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) created_ms: Option<i64>,
+    device_id: String,
+    /// The edge's loss counters from its last `status` frame, while it is
+    /// connected and reports them: readings dropped for a full spool,
+    /// skipped as damaged, dropped for a full disk, held in memory because
+    /// the spool cannot be written.
+    dropped: Option<u64>,
+    dropped_damaged: Option<u64>,
+    dropped_disk_full: Option<u64>,
+    /// The hub holding its connection (`null` when offline).
+    hub: Option<String>,
+    /// The last reading per meter (empty when unknown).
+    #[serde(serialize_with = "last_sorted")]
+    last: Vec<LastReading>,
+    last_seen_ms: Option<i64>,
+    online: bool,
+    /// When its current connection started (`null` when offline).
+    online_since_ms: Option<i64>,
+    /// Readings waiting in the device's outbox, when it reports them.
+    outbox_depth: Option<u64>,
+    /// Rows in the quarantine for this device.
+    quarantined: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) revoked_ms: Option<Option<i64>>,
+    unwritten: Option<u64>,
+}
+
+/// A `last` entry with its keys in name order.
+#[derive(Serialize)]
+struct LastSorted<'a> {
+    energy_wh: Option<f64>,
+    meter: &'a str,
+    power_w: Option<f64>,
+    ts: i64,
+}
+
+fn last_sorted<S: serde::Serializer>(last: &[LastReading], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(last.iter().map(|l| LastSorted {
+        energy_wh: l.energy_wh,
+        meter: &l.meter,
+        power_w: l.power_w,
+        ts: l.ts,
+    }))
+}
+
+/// The device lists' answer, `{"devices":[…]}`, as JSON text.
+pub(super) fn listing_body(list: &[DeviceState]) -> Result<Vec<u8>, ApiError> {
+    #[derive(Serialize)]
+    struct Listing<'a> {
+        devices: &'a [DeviceState],
+    }
+    // About 300 bytes per device with one meter.
+    let mut out = Vec::with_capacity(64 + list.len() * 320);
+    serde_json::to_writer(&mut out, &Listing { devices: list }).map_err(|e| {
+        log::error!("api: cannot serialize the device list: {e}");
+        ApiError::Unavailable
+    })?;
+    Ok(out)
 }
 
 /// What this hub knows first-hand about a device connected to it.
@@ -283,6 +320,43 @@ mod tests {
         assert_eq!((s.online_since_ms, s.last_seen_ms), (Some(900), Some(900)));
         assert_eq!(s.outbox_depth, None, "no status on this connection yet");
         assert_eq!(s.last.len(), 1, "the stored readings until new ones come");
+    }
+
+    #[test]
+    fn the_answer_is_written_with_every_key_sorted_as_a_value_map_has_it() {
+        let mut with_status = known(Some(row(true, "there:2")), None);
+        with_status.quarantined = 3;
+        let mut states = vec![
+            merge("a".into(), with_status),
+            merge("b".into(), known(None, None)),
+            merge("c".into(), known(Some(row(false, "there:2")), None)),
+        ];
+        states[2].last.push(LastReading {
+            meter: "pv".into(),
+            ts: 460,
+            power_w: None,
+            energy_wh: Some(12.5),
+        });
+        let mut admin = merge("d".into(), known(Some(row(true, "there:2")), None));
+        admin.created_ms = Some(7);
+        admin.revoked_ms = Some(None);
+        states.push(admin);
+        let direct = String::from_utf8(listing_body(&states).unwrap()).unwrap();
+        let values: Vec<serde_json::Value> = states
+            .iter()
+            .map(|s| serde_json::to_value(s).unwrap())
+            .collect();
+        assert_eq!(
+            direct,
+            serde_json::json!({ "devices": values }).to_string(),
+            "the same text as through a Value"
+        );
+        assert!(direct
+            .starts_with("{\"devices\":[{\"behind_ms\":650,\"device_id\":\"a\",\"dropped\":0,"));
+        assert!(direct.contains(
+            "\"last\":[{\"energy_wh\":null,\"meter\":\"main\",\"power_w\":1.0,\"ts\":450}]"
+        ));
+        assert!(direct.contains("\"quarantined\":0,\"revoked_ms\":null,\"unwritten\":0}]}"));
     }
 
     #[test]

@@ -12,8 +12,8 @@ use hyper::{Request, StatusCode};
 use serde::Serialize;
 use serde_json::json;
 
-use super::states::states;
-use super::{device_id, heavy_turn, store, viewer_scope, Answer, ApiError};
+use super::states::{listing_body, states};
+use super::{device_id, heavy_turn, store, viewer_scope, Answer, ApiError, RawAnswer};
 use crate::auth::handshake;
 use crate::state::Shared;
 use crate::store::{StoredReading, ViewerScope};
@@ -23,7 +23,7 @@ const DEFAULT_LIMIT: usize = 1000;
 const MAX_LIMIT: usize = 10_000;
 
 /// `GET /api/devices`: the devices the viewer may watch, with presence.
-pub(super) async fn devices<B>(req: &Request<B>, shared: &Arc<Shared>) -> Answer {
+pub(super) async fn devices<B>(req: &Request<B>, shared: &Arc<Shared>) -> RawAnswer {
     let (viewer, scope) = viewer_scope(req, shared).await?;
     let _turn = heavy_turn(shared, &viewer).await?;
     list_for_viewer(shared, scope).await
@@ -41,12 +41,12 @@ pub(super) async fn readings<B>(req: &Request<B>, shared: &Arc<Shared>, id: &str
     history(shared, id, query).await
 }
 
-async fn list_for_viewer(shared: &Arc<Shared>, scope: ViewerScope) -> Answer {
+async fn list_for_viewer(shared: &Arc<Shared>, scope: ViewerScope) -> RawAnswer {
     // The unrevoked devices are in memory with the tokens.
     let devices = shared.auth.active_devices().ok_or(ApiError::Unavailable)?;
     let ids: Vec<String> = devices.into_iter().filter(|d| scope.allows(d)).collect();
     let list = states(shared, ids).await?;
-    Ok((StatusCode::OK, json!({ "devices": list })))
+    Ok((StatusCode::OK, listing_body(&list)?))
 }
 
 /// Parsed `from_ms`, `to_ms`, `limit` of the history endpoint.

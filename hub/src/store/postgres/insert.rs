@@ -109,13 +109,20 @@ const LOCK_DEVICES: &str = "SELECT count(pg_advisory_xact_lock($1, hashtext(d)))
      FROM (SELECT DISTINCT d FROM unnest($2::text[]) AS d ORDER BY d) AS s";
 
 /// Every meter's latest slot and latest slot with energy, in input order.
-const STATES: &str = "SELECT t.slot_ms, t.data, e.slot_ms, e.data \
+/// The second is looked up only when the latest slot has no energy
+/// reading (else it is that slot): one index probe per meter instead of
+/// two in the common case (the `NOT t.has_energy` filter depends on the
+/// outer row only, so PostgreSQL skips the probe).
+const STATES: &str = "SELECT t.slot_ms, t.data, \
+       CASE WHEN t.has_energy THEN t.slot_ms ELSE e.slot_ms END, \
+       CASE WHEN t.has_energy THEN t.data ELSE e.data END \
      FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS m(device_id, meter, i) \
-     LEFT JOIN LATERAL (SELECT slot_ms, data FROM energy_slots s \
+     LEFT JOIN LATERAL (SELECT slot_ms, data, has_energy FROM energy_slots s \
        WHERE s.device_id = m.device_id AND s.meter = m.meter \
        ORDER BY slot_ms DESC LIMIT 1) t ON true \
      LEFT JOIN LATERAL (SELECT slot_ms, data FROM energy_slots s \
-       WHERE s.device_id = m.device_id AND s.meter = m.meter AND s.has_energy \
+       WHERE NOT t.has_energy AND s.device_id = m.device_id AND s.meter = m.meter \
+         AND s.has_energy \
        ORDER BY slot_ms DESC LIMIT 1) e ON true \
      ORDER BY m.i";
 

@@ -1,7 +1,10 @@
 //! The shared device state on PostgreSQL: one transaction per flush, each
 //! kind of change one statement whatever the number of devices (the rows
 //! travel as arrays), connects under an advisory lock held until the
-//! commit so generations commit in order; one statement per listing.
+//! commit so generations commit in order; one statement per listing. A
+//! renewal writes the lease of the updated rows with their update and only
+//! the rest by itself (every row version costs PostgreSQL a tuple and,
+//! when the page is full, an entry in each index).
 
 use postgres::Transaction;
 
@@ -111,7 +114,9 @@ impl PresenceStore for PgStore {
                          ELSE u.disk END, \
                        dropped_damaged = CASE WHEN u.rx IS NULL THEN s.dropped_damaged \
                          ELSE u.damaged END, \
-                       last_readings = COALESCE(u.last, s.last_readings) \
+                       last_readings = COALESCE(u.last, s.last_readings), \
+                       lease_until_ms = CASE WHEN $12 AND s.online THEN $13 \
+                         ELSE s.lease_until_ms END \
                      FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], \
                        $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], \
                        $10::bigint[], $11::text[]) \
@@ -119,15 +124,29 @@ impl PresenceStore for PgStore {
                          damaged, last) \
                      WHERE s.device_id = u.id AND s.generation = u.gen",
                     &[
-                        &ids, &gens, &seen, &rx, &depth, &behind, &dropped, &unwritten, &disk,
-                        &damaged, &last,
+                        &ids,
+                        &gens,
+                        &seen,
+                        &rx,
+                        &depth,
+                        &behind,
+                        &dropped,
+                        &unwritten,
+                        &disk,
+                        &damaged,
+                        &last,
+                        &sync.renew,
+                        &sync.lease_until_ms,
                     ],
                 )
                 .map_err(db)?;
             }
             if sync.renew {
+                // The rows the updates above just wrote carry the new
+                // lease already: each row is written once per renewal.
                 tx.execute(
-                    "UPDATE device_state SET lease_until_ms = $1 WHERE hub = $2 AND online",
+                    "UPDATE device_state SET lease_until_ms = $1 \
+                     WHERE hub = $2 AND online AND lease_until_ms <> $1",
                     &[&sync.lease_until_ms, &sync.hub],
                 )
                 .map_err(db)?;
