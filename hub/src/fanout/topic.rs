@@ -151,10 +151,8 @@ impl Topic {
         }
         if state.frames.is_empty() && state.frames.capacity() > KEEP_SLOTS {
             let now = Instant::now();
-            if state
-                .shrunk
-                .is_none_or(|t| now.duration_since(t) >= SHRINK_EVERY)
-            {
+            let recently = matches!(state.shrunk, Some(t) if now.duration_since(t) < SHRINK_EVERY);
+            if !recently {
                 state.frames.shrink_to(KEEP_SLOTS);
                 state.shrunk = Some(now);
             }
