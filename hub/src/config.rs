@@ -212,8 +212,10 @@ impl Config {
             batch_max_rows: 10_000,
             batch_linger: Duration::from_millis(5),
             queue_capacity: 100_000,
-            // Each watched device's ring costs ~64 bytes a slot:
-            // 256 slots = 16 KB, 4 min of a 1 Hz device, 1 s of a 250 Hz one.
+            // How far a subscriber may fall behind before it is dropped:
+            // 4 min of a 1 Hz device, 1 s of a 250 Hz one. A topic holds only
+            // the frames its slowest subscriber has not read (~40 bytes each),
+            // not this many slots up front.
             subscriber_buffer: 256,
             write_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(9),

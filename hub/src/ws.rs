@@ -10,6 +10,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::time::{interval_at, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
@@ -26,17 +27,37 @@ pub(crate) fn config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(ems_shared::MAX_MESSAGE_BYTES))
         .max_frame_size(Some(ems_shared::MAX_MESSAGE_BYTES))
-        // Readings are ~220 bytes: a 512-byte read buffer holds one with
-        // room to spare and keeps idle connections small (4 KiB -> 1 KiB
-        // saved ~3 KB each, 1 KiB -> 512 B another ~0.7 KB;
-        // docs/decisions/hub-idle-connection-memory.md). Larger messages
-        // (up to the 16 KiB limit) grow it as they arrive.
-        .read_buffer_size(512)
+        // Readings are ~220 bytes: a 256-byte read buffer holds one with
+        // its frame header and keeps idle connections small (4 KiB -> 1 KiB
+        // saved ~3 KB each, 1 KiB -> 512 B -> 256 B another ~0.7 and
+        // ~0.3 KB; docs/decisions/hub-idle-connection-memory.md). Larger
+        // messages (up to the 16 KiB limit) grow it as they arrive.
+        .read_buffer_size(256)
         // Frames are queued with `feed` and written together at `flush`
         // (acks committed together, a subscriber's waiting frames).
         // The buffer grows only as far as it is used.
         .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(256 * 1024)
+}
+
+/// Waits for hyper to hand over the upgraded connection of `role`'s
+/// `device_id` and wraps it in a WebSocket (`None`: the upgrade failed,
+/// logged).
+pub(crate) async fn upgrade(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    role: &str,
+    device_id: &str,
+    peer: std::net::SocketAddr,
+) -> Option<Ws> {
+    match on_upgrade.await {
+        Ok(u) => Some(
+            WebSocketStream::from_raw_socket(TokioIo::new(u), Role::Server, Some(config())).await,
+        ),
+        Err(e) => {
+            log::debug!("upgrade of {role} {device_id} from {peer} failed: {e}");
+            None
+        }
+    }
 }
 
 /// Why a session ends.

@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use super::classify::{classify, Class};
+use super::topic::Receiver;
 use crate::state::Shared;
 use crate::ws::{End, Ws};
 
@@ -31,7 +32,7 @@ pub(super) struct Feed {
     /// The hub's shared state.
     pub(super) shared: Arc<Shared>,
     /// The device's live topic, subscribed before anything else was sent.
-    pub(super) topic: broadcast::Receiver<Utf8Bytes>,
+    pub(super) topic: Receiver,
     /// Pings sent since the last pong.
     pub(super) missed_pongs: u32,
 }
@@ -43,7 +44,7 @@ impl Feed {
         device_id: Arc<str>,
         peer: SocketAddr,
         shared: Arc<Shared>,
-        topic: broadcast::Receiver<Utf8Bytes>,
+        topic: Receiver,
     ) -> Self {
         Feed {
             ws,

@@ -23,10 +23,7 @@ use hyper::header::{
     HeaderMap, HeaderValue, CONNECTION, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT, UPGRADE,
 };
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
 
 use super::guard::{trusted_proxy, RETRY_AFTER_S};
 use super::{forbidden, text, unauthorized, ConnGuard, Resp};
@@ -409,13 +406,18 @@ fn start_session(
 ) {
     let hash = checked.token;
     match side {
+        // The device session waits for the upgrade itself: wrapped in a
+        // block of its own, the task would keep a second copy of the
+        // session's arguments.
         Side::Device => {
-            tokio::spawn(async move {
-                if let Some(ws) = upgraded(on_upgrade, side, &device_id, peer).await {
-                    ingest::session::run(ws, device_id, peer, shared, Some(hash)).await;
-                }
-                drop(guard);
-            });
+            let upgrade = ingest::session::Upgrade { on_upgrade, guard };
+            tokio::spawn(ingest::session::run(
+                upgrade,
+                device_id,
+                peer,
+                shared,
+                Some(hash),
+            ));
         }
         Side::Dashboard => {
             let opts = FeedOptions {
@@ -423,7 +425,7 @@ fn start_session(
                 viewer: hash,
             };
             tokio::spawn(async move {
-                if let Some(ws) = upgraded(on_upgrade, side, &device_id, peer).await {
+                if let Some(ws) = ws::upgrade(on_upgrade, side.name(), &device_id, peer).await {
                     shared.metrics.connection(MetricsRole::Dashboard, 1);
                     let m = shared.metrics.clone();
                     fanout::dashboard::run(ws, device_id, peer, shared, opts).await;
@@ -431,28 +433,6 @@ fn start_session(
                 }
                 drop(guard);
             });
-        }
-    }
-}
-
-/// Waits for hyper to hand over the upgraded connection.
-async fn upgraded(
-    on_upgrade: hyper::upgrade::OnUpgrade,
-    side: Side,
-    device_id: &str,
-    peer: SocketAddr,
-) -> Option<ws::Ws> {
-    match on_upgrade.await {
-        Ok(u) => Some(
-            WebSocketStream::from_raw_socket(TokioIo::new(u), Role::Server, Some(ws::config()))
-                .await,
-        ),
-        Err(e) => {
-            log::debug!(
-                "upgrade of {} {device_id} from {peer} failed: {e}",
-                side.name()
-            );
-            None
         }
     }
 }

@@ -61,23 +61,35 @@ const ABANDONED: (CloseCode, &str) = (
     "store failed; send unacked readings again",
 );
 
-/// Serves one device connection until it ends.
+/// A device connection hyper is about to hand over, and what it holds
+/// until it ends (its slots in the connection quotas).
+pub(crate) struct Upgrade<G> {
+    /// Resolves to the upgraded connection.
+    pub on_upgrade: hyper::upgrade::OnUpgrade,
+    /// Dropped when the session ends.
+    pub guard: G,
+}
+
+/// Serves one device connection, from its upgrade until it ends.
 ///
 /// `token` is the hash of the token the connection authenticated with; the
 /// revocation poll compares it with the store's current one.
 // Not an `async fn` on purpose (see the comment in the body).
 #[allow(clippy::manual_async_fn)]
-pub(crate) fn run(
-    mut ws: Ws,
+pub(crate) fn run<G: Send + 'static>(
+    upgrade: Upgrade<G>,
     device_id: Arc<str>,
     peer: SocketAddr,
     shared: Arc<Shared>,
     token: Option<TokenHash>,
 ) -> impl std::future::Future<Output = ()> + Send {
     // An `async move` block rather than an `async fn`: the latter keeps a
-    // second copy of its arguments (the 328-byte socket among them) in
-    // every session's task.
+    // second copy of its arguments in every session's task.
     async move {
+        let Upgrade { on_upgrade, guard } = upgrade;
+        let Some(mut ws) = ws::upgrade(on_upgrade, "device", &device_id, peer).await else {
+            return;
+        };
         let Some(DeviceLease {
             conn_id,
             kick,
@@ -135,6 +147,7 @@ pub(crate) fn run(
             Box::pin(ws::close(&mut ws, code, reason)).await;
         }
         log::info!("device {device_id} from {peer} disconnected");
+        drop(guard);
     }
 }
 
