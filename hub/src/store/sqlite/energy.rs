@@ -31,7 +31,11 @@ pub(super) const SLOT_BEFORE: &str = "SELECT slot_ms, data FROM energy_slots \
 pub(super) const SLOT_READINGS: &str = "SELECT ts, epoch, seq, energy_wh, power_w FROM readings \
      WHERE device_id = ?1 AND meter = ?2 AND ts >= ?3 AND ts < ?4 ORDER BY ts, epoch, seq";
 
-/// Every slot `combine` needs for `[?3, ?4)` (see `crate::energy`).
+/// Every slot `combine` needs for `[?3, ?4)` (see `crate::energy`). No
+/// outer `ORDER BY`: the range comes in primary-key order, and merging the
+/// three parts in SQL cost more than the rest of the read (a meter-year,
+/// 35,040 slots: ~20 against ~10 ms of CPU); the caller sorts the (at most
+/// two) edge slots into place.
 const RANGE_SLOTS: &str = "SELECT slot_ms, data FROM energy_slots \
      WHERE device_id = ?1 AND meter = ?2 AND slot_ms >= ?3 AND slot_ms < ?4 \
      UNION ALL SELECT * FROM (SELECT slot_ms, data FROM energy_slots \
@@ -39,8 +43,7 @@ const RANGE_SLOTS: &str = "SELECT slot_ms, data FROM energy_slots \
      ORDER BY slot_ms DESC LIMIT 1) \
      UNION ALL SELECT * FROM (SELECT slot_ms, data FROM energy_slots \
      WHERE device_id = ?1 AND meter = ?2 AND has_energy AND slot_ms >= ?4 \
-     ORDER BY slot_ms LIMIT 1) \
-     ORDER BY slot_ms";
+     ORDER BY slot_ms LIMIT 1)";
 
 /// Every meter's slots `combine` needs for `[?1, ?2)`: the range through
 /// each meter's primary key, and the nearest slot with an energy reading
@@ -379,6 +382,9 @@ impl EnergyStore for SqliteStore {
                     .map_err(|e| StoreError::Db(format!("energy slot: {e}")))?,
             );
         }
+        // In order but for the edge slots (a stable sort of a nearly
+        // sorted run is linear).
+        out.sort_by_key(|s| s.start_ms);
         Ok(out)
     }
 
