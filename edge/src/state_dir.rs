@@ -8,7 +8,7 @@
 //! | `epoch`                       | `clock::epoch`        | at start, durably                         |
 //! | `NNNNNNNNNNNNNNNNNNNN.seg`    | `spool`               | every `spool_sync_interval_ms`            |
 //! | `NNNNNNNNNNNNNNNNNNNN.seg.unreadable` | `spool`       | at open, a segment file it cannot read    |
-//! | `acked`                       | `spool`               | when acks of records on disk change it (at most every 10 s), before segments are deleted, at stop (in place, no fsync) |
+//! | `acked`                       | `spool`               | when acks of records on disk change it (at every sync), before segments are deleted, at stop (in place, no fsync) |
 //! | `energy-ceiling.0`, `.1`      | `ceiling::file`       | when a ceiling is raised (every ~30 s while energy flows), at stop (in place, fdatasync) |
 //! | `held`                        | `clock::held`         | at an orderly stop before clock sync      |
 //! | `<meter id>.<counter>`        | `meters::persist`     | at most every 15 minutes and at stop      |

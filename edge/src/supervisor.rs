@@ -10,8 +10,8 @@
 //!   `docs/decisions/edge-fsync-cadence.md`) and raise the energy ceilings
 //!   when they need it — at once when a reading waits for a raise (the
 //!   outbox's [`SyncBell`](crate::outbox::SyncBell)); a sync with nothing
-//!   to write costs nothing. Save the ack watermark when it changed what
-//!   the files say (looked at every 10 s), feed the systemd watchdog while
+//!   to write costs nothing; the sync also saves the ack watermark when
+//!   acks moved it over readings on disk. Feed the systemd watchdog while
 //!   both threads beat, and keep the `STATUS=` line current. The threads
 //!   report through one shared [`Health`].
 //! - **Stop**, within 5 s of SIGTERM, well inside the unit's
@@ -42,8 +42,6 @@ use crate::state_dir::{DirLock, StateDir};
 
 /// Readings held in memory while the clock is unsynchronized: a day at 1 Hz.
 const MAX_HELD: usize = 86_400;
-/// How often the ack watermark is saved.
-const WATERMARK_EVERY: Duration = Duration::from_secs(10);
 /// Budget for the whole shutdown, half a second under the 5 s promised.
 const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
 /// Part of the budget the sampler gets to finish its tick.
@@ -202,7 +200,6 @@ impl Running {
             .min(Duration::from_secs(1))
             .min(watchdog.map_or(Duration::MAX, |w| w / 2));
         let mut next_sync = Instant::now() + sync_every;
-        let mut next_watermark = Instant::now() + WATERMARK_EVERY;
         let mut last_status = String::new();
         // The threads count as alive if they beat within these windows.
         let sampler_window = (self.config.sample_interval * 3).max(Duration::from_secs(10));
@@ -220,10 +217,6 @@ impl Running {
             }
             if now >= next_sync {
                 next_sync = now + sync_every;
-            }
-            if now >= next_watermark {
-                self.save_watermark();
-                next_watermark = now + WATERMARK_EVERY;
             }
             if self.health.alive(sampler_window, link_window) {
                 notify::watchdog();

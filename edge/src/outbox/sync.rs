@@ -23,6 +23,17 @@ impl Outbox {
     /// the readings in memory for the next sync.
     pub fn begin_sync(&mut self) -> SyncJob {
         self.spool.release_below(self.state.low());
+        // Acks of readings on disk: saved now (in place, no fsync, into the
+        // page cache, so a SIGKILL keeps it), or the next start would take
+        // them for unacked and a bound dropping them before their resend
+        // would count readings the hub has as lost.
+        if let Err(e) = self.spool.save_watermark(self.state.low()) {
+            if let Some(more) = self.watermark_errors.due() {
+                log::warn!(
+                    "spool: cannot save the ack watermark: {e} ({more} more failures since the last message)"
+                );
+            }
+        }
         let state = &self.state;
         let files = self.spool.flush(&|rec| state.is_done(rec));
         let ceiling = self.ceilings.plan().map(|v| self.ceiling_file.prepare(v));
@@ -103,7 +114,8 @@ impl Outbox {
     }
 
     /// Persists the ack watermark if acks of records on disk changed it
-    /// (cheap; done periodically and at exit).
+    /// (cheap; every sync does it too, see [`Outbox::begin_sync`]; and at
+    /// exit).
     pub fn persist_watermark(&mut self) -> io::Result<()> {
         self.spool.save_watermark(self.state.low())
     }
@@ -174,4 +186,52 @@ pub enum SyncError {
     /// fsync of the written files failed.
     #[error("fsync failed: {0}")]
     Fsync(io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{drain, reading, sync};
+    use super::*;
+
+    /// Readings written during an outage and acked afterwards: a crash
+    /// (SIGKILL) after the next sync must not make the next process take
+    /// them for unacked. If it did, a bound that drops them before they
+    /// are resent would count them as lost although the hub has them.
+    #[test]
+    fn acks_of_written_readings_survive_a_crash_after_the_next_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let bound = 64 * 1024;
+        let mut ob = Outbox::open(dir.path(), bound, 1000).unwrap();
+        // Fewer than one segment holds (a released segment would save the
+        // watermark anyway).
+        for seq in 0..30 {
+            ob.append(&reading(seq));
+        }
+        // The outage: written to the card.
+        sync(&mut ob);
+        // The hub is back and acks them all; one sync later the process
+        // is SIGKILLed (no stop, nothing saved at exit).
+        ob.connected();
+        assert_eq!(drain(&mut ob).len(), 30);
+        assert_eq!(ob.ack(7, 29).done, 30);
+        sync(&mut ob);
+        drop(ob);
+
+        let mut ob = Outbox::open(dir.path(), bound, 1000).unwrap();
+        let recovered = ob.stats().depth;
+        // A long outage: the size bound drops the oldest segments. Every
+        // reading it counts must be one of this process's, never one the
+        // hub acknowledged to the previous one.
+        let appended = 2000;
+        for seq in 0..appended {
+            ob.append(&reading(seq));
+            if seq % 10 == 0 {
+                sync(&mut ob);
+            }
+        }
+        let s = ob.stats();
+        assert!(s.dropped_full > 0, "the bound was reached: {s:?}");
+        assert_eq!(s.dropped_full + s.depth, appended, "{s:?}");
+        assert_eq!(recovered, 0, "acked readings recovered as unacked");
+    }
 }

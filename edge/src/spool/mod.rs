@@ -35,9 +35,10 @@
 //! - A segment is deleted once every record in it is done (acked, rejected
 //!   or dropped); the one being appended to stays. The ack watermark
 //!   (`acked`) is saved before any segment is deleted and, when it would
-//!   change what the files say (acks of records that are on disk), at most
-//!   every 10 s; so a restart resends at most what was acked since the last
-//!   save (harmless: the hub stores each (epoch, seq) once), records
+//!   change what the files say (acks of records that are on disk), at the
+//!   outbox's every sync; so a restart resends at most what was acked since
+//!   the last save (harmless: the hub stores each (epoch, seq) once) and a
+//!   bound never counts a reading acked before the restart as lost, records
 //!   missing below the first segment are known to be lost, not acked, and
 //!   a streaming edge never rewrites it.
 //! - `spool_max_bytes` bounds the files plus the memory queue: when over,
