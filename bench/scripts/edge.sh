@@ -217,7 +217,7 @@ outage_run() { # SECS
   stop_hub
   sleep 3
   window "$R" "$secs"
-  local before t0 n=0 gaps=? fresh drained="" extra
+  local before t0 n=0 gaps="?" fresh drained="" extra
   before=$(q "select count(*) from readings where device_id='$DEVICE'")
   start_hub "$R"
   t0=$(date +%s.%N)
