@@ -51,15 +51,7 @@ async fn edge_loss_counters_are_shown_everywhere() {
     check(&v, "initial status frame");
 
     for (t, path) in [(&viewer, "/api/devices"), (&admin, "/api/admin/devices")] {
-        let r = http(
-            hub.addr,
-            "GET",
-            path,
-            &[("Authorization", &bearer(t))],
-            None,
-        )
-        .await;
-        assert_eq!(r.status, 200, "{}", r.body);
+        let r = get_list(&hub, t, path).await;
         let v = r.json();
         check(&v["devices"][0], path);
     }
@@ -137,15 +129,7 @@ async fn device_lists_keep_their_shape() {
     ];
     let last_keys = ["energy_wh", "meter", "power_w", "ts"];
     for (t, path) in [(&viewer, "/api/devices"), (&admin, "/api/admin/devices")] {
-        let r = http(
-            hub.addr,
-            "GET",
-            path,
-            &[("Authorization", &bearer(t))],
-            None,
-        )
-        .await;
-        assert_eq!(r.status, 200, "{}", r.body);
+        let r = get_list(&hub, t, path).await;
         assert!(
             r.body.starts_with("{\"devices\":[{\"behind_ms\":"),
             "{}",
@@ -177,4 +161,18 @@ async fn device_lists_keep_their_shape() {
         assert_eq!(l["energy_wh"], 1523400.0);
         assert!(l["ts"].is_i64(), "{l}");
     }
+}
+
+/// `GET path` (a device list) with `token`; asserts a 200.
+async fn get_list(hub: &TestHub, token: &str, path: &str) -> HttpResp {
+    let r = http(
+        hub.addr,
+        "GET",
+        path,
+        &[("Authorization", &bearer(token))],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r
 }

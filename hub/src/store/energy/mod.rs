@@ -585,6 +585,16 @@ impl EnergyState {
         }
     }
 
+    /// Takes `limits` without checking the stored slots: this handle
+    /// checks them when it reads slots and never rebuilds them
+    /// ([`EnergyStore::defer_energy`]).
+    pub fn defer(&mut self, limits: Limits, flag_counts: Option<Arc<FlagCounts>>) {
+        self.limits = limits;
+        self.flag_counts = flag_counts;
+        self.deferred = true;
+        self.prepared = false;
+    }
+
     /// Counts the flags of a committed batch.
     pub fn count(&self, c: &Committed) {
         if let Some(counts) = &self.flag_counts {

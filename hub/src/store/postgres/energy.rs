@@ -387,10 +387,7 @@ impl EnergyStore for PgStore {
     }
 
     fn defer_energy(&mut self, limits: Limits, flag_counts: Option<Arc<FlagCounts>>) {
-        self.energy.limits = limits;
-        self.energy.flag_counts = flag_counts;
-        self.energy.deferred = true;
-        self.energy.prepared = false;
+        self.energy.defer(limits, flag_counts);
     }
 
     fn set_rebuild_page(&mut self, rows: usize) {
