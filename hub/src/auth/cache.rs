@@ -58,18 +58,29 @@ pub(crate) struct Snapshot {
     viewers: HashMap<TokenHash, (Box<str>, ViewerScope)>,
     /// Unrevoked admins by token hash: name.
     admins: HashMap<TokenHash, Box<str>>,
+    /// The unrevoked devices' ids, sorted: sorted once per snapshot, not
+    /// once per device list.
+    active_sorted: Vec<Box<str>>,
 }
 
 impl Snapshot {
     /// The maps of a snapshot read from the store.
     pub(crate) fn from_store(s: AuthSnapshot) -> Snapshot {
+        let devices: HashMap<Box<str>, Option<TokenHash>> = s
+            .devices
+            .into_iter()
+            .map(|(id, h)| (id.into_boxed_str(), h))
+            .collect();
+        let mut active_sorted: Vec<Box<str>> = devices
+            .iter()
+            .filter(|(_, h)| h.is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        active_sorted.sort_unstable();
         Snapshot {
             changes: s.changes,
-            devices: s
-                .devices
-                .into_iter()
-                .map(|(id, h)| (id.into_boxed_str(), h))
-                .collect(),
+            devices,
+            active_sorted,
             viewers: s
                 .viewers
                 .into_iter()
@@ -203,9 +214,7 @@ impl AuthCache {
     /// The ids of every unrevoked device, sorted.
     pub(crate) fn active_devices(&self) -> Option<Vec<String>> {
         let s = self.current()?;
-        let mut ids: Vec<String> = s.active_ids().map(str::to_owned).collect();
-        ids.sort_unstable();
-        Some(ids)
+        Some(s.active_sorted.iter().map(|id| id.to_string()).collect())
     }
 
     /// Waits for a read of the store that starts after this call (at most

@@ -158,8 +158,8 @@ pub trait PresenceStore: Send {
     fn presence_sync(&mut self, sync: &PresenceSync) -> Result<SyncAnswer, StoreError>;
 
     /// The rows of `device_ids` (in no particular order; devices without a
-    /// row are left out), online evaluated against the lease at `now_ms`.
-    /// One statement.
+    /// row are left out; rows of other devices may come too), online
+    /// evaluated against the lease at `now_ms`. One statement.
     fn device_states(
         &mut self,
         device_ids: &[String],

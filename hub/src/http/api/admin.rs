@@ -12,7 +12,7 @@ use hyper::{Request, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::states::{listing_body, states};
+use super::states::{listing, states};
 use super::{
     body, changed, check_admin, device_id, name, new_token, store, Answer, ApiError, RawAnswer,
 };
@@ -31,7 +31,7 @@ pub(super) async fn devices<B>(req: &Request<B>, shared: &Arc<Shared>) -> RawAns
         state.created_ms = Some(info.created_ms);
         state.revoked_ms = Some(info.revoked_ms);
     }
-    Ok((StatusCode::OK, listing_body(&list)?))
+    Ok((StatusCode::OK, listing(list).await?))
 }
 
 /// `POST /api/admin/devices` `{"device_id":"…"}`: 201 with the token

@@ -12,7 +12,7 @@ use hyper::{Request, StatusCode};
 use serde::Serialize;
 use serde_json::json;
 
-use super::states::{listing_body, states};
+use super::states::{listing, states};
 use super::{device_id, heavy_turn, store, viewer_scope, Answer, ApiError, RawAnswer};
 use crate::auth::handshake;
 use crate::state::Shared;
@@ -46,7 +46,7 @@ async fn list_for_viewer(shared: &Arc<Shared>, scope: ViewerScope) -> RawAnswer 
     let devices = shared.auth.active_devices().ok_or(ApiError::Unavailable)?;
     let ids: Vec<String> = devices.into_iter().filter(|d| scope.allows(d)).collect();
     let list = states(shared, ids).await?;
-    Ok((StatusCode::OK, listing_body(&list)?))
+    Ok((StatusCode::OK, listing(list).await?))
 }
 
 /// Parsed `from_ms`, `to_ms`, `limit` of the history endpoint.
