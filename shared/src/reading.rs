@@ -291,6 +291,18 @@ mod tests {
     }
 
     #[test]
+    fn a_long_decimal_is_parsed_to_the_nearest_double_and_survives_a_round_trip() {
+        // 17+ significant digits: a parser that is not correctly rounded
+        // lands one unit in the last place away, so the stored value would
+        // differ from what the meter sent and from its own re-encoding.
+        let r = ok(
+            "{\"type\":\"reading\",\"epoch\":0,\"seq\":8,\"ts_ms\":0,\"meter\":\"pv-1\",\"power_w\":11200.333333316666\r\r\t}\n",
+        );
+        assert_eq!(r.power_w, Some("11200.333333316666".parse::<f64>().unwrap()));
+        assert_eq!(ok(&r.to_json()), r);
+    }
+
+    #[test]
     fn accepts_the_contract_example() {
         let r = ok(
             r#"{"type":"reading","epoch":7,"seq":42,"ts_ms":1764000000000,"meter":"main","voltage_v":230.1,"current_a":4.2,"power_w":960.5,"energy_wh":1523400.0}"#,
