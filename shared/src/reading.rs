@@ -298,7 +298,10 @@ mod tests {
         let r = ok(
             "{\"type\":\"reading\",\"epoch\":0,\"seq\":8,\"ts_ms\":0,\"meter\":\"pv-1\",\"power_w\":11200.333333316666\r\r\t}\n",
         );
-        assert_eq!(r.power_w, Some("11200.333333316666".parse::<f64>().unwrap()));
+        assert_eq!(
+            r.power_w,
+            Some("11200.333333316666".parse::<f64>().unwrap())
+        );
         assert_eq!(ok(&r.to_json()), r);
     }
 

@@ -34,7 +34,7 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::mpsc;
 
-use super::{device_id, error_response, store, viewer_scope, ApiError};
+use super::{device_id, error_response, viewer_scope, ApiError};
 use crate::auth::handshake;
 use crate::energy::csv::{write_csv_header, write_csv_row, ExportRow};
 use crate::energy::rule::ReadingKey;
@@ -189,11 +189,9 @@ fn error_status(e: &ApiError) -> u16 {
     error_response(e).status().as_u16()
 }
 
-/// Encodes one page (the header first when `header`); returns the bytes
-/// and the key of the page's last reading.
-fn encode(device_id: &str, page: &[FlaggedReading], header: bool) -> (Vec<u8>, Option<ReadingKey>) {
+/// Encodes one page (the header first when `header`).
+fn encode(device_id: &str, page: &[FlaggedReading], header: bool) -> Vec<u8> {
     let mut buf = Vec::with_capacity(page.len() * 110 + 160);
-    // Writing into a Vec cannot fail.
     if header {
         let _ = write_csv_header(&mut buf);
     }
@@ -207,16 +205,23 @@ fn encode(device_id: &str, page: &[FlaggedReading], header: bool) -> (Vec<u8>, O
             },
         );
     }
-    let last = page.last().map(|r| ReadingKey {
+    buf
+}
+
+/// The key a page ends with: where the next page starts.
+fn last_key(page: &[FlaggedReading]) -> Option<ReadingKey> {
+    page.last().map(|r| ReadingKey {
         ts_ms: r.reading.ts_ms,
         epoch: r.reading.epoch,
         seq: r.reading.seq,
-    });
-    (buf, last)
+    })
 }
 
 /// Pages through the store into the channel until the range is done, the
-/// client is gone or the store fails.
+/// client is gone or the store fails. The next page is asked for before
+/// the current one is encoded, so the store's query (on its thread, or in
+/// PostgreSQL) and the encoding (on a blocking thread) overlap; at most two
+/// pages and [`CHUNKS`] encoded chunks are held at a time.
 async fn produce(
     shared: Arc<Shared>,
     id: String,
@@ -225,16 +230,17 @@ async fn produce(
     tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) {
     let id: Arc<str> = Arc::from(id);
-    let mut after: Option<ReadingKey> = None;
+    let fetch = |after: Option<ReadingKey>| {
+        let device = id.clone();
+        shared
+            .store
+            .call(move |s| s.export_page(&device, from, to, after, PAGE))
+    };
+    let mut pending = Some(fetch(None));
     let mut first = true;
     let mut rows = 0u64;
-    loop {
-        let device = id.clone();
-        let page = match store(&shared, move |s| {
-            s.export_page(&device, from, to, after, PAGE)
-        })
-        .await
-        {
+    while let Some(call) = pending.take() {
+        let page = match call.await {
             Ok(p) => p,
             Err(e) => {
                 log::error!("export of {id}: stopped after {rows} readings: {e}");
@@ -244,12 +250,15 @@ async fn produce(
         };
         let done = page.len() < PAGE;
         rows += page.len() as u64;
+        if !done {
+            pending = Some(fetch(last_key(&page)));
+        }
         let device = id.clone();
         let header = first;
         first = false;
         let encoded = tokio::task::spawn_blocking(move || encode(&device, &page, header)).await;
-        let (buf, last) = match encoded {
-            Ok(x) => x,
+        let buf = match encoded {
+            Ok(buf) => buf,
             Err(e) => {
                 log::error!("export of {id}: encoding failed: {e}");
                 let _ = tx.send(Err(std::io::Error::other("encoding failed"))).await;
@@ -260,12 +269,8 @@ async fn produce(
             log::debug!("export of {id}: client went away after {rows} readings");
             return;
         }
-        if done {
-            log::debug!("export of {id}: {rows} readings");
-            return;
-        }
-        after = last;
     }
+    log::debug!("export of {id}: {rows} readings");
 }
 
 #[cfg(test)]
@@ -303,8 +308,9 @@ mod tests {
             },
             flags: 2,
         };
-        let (a, last) = encode("d1", std::slice::from_ref(&r), true);
-        let (b, _) = encode("d1", std::slice::from_ref(&r), false);
+        let a = encode("d1", std::slice::from_ref(&r), true);
+        let b = encode("d1", std::slice::from_ref(&r), false);
+        let last = last_key(std::slice::from_ref(&r));
         let a = String::from_utf8(a).unwrap();
         assert!(a.starts_with("device_id,meter,ts_ms,"));
         assert_eq!(a.lines().count(), 2);
