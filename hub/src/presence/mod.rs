@@ -200,12 +200,26 @@ impl Presence {
         });
     }
 
-    /// Connect time and last readings of a device connected here.
-    pub fn local(&self, device_id: &str) -> Option<(i64, Vec<LastReading>)> {
+    /// Connect time and last readings of each of `ids` that is `online`
+    /// and connected here (the others are `None`), in their order, with
+    /// one hold of the lock that every reading also takes.
+    pub fn locals(
+        &self,
+        ids: &[String],
+        online: impl Fn(usize) -> bool,
+    ) -> Vec<Option<(i64, Vec<LastReading>)>> {
         let p = lock(&self.inner);
-        p.conns
-            .get(device_id)
-            .map(|l| (l.since_ms, l.last.values().cloned().collect()))
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| {
+                if !online(i) {
+                    return None;
+                }
+                p.conns
+                    .get(id.as_str())
+                    .map(|l| (l.since_ms, l.last.values().cloned().collect()))
+            })
+            .collect()
     }
 
     /// Takes what is due: every pending connect and disconnect, and — when

@@ -4,8 +4,9 @@
 //!
 //! A task pages through the store (keyset pages of [`PAGE`] readings in
 //! `(ts, epoch, seq)` order, each one short query holding the shared store
-//! handle only for that query), encodes each page on the blocking pool and
-//! hands it to the response body through a channel of [`CHUNKS`] pages: a
+//! handle only for that query), encodes each page on the API's
+//! low-priority thread ([`super::background`]: an export does not slow
+//! ingest) and hands it to the response body through a channel of [`CHUNKS`] pages: a
 //! slow client holds at most that much, and no thread waits on it. A store
 //! failure in the middle aborts the response (the chunked body is never
 //! terminated, so the client sees an incomplete download, never a short
@@ -220,7 +221,7 @@ fn last_key(page: &[FlaggedReading]) -> Option<ReadingKey> {
 /// Pages through the store into the channel until the range is done, the
 /// client is gone or the store fails. The next page is asked for before
 /// the current one is encoded, so the store's query (on its thread, or in
-/// PostgreSQL) and the encoding (on a blocking thread) overlap; at most two
+/// PostgreSQL) and the encoding (on the background thread) overlap; at most two
 /// pages and [`CHUNKS`] encoded chunks are held at a time.
 async fn produce(
     shared: Arc<Shared>,
@@ -256,7 +257,7 @@ async fn produce(
         let device = id.clone();
         let header = first;
         first = false;
-        let encoded = tokio::task::spawn_blocking(move || encode(&device, &page, header)).await;
+        let encoded = super::background::run(move || encode(&device, &page, header)).await;
         let buf = match encoded {
             Ok(buf) => buf,
             Err(e) => {

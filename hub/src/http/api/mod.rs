@@ -52,6 +52,7 @@
 //! the device state both device lists answer with.
 
 mod admin;
+mod background;
 mod energy;
 pub(crate) mod export;
 mod fleet;

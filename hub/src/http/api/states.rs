@@ -290,33 +290,42 @@ pub(super) async fn states(
         Ok((ids, rows, counts, seen))
     })
     .await?;
+    // What this hub knows of each device, with one hold of each registry
+    // and presence lock (ingest takes them for every reading) at normal
+    // priority; then the merge, which takes no lock, on the low-priority
+    // thread.
     let shared = Arc::clone(shared);
-    off_worker(move || {
+    let (ids, views, locals, me) = off_worker(move || {
+        let views = shared.registry.local_views(&ids);
+        let locals = shared.presence.locals(&ids, |i| views[i].online);
+        let me = shared.presence.hub_id().to_owned();
+        (ids, views, locals, me)
+    })
+    .await?;
+    super::background::run(move || {
         let mut rows: HashMap<String, DeviceStateRow> = rows
             .into_iter()
             .map(|mut r| (std::mem::take(&mut r.device_id), r))
             .collect();
-        let me = shared.presence.hub_id();
         ids.into_iter()
-            .map(|id| {
-                let local = shared.registry.is_online(&id).then(|| {
-                    let (since_ms, last) = shared
-                        .presence
-                        .local(&id)
-                        .map_or((None, Vec::new()), |(s, l)| (Some(s), l));
+            .zip(views)
+            .zip(locals)
+            .map(|((id, view), local)| {
+                let local = view.online.then(|| {
+                    let (since_ms, last) = local.map_or((None, Vec::new()), |(s, l)| (Some(s), l));
                     Local {
                         since_ms,
-                        edge: shared.registry.edge_status(&id),
+                        edge: view.edge,
                         last,
                     }
                 });
                 let known = Known {
                     row: rows.remove(&id),
                     local,
-                    presence_ms: shared.registry.presence_ms(&id),
+                    presence_ms: view.presence_ms,
                     stored_seen: stored_seen.get(&id).copied(),
                     quarantined: quarantined.get(&id).copied().unwrap_or(0),
-                    me,
+                    me: &me,
                     now_ms: now,
                 };
                 merge(id, known)
@@ -324,17 +333,29 @@ pub(super) async fn states(
             .collect()
     })
     .await
+    .map_err(|e| {
+        log::error!("api: device list task failed: {e}");
+        ApiError::Unavailable
+    })
 }
 
-/// The device lists' answer ([`listing_body`]), written off the async
-/// workers like the merge in [`states`]: at 10,000 devices each takes
+/// The device lists' answer ([`listing_body`]), written on the API's
+/// low-priority thread (it takes no lock): at 10,000 devices it takes
 /// milliseconds of CPU, which on a worker would hold back every device
-/// session that worker serves (a hub pinned to one core has one worker).
+/// session that worker serves (a hub pinned to one core has one worker),
+/// and at normal priority would compete with ingest.
 pub(super) async fn listing(list: Vec<DeviceState>) -> Result<Vec<u8>, ApiError> {
-    off_worker(move || listing_body(&list)).await?
+    super::background::run(move || listing_body(&list))
+        .await
+        .map_err(|e| {
+            log::error!("api: device list task failed: {e}");
+            ApiError::Unavailable
+        })?
 }
 
-/// Runs `f` on the blocking pool.
+/// Runs `f` on the blocking pool, at normal priority (for work that
+/// takes locks ingest also takes: on the low-priority thread a preempted
+/// holder would stall ingest behind it).
 async fn off_worker<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
