@@ -6,7 +6,7 @@
 //! | `lock`                        | [`DirLock`]           | at start (pid of the holder)              |
 //! | `device_id`                   | [`StateDir::claim`]   | at start, durably                         |
 //! | `epoch`                       | `clock::epoch`        | at start, durably                         |
-//! | `NNNNNNNNNNNNNNNNNNNN.seg`    | `spool`               | every `spool_sync_interval_ms`            |
+//! | `NNNNNNNNNNNNNNNNNNNN.seg`    | `spool`               | when due (`spool_sync_interval_ms`)       |
 //! | `NNNNNNNNNNNNNNNNNNNN.seg.unreadable` | `spool`       | at open, a segment file it cannot read    |
 //! | `acked`                       | `spool`               | when acks of records on disk change it (at every sync), before segments are deleted, at stop (in place, no fsync) |
 //! | `energy-ceiling.0`, `.1`      | `ceiling::file`       | when a ceiling is raised (every ~30 s while energy flows), at stop (in place, fdatasync) |

@@ -4,14 +4,15 @@
 //!   the spool, pick the epoch, open the meters, restore readings held for
 //!   clock sync, start the sampler and the link threads, tell systemd
 //!   READY.
-//! - **Supervise**, until the shutdown signal: every
-//!   `spool_sync_interval_ms` write the readings the hub has not
-//!   acknowledged to the spool and fsync them (the power-loss window, see
-//!   `docs/decisions/edge-fsync-cadence.md`) and raise the energy ceilings
-//!   when they need it — at once when a reading waits for a raise (the
-//!   outbox's [`SyncBell`](crate::outbox::SyncBell)); a sync with nothing
-//!   to write costs nothing; the sync also saves the ack watermark when
-//!   acks moved it over readings on disk. Feed the systemd watchdog while
+//! - **Supervise**, until the shutdown signal: sync the spool when it is
+//!   due — write the readings the hub has not acknowledged
+//!   `spool_sync_interval_ms` after they were taken and fsync them (the
+//!   power-loss window, see `docs/decisions/edge-fsync-cadence.md`), and
+//!   raise the energy ceilings when they need it, at once when the sampler
+//!   rings (the outbox's [`SyncBell`](crate::outbox::SyncBell)). Between
+//!   syncs it sleeps: no fixed tick, a reading acked in time never wakes
+//!   it ([`due`](crate::outbox::due)). A sync also saves the ack watermark
+//!   and deletes segments when acks moved over readings on disk. Feed the systemd watchdog while
 //!   both threads beat, and keep the `STATUS=` line current. The threads
 //!   report through one shared [`Health`].
 //! - **Stop**, within 5 s of SIGTERM, well inside the unit's
@@ -48,6 +49,9 @@ const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
 const SAMPLER_STOP: Duration = Duration::from_millis(1500);
 /// Part of the budget kept for the final flush after the link stopped.
 const FINAL_FLUSH: Duration = Duration::from_millis(500);
+/// The supervisor wakes at least this often with nothing due (watchdog,
+/// status line).
+const IDLE_WAKE: Duration = Duration::from_secs(10);
 /// Spool write errors are logged at most this often.
 const SPOOL_ERROR_LOG_EVERY: Duration = Duration::from_secs(60);
 
@@ -191,32 +195,52 @@ impl Running {
         Ok((running, threads))
     }
 
-    /// The main loop, until `shutdown`: spool sync, watermark, watchdog,
-    /// status line.
+    /// The main loop, until `shutdown`: spool sync when due, watermark,
+    /// watchdog, status line. It sleeps until the oldest reading that is
+    /// neither acked nor written is due (`spool_sync_interval` after it was
+    /// taken), until acks leave spool housekeeping, or at the latest
+    /// [`IDLE_WAKE`] (half the watchdog period if shorter); the sampler
+    /// nudges it when a reading falls due earlier, and rings it for a
+    /// ceiling raise. Syncs follow each other at least
+    /// `spool_sync_interval` apart unless rung.
     fn supervise(&mut self, shutdown: &Shutdown) {
         let sync_every = self.config.spool_sync_interval;
         let watchdog = notify::watchdog_interval();
-        let tick = sync_every
-            .min(Duration::from_secs(1))
-            .min(watchdog.map_or(Duration::MAX, |w| w / 2));
-        let mut next_sync = Instant::now() + sync_every;
+        let idle = IDLE_WAKE.min(watchdog.map_or(Duration::MAX, |w| w / 2));
+        let mut last_sync = Instant::now();
         let mut last_status = String::new();
         // The threads count as alive if they beat within these windows.
         let sampler_window = (self.config.sample_interval * 3).max(Duration::from_secs(10));
         let link_window = self.config.link.connect_timeout + Duration::from_secs(15);
 
         loop {
-            // Rung: a reading waits for a ceiling raise (or the stop).
-            let rung = self.outbox.bell().wait_until(Instant::now() + tick);
+            let wake = {
+                let mut ob = self.outbox.lock();
+                let wake = next_wake(
+                    Instant::now(),
+                    idle,
+                    last_sync + sync_every,
+                    ob.sync_due_at(),
+                    ob.housekeeping_due(),
+                );
+                ob.plan_wake(Some(wake));
+                wake
+            };
+            // Rung: a ceiling raise is wanted now (or the stop).
+            let rung = self.outbox.bell().wait_until(wake);
+            let due = {
+                let mut ob = self.outbox.lock();
+                ob.plan_wake(None);
+                let now = Instant::now();
+                now >= last_sync + sync_every
+                    && (ob.housekeeping_due() || ob.sync_due_at().is_some_and(|d| now >= d))
+            };
             if shutdown.is_triggered() {
                 break;
             }
-            let now = Instant::now();
-            if rung || now >= next_sync {
+            if rung || due {
                 self.sync_spool();
-            }
-            if now >= next_sync {
-                next_sync = now + sync_every;
+                last_sync = Instant::now();
             }
             if self.health.alive(sampler_window, link_window) {
                 notify::watchdog();
@@ -327,6 +351,7 @@ fn open_state(config: &Config) -> Result<(StateDir, SharedOutbox, u64), EdgeErro
     let mut outbox = Outbox::open_locked(lock, config.spool_max_bytes, config.link.max_in_flight)
         .map_err(spool_err(dir))?;
     outbox.set_energy_headroom(config.energy_headroom, ceiling_lead(config));
+    outbox.set_sync_timing(config.spool_sync_interval, config.sample_interval);
     if outbox.ceiling_found() == Found::Damaged {
         log::warn!(
             "energy ceiling files in {} are damaged: ignored; energy counters continue from their state files and the spool",
@@ -477,9 +502,54 @@ fn join_until<T>(handle: JoinHandle<T>, deadline: Instant, name: &str) -> Option
     }
 }
 
+/// When the supervisor wakes next: at `now + idle` at the latest; at a
+/// reading's due time, or for housekeeping, but never before the rate
+/// limit `earliest_sync` (the last sync plus the interval).
+fn next_wake(
+    now: Instant,
+    idle: Duration,
+    earliest_sync: Instant,
+    due: Option<Instant>,
+    housekeeping: bool,
+) -> Instant {
+    let mut wake = now + idle;
+    if let Some(due) = due {
+        wake = wake.min(due.max(earliest_sync));
+    }
+    if housekeeping {
+        wake = wake.min(earliest_sync);
+    }
+    wake
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_supervisor_sleeps_until_a_reading_is_due_and_syncs_at_most_once_per_interval() {
+        let now = Instant::now();
+        let idle = Duration::from_secs(10);
+        let s = Duration::from_secs(1);
+        // Nothing pending: the idle wake-up.
+        assert_eq!(next_wake(now, idle, now + s, None, false), now + idle);
+        // A reading due in 0.7 s, the last sync long ago.
+        let due = now + Duration::from_millis(700);
+        assert_eq!(next_wake(now, idle, now - s, Some(due), false), due);
+        // Due at once, but a sync ran 0.2 s ago: not before the interval.
+        assert_eq!(
+            next_wake(
+                now,
+                idle,
+                now + Duration::from_millis(800),
+                Some(now),
+                false
+            ),
+            now + Duration::from_millis(800)
+        );
+        // Housekeeping (acks over readings on disk) at the interval.
+        assert_eq!(next_wake(now, idle, now + s, None, true), now + s);
+    }
 
     #[test]
     fn status_line_names_the_link_state_and_every_loss() {

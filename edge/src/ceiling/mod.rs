@@ -144,12 +144,7 @@ impl Ceilings {
     /// The values to save now, if any ceiling needs raising (see the
     /// module docs); `None` if none does.
     pub fn plan(&self) -> Option<Values> {
-        let needs = self.seen.iter().any(|(m, t)| {
-            self.saved
-                .get(m)
-                .map_or(true, |c| t.highest + t.rate * self.lead > *c)
-        });
-        if !needs {
+        if !self.needs_raise() {
             return None;
         }
         let mut out = self.saved.clone();
@@ -161,6 +156,16 @@ impl Ceilings {
             }
         }
         Some(out)
+    }
+
+    /// Whether a ceiling needs raising: a meter without one, or one whose
+    /// readings would reach it within `lead` at their recent rate.
+    pub fn needs_raise(&self) -> bool {
+        self.seen.iter().any(|(m, t)| {
+            self.saved
+                .get(m)
+                .map_or(true, |c| t.highest + t.rate * self.lead > *c)
+        })
     }
 
     /// `values` (from [`Ceilings::plan`]) are saved durably.

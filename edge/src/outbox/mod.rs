@@ -34,6 +34,7 @@
 //! stops in `sync`, the shared handle in `shared`.
 
 mod ack;
+pub mod due;
 mod send;
 mod shared;
 pub mod state;
@@ -66,6 +67,9 @@ const WARN_EVERY: Duration = Duration::from_secs(60);
 /// time at the recent rate is left (two default sync intervals and a
 /// margin).
 const DEFAULT_LEAD: Duration = Duration::from_secs(3);
+/// Sync interval and sampler tick until [`Outbox::set_sync_timing`] (the
+/// configuration's defaults).
+const DEFAULT_SYNC_EVERY: Duration = Duration::from_secs(1);
 
 /// A reading ready to go on the wire.
 #[derive(Debug, Clone)]
@@ -166,6 +170,10 @@ pub struct Outbox {
     wake_link: bool,
     /// A reading waits for a ceiling raise: sync now.
     sync_wanted: bool,
+    /// Due times of the readings neither acked nor written.
+    due: due::SyncDue,
+    /// When a proactive ceiling raise was last asked for.
+    raise_asked: Option<Instant>,
 }
 
 impl Outbox {
@@ -198,6 +206,8 @@ impl Outbox {
             held_back: VecDeque::new(),
             wake_link: false,
             sync_wanted: false,
+            due: due::SyncDue::new(DEFAULT_SYNC_EVERY, DEFAULT_SYNC_EVERY),
+            raise_asked: None,
         };
         ob.refresh_stats();
         Ok(ob)
@@ -207,6 +217,45 @@ impl Outbox {
     /// Call before the first append.
     pub fn set_energy_headroom(&mut self, headroom: Duration, lead: Duration) {
         self.ceilings = Ceilings::new(self.ceilings.saved().clone(), headroom, lead);
+    }
+
+    /// Sets the spool sync interval and the sampler's tick, which decide
+    /// when a sync is due ([`due`]). Call before the first append.
+    pub fn set_sync_timing(&mut self, sync_every: Duration, sample_every: Duration) {
+        self.due.set_intervals(sync_every, sample_every);
+    }
+
+    /// When the oldest reading that is neither acked nor written must be on
+    /// disk (`None`: nothing waits).
+    pub fn sync_due_at(&mut self) -> Option<Instant> {
+        let (spool, state) = (&self.spool, &self.state);
+        self.due
+            .due_at(|rec| rec < spool.written_end() || state.is_done(rec))
+    }
+
+    /// The number the next appended record gets.
+    pub fn next_rec(&self) -> u64 {
+        self.state.next_rec()
+    }
+
+    /// The supervisor sleeps until `wake` (`None`: it is awake).
+    pub fn plan_wake(&mut self, wake: Option<Instant>) {
+        self.due.plan(wake);
+    }
+
+    /// Acks moved past readings on disk: segments to delete or the
+    /// watermark to save (a sync does both).
+    pub fn housekeeping_due(&self) -> bool {
+        self.spool.housekeeping_due(self.state.low())
+    }
+
+    /// After appending the records from `first_new` on: must the sleeping
+    /// supervisor plan again ([`due::SyncDue::must_wake`])?
+    pub fn take_plan_again(&mut self, first_new: u64) -> bool {
+        let (spool, state) = (&self.spool, &self.state);
+        self.due.must_wake(first_new, |rec| {
+            rec < spool.written_end() || state.is_done(rec)
+        })
     }
 
     /// What the ceiling file held at open (for the start's log lines).
@@ -234,6 +283,7 @@ impl Outbox {
         let json = reading.to_json();
         let (rec, drops) = self.spool.append(&json);
         self.state.appended(rec);
+        self.due.appended(rec, Instant::now());
         let energy = reading
             .energy_wh
             .filter(|e| e.is_finite() && *e >= 0.0)
@@ -246,6 +296,7 @@ impl Outbox {
         self.held_back.push_back((rec, energy));
         let lost = drops.into_iter().map(|d| self.dropped(d)).sum();
         self.release_held_back();
+        self.ask_for_raise();
         self.refresh_stats();
         lost
     }
@@ -266,6 +317,20 @@ impl Outbox {
                 self.wake_link |= self.state.is_connected();
             }
             self.held_back.pop_front();
+        }
+    }
+
+    /// Asks for a sync when a ceiling needs raising before a reading gets
+    /// near it (the raise is planned `lead` ahead), at most once per sync
+    /// interval: the supervisor no longer syncs on a fixed tick.
+    fn ask_for_raise(&mut self) {
+        let now = Instant::now();
+        let recent = self
+            .raise_asked
+            .is_some_and(|t| now.duration_since(t) < self.due.sync_every());
+        if !recent && self.ceilings.needs_raise() {
+            self.raise_asked = Some(now);
+            self.sync_wanted = true;
         }
     }
 

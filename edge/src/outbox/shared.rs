@@ -11,37 +11,47 @@ use super::{Outbox, SyncDone};
 use crate::wake::Wake;
 
 /// A doorbell the supervisor sleeps on between syncs: rung when a reading
-/// waits for a ceiling raise (sync now rather than at the next tick) and at
-/// shutdown.
+/// waits for a ceiling raise or a ceiling needs one (sync now) and at
+/// shutdown; nudged when a reading falls due before the supervisor's
+/// planned wake-up (plan again).
 #[derive(Debug, Default)]
 pub struct SyncBell {
-    /// Rung since the last wait.
-    rung: Mutex<bool>,
+    /// `(rung, nudged)` since the last wait.
+    state: Mutex<(bool, bool)>,
     /// Wakes the waiter.
     cv: Condvar,
 }
 
 impl SyncBell {
-    /// Rings.
+    /// Rings: sync now.
     pub fn ring(&self) {
-        let mut rung = self.rung.lock().unwrap_or_else(|p| p.into_inner());
-        *rung = true;
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 = true;
         self.cv.notify_all();
     }
 
-    /// Sleeps until rung or `deadline`; returns whether it was rung (and
-    /// resets it).
+    /// Nudges: wake up and plan again.
+    pub fn nudge(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.1 = true;
+        self.cv.notify_all();
+    }
+
+    /// Sleeps until rung, nudged or `deadline`; returns whether it was rung
+    /// (and resets both).
     pub fn wait_until(&self, deadline: Instant) -> bool {
-        let mut rung = self.rung.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if std::mem::take(&mut *rung) {
-                return true;
+            if st.0 || st.1 {
+                let rung = st.0;
+                *st = (false, false);
+                return rung;
             }
             let now = Instant::now();
             if now >= deadline {
                 return false;
             }
-            rung = match self.cv.wait_timeout(rung, deadline - now) {
+            st = match self.cv.wait_timeout(st, deadline - now) {
                 Ok((r, _)) => r,
                 Err(p) => p.into_inner().0,
             };
@@ -93,19 +103,24 @@ impl SharedOutbox {
     }
 
     /// Appends readings (the sampler), then wakes the link if one of them
-    /// can go out and rings the supervisor if one waits for a ceiling
-    /// raise. Returns the readings the bounds dropped.
+    /// can go out, rings the supervisor if one waits for a ceiling raise
+    /// (or a ceiling needs one), and nudges it if a reading falls due
+    /// before its planned wake-up. Returns the readings the bounds dropped.
     pub fn append_all<'r>(&self, readings: impl IntoIterator<Item = &'r Reading>) -> u64 {
-        let (lost, wake, bell) = {
+        let (lost, wake, bell, nudge) = {
             let mut ob = self.lock();
+            let first_new = ob.next_rec();
             let lost = readings.into_iter().map(|r| ob.append(r)).sum();
-            (lost, ob.take_wake_link(), ob.take_sync_wanted())
+            let nudge = ob.take_plan_again(first_new);
+            (lost, ob.take_wake_link(), ob.take_sync_wanted(), nudge)
         };
         if wake {
             self.wake.notify();
         }
         if bell {
             self.bell.ring();
+        } else if nudge {
+            self.bell.nudge();
         }
         lost
     }

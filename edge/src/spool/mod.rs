@@ -7,8 +7,9 @@
 //!   increasing across restarts, so a record's number is its identity. The
 //!   line formats (a CRC-32 and the record number on every line; plain
 //!   lines of older edges are still read) are in [`record`].
-//! - Appends go to memory; [`Spool::flush`] (every
-//!   `spool_sync_interval_ms`, 1 s by default) writes what is new in one
+//! - Appends go to memory; [`Spool::flush`] (when a reading is still
+//!   unacknowledged `spool_sync_interval_ms` after it was taken, 1 s by
+//!   default) writes what is new in one
 //!   `write` per segment and hands the files to be `fdatasync`ed — only the
 //!   files it wrote to: a flush with nothing to write costs nothing. On a
 //!   power cut the readings of at most the last sync interval (plus the one
@@ -218,6 +219,19 @@ impl Spool {
     /// Readings appended and not written to a file yet.
     pub fn unwritten(&self) -> u64 {
         self.next_rec - self.written_end
+    }
+
+    /// Records below this are in files, skipped because done, or gone.
+    pub fn written_end(&self) -> u64 {
+        self.written_end
+    }
+
+    /// Whether acks up to `low` leave work for a flush: segments to
+    /// delete, or a watermark to save for records on disk.
+    pub fn housekeeping_due(&self, low: u64) -> bool {
+        let deletable =
+            self.segments.len() > 1 && self.segments.front().is_some_and(|f| f.end <= low);
+        deletable || low.min(self.disk_end) > self.saved_watermark
     }
 
     /// The last write failed (disk full, card errors); the unwritten
