@@ -198,7 +198,8 @@ impl Running {
     /// The main loop, until `shutdown`: spool sync when due, watermark,
     /// watchdog, status line. It sleeps until the oldest reading that is
     /// neither acked nor written is due (`spool_sync_interval` after it was
-    /// taken), until acks leave spool housekeeping, or at the latest
+    /// taken), until acks leave spool housekeeping (done without a sync),
+    /// or at the latest
     /// [`IDLE_WAKE`] (half the watchdog period if shorter); the sampler
     /// nudges it when a reading falls due earlier, and rings it for a
     /// ceiling raise. Syncs follow each other at least
@@ -208,6 +209,7 @@ impl Running {
         let watchdog = notify::watchdog_interval();
         let idle = IDLE_WAKE.min(watchdog.map_or(Duration::MAX, |w| w / 2));
         let mut last_sync = Instant::now();
+        let mut last_housekeeping = last_sync;
         let mut last_status = String::new();
         // The threads count as alive if they beat within these windows.
         let sampler_window = (self.config.sample_interval * 3).max(Duration::from_secs(10));
@@ -216,12 +218,15 @@ impl Running {
         loop {
             let wake = {
                 let mut ob = self.outbox.lock();
+                let housekeeping = ob
+                    .housekeeping_due()
+                    .then(|| last_sync.max(last_housekeeping) + sync_every);
                 let wake = next_wake(
                     Instant::now(),
                     idle,
                     last_sync + sync_every,
                     ob.sync_due_at(),
-                    ob.housekeeping_due(),
+                    housekeeping,
                 );
                 ob.plan_wake(Some(wake));
                 wake
@@ -232,8 +237,14 @@ impl Running {
                 let mut ob = self.outbox.lock();
                 ob.plan_wake(None);
                 let now = Instant::now();
-                now >= last_sync + sync_every
-                    && (ob.housekeeping_due() || ob.sync_due_at().is_some_and(|d| now >= d))
+                let due =
+                    now >= last_sync + sync_every && ob.sync_due_at().is_some_and(|d| now >= d);
+                if !rung && !due && ob.housekeeping_due() {
+                    // Not a sync: it would write the reading in flight now.
+                    ob.housekeep();
+                    last_housekeeping = now;
+                }
+                due
             };
             if shutdown.is_triggered() {
                 break;
@@ -503,21 +514,22 @@ fn join_until<T>(handle: JoinHandle<T>, deadline: Instant, name: &str) -> Option
 }
 
 /// When the supervisor wakes next: at `now + idle` at the latest; at a
-/// reading's due time, or for housekeeping, but never before the rate
-/// limit `earliest_sync` (the last sync plus the interval).
+/// reading's due time but never before the rate limit `earliest_sync`
+/// (the last sync plus the interval); when housekeeping is due, at the
+/// time given (the last sync or housekeeping plus the interval).
 fn next_wake(
     now: Instant,
     idle: Duration,
     earliest_sync: Instant,
     due: Option<Instant>,
-    housekeeping: bool,
+    housekeeping: Option<Instant>,
 ) -> Instant {
     let mut wake = now + idle;
     if let Some(due) = due {
         wake = wake.min(due.max(earliest_sync));
     }
-    if housekeeping {
-        wake = wake.min(earliest_sync);
+    if let Some(at) = housekeeping {
+        wake = wake.min(at);
     }
     wake
 }
@@ -532,23 +544,17 @@ mod tests {
         let idle = Duration::from_secs(10);
         let s = Duration::from_secs(1);
         // Nothing pending: the idle wake-up.
-        assert_eq!(next_wake(now, idle, now + s, None, false), now + idle);
+        assert_eq!(next_wake(now, idle, now + s, None, None), now + idle);
         // A reading due in 0.7 s, the last sync long ago.
         let due = now + Duration::from_millis(700);
-        assert_eq!(next_wake(now, idle, now - s, Some(due), false), due);
+        assert_eq!(next_wake(now, idle, now - s, Some(due), None), due);
         // Due at once, but a sync ran 0.2 s ago: not before the interval.
         assert_eq!(
-            next_wake(
-                now,
-                idle,
-                now + Duration::from_millis(800),
-                Some(now),
-                false
-            ),
+            next_wake(now, idle, now + Duration::from_millis(800), Some(now), None),
             now + Duration::from_millis(800)
         );
         // Housekeeping (acks over readings on disk) at the interval.
-        assert_eq!(next_wake(now, idle, now + s, None, true), now + s);
+        assert_eq!(next_wake(now, idle, now + s, None, Some(now + s)), now + s);
     }
 
     #[test]

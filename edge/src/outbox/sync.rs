@@ -41,6 +41,22 @@ impl Outbox {
         SyncJob { files, ceiling }
     }
 
+    /// Housekeeping without a sync: deletes the segments the acks cover
+    /// and saves the ack watermark (in place, no fsync, as at a sync).
+    /// Writes no reading, so it never puts one on the card that an ack is
+    /// about to settle; the deletions are made durable by the next sync.
+    pub fn housekeep(&mut self) {
+        self.spool.release_below(self.state.low());
+        if let Err(e) = self.spool.save_watermark(self.state.low()) {
+            if let Some(more) = self.watermark_errors.due() {
+                log::warn!(
+                    "spool: cannot save the ack watermark: {e} ({more} more failures since the last message)"
+                );
+            }
+        }
+        self.refresh_stats();
+    }
+
     /// The second half of a sync, under the lock again: a saved ceiling
     /// releases the readings that waited for it. If the ceiling could not
     /// be saved, they are released anyway — held back they would not reach
