@@ -6,15 +6,18 @@
 //!   READY.
 //! - **Supervise**, until the shutdown signal: sync the spool when it is
 //!   due — write the readings the hub has not acknowledged
-//!   `spool_sync_interval_ms` after they were taken and fsync them (the
-//!   power-loss window, see `docs/decisions/edge-fsync-cadence.md`), and
+//!   `spool_sync_interval_ms` after they were taken and fsync them, and
 //!   raise the energy ceilings when they need it, at once when the sampler
 //!   rings (the outbox's [`SyncBell`](crate::outbox::SyncBell)). Between
 //!   syncs it sleeps: no fixed tick, a reading acked in time never wakes
-//!   it ([`due`](crate::outbox::due)). A sync also saves the ack watermark
-//!   and deletes segments when acks moved over readings on disk. Feed the systemd watchdog while
-//!   both threads beat, and keep the `STATUS=` line current. The threads
-//!   report through one shared [`Health`].
+//!   it ([`due`](crate::outbox::due)). The power-loss window for readings
+//!   the hub has not acknowledged stays at most `spool_sync_interval_ms`
+//!   plus one sample interval (about 2 s at the defaults; see
+//!   `docs/decisions/edge-fsync-cadence.md`). A sync also saves the ack
+//!   watermark and deletes segments when acks moved over readings on
+//!   disk. Feed the systemd watchdog while both threads beat, and keep the
+//!   `STATUS=` line current. The threads report through one shared
+//!   [`Health`].
 //! - **Stop**, within 5 s of SIGTERM, well inside the unit's
 //!   `TimeoutStopSec=15s` after which systemd would SIGKILL and lose the
 //!   unwritten buffer: stop sampling, save what the clock gate still holds,
@@ -107,8 +110,8 @@ fn spool_err(dir: &Path) -> impl FnOnce(io::Error) -> EdgeError + '_ {
 }
 
 /// Runs the edge until `shutdown` is triggered: opens the spool and the
-/// meters, starts the sampler and the link, then flushes the spool on a
-/// fixed cadence. Returns `Ok` after an orderly shutdown.
+/// meters, starts the sampler and the link, then syncs the spool when
+/// readings fall due. Returns `Ok` after an orderly shutdown.
 pub fn run(config: Config, token: DeviceToken, shutdown: Shutdown) -> Result<(), EdgeError> {
     let (mut edge, threads) = Running::start(config, token, &shutdown)?;
     edge.supervise(&shutdown);
