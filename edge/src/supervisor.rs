@@ -224,11 +224,12 @@ impl Running {
                 let housekeeping = ob
                     .housekeeping_due()
                     .then(|| last_sync.max(last_housekeeping) + sync_every);
+                let now = Instant::now();
                 let wake = next_wake(
-                    Instant::now(),
+                    now,
                     idle,
                     last_sync + sync_every,
-                    ob.sync_due_at(),
+                    ob.sync_due_at(now),
                     housekeeping,
                 );
                 ob.plan_wake(Some(wake));
@@ -241,7 +242,7 @@ impl Running {
                 ob.plan_wake(None);
                 let now = Instant::now();
                 let due =
-                    now >= last_sync + sync_every && ob.sync_due_at().is_some_and(|d| now >= d);
+                    now >= last_sync + sync_every && ob.sync_due_at(now).is_some_and(|d| now >= d);
                 if !rung && !due && ob.housekeeping_due() {
                     // Not a sync: it would write the reading in flight now.
                     ob.housekeep();

@@ -63,10 +63,22 @@ impl SyncDue {
     }
 
     /// When the oldest reading that is not `settled` (acked or written)
-    /// must be on disk.
-    pub fn due_at(&mut self, settled: impl Fn(u64) -> bool) -> Option<Instant> {
+    /// must be on disk, as the supervisor plans it at `now`. A reading
+    /// younger than a tick is left to the sampler while ticks are not
+    /// longer than the interval: its next append nudges the supervisor if
+    /// the reading is still pending then ([`SyncDue::must_wake`]).
+    /// Planning for it would wake the supervisor once per reading, to find
+    /// it acked.
+    pub fn due_at(&mut self, now: Instant, settled: impl Fn(u64) -> bool) -> Option<Instant> {
         self.prune(&settled);
-        self.pending.front().map(|(_, at)| *at + self.sync_every)
+        let (_, at) = self.pending.front()?;
+        let young = now
+            .checked_duration_since(*at)
+            .map_or(true, |age| age < self.sample_every);
+        if young && self.sample_every <= self.sync_every {
+            return None;
+        }
+        Some(*at + self.sync_every)
     }
 
     /// The supervisor sleeps until `wake` (`None`: it is awake).
@@ -126,16 +138,32 @@ mod tests {
     #[test]
     fn the_due_time_is_the_oldest_unsettled_reading_plus_the_interval() {
         let t0 = Instant::now();
+        let later = t0 + ms(10_000);
         let mut d = SyncDue::new(S, S);
-        assert_eq!(d.due_at(|_| false), None);
+        assert_eq!(d.due_at(later, |_| false), None);
         d.appended(0, t0);
         d.appended(1, t0 + ms(1000));
-        assert_eq!(d.due_at(|_| false), Some(t0 + S));
+        assert_eq!(d.due_at(later, |_| false), Some(t0 + S));
         // Record 0 acked: record 1 decides, and record 0 is gone.
-        assert_eq!(d.due_at(|r| r == 0), Some(t0 + ms(2000)));
+        assert_eq!(d.due_at(later, |r| r == 0), Some(t0 + ms(2000)));
         assert_eq!(d.len(), 1);
-        assert_eq!(d.due_at(|_| true), None);
+        assert_eq!(d.due_at(later, |_| true), None);
         assert!(d.is_empty());
+    }
+
+    #[test]
+    fn a_reading_younger_than_a_tick_is_left_to_the_sampler() {
+        let t0 = Instant::now();
+        let mut d = SyncDue::new(S, S);
+        d.appended(0, t0);
+        // Just taken (its ack is on its way): no wake-up planned for it.
+        assert_eq!(d.due_at(t0 + ms(5), |_| false), None);
+        // Still pending a tick later: due.
+        assert_eq!(d.due_at(t0 + S, |_| false), Some(t0 + S));
+        // Ticks longer than the interval: the supervisor plans at once.
+        let mut slow = SyncDue::new(S, ms(10_000));
+        slow.appended(0, t0);
+        assert_eq!(slow.due_at(t0 + ms(5), |_| false), Some(t0 + S));
     }
 
     #[test]
@@ -164,7 +192,7 @@ mod tests {
         assert!(d.must_wake(1, |_| false));
         // Once the supervisor planned for it, further readings do not
         // wake it again.
-        let due = d.due_at(|_| false);
+        let due = d.due_at(t0 + S, |_| false);
         d.plan(due);
         d.appended(2, t0 + ms(2000));
         assert!(!d.must_wake(2, |_| false));

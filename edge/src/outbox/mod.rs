@@ -226,11 +226,12 @@ impl Outbox {
     }
 
     /// When the oldest reading that is neither acked nor written must be on
-    /// disk (`None`: nothing waits).
-    pub fn sync_due_at(&mut self) -> Option<Instant> {
+    /// disk, as planned at `now` (`None`: nothing waits, or only a reading
+    /// the sampler's next tick looks after: [`due::SyncDue::due_at`]).
+    pub fn sync_due_at(&mut self, now: Instant) -> Option<Instant> {
         let (spool, state) = (&self.spool, &self.state);
         self.due
-            .due_at(|rec| rec < spool.written_end() || state.is_done(rec))
+            .due_at(now, |rec| rec < spool.written_end() || state.is_done(rec))
     }
 
     /// The number the next appended record gets.

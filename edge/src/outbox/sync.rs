@@ -22,18 +22,7 @@ impl Outbox {
     /// lock is released; then [`Outbox::end_sync`]. A failed write leaves
     /// the readings in memory for the next sync.
     pub fn begin_sync(&mut self) -> SyncJob {
-        self.spool.release_below(self.state.low());
-        // Acks of readings on disk: saved now (in place, no fsync, into the
-        // page cache, so a SIGKILL keeps it), or the next start would take
-        // them for unacked and a bound dropping them before their resend
-        // would count readings the hub has as lost.
-        if let Err(e) = self.spool.save_watermark(self.state.low()) {
-            if let Some(more) = self.watermark_errors.due() {
-                log::warn!(
-                    "spool: cannot save the ack watermark: {e} ({more} more failures since the last message)"
-                );
-            }
-        }
+        self.housekeep();
         let state = &self.state;
         let files = self.spool.flush(&|rec| state.is_done(rec));
         let ceiling = self.ceilings.plan().map(|v| self.ceiling_file.prepare(v));
@@ -41,10 +30,14 @@ impl Outbox {
         SyncJob { files, ceiling }
     }
 
-    /// Housekeeping without a sync: deletes the segments the acks cover
-    /// and saves the ack watermark (in place, no fsync, as at a sync).
-    /// Writes no reading, so it never puts one on the card that an ack is
-    /// about to settle; the deletions are made durable by the next sync.
+    /// Housekeeping, alone or as the start of a sync: deletes the
+    /// segments the acks cover and saves the ack watermark (in place, no
+    /// fsync, into the page cache, so a SIGKILL keeps it; without it the
+    /// next start would take acked readings for unacked, and a bound
+    /// dropping them before their resend would count readings the hub has
+    /// as lost). Writes no reading, so alone it never puts one on the card
+    /// that an ack is about to settle; the deletions are made durable by
+    /// the next sync.
     pub fn housekeep(&mut self) {
         self.spool.release_below(self.state.low());
         if let Err(e) = self.spool.save_watermark(self.state.low()) {
