@@ -89,6 +89,19 @@ seed = 1
         path
     }
 
+    /// An edge config whose spool sync is due `sync_ms` after a reading,
+    /// with an hour of energy headroom: no ceiling raise (which syncs at
+    /// once and writes what is in flight) during a test after the first.
+    pub fn config_sync_due(&self, name: &str, sync_ms: u64) -> PathBuf {
+        let config = self.config(name, "energy_headroom_s = 3600", "");
+        let text = fs::read_to_string(&config).unwrap().replace(
+            "spool_sync_interval_ms = 100",
+            &format!("spool_sync_interval_ms = {sync_ms}"),
+        );
+        fs::write(&config, text).unwrap();
+        config
+    }
+
     pub fn edge(&self, config: &Path) -> Edge {
         Edge::spawn(config, &self.token, self.dir.path())
     }

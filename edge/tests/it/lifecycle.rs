@@ -61,18 +61,7 @@ fn readings_acked_before_their_sync_is_due_never_reach_the_card() {
     let _hub = Hub::start(&w.db_url, w.port, |c| {
         c.batch_linger = Duration::from_millis(150)
     });
-    let config = w.config("edge.toml", "", "");
-    let text = fs::read_to_string(&config)
-        .unwrap()
-        .replace(
-            "sample_interval_ms = 50",
-            "sample_interval_ms = 50\nenergy_headroom_s = 3600",
-        )
-        .replace(
-            "spool_sync_interval_ms = 100",
-            "spool_sync_interval_ms = 2000",
-        );
-    fs::write(&config, text).unwrap();
+    let config = w.config_sync_due("edge.toml", 2000);
     let mut edge = w.edge(&config);
     let epoch = edge.epoch();
     // A ceiling raise syncs at once and writes what is in flight then: the

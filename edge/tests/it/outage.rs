@@ -134,18 +134,7 @@ fn when_the_hub_stops_acking_every_reading_is_on_disk_within_the_sync_interval()
     // supervisor has nothing pending and sleeps up to its idle wake-up
     // (10 s). When the hub goes away, the sampler must wake it: each
     // reading is then on disk within 1 s + one 50 ms sample.
-    let config = w.config("edge.toml", "", "");
-    let text = fs::read_to_string(&config)
-        .unwrap()
-        .replace(
-            "sample_interval_ms = 50",
-            "sample_interval_ms = 50\nenergy_headroom_s = 3600",
-        )
-        .replace(
-            "spool_sync_interval_ms = 100",
-            "spool_sync_interval_ms = 1000",
-        );
-    fs::write(&config, text).unwrap();
+    let config = w.config_sync_due("edge.toml", 1000);
     let mut edge = w.edge(&config);
     let epoch = edge.epoch();
     wait_for("60 stored readings", SOON, || w.seqs_of(epoch).len() >= 60);

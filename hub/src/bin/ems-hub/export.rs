@@ -83,13 +83,10 @@ fn read_pages(
     loop {
         let page = store.export_page(device, from, to, after, PAGE);
         let done = page.as_ref().map_or(true, |p| p.len() < PAGE);
-        after = page.as_ref().ok().and_then(|p| {
-            p.last().map(|r| ReadingKey {
-                ts_ms: r.reading.ts_ms,
-                epoch: r.reading.epoch,
-                seq: r.reading.seq,
-            })
-        });
+        after = page
+            .as_ref()
+            .ok()
+            .and_then(|p| p.last().map(FlaggedReading::key));
         if tx.send(page).is_err() || done {
             return;
         }

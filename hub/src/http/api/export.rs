@@ -209,15 +209,6 @@ fn encode(device_id: &str, page: &[FlaggedReading], header: bool) -> Vec<u8> {
     buf
 }
 
-/// The key a page ends with: where the next page starts.
-fn last_key(page: &[FlaggedReading]) -> Option<ReadingKey> {
-    page.last().map(|r| ReadingKey {
-        ts_ms: r.reading.ts_ms,
-        epoch: r.reading.epoch,
-        seq: r.reading.seq,
-    })
-}
-
 /// Pages through the store into the channel until the range is done, the
 /// client is gone or the store fails. The next page is asked for before
 /// the current one is encoded, so the store's query (on its thread, or in
@@ -252,7 +243,7 @@ async fn produce(
         let done = page.len() < PAGE;
         rows += page.len() as u64;
         if !done {
-            pending = Some(fetch(last_key(&page)));
+            pending = Some(fetch(page.last().map(FlaggedReading::key)));
         }
         let device = id.clone();
         let header = first;
@@ -311,7 +302,7 @@ mod tests {
         };
         let a = encode("d1", std::slice::from_ref(&r), true);
         let b = encode("d1", std::slice::from_ref(&r), false);
-        let last = last_key(std::slice::from_ref(&r));
+        let last = Some(r.key());
         let a = String::from_utf8(a).unwrap();
         assert!(a.starts_with("device_id,meter,ts_ms,"));
         assert_eq!(a.lines().count(), 2);

@@ -67,6 +67,18 @@ pub struct FlaggedReading {
     pub flags: u32,
 }
 
+impl FlaggedReading {
+    /// Its place in the export's `(ts, epoch, seq)` order: where the next
+    /// page starts.
+    pub fn key(&self) -> crate::energy::rule::ReadingKey {
+        crate::energy::rule::ReadingKey {
+            ts_ms: self.reading.ts_ms,
+            epoch: self.reading.epoch,
+            seq: self.reading.seq,
+        }
+    }
+}
+
 /// What [`EnergyStore::prepare_energy`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Prepared {
