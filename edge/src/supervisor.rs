@@ -329,7 +329,7 @@ impl Running {
             }
             Ok(()) => {
                 if std::mem::take(&mut self.spool_failing) {
-                    log::warn!("spool: writable again; the readings held in memory are on disk");
+                    log::warn!("spool: writable again; no reading waits in memory any more (written, or acknowledged by the hub meanwhile)");
                     self.last_spool_error = None;
                 }
                 if done.syncs > 0 {

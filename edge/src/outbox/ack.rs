@@ -7,6 +7,7 @@ impl Outbox {
     /// Handles `ack(epoch, seq)`; returns readings newly done.
     pub fn ack(&mut self, epoch: u64, seq: u64) -> AckOutcome {
         let out = self.state.ack(epoch, seq);
+        self.settle();
         self.refresh_stats();
         out
     }
@@ -15,6 +16,7 @@ impl Outbox {
     pub fn rejected(&mut self, epoch: u64, seq: u64) -> AckOutcome {
         let out = self.state.rejected(epoch, seq);
         self.stats.rejected += out.done as u64;
+        self.settle();
         self.refresh_stats();
         out
     }
@@ -28,5 +30,12 @@ impl Outbox {
         }
         self.refresh_stats();
         out
+    }
+
+    /// Lets the spool forget the readings in memory that are done now:
+    /// they never need writing ([`crate::spool::Spool::settle`]).
+    fn settle(&mut self) {
+        let state = &self.state;
+        self.spool.settle(&|rec| state.is_done(rec));
     }
 }

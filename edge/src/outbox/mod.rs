@@ -228,10 +228,24 @@ impl Outbox {
     /// When the oldest reading that is neither acked nor written must be on
     /// disk, as planned at `now` (`None`: nothing waits, or only a reading
     /// the sampler's next tick looks after: [`due::SyncDue::due_at`]).
+    ///
+    /// While the spool's last write failed, a sync is due at once (the
+    /// supervisor keeps syncs an interval apart): the write is retried at
+    /// the sync interval until one succeeds, whether or not a reading is
+    /// due. Readings that waited in memory and were acked meanwhile are
+    /// let go without a write ([`crate::spool::Spool::settle`]); with
+    /// nothing left to write the retry succeeds and the episode ends, so
+    /// the edge does not stay "not writable" while the hub acks every
+    /// reading in time.
     pub fn sync_due_at(&mut self, now: Instant) -> Option<Instant> {
         let (spool, state) = (&self.spool, &self.state);
-        self.due
-            .due_at(now, |rec| rec < spool.written_end() || state.is_done(rec))
+        let due = self
+            .due
+            .due_at(now, |rec| rec < spool.written_end() || state.is_done(rec));
+        if self.spool.write_failing() {
+            return Some(now);
+        }
+        due
     }
 
     /// The number the next appended record gets.
@@ -591,6 +605,61 @@ mod tests {
         ob.persist_watermark().unwrap();
         drop(ob);
         let ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
+        assert_eq!(ob.stats().depth, 0);
+    }
+
+    #[test]
+    fn acked_readings_leave_memory_without_a_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
+        ob.connected();
+        // Readings without energy: no ceiling, so no sync is ever asked
+        // for, and none is due while the hub acks in time.
+        for seq in 0..20_000 {
+            ob.append(&reading(seq));
+            drain(&mut ob);
+            ob.ack(7, seq);
+        }
+        let st = ob.stats();
+        assert_eq!((st.depth, st.unwritten, st.spool_bytes), (0, 0, 0));
+        assert_eq!(ob.sync_due_at(Instant::now()), None);
+        assert!(segments(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_failed_write_is_retried_until_nothing_waits_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ob = Outbox::open(dir.path(), 256 * 1024, 10_000).unwrap();
+        for seq in 0..10 {
+            ob.append(&reading(seq));
+        }
+        sync(&mut ob);
+        drop(ob);
+        let mut ob = Outbox::open(dir.path(), 256 * 1024, 10_000).unwrap();
+        // The card is full: the new process's segment files are /dev/full.
+        for base in 10..30 {
+            let p = dir.path().join(format!("{base:020}.seg"));
+            std::os::unix::fs::symlink("/dev/full", &p).unwrap();
+        }
+        for seq in 10..15 {
+            ob.append(&reading(seq));
+        }
+        assert!(sync_fails(&mut ob));
+        assert_eq!(ob.stats().unwritten, 5);
+        // The retry is due at once (the supervisor keeps it an interval
+        // after the last sync), due reading or not.
+        assert!(ob.sync_due_at(Instant::now()).is_some());
+        // The hub comes back and acks everything: what waited in memory
+        // is let go without a write, and no reading is due any more.
+        ob.connected();
+        assert_eq!(drain(&mut ob), (0..15).collect::<Vec<_>>());
+        assert_eq!(ob.ack(7, 14).done, 15);
+        assert_eq!(ob.stats().unwritten, 0);
+        // The failure is not forgotten: the retry still comes, finds
+        // nothing to write, and ends the episode.
+        assert!(ob.sync_due_at(Instant::now()).is_some());
+        sync(&mut ob);
+        assert_eq!(ob.sync_due_at(Instant::now()), None);
         assert_eq!(ob.stats().depth, 0);
     }
 

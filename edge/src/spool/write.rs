@@ -105,6 +105,19 @@ impl Spool {
         result
     }
 
+    /// Forgets the unwritten records that became done (acked or rejected)
+    /// at the front of the memory queue, without writing anything: they
+    /// need no bytes on the card, and a flush may be far away (a sync is
+    /// due only for readings not acked in time). The next flush starts
+    /// with a done range for them. Without this, only a flush would let go
+    /// of them: while the hub acks every reading in time the queue and its
+    /// byte count (which the bounds see) would grow for good, and after a
+    /// failed write the records would count as waiting in memory.
+    pub fn settle(&mut self, is_done: &dyn Fn(u64) -> bool) {
+        self.skip_done(is_done);
+        self.trim_recent();
+    }
+
     /// Moves `written_end` past the done records at its place (they need
     /// no bytes on the card).
     fn skip_done(&mut self, is_done: &dyn Fn(u64) -> bool) {
@@ -245,6 +258,35 @@ mod tests {
         let files = s.flush(&|_| false).unwrap();
         assert_eq!(files.len(), 1);
         assert!(files[0].metadata().unwrap().is_file());
+    }
+
+    #[test]
+    fn done_records_leave_memory_without_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        // Streaming with no flush at all (none is due): each record is
+        // done a moment after it is appended. Memory and the byte count
+        // the bounds see stay flat, and nothing touches the card.
+        for i in 0..3 * RECENT_RECORDS as u64 {
+            fill(&mut s, i, i + 1);
+            s.settle(&|r| r <= i);
+        }
+        assert_eq!(s.unwritten(), 0);
+        assert_eq!(s.total_bytes(), 0);
+        assert!(s.recent.len() <= RECENT_RECORDS, "{}", s.recent.len());
+        assert_eq!(seg_files(dir.path()), 0);
+        // A record not done stays; the next flush writes it behind a done
+        // range for the ones let go.
+        let n = s.next_rec();
+        fill(&mut s, n, n + 2);
+        s.settle(&|r| r < n);
+        assert_eq!(s.unwritten(), 2);
+        s.flush(&|r| r < n).unwrap();
+        drop(s);
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.acked_below(), n);
+        assert_eq!(get(&mut s, n), Some(rec(n)));
+        assert_eq!(get(&mut s, n + 1), Some(rec(n + 1)));
     }
 
     #[test]
