@@ -6,11 +6,14 @@
 //!   READY.
 //! - **Supervise**, until the shutdown signal: sync the spool when it is
 //!   due — write the readings the hub has not acknowledged
-//!   `spool_sync_interval_ms` after they were taken and fsync them, and
-//!   raise the energy ceilings when they need it, at once when the sampler
-//!   rings (the outbox's [`SyncBell`](crate::outbox::SyncBell)). Between
-//!   syncs it sleeps: no fixed tick, a reading acked in time never wakes
-//!   it ([`due`](crate::outbox::due)). The power-loss window for readings
+//!   `spool_sync_interval_ms` after they were taken and fsync them (and
+//!   retry at that interval while the card refuses writes) — and raise
+//!   the energy ceilings at once when the sampler rings (the outbox's
+//!   [`SyncBell`](crate::outbox::SyncBell)): a raise saves the ceiling
+//!   file alone (one page, one fsync) unless the spool is due anyway, so
+//!   the readings in flight keep their own due time. Between syncs it
+//!   sleeps: no fixed tick, a reading acked in time never wakes it
+//!   ([`due`](crate::outbox::due)). The power-loss window for readings
 //!   the hub has not acknowledged stays at most `spool_sync_interval_ms`
 //!   plus one sample interval (about 2 s at the defaults; see
 //!   `docs/decisions/edge-fsync-cadence.md`). A sync also saves the ack
@@ -205,8 +208,10 @@ impl Running {
     /// or at the latest
     /// [`IDLE_WAKE`] (half the watchdog period if shorter); the sampler
     /// nudges it when a reading falls due earlier, and rings it for a
-    /// ceiling raise. Syncs follow each other at least
-    /// `spool_sync_interval` apart unless rung.
+    /// ceiling raise, which saves the ceilings alone unless the spool is
+    /// due too ([`sync_kind`]). Spool syncs follow each other at least
+    /// `spool_sync_interval` apart (a failing card is retried at that
+    /// pace).
     fn supervise(&mut self, shutdown: &Shutdown) {
         let sync_every = self.config.spool_sync_interval;
         let watchdog = notify::watchdog_interval();
@@ -243,7 +248,7 @@ impl Running {
                 let now = Instant::now();
                 let due =
                     now >= last_sync + sync_every && ob.sync_due_at(now).is_some_and(|d| now >= d);
-                if !rung && !due && ob.housekeeping_due() {
+                if !due && ob.housekeeping_due() {
                     // Not a sync: it would write the reading in flight now.
                     ob.housekeep();
                     last_housekeeping = now;
@@ -253,9 +258,13 @@ impl Running {
             if shutdown.is_triggered() {
                 break;
             }
-            if rung || due {
-                self.sync_spool();
-                last_sync = Instant::now();
+            match sync_kind(due, rung) {
+                Some(SyncKind::Spool) => {
+                    self.sync_spool();
+                    last_sync = Instant::now();
+                }
+                Some(SyncKind::CeilingsOnly) => self.raise_ceilings(),
+                None => {}
             }
             if self.health.alive(sampler_window, link_window) {
                 notify::watchdog();
@@ -340,6 +349,21 @@ impl Running {
                     );
                 }
             }
+        }
+    }
+
+    /// Raises the energy ceilings alone (rung, no spool sync due): one
+    /// page and one fsync; the spool and the watermark are left for their
+    /// own due times. A failed save is logged by the outbox, which then
+    /// releases the held-back readings anyway.
+    fn raise_ceilings(&mut self) {
+        let started = Instant::now();
+        let done = self.outbox.sync_ceilings();
+        if done.syncs > 0 {
+            log::trace!(
+                "energy ceiling raised alone in {:.1} ms",
+                started.elapsed().as_secs_f64() * 1e3
+            );
         }
     }
 
@@ -517,6 +541,28 @@ fn join_until<T>(handle: JoinHandle<T>, deadline: Instant, name: &str) -> Option
     }
 }
 
+/// What a wake-up syncs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SyncKind {
+    /// The whole sync: the readings due (and those in flight with them),
+    /// housekeeping, and a ceiling raise if one is wanted.
+    Spool,
+    /// The energy ceilings alone (one page, one fsync).
+    CeilingsOnly,
+}
+
+/// What to sync after a wake-up: the spool when a reading is `due` (which
+/// raises a ceiling too if one needs it), the ceilings alone when only
+/// `rung` (a raise is wanted now), else nothing. A raise never writes the
+/// readings in flight: they keep their own due time.
+fn sync_kind(due: bool, rung: bool) -> Option<SyncKind> {
+    match (due, rung) {
+        (true, _) => Some(SyncKind::Spool),
+        (false, true) => Some(SyncKind::CeilingsOnly),
+        (false, false) => None,
+    }
+}
+
 /// When the supervisor wakes next: at `now + idle` at the latest; at a
 /// reading's due time but never before the rate limit `earliest_sync`
 /// (the last sync plus the interval); when housekeeping is due, at the
@@ -559,6 +605,14 @@ mod tests {
         );
         // Housekeeping (acks over readings on disk) at the interval.
         assert_eq!(next_wake(now, idle, now + s, None, Some(now + s)), now + s);
+    }
+
+    #[test]
+    fn a_ceiling_raise_syncs_the_ceilings_alone_unless_the_spool_is_due() {
+        assert_eq!(sync_kind(false, true), Some(SyncKind::CeilingsOnly));
+        assert_eq!(sync_kind(true, true), Some(SyncKind::Spool));
+        assert_eq!(sync_kind(true, false), Some(SyncKind::Spool));
+        assert_eq!(sync_kind(false, false), None);
     }
 
     #[test]

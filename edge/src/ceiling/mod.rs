@@ -10,13 +10,16 @@
 //! - **A reading with `energy_wh` leaves only if its value is at most the
 //!   meter's saved ceiling** ([`Ceilings::admits`]). Nearly always it is,
 //!   so it is sent at once; one that is not waits for the next sync.
-//! - The supervisor's regular sync (`spool_sync_interval_ms`) raises a
-//!   ceiling before it is reached ([`Ceilings::plan`]): when a meter's
-//!   highest value plus `lead` seconds at its recent rate would pass it,
-//!   it becomes that value plus `headroom` seconds at the recent rate
-//!   (other meters past half their headroom are raised with it, so
-//!   several meters cost one write). The new ceilings are written and
-//!   fsynced ([`file`]) before any reading above the old ones leaves.
+//! - A ceiling is raised before it is reached ([`Ceilings::plan`]): when a
+//!   meter's highest value plus `lead` seconds at its recent rate would
+//!   pass it, the sampler asks the supervisor for a raise at once, and it
+//!   becomes that value plus `headroom` seconds at the recent rate (other
+//!   meters past half their headroom are raised with it, so several
+//!   meters cost one write). The new ceilings are written and fsynced
+//!   ([`file`]) before any reading above the old ones leaves. A raise
+//!   saves the ceiling file alone — one page, one fsync — unless a spool
+//!   sync is due anyway (then it rides along); the readings in flight
+//!   keep their own due time.
 //! - After any crash each meter continues from at least its ceiling, so
 //!   its first reading is ≥ everything that left. The price: a crash can
 //!   add up to `headroom` seconds of energy at the recent rate to a

@@ -16,8 +16,12 @@
 //!
 //! When a reading may leave: at once, unless its `energy_wh` is above the
 //! saved [energy ceiling](crate::ceiling) of its meter; then it waits for
-//! the next sync, which raises the ceiling first. What the hub acknowledges
-//! before a sync is never written to the card (see [`crate::spool`]). The
+//! the raise it asks for (the supervisor saves the ceiling file alone,
+//! [`Outbox::begin_ceiling_sync`], unless a spool sync is due anyway) and
+//! leaves once the raise is durable. What the hub acknowledges before its
+//! sync is due is never written to the card, and leaves the spool's
+//! memory at the ack (see [`crate::spool`]); a ceiling raise writes no
+//! reading. The
 //! sampler and the supervisor learn from [`Outbox::take_wake_link`] and
 //! [`Outbox::take_sync_wanted`] whom to wake (see [`SharedOutbox`]).
 //!
@@ -661,6 +665,54 @@ mod tests {
         sync(&mut ob);
         assert_eq!(ob.sync_due_at(Instant::now()), None);
         assert_eq!(ob.stats().depth, 0);
+    }
+
+    #[test]
+    fn a_ceiling_raise_alone_writes_no_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
+        ob.connected();
+        let (mut raises, mut syncs) = (0, 0);
+        for seq in 0..600 {
+            ob.append(&metered(seq, 1000.0 + seq as f64));
+            // The supervisor is rung and no reading is due: the ceilings
+            // alone, while the reading that asked is still in flight (or
+            // waits for the raise, as the very first one does).
+            if ob.take_sync_wanted() {
+                raises += 1;
+                let done = ob.sync_ceilings_now();
+                assert!(done.spool.is_ok());
+                syncs += done.syncs;
+            }
+            drain(&mut ob);
+            ob.ack(7, seq);
+        }
+        // One page and one fdatasync per raise: the first ceiling, then
+        // one per 28 s of the 30 s headroom (raised when less than 3 s are
+        // left), or per 31 s when the proactive ask comes within a sync
+        // interval (of wall time: this loop is fast) of the last one and a
+        // reading above the ceiling asks instead.
+        assert!((1 + 599 / 31..=1 + 599 / 28).contains(&raises), "{raises}");
+        assert_eq!(syncs, raises);
+        assert!(segments(dir.path()).is_empty());
+        assert_eq!(ob.stats().depth, 0);
+        // A reading above the saved ceiling leaves only after the raise is
+        // durable.
+        ob.append(&metered(600, 5000.0));
+        assert!(drain(&mut ob).is_empty());
+        assert!(ob.take_sync_wanted());
+        ob.sync_ceilings_now();
+        assert_eq!(drain(&mut ob), [600]);
+        assert!(segments(dir.path()).is_empty());
+        // Not acked and not written: still due for its own spool sync.
+        assert!(ob
+            .sync_due_at(Instant::now() + Duration::from_secs(5))
+            .is_some());
+        // A crash now: the counter continues from at least what left.
+        drop(ob);
+        let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
+        let floor = ob.energy_floor().get("main").unwrap();
+        assert!(floor >= 5000.0, "{floor}");
     }
 
     #[test]

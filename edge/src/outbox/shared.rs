@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use ems_shared::Reading;
 
-use super::{Outbox, SyncDone};
+use super::{Outbox, SyncDone, SyncJob};
 use crate::wake::Wake;
 
 /// A doorbell the supervisor sleeps on between syncs: rung when a reading
@@ -133,6 +133,21 @@ impl SharedOutbox {
     /// call retries).
     pub fn sync(&self) -> SyncDone {
         let job = self.lock().begin_sync();
+        self.finish(job)
+    }
+
+    /// Raises the energy ceilings alone (when rung and no spool sync is
+    /// due): prepared under the lock, the ceiling file written and fsynced
+    /// outside it, then the readings that waited for the raise go out.
+    /// The spool is not touched ([`Outbox::begin_ceiling_sync`]).
+    pub fn sync_ceilings(&self) -> SyncDone {
+        let job = self.lock().begin_ceiling_sync();
+        self.finish(job)
+    }
+
+    /// Runs `job` outside the lock, then ends the sync under it and wakes
+    /// the link if readings were released.
+    fn finish(&self, job: SyncJob) -> SyncDone {
         let done = job.run();
         let wake = {
             let mut ob = self.lock();

@@ -30,6 +30,23 @@ impl Outbox {
         SyncJob { files, ceiling }
     }
 
+    /// A ceiling raise alone, when the sampler asked for one and no spool
+    /// sync is due: prepares the raised ceilings and nothing else — no
+    /// housekeeping, no spool write. The readings in flight keep their
+    /// own due time ([`Outbox::sync_due_at`]): acked before it, they never
+    /// reach the card, whereas a whole sync here would write them (and the
+    /// watermark once they are acked). [`SyncJob::run`] writes and fsyncs
+    /// the ceiling file (one page, one fsync) outside the lock; then
+    /// [`Outbox::end_sync`] releases the readings that waited for the
+    /// raise, exactly as after a whole sync.
+    pub fn begin_ceiling_sync(&mut self) -> SyncJob {
+        let ceiling = self.ceilings.plan().map(|v| self.ceiling_file.prepare(v));
+        SyncJob {
+            files: Ok(Vec::new()),
+            ceiling,
+        }
+    }
+
     /// Housekeeping, alone or as the start of a sync: deletes the
     /// segments the acks cover and saves the ack watermark (in place, no
     /// fsync, into the page cache, so a SIGKILL keeps it; without it the
@@ -83,6 +100,15 @@ impl Outbox {
     /// tests; the edge itself uses [`SharedOutbox::sync`]).
     pub fn sync_now(&mut self) -> SyncDone {
         let job = self.begin_sync();
+        let done = job.run();
+        self.end_sync(&job, &done);
+        done
+    }
+
+    /// A ceiling raise alone while holding the outbox (tests; the edge
+    /// uses [`super::SharedOutbox::sync_ceilings`]).
+    pub fn sync_ceilings_now(&mut self) -> SyncDone {
+        let job = self.begin_ceiling_sync();
         let done = job.run();
         self.end_sync(&job, &done);
         done

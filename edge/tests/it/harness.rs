@@ -90,10 +90,18 @@ seed = 1
     }
 
     /// An edge config whose spool sync is due `sync_ms` after a reading,
-    /// with an hour of energy headroom: no ceiling raise (which syncs at
-    /// once and writes what is in flight) during a test after the first.
+    /// with an hour of energy headroom: no ceiling raise during a test
+    /// after the first (the link's timing alone decides what is written).
     pub fn config_sync_due(&self, name: &str, sync_ms: u64) -> PathBuf {
-        let config = self.config(name, "energy_headroom_s = 3600", "");
+        self.config_sync_headroom(name, sync_ms, 3600)
+    }
+
+    /// An edge config whose spool sync is due `sync_ms` after a reading,
+    /// with `headroom_s` of energy headroom (a ceiling raise every
+    /// headroom minus lead seconds at a steady rate; the lead is two sync
+    /// intervals and a second, at most half the headroom).
+    pub fn config_sync_headroom(&self, name: &str, sync_ms: u64, headroom_s: u64) -> PathBuf {
+        let config = self.config(name, &format!("energy_headroom_s = {headroom_s}"), "");
         let text = fs::read_to_string(&config).unwrap().replace(
             "spool_sync_interval_ms = 100",
             &format!("spool_sync_interval_ms = {sync_ms}"),
