@@ -23,9 +23,13 @@
 //!   later records are written after skipped ones, a *done range* line
 //!   ([`record`]) in front of them keeps the numbering dense, so a reader
 //!   tells "acknowledged before it was written" ([`Slot::Done`]) from
-//!   "lost".
+//!   "lost". They leave the memory queue at the ack ([`Spool::settle`]),
+//!   not at the next flush, which may not come while the hub acks in time.
 //! - **When a write fails** (disk full, card errors) the readings stay in
-//!   memory and every flush tries again; nothing else waits for it. Acked
+//!   memory and every flush tries again (the outbox retries at the sync
+//!   interval while [`Spool::write_failing`]); nothing else waits for it.
+//!   Those the hub acknowledges meanwhile leave memory unwritten, and a
+//!   flush with nothing left to write succeeds and ends the episode. Acked
 //!   segments are still deleted, which frees space. The memory queue is
 //!   bounded ([`Spool::unwritten_max`]: a quarter of `spool_max_bytes`,
 //!   between 64 KiB and 8 MiB); beyond it the *oldest* readings go, exactly
