@@ -338,7 +338,16 @@ impl Running {
             }
             Ok(()) => {
                 if std::mem::take(&mut self.spool_failing) {
-                    log::warn!("spool: writable again; no reading waits in memory any more (written, or acknowledged by the hub meanwhile)");
+                    if done.wrote {
+                        log::warn!(
+                            "spool: writable again; the readings held in memory are on disk"
+                        );
+                    } else {
+                        // The retry found every reading acknowledged:
+                        // the episode ends untested; the next reading
+                        // that needs writing tries the card.
+                        log::warn!("spool: writable again (nothing was left to write: the hub acknowledged the readings held in memory)");
+                    }
                     self.last_spool_error = None;
                 }
                 if done.syncs > 0 {

@@ -660,11 +660,24 @@ mod tests {
         assert_eq!(ob.ack(7, 14).done, 15);
         assert_eq!(ob.stats().unwritten, 0);
         // The failure is not forgotten: the retry still comes, finds
-        // nothing to write, and ends the episode.
+        // nothing to write (the card is still full), and ends the episode.
         assert!(ob.sync_due_at(Instant::now()).is_some());
-        sync(&mut ob);
+        let done = try_sync(&mut ob);
+        assert!(done.spool.is_ok() && !done.wrote, "{done:?}");
         assert_eq!(ob.sync_due_at(Instant::now()), None);
         assert_eq!(ob.stats().depth, 0);
+        // The next reading that needs writing tries the card again.
+        ob.disconnected();
+        ob.append(&reading(15));
+        assert!(sync_fails(&mut ob));
+        assert!(ob.sync_due_at(Instant::now()).is_some());
+        for base in 10..30 {
+            let _ = std::fs::remove_file(dir.path().join(format!("{base:020}.seg")));
+        }
+        let done = try_sync(&mut ob);
+        assert!(done.spool.is_ok() && done.wrote, "{done:?}");
+        assert_eq!(ob.stats().unwritten, 0);
+        assert_eq!(ob.sync_due_at(Instant::now()), None);
     }
 
     #[test]

@@ -24,10 +24,16 @@ impl Outbox {
     pub fn begin_sync(&mut self) -> SyncJob {
         self.housekeep();
         let state = &self.state;
+        let before = self.spool.lines_written();
         let files = self.spool.flush(&|rec| state.is_done(rec));
+        let wrote = self.spool.lines_written() > before;
         let ceiling = self.ceilings.plan().map(|v| self.ceiling_file.prepare(v));
         self.refresh_stats();
-        SyncJob { files, ceiling }
+        SyncJob {
+            files,
+            ceiling,
+            wrote,
+        }
     }
 
     /// A ceiling raise alone, when the sampler asked for one and no spool
@@ -44,6 +50,7 @@ impl Outbox {
         SyncJob {
             files: Ok(Vec::new()),
             ceiling,
+            wrote: false,
         }
     }
 
@@ -172,6 +179,8 @@ pub struct SyncJob {
     files: io::Result<Vec<File>>,
     /// The ceiling save, if one is due.
     ceiling: Option<io::Result<CeilingWrite>>,
+    /// Readings were written to the spool files (not only skipped).
+    wrote: bool,
 }
 
 /// What [`SyncJob::run`] did.
@@ -183,6 +192,9 @@ pub struct SyncDone {
     pub ceiling: Option<io::Result<()>>,
     /// fdatasync calls made.
     pub syncs: usize,
+    /// Readings were written to the spool (a sync that found every
+    /// reading in memory acknowledged writes none).
+    pub wrote: bool,
 }
 
 impl SyncJob {
@@ -207,6 +219,7 @@ impl SyncJob {
             spool,
             ceiling,
             syncs,
+            wrote: self.wrote,
         }
     }
 }

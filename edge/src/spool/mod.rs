@@ -172,6 +172,8 @@ pub struct Spool {
     unwritten_bytes: u64,
     /// The last write failed.
     write_failing: bool,
+    /// Record lines written since open.
+    lines_written: u64,
     /// Reader for the backlog.
     cursor: Option<Cursor>,
     /// Segment whose file could not be opened, and the tries so far.
@@ -242,6 +244,12 @@ impl Spool {
     /// readings wait in memory.
     pub fn write_failing(&self) -> bool {
         self.write_failing
+    }
+
+    /// Record lines written to the files since open (a flush compares
+    /// it to tell a write from a flush that had nothing to write).
+    pub fn lines_written(&self) -> u64 {
+        self.lines_written
     }
 
     /// Segment count (tests).

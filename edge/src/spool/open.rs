@@ -94,6 +94,7 @@ impl Spool {
             next_rec,
             recent: VecDeque::new(),
             unwritten_bytes: 0,
+            lines_written: 0,
             write_failing: false,
             cursor: None,
             open_failure: None,

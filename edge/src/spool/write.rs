@@ -225,6 +225,7 @@ impl Spool {
         }
         self.disk_end = batch.described;
         self.written_end = batch.next;
+        self.lines_written += batch.lines;
         self.unwritten_bytes = self.unwritten_bytes.saturating_sub(batch.settled);
         Ok(())
     }

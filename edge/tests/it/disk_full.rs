@@ -1,7 +1,8 @@
 //! The spool's file system fills up while the hub is down: readings wait
 //! in memory (bounded), the log is not flooded, the status says so, and
-//! the edge recovers by itself when the hub is back and space frees. Every
-//! sampled reading ends up stored or counted as dropped.
+//! the edge recovers by itself when the hub is back and space frees (a
+//! later outage's readings are written again). Every sampled reading ends
+//! up stored or counted as dropped.
 //!
 //! Runs on a real size-limited file system: a tmpfs mounted by the test
 //! (root only; skipped loudly otherwise, a failure with
@@ -71,18 +72,36 @@ fn a_full_disk_during_an_outage_loses_only_what_it_counts() {
 
     // The hub comes back before space frees: acked segments are deleted
     // although nothing can be written, which makes room.
-    let _hub = w.hub();
+    let mut hub = w.hub();
     wait_for("reconnected", SOON, || {
         edge.count_in_log("CONNECTED to") >= 2
     });
     let n = w.count();
     wait_for("the backlog stored", SOON, || w.count() > n + 100);
     std::fs::remove_file(&ballast).unwrap();
+    // The failed write is retried at the sync interval; once the hub has
+    // acknowledged what waited in memory the retry has nothing left to
+    // write, which ends the episode (possibly before the space freed).
     wait_for("the spool writable again", SOON, || {
         edge.log().contains("spool: writable again")
     });
     let n = w.count();
     wait_for("streaming on", SOON, || w.count() > n + 20);
+    // The card really takes readings again: a short outage, and what is
+    // sampled during it reaches the spool without a write error.
+    let failures = edge.count_in_log("spool: write failed");
+    hub.stop();
+    let sampled = edge.last_sampled().unwrap();
+    wait_for("a reading written after the space freed", SOON, || {
+        newest_on_disk(&w, epoch).is_some_and(|s| s >= sampled)
+    });
+    assert_eq!(edge.count_in_log("spool: write failed"), failures);
+    let _hub = w.hub();
+    wait_for("reconnected again", SOON, || {
+        edge.count_in_log("CONNECTED to") >= 3
+    });
+    let n = w.count();
+    wait_for("streaming on again", SOON, || w.count() > n + 20);
     let (exit, _) = edge.terminate();
     assert!(exit.success());
     let log = edge.log();

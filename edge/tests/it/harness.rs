@@ -394,3 +394,25 @@ impl Drop for Tmpfs {
         }
     }
 }
+
+/// The highest seq of `epoch` in the spool's segment files.
+pub fn newest_on_disk(w: &World, epoch: u64) -> Option<u64> {
+    let prefix = format!("\"epoch\":{epoch},\"seq\":");
+    fs::read_dir(w.spool_dir())
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+        .filter_map(|e| fs::read_to_string(e.path()).ok())
+        .flat_map(|text| {
+            text.split(prefix.as_str())
+                .skip(1)
+                .filter_map(|rest| {
+                    rest.split(|c: char| !c.is_ascii_digit())
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .collect::<Vec<_>>()
+        })
+        .max()
+}

@@ -3,7 +3,6 @@
 //! the hub is down; once the hub stops acking, every reading reaches the
 //! spool within the sync interval plus a sample.
 
-use std::fs;
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
@@ -102,28 +101,6 @@ fn sigterm_persists_the_outbox_while_the_hub_is_down() {
     again.terminate();
     edge.assert_token_not_logged();
     again.assert_token_not_logged();
-}
-
-/// The highest seq of `epoch` in the spool's segment files.
-fn newest_on_disk(w: &World, epoch: u64) -> Option<u64> {
-    let prefix = format!("\"epoch\":{epoch},\"seq\":");
-    fs::read_dir(w.spool_dir())
-        .ok()?
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
-        .filter_map(|e| fs::read_to_string(e.path()).ok())
-        .flat_map(|text| {
-            text.split(prefix.as_str())
-                .skip(1)
-                .filter_map(|rest| {
-                    rest.split(|c: char| !c.is_ascii_digit())
-                        .next()?
-                        .parse::<u64>()
-                        .ok()
-                })
-                .collect::<Vec<_>>()
-        })
-        .max()
 }
 
 #[test]
