@@ -145,8 +145,28 @@ pub struct DeviceStateRow {
     pub last_seen_ms: Option<i64>,
     /// The edge's last status of the current connection.
     pub status: Option<StatusSummary>,
-    /// The last reading per meter.
-    pub last: Vec<LastReading>,
+    /// The last reading per meter, as stored.
+    pub last: StoredLast,
+}
+
+/// The last readings of a [`DeviceStateRow`] as the store holds them
+/// (JSON text), decoded only where they are used: a device list mostly
+/// lists devices connected to the listing hub, whose live readings
+/// replace the stored ones, and at 10,000 devices parsing text nobody
+/// reads was a sizeable share of a listing's CPU.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoredLast(Option<String>);
+
+impl StoredLast {
+    /// The stored text (`None`: no readings stored).
+    pub fn new(text: Option<String>) -> StoredLast {
+        StoredLast(text)
+    }
+
+    /// The readings (empty when none are stored or the text is damaged).
+    pub fn decode(&self) -> Vec<LastReading> {
+        decode_last(self.0.as_deref())
+    }
 }
 
 /// The shared device state.

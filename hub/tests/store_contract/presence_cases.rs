@@ -56,7 +56,7 @@ pub fn presence_is_online_until_the_lease_ends_and_renewal_extends_it(mut f: Fix
     assert!(d.online);
     assert_eq!(d.hub.as_deref(), Some("a"));
     assert_eq!((d.online_since_ms, d.last_seen_ms), (Some(100), Some(100)));
-    assert!(d.status.is_none() && d.last.is_empty());
+    assert!(d.status.is_none() && d.last.decode().is_empty());
     // The lease ends: offline for every reader, without any write.
     assert!(!state(s, "d1", 1_000).online);
     // A renewal extends every lease of the hub.
@@ -120,7 +120,7 @@ pub fn presence_writes_bind_to_their_generation(mut f: Fixture) {
     assert!(d.online);
     assert_eq!(d.hub.as_deref(), Some("b"));
     assert_eq!(d.online_since_ms, Some(200));
-    assert!(d.status.is_none() && d.last.is_empty(), "{d:?}");
+    assert!(d.status.is_none() && d.last.decode().is_empty(), "{d:?}");
     // A disconnect of hub a whose connect was never written leaves b's
     // row online too.
     let mut x = sync("a", 320, 10_000);
@@ -154,7 +154,10 @@ pub fn presence_writes_bind_to_their_generation(mut f: Fixture) {
     let d = state(s, "d", 700);
     assert_eq!(d.status, Some(status));
     assert_eq!(d.last_seen_ms, Some(600));
-    assert_eq!(d.last, vec![last("main", 590, 5.0), last("pv", 480, -4.0)]);
+    assert_eq!(
+        d.last.decode(),
+        vec![last("main", 590, 5.0), last("pv", 480, -4.0)]
+    );
     // b's disconnect: offline, the last readings and last seen kept.
     let mut x = sync("b", 800, 10_000);
     x.disconnects.push(Disconnect {
@@ -167,12 +170,16 @@ pub fn presence_writes_bind_to_their_generation(mut f: Fixture) {
     let d = state(s, "d", 900);
     assert!(!d.online);
     assert_eq!(d.last_seen_ms, Some(800));
-    assert_eq!(d.last, vec![last("main", 790, 6.0)]);
+    assert_eq!(d.last.decode(), vec![last("main", 790, 6.0)]);
     // A reconnect clears the old connection's status.
     connect(s, "a", "d", 1_000, 10_000);
     let d = state(s, "d", 1_100);
     assert!(d.online && d.status.is_none());
-    assert_eq!(d.last.len(), 1, "the last readings stay until new ones");
+    assert_eq!(
+        d.last.decode().len(),
+        1,
+        "the last readings stay until new ones"
+    );
 }
 
 pub fn presence_clean_shutdown_marks_only_its_own_devices_offline(mut f: Fixture) {

@@ -10,8 +10,8 @@ use postgres::Transaction;
 
 use super::{db, PgStore, MIGRATION_LOCK_KEY};
 use crate::store::presence::{
-    count_i64, count_u64, decode_last, encode_last, DeviceStateRow, PresenceStore, PresenceSync,
-    StatusSummary, SyncAnswer,
+    count_i64, count_u64, encode_last, DeviceStateRow, PresenceStore, PresenceSync, StatusSummary,
+    StoredLast, SyncAnswer,
 };
 use crate::store::StoreError;
 
@@ -238,7 +238,7 @@ impl PresenceStore for PgStore {
                         online_since_ms: r.try_get(3)?,
                         last_seen_ms: r.try_get(4)?,
                         status,
-                        last: decode_last(r.try_get::<_, Option<&str>>(12)?),
+                        last: StoredLast::new(r.try_get(12)?),
                     })
                 })
                 .collect::<Result<Vec<_>, postgres::Error>>()

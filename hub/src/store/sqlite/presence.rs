@@ -5,8 +5,8 @@ use rusqlite::{params, TransactionBehavior};
 
 use super::{db, SqliteStore};
 use crate::store::presence::{
-    count_i64, count_u64, decode_last, encode_last, DeviceStateRow, PresenceStore, PresenceSync,
-    StatusSummary, SyncAnswer,
+    count_i64, count_u64, encode_last, DeviceStateRow, PresenceStore, PresenceSync, StatusSummary,
+    StoredLast, SyncAnswer,
 };
 use crate::store::StoreError;
 
@@ -202,7 +202,7 @@ impl PresenceStore for SqliteStore {
                     online_since_ms: r.get(3)?,
                     last_seen_ms: r.get(4)?,
                     status,
-                    last: decode_last(r.get::<_, Option<String>>(12)?.as_deref()),
+                    last: StoredLast::new(r.get(12)?),
                 })
             })
             .map_err(db)?;
