@@ -86,8 +86,17 @@ gen() { # NAME ARGS...
   grep -E '^(connect|server|sent|errors|latency|verdict)' "$OUT/$name.txt" | sed 's/^/    /' | tee -a "$OUT/summary.txt"
 }
 
-# /api/devices as the all-devices viewer, N times; prints each time in ms.
+# CPU seconds of the hub so far (every thread, from schedstat: ns).
+hub_cpu() {
+  cat /proc/"$hub_pid"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%.4f\n", s / 1e9}'
+}
+
+# /api/devices as the all-devices viewer, N times; prints each time in ms,
+# and the CPU per listing of the hub and of PostgreSQL (everything either
+# did meanwhile: meaningful when nothing else runs).
 listing() { # N PAUSE_S
+  local c0 p0
+  c0=$(hub_cpu); p0=$(pg_cpu)
   for _ in $(seq "$1"); do
     curl -s -o "$WORK/list.json" -w '%{time_total}\n' -H "Authorization: Bearer $VIEWER" \
       "http://127.0.0.1:$HPORT/api/devices"
@@ -98,6 +107,8 @@ t = sorted(float(x) * 1000 for x in sys.stdin)
 n = len(t)
 print(f"    listing {n} times: min {t[0]:.1f} ms, p50 {t[n // 2]:.1f} ms, p90 {t[int(n * 0.9)]:.1f} ms, max {t[-1]:.1f} ms")
 ' | tee -a "$OUT/summary.txt"
+  echo "    CPU per listing: hub $(python3 -c "print(f'{($(hub_cpu) - $c0) / $1 * 1e3:.1f}')") ms, PostgreSQL $(python3 -c "print(f'{($(pg_cpu) - $p0) / $1 * 1e3:.1f}')") ms (everything each did meanwhile)" \
+    | tee -a "$OUT/summary.txt"
   python3 -c 'import json,sys; print("    devices in the last answer:", len(json.load(open(sys.argv[1]))["devices"]))' "$WORK/list.json" \
     | tee -a "$OUT/summary.txt"
 }

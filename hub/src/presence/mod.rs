@@ -78,6 +78,16 @@ struct Pending {
     disconnects: HashMap<Arc<str>, Disconnect>,
 }
 
+/// A device connection of this hub as the device lists see it.
+pub(crate) struct LocalState {
+    /// Connect time, Unix ms.
+    pub since_ms: i64,
+    /// When a frame last came, Unix ms.
+    pub last_seen_ms: i64,
+    /// The last reading of each meter (in meter order).
+    pub last: Vec<LastReading>,
+}
+
 /// What one tick takes from [`Pending`] to write.
 #[derive(Default)]
 pub(crate) struct Batch {
@@ -200,14 +210,14 @@ impl Presence {
         });
     }
 
-    /// Connect time and last readings of each of `ids` that is `online`
+    /// What this hub knows first-hand of each of `ids` that is `online`
     /// and connected here (the others are `None`), in their order, with
     /// one hold of the lock that every reading also takes.
     pub fn locals(
         &self,
         ids: &[String],
         online: impl Fn(usize) -> bool,
-    ) -> Vec<Option<(i64, Vec<LastReading>)>> {
+    ) -> Vec<Option<LocalState>> {
         let p = lock(&self.inner);
         ids.iter()
             .enumerate()
@@ -215,9 +225,11 @@ impl Presence {
                 if !online(i) {
                     return None;
                 }
-                p.conns
-                    .get(id.as_str())
-                    .map(|l| (l.since_ms, l.last.values().cloned().collect()))
+                p.conns.get(id.as_str()).map(|l| LocalState {
+                    since_ms: l.since_ms,
+                    last_seen_ms: l.last_seen_ms,
+                    last: l.last.values().cloned().collect(),
+                })
             })
             .collect()
     }

@@ -6,7 +6,10 @@
 //!
 //! Cost: two store statements (the device states, the quarantine
 //! counts), and a third only for devices that have no state yet (never
-//! connected since the upgrade): their last seen from the readings.
+//! connected since the upgrade): their last seen from the readings. The
+//! device states are read only for the devices this hub does not know
+//! first-hand (see [`states`]): a hub listing the devices it serves
+//! reads almost no rows.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -15,6 +18,7 @@ use serde::Serialize;
 
 use super::{store, ApiError};
 use crate::fanout::registry::StatusEntry;
+use crate::presence::LocalState;
 use crate::state::Shared;
 use crate::store::presence::{DeviceStateRow, LastReading, StatusSummary};
 
@@ -168,6 +172,8 @@ impl DeviceState {
 struct Local {
     /// Connect time, Unix ms (when known).
     since_ms: Option<i64>,
+    /// When a frame last came on this connection, Unix ms (when known).
+    seen_ms: Option<i64>,
     /// The edge's last status.
     edge: Option<StatusEntry>,
     /// The last reading per meter of this connection.
@@ -197,6 +203,7 @@ fn merge(device_id: String, k: Known<'_>) -> DeviceState {
     let row = k.row;
     let seen = [
         row.as_ref().and_then(|r| r.last_seen_ms),
+        k.local.as_ref().and_then(|l| l.seen_ms),
         k.presence_ms,
         k.stored_seen,
     ]
@@ -215,9 +222,10 @@ fn merge(device_id: String, k: Known<'_>) -> DeviceState {
                 dropped_damaged: e.status.dropped_damaged,
             });
             let since = local.since_ms.or(k.presence_ms);
-            // Moved, not cloned: the row is not needed once merged.
+            // The stored readings are decoded only when the connection
+            // has none of its own yet.
             let last = if local.last.is_empty() {
-                row.map(|r| r.last).unwrap_or_default()
+                row.map(|r| r.last.decode()).unwrap_or_default()
             } else {
                 local.last
             };
@@ -225,14 +233,14 @@ fn merge(device_id: String, k: Known<'_>) -> DeviceState {
         }
         None => match row {
             Some(r) if r.online && r.hub.as_deref() != Some(k.me) => {
-                (true, r.hub, r.online_since_ms, r.status, r.last)
+                (true, r.hub, r.online_since_ms, r.status, r.last.decode())
             }
             r => (
                 false,
                 None,
                 None,
                 None,
-                r.map(|r| r.last).unwrap_or_default(),
+                r.map(|r| r.last.decode()).unwrap_or_default(),
             ),
         },
     };
@@ -259,20 +267,42 @@ fn merge(device_id: String, k: Known<'_>) -> DeviceState {
 }
 
 /// The state of the given devices, in their order.
+///
+/// What this hub knows first-hand comes first, with one hold of each
+/// registry and presence lock (ingest takes them for every reading), at
+/// normal priority. A device connected here that has sent a reading on
+/// this connection is then fully known: the store is asked only about
+/// the others (devices on other hubs, offline, or just connected), so a
+/// hub listing the devices it serves reads few rows or none. The merge,
+/// which takes no lock, runs on the low-priority thread.
 pub(super) async fn states(
     shared: &Arc<Shared>,
     ids: Vec<String>,
 ) -> Result<Vec<DeviceState>, ApiError> {
     let now = crate::store::now_ms();
-    let (ids, rows, quarantined, stored_seen) = store(shared, move |s| {
-        let rows = s.device_states(&ids, now)?;
+    let first_hand = Arc::clone(shared);
+    let (ids, views, locals, me) = off_worker(move || {
+        let views = first_hand.registry.local_views(&ids);
+        let locals = first_hand.presence.locals(&ids, |i| views[i].online);
+        let me = first_hand.presence.hub_id().to_owned();
+        (ids, views, locals, me)
+    })
+    .await?;
+    let ask: Vec<String> = ids
+        .iter()
+        .zip(&locals)
+        .filter(|(_, local)| needs_stored_state(local.as_ref()))
+        .map(|(id, _)| id.clone())
+        .collect();
+    let (rows, quarantined, stored_seen) = store(shared, move |s| {
+        let rows = s.device_states(&ask, now)?;
         let counts: HashMap<String, u64> = s.quarantine_counts()?.into_iter().collect();
         let known: HashSet<&str> = rows
             .iter()
             .filter(|r| r.last_seen_ms.is_some())
             .map(|r| r.device_id.as_str())
             .collect();
-        let missing: Vec<String> = ids
+        let missing: Vec<String> = ask
             .iter()
             .filter(|id| !known.contains(id.as_str()))
             .cloned()
@@ -287,19 +317,7 @@ pub(super) async fn states(
                 .filter_map(|(id, t)| Some((id, t?)))
                 .collect()
         };
-        Ok((ids, rows, counts, seen))
-    })
-    .await?;
-    // What this hub knows of each device, with one hold of each registry
-    // and presence lock (ingest takes them for every reading) at normal
-    // priority; then the merge, which takes no lock, on the low-priority
-    // thread.
-    let shared = Arc::clone(shared);
-    let (ids, views, locals, me) = off_worker(move || {
-        let views = shared.registry.local_views(&ids);
-        let locals = shared.presence.locals(&ids, |i| views[i].online);
-        let me = shared.presence.hub_id().to_owned();
-        (ids, views, locals, me)
+        Ok((rows, counts, seen))
     })
     .await?;
     super::background::run(move || {
@@ -311,13 +329,19 @@ pub(super) async fn states(
             .zip(views)
             .zip(locals)
             .map(|((id, view), local)| {
-                let local = view.online.then(|| {
-                    let (since_ms, last) = local.map_or((None, Vec::new()), |(s, l)| (Some(s), l));
-                    Local {
-                        since_ms,
+                let local = view.online.then(|| match local {
+                    Some(l) => Local {
+                        since_ms: Some(l.since_ms),
+                        seen_ms: Some(l.last_seen_ms),
                         edge: view.edge,
-                        last,
-                    }
+                        last: l.last,
+                    },
+                    None => Local {
+                        since_ms: None,
+                        seen_ms: None,
+                        edge: view.edge,
+                        last: Vec::new(),
+                    },
                 });
                 let known = Known {
                     row: rows.remove(&id),
@@ -337,6 +361,14 @@ pub(super) async fn states(
         log::error!("api: device list task failed: {e}");
         ApiError::Unavailable
     })
+}
+
+/// Whether a device's stored state adds to what this hub knows of it:
+/// not for a device connected here that has sent a reading on this
+/// connection (its connect time, last frame, status and last readings
+/// are all here, and newer than the row this hub writes from them).
+fn needs_stored_state(local: Option<&LocalState>) -> bool {
+    local.map_or(true, |l| l.last.is_empty())
 }
 
 /// The device lists' answer ([`listing_body`]), written on the API's
@@ -368,6 +400,7 @@ async fn off_worker<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::presence::{encode_last, StoredLast};
 
     fn row(online: bool, hub: &str) -> DeviceStateRow {
         DeviceStateRow {
@@ -382,12 +415,12 @@ mod tests {
                 behind_ms: 50,
                 ..Default::default()
             }),
-            last: vec![LastReading {
+            last: StoredLast::new(encode_last(&[LastReading {
                 meter: "main".into(),
                 ts: 450,
                 power_w: Some(1.0),
                 energy_wh: None,
-            }],
+            }])),
         }
     }
 
@@ -432,6 +465,7 @@ mod tests {
     fn a_device_connected_here_is_listed_first_hand() {
         let local = Local {
             since_ms: Some(900),
+            seen_ms: None,
             edge: None,
             last: Vec::new(),
         };
@@ -484,6 +518,41 @@ mod tests {
         ));
         assert!(direct.contains("\"quarantined\":0,\"revoked_ms\":null,\"unwritten\":0},"));
         assert!(direct.contains("\"revoked_ms\":9,\"unwritten\":null}]}"));
+    }
+
+    #[test]
+    fn only_devices_not_fully_known_here_are_read_from_the_store() {
+        let here = |last: Vec<LastReading>| LocalState {
+            since_ms: 1,
+            last_seen_ms: 2,
+            last,
+        };
+        assert!(needs_stored_state(None), "offline or on another hub");
+        assert!(
+            needs_stored_state(Some(&here(Vec::new()))),
+            "connected here, no reading yet: the stored last readings are shown"
+        );
+        let reading = LastReading {
+            meter: "main".into(),
+            ts: 2,
+            power_w: None,
+            energy_wh: None,
+        };
+        assert!(!needs_stored_state(Some(&here(vec![reading]))));
+    }
+
+    #[test]
+    fn a_device_connected_here_was_last_seen_at_its_last_frame() {
+        let local = Local {
+            since_ms: Some(900),
+            seen_ms: Some(1_500),
+            edge: None,
+            last: Vec::new(),
+        };
+        let s = merge("dev".into(), known(Some(row(true, "here:1")), Some(local)));
+        assert_eq!(s.last_seen_ms, Some(1_500), "newer than the row's 500");
+        let s = merge("dev".into(), known(None, None));
+        assert_eq!(s.last_seen_ms, None);
     }
 
     #[test]
