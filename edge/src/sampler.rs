@@ -4,9 +4,16 @@
 //! - Tick `k` is due at `start + k·interval`, computed from the start, so
 //!   errors never accumulate; ticks missed because a read overran are skipped
 //!   (and counted in a log line), never bunched.
-//! - The thread never touches the network: it only takes the outbox mutex,
-//!   which the link holds briefly and never across socket I/O, and signals
-//!   the link's wake-up descriptor (an eventfd write).
+//! - The thread never waits for the network. After an append it writes the
+//!   new reading to the hub's socket itself when it can do so at once
+//!   ([`Conduit::try_send`](crate::link::Conduit::try_send): a `try_lock`
+//!   on the link's socket side, a non-blocking socket, nothing else
+//!   waiting): the link thread then sleeps on until the ack, one thread
+//!   wake-up per reading fewer. Otherwise it signals the link's wake-up
+//!   descriptor (an eventfd write) and the link sends. It never handles a
+//!   failure of the link: a write error is left for the link thread, which
+//!   ends the connection. Besides, it takes the outbox mutex, which nobody
+//!   holds across socket I/O or a wait for the card.
 //! - A meter that fails to open or read is retried on the next tick; other
 //!   meters keep going; log lines about a failing meter are rate-limited.
 //!   A panicking driver is caught and treated like a read error.
@@ -23,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::clock::{ClockGate, Stamped, SyncProbe};
 use crate::health::{Health, HoldCounts};
+use crate::link::Conduit;
 use crate::meters::persist::EnergyFloor;
 use crate::meters::{Measurement, Meter, MeterConfig, MeterError};
 use crate::outbox::SharedOutbox;
@@ -221,6 +229,9 @@ pub struct Sampler {
     pub next_seq: u64,
     /// Where readings go.
     pub outbox: SharedOutbox,
+    /// The link's socket side: the sampler sends a new reading itself when
+    /// the link is idle.
+    pub conduit: Arc<Conduit>,
     /// Stop signal.
     pub shutdown: Shutdown,
     /// Heartbeat (watchdog) and hold counts (status line).
@@ -321,9 +332,12 @@ impl Sampler {
             })
             .collect();
         // Never fails: a reading the spool cannot write waits in memory
-        // (bounded, counted when dropped). Wakes the link, which sends it
-        // at once.
-        self.outbox.append_all(&readings);
+        // (bounded, counted when dropped). Sends it from this thread when
+        // the link is idle; otherwise wakes the link, which sends it at
+        // once.
+        let conduit = &self.conduit;
+        self.outbox
+            .append_all(&readings, |outbox| conduit.try_send(outbox));
         for r in &readings {
             log::trace!("sampled epoch {} seq {}", r.epoch, r.seq);
         }

@@ -40,7 +40,7 @@ use crate::ceiling::file::Found;
 use crate::clock::{self, ClockGate, SystemSync};
 use crate::config::{Config, ConfigError, DeviceToken};
 use crate::health::{Health, HoldCounts, LinkState};
-use crate::link::{self, Link, Target};
+use crate::link::{self, Conduit, Link, Target};
 use crate::notify;
 use crate::outbox::{Outbox, OutboxStats, SharedOutbox};
 use crate::sampler::{MeterSlot, Sampler};
@@ -159,7 +159,10 @@ impl Running {
         let health = Arc::new(Health::new());
         let tls = link::tls_config(config.ca_file.as_deref())?;
         let (state, outbox, epoch) = open_state(&config)?;
-        let (sampler, opened) = start_sampler(&config, &state, epoch, &outbox, shutdown, &health)?;
+        // The link's socket side, shared with the sampler's fast path.
+        let conduit = Arc::new(Conduit::new(&config.link));
+        let (sampler, opened) =
+            start_sampler(&config, &state, epoch, &outbox, &conduit, shutdown, &health)?;
         let link_stop = Shutdown::new();
         // The link sleeps in poll(2), the supervisor on its sync bell:
         // both are woken by their stop signals.
@@ -176,6 +179,7 @@ impl Running {
             },
             cfg: config.link.clone(),
             outbox: outbox.clone(),
+            conduit,
             shutdown: link_stop.clone(),
             health: health.clone(),
         };
@@ -438,6 +442,7 @@ fn start_sampler(
     state: &StateDir,
     epoch: u64,
     outbox: &SharedOutbox,
+    conduit: &Arc<Conduit>,
     shutdown: &Shutdown,
     health: &Arc<Health>,
 ) -> Result<(JoinHandle<ClockGate>, usize), EdgeError> {
@@ -467,6 +472,7 @@ fn start_sampler(
         epoch,
         next_seq: 0,
         outbox: outbox.clone(),
+        conduit: conduit.clone(),
         shutdown: shutdown.clone(),
         health: health.clone(),
         own_counters: Default::default(),

@@ -1,8 +1,10 @@
 //! Waking the link thread without polling: an `eventfd(2)` that the
-//! outbox's users signal when a reading can go out (the sampler after an
-//! append, the supervisor after a sync released held readings, the stop
-//! signal), and [`wait`], one `poll(2)` on that descriptor and the hub's
-//! socket.
+//! outbox's users signal when the link must act (the sampler after an
+//! append it could not send itself, or whose send left the link something
+//! to plan, see [`crate::link::conduit`]; the supervisor after a sync
+//! released held readings; the stop signal), and [`wait`], one `poll(2)`
+//! on that descriptor and the hub's socket. A reading the sampler sent
+//! itself signals nothing: the link thread sleeps on until the ack.
 //!
 //! - [`Wake::notify`] adds one to the eventfd's counter (a `write` of 8
 //!   bytes, never blocks); any number of notifications before the link
@@ -18,6 +20,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// The eventfd the link waits on (see the module docs).
@@ -25,6 +28,8 @@ use std::time::Duration;
 pub struct Wake {
     /// The eventfd, non-blocking, close-on-exec.
     fd: OwnedFd,
+    /// Notifications since creation (for tests and diagnostics).
+    notified: AtomicU64,
 }
 
 impl Wake {
@@ -39,6 +44,7 @@ impl Wake {
         // SAFETY: `fd` is a valid descriptor nobody else owns.
         Ok(Wake {
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            notified: AtomicU64::new(0),
         })
     }
 
@@ -46,6 +52,7 @@ impl Wake {
     /// fails in a way the caller could act on: a full counter (2⁶⁴ − 2
     /// notifications) is still signalled.
     pub fn notify(&self) {
+        self.notified.fetch_add(1, Ordering::Relaxed);
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64 to our descriptor.
         let _ = unsafe {
@@ -55,6 +62,11 @@ impl Wake {
                 std::mem::size_of::<u64>(),
             )
         };
+    }
+
+    /// How many times [`Wake::notify`] was called since creation.
+    pub fn notifications(&self) -> u64 {
+        self.notified.load(Ordering::Relaxed)
     }
 
     /// Resets the signal; returns whether it was set.

@@ -3,15 +3,22 @@
 //!
 //! Two states: RETRYING (connect, or wait a jittered [`Backoff`]) and
 //! CONNECTED (the stream loop of a [`Session`]). A blocking client on its
-//! own thread keeps the edge free of an async runtime; the outbox lock is
-//! the only thing it shares with the sampler, and it never holds it across
-//! socket I/O.
+//! own thread keeps the edge free of an async runtime. It shares two locks
+//! with the sampler: the outbox's, never held across socket I/O, and the
+//! [`Conduit`]'s (the socket side: socket, write state, status timer,
+//! pacer), always taken first. The sampler writes a new reading to the
+//! non-blocking socket itself when the link thread is asleep and nothing
+//! waits, so the link thread is not woken to send it; everything else
+//! (reading acks, pings, timers, failures, reconnects, the stop) is the
+//! link thread's.
 //!
 //! - [`connect`](mod@connect): TCP, TLS and the authenticated WebSocket
 //!   handshake.
 //! - [`session`]: the CONNECTED loop (send, read acks, ping, close),
-//!   sleeping in `poll(2)` until a frame arrives or a reading is handed
-//!   over (see [`crate::wake`]).
+//!   sleeping in `poll(2)` until a frame arrives or the link must act (see
+//!   [`crate::wake`]).
+//! - [`conduit`]: the socket side shared with the sampler, and the one
+//!   send routine both threads run.
 //! - This module: the RETRYING/CONNECTED loop and how long to back off
 //!   after each way a connection can end. Close code 4000 (another
 //!   connection with this device id replaced us: a cloned SD card), 4001
@@ -21,18 +28,20 @@
 //!   `docs/decisions/edge-full-jitter-backoff.md`); a connection that stayed
 //!   up `stable_after` resets it.
 
+pub mod conduit;
 pub mod connect;
 pub mod session;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::backoff::{Backoff, Pacer};
+use crate::backoff::Backoff;
 use crate::config::LinkConfig;
 use crate::health::{Health, LinkState};
 use crate::outbox::SharedOutbox;
 use crate::shutdown::Shutdown;
 
+pub use conduit::Conduit;
 pub use connect::{connect, resolve, tls_config, ConnectError, Socket, Target, TlsError};
 pub use session::{Session, SessionEnd, ACK_WAIT, BEAT_EVERY};
 
@@ -44,6 +53,8 @@ pub struct Link {
     pub cfg: LinkConfig,
     /// Shared outbox.
     pub outbox: SharedOutbox,
+    /// The socket side shared with the sampler's fast path.
+    pub conduit: Arc<Conduit>,
     /// Stop signal: triggered after the sampler has stopped, so the last
     /// readings go out before the close.
     pub shutdown: Shutdown,
@@ -73,12 +84,11 @@ impl Link {
             rng: fastrand::Rng::new(),
             attempts: 0,
         };
-        let mut pacer = Pacer::new(self.cfg.max_send_rate, Instant::now());
         while !self.shutdown.is_triggered() {
             self.health.link_beat();
             retry.attempts += 1;
             let delay = match connect(&self.target) {
-                Ok((mut ws, control)) => {
+                Ok((ws, control)) => {
                     log::info!(
                         "CONNECTED to {} (after {} attempt(s)); outbox holds {} readings",
                         self.target.hub.url,
@@ -93,9 +103,9 @@ impl Link {
                         &self.outbox,
                         &self.shutdown,
                         &self.health,
-                        &mut pacer,
+                        &self.conduit,
                     );
-                    let end = session.run(&mut ws, &control);
+                    let end = session.run(ws, &control);
                     self.outbox.lock().disconnected();
                     let up = since.elapsed();
                     if up >= self.cfg.stable_after {
@@ -111,7 +121,10 @@ impl Link {
             self.wait(delay);
         }
         self.set_state(LinkState::Retrying("shutting down".into()));
-        log::debug!("link stopped");
+        let (by_sampler, by_link) = self.conduit.sent_by();
+        log::debug!(
+            "link stopped: {by_sampler} readings sent by the sampler thread, {by_link} by the link thread"
+        );
     }
 
     /// How long to wait after a connection ended (`None`: shutdown).

@@ -1,22 +1,33 @@
 //! One CONNECTED period: the stream loop over one socket, event-driven.
 //!
-//! - The socket is non-blocking. The loop reads every frame that has
-//!   arrived (until a read would block: that empties tungstenite's and
-//!   rustls's buffers too, which `poll` cannot see), sends what the outbox
-//!   has, flushes, and then sleeps in `poll(2)` on the socket and the
-//!   outbox's [`Wake`](crate::wake::Wake) descriptor until a frame arrives,
-//!   the sampler hands over a reading, the socket takes bytes again (only
-//!   while a write is pending) or the next timer is due ([`Deadlines`]):
-//!   the status frame, a ping after `ping_after` of silence, the dead-link
-//!   check after `dead_after`, the pacer's next token, a spool read retry,
-//!   the watchdog heartbeat. A reading goes out the moment it is taken;
-//!   an idle link sleeps for seconds.
-//! - What it sends is paced by the [`Pacer`]; what the hub answers goes to
+//! - The socket is non-blocking and lives in the [`Conduit`] for the
+//!   session, which the sampler shares: a reading appended while this loop
+//!   sleeps is written by the sampler itself ([`Conduit::try_send`]), so
+//!   the loop is not woken to send it. Each turn of the loop holds the
+//!   conduit's lock: it reads every frame that has arrived (until a read
+//!   would block: that empties tungstenite's and rustls's buffers too,
+//!   which `poll` cannot see), ends the session if the sampler's write
+//!   failed, sends what the outbox has, flushes; then it releases the lock
+//!   and sleeps in `poll(2)` on the socket and the outbox's
+//!   [`Wake`](crate::wake::Wake) descriptor until a frame arrives (an ack,
+//!   mostly), the sampler asks it to act (it could not send a reading
+//!   itself, or left something to plan: bytes waiting for the socket, a
+//!   batch cut short, a status frame sent), a sync released readings, the
+//!   socket takes bytes again (only while a write is pending) or the next
+//!   timer is due ([`Deadlines`]): the status frame, a ping after
+//!   `ping_after` of silence, the dead-link check after `dead_after`, the
+//!   pacer's next token, a spool read retry, the watchdog heartbeat. A
+//!   reading goes out the moment it is appended; per reading the link
+//!   thread wakes once, for its ack; an idle link sleeps for seconds.
+//! - What it sends is paced by the [`Pacer`](crate::backoff::Pacer), which
+//!   the conduit keeps across connections; what the hub answers goes to
 //!   the outbox: an ack marks readings done, a `rate_limited` rejection
 //!   puts the reading back, any other rejection removes it for good. The
 //!   pongs tungstenite queues for the hub's pings go out with the next
 //!   flush, at once.
-//! - On shutdown it sends what the in-flight window allows, then waits (at
+//! - On shutdown (the sampler has stopped) only this thread writes: it
+//!   closes the conduit to the sampler and keeps its lock to the end. It
+//!   sends what the in-flight window allows, then waits (at
 //!   most [`ACK_WAIT`]) until every reading in flight is acknowledged, and
 //!   only then sends close 1001: the hub treats a close as the end of the
 //!   stream and sends no more acks after it, so closing first would leave
@@ -33,8 +44,8 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::Message;
 
+use super::conduit::{Conduit, LinkIo, Sender};
 use super::connect::Socket;
-use crate::backoff::Pacer;
 use crate::config::LinkConfig;
 use crate::health::Health;
 use crate::outbox::SharedOutbox;
@@ -42,7 +53,7 @@ use crate::shutdown::Shutdown;
 use crate::wake::{self, Wake};
 
 /// Readings taken from the outbox per loop iteration.
-const SEND_BATCH: usize = 64;
+pub(super) const SEND_BATCH: usize = 64;
 /// How long to wait on shutdown for the acks of readings in flight, before
 /// the close (part of the 5 s SIGTERM budget).
 pub const ACK_WAIT: Duration = Duration::from_millis(1000);
@@ -112,9 +123,11 @@ pub struct Session<'a> {
     shutdown: &'a Shutdown,
     /// Heartbeat for the watchdog.
     health: &'a Health,
-    /// Send pacing; it outlives the connection (a rate limit stays learnt).
-    pacer: &'a mut Pacer,
-    /// Signalled when a reading can go out (or at the stop).
+    /// The socket, its write state, the status timer and the pacer, shared
+    /// with the sampler's fast path.
+    conduit: &'a Conduit,
+    /// Signalled when the link must act: a reading the sampler could not
+    /// send itself, a sync that released readings, the stop.
     wake: &'a Wake,
     /// Last frame from the hub.
     last_rx: Instant,
@@ -122,13 +135,6 @@ pub struct Session<'a> {
     pinged: bool,
     /// The close code the hub sent, if it is closing.
     close_code: Option<u16>,
-    /// When the next `status` frame is due.
-    next_status: Instant,
-    /// Bytes wait in tungstenite's or rustls's buffers because the socket
-    /// would block (or a pong is queued): flush when it takes bytes again.
-    write_pending: bool,
-    /// When more readings may be sent without a wake-up.
-    more: Option<Instant>,
 }
 
 impl<'a> Session<'a> {
@@ -138,72 +144,96 @@ impl<'a> Session<'a> {
         outbox: &'a SharedOutbox,
         shutdown: &'a Shutdown,
         health: &'a Health,
-        pacer: &'a mut Pacer,
+        conduit: &'a Conduit,
     ) -> Self {
-        let now = Instant::now();
         Session {
             cfg,
             wake: outbox.wake(),
             outbox,
             shutdown,
             health,
-            pacer,
-            last_rx: now,
+            conduit,
+            last_rx: Instant::now(),
             pinged: false,
             close_code: None,
-            next_status: now,
-            write_pending: false,
-            more: None,
         }
     }
 
-    /// Streams until shutdown or until the connection ends. `control` is a
-    /// clone of the TCP stream (to make it non-blocking and to poll it).
-    pub fn run(mut self, ws: &mut Socket, control: &TcpStream) -> SessionEnd {
+    /// Streams over `ws` until shutdown or until the connection ends.
+    /// `control` is a clone of its TCP stream (to make it non-blocking and
+    /// to poll it). The socket is the conduit's for the session (the
+    /// sampler may write to it) and is dropped at its end.
+    pub fn run(mut self, ws: Socket, control: &TcpStream) -> SessionEnd {
         if let Err(e) = control.set_nonblocking(true) {
             return SessionEnd::Lost(format!("socket setup: {e}"));
         }
         let fd = control.as_raw_fd();
-        self.outbox.lock().connected();
-        // Whatever was signalled while disconnected is in the outbox now.
-        self.wake.clear();
+        {
+            let mut io = self.conduit.lock();
+            // A status frame right away, then every `status_every`.
+            io.attach(ws);
+            self.outbox.lock().connected();
+            // Whatever was signalled while disconnected is in the outbox now.
+            self.wake.clear();
+        }
         self.last_rx = Instant::now();
-        // A status frame right away, then every `status_every`.
-        self.next_status = Instant::now();
+        let end = self.stream(fd);
+        self.conduit.lock().detach();
+        end
+    }
+
+    /// The loop of [`Session::run`].
+    fn stream(&mut self, fd: RawFd) -> SessionEnd {
         loop {
             self.health.link_beat();
             if self.shutdown.is_triggered() {
-                // The sampler has stopped: send what the window allows, then close.
-                self.send_remaining(ws);
-                if self.await_acks(ws, fd) {
-                    self.close_gracefully(ws, fd);
+                // The sampler has stopped: send what the window allows,
+                // then close. The conduit stays locked to the end, and
+                // closed to the sampler.
+                let mut io = self.conduit.lock();
+                io.direct = false;
+                self.send_remaining(&mut io);
+                if self.await_acks(&mut io, fd) {
+                    self.close_gracefully(&mut io, fd);
                 }
                 return SessionEnd::Shutdown;
             }
-            if let Err(end) = self.step(ws, fd) {
+            if let Err(end) = self.step(fd) {
                 return self.after_close(end);
             }
         }
     }
 
-    /// One turn of the loop: everything that can be done now, then sleep
-    /// until something happens.
-    fn step(&mut self, ws: &mut Socket, fd: RawFd) -> Result<(), SessionEnd> {
-        self.receive(ws)?;
-        self.send(ws)?;
-        self.watch_silence(ws)?;
-        self.flush(ws)?;
-        let now = Instant::now();
-        let deadlines = Deadlines {
-            status: self.next_status,
-            last_rx: self.last_rx,
-            pinged: self.pinged,
-            ping_after: self.cfg.ping_after,
-            dead_after: self.cfg.dead_after,
-            more: self.more,
+    /// One turn of the loop: everything that can be done now (under the
+    /// conduit's lock), then sleep until something happens (without it).
+    fn step(&mut self, fd: RawFd) -> Result<(), SessionEnd> {
+        let (deadlines, write_pending) = {
+            let mut io = self.conduit.lock();
+            // A failure the sampler met while sending ends the session.
+            if let Some(end) = io.failed.take() {
+                return Err(end);
+            }
+            self.receive(&mut io)?;
+            io.send(self.outbox, Sender::Link)?;
+            self.watch_silence(&mut io)?;
+            io.flush()?;
+            let deadlines = Deadlines {
+                status: io.next_status,
+                last_rx: self.last_rx,
+                pinged: self.pinged,
+                ping_after: self.cfg.ping_after,
+                dead_after: self.cfg.dead_after,
+                more: io.more,
+            };
+            (deadlines, io.write_pending)
         };
+        // From here the sampler may send: a send that leaves bytes waiting,
+        // is cut short or moves the status timer signals `wake`, so these
+        // deadlines stay good otherwise (the silence timers depend on
+        // `last_rx`, which only this thread's reads move).
+        let now = Instant::now();
         let timeout = deadlines.next(now).saturating_duration_since(now);
-        let ready = wake::wait(fd, self.write_pending, self.wake, Some(timeout))
+        let ready = wake::wait(fd, write_pending, self.wake, Some(timeout))
             .map_err(|e| SessionEnd::Lost(format!("poll failed: {e}")))?;
         if ready.woken {
             self.wake.clear();
@@ -211,93 +241,14 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Sends the status frame when due, then what the window and the pacer
-    /// allow (nothing more while earlier bytes wait for the socket).
-    fn send(&mut self, ws: &mut Socket) -> Result<(), SessionEnd> {
-        self.more = None;
-        // Bytes already queued (the pong to a ping that just arrived) go
-        // first; they hold the readings back only if the socket takes no
-        // more: then its POLLOUT wakes the loop. Skipping the pacer's turn
-        // for a mere queued pong would lose its timer, and a hub that pings
-        // more often than the loop's other timers would stall the backlog.
-        self.flush(ws)?;
-        if self.write_pending {
-            return Ok(());
-        }
-        let now = Instant::now();
-        if now >= self.next_status {
-            let status = self.outbox.lock().status();
-            self.write(ws, Message::text(status.to_json()))?;
-            self.next_status = now + self.cfg.status_every;
-        }
-        let allowed = self.pacer.take(SEND_BATCH, now);
-        let (batch, retry_at) = {
-            let mut ob = self.outbox.lock();
-            (ob.next_batch(allowed), ob.retry_at())
-        };
-        self.pacer.refund(allowed - batch.len());
-        for o in &batch {
-            self.write(ws, Message::text(o.json.to_string()))?;
-        }
-        // Cut short by the batch size or the pacer: there may be more.
-        if batch.len() == allowed {
-            self.more = Some(if allowed == SEND_BATCH {
-                now
-            } else {
-                now + self.pacer.next_token_in(now)
-            });
-        }
-        if let Some(t) = retry_at {
-            self.more = Some(self.more.map_or(t, |m| m.min(t)));
-        }
-        Ok(())
-    }
-
-    /// Queues one message; a socket that would block keeps it buffered.
-    fn write(&mut self, ws: &mut Socket, msg: Message) -> Result<(), SessionEnd> {
-        match ws.write(msg) {
-            Ok(()) => {
-                self.write_pending = true;
-                Ok(())
-            }
-            Err(e) => self.blocked_or_lost(e, "send"),
-        }
-    }
-
-    /// Writes out what is buffered; notes whether some of it must wait.
-    fn flush(&mut self, ws: &mut Socket) -> Result<(), SessionEnd> {
-        if !self.write_pending {
-            return Ok(());
-        }
-        match ws.flush() {
-            Ok(()) => {
-                self.write_pending = false;
-                Ok(())
-            }
-            Err(e) => self.blocked_or_lost(e, "flush"),
-        }
-    }
-
-    /// A write or flush that would block leaves the bytes buffered (sent
-    /// when the socket takes them); any other error ends the connection.
-    fn blocked_or_lost(&mut self, e: tungstenite::Error, what: &str) -> Result<(), SessionEnd> {
-        match e {
-            tungstenite::Error::Io(io) if would_block(&io) => {
-                self.write_pending = true;
-                Ok(())
-            }
-            e => Err(SessionEnd::Lost(format!("{what} failed: {e}"))),
-        }
-    }
-
     /// Handles every frame that has arrived, until a read would block.
-    fn receive(&mut self, ws: &mut Socket) -> Result<(), SessionEnd> {
+    fn receive(&mut self, io: &mut LinkIo) -> Result<(), SessionEnd> {
         loop {
-            match ws.read() {
+            match io.ws()?.read() {
                 Ok(msg) => {
                     self.last_rx = Instant::now();
                     self.pinged = false;
-                    self.on_message(ws, msg)?;
+                    self.on_message(io, msg)?;
                 }
                 Err(tungstenite::Error::Io(e)) if would_block(&e) => return Ok(()),
                 Err(tungstenite::Error::ConnectionClosed)
@@ -327,24 +278,24 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn on_message(&mut self, ws: &mut Socket, msg: Message) -> Result<(), SessionEnd> {
+    fn on_message(&mut self, io: &mut LinkIo, msg: Message) -> Result<(), SessionEnd> {
         match msg {
-            Message::Text(t) => self.handle_text(t.as_str()),
+            Message::Text(t) => self.handle_text(io, t.as_str()),
             Message::Ping(_) => {
                 // tungstenite queued the pong; written by the next flush.
-                self.write_pending = true;
+                io.write_pending = true;
             }
             Message::Close(frame) => {
                 self.close_code = frame.as_ref().map(|f| u16::from(f.code));
                 if let Some(CLOSE_REPLACED | CLOSE_REVOKED | CLOSE_CONFLICT) = self.close_code {
                     // Nothing more to send on this link: finish the closing
                     // handshake (best effort), then report the reason.
-                    let _ = ws.flush();
+                    let _ = io.ws()?.flush();
                     return Err(self.after_close(SessionEnd::Lost("closed".into())));
                 }
                 if self.close_code == Some(u16::from(CloseCode::Policy)) {
                     // 1008: the hub saw sustained excess.
-                    self.pacer.rate_limited(Instant::now());
+                    io.pacer.rate_limited(Instant::now());
                 }
             }
             Message::Pong(_) | Message::Binary(_) | Message::Frame(_) => {}
@@ -353,7 +304,7 @@ impl<'a> Session<'a> {
     }
 
     /// Pings a silent hub once; gives up on a link silent for `dead_after`.
-    fn watch_silence(&mut self, ws: &mut Socket) -> Result<(), SessionEnd> {
+    fn watch_silence(&mut self, io: &mut LinkIo) -> Result<(), SessionEnd> {
         let silent = self.last_rx.elapsed();
         if silent >= self.cfg.dead_after {
             return Err(SessionEnd::Lost(format!(
@@ -363,7 +314,7 @@ impl<'a> Session<'a> {
         }
         if silent >= self.cfg.ping_after && !self.pinged {
             self.pinged = true;
-            self.write(ws, Message::Ping(Default::default()))?;
+            io.write(Message::Ping(Default::default()))?;
         }
         Ok(())
     }
@@ -376,7 +327,7 @@ impl<'a> Session<'a> {
     /// cover it by mistake, since acks match by position in the in-flight
     /// list and the refused reading is no longer in it (when it is resent,
     /// it goes to the end, after every ack already on its way).
-    fn handle_text(&mut self, text: &str) {
+    fn handle_text(&mut self, io: &mut LinkIo, text: &str) {
         match serde_json::from_str::<HubFrame>(text) {
             Ok(HubFrame::Ack { epoch, seq }) => {
                 let out = self.outbox.lock().ack(epoch, seq);
@@ -390,13 +341,13 @@ impl<'a> Session<'a> {
                 if reason.starts_with(RejectReason::RateLimited.code()) =>
             {
                 // Not delivered, not refused: keep it, slow down, resend.
-                let first = !self.pacer.is_paused(Instant::now());
-                self.pacer.rate_limited(Instant::now());
+                let first = !io.pacer.is_paused(Instant::now());
+                io.pacer.rate_limited(Instant::now());
                 self.outbox.lock().requeue(epoch, seq);
                 if first {
                     log::warn!(
                         "hub rate limit reached: readings kept for resending; pacing at {:.0} readings/s",
-                        self.pacer.rate()
+                        io.pacer.rate()
                     );
                 }
             }
@@ -420,25 +371,25 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn send_remaining(&mut self, ws: &mut Socket) {
+    fn send_remaining(&mut self, io: &mut LinkIo) {
         loop {
             let batch = self.outbox.lock().next_batch(SEND_BATCH);
             if batch.is_empty() {
                 break;
             }
             for o in &batch {
-                if self.write(ws, Message::text(o.json.to_string())).is_err() {
+                if io.write(Message::text(o.json.to_string())).is_err() {
                     return;
                 }
             }
         }
-        let _ = self.flush(ws);
+        let _ = io.flush();
     }
 
     /// Waits (in poll) until `deadline` for the socket; false if it failed.
-    fn wait_socket(&mut self, fd: RawFd, deadline: Instant) -> bool {
+    fn wait_socket(&mut self, io: &LinkIo, fd: RawFd, deadline: Instant) -> bool {
         let timeout = deadline.saturating_duration_since(Instant::now());
-        match wake::wait(fd, self.write_pending, self.wake, Some(timeout)) {
+        match wake::wait(fd, io.write_pending, self.wake, Some(timeout)) {
             Ok(ready) => {
                 // The stop signal stays set; only the socket matters now.
                 if ready.woken {
@@ -452,11 +403,14 @@ impl<'a> Session<'a> {
 
     /// Reads what has arrived during the stop: acks (and the close);
     /// returns false if the link ended or the hub is closing.
-    fn receive_at_stop(&mut self, ws: &mut Socket) -> bool {
+    fn receive_at_stop(&mut self, io: &mut LinkIo) -> bool {
         loop {
+            let Ok(ws) = io.ws() else {
+                return false;
+            };
             match ws.read() {
-                Ok(Message::Text(t)) => self.handle_text(t.as_str()),
-                Ok(Message::Ping(_)) => self.write_pending = true,
+                Ok(Message::Text(t)) => self.handle_text(io, t.as_str()),
+                Ok(Message::Ping(_)) => io.write_pending = true,
                 Ok(Message::Close(_)) => {
                     // The hub is closing: tungstenite queued the reply.
                     let _ = ws.flush();
@@ -471,12 +425,12 @@ impl<'a> Session<'a> {
 
     /// On shutdown, before the close: reads until nothing is in flight (or
     /// [`ACK_WAIT`] passed). Returns false if the link ended meanwhile.
-    fn await_acks(&mut self, ws: &mut Socket, fd: RawFd) -> bool {
+    fn await_acks(&mut self, io: &mut LinkIo, fd: RawFd) -> bool {
         let started = Instant::now();
         let deadline = started + ACK_WAIT;
         let at_stop = self.outbox.lock().stats().in_flight;
         loop {
-            if self.flush(ws).is_err() || !self.receive_at_stop(ws) {
+            if io.flush().is_err() || !self.receive_at_stop(io) {
                 return false;
             }
             let in_flight = self.outbox.lock().stats().in_flight;
@@ -497,30 +451,36 @@ impl<'a> Session<'a> {
                 return true;
             }
             self.health.link_beat();
-            if !self.wait_socket(fd, deadline) {
+            if !self.wait_socket(io, fd, deadline) {
                 return false;
             }
         }
     }
 
-    fn close_gracefully(&mut self, ws: &mut Socket, fd: RawFd) {
+    fn close_gracefully(&mut self, io: &mut LinkIo, fd: RawFd) {
         let frame = CloseFrame {
             code: CloseCode::Away,
             reason: "edge shutting down".into(),
         };
+        let Ok(ws) = io.ws() else {
+            return;
+        };
         match ws.close(Some(frame)) {
             Ok(()) => {}
-            Err(tungstenite::Error::Io(e)) if would_block(&e) => self.write_pending = true,
+            Err(tungstenite::Error::Io(e)) if would_block(&e) => io.write_pending = true,
             Err(_) => return,
         }
         let deadline = Instant::now() + CLOSE_WAIT;
         while Instant::now() < deadline {
-            let _ = self.flush(ws);
+            let _ = io.flush();
+            let Ok(ws) = io.ws() else {
+                break;
+            };
             match ws.read() {
-                Ok(Message::Text(t)) => self.handle_text(t.as_str()),
+                Ok(Message::Text(t)) => self.handle_text(io, t.as_str()),
                 Ok(_) => {}
                 Err(tungstenite::Error::Io(e)) if would_block(&e) => {
-                    if !self.wait_socket(fd, deadline) {
+                    if !self.wait_socket(io, fd, deadline) {
                         break;
                     }
                 }
@@ -532,7 +492,7 @@ impl<'a> Session<'a> {
 }
 
 /// The socket would block (nothing to read now, or no room to write).
-fn would_block(e: &io::Error) -> bool {
+pub(super) fn would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
 
@@ -617,7 +577,7 @@ mod tests {
                 ..Default::default()
             })
             .collect();
-        outbox.append_all(&readings);
+        outbox.append_all(&readings, |_| false);
         let cfg = link_config();
         let shutdown = Shutdown::new();
         let health = Health::new();
@@ -626,13 +586,13 @@ mod tests {
             std::thread::spawn(move || {
                 let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
                 let control = tcp.try_clone().unwrap();
-                let (mut ws, _) = tungstenite::client::client(
+                let (ws, _) = tungstenite::client::client(
                     format!("ws://127.0.0.1:{port}/"),
                     MaybeTlsStream::Plain(tcp),
                 )
                 .unwrap();
-                let mut pacer = Pacer::new(cfg.max_send_rate, Instant::now());
-                Session::new(&cfg, &outbox, &shutdown, &health, &mut pacer).run(&mut ws, &control)
+                let conduit = Conduit::new(&cfg);
+                Session::new(&cfg, &outbox, &shutdown, &health, &conduit).run(ws, &control)
             })
         };
         // 16 at once, 8 more in 1.6 s at the pacer's rate: 30 s is plenty
@@ -648,6 +608,122 @@ mod tests {
         shutdown.trigger();
         let end = link.join().unwrap();
         assert_eq!(got, (0..N).collect::<Vec<_>>(), "the link ended: {end:?}");
+    }
+
+    /// A hub stand-in that acknowledges every reading at once and reports
+    /// each text frame: `Some(seq)` for a reading, `None` for another
+    /// frame (the status frame).
+    fn acking_hub() -> (u16, mpsc::Receiver<Option<u64>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            let mut ws = tungstenite::accept(tcp).unwrap();
+            while let Ok(msg) = ws.read() {
+                let Message::Text(t) = msg else { continue };
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                let seq = v.get("seq").and_then(|s| s.as_u64());
+                if let (Some(seq), Some(epoch)) = (seq, v.get("epoch").and_then(|e| e.as_u64())) {
+                    let ack = HubFrame::Ack { epoch, seq };
+                    let json = serde_json::to_string(&ack).unwrap();
+                    if ws.send(Message::text(json)).is_err() {
+                        return;
+                    }
+                }
+                if tx.send(seq).is_err() {
+                    return;
+                }
+            }
+        });
+        (port, rx)
+    }
+
+    fn reading(seq: u64) -> Reading {
+        Reading {
+            epoch: 7,
+            seq,
+            ts_ms: 1_764_000_000_000 + seq as i64,
+            meter: "main".into(),
+            power_w: Some(1.0),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_sampler_sends_to_an_idle_link_without_waking_it() {
+        // The link thread sleeps in poll between the hub's acks; each
+        // reading appended the way the sampler does it goes out from the
+        // appending thread, and the link's eventfd stays quiet. (Woken once
+        // per reading, the link thread would also be the one to send.)
+        let (port, frames) = acking_hub();
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SharedOutbox::new(Outbox::open(dir.path(), 1 << 20, 512).unwrap()).unwrap();
+        let cfg = LinkConfig {
+            max_send_rate: 800.0,
+            ..link_config()
+        };
+        let conduit = std::sync::Arc::new(Conduit::new(&cfg));
+        let shutdown = Shutdown::new();
+        let health = Health::new();
+        let link = {
+            let (outbox, shutdown, conduit) = (outbox.clone(), shutdown.clone(), conduit.clone());
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                let control = tcp.try_clone().unwrap();
+                let (ws, _) = tungstenite::client::client(
+                    format!("ws://127.0.0.1:{port}/"),
+                    MaybeTlsStream::Plain(tcp),
+                )
+                .unwrap();
+                Session::new(&cfg, &outbox, &shutdown, &health, &conduit).run(ws, &control)
+            })
+        };
+        let soon = Duration::from_secs(30);
+        // The status frame: the session is streaming.
+        assert_eq!(frames.recv_timeout(soon), Ok(None));
+        let wake = outbox.wake().clone();
+        const N: u64 = 20;
+        let mut woken = 0;
+        for seq in 0..N {
+            let before = wake.notifications();
+            outbox.append_all(&[reading(seq)], |ob| conduit.try_send(ob));
+            if wake.notifications() > before {
+                woken += 1;
+            }
+            assert_eq!(frames.recv_timeout(soon), Ok(Some(seq)));
+            // Wait for the ack to be handled: the link is idle again.
+            let until = Instant::now() + soon;
+            while outbox.lock().stats().in_flight > 0 && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let (by_sampler, by_link) = conduit.sent_by();
+        {
+            let w = wake.clone();
+            shutdown.on_trigger(move || w.notify());
+        }
+        shutdown.trigger();
+        assert_eq!(link.join().unwrap(), SessionEnd::Shutdown);
+        // Only a reading appended while the link thread was busy (its lock
+        // taken) wakes it; on an idle link that is rare, never most.
+        assert!(
+            woken <= N / 4,
+            "the link was woken for {woken} of {N} readings"
+        );
+        assert_eq!(by_sampler + by_link, N);
+        assert!(by_sampler >= N - woken, "sent by the sampler: {by_sampler}");
+    }
+
+    #[test]
+    fn the_sampler_leaves_a_link_without_a_connection_to_the_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SharedOutbox::new(Outbox::open(dir.path(), 1 << 20, 512).unwrap()).unwrap();
+        let conduit = Conduit::new(&link_config());
+        outbox.append_all(&[reading(0)], |ob| conduit.try_send(ob));
+        assert!(!conduit.try_send(&outbox));
+        assert_eq!(conduit.sent_by(), (0, 0));
     }
 
     fn deadlines(now: Instant) -> Deadlines {

@@ -364,7 +364,7 @@ impl Outbox {
     }
 
     /// Whether something became sendable while connected since the last
-    /// call (the caller wakes the link).
+    /// call (the caller sends it itself or wakes the link).
     pub fn take_wake_link(&mut self) -> bool {
         std::mem::take(&mut self.wake_link)
     }

@@ -1,5 +1,12 @@
 //! The outbox as the sampler, the link and the supervisor share it
 //! ([`SharedOutbox`]), and the supervisor's doorbell ([`SyncBell`]).
+//!
+//! After an append that made a reading sendable, the sampler first tries
+//! to put it on the wire itself (the `send` of [`SharedOutbox::append_all`],
+//! the link's [`Conduit::try_send`](crate::link::Conduit::try_send), run
+//! with the outbox unlocked: the conduit's lock comes before the
+//! outbox's); only if that leaves something to the link is the link's
+//! [`Wake`] signalled. A sync that released readings always signals it.
 
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -70,7 +77,8 @@ impl SyncBell {
 pub struct SharedOutbox {
     /// The outbox.
     inner: Arc<Mutex<Outbox>>,
-    /// Signalled when a reading can go out while connected.
+    /// Signalled when a reading can go out while connected and the
+    /// sampler did not send it.
     wake: Arc<Wake>,
     /// Rung when a sync is wanted now.
     bell: Arc<SyncBell>,
@@ -102,11 +110,18 @@ impl SharedOutbox {
         &self.bell
     }
 
-    /// Appends readings (the sampler), then wakes the link if one of them
-    /// can go out, rings the supervisor if one waits for a ceiling raise
-    /// (or a ceiling needs one), and nudges it if a reading falls due
-    /// before its planned wake-up. Returns the readings the bounds dropped.
-    pub fn append_all<'r>(&self, readings: impl IntoIterator<Item = &'r Reading>) -> u64 {
+    /// Appends readings (the sampler). If one of them can go out, calls
+    /// `send` (with the outbox unlocked): it may put them on the wire on
+    /// the caller's thread and returns whether the link has nothing left
+    /// to do about them; if not, the link is woken. Then rings the
+    /// supervisor if a reading waits for a ceiling raise (or a ceiling
+    /// needs one), and nudges it if a reading falls due before its planned
+    /// wake-up. Returns the readings the bounds dropped.
+    pub fn append_all<'r>(
+        &self,
+        readings: impl IntoIterator<Item = &'r Reading>,
+        send: impl FnOnce(&SharedOutbox) -> bool,
+    ) -> u64 {
         let (lost, wake, bell, nudge) = {
             let mut ob = self.lock();
             let first_new = ob.next_rec();
@@ -114,7 +129,7 @@ impl SharedOutbox {
             let nudge = ob.take_plan_again(first_new);
             (lost, ob.take_wake_link(), ob.take_sync_wanted(), nudge)
         };
-        if wake {
+        if wake && !send(self) {
             self.wake.notify();
         }
         if bell {

@@ -1,5 +1,6 @@
-//! Start, run and stop: streaming from start, SIGTERM while connected (the
-//! last acks before the close), readings acked before their sync is due
+//! Start, run and stop: streaming from start, live readings sent by the
+//! sampler thread itself, SIGTERM while connected (the last acks before
+//! the close), readings acked before their sync is due
 //! never written to the card (ceiling raises included), systemd
 //! notifications, one process per spool directory.
 
@@ -31,6 +32,44 @@ fn streams_readings_and_stops_cleanly_on_sigterm() {
         w.seqs_of(epoch).last().is_some_and(|m| *m >= last)
     });
     assert_contiguous(&w.seqs_of(epoch), "epoch");
+    edge.assert_token_not_logged();
+}
+
+/// `(by the sampler, by the link thread)` from the link's last line.
+fn senders(log: &str) -> Option<(u64, u64)> {
+    let line = log.lines().rev().find(|l| l.contains("link stopped: "))?;
+    let number_before = |needle: &str| -> Option<u64> {
+        let head = &line[..line.find(needle)?];
+        head.trim_end().rsplit(' ').next()?.parse().ok()
+    };
+    Some((
+        number_before(" readings sent by the sampler thread")?,
+        number_before(" by the link thread")?,
+    ))
+}
+
+#[test]
+fn the_sampler_sends_live_readings_itself() {
+    // While the link thread sleeps between acks, the sampler writes each
+    // new reading to the socket itself instead of waking the link thread
+    // to send it. The link thread still sends what was sampled before the
+    // connection, and a reading whose append met it busy (reading an ack):
+    // rare, so at least most live readings are the sampler's.
+    let w = World::new();
+    let _hub = w.hub();
+    let mut edge = w.edge(&w.config("edge.toml", "", ""));
+    wait_for("CONNECTED", SOON, || edge.log().contains("CONNECTED to"));
+    wait_for("60 stored readings", SOON, || w.count() >= 60);
+    let (status, _) = edge.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    let log = edge.log();
+    let (by_sampler, by_link) = senders(&log).expect("the link's last line");
+    eprintln!("sent by the sampler thread: {by_sampler}, by the link thread: {by_link}");
+    assert!(by_sampler + by_link >= 60, "{by_sampler} + {by_link}");
+    assert!(
+        by_sampler >= (by_sampler + by_link) / 2,
+        "sent by the sampler thread: {by_sampler}, by the link thread: {by_link}"
+    );
     edge.assert_token_not_logged();
 }
 
