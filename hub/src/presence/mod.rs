@@ -64,7 +64,7 @@ struct Local {
     /// Its last `status` frame.
     status: Option<StatusSummary>,
     /// The last reading of each meter.
-    last: BTreeMap<String, LastReading>,
+    last: BTreeMap<Arc<str>, LastReading>,
 }
 
 #[derive(Default)]
@@ -175,18 +175,25 @@ impl Presence {
         };
         local.dirty = true;
         local.last_seen_ms = local.last_seen_ms.max(rx_ms);
-        let entry = LastReading {
-            meter: reading.meter.clone(),
-            ts: reading.ts_ms,
-            power_w: reading.power_w,
-            energy_wh: reading.energy_wh,
-        };
-        match local.last.get_mut(&reading.meter) {
+        // Updated in place: a meter's entry is allocated once, at its
+        // first reading, not for every reading.
+        match local.last.get_mut(reading.meter.as_str()) {
             // A backlog reading older than the one kept does not replace it.
             Some(kept) if kept.ts > reading.ts_ms => {}
-            Some(kept) => *kept = entry,
+            Some(kept) => {
+                kept.ts = reading.ts_ms;
+                kept.power_w = reading.power_w;
+                kept.energy_wh = reading.energy_wh;
+            }
             None => {
-                local.last.insert(reading.meter.clone(), entry);
+                let meter: Arc<str> = Arc::from(reading.meter.as_str());
+                let entry = LastReading {
+                    meter: meter.clone(),
+                    ts: reading.ts_ms,
+                    power_w: reading.power_w,
+                    energy_wh: reading.energy_wh,
+                };
+                local.last.insert(meter, entry);
             }
         }
     }

@@ -19,6 +19,8 @@
 //! - A device is online when its row says so and its lease has not ended
 //!   (`lease_until_ms > now`, evaluated in the query).
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use super::StoreError;
@@ -45,8 +47,9 @@ pub struct StatusSummary {
 /// The last reading of one meter (the listing's `last` entries).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LastReading {
-    /// Meter id.
-    pub meter: String,
+    /// Meter id (shared: the device lists copy the last readings of every
+    /// connected device while ingest waits for the same lock).
+    pub meter: Arc<str>,
     /// Sample time, Unix ms.
     pub ts: i64,
     /// Active power, W, when the reading had it.
