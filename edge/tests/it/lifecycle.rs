@@ -59,16 +59,22 @@ fn the_sampler_sends_live_readings_itself() {
     let _hub = w.hub();
     let mut edge = w.edge(&w.config("edge.toml", "", ""));
     wait_for("CONNECTED", SOON, || edge.log().contains("CONNECTED to"));
-    wait_for("60 stored readings", SOON, || w.count() >= 60);
+    // What was sampled before the connection (many readings on a slow
+    // machine) is the link thread's to send: count from here on.
+    let before = w.count();
+    wait_for("60 more stored readings", SOON, || w.count() >= before + 60);
     let (status, _) = edge.terminate();
     assert!(status.success(), "exit status {status:?}");
     let log = edge.log();
     let (by_sampler, by_link) = senders(&log).expect("the link's last line");
     eprintln!("sent by the sampler thread: {by_sampler}, by the link thread: {by_link}");
-    assert!(by_sampler + by_link >= 60, "{by_sampler} + {by_link}");
     assert!(
-        by_sampler >= (by_sampler + by_link) / 2,
-        "sent by the sampler thread: {by_sampler}, by the link thread: {by_link}"
+        by_sampler + by_link >= before as u64 + 60,
+        "{by_sampler} + {by_link}"
+    );
+    assert!(
+        by_sampler >= 30,
+        "of the 60 or more readings sampled while connected, the sampler thread sent {by_sampler} (the link thread sent {by_link} in all)"
     );
     edge.assert_token_not_logged();
 }
