@@ -5,7 +5,8 @@
 # for 30 s while 2,000 real devices reconnect. A private PostgreSQL 15
 # cluster (fsync on, default settings) is created and removed.
 # Usage: bench/scripts/pg-hardening.sh OUTDIR   (as root; BIN=target/release;
-# LISTING_ONLY=1 for the listing measurements alone)
+# LISTING_ONLY=1 for the listing measurements alone; ACK_AB=1 for S1's acks
+# with and without the listing in alternating windows of one run)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:?usage: pg-hardening.sh OUTDIR}
@@ -127,6 +128,36 @@ if [[ "${LISTING_ONLY:-0}" == 1 ]]; then
   wait "$lister" || true
   log "idle hub after S1 (every device in device_state): all-devices listing"
   listing 20 0.2
+  stop_hub
+  exit 0
+fi
+
+# ACK_AB=1: one S1 run of 110 s; from its 12th second the listing runs for
+# 6 s (every 0.5 s), pauses 6 s, and so on, seven times. Every ack is logged
+# with its reading's send time, and the acks of readings sent during the
+# windows are compared with those sent in the quiet gaps between them: the
+# same run, the same hub and database, minutes apart at most. AB_PATH
+# (default /api/devices) names the request: /healthz gives the control
+# run, the same windows with a request that costs nothing.
+if [[ "${ACK_AB:-0}" == 1 ]]; then
+  log "s1-pg with the listing in alternating 6 s windows"
+  (
+    sleep 12
+    for _ in 1 2 3 4 5 6 7; do
+      s=$EPOCHREALTIME
+      while (( ${EPOCHREALTIME/./} - ${s/./} < 6000000 )); do
+        taskset -c "$GEN_CPU" curl -s -o /dev/null -H "Authorization: Bearer $VIEWER" "http://127.0.0.1:$HPORT${AB_PATH:-/api/devices}"
+        sleep 0.5
+      done
+      echo "$s $EPOCHREALTIME" >>"$WORK/windows.txt"
+      sleep 6
+    done
+  ) &
+  lister=$!
+  gen s1-pg-ab --devices "$DEVICES" --rate 1 --duration 110 --drain 20 --ack-log "$WORK/acks.txt"
+  wait "$lister" || true
+  mv "$WORK/acks.txt" "$WORK/windows.txt" "$OUT/"
+  python3 bench/scripts/ack-windows.py "$OUT/acks.txt" "$OUT/windows.txt" | sed 's/^/    /' | tee -a "$OUT/summary.txt"
   stop_hub
   exit 0
 fi

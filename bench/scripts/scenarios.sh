@@ -2,10 +2,12 @@
 # The benchmark scenarios (BENCHMARKS.md): hub pinned to CPU 0, generator to CPU 1,
 # Mosquitto (same patterns) pinned to CPU 0 too. Loopback only, every run
 # bounded. Usage: bench/scripts/scenarios.sh OUTDIR [SCENARIO...]
-#   scenarios: s1 s2 s3 s4 s6 edge (default: all); s5 is the connect phase of s4.
+#   scenarios: s1 s2 s3 s4 s6 s7 edge (default: all but s7); s5 is the connect
+#   phase of s4. s7 (a small fleet as it runs: 5 minutes, nothing pinned) runs
+#   only when named.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${1:?usage: scenarios.sh OUTDIR [s1 s2 s3 s4 s6 edge]}
+OUT=${1:?usage: scenarios.sh OUTDIR [s1 s2 s3 s4 s6 s7 edge]}
 shift
 WANT=${*:-s1 s2 s3 s4 s6 edge}
 BIN=${BIN:-target-bench/release}
@@ -34,7 +36,7 @@ DB="$WORK/hub.db"
 LIMITS=${LIMITS:---max-connections-per-ip 1000000 --max-dashboards-per-token 100000}
 start_hub() {
   # shellcheck disable=SC2086
-  (ulimit -n 20000; exec taskset -c "$HUB_CPU" "${HUB_BIN:-$BIN/ems-hub}" serve --listen "127.0.0.1:$HPORT" --database "sqlite:$DB" --log-level error $LIMITS "$@") \
+  (ulimit -n 20000; exec taskset -c "${PIN_HUB:-$HUB_CPU}" "${HUB_BIN:-$BIN/ems-hub}" serve --listen "127.0.0.1:$HPORT" --database "sqlite:$DB" --log-level error $LIMITS "$@") \
     >>"$OUT/hub.log" 2>&1 &
   hub_pid=$!
   wait_port "$HPORT"
@@ -79,7 +81,7 @@ PY
 gen() { # NAME ARGS... (hub mode)
   local name=$1; shift
   log "$name: ems-bench run $*"
-  taskset -c "$GEN_CPU" "$BIN/ems-bench" run --label "$name" --target "ws://127.0.0.1:$HPORT" --tokens "$WORK/tokens.txt" \
+  taskset -c "${PIN_GEN:-$GEN_CPU}" "$BIN/ems-bench" run --label "$name" --target "ws://127.0.0.1:$HPORT" --tokens "$WORK/tokens.txt" \
     --server-pid "$hub_pid" --source-ips 4 "$@" >"$OUT/$name.txt" 2>&1 || true
   grep -E '^(connect|server|sent|sustained|deliveries|errors|latency|verdict)' "$OUT/$name.txt" | sed 's/^/    /' | tee -a "$OUT/summary.txt"
   threads "$hub_pid" | tee -a "$OUT/summary.txt"
@@ -127,6 +129,19 @@ for s in $WANT; do
     start_hub; gen s6-trouble-hub --devices 2000 --rate 1 --dashboards 200 --follow 10 --duration 45 --drain 60 \
       --stall-fraction 0.1 --stall-after 2 --pause-db "$DB" --pause-at 5 --pause-for 30
     n=$(sqlite3 "$DB" "select count(*) from readings" 2>/dev/null || echo 0); log "s6: rows in readings: $n0 before, $n after (+$((n - n0)))"
+    stop_hub
+    ;;
+  s7)
+    # A small fleet as it runs: 3,000 devices x 1 Hz and 200 dashboards
+    # following 10 devices each for 5 minutes, hub and generator free to use
+    # both cores. The hub's RSS is sampled every 30 s (flat or growing).
+    PIN_HUB=0-1 PIN_GEN=0-1 start_hub
+    ( for _ in $(seq 12); do sleep 30; awk '/VmRSS/ {printf "%d ", $2 / 1024}' /proc/"$hub_pid"/status 2>/dev/null; done; echo ) \
+      >"$WORK/s7-rss.txt" &
+    rss=$!
+    PIN_GEN=0-1 gen s7-fleet-hub --devices 3000 --rate 1 --dashboards 200 --follow 10 --duration 300 --drain 20
+    kill "$rss" 2>/dev/null || true; wait "$rss" 2>/dev/null || true
+    log "s7: hub RSS every 30 s (MB): $(cat "$WORK/s7-rss.txt")"
     stop_hub
     ;;
   edge)

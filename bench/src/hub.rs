@@ -196,8 +196,7 @@ async fn device(plan: Arc<Plan>, idx: usize, mut ws: Ws) {
                             let now = stats.nanos();
                             while pending.front().is_some_and(|&(q, _)| q <= s) {
                                 if let Some((_, sent)) = pending.pop_front() {
-                                    stats.ack.record(Duration::from_nanos(now.saturating_sub(sent)));
-                                    stats.acked.fetch_add(1, Ordering::Relaxed);
+                                    stats.acked(sent, now);
                                 }
                             }
                         }

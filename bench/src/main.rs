@@ -140,6 +140,10 @@ pub struct RunArgs {
     /// Label printed with the results.
     #[arg(long, default_value = "run")]
     pub label: String,
+    /// Write every ack to this file as `SEND_UNIX_S LATENCY_US` (hub
+    /// and MQTT mode), to compare acks by when their readings were sent.
+    #[arg(long)]
+    pub ack_log: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -277,7 +281,7 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
     }
     let addr = loopback_target(&a.target).await?;
     let ring = ((a.rate * 64.0) as usize).clamp(64, 1 << 20);
-    let stats = Stats::new(a.devices, ring);
+    let stats = Stats::new(a.devices, ring, a.ack_log.is_some());
     let pid = a.server_pid;
     let s0 = pid.and_then(proc_sample);
 
@@ -361,6 +365,11 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
     let peak = watch.stop();
     if let Some(h) = pauser {
         let _ = h.join();
+    }
+    if let Some(path) = &a.ack_log {
+        stats
+            .write_ack_log(path)
+            .with_context(|| format!("cannot write the ack log {}", path.display()))?;
     }
     Ok(report(&plan, &received, c0, c1, peak, run_secs))
 }

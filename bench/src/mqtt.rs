@@ -174,10 +174,7 @@ async fn device(plan: Arc<Plan>, idx: usize, cl: Client) {
                             .unwrap_or_else(|p| p.into_inner())
                             .pop_front();
                         if let Some(sent) = sent {
-                            stats
-                                .ack
-                                .record(Duration::from_nanos(stats.nanos().saturating_sub(sent)));
-                            stats.acked.fetch_add(1, Ordering::Relaxed);
+                            stats.acked(sent, stats.nanos());
                         }
                     }
                     Ok(Event::Incoming(Packet::Disconnect)) => break,

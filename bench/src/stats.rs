@@ -90,6 +90,12 @@ pub struct DeviceShared {
 /// Everything a run measures.
 pub struct Stats {
     pub base: Instant,
+    /// `base` as Unix time in nanoseconds (to line the ack log up with
+    /// other tools' clocks).
+    pub base_unix_ns: u64,
+    /// Every ack as (send time in `nanos()`, latency in µs), when the run
+    /// writes an ack log.
+    pub ack_log: Option<Mutex<Vec<(u64, u32)>>>,
     pub ack: Latency,
     pub live: Latency,
     pub connect: Latency,
@@ -106,9 +112,14 @@ pub struct Stats {
 }
 
 impl Stats {
-    pub fn new(devices: usize, ring: usize) -> Arc<Self> {
+    pub fn new(devices: usize, ring: usize, ack_log: bool) -> Arc<Self> {
+        let base_unix_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
         Arc::new(Stats {
             base: Instant::now(),
+            base_unix_ns,
+            ack_log: ack_log.then(|| Mutex::new(Vec::new())),
             ack: Latency::new(),
             live: Latency::new(),
             connect: Latency::new(),
@@ -131,6 +142,41 @@ impl Stats {
 
     pub fn nanos(&self) -> u64 {
         self.base.elapsed().as_nanos() as u64
+    }
+
+    /// Records the ack of a reading sent at `sent` (`nanos()`), received
+    /// at `now`.
+    pub fn acked(&self, sent: u64, now: u64) {
+        let lat = Duration::from_nanos(now.saturating_sub(sent));
+        self.ack.record(lat);
+        self.acked.fetch_add(1, Ordering::Relaxed);
+        if let Some(log) = &self.ack_log {
+            let us = lat.as_micros().min(u32::MAX as u128) as u32;
+            log.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((sent, us));
+        }
+    }
+
+    /// Writes the ack log: one line per ack, `SEND_UNIX_S LATENCY_US`,
+    /// in the order the acks arrived.
+    pub fn write_ack_log(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let Some(log) = &self.ack_log else {
+            return Ok(());
+        };
+        let log = log.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        for &(sent, us) in log.iter() {
+            let unix = self.base_unix_ns + sent;
+            writeln!(
+                out,
+                "{}.{:06} {us}",
+                unix / 1_000_000_000,
+                unix % 1_000_000_000 / 1000
+            )?;
+        }
+        out.flush()
     }
 
     /// Records a live delivery of `seq` of device `dev` received now.
