@@ -39,6 +39,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use super::topic::Topic;
 use crate::config::TakeoverPolicy;
 use crate::mqtt::MqttHandle;
+use crate::state::LOCK_CHUNK;
 use crate::store::TokenHash;
 
 /// Why the hub asks a device connection to close.
@@ -395,30 +396,33 @@ impl Registry {
 
     /// [`is_online`](Self::is_online), [`edge_status`](Self::edge_status)
     /// and [`presence_ms`](Self::presence_ms) of each of `ids`, in their
-    /// order, taking each lock once for the whole list (the device lists
-    /// ask for thousands at a time; ingest takes these locks too).
+    /// order. The device lists ask for thousands at a time and ingest takes
+    /// these locks too: each is held for [`LOCK_CHUNK`] devices at a time.
     pub fn local_views(&self, ids: &[String]) -> Vec<LocalView> {
-        let mut views: Vec<LocalView> = {
-            let devices = lock(&self.devices);
-            ids.iter()
-                .map(|id| LocalView {
+        let mut views = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(LOCK_CHUNK) {
+            let start = views.len();
+            {
+                let devices = lock(&self.devices);
+                views.extend(chunk.iter().map(|id| LocalView {
                     online: devices.contains_key(id.as_str()),
                     edge: None,
                     presence_ms: None,
-                })
-                .collect()
-        };
-        {
-            let statuses = lock(&self.statuses);
-            for (v, id) in views.iter_mut().zip(ids) {
-                if v.online {
-                    v.edge = statuses.get(id.as_str()).cloned();
+                }));
+            }
+            let part = &mut views[start..];
+            {
+                let statuses = lock(&self.statuses);
+                for (v, id) in part.iter_mut().zip(chunk) {
+                    if v.online {
+                        v.edge = statuses.get(id.as_str()).cloned();
+                    }
                 }
             }
-        }
-        let presence = lock(&self.presence);
-        for (v, id) in views.iter_mut().zip(ids) {
-            v.presence_ms = presence.get(id.as_str()).copied();
+            let presence = lock(&self.presence);
+            for (v, id) in part.iter_mut().zip(chunk) {
+                v.presence_ms = presence.get(id.as_str()).copied();
+            }
         }
         views
     }

@@ -32,6 +32,7 @@ use std::time::Duration;
 use ems_shared::{EdgeStatus, Reading};
 use tokio::sync::Notify;
 
+use crate::state::LOCK_CHUNK;
 use crate::store::presence::{
     Connect, Disconnect, LastReading, PresenceSync, StateUpdate, StatusSummary, SyncAnswer,
 };
@@ -76,6 +77,26 @@ struct Pending {
     connects: HashMap<Arc<str>, (u64, i64)>,
     /// Disconnects not written yet, the latest per device.
     disconnects: HashMap<Arc<str>, Disconnect>,
+    /// Devices whose entry in `conns` became dirty since the last flush
+    /// (an id once per change from clean to dirty): a flush visits these,
+    /// not the whole map.
+    dirty: Vec<Arc<str>>,
+}
+
+impl Pending {
+    /// Marks the connection of `device_id` changed.
+    fn touch(&mut self, device_id: &str) -> Option<&mut Local> {
+        let local = self.conns.get_mut(device_id)?;
+        if !local.dirty {
+            local.dirty = true;
+            // Once per flush period: the key is looked up again for its
+            // shared name.
+            if let Some((key, _)) = self.conns.get_key_value(device_id) {
+                self.dirty.push(key.clone());
+            }
+        }
+        self.conns.get_mut(device_id)
+    }
 }
 
 /// A device connection of this hub as the device lists see it.
@@ -170,10 +191,9 @@ impl Presence {
     /// A valid reading of a connected device, received at `rx_ms`.
     pub fn reading(&self, device_id: &str, reading: &Reading, rx_ms: i64) {
         let mut p = lock(&self.inner);
-        let Some(local) = p.conns.get_mut(device_id) else {
+        let Some(local) = p.touch(device_id) else {
             return;
         };
-        local.dirty = true;
         local.last_seen_ms = local.last_seen_ms.max(rx_ms);
         // Updated in place: a meter's entry is allocated once, at its
         // first reading, not for every reading.
@@ -201,10 +221,9 @@ impl Presence {
     /// A `status` frame of a connected device, received at `rx_ms`.
     pub fn status(&self, device_id: &str, status: &EdgeStatus, rx_ms: i64) {
         let mut p = lock(&self.inner);
-        let Some(local) = p.conns.get_mut(device_id) else {
+        let Some(local) = p.touch(device_id) else {
             return;
         };
-        local.dirty = true;
         local.last_seen_ms = local.last_seen_ms.max(rx_ms);
         local.status = Some(StatusSummary {
             rx_ms,
@@ -218,46 +237,66 @@ impl Presence {
     }
 
     /// What this hub knows first-hand of each of `ids` that is `online`
-    /// and connected here (the others are `None`), in their order, with
-    /// one hold of the lock that every reading also takes.
+    /// and connected here (the others are `None`), in their order. The
+    /// lock every reading also takes is held for [`LOCK_CHUNK`] devices at
+    /// a time: each device's entry is as it was at one instant, the list
+    /// as a whole spans the pass.
     pub fn locals(
         &self,
         ids: &[String],
         online: impl Fn(usize) -> bool,
     ) -> Vec<Option<LocalState>> {
-        let p = lock(&self.inner);
-        ids.iter()
-            .enumerate()
-            .map(|(i, id)| {
-                if !online(i) {
-                    return None;
-                }
-                p.conns.get(id.as_str()).map(|l| LocalState {
-                    since_ms: l.since_ms,
-                    last_seen_ms: l.last_seen_ms,
-                    last: l.last.values().cloned().collect(),
-                })
-            })
-            .collect()
+        let mut out = Vec::with_capacity(ids.len());
+        for (c, chunk) in ids.chunks(LOCK_CHUNK).enumerate() {
+            let p = lock(&self.inner);
+            for (j, id) in chunk.iter().enumerate() {
+                let local = online(c * LOCK_CHUNK + j)
+                    .then(|| p.conns.get(id.as_str()))
+                    .flatten()
+                    .map(|l| LocalState {
+                        since_ms: l.since_ms,
+                        last_seen_ms: l.last_seen_ms,
+                        last: l.last.values().cloned().collect(),
+                    });
+                out.push(local);
+            }
+        }
+        out
     }
 
     /// Takes what is due: every pending connect and disconnect, and — when
     /// `flush` — the state of every changed device whose connect is
-    /// written.
+    /// written. The changed devices are visited [`LOCK_CHUNK`] at a time,
+    /// each visit a short hold of the lock every reading takes; call it
+    /// off the async workers (at 10,000 devices it is milliseconds).
     fn take(&self, flush: bool) -> Batch {
-        let mut p = lock(&self.inner);
         let mut batch = Batch::default();
-        for (id, (conn_id, at_ms)) in p.connects.drain() {
-            let connect = Connect {
-                device_id: id.to_string(),
-                at_ms,
-            };
-            batch.connects.push((id, conn_id, connect));
-        }
-        batch.disconnects = p.disconnects.drain().collect();
-        if flush {
-            for (id, local) in p.conns.iter_mut() {
-                let Some(generation) = local.generation.filter(|_| local.dirty) else {
+        let changed = {
+            let mut p = lock(&self.inner);
+            for (id, (conn_id, at_ms)) in p.connects.drain() {
+                let connect = Connect {
+                    device_id: id.to_string(),
+                    at_ms,
+                };
+                batch.connects.push((id, conn_id, connect));
+            }
+            batch.disconnects = p.disconnects.drain().collect();
+            if !flush {
+                return batch;
+            }
+            std::mem::take(&mut p.dirty)
+        };
+        // A device whose connect is not written yet stays changed, for a
+        // later flush.
+        let mut unwritten = Vec::new();
+        for chunk in changed.chunks(LOCK_CHUNK) {
+            let mut p = lock(&self.inner);
+            for id in chunk {
+                let Some(local) = p.conns.get_mut(id).filter(|l| l.dirty) else {
+                    continue;
+                };
+                let Some(generation) = local.generation else {
+                    unwritten.push(id.clone());
                     continue;
                 };
                 local.dirty = false;
@@ -270,6 +309,9 @@ impl Presence {
                 };
                 batch.updates.push((id.clone(), local.conn_id, update));
             }
+        }
+        if !unwritten.is_empty() {
+            lock(&self.inner).dirty.extend(unwritten);
         }
         batch
     }
@@ -301,8 +343,8 @@ impl Presence {
             }
         }
         for (id, conn_id, _) in batch.updates {
-            if let Some(local) = p.conns.get_mut(&id).filter(|l| l.conn_id == conn_id) {
-                local.dirty = true;
+            if p.conns.get(&id).is_some_and(|l| l.conn_id == conn_id) {
+                p.touch(&id);
             }
         }
     }
@@ -443,6 +485,73 @@ mod tests {
         let b = p.take(true);
         p.restore(b);
         assert_eq!(p.take(true).disconnects.len(), 1);
+    }
+
+    /// Connects `n` devices and writes their connects (generation 1..).
+    fn written(p: &Presence, n: usize) -> Vec<Arc<str>> {
+        let ids: Vec<Arc<str>> = (0..n).map(|i| Arc::from(format!("dev-{i}"))).collect();
+        for (i, id) in ids.iter().enumerate() {
+            p.connected(id, i as u64, 100);
+        }
+        let batch = p.take(true);
+        let answer = SyncAnswer {
+            generations: (1..=n as i64).collect(),
+            ..Default::default()
+        };
+        let order: Vec<Arc<str>> = batch.connects.iter().map(|c| c.0.clone()).collect();
+        assert!(p.settle(batch, &answer).is_empty());
+        order
+    }
+
+    #[test]
+    fn a_flush_writes_every_changed_device_once_across_lock_chunks() {
+        let p = Presence::new("h".into());
+        let n = LOCK_CHUNK * 2 + 5;
+        let ids = written(&p, n);
+        for (i, id) in ids.iter().enumerate() {
+            p.reading(id, &reading("main", 200 + i as i64, 1.0), 300);
+            // A second reading does not list the device twice.
+            p.reading(id, &reading("main", 201 + i as i64, 2.0), 301);
+        }
+        let b = p.take(true);
+        let mut got: Vec<&str> = b.updates.iter().map(|u| &*u.0).collect();
+        got.sort_unstable();
+        let mut want: Vec<&str> = ids.iter().map(|id| &**id).collect();
+        want.sort_unstable();
+        assert_eq!(got, want);
+        assert!(b.updates.iter().all(|u| u.2.last[0].power_w == Some(2.0)));
+        assert!(p.take(true).updates.is_empty(), "nothing changed since");
+    }
+
+    #[test]
+    fn a_failed_flush_is_written_by_the_next_and_a_reconnect_once() {
+        let p = Presence::new("h".into());
+        let ids = written(&p, 2);
+        p.reading(&ids[0], &reading("main", 200, 1.0), 300);
+        p.reading(&ids[1], &reading("main", 200, 1.0), 300);
+        let b = p.take(true);
+        assert_eq!(b.updates.len(), 2);
+        p.restore(b);
+        assert_eq!(p.take(true).updates.len(), 2, "put back");
+        // Changed, then reconnected before the flush: the new connection
+        // has no written connect yet, so it waits; the old one is gone.
+        p.reading(&ids[0], &reading("main", 300, 1.0), 400);
+        p.connected(&ids[0], 99, 401);
+        p.reading(&ids[0], &reading("main", 301, 1.0), 402);
+        let b = p.take(true);
+        assert_eq!(b.connects.len(), 1);
+        assert!(
+            b.updates.is_empty(),
+            "the new connection's connect is not written"
+        );
+        let answer = SyncAnswer {
+            generations: vec![9],
+            ..Default::default()
+        };
+        assert!(p.settle(b, &answer).is_empty());
+        let b = p.take(true);
+        assert_eq!(b.updates.len(), 1, "once, though listed twice");
+        assert_eq!((b.updates[0].1, b.updates[0].2.generation), (99, 9));
     }
 
     #[test]

@@ -67,11 +67,30 @@ pub(crate) async fn run(shared: Arc<Shared>, store: StoreHandle) {
         let renew = now.duration_since(last_renew) >= cfg.presence_renew;
         // A renewal carries the due updates: the store writes their rows
         // once, with the new lease.
-        let batch = presence.take(flush || renew);
+        // Gathering a flush visits every changed device (all of them, at
+        // 10,000 devices sending): on a blocking thread, not on the
+        // worker that runs the device sessions.
+        let gather = Arc::clone(&shared);
+        let lease = cfg.presence_lease;
+        let taken = tokio::task::spawn_blocking(move || {
+            let presence = &gather.presence;
+            let batch = presence.take(flush || renew);
+            let sync = presence.sync(&batch, crate::store::now_ms(), lease);
+            (batch, sync)
+        })
+        .await;
+        let (batch, mut sync) = match taken {
+            Ok(taken) => taken,
+            Err(e) => {
+                // Only a panic gets here; what it took is written by no
+                // one, the next flush takes what changed after.
+                log::error!("presence: gathering the changes failed: {e}");
+                continue;
+            }
+        };
         if flush || renew {
             last_flush = now;
         }
-        let mut sync = presence.sync(&batch, crate::store::now_ms(), cfg.presence_lease);
         sync.renew = renew;
         sync.changes_since = since;
         let result = tokio::select! {

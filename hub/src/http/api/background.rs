@@ -1,8 +1,11 @@
-//! One thread at low CPU priority for the API's long computations that
-//! take no lock: the device lists' JSON text (milliseconds at 10,000
-//! devices) and the CSV encoding of export pages. (Work that takes locks
-//! ingest also takes must not run here: a holder preempted in favour of
-//! ingest would stall ingest behind it.)
+//! One thread at low CPU priority for the API's long computations: the
+//! device lists (gathering what this hub knows of thousands of devices,
+//! merging it with the stored state, the JSON text: milliseconds at
+//! 10,000 devices) and the CSV encoding of export pages. Work here takes
+//! a lock that ingest also takes only for a short hold at a time
+//! ([`crate::state::LOCK_CHUNK`] devices): a holder preempted in favour
+//! of ingest stalls ingest behind it, so a hold must not span the whole
+//! fleet.
 //!
 //! On the async workers such work would hold back every device session
 //! of that worker; on tokio's blocking pool it still competes as an equal

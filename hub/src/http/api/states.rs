@@ -268,26 +268,30 @@ fn merge(device_id: String, k: Known<'_>) -> DeviceState {
 
 /// The state of the given devices, in their order.
 ///
-/// What this hub knows first-hand comes first, with one hold of each
-/// registry and presence lock (ingest takes them for every reading), at
-/// normal priority. A device connected here that has sent a reading on
-/// this connection is then fully known: the store is asked only about
-/// the others (devices on other hubs, offline, or just connected), so a
-/// hub listing the devices it serves reads few rows or none. The merge,
-/// which takes no lock, runs on the low-priority thread.
+/// What this hub knows first-hand comes first, gathered on the API's
+/// low-priority thread with the registry and presence locks (ingest takes
+/// them for every reading) held for a few devices at a time. A device
+/// connected here that has sent a reading on this connection is then
+/// fully known: the store is asked only about the others (devices on
+/// other hubs, offline, or just connected), so a hub listing the devices
+/// it serves reads few rows or none. The merge runs on the same thread.
 pub(super) async fn states(
     shared: &Arc<Shared>,
     ids: Vec<String>,
 ) -> Result<Vec<DeviceState>, ApiError> {
     let now = crate::store::now_ms();
     let first_hand = Arc::clone(shared);
-    let (ids, views, locals, me) = off_worker(move || {
+    let (ids, views, locals, me) = super::background::run(move || {
         let views = first_hand.registry.local_views(&ids);
         let locals = first_hand.presence.locals(&ids, |i| views[i].online);
         let me = first_hand.presence.hub_id().to_owned();
         (ids, views, locals, me)
     })
-    .await?;
+    .await
+    .map_err(|e| {
+        log::error!("api: device list task failed: {e}");
+        ApiError::Unavailable
+    })?;
     let ask: Vec<String> = ids
         .iter()
         .zip(&locals)
@@ -383,18 +387,6 @@ pub(super) async fn listing(list: Vec<DeviceState>) -> Result<Vec<u8>, ApiError>
             log::error!("api: device list task failed: {e}");
             ApiError::Unavailable
         })?
-}
-
-/// Runs `f` on the blocking pool, at normal priority (for work that
-/// takes locks ingest also takes: on the low-priority thread a preempted
-/// holder would stall ingest behind it).
-async fn off_worker<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| {
-        log::error!("api: device list task failed: {e}");
-        ApiError::Unavailable
-    })
 }
 
 #[cfg(test)]
