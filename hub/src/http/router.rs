@@ -7,11 +7,12 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http_body_util::Either;
+use http_body_util::{BodyExt, Either};
+use hyper::body::Body;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 
-use super::api::export::Body2;
+use super::api::export::{Body2, ChunkBody, PACED_FROM};
 use super::upgrade::{self, Side};
 use super::{api, probes, text, web, ConnGuard, Resp};
 use crate::auth::handshake::{self, Route};
@@ -32,9 +33,21 @@ pub(super) async fn dispatch(
         }
         return api::export::readings_csv(req, peer, shared).await;
     }
-    dispatch_whole(req, peer, shared, guard)
-        .await
-        .map(Either::Left)
+    let resp = dispatch_whole(req, peer, shared, guard).await;
+    let large = resp
+        .body()
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n >= PACED_FROM as u64);
+    if !large {
+        return resp.map(Either::Left);
+    }
+    let (parts, body) = resp.into_parts();
+    // A whole body is ready at once: collecting it moves the bytes.
+    match body.collect().await {
+        Ok(whole) => Response::from_parts(parts, Either::Right(ChunkBody::paced(whole.to_bytes()))),
+        Err(never) => match never {},
+    }
 }
 
 /// Answers one request whose answer is a whole body.

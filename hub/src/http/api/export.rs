@@ -30,7 +30,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
-use hyper::body::{Body, Frame};
+use hyper::body::{Body, Frame, SizeHint};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::mpsc;
@@ -53,10 +53,37 @@ const CHUNKS: usize = 2;
 /// The body of every plain-HTTP answer: a whole one, or a stream.
 pub(crate) type Body2 = Either<Full<Bytes>, ChunkBody>;
 
-/// A response body fed by a channel of chunks; an `Err` aborts the
-/// response.
+/// Bytes of a large answer written per turn of the connection's task.
+const PACE: usize = 64 * 1024;
+
+/// Answers from this size on are written [`PACE`] bytes per turn.
+pub(crate) const PACED_FROM: usize = 4 * PACE;
+
+/// A response body written in pieces: fed by a channel of chunks (an
+/// `Err` aborts the response), or one large answer ([`ChunkBody::paced`]).
 pub(crate) struct ChunkBody {
-    rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    source: Source,
+    /// A paced answer gave way to the other tasks before its next slice.
+    yielded: bool,
+}
+
+enum Source {
+    Channel(mpsc::Receiver<Result<Bytes, std::io::Error>>),
+    Paced(Bytes),
+}
+
+impl ChunkBody {
+    /// A large answer written [`PACE`] bytes at a time, the connection's
+    /// task giving way to the others between slices. hyper writes a whole
+    /// body for as long as the socket takes it: the 3.5 MB device list of
+    /// 10,000 devices, written in one go to a reader on loopback, kept the
+    /// worker that also runs the device sessions busy for milliseconds.
+    pub(crate) fn paced(bytes: Bytes) -> Self {
+        ChunkBody {
+            source: Source::Paced(bytes),
+            yielded: false,
+        }
+    }
 }
 
 impl Body for ChunkBody {
@@ -67,9 +94,36 @@ impl Body for ChunkBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.rx
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|r| r.map(Frame::data)))
+        let this = &mut *self;
+        match &mut this.source {
+            Source::Channel(rx) => rx
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|r| r.map(Frame::data))),
+            Source::Paced(rest) if rest.is_empty() => Poll::Ready(None),
+            Source::Paced(rest) => {
+                // Give way once before every slice: woken at once, the task
+                // goes behind the tasks already waiting to run.
+                if !this.yielded {
+                    this.yielded = true;
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                this.yielded = false;
+                let n = rest.len().min(PACE);
+                Poll::Ready(Some(Ok(Frame::data(rest.split_to(n)))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(&self.source, Source::Paced(rest) if rest.is_empty())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.source {
+            Source::Paced(rest) => SizeHint::with_exact(rest.len() as u64),
+            Source::Channel(_) => SizeHint::default(),
+        }
     }
 }
 
@@ -168,7 +222,10 @@ pub(crate) async fn readings_csv(
         drop(turn);
         drop(tx);
     });
-    let mut r = Response::new(Either::Right(ChunkBody { rx }));
+    let mut r = Response::new(Either::Right(ChunkBody {
+        source: Source::Channel(rx),
+        yielded: false,
+    }));
     let h = r.headers_mut();
     h.insert(
         CONTENT_TYPE,
@@ -268,6 +325,29 @@ async fn produce(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn a_paced_answer_is_whole_in_slices_and_gives_way_before_each() {
+        let data: Vec<u8> = (0..PACE * 3 + 17).map(|i| (i % 251) as u8).collect();
+        let mut body = ChunkBody::paced(Bytes::from(data.clone()));
+        assert_eq!(body.size_hint().exact(), Some(data.len() as u64));
+        // The first poll gives way (and wakes itself), the second has a slice.
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut body).poll_frame(&mut cx).is_pending());
+        let mut got = Vec::new();
+        let mut slices = 0;
+        while let Some(frame) = body.frame().await {
+            let chunk = frame.unwrap().into_data().unwrap();
+            assert!(chunk.len() <= PACE);
+            got.extend_from_slice(&chunk);
+            slices += 1;
+        }
+        assert_eq!(got, data);
+        assert_eq!(slices, 4);
+        assert!(body.is_end_stream());
+    }
 
     #[test]
     fn route_and_range() {
