@@ -113,7 +113,12 @@ pub(crate) struct LocalState {
 #[derive(Default)]
 pub(crate) struct Batch {
     connects: Vec<(Arc<str>, u64, Connect)>,
-    updates: Vec<(Arc<str>, u64, StateUpdate)>,
+    /// The connections whose state is in `states` (to mark them changed
+    /// again if the write fails).
+    updates: Vec<(Arc<str>, u64)>,
+    /// Their states, in the same order, until [`Presence::sync`] moves
+    /// them into the write.
+    states: Vec<StateUpdate>,
     disconnects: Vec<(Arc<str>, Disconnect)>,
 }
 
@@ -307,7 +312,8 @@ impl Presence {
                     status: local.status,
                     last: local.last.values().cloned().collect(),
                 };
-                batch.updates.push((id.clone(), local.conn_id, update));
+                batch.updates.push((id.clone(), local.conn_id));
+                batch.states.push(update);
             }
         }
         if !unwritten.is_empty() {
@@ -342,22 +348,24 @@ impl Presence {
                 p.disconnects.entry(id).or_insert(d);
             }
         }
-        for (id, conn_id, _) in batch.updates {
+        for (id, conn_id) in batch.updates {
             if p.conns.get(&id).is_some_and(|l| l.conn_id == conn_id) {
                 p.touch(&id);
             }
         }
     }
 
-    /// The sync of `batch` at `now_ms`.
-    fn sync(&self, batch: &Batch, now_ms: i64, lease: Duration) -> PresenceSync {
+    /// The sync of `batch` at `now_ms`; the device states move into it
+    /// (10,000 of them need not be copied, nor freed by whoever keeps the
+    /// batch).
+    fn sync(&self, batch: &mut Batch, now_ms: i64, lease: Duration) -> PresenceSync {
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
         PresenceSync {
             hub: self.hub_id.clone(),
             now_ms,
             lease_until_ms: now_ms.saturating_add(lease_ms),
             connects: batch.connects.iter().map(|c| c.2.clone()).collect(),
-            updates: batch.updates.iter().map(|u| u.2.clone()).collect(),
+            updates: std::mem::take(&mut batch.states),
             disconnects: batch.disconnects.iter().map(|d| d.1.clone()).collect(),
             ..Default::default()
         }
@@ -438,7 +446,7 @@ mod tests {
         assert!(p.take(false).updates.is_empty(), "not due");
         let b = p.take(true);
         assert_eq!(b.updates.len(), 1);
-        let u = &b.updates[0].2;
+        let u = &b.states[0];
         assert_eq!((u.generation, u.last_seen_ms), (7, 203));
         let last: Vec<(&str, i64)> = u.last.iter().map(|l| (&*l.meter, l.ts)).collect();
         assert_eq!(last, [("main", 200), ("pv", 199)]);
@@ -519,7 +527,7 @@ mod tests {
         let mut want: Vec<&str> = ids.iter().map(|id| &**id).collect();
         want.sort_unstable();
         assert_eq!(got, want);
-        assert!(b.updates.iter().all(|u| u.2.last[0].power_w == Some(2.0)));
+        assert!(b.states.iter().all(|u| u.last[0].power_w == Some(2.0)));
         assert!(p.take(true).updates.is_empty(), "nothing changed since");
     }
 
@@ -551,7 +559,7 @@ mod tests {
         assert!(p.settle(b, &answer).is_empty());
         let b = p.take(true);
         assert_eq!(b.updates.len(), 1, "once, though listed twice");
-        assert_eq!((b.updates[0].1, b.updates[0].2.generation), (99, 9));
+        assert_eq!((b.updates[0].1, b.states[0].generation), (99, 9));
     }
 
     #[test]

@@ -29,8 +29,8 @@ pub(crate) async fn start(presence: &Presence, store: &StoreHandle) {
 /// At a clean shutdown, once every device connection is closed: writes
 /// what is pending and marks every device of this hub offline.
 pub(crate) async fn shutdown(presence: &Presence, store: &StoreHandle, lease: Duration) {
-    let batch = presence.take(true);
-    let mut sync = presence.sync(&batch, crate::store::now_ms(), lease);
+    let mut batch = presence.take(true);
+    let mut sync = presence.sync(&mut batch, crate::store::now_ms(), lease);
     sync.all_offline = true;
     match store.call(move |s| s.presence_sync(&sync)).await {
         Ok(_) => log::info!("presence: this hub's devices marked offline"),
@@ -74,8 +74,8 @@ pub(crate) async fn run(shared: Arc<Shared>, store: StoreHandle) {
         let lease = cfg.presence_lease;
         let taken = tokio::task::spawn_blocking(move || {
             let presence = &gather.presence;
-            let batch = presence.take(flush || renew);
-            let sync = presence.sync(&batch, crate::store::now_ms(), lease);
+            let mut batch = presence.take(flush || renew);
+            let sync = presence.sync(&mut batch, crate::store::now_ms(), lease);
             (batch, sync)
         })
         .await;
