@@ -135,7 +135,7 @@ fi
 # ACK_AB=1: one S1 run of 110 s; from its 12th second the listing runs for
 # 6 s (every 0.5 s), pauses 6 s, and so on, seven times. Every ack is logged
 # with its reading's send time, and the acks of readings sent during the
-# windows are compared with those sent in the quiet gaps between them: the
+# windows are compared with those sent in the quiet gaps on both sides: the
 # same run, the same hub and database, minutes apart at most. AB_PATH
 # (default /api/devices) names the request: /healthz gives the control
 # run, the same windows with a request that costs nothing.

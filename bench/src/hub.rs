@@ -196,7 +196,7 @@ async fn device(plan: Arc<Plan>, idx: usize, mut ws: Ws) {
                             let now = stats.nanos();
                             while pending.front().is_some_and(|&(q, _)| q <= s) {
                                 if let Some((_, sent)) = pending.pop_front() {
-                                    stats.acked(sent, now);
+                                    stats.record_ack(sent, now);
                                 }
                             }
                         }

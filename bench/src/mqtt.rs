@@ -174,7 +174,7 @@ async fn device(plan: Arc<Plan>, idx: usize, cl: Client) {
                             .unwrap_or_else(|p| p.into_inner())
                             .pop_front();
                         if let Some(sent) = sent {
-                            stats.acked(sent, stats.nanos());
+                            stats.record_ack(sent, stats.nanos());
                         }
                     }
                     Ok(Event::Incoming(Packet::Disconnect)) => break,

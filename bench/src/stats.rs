@@ -146,7 +146,7 @@ impl Stats {
 
     /// Records the ack of a reading sent at `sent` (`nanos()`), received
     /// at `now`.
-    pub fn acked(&self, sent: u64, now: u64) {
+    pub fn record_ack(&self, sent: u64, now: u64) {
         let lat = Duration::from_nanos(now.saturating_sub(sent));
         self.ack.record(lat);
         self.acked.fetch_add(1, Ordering::Relaxed);

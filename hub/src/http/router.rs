@@ -8,8 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http_body_util::{BodyExt, Either};
-use hyper::body::Body;
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 
 use super::api::export::{Body2, ChunkBody, PACED_FROM};

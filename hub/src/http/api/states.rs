@@ -281,17 +281,13 @@ pub(super) async fn states(
 ) -> Result<Vec<DeviceState>, ApiError> {
     let now = crate::store::now_ms();
     let first_hand = Arc::clone(shared);
-    let (ids, views, locals, me) = super::background::run(move || {
+    let (ids, views, locals, me) = in_background(move || {
         let views = first_hand.registry.local_views(&ids);
         let locals = first_hand.presence.locals(&ids, |i| views[i].online);
         let me = first_hand.presence.hub_id().to_owned();
         (ids, views, locals, me)
     })
-    .await
-    .map_err(|e| {
-        log::error!("api: device list task failed: {e}");
-        ApiError::Unavailable
-    })?;
+    .await?;
     let ask: Vec<String> = ids
         .iter()
         .zip(&locals)
@@ -324,7 +320,7 @@ pub(super) async fn states(
         Ok((rows, counts, seen))
     })
     .await?;
-    super::background::run(move || {
+    in_background(move || {
         let mut rows: HashMap<String, DeviceStateRow> = rows
             .into_iter()
             .map(|mut r| (std::mem::take(&mut r.device_id), r))
@@ -361,10 +357,6 @@ pub(super) async fn states(
             .collect()
     })
     .await
-    .map_err(|e| {
-        log::error!("api: device list task failed: {e}");
-        ApiError::Unavailable
-    })
 }
 
 /// Whether a device's stored state adds to what this hub knows of it:
@@ -381,12 +373,17 @@ fn needs_stored_state(local: Option<&LocalState>) -> bool {
 /// session that worker serves (a hub pinned to one core has one worker),
 /// and at normal priority would compete with ingest.
 pub(super) async fn listing(list: Vec<DeviceState>) -> Result<Vec<u8>, ApiError> {
-    super::background::run(move || listing_body(&list))
-        .await
-        .map_err(|e| {
-            log::error!("api: device list task failed: {e}");
-            ApiError::Unavailable
-        })?
+    in_background(move || listing_body(&list)).await?
+}
+
+/// Runs a step of a device list on the API's low-priority thread.
+async fn in_background<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    super::background::run(f).await.map_err(|e| {
+        log::error!("api: device list task failed: {e}");
+        ApiError::Unavailable
+    })
 }
 
 #[cfg(test)]
