@@ -23,31 +23,22 @@ trap cleanup EXIT
   --log-level error --max-connections-per-ip 1000000 "$@") >"$W/hub.log" 2>&1 &
 hub=$!
 for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.05; done
-cpu() { # prints "WRITER_S HUB_S": CPU seconds of the writer thread and of the whole hub
-  python3 - "$hub" <<'PY'
-import os, sys
-pid = sys.argv[1]; tck = os.sysconf("SC_CLK_TCK"); w = t = 0.0
-for d in os.listdir(f"/proc/{pid}/task"):
-    st = open(f"/proc/{pid}/task/{d}/stat").read()
-    name = st[st.index('(') + 1:st.rindex(')')]
-    f = st[st.rindex(')') + 2:].split()
-    c = (int(f[11]) + int(f[12])) / tck
-    t += c
-    if name == "ems-writer":
-        w += c
-print(f"{w:.2f} {t:.2f}")
-PY
+# CPU nanoseconds so far of the writer thread and of the whole hub (schedstat,
+# as pg-hardening.sh's hub_cpu): "WRITER_NS HUB_NS".
+cpu() {
+  local w=0 t=0 task ns
+  for task in /proc/"$hub"/task/*; do
+    read -r ns _ <"$task/schedstat" 2>/dev/null || continue
+    t=$((t + ns))
+    if [ "$(cat "$task/comm" 2>/dev/null)" = ems-writer ]; then w=$((w + ns)); fi
+  done
+  echo "$w $t"
 }
 "$BIN/ems-bench" run --label "$LABEL" --target "ws://127.0.0.1:$PORT" --tokens "$W/tokens.txt" \
   --server-pid "$hub" --source-ips 4 --devices 3000 --rate 1 --duration "$DUR" --drain 10 >"$W/gen.txt" 2>&1 &
 gen=$!
 sleep $((DUR - 65)); a=$(cpu); sleep 60; b=$(cpu)
 wait "$gen" || true
-python3 - "$LABEL" "$a" "$b" <<'PY'
-import sys
-label, a, b = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
-n = 3000 * 60
-w, t = float(b[0]) - float(a[0]), float(b[1]) - float(a[1])
-print(f"{label}: writer {w / n * 1e6:.1f} us/reading, hub {t / n * 1e6:.1f} us/reading ({t / 60 * 100:.1f} % of a core), last 60 s")
-PY
+echo "$a $b" | awk -v label="$LABEL" '{ n = 3000 * 60; w = ($3 - $1) / 1e3; t = ($4 - $2) / 1e3
+  printf "%s: writer %.1f us/reading, hub %.1f us/reading (%.1f %% of a core), last 60 s\n", label, w / n, t / n, t / 60e6 * 100 }'
 grep -E '^(sent|latency send->ack|verdict)' "$W/gen.txt"
