@@ -25,7 +25,7 @@ use crate::auth::cache::AuthCache;
 use crate::auth::revocation;
 use crate::config::Config;
 use crate::http::{self, ConnGuard};
-use crate::ingest::writer::{Item, Writer, WriterConfig};
+use crate::ingest::writer::{Item, Writer, WriterConfig, WriterControl};
 use crate::metrics::{FlagCounts, Metrics};
 use crate::mqtt::{MqttBridge, MqttError};
 use crate::state::{Opener, Shared, StoreHandle};
@@ -172,12 +172,13 @@ fn start_writer(
     store: Option<(Box<dyn store::Store>, bool)>,
     queue: mpsc::Receiver<Item>,
     stop: watch::Receiver<bool>,
-    metrics: Arc<Metrics>,
+    (metrics, control): (Arc<Metrics>, Arc<WriterControl>),
 ) -> Result<WriterSlot, HubError> {
     let slot: WriterSlot = Arc::new(Mutex::new(None));
     let cfg = WriterConfig {
         batch_max_rows: config.batch_max_rows,
         batch_linger: config.batch_linger,
+        batch_run: config.batch_run,
     };
     let spawn = move |store: Box<dyn store::Store>,
                       queue,
@@ -191,7 +192,7 @@ fn start_writer(
             cfg,
             stop,
             tokio::runtime::Handle::current(),
-            metrics,
+            (metrics, control.clone()),
         )
     };
     let store = match store {
@@ -298,12 +299,13 @@ pub async fn run(
         .queue_capacity
         .store(config.queue_capacity.max(1) as i64, Ordering::Relaxed);
     let (stop_writer, writer_stop) = watch::channel(false);
+    let writer_control = Arc::new(WriterControl::default());
     let writer = start_writer(
         &config,
         writer_store,
         queue_rx,
         writer_stop,
-        metrics.clone(),
+        (metrics.clone(), writer_control.clone()),
     )?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -313,7 +315,7 @@ pub async fn run(
     let shared = Shared::new(
         config,
         shared_store,
-        queue_tx,
+        (queue_tx, writer_control.clone()),
         shutdown_rx,
         tls,
         metrics.clone(),
@@ -354,6 +356,8 @@ pub async fn run(
 
     crate::notify::stopping(&shared);
     log::info!("shutting down: closing connections");
+    // The sessions wait for the acks of their last readings: no lingering.
+    writer_control.hurry();
     let _ = shutdown_tx.send(true);
     drop(shared);
     if tokio::time::timeout(shutdown_timeout, done_rx.recv())

@@ -17,9 +17,13 @@ pub struct Config {
     pub max_missed_pongs: u32,
     /// Largest number of readings committed in one transaction.
     pub batch_max_rows: usize,
-    /// How long the writer waits for more readings before committing a
-    /// batch that is not full (bounds the added ack latency).
+    /// With `batch_run` above 1, the longest the writer holds a device's
+    /// reading before committing it (bounds the ack latency); below the
+    /// writer's 100 ms commit cadence it also shortens the cadence.
     pub batch_linger: Duration,
+    /// Readings of one device the writer commits together (a run, 1 to
+    /// 64); more cost the store less per reading and delay acks longer.
+    pub batch_run: usize,
     /// Readings queued for the writer; when full, device sockets are not
     /// read until it drains (backpressure instead of loss).
     pub queue_capacity: usize,
@@ -131,6 +135,8 @@ impl std::fmt::Debug for Config {
             .field("ping_interval", &self.ping_interval)
             .field("max_missed_pongs", &self.max_missed_pongs)
             .field("batch_max_rows", &self.batch_max_rows)
+            .field("batch_linger", &self.batch_linger)
+            .field("batch_run", &self.batch_run)
             .field("queue_capacity", &self.queue_capacity)
             .field("tls", &self.tls)
             .field("pg", &self.pg)
@@ -210,7 +216,15 @@ impl Config {
             // (docs/decisions/hub-ack-after-commit.md).
             // Steady state is bound by `batch_linger`, not by this.
             batch_max_rows: 10_000,
-            batch_linger: Duration::from_millis(5),
+            // With `batch_run` 2 or more: long enough that a 1 Hz device's
+            // readings go to the store in pairs (one page write of each
+            // index and one ack for both); an ack waits up to this long.
+            batch_linger: Duration::from_secs(2),
+            // Prompt acks by default: `ems-edge` writes a reading to its
+            // SD card when it is unacked after `spool_sync_interval_ms`
+            // (1 s), and a 1 Hz device's pair would be acked just after
+            // that (docs/decisions/hub-ack-linger.md).
+            batch_run: 1,
             queue_capacity: 100_000,
             // How far a subscriber may fall behind before it is dropped:
             // 4 min of a 1 Hz device, 1 s of a 250 Hz one. A topic holds only

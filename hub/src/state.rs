@@ -15,7 +15,7 @@ use crate::auth::cache::AuthCache;
 use crate::config::Config;
 use crate::fanout::registry::Registry;
 use crate::ingest::limits::Buckets;
-use crate::ingest::writer::Item;
+use crate::ingest::writer::{Item, WriterControl};
 use crate::metrics::Metrics;
 use crate::mqtt::MqttHandle;
 use crate::presence::Presence;
@@ -45,6 +45,8 @@ pub(crate) struct Shared {
     /// Queue to the store writer; a full queue is the backpressure that
     /// stops device sessions from reading their sockets.
     pub queue: mpsc::Sender<Item>,
+    /// Requests to the store writer (commit now) and what it holds.
+    pub writer: Arc<WriterControl>,
     /// Flips to `true` when the hub shuts down.
     pub shutdown: watch::Receiver<bool>,
     /// TLS acceptor when the hub terminates TLS itself.
@@ -66,14 +68,14 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// The shared state of a hub on `config`, with its look-up `store`,
-    /// the writer's `queue`, the `shutdown` flag, the MQTT bridge and its
+    /// the writer's `queue` and control, the `shutdown` flag, the MQTT bridge and its
     /// tokens (`auth`).
     // One caller (`app::run`); every argument is a distinct part of the hub.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Config,
         store: StoreHandle,
-        queue: mpsc::Sender<Item>,
+        (queue, writer): (mpsc::Sender<Item>, Arc<WriterControl>),
         shutdown: watch::Receiver<bool>,
         tls: Option<tokio_rustls::TlsAcceptor>,
         metrics: Arc<Metrics>,
@@ -93,6 +95,7 @@ impl Shared {
             presence: Arc::new(Presence::new(config.hub_id.clone().unwrap_or_default())),
             config,
             queue,
+            writer,
             shutdown,
             tls,
             metrics,

@@ -922,6 +922,7 @@ mod postgres_only {
         let cfg = WriterConfig {
             batch_max_rows: 10,
             batch_linger: Duration::from_millis(1),
+            batch_run: 2,
         };
         let (_stop, stop_rx) = tokio::sync::watch::channel(false);
         Writer::spawn(

@@ -8,8 +8,11 @@
 //! waits until every reading the hub received before the subscription is
 //! committed. The writer commits a device's readings in arrival order, so
 //! it is enough that the first buffered live reading is in the store; when
-//! the device is silent, the writer queue must have been seen empty and
-//! then `resume_settle` must pass (longer than one commit). Then the store
+//! the device is silent, the writer queue must have been seen empty, with
+//! nothing held by the writer, and still so `resume_settle` later. Each
+//! check asks the writer to commit what it holds at once rather than when
+//! due (up to its linger of seconds), so a resume waits for one commit.
+//! Then the store
 //! is queried, the history sent, and the buffered frames follow minus every
 //! `(epoch, seq)` the history already contained.
 //!
@@ -87,6 +90,7 @@ impl Feed {
                     // Only checks that ask the store back off; watching the
                     // writer queue is free.
                     every = if first_reading(buf).is_some() { next_check(every) } else { FIRST_CHECK };
+                    self.shared.writer.flush();
                     if started.elapsed() > RESUME_MAX_WAIT {
                         log::warn!("dashboard for {}: store did not catch up within {RESUME_MAX_WAIT:?}; replaying anyway", self.device_id);
                         return Ok(());
@@ -222,7 +226,7 @@ fn next_check(every: Duration) -> Duration {
 
 /// Whether the store has caught up with the topic: the first buffered
 /// live reading is committed or, with nothing buffered, the writer
-/// queue has been empty for `settle`.
+/// queue and the writer's batch have been empty for `settle`.
 async fn store_caught_up(
     shared: &Shared,
     device_id: &Arc<str>,
@@ -238,7 +242,7 @@ async fn store_caught_up(
     }
     let q = &shared.queue;
     let now = Instant::now();
-    if q.capacity() == q.max_capacity() {
+    if q.capacity() == q.max_capacity() && shared.writer.holding() == 0 {
         let at = *queue_empty_at.get_or_insert(now);
         now.duration_since(at) >= settle
     } else {

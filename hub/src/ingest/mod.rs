@@ -10,9 +10,12 @@
 //! - [`writer`]: the background thread that commits queued readings in
 //!   batches and only then acknowledges them, through each connection's
 //!   [`acks`] mailbox.
+//! - `runs`: what the writer holds until a commit, per device, and which
+//!   of it is due.
 
 pub mod acks;
 pub mod limits;
+mod runs;
 pub(crate) mod session;
 pub(crate) mod state;
 pub mod writer;

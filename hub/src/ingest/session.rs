@@ -339,6 +339,10 @@ impl Session<'_> {
         let now = Instant::now();
         match self.state.message(msg, now) {
             Step::Continue => Ok(()),
+            Step::Flush => {
+                self.shared.writer.flush();
+                Ok(())
+            }
             Step::Frame(frame) => self.on_frame(frame, now).await,
             Step::End(ending) => Err(self.ended(ending)),
         }

@@ -47,6 +47,11 @@ pub(crate) struct SessionState {
 pub(crate) enum Step {
     /// Nothing more (a pong, or a ping that the socket answers itself).
     Continue,
+    /// A ping while readings of this connection wait for their ack: the
+    /// device asks for its acks now (an edge that is stopping), so the
+    /// writer should commit without lingering. The socket answers the ping
+    /// itself.
+    Flush,
     /// A data frame to judge with [`SessionState::frame`]: `Some` text, or
     /// `None` for a binary frame.
     Frame(Option<Utf8Bytes>),
@@ -157,6 +162,7 @@ impl SessionState {
         match msg {
             Some(Ok(Message::Text(text))) => Step::Frame(Some(text)),
             Some(Ok(Message::Binary(_))) => Step::Frame(None),
+            Some(Ok(Message::Ping(_))) if self.owed_at_shutdown().is_some() => Step::Flush,
             Some(Ok(Message::Pong(_) | Message::Ping(_) | Message::Frame(_))) => Step::Continue,
             Some(Ok(Message::Close(_))) | None => Step::End(Ending::Closed),
             Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
@@ -237,8 +243,9 @@ impl SessionState {
         self.last_acked = Some(last);
     }
 
-    /// At shutdown: the ack still owed for the last queued reading, if it
-    /// was not written yet (the session waits for it before closing).
+    /// The ack still owed for the last queued reading, if it was not
+    /// written yet (at shutdown the session waits for it before closing; a
+    /// ping meanwhile asks for it now).
     pub fn owed_at_shutdown(&self) -> Option<(u64, u64)> {
         self.last_queued.filter(|l| self.last_acked != Some(*l))
     }
@@ -464,8 +471,14 @@ mod tests {
         assert!(matches!(s.message(binary, t0), Step::Frame(None)));
         let pong = Some(Ok(Message::Pong(Bytes::new())));
         assert!(matches!(s.message(pong, t0), Step::Continue));
-        let ping = Some(Ok(Message::Ping(Bytes::new())));
-        assert!(matches!(s.message(ping, t0), Step::Continue));
+        let ping = || Some(Ok(Message::Ping(Bytes::new())));
+        assert!(matches!(s.message(ping(), t0), Step::Continue));
+        // A ping with a reading waiting for its ack asks for the ack now;
+        // once the ack is written, a ping is only a ping again.
+        s.queued((1, 7));
+        assert!(matches!(s.message(ping(), t0), Step::Flush));
+        s.acked((1, 7));
+        assert!(matches!(s.message(ping(), t0), Step::Continue));
         let close = Some(Ok(Message::Close(None)));
         assert!(matches!(s.message(close, t0), Step::End(Ending::Closed)));
         assert!(matches!(s.message(None, t0), Step::End(Ending::Closed)));

@@ -97,6 +97,45 @@ async fn acks_come_only_after_commit() {
     }
 }
 
+/// The ack timing of the protocol: with a linger far longer than the test,
+/// a device's single reading waits for it — unless the device pings while
+/// it does (what `ems-edge` does when it stops) — and a second reading
+/// makes both due at once, answered by one cumulative ack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_or_a_second_reading_asks_a_lingering_hub_for_the_ack() {
+    let hub = TestHub::start_with(|c| {
+        c.batch_run = 2;
+        c.batch_linger = std::time::Duration::from_secs(600);
+    })
+    .await;
+    let token = hub.add_device("dev");
+    let mut ws = hub.device("dev", &token).await;
+    send_text(&mut ws, reading(1, 0)).await;
+    // Held for the linger: no answer yet.
+    let early =
+        tokio::time::timeout(std::time::Duration::from_millis(300), next_json(&mut ws)).await;
+    assert!(early.is_err(), "answered before the linger: {early:?}");
+    assert!(hub.stored("dev").is_empty());
+    ws.send(Message::Ping(Vec::new().into())).await.unwrap();
+    let ack = next_json(&mut ws).await;
+    assert_eq!(
+        (ack["type"].as_str(), ack["seq"].as_u64()),
+        (Some("ack"), Some(0)),
+        "{ack}"
+    );
+    assert_eq!(hub.stored("dev"), [(1, 0)]);
+    // Two readings: one commit, one ack, no ping needed.
+    send_text(&mut ws, reading(1, 1)).await;
+    send_text(&mut ws, reading(1, 2)).await;
+    let ack = next_json(&mut ws).await;
+    assert_eq!(
+        (ack["type"].as_str(), ack["seq"].as_u64()),
+        (Some("ack"), Some(2)),
+        "{ack}"
+    );
+    assert_eq!(hub.stored("dev").len(), 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resent_reading_is_stored_once() {
     let hub = TestHub::start().await;

@@ -618,7 +618,14 @@ async fn a_stopped_broker_never_slows_acks_or_dashboards() {
     };
     let mut mqtt = bridge(&broker);
     mqtt.interval = Duration::from_millis(100);
-    let hub = TestHub::start_with(move |c| c.mqtt = Some(mqtt)).await;
+    // One reading at a time, each waiting for its ack, whose latency is
+    // compared with the broker stopped and running: commits every 5 ms
+    // (a linger below the 100 ms cadence shortens it) keep that sharp.
+    let hub = TestHub::start_with(move |c| {
+        c.mqtt = Some(mqtt);
+        c.batch_linger = Duration::from_millis(5);
+    })
+    .await;
     let live = Watcher::synced(&broker, &["ems/#"]).await;
     let token = hub.add_device("d1");
     let viewer = hub.add_viewer("v", &["d1"]);

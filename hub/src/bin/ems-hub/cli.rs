@@ -141,6 +141,18 @@ pub struct ServeArgs {
     /// commits, each acking every device once).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     batch_max_rows: u64,
+    /// Longest a reading waits for its commit, in milliseconds: the bound
+    /// on ack latency. A device's readings are held until it has two (or
+    /// this long) and committed together, with one page write of each
+    /// index and one ack.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    batch_linger_ms: u64,
+    /// Readings of one device committed together (1 … 16): more cost the
+    /// store less per reading and delay acks longer (at 1 Hz, by about
+    /// one second each; see docs/hub/configuration.md before raising it
+    /// for ems-edge devices).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+    batch_run: u64,
 
     // The MQTT bridge to Home Assistant. The password has no flag: it comes
     // from EMS_MQTT_PASSWORD (read in `Serve::from_args`, so `--help` can
@@ -465,6 +477,8 @@ impl Serve {
         };
         config.revocation_poll = Duration::from_millis(args.revocation_poll_ms);
         config.batch_max_rows = args.batch_max_rows as usize;
+        config.batch_linger = Duration::from_millis(args.batch_linger_ms);
+        config.batch_run = args.batch_run as usize;
         config.pg.timescale = args.timescale.into();
         config.pg.retention_days = args.retention_days;
         config.pg.compress_after_days = args.compress_after_days;
@@ -609,6 +623,8 @@ mod tests {
         assert_eq!(got.ping_interval, want.ping_interval);
         assert_eq!(got.max_missed_pongs, want.max_missed_pongs);
         assert_eq!(got.batch_max_rows, want.batch_max_rows);
+        assert_eq!(got.batch_linger, want.batch_linger);
+        assert_eq!(got.batch_run, want.batch_run);
         assert_eq!(got.backfill_after, want.backfill_after);
         assert_eq!(got.rate_limit, want.rate_limit);
         assert_eq!(got.revocation_poll, want.revocation_poll);
@@ -711,6 +727,10 @@ mod tests {
             "30",
             "--batch-max-rows",
             "5",
+            "--batch-linger-ms",
+            "20",
+            "--batch-run",
+            "4",
         ])
         .unwrap();
         assert_eq!(s.listen, "[::1]:9000".parse().unwrap());
@@ -726,6 +746,8 @@ mod tests {
         assert_eq!(c.pg.timescale, TimescaleMode::Require);
         assert_eq!(c.pg.retention_days, Some(30));
         assert_eq!(c.batch_max_rows, 5);
+        assert_eq!(c.batch_linger, Duration::from_millis(20));
+        assert_eq!(c.batch_run, 4);
     }
 
     #[test]

@@ -1,0 +1,284 @@
+//! What the store writer holds between taking items from its queue and
+//! committing them: each device's items in a *run*, in arrival order, so a
+//! device's readings go into one commit together.
+//!
+//! Why runs: SQLite writes a whole page of each B-tree a row touches. At
+//! 1 Hz, a commit of readings from many devices rewrites one leaf of the
+//! unique index, one of the time index and one energy slot per reading;
+//! two readings of one device in the same commit share those pages, and
+//! one cumulative ack answers both. A run is due once it holds
+//! `batch_run` items (default 1) or its first item has waited the linger;
+//! the writer gathers due runs and commits them at its own cadence (a
+//! tenth of a second), or at once when a run grows [`URGENT`] (a draining
+//! backlog).
+//!
+//! Pure bookkeeping, no I/O: the writer thread feeds it and asks it which
+//! runs to commit.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::writer::{Entry, Item};
+
+/// A run this long is a device sending faster than it is answered (an
+/// edge draining its backlog): the writer commits at once rather than at
+/// its commit cadence.
+pub const URGENT: usize = 64;
+
+/// One device's items, oldest first, and when the first of them was taken.
+#[derive(Debug)]
+struct Run {
+    device: Arc<str>,
+    since: Instant,
+    items: Vec<Item>,
+}
+
+/// The runs the writer holds.
+#[derive(Debug, Default)]
+pub struct Runs {
+    by_device: HashMap<Arc<str>, Run>,
+    /// Devices in the order their run began. An entry whose run was taken
+    /// early (full, or a flush) no longer matches its run's `since` and is
+    /// skipped.
+    order: VecDeque<(Instant, Arc<str>)>,
+    /// Devices whose run reached `run_len` items since the last pick.
+    full: Vec<Arc<str>>,
+    items: usize,
+    /// A run reached [`URGENT`] items since [`Runs::urgent`] was asked.
+    urgent: bool,
+    /// Items that make a run due.
+    run_len: usize,
+}
+
+/// Which runs a pick takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// The full runs and those whose first item has waited `linger`; and
+    /// the oldest others while more than `hold_max` items are held.
+    Due { linger: Duration, hold_max: usize },
+    /// Every run (a flush, the shutdown).
+    All,
+}
+
+impl Runs {
+    /// No runs; a run is due once it holds `run_len` items (1 to
+    /// [`URGENT`]).
+    pub fn new(run_len: usize) -> Self {
+        Runs {
+            run_len: run_len.clamp(1, URGENT),
+            ..Runs::default()
+        }
+    }
+
+    /// Items held.
+    pub fn len(&self) -> usize {
+        self.items
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.items == 0
+    }
+
+    /// Whether a run reached [`URGENT`] items since the last call.
+    pub fn urgent(&mut self) -> bool {
+        std::mem::take(&mut self.urgent)
+    }
+
+    /// Adds `item`, taken from the queue at `now`, to its device's run.
+    pub fn take(&mut self, item: Item, now: Instant) {
+        self.items += 1;
+        let device = match &item.entry {
+            Entry::Reading(row) => &row.device_id,
+            Entry::Quarantine(q) => &q.device_id,
+        };
+        if let Some(run) = self.by_device.get_mut(&**device) {
+            run.items.push(item);
+            if run.items.len() == self.run_len {
+                self.full.push(run.device.clone());
+            }
+            self.urgent |= run.items.len() == URGENT;
+            return;
+        }
+        let device = device.clone();
+        self.order.push_back((now, device.clone()));
+        if self.run_len == 1 {
+            self.full.push(device.clone());
+        }
+        let mut items = Vec::with_capacity(self.run_len.min(URGENT));
+        items.push(item);
+        let run = Run {
+            device: device.clone(),
+            since: now,
+            items,
+        };
+        self.by_device.insert(device, run);
+    }
+
+    /// Hands the runs that `pick` selects at `now` to `out`, each in
+    /// arrival order, `max` items at most: a run longer than what is left
+    /// is split, its rest stays first in line.
+    pub fn pick(&mut self, pick: Pick, now: Instant, max: usize, mut out: impl FnMut(Item)) {
+        let mut left = max;
+        let full = std::mem::take(&mut self.full);
+        for device in full {
+            if left > 0 && self.hand(&device, None, &mut left, &mut out) {
+                continue;
+            }
+            // Not handed, or handed in part: still full at the next pick.
+            if self.by_device.contains_key(&*device) {
+                self.full.push(device);
+            }
+        }
+        while left > 0 {
+            let Some((since, _)) = self.order.front() else {
+                break;
+            };
+            let due = match pick {
+                Pick::All => true,
+                Pick::Due { linger, hold_max } => {
+                    now.saturating_duration_since(*since) >= linger || self.items > hold_max
+                }
+            };
+            if !due {
+                break;
+            }
+            let Some((since, device)) = self.order.pop_front() else {
+                break;
+            };
+            if !self.hand(&device, Some(since), &mut left, &mut out) {
+                self.order.push_front((since, device));
+            }
+        }
+    }
+
+    /// Hands up to `left` items of `device`'s run to `out` (only if the
+    /// run began at `since`, when given), counting them off `left`.
+    /// Returns false when part of the run stays held.
+    fn hand(
+        &mut self,
+        device: &str,
+        since: Option<Instant>,
+        left: &mut usize,
+        out: &mut impl FnMut(Item),
+    ) -> bool {
+        let Some(run) = self.by_device.get_mut(device) else {
+            return true;
+        };
+        if since.is_some_and(|s| run.since != s) {
+            return true;
+        }
+        if run.items.len() > *left {
+            let n = *left;
+            run.items.drain(..n).for_each(&mut *out);
+            self.items -= n;
+            *left = 0;
+            return false;
+        }
+        let Some(run) = self.by_device.remove(device) else {
+            return true;
+        };
+        let n = run.items.len();
+        self.items -= n;
+        *left -= n;
+        run.items.into_iter().for_each(out);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::acks::AckSink;
+    use crate::store::Row;
+    use ems_shared::Reading;
+
+    fn item(device: &str, seq: u64) -> Item {
+        Item {
+            entry: Entry::Reading(Row {
+                device_id: Arc::from(device),
+                received_at_ms: 0,
+                reading: Reading {
+                    epoch: 1,
+                    seq,
+                    meter: "m".into(),
+                    power_w: Some(1.0),
+                    ..Default::default()
+                },
+            }),
+            ack: Arc::new(AckSink::new(0)),
+        }
+    }
+
+    fn picked(runs: &mut Runs, pick: Pick, now: Instant, max: usize) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        runs.pick(pick, now, max, |i| {
+            if let Entry::Reading(r) = i.entry {
+                out.push((r.device_id.to_string(), r.reading.seq));
+            }
+        });
+        out
+    }
+
+    const LINGER: Duration = Duration::from_secs(2);
+    const DUE: Pick = Pick::Due {
+        linger: LINGER,
+        hold_max: 100,
+    };
+
+    #[test]
+    fn a_run_is_due_when_full_or_when_its_first_item_has_waited_the_linger() {
+        let t0 = Instant::now();
+        let mut runs = Runs::new(2);
+        runs.take(item("a", 0), t0);
+        runs.take(item("b", 0), t0 + Duration::from_millis(500));
+        assert!(picked(&mut runs, DUE, t0 + Duration::from_millis(900), 100).is_empty());
+        // b's second reading: b is due at once, a is not.
+        runs.take(item("b", 1), t0 + Duration::from_secs(1));
+        let got = picked(&mut runs, DUE, t0 + Duration::from_secs(1), 100);
+        assert_eq!(got, [("b".into(), 0), ("b".into(), 1)]);
+        assert_eq!(runs.len(), 1);
+        // a's linger has passed; b's new run has not.
+        runs.take(item("b", 2), t0 + Duration::from_millis(1500));
+        let got = picked(&mut runs, DUE, t0 + LINGER, 100);
+        assert_eq!(got, [("a".into(), 0)]);
+        let got = picked(&mut runs, DUE, t0 + Duration::from_millis(3500), 100);
+        assert_eq!(got, [("b".into(), 2)]);
+        assert!(runs.is_empty());
+    }
+
+    #[test]
+    fn all_takes_every_run_and_max_splits_the_last_one_in_order() {
+        let t0 = Instant::now();
+        let mut runs = Runs::new(2);
+        for seq in 0..5 {
+            runs.take(item("a", seq), t0);
+        }
+        runs.take(item("b", 0), t0);
+        // a is full: three of its five now, the rest first at the next pick.
+        let got = picked(&mut runs, DUE, t0, 3);
+        assert_eq!(got, [("a".into(), 0), ("a".into(), 1), ("a".into(), 2)]);
+        let got = picked(&mut runs, DUE, t0, 3);
+        assert_eq!(got, [("a".into(), 3), ("a".into(), 4)]);
+        let got = picked(&mut runs, Pick::All, t0, 3);
+        assert_eq!(got, [("b".into(), 0)]);
+        assert!(runs.is_empty());
+    }
+
+    #[test]
+    fn past_hold_max_the_oldest_runs_go_before_they_are_due() {
+        let t0 = Instant::now();
+        let mut runs = Runs::new(2);
+        for (i, d) in ["a", "b", "c", "d"].iter().enumerate() {
+            runs.take(item(d, 0), t0 + Duration::from_millis(i as u64));
+        }
+        let tight = Pick::Due {
+            linger: LINGER,
+            hold_max: 2,
+        };
+        let got = picked(&mut runs, tight, t0, 100);
+        assert_eq!(got, [("a".into(), 0), ("b".into(), 0)]);
+        assert_eq!(runs.len(), 2);
+    }
+}
