@@ -134,7 +134,9 @@ struct Running {
     health: Arc<Health>,
     /// Last time a spool write error was logged.
     last_spool_error: Option<Instant>,
-    /// The last spool sync failed (to log the recovery once).
+    /// The last spool sync failed, and its error was logged (to log the
+    /// recovery once; a failure inside the minute after a logged one is
+    /// not logged, nor is its recovery).
     spool_failing: bool,
 }
 
@@ -320,7 +322,9 @@ impl Running {
 
     /// Writes buffered readings and fsyncs them. Failures (disk full, card
     /// errors) are retried on the next call and logged at most once a
-    /// minute; the recovery is logged once.
+    /// minute, also when a nearly full card fails, recovers and fails
+    /// again (acked segments deleted make room for a while); the recovery
+    /// after a logged failure is logged once.
     fn sync_spool(&mut self) {
         let started = Instant::now();
         let done = self.outbox.sync();
@@ -337,8 +341,8 @@ impl Running {
                         self.outbox.lock().unwritten_max()
                     );
                     self.last_spool_error = Some(Instant::now());
+                    self.spool_failing = true;
                 }
-                self.spool_failing = true;
             }
             Ok(()) => {
                 if std::mem::take(&mut self.spool_failing) {
@@ -352,7 +356,6 @@ impl Running {
                         // that needs writing tries the card.
                         log::warn!("spool: writable again (nothing was left to write: the hub acknowledged the readings held in memory)");
                     }
-                    self.last_spool_error = None;
                 }
                 if done.syncs > 0 {
                     log::trace!(

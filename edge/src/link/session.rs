@@ -28,7 +28,10 @@
 //! - On shutdown (the sampler has stopped) only this thread writes: it
 //!   closes the conduit to the sampler and keeps its lock to the end. It
 //!   sends what the in-flight window allows, then waits (at
-//!   most [`ACK_WAIT`]) until every reading in flight is acknowledged, and
+//!   most [`ACK_WAIT`]) until every reading in flight is acknowledged —
+//!   with a ping first, which asks the hub to commit now rather than at
+//!   its next commit (every 100 ms, or after a linger of seconds when it
+//!   commits readings in runs; docs/protocol.md, ack timing) — and
 //!   only then sends close 1001: the hub treats a close as the end of the
 //!   stream and sends no more acks after it, so closing first would leave
 //!   the last readings in the spool, resent (as duplicates the hub ignores)
@@ -429,6 +432,9 @@ impl<'a> Session<'a> {
         let started = Instant::now();
         let deadline = started + ACK_WAIT;
         let at_stop = self.outbox.lock().stats().in_flight;
+        if at_stop > 0 && io.write(Message::Ping(Default::default())).is_err() {
+            return false;
+        }
         loop {
             if io.flush().is_err() || !self.receive_at_stop(io) {
                 return false;

@@ -174,51 +174,12 @@ fn sigterm_while_connected_waits_for_the_last_acks_before_closing() {
     // hub. Closing without waiting for their acks would leave them in the
     // spool, to be resent on the next start.
     let _hub = Hub::start(&w.db_url, w.port, |c| {
-        c.batch_linger = Duration::from_millis(250)
+        c.batch_run = 64;
+        c.batch_linger = Duration::from_millis(250);
     });
-    let config = w.config("edge.toml", "", "");
-    let text = fs::read_to_string(&config)
-        .unwrap()
-        .replace("sample_interval_ms = 50", "sample_interval_ms = 20");
-    fs::write(&config, text).unwrap();
-    // The edge waits up to 1 s for those acks before closing with 1001. A
-    // run is conclusive when readings were in flight at the stop and all
-    // were acknowledged; a heavily loaded machine can exceed the 1 s (the
-    // edge then says so) and the stop can fall between two commits (nothing
-    // in flight), so allow a few runs, but one must be conclusive.
-    let mut clean = false;
-    for attempt in 0..5 {
-        let mut edge = w.edge(&config);
-        let epoch = edge.epoch();
-        wait_for("stored readings of this run", SOON, || {
-            w.seqs_of(epoch).len() >= 20
-        });
-        let (status, took) = edge.terminate();
-        assert!(status.success(), "exit status {status:?}");
-        assert!(took < Duration::from_secs(5), "SIGTERM exit took {took:?}");
-        let log = edge.log();
-        assert!(log.contains("link closed (1001 going away)"), "{log}");
-        edge.assert_token_not_logged();
-        let waited = log.contains("readings in flight at the stop: all acknowledged after");
-        if waited {
-            assert!(log.contains("ms; 0 readings kept in the spool"), "{log}");
-            eprintln!("attempt {attempt}: every ack arrived before the close ({took:?})");
-            clean = true;
-            break;
-        }
-        eprintln!(
-            "attempt {attempt}: inconclusive ({}), retrying",
-            if log.contains("still unacknowledged") {
-                "acks later than 1 s: loaded machine?"
-            } else {
-                "nothing in flight at the stop"
-            }
-        );
-    }
-    assert!(
-        clean,
-        "no run saw its in-flight readings acknowledged before the close"
-    );
+    let config = readings_every_20_ms(&w);
+    // A stop can fall between two commits (nothing in flight): allow a few.
+    stop_until_in_flight_readings_are_acked(&w, &config, 20, 5);
     // The next start finds nothing to resend.
     let mut again = w.edge(&config);
     again.epoch();
@@ -229,6 +190,73 @@ fn sigterm_while_connected_waits_for_the_last_acks_before_closing() {
     );
     again.terminate();
     again.assert_token_not_logged();
+}
+
+/// A hub that lingers far longer than the edge's 1 s wait at the stop
+/// still acks the readings in flight before the close: the edge pings when
+/// it stops, and a ping with readings unacked makes the hub commit at once.
+#[test]
+fn sigterm_asks_a_lingering_hub_for_the_last_acks_with_a_ping() {
+    let w = World::new();
+    // Only 64 readings of one device (or the ping) are due: without the
+    // ping every stop would leave its readings unacked.
+    let _hub = Hub::start(&w.db_url, w.port, |c| {
+        c.batch_run = 64;
+        c.batch_linger = Duration::from_secs(60);
+    });
+    let config = readings_every_20_ms(&w);
+    stop_until_in_flight_readings_are_acked(&w, &config, 64, 3);
+}
+
+/// The test edge's config with a reading every 20 ms.
+fn readings_every_20_ms(w: &World) -> std::path::PathBuf {
+    let config = w.config("edge.toml", "", "");
+    let text = fs::read_to_string(&config)
+        .unwrap()
+        .replace("sample_interval_ms = 50", "sample_interval_ms = 20");
+    fs::write(&config, text).unwrap();
+    config
+}
+
+/// Runs the edge until `stored` readings of the run are stored, then
+/// SIGTERMs it, up to `attempts` times, until a stop had readings in
+/// flight and all were acked before the close (with nothing kept in the
+/// spool). The edge waits up to 1 s for those acks; a heavily loaded
+/// machine can exceed it (the edge then says so), so a few runs are
+/// allowed, but one must be conclusive.
+fn stop_until_in_flight_readings_are_acked(
+    w: &World,
+    config: &std::path::Path,
+    stored: usize,
+    attempts: usize,
+) {
+    for attempt in 0..attempts {
+        let mut edge = w.edge(config);
+        let epoch = edge.epoch();
+        wait_for("stored readings of this run", SOON, || {
+            w.seqs_of(epoch).len() >= stored
+        });
+        let (status, took) = edge.terminate();
+        assert!(status.success(), "exit status {status:?}");
+        assert!(took < Duration::from_secs(5), "SIGTERM exit took {took:?}");
+        let log = edge.log();
+        assert!(log.contains("link closed (1001 going away)"), "{log}");
+        edge.assert_token_not_logged();
+        if log.contains("readings in flight at the stop: all acknowledged after") {
+            assert!(log.contains("ms; 0 readings kept in the spool"), "{log}");
+            eprintln!("attempt {attempt}: every ack arrived before the close ({took:?})");
+            return;
+        }
+        eprintln!(
+            "attempt {attempt}: inconclusive ({}), retrying",
+            if log.contains("still unacknowledged") {
+                "acks later than 1 s: loaded machine, or no ping?"
+            } else {
+                "nothing in flight at the stop"
+            }
+        );
+    }
+    panic!("no stop saw its in-flight readings acknowledged before the close");
 }
 
 #[test]
