@@ -352,6 +352,7 @@ pub async fn run(
         presence_store.clone(),
     ));
     tokio::spawn(crate::notify::run(shared.clone()));
+    tokio::spawn(crate::ingest::heartbeat::run(shared.clone()));
     http::accept_loop(listener, shared.clone(), ConnGuard::new(done_tx), shutdown).await;
 
     crate::notify::stopping(&shared);
@@ -359,6 +360,8 @@ pub async fn run(
     // The sessions wait for the acks of their last readings: no lingering.
     writer_control.hurry();
     let _ = shutdown_tx.send(true);
+    // Device sessions hear it through their mailboxes.
+    shared.registry.shut_down();
     drop(shared);
     if tokio::time::timeout(shutdown_timeout, done_rx.recv())
         .await

@@ -15,7 +15,7 @@
 //! - [`auth`]: the handshake rules as pure functions, the token format and
 //!   hash, and the revocation poll.
 //! - [`ingest`]: the device session (gatekeeper, rate limit, hot and cold
-//!   path, acks), the store writer and the ack mailboxes.
+//!   path, acks, heartbeat) and the store writer.
 //! - [`fanout`]: the connection registry and the per-device topics, and the
 //!   dashboard session (live feed, backfill summaries, resume replay).
 //! - `presence`: this hub's part in the device state every hub shares
@@ -31,6 +31,8 @@
 //! Shared by the stages:
 //! - `state`: the state every connection shares, and the one handle through
 //!   which async code runs blocking store calls.
+//! - [`mailbox`]: what the rest of the hub tells one device connection
+//!   (the writer's answers, kicks, the shutdown, heartbeat ticks).
 //! - `ws`: what both kinds of WebSocket session share (socket settings,
 //!   close, heartbeat, timed sends).
 //! - `shutdown`: the shutdown flag every task waits on.
@@ -58,6 +60,7 @@ pub mod fanout;
 mod http;
 pub mod ingest;
 mod log_text;
+pub mod mailbox;
 pub mod metrics;
 pub mod mqtt;
 mod notify;

@@ -1,6 +1,7 @@
 //! The hub's shutdown flag: a `watch` channel that [`crate::run`] flips to
-//! `true` once, and that every connection, the revocation poll and the
-//! store writer wait on.
+//! `true` once, and that every dashboard connection, the revocation poll,
+//! the heartbeat and the store writer wait on. Device connections hear it
+//! through their mailboxes (`Registry::shut_down`).
 
 use tokio::sync::watch;
 

@@ -83,7 +83,8 @@ pub(crate) async fn close(ws: &mut Ws, code: CloseCode, reason: &'static str) {
     .await;
 }
 
-/// The heartbeat timer of one connection: the first tick comes after half
+/// The heartbeat timer of one dashboard connection (device connections
+/// share one task, `crate::ingest::heartbeat`): the first tick comes after half
 /// to one whole `every`, spread over the connections, so connections
 /// opened in the same second (a restart, a storm) are not all pinged in the
 /// same second ever after.

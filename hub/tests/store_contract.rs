@@ -891,8 +891,8 @@ mod postgres_only {
     /// row, quarantines it and commits the rest.
     #[test]
     fn unrepresentable_timestamps_do_not_stall_the_writer() {
-        use ems_hub::ingest::acks::{AckSink, Answer};
         use ems_hub::ingest::writer::{Entry, Item, Writer, WriterConfig};
+        use ems_hub::mailbox::{Answer, Mailbox};
         use ems_hub::store::QuarantineStore;
 
         let Some(db) = pg::fresh_db() else { return };
@@ -910,7 +910,7 @@ mod postgres_only {
             .build()
             .unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
-        let sink = Arc::new(AckSink::new(1));
+        let sink = Arc::new(Mailbox::new(1));
         for r in batch {
             tx.try_send(Item {
                 entry: Entry::Reading(r),

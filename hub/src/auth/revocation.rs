@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::cache::Snapshot;
-use crate::fanout::registry::Kick;
+use crate::mailbox::Kick;
 use crate::mqtt::MqttHandle;
 use crate::shutdown::shutting_down;
 use crate::state::{CallError, Shared};

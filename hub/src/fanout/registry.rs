@@ -11,7 +11,11 @@
 //! - Kicks: [`Registry::kick`] closes a device's live connection from
 //!   anywhere in the process (revocation poll, admin API);
 //!   [`Registry::kick_conn`] closes one given connection (the presence
-//!   task, when the device connected to another hub).
+//!   task, when the device connected to another hub). A kick reaches the
+//!   session through the connection's [`Mailbox`], as do the shutdown
+//!   ([`Registry::shut_down`]) and the heartbeat's ticks
+//!   ([`Registry::heartbeat`]): an idle device connection waits on its
+//!   mailbox and its socket, and nothing else.
 //! - Topics: one [`Topic`] per device, created on first use by the device
 //!   or a subscriber. Presence changes and the edge's outbox status are
 //!   published through it, so they reach subscribers in order with the
@@ -28,48 +32,28 @@
 //! `.await`.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ems_shared::EdgeStatus;
-use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::topic::Topic;
 use crate::config::TakeoverPolicy;
+use crate::mailbox::{Kick, Mailbox};
 use crate::mqtt::MqttHandle;
 use crate::state::LOCK_CHUNK;
 use crate::store::TokenHash;
-
-/// Why the hub asks a device connection to close.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kick {
-    /// A newer connection of the same device took over (close code 4000).
-    Replaced,
-    /// The device's token was revoked or rotated (close code 4001).
-    Revoked,
-    /// The device id is in a takeover loop (close code 4002).
-    Conflict,
-}
-
-impl Kick {
-    /// The WebSocket close code and reason for this kick.
-    pub fn close(self) -> (u16, &'static str) {
-        match self {
-            Kick::Replaced => (ems_shared::CLOSE_REPLACED, "replaced"),
-            Kick::Revoked => (ems_shared::CLOSE_REVOKED, "token revoked"),
-            Kick::Conflict => (ems_shared::CLOSE_CONFLICT, "conflict"),
-        }
-    }
-}
 
 struct DeviceSlot {
     /// Identifies the connection, so a late disconnect of a replaced
     /// connection does not remove its successor.
     conn_id: u64,
-    /// Tells the connection to close; taken by the first kick.
-    kick: Option<oneshot::Sender<Kick>>,
+    /// The connection's mailbox: kicks, the shutdown, heartbeat ticks.
+    mailbox: Arc<Mailbox>,
+    /// Its heartbeat phase (see [`Registry::heartbeat`]).
+    phase: u8,
     /// Peer address, for the takeover log line.
     peer: String,
     /// Hash of the token the connection authenticated with, so the
@@ -81,8 +65,9 @@ struct DeviceSlot {
 pub struct DeviceLease {
     /// This connection's id.
     pub conn_id: u64,
-    /// Fires when the connection must close.
-    pub kick: oneshot::Receiver<Kick>,
+    /// The connection's mailbox: answers from the writer, kicks, the
+    /// shutdown and heartbeat ticks.
+    pub mailbox: Arc<Mailbox>,
     /// The device's live topic.
     pub topic: Topic,
 }
@@ -132,8 +117,10 @@ pub struct LocalView {
 
 /// Shared connection state of the hub.
 pub struct Registry {
-    /// Live device connections by device id.
-    devices: Mutex<HashMap<Arc<str>, DeviceSlot>>,
+    /// Live device connections by device id. Boxed: the map is sized for
+    /// up to twice its entries, and an empty slot then costs a pointer
+    /// rather than a whole entry.
+    devices: Mutex<HashMap<Arc<str>, Box<DeviceSlot>>>,
     /// Live topics by device id. Created on first use by a device or a
     /// subscriber; devices are provisioned, so this stays bounded.
     topics: Mutex<HashMap<Arc<str>, Topic>>,
@@ -148,11 +135,19 @@ pub struct Registry {
     presence: Mutex<HashMap<Arc<str>, i64>>,
     /// Source of connection ids.
     next_conn: AtomicU64,
+    /// The heartbeat's last round.
+    round: AtomicU64,
+    /// Set at shutdown: later connections are told at once.
+    shutting_down: AtomicBool,
     /// Capacity of each topic.
     topic_capacity: usize,
     /// The MQTT bridge, told about every connect and disconnect.
     mqtt: Option<MqttHandle>,
 }
+
+/// Heartbeat rounds per `ping_interval`: each device connection is ticked
+/// in one of them.
+pub const HEARTBEAT_PHASES: u8 = 16;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding these locks cannot leave the maps inconsistent
@@ -177,6 +172,8 @@ impl Registry {
             statuses: Mutex::new(HashMap::new()),
             presence: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
+            round: AtomicU64::new(0),
+            shutting_down: AtomicBool::new(false),
             topic_capacity: topic_capacity.max(1),
             mqtt: None,
         }
@@ -241,10 +238,8 @@ impl Registry {
             if hist.recent.len() > self.policy.max_replacements {
                 hist.recent.clear();
                 hist.cooldown_until = Some(now + self.policy.cooldown);
-                let other = devices.remove(device_id).map(|mut slot| {
-                    if let Some(k) = slot.kick.take() {
-                        let _ = k.send(Kick::Conflict);
-                    }
+                let other = devices.remove(device_id).map(|slot| {
+                    slot.mailbox.kick(Kick::Conflict);
                     slot.peer
                 });
                 // The kicked connection's own disconnect no longer finds its
@@ -262,29 +257,31 @@ impl Registry {
         }
         drop(takeovers);
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
+        let mailbox = Arc::new(Mailbox::new(conn_id));
+        if self.shutting_down.load(Ordering::Acquire) {
+            mailbox.shut_down();
+        }
         let old = devices.insert(
             device_id.clone(),
-            DeviceSlot {
+            Box::new(DeviceSlot {
                 conn_id,
-                kick: Some(tx),
+                mailbox: mailbox.clone(),
+                phase: self.phase(conn_id),
                 peer,
                 token,
-            },
+            }),
         );
         self.mqtt_presence(device_id, true);
         drop(devices);
         self.publish_presence(device_id, true);
-        let old_peer = old.map(|mut slot| {
+        let old_peer = old.map(|slot| {
             // The old connection may already be gone; nothing to do then.
-            if let Some(k) = slot.kick.take() {
-                let _ = k.send(Kick::Replaced);
-            }
+            slot.mailbox.kick(Kick::Replaced);
             slot.peer
         });
         let lease = DeviceLease {
             conn_id,
-            kick: rx,
+            mailbox,
             topic: self.topic(device_id),
         };
         Ok((lease, old_peer))
@@ -312,24 +309,56 @@ impl Registry {
     /// token through the API, call `registry.kick(id, Kick::Revoked)` so the
     /// socket closes at once instead of at the next revocation poll (~1 s).
     pub fn kick(&self, device_id: &str, reason: Kick) -> bool {
-        let mut devices = lock(&self.devices);
-        match devices.get_mut(device_id).and_then(|s| s.kick.take()) {
-            Some(k) => k.send(reason).is_ok(),
-            None => false,
-        }
+        let devices = lock(&self.devices);
+        devices
+            .get(device_id)
+            .is_some_and(|s| s.mailbox.kick(reason))
     }
 
     /// Like [`Registry::kick`], but only while `conn_id` is the device's
     /// registered connection (a newer local one is left alone).
     pub fn kick_conn(&self, device_id: &str, conn_id: u64, reason: Kick) -> bool {
-        let mut devices = lock(&self.devices);
-        match devices
-            .get_mut(device_id)
+        let devices = lock(&self.devices);
+        devices
+            .get(device_id)
             .filter(|s| s.conn_id == conn_id)
-            .and_then(|s| s.kick.take())
-        {
-            Some(k) => k.send(reason).is_ok(),
-            None => false,
+            .is_some_and(|s| s.mailbox.kick(reason))
+    }
+
+    /// Tells every device connection, now and from now on, that the hub
+    /// is shutting down.
+    pub fn shut_down(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        let mailboxes: Vec<Arc<Mailbox>> = lock(&self.devices)
+            .values()
+            .map(|s| s.mailbox.clone())
+            .collect();
+        for m in mailboxes {
+            m.shut_down();
+        }
+    }
+
+    /// The heartbeat phase of a new connection: its first tick comes
+    /// after half to one whole period of [`HEARTBEAT_PHASES`] rounds,
+    /// spread by connection id, so connections opened in the same second
+    /// (a restart, a storm) are not all pinged in the same round ever
+    /// after.
+    fn phase(&self, conn_id: u64) -> u8 {
+        let (n, half) = (u64::from(HEARTBEAT_PHASES), u64::from(HEARTBEAT_PHASES / 2));
+        let next = self.round.load(Ordering::Relaxed) + 1;
+        ((next + half + conn_id % half) % n) as u8
+    }
+
+    /// One heartbeat round: ticks the mailbox of every connection whose
+    /// phase is `round` (modulo [`HEARTBEAT_PHASES`]), so each connection
+    /// is ticked once every [`HEARTBEAT_PHASES`] rounds. The heartbeat task
+    /// calls it every `ping_interval / HEARTBEAT_PHASES`.
+    pub fn heartbeat(&self, round: u64) {
+        self.round.store(round, Ordering::Relaxed);
+        let phase = (round % u64::from(HEARTBEAT_PHASES)) as u8;
+        let devices = lock(&self.devices);
+        for slot in devices.values().filter(|s| s.phase == phase) {
+            slot.mailbox.tick();
         }
     }
 
@@ -469,17 +498,18 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mailbox::Mail;
 
     #[test]
     fn second_connection_kicks_the_first() {
         let r = Registry::new(4);
         let id: Arc<str> = Arc::from("dev");
-        let (mut a, prev) = r.connect_device(&id, "1.1.1.1:1".into(), None).unwrap();
+        let (a, prev) = r.connect_device(&id, "1.1.1.1:1".into(), None).unwrap();
         assert!(prev.is_none());
-        assert!(a.kick.try_recv().is_err());
+        assert_eq!(a.mailbox.try_next(), None);
         let (b, prev) = r.connect_device(&id, "2.2.2.2:2".into(), None).unwrap();
         assert_eq!(prev.as_deref(), Some("1.1.1.1:1"));
-        assert_eq!(a.kick.try_recv().ok(), Some(Kick::Replaced));
+        assert_eq!(a.mailbox.try_next(), Some(Mail::Kick(Kick::Replaced)));
         // The old connection's late disconnect leaves the new one alone.
         r.disconnect_device(&id, a.conn_id);
         assert!(r.is_online("dev"));
@@ -536,11 +566,11 @@ mod tests {
         let id: Arc<str> = Arc::from("dev");
         let (_a, _) = r.connect_device(&id, "a".into(), None).unwrap();
         let (_b, _) = r.connect_device(&id, "b".into(), None).unwrap();
-        let (mut c, _) = r.connect_device(&id, "c".into(), None).unwrap();
+        let (c, _) = r.connect_device(&id, "c".into(), None).unwrap();
         // The third replacement within the window is a loop.
         let e = r.connect_device(&id, "d".into(), None).err().unwrap();
         assert_eq!(e.other_peer.as_deref(), Some("c"));
-        assert_eq!(c.kick.try_recv().ok(), Some(Kick::Conflict));
+        assert_eq!(c.mailbox.try_next(), Some(Mail::Kick(Kick::Conflict)));
         assert!(!r.is_online("dev"));
         // Refused during the cool-down, accepted after it.
         assert!(r.connect_device(&id, "e".into(), None).is_err());
@@ -553,11 +583,11 @@ mod tests {
         let r = Registry::new(4);
         let id: Arc<str> = Arc::from("dev");
         assert!(!r.kick("dev", Kick::Revoked));
-        let (mut a, _) = r.connect_device(&id, "a".into(), Some([1; 32])).unwrap();
+        let (a, _) = r.connect_device(&id, "a".into(), Some([1; 32])).unwrap();
         assert_eq!(r.device_tokens(), vec![(id.clone(), Some([1; 32]))]);
         assert!(r.kick("dev", Kick::Revoked));
         assert!(!r.kick("dev", Kick::Revoked), "a connection is kicked once");
-        assert_eq!(a.kick.try_recv().ok(), Some(Kick::Revoked));
+        assert_eq!(a.mailbox.try_next(), Some(Mail::Kick(Kick::Revoked)));
         let st = EdgeStatus {
             outbox_depth: 5,
             oldest_ts_ms: Some(1_000),
@@ -567,5 +597,45 @@ mod tests {
         assert_eq!(r.edge_status("dev").map(|e| e.behind_ms), Some(10_000));
         r.disconnect_device(&id, a.conn_id);
         assert!(r.edge_status("dev").is_none());
+    }
+
+    #[test]
+    fn every_connection_is_ticked_once_per_period_and_not_in_its_first_half() {
+        let r = Registry::new(4);
+        r.heartbeat(3);
+        let leases: Vec<DeviceLease> = (0..40)
+            .map(|i| {
+                let id: Arc<str> = Arc::from(format!("dev{i}"));
+                r.connect_device(&id, "p".into(), None).unwrap().0
+            })
+            .collect();
+        let n = u64::from(HEARTBEAT_PHASES);
+        let mut first = vec![None; leases.len()];
+        for round in 4..4 + 2 * n {
+            r.heartbeat(round);
+            for (i, l) in leases.iter().enumerate() {
+                if l.mailbox.try_next() == Some(Mail::Tick) {
+                    let f = *first[i].get_or_insert(round);
+                    assert_eq!((round - f) % n, 0, "one tick per {n} rounds");
+                }
+            }
+        }
+        for f in first {
+            let since = f.expect("ticked") - 3;
+            assert!(
+                (n / 2..=n).contains(&since),
+                "first tick {since} rounds after the connect"
+            );
+        }
+    }
+
+    #[test]
+    fn the_shutdown_reaches_live_and_later_connections() {
+        let r = Registry::new(4);
+        let (a, _) = r.connect_device(&Arc::from("a"), "p".into(), None).unwrap();
+        r.shut_down();
+        let (b, _) = r.connect_device(&Arc::from("b"), "p".into(), None).unwrap();
+        assert_eq!(a.mailbox.try_next(), Some(Mail::ShuttingDown));
+        assert_eq!(b.mailbox.try_next(), Some(Mail::ShuttingDown));
     }
 }

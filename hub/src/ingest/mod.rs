@@ -9,11 +9,13 @@
 //! - [`limits`]: the per-device token bucket and the abuse rule.
 //! - [`writer`]: the background thread that commits queued readings in
 //!   batches and only then acknowledges them, through each connection's
-//!   [`acks`] mailbox.
+//!   [`crate::mailbox`].
+//! - `heartbeat`: the one task that ticks every device connection's
+//!   mailbox once per `ping_interval`, in rounds.
 //! - `runs`: what the writer holds until a commit, per device, and which
 //!   of it is due.
 
-pub mod acks;
+pub(crate) mod heartbeat;
 pub mod limits;
 mod runs;
 pub(crate) mod session;

@@ -190,7 +190,7 @@ impl Runs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::acks::AckSink;
+    use crate::mailbox::Mailbox;
     use crate::store::Row;
     use ems_shared::Reading;
 
@@ -207,7 +207,7 @@ mod tests {
                     ..Default::default()
                 },
             }),
-            ack: Arc::new(AckSink::new(0)),
+            ack: Arc::new(Mailbox::new(0)),
         }
     }
 

@@ -14,9 +14,11 @@
 //! the writer after the commit, through the connection's [`AckSink`], and
 //! are written here; when the writer abandoned a reading of this
 //! connection, the session closes it with 1011 instead (the edge sends
-//! everything unacked again). A heartbeat pings a silent device every
-//! `ping_interval`; after `max_missed_pongs` unanswered pings it is dead
-//! and dropped.
+//! everything unacked again). The heartbeat's tick pings a silent device
+//! every `ping_interval`; after `max_missed_pongs` unanswered pings it is
+//! dead and dropped. Answers, kicks, the shutdown and the ticks all arrive
+//! in the connection's [`Mailbox`]: an idle session waits on its mailbox
+//! and its socket, and nothing else.
 //!
 //! Everything awaited inside the loop that writes to the socket is boxed:
 //! awaited inline, each of those futures would be part of every session's
@@ -29,13 +31,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes};
 
 use ems_shared::{dashboard_frame, FrameError, HubFrame, RejectReason};
 
-use super::acks::{AckSink, Answer};
 use super::limits::TokenBucket;
 use super::state::{
     deferred, rejected_frame, suppressed, Ending, Refusal, SessionState, Step, Tick, Verdict,
@@ -43,10 +44,10 @@ use super::state::{
 use super::writer::{Entry, Item};
 use crate::auth::cache::Answer as AuthAnswer;
 use crate::fanout::backfill::{is_backlog, Backlog};
-use crate::fanout::registry::{DeviceLease, Kick};
+use crate::fanout::registry::DeviceLease;
 use crate::fanout::topic::Topic;
+use crate::mailbox::{Answer, Kick, Mail, Mailbox};
 use crate::metrics::Role;
-use crate::shutdown::shutting_down;
 use crate::state::Shared;
 use crate::store::{QuarantineRow, Row, TokenHash};
 use crate::ws::{self, End, Ws};
@@ -86,13 +87,18 @@ pub(crate) fn run<G: Send + 'static>(
     // An `async move` block rather than an `async fn`: the latter keeps a
     // second copy of its arguments in every session's task.
     async move {
-        let Upgrade { on_upgrade, guard } = upgrade;
-        let Some(mut ws) = ws::upgrade(on_upgrade, "device", &device_id, peer).await else {
+        // The fields are used in place: destructured, the guard would be
+        // kept twice in the task.
+        // Boxed: the upgrade's future is larger than the session loop's
+        // and would size every task for it.
+        let Some(mut ws) =
+            Box::pin(ws::upgrade(upgrade.on_upgrade, "device", &device_id, peer)).await
+        else {
             return;
         };
         let Some(DeviceLease {
             conn_id,
-            kick,
+            mailbox,
             topic,
         }) = register(&shared, &device_id, peer, token)
         else {
@@ -124,16 +130,16 @@ pub(crate) fn run<G: Send + 'static>(
         // them: moved into it, they would be stored twice in the task.
         let mut session = Session {
             ws: &mut ws,
-            sink: Arc::new(AckSink::new(conn_id)),
+            mailbox,
             topic,
             limit: cfg.write_timeout,
             device_id: &device_id,
-            peer,
+            peer: &peer,
             shared: &shared,
             state,
             backlog: Backlog::default(),
         };
-        let end = session.serve(kick).await;
+        let end = session.serve().await;
         // Counted backlog readings reach the dashboards before the
         // device's disconnect does.
         session.publish_backlog();
@@ -147,7 +153,7 @@ pub(crate) fn run<G: Send + 'static>(
             Box::pin(ws::close(&mut ws, code, reason)).await;
         }
         log::info!("device {device_id} from {peer} disconnected");
-        drop(guard);
+        drop(upgrade.guard);
     }
 }
 
@@ -192,12 +198,23 @@ fn register(
     }
 }
 
+/// What woke the session loop.
+enum Event {
+    /// Something arrived in the connection's mailbox.
+    Mail(Mail),
+    /// The backlog summary is due.
+    BacklogDue,
+    /// A message from the socket (`None`: the socket ended).
+    Message(Option<Result<Message, WsError>>),
+}
+
 /// A registered device connection.
 struct Session<'a> {
     /// The device's socket.
     ws: &'a mut Ws,
-    /// Where the writer puts this connection's acks.
-    sink: Arc<AckSink>,
+    /// The connection's mailbox: the writer's answers, kicks, the
+    /// shutdown, heartbeat ticks.
+    mailbox: Arc<Mailbox>,
     /// The device's live topic.
     topic: Topic,
     /// Longest a write to the socket may take.
@@ -205,7 +222,7 @@ struct Session<'a> {
     /// The device.
     device_id: &'a Arc<str>,
     /// Its address, for log lines.
-    peer: SocketAddr,
+    peer: &'a SocketAddr,
     /// The hub's shared state.
     shared: &'a Shared,
     /// The session's decisions.
@@ -215,55 +232,62 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    /// The session loop: kicks, shutdown, acks, heartbeat and frames, until
-    /// one of them ends the session.
-    async fn serve(&mut self, mut kick: oneshot::Receiver<Kick>) -> End {
-        // False once the kick channel is gone without a kick (registry dropped).
-        let mut kick_live = true;
-        let mut shutdown = self.shared.shutdown.clone();
-        // Created once: a fresh `watch::changed` future per loop turn would
-        // register and remove a waiter on the one watch every session shares.
-        let stopping = shutting_down(&mut shutdown);
-        tokio::pin!(stopping);
-        let mut ping = ws::heartbeat(self.shared.config.ping_interval);
+    /// The session loop: the mailbox (kicks, shutdown, answers, heartbeat
+    /// ticks), backlog summaries and frames, until one of them ends the
+    /// session.
+    async fn serve(&mut self) -> End {
         loop {
-            tokio::select! {
+            let event = tokio::select! {
                 biased;
-                k = &mut kick, if kick_live => match k {
-                    Ok(kick) => return self.kicked(kick),
-                    // The slot was dropped without a kick: keep serving.
-                    Err(_) => kick_live = false,
-                },
-                _ = &mut stopping => {
-                    // Boxed: the shutdown path is taken once.
-                    Box::pin(self.flush_acks_at_shutdown()).await;
-                    return End::Close(CloseCode::Away, "hub shutting down");
-                }
-                answer = self.sink.pop() => {
-                    if let Err(end) = Box::pin(self.write_acks(answer)).await {
-                        return end;
-                    }
-                }
-                _ = self.backlog.due(), if self.backlog.pending() => self.publish_backlog(),
-                _ = ping.tick() => match self.state.tick() {
-                    Tick::Quiet => {}
-                    Tick::Ping => {
-                        let ping = Message::Ping(Bytes::new());
-                        if Box::pin(ws::send_within(self.ws, ping, self.limit)).await.is_err() {
-                            return End::Gone;
-                        }
-                    }
-                    Tick::Dead(missed) => {
-                        self.shared.metrics.heartbeat_death(Role::Device);
-                        log::warn!("device {} from {}: {missed} pings unanswered, dropping dead connection", self.device_id, self.peer);
-                        return End::Gone;
-                    }
-                },
-                msg = self.ws.next() => {
-                    if let Err(end) = Box::pin(self.on_message(msg)).await {
-                        return end;
-                    }
-                }
+                mail = self.mailbox.next() => Event::Mail(mail),
+                _ = self.backlog.due(), if self.backlog.pending() => Event::BacklogDue,
+                msg = self.ws.next() => Event::Message(msg),
+            };
+            // Boxed, with the event moved in: neither the handling nor the
+            // event is part of every session's task while it waits.
+            if let Err(end) = Box::pin(self.on_event(event)).await {
+                return end;
+            }
+        }
+    }
+
+    /// One event of the session loop.
+    async fn on_event(&mut self, event: Event) -> Result<(), End> {
+        match event {
+            Event::Mail(Mail::Kick(kick)) => Err(self.kicked(kick)),
+            Event::Mail(Mail::ShuttingDown) => {
+                self.flush_acks_at_shutdown().await;
+                Err(End::Close(CloseCode::Away, "hub shutting down"))
+            }
+            Event::Mail(Mail::Answer(answer)) => self.write_acks(answer).await,
+            Event::Mail(Mail::Tick) => self.heartbeat().await,
+            Event::BacklogDue => {
+                self.publish_backlog();
+                Ok(())
+            }
+            Event::Message(msg) => self.on_message(msg).await,
+        }
+    }
+
+    /// A heartbeat tick: a ping to a device silent since the last one, the
+    /// end of one that left too many unanswered.
+    async fn heartbeat(&mut self) -> Result<(), End> {
+        match self.state.tick() {
+            Tick::Quiet => Ok(()),
+            Tick::Ping => {
+                let ping = Message::Ping(Bytes::new());
+                ws::send_within(self.ws, ping, self.limit)
+                    .await
+                    .map_err(|_| End::Gone)
+            }
+            Tick::Dead(missed) => {
+                self.shared.metrics.heartbeat_death(Role::Device);
+                log::warn!(
+                    "device {} from {}: {missed} pings unanswered, dropping dead connection",
+                    self.device_id,
+                    self.peer
+                );
+                Err(End::Gone)
             }
         }
     }
@@ -310,7 +334,7 @@ impl Session<'_> {
             if r.is_err() || n >= ACKS_PER_WRITE {
                 break;
             }
-            next = self.sink.try_pop();
+            next = self.mailbox.try_pop();
         }
         if n > 0 && (r.is_err() || ws::flush_within(self.ws, self.limit).await.is_err()) {
             return Err(End::Gone);
@@ -541,7 +565,7 @@ impl Session<'_> {
     async fn enqueue(&mut self, entry: Entry, id: Option<(u64, u64)>) -> Result<(), End> {
         let item = Item {
             entry,
-            ack: self.sink.clone(),
+            ack: self.mailbox.clone(),
         };
         let queued = match self.shared.queue.try_send(item) {
             Ok(()) => true,
@@ -568,7 +592,7 @@ impl Session<'_> {
         if let Some(last) = self.state.owed_at_shutdown() {
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
                 loop {
-                    let answer = self.sink.pop().await;
+                    let answer = self.mailbox.pop().await;
                     let Some((frame, id)) = answer_frame(&answer) else {
                         return;
                     };
@@ -585,7 +609,7 @@ impl Session<'_> {
             })
             .await;
         }
-        while let Some(answer) = self.sink.try_pop() {
+        while let Some(answer) = self.mailbox.try_pop() {
             let Some((frame, _)) = answer_frame(&answer) else {
                 break;
             };

@@ -35,7 +35,7 @@
 //! - A reading that is neither stored nor quarantined (the hub gave up at
 //!   shutdown, or the database refused its quarantine row too) must never
 //!   be covered by a later cumulative ack: its connection's mailbox is
-//!   abandoned ([`AckSink::abandon`]) — no answer follows, the session
+//!   abandoned ([`Mailbox::abandon`]) — no answer follows, the session
 //!   closes the connection and the edge sends everything unacked again.
 //! - The thread exits once every queue sender is dropped and the queue is
 //!   drained, so a graceful shutdown flushes everything it received.
@@ -49,8 +49,8 @@ use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 
-use super::acks::AckSink;
 use super::runs::{Pick, Runs};
+use crate::mailbox::Mailbox;
 use crate::metrics::Metrics;
 use crate::shutdown::shutting_down;
 use crate::store::{QuarantineReason, QuarantineRow, ReadingSink, Row, StoreError};
@@ -71,7 +71,7 @@ pub struct Item {
     /// What to store.
     pub entry: Entry,
     /// Who to answer.
-    pub ack: Arc<AckSink>,
+    pub ack: Arc<Mailbox>,
 }
 
 /// Batching parameters.
@@ -189,9 +189,9 @@ impl Writer {
 #[derive(Default)]
 struct Batch {
     rows: Vec<Row>,
-    row_acks: Vec<Arc<AckSink>>,
+    row_acks: Vec<Arc<Mailbox>>,
     quarantine: Vec<QuarantineRow>,
-    quarantine_acks: Vec<Arc<AckSink>>,
+    quarantine_acks: Vec<Arc<Mailbox>>,
 }
 
 impl Batch {
@@ -711,7 +711,7 @@ fn answer(batch: &Batch, settled: &Settled, metrics: &Metrics) {
         }
     }
     // (conn_id, epoch) -> (sink, last stored seq in arrival order)
-    let mut acks: HashMap<(u64, u64), (&Arc<AckSink>, u64)> =
+    let mut acks: HashMap<(u64, u64), (&Arc<Mailbox>, u64)> =
         HashMap::with_capacity(batch.rows.len().min(1024));
     for (i, (row, sink)) in batch.rows.iter().zip(&batch.row_acks).enumerate() {
         if stored(row_fates, i) {
@@ -730,7 +730,7 @@ fn answer(batch: &Batch, settled: &Settled, metrics: &Metrics) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::acks::Answer;
+    use crate::mailbox::Answer;
     use ems_shared::{FrameError, Reading, RejectReason};
     use std::sync::Mutex;
 
@@ -768,7 +768,7 @@ mod tests {
         }
     }
 
-    fn item(sink: &Arc<AckSink>, epoch: u64, seq: u64) -> Item {
+    fn item(sink: &Arc<Mailbox>, epoch: u64, seq: u64) -> Item {
         Item {
             entry: Entry::Reading(row(epoch, seq)),
             ack: sink.clone(),
@@ -776,7 +776,7 @@ mod tests {
     }
 
     /// Everything in a mailbox, oldest first.
-    fn drain(sink: &AckSink) -> Vec<Answer> {
+    fn drain(sink: &Mailbox) -> Vec<Answer> {
         std::iter::from_fn(|| sink.try_pop()).collect()
     }
 
@@ -792,7 +792,7 @@ mod tests {
             fail: u32::MAX,
         };
         let (tx, rx) = mpsc::channel(100);
-        let sink = Arc::new(AckSink::new(1));
+        let sink = Arc::new(Mailbox::new(1));
         for seq in 0..3 {
             tx.try_send(item(&sink, 1, seq)).unwrap();
         }
@@ -851,7 +851,7 @@ mod tests {
     }
 
     /// Waits (up to 30 s) until `sink` has an answer; returns them all.
-    fn answers_within(sink: &AckSink) -> Vec<Answer> {
+    fn answers_within(sink: &Mailbox) -> Vec<Answer> {
         let until = Instant::now() + Duration::from_secs(30);
         loop {
             let got = drain(sink);
@@ -868,7 +868,7 @@ mod tests {
     fn a_device_with_two_readings_held_is_committed_without_the_linger() {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let (tx, control, committed, stop, w) = lingering(&rt);
-        let (quiet, busy) = (Arc::new(AckSink::new(1)), Arc::new(AckSink::new(2)));
+        let (quiet, busy) = (Arc::new(Mailbox::new(1)), Arc::new(Mailbox::new(2)));
         let mut quiet_item = item(&quiet, 1, 0);
         if let Entry::Reading(row) = &mut quiet_item.entry {
             row.device_id = Arc::from("quiet");
@@ -885,6 +885,11 @@ mod tests {
         tx.blocking_send(item(&busy, 5, 1)).unwrap();
         assert_eq!(answers_within(&busy), [Answer::Ack(5, 1)]);
         assert_eq!(*committed.lock().unwrap(), [vec![0, 1]]);
+        // The writer counts what it holds after it answered.
+        let until = Instant::now() + Duration::from_secs(30);
+        while control.holding() != 1 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert_eq!(control.holding(), 1);
         assert!(drain(&quiet).is_empty());
         stop.send(true).unwrap();
@@ -900,7 +905,7 @@ mod tests {
     fn a_flush_request_and_the_shutdown_close_a_lingering_batch() {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let (tx, control, committed, stop, w) = lingering(&rt);
-        let sink = Arc::new(AckSink::new(1));
+        let sink = Arc::new(Mailbox::new(1));
         tx.blocking_send(item(&sink, 1, 0)).unwrap();
         std::thread::sleep(Duration::from_millis(200));
         assert!(drain(&sink).is_empty(), "acked before its linger");
@@ -955,7 +960,7 @@ mod tests {
             committed: committed.clone(),
         };
         let (tx, rx) = mpsc::channel(100);
-        let sink = Arc::new(AckSink::new(1));
+        let sink = Arc::new(Mailbox::new(1));
         for seq in 0..6 {
             tx.try_send(item(&sink, 7, seq)).unwrap();
         }
@@ -991,7 +996,7 @@ mod tests {
             fail: 2,
         };
         let (tx, rx) = mpsc::channel(100);
-        let sink = Arc::new(AckSink::new(1));
+        let sink = Arc::new(Mailbox::new(1));
         // Queue everything first so it forms one batch of 3 (max 3).
         for seq in 0..5 {
             tx.try_send(item(&sink, 7, seq)).unwrap();
@@ -1071,7 +1076,7 @@ mod tests {
         w.join();
     }
 
-    fn refused_frame(sink: &Arc<AckSink>, epoch: u64, seq: u64) -> Item {
+    fn refused_frame(sink: &Arc<Mailbox>, epoch: u64, seq: u64) -> Item {
         let error = FrameError {
             reason: RejectReason::OutOfRange,
             detail: "power_factor out of range".into(),
@@ -1088,7 +1093,7 @@ mod tests {
     #[test]
     fn quarantine_rows_commit_with_the_readings_and_are_answered_first() {
         let state = Arc::new(Mutex::new(FakeState::default()));
-        let sink = Arc::new(AckSink::new(1));
+        let sink = Arc::new(Mailbox::new(1));
         let items = vec![
             item(&sink, 7, 1),
             refused_frame(&sink, 7, 2),
@@ -1114,7 +1119,7 @@ mod tests {
     #[test]
     fn a_row_the_store_refuses_is_isolated_and_quarantined() {
         let state = Arc::new(Mutex::new(FakeState::default()));
-        let sink = Arc::new(AckSink::new(1));
+        let sink = Arc::new(Mailbox::new(1));
         let items = (0..10)
             .map(|seq| {
                 let mut it = item(&sink, 7, seq);
@@ -1154,7 +1159,7 @@ mod tests {
             outages: 3,
             ..Default::default()
         }));
-        let sink = Arc::new(AckSink::new(1));
+        let sink = Arc::new(Mailbox::new(1));
         run_writer(&state, (0..5).map(|s| item(&sink, 2, s)).collect(), 100);
         let f = state.lock().unwrap();
         assert_eq!((f.writes, f.rows.len()), (4, 5));
@@ -1172,8 +1177,8 @@ mod tests {
             refuse_quarantine: true,
             ..Default::default()
         }));
-        let a = Arc::new(AckSink::new(1));
-        let b = Arc::new(AckSink::new(2));
+        let a = Arc::new(Mailbox::new(1));
+        let b = Arc::new(Mailbox::new(2));
         let mut bad = item(&a, 7, 1);
         if let Entry::Reading(r) = &mut bad.entry {
             r.reading.power_w = Some(1234.5);

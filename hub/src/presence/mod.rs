@@ -70,8 +70,10 @@ struct Local {
 
 #[derive(Default)]
 struct Pending {
-    /// The live connections by device.
-    conns: HashMap<Arc<str>, Local>,
+    /// The live connections by device. Boxed: the map is sized for up to
+    /// twice its entries, and an empty slot then costs a pointer rather
+    /// than a whole entry (~130 bytes per device connection saved).
+    conns: HashMap<Arc<str>, Box<Local>>,
     /// Connects not written yet: connection id and time, the latest per
     /// device.
     connects: HashMap<Arc<str>, (u64, i64)>,
@@ -95,7 +97,7 @@ impl Pending {
                 self.dirty.push(key.clone());
             }
         }
-        self.conns.get_mut(device_id)
+        self.conns.get_mut(device_id).map(|l| &mut **l)
     }
 }
 
@@ -148,7 +150,7 @@ impl Presence {
         let mut p = lock(&self.inner);
         p.conns.insert(
             device_id.clone(),
-            Local {
+            Box::new(Local {
                 conn_id,
                 since_ms: now_ms,
                 generation: None,
@@ -156,7 +158,7 @@ impl Presence {
                 last_seen_ms: now_ms,
                 status: None,
                 last: BTreeMap::new(),
-            },
+            }),
         );
         // The connect overwrites the row: an older disconnect need not be
         // written first.
@@ -375,7 +377,10 @@ impl Presence {
 /// The live connections whose written generation is older than a newer
 /// connect of the same device in `changes`. A connection whose connect is
 /// not written yet is left alone: its own connect will be the newest.
-fn taken_over(conns: &HashMap<Arc<str>, Local>, changes: &[(String, i64)]) -> Vec<(Arc<str>, u64)> {
+fn taken_over(
+    conns: &HashMap<Arc<str>, Box<Local>>,
+    changes: &[(String, i64)],
+) -> Vec<(Arc<str>, u64)> {
     changes
         .iter()
         .filter_map(|(id, generation)| {

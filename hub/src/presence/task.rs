@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Presence;
-use crate::fanout::registry::Kick;
+use crate::mailbox::Kick;
 use crate::shutdown::shutting_down;
 use crate::state::{Shared, StoreHandle};
 use crate::store::presence::PresenceSync;

@@ -17,7 +17,7 @@ use super::{
     body, changed, check_admin, device_id, name, new_token, store, Answer, ApiError, RawAnswer,
 };
 use crate::auth::token::{self, TokenKind};
-use crate::fanout::registry::Kick;
+use crate::mailbox::Kick;
 use crate::state::Shared;
 use crate::store::ViewerScope;
 

@@ -1,0 +1,299 @@
+//! The mailbox of one live device connection: everything the rest of the
+//! hub tells the connection's session arrives here, and the session takes
+//! it out in one wait.
+//!
+//! - The store writer pushes what it committed: acks for stored readings,
+//!   `rejected` for quarantined ones, and, when it gave up on a reading,
+//!   that the connection must close ([`Answer`]).
+//! - The registry asks the connection to close ([`Kick`]): replaced by a
+//!   newer connection, token revoked, takeover loop.
+//! - The hub's shutdown, and the heartbeat's tick ([`Mailbox::tick`]).
+//!
+//! One mailbox instead of a channel, a timer and a shutdown watch per
+//! connection: an idle connection's task waits on one future, and the
+//! mailbox allocates nothing until an answer is queued. Idle device
+//! connections are the hub's memory budget
+//! (docs/decisions/hub-idle-connection-memory.md).
+
+use std::collections::VecDeque;
+
+/// What the writer has to tell a device about its readings, after the
+/// commit that decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Cumulative ack: `(epoch, seq)` and every earlier reading of `epoch`
+    /// on this connection are stored (or quarantined and answered before).
+    Ack(u64, u64),
+    /// `(epoch, seq)` is in quarantine: answer `rejected` with `reason`
+    /// (`"code: detail"`).
+    Rejected(u64, u64, Box<str>),
+    /// A reading of this connection was neither stored nor quarantined:
+    /// no ack may follow (it would cover the reading), so the session
+    /// closes the connection and the edge sends everything unacked again.
+    /// The last answer a mailbox gives.
+    Abandoned,
+}
+
+/// Why the hub asks a device connection to close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kick {
+    /// A newer connection of the same device took over (close code 4000).
+    Replaced,
+    /// The device's token was revoked or rotated (close code 4001).
+    Revoked,
+    /// The device id is in a takeover loop (close code 4002).
+    Conflict,
+}
+
+impl Kick {
+    /// The WebSocket close code and reason for this kick.
+    pub fn close(self) -> (u16, &'static str) {
+        match self {
+            Kick::Replaced => (ems_shared::CLOSE_REPLACED, "replaced"),
+            Kick::Revoked => (ems_shared::CLOSE_REVOKED, "token revoked"),
+            Kick::Conflict => (ems_shared::CLOSE_CONFLICT, "conflict"),
+        }
+    }
+}
+
+/// One piece of mail, in the order the session must see them: a kick
+/// before the shutdown, both before answers, answers before the heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mail {
+    /// Close the connection with this kick's code.
+    Kick(Kick),
+    /// The hub is shutting down (sticky: every later wait returns it too).
+    ShuttingDown,
+    /// The writer's next answer.
+    Answer(Answer),
+    /// One heartbeat period has passed.
+    Tick,
+}
+
+/// The mailbox of one device connection.
+///
+/// The writer, the registry, the shutdown and the heartbeat push; the
+/// connection's session waits in [`Mailbox::next`]. `notify_one` keeps a
+/// wake-up for a session that is not waiting yet, so none is lost.
+#[derive(Debug)]
+pub struct Mailbox {
+    /// Connection id, to group a batch's acks by connection.
+    pub conn_id: u64,
+    /// Answers in commit order, and the flags.
+    /// Unbounded, but bounded in practice by the writer queue (one ack per
+    /// batch and epoch, one `rejected` per quarantined reading).
+    inner: std::sync::Mutex<Inner>,
+    ready: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    queue: VecDeque<Answer>,
+    abandoned: bool,
+    /// The first kick, until the session takes it.
+    kick: Option<Kick>,
+    shutting_down: bool,
+    /// A heartbeat tick not taken yet (ticks do not add up).
+    tick: bool,
+}
+
+impl Mailbox {
+    /// An empty mailbox for connection `conn_id`.
+    pub fn new(conn_id: u64) -> Self {
+        Mailbox {
+            conn_id,
+            inner: std::sync::Mutex::new(Inner::default()),
+            ready: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Queues an ack (the writer, after the commit). Ignored once the
+    /// connection was abandoned.
+    pub fn push(&self, (epoch, seq): (u64, u64)) {
+        self.queue(Answer::Ack(epoch, seq));
+    }
+
+    /// Queues a `rejected` answer for a reading committed to quarantine.
+    /// Ignored once the connection was abandoned.
+    pub fn push_rejected(&self, epoch: u64, seq: u64, reason: &str) {
+        self.queue(Answer::Rejected(epoch, seq, reason.into()));
+    }
+
+    /// A reading of this connection was neither stored nor quarantined:
+    /// nothing more is queued for it, [`Answer::Abandoned`] is its last
+    /// answer.
+    pub fn abandon(&self) {
+        let mut inner = self.lock();
+        if !inner.abandoned {
+            inner.abandoned = true;
+            inner.queue.push_back(Answer::Abandoned);
+            drop(inner);
+            self.ready.notify_one();
+        }
+    }
+
+    /// Whether the connection was abandoned.
+    pub fn is_abandoned(&self) -> bool {
+        self.lock().abandoned
+    }
+
+    /// Asks the connection to close for `reason`. Only the first kick
+    /// counts: returns whether this one did.
+    pub fn kick(&self, reason: Kick) -> bool {
+        let mut inner = self.lock();
+        if inner.kick.is_some() {
+            return false;
+        }
+        inner.kick = Some(reason);
+        drop(inner);
+        self.ready.notify_one();
+        true
+    }
+
+    /// Tells the connection that the hub is shutting down.
+    pub fn shut_down(&self) {
+        self.lock().shutting_down = true;
+        self.ready.notify_one();
+    }
+
+    /// A heartbeat period has passed for this connection.
+    pub fn tick(&self) {
+        self.lock().tick = true;
+        self.ready.notify_one();
+    }
+
+    fn queue(&self, answer: Answer) {
+        let mut inner = self.lock();
+        if inner.abandoned {
+            return;
+        }
+        inner.queue.push_back(answer);
+        drop(inner);
+        self.ready.notify_one();
+    }
+
+    /// The oldest queued answer, if any.
+    pub fn try_pop(&self) -> Option<Answer> {
+        self.lock().queue.pop_front()
+    }
+
+    /// Waits for the next answer, whatever else arrives meanwhile.
+    /// Cancel-safe: an answer is only taken in the poll that returns it.
+    pub async fn pop(&self) -> Answer {
+        loop {
+            if let Some(a) = self.try_pop() {
+                return a;
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// The next piece of mail, if any.
+    pub fn try_next(&self) -> Option<Mail> {
+        let mut inner = self.lock();
+        if let Some(k) = inner.kick.take() {
+            return Some(Mail::Kick(k));
+        }
+        if inner.shutting_down {
+            return Some(Mail::ShuttingDown);
+        }
+        if let Some(a) = inner.queue.pop_front() {
+            return Some(Mail::Answer(a));
+        }
+        std::mem::take(&mut inner.tick).then_some(Mail::Tick)
+    }
+
+    /// Waits for the next piece of mail. Cancel-safe: mail is only taken
+    /// in the poll that returns it.
+    pub async fn next(&self) -> Mail {
+        loop {
+            if let Some(m) = self.try_next() {
+                return m;
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A push or pop cannot leave the mailbox inconsistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn acks_come_out_in_commit_order_and_no_wake_up_is_lost() {
+        let sink = Mailbox::new(7);
+        assert_eq!(sink.try_pop(), None);
+        // Pushed before anyone waits: the wake-up is kept for the next pop.
+        sink.push((1, 5));
+        sink.push((2, 0));
+        assert_eq!(sink.pop().await, Answer::Ack(1, 5));
+        assert_eq!(sink.try_pop(), Some(Answer::Ack(2, 0)));
+        assert_eq!(sink.try_pop(), None);
+        // Pushed while a pop waits.
+        let sink = std::sync::Arc::new(sink);
+        let waiter = tokio::spawn({
+            let sink = sink.clone();
+            async move { sink.pop().await }
+        });
+        tokio::task::yield_now().await;
+        sink.push((3, 9));
+        assert_eq!(waiter.await.unwrap(), Answer::Ack(3, 9));
+    }
+
+    #[tokio::test]
+    async fn nothing_follows_an_abandoned_connection() {
+        let sink = Mailbox::new(1);
+        sink.push_rejected(4, 2, "out_of_range: x");
+        sink.push((4, 1));
+        sink.abandon();
+        sink.abandon();
+        sink.push((4, 9));
+        sink.push_rejected(4, 10, "out_of_range: y");
+        assert!(sink.is_abandoned());
+        assert_eq!(
+            sink.try_pop(),
+            Some(Answer::Rejected(4, 2, "out_of_range: x".into()))
+        );
+        assert_eq!(sink.try_pop(), Some(Answer::Ack(4, 1)));
+        assert_eq!(sink.pop().await, Answer::Abandoned);
+        assert_eq!(sink.try_pop(), None);
+    }
+
+    #[tokio::test]
+    async fn a_kick_comes_first_and_only_once_then_the_shutdown_then_answers_then_the_tick() {
+        let mb = Mailbox::new(3);
+        assert_eq!(mb.try_next(), None);
+        mb.tick();
+        mb.tick();
+        mb.push((1, 1));
+        assert_eq!(mb.try_next(), Some(Mail::Answer(Answer::Ack(1, 1))));
+        assert_eq!(mb.next().await, Mail::Tick, "ticks do not add up");
+        assert_eq!(mb.try_next(), None);
+        mb.push((1, 2));
+        mb.shut_down();
+        assert!(mb.kick(Kick::Revoked));
+        assert!(!mb.kick(Kick::Replaced), "the first kick counts");
+        assert_eq!(mb.next().await, Mail::Kick(Kick::Revoked));
+        assert_eq!(mb.try_next(), Some(Mail::ShuttingDown));
+        assert_eq!(mb.try_next(), Some(Mail::ShuttingDown), "sticky");
+        // At shutdown the session still takes its answers.
+        assert_eq!(mb.pop().await, Answer::Ack(1, 2));
+    }
+
+    #[tokio::test]
+    async fn a_kick_wakes_a_waiting_session() {
+        let mb = std::sync::Arc::new(Mailbox::new(1));
+        let waiter = tokio::spawn({
+            let mb = mb.clone();
+            async move { mb.next().await }
+        });
+        tokio::task::yield_now().await;
+        mb.kick(Kick::Conflict);
+        assert_eq!(waiter.await.unwrap(), Mail::Kick(Kick::Conflict));
+    }
+}
