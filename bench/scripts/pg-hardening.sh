@@ -6,7 +6,8 @@
 # cluster (fsync on, default settings) is created and removed.
 # Usage: bench/scripts/pg-hardening.sh OUTDIR   (as root; BIN=target/release;
 # LISTING_ONLY=1 for the listing measurements alone; ACK_AB=1 for S1's acks
-# with and without the listing in alternating windows of one run)
+# with and without the listing in alternating windows of one run; S1_S4=1
+# for the scenarios' S1 and S4 alone, as scenarios.sh runs them on SQLite)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:?usage: pg-hardening.sh OUTDIR}
@@ -16,7 +17,8 @@ HUB_CPU=${HUB_CPU:-0}
 GEN_CPU=${GEN_CPU:-1}
 HPORT=${HPORT:-18080}
 PGPORT=${PGPORT:-15432}
-DEVICES=${DEVICES:-10000}
+# S4 idles 15,000 devices; everything else uses 10,000.
+if [[ "${S1_S4:-0}" == 1 ]]; then DEVICES=${DEVICES:-15000}; else DEVICES=${DEVICES:-10000}; fi
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/ems-pgbench.XXXXXX)
 chown postgres: "$WORK"
@@ -113,6 +115,23 @@ print(f"    listing {n} times: min {t[0]:.1f} ms, p50 {t[n // 2]:.1f} ms, p90 {t
   python3 -c 'import json,sys; print("    devices in the last answer:", len(json.load(open(sys.argv[1]))["devices"]))' "$WORK/list.json" \
     | tee -a "$OUT/summary.txt"
 }
+
+# S1_S4=1: the scenarios' S1 (10,000 devices x 1 Hz, the hub's and
+# PostgreSQL's CPU apart) and S4 (15,000 idle device connections), each on
+# a freshly started hub.
+if [[ "${S1_S4:-0}" == 1 ]]; then
+  start_hub
+  pg0=$(pg_cpu)
+  gen s1-pg --devices 10000 --rate 1 --duration 30 --drain 20 --connect-concurrency 256
+  pg1=$(pg_cpu)
+  log "s1-pg: PostgreSQL CPU $(python3 -c "print(f'{$pg1 - $pg0:.2f}')") s over the run (incl. connect phase), $(python3 -c "print(f'{($pg1 - $pg0) / (10000 * 30) * 1e6:.1f}')") us per reading sent"
+  stop_hub
+  start_hub
+  gen s4-idle-pg --devices 15000 --rate 0 --duration 10 --connect-concurrency 256
+  stop_hub
+  log "done"
+  exit 0
+fi
 
 start_hub
 log "idle hub: all-devices listing"

@@ -208,6 +208,12 @@ enum Event {
     Message(Option<Result<Message, WsError>>),
 }
 
+/// How an event is handled: at once, or by I/O the loop awaits.
+enum Handling<'a> {
+    Done(Result<(), End>),
+    Io(std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), End>> + Send + 'a>>),
+}
+
 /// A registered device connection.
 struct Session<'a> {
     /// The device's socket.
@@ -243,29 +249,37 @@ impl Session<'_> {
                 _ = self.backlog.due(), if self.backlog.pending() => Event::BacklogDue,
                 msg = self.ws.next() => Event::Message(msg),
             };
-            // Boxed, with the event moved in: neither the handling nor the
-            // event is part of every session's task while it waits.
-            if let Err(end) = Box::pin(self.on_event(event)).await {
+            let done = match self.on_event(event) {
+                Handling::Done(r) => r,
+                Handling::Io(io) => io.await,
+            };
+            if let Err(end) = done {
                 return end;
             }
         }
     }
 
-    /// One event of the session loop.
-    async fn on_event(&mut self, event: Event) -> Result<(), End> {
+    /// One event of the session loop: done at once, or the I/O it needs.
+    ///
+    /// Not an `async fn`: the event is moved into the returned future, and
+    /// each kind of I/O gets a box of its own size, so neither the event
+    /// nor the largest handling is part of every session's task while it
+    /// waits, and an ack's box stays small enough for the allocator's
+    /// per-thread cache.
+    fn on_event(&mut self, event: Event) -> Handling<'_> {
         match event {
-            Event::Mail(Mail::Kick(kick)) => Err(self.kicked(kick)),
-            Event::Mail(Mail::ShuttingDown) => {
+            Event::Mail(Mail::Kick(kick)) => Handling::Done(Err(self.kicked(kick))),
+            Event::Mail(Mail::ShuttingDown) => Handling::Io(Box::pin(async {
                 self.flush_acks_at_shutdown().await;
                 Err(End::Close(CloseCode::Away, "hub shutting down"))
-            }
-            Event::Mail(Mail::Answer(answer)) => self.write_acks(answer).await,
-            Event::Mail(Mail::Tick) => self.heartbeat().await,
+            })),
+            Event::Mail(Mail::Answer(answer)) => Handling::Io(Box::pin(self.write_acks(answer))),
+            Event::Mail(Mail::Tick) => Handling::Io(Box::pin(self.heartbeat())),
             Event::BacklogDue => {
                 self.publish_backlog();
-                Ok(())
+                Handling::Done(Ok(()))
             }
-            Event::Message(msg) => self.on_message(msg).await,
+            Event::Message(msg) => Handling::Io(Box::pin(self.on_message(msg))),
         }
     }
 
