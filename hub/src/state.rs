@@ -22,12 +22,6 @@ use crate::presence::Presence;
 use crate::quota::Quotas;
 pub(crate) use crate::store::handle::{CallError, Opener, StoreHandle};
 
-/// Devices a whole-fleet pass (the device lists, the presence flush)
-/// handles per hold of a map lock that every reading also takes. Between
-/// holds the lock is free for ingest: at 10,000 devices one hold for the
-/// whole fleet kept every device session waiting for milliseconds.
-pub(crate) const LOCK_CHUNK: usize = 128;
-
 /// State shared by every connection.
 pub(crate) struct Shared {
     /// The validated configuration.

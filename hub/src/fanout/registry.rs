@@ -41,9 +41,9 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::topic::Topic;
 use crate::config::TakeoverPolicy;
+use crate::config::LOCK_CHUNK;
 use crate::mailbox::{Kick, Mailbox};
 use crate::mqtt::MqttHandle;
-use crate::state::LOCK_CHUNK;
 use crate::store::TokenHash;
 
 struct DeviceSlot {

@@ -12,32 +12,37 @@
 //! tenth of a second), or at once when a run grows [`URGENT`] (a draining
 //! backlog).
 //!
-//! Pure bookkeeping, no I/O: the writer thread feeds it and asks it which
-//! runs to commit.
+//! Pure bookkeeping, no I/O, over any item that names its device
+//! ([`Held`]): the writer thread feeds it its queue's items and asks it
+//! which runs to commit.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use super::writer::{Entry, Item};
 
 /// A run this long is a device sending faster than it is answered (an
 /// edge draining its backlog): the writer commits at once rather than at
 /// its commit cadence.
 pub const URGENT: usize = 64;
 
+/// An item held in a run: it belongs to one device.
+pub trait Held {
+    /// The device whose run the item joins.
+    fn device(&self) -> &Arc<str>;
+}
+
 /// One device's items, oldest first, and when the first of them was taken.
 #[derive(Debug)]
-struct Run {
+struct Run<T> {
     device: Arc<str>,
     since: Instant,
-    items: Vec<Item>,
+    items: Vec<T>,
 }
 
 /// The runs the writer holds.
-#[derive(Debug, Default)]
-pub struct Runs {
-    by_device: HashMap<Arc<str>, Run>,
+#[derive(Debug)]
+pub struct Runs<T> {
+    by_device: HashMap<Arc<str>, Run<T>>,
     /// Devices in the order their run began. An entry whose run was taken
     /// early (full, or a flush) no longer matches its run's `since` and is
     /// skipped.
@@ -61,13 +66,17 @@ pub enum Pick {
     All,
 }
 
-impl Runs {
+impl<T: Held> Runs<T> {
     /// No runs; a run is due once it holds `run_len` items (1 to
     /// [`URGENT`]).
     pub fn new(run_len: usize) -> Self {
         Runs {
+            by_device: HashMap::new(),
+            order: VecDeque::new(),
+            full: Vec::new(),
+            items: 0,
+            urgent: false,
             run_len: run_len.clamp(1, URGENT),
-            ..Runs::default()
         }
     }
 
@@ -87,12 +96,9 @@ impl Runs {
     }
 
     /// Adds `item`, taken from the queue at `now`, to its device's run.
-    pub fn take(&mut self, item: Item, now: Instant) {
+    pub fn take(&mut self, item: T, now: Instant) {
         self.items += 1;
-        let device = match &item.entry {
-            Entry::Reading(row) => &row.device_id,
-            Entry::Quarantine(q) => &q.device_id,
-        };
+        let device = item.device();
         if let Some(run) = self.by_device.get_mut(&**device) {
             run.items.push(item);
             if run.items.len() == self.run_len {
@@ -119,7 +125,7 @@ impl Runs {
     /// Hands the runs that `pick` selects at `now` to `out`, each in
     /// arrival order, `max` items at most: a run longer than what is left
     /// is split, its rest stays first in line.
-    pub fn pick(&mut self, pick: Pick, now: Instant, max: usize, mut out: impl FnMut(Item)) {
+    pub fn pick(&mut self, pick: Pick, now: Instant, max: usize, mut out: impl FnMut(T)) {
         let mut left = max;
         let full = std::mem::take(&mut self.full);
         for device in full {
@@ -161,7 +167,7 @@ impl Runs {
         device: &str,
         since: Option<Instant>,
         left: &mut usize,
-        out: &mut impl FnMut(Item),
+        out: &mut impl FnMut(T),
     ) -> bool {
         let Some(run) = self.by_device.get_mut(device) else {
             return true;
@@ -190,34 +196,23 @@ impl Runs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mailbox::Mailbox;
-    use crate::store::Row;
-    use ems_shared::Reading;
 
-    fn item(device: &str, seq: u64) -> Item {
-        Item {
-            entry: Entry::Reading(Row {
-                device_id: Arc::from(device),
-                received_at_ms: 0,
-                reading: Reading {
-                    epoch: 1,
-                    seq,
-                    meter: "m".into(),
-                    power_w: Some(1.0),
-                    ..Default::default()
-                },
-            }),
-            ack: Arc::new(Mailbox::new(0)),
+    /// A device's reading by its seq.
+    struct Item(Arc<str>, u64);
+
+    impl Held for Item {
+        fn device(&self) -> &Arc<str> {
+            &self.0
         }
     }
 
-    fn picked(runs: &mut Runs, pick: Pick, now: Instant, max: usize) -> Vec<(String, u64)> {
+    fn item(device: &str, seq: u64) -> Item {
+        Item(Arc::from(device), seq)
+    }
+
+    fn picked(runs: &mut Runs<Item>, pick: Pick, now: Instant, max: usize) -> Vec<(String, u64)> {
         let mut out = Vec::new();
-        runs.pick(pick, now, max, |i| {
-            if let Entry::Reading(r) = i.entry {
-                out.push((r.device_id.to_string(), r.reading.seq));
-            }
-        });
+        runs.pick(pick, now, max, |i| out.push((i.0.to_string(), i.1)));
         out
     }
 

@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 
-use super::runs::{Pick, Runs};
+use super::runs::{Held, Pick, Runs};
 use crate::mailbox::Mailbox;
 use crate::metrics::Metrics;
 use crate::shutdown::shutting_down;
@@ -72,6 +72,15 @@ pub struct Item {
     pub entry: Entry,
     /// Who to answer.
     pub ack: Arc<Mailbox>,
+}
+
+impl Held for Item {
+    fn device(&self) -> &Arc<str> {
+        match &self.entry {
+            Entry::Reading(row) => &row.device_id,
+            Entry::Quarantine(q) => &q.device_id,
+        }
+    }
 }
 
 /// Batching parameters.

@@ -32,7 +32,7 @@ use std::time::Duration;
 use ems_shared::{EdgeStatus, Reading};
 use tokio::sync::Notify;
 
-use crate::state::LOCK_CHUNK;
+use crate::config::LOCK_CHUNK;
 use crate::store::presence::{
     Connect, Disconnect, LastReading, PresenceSync, StateUpdate, StatusSummary, SyncAnswer,
 };

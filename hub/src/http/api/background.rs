@@ -3,7 +3,7 @@
 //! merging it with the stored state, the JSON text: milliseconds at
 //! 10,000 devices) and the CSV encoding of export pages. Work here takes
 //! a lock that ingest also takes only for a short hold at a time
-//! ([`crate::state::LOCK_CHUNK`] devices): a holder preempted in favour
+//! ([`crate::config::LOCK_CHUNK`] devices): a holder preempted in favour
 //! of ingest stalls ingest behind it, so a hold must not span the whole
 //! fleet.
 //!
