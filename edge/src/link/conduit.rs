@@ -22,16 +22,25 @@
 //! - Lock order: the conduit, then the outbox; neither is held across a
 //!   wait (the socket is non-blocking).
 
+use std::io;
 use std::sync::{Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use tungstenite::Message;
 
 use super::connect::Socket;
-use super::session::{would_block, SessionEnd, SEND_BATCH};
+use super::end::SessionEnd;
 use crate::backoff::Pacer;
 use crate::config::LinkConfig;
 use crate::outbox::SharedOutbox;
+
+/// Readings taken from the outbox per send.
+pub(super) const SEND_BATCH: usize = 64;
+
+/// The socket would block (nothing to read now, or no room to write).
+pub(super) fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
 
 /// The link's socket side, shared by the link thread and the sampler (see
 /// the module docs).

@@ -19,6 +19,7 @@
 //!   [`crate::wake`]).
 //! - [`conduit`]: the socket side shared with the sampler, and the one
 //!   send routine both threads run.
+//! - `end`: how a CONNECTED period ends ([`SessionEnd`]).
 //! - This module: the RETRYING/CONNECTED loop and how long to back off
 //!   after each way a connection can end. Close code 4000 (another
 //!   connection with this device id replaced us: a cloned SD card), 4001
@@ -30,6 +31,7 @@
 
 pub mod conduit;
 pub mod connect;
+mod end;
 pub mod session;
 
 use std::sync::Arc;
@@ -43,7 +45,8 @@ use crate::shutdown::Shutdown;
 
 pub use conduit::Conduit;
 pub use connect::{connect, resolve, tls_config, ConnectError, Socket, Target, TlsError};
-pub use session::{Session, SessionEnd, ACK_WAIT, BEAT_EVERY};
+pub use end::SessionEnd;
+pub use session::{Session, ACK_WAIT, BEAT_EVERY};
 
 /// The RETRYING/CONNECTED loop.
 pub struct Link {

@@ -37,7 +37,6 @@
 //!   the last readings in the spool, resent (as duplicates the hub ignores)
 //!   on the next start. It then waits briefly for the close reply.
 
-use std::io;
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
@@ -47,16 +46,15 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::Message;
 
-use super::conduit::{Conduit, LinkIo, Sender};
+use super::conduit::{would_block, Conduit, LinkIo, Sender, SEND_BATCH};
 use super::connect::Socket;
+use super::end::SessionEnd;
 use crate::config::LinkConfig;
 use crate::health::Health;
 use crate::outbox::SharedOutbox;
 use crate::shutdown::Shutdown;
 use crate::wake::{self, Wake};
 
-/// Readings taken from the outbox per loop iteration.
-pub(super) const SEND_BATCH: usize = 64;
 /// How long to wait on shutdown for the acks of readings in flight, before
 /// the close (part of the 5 s SIGTERM budget).
 pub const ACK_WAIT: Duration = Duration::from_millis(1000);
@@ -64,22 +62,6 @@ pub const ACK_WAIT: Duration = Duration::from_millis(1000);
 const CLOSE_WAIT: Duration = Duration::from_millis(1000);
 /// The loop beats the watchdog at least this often while it sleeps.
 pub const BEAT_EVERY: Duration = Duration::from_secs(5);
-
-/// How a CONNECTED period ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SessionEnd {
-    /// We closed with 1001 because of shutdown.
-    Shutdown,
-    /// Close code 4000: another connection with our device id took over.
-    Replaced,
-    /// Close code 4001: the token was revoked or rotated.
-    Revoked,
-    /// Close code 4002: the hub refuses this device id for a cool-down
-    /// (it kept replacing its own connections).
-    Conflict,
-    /// The hub closed (code, if any) or the socket failed.
-    Lost(String),
-}
 
 /// The timers of the stream loop, pure: when it must wake up even if
 /// nothing arrives.
@@ -497,11 +479,6 @@ impl<'a> Session<'a> {
     }
 }
 
-/// The socket would block (nothing to read now, or no room to write).
-pub(super) fn would_block(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::WouldBlock
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -551,7 +528,7 @@ mod tests {
                     Err(tungstenite::Error::Io(e))
                         if matches!(
                             e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                         ) => {}
                     Err(_) => return,
                 }
