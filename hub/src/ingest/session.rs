@@ -11,7 +11,7 @@
 //! answered at once (nothing stored), any other goes through the same
 //! writer queue to the quarantine, within the device's quarantine budget.
 //! Answers — acks, and `rejected` for quarantined frames — come back from
-//! the writer after the commit, through the connection's [`AckSink`], and
+//! the writer after the commit, through the connection's [`Mailbox`], and
 //! are written here; when the writer abandoned a reading of this
 //! connection, the session closes it with 1011 instead (the edge sends
 //! everything unacked again). The heartbeat's tick pings a silent device
@@ -87,10 +87,9 @@ pub(crate) fn run<G: Send + 'static>(
     // An `async move` block rather than an `async fn`: the latter keeps a
     // second copy of its arguments in every session's task.
     async move {
-        // The fields are used in place: destructured, the guard would be
-        // kept twice in the task.
         // Boxed: the upgrade's future is larger than the session loop's
-        // and would size every task for it.
+        // and would size every task for it. `upgrade`'s fields are used in
+        // place: destructured, the guard would be kept twice in the task.
         let Some(mut ws) =
             Box::pin(ws::upgrade(upgrade.on_upgrade, "device", &device_id, peer)).await
         else {
