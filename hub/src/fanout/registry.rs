@@ -40,8 +40,7 @@ use ems_shared::EdgeStatus;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::topic::Topic;
-use crate::config::TakeoverPolicy;
-use crate::config::LOCK_CHUNK;
+use crate::config::{TakeoverPolicy, LOCK_CHUNK};
 use crate::mailbox::{Kick, Mailbox};
 use crate::mqtt::MqttHandle;
 use crate::store::TokenHash;
