@@ -106,11 +106,6 @@ pub(crate) async fn send_within(ws: &mut Ws, msg: Message, limit: Duration) -> R
     within(limit, ws.send(msg)).await
 }
 
-/// Writes out what was queued with `feed`, giving up after `limit`.
-pub(crate) async fn flush_within(ws: &mut Ws, limit: Duration) -> Result<(), WsError> {
-    within(limit, ws.flush()).await
-}
-
 /// `f`, or a `TimedOut` error after `limit`.
 pub(crate) async fn within(
     limit: Duration,

@@ -30,17 +30,18 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use ems_shared::{dashboard_frame, FrameError, HubFrame, RejectReason};
 
 use super::limits::TokenBucket;
+use super::socket::{DeviceSocket, ReadError};
 use super::state::{
     deferred, rejected_frame, suppressed, Ending, Refusal, SessionState, Step, Tick, Verdict,
 };
+use super::wire::Incoming;
 use super::writer::{Entry, Item};
 use crate::auth::cache::Answer as AuthAnswer;
 use crate::fanout::backfill::{is_backlog, Backlog};
@@ -50,7 +51,7 @@ use crate::mailbox::{Answer, Kick, Mail, Mailbox};
 use crate::metrics::Role;
 use crate::state::Shared;
 use crate::store::{QuarantineRow, Row, TokenHash};
-use crate::ws::{self, End, Ws};
+use crate::ws::End;
 
 /// Most answers written with one flush.
 const ACKS_PER_WRITE: u64 = 64;
@@ -91,7 +92,7 @@ pub(crate) fn run<G: Send + 'static>(
         // and would size every task for it. `upgrade`'s fields are used in
         // place: destructured, the guard would be kept twice in the task.
         let Some(mut ws) =
-            Box::pin(ws::upgrade(upgrade.on_upgrade, "device", &device_id, peer)).await
+            Box::pin(DeviceSocket::upgrade(upgrade.on_upgrade, &device_id, peer)).await
         else {
             return;
         };
@@ -101,8 +102,7 @@ pub(crate) fn run<G: Send + 'static>(
             topic,
         }) = register(&shared, &device_id, peer, token)
         else {
-            let conflict = CloseCode::from(ems_shared::CLOSE_CONFLICT);
-            Box::pin(ws::close(&mut ws, conflict, "conflict")).await;
+            Box::pin(ws.close(ems_shared::CLOSE_CONFLICT, "conflict")).await;
             return;
         };
         // The token was checked before this connection was registered; a
@@ -111,8 +111,7 @@ pub(crate) fn run<G: Send + 'static>(
         if let Some(hash) = &token {
             if shared.auth.device_now(&device_id, hash) == AuthAnswer::No {
                 shared.registry.disconnect_device(&device_id, conn_id);
-                let revoked = CloseCode::from(ems_shared::CLOSE_REVOKED);
-                Box::pin(ws::close(&mut ws, revoked, "token revoked")).await;
+                Box::pin(ws.close(ems_shared::CLOSE_REVOKED, "token revoked")).await;
                 return;
             }
         }
@@ -148,8 +147,13 @@ pub(crate) fn run<G: Send + 'static>(
             .presence
             .disconnected(&device_id, conn_id, crate::store::now_ms());
         shared.metrics.connection(Role::Device, -1);
-        if let End::Close(code, reason) = end {
-            Box::pin(ws::close(&mut ws, code, reason)).await;
+        match end {
+            End::Close(code, reason) => Box::pin(ws.close(code.into(), reason)).await,
+            // The echo of the peer's close, when it started the close.
+            End::Gone if ws.pending() => {
+                let _ = Box::pin(ws.flush(Duration::from_secs(1))).await;
+            }
+            End::Gone => {}
         }
         log::info!("device {device_id} from {peer} disconnected");
         drop(upgrade.guard);
@@ -204,7 +208,7 @@ enum Event {
     /// The backlog summary is due.
     BacklogDue,
     /// A message from the socket (`None`: the socket ended).
-    Message(Option<Result<Message, WsError>>),
+    Message(Option<Result<Incoming, ReadError>>),
 }
 
 /// How an event is handled: at once, or by I/O the loop awaits.
@@ -216,7 +220,7 @@ enum Handling<'a> {
 /// A registered device connection.
 struct Session<'a> {
     /// The device's socket.
-    ws: &'a mut Ws,
+    ws: &'a mut DeviceSocket,
     /// The connection's mailbox: the writer's answers, kicks, the
     /// shutdown, heartbeat ticks.
     mailbox: Arc<Mailbox>,
@@ -287,12 +291,7 @@ impl Session<'_> {
     async fn heartbeat(&mut self) -> Result<(), End> {
         match self.state.tick() {
             Tick::Quiet => Ok(()),
-            Tick::Ping => {
-                let ping = Message::Ping(Bytes::new());
-                ws::send_within(self.ws, ping, self.limit)
-                    .await
-                    .map_err(|_| End::Gone)
-            }
+            Tick::Ping => self.ws.ping(self.limit).await.map_err(|_| End::Gone),
             Tick::Dead(missed) => {
                 self.shared.metrics.heartbeat_death(Role::Device);
                 log::warn!(
@@ -334,22 +333,21 @@ impl Session<'_> {
         let (mut n, mut acks) = (0, 0);
         let mut abandoned = false;
         let mut next = Some(first);
-        let mut r = Ok(());
         while let Some(answer) = next.take() {
             let Some((frame, id)) = answer_frame(&answer) else {
                 abandoned = true;
                 break;
             };
-            r = feed(self.ws, frame, self.limit).await;
+            self.ws.feed_text(&frame);
             last = Some(id);
             n += 1;
             acks += u64::from(matches!(answer, Answer::Ack(..)));
-            if r.is_err() || n >= ACKS_PER_WRITE {
+            if n >= ACKS_PER_WRITE {
                 break;
             }
             next = self.mailbox.try_pop();
         }
-        if n > 0 && (r.is_err() || ws::flush_within(self.ws, self.limit).await.is_err()) {
+        if n > 0 && self.ws.flush(self.limit).await.is_err() {
             return Err(End::Gone);
         }
         if let Some(last) = last {
@@ -372,9 +370,17 @@ impl Session<'_> {
     }
 
     /// One message from the socket.
-    async fn on_message(&mut self, msg: Option<Result<Message, WsError>>) -> Result<(), End> {
+    async fn on_message(&mut self, msg: Option<Result<Incoming, ReadError>>) -> Result<(), End> {
         let now = Instant::now();
-        match self.state.message(msg, now) {
+        let step = self.state.message(msg, now);
+        // A ping's pong, queued by the socket.
+        if matches!(step, Step::Continue | Step::Flush)
+            && self.ws.pending()
+            && self.ws.flush(self.limit).await.is_err()
+        {
+            return Err(End::Gone);
+        }
+        match step {
             Step::Continue => Ok(()),
             Step::Flush => {
                 self.shared.writer.flush();
@@ -394,6 +400,10 @@ impl Session<'_> {
                 log::info!("device {device_id} from {peer}: connection error: {e}");
                 End::Gone
             }
+            Ending::Protocol(what) => {
+                log::info!("device {device_id} from {peer}: {what}, closing (1002)");
+                End::Close(CloseCode::Protocol, "protocol error")
+            }
             Ending::TooBig { size, max_size } => {
                 log::warn!("device {device_id}: message of {size} bytes exceeds {max_size}, closing (1009)");
                 End::Close(CloseCode::Size, "message too big")
@@ -412,7 +422,7 @@ impl Session<'_> {
 
     /// One data frame (`None`: binary), judged by the session state and
     /// then done: fanned out and queued, recorded, quarantined or refused.
-    async fn on_frame(&mut self, frame: Option<Utf8Bytes>, now: Instant) -> Result<(), End> {
+    async fn on_frame(&mut self, frame: Option<String>, now: Instant) -> Result<(), End> {
         let metrics = &self.shared.metrics;
         metrics.frames_received.fetch_add(1, Ordering::Relaxed);
         let rx_ms = crate::store::now_ms();
@@ -523,7 +533,9 @@ impl Session<'_> {
     /// Answers a refusal at once with `rejected`, when it has epoch/seq.
     async fn reply_rejected(&mut self, error: &FrameError) -> Result<(), End> {
         match rejected_frame(error) {
-            Some(reply) => ws::send_within(self.ws, Message::Text(reply.into()), self.limit)
+            Some(reply) => self
+                .ws
+                .send_text(&reply, self.limit)
                 .await
                 .map_err(|_| End::Gone),
             None => Ok(()),
@@ -609,7 +621,7 @@ impl Session<'_> {
                     let Some((frame, id)) = answer_frame(&answer) else {
                         return;
                     };
-                    if send(self.ws, frame, self.limit).await.is_err() {
+                    if self.ws.send_text(&frame, self.limit).await.is_err() {
                         return;
                     }
                     if matches!(answer, Answer::Ack(..)) {
@@ -626,7 +638,7 @@ impl Session<'_> {
             let Some((frame, _)) = answer_frame(&answer) else {
                 break;
             };
-            if send(self.ws, frame, self.limit).await.is_err() {
+            if self.ws.send_text(&frame, self.limit).await.is_err() {
                 break;
             }
             if matches!(answer, Answer::Ack(..)) {
@@ -652,16 +664,4 @@ fn answer_frame(answer: &Answer) -> Option<(String, (u64, u64))> {
         }
         Answer::Abandoned => None,
     }
-}
-
-/// Writes one frame and flushes.
-async fn send(ws: &mut Ws, frame: String, limit: Duration) -> Result<(), WsError> {
-    feed(ws, frame, limit).await?;
-    ws::flush_within(ws, limit).await
-}
-
-/// Queues one frame (written at the next flush, or at once when the
-/// socket's write buffer is full).
-async fn feed(ws: &mut Ws, frame: String, limit: Duration) -> Result<(), WsError> {
-    ws::within(limit, ws.feed(Message::Text(frame.into()))).await
 }

@@ -12,12 +12,11 @@
 use std::time::{Duration, Instant};
 
 use ems_shared::{decode_edge_frame, EdgeFrame, EdgeStatus, FrameError, Reading, RejectReason};
-use tokio_tungstenite::tungstenite::error::CapacityError;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
-
 use std::sync::Arc;
 
 use super::limits::{DeviceLimits, Excess};
+use super::socket::ReadError;
+use super::wire::{Incoming, WireError};
 
 /// The state of one device session.
 pub(crate) struct SessionState {
@@ -54,7 +53,7 @@ pub(crate) enum Step {
     Flush,
     /// A data frame to judge with [`SessionState::frame`]: `Some` text, or
     /// `None` for a binary frame.
-    Frame(Option<Utf8Bytes>),
+    Frame(Option<String>),
     /// The session ends.
     End(Ending),
 }
@@ -65,7 +64,9 @@ pub(crate) enum Ending {
     /// The peer closed the connection.
     Closed,
     /// The socket failed; log it.
-    Failed(WsError),
+    Failed(std::io::Error),
+    /// The peer broke the WebSocket protocol: close with 1002 and log it.
+    Protocol(&'static str),
     /// A message over the size limit: close with 1009.
     TooBig {
         /// Its size in bytes.
@@ -152,7 +153,7 @@ impl SessionState {
 
     /// A message (or the end of the stream, `None`) from the socket at
     /// `now`.
-    pub fn message(&mut self, msg: Option<Result<Message, WsError>>, now: Instant) -> Step {
+    pub fn message(&mut self, msg: Option<Result<Incoming, ReadError>>, now: Instant) -> Step {
         // Any frame proves the peer alive: under backpressure its pong may
         // sit behind readings the hub has not read yet.
         if matches!(msg, Some(Ok(_))) {
@@ -160,16 +161,21 @@ impl SessionState {
             self.heard = true;
         }
         match msg {
-            Some(Ok(Message::Text(text))) => Step::Frame(Some(text)),
-            Some(Ok(Message::Binary(_))) => Step::Frame(None),
-            Some(Ok(Message::Ping(_))) if self.owed_at_shutdown().is_some() => Step::Flush,
-            Some(Ok(Message::Pong(_) | Message::Ping(_) | Message::Frame(_))) => Step::Continue,
-            Some(Ok(Message::Close(_))) | None => Step::End(Ending::Closed),
-            Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
+            Some(Ok(Incoming::Text(text))) => Step::Frame(Some(text)),
+            Some(Ok(Incoming::Binary)) => Step::Frame(None),
+            Some(Ok(Incoming::Ping(_))) if self.owed_at_shutdown().is_some() => Step::Flush,
+            Some(Ok(Incoming::Pong | Incoming::Ping(_))) => Step::Continue,
+            Some(Ok(Incoming::Close(_))) | None => Step::End(Ending::Closed),
+            Some(Err(ReadError::Wire(WireError::TooBig { size, max_size }))) => {
                 Step::End(Ending::TooBig { size, max_size })
             }
-            Some(Err(WsError::Utf8(_))) => Step::End(Ending::BadUtf8(self.limits.warn(now))),
-            Some(Err(e)) => Step::End(Ending::Failed(e)),
+            Some(Err(ReadError::Wire(WireError::Utf8))) => {
+                Step::End(Ending::BadUtf8(self.limits.warn(now)))
+            }
+            Some(Err(ReadError::Wire(WireError::Protocol(what)))) => {
+                Step::End(Ending::Protocol(what))
+            }
+            Some(Err(ReadError::Io(e))) => Step::End(Ending::Failed(e)),
         }
     }
 
@@ -306,7 +312,6 @@ mod tests {
     use super::*;
     use crate::config::RateLimit;
     use crate::ingest::limits::{TokenBucket, WARN_EVERY};
-    use tokio_tungstenite::tungstenite::Bytes;
 
     const RX_MS: i64 = 1_700_000_000_000;
 
@@ -465,13 +470,13 @@ mod tests {
     fn messages_map_to_steps() {
         let t0 = Instant::now();
         let mut s = session(1.0, t0);
-        let text = |t: &str| Some(Ok(Message::Text(t.into())));
-        assert!(matches!(s.message(text("x"), t0), Step::Frame(Some(t)) if t.as_str() == "x"));
-        let binary = Some(Ok(Message::Binary(Bytes::new())));
+        let text = |t: &str| Some(Ok(Incoming::Text(t.into())));
+        assert!(matches!(s.message(text("x"), t0), Step::Frame(Some(t)) if t == "x"));
+        let binary = Some(Ok(Incoming::Binary));
         assert!(matches!(s.message(binary, t0), Step::Frame(None)));
-        let pong = Some(Ok(Message::Pong(Bytes::new())));
+        let pong = Some(Ok(Incoming::Pong));
         assert!(matches!(s.message(pong, t0), Step::Continue));
-        let ping = || Some(Ok(Message::Ping(Bytes::new())));
+        let ping = || Some(Ok(Incoming::Ping(Vec::new())));
         assert!(matches!(s.message(ping(), t0), Step::Continue));
         // A ping with a reading waiting for its ack asks for the ack now;
         // once the ack is written, a ping is only a ping again.
@@ -479,21 +484,21 @@ mod tests {
         assert!(matches!(s.message(ping(), t0), Step::Flush));
         s.acked((1, 7));
         assert!(matches!(s.message(ping(), t0), Step::Continue));
-        let close = Some(Ok(Message::Close(None)));
+        let close = Some(Ok(Incoming::Close(None)));
         assert!(matches!(s.message(close, t0), Step::End(Ending::Closed)));
         assert!(matches!(s.message(None, t0), Step::End(Ending::Closed)));
-        let big = CapacityError::MessageTooLong {
+        let big = WireError::TooBig {
             size: 20_000,
             max_size: 16_384,
         };
         assert!(matches!(
-            s.message(Some(Err(WsError::Capacity(big))), t0),
+            s.message(Some(Err(big.into())), t0),
             Step::End(Ending::TooBig {
                 size: 20_000,
                 max_size: 16_384
             })
         ));
-        let utf8 = || Some(Err(WsError::Utf8("bad".into())));
+        let utf8 = || Some(Err(WireError::Utf8.into()));
         assert!(matches!(
             s.message(utf8(), t0),
             Step::End(Ending::BadUtf8(Some(0)))
@@ -502,11 +507,19 @@ mod tests {
             s.message(utf8(), t0),
             Step::End(Ending::BadUtf8(None))
         ));
-        let failed = Some(Err(WsError::ConnectionClosed));
+        let protocol = Some(Err(WireError::Protocol("reserved opcode").into()));
         assert!(matches!(
-            s.message(failed, t0),
+            s.message(protocol, t0),
+            Step::End(Ending::Protocol("reserved opcode"))
+        ));
+        assert!(matches!(
+            s.message(Some(Err(reset().into())), t0),
             Step::End(Ending::Failed(_))
         ));
+    }
+
+    fn reset() -> std::io::Error {
+        std::io::Error::from(std::io::ErrorKind::ConnectionReset)
     }
 
     #[test]
@@ -516,14 +529,14 @@ mod tests {
         assert_eq!(s.tick(), Tick::Ping);
         assert_eq!(s.tick(), Tick::Ping);
         // Any frame answers for the pings, and a talking peer needs none.
-        let _ = s.message(Some(Ok(Message::Text("x".into()))), t0);
+        let _ = s.message(Some(Ok(Incoming::Text("x".into()))), t0);
         assert_eq!(s.tick(), Tick::Quiet);
         assert_eq!(s.tick(), Tick::Ping);
         assert_eq!(s.tick(), Tick::Ping);
         assert_eq!(s.tick(), Tick::Ping);
         assert_eq!(s.tick(), Tick::Dead(3));
         // An error is no sign of life.
-        let _ = s.message(Some(Err(WsError::ConnectionClosed)), t0);
+        let _ = s.message(Some(Err(reset().into())), t0);
         assert_eq!(s.tick(), Tick::Dead(3));
     }
 

@@ -34,3 +34,4 @@ mod quarantine;
 mod secrets;
 mod slow_peers;
 mod tls;
+mod wire;
