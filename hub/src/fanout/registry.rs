@@ -291,11 +291,13 @@ impl Registry {
     pub fn disconnect_device(&self, device_id: &str, conn_id: u64) {
         let mut devices = lock(&self.devices);
         if devices.get(device_id).is_some_and(|s| s.conn_id == conn_id) {
-            devices.remove(device_id);
+            let Some((key, _)) = devices.remove_entry(device_id) else {
+                return;
+            };
             self.mqtt_presence(device_id, false);
             drop(devices);
             lock(&self.statuses).remove(device_id);
-            self.publish_presence(device_id, false);
+            self.publish_presence(&key, false);
         }
     }
 
@@ -464,10 +466,10 @@ impl Registry {
     /// Records a connect/disconnect and tells the device's subscribers
     /// with a `status` frame through its topic, so presence and readings
     /// reach them in order.
-    fn publish_presence(&self, device_id: &str, online: bool) {
+    fn publish_presence(&self, device_id: &Arc<str>, online: bool) {
         let now = crate::store::now_ms();
-        let key: Arc<str> = Arc::from(device_id);
-        lock(&self.presence).insert(key.clone(), now);
+        // The device's id is shared with its other entries, not copied.
+        lock(&self.presence).insert(device_id.clone(), now);
         self.publish_status(device_id, online, now, None);
     }
 

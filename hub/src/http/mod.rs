@@ -15,7 +15,7 @@ mod metrics_listener;
 mod probes;
 mod router;
 mod server;
-mod timed_io;
+pub(crate) mod timed_io;
 mod tls;
 mod upgrade;
 mod web;

@@ -48,6 +48,12 @@ impl<I> TimedIo<I> {
         }
     }
 
+    /// The connection without the deadline (a device session times its
+    /// writes itself).
+    pub(crate) fn into_inner(self) -> I {
+        self.io
+    }
+
     /// A write is blocked: `Pending` until the deadline, then the error.
     fn blocked<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
         let limit = self.limit;

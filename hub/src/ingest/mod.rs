@@ -18,8 +18,8 @@
 pub(crate) mod heartbeat;
 pub mod limits;
 mod runs;
-pub(crate) mod socket;
 pub(crate) mod session;
+pub(crate) mod socket;
 pub(crate) mod state;
 pub mod wire;
 pub mod writer;

@@ -291,7 +291,10 @@ impl Session<'_> {
     async fn heartbeat(&mut self) -> Result<(), End> {
         match self.state.tick() {
             Tick::Quiet => Ok(()),
-            Tick::Ping => self.ws.ping(self.limit).await.map_err(|_| End::Gone),
+            Tick::Ping => {
+                let r = self.ws.ping(self.limit).await;
+                r.map_err(|e| self.write_failed(&e))
+            }
             Tick::Dead(missed) => {
                 self.shared.metrics.heartbeat_death(Role::Device);
                 log::warn!(
@@ -302,6 +305,17 @@ impl Session<'_> {
                 Err(End::Gone)
             }
         }
+    }
+
+    /// A write to the socket failed: the session ends. A device that
+    /// stopped reading (the write timed out) is counted with the HTTP
+    /// side's write timeouts.
+    fn write_failed(&self, e: &std::io::Error) -> End {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            let hardening = &self.shared.metrics.hardening;
+            hardening.write_timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+        End::Gone
     }
 
     /// The registry asks this connection to close.
@@ -347,8 +361,10 @@ impl Session<'_> {
             }
             next = self.mailbox.try_pop();
         }
-        if n > 0 && self.ws.flush(self.limit).await.is_err() {
-            return Err(End::Gone);
+        if n > 0 {
+            if let Err(e) = self.ws.flush(self.limit).await {
+                return Err(self.write_failed(&e));
+            }
         }
         if let Some(last) = last {
             self.state.acked(last);
@@ -374,11 +390,10 @@ impl Session<'_> {
         let now = Instant::now();
         let step = self.state.message(msg, now);
         // A ping's pong, queued by the socket.
-        if matches!(step, Step::Continue | Step::Flush)
-            && self.ws.pending()
-            && self.ws.flush(self.limit).await.is_err()
-        {
-            return Err(End::Gone);
+        if matches!(step, Step::Continue | Step::Flush) && self.ws.pending() {
+            if let Err(e) = self.ws.flush(self.limit).await {
+                return Err(self.write_failed(&e));
+            }
         }
         match step {
             Step::Continue => Ok(()),
@@ -533,11 +548,10 @@ impl Session<'_> {
     /// Answers a refusal at once with `rejected`, when it has epoch/seq.
     async fn reply_rejected(&mut self, error: &FrameError) -> Result<(), End> {
         match rejected_frame(error) {
-            Some(reply) => self
-                .ws
-                .send_text(&reply, self.limit)
-                .await
-                .map_err(|_| End::Gone),
+            Some(reply) => {
+                let r = self.ws.send_text(&reply, self.limit).await;
+                r.map_err(|e| self.write_failed(&e))
+            }
             None => Ok(()),
         }
     }

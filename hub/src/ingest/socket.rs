@@ -18,7 +18,10 @@ use std::time::Duration;
 
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::http::timed_io::TimedIo;
 
 use super::wire::{encode, encode_close, Decoder, Incoming, Op, WireError};
 
@@ -37,9 +40,19 @@ pub(crate) enum ReadError {
     Io(#[from] std::io::Error),
 }
 
+/// The connection under the WebSocket.
+enum Io {
+    /// Plain TCP (behind nginx, or on a trusted network): the socket
+    /// itself, out of hyper's box and without the HTTP side's write
+    /// deadline ([`TimedIo`]): [`DeviceSocket::flush`] has its own.
+    Tcp(TcpStream),
+    /// Anything else hyper upgraded (TLS).
+    Other(Box<TokioIo<Upgraded>>),
+}
+
 /// A device's upgraded connection.
 pub(crate) struct DeviceSocket {
-    io: TokioIo<Upgraded>,
+    io: Io,
     decoder: Decoder,
     /// Frames queued for the next flush (unallocated while empty).
     out: Vec<u8>,
@@ -55,10 +68,18 @@ impl DeviceSocket {
         device_id: &str,
         peer: std::net::SocketAddr,
     ) -> Option<DeviceSocket> {
+        let mut decoder = Decoder::new(ems_shared::MAX_MESSAGE_BYTES);
         match on_upgrade.await {
             Ok(u) => Some(DeviceSocket {
-                io: TokioIo::new(u),
-                decoder: Decoder::new(ems_shared::MAX_MESSAGE_BYTES),
+                io: match u.downcast::<TokioIo<TimedIo<TcpStream>>>() {
+                    Ok(parts) => {
+                        // Bytes the device sent right behind its request.
+                        decoder.keep(&parts.read_buf);
+                        Io::Tcp(parts.io.into_inner().into_inner())
+                    }
+                    Err(u) => Io::Other(Box::new(TokioIo::new(u))),
+                },
+                decoder,
                 out: Vec::new(),
                 closing: false,
             }),
@@ -187,5 +208,45 @@ impl DeviceSocket {
         })
         .await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.io.shutdown()).await;
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Other(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Other(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Io::Other(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Other(s) => Pin::new(s).poll_shutdown(cx),
+        }
     }
 }

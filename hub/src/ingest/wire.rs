@@ -162,6 +162,12 @@ impl Decoder {
         r
     }
 
+    /// Keeps `bytes` to decode ahead of the next input (what arrived with
+    /// the upgrade request).
+    pub fn keep(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
     /// Bytes kept between reads (for tests and the memory accounting).
     pub fn kept(&self) -> usize {
         self.buf.len() - self.start
@@ -443,7 +449,9 @@ mod tests {
     #[test]
     fn the_rfc_examples_decode() {
         // RFC 6455 5.7: a masked "Hello" from a client.
-        let hello = [0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58];
+        let hello = [
+            0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
+        ];
         let mut d = Decoder::new(16_384);
         assert_eq!(d.feed(&hello), Ok(Some(Incoming::Text("Hello".into()))));
         assert_eq!(d.kept(), 0);
@@ -596,10 +604,17 @@ mod tests {
         let mut d = Decoder::new(100);
         assert_eq!(d.feed(&client(0x88, b"")), Ok(Some(Incoming::Close(None))));
         let bye = [&1000u16.to_be_bytes()[..], b"bye"].concat();
-        assert_eq!(d.feed(&client(0x88, &bye)), Ok(Some(Incoming::Close(Some(1000)))));
+        assert_eq!(
+            d.feed(&client(0x88, &bye)),
+            Ok(Some(Incoming::Close(Some(1000))))
+        );
         for forbidden in [999u16, 1004, 1005, 1006, 1015, 2999, 5000] {
             let c = client(0x88, &forbidden.to_be_bytes());
-            assert_eq!(d.feed(&c), Ok(Some(Incoming::Close(Some(1002)))), "{forbidden}");
+            assert_eq!(
+                d.feed(&c),
+                Ok(Some(Incoming::Close(Some(1002)))),
+                "{forbidden}"
+            );
         }
         let bad_reason = [&1000u16.to_be_bytes()[..], &[0xFF]].concat();
         assert_eq!(d.feed(&client(0x88, &bad_reason)), Err(WireError::Utf8));
@@ -611,7 +626,11 @@ mod tests {
             let data: Vec<u8> = (0..n as u8).collect();
             let mut fast = data.clone();
             apply_mask(&mut fast, MASK);
-            let slow: Vec<u8> = data.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]).collect();
+            let slow: Vec<u8> = data
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ MASK[i % 4])
+                .collect();
             assert_eq!(fast, slow, "{n} bytes");
         }
     }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::*;
 use crate::probe::{exchange, get, metrics_at, sample, wait_metric};
@@ -150,4 +151,55 @@ async fn a_dashboard_that_stops_reading_is_cut_even_when_only_pings_are_written(
         "dashboard that never reads (pings only) cut after {:?}",
         t.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_stops_reading_is_cut_and_counted() {
+    let (hub, _) = SmallBufferHub::start(|c| {
+        c.write_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let token = {
+        let db = format!("sqlite:{}", hub._dir.path().join("hub.db").display());
+        ems_hub::admin::Admin::open(&db)
+            .unwrap()
+            .rotate_device("dev-a")
+            .unwrap()
+    };
+    let stream = stuck_socket(hub.addr).await;
+    let mut req = format!("ws://{}/ws/device/dev-a", hub.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    let (mut never_reads, _) = tokio_tungstenite::client_async(req, stream).await.unwrap();
+    wait_metric(hub.addr, "ems_connections{role=\"device\"}", |v| v == 1.0).await;
+    let before = sample(&metrics_at(hub.addr).await, "ems_write_timeouts_total").unwrap_or(0.0);
+    // Pings the hub must answer: its pongs fill both buffers, then a pong
+    // write blocks and must time out. The device's own writes block or
+    // fail once the hub stops reading or cuts it.
+    let pinger = tokio::spawn(async move {
+        use futures_util::SinkExt;
+        let ping = Message::Ping(vec![7u8; 125].into());
+        while never_reads.send(ping.clone()).await.is_ok() {}
+    });
+    let t = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = metrics_at(hub.addr).await;
+        if sample(&m, "ems_connections{role=\"device\"}") == Some(0.0) {
+            assert!(sample(&m, "ems_write_timeouts_total").unwrap_or(0.0) > before);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the device whose peer never reads is still open after {:?}",
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("device that never reads cut after {:?}", t.elapsed());
+    pinger.abort();
 }

@@ -39,7 +39,11 @@ async fn a_fragmented_reading_with_a_ping_between_its_fragments_is_stored_and_th
     }
     ws.flush().await.unwrap();
     // The pong comes first: the ping arrived before the message was whole.
-    let pong = tokio::time::timeout(SOON, ws.next()).await.unwrap().unwrap().unwrap();
+    let pong = tokio::time::timeout(SOON, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(pong, Message::Pong(b"between".to_vec().into()));
     wait_ack(&mut ws, 2, 0).await;
     assert_eq!(hub.stored("dev"), vec![(2, 0)]);
@@ -56,7 +60,9 @@ async fn many_readings_in_one_write_are_each_stored() {
     // 200 readings (~45 KB) queued and written together: they reach the
     // hub in reads that end mid-frame.
     for seq in 0..200 {
-        ws.feed(Message::Text(reading(4, seq).into())).await.unwrap();
+        ws.feed(Message::Text(reading(4, seq).into()))
+            .await
+            .unwrap();
     }
     ws.flush().await.unwrap();
     wait_ack(&mut ws, 4, 199).await;
