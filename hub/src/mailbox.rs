@@ -205,12 +205,18 @@ impl Mailbox {
 
     /// Waits for the next piece of mail. Cancel-safe: mail is only taken
     /// in the poll that returns it.
-    pub async fn next(&self) -> Mail {
-        loop {
-            if let Some(m) = self.try_next() {
-                return m;
+    ///
+    /// Not an `async fn` (which would keep `self` twice): every idle device
+    /// connection's task holds this future.
+    #[allow(clippy::manual_async_fn)]
+    pub fn next(&self) -> impl std::future::Future<Output = Mail> + '_ {
+        async move {
+            loop {
+                if let Some(m) = self.try_next() {
+                    return m;
+                }
+                self.ready.notified().await;
             }
-            self.ready.notified().await;
         }
     }
 

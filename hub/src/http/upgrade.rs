@@ -416,7 +416,7 @@ fn start_session(
                 device_id,
                 peer,
                 shared,
-                Some(hash),
+                Some(Box::new(hash)),
             ));
         }
         Side::Dashboard => {

@@ -3,6 +3,11 @@
 //! - `session`: one device connection — reads frames, forwards valid
 //!   readings to the device's topic (hot path) and queues them for the
 //!   store (cold path), writes the acks back.
+//! - `socket`: the device's upgraded connection — reads messages through
+//!   the [`wire`] decoder with no buffer while idle, writes the hub's
+//!   frames within a deadline, closes.
+//! - [`wire`]: WebSocket framing for device connections as pure code (the
+//!   decoder and the server's frames).
 //! - `state`: the session's decisions without I/O — the rate limit and
 //!   the gatekeeper per frame, the abuse rule, the heartbeat, the acks
 //!   owed at shutdown.

@@ -75,7 +75,9 @@ pub(crate) struct Upgrade<G> {
 /// Serves one device connection, from its upgrade until it ends.
 ///
 /// `token` is the hash of the token the connection authenticated with; the
-/// revocation poll compares it with the store's current one.
+/// revocation poll compares it with the store's current one. Boxed: it is
+/// needed only until the connection is registered, and the task keeps its
+/// arguments for its whole life.
 // Not an `async fn` on purpose (see the comment in the body).
 #[allow(clippy::manual_async_fn)]
 pub(crate) fn run<G: Send + 'static>(
@@ -83,7 +85,7 @@ pub(crate) fn run<G: Send + 'static>(
     device_id: Arc<str>,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    token: Option<TokenHash>,
+    token: Option<Box<TokenHash>>,
 ) -> impl std::future::Future<Output = ()> + Send {
     // An `async move` block rather than an `async fn`: the latter keeps a
     // second copy of its arguments in every session's task.
@@ -100,7 +102,7 @@ pub(crate) fn run<G: Send + 'static>(
             conn_id,
             mailbox,
             topic,
-        }) = register(&shared, &device_id, peer, token)
+        }) = register(&shared, &device_id, peer, token.as_deref().copied())
         else {
             Box::pin(ws.close(ems_shared::CLOSE_CONFLICT, "conflict")).await;
             return;
@@ -108,12 +110,13 @@ pub(crate) fn run<G: Send + 'static>(
         // The token was checked before this connection was registered; a
         // revocation seen in between closes it here, one after closes it
         // through the registry.
-        if let Some(hash) = &token {
-            if shared.auth.device_now(&device_id, hash) == AuthAnswer::No {
-                shared.registry.disconnect_device(&device_id, conn_id);
-                Box::pin(ws.close(ems_shared::CLOSE_REVOKED, "token revoked")).await;
-                return;
-            }
+        let revoked = token
+            .as_deref()
+            .is_some_and(|hash| shared.auth.device_now(&device_id, hash) == AuthAnswer::No);
+        if revoked {
+            shared.registry.disconnect_device(&device_id, conn_id);
+            Box::pin(ws.close(ems_shared::CLOSE_REVOKED, "token revoked")).await;
+            return;
         }
         shared
             .presence
@@ -130,7 +133,6 @@ pub(crate) fn run<G: Send + 'static>(
             ws: &mut ws,
             mailbox,
             topic,
-            limit: cfg.write_timeout,
             device_id: &device_id,
             peer: &peer,
             shared: &shared,
@@ -226,8 +228,6 @@ struct Session<'a> {
     mailbox: Arc<Mailbox>,
     /// The device's live topic.
     topic: Topic,
-    /// Longest a write to the socket may take.
-    limit: Duration,
     /// The device.
     device_id: &'a Arc<str>,
     /// Its address, for log lines.
@@ -292,7 +292,7 @@ impl Session<'_> {
         match self.state.tick() {
             Tick::Quiet => Ok(()),
             Tick::Ping => {
-                let r = self.ws.ping(self.limit).await;
+                let r = self.ws.ping(self.limit()).await;
                 r.map_err(|e| self.write_failed(&e))
             }
             Tick::Dead(missed) => {
@@ -305,6 +305,12 @@ impl Session<'_> {
                 Err(End::Gone)
             }
         }
+    }
+
+    /// Longest a write to the socket may take (read from the configuration
+    /// rather than kept in every idle task).
+    fn limit(&self) -> Duration {
+        self.shared.config.write_timeout
     }
 
     /// A write to the socket failed: the session ends. A device that
@@ -362,7 +368,7 @@ impl Session<'_> {
             next = self.mailbox.try_pop();
         }
         if n > 0 {
-            if let Err(e) = self.ws.flush(self.limit).await {
+            if let Err(e) = self.ws.flush(self.limit()).await {
                 return Err(self.write_failed(&e));
             }
         }
@@ -391,7 +397,7 @@ impl Session<'_> {
         let step = self.state.message(msg, now);
         // A ping's pong, queued by the socket.
         if matches!(step, Step::Continue | Step::Flush) && self.ws.pending() {
-            if let Err(e) = self.ws.flush(self.limit).await {
+            if let Err(e) = self.ws.flush(self.limit()).await {
                 return Err(self.write_failed(&e));
             }
         }
@@ -549,7 +555,7 @@ impl Session<'_> {
     async fn reply_rejected(&mut self, error: &FrameError) -> Result<(), End> {
         match rejected_frame(error) {
             Some(reply) => {
-                let r = self.ws.send_text(&reply, self.limit).await;
+                let r = self.ws.send_text(&reply, self.limit()).await;
                 r.map_err(|e| self.write_failed(&e))
             }
             None => Ok(()),
@@ -635,7 +641,7 @@ impl Session<'_> {
                     let Some((frame, id)) = answer_frame(&answer) else {
                         return;
                     };
-                    if self.ws.send_text(&frame, self.limit).await.is_err() {
+                    if self.ws.send_text(&frame, self.limit()).await.is_err() {
                         return;
                     }
                     if matches!(answer, Answer::Ack(..)) {
@@ -652,7 +658,7 @@ impl Session<'_> {
             let Some((frame, _)) = answer_frame(&answer) else {
                 break;
             };
-            if self.ws.send_text(&frame, self.limit).await.is_err() {
+            if self.ws.send_text(&frame, self.limit()).await.is_err() {
                 break;
             }
             if matches!(answer, Answer::Ack(..)) {

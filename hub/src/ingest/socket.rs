@@ -92,8 +92,13 @@ impl DeviceSocket {
 
     /// The next message (`None`: the peer closed the TCP connection). A
     /// ping's pong and a close's echo are queued for the next flush.
-    pub(crate) async fn next(&mut self) -> Option<Result<Incoming, ReadError>> {
-        poll_fn(|cx| self.poll_next(cx)).await
+    ///
+    /// Not an `async fn`: the session waits on this future in every idle
+    /// connection's task, and a plain `poll_fn` is one pointer.
+    pub(crate) fn next(
+        &mut self,
+    ) -> impl std::future::Future<Output = Option<Result<Incoming, ReadError>>> + '_ {
+        poll_fn(move |cx| self.poll_next(cx))
     }
 
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Incoming, ReadError>>> {

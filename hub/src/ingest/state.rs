@@ -26,8 +26,9 @@ pub(crate) struct SessionState {
     limits: Arc<DeviceLimits>,
     /// Excess episodes, for the abuse rule.
     excess: Excess,
-    /// Continuous excess for this long is abuse (close 1008).
-    abuse_after: Duration,
+    /// Continuous excess for this long is abuse (close 1008), in ms
+    /// (saturating; kept small: every idle connection's task holds it).
+    abuse_after_ms: u32,
     /// Pings sent without a frame from the peer since.
     missed: u32,
     /// Unanswered pings after which the peer is dead.
@@ -142,13 +143,17 @@ impl SessionState {
         SessionState {
             limits,
             excess: Excess::default(),
-            abuse_after,
+            abuse_after_ms: u32::try_from(abuse_after.as_millis()).unwrap_or(u32::MAX),
             missed: 0,
             max_missed,
             heard: false,
             last_queued: None,
             last_acked: None,
         }
+    }
+
+    fn abuse_after(&self) -> Duration {
+        Duration::from_millis(u64::from(self.abuse_after_ms))
     }
 
     /// A message (or the end of the stream, `None`) from the socket at
@@ -183,7 +188,7 @@ impl SessionState {
     /// time `rx_ms`: the rate limit first, then the gatekeeper.
     pub fn frame(&mut self, frame: Option<&str>, now: Instant, rx_ms: i64) -> Verdict {
         if !self.limits.try_take(now) {
-            if self.excess.refused(now, self.abuse_after) {
+            if self.excess.refused(now, self.abuse_after()) {
                 return Verdict::Abuse;
             }
             return self.refused(rate_limited(frame), now);
@@ -219,7 +224,7 @@ impl SessionState {
         if error.epoch.is_none() || error.seq.is_none() {
             return Refusal::Skip;
         }
-        if self.excess.refused(now, self.abuse_after) {
+        if self.excess.refused(now, self.abuse_after()) {
             return Refusal::Abuse;
         }
         Refusal::Defer

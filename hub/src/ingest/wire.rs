@@ -82,15 +82,22 @@ pub enum WireError {
 pub struct Decoder {
     /// Largest message, all fragments together.
     max_message: usize,
+    /// What is kept between reads; `None` (no allocation) while the
+    /// connection is idle.
+    held: Option<Box<Held>>,
+}
+
+/// Bytes and fragments kept between reads.
+#[derive(Debug, Default)]
+struct Held {
     /// Bytes received and not yet decoded, from `start` on: part of a
-    /// frame, or frames behind the message last returned. Empty and
-    /// unallocated while the connection is idle.
+    /// frame, or frames behind the message last returned.
     buf: Vec<u8>,
     /// Where the undecoded bytes in `buf` begin.
     start: usize,
     /// A fragmented message being assembled (rare: devices send each
     /// reading in one frame).
-    fragments: Option<Box<Fragments>>,
+    fragments: Option<Fragments>,
 }
 
 /// The fragments of a data message received so far.
@@ -121,9 +128,7 @@ impl Decoder {
     pub fn new(max_message: usize) -> Self {
         Decoder {
             max_message,
-            buf: Vec::new(),
-            start: 0,
-            fragments: None,
+            held: None,
         }
     }
 
@@ -133,31 +138,35 @@ impl Decoder {
     /// returns `Ok(None)` before reading again: several messages may
     /// arrive in one read. After an error the connection must close.
     pub fn feed(&mut self, input: &[u8]) -> Result<Option<Incoming>, WireError> {
-        if self.start == self.buf.len() {
+        let Some(held) = self.held.as_deref_mut() else {
             // Nothing kept (the common case): decode straight from the
             // input, keep only what is left of it.
-            self.buf.clear();
-            self.start = 0;
-            let mut rest = input;
-            let r = next_message(&mut self.fragments, self.max_message, &mut rest);
-            if r.is_ok() && !rest.is_empty() {
-                self.buf.extend_from_slice(rest);
-            } else if self.buf.capacity() > 0 {
-                self.buf = Vec::new();
+            let (mut rest, mut fragments) = (input, None);
+            let r = next_message(&mut fragments, self.max_message, &mut rest);
+            if r.is_ok() && (!rest.is_empty() || fragments.is_some()) {
+                self.held = Some(Box::new(Held {
+                    buf: rest.to_vec(),
+                    start: 0,
+                    fragments,
+                }));
             }
             return r;
-        }
+        };
         if !input.is_empty() {
-            self.buf.drain(..self.start);
-            self.start = 0;
-            self.buf.extend_from_slice(input);
+            held.buf.drain(..held.start);
+            held.start = 0;
+            held.buf.extend_from_slice(input);
         }
-        let mut rest = &self.buf[self.start..];
-        let r = next_message(&mut self.fragments, self.max_message, &mut rest);
-        self.start = self.buf.len() - rest.len();
-        if self.start == self.buf.len() {
-            self.buf = Vec::new();
-            self.start = 0;
+        let mut rest = &held.buf[held.start..];
+        let r = next_message(&mut held.fragments, self.max_message, &mut rest);
+        held.start = held.buf.len() - rest.len();
+        if held.start == held.buf.len() {
+            if held.fragments.is_none() {
+                self.held = None;
+            } else {
+                held.buf = Vec::new();
+                held.start = 0;
+            }
         }
         r
     }
@@ -165,19 +174,27 @@ impl Decoder {
     /// Keeps `bytes` to decode ahead of the next input (what arrived with
     /// the upgrade request).
     pub fn keep(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+        if !bytes.is_empty() {
+            let held = self.held.get_or_insert_with(Box::default);
+            held.buf.extend_from_slice(bytes);
+        }
     }
 
     /// Bytes kept between reads (for tests and the memory accounting).
     pub fn kept(&self) -> usize {
-        self.buf.len() - self.start
+        self.held.as_ref().map_or(0, |h| h.buf.len() - h.start)
+    }
+
+    /// Whether anything is kept between reads (an allocation).
+    pub fn holds(&self) -> bool {
+        self.held.is_some()
     }
 }
 
 /// Decodes frames from the front of `input` until a message is complete,
 /// advancing `input` past every whole frame it used.
 fn next_message(
-    fragments: &mut Option<Box<Fragments>>,
+    fragments: &mut Option<Fragments>,
     max: usize,
     input: &mut &[u8],
 ) -> Result<Option<Incoming>, WireError> {
@@ -185,7 +202,7 @@ fn next_message(
         let Some(h) = header(input)? else {
             return Ok(None);
         };
-        check_size(&h, fragments.as_deref(), max)?;
+        check_size(&h, fragments.as_ref(), max)?;
         let end = h.len + h.payload;
         if input.len() < end {
             return Ok(None);
@@ -259,7 +276,7 @@ fn check_size(h: &Header, fragments: Option<&Fragments>, max: usize) -> Result<(
 
 /// One whole frame: a message, or `None` when it only added a fragment.
 fn frame(
-    fragments: &mut Option<Box<Fragments>>,
+    fragments: &mut Option<Fragments>,
     h: &Header,
     masked: &[u8],
 ) -> Result<Option<Incoming>, WireError> {
@@ -272,7 +289,7 @@ fn frame(
     if h.opcode & 0x8 != 0 && !h.fin {
         return Err(WireError::Protocol("fragmented control frame"));
     }
-    match (h.opcode, fragments.as_deref_mut()) {
+    match (h.opcode, fragments.as_mut()) {
         (CLOSE, _) => close(&unmask(masked, h.mask)).map(|code| Some(Incoming::Close(code))),
         (PING, _) => Ok(Some(Incoming::Ping(unmask(masked, h.mask)))),
         (PONG, _) => Ok(Some(Incoming::Pong)),
@@ -288,11 +305,11 @@ fn frame(
             } else {
                 Vec::new()
             };
-            *fragments = Some(Box::new(Fragments {
+            *fragments = Some(Fragments {
                 text,
                 payload,
                 size: masked.len(),
-            }));
+            });
             Ok(None)
         }
         (CONTINUATION, None) => Err(WireError::Protocol("continuation without a message")),
@@ -307,7 +324,7 @@ fn frame(
             if !h.fin {
                 return Ok(None);
             }
-            match fragments.take().map(|f| *f) {
+            match fragments.take() {
                 Some(Fragments {
                     text: true,
                     payload,
@@ -497,13 +514,13 @@ mod tests {
         ];
         let mut d = Decoder::new(16_384);
         assert_eq!(all(&mut d, &stream), want);
-        assert_eq!(d.kept(), 0);
+        assert!(!d.holds());
         for chunk in [1, 2, 3, 7, 64, 1000] {
             let mut d = Decoder::new(16_384);
             let got: Vec<_> = stream.chunks(chunk).flat_map(|c| all(&mut d, c)).collect();
             assert_eq!(got, want, "read in chunks of {chunk}");
             assert_eq!(d.kept(), 0);
-            assert_eq!(d.buf.capacity(), 0, "no buffer kept once idle");
+            assert!(!d.holds(), "nothing kept once idle");
         }
     }
 
@@ -521,6 +538,18 @@ mod tests {
                 Ok(Incoming::Text("{\"a\":\"é\"}".into()))
             ]
         );
+        // The same bytes in reads of any size, and bytes kept from the
+        // upgrade request ahead of them.
+        for chunk in [1, 5, 9, 13] {
+            let mut d = Decoder::new(16_384);
+            d.keep(&stream[..3]);
+            let got: Vec<_> = stream[3..]
+                .chunks(chunk)
+                .flat_map(|c| all(&mut d, c))
+                .collect();
+            assert_eq!(got.len(), 2, "read in chunks of {chunk}");
+            assert!(!d.holds());
+        }
         // A character split between two fragments is still UTF-8.
         let euro = "€".as_bytes();
         let mut split = client(0x01, &euro[..1]);
