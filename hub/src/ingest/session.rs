@@ -98,21 +98,29 @@ pub(crate) fn run<G: Send + 'static>(
         else {
             return;
         };
-        let Some(DeviceLease {
-            conn_id,
-            mailbox,
-            topic,
-        }) = register(&shared, &device_id, peer, token.as_deref().copied())
+        // The token's box is freed here, and its copy lives only in this
+        // block: not across an `.await`, so not in the task. The token was
+        // checked before this connection was registered; a revocation seen
+        // in between closes it here, one after closes it through the
+        // registry.
+        let Some((
+            DeviceLease {
+                conn_id,
+                mailbox,
+                topic,
+            },
+            revoked,
+        )) = ({
+            let token = token.map(|hash| *hash);
+            register(&shared, &device_id, peer, token).map(|lease| {
+                let now = |h: TokenHash| shared.auth.device_now(&device_id, &h);
+                (lease, token.is_some_and(|h| now(h) == AuthAnswer::No))
+            })
+        })
         else {
             Box::pin(ws.close(ems_shared::CLOSE_CONFLICT, "conflict")).await;
             return;
         };
-        // The token was checked before this connection was registered; a
-        // revocation seen in between closes it here, one after closes it
-        // through the registry.
-        let revoked = token
-            .as_deref()
-            .is_some_and(|hash| shared.auth.device_now(&device_id, hash) == AuthAnswer::No);
         if revoked {
             shared.registry.disconnect_device(&device_id, conn_id);
             Box::pin(ws.close(ems_shared::CLOSE_REVOKED, "token revoked")).await;
