@@ -33,8 +33,9 @@
 //!   which async code runs blocking store calls.
 //! - [`mailbox`]: what the rest of the hub tells one device connection
 //!   (the writer's answers, kicks, the shutdown, heartbeat ticks).
-//! - `ws`: what both kinds of WebSocket session share (socket settings,
-//!   close, heartbeat, timed sends).
+//! - `ws`: the dashboards' WebSocket (socket settings, close, heartbeat,
+//!   timed sends) and how any session ends; device connections frame
+//!   their own (`ingest::socket`, [`ingest::wire`]).
 //! - `shutdown`: the shutdown flag every task waits on.
 //! - `quota`: connection slots per client address, dashboards and heavy
 //!   queries per viewer token.

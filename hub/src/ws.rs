@@ -1,7 +1,8 @@
-//! What both kinds of WebSocket session share: the socket type and its
-//! settings, how a session ends and closes, the heartbeat timer and sends
-//! bounded by a deadline. The device session lives in [`crate::ingest`],
-//! the dashboard session in [`crate::fanout`].
+//! The dashboards' WebSocket (tokio-tungstenite): the socket type and its
+//! settings, the close, the heartbeat timer and sends bounded by a
+//! deadline; and how a session ends ([`End`]), which device sessions share.
+//! Device connections frame their own WebSocket ([`crate::ingest`]'s
+//! `socket` and `wire`); the dashboard session lives in [`crate::fanout`].
 
 use std::time::Duration;
 
