@@ -32,6 +32,7 @@
 //! `.await`.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -54,7 +55,7 @@ struct DeviceSlot {
     /// Its heartbeat phase (see [`Registry::heartbeat`]).
     phase: u8,
     /// Peer address, for the takeover log line.
-    peer: String,
+    peer: SocketAddr,
     /// Hash of the token the connection authenticated with, so the
     /// revocation poller can tell a rotated token from the current one.
     token: Option<TokenHash>,
@@ -76,7 +77,7 @@ pub struct DeviceLease {
 pub struct Conflict {
     /// The peer whose connection was live when the loop was detected (also
     /// closed with 4002), if any.
-    pub other_peer: Option<String>,
+    pub other_peer: Option<SocketAddr>,
     /// Remaining cool-down.
     pub remaining: Duration,
 }
@@ -208,9 +209,9 @@ impl Registry {
     pub fn connect_device(
         &self,
         device_id: &Arc<str>,
-        peer: String,
+        peer: SocketAddr,
         token: Option<TokenHash>,
-    ) -> Result<(DeviceLease, Option<String>), Conflict> {
+    ) -> Result<(DeviceLease, Option<SocketAddr>), Conflict> {
         let now = Instant::now();
         // Lock order: devices, then takeovers (the only place both are held).
         let mut devices = lock(&self.devices);
@@ -501,15 +502,19 @@ mod tests {
     use super::*;
     use crate::mailbox::Mail;
 
+    fn addr(a: &str) -> SocketAddr {
+        a.parse().unwrap()
+    }
+
     #[test]
     fn second_connection_kicks_the_first() {
         let r = Registry::new(4);
         let id: Arc<str> = Arc::from("dev");
-        let (a, prev) = r.connect_device(&id, "1.1.1.1:1".into(), None).unwrap();
+        let (a, prev) = r.connect_device(&id, addr("1.1.1.1:1"), None).unwrap();
         assert!(prev.is_none());
         assert_eq!(a.mailbox.try_next(), None);
-        let (b, prev) = r.connect_device(&id, "2.2.2.2:2".into(), None).unwrap();
-        assert_eq!(prev.as_deref(), Some("1.1.1.1:1"));
+        let (b, prev) = r.connect_device(&id, addr("2.2.2.2:2"), None).unwrap();
+        assert_eq!(prev, Some(addr("1.1.1.1:1")));
         assert_eq!(a.mailbox.try_next(), Some(Mail::Kick(Kick::Replaced)));
         // The old connection's late disconnect leaves the new one alone.
         r.disconnect_device(&id, a.conn_id);
@@ -524,7 +529,7 @@ mod tests {
         let id: Arc<str> = Arc::from("dev");
         assert_eq!(r.presence_ms("dev"), None);
         let mut sub = r.topic(&id).subscribe();
-        let (lease, _) = r.connect_device(&id, "p".into(), None).unwrap();
+        let (lease, _) = r.connect_device(&id, addr("10.0.0.9:1"), None).unwrap();
         r.disconnect_device(&id, lease.conn_id);
         let frame = |t: Utf8Bytes| serde_json::from_str::<ems_shared::DashboardFrame>(&t).unwrap();
         for online in [true, false] {
@@ -544,7 +549,7 @@ mod tests {
     fn topics_are_shared_and_bounded() {
         let r = Registry::new(2);
         let id: Arc<str> = Arc::from("dev");
-        let (lease, _) = r.connect_device(&id, "p".into(), None).unwrap();
+        let (lease, _) = r.connect_device(&id, addr("10.0.0.9:1"), None).unwrap();
         // Subscribed after the connect, so its presence frame is not counted.
         let mut sub = r.topic(&id).subscribe();
         for i in 0..3 {
@@ -565,18 +570,21 @@ mod tests {
         };
         let r = Registry::with_policy(4, policy);
         let id: Arc<str> = Arc::from("dev");
-        let (_a, _) = r.connect_device(&id, "a".into(), None).unwrap();
-        let (_b, _) = r.connect_device(&id, "b".into(), None).unwrap();
-        let (c, _) = r.connect_device(&id, "c".into(), None).unwrap();
+        let (_a, _) = r.connect_device(&id, addr("10.0.0.1:1"), None).unwrap();
+        let (_b, _) = r.connect_device(&id, addr("10.0.0.2:1"), None).unwrap();
+        let (c, _) = r.connect_device(&id, addr("10.0.0.3:1"), None).unwrap();
         // The third replacement within the window is a loop.
-        let e = r.connect_device(&id, "d".into(), None).err().unwrap();
-        assert_eq!(e.other_peer.as_deref(), Some("c"));
+        let e = r
+            .connect_device(&id, addr("10.0.0.4:1"), None)
+            .err()
+            .unwrap();
+        assert_eq!(e.other_peer, Some(addr("10.0.0.3:1")));
         assert_eq!(c.mailbox.try_next(), Some(Mail::Kick(Kick::Conflict)));
         assert!(!r.is_online("dev"));
         // Refused during the cool-down, accepted after it.
-        assert!(r.connect_device(&id, "e".into(), None).is_err());
+        assert!(r.connect_device(&id, addr("10.0.1.11:1"), None).is_err());
         std::thread::sleep(Duration::from_millis(350));
-        assert!(r.connect_device(&id, "f".into(), None).is_ok());
+        assert!(r.connect_device(&id, addr("10.0.1.12:1"), None).is_ok());
     }
 
     #[test]
@@ -584,7 +592,9 @@ mod tests {
         let r = Registry::new(4);
         let id: Arc<str> = Arc::from("dev");
         assert!(!r.kick("dev", Kick::Revoked));
-        let (a, _) = r.connect_device(&id, "a".into(), Some([1; 32])).unwrap();
+        let (a, _) = r
+            .connect_device(&id, addr("10.0.1.13:1"), Some([1; 32]))
+            .unwrap();
         assert_eq!(r.device_tokens(), vec![(id.clone(), Some([1; 32]))]);
         assert!(r.kick("dev", Kick::Revoked));
         assert!(!r.kick("dev", Kick::Revoked), "a connection is kicked once");
@@ -607,7 +617,7 @@ mod tests {
         let leases: Vec<DeviceLease> = (0..40)
             .map(|i| {
                 let id: Arc<str> = Arc::from(format!("dev{i}"));
-                r.connect_device(&id, "p".into(), None).unwrap().0
+                r.connect_device(&id, addr("10.0.0.9:1"), None).unwrap().0
             })
             .collect();
         let n = u64::from(HEARTBEAT_PHASES);
@@ -633,9 +643,13 @@ mod tests {
     #[test]
     fn the_shutdown_reaches_live_and_later_connections() {
         let r = Registry::new(4);
-        let (a, _) = r.connect_device(&Arc::from("a"), "p".into(), None).unwrap();
+        let (a, _) = r
+            .connect_device(&Arc::from("a"), addr("10.0.2.1:1"), None)
+            .unwrap();
         r.shut_down();
-        let (b, _) = r.connect_device(&Arc::from("b"), "p".into(), None).unwrap();
+        let (b, _) = r
+            .connect_device(&Arc::from("b"), addr("10.0.2.1:1"), None)
+            .unwrap();
         assert_eq!(a.mailbox.try_next(), Some(Mail::ShuttingDown));
         assert_eq!(b.mailbox.try_next(), Some(Mail::ShuttingDown));
     }

@@ -180,10 +180,7 @@ fn register(
     token: Option<TokenHash>,
 ) -> Option<DeviceLease> {
     let metrics = &shared.metrics;
-    match shared
-        .registry
-        .connect_device(device_id, peer.to_string(), token)
-    {
+    match shared.registry.connect_device(device_id, peer, token) {
         Ok((lease, Some(old))) => {
             metrics.takeovers.fetch_add(1, Ordering::Relaxed);
             log::warn!("device {device_id} connected from {peer}; closing its previous connection from {old} (4000 replaced)");
