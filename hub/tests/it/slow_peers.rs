@@ -132,25 +132,29 @@ async fn a_dashboard_that_stops_reading_is_cut_even_when_only_pings_are_written(
         v == 1.0
     })
     .await;
-    let t = Instant::now();
     // The buffers fill with pings; then a ping write blocks and must time out.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let (_, took) = wait_until_cut(hub.addr, "dashboard").await;
+    println!("dashboard that never reads (pings only) cut after {took:?}");
+}
+
+/// Waits (up to 60 s) until the hub holds no connection of `role`; the
+/// metrics at that moment and how long it took.
+async fn wait_until_cut(addr: std::net::SocketAddr, role: &str) -> (String, Duration) {
+    let gauge = format!("ems_connections{{role=\"{role}\"}}");
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(60);
     loop {
-        let m = metrics_at(hub.addr).await;
-        if sample(&m, "ems_connections{role=\"dashboard\"}") == Some(0.0) {
-            break;
+        let m = metrics_at(addr).await;
+        if sample(&m, &gauge) == Some(0.0) {
+            return (m, t.elapsed());
         }
         assert!(
             Instant::now() < deadline,
-            "the dashboard whose peer never reads is still open after {:?}",
+            "the {role} whose peer never reads is still open after {:?}",
             t.elapsed()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    println!(
-        "dashboard that never reads (pings only) cut after {:?}",
-        t.elapsed()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,21 +189,8 @@ async fn a_device_that_stops_reading_is_cut_and_counted() {
         let ping = Message::Ping(vec![7u8; 125].into());
         while never_reads.send(ping.clone()).await.is_ok() {}
     });
-    let t = Instant::now();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let m = metrics_at(hub.addr).await;
-        if sample(&m, "ems_connections{role=\"device\"}") == Some(0.0) {
-            assert!(sample(&m, "ems_write_timeouts_total").unwrap_or(0.0) > before);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the device whose peer never reads is still open after {:?}",
-            t.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    println!("device that never reads cut after {:?}", t.elapsed());
+    let (m, took) = wait_until_cut(hub.addr, "device").await;
+    assert!(sample(&m, "ems_write_timeouts_total").unwrap_or(0.0) > before);
+    println!("device that never reads cut after {took:?}");
     pinger.abort();
 }
