@@ -16,6 +16,7 @@
 //! (docs/decisions/hub-idle-connection-memory.md).
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 /// What the writer has to tell a device about its readings, after the
 /// commit that decided it.
@@ -79,6 +80,10 @@ pub enum Mail {
 pub struct Mailbox {
     /// Connection id, to group a batch's acks by connection.
     pub conn_id: u64,
+    /// How long the writer may hold this connection's readings before it
+    /// answers them, in milliseconds, when the device announced an ack
+    /// window (`u32::MAX`: it did not).
+    hold_ms: u32,
     /// Answers in commit order, and the flags.
     /// Unbounded, but bounded in practice by the writer queue (one ack per
     /// batch and epoch, one `rejected` per quarantined reading).
@@ -98,13 +103,30 @@ struct Inner {
 }
 
 impl Mailbox {
-    /// An empty mailbox for connection `conn_id`.
+    /// An empty mailbox for connection `conn_id`, whose device announced
+    /// no ack window.
     pub fn new(conn_id: u64) -> Self {
+        Mailbox::with_hold(conn_id, None)
+    }
+
+    /// An empty mailbox for connection `conn_id`, whose readings the
+    /// writer may hold for `hold` before it answers them.
+    pub fn with_hold(conn_id: u64, hold: Option<Duration>) -> Self {
+        let hold_ms = hold.map_or(u32::MAX, |h| {
+            u32::try_from(h.as_millis()).unwrap_or(u32::MAX - 1)
+        });
         Mailbox {
             conn_id,
+            hold_ms,
             inner: std::sync::Mutex::new(Inner::default()),
             ready: tokio::sync::Notify::new(),
         }
+    }
+
+    /// How long the writer may hold this connection's readings before it
+    /// answers them (`None`: the writer's own run length and linger).
+    pub fn hold(&self) -> Option<Duration> {
+        (self.hold_ms != u32::MAX).then(|| Duration::from_millis(self.hold_ms.into()))
     }
 
     /// Queues an ack (the writer, after the commit). Ignored once the

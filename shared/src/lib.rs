@@ -54,6 +54,29 @@ pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
 /// How far ahead of the hub's clock a reading's `ts_ms` may be.
 pub const MAX_FUTURE_SKEW_MS: i64 = 5 * 60 * 1000;
 
+/// Request header of a device's handshake: how long, in milliseconds, the
+/// device keeps a reading it sent on a live connection in memory before it
+/// writes it to its own storage for want of an ack (its *ack window*). The
+/// hub may then hold the device's readings for half of it and answer them
+/// with fewer, cumulative acks. Absent: the hub answers as soon as its
+/// commit cadence allows.
+pub const ACK_WINDOW_HEADER: &str = "ems-ack-window-ms";
+
+/// The longest ack window a device may announce, in milliseconds.
+pub const MAX_ACK_WINDOW_MS: u64 = 600_000;
+
+/// The value of [`ACK_WINDOW_HEADER`]: whole milliseconds, 1 to
+/// [`MAX_ACK_WINDOW_MS`], digits only.
+pub fn parse_ack_window(value: &[u8]) -> Option<std::time::Duration> {
+    if value.is_empty() || value.len() > 6 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let ms = value.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    (1..=MAX_ACK_WINDOW_MS)
+        .contains(&ms)
+        .then(|| std::time::Duration::from_millis(ms))
+}
+
 /// WebSocket close code sent to a connection replaced by a newer one of the
 /// same device.
 pub const CLOSE_REPLACED: u16 = 4000;
@@ -67,3 +90,30 @@ pub const CLOSE_REVOKED: u16 = 4001;
 /// connections (two live devices sharing one identity); the hub refuses
 /// it for a cool-down.
 pub const CLOSE_CONFLICT: u16 = 4002;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn an_ack_window_is_whole_milliseconds_within_bounds() {
+        assert_eq!(parse_ack_window(b"4000"), Some(Duration::from_secs(4)));
+        assert_eq!(parse_ack_window(b"1"), Some(Duration::from_millis(1)));
+        assert_eq!(parse_ack_window(b"600000"), Some(Duration::from_secs(600)));
+        for bad in [
+            &b""[..],
+            b"0",
+            b"600001",
+            b"9999999",
+            b"-5",
+            b"+5",
+            b" 5",
+            b"5 ",
+            b"1.5",
+            b"4s",
+        ] {
+            assert_eq!(parse_ack_window(bad), None, "{bad:?}");
+        }
+    }
+}

@@ -202,7 +202,8 @@ impl Registry {
     }
 
     /// Registers a new connection of `device_id`, kicking the previous one
-    /// (4000). Returns the lease and the previous connection's peer
+    /// (4000); the writer may hold its readings for `hold` before it
+    /// answers them ([`Mailbox::with_hold`]). Returns the lease and the previous connection's peer
     /// address — or [`Conflict`] when the device id is in a takeover loop
     /// or cooling down; then the previous connection (if any) is kicked with
     /// [`Kick::Conflict`] too.
@@ -211,6 +212,7 @@ impl Registry {
         device_id: &Arc<str>,
         peer: SocketAddr,
         token: Option<TokenHash>,
+        hold: Option<Duration>,
     ) -> Result<(DeviceLease, Option<SocketAddr>), Conflict> {
         let now = Instant::now();
         // Lock order: devices, then takeovers (the only place both are held).
@@ -257,7 +259,7 @@ impl Registry {
         }
         drop(takeovers);
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let mailbox = Arc::new(Mailbox::new(conn_id));
+        let mailbox = Arc::new(Mailbox::with_hold(conn_id, hold));
         if self.shutting_down.load(Ordering::Acquire) {
             mailbox.shut_down();
         }
@@ -510,10 +512,14 @@ mod tests {
     fn second_connection_kicks_the_first() {
         let r = Registry::new(4);
         let id: Arc<str> = Arc::from("dev");
-        let (a, prev) = r.connect_device(&id, addr("1.1.1.1:1"), None).unwrap();
+        let (a, prev) = r
+            .connect_device(&id, addr("1.1.1.1:1"), None, None)
+            .unwrap();
         assert!(prev.is_none());
         assert_eq!(a.mailbox.try_next(), None);
-        let (b, prev) = r.connect_device(&id, addr("2.2.2.2:2"), None).unwrap();
+        let (b, prev) = r
+            .connect_device(&id, addr("2.2.2.2:2"), None, None)
+            .unwrap();
         assert_eq!(prev, Some(addr("1.1.1.1:1")));
         assert_eq!(a.mailbox.try_next(), Some(Mail::Kick(Kick::Replaced)));
         // The old connection's late disconnect leaves the new one alone.
@@ -529,7 +535,9 @@ mod tests {
         let id: Arc<str> = Arc::from("dev");
         assert_eq!(r.presence_ms("dev"), None);
         let mut sub = r.topic(&id).subscribe();
-        let (lease, _) = r.connect_device(&id, addr("10.0.0.9:1"), None).unwrap();
+        let (lease, _) = r
+            .connect_device(&id, addr("10.0.0.9:1"), None, None)
+            .unwrap();
         r.disconnect_device(&id, lease.conn_id);
         let frame = |t: Utf8Bytes| serde_json::from_str::<ems_shared::DashboardFrame>(&t).unwrap();
         for online in [true, false] {
@@ -549,7 +557,9 @@ mod tests {
     fn topics_are_shared_and_bounded() {
         let r = Registry::new(2);
         let id: Arc<str> = Arc::from("dev");
-        let (lease, _) = r.connect_device(&id, addr("10.0.0.9:1"), None).unwrap();
+        let (lease, _) = r
+            .connect_device(&id, addr("10.0.0.9:1"), None, None)
+            .unwrap();
         // Subscribed after the connect, so its presence frame is not counted.
         let mut sub = r.topic(&id).subscribe();
         for i in 0..3 {
@@ -570,21 +580,31 @@ mod tests {
         };
         let r = Registry::with_policy(4, policy);
         let id: Arc<str> = Arc::from("dev");
-        let (_a, _) = r.connect_device(&id, addr("10.0.0.1:1"), None).unwrap();
-        let (_b, _) = r.connect_device(&id, addr("10.0.0.2:1"), None).unwrap();
-        let (c, _) = r.connect_device(&id, addr("10.0.0.3:1"), None).unwrap();
+        let (_a, _) = r
+            .connect_device(&id, addr("10.0.0.1:1"), None, None)
+            .unwrap();
+        let (_b, _) = r
+            .connect_device(&id, addr("10.0.0.2:1"), None, None)
+            .unwrap();
+        let (c, _) = r
+            .connect_device(&id, addr("10.0.0.3:1"), None, None)
+            .unwrap();
         // The third replacement within the window is a loop.
         let e = r
-            .connect_device(&id, addr("10.0.0.4:1"), None)
+            .connect_device(&id, addr("10.0.0.4:1"), None, None)
             .err()
             .unwrap();
         assert_eq!(e.other_peer, Some(addr("10.0.0.3:1")));
         assert_eq!(c.mailbox.try_next(), Some(Mail::Kick(Kick::Conflict)));
         assert!(!r.is_online("dev"));
         // Refused during the cool-down, accepted after it.
-        assert!(r.connect_device(&id, addr("10.0.1.11:1"), None).is_err());
+        assert!(r
+            .connect_device(&id, addr("10.0.1.11:1"), None, None)
+            .is_err());
         std::thread::sleep(Duration::from_millis(350));
-        assert!(r.connect_device(&id, addr("10.0.1.12:1"), None).is_ok());
+        assert!(r
+            .connect_device(&id, addr("10.0.1.12:1"), None, None)
+            .is_ok());
     }
 
     #[test]
@@ -593,7 +613,7 @@ mod tests {
         let id: Arc<str> = Arc::from("dev");
         assert!(!r.kick("dev", Kick::Revoked));
         let (a, _) = r
-            .connect_device(&id, addr("10.0.1.13:1"), Some([1; 32]))
+            .connect_device(&id, addr("10.0.1.13:1"), Some([1; 32]), None)
             .unwrap();
         assert_eq!(r.device_tokens(), vec![(id.clone(), Some([1; 32]))]);
         assert!(r.kick("dev", Kick::Revoked));
@@ -617,7 +637,9 @@ mod tests {
         let leases: Vec<DeviceLease> = (0..40)
             .map(|i| {
                 let id: Arc<str> = Arc::from(format!("dev{i}"));
-                r.connect_device(&id, addr("10.0.0.9:1"), None).unwrap().0
+                r.connect_device(&id, addr("10.0.0.9:1"), None, None)
+                    .unwrap()
+                    .0
             })
             .collect();
         let n = u64::from(HEARTBEAT_PHASES);
@@ -644,11 +666,11 @@ mod tests {
     fn the_shutdown_reaches_live_and_later_connections() {
         let r = Registry::new(4);
         let (a, _) = r
-            .connect_device(&Arc::from("a"), addr("10.0.2.1:1"), None)
+            .connect_device(&Arc::from("a"), addr("10.0.2.1:1"), None, None)
             .unwrap();
         r.shut_down();
         let (b, _) = r
-            .connect_device(&Arc::from("b"), addr("10.0.2.1:1"), None)
+            .connect_device(&Arc::from("b"), addr("10.0.2.1:1"), None, None)
             .unwrap();
         assert_eq!(a.mailbox.try_next(), Some(Mail::ShuttingDown));
         assert_eq!(b.mailbox.try_next(), Some(Mail::ShuttingDown));

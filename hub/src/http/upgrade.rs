@@ -15,6 +15,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -83,6 +84,8 @@ enum Refusal {
     Authorization,
     /// 400: a token both in `Authorization` and in the subprotocols.
     TwoTokens,
+    /// 400: a device's malformed `Ems-Ack-Window-Ms`.
+    AckWindow,
     /// 503 + `Retry-After`: the store is unreachable, or the tokens in
     /// memory are not confirmed by it.
     StoreUnavailable,
@@ -119,6 +122,10 @@ impl Refusal {
             Refusal::TwoTokens => text(
                 StatusCode::BAD_REQUEST,
                 "send the token either in Authorization or in Sec-WebSocket-Protocol, not both\n",
+            ),
+            Refusal::AckWindow => text(
+                StatusCode::BAD_REQUEST,
+                "malformed Ems-Ack-Window-Ms: whole milliseconds, 1 to 600000\n",
             ),
             Refusal::StoreUnavailable => retry_later(text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -159,6 +166,8 @@ struct Checked {
     resume_since: Option<i64>,
     /// Hash of the presented token.
     token: TokenHash,
+    /// The device's announced ack window.
+    ack_window: Option<Duration>,
 }
 
 /// Runs the handshake of `device_id` on `side` and, when every rule
@@ -269,11 +278,24 @@ fn check<B>(
         log::info!("refused {role} {device_id} from {peer}: not a {role} token (403)");
         return Err(Refusal::Forbidden);
     }
+    let ack_window = match (side, headers.get(ems_shared::ACK_WINDOW_HEADER)) {
+        (Side::Device, Some(value)) => match ems_shared::parse_ack_window(value.as_bytes()) {
+            Some(window) => Some(window),
+            None => {
+                log::info!(
+                    "refused device {device_id} from {peer}: malformed Ems-Ack-Window-Ms (400)"
+                );
+                return Err(Refusal::AckWindow);
+            }
+        },
+        _ => None,
+    };
     Ok(Checked {
         accept,
         answer_v1: offer.v1,
         resume_since: offer.resume_since,
         token: token::hash(token),
+        ack_window,
     })
 }
 
@@ -411,12 +433,16 @@ fn start_session(
         // session's arguments.
         Side::Device => {
             let upgrade = ingest::session::Upgrade { on_upgrade, guard };
+            let admission = ingest::session::Admission {
+                token: Some(hash),
+                hold: checked.ack_window.map(ingest::hold_for),
+            };
             tokio::spawn(ingest::session::run(
                 upgrade,
                 device_id,
                 peer,
                 shared,
-                Some(Box::new(hash)),
+                Box::new(admission),
             ));
         }
         Side::Dashboard => {

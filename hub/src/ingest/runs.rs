@@ -6,9 +6,16 @@
 //! 1 Hz, a commit of readings from many devices rewrites one leaf of the
 //! unique index, one of the time index and one energy slot per reading;
 //! two readings of one device in the same commit share those pages, and
-//! one cumulative ack answers both. A run is due once it holds
-//! `batch_run` items (default 1) or its first item has waited the linger;
-//! the writer gathers due runs and commits them at its own cadence (a
+//! one cumulative ack answers both.
+//!
+//! When a run is due depends on what its device announced:
+//! - a device that announced an ack window may have its readings held
+//!   for a share of it (its [`Held::hold`], at most the linger): its run
+//!   is due once its first item has waited that long;
+//! - any other device's run is due once it holds `run_len` items (default
+//!   1: at once) or its first item has waited the linger.
+//!
+//! The writer gathers due runs and commits them at its own cadence (a
 //! tenth of a second), or at once when a run grows [`URGENT`] (a draining
 //! backlog).
 //!
@@ -16,7 +23,8 @@
 //! ([`Held`]): the writer thread feeds it its queue's items and asks it
 //! which runs to commit.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,6 +37,10 @@ pub const URGENT: usize = 64;
 pub trait Held {
     /// The device whose run the item joins.
     fn device(&self) -> &Arc<str>;
+    /// How long the device lets its readings be held before they are
+    /// answered, when it said so (from its announced ack window); `None`:
+    /// the run length and the linger decide.
+    fn hold(&self) -> Option<Duration>;
 }
 
 /// One device's items, oldest first, and when the first of them was taken.
@@ -36,6 +48,8 @@ pub trait Held {
 struct Run<T> {
     device: Arc<str>,
     since: Instant,
+    /// Items that make the run due.
+    full_at: usize,
     items: Vec<T>,
 }
 
@@ -43,40 +57,44 @@ struct Run<T> {
 #[derive(Debug)]
 pub struct Runs<T> {
     by_device: HashMap<Arc<str>, Run<T>>,
-    /// Devices in the order their run began. An entry whose run was taken
-    /// early (full, or a flush) no longer matches its run's `since` and is
-    /// skipped.
-    order: VecDeque<(Instant, Arc<str>)>,
-    /// Devices whose run reached `run_len` items since the last pick.
+    /// `(due, since, device)`, earliest due first. An entry whose run was
+    /// taken early (full, or a flush) no longer matches its run's `since`
+    /// and is skipped.
+    order: BinaryHeap<Reverse<(Instant, Instant, Arc<str>)>>,
+    /// Devices whose run became full since the last pick.
     full: Vec<Arc<str>>,
     items: usize,
     /// A run reached [`URGENT`] items since [`Runs::urgent`] was asked.
     urgent: bool,
-    /// Items that make a run due.
+    /// Items that make a run due, for devices without a hold of their own.
     run_len: usize,
+    /// Longest an item is held.
+    linger: Duration,
 }
 
 /// Which runs a pick takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pick {
-    /// The full runs and those whose first item has waited `linger`; and
-    /// the oldest others while more than `hold_max` items are held.
-    Due { linger: Duration, hold_max: usize },
+    /// The due runs (full, or waited long enough); and the earliest due
+    /// others while more than `hold_max` items are held.
+    Due { hold_max: usize },
     /// Every run (a flush, the shutdown).
     All,
 }
 
 impl<T: Held> Runs<T> {
-    /// No runs; a run is due once it holds `run_len` items (1 to
-    /// [`URGENT`]).
-    pub fn new(run_len: usize) -> Self {
+    /// No runs. A run is due once it holds `run_len` items (1 to
+    /// [`URGENT`]) or its first item has waited `linger`, or its device's
+    /// own hold when that is shorter.
+    pub fn new(run_len: usize, linger: Duration) -> Self {
         Runs {
             by_device: HashMap::new(),
-            order: VecDeque::new(),
+            order: BinaryHeap::new(),
             full: Vec::new(),
             items: 0,
             urgent: false,
             run_len: run_len.clamp(1, URGENT),
+            linger,
         }
     }
 
@@ -101,22 +119,31 @@ impl<T: Held> Runs<T> {
         let device = item.device();
         if let Some(run) = self.by_device.get_mut(&**device) {
             run.items.push(item);
-            if run.items.len() == self.run_len {
+            if run.items.len() == run.full_at {
                 self.full.push(run.device.clone());
             }
             self.urgent |= run.items.len() == URGENT;
             return;
         }
         let device = device.clone();
-        self.order.push_back((now, device.clone()));
-        if self.run_len == 1 {
+        // A device's own hold counts in time only: its run fills at URGENT.
+        let (wait, full_at) = match item.hold() {
+            Some(hold) => (hold.min(self.linger), URGENT),
+            None => (self.linger, self.run_len),
+        };
+        // A run due at its first item is handed from `full`, never from
+        // `order`: it needs no place there.
+        if full_at == 1 {
             self.full.push(device.clone());
+        } else {
+            self.order.push(Reverse((now + wait, now, device.clone())));
         }
-        let mut items = Vec::with_capacity(self.run_len.min(URGENT));
+        let mut items = Vec::with_capacity(full_at.min(4));
         items.push(item);
         let run = Run {
             device: device.clone(),
             since: now,
+            full_at,
             items,
         };
         self.by_device.insert(device, run);
@@ -138,23 +165,21 @@ impl<T: Held> Runs<T> {
             }
         }
         while left > 0 {
-            let Some((since, _)) = self.order.front() else {
+            let Some(Reverse((due_at, _, _))) = self.order.peek() else {
                 break;
             };
             let due = match pick {
                 Pick::All => true,
-                Pick::Due { linger, hold_max } => {
-                    now.saturating_duration_since(*since) >= linger || self.items > hold_max
-                }
+                Pick::Due { hold_max } => now >= *due_at || self.items > hold_max,
             };
             if !due {
                 break;
             }
-            let Some((since, device)) = self.order.pop_front() else {
+            let Some(Reverse((due_at, since, device))) = self.order.pop() else {
                 break;
             };
             if !self.hand(&device, Some(since), &mut left, &mut out) {
-                self.order.push_front((since, device));
+                self.order.push(Reverse((due_at, since, device)));
             }
         }
     }
@@ -197,17 +222,24 @@ impl<T: Held> Runs<T> {
 mod tests {
     use super::*;
 
-    /// A device's reading by its seq.
-    struct Item(Arc<str>, u64);
+    /// A device's reading by its seq, and the device's own hold.
+    struct Item(Arc<str>, u64, Option<Duration>);
 
     impl Held for Item {
         fn device(&self) -> &Arc<str> {
             &self.0
         }
+        fn hold(&self) -> Option<Duration> {
+            self.2
+        }
     }
 
     fn item(device: &str, seq: u64) -> Item {
-        Item(Arc::from(device), seq)
+        Item(Arc::from(device), seq, None)
+    }
+
+    fn held(device: &str, seq: u64, hold_ms: u64) -> Item {
+        Item(Arc::from(device), seq, Some(Duration::from_millis(hold_ms)))
     }
 
     fn picked(runs: &mut Runs<Item>, pick: Pick, now: Instant, max: usize) -> Vec<(String, u64)> {
@@ -217,15 +249,12 @@ mod tests {
     }
 
     const LINGER: Duration = Duration::from_secs(2);
-    const DUE: Pick = Pick::Due {
-        linger: LINGER,
-        hold_max: 100,
-    };
+    const DUE: Pick = Pick::Due { hold_max: 100 };
 
     #[test]
     fn a_run_is_due_when_full_or_when_its_first_item_has_waited_the_linger() {
         let t0 = Instant::now();
-        let mut runs = Runs::new(2);
+        let mut runs = Runs::new(2, LINGER);
         runs.take(item("a", 0), t0);
         runs.take(item("b", 0), t0 + Duration::from_millis(500));
         assert!(picked(&mut runs, DUE, t0 + Duration::from_millis(900), 100).is_empty());
@@ -246,7 +275,7 @@ mod tests {
     #[test]
     fn all_takes_every_run_and_max_splits_the_last_one_in_order() {
         let t0 = Instant::now();
-        let mut runs = Runs::new(2);
+        let mut runs = Runs::new(2, LINGER);
         for seq in 0..5 {
             runs.take(item("a", seq), t0);
         }
@@ -264,16 +293,53 @@ mod tests {
     #[test]
     fn past_hold_max_the_oldest_runs_go_before_they_are_due() {
         let t0 = Instant::now();
-        let mut runs = Runs::new(2);
+        let mut runs = Runs::new(2, LINGER);
         for (i, d) in ["a", "b", "c", "d"].iter().enumerate() {
             runs.take(item(d, 0), t0 + Duration::from_millis(i as u64));
         }
-        let tight = Pick::Due {
-            linger: LINGER,
-            hold_max: 2,
-        };
+        let tight = Pick::Due { hold_max: 2 };
         let got = picked(&mut runs, tight, t0, 100);
         assert_eq!(got, [("a".into(), 0), ("b".into(), 0)]);
         assert_eq!(runs.len(), 2);
+    }
+
+    #[test]
+    fn a_device_with_a_hold_of_its_own_is_due_by_time_alone() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // Runs of 2 for the others; "w" may be held 1.5 s, "long" asks
+        // for more than the linger and gets the linger.
+        let mut runs = Runs::new(2, LINGER);
+        runs.take(held("w", 0, 1500), t0);
+        runs.take(held("long", 0, 60_000), t0);
+        runs.take(held("w", 1, 1500), t0 + ms(1000));
+        runs.take(item("d", 0), t0 + ms(1000));
+        // Two readings of "w" do not make its run due; "d" waits for its pair.
+        assert!(picked(&mut runs, DUE, t0 + ms(1400), 100).is_empty());
+        let got = picked(&mut runs, DUE, t0 + ms(1500), 100);
+        assert_eq!(got, [("w".into(), 0), ("w".into(), 1)]);
+        runs.take(held("w", 2, 1500), t0 + ms(2000));
+        let got = picked(&mut runs, DUE, t0 + LINGER, 100);
+        assert_eq!(got, [("long".into(), 0)]);
+        let got = picked(&mut runs, DUE, t0 + ms(3000), 100);
+        assert_eq!(got, [("d".into(), 0)]);
+        let got = picked(&mut runs, DUE, t0 + ms(3500), 100);
+        assert_eq!(got, [("w".into(), 2)]);
+        assert!(runs.is_empty());
+    }
+
+    #[test]
+    fn a_held_run_still_goes_at_once_when_it_grows_urgent_or_a_hold_is_zero() {
+        let t0 = Instant::now();
+        let mut runs = Runs::new(1, LINGER);
+        for seq in 0..URGENT as u64 {
+            runs.take(held("fast", seq, 1500), t0);
+        }
+        assert!(runs.urgent());
+        runs.take(held("now", 0, 0), t0);
+        let got = picked(&mut runs, DUE, t0, 1000);
+        assert_eq!(got.len(), URGENT + 1);
+        assert_eq!(got[URGENT], ("now".into(), 0));
+        assert!(runs.is_empty());
     }
 }

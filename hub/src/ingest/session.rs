@@ -72,12 +72,20 @@ pub(crate) struct Upgrade<G> {
     pub guard: G,
 }
 
+/// What a device connection's registration needs, and nothing after it.
+pub(crate) struct Admission {
+    /// The hash of the token the connection authenticated with; the
+    /// revocation poll compares it with the store's current one.
+    pub token: Option<TokenHash>,
+    /// How long the writer may hold the device's readings before it
+    /// answers them ([`super::hold_for`] of its announced ack window).
+    pub hold: Option<Duration>,
+}
+
 /// Serves one device connection, from its upgrade until it ends.
 ///
-/// `token` is the hash of the token the connection authenticated with; the
-/// revocation poll compares it with the store's current one. Boxed: it is
-/// needed only until the connection is registered, and the task keeps its
-/// arguments for its whole life.
+/// `admission` is boxed: it is needed only until the connection is
+/// registered, and the task keeps its arguments for its whole life.
 // Not an `async fn` on purpose (see the comment in the body).
 #[allow(clippy::manual_async_fn)]
 pub(crate) fn run<G: Send + 'static>(
@@ -85,7 +93,7 @@ pub(crate) fn run<G: Send + 'static>(
     device_id: Arc<str>,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    token: Option<Box<TokenHash>>,
+    admission: Box<Admission>,
 ) -> impl std::future::Future<Output = ()> + Send {
     // An `async move` block rather than an `async fn`: the latter keeps a
     // second copy of its arguments in every session's task.
@@ -98,8 +106,8 @@ pub(crate) fn run<G: Send + 'static>(
         else {
             return;
         };
-        // The token's box is freed here, and its copy lives only in this
-        // block: not across an `.await`, so not in the task. The token was
+        // The admission's box is freed here, and its copy lives only in
+        // this block: not across an `.await`, so not in the task. The token was
         // checked before this connection was registered; a revocation seen
         // in between closes it here, one after closes it through the
         // registry.
@@ -111,8 +119,8 @@ pub(crate) fn run<G: Send + 'static>(
             },
             revoked,
         )) = ({
-            let token = token.map(|hash| *hash);
-            register(&shared, &device_id, peer, token).map(|lease| {
+            let Admission { token, hold } = *admission;
+            register(&shared, &device_id, peer, token, hold).map(|lease| {
                 let now = |h: TokenHash| shared.auth.device_now(&device_id, &h);
                 (lease, token.is_some_and(|h| now(h) == AuthAnswer::No))
             })
@@ -178,9 +186,10 @@ fn register(
     device_id: &Arc<str>,
     peer: SocketAddr,
     token: Option<TokenHash>,
+    hold: Option<Duration>,
 ) -> Option<DeviceLease> {
     let metrics = &shared.metrics;
-    match shared.registry.connect_device(device_id, peer, token) {
+    match shared.registry.connect_device(device_id, peer, token, hold) {
         Ok((lease, Some(old))) => {
             metrics.takeovers.fetch_add(1, Ordering::Relaxed);
             log::warn!("device {device_id} connected from {peer}; closing its previous connection from {old} (4000 replaced)");

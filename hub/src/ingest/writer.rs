@@ -81,6 +81,10 @@ impl Held for Item {
             Entry::Quarantine(q) => &q.device_id,
         }
     }
+
+    fn hold(&self) -> Option<Duration> {
+        self.ack.hold()
+    }
 }
 
 /// Batching parameters.
@@ -250,7 +254,7 @@ fn run(
         stop: stop.clone(),
         give_up_at: None,
     };
-    let mut runs = Runs::new(cfg.batch_run);
+    let mut runs = Runs::new(cfg.batch_run, cfg.batch_linger);
     let hold_max = max.saturating_mul(HOLD_BATCHES);
     // A linger shorter than the cadence shortens it: with a run of 1 and a
     // linger of 5 ms every reading commits within about 5 ms.
@@ -296,10 +300,7 @@ fn run(
         let pick = if all {
             Pick::All
         } else {
-            Pick::Due {
-                linger: cfg.batch_linger,
-                hold_max,
-            }
+            Pick::Due { hold_max }
         };
         let room = max.saturating_sub(batch.len());
         runs.pick(pick, now, room, |item| batch.push(item));

@@ -136,6 +136,66 @@ async fn a_ping_or_a_second_reading_asks_a_lingering_hub_for_the_ack() {
     assert_eq!(hub.stored("dev").len(), 3);
 }
 
+/// A device that announces its ack window has its readings held for half
+/// of it and answered together, by one cumulative ack; a device that
+/// announces none is answered at the commit cadence; a malformed window
+/// is refused before the upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_announced_ack_window_lets_the_hub_answer_readings_together() {
+    use std::time::Duration;
+    let hub = TestHub::start_with(|c| c.batch_linger = Duration::from_secs(600)).await;
+    let token = hub.add_device("dev");
+    let path = "/ws/device/dev";
+    let bearer = format!("Bearer {token}");
+    let (mut ws, _, _) = connect_with(
+        hub.addr,
+        path,
+        &[
+            ("authorization", bearer.clone()),
+            (ems_shared::ACK_WINDOW_HEADER, "2000".into()),
+        ],
+    )
+    .await
+    .unwrap();
+    send_text(&mut ws, reading(1, 0)).await;
+    send_text(&mut ws, reading(1, 1)).await;
+    // Held for half the window (1 s): nothing within 0.5 s, where the
+    // commit cadence alone answers within about 0.1 s.
+    let early = tokio::time::timeout(Duration::from_millis(500), next_json(&mut ws)).await;
+    assert!(early.is_err(), "answered before the hold: {early:?}");
+    let ack = next_json(&mut ws).await;
+    assert_eq!(
+        (ack["type"].as_str(), ack["seq"].as_u64()),
+        (Some("ack"), Some(1)),
+        "{ack}"
+    );
+    assert_eq!(hub.stored("dev"), [(1, 0), (1, 1)]);
+    drop(ws);
+
+    // No window: answered at once, whatever the linger.
+    let mut ws = hub.device("dev", &token).await;
+    send_text(&mut ws, reading(1, 2)).await;
+    wait_ack(&mut ws, 1, 2).await;
+
+    for bad in ["0", "600001", "2s", ""] {
+        let refused = connect_with(
+            hub.addr,
+            path,
+            &[
+                ("authorization", bearer.clone()),
+                (ems_shared::ACK_WINDOW_HEADER, bad.into()),
+            ],
+        )
+        .await;
+        match refused {
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                assert_eq!(resp.status(), 400, "window {bad:?}")
+            }
+            other => panic!("window {bad:?}: {:?}", other.map(|_| ())),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resent_reading_is_stored_once() {
     let hub = TestHub::start().await;
