@@ -178,6 +178,7 @@ impl Running {
                 token,
                 tls,
                 connect_timeout: config.link.connect_timeout,
+                ack_window: config.ack_window,
             },
             cfg: config.link.clone(),
             outbox: outbox.clone(),
@@ -406,7 +407,11 @@ fn open_state(config: &Config) -> Result<(StateDir, SharedOutbox, u64), EdgeErro
     let mut outbox = Outbox::open_locked(lock, config.spool_max_bytes, config.link.max_in_flight)
         .map_err(spool_err(dir))?;
     outbox.set_energy_headroom(config.energy_headroom, ceiling_lead(config));
-    outbox.set_sync_timing(config.spool_sync_interval, config.sample_interval);
+    outbox.set_sync_timing(
+        config.spool_sync_interval,
+        config.ack_window,
+        config.sample_interval,
+    );
     if outbox.ceiling_found() == Found::Damaged {
         log::warn!(
             "energy ceiling files in {} are damaged: ignored; energy counters continue from their state files and the spool",

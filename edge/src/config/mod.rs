@@ -189,6 +189,10 @@ pub struct Config {
     pub spool_max_bytes: u64,
     /// Write + fsync period of the spool.
     pub spool_sync_interval: Duration,
+    /// How long a reading on the wire of a live connection may wait for
+    /// its ack before it is written; announced to the hub, which may hold
+    /// readings for half of it (never shorter than the sync interval).
+    pub ack_window: Duration,
     /// How far ahead of an energy counter its saved ceiling runs (at the
     /// recent power): the most energy a crash can add to a counter.
     pub energy_headroom: Duration,
@@ -247,6 +251,7 @@ impl Config {
             spool_dir: raw.spool_dir,
             spool_max_bytes: raw.spool_max_bytes,
             spool_sync_interval: ms(raw.spool_sync_interval_ms),
+            ack_window: ms(raw.ack_window_ms.max(raw.spool_sync_interval_ms)),
             energy_headroom: Duration::from_secs(raw.energy_headroom_s),
             trust_clock: raw.trust_clock,
             clock_sync_file: raw.clock_sync_file,
@@ -271,6 +276,12 @@ fn check_intervals_and_spool(raw: &RawConfig) -> Result<(), String> {
     }
     if !(10..=60_000).contains(&raw.spool_sync_interval_ms) {
         return Err("spool_sync_interval_ms must be between 10 and 60000".into());
+    }
+    if !(1..=ems_shared::MAX_ACK_WINDOW_MS).contains(&raw.ack_window_ms) {
+        return Err(format!(
+            "ack_window_ms must be between 1 and {}",
+            ems_shared::MAX_ACK_WINDOW_MS
+        ));
     }
     if !(5..=3600).contains(&raw.energy_headroom_s) {
         return Err("energy_headroom_s must be between 5 and 3600".into());

@@ -41,6 +41,10 @@ pub struct RawConfig {
     /// How often buffered readings are written and fsynced.
     #[serde(default = "default_spool_sync_ms")]
     pub spool_sync_interval_ms: u64,
+    /// How long a reading on the wire of a live connection may wait for
+    /// its ack before it is written (announced to the hub).
+    #[serde(default = "default_ack_window_ms")]
+    pub ack_window_ms: u64,
     /// How far ahead of an energy counter its saved ceiling runs, in
     /// seconds at the recent power (energy a crash may add; SD writes).
     #[serde(default = "default_energy_headroom_s")]
@@ -117,6 +121,9 @@ fn default_spool_max_bytes() -> u64 {
 }
 fn default_spool_sync_ms() -> u64 {
     1000
+}
+fn default_ack_window_ms() -> u64 {
+    4000
 }
 fn default_energy_headroom_s() -> u64 {
     crate::ceiling::DEFAULT_HEADROOM.as_secs()

@@ -134,6 +134,8 @@ pub struct Target {
     pub tls: Arc<rustls::ClientConfig>,
     /// Handshake timeout.
     pub connect_timeout: Duration,
+    /// Announced in the handshake ([`ems_shared::ACK_WINDOW_HEADER`]).
+    pub ack_window: Duration,
 }
 
 /// Resolves the hub's addresses.
@@ -179,6 +181,14 @@ pub fn connect(target: &Target) -> Result<(Socket, TcpStream), ConnectError> {
         .map_err(|_| ConnectError::Handshake("token is not a valid header value".into()))?;
     auth.set_sensitive(true);
     request.headers_mut().insert(header::AUTHORIZATION, auth);
+    let window = target
+        .ack_window
+        .as_millis()
+        .clamp(1, ems_shared::MAX_ACK_WINDOW_MS.into());
+    request.headers_mut().insert(
+        ems_shared::ACK_WINDOW_HEADER,
+        HeaderValue::from(window as u64),
+    );
 
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(16 * 1024)

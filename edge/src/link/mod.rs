@@ -110,6 +110,9 @@ impl Link {
                     );
                     let end = session.run(ws, &control);
                     self.outbox.lock().disconnected();
+                    // Readings that were on the wire are due at the sync
+                    // interval again: the supervisor plans anew.
+                    self.outbox.bell().nudge();
                     let up = since.elapsed();
                     if up >= self.cfg.stable_after {
                         retry.backoff.reset();

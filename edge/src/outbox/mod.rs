@@ -210,7 +210,7 @@ impl Outbox {
             held_back: VecDeque::new(),
             wake_link: false,
             sync_wanted: false,
-            due: due::SyncDue::new(DEFAULT_SYNC_EVERY, DEFAULT_SYNC_EVERY),
+            due: due::SyncDue::new(DEFAULT_SYNC_EVERY, DEFAULT_SYNC_EVERY, DEFAULT_SYNC_EVERY),
             raise_asked: None,
         };
         ob.refresh_stats();
@@ -223,10 +223,17 @@ impl Outbox {
         self.ceilings = Ceilings::new(self.ceilings.saved().clone(), headroom, lead);
     }
 
-    /// Sets the spool sync interval and the sampler's tick, which decide
-    /// when a sync is due ([`due`]). Call before the first append.
-    pub fn set_sync_timing(&mut self, sync_every: Duration, sample_every: Duration) {
-        self.due.set_intervals(sync_every, sample_every);
+    /// Sets the spool sync interval, the ack window (how long a reading
+    /// may wait for its ack while every reading is on the wire) and the
+    /// sampler's tick, which decide when a sync is due ([`due`]). Call
+    /// before the first append.
+    pub fn set_sync_timing(
+        &mut self,
+        sync_every: Duration,
+        ack_window: Duration,
+        sample_every: Duration,
+    ) {
+        self.due.set_intervals(sync_every, ack_window, sample_every);
     }
 
     /// When the oldest reading that is neither acked nor written must be on
@@ -242,10 +249,11 @@ impl Outbox {
     /// the edge does not stay "not writable" while the hub acks every
     /// reading in time.
     pub fn sync_due_at(&mut self, now: Instant) -> Option<Instant> {
+        let on_the_wire = self.on_the_wire();
         let (spool, state) = (&self.spool, &self.state);
-        let due = self
-            .due
-            .due_at(now, |rec| rec < spool.written_end() || state.is_done(rec));
+        let due = self.due.due_at(now, on_the_wire, |rec| {
+            rec < spool.written_end() || state.is_done(rec)
+        });
         if self.spool.write_failing() {
             return Some(now);
         }
@@ -271,10 +279,18 @@ impl Outbox {
     /// After appending the records from `first_new` on: must the sleeping
     /// supervisor plan again ([`due::SyncDue::must_wake`])?
     pub fn take_plan_again(&mut self, first_new: u64) -> bool {
+        let on_the_wire = self.on_the_wire();
         let (spool, state) = (&self.spool, &self.state);
-        self.due.must_wake(first_new, |rec| {
+        self.due.must_wake(first_new, on_the_wire, |rec| {
             rec < spool.written_end() || state.is_done(rec)
         })
+    }
+
+    /// Whether every reading not yet acked is in flight on a live
+    /// connection, none held back for a ceiling raise: then the oldest may
+    /// wait the ack window before it is written ([`due`]).
+    fn on_the_wire(&mut self) -> bool {
+        self.held_back.is_empty() && self.state.all_on_the_wire()
     }
 
     /// What the ceiling file held at open (for the start's log lines).

@@ -177,6 +177,19 @@ impl OutboxState {
         if !self.connected || self.in_flight.len() >= self.window {
             return None;
         }
+        self.waiting()
+    }
+
+    /// Whether every reading not done is in flight on a live connection:
+    /// none waits to be sent, for room in the window, for a ceiling raise
+    /// or for its turn.
+    pub fn all_on_the_wire(&mut self) -> bool {
+        self.connected && self.sendable >= self.next_rec && self.waiting().is_none()
+    }
+
+    /// The first sendable record not done and not in flight: live first,
+    /// then the oldest backlog record.
+    fn waiting(&mut self) -> Option<u64> {
         while let Some(&rec) = self.live.front() {
             if self.is_done(rec) || self.in_flight_recs.contains(&rec) {
                 self.live.pop_front();
@@ -567,5 +580,34 @@ mod tests {
         s.sendable_below(6);
         assert_eq!(send_all(&mut s), [4, 5]);
         assert_eq!(s.ack(1, 5).done, 6);
+    }
+
+    #[test]
+    fn all_on_the_wire_only_while_nothing_waits_to_be_sent() {
+        let mut st = OutboxState::new(0, 0, 2);
+        st.appended(0);
+        st.sendable_below(1);
+        // Not connected.
+        assert!(!st.all_on_the_wire());
+        st.connected();
+        assert!(!st.all_on_the_wire());
+        st.sent(0, 1, 0);
+        assert!(st.all_on_the_wire());
+        // A reading held back (not sendable yet).
+        st.appended(1);
+        assert!(!st.all_on_the_wire());
+        st.sendable_below(3);
+        st.sent(1, 1, 1);
+        assert!(st.all_on_the_wire());
+        // The window (2) is full: the next reading waits.
+        st.appended(2);
+        st.sendable_below(3);
+        assert_eq!(st.peek_next(), None);
+        assert!(!st.all_on_the_wire());
+        st.ack(1, 0);
+        st.sent(2, 1, 2);
+        assert!(st.all_on_the_wire());
+        st.disconnected();
+        assert!(!st.all_on_the_wire());
     }
 }

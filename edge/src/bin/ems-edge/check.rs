@@ -72,6 +72,7 @@ pub fn check(config_path: &Path, out: &mut dyn Write) -> io::Result<bool> {
         token,
         tls,
         connect_timeout: config.link.connect_timeout,
+        ack_window: config.ack_window,
     };
     let started = Instant::now();
     match link::connect(&target) {
