@@ -33,6 +33,7 @@ async fn connect(
     src: std::net::IpAddr,
     url: &str,
     token: &str,
+    ack_window_ms: u64,
     stats: &Stats,
 ) -> anyhow::Result<Ws> {
     let t0 = Instant::now();
@@ -46,6 +47,12 @@ async fn connect(
         "authorization",
         HeaderValue::from_str(&format!("Bearer {token}"))?,
     );
+    if ack_window_ms > 0 {
+        req.headers_mut().insert(
+            ems_shared::ACK_WINDOW_HEADER,
+            HeaderValue::from(ack_window_ms),
+        );
+    }
     let (ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(ws_config()))
         .await
         .with_context(|| format!("handshake {url}"))?;
@@ -84,6 +91,7 @@ pub async fn connect_all(
         ),
     };
     let conc = a.connect_concurrency.max(1);
+    let window = a.ack_window_ms;
     let nsrc = a.source_ips;
 
     let sub_conns: Vec<(Vec<usize>, Ws)> = futures_util::stream::iter(flat.into_iter().enumerate())
@@ -92,7 +100,7 @@ pub async fn connect_all(
             let viewer = viewer.clone();
             let stats = stats.clone();
             async move {
-                match connect(addr, source_ip(i, nsrc), &url, &viewer, &stats).await {
+                match connect(addr, source_ip(i, nsrc), &url, &viewer, 0, &stats).await {
                     Ok(ws) => Some((vec![dev], ws)),
                     Err(e) => {
                         if stats.connect_errors.fetch_add(1, Ordering::Relaxed) < 5 {
@@ -117,7 +125,16 @@ pub async fn connect_all(
             let tok = tok.clone();
             let stats = stats.clone();
             async move {
-                match connect(addr, source_ip(offset + i, nsrc), &url, &tok, &stats).await {
+                match connect(
+                    addr,
+                    source_ip(offset + i, nsrc),
+                    &url,
+                    &tok,
+                    window,
+                    &stats,
+                )
+                .await
+                {
                     Ok(ws) => Some((i, ws)),
                     Err(e) => {
                         if stats.connect_errors.fetch_add(1, Ordering::Relaxed) < 5 {
