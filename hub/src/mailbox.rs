@@ -80,10 +80,6 @@ pub enum Mail {
 pub struct Mailbox {
     /// Connection id, to group a batch's acks by connection.
     pub conn_id: u64,
-    /// How long the writer may hold this connection's readings before it
-    /// answers them, in milliseconds, when the device announced an ack
-    /// window (`u32::MAX`: it did not).
-    hold_ms: u32,
     /// Answers in commit order, and the flags.
     /// Unbounded, but bounded in practice by the writer queue (one ack per
     /// batch and epoch, one `rejected` per quarantined reading).
@@ -91,7 +87,7 @@ pub struct Mailbox {
     ready: tokio::sync::Notify,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
     queue: VecDeque<Answer>,
     abandoned: bool,
@@ -100,6 +96,12 @@ struct Inner {
     shutting_down: bool,
     /// A heartbeat tick not taken yet (ticks do not add up).
     tick: bool,
+    /// How long the writer may hold this connection's readings before it
+    /// answers them, in milliseconds, when the device announced an ack
+    /// window (`u32::MAX`: it did not). Never changes; kept under the lock
+    /// because it fits in `Inner`'s padding there, where beside `conn_id`
+    /// it would take the mailbox's allocation to the next size class.
+    hold_ms: u32,
 }
 
 impl Mailbox {
@@ -117,8 +119,14 @@ impl Mailbox {
         });
         Mailbox {
             conn_id,
-            hold_ms,
-            inner: std::sync::Mutex::new(Inner::default()),
+            inner: std::sync::Mutex::new(Inner {
+                queue: VecDeque::new(),
+                abandoned: false,
+                kick: None,
+                shutting_down: false,
+                tick: false,
+                hold_ms,
+            }),
             ready: tokio::sync::Notify::new(),
         }
     }
@@ -126,7 +134,8 @@ impl Mailbox {
     /// How long the writer may hold this connection's readings before it
     /// answers them (`None`: the writer's own run length and linger).
     pub fn hold(&self) -> Option<Duration> {
-        (self.hold_ms != u32::MAX).then(|| Duration::from_millis(self.hold_ms.into()))
+        let ms = self.lock().hold_ms;
+        (ms != u32::MAX).then(|| Duration::from_millis(ms.into()))
     }
 
     /// Queues an ack (the writer, after the commit). Ignored once the
@@ -323,5 +332,20 @@ mod tests {
         tokio::task::yield_now().await;
         mb.kick(Kick::Conflict);
         assert_eq!(waiter.await.unwrap(), Mail::Kick(Kick::Conflict));
+    }
+
+    #[test]
+    fn a_mailbox_keeps_its_connections_hold() {
+        use std::time::Duration;
+        assert_eq!(Mailbox::new(1).hold(), None);
+        let two = Some(Duration::from_secs(2));
+        assert_eq!(Mailbox::with_hold(1, two).hold(), two);
+        assert_eq!(
+            Mailbox::with_hold(1, Some(Duration::ZERO)).hold(),
+            Some(Duration::ZERO)
+        );
+        // Beyond what u32 milliseconds hold: the longest that is not "none".
+        let far = Mailbox::with_hold(1, Some(Duration::from_secs(10_000_000))).hold();
+        assert_eq!(far, Some(Duration::from_millis(u64::from(u32::MAX - 1))));
     }
 }
