@@ -7,6 +7,10 @@
 (function () {
   var HOUR = 3600 * 1000;
   var STALE_MS = 30 * 1000;
+  // A device that announced an ack window has its newest readings held by
+  // the hub for up to --batch-linger-ms (10 s at most) before their ack:
+  // an oldest unacked reading younger than this is not a backlog.
+  var HELD_MS = 15 * 1000;
   var VIEWER_KEY = 'ems.viewer';
   var ADMIN_KEY = 'ems.admin';
 
@@ -375,7 +379,7 @@
       note = 'offline since ' + fmtTime(d && d.last_seen_ms);
     } else if (st === 'stale') {
       note = 'connected, but no reading since ' + fmtTime(live.lastRxMs);
-    } else if (d && d.outbox_depth) {
+    } else if (d && d.outbox_depth && d.behind_ms >= HELD_MS) {
       note = 'catching up: ' + d.outbox_depth + ' readings still queued on the device' +
         (d.behind_ms ? ', ' + fmtDuration(d.behind_ms) + ' behind' : '');
     } else if (live.latest) {
@@ -981,11 +985,12 @@
     return now - ms < 1000 ? 'now' : fmtSpan(now - ms) + ' ago';
   }
   // "3 h behind" (with the queued count), "up to date", or a dash when
-  // the device does not report its outbox.
+  // the device does not report its outbox. Readings younger than
+  // HELD_MS are the ones the hub holds for its commit, not a backlog.
   function fleetBacklog(d) {
     if (typeof d.behind_ms !== 'number') { return DASH; }
     var queued = typeof d.outbox_depth === 'number' && d.outbox_depth > 0 ? ' \u00b7 ' + d.outbox_depth + ' queued' : '';
-    if (d.behind_ms < 60000 && !queued) { return 'up to date'; }
+    if (d.behind_ms < HELD_MS || (d.behind_ms < 60000 && !queued)) { return 'up to date'; }
     return fmtSpan(Math.max(0, d.behind_ms)) + ' behind' + queued;
   }
 
