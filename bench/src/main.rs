@@ -89,7 +89,7 @@ pub struct RunArgs {
     /// The ack window devices announce in their handshake, in ms (as
     /// `ems-edge` does with its default `ack_window_ms`); 0: none, the hub
     /// answers each reading as soon as its commit cadence allows.
-    #[arg(long, default_value_t = 6000)]
+    #[arg(long, default_value_t = 4000)]
     pub ack_window_ms: u64,
     /// Readings per second per device (0: connect and hold only).
     #[arg(long, default_value_t = 1.0)]

@@ -123,7 +123,7 @@ fn default_spool_sync_ms() -> u64 {
     1000
 }
 fn default_ack_window_ms() -> u64 {
-    6000
+    4000
 }
 fn default_energy_headroom_s() -> u64 {
     crate::ceiling::DEFAULT_HEADROOM.as_secs()
