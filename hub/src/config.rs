@@ -223,14 +223,15 @@ impl Config {
             // (docs/decisions/hub-ack-after-commit.md).
             // Steady state is bound by `batch_linger`, not by this.
             batch_max_rows: 10_000,
-            // With `batch_run` 2 or more: long enough that a 1 Hz device's
-            // readings go to the store in pairs (one page write of each
-            // index and one ack for both); an ack waits up to this long.
+            // The longest hold: half of `ems-edge`'s default ack window
+            // (4 s), so a 1 Hz device's readings go to the store in runs of
+            // two or three (one page write of each index and one ack for
+            // all); an ack waits up to this long
+            // (docs/decisions/ack-window.md).
             batch_linger: Duration::from_secs(2),
-            // Prompt acks by default: `ems-edge` writes a reading to its
-            // SD card when it is unacked after `spool_sync_interval_ms`
-            // (1 s), and a 1 Hz device's pair would be acked just after
-            // that (docs/decisions/hub-ack-linger.md).
+            // Prompt acks for clients that announce no ack window: they may
+            // write or resend a reading unacked for a second
+            // (docs/decisions/hub-ack-linger.md).
             batch_run: 1,
             queue_capacity: 100_000,
             // How far a subscriber may fall behind before it is dropped:

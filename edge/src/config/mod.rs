@@ -390,6 +390,28 @@ kind = "simulated"
     }
 
     #[test]
+    fn the_ack_window_defaults_to_four_seconds_and_is_never_below_the_sync_interval() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.ack_window, Duration::from_secs(4));
+        let short = parse(&format!(
+            "spool_sync_interval_ms = 2000
+ack_window_ms = 500
+{MIN}"
+        ))
+        .unwrap();
+        assert_eq!(short.ack_window, Duration::from_secs(2));
+        for bad in ["ack_window_ms = 0", "ack_window_ms = 600001"] {
+            let e = parse(&format!(
+                "{bad}
+{MIN}"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("ack_window_ms"), "{e}");
+        }
+    }
+
+    #[test]
     fn the_energy_headroom_is_bounded_and_poll_ms_is_ignored() {
         let c = parse(&format!(
             "energy_headroom_s = 120

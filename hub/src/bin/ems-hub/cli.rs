@@ -141,10 +141,10 @@ pub struct ServeArgs {
     /// commits, each acking every device once).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     batch_max_rows: u64,
-    /// Longest a reading waits for its commit, in milliseconds: the bound
-    /// on ack latency. A device's readings are held until it has two (or
-    /// this long) and committed together, with one page write of each
-    /// index and one ack.
+    /// Longest a reading is held before its commit, in milliseconds: the
+    /// bound on ack latency. A device that announced an ack window is held
+    /// for half of it, at most this long; any other until it has
+    /// `--batch-run` readings waiting, or this long.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     batch_linger_ms: u64,
     /// Readings of one device committed together (1 … 16): more cost the
