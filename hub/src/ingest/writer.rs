@@ -3,10 +3,12 @@
 //! commits them in batches and then answers the devices.
 //!
 //! - The writer holds what it takes from the queue in per-device runs
-//!   ([`runs`](super::runs)). A run is due once it holds `batch_run` items
-//!   (default 1; with 2, a 1 Hz device's two readings share one page
-//!   write of each index and one ack) or its first item has waited
-//!   `batch_linger` (default 2 s). The writer looks at its queue every
+//!   ([`runs`](super::runs)). A device that announced its ack window is
+//!   held for half of it, at most `batch_linger` (default 2 s): a 1 Hz
+//!   device's two or three readings then share one page write of each
+//!   index and one ack. Any other device's run is due once it holds
+//!   `batch_run` items (default 1) or its first item has waited
+//!   `batch_linger`. The writer looks at its queue every
 //!   10 ms while it holds anything, gathers the due runs and commits them
 //!   every 100 ms —
 //!   at once when a run is urgent (a draining backlog), when the batch
@@ -15,7 +17,8 @@
 //!   is at most `batch_max_rows` items and one transaction: its readings
 //!   and its quarantine rows commit together or not at all. When an ack
 //!   may come is part of the protocol (`docs/protocol.md`, ack timing);
-//!   the edge holds every unacked reading on disk meanwhile.
+//!   the edge keeps every unacked reading meanwhile (in memory within the
+//!   window it announced, on its card after it).
 //! - A commit that fails because the store is unwell ([`StoreError::Db`]:
 //!   connection lost, disk full, locked) is retried with backoff until it
 //!   succeeds; answers are withheld meanwhile, the queue fills, and device
