@@ -117,6 +117,24 @@ impl SyncDue {
         Some(*at + wait)
     }
 
+    /// The first of the readings younger than a tick at `now`, which are
+    /// the sampler's to look after (see [`SyncDue::due_at`]); `None` when
+    /// there are none, or when ticks are longer than the interval.
+    pub fn young_from(&self, now: Instant) -> Option<u64> {
+        if self.sample_every > self.sync_every {
+            return None;
+        }
+        self.pending
+            .iter()
+            .rev()
+            .take_while(|(_, at)| {
+                now.checked_duration_since(*at)
+                    .map_or(true, |age| age < self.sample_every)
+            })
+            .last()
+            .map(|(rec, _)| *rec)
+    }
+
     /// The supervisor sleeps until `wake` (`None`: it is awake).
     pub fn plan(&mut self, wake: Option<Instant>) {
         self.planned_wake = wake;

@@ -249,7 +249,11 @@ impl Outbox {
     /// the edge does not stay "not writable" while the hub acks every
     /// reading in time.
     pub fn sync_due_at(&mut self, now: Instant) -> Option<Instant> {
-        let on_the_wire = self.on_the_wire();
+        // A reading younger than a tick may be between its append and its
+        // send: it is the sampler's to look after (its next append asks
+        // again), and must not take the window from the older ones.
+        let end = self.due.young_from(now).unwrap_or(self.state.next_rec());
+        let on_the_wire = self.on_the_wire_below(end);
         let (spool, state) = (&self.spool, &self.state);
         let due = self.due.due_at(now, on_the_wire, |rec| {
             rec < spool.written_end() || state.is_done(rec)
@@ -279,18 +283,23 @@ impl Outbox {
     /// After appending the records from `first_new` on: must the sleeping
     /// supervisor plan again ([`due::SyncDue::must_wake`])?
     pub fn take_plan_again(&mut self, first_new: u64) -> bool {
-        let on_the_wire = self.on_the_wire();
+        // The readings just appended go on the wire right after this (the
+        // sampler sends them, or wakes the link): counting them as waiting
+        // would wake the supervisor at every append while the hub holds
+        // acks, only to find them sent.
+        let on_the_wire = self.on_the_wire_below(first_new);
         let (spool, state) = (&self.spool, &self.state);
         self.due.must_wake(first_new, on_the_wire, |rec| {
             rec < spool.written_end() || state.is_done(rec)
         })
     }
 
-    /// Whether every reading not yet acked is in flight on a live
-    /// connection, none held back for a ceiling raise: then the oldest may
-    /// wait the ack window before it is written ([`due`]).
-    fn on_the_wire(&mut self) -> bool {
-        self.held_back.is_empty() && self.state.all_on_the_wire()
+    /// Whether every reading below `end` not yet acked is in flight on a
+    /// live connection, none held back for a ceiling raise: then the
+    /// oldest may wait the ack window before it is written ([`due`]).
+    fn on_the_wire_below(&mut self, end: u64) -> bool {
+        let held = self.held_back.front().is_some_and(|(rec, _)| *rec < end);
+        !held && self.state.all_on_the_wire_below(end)
     }
 
     /// What the ceiling file held at open (for the start's log lines).
@@ -521,6 +530,57 @@ mod tests {
         assert_eq!(drain(&mut ob), (50..100).collect::<Vec<_>>());
         assert_eq!(ob.ack(7, 99).done, 50);
         assert_eq!(ob.stats().depth, 0);
+    }
+
+    #[test]
+    fn a_reading_between_its_append_and_its_send_leaves_the_older_ones_their_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
+        let ms = Duration::from_millis;
+        // Ticks of 100 ms, sync after 200 ms, a window of 1 s.
+        ob.set_sync_timing(ms(200), ms(1000), ms(100));
+        ob.connected();
+        let t0 = Instant::now();
+        ob.append(&reading(0));
+        let t1 = Instant::now();
+        assert_eq!(drain(&mut ob), [0]);
+        std::thread::sleep(ms(150));
+        // Reading 1 is appended and not sent yet (the sampler sends it
+        // next): reading 0, in flight and unacked, keeps its window.
+        ob.append(&reading(1));
+        let due = ob.sync_due_at(Instant::now()).expect("reading 0 is due");
+        assert!(due >= t0 + ms(1000), "due {:?} after t0", due - t0);
+        // Without a connection the sync interval applies.
+        ob.disconnected();
+        let due = ob.sync_due_at(Instant::now()).expect("reading 0 is due");
+        assert!(due <= t1 + ms(200), "due {:?} after t1", due - t1);
+    }
+
+    #[test]
+    fn a_streaming_edge_is_not_woken_at_each_append_while_the_hub_holds_acks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ob = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
+        let s = Duration::from_secs(1);
+        ob.set_sync_timing(s, 4 * s, s);
+        ob.connected();
+        ob.append(&reading(0));
+        assert_eq!(drain(&mut ob), [0]);
+        // A second later reading 0 is still unacked (the hub holds it): the
+        // supervisor plans for its window and sleeps.
+        let due = ob.sync_due_at(Instant::now() + s);
+        assert!(due.is_some());
+        ob.plan_wake(due);
+        // The sampler's next reading is not on the wire yet, but goes right
+        // after the append: reading 0 keeps its window, nobody is woken.
+        let first_new = ob.next_rec();
+        ob.append(&reading(1));
+        assert!(!ob.take_plan_again(first_new));
+        assert_eq!(drain(&mut ob), [1]);
+        // The connection drops: reading 0 is due at the sync interval.
+        ob.disconnected();
+        let first_new = ob.next_rec();
+        ob.append(&reading(2));
+        assert!(ob.take_plan_again(first_new));
     }
 
     /// A reading of a meter with an energy counter at 3.6 kW (1 Wh/s).

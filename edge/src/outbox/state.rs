@@ -184,7 +184,15 @@ impl OutboxState {
     /// none waits to be sent, for room in the window, for a ceiling raise
     /// or for its turn.
     pub fn all_on_the_wire(&mut self) -> bool {
-        self.connected && self.sendable >= self.next_rec && self.waiting().is_none()
+        self.all_on_the_wire_below(self.next_rec)
+    }
+
+    /// Whether every reading below `end` that is not done is in flight on
+    /// a live connection (see [`OutboxState::all_on_the_wire`]).
+    pub fn all_on_the_wire_below(&mut self, end: u64) -> bool {
+        self.connected
+            && self.sendable >= end.min(self.next_rec)
+            && self.backlog_next().map_or(true, |rec| rec >= end)
     }
 
     /// The first sendable record not done and not in flight: live first,
@@ -200,6 +208,13 @@ impl OutboxState {
                 break;
             }
         }
+        self.backlog_next()
+    }
+
+    /// The oldest sendable record not done and not in flight. The scan
+    /// covers live records too (the cursor only passes records that are
+    /// done or in flight), so this is the oldest of all that wait.
+    fn backlog_next(&mut self) -> Option<u64> {
         self.cursor = self.cursor.max(self.low);
         let end = self.sendable.min(self.next_rec);
         while self.cursor < end
@@ -609,5 +624,30 @@ mod tests {
         assert!(st.all_on_the_wire());
         st.disconnected();
         assert!(!st.all_on_the_wire());
+    }
+
+    #[test]
+    fn readings_appended_from_a_record_on_can_be_left_out() {
+        let mut st = OutboxState::new(0, 0, 8);
+        st.connected();
+        st.appended(0);
+        st.sendable_below(1);
+        st.sent(0, 1, 0);
+        // Reading 1 is just appended and not sent yet: everything before it
+        // is on the wire, everything is not.
+        st.appended(1);
+        st.sendable_below(2);
+        assert!(st.all_on_the_wire_below(1));
+        assert!(!st.all_on_the_wire());
+        st.sent(1, 1, 1);
+        assert!(st.all_on_the_wire());
+        // An older reading that waits (sent live first after a reconnect)
+        // is seen even when a newer one went out.
+        st.disconnected();
+        st.connected();
+        st.appended(2);
+        st.sendable_below(3);
+        st.sent(2, 1, 2);
+        assert!(!st.all_on_the_wire_below(2));
     }
 }

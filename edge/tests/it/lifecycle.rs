@@ -131,15 +131,21 @@ fn readings_acked_before_their_sync_is_due_never_reach_the_card() {
 #[test]
 fn readings_the_hub_holds_within_the_ack_window_never_reach_the_card() {
     let w = World::new();
-    // The edge announces its ack window (the default, 4 s); the hub holds
-    // its readings for half of it, here all of its 2 s linger, so an ack
-    // comes about 2 s after its reading: after the 1 s sync interval. While
-    // every reading is on the wire the edge waits the window instead, and
-    // writes none of them.
+    // The edge announces its ack window; the hub holds its readings for
+    // half of it, at most its 2 s linger, so an ack comes about 2 s after
+    // its reading: after the 1 s sync interval. While every reading is on
+    // the wire the edge waits the window instead, and writes none of them.
+    // The window is 8 s rather than the default 4 so that a loaded machine
+    // delaying the hub's commits by seconds does not write readings either.
     let _hub = Hub::start(&w.db_url, w.port, |c| {
         c.batch_linger = Duration::from_secs(2)
     });
     let config = w.config_sync_due("edge.toml", 1000);
+    let text = fs::read_to_string(&config).unwrap().replace(
+        "trust_clock = true",
+        "trust_clock = true\nack_window_ms = 8000",
+    );
+    fs::write(&config, text).unwrap();
     let mut edge = w.edge(&config);
     let epoch = edge.epoch();
     wait_for("40 stored readings", SOON, || w.seqs_of(epoch).len() >= 40);
