@@ -183,12 +183,14 @@ impl OutboxState {
     /// Whether every reading not done is in flight on a live connection:
     /// none waits to be sent, for room in the window, for a ceiling raise
     /// or for its turn.
+    #[cfg(test)]
     pub fn all_on_the_wire(&mut self) -> bool {
         self.all_on_the_wire_below(self.next_rec)
     }
 
     /// Whether every reading below `end` that is not done is in flight on
-    /// a live connection (see [`OutboxState::all_on_the_wire`]).
+    /// a live connection: none of them waits to be sent, for room in the
+    /// window, for a ceiling raise or for its turn.
     pub fn all_on_the_wire_below(&mut self, end: u64) -> bool {
         self.connected
             && self.sendable >= end.min(self.next_rec)

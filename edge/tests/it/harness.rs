@@ -101,7 +101,13 @@ seed = 1
     /// headroom minus lead seconds at a steady rate; the lead is two sync
     /// intervals and a second, at most half the headroom).
     pub fn config_sync_headroom(&self, name: &str, sync_ms: u64, headroom_s: u64) -> PathBuf {
-        let config = self.config(name, &format!("energy_headroom_s = {headroom_s}"), "");
+        self.config_sync_extra(name, sync_ms, &format!("energy_headroom_s = {headroom_s}"))
+    }
+
+    /// An edge config whose spool sync is due `sync_ms` after a reading,
+    /// with `extra` top-level keys.
+    pub fn config_sync_extra(&self, name: &str, sync_ms: u64, extra: &str) -> PathBuf {
+        let config = self.config(name, extra, "");
         let text = fs::read_to_string(&config).unwrap().replace(
             "spool_sync_interval_ms = 100",
             &format!("spool_sync_interval_ms = {sync_ms}"),

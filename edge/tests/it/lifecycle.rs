@@ -96,6 +96,22 @@ fn readings_on_disk(w: &World) -> usize {
         .unwrap_or(0)
 }
 
+/// Lets `edge` stream until 160 of its readings are stored and returns the
+/// readings on disk once 40 were stored, and how many more were written
+/// meanwhile. The edge is killed, not stopped: an orderly stop would flush
+/// what is in flight.
+fn written_while_streaming(w: &World, edge: &mut Edge) -> (usize, usize) {
+    let epoch = edge.epoch();
+    wait_for("40 stored readings", SOON, || w.seqs_of(epoch).len() >= 40);
+    let before = readings_on_disk(w);
+    wait_for("160 stored readings", SOON, || {
+        w.seqs_of(epoch).len() >= 160
+    });
+    let written = readings_on_disk(w) - before;
+    edge.sigkill();
+    (before, written)
+}
+
 #[test]
 fn readings_acked_before_their_sync_is_due_never_reach_the_card() {
     let w = World::new();
@@ -107,20 +123,10 @@ fn readings_acked_before_their_sync_is_due_never_reach_the_card() {
         c.batch_linger = Duration::from_millis(150)
     });
     let config = w.config_sync_due("edge.toml", 2000);
-    let mut edge = w.edge(&config);
-    let epoch = edge.epoch();
     // With an hour of headroom the simulated household's swings need no
     // ceiling raise after the first (a raise writes no reading either:
-    // `ceiling_raises_while_streaming_write_no_reading`). Count from
-    // after the start.
-    wait_for("40 stored readings", SOON, || w.seqs_of(epoch).len() >= 40);
-    let before = readings_on_disk(&w);
-    wait_for("160 stored readings", SOON, || {
-        w.seqs_of(epoch).len() >= 160
-    });
-    let written = readings_on_disk(&w) - before;
-    // Killed, not stopped: an orderly stop would flush what is in flight.
-    edge.sigkill();
+    // `ceiling_raises_while_streaming_write_no_reading`).
+    let (before, written) = written_while_streaming(&w, &mut w.edge(&config));
     eprintln!("readings written to the spool while streaming: {written} (at the start: {before})");
     assert!(
         written <= 2,
@@ -140,21 +146,12 @@ fn readings_the_hub_holds_within_the_ack_window_never_reach_the_card() {
     let _hub = Hub::start(&w.db_url, w.port, |c| {
         c.batch_linger = Duration::from_secs(2)
     });
-    let config = w.config_sync_due("edge.toml", 1000);
-    let text = fs::read_to_string(&config).unwrap().replace(
-        "trust_clock = true",
-        "trust_clock = true\nack_window_ms = 8000",
+    let config = w.config_sync_extra(
+        "edge.toml",
+        1000,
+        "energy_headroom_s = 3600\nack_window_ms = 8000",
     );
-    fs::write(&config, text).unwrap();
-    let mut edge = w.edge(&config);
-    let epoch = edge.epoch();
-    wait_for("40 stored readings", SOON, || w.seqs_of(epoch).len() >= 40);
-    let before = readings_on_disk(&w);
-    wait_for("160 stored readings", SOON, || {
-        w.seqs_of(epoch).len() >= 160
-    });
-    let written = readings_on_disk(&w) - before;
-    edge.sigkill();
+    let (before, written) = written_while_streaming(&w, &mut w.edge(&config));
     eprintln!("readings written to the spool while streaming with held acks: {written} (at the start: {before})");
     assert!(
         written <= 2,
