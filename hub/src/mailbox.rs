@@ -16,6 +16,8 @@
 //! (docs/decisions/hub-idle-connection-memory.md).
 
 use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 /// What the writer has to tell a device about its readings, after the
@@ -74,8 +76,11 @@ pub enum Mail {
 /// The mailbox of one device connection.
 ///
 /// The writer, the registry, the shutdown and the heartbeat push; the
-/// connection's session waits in [`Mailbox::next`]. `notify_one` keeps a
-/// wake-up for a session that is not waiting yet, so none is lost.
+/// connection's session, its only reader, waits in [`Mailbox::next`]. The
+/// reader's waker is kept under the same lock as the mail: a push either
+/// finds it and wakes it, or happens before the reader looks, so no
+/// wake-up is lost. One waker slot rather than a `Notify`'s list of
+/// waiters keeps both the mailbox and the reader's wait small.
 #[derive(Debug)]
 pub struct Mailbox {
     /// Connection id, to group a batch's acks by connection.
@@ -84,7 +89,6 @@ pub struct Mailbox {
     /// Unbounded, but bounded in practice by the writer queue (one ack per
     /// batch and epoch, one `rejected` per quarantined reading).
     inner: std::sync::Mutex<Inner>,
-    ready: tokio::sync::Notify,
 }
 
 #[derive(Debug)]
@@ -102,6 +106,15 @@ struct Inner {
     /// because it fits in `Inner`'s padding there, where beside `conn_id`
     /// it would take the mailbox's allocation to the next size class.
     hold_ms: u32,
+    /// The reader's waker while it waits for mail.
+    reader: Option<Waker>,
+}
+
+impl Inner {
+    /// The waiting reader, to be woken once the lock is released.
+    fn wake(&mut self) -> Option<Waker> {
+        self.reader.take()
+    }
 }
 
 impl Mailbox {
@@ -126,8 +139,8 @@ impl Mailbox {
                 shutting_down: false,
                 tick: false,
                 hold_ms,
+                reader: None,
             }),
-            ready: tokio::sync::Notify::new(),
         }
     }
 
@@ -158,8 +171,9 @@ impl Mailbox {
         if !inner.abandoned {
             inner.abandoned = true;
             inner.queue.push_back(Answer::Abandoned);
+            let reader = inner.wake();
             drop(inner);
-            self.ready.notify_one();
+            wake(reader);
         }
     }
 
@@ -176,21 +190,28 @@ impl Mailbox {
             return false;
         }
         inner.kick = Some(reason);
+        let reader = inner.wake();
         drop(inner);
-        self.ready.notify_one();
+        wake(reader);
         true
     }
 
     /// Tells the connection that the hub is shutting down.
     pub fn shut_down(&self) {
-        self.lock().shutting_down = true;
-        self.ready.notify_one();
+        let mut inner = self.lock();
+        inner.shutting_down = true;
+        let reader = inner.wake();
+        drop(inner);
+        wake(reader);
     }
 
     /// A heartbeat period has passed for this connection.
     pub fn tick(&self) {
-        self.lock().tick = true;
-        self.ready.notify_one();
+        let mut inner = self.lock();
+        inner.tick = true;
+        let reader = inner.wake();
+        drop(inner);
+        wake(reader);
     }
 
     fn queue(&self, answer: Answer) {
@@ -199,8 +220,9 @@ impl Mailbox {
             return;
         }
         inner.queue.push_back(answer);
+        let reader = inner.wake();
         drop(inner);
-        self.ready.notify_one();
+        wake(reader);
     }
 
     /// The oldest queued answer, if any.
@@ -210,50 +232,72 @@ impl Mailbox {
 
     /// Waits for the next answer, whatever else arrives meanwhile.
     /// Cancel-safe: an answer is only taken in the poll that returns it.
-    pub async fn pop(&self) -> Answer {
-        loop {
-            if let Some(a) = self.try_pop() {
-                return a;
-            }
-            self.ready.notified().await;
-        }
+    pub fn pop(&self) -> impl Future<Output = Answer> + '_ {
+        poll_fn(move |cx| self.poll_with(cx, |inner| inner.queue.pop_front()))
     }
 
     /// The next piece of mail, if any.
     pub fn try_next(&self) -> Option<Mail> {
-        let mut inner = self.lock();
-        if let Some(k) = inner.kick.take() {
-            return Some(Mail::Kick(k));
-        }
-        if inner.shutting_down {
-            return Some(Mail::ShuttingDown);
-        }
-        if let Some(a) = inner.queue.pop_front() {
-            return Some(Mail::Answer(a));
-        }
-        std::mem::take(&mut inner.tick).then_some(Mail::Tick)
+        next_mail(&mut self.lock())
     }
 
     /// Waits for the next piece of mail. Cancel-safe: mail is only taken
     /// in the poll that returns it.
     ///
-    /// Not an `async fn` (which would keep `self` twice): every idle device
-    /// connection's task holds this future.
-    #[allow(clippy::manual_async_fn)]
-    pub fn next(&self) -> impl std::future::Future<Output = Mail> + '_ {
-        async move {
-            loop {
-                if let Some(m) = self.try_next() {
-                    return m;
-                }
-                self.ready.notified().await;
-            }
+    /// A `poll_fn` of one pointer: every idle device connection's task
+    /// holds this future.
+    pub fn next(&self) -> impl Future<Output = Mail> + '_ {
+        poll_fn(move |cx| self.poll_next(cx))
+    }
+
+    /// The next piece of mail, or `Pending` with the reader's waker kept
+    /// for the next push.
+    pub fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Mail> {
+        self.poll_with(cx, next_mail)
+    }
+
+    /// What `take` finds, or `Pending` with the waker kept; one lock for
+    /// both, so a push in between cannot be missed.
+    fn poll_with<T>(
+        &self,
+        cx: &mut Context<'_>,
+        take: impl FnOnce(&mut Inner) -> Option<T>,
+    ) -> Poll<T> {
+        let mut inner = self.lock();
+        if let Some(t) = take(&mut inner) {
+            return Poll::Ready(t);
         }
+        match &mut inner.reader {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            slot => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A push or pop cannot leave the mailbox inconsistent.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Mail in the order the session must see it.
+fn next_mail(inner: &mut Inner) -> Option<Mail> {
+    if let Some(k) = inner.kick.take() {
+        return Some(Mail::Kick(k));
+    }
+    if inner.shutting_down {
+        return Some(Mail::ShuttingDown);
+    }
+    if let Some(a) = inner.queue.pop_front() {
+        return Some(Mail::Answer(a));
+    }
+    std::mem::take(&mut inner.tick).then_some(Mail::Tick)
+}
+
+/// Wakes the reader taken from [`Inner`], outside the lock.
+fn wake(reader: Option<Waker>) {
+    if let Some(w) = reader {
+        w.wake();
     }
 }
 
@@ -332,6 +376,42 @@ mod tests {
         tokio::task::yield_now().await;
         mb.kick(Kick::Conflict);
         assert_eq!(waiter.await.unwrap(), Mail::Kick(Kick::Conflict));
+    }
+
+    #[test]
+    fn every_kind_of_mail_wakes_the_waiting_reader() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        struct Count(AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let pushes: [(&str, fn(&Mailbox)); 6] = [
+            ("ack", |m| m.push((1, 1))),
+            ("rejected", |m| m.push_rejected(1, 2, "out_of_range: x")),
+            ("abandoned", Mailbox::abandon),
+            ("kick", |m| {
+                m.kick(Kick::Replaced);
+            }),
+            ("shutdown", Mailbox::shut_down),
+            ("tick", Mailbox::tick),
+        ];
+        for (what, push) in pushes {
+            let count = Arc::new(Count(AtomicUsize::new(0)));
+            let waker = Waker::from(count.clone());
+            let mut cx = Context::from_waker(&waker);
+            let mb = Mailbox::new(1);
+            assert!(mb.poll_next(&mut cx).is_pending(), "{what}");
+            assert!(mb.poll_next(&mut cx).is_pending(), "{what}");
+            push(&mb);
+            assert_eq!(count.0.load(Ordering::SeqCst), 1, "{what} wakes once");
+            assert!(mb.poll_next(&mut cx).is_ready(), "{what}");
+            // Mail pushed while nobody waits wakes nobody, and is not lost.
+            push(&mb);
+            assert_eq!(count.0.load(Ordering::SeqCst), 1, "{what}");
+        }
     }
 
     #[test]

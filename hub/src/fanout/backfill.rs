@@ -13,7 +13,9 @@
 //! the next frame the session publishes (a fresh reading, an outbox status)
 //! and before the device's disconnect.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ems_shared::DashboardFrame;
@@ -88,17 +90,12 @@ impl Backlog {
         self.summary.add(ts_ms);
     }
 
-    /// Whether readings wait for a summary.
-    pub(crate) fn pending(&self) -> bool {
-        self.summary.pending()
-    }
-
-    /// Resolves when the pending summary is due; never while nothing is
+    /// Ready when the pending summary is due; never while nothing is
     /// counted.
-    pub(crate) async fn due(&mut self) {
+    pub(crate) fn poll_due(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         match self.due.as_mut() {
-            Some(sleep) => sleep.as_mut().await,
-            None => std::future::pending().await,
+            Some(sleep) if self.summary.pending() => sleep.as_mut().poll(cx),
+            _ => Poll::Pending,
         }
     }
 
@@ -145,18 +142,21 @@ mod tests {
     async fn backlog_summary_is_due_one_interval_after_its_first_reading() {
         let interval = Duration::from_secs(1);
         let mut b = Backlog::default();
-        assert!(!b.pending());
+        assert!(!b.summary.pending());
         // Nothing counted: never due.
-        assert!(tokio::time::timeout(Duration::from_secs(10), b.due())
-            .await
-            .is_err());
+        assert!(tokio::time::timeout(
+            Duration::from_secs(10),
+            std::future::poll_fn(|cx| b.poll_due(cx))
+        )
+        .await
+        .is_err());
         let t0 = tokio::time::Instant::now();
         b.add(5_000, interval);
         tokio::time::advance(Duration::from_millis(600)).await;
         // Later readings do not push the summary back.
         b.add(3_000, interval);
         b.add(4_000, interval);
-        b.due().await;
+        std::future::poll_fn(|cx| b.poll_due(cx)).await;
         assert_eq!(t0.elapsed(), interval);
         assert_eq!(
             b.take("d"),
@@ -167,12 +167,12 @@ mod tests {
                 to_ts_ms: 5_000
             })
         );
-        assert!(!b.pending());
+        assert!(!b.summary.pending());
         assert_eq!(b.take("d"), None);
         // The next reading starts a new interval.
         let t1 = tokio::time::Instant::now();
         b.add(6_000, interval);
-        b.due().await;
+        std::future::poll_fn(|cx| b.poll_due(cx)).await;
         assert_eq!(t1.elapsed(), interval);
     }
 }

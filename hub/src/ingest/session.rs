@@ -28,6 +28,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -159,6 +160,9 @@ pub(crate) fn run<G: Send + 'static>(
         // Counted backlog readings reach the dashboards before the
         // device's disconnect does.
         session.publish_backlog();
+        // Read back from the mailbox: a copy kept across the session's
+        // wait would be part of every idle connection's task.
+        let conn_id = session.mailbox.conn_id;
         drop(session);
         shared.registry.disconnect_device(&device_id, conn_id);
         shared
@@ -260,20 +264,33 @@ impl Session<'_> {
     /// session.
     async fn serve(&mut self) -> End {
         loop {
-            let event = tokio::select! {
-                biased;
-                mail = self.mailbox.next() => Event::Mail(mail),
-                _ = self.backlog.due(), if self.backlog.pending() => Event::BacklogDue,
-                msg = self.ws.next() => Event::Message(msg),
+            let event = std::future::poll_fn(|cx| self.poll_event(cx)).await;
+            // The handling is taken apart before its I/O is awaited, so the
+            // task keeps only the I/O's box across the wait.
+            let io = match self.on_event(event) {
+                Handling::Done(Ok(())) => continue,
+                Handling::Done(Err(end)) => return end,
+                Handling::Io(io) => io,
             };
-            let done = match self.on_event(event) {
-                Handling::Done(r) => r,
-                Handling::Io(io) => io.await,
-            };
-            if let Err(end) = done {
+            if let Err(end) = io.await {
                 return end;
             }
         }
+    }
+
+    /// The next event, in this order: mail (a kick or the shutdown before
+    /// anything the socket brings), a due backlog summary, the socket.
+    ///
+    /// A hand-written poll rather than a `select!`: its future is one
+    /// pointer, and every idle device connection's task holds it.
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if let Poll::Ready(mail) = self.mailbox.poll_next(cx) {
+            return Poll::Ready(Event::Mail(mail));
+        }
+        if self.backlog.poll_due(cx).is_ready() {
+            return Poll::Ready(Event::BacklogDue);
+        }
+        self.ws.poll_next(cx).map(Event::Message)
     }
 
     /// One event of the session loop: done at once, or the I/O it needs.

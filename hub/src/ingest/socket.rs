@@ -92,16 +92,18 @@ impl DeviceSocket {
 
     /// The next message (`None`: the peer closed the TCP connection). A
     /// ping's pong and a close's echo are queued for the next flush.
-    ///
-    /// Not an `async fn`: the session waits on this future in every idle
-    /// connection's task, and a plain `poll_fn` is one pointer.
     pub(crate) fn next(
         &mut self,
     ) -> impl std::future::Future<Output = Option<Result<Incoming, ReadError>>> + '_ {
         poll_fn(move |cx| self.poll_next(cx))
     }
 
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Incoming, ReadError>>> {
+    /// [`DeviceSocket::next`] as a poll, for the session loop's own poll of
+    /// its mailbox, timer and socket.
+    pub(crate) fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Incoming, ReadError>>> {
         // Messages that arrived behind the last one come first.
         match self.decoder.feed(&[]) {
             Ok(Some(m)) => return Poll::Ready(Some(Ok(self.answer(m)))),
