@@ -28,6 +28,10 @@
 //!   bridge sees connects and disconnects in the map's order (its calls
 //!   never wait).
 //!
+//! One map holds all of it, an entry per device (its connection, topic,
+//! presence time and edge status), rather than a map per kind of state
+//! each paying its own slots for every device.
+//!
 //! Locks are std mutexes held for a map operation only, never across an
 //! `.await`.
 
@@ -46,6 +50,69 @@ use crate::mailbox::{Kick, Mailbox};
 use crate::mqtt::MqttHandle;
 use crate::store::TokenHash;
 
+/// Everything this hub keeps of one device, in one entry of one map: a
+/// map per kind of state would pay its empty slots (a map holds up to
+/// twice as many slots as entries) and a copy of the key once per kind.
+#[derive(Default)]
+struct DeviceEntry {
+    /// Its live connection, if any.
+    conn: Option<DeviceSlot>,
+    /// Its live topic, created on first use by the device or a
+    /// subscriber, and kept.
+    topic: Option<Topic>,
+    /// When it last connected or disconnected, Unix ms (the
+    /// `last_seen_ms` of dashboard `status` frames); [`NEVER`] before its
+    /// first connect.
+    presence_ms: i64,
+    /// Its edge's last status while connected (boxed: most of the time a
+    /// device has none, or a connection that does not report).
+    status: Option<Box<StatusEntry>>,
+}
+
+/// [`DeviceEntry::presence_ms`] of a device that never connected.
+const NEVER: i64 = i64::MIN;
+
+/// The device map and how many of its entries have a live connection.
+#[derive(Default)]
+struct Devices {
+    /// Boxed: the map is sized for up to twice its entries, and an empty
+    /// slot then costs a pointer rather than a whole entry.
+    map: HashMap<Arc<str>, Box<DeviceEntry>>,
+    online: usize,
+}
+
+impl Devices {
+    /// The entry of `device_id`, created if it has none.
+    fn entry(&mut self, device_id: &Arc<str>) -> &mut DeviceEntry {
+        self.map.entry(device_id.clone()).or_insert_with(|| {
+            Box::new(DeviceEntry {
+                presence_ms: NEVER,
+                ..DeviceEntry::default()
+            })
+        })
+    }
+
+    /// The live connection of `device_id`, if any.
+    fn conn(&self, device_id: &str) -> Option<&DeviceSlot> {
+        self.map.get(device_id)?.conn.as_ref()
+    }
+
+    /// Every live connection.
+    fn conns(&self) -> impl Iterator<Item = (&Arc<str>, &DeviceSlot)> {
+        self.map
+            .iter()
+            .filter_map(|(id, e)| Some((id, e.conn.as_ref()?)))
+    }
+
+    /// Removes the live connection of `device_id` (its other state stays).
+    fn take_conn(&mut self, device_id: &str) -> Option<DeviceSlot> {
+        let conn = self.map.get_mut(device_id)?.conn.take()?;
+        self.online -= 1;
+        Some(conn)
+    }
+}
+
+/// A device's live connection.
 struct DeviceSlot {
     /// Identifies the connection, so a late disconnect of a replaced
     /// connection does not remove its successor.
@@ -117,22 +184,14 @@ pub struct LocalView {
 
 /// Shared connection state of the hub.
 pub struct Registry {
-    /// Live device connections by device id. Boxed: the map is sized for
-    /// up to twice its entries, and an empty slot then costs a pointer
-    /// rather than a whole entry.
-    devices: Mutex<HashMap<Arc<str>, Box<DeviceSlot>>>,
-    /// Live topics by device id. Created on first use by a device or a
-    /// subscriber; devices are provisioned, so this stays bounded.
-    topics: Mutex<HashMap<Arc<str>, Topic>>,
+    /// Every device seen by this process: its live connection, topic,
+    /// presence time and edge status. Devices are provisioned, so this
+    /// stays bounded.
+    devices: Mutex<Devices>,
     /// Takeover histories by device id (entries expire with the window).
     takeovers: Mutex<HashMap<Arc<str>, TakeoverHistory>>,
     /// Takeover-loop rule.
     policy: TakeoverPolicy,
-    /// Last edge status by device id; removed when the device disconnects.
-    statuses: Mutex<HashMap<Arc<str>, StatusEntry>>,
-    /// When each device last connected or disconnected, Unix ms (the
-    /// `last_seen_ms` of dashboard `status` frames).
-    presence: Mutex<HashMap<Arc<str>, i64>>,
     /// Source of connection ids.
     next_conn: AtomicU64,
     /// The heartbeat's last round.
@@ -143,6 +202,11 @@ pub struct Registry {
     topic_capacity: usize,
     /// The MQTT bridge, told about every connect and disconnect.
     mqtt: Option<MqttHandle>,
+}
+
+/// A presence time as the device lists see it.
+fn presence(ms: i64) -> Option<i64> {
+    (ms != NEVER).then_some(ms)
 }
 
 /// Heartbeat rounds per `ping_interval`: each device connection is ticked
@@ -165,12 +229,9 @@ impl Registry {
     /// An empty registry with an explicit takeover-loop rule.
     pub fn with_policy(topic_capacity: usize, policy: TakeoverPolicy) -> Self {
         Registry {
-            devices: Mutex::new(HashMap::new()),
-            topics: Mutex::new(HashMap::new()),
+            devices: Mutex::new(Devices::default()),
             takeovers: Mutex::new(HashMap::new()),
             policy,
-            statuses: Mutex::new(HashMap::new()),
-            presence: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             round: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
@@ -194,10 +255,14 @@ impl Registry {
 
     /// The live topic of `device_id`.
     pub fn topic(&self, device_id: &Arc<str>) -> Topic {
-        let mut topics = lock(&self.topics);
-        topics
-            .entry(device_id.clone())
-            .or_insert_with(|| Topic::new(self.topic_capacity))
+        self.topic_of(&mut lock(&self.devices), device_id)
+    }
+
+    fn topic_of(&self, devices: &mut Devices, device_id: &Arc<str>) -> Topic {
+        devices
+            .entry(device_id)
+            .topic
+            .get_or_insert_with(|| Topic::new(self.topic_capacity))
             .clone()
     }
 
@@ -235,12 +300,12 @@ impl Registry {
             }
             hist.cooldown_until = None;
         }
-        if devices.contains_key(device_id) {
+        if devices.conn(device_id).is_some() {
             hist.recent.push_back(now);
             if hist.recent.len() > self.policy.max_replacements {
                 hist.recent.clear();
                 hist.cooldown_until = Some(now + self.policy.cooldown);
-                let other = devices.remove(device_id).map(|slot| {
+                let other = devices.take_conn(device_id).map(|slot| {
                     slot.mailbox.kick(Kick::Conflict);
                     slot.peer
                 });
@@ -263,19 +328,26 @@ impl Registry {
         if self.shutting_down.load(Ordering::Acquire) {
             mailbox.shut_down();
         }
-        let old = devices.insert(
-            device_id.clone(),
-            Box::new(DeviceSlot {
-                conn_id,
-                mailbox: mailbox.clone(),
-                phase: self.phase(conn_id),
-                peer,
-                token,
-            }),
-        );
+        let phase = self.phase(conn_id);
+        let entry = devices.entry(device_id);
+        let old = entry.conn.replace(DeviceSlot {
+            conn_id,
+            mailbox: mailbox.clone(),
+            phase,
+            peer,
+            token,
+        });
+        // A new connection starts without its predecessor's edge status.
+        entry.status = None;
+        if old.is_none() {
+            devices.online += 1;
+        }
         self.mqtt_presence(device_id, true);
+        let topic = self.topic_of(&mut devices, device_id);
+        let now = crate::store::now_ms();
+        devices.entry(device_id).presence_ms = now;
         drop(devices);
-        self.publish_presence(device_id, true);
+        self.publish_status(&topic, device_id, true, now, None);
         let old_peer = old.map(|slot| {
             // The old connection may already be gone; nothing to do then.
             slot.mailbox.kick(Kick::Replaced);
@@ -284,7 +356,7 @@ impl Registry {
         let lease = DeviceLease {
             conn_id,
             mailbox,
-            topic: self.topic(device_id),
+            topic,
         };
         Ok((lease, old_peer))
     }
@@ -293,14 +365,22 @@ impl Registry {
     /// registered one (and forgets its edge status).
     pub fn disconnect_device(&self, device_id: &str, conn_id: u64) {
         let mut devices = lock(&self.devices);
-        if devices.get(device_id).is_some_and(|s| s.conn_id == conn_id) {
-            let Some((key, _)) = devices.remove_entry(device_id) else {
-                return;
-            };
-            self.mqtt_presence(device_id, false);
-            drop(devices);
-            lock(&self.statuses).remove(device_id);
-            self.publish_presence(&key, false);
+        let Some(entry) = devices.map.get_mut(device_id) else {
+            return;
+        };
+        if !entry.conn.as_ref().is_some_and(|s| s.conn_id == conn_id) {
+            return;
+        }
+        let now = crate::store::now_ms();
+        entry.conn = None;
+        entry.status = None;
+        entry.presence_ms = now;
+        let topic = entry.topic.clone();
+        devices.online -= 1;
+        self.mqtt_presence(device_id, false);
+        drop(devices);
+        if let Some(topic) = topic {
+            self.publish_status(&topic, device_id, false, now, None);
         }
     }
 
@@ -315,7 +395,7 @@ impl Registry {
     pub fn kick(&self, device_id: &str, reason: Kick) -> bool {
         let devices = lock(&self.devices);
         devices
-            .get(device_id)
+            .conn(device_id)
             .is_some_and(|s| s.mailbox.kick(reason))
     }
 
@@ -324,7 +404,7 @@ impl Registry {
     pub fn kick_conn(&self, device_id: &str, conn_id: u64, reason: Kick) -> bool {
         let devices = lock(&self.devices);
         devices
-            .get(device_id)
+            .conn(device_id)
             .filter(|s| s.conn_id == conn_id)
             .is_some_and(|s| s.mailbox.kick(reason))
     }
@@ -334,8 +414,8 @@ impl Registry {
     pub fn shut_down(&self) {
         self.shutting_down.store(true, Ordering::Release);
         let mailboxes: Vec<Arc<Mailbox>> = lock(&self.devices)
-            .values()
-            .map(|s| s.mailbox.clone())
+            .conns()
+            .map(|(_, s)| s.mailbox.clone())
             .collect();
         for m in mailboxes {
             m.shut_down();
@@ -361,7 +441,7 @@ impl Registry {
         self.round.store(round, Ordering::Relaxed);
         let phase = (round % u64::from(HEARTBEAT_PHASES)) as u8;
         let devices = lock(&self.devices);
-        for slot in devices.values().filter(|s| s.phase == phase) {
+        for (_, slot) in devices.conns().filter(|(_, s)| s.phase == phase) {
             slot.mailbox.tick();
         }
     }
@@ -370,19 +450,19 @@ impl Registry {
     /// (for the revocation poller).
     pub fn device_tokens(&self) -> Vec<(Arc<str>, Option<TokenHash>)> {
         lock(&self.devices)
-            .iter()
+            .conns()
             .map(|(id, s)| (id.clone(), s.token))
             .collect()
     }
 
     /// Whether `device_id` has a live connection.
     pub fn is_online(&self, device_id: &str) -> bool {
-        lock(&self.devices).contains_key(device_id)
+        lock(&self.devices).conn(device_id).is_some()
     }
 
     /// Number of live device connections.
     pub fn online_count(&self) -> usize {
-        lock(&self.devices).len()
+        lock(&self.devices).online
     }
 
     /// Records the `status` frame a connected device sent at `rx_ms`.
@@ -391,20 +471,24 @@ impl Registry {
         // Dashboards see the outbox too ("catching up, 3 h behind"), and
         // what the edge lost.
         let losses = ems_shared::EdgeLosses::from(&status);
-        self.publish_status(
-            device_id,
-            true,
-            rx_ms,
-            Some((status.outbox_depth, behind_ms, losses)),
-        );
-        lock(&self.statuses).insert(
-            device_id.clone(),
-            StatusEntry {
+        let outbox = Some((status.outbox_depth, behind_ms, losses));
+        let mut devices = lock(&self.devices);
+        let Some(entry) = devices.map.get_mut(&**device_id) else {
+            return;
+        };
+        // Kept while the device is connected only.
+        if entry.conn.is_some() {
+            entry.status = Some(Box::new(StatusEntry {
                 status,
                 rx_ms,
                 behind_ms,
-            },
-        );
+            }));
+        }
+        let topic = entry.topic.clone();
+        drop(devices);
+        if let Some(topic) = topic {
+            self.publish_status(&topic, device_id, true, rx_ms, outbox);
+        }
     }
 
     /// The last outbox status of a connected device: how many readings it
@@ -416,46 +500,37 @@ impl Registry {
     /// edge reports every ~10 s). `None`: not connected, or an edge that
     /// does not send `status` frames.
     pub fn edge_status(&self, device_id: &str) -> Option<StatusEntry> {
-        lock(&self.statuses).get(device_id).cloned()
+        lock(&self.devices)
+            .map
+            .get(device_id)
+            .and_then(|e| e.status.as_deref().cloned())
     }
 
     /// Every connected device's last outbox status.
     pub fn edge_statuses(&self) -> Vec<(Arc<str>, StatusEntry)> {
-        lock(&self.statuses)
+        lock(&self.devices)
+            .map
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .filter_map(|(k, e)| Some((k.clone(), e.status.as_deref()?.clone())))
             .collect()
     }
 
     /// [`is_online`](Self::is_online), [`edge_status`](Self::edge_status)
     /// and [`presence_ms`](Self::presence_ms) of each of `ids`, in their
     /// order. The device lists ask for thousands at a time and ingest takes
-    /// these locks too: each is held for [`LOCK_CHUNK`] devices at a time.
+    /// this lock too: it is held for [`LOCK_CHUNK`] devices at a time.
     pub fn local_views(&self, ids: &[String]) -> Vec<LocalView> {
         let mut views = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(LOCK_CHUNK) {
-            let start = views.len();
-            {
-                let devices = lock(&self.devices);
-                views.extend(chunk.iter().map(|id| LocalView {
-                    online: devices.contains_key(id.as_str()),
-                    edge: None,
-                    presence_ms: None,
-                }));
-            }
-            let part = &mut views[start..];
-            {
-                let statuses = lock(&self.statuses);
-                for (v, id) in part.iter_mut().zip(chunk) {
-                    if v.online {
-                        v.edge = statuses.get(id.as_str()).cloned();
-                    }
+            let devices = lock(&self.devices);
+            views.extend(chunk.iter().map(|id| {
+                let entry = devices.map.get(id.as_str());
+                LocalView {
+                    online: entry.is_some_and(|e| e.conn.is_some()),
+                    edge: entry.and_then(|e| e.status.as_deref().cloned()),
+                    presence_ms: entry.and_then(|e| presence(e.presence_ms)),
                 }
-            }
-            let presence = lock(&self.presence);
-            for (v, id) in part.iter_mut().zip(chunk) {
-                v.presence_ms = presence.get(id.as_str()).copied();
-            }
+            }));
         }
         views
     }
@@ -463,29 +538,23 @@ impl Registry {
     /// When `device_id` last connected or disconnected (this process),
     /// Unix ms.
     pub fn presence_ms(&self, device_id: &str) -> Option<i64> {
-        lock(&self.presence).get(device_id).copied()
-    }
-
-    /// Records a connect/disconnect and tells the device's subscribers
-    /// with a `status` frame through its topic, so presence and readings
-    /// reach them in order.
-    fn publish_presence(&self, device_id: &Arc<str>, online: bool) {
-        let now = crate::store::now_ms();
-        // The device's id is shared with its other entries, not copied.
-        lock(&self.presence).insert(device_id.clone(), now);
-        self.publish_status(device_id, online, now, None);
+        let devices = lock(&self.devices);
+        presence(devices.map.get(device_id)?.presence_ms)
     }
 
     /// Sends a `status` frame to the device's subscribers, if any.
+    ///
+    /// Presence changes go through the topic, so presence and readings
+    /// reach the subscribers in order.
     fn publish_status(
         &self,
+        topic: &Topic,
         device_id: &str,
         online: bool,
         seen_ms: i64,
         outbox: Option<(u64, i64, ems_shared::EdgeLosses)>,
     ) {
-        let topic = lock(&self.topics).get(device_id).cloned();
-        if let Some(topic) = topic.filter(|t| t.receiver_count() > 0) {
+        if topic.receiver_count() > 0 {
             let frame = ems_shared::DashboardFrame::Status {
                 device_id: device_id.to_owned(),
                 online,
@@ -660,6 +729,47 @@ mod tests {
                 "first tick {since} rounds after the connect"
             );
         }
+    }
+
+    #[test]
+    fn one_entry_per_device_outlives_its_connections() {
+        let r = Registry::new(4);
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        // A subscriber first: the device's connection gets the same topic.
+        let mut sub = r.topic(&a).subscribe();
+        assert_eq!((r.online_count(), r.presence_ms("a")), (0, None));
+        assert!(!r.is_online("a"), "a topic is not a connection");
+        let (la, _) = r
+            .connect_device(&a, addr("10.0.3.1:1"), None, None)
+            .unwrap();
+        let (lb, _) = r
+            .connect_device(&b, addr("10.0.3.2:1"), None, None)
+            .unwrap();
+        let (la2, _) = r
+            .connect_device(&a, addr("10.0.3.3:1"), None, None)
+            .unwrap();
+        assert_eq!(r.online_count(), 2, "a takeover is one device online");
+        la.topic.send(Utf8Bytes::from("r")).unwrap();
+        assert!(sub.try_recv().is_ok(), "presence of the first connect");
+        assert!(sub.try_recv().is_ok(), "presence of the second connect");
+        assert_eq!(sub.try_recv().unwrap(), "r");
+        r.set_edge_status(&b, EdgeStatus::default(), 5);
+        r.disconnect_device(&b, lb.conn_id);
+        r.disconnect_device(&a, la.conn_id);
+        assert_eq!(
+            r.online_count(),
+            1,
+            "a replaced connection's late disconnect"
+        );
+        assert_eq!(r.edge_status("b"), None, "forgotten with its connection");
+        r.set_edge_status(&b, EdgeStatus::default(), 6);
+        assert_eq!(r.edge_statuses(), vec![], "not kept while offline");
+        assert!(r.presence_ms("b").is_some(), "kept after the disconnect");
+        r.disconnect_device(&a, la2.conn_id);
+        assert_eq!(r.online_count(), 0);
+        let views = r.local_views(&["a".into(), "c".into()]);
+        assert!(!views[0].online && views[0].presence_ms.is_some());
+        assert!(!views[1].online && views[1].presence_ms.is_none());
     }
 
     #[test]
