@@ -388,7 +388,8 @@ mod tests {
                 self.0.fetch_add(1, Ordering::SeqCst);
             }
         }
-        let pushes: [(&str, fn(&Mailbox)); 6] = [
+        type Push = fn(&Mailbox);
+        let pushes: [(&str, Push); 6] = [
             ("ack", |m| m.push((1, 1))),
             ("rejected", |m| m.push_rejected(1, 2, "out_of_range: x")),
             ("abandoned", Mailbox::abandon),
