@@ -33,6 +33,8 @@
 //!   which async code runs blocking store calls.
 //! - [`mailbox`]: what the rest of the hub tells one device connection
 //!   (the writer's answers, kicks, the shutdown, heartbeat ticks).
+//! - [`limits`]: the per-device token bucket, the abuse rule and the
+//!   rate limit of warnings (kept per device by the registry).
 //! - `ws`: the dashboards' WebSocket (socket settings, close, heartbeat,
 //!   timed sends) and how any session ends; device connections frame
 //!   their own (`ingest::socket`, [`ingest::wire`]).
@@ -60,6 +62,7 @@ pub mod energy;
 pub mod fanout;
 mod http;
 pub mod ingest;
+pub mod limits;
 mod log_text;
 pub mod mailbox;
 pub mod metrics;

@@ -14,8 +14,8 @@ use tokio::sync::{mpsc, watch};
 use crate::auth::cache::AuthCache;
 use crate::config::Config;
 use crate::fanout::registry::Registry;
-use crate::ingest::limits::Buckets;
 use crate::ingest::writer::{Item, WriterControl};
+use crate::limits::Buckets;
 use crate::metrics::Metrics;
 use crate::mqtt::MqttHandle;
 use crate::presence::Presence;
@@ -31,8 +31,6 @@ pub(crate) struct Shared {
     /// The store for everything but the batched writes: token look-ups,
     /// history, presence, the admin API.
     pub store: StoreHandle,
-    /// Rate-limit buckets of devices, kept between their connections.
-    pub buckets: Buckets,
     /// Quarantine budgets of devices (bytes), asked only for refused
     /// frames.
     pub quarantine_budgets: Buckets,
@@ -80,7 +78,6 @@ impl Shared {
             registry: Registry::with_policy(config.subscriber_buffer, config.takeover)
                 .with_mqtt(mqtt.clone()),
             store,
-            buckets: Buckets::default(),
             quarantine_budgets: Buckets::default(),
             quotas: Quotas::new(
                 config.max_connections_per_ip,

@@ -28,9 +28,12 @@
 //!   bridge sees connects and disconnects in the map's order (its calls
 //!   never wait).
 //!
+//! - Rate limits: each device's [`DeviceLimits`], shared by its
+//!   connections and kept between them ([`Registry::limits`]).
+//!
 //! One map holds all of it, an entry per device (its connection, topic,
-//! presence time and edge status), rather than a map per kind of state
-//! each paying its own slots for every device.
+//! presence time, edge status and rate limits), rather than a map per kind
+//! of state each paying its own slots for every device.
 //!
 //! Locks are std mutexes held for a map operation only, never across an
 //! `.await`.
@@ -46,6 +49,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::topic::Topic;
 use crate::config::{TakeoverPolicy, LOCK_CHUNK};
+use crate::limits::DeviceLimits;
 use crate::mailbox::{Kick, Mailbox};
 use crate::mqtt::MqttHandle;
 use crate::store::TokenHash;
@@ -67,6 +71,8 @@ struct DeviceEntry {
     /// Its edge's last status while connected (boxed: most of the time a
     /// device has none, or a connection that does not report).
     status: Option<Box<StatusEntry>>,
+    /// Its rate limits, shared by its connections and kept between them.
+    limits: Option<Arc<DeviceLimits>>,
 }
 
 /// [`DeviceEntry::presence_ms`] of a device that never connected.
@@ -185,8 +191,8 @@ pub struct LocalView {
 /// Shared connection state of the hub.
 pub struct Registry {
     /// Every device seen by this process: its live connection, topic,
-    /// presence time and edge status. Devices are provisioned, so this
-    /// stays bounded.
+    /// presence time, edge status and rate limits. Devices are
+    /// provisioned, so this stays bounded.
     devices: Mutex<Devices>,
     /// Takeover histories by device id (entries expire with the window).
     takeovers: Mutex<HashMap<Arc<str>, TakeoverHistory>>,
@@ -263,6 +269,20 @@ impl Registry {
             .entry(device_id)
             .topic
             .get_or_insert_with(|| Topic::new(self.topic_capacity))
+            .clone()
+    }
+
+    /// The rate limits of `device_id`, shared by its connections; made by
+    /// `make` the first time.
+    pub fn limits(
+        &self,
+        device_id: &Arc<str>,
+        make: impl FnOnce() -> DeviceLimits,
+    ) -> Arc<DeviceLimits> {
+        lock(&self.devices)
+            .entry(device_id)
+            .limits
+            .get_or_insert_with(|| Arc::new(make()))
             .clone()
     }
 
@@ -770,6 +790,33 @@ mod tests {
         let views = r.local_views(&["a".into(), "c".into()]);
         assert!(!views[0].online && views[0].presence_ms.is_some());
         assert!(!views[1].online && views[1].presence_ms.is_none());
+    }
+
+    #[test]
+    fn a_devices_rate_limits_outlive_its_connections() {
+        use crate::config::RateLimit;
+        use crate::limits::TokenBucket;
+        let r = Registry::new(4);
+        let id: Arc<str> = Arc::from("dev");
+        let t0 = Instant::now();
+        let one = RateLimit {
+            rate: 0.0,
+            burst: 1.0,
+            abuse_after: Duration::from_secs(1),
+        };
+        let make = || DeviceLimits::new(TokenBucket::new(&one, t0), Duration::from_secs(10));
+        let (a, _) = r
+            .connect_device(&id, addr("10.0.4.1:1"), None, None)
+            .unwrap();
+        assert!(r.limits(&id, make).try_take(t0));
+        r.disconnect_device(&id, a.conn_id);
+        r.connect_device(&id, addr("10.0.4.1:2"), None, None)
+            .unwrap();
+        assert!(
+            !r.limits(&id, make).try_take(t0),
+            "a reconnect does not refill the bucket"
+        );
+        assert!(r.limits(&Arc::from("other"), make).try_take(t0));
     }
 
     #[test]

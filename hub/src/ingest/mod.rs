@@ -11,7 +11,6 @@
 //! - `state`: the session's decisions without I/O — the rate limit and
 //!   the gatekeeper per frame, the abuse rule, the heartbeat, the acks
 //!   owed at shutdown.
-//! - [`limits`]: the per-device token bucket and the abuse rule.
 //! - [`writer`]: the background thread that commits queued readings in
 //!   batches and only then acknowledges them, through each connection's
 //!   [`crate::mailbox`].
@@ -28,7 +27,6 @@
 use std::time::Duration;
 
 pub(crate) mod heartbeat;
-pub mod limits;
 mod runs;
 pub(crate) mod session;
 pub(crate) mod socket;

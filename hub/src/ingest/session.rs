@@ -37,7 +37,6 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use ems_shared::{dashboard_frame, FrameError, HubFrame, RejectReason};
 
-use super::limits::TokenBucket;
 use super::socket::{DeviceSocket, ReadError};
 use super::state::{
     deferred, rejected_frame, suppressed, Ending, Refusal, SessionState, Step, Tick, Verdict,
@@ -48,6 +47,7 @@ use crate::auth::cache::Answer as AuthAnswer;
 use crate::fanout::backfill::{is_backlog, Backlog};
 use crate::fanout::registry::DeviceLease;
 use crate::fanout::topic::Topic;
+use crate::limits::{DeviceLimits, TokenBucket, WARN_EVERY};
 use crate::mailbox::{Answer, Kick, Mail, Mailbox};
 use crate::metrics::Role;
 use crate::state::Shared;
@@ -120,7 +120,12 @@ pub(crate) fn run<G: Send + 'static>(
             },
             revoked,
         )) = ({
-            let Admission { token, hold } = *admission;
+            // Moved into this block first: a box emptied in place would
+            // be freed only with the task's upvars, at its end.
+            let Admission { token, hold } = {
+                let boxed = admission;
+                *boxed
+            };
             register(&shared, &device_id, peer, token, hold).map(|lease| {
                 let now = |h: TokenHash| shared.auth.device_now(&device_id, &h);
                 (lease, token.is_some_and(|h| now(h) == AuthAnswer::No))
@@ -140,8 +145,9 @@ pub(crate) fn run<G: Send + 'static>(
             .connected(&device_id, conn_id, crate::store::now_ms());
         shared.metrics.connection(Role::Device, 1);
         let cfg = &shared.config;
-        let limits = shared.buckets.of(&device_id, || {
-            TokenBucket::new(&cfg.rate_limit, Instant::now())
+        let limits = shared.registry.limits(&device_id, || {
+            let bucket = TokenBucket::new(&cfg.rate_limit, Instant::now());
+            DeviceLimits::new(bucket, WARN_EVERY)
         });
         let state = SessionState::new(limits, cfg.rate_limit.abuse_after, cfg.max_missed_pongs);
         // The session borrows the socket and the ids rather than taking

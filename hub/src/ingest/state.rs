@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use ems_shared::{decode_edge_frame, EdgeFrame, EdgeStatus, FrameError, Reading, RejectReason};
 use std::sync::Arc;
 
-use super::limits::{DeviceLimits, Excess};
 use super::socket::ReadError;
 use super::wire::{Incoming, WireError};
+use crate::limits::{DeviceLimits, Excess};
 
 /// The state of one device session.
 pub(crate) struct SessionState {
@@ -316,7 +316,7 @@ fn rate_limited(text: Option<&str>) -> FrameError {
 mod tests {
     use super::*;
     use crate::config::RateLimit;
-    use crate::ingest::limits::{TokenBucket, WARN_EVERY};
+    use crate::limits::{TokenBucket, WARN_EVERY};
 
     const RX_MS: i64 = 1_700_000_000_000;
 

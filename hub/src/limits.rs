@@ -15,11 +15,12 @@
 //! honouring the protocol: the hub closes it with 1008 (policy violation).
 //!
 //! Both are pure state machines on `Instant`s, unit-tested without time.
-//! [`Buckets`] keeps each device's bucket — and the rate limit of the
-//! warnings about its bad frames — as one [`DeviceLimits`] that every
-//! connection of the device shares: a reconnect, or a takeover while the
-//! old connection is still live, neither refills the bucket nor restarts
-//! the warning limit.
+//! Each device's bucket — and the rate limit of the warnings about its bad
+//! frames — is one [`DeviceLimits`] that every connection of the device
+//! shares, kept in the device's registry entry
+//! ([`crate::fanout::registry::Registry::limits`]): a reconnect, or a
+//! takeover while the old connection is still live, neither refills the
+//! bucket nor restarts the warning limit.
 //!
 //! The same bucket, counted in bytes, is each device's quarantine budget
 //! ([`crate::config::QuarantineLimit`]): [`Buckets::spend`] asks it only
@@ -108,38 +109,38 @@ impl Excess {
 /// rate limit of warnings about its bad frames.
 #[derive(Debug)]
 pub struct DeviceLimits {
-    bucket: Mutex<TokenBucket>,
-    warn: Mutex<RateLimitedWarn>,
+    /// Both under one lock: a warning is rare, and one lock is smaller.
+    inner: Mutex<(TokenBucket, RateLimitedWarn)>,
 }
 
 impl DeviceLimits {
     /// Limits starting with `bucket`, at most one warning per `warn_every`.
     pub fn new(bucket: TokenBucket, warn_every: Duration) -> Self {
         DeviceLimits {
-            bucket: Mutex::new(bucket),
-            warn: Mutex::new(RateLimitedWarn::new(warn_every)),
+            inner: Mutex::new((bucket, RateLimitedWarn::new(warn_every))),
         }
     }
 
     /// Takes one token from the device's bucket if there is one.
     pub fn try_take(&self, now: Instant) -> bool {
-        lock(&self.bucket).try_take(now)
+        lock(&self.inner).0.try_take(now)
     }
 
     /// Takes `n` tokens from the device's bucket if there are that many.
     pub fn try_take_n(&self, n: f64, now: Instant) -> bool {
-        lock(&self.bucket).try_take_n(n, now)
+        lock(&self.inner).0.try_take_n(n, now)
     }
 
     /// Whether to log a warning about the device now; `Some(n)`: yes, `n`
     /// were suppressed since the last one.
     pub fn warn(&self, now: Instant) -> Option<u64> {
-        lock(&self.warn).allow(now)
+        lock(&self.inner).1.allow(now)
     }
 }
 
-/// The per-device limits, kept for as long as the hub runs (devices are
-/// provisioned, so this stays bounded).
+/// Per-device limits by device id, kept for as long as the hub runs
+/// (devices are provisioned, so this stays bounded): the quarantine
+/// budgets. The rate limits live in the registry's device entries.
 #[derive(Default)]
 pub struct Buckets {
     devices: Mutex<HashMap<Arc<str>, Arc<DeviceLimits>>>,
