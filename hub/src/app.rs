@@ -290,7 +290,14 @@ pub async fn run(
     let shared_store = handle(&config, up).await?;
     // The presence task's own connection (a flush of many devices does not
     // hold up the API), opened by its first write.
-    let presence_store = StoreHandle::lazy(connector(&config));
+    let presence_store = StoreHandle::lazy({
+        let open = connector(&config);
+        Box::new(move || {
+            let mut s = open()?;
+            s.presence_only()?;
+            Ok(s)
+        })
+    });
     // Never waits on the broker: it connects in the background.
     let mqtt = config.mqtt_bridge().map(MqttBridge::spawn).transpose()?;
 

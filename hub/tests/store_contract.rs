@@ -615,6 +615,7 @@ macro_rules! backend_suite {
                 presence_is_online_until_the_lease_ends_and_renewal_extends_it,
                 presence_writes_bind_to_their_generation,
                 presence_clean_shutdown_marks_only_its_own_devices_offline,
+                presence_connects_take_generations_in_their_order_whatever_their_ids,
             );
         }
     };

@@ -188,6 +188,12 @@ pub trait PresenceStore: Send {
         device_ids: &[String],
         now_ms: i64,
     ) -> Result<Vec<DeviceStateRow>, StoreError>;
+
+    /// Tells a connection that it serves presence writes only, so it can
+    /// keep less in memory (SQLite: a small page cache).
+    fn presence_only(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// `last` as stored (JSON text; `None` when empty).

@@ -218,3 +218,49 @@ pub fn presence_clean_shutdown_marks_only_its_own_devices_offline(mut f: Fixture
     assert!(a.generations[1] > a.generations[0]);
     assert_eq!(a.max_generation, a.generations[1]);
 }
+
+pub fn presence_connects_take_generations_in_their_order_whatever_their_ids(mut f: Fixture) {
+    let s = f.store.as_mut();
+    // A connection that writes presence only keeps working the same.
+    s.presence_only().unwrap();
+    let mut x = sync("a", 100, 1_000);
+    for d in ["m", "c", "x", "a"] {
+        x.connects.push(Connect {
+            device_id: d.into(),
+            at_ms: 100,
+        });
+    }
+    let g = s.presence_sync(&x).unwrap().generations;
+    assert_eq!(g.len(), 4);
+    assert!(g.windows(2).all(|w| w[1] == w[0] + 1), "{g:?}");
+    let mut y = sync("a", 200, 1_000);
+    y.changes_since = Some(g[0] - 1);
+    // Updates and disconnects of several devices in one flush, out of key
+    // order, each bound to its own generation.
+    for (d, gen) in [("x", g[2]), ("c", g[1]), ("m", g[0])] {
+        y.updates.push(StateUpdate {
+            device_id: d.into(),
+            generation: gen,
+            last_seen_ms: 150,
+            status: None,
+            last: vec![last("main", 150, 1.0)],
+        });
+    }
+    y.disconnects.push(Disconnect {
+        device_id: "a".into(),
+        generation: Some(g[3]),
+        at_ms: 200,
+        last: Vec::new(),
+    });
+    let changes = s.presence_sync(&y).unwrap().changes;
+    let ids: Vec<&str> = changes.iter().map(|(d, _)| d.as_str()).collect();
+    assert_eq!(ids, ["m", "c", "x", "a"], "in generation order");
+    assert_eq!(changes.iter().map(|c| c.1).collect::<Vec<_>>(), g);
+    for d in ["m", "c", "x"] {
+        let row = state(s, d, 300);
+        assert!(row.online, "{d}");
+        assert_eq!(row.last_seen_ms, Some(150), "{d}");
+        assert_eq!(row.last.decode().len(), 1, "{d}");
+    }
+    assert!(!state(s, "a", 300).online);
+}

@@ -10,7 +10,27 @@ use crate::store::presence::{
 };
 use crate::store::StoreError;
 
+/// Page cache of a connection that writes presence only, KiB (SQLite's
+/// default is 2,000): one flush of many devices walks the table once in
+/// key order ([`key_order`]), so a small cache reads each page once.
+const PRESENCE_CACHE_KIB: i64 = 256;
+
+/// The positions of `items` in the order of their device ids: rows written
+/// in key order touch each page of the table once, so a flush of
+/// thousands of devices needs only a small page cache.
+fn key_order<T>(items: &[T], key: impl Fn(&T) -> &str) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by(|&a, &b| key(&items[a]).cmp(key(&items[b])));
+    order
+}
+
 impl PresenceStore for SqliteStore {
+    fn presence_only(&mut self) -> Result<(), StoreError> {
+        self.conn
+            .pragma_update(None, "cache_size", -PRESENCE_CACHE_KIB)
+            .map_err(db)
+    }
+
     fn presence_sync(&mut self, sync: &PresenceSync) -> Result<SyncAnswer, StoreError> {
         // A tick with nothing to write only reads: it does not take the
         // write lock from the store writer.
@@ -48,7 +68,8 @@ impl PresenceStore for SqliteStore {
                            OR (?2 IS NULL AND hub = ?4) THEN 0 ELSE online END",
                 )
                 .map_err(db)?;
-            for d in &sync.disconnects {
+            for i in key_order(&sync.disconnects, |d| &d.device_id) {
+                let d = &sync.disconnects[i];
                 stmt.execute(params![
                     d.device_id,
                     d.generation,
@@ -60,7 +81,7 @@ impl PresenceStore for SqliteStore {
             }
         }
         if !sync.connects.is_empty() {
-            let mut next = max(&tx)?;
+            let first = max(&tx)? + 1;
             let mut stmt = tx
                 .prepare_cached(
                     "INSERT INTO device_state (device_id, online, hub, online_since_ms, \
@@ -74,17 +95,19 @@ impl PresenceStore for SqliteStore {
                        dropped_damaged = NULL",
                 )
                 .map_err(db)?;
-            for c in &sync.connects {
-                next += 1;
+            // Generations in the order of the connects, rows written in
+            // key order.
+            answer.generations = (first..).take(sync.connects.len()).collect();
+            for i in key_order(&sync.connects, |c| &c.device_id) {
+                let c = &sync.connects[i];
                 stmt.execute(params![
                     c.device_id,
                     sync.hub,
                     c.at_ms,
                     sync.lease_until_ms,
-                    next
+                    answer.generations[i]
                 ])
                 .map_err(db)?;
-                answer.generations.push(next);
             }
         }
         if !sync.updates.is_empty() {
@@ -103,7 +126,8 @@ impl PresenceStore for SqliteStore {
                      WHERE device_id = ?1 AND generation = ?2",
                 )
                 .map_err(db)?;
-            for u in &sync.updates {
+            for i in key_order(&sync.updates, |u| &u.device_id) {
+                let u = &sync.updates[i];
                 let s = u.status;
                 stmt.execute(params![
                     u.device_id,
