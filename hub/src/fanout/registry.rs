@@ -496,13 +496,18 @@ impl Registry {
         let Some(entry) = devices.map.get_mut(&**device_id) else {
             return;
         };
-        // Kept while the device is connected only.
+        // Kept while the device is connected only; the box of the last one
+        // is reused.
         if entry.conn.is_some() {
-            entry.status = Some(Box::new(StatusEntry {
+            let new = StatusEntry {
                 status,
                 rx_ms,
                 behind_ms,
-            }));
+            };
+            match &mut entry.status {
+                Some(kept) => **kept = new,
+                none => *none = Some(Box::new(new)),
+            }
         }
         let topic = entry.topic.clone();
         drop(devices);
