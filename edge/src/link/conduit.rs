@@ -126,6 +126,13 @@ impl Conduit {
         self.io.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Nobody holds the lock right now: the link thread is between turns
+    /// (asleep in `poll`, or about to be).
+    #[cfg(test)]
+    pub(super) fn is_free(&self) -> bool {
+        self.io.try_lock().is_ok()
+    }
+
     /// Readings put on the wire since start: `(by the sampler, by the link
     /// thread)`.
     pub fn sent_by(&self) -> (u64, u64) {

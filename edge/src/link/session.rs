@@ -676,9 +676,14 @@ mod tests {
                 woken += 1;
             }
             assert_eq!(frames.recv_timeout(soon), Ok(Some(seq)));
-            // Wait for the ack to be handled: the link is idle again.
+            // Wait for the link to be idle again: the ack handled (under
+            // the conduit's lock) and that turn over (the lock released).
+            // On a loaded machine the link thread can be preempted between
+            // the two; an append then would find the lock busy and wake it.
             let until = Instant::now() + soon;
-            while outbox.lock().stats().in_flight > 0 && Instant::now() < until {
+            while (outbox.lock().stats().in_flight > 0 || !conduit.is_free())
+                && Instant::now() < until
+            {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
