@@ -75,6 +75,16 @@ struct DeviceEntry {
     limits: Option<Arc<DeviceLimits>>,
 }
 
+impl DeviceEntry {
+    /// The device's live topic, created with room for `capacity` frames if
+    /// it has none.
+    fn topic(&mut self, capacity: usize) -> Topic {
+        self.topic
+            .get_or_insert_with(|| Topic::new(capacity))
+            .clone()
+    }
+}
+
 /// [`DeviceEntry::presence_ms`] of a device that never connected.
 const NEVER: i64 = i64::MIN;
 
@@ -261,15 +271,9 @@ impl Registry {
 
     /// The live topic of `device_id`.
     pub fn topic(&self, device_id: &Arc<str>) -> Topic {
-        self.topic_of(&mut lock(&self.devices), device_id)
-    }
-
-    fn topic_of(&self, devices: &mut Devices, device_id: &Arc<str>) -> Topic {
-        devices
+        lock(&self.devices)
             .entry(device_id)
-            .topic
-            .get_or_insert_with(|| Topic::new(self.topic_capacity))
-            .clone()
+            .topic(self.topic_capacity)
     }
 
     /// The rate limits of `device_id`, shared by its connections; made by
@@ -349,6 +353,7 @@ impl Registry {
             mailbox.shut_down();
         }
         let phase = self.phase(conn_id);
+        let now = crate::store::now_ms();
         let entry = devices.entry(device_id);
         let old = entry.conn.replace(DeviceSlot {
             conn_id,
@@ -359,13 +364,12 @@ impl Registry {
         });
         // A new connection starts without its predecessor's edge status.
         entry.status = None;
+        entry.presence_ms = now;
+        let topic = entry.topic(self.topic_capacity);
         if old.is_none() {
             devices.online += 1;
         }
         self.mqtt_presence(device_id, true);
-        let topic = self.topic_of(&mut devices, device_id);
-        let now = crate::store::now_ms();
-        devices.entry(device_id).presence_ms = now;
         drop(devices);
         self.publish_status(&topic, device_id, true, now, None);
         let old_peer = old.map(|slot| {
