@@ -243,6 +243,13 @@ pub struct ServeArgs {
     /// 10 s).
     #[arg(long, env = "EMS_PRESENCE_LEASE_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(3_000..=3_600_000))]
     presence_lease_ms: u64,
+
+    // The process.
+    /// Threads that run the connections (1 … 1024). Default: one fewer
+    /// than the CPUs the hub may use, at least 1 (the store writer has a
+    /// thread of its own).
+    #[arg(long, env = "EMS_WORKERS", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    workers: Option<u64>,
 }
 
 /// `--timescale`. The variants carry no doc comments on purpose: clap
@@ -423,6 +430,8 @@ pub struct Serve {
     pub listen: SocketAddr,
     /// The hub's configuration.
     pub config: Config,
+    /// The async runtime's worker threads.
+    pub workers: usize,
 }
 
 impl Serve {
@@ -551,8 +560,27 @@ impl Serve {
         // A hub run from the command line tells systemd how it is doing
         // (nothing is sent without a NOTIFY_SOCKET).
         config.sd_notify = true;
-        Ok(Serve { listen, config })
+        let workers = match args.workers {
+            Some(n) => usize::try_from(n).unwrap_or(1),
+            None => default_workers(std::thread::available_parallelism().map_or(1, |n| n.get())),
+        };
+        Ok(Serve {
+            listen,
+            config,
+            workers,
+        })
     }
+}
+
+/// The workers for a hub that may use `cpus` CPUs: one fewer, at least
+/// one. The store writer is a thread of its own that is busy for a good
+/// part of every second (SQLite's B-trees and `fsync`); a worker per CPU
+/// beside it made the workers hand each other wake-ups and tasks across
+/// CPUs, which cost more than the second worker ran: with 3,000 devices
+/// at 1 Hz on two CPUs, one worker took 15 % less CPU per reading than
+/// two (docs/development/benchmarks.md).
+pub fn default_workers(cpus: usize) -> usize {
+    cpus.saturating_sub(1).max(1)
 }
 
 /// An origin as browsers send it: `http(s)://host[:port]`, no path.
@@ -610,6 +638,21 @@ mod tests {
         }
         for bad in ["2999", "3600001"] {
             let argv = ["ems-hub", "serve", "--presence-lease-ms", bad];
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn workers_default_to_one_fewer_than_the_cpus() {
+        assert_eq!(default_workers(1), 1);
+        assert_eq!(default_workers(2), 1);
+        assert_eq!(default_workers(4), 3);
+        assert_eq!(default_workers(0), 1);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(serve(&[]).unwrap().workers, default_workers(cpus));
+        assert_eq!(serve(&["--workers", "3"]).unwrap().workers, 3);
+        for bad in ["0", "1025", "two"] {
+            let argv = ["ems-hub", "serve", "--workers", bad];
             assert!(Cli::try_parse_from(argv).is_err(), "{bad}");
         }
     }

@@ -13,9 +13,11 @@ pub fn run(serve: Serve) -> anyhow::Result<()> {
     let Serve {
         listen: addr,
         config,
+        workers,
     } = serve;
     limit_malloc_arenas();
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         // Blocking work is store look-ups, serialized on one store handle:
         // more threads only wait on its lock. Tokio's default (512) let a
