@@ -26,6 +26,7 @@ pub fn run(serve: Serve) -> anyhow::Result<()> {
         .max_blocking_threads(8)
         .build()
         .context("cannot start the async runtime")?;
+    log::info!("ems-hub: {workers} async worker thread(s)");
     rt.block_on(async move {
         let listener = listen(addr).with_context(|| {
             format!("cannot listen on {addr} (in use? choose another with --listen)")
