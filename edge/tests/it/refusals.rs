@@ -12,7 +12,11 @@ fn forbidden_token_keeps_retrying_without_crashing() {
     let w = World::new();
     let _hub = w.hub();
     let config = w.config("edge.toml", "", "");
-    let wrong = format!("{}x", &w.token[..w.token.len() - 1]);
+    // The last character replaced by another one (the same one, as it may
+    // already be, would leave the token valid).
+    let (head, last) = w.token.split_at(w.token.len() - 1);
+    let wrong = format!("{head}{}", if last == "x" { "y" } else { "x" });
+    assert_ne!(wrong, w.token);
     let mut edge = Edge::spawn(&config, &wrong, w.dir.path());
     wait_for("three refused attempts", SOON, || {
         edge.count_in_log("hub refused the device token (403)") >= 3
