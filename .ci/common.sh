@@ -29,12 +29,24 @@ ensure_apt() {
 
 # free_port: print a TCP port on 127.0.0.1 that is free right now.
 free_port() {
-    python3 - <<'PY'
-import socket
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])
-s.close()
+    free_ports 1
+}
+
+# free_ports N: print N distinct TCP ports on 127.0.0.1 that are free right
+# now, space-separated. Every socket stays open until the last port is
+# chosen, so two of them cannot be the same port (separate free_port calls
+# can be: the kernel may hand a just-closed port out again).
+free_ports() {
+    python3 - "$1" <<'PY'
+import socket, sys
+held = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    held.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in held))
+for s in held:
+    s.close()
 PY
 }
 

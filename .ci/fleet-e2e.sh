@@ -147,9 +147,10 @@ main() {
     grep -q -- '--presence-lease-ms' <<<"$("$HUB" serve --help)" || die "ems-hub serve has no --presence-lease-ms"
 
     local https_port http_port i
-    https_port="$(free_port)"; http_port="$(free_port)"
-    local -a addrs=() ids=()
-    for ((i = 0; i < HUBS; i++)); do addrs+=("127.0.0.1:$(free_port)"); ids+=("hub$i"); done
+    local -a ports addrs=() ids=()
+    read -r -a ports <<<"$(free_ports $((HUBS + 2)))"
+    https_port="${ports[0]}"; http_port="${ports[1]}"
+    for ((i = 0; i < HUBS; i++)); do addrs+=("127.0.0.1:${ports[i + 2]}"); ids+=("hub$i"); done
     render_nginx "$https_port" "$http_port" "${addrs[@]}"
     nginx_test
     start_nginx "$https_port"

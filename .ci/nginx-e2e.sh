@@ -50,7 +50,9 @@ cmd_config_test() {
     ensure_apt nginx openssl python3
     setup_tmp
     make_certs
-    render_nginx "$(free_port)" "$(free_port)" 127.0.0.1:18080 127.0.0.1:18081
+    local ports
+    read -r -a ports <<<"$(free_ports 2)"
+    render_nginx "${ports[0]}" "${ports[1]}" 127.0.0.1:18080 127.0.0.1:18081
     nginx_test
     # The file as shipped, only the certificate paths changed, as a drop-in in
     # a copy of Debian's stock /etc/nginx (nginx.conf, sites-enabled/default).
@@ -115,8 +117,7 @@ cmd_e2e() {
     build_native
 
     local https_port http_port p0 p1 p2
-    https_port="$(free_port)"; http_port="$(free_port)"
-    p0="$(free_port)"; p1="$(free_port)"; p2="$(free_port)"
+    read -r https_port http_port p0 p1 p2 <<<"$(free_ports 5)"
     local -a addrs=("127.0.0.1:$p0" "127.0.0.1:$p1")
     local -a dbfiles=("$T/hub0.db" "$T/hub1.db")
     render_nginx "$https_port" "$http_port" "${addrs[@]}"

@@ -110,13 +110,19 @@ impl SerialPort for ScriptedPort {
     }
 }
 
+/// A master whose answers all come: a response timeout no loaded machine
+/// reaches between two chunks of an answer.
 fn master(steps: Vec<Step>, retries: u32) -> RtuMaster<ScriptedPort> {
-    RtuMaster::new(
-        ScriptedPort::new(steps),
-        9600,
-        Duration::from_millis(30),
-        retries,
-    )
+    master_timing_out_after(steps, retries, Duration::from_secs(2))
+}
+
+/// A master for scripts that end in silence, timing out after `timeout`.
+fn master_timing_out_after(
+    steps: Vec<Step>,
+    retries: u32,
+    timeout: Duration,
+) -> RtuMaster<ScriptedPort> {
+    RtuMaster::new(ScriptedPort::new(steps), 9600, timeout, retries)
 }
 
 #[test]
@@ -195,7 +201,7 @@ fn crc_mismatch_is_retried_then_reported() {
 #[test]
 fn timeout_after_retries() {
     let req = request(7, 0, 2);
-    let mut m = master(
+    let mut m = master_timing_out_after(
         vec![
             Step::Expect(req.clone()),
             Step::Silence,
@@ -205,6 +211,7 @@ fn timeout_after_retries() {
             Step::Silence,
         ],
         2,
+        Duration::from_millis(30),
     );
     let t0 = Instant::now();
     let e = m.read_input_registers(7, 0, 2).unwrap_err();
@@ -227,12 +234,13 @@ fn timeout_after_retries() {
 
 #[test]
 fn partial_frame_times_out() {
-    let mut m = master(
+    let mut m = master_timing_out_after(
         vec![
             Step::Expect(request(1, 0, 2)),
             Step::Answer(vec![0x01, 0x04, 0x04, 0x43]),
         ],
         0,
+        Duration::from_millis(30),
     );
     let e = m.read_input_registers(1, 0, 2).unwrap_err();
     assert!(matches!(e, ModbusError::Timeout { received: 4, .. }), "{e}");

@@ -117,7 +117,7 @@ fn when_the_hub_stops_acking_every_reading_is_on_disk_within_the_sync_interval()
     wait_for("60 stored readings", SOON, || w.seqs_of(epoch).len() >= 60);
     hub.stop();
     // Readings sampled from now on are not acked. Three rounds: each
-    // sampled reading is on disk well within the 10 s idle wake-up (3 s
+    // sampled reading is on disk well within the 10 s idle wake-up (6 s
     // allows a loaded machine; the bound proper is 1.05 s).
     for round in 0..3 {
         std::thread::sleep(Duration::from_millis(300));
@@ -129,7 +129,7 @@ fn when_the_hub_stops_acking_every_reading_is_on_disk_within_the_sync_interval()
         let took = since.elapsed();
         eprintln!("round {round}: seq {sampled} on disk after {took:?}");
         assert!(
-            took < Duration::from_secs(3),
+            took < Duration::from_secs(6),
             "seq {sampled} reached the spool only after {took:?} (sync interval 1 s)"
         );
     }
