@@ -127,8 +127,10 @@ pub struct Config {
     /// How often a hub renews the leases of its devices.
     pub presence_renew: Duration,
     /// Least time between two writes of a connected device's state (last
-    /// seen, status, last readings); connects and disconnects are written
-    /// at the next tick.
+    /// seen, status, last readings); a lease renewal writes the changed
+    /// states too, so the default (the longest renewal interval) writes
+    /// them with each renewal. Connects and disconnects are written at the
+    /// next tick.
     pub presence_flush: Duration,
     /// How often the presence task runs: writes what is due and reads
     /// which devices connected elsewhere (cross-hub takeover).
@@ -268,7 +270,7 @@ impl Config {
             hub_id: None,
             presence_lease: Duration::from_secs(30),
             presence_renew: Duration::from_secs(10),
-            presence_flush: Duration::from_secs(3),
+            presence_flush: Duration::from_secs(10),
             presence_tick: Duration::from_secs(1),
         }
     }

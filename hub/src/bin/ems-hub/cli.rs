@@ -243,6 +243,11 @@ pub struct ServeArgs {
     /// 10 s).
     #[arg(long, env = "EMS_PRESENCE_LEASE_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(3_000..=3_600_000))]
     presence_lease_ms: u64,
+    /// Least time, in ms, between two writes of a connected device's state
+    /// (last seen, edge status, last readings) for the other hubs' device
+    /// lists; each lease renewal writes it too.
+    #[arg(long, env = "EMS_PRESENCE_FLUSH_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    presence_flush_ms: u64,
 
     // The process.
     /// Threads that run the connections (1 … 1024). Default: one fewer
@@ -505,6 +510,7 @@ impl Serve {
         }
         config.presence_lease = Duration::from_millis(args.presence_lease_ms);
         config.presence_renew = Duration::from_millis((args.presence_lease_ms / 3).min(10_000));
+        config.presence_flush = Duration::from_millis(args.presence_flush_ms);
         if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
             config.tls = Some(TlsFiles { cert, key });
         }
@@ -614,22 +620,26 @@ mod tests {
     }
 
     #[test]
-    fn hub_id_and_presence_lease() {
+    fn hub_id_and_the_presence_settings() {
         let s = serve(&[]).unwrap();
         let want = Config::new("x");
         assert_eq!(s.config.hub_id, None, "chosen at start from the port");
         assert_eq!(s.config.presence_lease, want.presence_lease);
         assert_eq!(s.config.presence_renew, want.presence_renew);
+        assert_eq!(s.config.presence_flush, want.presence_flush);
         let s = serve(&[
             "--hub-id",
             "hub-1.example:8080",
             "--presence-lease-ms",
             "6000",
+            "--presence-flush-ms",
+            "3000",
         ])
         .unwrap();
         assert_eq!(s.config.hub_id.as_deref(), Some("hub-1.example:8080"));
         assert_eq!(s.config.presence_lease, Duration::from_secs(6));
         assert_eq!(s.config.presence_renew, Duration::from_secs(2));
+        assert_eq!(s.config.presence_flush, Duration::from_secs(3));
         for bad in ["", "a b", "hub/1", &"x".repeat(129)] {
             assert!(
                 matches!(serve(&["--hub-id", bad]), Err(ArgError::HubId(_))),
@@ -638,6 +648,10 @@ mod tests {
         }
         for bad in ["2999", "3600001"] {
             let argv = ["ems-hub", "serve", "--presence-lease-ms", bad];
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad}");
+        }
+        for bad in ["99", "3600001"] {
+            let argv = ["ems-hub", "serve", "--presence-flush-ms", bad];
             assert!(Cli::try_parse_from(argv).is_err(), "{bad}");
         }
     }
