@@ -340,8 +340,23 @@ async fn energy_charts_in_the_browsers_time_zone() {
     let token = hub.add_device("ems_001");
     let viewer = hub.add_viewer("wall", &["ems_001"]);
 
-    // Local midnights in Kathmandu: today and n days back.
+    // Local midnights in Kathmandu: today and n days back. The page works
+    // out "today" when it renders: a run that would span the next local
+    // midnight waits until it has passed.
     let zone = jiff::tz::TimeZone::get(TZ).unwrap();
+    let next_midnight = jiff::Timestamp::from_millisecond(now_ms())
+        .unwrap()
+        .to_zoned(zone.clone())
+        .tomorrow()
+        .unwrap()
+        .start_of_day()
+        .unwrap()
+        .timestamp()
+        .as_millisecond();
+    let to_midnight = next_midnight - now_ms();
+    if to_midnight < 180_000 {
+        tokio::time::sleep(Duration::from_millis(to_midnight.max(0) as u64 + 1_000)).await;
+    }
     let now = now_ms();
     let today = jiff::Timestamp::from_millisecond(now)
         .unwrap()
