@@ -113,6 +113,31 @@ pub(crate) struct Browser {
     _profile: tempfile::TempDir,
 }
 
+/// Waits until the day in `zone` is at least `after` old and at least
+/// `before` from its end: the test and the page it loads then agree on
+/// which day is "today".
+pub(crate) async fn away_from_midnight(
+    zone: &jiff::tz::TimeZone,
+    before: Duration,
+    after: Duration,
+) {
+    let now = jiff::Timestamp::from_millisecond(now_ms())
+        .unwrap()
+        .to_zoned(zone.clone());
+    let ms = |z: &jiff::Zoned| z.timestamp().as_millisecond();
+    let since_midnight = ms(&now) - ms(&now.start_of_day().unwrap());
+    let to_midnight = ms(&now.tomorrow().unwrap().start_of_day().unwrap()) - ms(&now);
+    let (before, after) = (before.as_millis() as i64, after.as_millis() as i64);
+    let wait = if since_midnight < after {
+        after - since_midnight
+    } else if to_midnight < before {
+        to_midnight + after
+    } else {
+        0
+    };
+    tokio::time::sleep(Duration::from_millis(wait.max(0) as u64)).await;
+}
+
 /// The browser and driver binaries, or `None` after a SKIP (or a panic
 /// under `EMS_REQUIRE_BROWSER=1`).
 pub(crate) fn browser_binaries() -> Option<(PathBuf, PathBuf)> {
@@ -344,19 +369,7 @@ async fn energy_charts_in_the_browsers_time_zone() {
     // out "today" when it renders: a run that would span the next local
     // midnight waits until it has passed.
     let zone = jiff::tz::TimeZone::get(TZ).unwrap();
-    let next_midnight = jiff::Timestamp::from_millisecond(now_ms())
-        .unwrap()
-        .to_zoned(zone.clone())
-        .tomorrow()
-        .unwrap()
-        .start_of_day()
-        .unwrap()
-        .timestamp()
-        .as_millisecond();
-    let to_midnight = next_midnight - now_ms();
-    if to_midnight < 180_000 {
-        tokio::time::sleep(Duration::from_millis(to_midnight.max(0) as u64 + 1_000)).await;
-    }
+    away_from_midnight(&zone, Duration::from_secs(180), Duration::from_secs(1)).await;
     let now = now_ms();
     let today = jiff::Timestamp::from_millisecond(now)
         .unwrap()

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use fantoccini::{Client as WebDriver, Locator};
 
-use crate::browser::{browser_binaries, page_str, target_dir, wait_for_text, Browser};
+use crate::browser::{
+    away_from_midnight, browser_binaries, page_str, target_dir, wait_for_text, Browser,
+};
 use crate::harness::*;
 
 /// Runs `script` until it returns `true`, or panics naming `what`.
@@ -119,12 +121,12 @@ async fn fleet_page_renders_a_thousand_devices() {
     let mut dev_b = hub.device(b, &tokens[512]).await;
     // "Today" is the browser's UTC day: readings of the last 90 s and the
     // page's look at them fall in one day, or the run waits for a new one.
-    const DAY: i64 = 86_400_000;
-    let into_day = now_ms().rem_euclid(DAY);
-    if !(100_000..=DAY - 180_000).contains(&into_day) {
-        let wait = (DAY + 100_000 - into_day).rem_euclid(DAY);
-        tokio::time::sleep(Duration::from_millis(wait as u64)).await;
-    }
+    away_from_midnight(
+        &jiff::tz::TimeZone::UTC,
+        Duration::from_secs(180),
+        Duration::from_secs(100),
+    )
+    .await;
     let now = now_ms();
     for (dev, wh0) in [(&mut dev_a, 5_000.0), (&mut dev_b, 90_000.0)] {
         for i in 0..10u64 {
