@@ -9,6 +9,8 @@ mod cli;
 #[cfg(test)]
 mod doc_drift;
 mod export;
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod heap;
 mod quarantine;
 mod serve;
 

@@ -1,6 +1,6 @@
 //! `ems-hub serve`: the process around the library's [`ems_hub::run`] —
-//! the malloc arena limit, the async runtime, the listening socket and the
-//! signals that start a graceful shutdown.
+//! the malloc arena limit and heap trimming, the async runtime, the
+//! listening socket and the signals that start a graceful shutdown.
 
 use std::net::SocketAddr;
 
@@ -31,7 +31,15 @@ pub fn run(serve: Serve) -> anyhow::Result<()> {
         let listener = listen(addr).with_context(|| {
             format!("cannot listen on {addr} (in use? choose another with --listen)")
         })?;
-        ems_hub::run(listener, config, shutdown_signal()).await?;
+        let hub = ems_hub::run(listener, config, shutdown_signal());
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        let hub = async {
+            tokio::select! {
+                r = hub => r,
+                never = crate::heap::trim_after_bursts() => match never {},
+            }
+        };
+        hub.await?;
         Ok(())
     })
 }
