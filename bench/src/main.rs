@@ -358,6 +358,13 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         .clone()
         .map(|p| spawn_db_pause(p, a.pause_at + 0.2, a.pause_for));
     let progress = tokio::spawn(progress(plan.clone()));
+    // The server's memory once the connections have been held for the
+    // whole sending window, just before they close: with `--rate 0`, its
+    // idle memory after whatever it does once a storm is over.
+    let held = tokio::spawn(async move {
+        tokio::time::sleep_until(stop - Duration::from_millis(100)).await;
+        pid.and_then(proc_sample)
+    });
     let t_run = Instant::now();
     let c0 = pid.and_then(proc_sample);
     let received = match conns {
@@ -365,6 +372,14 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         AnyConns::Mqtt(c) => mqtt::run_all(plan.clone(), c).await,
     };
     let c1 = pid.and_then(proc_sample);
+    if let (Some(b), Ok(Some(h))) = (s0, held.await) {
+        let per = (h.rss_kib as f64 - b.rss_kib as f64) * 1024.0 / (n_dev + n_sub).max(1) as f64;
+        println!(
+            "server memory held: rss={:.1}MB at the end of the sending window -> {:.0} bytes/connection",
+            h.rss_kib as f64 / 1024.0,
+            per
+        );
+    }
     let run_secs = t_run.elapsed().as_secs_f64();
     progress.abort();
     let peak = watch.stop();
