@@ -1,6 +1,6 @@
 //! `ems-hub serve`: the process around the library's [`ems_hub::run`] —
-//! the malloc arena limit and heap trimming, the async runtime, the
-//! listening socket and the signals that start a graceful shutdown.
+//! the allocator's tuning (`heap`), the async runtime, the listening
+//! socket and the signals that start a graceful shutdown.
 
 use std::net::SocketAddr;
 
@@ -15,17 +15,22 @@ pub fn run(serve: Serve) -> anyhow::Result<()> {
         config,
         workers,
     } = serve;
-    limit_malloc_arenas();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    let arenas = crate::heap::Arenas::limit();
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder
         .worker_threads(workers)
         .enable_all()
         // Blocking work is store look-ups, serialized on one store handle:
         // more threads only wait on its lock. Tokio's default (512) let a
         // storm of 10,000 handshakes start ~250 threads, each with its own
         // stack and malloc arena (docs/decisions/hub-process-tuning.md).
-        .max_blocking_threads(8)
-        .build()
-        .context("cannot start the async runtime")?;
+        .max_blocking_threads(8);
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    builder.on_thread_start(arenas.on_thread_start());
+    let rt = builder.build().context("cannot start the async runtime")?;
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    arenas.wait_for_workers(workers);
     log::info!("ems-hub: {workers} async worker thread(s)");
     rt.block_on(async move {
         let listener = listen(addr).with_context(|| {
@@ -42,24 +47,6 @@ pub fn run(serve: Serve) -> anyhow::Result<()> {
         hub.await?;
         Ok(())
     })
-}
-
-/// glibc gives every thread that allocates its own malloc arena (up to 8 per
-/// core), and each arena keeps its high-water mark: the store look-ups on
-/// the blocking pool (the revocation poll's 10,000-row answer every second)
-/// left several arenas of a few MB each. Two arenas are plenty for a hub
-/// whose hot path is one or two workers (peak RSS at 10,000 devices
-/// 82 -> 58 MB, same CPU per reading; docs/decisions/hub-process-tuning.md).
-/// `MALLOC_ARENA_MAX` in the environment still wins when set.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets an allocator parameter (glibc takes its
-        // own lock); called before the runtime starts its threads.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
-    }
 }
 
 /// Binds the listening socket with a deep accept queue. `TcpListener::bind`
