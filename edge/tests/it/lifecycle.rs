@@ -268,6 +268,11 @@ fn stop_until_in_flight_readings_are_acked(
         wait_for("stored readings of this run", SOON, || {
             w.seqs_of(epoch).len() >= stored
         });
+        // The count grows a whole batch at a time, when the batch is
+        // committed and acked: a stop at once would often find nothing in
+        // flight. A few more readings (one every 20 ms) are sent first,
+        // far fewer than the next batch.
+        std::thread::sleep(Duration::from_millis(200));
         let (status, took) = edge.terminate();
         assert!(status.success(), "exit status {status:?}");
         assert!(took < Duration::from_secs(5), "SIGTERM exit took {took:?}");
